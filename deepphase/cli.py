@@ -1,0 +1,300 @@
+"""The ``deepphase`` command line: thin wrappers around the Python API.
+
+Every user error is a :class:`~deepphase.errors.DeepPhaseError`; it is printed as one line and the
+command exits with status 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from . import __version__
+import numpy as np
+
+from .errors import DeepPhaseError
+
+
+def _add_probe_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("probe (a file, 'reference', or optics parameters)")
+    g.add_argument("--probe", default="reference",
+                   help="complex probe as .npy, or 'reference' (the PRL 130, 016101 probe; default)")
+    g.add_argument("--energy", type=float, help="beam energy in keV (builds a probe from optics instead of --probe)")
+    g.add_argument("--semi-angle", type=float, help="convergence semi-angle in mrad")
+    g.add_argument("--defocus", type=float, default=0.0, help="defocus in Å, positive = underfocus (default 0)")
+    g.add_argument("--cs", type=float, default=0.0, help="spherical aberration C30 in Å (default 0)")
+    g.add_argument("--sampling", type=float, help="real-space pixel size in Å (with --energy)")
+    g.add_argument("--grid", type=int, default=32, help="probe and pattern grid in pixels (default 32)")
+
+
+def _probe_from_args(args) -> tuple:
+    from .physics.probe import ProbeParameters, load_probe, probe_from_parameters
+
+    if args.energy is not None or args.semi_angle is not None:
+        missing = [name for name, v in (("--energy", args.energy), ("--semi-angle", args.semi_angle),
+                                        ("--sampling", args.sampling)) if v is None]
+        if missing:
+            raise DeepPhaseError(f"probe: building a probe from optics needs {', '.join(missing)} as well")
+        params = ProbeParameters(args.energy, args.semi_angle, args.defocus, args.cs, args.grid, args.sampling)
+        info = {"probe": {"source": "parameters", **params.__dict__}, "sampling": args.sampling,
+                "energy": args.energy, "semiangle_cutoff": args.semi_angle}
+        return probe_from_parameters(params), info
+    return load_probe(args.probe), {"probe": {"source": str(args.probe)}}
+
+
+def _cmd_train(args) -> None:
+    from .data.phase_objects import CorpusConfig
+    from .physics.geometry import Geometry
+    from .training.loop import TrainConfig, train
+
+    probe, info = _probe_from_args(args)
+    dose = None
+    if args.dose is not None:
+        dose = args.dose[0] if len(args.dose) == 1 else (args.dose[0], args.dose[1])
+    config = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
+                         batch_size=args.batch_size, preset=args.preset, lr=args.lr, dose=dose,
+                         corpus=CorpusConfig(phase_range=tuple(args.phase_range)), seed=args.seed,
+                         val_size=args.val_size, device=args.device, half=args.half)
+    geometry = Geometry(n_px=probe.shape[0])
+    command = "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    model, history = train(probe, args.out, config, geometry, resume=args.resume, overwrite=args.overwrite,
+                           probe_info=info, command=command)
+    print(f"model written to {args.out} (validation loss {history[-1]['val_loss']:.4f} rad after "
+          f"{history[-1]['epoch']} epochs)")
+
+
+def _add_scan_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("scan positions (top-left corner of each probe window, real-space pixels)")
+    g.add_argument("--positions", type=Path, help="(N, 2) .npy of (row, col) positions")
+    g.add_argument("--scan-shape", type=int, nargs=2, metavar=("ROWS", "COLS"), help="raster shape")
+    g.add_argument("--step", type=float, help="raster step in pixels")
+    g.add_argument("--rotation", type=float, default=0.0, help="scan rotation in degrees (default 0)")
+    g.add_argument("--fastest", choices=["row", "col"],
+                   help="scan axis that varies fastest between frames (default: 'row', the seed's convention, for "
+                        "(N, k, k) data; 'col' for (rows, cols, k, k) arrays)")
+
+
+def _positions_from_args(args, n_frames: int | None, scan_shape=None, default_fastest="row"):
+    from .physics.scan import raster_positions, validate_positions
+
+    if args.positions is not None:
+        if args.scan_shape is not None or args.step is not None:
+            raise DeepPhaseError("positions: give either --positions or --scan-shape/--step, not both")
+        if not args.positions.exists():
+            raise DeepPhaseError(f"positions: file {str(args.positions)!r} does not exist")
+        try:
+            positions = np.load(args.positions, allow_pickle=False)
+        except Exception as exc:
+            raise DeepPhaseError(f"positions: could not read {str(args.positions)!r} as .npy ({exc})") from exc
+        return validate_positions(positions, n_frames if n_frames is not None else len(positions)), {
+            "positions_file": str(args.positions)}
+    shape = args.scan_shape or scan_shape
+    if shape is None or args.step is None:
+        return None, {}
+    shape = tuple(shape)
+    if n_frames is not None and shape[0] * shape[1] != n_frames:
+        raise DeepPhaseError(
+            f"scan-shape: {shape[0]}×{shape[1]} = {shape[0] * shape[1]} positions do not match the {n_frames} patterns"
+        )
+    fastest = args.fastest or default_fastest
+    positions = raster_positions(shape, args.step, args.rotation, fastest)
+    return positions, {"scan_shape": list(shape), "step_px": args.step, "rotation_deg": args.rotation,
+                       "fastest": fastest}
+
+
+def _cmd_simulate(args) -> None:
+    import json
+
+    from .data.simulate import required_object_shape, simulate_scan
+    from .data.specimens import builtin_specimen, load_phase_image
+    from .io_utils import save_npz
+    from .physics.forward import dose_per_pattern
+
+    out = args.out
+    if out.suffix != ".npz":
+        raise DeepPhaseError(f"out: expected a file name ending in .npz, got {str(out)!r}")
+    if out.exists() and not args.overwrite:
+        raise DeepPhaseError(f"out: {str(out)!r} exists; choose another name or pass --overwrite")
+    probe, probe_info = _probe_from_args(args)
+    if args.positions is None and args.scan_shape is None:
+        args.scan_shape = [64, 64]
+    if args.positions is None and args.step is None:
+        from .physics.scan import REFERENCE_STEP_PX
+
+        args.step = REFERENCE_STEP_PX
+    positions, scan_info = _positions_from_args(args, None)
+    dose = args.dose
+    if args.dose_per_area is not None:
+        if args.sampling is None:
+            raise DeepPhaseError("dose-per-area: needs the real-space pixel size (--sampling, Å)")
+        if dose is not None:
+            raise DeepPhaseError("dose: give either --dose or --dose-per-area, not both")
+        step_px = scan_info.get("step_px")
+        if step_px is None:
+            raise DeepPhaseError("dose-per-area: needs a raster step (--step)")
+        dose = dose_per_pattern(args.dose_per_area, step_px * args.sampling)
+    if args.object is not None:
+        truth = load_phase_image(args.object, args.phase_max)
+        source = str(args.object)
+    else:
+        truth = builtin_specimen(args.specimen, required_object_shape(positions, probe.shape[0]), seed=args.seed)
+        source = f"builtin:{args.specimen}"
+    scan = simulate_scan(truth, probe, positions, dose=dose, seed=args.seed, noise=not args.no_noise)
+    parameters = {"object": source, "dose_electrons_per_pattern": scan.dose, "noise": not args.no_noise,
+                  "seed": args.seed, **scan_info, **probe_info,
+                  "command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    save_npz(out, amplitude=scan.amplitude, positions=scan.positions, truth=scan.truth.astype(np.float32),
+             probe=probe, parameters=np.array(json.dumps(parameters, default=str)))
+    print(f"wrote {out}: {len(scan.amplitude)} patterns of {probe.shape[0]}×{probe.shape[1]}, "
+          f"{scan.dose:.0f} electrons per pattern")
+
+
+def _cmd_reconstruct(args) -> None:
+    from .data.io import AmplitudeView, infer_kind, load_scan
+    from .evaluation.metrics import correlation
+    from .models.modelfile import load_model
+    from .reconstruction.pipeline import check_output_folder, reconstruct, write_outputs
+
+    check_output_folder(args.out, args.overwrite)
+    data = load_scan(args.data, args.dataset)
+    try:
+        n_frames = data.frames.shape[0]
+        positions, scan_info = _positions_from_args(args, n_frames, data.scan_shape,
+                                                    "col" if data.scan_shape is not None else "row")
+        if positions is None:
+            if data.positions is None:
+                raise DeepPhaseError(
+                    "positions: the data holds none; give --positions POS.npy or --scan-shape ROWS COLS --step S"
+                    + (" (the scan shape is known from the data: --step S is enough)" if data.scan_shape else "")
+                )
+            positions, scan_info = data.positions, {"positions": "from the data file"}
+        kind = data.kind if args.input == "auto" else args.input
+        if kind is None:
+            kind = infer_kind(data.frames)
+        model = load_model(args.model)
+        rec = reconstruct(AmplitudeView(data.frames, kind), positions, model, stitching=args.stitching,
+                          batch_size=args.batch_size, device=args.device)
+        extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+                 "data": str(args.data), "input": kind, "n_patterns": n_frames, "stitching": args.stitching,
+                 "model_path": str(args.model or "default (packaged)"), **scan_info}
+        if data.truth is not None:
+            r0, c0 = rec.origin_px
+            truth = data.truth[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]
+            if truth.shape == rec.phase.shape:
+                extra["correlation_with_truth"] = correlation(rec.phase, truth)
+        write_outputs(rec, args.out, extra, sampling=args.pixel_size, overwrite=args.overwrite)
+    finally:
+        data.close()
+    msg = (f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
+           f"({n_frames} patterns, {rec.timings['patterns_per_second']:.0f} patterns/s, stitching {rec.timings['stitch_s']:.2f} s)")
+    if "correlation_with_truth" in extra:
+        msg += f"; correlation with the truth {extra['correlation_with_truth']:.3f}"
+    print(msg)
+
+
+def _cmd_demo(args) -> None:
+    from .evaluation.demo import run_demo
+
+    meta = run_demo(args.out, specimen=args.specimen, stitching=args.stitching)
+    print(f"demo: {meta['specimen']}, {meta['scan_shape'][0]}×{meta['scan_shape'][1]} positions, "
+          f"{meta['dose_electrons_per_pattern']:.0f} electrons per pattern, {meta['total_s']:.1f} s")
+    print(f"correlation with the truth: {meta['correlation_with_truth']:.3f}")
+    print(f"outputs: {args.out}/phase.npy, phase.png, comparison.png, metadata.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepphase", description="Phase images from 4D-STEM data with a convolutional network (after Phys. Rev. Lett. 130, 016101). See 'deepphase COMMAND --help'.")
+    parser.add_argument("--version", action="version", version=f"deepphase {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a network for a probe on simulated data",
+                       description="Train a network on an endless stream of simulated patterns and write a model folder.")
+    _add_probe_arguments(p)
+    p.add_argument("--out", required=True, type=Path, help="model folder to write")
+    from .models import list_models
+
+    p.add_argument("--arch", default="unet-small", choices=list_models(), help="architecture (default unet-small)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--steps-per-epoch", type=int, default=500)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--preset", default="default", choices=["default", "seed"],
+                   help="optimiser: 'default' AdamW with cosine decay, or the seed's SGD lr 1e-4")
+    p.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
+    p.add_argument("--dose", type=float, nargs="+", metavar="E",
+                   help="electrons per pattern; two numbers draw from that range (default: the probe's own scale, "
+                        "27,882 for the reference probe)")
+    p.add_argument("--phase-range", type=float, nargs=2, default=(0.1, 1.6), metavar=("MIN", "MAX"),
+                   help="range of each object's maximum phase in rad (default 0.1 1.6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-size", type=int, default=512)
+    p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default auto)")
+    p.add_argument("--half", action="store_true", help="store float16 weights (half the file size)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("simulate", help="simulate a 4D-STEM scan of a phase object",
+                       description="Simulate noisy diffraction amplitudes of a phase image scanned by a probe; "
+                                   "writes an .npz with amplitude, positions, truth, probe and parameters.")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--object", type=Path, help="phase image: .npy in rad, or an image file scaled to --phase-max")
+    from .data.specimens import BUILTIN_SPECIMENS
+
+    src.add_argument("--specimen", default="twisted-hbn", choices=BUILTIN_SPECIMENS, help="built-in specimen")
+    p.add_argument("--phase-max", type=float, default=1.0, help="phase of the brightest pixel of an image file (rad)")
+    _add_probe_arguments(p)
+    _add_scan_arguments(p, required=False)
+    p.add_argument("--dose", type=float, help="electrons per pattern (default: the probe's own scale, 27,882 for "
+                                              "the reference probe)")
+    p.add_argument("--dose-per-area", type=float, help="dose in e/Å² (needs --sampling and --step)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-noise", action="store_true", help="noise-free amplitudes")
+    p.add_argument("--out", required=True, type=Path, help="output .npz")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_cmd_simulate)
+
+    p = sub.add_parser("reconstruct", help="reconstruct a phase image from a 4D-STEM scan",
+                       description="Predict a phase patch for every pattern and stitch them into one phase image. "
+                                   "Writes OUT/phase.npy (float32, rad), OUT/phase.png and OUT/metadata.json.")
+    p.add_argument("data", type=Path, help=".npy (N,k,k) or (R,C,k,k), .npz from 'deepphase simulate', or HDF5")
+    p.add_argument("--dataset", help="dataset path inside an HDF5 file")
+    p.add_argument("--model", help="model folder (default: the packaged model)")
+    _add_scan_arguments(p, required=True)
+    p.add_argument("--input", choices=["auto", "counts", "amplitude"], default="auto",
+                   help="whether the data are counts or amplitudes sqrt(counts) (default: read or inferred)")
+    p.add_argument("--stitching", choices=["least-squares", "seed"], default="least-squares")
+    p.add_argument("--pixel-size", type=float, help="real-space pixel size in Å (for the scale bar and checks)")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("demo", help="the whole pipeline on a built-in specimen with the packaged model",
+                       description="Simulate a built-in specimen at the seed's step and dose, reconstruct it with "
+                                   "the packaged model and print the correlation with the truth.")
+    p.add_argument("--out", type=Path, default=Path("deepphase-demo"), help="output folder (default deepphase-demo)")
+    p.add_argument("--specimen", default="twisted-hbn", choices=BUILTIN_SPECIMENS)
+    p.add_argument("--stitching", choices=["least-squares", "seed"], default="least-squares")
+    p.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except DeepPhaseError as exc:
+        print(f"deepphase {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deepphase {args.command}: interrupted; completed outputs are intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Evaluation: metrics against the truth."""

@@ -1,0 +1,122 @@
+"""Self-describing model folders: ``model.safetensors`` + ``model.json`` + ``probe.npy``.
+
+Loading never unpickles: weights come from safetensors, the probe from ``np.load(allow_pickle=False)``
+and everything else from JSON. ``model.json`` is written last, so a folder without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import __version__
+from ..errors import InputFileError, ModelMismatchError
+from ..io_utils import atomic_path, save_json, save_npy
+from ..physics.geometry import Geometry
+from .registry import create_model
+
+FORMAT = "deepphase-model/1"
+DEFAULT_MODEL = "default"
+
+
+@dataclass
+class PhaseModel:
+    """A network with everything needed to use it on data: probe, geometry, provenance."""
+
+    network: torch.nn.Module
+    arch: str
+    arch_config: dict
+    probe: np.ndarray
+    geometry: Geometry
+    info: dict = field(default_factory=dict)  # training dose, corpus, command, history, sampling ...
+
+    @property
+    def name(self) -> str:
+        return self.info.get("name", self.arch)
+
+    def describe(self) -> dict:
+        """The model.json content."""
+        return {
+            "format": FORMAT,
+            "arch": self.arch,
+            "arch_config": self.arch_config,
+            "geometry": self.geometry.to_dict(),
+            "probe_file": "probe.npy",
+            "package_version": __version__,
+            **self.info,
+        }
+
+
+def save_model(model: PhaseModel, folder: str | Path, half: bool = False) -> Path:
+    """Write a model folder atomically (file by file, ``model.json`` last)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    with atomic_path(folder / "model.safetensors", ".safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "arch": model.arch})
+    save_npy(folder / "probe.npy", np.asarray(model.probe, dtype=np.complex128))
+    save_json(folder / "model.json", model.describe())
+    return folder
+
+
+def packaged_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """Folder of a model shipped inside the package."""
+    return Path(str(resources.files("deepphase._resources").joinpath("models", name)))
+
+
+def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
+    """Load a model folder (or the packaged default when ``path`` is None or ``"default"``)."""
+    folder = packaged_model_path() if path in (None, DEFAULT_MODEL) else Path(path)
+    if folder.is_file() and folder.name in ("model.json", "model.safetensors"):
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputFileError(f"model: {str(folder)!r} is not a folder (expected a model folder with model.json)")
+    meta_path = folder / "model.json"
+    if not meta_path.exists():
+        raise InputFileError(
+            f"model: {str(folder)!r} has no model.json (not a deepphase model folder, or an unfinished one)"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputFileError(f"model: {str(meta_path)!r} is not valid JSON ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise InputFileError(f"model: {str(meta_path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    for name in ("model.safetensors", meta.get("probe_file", "probe.npy")):
+        if not (folder / name).exists():
+            raise InputFileError(f"model: {str(folder)!r} lacks {name}")
+    network = create_model(meta["arch"], **meta.get("arch_config", {}))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise InputFileError(f"model: weights in {str(folder)!r} do not fit architecture {meta['arch']!r} ({exc})") from exc
+    probe = np.load(folder / meta.get("probe_file", "probe.npy"), allow_pickle=False)
+    info = {k: v for k, v in meta.items() if k not in ("format", "arch", "arch_config", "geometry", "probe_file")}
+    network.to(device).eval()
+    return PhaseModel(network, meta["arch"], meta.get("arch_config", {}), probe, Geometry(**meta["geometry"]), info)
+
+
+def check_compatible(model: PhaseModel, pattern_shape: tuple[int, int], sampling: float | None = None,
+                     rtol: float = 0.02) -> None:
+    """Refuse data that the model was not made for, saying what differs."""
+    n = model.geometry.n_px
+    if tuple(pattern_shape) != (n, n):
+        raise ModelMismatchError(
+            f"model: made for {n}×{n} diffraction patterns, but the data has "
+            f"{pattern_shape[0]}×{pattern_shape[1]}; resample the data or train a model for this grid"
+        )
+    model_sampling = model.info.get("sampling")
+    if sampling is not None and model_sampling is not None and abs(sampling - model_sampling) > rtol * model_sampling:
+        raise ModelMismatchError(
+            f"model: made for a real-space sampling of {model_sampling:.4g} Å/pixel, but the data has "
+            f"{sampling:.4g} Å/pixel (more than {rtol:.0%} apart)"
+        )

@@ -1,0 +1,57 @@
+"""Architectures by name, so that ``--arch NAME`` and model files can build any of them.
+
+An architecture is a function ``(**config) -> torch.nn.Module`` that maps diffraction amplitudes
+(B, 1, n, n) to phase patches (B, 1, out, out). Register one with :func:`register_model`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from ..errors import DeepPhaseError
+
+_REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}
+
+
+def register_model(name: str):
+    """Decorator: make an architecture constructor available as ``name``."""
+
+    def wrap(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"architecture {name!r} is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    """Names of every registered architecture."""
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, **config) -> torch.nn.Module:
+    """Build the architecture ``name`` with ``config``."""
+    if name not in _REGISTRY:
+        raise DeepPhaseError(f"arch: unknown architecture {name!r}; expected one of {', '.join(list_models())}")
+    return _REGISTRY[name](**config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def flops_per_pattern(model: torch.nn.Module, n_px: int = 32) -> float:
+    """Floating-point operations (multiply and add counted separately) of one forward pass."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    x = torch.ones(1, 1, n_px, n_px, device=next(model.parameters()).device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x)
+    model.train(was_training)
+    return float(counter.get_total_flops())

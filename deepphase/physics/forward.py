@@ -1,0 +1,80 @@
+"""The forward model: probe × object → far-field diffraction → counting noise → network input.
+
+Batched in torch so the training stream runs on the same device as the network. The Fourier
+convention is the one in DESIGN.md: ``Ψ = fftshift(fft2(ifftshift(ψ)))``, unnormalised, so that
+``Σ|Ψ|² = n² Σ|ψ|²`` and the zero frequency sits at ``(n//2, n//2)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import ValueRangeError
+
+_AXES = (-2, -1)
+
+
+def as_complex_tensor(probe: np.ndarray | torch.Tensor, device=None) -> torch.Tensor:
+    """The probe as a complex64 tensor on ``device``."""
+    return torch.as_tensor(np.asarray(probe) if not torch.is_tensor(probe) else probe).to(
+        device=device, dtype=torch.complex64
+    )
+
+
+def exit_wave(probe: torch.Tensor, phase: torch.Tensor, amplitude: torch.Tensor | None = None) -> torch.Tensor:
+    """Exit wave ``P · A · exp(i φ)`` of a thin object; ``phase`` is (..., n, n) in radians."""
+    transmission = torch.polar(torch.ones_like(phase) if amplitude is None else amplitude, phase)
+    return probe * transmission
+
+
+def far_field(wave: torch.Tensor) -> torch.Tensor:
+    """Far-field (detector-plane) wave of a real-space wave, zero frequency centred, unnormalised."""
+    return torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(wave, dim=_AXES)), dim=_AXES)
+
+
+def diffraction_intensity(probe: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+    """Noise-free diffraction intensity ``|F(P · exp(iφ))|²`` for a batch of phase windows."""
+    return far_field(exit_wave(probe, phase)).abs().square()
+
+
+def incident_counts(probe: np.ndarray | torch.Tensor) -> float:
+    """Total expected counts ``n² Σ|P|²`` of a pattern at the probe's own scale (no object)."""
+    p = probe if torch.is_tensor(probe) else torch.as_tensor(np.asarray(probe))
+    n = p.shape[-1]
+    return float(n * n * p.abs().square().sum())
+
+
+def poisson_counts(
+    intensity: torch.Tensor,
+    dose: float | torch.Tensor,
+    probe_counts: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw detector counts at ``dose`` incident electrons per pattern.
+
+    The intensity is scaled *before* sampling so that a pattern of a pure-phase object has
+    ``dose`` expected counts; ``probe_counts`` is :func:`incident_counts` of the probe that made it.
+    """
+    if not bool(torch.all(torch.as_tensor(dose) > 0)):
+        raise ValueRangeError(f"dose: expected a positive number of electrons per pattern, got {dose!r}")
+    return torch.poisson(intensity * (dose / probe_counts), generator=generator)
+
+
+def diffraction_amplitude(counts: torch.Tensor) -> torch.Tensor:
+    """The network's input: the square root of the counts."""
+    return counts.clamp_min(0).sqrt()
+
+
+def dose_per_pattern(dose_per_area: float, step: float) -> float:
+    """Electrons per pattern from a dose in e/Å² and a raster step in Å (one step² per pattern)."""
+    if not dose_per_area > 0 or not step > 0:
+        raise ValueRangeError(
+            f"dose_per_area and step: expected positive numbers, got {dose_per_area!r} e/Å² and {step!r} Å"
+        )
+    return dose_per_area * step * step
+
+
+def dose_per_area(dose_per_pattern_: float, step: float) -> float:
+    """Dose in e/Å² of a raster with ``step`` Å and ``dose_per_pattern_`` electrons per pattern."""
+    return dose_per_pattern_ / (step * step)

@@ -1,0 +1,80 @@
+"""Scan positions: (row, col) of each probe window's top-left corner, in real-space pixels.
+
+This is the seed's convention (DESIGN.md). A raster is described by its shape, its step, an optional
+rotation of the scan axes against the detector/real-space axes, and which scan axis varies fastest
+in the order the frames were recorded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ShapeError, ValueRangeError
+
+# The reference experiment: 256×256 positions, this step in pixels, the row varying fastest.
+REFERENCE_STEP_PX = 0.86995916
+
+
+def raster_positions(
+    shape: tuple[int, int],
+    step: float | tuple[float, float],
+    rotation_deg: float = 0.0,
+    fastest: str = "row",
+    origin: tuple[float, float] = (0.0, 0.0),
+) -> np.ndarray:
+    """Positions of a raster scan, in frame order, shape (rows·cols, 2).
+
+    Parameters
+    ----------
+    shape : (int, int)
+        Number of scan rows and scan columns.
+    step : float or (float, float)
+        Step between positions in real-space pixels (row step, column step).
+    rotation_deg : float
+        Rotation of the scan axes against the real-space grid, counter-clockwise, in degrees.
+    fastest : {"row", "col"}
+        Which scan coordinate changes between consecutive frames. The seed's data has ``"row"``;
+        a C-ordered (scan_row, scan_col, k, k) array flattened to frames has ``"col"``.
+    origin : (float, float)
+        Position of the first frame; positions are shifted afterwards so that none is negative.
+    """
+    rows, cols = (int(s) for s in shape)
+    if rows < 1 or cols < 1:
+        raise ShapeError(f"scan shape: expected two positive integers, got {shape}")
+    step_r, step_c = (float(step), float(step)) if np.isscalar(step) else (float(step[0]), float(step[1]))
+    if not (step_r > 0 and step_c > 0):
+        raise ValueRangeError(f"step: expected a positive step in pixels, got {step}")
+    if fastest not in ("row", "col"):
+        raise ValueRangeError(f"fastest: expected 'row' or 'col', got {fastest!r}")
+    if fastest == "row":
+        c_idx, r_idx = np.meshgrid(np.arange(cols), np.arange(rows), indexing="ij")
+    else:
+        r_idx, c_idx = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    r = r_idx.ravel() * step_r
+    c = c_idx.ravel() * step_c
+    theta = np.deg2rad(rotation_deg)
+    rr = np.cos(theta) * r - np.sin(theta) * c
+    cc = np.sin(theta) * r + np.cos(theta) * c
+    positions = np.stack([rr, cc], axis=1)
+    positions -= positions.min(axis=0)
+    return positions + np.asarray(origin, dtype=float)
+
+
+def validate_positions(positions, n_frames: int) -> np.ndarray:
+    """Check an (N, 2) array of scan positions against the number of frames."""
+    positions = np.asarray(positions)
+    if positions.ndim != 2 or positions.shape[1] != 2:
+        raise ShapeError(f"positions: expected an array of shape (N, 2) with (row, col), got shape {positions.shape}")
+    if not np.issubdtype(positions.dtype, np.number):
+        raise ShapeError(f"positions: expected numbers, got dtype {positions.dtype}")
+    if positions.shape[0] != n_frames:
+        raise ShapeError(
+            f"positions: {positions.shape[0]} positions do not match the {n_frames} diffraction patterns"
+        )
+    if not np.all(np.isfinite(positions)):
+        raise ValueRangeError("positions: contain NaN or Inf")
+    if positions.min() < 0:
+        raise ValueRangeError(
+            f"positions: expected non-negative top-left corners in pixels, found a minimum of {positions.min():.3f}"
+        )
+    return positions.astype(np.float64)

@@ -1,0 +1,1 @@
+"""Reconstruction: batched prediction and stitching."""

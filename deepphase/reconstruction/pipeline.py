@@ -1,0 +1,187 @@
+"""From diffraction amplitudes and scan positions to a stitched phase image, and its output files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import OutputExistsError, ShapeError
+from ..io_utils import save_json, save_npy
+from ..models.modelfile import PhaseModel, check_compatible, load_model
+from ..physics.geometry import output_mask
+from ..physics.scan import validate_positions
+from ..runtime import resolve_device
+from .predict import predict_patches
+from .stitching import stitch
+
+OUTPUT_FILES = ("phase.npy", "phase.png", "metadata.json")
+
+
+@dataclass
+class Reconstruction:
+    """A stitched phase image (radians, arbitrary constant offset) on the real-space pixel grid.
+
+    ``phase[0, 0]`` is object pixel ``origin_px`` in the frame of the scan positions; ``full`` is the
+    same image on the whole object grid (NaN where no probe reached).
+    """
+
+    phase: np.ndarray
+    origin_px: tuple[int, int]
+    full: np.ndarray
+    timings: dict = field(default_factory=dict)
+    model_info: dict = field(default_factory=dict)
+
+
+def crop_to_coverage(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """The bounding box of the finite pixels, and its top-left corner."""
+    finite = np.isfinite(image)
+    if not finite.any():
+        raise ShapeError("reconstruction: no pixel was covered by any probe position")
+    rows, cols = np.flatnonzero(finite.any(axis=1)), np.flatnonzero(finite.any(axis=0))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    return image[r0:r1, c0:c1], (int(r0), int(c0))
+
+
+def reconstruct(
+    amplitudes,
+    positions,
+    model: PhaseModel | str | Path | None = None,
+    stitching: str = "least-squares",
+    batch_size: int = 512,
+    device: str = "auto",
+    progress: bool | None = None,
+    sampling: float | None = None,
+) -> Reconstruction:
+    """Predict a phase patch for every pattern and stitch them into one image.
+
+    Parameters
+    ----------
+    amplitudes : array-like (N, n, n)
+        Diffraction amplitudes (square roots of the counts); any sliceable array (memmap, h5py).
+    positions : (N, 2) array
+        Top-left corners of the probe windows in real-space pixels (row, col).
+    model : PhaseModel, a model folder, or None for the packaged default.
+    stitching : "least-squares" (default) or "seed" (the original iterative method).
+    sampling : real-space pixel size of the data in Å, if known (checked against the model's).
+    """
+    if not isinstance(model, PhaseModel):
+        model = load_model(model)
+    shape = getattr(amplitudes, "shape", None)
+    if shape is None or len(shape) != 3:
+        raise ShapeError(f"amplitudes: expected an array of shape (N, k, k), got shape {shape}")
+    check_compatible(model, tuple(shape[1:]), sampling)
+    positions = validate_positions(positions, shape[0])
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    patches = predict_patches(model, amplitudes, batch_size=batch_size, device=dev, progress=progress)
+    t1 = time.perf_counter()
+    mask = output_mask(model.probe, model.geometry)
+    full = stitch(patches, positions, mask, model.geometry, method=stitching)
+    t2 = time.perf_counter()
+    phase, origin = crop_to_coverage(full)
+    timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),
+               "patterns_per_second": round(shape[0] / max(t1 - t0, 1e-9), 1)}
+    return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
+                          {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")})
+
+
+def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse to overwrite earlier results unless asked; returns the folder (created if needed)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"out: {str(out_dir)!r} exists and is not a folder")
+    existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(
+            f"out: {str(out_dir)!r} already holds {', '.join(existing)}; choose another folder or pass --overwrite"
+        )
+    return out_dir
+
+
+def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict, sampling: float | None = None,
+                  overwrite: bool = False) -> dict:
+    """Write phase.npy, phase.png and metadata.json; each file appears complete or not at all.
+
+    The files are made in a temporary folder inside ``out_dir`` and moved into place, metadata.json
+    last, so an interrupted run never leaves a half-written set that looks finished.
+    """
+    out_dir = check_output_folder(out_dir, overwrite)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".deepphase-", dir=out_dir))
+    try:
+        save_npy(staging / "phase.npy", rec.phase)
+        plot_phase(rec.phase, staging / "phase.png", sampling=sampling, title=metadata.get("title"))
+        meta = {
+            "package_version": __version__,
+            "phase_file": "phase.npy",
+            "phase_units": "rad (arbitrary constant offset)",
+            "origin_px": list(rec.origin_px),
+            "shape": list(rec.phase.shape),
+            "pixel_size_angstrom": sampling,
+            "timings": rec.timings,
+            "model": rec.model_info,
+            **metadata,
+        }
+        save_json(staging / "metadata.json", meta)
+        for name in OUTPUT_FILES:
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return meta
+
+
+def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, title: str | None = None,
+               truth: np.ndarray | None = None) -> None:
+    """A PNG of the phase with a colour bar (rad) and a scale bar (Å if the sampling is known, else pixels)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("reconstruction", phase)] + ([("truth", truth)] if truth is not None else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    for ax, (label, image) in zip(axes[0], panels):
+        shown = image - np.nanmean(image)
+        im = ax.imshow(shown, cmap="magma", interpolation="nearest")
+        ax.set_title(label if title is None or len(panels) > 1 else title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="phase (rad, mean removed)")
+        length_px, unit = _scale_bar(image.shape[1], sampling)
+        r, c = image.shape[0] * 0.92, image.shape[1] * 0.05
+        ax.plot([c, c + length_px], [r, r], color="white", lw=3)
+        ax.text(c + length_px / 2, r - image.shape[0] * 0.03, unit, color="white", ha="center", va="bottom", fontsize=9)
+    if title and len(panels) > 1:
+        fig.suptitle(title)
+    fig.tight_layout()
+    from ..io_utils import atomic_path
+
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _scale_bar(width_px: int, sampling: float | None) -> tuple[float, str]:
+    target = width_px / 5
+    if sampling:
+        length_a = target * sampling
+        nice = _nice(length_a)
+        return nice / sampling, f"{nice:g} Å"
+    nice = _nice(target)
+    return nice, f"{nice:g} px"
+
+
+def _nice(x: float) -> float:
+    exp = 10 ** np.floor(np.log10(x))
+    for m in (5, 2, 1):
+        if m * exp <= x:
+            return float(m * exp)
+    return float(exp)

@@ -1,0 +1,128 @@
+import numpy as np
+import pytest
+import torch
+
+from deepphase.errors import DeepPhaseError
+from deepphase.physics import (Geometry, ProbeParameters, angular_sampling, diffraction_intensity, electron_wavelength,
+                               far_field, illuminated_mask, incident_counts, output_mask, poisson_counts,
+                               probe_from_parameters, raster_positions, real_space_sampling, shift_probe)
+from deepphase.physics.forward import as_complex_tensor
+
+from .conftest import SHARED_PROBE
+
+
+def test_packaged_reference_probe_is_the_seed_probe(probe):
+    if not SHARED_PROBE.exists():
+        pytest.skip("../shared is not beside this checkout")
+    np.testing.assert_array_equal(probe, np.load(SHARED_PROBE))
+
+
+def test_parseval_with_our_fft_convention(rng):
+    n = 32
+    psi = torch.as_tensor(rng.normal(size=(3, n, n)) + 1j * rng.normal(size=(3, n, n)))
+    psi_k = far_field(psi)
+    np.testing.assert_allclose(psi_k.abs().square().sum((-2, -1)), n * n * psi.abs().square().sum((-2, -1)), rtol=1e-10)
+
+
+def test_zero_frequency_is_at_the_centre():
+    wave = torch.ones(32, 32, dtype=torch.complex128)
+    pattern = far_field(wave).abs()
+    assert np.unravel_index(int(pattern.argmax()), pattern.shape) == (16, 16)
+    assert pattern.sum() == pytest.approx(pattern[16, 16])
+
+
+def test_constant_phase_leaves_the_pattern_unchanged(probe, rng):
+    p = as_complex_tensor(probe)
+    phase = torch.as_tensor(rng.normal(size=(32, 32)), dtype=torch.float32)
+    a = diffraction_intensity(p, phase)
+    b = diffraction_intensity(p, phase + 1.234)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("shift", [(3, -2), (-5, 7), (0, 4)])
+def test_phase_ramp_shifts_the_pattern(probe, shift):
+    n = 32
+    r, c = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    ramp = torch.as_tensor(2 * np.pi * (shift[0] * r + shift[1] * c) / n)
+    p = torch.as_tensor(probe)
+    flat = diffraction_intensity(p, torch.zeros(n, n, dtype=torch.float64)).numpy()
+    tilted = diffraction_intensity(p, ramp).numpy()
+    # The shift theorem: multiplying by exp(2πi k0·r/n) moves the far field by +k0 pixels.
+    np.testing.assert_allclose(tilted, np.roll(flat, shift, axis=(0, 1)), rtol=1e-8, atol=1e-8 * flat.max())
+
+
+def test_mean_counts_match_the_dose_within_poisson_error(probe):
+    dose, m = 5000.0, 400
+    p = as_complex_tensor(probe)
+    gen = torch.Generator().manual_seed(0)
+    phase = torch.rand(m, 32, 32, generator=gen)
+    counts = poisson_counts(diffraction_intensity(p, phase), dose, incident_counts(probe), gen)
+    totals = counts.sum((-2, -1)).double()
+    assert abs(totals.mean().item() - dose) < 4 * np.sqrt(dose / m)
+    # The spread of the totals is the Poisson spread of the dose (sum of Poisson variables).
+    assert totals.var().item() == pytest.approx(dose, rel=0.25)
+    assert torch.all(counts == counts.round())
+
+
+def test_reference_probe_scale_is_the_seed_dose(probe):
+    assert incident_counts(probe) == pytest.approx(27_882, abs=1)
+
+
+def test_nonpositive_dose_is_refused(probe):
+    with pytest.raises(DeepPhaseError, match="dose"):
+        poisson_counts(torch.ones(2, 2), 0.0, 1.0)
+
+
+def test_reference_mask_is_the_3x3_centre(probe):
+    mask = illuminated_mask(probe, 0.16)
+    assert mask.sum() == 9
+    assert np.array_equal(np.argwhere(mask).min(0), [15, 15]) and np.array_equal(np.argwhere(mask).max(0), [17, 17])
+    out = output_mask(probe, Geometry())
+    assert out.shape == (32, 32) and out.sum() == 144
+    assert out[12:24, 12:24].all()
+
+
+@pytest.mark.parametrize("energy, wavelength", [(80, 0.041757), (200, 0.025079), (300, 0.019687)])
+def test_electron_wavelength(energy, wavelength):
+    assert electron_wavelength(energy) == pytest.approx(wavelength, rel=2e-4)
+
+
+def test_sampling_relations_are_inverse():
+    n, dx, e = 64, 0.15, 300.0
+    mrad = angular_sampling(n, dx, e)
+    assert mrad == pytest.approx(1e3 * electron_wavelength(e) / (n * dx))
+    assert real_space_sampling(n, mrad, e) == pytest.approx(dx)
+
+
+def test_probe_from_parameters_has_the_right_aperture():
+    params = ProbeParameters(energy=300, semiangle_cutoff=20, defocus=50, n_px=64, sampling=0.1)
+    probe = probe_from_parameters(params)
+    assert np.sum(np.abs(probe) ** 2) == pytest.approx(1.0)
+    disk = np.abs(far_field(torch.as_tensor(probe)).numpy()) > 1e-6
+    radius_px = 20 / angular_sampling(64, 0.1, 300)
+    assert disk.sum() == pytest.approx(np.pi * radius_px**2, rel=0.1)
+    # Defocus changes the phase of the far field, not its modulus.
+    flat = probe_from_parameters(ProbeParameters(300, 20, 0, 0, 64, 0.1))
+    np.testing.assert_allclose(np.abs(far_field(torch.as_tensor(flat)).numpy()),
+                               np.abs(far_field(torch.as_tensor(probe)).numpy()), atol=1e-9)
+
+
+def test_probe_aperture_larger_than_the_grid_is_refused():
+    with pytest.raises(DeepPhaseError, match="semiangle"):
+        probe_from_parameters(ProbeParameters(300, 200, 0, 0, 32, 0.5))
+
+
+def test_integer_probe_shift_is_a_roll(probe):
+    np.testing.assert_allclose(shift_probe(probe, (2, -3)), np.roll(probe, (2, -3), axis=(0, 1)), atol=1e-12)
+
+
+def test_raster_positions_order_and_step():
+    pos = raster_positions((3, 4), 0.5, fastest="row")
+    assert pos.shape == (12, 2)
+    np.testing.assert_allclose(pos[:3], [[0, 0], [0.5, 0], [1.0, 0]])
+    pos_c = raster_positions((3, 4), 0.5, fastest="col")
+    np.testing.assert_allclose(pos_c[:4], [[0, 0], [0, 0.5], [0, 1.0], [0, 1.5]])
+    rotated = raster_positions((3, 4), 0.5, rotation_deg=30)
+    d = np.linalg.norm(np.diff(rotated[:3], axis=0), axis=1)
+    np.testing.assert_allclose(d, 0.5)
+    assert rotated.min() >= 0
