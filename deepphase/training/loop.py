@@ -80,10 +80,11 @@ def _make_optimizer(params, settings: dict):
 
 def _learning_rate(settings: dict, step: int, total: int) -> float:
     lr = settings["lr"]
-    if step < settings["warmup_steps"]:
-        return lr * (step + 1) / settings["warmup_steps"]
+    warmup = min(settings["warmup_steps"], total // 10)  # short runs (tests, fine-tuning) warm up briefly
+    if step < warmup:
+        return lr * (step + 1) / warmup
     if settings["schedule"] == "cosine":
-        t = (step - settings["warmup_steps"]) / max(1, total - settings["warmup_steps"])
+        t = (step - warmup) / max(1, total - warmup)
         return lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
     return lr
 
@@ -176,6 +177,7 @@ def train(
 
     mask = torch.as_tensor(output_mask(probe, geometry), device=device)
     stream = TrainingStream(probe, geometry, config.corpus, dose, device)
+    torch.manual_seed(config.seed)  # the initial weights are part of what the seed fixes
     network = create_model(config.arch, n_px=geometry.n_px, out_px=geometry.output_px).to(device)
     optimizer = _make_optimizer(network.parameters(), settings)
     history: list[dict] = []
@@ -223,8 +225,6 @@ def train(
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val,
                         "seconds": round(elapsed, 2),
                         "samples_per_second": round(config.steps_per_epoch * config.batch_size / elapsed, 1)})
-        log(f"epoch {epoch + 1}/{config.epochs}: train loss {np.mean(losses):.4f} rad, validation loss {val:.4f} rad, "
-            f"{history[-1]['samples_per_second']:.0f} samples/s")
         model.info = {
             **(probe_info or {}),
             "training": {**config.to_dict(), "dose": dose, "optimizer_settings": settings,
@@ -236,6 +236,8 @@ def train(
         }
         save_checkpoint(checkpoint_path, network, optimizer, epoch, history, config)
         save_model(model, out_dir, half=config.half)
+        log(f"epoch {epoch + 1}/{config.epochs}: train loss {np.mean(losses):.4f} rad, validation loss {val:.4f} rad, "
+            f"{history[-1]['samples_per_second']:.0f} samples/s; saved {out_dir}")
     network.eval()
     return model, history
 
