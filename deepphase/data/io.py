@@ -136,10 +136,10 @@ def infer_kind(frames, sample: int = 256) -> str:
     Anything else is ambiguous and the user must say (``--input``) rather than have us guess.
     """
     check_dtype(frames)
-    idx = np.linspace(0, len(frames) - 1, min(sample, len(frames))).astype(int)
-    block = np.concatenate([np.asarray(frames[int(i) : int(i) + 1], dtype=np.float64) for i in np.unique(idx)])
-    if not np.all(np.isfinite(block)):
-        raise ValueRangeError("data: contains NaN or Inf values")
+    idx = np.unique(np.linspace(0, len(frames) - 1, min(sample, len(frames))).astype(int))
+    block = np.concatenate([np.asarray(frames[int(i) : int(i) + 1], dtype=np.float64) for i in idx])
+    for i, frame in zip(idx, block):
+        check_patterns(frame[None], int(i))
     if np.all(np.abs(block - np.round(block)) < 1e-6):
         return "counts"
     squared = block**2
@@ -149,6 +149,21 @@ def infer_kind(frames, sample: int = 256) -> str:
         "data: cannot tell whether the patterns are counts or amplitudes (values are neither integers nor square "
         "roots of integers); pass --input counts or --input amplitude"
     )
+
+
+def check_patterns(batch: np.ndarray, first_index: int, what: str = "data") -> None:
+    """Refuse NaN, Inf and negative values, naming the first bad frame."""
+    finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
+    if not finite.all():
+        frame = first_index + int(np.argmin(finite))
+        raise ValueRangeError(f"{what}: frame {frame} contains NaN or Inf values")
+    negative = (batch < 0).reshape(len(batch), -1).any(axis=1)
+    if negative.any():
+        frame = first_index + int(np.argmax(negative))
+        raise ValueRangeError(
+            f"{what}: frame {frame} has negative values (min {batch[frame - first_index].min():.3g}); "
+            "expected counts or amplitudes ≥ 0"
+        )
 
 
 class AmplitudeView:

@@ -30,7 +30,8 @@ class Reconstruction:
     """A stitched phase image (radians, arbitrary constant offset) on the real-space pixel grid.
 
     ``phase[0, 0]`` is object pixel ``origin_px`` in the frame of the scan positions; ``full`` is the
-    same image on the whole object grid (NaN where no probe reached).
+    same image on the object grid from pixel (0, 0) to the last covered pixel (NaN where no probe
+    reached).
     """
 
     phase: np.ndarray
@@ -38,6 +39,7 @@ class Reconstruction:
     full: np.ndarray
     timings: dict = field(default_factory=dict)
     model_info: dict = field(default_factory=dict)
+    processing: dict = field(default_factory=dict)
 
 
 def crop_to_coverage(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
@@ -50,11 +52,27 @@ def crop_to_coverage(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
     return image[r0:r1, c0:c1], (int(r0), int(c0))
 
 
+def subtract_plane(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """Remove the least-squares plane (tilt) of the finite pixels, keeping the mean.
+
+    Returns the image and the removed slopes (rad per pixel along rows and columns).
+    """
+    rows, cols = np.nonzero(np.isfinite(image))
+    if len(rows) < 3:
+        return image, (0.0, 0.0)
+    values = image[rows, cols].astype(np.float64)
+    design = np.stack([rows - rows.mean(), cols - cols.mean(), np.ones(len(rows))], axis=1)
+    (g_r, g_c, _), *_ = np.linalg.lstsq(design, values, rcond=None)
+    rr, cc = np.indices(image.shape)
+    return image - (g_r * (rr - rows.mean()) + g_c * (cc - cols.mean())), (float(g_r), float(g_c))
+
+
 def reconstruct(
     amplitudes,
     positions,
     model: PhaseModel | str | Path | None = None,
     stitching: str = "least-squares",
+    remove_plane: bool = True,
     batch_size: int = 512,
     device: str = "auto",
     progress: bool | None = None,
@@ -70,6 +88,10 @@ def reconstruct(
         Top-left corners of the probe windows in real-space pixels (row, col).
     model : PhaseModel, a model folder, or None for the packaged default.
     stitching : "least-squares" (default) or "seed" (the original iterative method).
+    remove_plane : subtract the best-fit plane from the stitched image (default). Overlaps between
+        patches do not constrain a global tilt: it comes only from the tilts of the patches, and a
+        small systematic tilt of the network's patches adds up over the scan (the seed's stitching
+        hides it by never converging at large scales). Set False to keep the tilt as predicted.
     sampling : real-space pixel size of the data in Å, if known (checked against the model's).
     """
     if not isinstance(model, PhaseModel):
@@ -85,12 +107,17 @@ def reconstruct(
     t1 = time.perf_counter()
     mask = output_mask(model.probe, model.geometry)
     full = stitch(patches, positions, mask, model.geometry, method=stitching)
+    slopes = (0.0, 0.0)
+    if remove_plane:
+        full, slopes = subtract_plane(full)
     t2 = time.perf_counter()
     phase, origin = crop_to_coverage(full)
     timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),
                "patterns_per_second": round(shape[0] / max(t1 - t0, 1e-9), 1)}
     return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
-                          {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")})
+                          {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
+                          {"stitching": stitching, "plane_removed": remove_plane,
+                           "removed_slope_rad_per_px": list(slopes)})
 
 
 def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -128,6 +155,7 @@ def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict, samp
             "pixel_size_angstrom": sampling,
             "timings": rec.timings,
             "model": rec.model_info,
+            "processing": rec.processing,
             **metadata,
         }
         save_json(staging / "metadata.json", meta)

@@ -10,24 +10,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ShapeError, ValueRangeError
+from ..data.io import check_patterns
+from ..errors import ShapeError
 from ..models.modelfile import PhaseModel
 from ..physics.geometry import output_mask
-
-
-def check_patterns(batch: np.ndarray, first_index: int, what: str = "data") -> None:
-    """Refuse NaN, Inf and negative values, naming the first bad frame."""
-    finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
-    if not finite.all():
-        frame = first_index + int(np.argmin(finite))
-        raise ValueRangeError(f"{what}: frame {frame} contains NaN or Inf values")
-    negative = (batch < 0).reshape(len(batch), -1).any(axis=1)
-    if negative.any():
-        frame = first_index + int(np.argmax(negative))
-        raise ValueRangeError(
-            f"{what}: frame {frame} has negative values (min {batch[frame - first_index].min():.3g}); "
-            "expected counts or amplitudes ≥ 0"
-        )
 
 
 @torch.inference_mode()
@@ -62,7 +48,7 @@ def predict_patches(
         for start in range(0, count, batch_size):
             batch = np.asarray(amplitudes[start : start + batch_size], dtype=np.float32)
             check_patterns(batch, start)
-            x = torch.from_numpy(batch).to(device)[:, None]
+            x = torch.tensor(batch, device=device)[:, None]  # a copy: memory-mapped input is read-only
             y = network(x)[:, 0]
             y = y - (y * mask).sum(dim=(-2, -1), keepdim=True) / mask.sum()
             patches[start : start + len(batch)] = y.float().cpu().numpy()

@@ -1,0 +1,156 @@
+"""The command line end to end on tiny data, and its answers to bad input."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from deepphase.cli import main
+from deepphase.data.simulate import required_object_shape, simulate_scan
+from deepphase.data.specimens import twisted_hbn
+from deepphase.physics import raster_positions
+
+
+@pytest.fixture(scope="module")
+def tiny_scan(probe, tmp_path_factory):
+    """A 12×12 raster at the seed's step and dose, as (N, 32, 32) amplitudes with positions and truth."""
+    folder = tmp_path_factory.mktemp("scan")
+    positions = raster_positions((12, 12), 0.87, fastest="row")
+    truth = twisted_hbn(required_object_shape(positions, 32))
+    scan = simulate_scan(truth, probe, positions, seed=1, progress=False)
+    np.save(folder / "amplitude.npy", scan.amplitude)
+    np.save(folder / "counts.npy", np.round(scan.amplitude.astype(np.float64) ** 2))
+    np.save(folder / "positions.npy", positions)
+    return folder, scan
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_simulate_then_reconstruct_round_trip(tmp_path, capsys):
+    data = tmp_path / "scan.npz"
+    code, out, err = run(["simulate", "--scan-shape", 10, 10, "--out", data], capsys)
+    assert code == 0, err
+    with np.load(data) as f:
+        assert f["amplitude"].shape == (100, 32, 32) and f["positions"].shape == (100, 2)
+        params = json.loads(str(f["parameters"]))
+    assert params["dose_electrons_per_pattern"] == pytest.approx(27882, abs=1)
+    code, out, err = run(["reconstruct", data, "--out", tmp_path / "rec"], capsys)
+    assert code == 0, err
+    phase = np.load(tmp_path / "rec" / "phase.npy")
+    meta = json.loads((tmp_path / "rec" / "metadata.json").read_text())
+    assert phase.dtype == np.float32 and phase.ndim == 2 and np.isfinite(phase).all()
+    assert meta["n_patterns"] == 100 and meta["input"] == "amplitude" and "correlation_with_truth" in meta
+    assert (tmp_path / "rec" / "phase.png").stat().st_size > 1000
+    assert not [p for p in (tmp_path / "rec").iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+@pytest.mark.parametrize("layout", ["npy-amplitude", "npy-counts", "hdf5-4d"])
+def test_reconstruct_reads_files_and_infers_counts_or_amplitudes(layout, tiny_scan, tmp_path, capsys):
+    folder, scan = tiny_scan
+    if layout == "npy-amplitude":
+        args = [folder / "amplitude.npy", "--positions", folder / "positions.npy"]
+        expected = "amplitude"
+    elif layout == "npy-counts":
+        args = [folder / "counts.npy", "--scan-shape", 12, 12, "--step", 0.87]
+        expected = "counts"
+    else:
+        # (scan_row, scan_col, k, k): frame [i, j] is at (i·step, j·step).
+        order = np.lexsort((scan.positions[:, 1], scan.positions[:, 0]))
+        with h5py.File(tmp_path / "scan.h5", "w") as f:
+            f["data/counts"] = np.round(scan.amplitude[order].astype(np.float64) ** 2).reshape(12, 12, 32, 32)
+        args = [tmp_path / "scan.h5", "--dataset", "data/counts", "--step", 0.87]
+        expected = "counts"
+    code, out, err = run(["reconstruct", *args, "--out", tmp_path / "rec"], capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "rec" / "metadata.json").read_text())
+    assert meta["input"] == expected
+    phase = np.load(tmp_path / "rec" / "phase.npy")
+    r0, c0 = meta["origin_px"]
+    truth = scan.truth[r0 : r0 + phase.shape[0], c0 : c0 + phase.shape[1]]
+    assert np.corrcoef(phase.ravel(), truth.ravel())[0, 1] > 0.5
+
+
+def bad_inputs(folder, tmp_path):
+    amp = np.load(folder / "amplitude.npy")
+    nan = amp.copy()
+    nan[7, 3, 3] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    neg = amp.copy()
+    neg[5, 0, 0] = -1
+    np.save(tmp_path / "neg.npy", neg)
+    np.save(tmp_path / "complex.npy", amp.astype(np.complex64))
+    np.save(tmp_path / "wrongshape.npy", amp[:, :16, :16])
+    np.save(tmp_path / "flat.npy", amp[0])
+    np.save(tmp_path / "pos_short.npy", np.zeros((5, 2)))
+    (tmp_path / "garbage.npy").write_bytes(b"not an npy file")
+    pos = ["--positions", folder / "positions.npy"]
+    return {
+        "missing file": (["reconstruct", tmp_path / "nope.npy", *pos], "does not exist"),
+        "unreadable file": (["reconstruct", tmp_path / "garbage.npy", *pos], "could not read"),
+        "NaN values": (["reconstruct", tmp_path / "nan.npy", *pos], "frame 7"),
+        "negative values": (["reconstruct", tmp_path / "neg.npy", *pos], "frame 5"),
+        "complex dtype": (["reconstruct", tmp_path / "complex.npy", *pos], "dtype"),
+        "wrong pattern size": (["reconstruct", tmp_path / "wrongshape.npy", *pos], "16×16"),
+        "2-D data": (["reconstruct", tmp_path / "flat.npy", *pos], "shape"),
+        "positions do not match": (["reconstruct", folder / "amplitude.npy", "--positions", tmp_path / "pos_short.npy"],
+                                   "5 positions do not match the 144"),
+        "scan shape does not match": (["reconstruct", folder / "amplitude.npy", "--scan-shape", 10, 10, "--step", 1],
+                                      "do not match the 144"),
+        "no positions": (["reconstruct", folder / "amplitude.npy"], "--positions"),
+        "missing model": (["reconstruct", folder / "amplitude.npy", *pos, "--model", tmp_path / "nomodel"], "not a folder"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "unreadable file", "NaN values", "negative values", "complex dtype",
+                                  "wrong pattern size", "2-D data", "positions do not match",
+                                  "scan shape does not match", "no positions", "missing model"])
+def test_bad_input_gives_one_clear_line_and_no_output(case, tiny_scan, tmp_path, capsys):
+    folder, _ = tiny_scan
+    args, expected = bad_inputs(folder, tmp_path)[case]
+    code, out, err = run([*args, "--out", tmp_path / "out"], capsys)
+    assert code == 2
+    assert expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_model_for_another_grid_is_refused(tiny_scan, tmp_path, capsys):
+    from deepphase.models.modelfile import load_model, save_model
+    from deepphase.physics import Geometry
+
+    model = load_model()
+    model.geometry = Geometry(n_px=64)
+    save_model(model, tmp_path / "m64")
+    folder, _ = tiny_scan
+    code, out, err = run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy",
+                          "--model", tmp_path / "m64", "--out", tmp_path / "out"], capsys)
+    assert code == 2 and "made for 64×64" in err and "32×32" in err
+
+
+def test_existing_results_are_not_overwritten_unasked(tiny_scan, tmp_path, capsys):
+    folder, _ = tiny_scan
+    args = ["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy", "--out", tmp_path / "rec"]
+    assert run(args, capsys)[0] == 0
+    before = (tmp_path / "rec" / "phase.npy").read_bytes()
+    code, out, err = run(args, capsys)
+    assert code == 2 and "--overwrite" in err
+    assert (tmp_path / "rec" / "phase.npy").read_bytes() == before
+    assert run([*args, "--overwrite"], capsys)[0] == 0
+
+
+def test_every_command_has_help(capsys):
+    for command in ("train", "simulate", "reconstruct", "demo"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+        assert "usage: deepphase " + command in capsys.readouterr().out
+
+
+def test_train_refuses_incomplete_optics(tmp_path, capsys):
+    code, out, err = run(["train", "--energy", 300, "--out", tmp_path / "m"], capsys)
+    assert code == 2 and "--semi-angle" in err and "--sampling" in err

@@ -1,0 +1,263 @@
+"""Stitching: both stitchers against exact patches cut from a known object.
+
+The patches are cut from the truth by the physical definition (patch pixel ``j`` of a probe window at
+``position`` samples the object pixel that holds ``position + crop_start + (j + ½)/upsample``), not by
+the module's own placement functions, so a misplaced patch or a shifted output grid shows up here.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+from scipy.ndimage import gaussian_filter
+
+from deepphase.errors import DeepPhaseError, ShapeError, ValueRangeError
+from deepphase.evaluation.metrics import correlation, offset_rmse
+from deepphase.physics.geometry import Geometry, crop_window, output_mask, upsample_nearest
+from deepphase.physics.probe import reference_probe
+from deepphase.physics.scan import raster_positions
+from deepphase.reconstruction.stitching import (
+    canvas_shape,
+    patch_origins,
+    stitch,
+    stitch_least_squares,
+    stitch_seed,
+)
+
+GEOMETRY = Geometry()
+STEP = 0.87
+# The scan starts away from 0 so that the output has an uncovered border and a real offset to get right.
+ORIGIN = (10.3, 20.6)
+NOISE = 0.05  # rad per upsampled patch pixel
+METHODS = ["least-squares", "seed"]
+
+
+def smooth_truth(shape, rng, sigma=2.0):
+    """Gaussian-filtered white noise scaled to 1 rad standard deviation."""
+    truth = gaussian_filter(rng.normal(size=shape), sigma)
+    return truth / truth.std()
+
+
+def cut_patches(truth, positions, geometry):
+    """The exact network output for every position: nearest-upsampled object pixels, by definition."""
+    u, out = geometry.upsample, geometry.output_px
+    centres = geometry.crop_start + (np.arange(out) + 0.5) / u
+    rows = np.floor(positions[:, 0, None] + centres).astype(int)
+    cols = np.floor(positions[:, 1, None] + centres).astype(int)
+    return truth[rows[:, :, None], cols[:, None, :]]
+
+
+def lose_zero_frequency(patches, mask, rng, offset_scale=3.0, noise=0.0):
+    """What the stitcher gets: masked mean removed, an unknown constant per patch, optional noise."""
+    patches = patches - patches[:, mask].mean(axis=1)[:, None, None]
+    patches = patches + offset_scale * rng.normal(size=(len(patches), 1, 1))
+    if noise:
+        patches = patches + noise * rng.normal(size=patches.shape)
+    return patches
+
+
+def covered_pixels(shape, positions, mask, geometry):
+    """Object pixels that some patch's mask reaches, from the physical definition (one loop, small N)."""
+    u = geometry.upsample
+    centres = geometry.crop_start + (np.arange(geometry.output_px) + 0.5) / u
+    mask_rows, mask_cols = np.nonzero(mask)
+    covered = np.zeros(shape, dtype=bool)
+    for r, c in positions:
+        covered[np.floor(r + centres[mask_rows]).astype(int), np.floor(c + centres[mask_cols]).astype(int)] = True
+    return covered
+
+
+@pytest.fixture(scope="module")
+def scene():
+    rng = np.random.default_rng(7)
+    mask = output_mask(reference_probe(), GEOMETRY)
+    positions = raster_positions((30, 30), STEP, origin=ORIGIN)
+    truth = smooth_truth((120, 120), rng)
+    exact = cut_patches(truth, positions, GEOMETRY)
+    clean = lose_zero_frequency(exact, mask, rng)
+    noisy = lose_zero_frequency(exact, mask, rng, noise=NOISE)
+    return {"mask": mask, "positions": positions, "truth": truth, "clean": clean, "noisy": noisy}
+
+
+def on_truth_grid(image, truth):
+    """The truth cut to the image's extent (both start at object pixel (0, 0))."""
+    assert image.shape[0] <= truth.shape[0] and image.shape[1] <= truth.shape[1]
+    return truth[: image.shape[0], : image.shape[1]]
+
+
+# ------------------------------------------------------------------------------------------ placement
+def test_patch_origins_round_halves_up_and_the_canvas_holds_every_patch(scene):
+    positions = np.array([[0.0, 0.0], [1.1, 2.125], [0.125, 3.0]])
+    # 4·(0 + 12) = 48; 4·13.1 = 52.4 → 52; 4·14.125 = 56.5 → 57 (half up); 4·12.125 = 48.5 → 49; 4·15 = 60
+    assert patch_origins(positions, GEOMETRY).tolist() == [[48, 48], [52, 57], [49, 60]]
+    # ceil(max) = (2, 3) → 4·(2 + 12 + 8) = 88, 4·(3 + 12 + 8) = 92
+    assert canvas_shape(positions, GEOMETRY) == (88, 92)
+    origins = patch_origins(scene["positions"], GEOMETRY)
+    shape = canvas_shape(scene["positions"], GEOMETRY)
+    assert origins.dtype.kind == "i" and origins.min() >= 0
+    assert np.all(origins + GEOMETRY.output_px <= np.array(shape))
+    assert shape[0] % GEOMETRY.upsample == 0 and shape[1] % GEOMETRY.upsample == 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_image_is_on_the_object_grid_and_nan_exactly_where_no_mask_reached(scene, method):
+    image = stitch(scene["clean"], scene["positions"], scene["mask"], GEOMETRY, method=method)
+    shape = canvas_shape(scene["positions"], GEOMETRY)
+    assert image.shape == (shape[0] // GEOMETRY.upsample, shape[1] // GEOMETRY.upsample)
+    covered = covered_pixels(image.shape, scene["positions"], scene["mask"], GEOMETRY)
+    assert covered.sum() > 600 and (~covered).sum() > 600  # both parts are substantial
+    np.testing.assert_array_equal(np.isnan(image), ~covered)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_output_is_not_shifted_against_the_truth(scene, method):
+    image = stitch(scene["clean"], scene["positions"], scene["mask"], GEOMETRY, method=method)
+    valid = np.flatnonzero(np.isfinite(image).ravel())
+    rows, cols = np.unravel_index(valid, image.shape)
+    scores = {}
+    for dr in range(-2, 3):
+        for dc in range(-2, 3):
+            shifted = scene["truth"][rows + dr, cols + dc]
+            scores[dr, dc] = np.corrcoef(image.ravel()[valid], shifted)[0, 1]
+    best = max(scores, key=scores.get)
+    assert best == (0, 0), f"best correlation at shift {best}: {scores[best]:.4f} vs {scores[0, 0]:.4f} at (0, 0)"
+
+
+# ------------------------------------------------------------------------------------------ accuracy
+def test_least_squares_recovers_noise_free_truth_exactly(scene):
+    # The patches are exact samples of the truth, so the least-squares problem has the truth (plus one
+    # constant) as an exact solution: only the solver's 1e-10 relative tolerance is left.
+    image = stitch_least_squares(scene["clean"], scene["positions"], scene["mask"], GEOMETRY)
+    truth = on_truth_grid(image, scene["truth"])
+    assert offset_rmse(image, truth) < 1e-7
+    assert correlation(image, truth) > 0.999999
+
+
+def test_seed_method_converges_to_the_truth_and_is_rough_at_its_defaults(scene):
+    # Run long enough, the seed's update has the truth as its fixed point: the implementation is right.
+    converged = stitch_seed(scene["clean"], scene["positions"], scene["mask"], GEOMETRY, alpha=0.5, passes=100)
+    truth = on_truth_grid(converged, scene["truth"])
+    assert offset_rmse(converged, truth) < 0.01
+    assert correlation(converged, truth) > 0.9999
+    # At its defaults (α = 0.1, 3 passes) every window keeps its mean, and the large scales have not
+    # diffused in yet: measured correlation 0.82, RMSE 0.6 rad for this 1-rad, σ = 2 px object. The
+    # bounds pin that behaviour (a broken update gives ≈ 0 correlation) without claiming more.
+    default = stitch_seed(scene["clean"], scene["positions"], scene["mask"], GEOMETRY)
+    assert correlation(default, truth) > 0.7
+    assert offset_rmse(default, truth) < 0.75
+
+
+def test_noisy_patches_least_squares_is_accurate_and_beats_the_seed(scene):
+    ls = stitch(scene["noisy"], scene["positions"], scene["mask"], GEOMETRY, method="least-squares")
+    seed = stitch(scene["noisy"], scene["positions"], scene["mask"], GEOMETRY, method="seed")
+    truth = on_truth_grid(ls, scene["truth"])
+    # Each object pixel averages 16 upsampled pixels × ~12 overlapping patches ≈ 190 samples of
+    # σ = 0.05 rad noise, σ/√190 ≈ 0.004 rad; the offsets, each estimated from ~144 noisy overlaps,
+    # add a spatially correlated error of similar size (measured total ≈ 0.007 rad). 0.02 rad leaves
+    # room for that and still fails for a one-pixel misplacement (≈ 0.34 rad for this object).
+    rmse_ls = offset_rmse(ls, truth)
+    assert rmse_ls < 0.02
+    assert correlation(ls, truth) > 0.999
+    assert rmse_ls <= offset_rmse(seed, truth)
+    assert correlation(ls, truth) >= correlation(seed, truth)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_constant_added_to_every_patch_changes_nothing(scene, method):
+    before = stitch(scene["noisy"], scene["positions"], scene["mask"], GEOMETRY, method=method)
+    after = stitch(scene["noisy"] + 7.3, scene["positions"], scene["mask"], GEOMETRY, method=method)
+    np.testing.assert_array_equal(np.isnan(after), np.isnan(before))
+    np.testing.assert_allclose(after, before, atol=1e-9, equal_nan=True)
+
+
+def test_least_squares_does_not_depend_on_the_order_of_the_patches(scene):
+    # The gauge pins one patch per group, chosen by index; the result must not depend on which.
+    order = np.random.default_rng(3).permutation(len(scene["positions"]))
+    image = stitch_least_squares(scene["noisy"], scene["positions"], scene["mask"], GEOMETRY)
+    shuffled = stitch_least_squares(scene["noisy"][order], scene["positions"][order], scene["mask"], GEOMETRY)
+    np.testing.assert_allclose(shuffled, image, atol=1e-8, equal_nan=True)
+
+
+def test_seed_order_follows_its_seed(scene):
+    args = (scene["noisy"], scene["positions"], scene["mask"], GEOMETRY)
+    np.testing.assert_array_equal(stitch_seed(*args, seed=1), stitch_seed(*args, seed=1))
+    assert not np.allclose(stitch_seed(*args, seed=1), stitch_seed(*args, seed=2), equal_nan=True)
+
+
+def test_default_method_is_least_squares(scene):
+    args = (scene["noisy"], scene["positions"], scene["mask"], GEOMETRY)
+    np.testing.assert_array_equal(stitch(*args), stitch_least_squares(*args))
+
+
+def test_probe_intensity_weights_keep_exact_recovery(scene):
+    probe = reference_probe()
+    weights = upsample_nearest(crop_window(np.abs(probe) ** 2, GEOMETRY), GEOMETRY.upsample)
+    args = (scene["positions"], scene["mask"], GEOMETRY)
+    clean = stitch(scene["clean"], *args, weights=weights)
+    truth = on_truth_grid(clean, scene["truth"])
+    assert offset_rmse(clean, truth) < 1e-7
+    noisy = stitch(scene["noisy"], *args, weights=weights)
+    assert offset_rmse(noisy, truth) < 0.02
+    np.testing.assert_array_equal(np.isnan(noisy), np.isnan(clean))
+
+
+def test_disconnected_groups_are_each_recovered_without_nan():
+    rng = np.random.default_rng(11)
+    mask = output_mask(reference_probe(), GEOMETRY)
+    groups = [raster_positions((8, 8), STEP), raster_positions((6, 9), STEP, origin=(40.0, 45.0)),
+              np.array([[80.0, 5.0]])]  # two rasters far apart and a lone patch
+    positions = np.concatenate(groups)
+    truth = smooth_truth((130, 130), rng)
+    patches = lose_zero_frequency(cut_patches(truth, positions, GEOMETRY), mask, rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no RuntimeWarning from the solver or from NaN arithmetic
+        image = stitch_least_squares(patches, positions, mask, GEOMETRY)
+    covered = covered_pixels(image.shape, positions, mask, GEOMETRY)
+    np.testing.assert_array_equal(np.isfinite(image), covered)
+    truth = on_truth_grid(image, truth)
+    # Each group has its own arbitrary constant, so compare group by group.
+    for group in groups:
+        region = covered_pixels(image.shape, group, mask, GEOMETRY)
+        assert offset_rmse(np.where(region, image, np.nan), truth) < 1e-7
+
+
+# ---------------------------------------------------------------------------------------- bad input
+def _bad_cases(scene):
+    p, pos, mask = scene["clean"], scene["positions"], scene["mask"]
+    with_nan, with_inf = p.copy(), p.copy()
+    with_nan[3, 0, 0] = np.nan
+    with_inf[5, 20, 20] = np.inf
+    return {
+        "patches wrong side": ((p[:, :, :31], pos, mask), {}, ShapeError, "patches", "(900, 32, 31)"),
+        "patches 2-D": ((p[0], pos, mask), {}, ShapeError, "patches", "(32, 32)"),
+        "positions 3 columns": ((p, np.zeros((900, 3)), mask), {}, ShapeError, "positions", "(900, 3)"),
+        "positions count": ((p, pos[:-1], mask), {}, ShapeError, "positions", "899"),
+        "positions negative": ((p, pos - 20.0, mask), {}, ValueRangeError, "positions", "non-negative"),
+        "patches NaN": ((with_nan, pos, mask), {}, ValueRangeError, "patches", "1 NaN or Inf"),
+        "patches Inf": ((with_inf, pos, mask), {}, ValueRangeError, "patches", "1 NaN or Inf"),
+        "mask shape": ((p, pos, mask[:8, :8]), {}, ShapeError, "mask", "(8, 8)"),
+        "mask empty": ((p, pos, np.zeros_like(mask)), {}, ValueRangeError, "mask", "empty"),
+        "unknown method": ((p, pos, mask), {"method": "fourier"}, ValueRangeError, "method", "'fourier'"),
+        "seed alpha": ((p, pos, mask), {"method": "seed", "alpha": 0.0}, ValueRangeError, "alpha", "got 0.0"),
+        "weights shape": ((p, pos, mask), {"weights": np.ones((8, 8))}, ShapeError, "weights", "(8, 8)"),
+        "weights zero in mask": ((p, pos, mask), {"weights": np.where(mask, 0.0, 1.0)}, ValueRangeError,
+                                 "weights", "inside the mask"),
+        "weights negative": ((p, pos, mask), {"weights": -np.ones((32, 32))}, ValueRangeError, "weights",
+                             "minimum of -1"),
+    }
+
+
+CASES = ["patches wrong side", "patches 2-D", "positions 3 columns", "positions count", "positions negative",
+         "patches NaN", "patches Inf", "mask shape", "mask empty", "unknown method", "seed alpha",
+         "weights shape", "weights zero in mask", "weights negative"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_raises_a_clear_deepphase_error(scene, case):
+    args, kw, error, argument, found = _bad_cases(scene)[case]
+    with pytest.raises(error) as info:
+        stitch(*args, GEOMETRY, **kw)
+    assert isinstance(info.value, DeepPhaseError)
+    message = str(info.value)
+    assert message.startswith(f"{argument}:"), message
+    assert found in message, message
