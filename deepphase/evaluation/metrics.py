@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import ShapeError
+from ..errors import ShapeError, ValueRangeError
 
 
 def _common(reconstruction: np.ndarray, truth: np.ndarray):
@@ -46,3 +46,283 @@ def offset_rmse(reconstruction: np.ndarray, truth: np.ndarray) -> float:
     a, b = _common(reconstruction, truth)
     d = a - b
     return float(np.sqrt(np.mean((d - d.mean()) ** 2)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration, Fourier ring correlation, SSIM and a one-call summary.
+# --------------------------------------------------------------------------------------------------
+
+
+def _pair(reconstruction, truth) -> tuple[np.ndarray, np.ndarray]:
+    """Both images as float64 2-D arrays of one shape (NaN kept)."""
+    a = np.asarray(reconstruction, dtype=np.float64)
+    b = np.asarray(truth, dtype=np.float64)
+    if a.ndim != 2:
+        raise ShapeError(f"reconstruction: expected a 2-D image, got shape {a.shape}")
+    if a.shape != b.shape:
+        raise ShapeError(f"truth: shape {b.shape} differs from the reconstruction's {a.shape}")
+    return a, b
+
+
+def _finite_box(a: np.ndarray, b: np.ndarray, min_size: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Crop both images to the bounding box of the pixels finite in both.
+
+    NaN left inside the box are filled with the mean of that image's finite pixels there, which for
+    a cross-correlation is the neutral value once the mean is removed.
+    """
+    valid = np.isfinite(a) & np.isfinite(b)
+    if not valid.any():
+        raise ShapeError("reconstruction: no pixel is finite in both the reconstruction and the truth")
+    rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    a, b, valid = a[box], b[box], valid[box]
+    if min(a.shape) < min_size:
+        raise ShapeError(
+            f"reconstruction: the area finite in both images is {a.shape[0]}×{a.shape[1]} pixels; "
+            f"expected at least {min_size}×{min_size}"
+        )
+    a = np.where(valid, a, a[valid].mean())
+    b = np.where(valid, b, b[valid].mean())
+    return a, b
+
+
+def _hann2d(shape) -> np.ndarray:
+    """Separable 2-D Hann window (zero at the first and last pixel)."""
+    return np.outer(np.hanning(shape[0]), np.hanning(shape[1]))
+
+
+def align(reconstruction, truth, upsample: int = 20) -> tuple[float, float]:
+    """Sub-pixel shift that registers the reconstruction onto the truth.
+
+    Cross-correlation in Fourier space with the upsampled-DFT refinement of
+    :func:`skimage.registration.phase_cross_correlation` (Guizar-Sicairos et al., 2008).
+
+    Parameters
+    ----------
+    reconstruction, truth : (H, W) array
+        Phase images on the same pixel grid; NaN marks pixels without data. Both are cropped to the
+        bounding box of the pixels finite in both, and NaN left inside that box are filled with the
+        image's mean.
+    upsample : int
+        Refinement factor: the shift is found to ``1 / upsample`` of a pixel.
+
+    Returns
+    -------
+    (shift_row, shift_col) : (float, float)
+        In pixels. ``scipy.ndimage.shift(reconstruction, (shift_row, shift_col))`` lies on the truth,
+        i.e. the reconstruction shows each feature at ``truth position − shift``.
+
+    Notes
+    -----
+    Offset-invariant: each image's mean is removed, then both are apodised with a 2-D Hann window so
+    the image edges (which do not wrap around) do not pull the peak towards zero shift. Plain
+    (unnormalised) cross-correlation is used rather than phase correlation: phase images are
+    band-limited, and whitening would give the empty high frequencies as much weight as the signal.
+    """
+    from skimage.registration import phase_cross_correlation
+
+    if int(upsample) < 1:
+        raise ValueRangeError(f"upsample: expected a positive integer, got {upsample!r}")
+    a, b = _pair(reconstruction, truth)
+    a, b = _finite_box(a, b, min_size=4)
+    w = _hann2d(a.shape)
+    a = (a - a.mean()) * w
+    b = (b - b.mean()) * w
+    if not (np.any(a) and np.any(b)):
+        return 0.0, 0.0  # a flat image has no shift to find
+    shift, _, _ = phase_cross_correlation(b, a, upsample_factor=int(upsample), normalization=None)
+    return float(shift[0]), float(shift[1])
+
+
+def _shifted(image: np.ndarray, shift) -> np.ndarray:
+    """``image`` moved by ``shift`` (cubic spline); NaN where the result depends on missing data."""
+    from scipy import ndimage
+
+    valid = np.isfinite(image)
+    filled = np.where(valid, image, image[valid].mean() if valid.any() else 0.0)
+    moved = ndimage.shift(filled, shift, order=3, mode="nearest")
+    # A pixel is kept if the interpolation read only finite pixels inside the image: shift the
+    # validity mask with linear interpolation and zeros outside, and keep what stays fully valid,
+    # then drop one more pixel of margin for the cubic spline's wider support.
+    support = ndimage.shift(valid.astype(np.float64), shift, order=1, mode="constant", cval=0.0)
+    keep = ndimage.binary_erosion(support > 1 - 1e-6, iterations=1, border_value=0)
+    return np.where(keep, moved, np.nan)
+
+
+def correlation_aligned(reconstruction, truth, upsample: int = 20) -> float:
+    """Pearson correlation after moving the reconstruction by :func:`align`'s shift.
+
+    The comparison is made on the pixels that are finite in the truth and fully covered by the
+    shifted reconstruction (the interpolation never reads outside the image or a NaN).
+    """
+    return _correlation_shifted(reconstruction, truth, align(reconstruction, truth, upsample))
+
+
+def _correlation_shifted(reconstruction, truth, shift) -> float:
+    a, b = _pair(reconstruction, truth)
+    return correlation(_shifted(a, shift), b)
+
+
+_FRC_TUKEY_ALPHA = 0.25
+
+
+def fourier_ring_correlation(a, b, pixel_size: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fourier ring correlation of two images, one ring per frequency pixel.
+
+    Parameters
+    ----------
+    a, b : (H, W) array
+        Two images of the same field of view on the same grid (e.g. reconstruction and truth). NaN
+        marks missing pixels.
+    pixel_size : float, optional
+        Real-space pixel size in Å. Without it, frequencies are in cycles per pixel.
+
+    Returns
+    -------
+    spatial_frequency : (N//2,) array
+        Ring ``r`` = 1 … N//2 at ``r / (N · pixel_size)`` (1/Å, or 1/px); the last ring is Nyquist.
+    frc : (N//2,) array
+        ``Re Σ A·B* / sqrt(Σ|A|² Σ|B|²)`` over each ring; 0 where a ring holds no power.
+
+    Notes
+    -----
+    Both images are cropped to the bounding box of the pixels finite in both, then to the central
+    N×N square of it (NaN inside are filled with the mean). Each image is apodised with a separable
+    Tukey window (cosine taper over 12.5 % of the width at each edge, ``alpha = 0.25``) after removing
+    its window-weighted mean, so the windowed image has no zero frequency and any constant offset
+    drops out exactly. Without a window the jump between opposite edges of a non-periodic image puts
+    a cross of identical power along the axes of both transforms, which reads as correlation at every
+    frequency (a mean FRC of 0.38 above the signal's band in a test with a shared smooth signal
+    cropped from a larger field, 0.00 with this window). Tukey rather than Hann: it keeps 84 % of the
+    image's weight (Hann 14 %), so the FRC of independent noise keeps nearly the nominal
+    ``1/sqrt(ring pixels)`` spread (measured 1.04× that; Hann 1.37×, since its transform correlates
+    neighbouring Fourier pixels along the ring). The price is a transition that spreads over ~3 rings
+    instead of ~1; the 0.5 crossing of an ideal low-pass at 4 px comes out at 3.97 px either way.
+    The ring-0 (zero-frequency) term is left out: it is not measured by a phase reconstruction.
+    """
+    from scipy.signal.windows import tukey
+
+    x, y = _pair(a, b)
+    x, y = _finite_box(x, y, min_size=8)
+    n = min(x.shape)
+    r0, c0 = (x.shape[0] - n) // 2, (x.shape[1] - n) // 2
+    x, y = x[r0 : r0 + n, c0 : c0 + n], y[r0 : r0 + n, c0 : c0 + n]
+    taper = tukey(n, _FRC_TUKEY_ALPHA)
+    w = np.outer(taper, taper)
+    fx = np.fft.fft2((x - (w * x).sum() / w.sum()) * w)
+    fy = np.fft.fft2((y - (w * y).sum() / w.sum()) * w)
+    k = np.fft.fftfreq(n) * n
+    ring = np.rint(np.hypot(k[:, None], k[None, :])).astype(int).ravel()
+    n_rings = n // 2
+    cross = np.bincount(ring, (fx * fy.conj()).real.ravel(), minlength=n_rings + 1)[1 : n_rings + 1]
+    px = np.bincount(ring, (np.abs(fx) ** 2).ravel(), minlength=n_rings + 1)[1 : n_rings + 1]
+    py = np.bincount(ring, (np.abs(fy) ** 2).ravel(), minlength=n_rings + 1)[1 : n_rings + 1]
+    denom = np.sqrt(px * py)
+    scale = max(float(denom.max()), np.finfo(float).tiny)
+    ok = denom > 1e-12 * scale
+    frc = np.zeros(n_rings)
+    frc[ok] = cross[ok] / denom[ok]
+    freq = np.arange(1, n_rings + 1) / n
+    if pixel_size is not None:
+        if not (np.isfinite(pixel_size) and pixel_size > 0):
+            raise ValueRangeError(f"pixel_size: expected a positive size in Å, got {pixel_size!r}")
+        freq = freq / float(pixel_size)
+    return freq, frc
+
+
+def frc_ring_pixels(n: int) -> np.ndarray:
+    """Number of Fourier pixels in rings 1 … n//2 of an n×n image (for the ``3/sqrt(count)`` noise spread)."""
+    k = np.fft.fftfreq(int(n)) * int(n)
+    ring = np.rint(np.hypot(k[:, None], k[None, :])).astype(int).ravel()
+    return np.bincount(ring, minlength=int(n) // 2 + 1)[1 : int(n) // 2 + 1]
+
+
+def frc_resolution(freq, frc, threshold: float = 0.5) -> float:
+    """Resolution (1 / frequency) where the FRC first drops below ``threshold``.
+
+    Parameters
+    ----------
+    freq, frc : 1-D arrays
+        As returned by :func:`fourier_ring_correlation`.
+    threshold : float
+        Usually 0.5 or 1/7. Against the *truth* 0.5 is the criterion that corresponds to 1/7
+        between two independent half data sets (Rosenthal & Henderson, 2003).
+
+    Returns
+    -------
+    float
+        In Å if ``freq`` is in 1/Å, in pixels if it is in cycles per pixel. The crossing is
+        interpolated linearly between the last ring above and the first ring below the threshold.
+        If the FRC never drops below, the resolution is the sampling limit ``1 / freq[-1]``
+        (Nyquist: 2 pixels); if the first ring is already below, ``1 / freq[0]``.
+    """
+    freq = np.asarray(freq, dtype=np.float64)
+    frc = np.asarray(frc, dtype=np.float64)
+    if freq.ndim != 1 or freq.shape != frc.shape or len(freq) < 1:
+        raise ShapeError(f"frc: expected two 1-D arrays of one length, got shapes {freq.shape} and {frc.shape}")
+    if not np.all(freq > 0):
+        raise ValueRangeError("freq: expected positive spatial frequencies (ring 0 left out)")
+    below = np.flatnonzero(~(frc >= threshold))  # NaN counts as below
+    if len(below) == 0:
+        return float(1.0 / freq[-1])
+    i = int(below[0])
+    if i == 0:
+        return float(1.0 / freq[0])
+    f0, f1, c0, c1 = freq[i - 1], freq[i], frc[i - 1], frc[i]
+    f = f0 + (c0 - threshold) / (c0 - c1) * (f1 - f0) if np.isfinite(c1) and c0 != c1 else f1
+    return float(1.0 / f)
+
+
+def ssim(reconstruction, truth, win_size: int = 7) -> float:
+    """Structural similarity of the reconstruction to the truth after removing the mean offset.
+
+    The offset is the least-squares constant ``mean(truth − reconstruction)`` over the pixels finite
+    in both (the scale is *not* fitted: a phase of the wrong size lowers the SSIM). ``data_range`` is
+    the truth's peak-to-peak range over those pixels. The SSIM map of
+    :func:`skimage.metrics.structural_similarity` is averaged over the pixels whose whole
+    ``win_size`` window is finite in both images (without NaN this is exactly skimage's mean SSIM).
+    """
+    from scipy import ndimage
+    from skimage.metrics import structural_similarity
+
+    a, b = _pair(reconstruction, truth)
+    valid = np.isfinite(a) & np.isfinite(b)
+    if valid.sum() < 2:
+        raise ShapeError("reconstruction: fewer than two pixels are finite in both images")
+    a = a + (b[valid] - a[valid]).mean()
+    data_range = float(np.ptp(b[valid]))
+    if data_range == 0:
+        return 1.0 if np.allclose(a[valid], b[valid]) else 0.0
+    a, b = np.where(valid, a, 0.0), np.where(valid, b, 0.0)
+    if min(a.shape) < win_size:
+        raise ShapeError(f"reconstruction: SSIM needs at least {win_size}×{win_size} pixels, got {a.shape}")
+    _, smap = structural_similarity(a, b, win_size=win_size, data_range=data_range, full=True)
+    keep = ndimage.binary_erosion(valid, np.ones((win_size, win_size), bool), border_value=0)
+    if not keep.any():
+        raise ShapeError(f"reconstruction: no {win_size}×{win_size} window is finite in both images")
+    return float(smap[keep].mean())
+
+
+def evaluate(reconstruction, truth, pixel_size: float | None = None, upsample: int = 20) -> dict:
+    """Every figure of :mod:`deepphase.evaluation.metrics` in one dictionary.
+
+    Keys: ``correlation``; ``correlation_aligned`` and ``shift_px`` (row, col) from :func:`align`;
+    ``fitted_rmse`` (rad) and ``scale`` from :func:`fitted_rmse`; ``offset_rmse`` (rad);
+    ``frc_resolution_0.5`` and ``frc_resolution_1/7`` (in ``resolution_unit``: Å with
+    ``pixel_size``, else px) of the images as given (not aligned); ``ssim``.
+    """
+    shift = align(reconstruction, truth, upsample)
+    rmse, scale = fitted_rmse(reconstruction, truth)
+    freq, frc = fourier_ring_correlation(reconstruction, truth, pixel_size)
+    return {
+        "correlation": correlation(reconstruction, truth),
+        "correlation_aligned": _correlation_shifted(reconstruction, truth, shift),
+        "shift_px": [shift[0], shift[1]],
+        "fitted_rmse": rmse,
+        "scale": scale,
+        "offset_rmse": offset_rmse(reconstruction, truth),
+        "frc_resolution_0.5": frc_resolution(freq, frc, 0.5),
+        "frc_resolution_1/7": frc_resolution(freq, frc, 1 / 7),
+        "resolution_unit": "Å" if pixel_size is not None else "px",
+        "ssim": ssim(reconstruction, truth),
+    }
