@@ -212,10 +212,11 @@ def _cmd_evaluate(args) -> None:
             harness.network_method(args.seed_model, stitching="seed", remove_plane=False))
     methods = args.methods
     if methods is None:
-        methods = [m for m in harness.list_methods() if m != "seed-method" or args.seed_model is not None]
+        methods = harness.available_methods() + (["seed-method"] if args.seed_model is not None else [])
+        methods = list(dict.fromkeys(methods))
     rows, table = harness.evaluate(args.preset, args.out, methods=methods, specimens=args.specimens,
                                    doses=args.doses, scan_shape=args.scan_shape, seed=args.seed,
-                                   overwrite=args.overwrite)
+                                   overwrite=args.overwrite, forward=args.forward, cache_dir=args.cache_dir)
     print(table)
     print(f"report: {args.out}/results.md, results.json, montage.png, dose_series.png")
 
@@ -306,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--specimens", nargs="+", help="specimens (default: the preset's)")
     p.add_argument("--doses", type=float, nargs="+", metavar="E", help="electrons per pattern (default: the preset's)")
     p.add_argument("--scan-shape", type=int, nargs=2, metavar=("ROWS", "COLS"), help="scan size (default: the preset's)")
+    p.add_argument("--forward", nargs="+", choices=["phase-object", "multislice"],
+                   help="forward models of the simulated data (default: the preset's; multislice needs the sim "
+                        "extra and applies to material specimens)")
+    p.add_argument("--cache-dir", type=Path, help="folder for simulated multislice data (default ~/.cache/deepphase)")
     p.add_argument("--seed-model", help="model folder of the seed's method (seed-unet, --preset seed); adds "
                                         "'seed-method' with the seed's stitching")
     p.add_argument("--seed", type=int, default=0)

@@ -38,6 +38,12 @@ class Case:
     step_px: float
     scan: SimulatedScan
     pixel_size: float | None  # Å per real-space pixel, where known
+    forward: str = "phase-object"  # or "multislice"
+
+    @property
+    def label(self) -> str:
+        """The specimen's name, with the forward model when it is not the phase-object one."""
+        return self.specimen if self.forward == "phase-object" else f"{self.specimen} ({self.forward})"
 
     @property
     def dose_per_area(self) -> float | None:
@@ -68,7 +74,31 @@ def register_method(name: str, description: str):
 
 
 def list_methods() -> dict[str, str]:
+    """Every registered method and its description."""
     return {name: desc for name, (_, desc) in _METHODS.items()}
+
+
+def available_methods() -> list[str]:
+    """The registered methods that can run here (packaged model present, optional packages installed)."""
+    from ..models.modelfile import packaged_models
+
+    out = []
+    for name in _METHODS:
+        if name == "seed-method" and "seed" not in packaged_models():
+            continue
+        if name == "ptychography":
+            from .ptychography import external_python
+
+            if not (_importable("py4DSTEM") or external_python()):
+                continue
+        out.append(name)
+    return out
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 # -------------------------------------------------------------------------------------------------
@@ -97,13 +127,30 @@ def network_method(model_path=None, stitching: str = "least-squares", remove_pla
         t0 = time.perf_counter()
         rec = reconstruct(case.scan.amplitude, case.scan.positions, model, stitching=stitching,
                           remove_plane=remove_plane, progress=False)
-        return MethodResult(rec.full.astype(np.float64), time.perf_counter() - t0,
-                            {"model": model.name, "arch": model.arch, "stitching": stitching})
+        seconds = time.perf_counter() - t0
+        # rec.full ends at the last covered pixel; the harness compares on the whole object grid.
+        phase = np.full(case.scan.truth.shape, np.nan)
+        rows, cols = min(rec.full.shape[0], phase.shape[0]), min(rec.full.shape[1], phase.shape[1])
+        phase[:rows, :cols] = rec.full[:rows, :cols]
+        return MethodResult(phase, seconds, {"model": model.name, "arch": model.arch, "stitching": stitching})
 
     return run
 
 
 register_method("deepphase", "packaged default model, least-squares stitching, plane removed")(network_method())
+register_method("seed-method", "the seed's recipe: seed U-Net trained the seed's way (packaged model 'seed'), "
+                               "the seed's iterative stitching")(network_method("seed", stitching="seed",
+                                                                                remove_plane=False))
+
+
+def _register_ptychography():
+    from .ptychography import ptychography_method
+
+    register_method("ptychography", "py4DSTEM single-slice ptychography, known fixed probe, 16 iterations "
+                                    "(optional: py4DSTEM here or in DEEPPHASE_PTYCHO_PYTHON)")(ptychography_method(16))
+
+
+_register_ptychography()
 
 
 @register_method("idpc", "integrated DPC from the centre of mass of each pattern (Fourier integration)")
@@ -143,14 +190,21 @@ def scan_grid_to_object(on_scan: np.ndarray, case: Case, n_px: int) -> np.ndarra
 # Cases and the run
 # -------------------------------------------------------------------------------------------------
 
+# Doses are electrons per pattern. At the assumed 0.2 Å per pixel and the reference step (0.87 px), one
+# pattern per 0.0303 Å²: 30 e/pattern ≈ 10³ e/Å², 3,000 ≈ 10⁵ e/Å², the seed's 27,882 ≈ 9.2·10⁵ e/Å².
 PRESETS = {
     # Under 10 minutes on a 2-core CPU.
     "fast": {"scan_shape": (48, 48), "specimens": ["twisted-hbn", "cameraman"],
-             "material_specimens": ["hbn", "mos2"], "doses": [2.8e2, 2.8e3, SEED_DOSE, 2.8e5]},
-    # For a GPU: every specimen, a fine dose series, the reference scan size of a quarter field.
+             "material_specimens": ["hbn", "mos2-vacancies"], "forward": ["phase-object", "multislice"],
+             "doses": [30.0, 300.0, 3e3, SEED_DOSE]},
+    # For a GPU: every specimen, a fine dose series from 10² to 3·10⁶ e/Å².
     "full": {"scan_shape": (128, 128), "specimens": ["twisted-hbn", "cameraman"],
-             "material_specimens": "all", "doses": [1e2, 3e2, 1e3, 3e3, 1e4, SEED_DOSE, 1e5, 3e5, 1e6]},
+             "material_specimens": "all", "forward": ["phase-object", "multislice"],
+             "doses": [3.0, 10.0, 30.0, 100.0, 300.0, 1e3, 3e3, 1e4, SEED_DOSE, 1e5]},
 }
+FORWARD_MODELS = ("phase-object", "multislice")
+# Partial spatial coherence of the multislice data: a Gaussian source of this standard deviation (Å).
+SOURCE_SIZE = 0.25
 
 
 def specimen_image(name: str, shape, seed: int = 0) -> tuple[np.ndarray, float | None]:
@@ -190,27 +244,57 @@ def resolve_preset(preset: str) -> dict:
     return config
 
 
-def make_cases(specimens, doses, probe, scan_shape=(48, 48), step_px: float = REFERENCE_STEP_PX, seed: int = 0):
-    """One simulated scan per specimen and dose (phase-object forward model, Poisson noise)."""
+def make_cases(specimens, doses, probe, scan_shape=(48, 48), step_px: float = REFERENCE_STEP_PX, seed: int = 0,
+               forward=("phase-object",), cache_dir=None):
+    """One simulated scan per specimen, forward model and dose (Poisson noise).
+
+    ``"phase-object"`` is the network's own forward model; ``"multislice"`` (material specimens only,
+    abTEM) adds what it lacks: thickness, multiple scattering and a finite source (``SOURCE_SIZE``).
+    Both use ``probe`` as the incident wave.
+    """
+    unknown = [f for f in forward if f not in FORWARD_MODELS]
+    if unknown:
+        raise ValueRangeError(f"forward: unknown {unknown}; expected some of {', '.join(FORWARD_MODELS)}")
     positions = raster_positions(scan_shape, step_px, fastest="row")
     shape = required_object_shape(positions, probe.shape[-1])
     for name in specimens:
         truth, pixel_size = specimen_image(name, shape, seed=seed)
-        for dose in doses:
-            scan = simulate_scan(truth, probe, positions, dose=float(dose), seed=seed, progress=False)
-            yield Case(name, float(dose), tuple(scan_shape), step_px, scan, pixel_size)
+        for model in forward:
+            if model == "multislice" and pixel_size is None:
+                continue  # procedural specimens have no atoms to propagate through
+            for dose in doses:
+                if model == "phase-object":
+                    scan = simulate_scan(truth, probe, positions, dose=float(dose), seed=seed, progress=False)
+                else:
+                    from ..data import materials
+
+                    scan = materials.multislice_scan(name, positions, n_px=probe.shape[-1], dose=float(dose),
+                                                     seed=seed, probe=probe, source_size=SOURCE_SIZE,
+                                                     cache_dir=cache_dir, progress=False)
+                yield Case(name, float(dose), tuple(scan_shape), step_px, scan, pixel_size, model)
 
 
 def _evaluation_region(phases: list[np.ndarray], n_px: int) -> np.ndarray:
-    """Pixels finite for every method, shrunk by a margin of half a probe window from the scan edge."""
+    """Pixels finite for every method, shrunk by a margin of ``n_px // 8`` pixels from the scan edge.
+
+    At the edge every method sees the object from one side only (and iDPC integrates with a mirror
+    boundary), so the margin keeps edge artefacts out of the figures without discarding the field.
+    """
     from scipy.ndimage import binary_erosion
 
     valid = np.logical_and.reduce([np.isfinite(p) for p in phases])
-    return binary_erosion(valid, iterations=n_px // 4, border_value=0)
+    region = binary_erosion(valid, iterations=max(1, n_px // 8), border_value=0)
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    if len(rows) < 8 or len(cols) < 8:
+        raise ValueRangeError(
+            f"scan_shape: the area every method covers is only {len(rows)}×{len(cols)} pixels after the edge "
+            "margin; expected at least 8×8 (use a larger scan)"
+        )
+    return region
 
 
 def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_px=REFERENCE_STEP_PX, seed=0,
-                   progress: bool | None = None):
+                   progress: bool | None = None, forward=("phase-object",), cache_dir=None):
     """Every method on every case; returns (rows of figures, images for the montage)."""
     unknown = [m for m in methods if m not in _METHODS]
     if unknown:
@@ -219,7 +303,7 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
     cases = list(specimens)
     total = len(cases) * len(doses)
     bar = tqdm(total=total * len(methods), desc="evaluating", disable=None if progress is None else not progress)
-    for case in make_cases(specimens, doses, probe, scan_shape, step_px, seed):
+    for case in make_cases(specimens, doses, probe, scan_shape, step_px, seed, forward, cache_dir):
         results = {}
         for name in methods:
             fn, _ = _METHODS[name]
@@ -232,11 +316,11 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
         for name, res in results.items():
             phase = np.where(region, res.phase, np.nan)[box]
             figures = metrics.evaluate(phase, truth, pixel_size=case.pixel_size)
-            rows.append({"specimen": case.specimen, "dose_e_per_pattern": case.dose,
+            rows.append({"specimen": case.label, "forward": case.forward, "dose_e_per_pattern": case.dose,
                          "dose_e_per_A2": case.dose_per_area, "method": name, "seconds": round(res.seconds, 3),
                          **{k: v for k, v in figures.items()}, **({"notes": res.notes} if res.notes else {})})
-            images[(case.specimen, case.dose, name)] = phase
-        images[(case.specimen, case.dose, "truth")] = truth
+            images[(case.label, case.dose, name)] = phase
+        images[(case.label, case.dose, "truth")] = truth
     bar.close()
     return rows, images
 
@@ -350,28 +434,60 @@ def write_report(rows, images, out_dir, settings: dict, overwrite: bool = False)
     return out_dir
 
 
-def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None, specimens=None, doses=None,
-             scan_shape=None, seed: int = 0, overwrite: bool = False, progress: bool | None = None) -> tuple[list, str]:
-    """Run the harness and write the report; returns (rows, markdown table)."""
-    import deepphase
-    import torch
+def default_cache_dir() -> Path:
+    """Where simulated multislice data are kept between runs (``$XDG_CACHE_HOME/deepphase/multislice``)."""
+    import os
 
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "deepphase" / "multislice"
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for dist in ("deepphase", "torch", "numpy", "scipy", "abtem", "ase", "py4DSTEM"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None, specimens=None, doses=None,
+             scan_shape=None, seed: int = 0, overwrite: bool = False, progress: bool | None = None,
+             forward=None, cache_dir=None) -> tuple[list, str]:
+    """Run the harness and write the report; returns (rows, markdown table).
+
+    Parameters
+    ----------
+    preset : "fast" (a 2-core CPU, under 10 minutes) or "full" (a GPU).
+    methods, specimens, doses, scan_shape, forward : override the preset's (doses in electrons per pattern).
+    cache_dir : folder for simulated multislice data (default :func:`default_cache_dir`).
+    """
+    from ..errors import OutputExistsError
     from ..physics.probe import reference_probe
 
+    if (Path(out_dir) / "results.json").exists() and not overwrite:  # refuse before, not after, the work
+        raise OutputExistsError(f"out: {str(out_dir)!r} already holds a report; choose another folder or pass --overwrite")
     config = resolve_preset(preset)
-    methods = list(methods or _METHODS)
+    methods = list(methods or available_methods())
     specimens = list(specimens or config["specimens"])
+    forward = list(forward or config["forward"])
     doses = [float(d) for d in (doses or config["doses"])]
     if any(not d > 0 for d in doses):
         raise ValueRangeError(f"doses: expected positive electrons per pattern, got {doses}")
     scan_shape = tuple(scan_shape or config["scan_shape"])
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     probe = reference_probe()
     t0 = time.perf_counter()
-    rows, images = run_evaluation(methods, specimens, doses, probe, scan_shape, seed=seed, progress=progress)
+    rows, images = run_evaluation(methods, specimens, doses, probe, scan_shape, seed=seed, progress=progress,
+                                  forward=forward, cache_dir=cache_dir)
     settings = {"preset": preset, "methods": {m: _METHODS[m][1] for m in methods}, "specimens": specimens,
+                "forward_models": forward, "source_size_angstrom": SOURCE_SIZE,
                 "doses_e_per_pattern": doses, "scan_shape": list(scan_shape), "step_px": REFERENCE_STEP_PX,
-                "probe": "reference", "forward_model": "phase object, Poisson noise", "seed": seed,
-                "deepphase": deepphase.__version__, "torch": torch.__version__, "numpy": np.__version__,
-                "machine": f"{platform.machine()}, {platform.system()}", "wall_s": round(time.perf_counter() - t0, 1)}
+                "probe": "reference", "noise": "Poisson", "seed": seed, "versions": _versions(),
+                "machine": f"{platform.machine()}, {platform.system()}, {__import__('os').cpu_count()} CPUs",
+                "wall_s": round(time.perf_counter() - t0, 1)}
     write_report(rows, images, out_dir, settings, overwrite=overwrite)
     return rows, markdown_table(rows)

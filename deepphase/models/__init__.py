@@ -1,6 +1,6 @@
 """Network architectures (by name) and self-describing model files."""
 
-from . import unet  # noqa: F401  (registers the architectures)
+from . import compact, unet  # noqa: F401  (registers the architectures)
 from .registry import count_parameters, create_model, flops_per_pattern, list_models, register_model
 
 __all__ = ["count_parameters", "create_model", "flops_per_pattern", "list_models", "register_model"]

@@ -72,13 +72,37 @@ def packaged_model_path(name: str = DEFAULT_MODEL) -> Path:
     return Path(str(resources.files("deepphase._resources").joinpath("models", name)))
 
 
+def packaged_models() -> list[str]:
+    """Names of the models shipped inside the package (``--model NAME`` picks one)."""
+    root = Path(str(resources.files("deepphase._resources").joinpath("models")))
+    return sorted(p.name for p in root.iterdir() if (p / "model.json").exists())
+
+
+def _model_folder(path) -> Path:
+    """A model folder from a path, a packaged model's name, or None (the packaged default)."""
+    if path is None:
+        return packaged_model_path()
+    if isinstance(path, str) and not Path(path).exists() and path in packaged_models():
+        return packaged_model_path(path)
+    return Path(path)
+
+
 def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
-    """Load a model folder (or the packaged default when ``path`` is None or ``"default"``)."""
-    folder = packaged_model_path() if path in (None, DEFAULT_MODEL) else Path(path)
+    """Load a model folder, or a packaged model by name (``None``: the packaged default).
+
+    Parameters
+    ----------
+    path : a model folder, its model.json, a packaged model's name (see :func:`packaged_models`), or None.
+    device : where the network is put.
+    """
+    folder = _model_folder(path)
     if folder.is_file() and folder.name in ("model.json", "model.safetensors"):
         folder = folder.parent
     if not folder.is_dir():
-        raise InputFileError(f"model: {str(folder)!r} is not a folder (expected a model folder with model.json)")
+        raise InputFileError(
+            f"model: {str(folder)!r} is not a folder (expected a model folder with model.json, or one of the "
+            f"packaged models: {', '.join(packaged_models())})"
+        )
     meta_path = folder / "model.json"
     if not meta_path.exists():
         raise InputFileError(

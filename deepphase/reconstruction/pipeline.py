@@ -77,6 +77,7 @@ def reconstruct(
     device: str = "auto",
     progress: bool | None = None,
     sampling: float | None = None,
+    precision: str = "auto",
 ) -> Reconstruction:
     """Predict a phase patch for every pattern and stitch them into one image.
 
@@ -93,6 +94,8 @@ def reconstruct(
         small systematic tilt of the network's patches adds up over the scan (the seed's stitching
         hides it by never converging at large scales). Set False to keep the tilt as predicted.
     sampling : real-space pixel size of the data in Å, if known (checked against the model's).
+    precision : network arithmetic: "auto" (bfloat16 on a GPU, float32 on a CPU), "float32", "bfloat16"
+        or "float16".
     """
     if not isinstance(model, PhaseModel):
         model = load_model(model)
@@ -103,7 +106,8 @@ def reconstruct(
     positions = validate_positions(positions, shape[0])
     dev = resolve_device(device)
     t0 = time.perf_counter()
-    patches = predict_patches(model, amplitudes, batch_size=batch_size, device=dev, progress=progress)
+    patches = predict_patches(model, amplitudes, batch_size=batch_size, device=dev, progress=progress,
+                              precision=precision)
     t1 = time.perf_counter()
     mask = output_mask(model.probe, model.geometry)
     full = stitch(patches, positions, mask, model.geometry, method=stitching)

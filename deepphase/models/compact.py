@@ -1,0 +1,95 @@
+"""A compact network for live reconstruction: ~20× fewer FLOPs per pattern than the seed's U-Net.
+
+Two facts about the task shape it:
+
+* The target is the central ``crop_px × crop_px`` real-space block upsampled by *nearest* neighbours,
+  so it is piecewise constant: predicting it at the crop's own resolution (8×8) and repeating each
+  value loses nothing. The seed's U-Net spends most of its operations decoding back to 32×32.
+* Diffraction amplitude and real-space phase are related by a Fourier transform, a global relation:
+  every detector pixel informs every real-space pixel. Convolutions see that only at the coarsest
+  level, so the bottleneck (4×4) mixes all positions with an MLP across space (as MLP-Mixer does),
+  which costs next to nothing at 16 positions.
+
+Layout: stem 3×3 at 32×32 → strided 3×3 convolutions to 16×16, 8×8, 4×4 with residual blocks →
+mixer block at 4×4 → upsample to 8×8, concatenate the 8×8 skip, residual block → 1×1 head at 8×8 →
+nearest upsampling to the output grid.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .registry import register_model
+from .unet import normalise_amplitude
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class _Residual(nn.Module):
+    """conv-BN-ReLU-conv-BN with an identity shortcut (same width)."""
+
+    def __init__(self, c: int, dropout: float = 0.0):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn_relu(c, c), nn.Dropout2d(dropout) if dropout else nn.Identity(),
+                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+class _SpatialMixer(nn.Module):
+    """MLP across the positions of a small feature map, then across channels, each with a shortcut."""
+
+    def __init__(self, channels: int, positions: int, expansion: int = 2):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(channels)
+        self.tokens = nn.Sequential(nn.Linear(positions, positions * expansion), nn.GELU(),
+                                    nn.Linear(positions * expansion, positions))
+        self.norm2 = nn.LayerNorm(channels)
+        self.channels = nn.Sequential(nn.Linear(channels, channels * expansion), nn.GELU(),
+                                      nn.Linear(channels * expansion, channels))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (B, positions, channels)
+        t = t + self.tokens(self.norm1(t).transpose(1, 2)).transpose(1, 2)
+        t = t + self.channels(self.norm2(t))
+        return t.transpose(1, 2).reshape(b, c, h, w)
+
+
+class CompactPhaseNet(nn.Module):
+    """(B, 1, n, n) diffraction amplitudes → (B, 1, out, out) phase patches, predicted at ``n/4``."""
+
+    def __init__(self, n_px: int = 32, out_px: int = 32, widths=(16, 32, 64, 96), dropout: float = 0.1):
+        super().__init__()
+        if n_px % 8:
+            raise ValueError(f"n_px: the compact network needs a multiple of 8 pixels, got {n_px}")
+        w0, w1, w2, w3 = widths
+        self.out_px = out_px
+        self.stem = _conv_bn_relu(1, w0)
+        self.down1 = _conv_bn_relu(w0, w1, stride=2)  # n/2
+        self.down2 = nn.Sequential(_conv_bn_relu(w1, w2, stride=2), _Residual(w2, dropout))  # n/4
+        self.down3 = nn.Sequential(_conv_bn_relu(w2, w3, stride=2), _Residual(w3, dropout))  # n/8
+        self.mixer = _SpatialMixer(w3, (n_px // 8) ** 2)
+        self.fuse = _conv_bn_relu(w3 + w2, w2, kernel=1)
+        self.decode = _Residual(w2, dropout)
+        self.head = nn.Conv2d(w2, 1, 1)
+
+    def forward(self, x):
+        x = self.stem(normalise_amplitude(x))
+        skip = self.down2(self.down1(x))
+        x = self.mixer(self.down3(skip))
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        x = self.head(self.decode(self.fuse(torch.cat([x, skip], 1))))
+        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+
+
+@register_model("compact")
+def compact(n_px: int = 32, out_px: int = 32, dropout: float = 0.1) -> CompactPhaseNet:
+    """The compact network (see the module docstring): for live reconstruction on CPUs and GPUs."""
+    return CompactPhaseNet(n_px, out_px, dropout=dropout)

@@ -1,0 +1,146 @@
+"""Known-answer tests of the quality figures and of the DPC/iDPC baseline."""
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from deepphase.errors import ShapeError, ValueRangeError
+from deepphase.evaluation import metrics
+from deepphase.evaluation.baselines import center_of_mass, idpc_phase, integrate_gradient
+from deepphase.physics import raster_positions, reference_probe
+from deepphase.data.simulate import required_object_shape, simulate_scan
+
+
+@pytest.fixture
+def smooth_image():
+    rng = np.random.default_rng(3)
+    image = ndimage.gaussian_filter(rng.normal(size=(96, 96)), 2.5)
+    return image / image.std()
+
+
+# ------------------------------------------------------------------------------------------ metrics
+def test_identical_images_score_perfectly(smooth_image):
+    figures = metrics.evaluate(smooth_image, smooth_image)
+    assert figures["correlation"] == pytest.approx(1.0)
+    assert figures["correlation_aligned"] == pytest.approx(1.0, abs=1e-6)
+    assert figures["fitted_rmse"] == pytest.approx(0.0, abs=1e-9)
+    assert figures["scale"] == pytest.approx(1.0)
+    assert figures["ssim"] == pytest.approx(1.0)
+    assert figures["shift_px"] == pytest.approx([0.0, 0.0], abs=0.05)
+    assert figures["frc_resolution_0.5"] == pytest.approx(2.0)  # Nyquist: the FRC never drops
+
+
+def test_offset_and_scale_are_recovered(smooth_image):
+    reconstruction = 0.5 * smooth_image - 7.0  # half the phase, another constant
+    rmse, scale = metrics.fitted_rmse(reconstruction, smooth_image)
+    assert rmse == pytest.approx(0.0, abs=1e-9)
+    assert scale == pytest.approx(2.0)
+    assert metrics.correlation(-smooth_image, smooth_image) == pytest.approx(-1.0)
+    # SSIM keeps the offset-invariance but punishes the wrong scale.
+    assert metrics.ssim(smooth_image + 3.0, smooth_image) == pytest.approx(1.0)
+    assert metrics.ssim(0.5 * smooth_image, smooth_image) < 0.95
+
+
+@pytest.mark.parametrize("shift", [(1.3, -2.6), (-0.4, 0.7)])
+def test_a_known_shift_is_found_and_aligned_away(smooth_image, shift):
+    moved = ndimage.shift(smooth_image, (-shift[0], -shift[1]), order=3, mode="nearest")
+    found = metrics.align(moved, smooth_image)
+    assert found == pytest.approx(shift, abs=0.1)
+    aligned = metrics.correlation_aligned(moved, smooth_image)
+    assert aligned > 0.995
+    assert aligned > metrics.correlation(moved, smooth_image) + 0.02
+
+
+def test_frc_of_independent_white_noise_is_within_its_spread():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 128, 128))
+    _, frc = metrics.fourier_ring_correlation(a, b)
+    spread = 1 / np.sqrt(metrics.frc_ring_pixels(128))
+    assert np.all(np.abs(frc[4:]) < 4 * spread[4:])
+    assert abs(frc[4:].mean()) < 0.02
+
+
+@pytest.mark.parametrize("cutoff_px", [4.0, 8.0])
+def test_frc_resolution_of_an_ideal_low_pass_is_its_cutoff(cutoff_px):
+    rng = np.random.default_rng(1)
+    truth = rng.normal(size=(128, 128))
+    k = np.hypot(*np.meshgrid(np.fft.fftfreq(128), np.fft.fftfreq(128), indexing="ij"))
+    low_pass = np.fft.ifft2(np.fft.fft2(truth) * (k < 1 / cutoff_px)).real
+    freq, frc = metrics.fourier_ring_correlation(low_pass, truth)
+    assert metrics.frc_resolution(freq, frc, 0.5) == pytest.approx(cutoff_px, rel=0.08)
+    # With a pixel size the resolution comes out in Å.
+    freq_a, frc_a = metrics.fourier_ring_correlation(low_pass, truth, pixel_size=0.2)
+    assert metrics.frc_resolution(freq_a, frc_a, 0.5) == pytest.approx(0.2 * cutoff_px, rel=0.08)
+
+
+def test_nan_pixels_are_left_out(smooth_image):
+    partial = smooth_image.copy()
+    partial[:10] = np.nan
+    assert metrics.correlation(partial, smooth_image) == pytest.approx(1.0)
+    assert metrics.ssim(partial, smooth_image) == pytest.approx(1.0)
+
+
+def test_bad_input_to_metrics_is_refused(smooth_image):
+    with pytest.raises(ShapeError, match="differs"):
+        metrics.correlation(smooth_image, smooth_image[:-1])
+    with pytest.raises(ValueRangeError, match="pixel_size"):
+        metrics.fourier_ring_correlation(smooth_image, smooth_image, pixel_size=-1)
+
+
+# ---------------------------------------------------------------------------------------- baselines
+def test_center_of_mass_of_a_point_is_its_offset_from_the_centre():
+    pattern = np.zeros((32, 32))
+    pattern[16 + 2, 16 - 3] = 5.0
+    assert center_of_mass(pattern) == pytest.approx([2.0, -3.0])
+
+
+def test_integrate_gradient_recovers_an_analytic_surface():
+    r, c = np.meshgrid(np.linspace(-1, 1, 40), np.linspace(-1, 1, 50), indexing="ij")
+    step = (r[1, 0] - r[0, 0], c[0, 1] - c[0, 0])
+    phi = np.sin(2 * r) + r * c**2 + 0.3 * c
+    recovered = integrate_gradient(np.cos(2 * r) * 2 + c**2, 2 * r * c + 0.3, step)
+    assert np.max(np.abs(recovered - (phi - phi.mean()))) < 2e-3
+
+
+def test_idpc_of_a_smooth_phase_object_recovers_it_with_the_right_sign_and_size():
+    probe = reference_probe()
+    shape = (40, 40)
+    positions = raster_positions(shape, 1.0, fastest="row")
+    obj_shape = required_object_shape(positions, probe.shape[0])
+    r, c = np.indices(obj_shape)
+    truth = 0.8 * np.exp(-((r - 35) ** 2 + (c - 33) ** 2) / (2 * 6.0**2))
+    scan = simulate_scan(truth, probe, positions, noise=False, progress=False)
+    phase = idpc_phase(scan.amplitude.astype(np.float64) ** 2, shape, 1.0, fastest="row")
+    centres = positions.astype(int) + probe.shape[0] // 2
+    expected = truth[centres[:, 0], centres[:, 1]].reshape(shape[1], shape[0]).T  # row fastest
+    rmse, scale = metrics.fitted_rmse(phase, expected)
+    assert metrics.correlation(phase, expected) > 0.97
+    assert scale == pytest.approx(1.0, abs=0.2)  # iDPC is quantitative for a slowly varying phase
+
+
+# ---------------------------------------------------------------------------------------- the harness
+def test_evaluate_writes_a_report_with_every_method_and_metric(tmp_path, capsys):
+    from deepphase.cli import main
+
+    out = tmp_path / "report"
+    args = ["evaluate", "--specimens", "twisted-hbn", "--doses", "3000", "27882", "--scan-shape", "20", "20",
+            "--methods", "deepphase", "idpc", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "| twisted-hbn |" in printed and "idpc" in printed
+    import json
+
+    report = json.loads((out / "results.json").read_text())
+    rows = report["results"]
+    assert {(r["method"], r["dose_e_per_pattern"]) for r in rows} == {
+        (m, d) for m in ("deepphase", "idpc") for d in (3000.0, 27882.0)}
+    for row in rows:
+        assert -1 <= row["correlation"] <= 1 and row["seconds"] > 0 and row["fitted_rmse"] >= 0
+    by = {(r["method"], r["dose_e_per_pattern"]): r for r in rows}
+    # More electrons never make the network's image worse on the same specimen.
+    assert by[("deepphase", 27882.0)]["correlation"] > by[("deepphase", 3000.0)]["correlation"] - 0.02
+    for name in ("results.md", "montage.png", "dose_series.png"):
+        assert (out / name).stat().st_size > 500
+    # A second run does not overwrite the report unasked.
+    assert main(args) == 2
+    assert "already holds a report" in capsys.readouterr().err
