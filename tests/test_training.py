@@ -26,7 +26,15 @@ def test_seed_unet_size_and_cost():
     print(f"seed-unet: {count_parameters(net):,} parameters, {flops_per_pattern(net) / 1e9:.3f} GFLOP/pattern")
 
 
-@pytest.mark.parametrize("arch", ["seed-unet", "unet-small"])
+def test_compact_network_is_at_least_16_times_cheaper_than_the_seed():
+    seed, compact = create_model("seed-unet"), create_model("compact")
+    ratio = flops_per_pattern(seed) / flops_per_pattern(compact)
+    print(f"compact: {count_parameters(compact):,} parameters, {flops_per_pattern(compact) / 1e6:.1f} MFLOP/pattern, "
+          f"{ratio:.1f}x fewer than seed-unet")
+    assert ratio >= 16
+
+
+@pytest.mark.parametrize("arch", ["seed-unet", "unet-small", "compact"])
 def test_model_output_shapes(arch):
     net = create_model(arch).eval()
     with torch.no_grad():
@@ -39,7 +47,7 @@ def test_model_output_shapes(arch):
 def test_unknown_architecture_is_refused():
     with pytest.raises(DeepPhaseError, match="unknown architecture"):
         create_model("no-such-net")
-    assert {"seed-unet", "unet-small"} <= set(list_models())
+    assert {"seed-unet", "unet-small", "compact"} <= set(list_models())
 
 
 @pytest.mark.parametrize("kind", CORPUS_KINDS)
@@ -67,17 +75,20 @@ def test_loss_ignores_a_constant_offset(probe):
     target = torch.rand(4, 1, 32, 32)
     assert masked_l1(target + 0.7, target, mask).item() == pytest.approx(0.0, abs=1e-6)
     assert masked_l1(target * 2, target, mask).item() > 0.01
+    # The seed's absolute loss sees the offset, 0.7 rad everywhere in the mask.
+    assert masked_l1(target + 0.7, target, mask, offset_free=False).item() == pytest.approx(0.7, abs=1e-6)
 
 
-def test_short_training_lowers_the_loss_on_a_learnable_case(probe, tmp_path):
+@pytest.mark.parametrize("arch", ["unet-small", "compact"])
+def test_short_training_lowers_the_loss_on_a_learnable_case(probe, tmp_path, arch):
     # Atoms on lattices at ~1 rad: high contrast inside the mask, learnt by a small network in ~100 steps.
-    config = TrainConfig(arch="unet-small", epochs=2, steps_per_epoch=60, batch_size=16, corpus=LATTICE,
+    config = TrainConfig(arch=arch, epochs=2, steps_per_epoch=60, batch_size=16, corpus=LATTICE,
                          val_size=64, device="cpu", seed=1)
     stream = TrainingStream(probe, Geometry(), LATTICE, 27882.0)
     validation = stream.fixed_set(config.seed, config.val_size)
     mask = torch.as_tensor(output_mask(probe, Geometry()))
     torch.manual_seed(0)
-    before = evaluate_loss(create_model("unet-small"), validation, mask)
+    before = evaluate_loss(create_model(arch), validation, mask)
     model, history = train(probe, tmp_path / "m", config, progress=False, log=lambda *_: None)
     after = history[-1]["val_loss"]
     assert after < 0.8 * before, (before, after)  # measured: 0.114 → 0.076 rad

@@ -26,6 +26,14 @@ import torch.nn.functional as F
 
 CORPUS_KINDS = ("natural", "smooth", "lattice", "amorphous", "edges")
 DEFAULT_MIX = {"natural": 0.3, "smooth": 0.15, "lattice": 0.25, "amorphous": 0.15, "edges": 0.15}
+# Named corpora for ``deepphase train --corpus`` (and the corpus study): the seed's natural images only,
+# procedural objects only, atom-like objects only, and our mix.
+CORPUS_PRESETS = {
+    "mix": DEFAULT_MIX,
+    "natural": {"natural": 1.0},
+    "procedural": {"smooth": 0.5, "edges": 0.5},
+    "atoms": {"lattice": 0.6, "amorphous": 0.4},
+}
 
 # scikit-image images that ship inside the wheel (no download at run time).
 _SKIMAGE_IMAGES = (

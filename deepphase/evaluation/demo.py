@@ -22,7 +22,7 @@ DEMO_SCAN = (64, 64)
 
 def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hbn", scan_shape=DEMO_SCAN,
              dose: float | None = None, model=None, seed: int = 0, progress: bool | None = None,
-             stitching: str = "least-squares") -> dict:
+             stitching: str = "pairwise") -> dict:
     """Simulate ``specimen`` at the seed's step and dose, reconstruct it, and write the outputs.
 
     Returns the metadata, which holds the correlation with the truth. A folder that holds anything

@@ -117,7 +117,7 @@ def _model(path):
     return _MODEL_CACHE[key]
 
 
-def network_method(model_path=None, stitching: str = "least-squares", remove_plane: bool = True) -> Method:
+def network_method(model_path=None, stitching: str = "pairwise", remove_plane: bool = True) -> Method:
     """A method that runs :func:`deepphase.reconstruction.pipeline.reconstruct` with a model file."""
 
     def run(case: Case, probe: np.ndarray) -> MethodResult:
@@ -137,7 +137,7 @@ def network_method(model_path=None, stitching: str = "least-squares", remove_pla
     return run
 
 
-register_method("deepphase", "packaged default model, least-squares stitching, plane removed")(network_method())
+register_method("deepphase", "packaged default model, pairwise stitching, plane removed")(network_method())
 register_method("seed-method", "the seed's recipe: seed U-Net trained the seed's way (packaged model 'seed'), "
                                "the seed's iterative stitching")(network_method("seed", stitching="seed",
                                                                                 remove_plane=False))

@@ -71,7 +71,7 @@ def reconstruct(
     amplitudes,
     positions,
     model: PhaseModel | str | Path | None = None,
-    stitching: str = "least-squares",
+    stitching: str = "pairwise",
     remove_plane: bool = True,
     batch_size: int = 512,
     device: str = "auto",
@@ -88,7 +88,8 @@ def reconstruct(
     positions : (N, 2) array
         Top-left corners of the probe windows in real-space pixels (row, col).
     model : PhaseModel, a model folder, or None for the packaged default.
-    stitching : "least-squares" (default) or "seed" (the original iterative method).
+    stitching : "pairwise" (default, fast), "least-squares" (exact canvas least squares) or "seed" (the
+        original iterative method); see :mod:`deepphase.reconstruction.stitching`.
     remove_plane : subtract the best-fit plane from the stitched image (default). Overlaps between
         patches do not constrain a global tilt: it comes only from the tilts of the patches, and a
         small systematic tilt of the network's patches adds up over the scan (the seed's stitching

@@ -30,7 +30,7 @@ from ..physics.forward import incident_counts
 from ..physics.geometry import Geometry, output_mask
 from ..physics.probe import validate_probe
 from ..runtime import resolve_device
-from .loss import masked_l1
+from .loss import LOSSES, masked_l1
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -55,6 +55,7 @@ class TrainConfig:
     val_size: int = 512
     device: str = "auto"
     half: bool = False  # store float16 weights in the model folder
+    loss: str = "offset-free"  # or "absolute" (the seed's)
 
     def optimizer_settings(self) -> dict:
         if self.preset not in OPTIMIZERS:
@@ -172,6 +173,9 @@ def train(
     device = resolve_device(config.device)
     settings = config.optimizer_settings()
     dose = config.dose if config.dose is not None else round(incident_counts(probe), 1)
+    if config.loss not in LOSSES:
+        raise DeepPhaseError(f"loss: expected one of {', '.join(LOSSES)}, got {config.loss!r}")
+    offset_free = config.loss == "offset-free"
     if config.batch_size < 2:
         raise DeepPhaseError(f"batch_size: expected at least 2 (batch normalisation), got {config.batch_size}")
 
@@ -210,7 +214,7 @@ def train(
         for i, batch in enumerate(bar):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(settings, epoch * config.steps_per_epoch + i, total_steps)
-            loss = masked_l1(network(batch.amplitude), batch.target, mask)
+            loss = masked_l1(network(batch.amplitude), batch.target, mask, offset_free)
             if not torch.isfinite(loss):
                 raise DeepPhaseError(f"training diverged: the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)

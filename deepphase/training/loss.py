@@ -19,8 +19,18 @@ def remove_masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x - mean
 
 
-def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean absolute phase error (rad) inside the mask over the whole batch, offsets removed."""
+LOSSES = ("offset-free", "absolute")
+
+
+def masked_l1(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
+              offset_free: bool = True) -> torch.Tensor:
+    """Mean absolute phase error (rad) inside the mask over the whole batch.
+
+    ``offset_free`` (default) removes each patch's masked mean from prediction and target first;
+    ``False`` is the seed's loss on the absolute phase (kept to reproduce the seed's recipe).
+    """
     m = mask.to(prediction.dtype)
-    diff = (remove_masked_mean(prediction, mask) - remove_masked_mean(target, mask)).abs() * m
+    if offset_free:
+        prediction, target = remove_masked_mean(prediction, mask), remove_masked_mean(target, mask)
+    diff = (prediction - target).abs() * m
     return diff.sum() / (m.sum() * prediction.shape[0] * (prediction.shape[1] if prediction.ndim == 4 else 1))
