@@ -163,3 +163,129 @@ def test_source_blur_is_a_gaussian_filter_on_a_raster():
     np.testing.assert_allclose(blurred[10:11, 10:11], expected[10:11, 10:11], rtol=1e-4)
     with pytest.raises(DeepPhaseError, match="source_size"):
         materials.source_blur(grid.reshape(400, 2, 2), positions, 0.05)
+
+
+# -------------------------------------------------------------------------------------------------
+# A measured probe as the incident wave
+# -------------------------------------------------------------------------------------------------
+
+
+def test_probe_resampling_is_exact_at_the_models_pixels():
+    """The resampled probe, moved by a whole or half pixel, passes through the probe's own values."""
+    from deepphase.physics import reference_probe
+
+    probe = reference_probe()
+    os_ = materials.OVERSAMPLING
+    assert os_ == 2  # half-pixel shifts then land on simulation pixels
+    gpts = (96 * os_, 160 * os_)
+    spectrum = materials._probe_spectrum(probe, gpts, os_)
+    corners = np.array([[0.0, 0.0], [2.0, 3.0], [2.5, 3.5], [40.5, 101.0]])
+    waves = materials._shifted_waves(spectrum, corners * 0.2, 0.2 / os_)
+    for wave, (r, c) in zip(waves, corners):
+        r0, c0 = int(round(os_ * r)), int(round(os_ * c))
+        np.testing.assert_allclose(wave[r0 : r0 + os_ * 32 : os_, c0 : c0 + os_ * 32 : os_], probe,
+                                   atol=1e-9 * np.abs(probe).max())
+        # Zero (up to the interpolant's ripple) at the model's pixels outside the window.
+        assert np.abs(wave[r0 + os_ * 40, c0 + os_ * 40]) < 1e-9 * np.abs(probe).max()
+    # Exact resampling keeps the norm: Σ|ψ|² on the finer grid is oversampling² times the probe's.
+    assert np.sum(np.abs(waves) ** 2, axis=(1, 2)) == pytest.approx(os_**2 * np.sum(np.abs(probe) ** 2), rel=1e-9)
+    assert materials._probe_edge_fraction(probe) < 2e-3  # the reference probe is small at its window's edge
+
+
+def _pixel_integrated_far_field(probe, b):
+    """|F|² of the probe zero-padded to b·n pixels, summed over b × b blocks centred on the model's pixels."""
+    n = probe.shape[-1]
+    field = np.zeros((b * n, b * n), dtype=complex)
+    field[:n, :n] = probe
+    fine = np.abs(np.fft.fftshift(np.fft.fft2(field))) ** 2
+    padded = np.pad(fine, (b - 1) // 2)  # frequencies beyond the probe's band are zero on abTEM's grid
+    return padded[: b * n, : b * n].reshape(n, b, n, b).sum(axis=(1, 3)) / fine.sum()
+
+
+@needs_sim
+def test_custom_probe_in_vacuum_is_the_models_far_field(monkeypatch, tmp_path):
+    from ase import Atoms
+
+    from deepphase.physics import reference_probe
+
+    monkeypatch.setattr(materials, "material_atoms", lambda name, extent, seed=0: Atoms(cell=[*extent, 2.0]))
+    probe = reference_probe()
+    positions = np.array([[0.0, 0.0], [1.5, 0.5], [3.3, 7.71]])
+    dose = 1e8
+    scan = materials.multislice_scan("hbn", positions, dose=dose, probe=probe, cache_dir=tmp_path)
+    assert scan.parameters["semiangle"] is None and scan.parameters["defocus"] is None
+    assert scan.parameters["probe"] == "custom" and scan.parameters["probe_edge_fraction"] < 2e-3
+    b = scan.parameters["bin_factor"]
+    assert b == [3, 3]
+    noise_free = np.load(next(tmp_path.glob("*.npy")))
+    model = np.abs(np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(probe)))) ** 2
+    model /= model.sum()
+    integrated = _pixel_integrated_far_field(probe, b[0])
+    counts = scan.amplitude.astype(float) ** 2
+    for i, c in zip(noise_free, counts):
+        # abTEM's multislice (float32) reproduces the exact resampling: every detector pixel is the
+        # integral of the model's band-limited far field over the pixel ...
+        assert np.linalg.norm(i - integrated) / np.linalg.norm(integrated) < 1e-3
+        # ... which is the model's point-sampled |F(P)|² up to the pixel integration at the disk's
+        # edge (2.75 % measured at b = 3).
+        assert np.linalg.norm(i - model) / np.linalg.norm(model) < 0.035
+        # The dose keeps its meaning: nothing scattered, so the counts add up to the dose.
+        assert c.sum() == pytest.approx(dose, rel=1e-3)
+        assert np.linalg.norm(c / dose - model) / np.linalg.norm(model) < 0.035
+
+
+@needs_sim
+def test_custom_probe_on_thin_hbn_matches_the_phase_object_model(tmp_path):
+    from deepphase.physics import reference_probe
+
+    probe = reference_probe()
+    positions = raster_positions((3, 3), 3.0, fastest="row")
+    scan = materials.multislice_scan("hbn", positions, seed=2, probe=probe, cache_dir=tmp_path)
+    multislice = np.load(next(tmp_path.glob("*.npy")))
+    model = simulate_scan(scan.truth, probe, positions, dose=1.0, noise=False).amplitude.astype(float) ** 2
+
+    def correlation(a, b):
+        return np.sum(a * b) / np.sqrt(np.sum(a * a) * np.sum(b * b))
+
+    # The scattering signal: each pattern minus the scan's mean pattern. Measured 0.996; a probe
+    # misplaced by 0.25 px gives 0.961, the transposed probe 0.81, the optics probe 0.45.
+    a, b = multislice - multislice.mean(axis=0), model - model.mean(axis=0)
+    assert correlation(a, b) > 0.98
+    assert correlation(multislice, model) > 0.999  # whole patterns (measured 0.9996)
+
+
+@needs_sim
+def test_the_probe_is_part_of_the_cache_key(monkeypatch, tmp_path):
+    from deepphase.physics import reference_probe
+
+    calls = []
+
+    def fake(name, positions, n_px, *args, probe=None, **kwargs):
+        calls.append(probe)
+        return np.full((len(positions), n_px, n_px), 1.0 / n_px**2)
+
+    monkeypatch.setattr(materials, "_coherent_intensities", fake)
+    monkeypatch.setattr(materials, "material_specimen", lambda name, shape, **kwargs: np.zeros(shape))
+    probe = reference_probe()
+    other = probe.copy()
+    other[16, 16] *= 1.001
+    positions = np.array([[0.0, 0.0]])
+
+    def run(p, **kwargs):
+        return materials.multislice_scan("hbn", positions, probe=p, cache_dir=tmp_path, **kwargs).parameters
+
+    files = {run(p)["cache_file"] for p in (None, probe, other)}
+    assert len(files) == 3 and len(calls) == 3
+    assert run(probe.copy())["cache_file"] in files and len(calls) == 3  # the same probe: a cache hit
+    # With a probe the optics are ignored: they neither change the key nor need to be valid.
+    assert run(probe, semiangle=-1.0, defocus=50.0)["cache_file"] in files and len(calls) == 3
+    assert calls[1] is not None and np.array_equal(calls[1], probe)
+
+
+def test_a_probe_of_the_wrong_shape_is_a_user_error():
+    with pytest.raises(DeepPhaseError, match="probe"):
+        materials._check_probe(np.ones((16, 16), complex), 32)
+    with pytest.raises(DeepPhaseError, match="probe"):
+        materials._check_probe(np.zeros((32, 32), complex), 32)
+    with pytest.warns(UserWarning, match="outermost"):
+        materials._check_probe(np.ones((32, 32), complex), 32)
