@@ -7,6 +7,7 @@ command exits with status 2 (no traceback).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ def _probe_from_args(args) -> tuple:
 
 
 def _cmd_train(args) -> None:
-    from .data.phase_objects import CorpusConfig
+    from .data.phase_objects import CORPUS_PRESETS, CorpusConfig
     from .physics.geometry import Geometry
     from .training.loop import TrainConfig, train
 
@@ -55,12 +56,21 @@ def _cmd_train(args) -> None:
         dose = args.dose[0] if len(args.dose) == 1 else (args.dose[0], args.dose[1])
     config = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                          batch_size=args.batch_size, preset=args.preset, lr=args.lr, dose=dose,
-                         corpus=CorpusConfig(phase_range=tuple(args.phase_range)), seed=args.seed,
-                         val_size=args.val_size, device=args.device, half=args.half)
+                         corpus=CorpusConfig(mix=dict(CORPUS_PRESETS[args.corpus]),
+                                             phase_range=tuple(args.phase_range)), seed=args.seed,
+                         val_size=args.val_size, device=args.device, half=args.half, loss=args.loss)
     geometry = Geometry(n_px=probe.shape[0])
     command = "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    command = getattr(args, "command_line", None) or command  # set by deepphase.train (torchrun processes)
+    if args.nproc != 1:  # several processes on this machine: torchrun starts them (deepphase/train.py)
+        from .train import launch
+
+        launch(args, command)  # rank 0 reports
+        return
     model, history = train(probe, args.out, config, geometry, resume=args.resume, overwrite=args.overwrite,
-                           probe_info=info, command=command)
+                           probe_info=info, command=command, rank_data=args.rank_data)
+    if int(os.environ.get("RANK", "0")) != 0:  # a torchrun process other than rank 0: rank 0 reports
+        return
     print(f"model written to {args.out} (validation loss {history[-1]['val_loss']:.4f} rad after "
           f"{history[-1]['epoch']} epochs)")
 
@@ -155,43 +165,124 @@ def _cmd_reconstruct(args) -> None:
     from .data.io import AmplitudeView, infer_kind, load_scan
     from .evaluation.metrics import correlation
     from .models.modelfile import load_model
+    from .physics.scan import raster_positions
     from .reconstruction.pipeline import check_output_folder, reconstruct, write_outputs
 
     check_output_folder(args.out, args.overwrite)
-    data = load_scan(args.data, args.dataset)
+    figure = args.out / "calibration.png"
+    if figure.exists() and not args.overwrite:
+        raise DeepPhaseError(f"out: {str(args.out)!r} already holds calibration.png; choose another folder or pass --overwrite")
+    if args.gain is not None and not args.gain > 0:
+        raise DeepPhaseError(f"gain: expected a positive number of detector units per electron, got {args.gain}")
+    notes = []
+    data = load_scan(args.data, args.dataset, scan_shape=args.scan_shape)
     try:
         n_frames = data.frames.shape[0]
-        positions, scan_info = _positions_from_args(args, n_frames, data.scan_shape,
-                                                    "col" if data.scan_shape is not None else "row")
-        if positions is None:
-            if data.positions is None:
-                raise DeepPhaseError(
-                    "positions: the data holds none; give --positions POS.npy or --scan-shape ROWS COLS --step S"
-                    + (" (the scan shape is known from the data: --step S is enough)" if data.scan_shape else "")
-                )
+        truncated = data.info.get("truncated")
+        if truncated:
+            if data.scan_shape is not None:
+                args.scan_shape = list(data.scan_shape)
+            notes.append(f"{args.data} is truncated: {truncated.get('frames_in_file')} frames in the file; "
+                         + (f"kept the {data.scan_shape[0]} complete scan rows" if data.scan_shape else "kept them all"))
+        model = load_model(args.model)
+        n = model.geometry.n_px
+        pattern = tuple(data.frames.shape[1:])
+        calibrating = args.calibration == "on" or (
+            args.calibration == "auto" and pattern != (n, n) and min(pattern) >= n)
+        default_fastest = "col" if data.scan_shape is not None else "row"
+        positions, scan_info = _positions_from_args(args, n_frames, data.scan_shape, default_fastest)
+        if positions is None and data.positions is not None:
             positions, scan_info = data.positions, {"positions": "from the data file"}
         kind = data.kind if args.input == "auto" else args.input
+        view, calibration = None, None
+        shape = args.scan_shape or data.scan_shape
+        step_from_file = (calibrating and shape is not None and args.step is None
+                          and isinstance(data.info.get("scan_step_angstrom"), float))
+        if positions is None and not step_from_file:
+            raise DeepPhaseError(
+                "positions: the data holds none; give --positions POS.npy or --scan-shape ROWS COLS --step S"
+                + (" (the scan shape is known from the data: --step S is enough)" if data.scan_shape else "")
+            )
+        if calibrating:
+            from .data.calibration import calibrate
+
+            if kind is None:
+                kind = "counts"  # detector patterns are intensities unless --input amplitude says otherwise
+            coords = positions if positions is not None else (
+                raster_positions(tuple(shape), 1.0, args.rotation, args.fastest or default_fastest)
+                if shape is not None and shape[0] * shape[1] == n_frames else None)
+            energy = args.energy if args.energy is not None else data.info.get("energy_kev")
+            view, calibration = calibrate(
+                data.frames, model, coords, kind=kind, gain=args.gain or 1.0, mrad_per_px=args.mrad_per_px,
+                model_mrad_per_px=args.model_mrad_per_px, semi_angle=args.semi_angle, energy=energy,
+                detector_sampling=data.info.get("detector_sampling"))
+            pixel = calibration.get("real_space_sampling_angstrom")
+            if positions is None and args.step is None and shape is not None and pixel and \
+                    isinstance(data.info.get("scan_step_angstrom"), float):
+                args.step = data.info["scan_step_angstrom"] / pixel
+                positions, scan_info = _positions_from_args(args, n_frames, data.scan_shape, default_fastest)
+                scan_info["step_from"] = (f"the file's scan step {data.info['scan_step_angstrom']:.4g} Å / the "
+                                          f"calibrated pixel size {pixel:.4g} Å")
+        if positions is None:
+            raise DeepPhaseError(
+                f"step: the file's scan step ({data.info['scan_step_angstrom']:.4g} Å) cannot be turned into pixels "
+                "without the real-space pixel size; give --step S, or --energy KEV with --semi-angle MRAD or "
+                "--mrad-per-px X"
+            )
+        if view is not None and coords is not None and coords is not positions:
+            view.use_coords(positions)  # the descan plane, fitted in scan indices, in position units
         if kind is None:
             kind = infer_kind(data.frames)
-        model = load_model(args.model)
-        rec = reconstruct(AmplitudeView(data.frames, kind), positions, model, stitching=args.stitching,
-                          batch_size=args.batch_size, device=args.device, sampling=args.pixel_size)
+        amplitudes = view if view is not None else AmplitudeView(data.frames, kind)
+        sampling = args.pixel_size or (calibration or {}).get("real_space_sampling_angstrom")
+        if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
+            rec = _reconstruct_on_cluster(args, positions, kind, view)
+        else:
+            rec = reconstruct(amplitudes, positions, model, stitching=args.stitching,
+                              batch_size=args.batch_size, device=args.device, sampling=args.pixel_size)
         extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                  "data": str(args.data), "input": kind, "n_patterns": n_frames, "stitching": args.stitching,
-                 "model_path": str(args.model or "default (packaged)"), **scan_info}
+                 "model_path": str(args.model or "default (packaged)"), **scan_info,
+                 "data_info": data.info, "calibration": view.report() if view is not None else None}
         if data.truth is not None:
             r0, c0 = rec.origin_px
             truth = data.truth[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]
             if truth.shape == rec.phase.shape:
                 extra["correlation_with_truth"] = correlation(rec.phase, truth)
-        write_outputs(rec, args.out, extra, sampling=args.pixel_size, overwrite=args.overwrite)
+        write_outputs(rec, args.out, extra, sampling=sampling, overwrite=args.overwrite)
+        if view is not None:
+            from .data.calibration import plot_calibration
+
+            plot_calibration(view, figure)
+            repairs = {k: v for k, v in view.counters.items() if v and k != "most_negative_count"}
+            if repairs:
+                notes.append("repaired: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in repairs.items()))
     finally:
         data.close()
+    for note in notes:
+        print(f"deepphase reconstruct: note: {note}", file=sys.stderr)
     msg = (f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
            f"({n_frames} patterns, {rec.timings['patterns_per_second']:.0f} patterns/s, stitching {rec.timings['stitch_s']:.2f} s)")
+    if view is not None:
+        msg += (f"; calibrated {pattern[0]}×{pattern[1]} → {n}×{n}: disk r = {calibration['radius_px']:.2f} px, "
+                f"zoom {calibration['zoom']:.4f}, {calibration['masked_pixels']['count']} pixels masked "
+                f"(see calibration.png)")
     if "correlation_with_truth" in extra:
         msg += f"; correlation with the truth {extra['correlation_with_truth']:.3f}"
     print(msg)
+
+
+def _reconstruct_on_cluster(args, positions, kind, view):
+    """``reconstruct --workers N`` / ``--scheduler ADDRESS``: the prediction spread over a dask cluster."""
+    from .reconstruction.distributed import open_client, reconstruct_distributed
+
+    if view is not None:
+        raise DeepPhaseError("workers: calibrated detector data are not yet reconstructed on a cluster; run without "
+                             "--workers/--scheduler, or give patterns on the model's grid (--no-calibration)")
+    with open_client(args.workers, args.scheduler) as client:
+        return reconstruct_distributed(args.data, positions, args.model, client, args.tile_size, dataset=args.dataset,
+                                       scan_shape=args.scan_shape, kind=kind, stitching=args.stitching, batch_size=args.batch_size,
+                                       device=args.device, sampling=args.pixel_size)
 
 
 def _cmd_demo(args) -> None:
@@ -242,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dose", type=float, nargs="+", metavar="E",
                    help="electrons per pattern; two numbers draw from that range (default: the probe's own scale, "
                         "27,882 for the reference probe)")
+    p.add_argument("--loss", default="offset-free", choices=["offset-free", "absolute"],
+                   help="L1 in the mask after removing each patch's mean (default; the mean is not measurable), "
+                        "or on the absolute phase (the seed's)")
+    p.add_argument("--corpus", default="mix", choices=["mix", "natural", "procedural", "atoms"],
+                   help="training objects: 'mix' (default: natural images, smooth fields, lattices, amorphous, "
+                        "edges), 'natural' (the seed's: images only), 'procedural' or 'atoms'")
     p.add_argument("--phase-range", type=float, nargs=2, default=(0.1, 1.6), metavar=("MIN", "MAX"),
                    help="range of each object's maximum phase in rad (default 0.1 1.6)")
     p.add_argument("--seed", type=int, default=0)
@@ -250,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--half", action="store_true", help="store float16 weights (half the file size)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    # Several processes (DistributedDataParallel); several machines: torchrun -m deepphase.train (README).
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes on this machine (one per GPU, or N CPU processes) through torchrun; "
+                        "--batch-size is the global batch and must be a multiple of N (default 1)")
+    p.add_argument("--rank-data", default="shared", choices=["shared", "per-rank"],
+                   help="with several processes: 'shared' (default) each simulates the global batch and trains on "
+                        "its slice, the same samples as one process; 'per-rank' each simulates only its share from "
+                        "its own seed (no repeated simulation, not the same samples)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("simulate", help="simulate a 4D-STEM scan of a phase object",
@@ -274,19 +379,53 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconstruct", help="reconstruct a phase image from a 4D-STEM scan",
                        description="Predict a phase patch for every pattern and stitch them into one phase image. "
-                                   "Writes OUT/phase.npy (float32, rad), OUT/phase.png and OUT/metadata.json.")
-    p.add_argument("data", type=Path, help=".npy (N,k,k) or (R,C,k,k), .npz from 'deepphase simulate', or HDF5")
-    p.add_argument("--dataset", help="dataset path inside an HDF5 file")
+                                   "Writes OUT/phase.npy (float32, rad), OUT/phase.png and OUT/metadata.json. "
+                                   "Detector patterns that are not the model's n×n grid are calibrated first "
+                                   "(bright-field disk, descan, angular sampling, hot/dead pixels; "
+                                   "OUT/calibration.png shows it).")
+    p.add_argument("data", type=Path,
+                   help=".npy (N,k,k) or (R,C,k,k), .npz from 'deepphase simulate', HDF5/EMD 1.0 (py4DSTEM), zarr; "
+                        "with 'pip install deepphase[files]': Merlin .mib, EMPAD .xml, Gatan .dm4/.dm3, .blo")
+    p.add_argument("--dataset", help="dataset (or EMD group) path inside an HDF5 or zarr file")
     p.add_argument("--model", help="model folder (default: the packaged model)")
     _add_scan_arguments(p, required=True)
     p.add_argument("--input", choices=["auto", "counts", "amplitude"], default="auto",
-                   help="whether the data are counts or amplitudes sqrt(counts) (default: read or inferred)")
-    p.add_argument("--stitching", choices=["least-squares", "seed"], default="least-squares")
+                   help="whether the data are counts or amplitudes sqrt(counts) (default: read or inferred; "
+                        "detector patterns that need calibration are taken as counts)")
+    g = p.add_argument_group("detector calibration (patterns that are not the model's n×n grid)")
+    cal = g.add_mutually_exclusive_group()
+    cal.add_argument("--no-calibration", dest="calibration", action="store_const", const="off",
+                     help="use the patterns as they are (they must be the model's n×n grid)")
+    cal.add_argument("--calibrate", dest="calibration", action="store_const", const="on",
+                     help="calibrate even n×n patterns (descan, disk centring, bad pixels)")
+    p.set_defaults(calibration="auto")
+    g.add_argument("--semi-angle", type=float, metavar="MRAD",
+                   help="the data's convergence semi-angle in mrad (default: assumed equal to the model's, so the "
+                        "ratio of the disk radii sets the angular resampling)")
+    g.add_argument("--energy", type=float, metavar="KEV",
+                   help="beam energy in keV (default: from the file), to convert detector calibrations in 1/Å or "
+                        "1/nm and to get the real-space pixel size")
+    g.add_argument("--mrad-per-px", type=float, metavar="X", help="angular size of a detector pixel in mrad")
+    g.add_argument("--model-mrad-per-px", type=float, metavar="Y",
+                   help="angular size of a model pixel in mrad (default: what the model records)")
+    g.add_argument("--gain", type=float, metavar="G",
+                   help="detector units per electron: counts = data / G (default 1)")
+    p.add_argument("--stitching", choices=["pairwise", "least-squares", "seed"], default="pairwise",
+                   help="pairwise (default, fast), least-squares (exact canvas least squares) or seed (the original)")
     p.add_argument("--pixel-size", type=float, help="real-space pixel size in Å (for the scale bar and checks)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    # Several processes or machines (dask.distributed): deepphase/reconstruction/distributed.py
+    g = p.add_argument_group("several processes or machines (dask.distributed; the same image as one process)")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="predict with N local worker processes (a dask LocalCluster, one thread each)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="predict on a running dask cluster, e.g. tcp://host:8786 (dask-jobqueue, dask scheduler); "
+                            "its workers must see the data file and the model folder")
+    g.add_argument("--tile-size", type=int, default=4096, metavar="P", help="patterns per task (default 4096)")
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in specimen with the packaged model",
@@ -294,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the packaged model and print the correlation with the truth.")
     p.add_argument("--out", type=Path, default=Path("deepphase-demo"), help="output folder (default deepphase-demo)")
     p.add_argument("--specimen", default="twisted-hbn", choices=BUILTIN_SPECIMENS)
-    p.add_argument("--stitching", choices=["least-squares", "seed"], default="least-squares")
+    p.add_argument("--stitching", choices=["pairwise", "least-squares", "seed"], default="pairwise",
+                   help="pairwise (default, fast), least-squares (exact canvas least squares) or seed (the original)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("evaluate", help="methods × specimens × doses against the truth: tables and figures",

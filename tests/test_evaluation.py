@@ -144,3 +144,16 @@ def test_evaluate_writes_a_report_with_every_method_and_metric(tmp_path, capsys)
     # A second run does not overwrite the report unasked.
     assert main(args) == 2
     assert "already holds a report" in capsys.readouterr().err
+
+
+def test_uncertainty_coverage_of_a_calibrated_gaussian_error():
+    rng = np.random.default_rng(5)
+    truth = rng.normal(size=(200, 200))
+    sigma = np.full_like(truth, 0.1)
+    reconstruction = truth + 3.0 + rng.normal(scale=0.1, size=truth.shape)  # the offset must not matter
+    cover = metrics.uncertainty_coverage(reconstruction, truth, sigma)
+    assert cover["within_1sigma"] == pytest.approx(0.683, abs=0.01)
+    assert cover["within_2sigma"] == pytest.approx(0.954, abs=0.01)
+    assert cover["rmse"] == pytest.approx(0.1, rel=0.02)
+    # Too small a σ is caught.
+    assert metrics.uncertainty_coverage(reconstruction, truth, sigma / 10)["within_1sigma"] < 0.1

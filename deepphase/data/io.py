@@ -1,18 +1,31 @@
-"""Reading 4D-STEM data for reconstruction: .npy (memory-mapped), our simulate .npz, and HDF5.
+"""Reading 4D-STEM data for reconstruction.
+
+Formats: .npy (memory-mapped), the .npz of ``deepphase simulate``, HDF5 (any 3-D/4-D dataset, and
+EMD 1.0 files as py4DSTEM writes them: a group with ``emd_group_type`` 1 holding ``data`` and
+``dim1..dimN``), and, with the ``files`` extra (``pip install deepphase[files]``), detector files
+through rosettasciio — Quantum Detectors Merlin ``.mib`` (+ ``.hdr``), EMPAD ``.xml`` (+ ``.raw``),
+Gatan ``.dm4``/``.dm3``, NanoMegas ``.blo`` — and zarr arrays or groups.
 
 Data arrive as (N, k_row, k_col) frames with positions beside them, or as a
 (scan_row, scan_col, k_row, k_col) array. Nothing is loaded whole that need not be: .npy is
-memory-mapped and HDF5 datasets are read a batch at a time by the predictor.
+memory-mapped, HDF5 and zarr datasets are read a batch at a time, and detector files are opened
+lazily (dask arrays over memory maps). What a file says about itself (scan shape, dtype, scan step,
+detector sampling, beam energy) goes into :attr:`ScanData.info`.
+
+A file cut short is refused with a message saying so, except for the raw detector formats (.mib,
+EMPAD .raw, .blo), whose complete scan rows are kept (``info["truncated"]`` says what was dropped).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import InputFileError, ShapeError, ValueRangeError
+from ..errors import DeepPhaseError, InputFileError, ShapeError, ValueRangeError
 
 INPUT_KINDS = ("auto", "counts", "amplitude")
 
@@ -60,15 +73,60 @@ class _Flat4D:
         if not isinstance(index, slice):
             raise TypeError("only slices are supported")
         start, stop, _ = index.indices(self.shape[0])
+        if stop <= start:
+            return np.zeros((0, *self.shape[1:]), dtype=self.dtype)
         cols = self.dataset.shape[1]
-        rows = self.dataset[start // cols : (stop - 1) // cols + 1]
+        rows = np.asarray(self.dataset[start // cols : (stop - 1) // cols + 1])  # numpy also from dask or zarr
         flat = rows.reshape(-1, *self.shape[1:])
         offset = start - (start // cols) * cols
         return flat[offset : offset + stop - start]
 
 
-def load_scan(path: str | Path, dataset: str | None = None) -> ScanData:
-    """Open a 4D-STEM file: ``.npy``, the ``.npz`` written by ``deepphase simulate``, or HDF5 (``dataset`` path)."""
+FILES_EXTRA = "pip install deepphase[files]"
+DETECTOR_SUFFIXES = {".mib": "Merlin .mib", ".xml": "EMPAD", ".dm4": "Gatan DigitalMicrograph",
+                     ".dm3": "Gatan DigitalMicrograph", ".blo": "blockfile"}
+_FORMAT_NAMES = {".mib": "mib", ".xml": "empad", ".dm4": "dm4", ".dm3": "dm3", ".blo": "blockfile"}
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".emd")
+ZARR_SUFFIXES = (".zarr", ".zspy")
+
+# Length units to Å, for scan steps read from files.
+_LENGTH_TO_ANGSTROM = {"m": 1e10, "mm": 1e7, "µm": 1e4, "um": 1e4, "μm": 1e4, "nm": 10.0, "å": 1.0, "a": 1.0,
+                       "angstrom": 1.0, "pm": 0.01}
+
+
+def _require(module: str, what: str):
+    """Import an optional dependency, or say how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise InputFileError(
+            f"data: reading {what} files needs the optional package {module.split('.')[0]!r} ({exc}); "
+            f"install the file readers with `{FILES_EXTRA}`"
+        ) from exc
+
+
+def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[int, int] | None = None) -> ScanData:
+    """Open a 4D-STEM file lazily.
+
+    Parameters
+    ----------
+    path : str or Path
+        ``.npy``; the ``.npz`` written by ``deepphase simulate``; HDF5 (``.h5``/``.hdf5``/``.hdf``/``.emd``,
+        EMD 1.0 groups recognised); zarr (``.zarr``/``.zspy`` folder); and with ``deepphase[files]``:
+        ``.mib``, EMPAD ``.xml``, ``.dm4``/``.dm3``, ``.blo``.
+    dataset : str, optional
+        Path of the dataset (or EMD group) inside an HDF5 or zarr file, when it holds several.
+    scan_shape : (rows, cols), optional
+        The scan shape, for formats that do not record it (``.mib`` without ``.hdr``); other formats
+        take theirs from the file.
+
+    Returns
+    -------
+    ScanData
+        ``frames`` is sliceable (N, k_row, k_col); ``info`` holds the format and what the file says about
+        the scan (``scan_shape``, ``dtype``, ``detector_shape``, ``scan_step_angstrom``,
+        ``detector_sampling``, ``energy_kev``, ``truncated``).
+    """
     path = Path(path)
     if not path.exists():
         raise InputFileError(f"data: file {str(path)!r} does not exist")
@@ -77,50 +135,385 @@ def load_scan(path: str | Path, dataset: str | None = None) -> ScanData:
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:
-            raise InputFileError(f"data: could not read {str(path)!r} as .npy ({exc})") from exc
-        frames, scan_shape = _frames_from_array(array, str(path))
-        return ScanData(frames, scan_shape, None, info={"format": "npy"})
+            raise InputFileError(f"data: could not read {str(path)!r} as .npy ({_npy_problem(path, exc)})") from exc
+        frames, shape = _frames_from_array(array, str(path))
+        return ScanData(frames, shape, None, info=_basic_info("npy", frames, shape))
     if suffix == ".npz":
         try:
             archive = np.load(path, allow_pickle=False)
+            for key, kind in (("amplitude", "amplitude"), ("counts", "counts")):
+                if key in archive.files:
+                    frames, shape = _frames_from_array(archive[key], f"{path}:{key}")
+                    positions = archive["positions"] if "positions" in archive.files else None
+                    truth = archive["truth"] if "truth" in archive.files else None
+                    return ScanData(frames, shape, kind, positions, truth, _basic_info("npz", frames, shape))
+        except DeepPhaseError:
+            raise
         except Exception as exc:
-            raise InputFileError(f"data: could not read {str(path)!r} as .npz ({exc})") from exc
-        for key, kind in (("amplitude", "amplitude"), ("counts", "counts")):
-            if key in archive.files:
-                frames, scan_shape = _frames_from_array(archive[key], f"{path}:{key}")
-                positions = archive["positions"] if "positions" in archive.files else None
-                truth = archive["truth"] if "truth" in archive.files else None
-                return ScanData(frames, scan_shape, kind, positions, truth, {"format": "npz"})
+            raise InputFileError(f"data: could not read {str(path)!r} as .npz ({exc}; truncated?)") from exc
         raise InputFileError(
             f"data: {str(path)!r} holds {archive.files}; expected an 'amplitude' or 'counts' array (as 'deepphase simulate' writes)"
         )
-    if suffix in (".h5", ".hdf5", ".hdf", ".emd"):
-        import h5py
+    if suffix in HDF5_SUFFIXES:
+        return _load_hdf5(path, dataset)
+    if suffix in ZARR_SUFFIXES:
+        return _load_zarr(path, dataset)
+    if suffix in DETECTOR_SUFFIXES:
+        return _load_detector(path, suffix, scan_shape)
+    raise InputFileError(
+        f"data: unknown file type {suffix!r} of {str(path)!r}; expected .npy, .npz, .h5/.hdf5/.emd, .zarr, "
+        ".mib, .xml (EMPAD), .dm4/.dm3 or .blo"
+    )
 
-        try:
-            handle = h5py.File(path, "r")
-        except OSError as exc:
-            raise InputFileError(f"data: could not open {str(path)!r} as HDF5 ({exc})") from exc
+
+def _basic_info(fmt: str, frames, scan_shape, **extra) -> dict:
+    info = {"format": fmt, "dtype": str(np.dtype(frames.dtype)), "detector_shape": list(frames.shape[1:]),
+            "n_frames": int(frames.shape[0])}
+    if scan_shape is not None:
+        info["scan_shape"] = [int(scan_shape[0]), int(scan_shape[1])]
+    return {**info, **{k: v for k, v in extra.items() if v is not None}}
+
+
+def _npy_problem(path: Path, exc: Exception) -> str:
+    """Say 'truncated' when an .npy file is shorter than its header promises."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(f)
+            need = int(np.prod(shape)) * dtype.itemsize
+            have = os.path.getsize(path) - f.tell()
+        if have < need:
+            return f"the file is truncated: it holds {have} of the {need} bytes of its {shape} {dtype} array"
+    except Exception:
+        pass
+    return str(exc)
+
+
+def _is_real_number(dtype) -> bool:
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.number) and not np.issubdtype(dtype, np.complexfloating)
+
+
+# ----- HDF5 and EMD 1.0 ---------------------------------------------------------------------------------------
+
+
+def _load_hdf5(path: Path, dataset: str | None) -> ScanData:
+    import h5py
+
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as exc:
+        raise InputFileError(f"data: could not open {str(path)!r} as HDF5 ({exc}; truncated or not HDF5?)") from exc
+    try:
+        emd = _emd_groups(handle)
+        if dataset is None and len(emd) == 1:
+            return _load_emd_group(handle, emd[0], path)
+        if dataset is not None and dataset in handle and isinstance(handle[dataset], h5py.Group):
+            return _load_emd_group(handle, dataset, path)
         if dataset is None:
             found = []
             handle.visititems(lambda name, obj: found.append(name) if isinstance(obj, h5py.Dataset) and obj.ndim in (3, 4) else None)
             if len(found) != 1:
-                handle.close()
                 raise InputFileError(
                     f"data: {str(path)!r} has {len(found)} 3-D/4-D datasets ({', '.join(found) or 'none'}); "
                     "name one with --dataset"
                 )
             dataset = found[0]
         if dataset not in handle or not isinstance(handle[dataset], h5py.Dataset):
-            handle.close()
             raise InputFileError(f"data: {str(path)!r} has no dataset {dataset!r}")
         ds = handle[dataset]
-        if not np.issubdtype(ds.dtype, np.number) or np.issubdtype(ds.dtype, np.complexfloating):
-            handle.close()
+        if not _is_real_number(ds.dtype):
             raise ShapeError(f"data: dataset {dataset!r} has dtype {ds.dtype}; expected real numbers")
         frames, scan_shape = _frames_from_array(ds, f"{path}:{dataset}")
-        return ScanData(frames, scan_shape, None, info={"format": "hdf5", "dataset": dataset}, _handle=handle)
-    raise InputFileError(f"data: unknown file type {suffix!r} of {str(path)!r}; expected .npy, .npz or .h5/.hdf5")
+        return ScanData(frames, scan_shape, None, info=_basic_info("hdf5", frames, scan_shape, dataset=dataset),
+                        _handle=handle)
+    except BaseException:
+        handle.close()
+        raise
+
+
+def _emd_groups(handle) -> list[str]:
+    """Groups of an EMD file that hold a 3-D or 4-D ``data`` array (``emd_group_type`` 1, or 'array' in emdfile)."""
+    import h5py
+
+    found = []
+
+    def visit(name, obj):
+        if isinstance(obj, h5py.Group):
+            kind = obj.attrs.get("emd_group_type")
+            if isinstance(kind, bytes):
+                kind = kind.decode()
+            if (kind == 1 or kind == "array" or (isinstance(kind, np.integer) and int(kind) == 1)) and \
+                    isinstance(obj.get("data"), h5py.Dataset) and obj["data"].ndim in (3, 4):
+                found.append(name)
+
+    handle.visititems(visit)
+    return found
+
+
+def _attr_text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return _attr_text(value.item())
+    return "" if value is None else str(value)
+
+
+def _load_emd_group(handle, group: str, path: Path) -> ScanData:
+    """An EMD 1.0 data group: ``data`` (scan_row, scan_col, k_row, k_col) with ``dim1..dim4`` vectors."""
+    g = handle[group]
+    ds = g["data"]
+    if not _is_real_number(ds.dtype):
+        raise ShapeError(f"data: EMD group {group!r} has dtype {ds.dtype}; expected real numbers")
+    dims = []
+    for i in range(1, ds.ndim + 1):
+        dim = g.get(f"dim{i}")
+        if dim is None:
+            dims.append(None)
+            continue
+        values = np.asarray(dim[()], dtype=np.float64).ravel()
+        step = float(values[1] - values[0]) if values.size >= 2 else None
+        dims.append({"name": _attr_text(dim.attrs.get("name")), "units": _attr_text(dim.attrs.get("units")),
+                     "step": step})
+    frames, scan_shape = _frames_from_array(ds, f"{path}:{group}/data")
+    info = _basic_info("emd", frames, scan_shape, group=group)
+    info.update(_calibrations([d for d in dims[:-2]], [d for d in dims[-2:]]))
+    return ScanData(frames, scan_shape, None, info=info, _handle=handle)
+
+
+def _calibrations(nav: list, sig: list) -> dict:
+    """Scan step (Å) and detector sampling from axis descriptions ``{"units", "step"}``."""
+    out = {}
+    steps = []
+    for axis in nav:
+        if not axis or axis.get("step") is None:
+            continue
+        factor = _LENGTH_TO_ANGSTROM.get(str(axis.get("units", "")).strip().strip("[]").replace("_", "").lower())
+        if factor is not None:
+            steps.append(float(abs(axis["step"]) * factor))
+    if steps:
+        out["scan_step_angstrom"] = steps[0] if len(steps) == 1 or np.isclose(steps[0], steps[-1], rtol=1e-3) else steps
+    det = [a for a in sig if a and a.get("step") is not None and str(a.get("units") or "").strip().lower()
+           not in ("", "pixels", "pixel", "px", "<undefined>")]
+    if det:
+        out["detector_sampling"] = {"value": abs(float(det[-1]["step"])), "units": str(det[-1]["units"])}
+    return out
+
+
+# ----- zarr ----------------------------------------------------------------------------------------------------
+
+
+def _load_zarr(path: Path, dataset: str | None) -> ScanData:
+    zarr = _require("zarr", "zarr")
+    try:
+        root = zarr.open(str(path), mode="r")
+    except Exception as exc:
+        raise InputFileError(f"data: could not open {str(path)!r} as zarr ({exc})") from exc
+    if dataset is not None:
+        try:
+            root = root[dataset]
+        except Exception as exc:
+            raise InputFileError(f"data: {str(path)!r} has no array {dataset!r}") from exc
+    if not hasattr(root, "shape"):
+        if hasattr(root, "members"):  # zarr 3
+            members = list(root.members(max_depth=None))
+        else:  # zarr 2
+            members = []
+            root.visititems(lambda name, obj: members.append((name, obj)))
+        found = [name for name, obj in members if hasattr(obj, "shape") and len(obj.shape) in (3, 4)]
+        if len(found) != 1:
+            raise InputFileError(
+                f"data: {str(path)!r} has {len(found)} 3-D/4-D arrays ({', '.join(found) or 'none'}); name one with --dataset"
+            )
+        dataset = found[0]
+        root = root[dataset]
+    if not _is_real_number(root.dtype):
+        raise ShapeError(f"data: zarr array {dataset or str(path)!r} has dtype {root.dtype}; expected real numbers")
+    frames, scan_shape = _frames_from_array(root, f"{path}:{dataset or ''}")
+    return ScanData(frames, scan_shape, None, info=_basic_info("zarr", frames, scan_shape, dataset=dataset))
+
+
+# ----- detector files through rosettasciio -----------------------------------------------------------------
+
+
+def _load_detector(path: Path, suffix: str, scan_shape) -> ScanData:
+    what = DETECTOR_SUFFIXES[suffix]
+    _require("rsciio", what)
+    _require("dask.array", what)
+    truncated = None
+    import logging
+
+    rsciio_log = logging.getLogger("rsciio")
+    level = rsciio_log.level
+    rsciio_log.setLevel(logging.ERROR)  # its warnings (a missing .hdr) are said in our own words, or not at all
+    try:
+        if suffix == ".mib":
+            signal, truncated = _read_mib(path, scan_shape)
+        elif suffix == ".xml":
+            signal, truncated = _read_empad(path)
+        elif suffix == ".blo":
+            signal, truncated = _read_blockfile(path)
+        else:
+            from rsciio.digitalmicrograph import file_reader
+
+            signal = _pick_signal(file_reader(str(path), lazy=True), path)
+    except DeepPhaseError:
+        raise
+    except Exception as exc:
+        raise InputFileError(f"data: could not read {str(path)!r} as a {what} file ({type(exc).__name__}: {exc}; "
+                             "truncated or not this format?)") from exc
+    finally:
+        rsciio_log.setLevel(level)
+    data, axes = _navigation_first(signal["data"], signal["axes"])
+    if not _is_real_number(data.dtype):
+        raise ShapeError(f"data: {str(path)!r} has dtype {data.dtype}; expected real numbers")
+    frames, shape = _frames_from_array(data, str(path))
+    info = _basic_info(_FORMAT_NAMES[suffix], frames, shape)
+    info.update(_calibrations(
+        [{"units": a.get("units"), "step": a.get("scale") if a.get("units") else None} for a in axes if a["navigate"]],
+        [{"units": a.get("units"), "step": a.get("scale")} for a in axes if not a["navigate"]]))
+    energy = _energy_kev(signal)
+    if energy:
+        info["energy_kev"] = energy
+    if truncated:
+        info["truncated"] = truncated
+    return ScanData(frames, shape, "counts", info=info)
+
+
+def _pick_signal(signals: list, path: Path) -> dict:
+    candidates = [s for s in signals if getattr(s.get("data"), "ndim", 0) in (3, 4)]
+    if not candidates:
+        shapes = [tuple(getattr(s.get("data"), "shape", ())) for s in signals]
+        raise ShapeError(f"data: {str(path)!r} holds arrays of shape {shapes}; expected a 3-D or 4-D 4D-STEM dataset")
+    return candidates[0]
+
+
+def _navigation_first(data, axes):
+    """Order the axes (scan..., k_row, k_col) by the readers' 'navigate' flags."""
+    axes = sorted(axes, key=lambda a: a["index_in_array"])
+    if len(axes) != data.ndim:
+        return data, [{"navigate": i < data.ndim - 2} for i in range(data.ndim)]
+    order = [i for i, a in enumerate(axes) if a["navigate"]] + [i for i, a in enumerate(axes) if not a["navigate"]]
+    if order != list(range(data.ndim)):
+        data = data.transpose(order)
+        axes = [axes[i] for i in order]
+    return data, axes
+
+
+def _energy_kev(signal: dict) -> float | None:
+    md, om = signal.get("metadata") or {}, signal.get("original_metadata") or {}
+    try:
+        value = md["Acquisition_instrument"]["TEM"]["beam_energy"]
+        if value:
+            return float(value)
+    except (KeyError, TypeError, ValueError):
+        pass
+    for keys, scale in ((("blockfile_header", "Beam_energy"), 1e-3),
+                        (("ImageList", "TagGroup0", "ImageTags", "Microscope Info", "Voltage"), 1e-3)):
+        node = om
+        try:
+            for k in keys:
+                node = node[k]
+            if float(node) > 0:
+                return float(node) * scale
+        except (KeyError, TypeError, ValueError):
+            continue
+    return None
+
+
+def _rows_kept(n_in_file: int, shape: tuple[int, int], path: Path) -> tuple[int, dict | None]:
+    rows, cols = shape
+    if n_in_file >= rows * cols:
+        return rows, None
+    kept = n_in_file // cols
+    if kept == 0:
+        raise InputFileError(f"data: {str(path)!r} is truncated: it holds {n_in_file} frames, less than one scan row "
+                             f"of {cols}; expected {rows}×{cols}")
+    return kept, {"expected_scan_shape": [rows, cols], "frames_in_file": n_in_file, "rows_kept": kept,
+                  "frames_dropped": n_in_file - kept * cols}
+
+
+def _read_mib(path: Path, scan_shape):
+    from rsciio.quantumdetector import file_reader
+    from rsciio.quantumdetector._api import MIBProperties
+
+    prop = MIBProperties()
+    prop.parse_file(str(path))
+    frame_bytes = prop.head_size + int(np.prod(prop.merlin_size)) * np.dtype(prop.dtype).itemsize
+    n_in_file = prop.file_size // frame_bytes
+    partial = prop.file_size % frame_bytes
+    truncated = None
+    if scan_shape is not None:
+        rows, cols = (int(v) for v in scan_shape)
+        if rows * cols < n_in_file:
+            raise ShapeError(
+                f"scan-shape: {rows}×{cols} = {rows * cols} positions do not match the {n_in_file} frames in "
+                f"{str(path)!r}; expected ROWS×COLS = {n_in_file}"
+            )
+        kept, truncated = _rows_kept(n_in_file, (rows, cols), path)
+        signal = file_reader(str(path), lazy=True, navigation_shape=(cols, kept))[0]
+    else:
+        signal = file_reader(str(path), lazy=True)[0]
+        hdr = signal["original_metadata"].get("hdr_file") or {}
+        expected = int(hdr.get("Frames in Acquisition (Number)", 0) or 0)
+        data = signal["data"]
+        if expected > n_in_file or partial:
+            cols = data.shape[1] if data.ndim == 4 else None
+            truncated = {"frames_expected": expected or None, "frames_in_file": int(n_in_file),
+                         "partial_frame_bytes": int(partial)}
+            if cols:
+                truncated["rows_kept"] = int(data.shape[0])
+    return signal, truncated
+
+
+def _read_empad(path: Path):
+    from rsciio.empad import file_reader
+
+    signal = file_reader(str(path), lazy=True)[0]
+    data = signal["data"]
+    raw = path.parent / _empad_raw_name(signal, path)
+    if not raw.exists():
+        raise InputFileError(f"data: the EMPAD data file {str(raw)!r} named in {str(path)!r} does not exist")
+    if data.ndim != 4:
+        return signal, None
+    rows, cols, h, w = data.shape
+    frame_bytes = 128 * 130 * 4  # float32 frames of 130 rows × 128 columns
+    n_in_file = os.path.getsize(raw) // frame_bytes
+    kept, truncated = _rows_kept(n_in_file, (rows, cols), path)
+    if truncated:
+        # The documented layout: float32 frames of 130 rows × 128 columns, the last two rows metadata.
+        mm = np.memmap(raw, dtype=np.dtype([("data", "<f4", (128, 128)), ("footer", "<f4", (2, 128))]), mode="r",
+                       shape=(kept, cols))
+        signal = {**signal, "data": mm["data"]}
+    return signal, truncated
+
+
+def _empad_raw_name(signal, path: Path) -> str:
+    try:
+        return str(signal["original_metadata"]["root"]["raw_file"]["filename"])
+    except (KeyError, TypeError):
+        return path.with_suffix(".raw").name
+
+
+def _read_blockfile(path: Path):
+    from rsciio.blockfile import file_reader
+    from rsciio.blockfile._api import get_header_dtype_list
+
+    header = np.fromfile(path, dtype=get_header_dtype_list("<"), count=1)
+    if len(header) == 0:
+        raise InputFileError(f"data: {str(path)!r} is too short for a blockfile header")
+    rows, cols, size = int(header["NY"][0]), int(header["NX"][0]), int(header["DP_SZ"][0])
+    offset = int(header["Data_offset_2"][0])
+    record = np.dtype([("header", "<u1", 6), ("data", "<u1", (size, size))])
+    n_in_file = max(0, os.path.getsize(path) - offset) // record.itemsize
+    kept, truncated = _rows_kept(n_in_file, (rows, cols), path)
+    signal = file_reader(str(path), lazy=True)[0]
+    if truncated:
+        mm = np.memmap(path, dtype=record, mode="r", offset=offset, shape=(kept, cols))
+        signal = {**signal, "data": mm["data"]}
+    return signal, truncated
 
 
 def check_dtype(frames) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..errors import OutputExistsError, ShapeError
+from ..errors import OutputExistsError, ShapeError, ValueRangeError
 from ..io_utils import save_json, save_npy
 from ..models.modelfile import PhaseModel, check_compatible, load_model
 from ..physics.geometry import output_mask
@@ -22,7 +22,7 @@ from ..runtime import resolve_device
 from .predict import predict_patches
 from .stitching import stitch
 
-OUTPUT_FILES = ("phase.npy", "phase.png", "metadata.json")
+OUTPUT_FILES = ("phase.npy", "phase.png", "uncertainty.npy", "metadata.json")
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Reconstruction:
     timings: dict = field(default_factory=dict)
     model_info: dict = field(default_factory=dict)
     processing: dict = field(default_factory=dict)
+    uncertainty: np.ndarray | None = None  # per-pixel standard deviation (rad), same grid as ``phase``
 
 
 def crop_to_coverage(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
@@ -78,6 +79,7 @@ def reconstruct(
     progress: bool | None = None,
     sampling: float | None = None,
     precision: str = "auto",
+    uncertainty_samples: int = 0,
 ) -> Reconstruction:
     """Predict a phase patch for every pattern and stitch them into one image.
 
@@ -97,6 +99,10 @@ def reconstruct(
     sampling : real-space pixel size of the data in Å, if known (checked against the model's).
     precision : network arithmetic: "auto" (bfloat16 on a GPU, float32 on a CPU), "float32", "bfloat16"
         or "float16".
+    uncertainty_samples : if > 1, also estimate a per-pixel standard deviation by Monte Carlo dropout:
+        that many extra predictions with the dropout layers active, each stitched like the main one;
+        the spread of the stitched images (each with its mean removed, the offset being arbitrary) is
+        the uncertainty. Costs that many extra predictions.
     """
     if not isinstance(model, PhaseModel):
         model = load_model(model)
@@ -117,12 +123,32 @@ def reconstruct(
         full, slopes = subtract_plane(full)
     t2 = time.perf_counter()
     phase, origin = crop_to_coverage(full)
+    spread = None
+    if uncertainty_samples:
+        if int(uncertainty_samples) < 2:
+            raise ValueRangeError(f"uncertainty_samples: expected at least 2 samples, got {uncertainty_samples}")
+        samples = []
+        for k in range(int(uncertainty_samples)):
+            draw = predict_patches(model, amplitudes, batch_size=batch_size, device=dev, progress=progress,
+                                   precision=precision, mc_dropout_seed=k)
+            image = stitch(draw, positions, mask, model.geometry, method=stitching)
+            if remove_plane:
+                image, _ = subtract_plane(image)
+            samples.append(image - np.nanmean(image))
+        std = np.std(np.stack(samples), axis=0)
+        r0, c0 = origin
+        spread = std[r0 : r0 + phase.shape[0], c0 : c0 + phase.shape[1]].astype(np.float32)
+    t3 = time.perf_counter()
     timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),
+               **({"uncertainty_s": round(t3 - t2, 3)} if uncertainty_samples else {}),
                "patterns_per_second": round(shape[0] / max(t1 - t0, 1e-9), 1)}
     return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
                           {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
                           {"stitching": stitching, "plane_removed": remove_plane,
-                           "removed_slope_rad_per_px": list(slopes)})
+                           "removed_slope_rad_per_px": list(slopes), "precision": precision, "device": str(dev),
+                           "uncertainty": ({"method": "Monte Carlo dropout", "samples": int(uncertainty_samples)}
+                                           if uncertainty_samples else None)},
+                          spread)
 
 
 def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -151,10 +177,14 @@ def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict, samp
     try:
         save_npy(staging / "phase.npy", rec.phase)
         plot_phase(rec.phase, staging / "phase.png", sampling=sampling, title=metadata.get("title"))
+        if rec.uncertainty is not None:
+            save_npy(staging / "uncertainty.npy", rec.uncertainty)
         meta = {
             "package_version": __version__,
             "phase_file": "phase.npy",
             "phase_units": "rad (arbitrary constant offset)",
+            **({"uncertainty_file": "uncertainty.npy", "uncertainty_units": "rad (one standard deviation)"}
+               if rec.uncertainty is not None else {}),
             "origin_px": list(rec.origin_px),
             "shape": list(rec.phase.shape),
             "pixel_size_angstrom": sampling,
@@ -164,8 +194,9 @@ def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict, samp
             **metadata,
         }
         save_json(staging / "metadata.json", meta)
-        for name in OUTPUT_FILES:
-            os.replace(staging / name, out_dir / name)
+        for name in OUTPUT_FILES:  # metadata.json last: a folder with it is complete
+            if (staging / name).exists():
+                os.replace(staging / name, out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return meta

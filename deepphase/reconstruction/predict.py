@@ -48,6 +48,7 @@ def predict_patches(
     device: str | torch.device = "cpu",
     progress: bool | None = None,
     precision: str = "auto",
+    mc_dropout_seed: int | None = None,
 ) -> np.ndarray:
     """Phase patches (N, out, out) float32, each with its mean inside the illuminated mask removed.
 
@@ -60,6 +61,9 @@ def predict_patches(
     device : where the network runs.
     progress : show a progress bar (None: only on a terminal).
     precision : "auto" (bfloat16 on a GPU, float32 on a CPU), "float32", "bfloat16" or "float16".
+    mc_dropout_seed : if given, the network's dropout layers stay active (Monte Carlo dropout, batch
+        normalisation still in inference mode) and draw from this seed: one sample of the predictive
+        distribution per call.
     """
     n = model.geometry.n_px
     if len(getattr(amplitudes, "shape", ())) != 3 or tuple(amplitudes.shape[1:]) != (n, n):
@@ -69,6 +73,13 @@ def predict_patches(
     device = torch.device(device)
     cast = _autocast_dtype(precision, device)
     network = model.network.to(device).eval()
+    if mc_dropout_seed is not None:
+        dropouts = [m for m in network.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+        if not dropouts:
+            raise ValueRangeError(f"uncertainty: the model's architecture {model.arch!r} has no dropout to sample")
+        for m in dropouts:
+            m.train()
+        torch.manual_seed(mc_dropout_seed)
     mask = torch.as_tensor(output_mask(model.probe, model.geometry), device=device, dtype=torch.float32)
     count = amplitudes.shape[0]
     out_px = model.geometry.output_px
@@ -88,4 +99,5 @@ def predict_patches(
             y = y - (y * mask).sum(dim=(-2, -1), keepdim=True) / mask.sum()
             patches[start : start + len(x)] = y.cpu().numpy()
             bar.update(len(x))
+    network.eval()
     return patches

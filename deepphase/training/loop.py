@@ -3,12 +3,22 @@
 Repeatability: the batches of epoch ``e`` come from a generator seeded with ``(seed, e)`` and the
 global RNG (dropout) is re-seeded at the start of every epoch, so a run resumed from the checkpoint
 of epoch ``e`` produces exactly the weights of an uninterrupted run.
+
+Several processes (PyTorch DistributedDataParallel): launched by ``torchrun`` (or ``deepphase train
+--nproc N``, which calls torchrun's entry point), :func:`train` sees ``WORLD_SIZE > 1`` in the
+environment, joins the process group (gloo on CPUs, NCCL on GPUs, one GPU per process:
+``cuda:LOCAL_RANK``) and trains one model on a global batch of ``batch_size`` patterns split evenly
+between the processes. Only rank 0 writes the checkpoint and the model folder; the checkpoint holds
+the unwrapped network and the optimiser state, which do not depend on the number of processes, so a
+run can be resumed with another one.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
+import os
 import shlex
 import sys
 import time
@@ -21,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..data.phase_objects import CorpusConfig
-from ..data.stream import TrainingStream
+from ..data.stream import Batch, TrainingStream
 from ..errors import DeepPhaseError, InputFileError, OutputExistsError
 from ..io_utils import atomic_path
 from ..models import create_model
@@ -33,6 +43,9 @@ from ..runtime import resolve_device
 from .loss import LOSSES, masked_l1
 
 CHECKPOINT = "checkpoint.safetensors"
+
+# How the processes of a distributed run get their samples (see _rank_batches).
+RANK_DATA = ("shared", "per-rank")
 
 # Presets: the seed's optimiser, and ours (measured better; see benchmarks/RESULTS.md).
 OPTIMIZERS = {
@@ -126,6 +139,18 @@ def _read_checkpoint(path: Path):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     tensors = load_file(str(path))
+    return _unpack_checkpoint(meta, tensors)
+
+
+def _checkpoint_from_bytes(blob: bytes):
+    """As :func:`_read_checkpoint`, from the file's bytes (the safetensors header holds the metadata)."""
+    from safetensors.torch import load
+
+    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+    return _unpack_checkpoint(header.get("__metadata__", {}), load(blob))
+
+
+def _unpack_checkpoint(meta: dict, tensors: dict):
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     opt_state = _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("optim.")},
                                      json.loads(meta["optimizer"]))
@@ -143,6 +168,7 @@ def train(
     command: str | None = None,
     progress: bool | None = None,
     log=print,
+    rank_data: str = "shared",
 ) -> tuple[PhaseModel, list[dict]]:
     """Train a network for ``probe`` and write the model folder ``out_dir`` after every epoch.
 
@@ -154,6 +180,9 @@ def train(
     resume : continue from ``out_dir``'s checkpoint (same configuration required).
     overwrite : allow replacing an existing model in ``out_dir`` (otherwise refused).
     probe_info : what is known about the probe (name, optics, sampling), stored in model.json.
+    rank_data : with several processes, "shared" (each simulates the global batch and keeps its slice:
+        the same samples as one process) or "per-rank" (each simulates only its own share from its own
+        seed); see :func:`_rank_batches`.
 
     Returns
     -------
@@ -162,15 +191,21 @@ def train(
     probe = validate_probe(np.asarray(probe))
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / CHECKPOINT
-    if resume and not checkpoint_path.exists():
-        raise InputFileError(f"resume: no checkpoint at {str(checkpoint_path)!r} to resume from")
-    if not resume and not overwrite and ((out_dir / "model.json").exists() or checkpoint_path.exists()):
-        raise OutputExistsError(
-            f"out: {str(out_dir)!r} already holds a model; pass --resume to continue it or --overwrite to replace it"
-        )
+    world, rank, local_rank = distributed_context()
+    if world == 1:
+        check_out_dir(out_dir, resume, overwrite)
+    else:
+        if rank_data not in RANK_DATA:
+            raise DeepPhaseError(f"rank_data: expected one of {', '.join(RANK_DATA)}, got {rank_data!r}")
+        check_batch_split(config.batch_size, world)
+        if rank != 0:  # one voice: rank 0 logs and shows progress
+            log, progress = (lambda *_: None), False
     if probe.shape[-1] != geometry.n_px:
         raise DeepPhaseError(f"probe: expected a {geometry.n_px}×{geometry.n_px} probe for this geometry, got {probe.shape}")
     device = resolve_device(config.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)  # one GPU per process
+        torch.cuda.set_device(device)
     settings = config.optimizer_settings()
     dose = config.dose if config.dose is not None else round(incident_counts(probe), 1)
     if config.loss not in LOSSES:
@@ -178,6 +213,45 @@ def train(
     offset_free = config.loss == "offset-free"
     if config.batch_size < 2:
         raise DeepPhaseError(f"batch_size: expected at least 2 (batch normalisation), got {config.batch_size}")
+    if world == 1:
+        return _train(probe, out_dir, config, geometry, resume, probe_info, command, progress, log, device,
+                      settings, dose, offset_free)
+    import torch.distributed as dist
+
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        # Rank 0 alone checks the folder and reads the checkpoint, and sends the verdict and the bytes to
+        # the others: every rank stops with the same error (none waits for a partner that quit), and
+        # the other nodes of a multi-node run need not see rank 0's disk.
+        message = [None]
+        if rank == 0:
+            try:
+                check_out_dir(out_dir, resume, overwrite)
+                blob = checkpoint_path.read_bytes() if resume else None
+                if blob is not None:
+                    _check_resume_config(_checkpoint_from_bytes(blob)[2], config)
+                message = [("ok", blob)]
+            except DeepPhaseError as exc:
+                message = [("error", exc)]
+        dist.broadcast_object_list(message, src=0)
+        status, payload = message[0]
+        if status == "error":
+            if rank != 0:
+                payload.reported_by_rank0 = True  # deepphase.train prints it once
+            raise payload
+        return _train(probe, out_dir, config, geometry, resume, probe_info, command, progress, log, device,
+                      settings, dose, offset_free, world=world, rank=rank, rank_data=rank_data, checkpoint=payload)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(probe, out_dir, config, geometry, resume, probe_info, command, progress, log, device, settings, dose,
+           offset_free, world=1, rank=0, rank_data="shared", checkpoint=None):
+    """The loop itself; with ``world > 1`` the process group is up and ``checkpoint`` holds the bytes to resume."""
+    checkpoint_path = out_dir / CHECKPOINT
 
     mask = torch.as_tensor(output_mask(probe, geometry), device=device)
     stream = TrainingStream(probe, geometry, config.corpus, dose, device)
@@ -187,14 +261,9 @@ def train(
     history: list[dict] = []
     start_epoch = 0
     if resume:
-        epoch_done, history, saved_config, model_state, opt_state = _read_checkpoint(checkpoint_path)
-        if {k: v for k, v in saved_config.items() if k not in ("epochs", "device")} != {
-            k: v for k, v in config.to_dict().items() if k not in ("epochs", "device")
-        }:
-            raise DeepPhaseError(
-                "resume: the checkpoint was made with another configuration "
-                f"({saved_config}); resume with the same arguments (only --epochs and --device may change)"
-            )
+        epoch_done, history, saved_config, model_state, opt_state = (
+            _read_checkpoint(checkpoint_path) if checkpoint is None else _checkpoint_from_bytes(checkpoint))
+        _check_resume_config(saved_config, config)
         network.load_state_dict(model_state)
         optimizer.load_state_dict(opt_state)
         start_epoch = epoch_done + 1
@@ -203,28 +272,56 @@ def train(
     validation = stream.fixed_set(config.seed, config.val_size)
     total_steps = config.epochs * config.steps_per_epoch
     model = PhaseModel(network, config.arch, {"n_px": geometry.n_px, "out_px": geometry.output_px}, probe, geometry)
+    step_network, sync_bn = network, False
+    if world > 1:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Batch normalisation: on GPUs the layers become SyncBatchNorm, whose statistics are those of
+        # the global batch. A process's share (batch_size / N, often 2-8 patterns) is too small for
+        # good statistics, and with them the model is the same whatever the number of GPUs (the "shared"
+        # data make a step the single-process step). On CPUs (gloo) SyncBatchNorm is not available, so
+        # BN keeps per-process statistics (as DDP does by default); the running statistics are rank
+        # 0's, broadcast to the others at every step.
+        sync_bn = device.type == "cuda"
+        if sync_bn:
+            network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)  # same parameters, in place
+        ddp_options = {}
+        if sync_bn:  # the running statistics are already the same everywhere: no buffer sync per step
+            newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+            ddp_options = {"forward_sync_buffers" if newer else "broadcast_buffers": False}
+        step_network = DistributedDataParallel(network, device_ids=[device.index] if sync_bn else None,
+                                               **ddp_options)
     for epoch in range(start_epoch, config.epochs):
-        torch.manual_seed(config.seed * 7919 + epoch)
+        # Dropout differs between processes (rank 0 keeps the single-process seed).
+        torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * rank)
         network.train()
         t0 = time.perf_counter()
         running, losses = None, []
-        batches = stream.epoch(config.seed, epoch, config.steps_per_epoch, config.batch_size)
+        if world == 1:
+            batches = stream.epoch(config.seed, epoch, config.steps_per_epoch, config.batch_size)
+        else:
+            batches = _rank_batches(stream, config, epoch, rank, world, rank_data)
         bar = tqdm(batches, total=config.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
                    disable=None if progress is None else not progress, leave=False)
         for i, batch in enumerate(bar):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(settings, epoch * config.steps_per_epoch + i, total_steps)
-            loss = masked_l1(network(batch.amplitude), batch.target, mask, offset_free)
-            if not torch.isfinite(loss):
-                raise DeepPhaseError(f"training diverged: the loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; lower --lr")
+            loss = masked_l1(step_network(batch.amplitude), batch.target, mask, offset_free)
+            # The logged loss is the mean over the processes, i.e. over the global batch; every rank
+            # sees the same value, so all stop together if it is not finite.
+            value = loss if world == 1 else _mean_over_ranks(loss)
+            if not torch.isfinite(value):
+                raise DeepPhaseError(f"training diverged: the loss became {value.item()} at epoch {epoch + 1}, step {i + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DDP averages the gradients: the gradient of the global batch's mean loss
             optimizer.step()
-            losses.append(loss.item())
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            losses.append(value.item())
+            running = value.item() if running is None else 0.98 * running + 0.02 * value.item()
             bar.set_postfix(loss=f"{running:.4f}")
         bar.close()
-        val = evaluate_loss(network, validation, mask)
+        val = evaluate_loss(network, validation, mask) if world == 1 else _evaluate_loss_ranks(
+            network, validation, mask, rank, world)
         elapsed = time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val,
                         "seconds": round(elapsed, 2),
@@ -238,12 +335,122 @@ def train(
             "dose": dose,
             "phase_range": list(config.corpus.phase_range),
         }
-        save_checkpoint(checkpoint_path, network, optimizer, epoch, history, config)
-        save_model(model, out_dir, half=config.half)
+        if world > 1:
+            model.info["training"]["distributed"] = {
+                "processes": world, "batch_per_process": config.batch_size // world, "rank_data": rank_data,
+                "sync_batchnorm": sync_bn, "backend": dist.get_backend()}
+        if rank == 0:  # the others wait at the barrier below
+            save_checkpoint(checkpoint_path, network, optimizer, epoch, history, config)
+            save_model(model, out_dir, half=config.half)
+        if world > 1:
+            dist.barrier()
         log(f"epoch {epoch + 1}/{config.epochs}: train loss {np.mean(losses):.4f} rad, validation loss {val:.4f} rad, "
             f"{history[-1]['samples_per_second']:.0f} samples/s; saved {out_dir}")
+    if sync_bn:  # hand back plain BatchNorm layers (same state) for use outside the process group
+        plain = create_model(config.arch, n_px=geometry.n_px, out_px=geometry.output_px).to(device)
+        plain.load_state_dict(network.state_dict())
+        model.network = network = plain
     network.eval()
     return model, history
+
+
+def distributed_context() -> tuple[int, int, int]:
+    """(world size, rank, local rank): of the process group if one is up, else from torchrun's environment."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError as exc:
+        raise DeepPhaseError(f"WORLD_SIZE/RANK/LOCAL_RANK: expected integers in the environment ({exc})") from exc
+
+
+def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
+    if {k: v for k, v in saved_config.items() if k not in ("epochs", "device")} != {
+        k: v for k, v in config.to_dict().items() if k not in ("epochs", "device")
+    }:
+        raise DeepPhaseError(
+            "resume: the checkpoint was made with another configuration "
+            f"({saved_config}); resume with the same arguments (only --epochs and --device may change)"
+        )
+
+
+def check_batch_split(batch_size: int, world: int) -> None:
+    """The global batch must split evenly between the processes."""
+    if world > 1 and batch_size % world:
+        raise DeepPhaseError(
+            f"batch_size: the global batch of {batch_size} does not split evenly between {world} processes; "
+            f"use a multiple of {world} (each process trains on batch_size / {world} patterns)"
+        )
+
+
+def check_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to resume without a checkpoint, or to replace a model unasked."""
+    out_dir = Path(out_dir)
+    checkpoint_path = out_dir / CHECKPOINT
+    if resume and not checkpoint_path.exists():
+        raise InputFileError(f"resume: no checkpoint at {str(checkpoint_path)!r} to resume from")
+    if not resume and not overwrite and ((out_dir / "model.json").exists() or checkpoint_path.exists()):
+        raise OutputExistsError(
+            f"out: {str(out_dir)!r} already holds a model; pass --resume to continue it or --overwrite to replace it"
+        )
+
+
+def _rank_batches(stream: TrainingStream, config: TrainConfig, epoch: int, rank: int, world: int, rank_data: str):
+    """This process's part of every global batch of ``epoch``.
+
+    ``"shared"`` (default): every process simulates the whole global batch from the (seed, epoch)
+    generator of a single-process run and keeps its slice ``[rank·B/N, (rank+1)·B/N)``, so a step sees
+    exactly the samples of the single-process step, whatever N (and a resumed run with another N
+    continues the same sequence); the price is simulating N times as much (the simulation is cheap on a
+    GPU; about 15-40 % of a unet-small step on a CPU). ``"per-rank"``: each process simulates only its
+    B/N samples from a generator seeded with (seed, epoch, rank): no repeated work, statistically the
+    same data, but not the same samples as a run with another number of processes.
+    """
+    per_rank = config.batch_size // world
+    if rank_data == "per-rank":
+        entropy = np.random.SeedSequence([int(config.seed), int(epoch), int(rank)]).generate_state(2, np.uint32)
+        gen = torch.Generator(device=stream.device).manual_seed(int(entropy[0]) << 31 ^ int(entropy[1]))
+        for _ in range(config.steps_per_epoch):
+            yield stream.batch(per_rank, gen)
+        return
+    lo, hi = rank * per_rank, (rank + 1) * per_rank
+    for batch in stream.epoch(config.seed, epoch, config.steps_per_epoch, config.batch_size):
+        yield Batch(batch.amplitude[lo:hi], batch.target[lo:hi], batch.phase[lo:hi])
+
+
+def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    total = value.detach().clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
+
+
+@torch.no_grad()
+def _evaluate_loss_ranks(network, batches, mask, rank: int, world: int) -> float:
+    """:func:`evaluate_loss` shared out: each process takes its share of every batch, the sums are all-reduced.
+
+    In eval mode every sample's loss is independent of the others, so this is the single-process value
+    on the same fixed set (up to the order of the sums).
+    """
+    import torch.distributed as dist
+
+    was_training = network.training
+    network.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        bounds = np.linspace(0, len(b.amplitude), world + 1).round().astype(int)
+        lo, hi = bounds[rank], bounds[rank + 1]
+        if hi > lo:
+            total += masked_l1(network(b.amplitude[lo:hi]), b.target[lo:hi], mask).item() * (hi - lo)
+            count += hi - lo
+    network.train(was_training)
+    sums = torch.tensor([total, count], dtype=torch.float64, device=mask.device)
+    dist.all_reduce(sums)
+    return float(sums[0] / sums[1])
 
 
 @torch.no_grad()

@@ -1,0 +1,936 @@
+"""Detector calibration: from a detector's raw patterns to the model's n×n grid.
+
+Real detectors record patterns of 64² to 512² pixels with the bright-field disk off centre, drifting
+with the scan (descan), at a camera length that does not match the model, with hot and dead pixels.
+This module measures all of that from the data and applies it lazily, batch by batch:
+
+1. counts = detector units / ``gain`` (detector units per electron);
+2. hot/dead pixels: outliers of the mean pattern against its 3×3 median filter; in every pattern they
+   are replaced by the median of their good neighbours (so are isolated NaN/Inf values);
+3. bright-field disk: centre and radius of the mean pattern, sub-pixel (area and centroid of the
+   disk normalised between background and disk level, so symmetric blur does not move them);
+4. descan: the disk's centre of mass in every (sampled) pattern, then a least-squares plane in the
+   scan coordinates; the plane, not the individual centres, is removed, so the object's own beam
+   deflections (the signal) stay;
+5. resampling: each pattern is integrated over the footprints of the model's pixels (exact pixel
+   overlap areas, hence flux-conserving: a pattern's total counts are kept inside the field of
+   view) with its disk placed where the model's disk is, on the model's n×n grid;
+6. the network gets ``sqrt(counts)``.
+
+The angular scale factor ``zoom`` (model pixels per detector pixel) is by default the ratio of the
+disk radii, i.e. it assumes the data's convergence semi-angle equals the model's. With the detector's
+and the model's mrad per pixel it is their ratio instead. Units: mrad, keV, Å (DESIGN.md).
+
+Repairs are documented in the returned ``info`` and counted by :class:`CalibratedView` as it reads:
+negative counts are clipped to zero (dark-subtracted detectors give small negatives), all-zero
+patterns (dropped frames) are replaced by the calibrated mean pattern, and isolated non-finite
+values by the local median. What cannot be repaired raises a :class:`~deepphase.errors.DeepPhaseError`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import ShapeError, ValueRangeError
+from ..physics.probe import angular_sampling, electron_wavelength
+
+__all__ = [
+    "find_disk",
+    "model_disk",
+    "bad_pixel_mask",
+    "fill_pixels",
+    "disk_centers",
+    "fit_descan",
+    "overlap_matrix",
+    "resample_patterns",
+    "measure_calibration",
+    "CalibratedView",
+    "calibrate",
+    "plot_calibration",
+    "detector_mrad_per_px",
+]
+
+#: At most this many patterns are read to measure the calibration (evenly spread over the scan).
+MAX_SAMPLE = 2048
+#: The view converts at most this many detector pixels at once (memory stays about 0.1-0.3 GB).
+VIEW_CHUNK_PIXELS = 2**24
+#: Patterns with more than this fraction of non-finite pixels are refused rather than repaired.
+MAX_NONFINITE_FRACTION = 0.01
+#: More than this fraction of all-zero patterns among the sampled ones is refused.
+MAX_ZERO_FRACTION = 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# The bright-field disk
+# ----------------------------------------------------------------------------------------------
+
+
+def find_disk(pattern: np.ndarray, what: str = "data") -> dict:
+    """Centre and radius of the bright-field disk of one (mean) pattern, sub-pixel.
+
+    Parameters
+    ----------
+    pattern : (H, W) array
+        A diffraction pattern with one bright disk on a darker background (counts or intensity).
+    what : str
+        Name used in error messages.
+
+    Returns
+    -------
+    dict
+        ``center`` (row, col) in pixels, ``radius`` in pixels, ``level`` (inside the disk) and
+        ``background`` (around it).
+
+    Notes
+    -----
+    A first guess comes from the largest connected region above half-way between background and
+    the (median-filtered) maximum. Then, a few times, a weight ``w`` is 1 inside the disk, 0 outside
+    it and ``(p - bg) / (level - bg)`` in a band of ±max(3, 0.1·r) pixels around the edge: the radius
+    is ``sqrt(Σw / π)`` and the centre the centroid of ``w``. For a uniform disk whose edge is blurred
+    symmetrically (detector point spread, resampling) both are exact — the radius is that of the
+    half-level contour — and, ``w`` being linear in the data in the band, unbiased by counting noise.
+    ``level`` and ``bg`` are trimmed means inside 0.6 r and in the ring 1.3-1.8 r.
+
+    Raises
+    ------
+    ValueRangeError
+        No disk: too little contrast, a region that is not a disk, a radius under 1.5 pixels, or
+        a disk cut by the detector's edge.
+    """
+    p = np.asarray(pattern, dtype=np.float64)
+    if p.ndim != 2:
+        raise ShapeError(f"{what}: expected a 2-D pattern, got shape {p.shape}")
+    if not np.isfinite(p).all():
+        raise ValueRangeError(f"{what}: the pattern used to find the bright-field disk has NaN or Inf values")
+    smooth = ndimage.median_filter(p, size=3, mode="nearest")
+    lo, hi = float(np.percentile(smooth, 5)), float(smooth.max())
+    spread = float(np.percentile(p, 99.9) - np.percentile(p, 0.1))
+    if not hi - lo > 1e-9 * max(abs(hi), 1e-30) or spread <= 0:
+        raise ValueRangeError(
+            f"{what}: no bright-field disk found (the mean pattern is flat, values {lo:.3g} to {hi:.3g}); "
+            "expected a bright disk on a darker background"
+        )
+    labels, count = ndimage.label(smooth > (lo + hi) / 2)
+    sizes = ndimage.sum_labels(np.ones_like(p), labels, index=np.arange(1, count + 1))
+    region = labels == (int(np.argmax(sizes)) + 1)
+    center = np.array(ndimage.center_of_mass(region))
+    radius = float(np.sqrt(region.sum() / np.pi))
+    rr, cc = np.indices(p.shape, dtype=np.float64)
+    level = bg = 0.0
+    for _ in range(4):
+        d = np.hypot(rr - center[0], cc - center[1])
+        ring = (d > 1.3 * radius) & (d < 1.8 * radius)
+        bg = _trimmed_mean(p[ring]) if ring.sum() >= 16 else lo
+        inside = d < 0.6 * radius
+        level = _trimmed_mean(p[inside]) if inside.any() else hi
+        if not level - bg > 0:
+            break
+        # Inside the disk 1, outside 0, and in the edge band the normalised pattern itself: linear in the
+        # data, so counting noise averages out instead of being clipped into a bias.
+        band = max(3.0, 0.1 * radius)
+        weight = np.where(d < radius - band, 1.0, np.where(d > radius + band, 0.0, (p - bg) / (level - bg)))
+        total = weight.sum()
+        if total <= 0:
+            break
+        radius = float(np.sqrt(total / np.pi))
+        center = np.array([(weight * rr).sum(), (weight * cc).sum()]) / total
+    _check_disk(p, center, radius, level, bg, what)
+    return {"center": [float(center[0]), float(center[1])], "radius": radius, "level": level, "background": bg}
+
+
+def _trimmed_mean(values: np.ndarray, cut: float = 10.0) -> float:
+    """Mean of the values between the ``cut`` and ``100 - cut`` percentiles (robust, not quantised like a median)."""
+    lo, hi = np.percentile(values, [cut, 100 - cut])
+    kept = values[(values >= lo) & (values <= hi)]
+    return float(kept.mean()) if kept.size else float(np.median(values))
+
+
+def _check_disk(p, center, radius, level, bg, what):
+    h, w = p.shape
+    found = f"centre ({center[0]:.1f}, {center[1]:.1f}), radius {radius:.2f} px on {h}×{w}"
+    if not level - bg > 0 or not np.isfinite(radius):
+        raise ValueRangeError(
+            f"{what}: no bright-field disk found (disk level {level:.3g} is not above the background {bg:.3g}); "
+            "expected a bright disk on a darker background"
+        )
+    if radius < 1.5:
+        raise ValueRangeError(
+            f"{what}: no bright-field disk found ({found}); expected a disk of at least 1.5 pixels radius"
+        )
+    margin = min(center[0], center[1], h - 1 - center[0], w - 1 - center[1])
+    if margin < radius - 0.5:
+        raise ValueRangeError(
+            f"{what}: the bright-field disk ({found}) is cut by the detector edge; expected the whole disk "
+            "on the detector"
+        )
+    # Is the bright region a disk? Compare it with the fitted circle.
+    rr, cc = np.indices(p.shape)
+    d = np.hypot(rr - center[0], cc - center[1])
+    bright = p > (level + bg) / 2
+    inner, ring = d < max(radius - 1.5, 0.5), (d > radius + 1.5) & (d < 2.5 * radius)
+    frac_in = bright[inner].mean() if inner.any() else 1.0
+    frac_out = bright[ring].mean() if ring.any() else 0.0
+    if frac_in < 0.8 or frac_out > 0.2:
+        raise ValueRangeError(
+            f"{what}: no bright-field disk found ({found}: {frac_in:.0%} of the pixels inside the circle and "
+            f"{frac_out:.0%} of those around it are bright); expected one bright disk on a darker background"
+        )
+
+
+def model_disk(probe: np.ndarray) -> dict:
+    """The bright-field disk of a model's probe: :func:`find_disk` of ``|fftshift(fft2(ifftshift(P)))|²``.
+
+    The reference probe gives a radius of about 7.6 pixels (half-level contour) on its 32×32 grid,
+    centred near (15.7, 16.0).
+    """
+    far = np.abs(np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(np.asarray(probe))))) ** 2
+    return find_disk(far / far.max(), what="model probe")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hot and dead pixels
+# ----------------------------------------------------------------------------------------------
+
+
+def bad_pixel_mask(mean_pattern: np.ndarray, n_patterns: int = 1, n_sigma: float = 8.0, hot_factor: float = 2.0,
+                   dead_fraction: float = 0.1) -> np.ndarray:
+    """Hot and dead pixels: outliers of the mean pattern against its 3×3 median filter.
+
+    With ``m`` the 3×3 median and σ the noise of a pixel's mean — the robust (MAD) spread of ``mean - m``
+    over the detector and the counting noise ``sqrt(max(mean, m) / n_patterns)``, added in quadrature —
+    a pixel is
+
+    * hot if ``mean > hot_factor·m + n_sigma·σ`` (well above twice its neighbourhood),
+    * dead if ``mean < dead_fraction·m`` and ``m - mean > n_sigma·σ`` (almost no counts where its
+      neighbours have many),
+    * bad if its mean is not finite.
+
+    The factors, not just σ, keep real structure out of the mask: the mean of many patterns is precise
+    enough that thin features (a disk's edge, a dark ring) differ from the median filter by many σ, but
+    not by a factor of two or ten.
+
+    Parameters
+    ----------
+    mean_pattern : (H, W) array
+        Mean counts per pixel.
+    n_patterns : int
+        How many patterns were averaged (for the counting noise).
+    n_sigma, hot_factor, dead_fraction : float
+        Thresholds, see above.
+
+    Returns
+    -------
+    (H, W) bool array, True for bad pixels.
+    """
+    p = np.asarray(mean_pattern, dtype=np.float64)
+    bad = ~np.isfinite(p)
+    q = np.where(bad, np.nanmedian(p[~bad]) if (~bad).any() else 0.0, p)
+    med = ndimage.median_filter(q, size=3, mode="nearest")
+    res = q - med
+    sigma = 1.4826 * float(np.median(np.abs(res - np.median(res))))
+    sigma = max(sigma, 1e-3 * float(np.percentile(np.abs(med), 99.9)), 1e-12)
+    sigma = np.sqrt(sigma**2 + np.maximum(np.maximum(q, med), 0) / max(int(n_patterns), 1))
+    hot = q > hot_factor * np.maximum(med, 0) + n_sigma * sigma
+    dead = (q < dead_fraction * med) & (-res > n_sigma * sigma)
+    return bad | hot | dead
+
+
+def _neighbours(mask: np.ndarray, radius: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For each masked pixel, the coordinates of its good neighbours (padded, with a validity mask)."""
+    rows, cols = np.nonzero(mask)
+    h, w = mask.shape
+    while True:
+        dr, dc = np.meshgrid(np.arange(-radius, radius + 1), np.arange(-radius, radius + 1), indexing="ij")
+        nr, nc = rows[:, None] + dr.ravel()[None], cols[:, None] + dc.ravel()[None]
+        inside = (nr >= 0) & (nr < h) & (nc >= 0) & (nc < w)
+        nr, nc = np.clip(nr, 0, h - 1), np.clip(nc, 0, w - 1)
+        valid = inside & ~mask[nr, nc]
+        if valid.any(axis=1).all() or radius >= 4 or len(rows) == 0:
+            return rows, cols, np.stack([nr, nc]), valid
+        radius += 1
+
+
+def fill_pixels(batch: np.ndarray, mask: np.ndarray, _cache: dict | None = None) -> np.ndarray:
+    """Replace the masked pixels of every pattern by the median of their good 3×3 neighbours, in place.
+
+    Parameters
+    ----------
+    batch : (B, H, W) float array
+    mask : (H, W) bool array of pixels to replace
+    """
+    if not mask.any():
+        return batch
+    key = id(mask)
+    if _cache is not None and key in _cache:
+        rows, cols, (nr, nc), valid = _cache[key]
+    else:
+        rows, cols, (nr, nc), valid = _neighbours(mask)
+        if _cache is not None:
+            _cache[key] = rows, cols, (nr, nc), valid
+    values = batch[:, nr, nc].astype(np.float64)  # (B, M, K)
+    values[:, ~valid] = np.nan
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(values, axis=-1)
+    batch[:, rows, cols] = np.nan_to_num(med, nan=0.0)
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# Descan
+# ----------------------------------------------------------------------------------------------
+
+
+def disk_centers(batch: np.ndarray, disk: dict, predicted: np.ndarray | None = None,
+                 window: float = 1.5) -> np.ndarray:
+    """Centre of mass of the bright-field disk in each pattern.
+
+    Parameters
+    ----------
+    batch : (B, H, W) counts (bad pixels already filled).
+    disk : :func:`find_disk` of the mean pattern (level, background, radius, centre).
+    predicted : (B, 2) expected centres (default: the mean pattern's centre for all).
+    window : radius of the circle around the expected centre that is used, in disk radii.
+
+    Returns
+    -------
+    (B, 2) centres (row, col); NaN for patterns without signal in the window.
+    """
+    b = np.asarray(batch, dtype=np.float32)
+    n = len(b)
+    if predicted is None:
+        predicted = np.tile(np.asarray(disk["center"], dtype=np.float64), (n, 1))
+    bg, level, radius = disk["background"], disk["level"], disk["radius"]
+    rr = np.arange(b.shape[-2], dtype=np.float32)
+    cc = np.arange(b.shape[-1], dtype=np.float32)
+    dr = rr[None, :, None] - predicted[:, 0, None, None].astype(np.float32)
+    dc = cc[None, None, :] - predicted[:, 1, None, None].astype(np.float32)
+    inside = (dr * dr + dc * dc) < np.float32((window * radius) ** 2)
+    w = np.clip((b - np.float32(bg)) / np.float32(level - bg), 0, 1) * inside
+    total = w.sum(axis=(-2, -1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (w.sum(axis=-1) * rr[None]).sum(axis=-1) / total
+        c = (w.sum(axis=-2) * cc[None]).sum(axis=-1) / total
+    out = np.stack([r, c], axis=1).astype(np.float64)
+    out[total <= 0] = np.nan
+    return out
+
+
+def fit_descan(centers: np.ndarray, coords: np.ndarray, reject: float = 5.0) -> dict:
+    """Least-squares plane of the disk centres over the scan: ``centre = a0 + a_row·row + a_col·col``.
+
+    Parameters
+    ----------
+    centers : (N, 2) measured disk centres (row, col) in detector pixels; NaN rows are ignored.
+    coords : (N, 2) scan coordinates of the same patterns (scan positions or scan indices).
+    reject : after a first fit, patterns whose residual exceeds ``reject`` robust standard deviations
+        are left out of a second fit.
+
+    Returns
+    -------
+    dict
+        ``coefficients``: 2×3 nested list, rows for the centre's row and col, columns
+        ``[a0, a_row, a_col]`` (pixels, pixels per scan unit); ``rms_residual_px``; ``n_used``.
+    """
+    centers = np.asarray(centers, dtype=np.float64)
+    coords = np.asarray(coords, dtype=np.float64)
+    ok = np.isfinite(centers).all(axis=1) & np.isfinite(coords).all(axis=1)
+    if ok.sum() < 3:
+        coeffs = np.zeros((2, 3))
+        coeffs[:, 0] = np.nanmean(centers, axis=0) if ok.any() else np.nan
+        return {"coefficients": coeffs.tolist(), "rms_residual_px": 0.0, "n_used": int(ok.sum())}
+    design = np.column_stack([np.ones(len(coords)), coords])
+    used = ok.copy()
+    coeffs = np.zeros((2, 3))
+    for _ in range(2):
+        # Minimum-norm least squares: a scan along one line constrains only that direction.
+        sol, *_ = np.linalg.lstsq(design[used], centers[used], rcond=None)
+        coeffs = sol.T
+        resid = np.linalg.norm(centers - design @ sol, axis=1)
+        spread = 1.4826 * np.median(resid[used]) + 1e-9
+        used = ok & (resid <= reject * spread + 1e-6)
+    resid = np.linalg.norm(centers[used] - design[used] @ coeffs.T, axis=1)
+    return {"coefficients": coeffs.tolist(), "rms_residual_px": float(np.sqrt(np.mean(resid**2))),
+            "n_used": int(used.sum())}
+
+
+def _plane(coeffs, coords) -> np.ndarray:
+    coeffs = np.asarray(coeffs, dtype=np.float64)
+    coords = np.asarray(coords, dtype=np.float64)
+    return coeffs[:, 0][None] + coords @ coeffs[:, 1:].T
+
+
+# ----------------------------------------------------------------------------------------------
+# Resampling
+# ----------------------------------------------------------------------------------------------
+
+
+def overlap_matrix(n_out: int, n_in: int, center_in: np.ndarray, center_out: float, zoom: float) -> np.ndarray:
+    """Pixel-overlap weights of a 1-D resampling, one matrix per pattern.
+
+    Output pixel ``i`` (centre at ``i``, width 1) covers input coordinates
+    ``center_in + (i ± 0.5 - center_out) / zoom``; ``W[b, i, j]`` is the length of its overlap with
+    input pixel ``j`` (``j ± 0.5``). Every input pixel inside the output's field of view is shared
+    out completely (columns sum to one), so ``W @ x`` conserves the counts.
+
+    Parameters
+    ----------
+    n_out, n_in : int
+    center_in : (B,) input coordinate that lands on ``center_out``
+    center_out : float
+    zoom : output pixels per input pixel
+
+    Returns
+    -------
+    (B, n_out, n_in) float32 array
+    """
+    center_in = np.atleast_1d(np.asarray(center_in, dtype=np.float64))
+    i = np.arange(n_out, dtype=np.float64)
+    lo = center_in[:, None] + (i[None] - 0.5 - center_out) / zoom  # (B, n_out)
+    hi = lo + 1.0 / zoom
+    j = np.arange(n_in, dtype=np.float64)
+    overlap = np.minimum(hi[:, :, None], j[None, None] + 0.5) - np.maximum(lo[:, :, None], j[None, None] - 0.5)
+    return np.clip(overlap, 0.0, None).astype(np.float32)
+
+
+def _integrate_axis(x: np.ndarray, centers: np.ndarray, n_out: int, center_out: float, zoom: float) -> np.ndarray:
+    """``overlap_matrix(...) @ x`` along axis 1 of (B, n_in, M), by differences of the cumulative sum.
+
+    The counts of input pixel ``j`` are spread evenly over ``[j - 0.5, j + 0.5]``; their integral up
+    to a coordinate is the cumulative sum plus the fraction of the pixel it cuts. Output pixel ``i``
+    receives the integral between its edges: O(n_in + n_out) per column instead of O(n_in · n_out).
+    """
+    b, n_in = x.shape[:2]
+    cum = np.zeros((b, n_in + 1, *x.shape[2:]), dtype=np.float64)
+    np.cumsum(x, axis=1, dtype=np.float64, out=cum[:, 1:])
+    edges = centers[:, None] + (np.arange(n_out + 1, dtype=np.float64)[None] - 0.5 - center_out) / zoom + 0.5
+    edges = np.clip(edges, 0.0, float(n_in))  # (B, n_out + 1), in units where pixel j spans [j, j + 1]
+    k = np.minimum(np.floor(edges).astype(np.int64), n_in - 1)
+    frac = (edges - k)[:, :, None]
+    flat = x.reshape(b, n_in, -1)
+    cflat = cum.reshape(b, n_in + 1, -1)
+    integral = np.take_along_axis(cflat, k[:, :, None], axis=1) + frac * np.take_along_axis(flat, k[:, :, None], axis=1)
+    out = np.diff(integral, axis=1)
+    return out.reshape(b, n_out, *x.shape[2:])
+
+
+def resample_patterns(batch: np.ndarray, centers: np.ndarray, n_out: int, center_out: tuple[float, float],
+                      zoom: float) -> np.ndarray:
+    """Resample patterns onto an ``n_out × n_out`` grid, each with its ``centers[b]`` put at ``center_out``.
+
+    Flux-conserving: the result is ``Wr @ pattern @ Wc.T`` with the pixel-overlap matrices of
+    :func:`overlap_matrix` (integrated counts, not interpolated values), computed as differences of
+    cumulative sums, one axis after the other.
+
+    Parameters
+    ----------
+    batch : (B, H, W) counts
+    centers : (B, 2) disk centre (row, col) of each pattern, detector pixels
+    n_out : size of the output grid
+    center_out : (row, col) where the centres go on the output grid
+    zoom : output pixels per input pixel
+
+    Returns
+    -------
+    (B, n_out, n_out) float32 counts
+    """
+    b = np.asarray(batch, dtype=np.float32)
+    centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+    rows = _integrate_axis(b, centers[:, 0], n_out, center_out[0], zoom)  # (B, n_out, W)
+    cols = _integrate_axis(rows.transpose(0, 2, 1), centers[:, 1], n_out, center_out[1], zoom)  # (B, n_out, n_out)
+    return cols.transpose(0, 2, 1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Angular sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def detector_mrad_per_px(value: float, units: str, energy_kev: float | None) -> float | None:
+    """A detector pixel size in mrad from a calibration in mrad, rad, 1/Å or 1/nm (these need the energy)."""
+    u = str(units or "").strip().replace("Å", "A").replace("^-1", "-1").lower()
+    if u in ("mrad",):
+        return float(value)
+    if u in ("rad",):
+        return 1e3 * float(value)
+    if energy_kev is None:
+        return None
+    lam = electron_wavelength(energy_kev)
+    if u in ("1/a", "a-1", "1 / a"):
+        return 1e3 * lam * float(value)
+    if u in ("1/nm", "nm-1", "1 / nm"):
+        return 1e3 * lam * float(value) / 10.0
+    return None
+
+
+def _model_optics(model) -> dict:
+    probe = (getattr(model, "info", None) or {}).get("probe") or {}
+    out = {}
+    for key in ("semiangle_cutoff", "energy", "sampling"):
+        if isinstance(probe.get(key), (int, float)):
+            out[key] = float(probe[key])
+    if "energy" in out and "sampling" in out:
+        out["mrad_per_px"] = angular_sampling(model.geometry.n_px, out["sampling"], out["energy"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------
+
+
+def _sample_indices(n: int, max_frames: int) -> np.ndarray:
+    if n <= max_frames:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, max_frames).round().astype(int))
+
+
+def _read(frames, indices: np.ndarray, batch_size: int):
+    """Yield (indices, float64 batch) for the given frame indices, reading runs as slices."""
+    indices = np.asarray(indices)
+    contiguous = len(indices) > 0 and np.all(np.diff(indices) == 1)
+    for k in range(0, len(indices), batch_size):
+        idx = indices[k : k + batch_size]
+        if contiguous:
+            block = np.asarray(frames[int(idx[0]) : int(idx[-1]) + 1])
+        else:
+            block = np.concatenate([np.asarray(frames[int(i) : int(i) + 1]) for i in idx])
+        yield idx, block.astype(np.float64)
+
+
+def _prepare(raw: np.ndarray, kind: str, gain: float, dtype=np.float64) -> np.ndarray:
+    x = np.asarray(raw).astype(dtype)
+    if kind == "amplitude":
+        x = np.sign(x) * x * x
+    return x / gain if gain != 1 else x
+
+
+def measure_calibration(
+    frames,
+    model,
+    coords: np.ndarray | None = None,
+    *,
+    kind: str = "counts",
+    gain: float = 1.0,
+    mrad_per_px: float | None = None,
+    model_mrad_per_px: float | None = None,
+    semi_angle: float | None = None,
+    energy: float | None = None,
+    detector_sampling: dict | None = None,
+    max_frames: int = MAX_SAMPLE,
+    batch_size: int = 64,
+    what: str = "data",
+) -> tuple[dict, dict]:
+    """Measure everything needed to put detector patterns on the model's grid.
+
+    Parameters
+    ----------
+    frames : sliceable (N, H, W)
+        Raw patterns in detector units (or amplitudes with ``kind="amplitude"``).
+    model : PhaseModel
+        Its probe and geometry define the target grid and disk.
+    coords : (N, 2) array, optional
+        Scan coordinates of the patterns (positions in pixels, or scan indices) for the descan plane.
+        None: no descan correction.
+    kind : "counts" or "amplitude"
+    gain : float
+        Detector units per electron: counts = data / gain.
+    mrad_per_px, model_mrad_per_px : float, optional
+        Angular size of a detector pixel and of a model pixel. With both, ``zoom`` is their ratio.
+        ``model_mrad_per_px`` defaults to what the model records (probe energy and sampling).
+    semi_angle : float, optional
+        The data's convergence semi-angle in mrad: gives ``mrad_per_px = semi_angle / radius`` of the
+        data's disk. Compared with the model's angular sampling where the model records one; otherwise
+        the radii set the zoom and this gives the model grid's mrad per pixel (for the real-space
+        pixel size).
+    energy : float, optional
+        Beam energy in keV, to convert a detector calibration in 1/Å or 1/nm to mrad.
+    detector_sampling : dict, optional
+        ``{"value": x, "units": u}`` read from the file; used like ``mrad_per_px`` when it converts.
+    max_frames : int
+        At most this many patterns, evenly spread over the scan, are read for the measurement.
+    batch_size : int
+        Patterns read at once.
+
+    Returns
+    -------
+    info : dict
+        JSON-ready: ``center_px``, ``radius_px``, ``zoom`` (model pixels per detector pixel) and how it
+        was set, ``data_mrad_per_px`` and ``model_mrad_per_px`` (of the model's grid, after resampling)
+        where known, ``real_space_sampling_angstrom`` (with the energy), ``model_disk``, ``target_center_px``, ``descan`` (plane coefficients in ``coords``
+        units), ``masked_pixels`` (count and up to 100 coordinates), ``gain``, the samples used, and
+        any repairs.
+    arrays : dict
+        ``mean_pattern`` (counts), ``mask``, ``sample_indices``, ``centers`` (measured, per sampled
+        pattern): what :class:`CalibratedView` and :func:`plot_calibration` use.
+    """
+    if not gain > 0 or not np.isfinite(gain):
+        raise ValueRangeError(f"gain: expected a positive number of detector units per electron, got {gain!r}")
+    shape = tuple(getattr(frames, "shape", ()))
+    if len(shape) != 3:
+        raise ShapeError(f"{what}: expected patterns of shape (N, k_row, k_col), got shape {shape}")
+    n_frames, h, w = shape
+    if n_frames == 0:
+        raise ShapeError(f"{what}: holds no patterns")
+    n = model.geometry.n_px
+    if coords is not None:
+        coords = np.asarray(coords, dtype=np.float64)
+        if coords.shape != (n_frames, 2):
+            raise ShapeError(f"coords: expected ({n_frames}, 2) scan coordinates, got shape {coords.shape}")
+    sample = _sample_indices(n_frames, max_frames)
+
+    # Pass 1: mean pattern (non-finite values ignored), all-zero patterns.
+    total = np.zeros((h, w))
+    finite_count = np.zeros((h, w))
+    zero = np.zeros(len(sample), dtype=bool)
+    pos = 0
+    for idx, raw in _read(frames, sample, batch_size):
+        x = _prepare(raw, kind, gain)
+        fin = np.isfinite(x)
+        total += np.where(fin, x, 0.0).sum(axis=0)
+        finite_count += fin.sum(axis=0)
+        zero[pos : pos + len(idx)] = ~np.any(np.where(fin, x, 0.0) != 0, axis=(-2, -1))
+        pos += len(idx)
+    if zero.all():
+        raise ValueRangeError(f"{what}: all {len(sample)} patterns read are zero everywhere; expected diffraction patterns")
+    if zero.mean() > MAX_ZERO_FRACTION:
+        raise ValueRangeError(
+            f"{what}: {int(zero.sum())} of {len(sample)} patterns read are zero everywhere (dropped frames?); "
+            f"expected at most {MAX_ZERO_FRACTION:.0%}"
+        )
+    # Mean over the patterns that are not all zero; NaN where a pixel was never finite.
+    never_finite = finite_count <= zero.sum()
+    mean = np.where(never_finite, np.nan, total / np.maximum(finite_count - zero.sum(), 1))
+
+    mask = bad_pixel_mask(mean, n_patterns=len(sample) - int(zero.sum()))
+    if mask.mean() > 0.05:
+        raise ValueRangeError(
+            f"{what}: {int(mask.sum())} of {h * w} detector pixels ({mask.mean():.0%}) look hot or dead; expected a "
+            "few (if the data are in detector units rather than electrons, give the gain: --gain G)"
+        )
+    clean = fill_pixels(mean[None].copy(), mask)[0]
+    disk = find_disk(clean, what=f"{what} (mean pattern)")
+    if clean.min() < _negative_limit(disk):
+        raise ValueRangeError(
+            f"{what}: the mean pattern has negative counts down to {clean.min():.3g} (disk level {disk['level']:.3g}); "
+            "expected counts ≥ 0 (small negatives from dark subtraction are clipped, a negative offset is not)"
+        )
+
+    # The model's grid.
+    mdisk = model_disk(model.probe)
+    optics = _model_optics(model)
+    zoom, source, data_mrad, model_mrad = _zoom(disk, mdisk, optics, mrad_per_px, model_mrad_per_px, semi_angle,
+                                               energy, detector_sampling)
+
+    # Pass 2 (and more while the plane moves the window a lot): disk centres for the descan plane.
+    centers = np.full((len(sample), 2), np.nan)
+    descan = {"coefficients": [[disk["center"][0], 0.0, 0.0], [disk["center"][1], 0.0, 0.0]],
+              "rms_residual_px": 0.0, "n_used": 0}
+    if coords is not None:
+        predicted = None
+        for _ in range(3):
+            pos = 0
+            for idx, raw in _read(frames, sample, batch_size):
+                x = _repair(_prepare(raw, kind, gain), mask, idx, what)
+                pred = None if predicted is None else predicted[pos : pos + len(idx)]
+                centers[pos : pos + len(idx)] = disk_centers(x, disk, pred)
+                pos += len(idx)
+            centers[zero] = np.nan
+            descan = fit_descan(centers, coords[sample])
+            new = _plane(descan["coefficients"], coords[sample])
+            moved = 0.0 if predicted is None else float(np.nanmax(np.abs(new - predicted)))
+            if predicted is None:
+                moved = float(np.nanmax(np.abs(new - np.asarray(disk["center"])[None])))
+            predicted = new
+            if moved < 0.1 * disk["radius"]:
+                break
+        # The plane gives the shifts; the mean pattern gives the absolute centre (the two measure the
+        # same disk, this keeps the radius and centre from one consistent method).
+        offset = np.asarray(disk["center"]) - np.nanmean(_plane(descan["coefficients"], coords[sample]), axis=0)
+        coeffs = np.asarray(descan["coefficients"])
+        coeffs[:, 0] += offset
+        descan["coefficients"] = coeffs.tolist()
+        span = _plane(coeffs, coords) if len(coords) <= 1_000_000 else _plane(coeffs, coords[sample])
+        descan["range_px"] = [float(np.ptp(span[:, 0])), float(np.ptp(span[:, 1]))]
+
+    rows, cols = np.nonzero(mask)
+    info = {
+        "center_px": disk["center"],
+        "radius_px": disk["radius"],
+        "disk_level_counts": disk["level"],
+        "background_counts": disk["background"],
+        "detector_shape": [h, w],
+        "zoom": zoom,
+        "zoom_source": source,
+        "data_mrad_per_px": data_mrad,
+        "model_mrad_per_px": model_mrad,
+        "model_disk": {"center_px": mdisk["center"], "radius_px": mdisk["radius"]},
+        "target_center_px": mdisk["center"],
+        "grid_px": n,
+        "descan": {**descan, "coordinates": "the scan coordinates given (the CLI: positions in px)" if coords is not None else None,
+                   "applied": coords is not None},
+        "masked_pixels": {"count": int(mask.sum()),
+                          "first": [[int(r), int(c)] for r, c in list(zip(rows, cols))[:100]]},
+        "gain_units_per_electron": gain,
+        "input": kind,
+        "patterns_sampled": int(len(sample)),
+        "zero_patterns_sampled": int(zero.sum()),
+        "field_of_view_fraction": float(min(1.0, n / zoom / min(h, w))),
+    }
+    if energy is not None:
+        info["energy_kev"] = energy
+        if model_mrad is not None:
+            info["real_space_sampling_angstrom"] = electron_wavelength(energy) / (n * model_mrad * 1e-3)
+    arrays = {"mean_pattern": clean, "mask": mask, "sample_indices": sample, "centers": centers,
+              "coords": None if coords is None else coords[sample]}
+    return info, arrays
+
+
+def _negative_limit(disk: dict) -> float:
+    """The most negative mean count accepted before calling it an offset (5 % of the disk's contrast)."""
+    return -0.05 * abs(disk["level"] - disk["background"]) - 1e-9
+
+
+def _zoom(disk, mdisk, optics, mrad_per_px, model_mrad_per_px, semi_angle, energy, detector_sampling):
+    """Model pixels per detector pixel, where that came from, the data's and the model grid's mrad per pixel.
+
+    With the data's and the model's mrad per pixel both known, their ratio; otherwise the ratio of the
+    disk radii (equal convergence semi-angles). A data mrad per pixel without the model's still tells
+    the model grid's mrad per pixel after resampling (``data_mrad / zoom``).
+    """
+    for name, value in (("mrad_per_px", mrad_per_px), ("model_mrad_per_px", model_mrad_per_px),
+                        ("semi_angle", semi_angle)):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise ValueRangeError(f"{name.replace('_', '-')}: expected a positive number, got {value!r}")
+    model_mrad, model_source = None, None
+    if model_mrad_per_px is not None:
+        model_mrad, model_source = float(model_mrad_per_px), "given"
+    elif "semiangle_cutoff" in optics:
+        model_mrad, model_source = optics["semiangle_cutoff"] / mdisk["radius"], "model semi-angle / disk radius"
+    elif "mrad_per_px" in optics:
+        model_mrad, model_source = optics["mrad_per_px"], "model energy and sampling"
+    data_mrad, data_source = None, None
+    if mrad_per_px is not None:
+        data_mrad, data_source = float(mrad_per_px), "given"
+    elif semi_angle is not None:
+        data_mrad, data_source = float(semi_angle) / disk["radius"], "semi-angle / disk radius"
+    elif detector_sampling is not None:
+        value = detector_mrad_per_px(detector_sampling.get("value"), detector_sampling.get("units"), energy)
+        if value is not None and value > 0:
+            data_mrad, data_source = value, f"file calibration ({detector_sampling.get('units')})"
+    if data_mrad is not None and model_mrad is not None:
+        zoom = data_mrad / model_mrad
+        source = f"mrad per pixel: data ({data_source}) / model ({model_source})"
+        return zoom, source, data_mrad, model_mrad
+    zoom = mdisk["radius"] / disk["radius"]
+    source = "disk radii (the data's convergence semi-angle assumed equal to the model's)"
+    if data_mrad is not None:
+        model_mrad = data_mrad / zoom
+        source += f"; model grid mrad per pixel from the data's ({data_source})"
+    elif model_mrad is not None:
+        data_mrad = model_mrad * zoom
+    return zoom, source, data_mrad, model_mrad
+
+
+def _repair(x: np.ndarray, mask: np.ndarray, idx, what: str, counters: dict | None = None,
+            cache: dict | None = None) -> np.ndarray:
+    """Fill bad pixels, then isolated non-finite values, per pattern; refuse patterns mostly non-finite."""
+    fill_pixels(x, mask, cache)
+    fin = np.isfinite(x)
+    if not fin.all():
+        frac = 1.0 - fin.reshape(len(x), -1).mean(axis=1)
+        worst = int(np.argmax(frac))
+        if frac[worst] > MAX_NONFINITE_FRACTION:
+            raise ValueRangeError(
+                f"{what}: frame {int(idx[worst])} has {frac[worst]:.1%} NaN or Inf values; expected finite counts "
+                f"(isolated ones, up to {MAX_NONFINITE_FRACTION:.0%} of a pattern, are replaced by the local median)"
+            )
+        for b in np.flatnonzero(frac > 0):
+            bad = ~fin[b]
+            fill_pixels(x[b : b + 1], bad)
+        if counters is not None:
+            counters["nonfinite_values_replaced"] += int((~fin).sum())
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Applying, lazily
+# ----------------------------------------------------------------------------------------------
+
+
+class CalibratedView:
+    """Raw detector patterns seen as calibrated amplitudes ``sqrt(counts)`` on the model's n×n grid.
+
+    Sliced like an array (``view[a:b]``, ``view.shape``); each slice is read from ``frames``,
+    converted, repaired, de-scanned and resampled then and there, so memory stays bounded by the
+    batch. ``counters`` records the repairs made so far (negative values clipped, all-zero patterns
+    replaced, non-finite values replaced).
+    """
+
+    def __init__(self, frames, info: dict, arrays: dict, coords: np.ndarray | None = None, what: str = "data"):
+        self.frames, self.info, self.arrays, self.what = frames, info, arrays, what
+        n = int(info["grid_px"])
+        self.shape = (int(frames.shape[0]), n, n)
+        self.dtype = np.dtype(np.float32)
+        self.coords = None if coords is None else np.asarray(coords, dtype=np.float64)
+        self._cache: dict = {}
+        self.counters = {"negative_values_clipped": 0, "most_negative_count": 0.0, "zero_patterns_replaced": 0,
+                         "nonfinite_values_replaced": 0}
+        self._mean_resampled = resample_patterns(arrays["mean_pattern"][None], np.asarray([info["center_px"]]), n,
+                                                 tuple(info["target_center_px"]), info["zoom"])[0]
+
+    def __len__(self):
+        return self.shape[0]
+
+    def use_coords(self, coords: np.ndarray) -> None:
+        """Switch to other scan coordinates of the same patterns (say positions in pixels instead of scan
+        indices): the descan plane is re-expressed in them (exact for coordinates linear in the old)."""
+        coords = np.asarray(coords, dtype=np.float64)
+        if coords.shape != (self.shape[0], 2):
+            raise ShapeError(f"coords: expected ({self.shape[0]}, 2) scan coordinates, got shape {coords.shape}")
+        if self.coords is not None:
+            values = _plane(self.info["descan"]["coefficients"], self.coords)
+            sol, *_ = np.linalg.lstsq(np.column_stack([np.ones(len(coords)), coords]), values, rcond=None)
+            self.info["descan"]["coefficients"] = sol.T.tolist()
+            if self.arrays.get("coords") is not None:
+                self.arrays["coords"] = coords[self.arrays["sample_indices"]]
+        self.coords = coords
+
+    def centers(self, start: int, stop: int) -> np.ndarray:
+        """Disk centres used for patterns ``start:stop`` (the descan plane, or the mean centre)."""
+        if self.coords is not None and self.info["descan"]["applied"]:
+            return _plane(self.info["descan"]["coefficients"], self.coords[start:stop])
+        return np.tile(np.asarray(self.info["center_px"], dtype=np.float64), (stop - start, 1))
+
+    def counts(self, index) -> np.ndarray:
+        """Calibrated counts (B, n, n) float32 of a slice of patterns."""
+        if not isinstance(index, slice):
+            raise TypeError("only slices are supported")
+        start, stop, step = index.indices(self.shape[0])
+        if step != 1:
+            raise TypeError("only slices with step 1 are supported")
+        out = np.zeros((max(stop - start, 0), *self.shape[1:]), dtype=np.float32)
+        h, w = self.frames.shape[1:]
+        chunk = max(1, VIEW_CHUNK_PIXELS // (h * w))
+        for a in range(start, stop, chunk):
+            b = min(a + chunk, stop)
+            out[a - start : b - start] = self._counts(a, b)
+        return out
+
+    def _counts(self, start: int, stop: int) -> np.ndarray:
+        x = _prepare(self.frames[start:stop], self.info["input"], self.info["gain_units_per_electron"], np.float32)
+        x = _repair(x, self.arrays["mask"], np.arange(start, stop), self.what, self.counters, self._cache)
+        neg = x < 0
+        if neg.any():
+            self.counters["negative_values_clipped"] += int(neg.sum())
+            self.counters["most_negative_count"] = min(self.counters["most_negative_count"], float(x.min()))
+            np.maximum(x, 0, out=x)
+        out = resample_patterns(x, self.centers(start, stop), self.shape[1], tuple(self.info["target_center_px"]),
+                                self.info["zoom"])
+        zero = ~np.any(x != 0, axis=(-2, -1))
+        if zero.any():
+            self.counters["zero_patterns_replaced"] += int(zero.sum())
+            out[zero] = self._mean_resampled
+        return np.maximum(out, 0, out=out)
+
+    def __getitem__(self, index):
+        return np.sqrt(self.counts(index)).astype(np.float32)
+
+    def report(self) -> dict:
+        """``info`` with the repair counters so far (JSON-ready)."""
+        return {**self.info, "repairs": dict(self.counters)}
+
+
+def calibrate(
+    frames,
+    model,
+    coords: np.ndarray | None = None,
+    *,
+    png: str | Path | None = None,
+    **options,
+) -> tuple[CalibratedView, dict]:
+    """Measure the calibration of detector patterns and return a lazy calibrated view of them.
+
+    Parameters
+    ----------
+    frames : sliceable (N, H, W)
+        Raw patterns (detector units), e.g. :attr:`deepphase.data.io.ScanData.frames`.
+    model : PhaseModel
+    coords : (N, 2), optional
+        Scan coordinates for the descan plane (the scan positions).
+    png : path, optional
+        Write the calibration figure there (atomically).
+    **options
+        Passed to :func:`measure_calibration` (``kind``, ``gain``, ``mrad_per_px``, ``model_mrad_per_px``,
+        ``semi_angle``, ``energy``, ``detector_sampling``, ``max_frames``, ``batch_size``).
+
+    Returns
+    -------
+    view : CalibratedView
+        Amplitudes ``sqrt(counts)`` on the model's grid, read lazily.
+    info : dict
+        Everything found and used (see :func:`measure_calibration`).
+    """
+    info, arrays = measure_calibration(frames, model, coords, **options)
+    view = CalibratedView(frames, info, arrays, coords, what=options.get("what", "data"))
+    if png is not None:
+        plot_calibration(view, png)
+    return view, info
+
+
+def plot_calibration(view: CalibratedView, path: str | Path) -> None:
+    """A PNG: the mean pattern with the fitted disk, the calibrated mean pattern, and the descan maps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io_utils import atomic_path
+
+    info, arrays = view.info, view.arrays
+    has_descan = arrays.get("coords") is not None and np.isfinite(arrays["centers"]).any()
+    ncols = 4 if has_descan else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(4.0 * ncols, 3.9), squeeze=False)
+    ax = axes[0, 0]
+    mean = arrays["mean_pattern"]
+    ax.imshow(np.sqrt(np.clip(mean, 0, None)), cmap="gray", interpolation="nearest")
+    t = np.linspace(0, 2 * np.pi, 200)
+    (r0, c0), rad = info["center_px"], info["radius_px"]
+    ax.plot(c0 + rad * np.cos(t), r0 + rad * np.sin(t), color="tab:orange", lw=1)
+    ax.plot([c0], [r0], "+", color="tab:orange")
+    rows, cols = np.nonzero(arrays["mask"])
+    if len(rows):
+        ax.plot(cols, rows, "x", color="tab:red", ms=4, label=f"{len(rows)} masked")
+        ax.legend(loc="lower right", fontsize=7)
+    ax.set_title(f"mean pattern: r = {rad:.2f} px\ncentre ({r0:.2f}, {c0:.2f})", fontsize=9)
+    ax = axes[0, 1]
+    ax.imshow(np.sqrt(np.clip(view._mean_resampled, 0, None)), cmap="gray", interpolation="nearest")
+    (mr, mc), mrad_ = info["model_disk"]["center_px"], info["model_disk"]["radius_px"]
+    ax.plot(mc + mrad_ * np.cos(t), mr + mrad_ * np.sin(t), color="tab:cyan", lw=1)
+    ax.set_title(f"on the model grid ({info['grid_px']}²): zoom {info['zoom']:.4f}", fontsize=9)
+    if has_descan:
+        coords, centers = arrays["coords"], arrays["centers"]
+        fit = _plane(info["descan"]["coefficients"], coords)
+        for k, label in enumerate(("row", "col")):
+            ax = axes[0, 2 + k]
+            sc = ax.scatter(coords[:, 1], coords[:, 0], c=centers[:, k] - np.nanmean(fit[:, k]), s=6, cmap="coolwarm")
+            ax.invert_yaxis()
+            ax.set_aspect("equal")
+            a = info["descan"]["coefficients"][k]
+            ax.set_title(f"disk {label} shift (px)\nplane: {a[1]:+.3g}·row {a[2]:+.3g}·col", fontsize=9)
+            ax.set_xlabel("scan col (px)")
+            ax.set_ylabel("scan row (px)")
+            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04)
+    for a in axes[0, :2]:
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.tight_layout()
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

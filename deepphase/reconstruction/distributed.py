@@ -1,0 +1,226 @@
+"""Reconstruction on a dask.distributed cluster: the prediction shared out, the stitching unchanged.
+
+The scan is cut into tiles of consecutive positions (``tile_size`` patterns each). Every tile is one
+task: the worker opens the file itself (path and index range travel, not arrays), reads its patterns,
+predicts their patches with the model it loaded from the model folder (once per worker process) and
+returns them. The client gathers the patches in scan order and stitches them with the same global
+offset solve as :func:`deepphase.reconstruction.pipeline.reconstruct`, so the image is the
+single-process image (up to float32 rounding of the network, which may differ between batch sizes).
+
+A patch depends on its own pattern only, so the tiles need no overlap: each pattern is predicted
+exactly once, and the offsets between tiles are found by the global solve, not per tile.
+
+Any dask.distributed cluster works: :class:`distributed.LocalCluster` (``deepphase reconstruct
+--workers N``), a running scheduler (``--scheduler ADDRESS``), or dask-jobqueue's ``SLURMCluster`` for a
+batch system. The workers must see the data file and the model folder (a shared file system).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from ..data.io import AmplitudeView, check_patterns, infer_kind, load_scan
+from ..errors import DeepPhaseError, ShapeError, ValueRangeError
+from ..models.modelfile import check_compatible, load_model
+from ..physics.geometry import output_mask
+from ..physics.scan import validate_positions
+from .pipeline import Reconstruction, crop_to_coverage, reconstruct, subtract_plane
+from .stitching import stitch
+
+DASK_EXTRA = "pip install 'dask[distributed]'"
+
+
+def _require_distributed():
+    try:
+        import distributed
+    except ImportError as exc:
+        raise DeepPhaseError(f"workers: distributed reconstruction needs dask.distributed ({exc}); install it with "
+                             f"`{DASK_EXTRA}`") from exc
+    return distributed
+
+
+@contextlib.contextmanager
+def open_client(workers: int | None = None, scheduler: str | None = None, **cluster_options):
+    """A dask client: on a LocalCluster of ``workers`` processes (one thread each), or on ``scheduler``.
+
+    The LocalCluster (if any) is shut down on exit; a scheduler given by address is left running.
+    """
+    distributed = _require_distributed()
+    if (workers is None) == (scheduler is None):
+        raise DeepPhaseError("workers: give either a number of local workers or a scheduler address, not both")
+    if scheduler is not None:
+        try:
+            client = distributed.Client(scheduler, timeout="30s")
+        except OSError as exc:
+            raise DeepPhaseError(f"scheduler: could not connect to {scheduler!r} ({exc})") from exc
+        with client:
+            yield client
+        return
+    if int(workers) < 1:
+        raise ValueRangeError(f"workers: expected a positive number of worker processes, got {workers}")
+    options = {"n_workers": int(workers), "threads_per_worker": 1, "processes": True, **cluster_options}
+    with distributed.LocalCluster(**options) as cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+@functools.lru_cache(maxsize=4)
+def _worker_model(model_path: str | None):
+    """The model, loaded once per worker process."""
+    return load_model(model_path)
+
+
+def _worker_device(device: str):
+    """The worker's device; with several GPUs visible and none named, one chosen by the worker's name."""
+    import torch
+
+    from ..runtime import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type == "cuda" and dev.index is None and torch.cuda.device_count() > 1:
+        try:
+            from distributed import get_worker
+
+            name = get_worker().name
+        except (ImportError, ValueError):
+            name = 0
+        index = name if isinstance(name, int) else zlib.crc32(str(name).encode())
+        dev = torch.device("cuda", index % torch.cuda.device_count())
+    return dev
+
+
+def _open(path, dataset, scan_shape):
+    return load_scan(path, dataset, **({"scan_shape": tuple(scan_shape)} if scan_shape is not None else {}))
+
+
+def predict_tile(path: str, start: int, stop: int, model_path: str | None, dataset: str | None = None,
+                 kind: str = "amplitude", transform=None, batch_size: int = 512, device: str = "auto",
+                 precision: str = "auto", scan_shape=None) -> np.ndarray:
+    """Patches (stop − start, out, out) of patterns ``start:stop`` of a file: one task, run on a worker.
+
+    ``transform``, if given, is a picklable callable ``frames -> array-like of amplitudes`` applied to the
+    opened file's frames instead of the plain counts/amplitude view (e.g. a detector calibration).
+    """
+    from .predict import predict_patches
+
+    model = _worker_model(model_path)
+    data = _open(path, dataset, scan_shape)
+    try:
+        view = transform(data.frames) if transform is not None else AmplitudeView(data.frames, kind)
+        tile = np.asarray(view[start:stop], dtype=np.float32)
+    finally:
+        data.close()
+    check_patterns(tile, start)  # names the pattern by its index in the whole scan
+    return predict_patches(model, tile, batch_size=batch_size, device=_worker_device(device), progress=False,
+                           precision=precision)
+
+
+def reconstruct_distributed(
+    path: str | Path,
+    positions,
+    model_path: str | Path | None = None,
+    client=None,
+    tile_size: int = 4096,
+    *,
+    dataset: str | None = None,
+    scan_shape: tuple[int, int] | None = None,
+    kind: str | None = None,
+    transform=None,
+    stitching: str | None = None,
+    remove_plane: bool = True,
+    batch_size: int = 512,
+    device: str = "auto",
+    precision: str = "auto",
+    sampling: float | None = None,
+    progress: bool | None = None,
+) -> Reconstruction:
+    """:func:`~deepphase.reconstruction.pipeline.reconstruct` of a file, the prediction spread over a dask cluster.
+
+    Parameters
+    ----------
+    path : the scan file (any format :func:`deepphase.data.io.load_scan` reads), visible to the workers.
+    positions : (N, 2) array of top-left corners (row, col) in real-space pixels.
+    model_path : model folder (visible to the workers), or None for the packaged default.
+    client : a ``distributed.Client``.
+    tile_size : patterns per task.
+    dataset : dataset inside an HDF5/zarr file.
+    scan_shape : the scan shape, for files that do not record it (as for ``load_scan``).
+    kind : "counts" or "amplitude" (default: what the file says, else inferred from its values).
+    transform : optional picklable ``frames -> amplitudes`` applied on the workers (then ``kind`` is unused).
+    stitching, remove_plane, batch_size, device, precision, sampling : as for ``reconstruct``
+        (``stitching=None``: its default). ``device`` is each worker's.
+
+    Returns
+    -------
+    Reconstruction, with ``timings`` holding the wall times of the distributed prediction and of
+    the stitching, and ``processing`` the number of workers and tiles.
+    """
+    _require_distributed()
+    if client is None:
+        raise DeepPhaseError("client: expected a distributed.Client (see open_client)")
+    if int(tile_size) < 1:
+        raise ValueRangeError(f"tile_size: expected a positive number of patterns per task, got {tile_size}")
+    tile_size = int(tile_size)
+    if stitching is None:
+        stitching = inspect.signature(reconstruct).parameters["stitching"].default
+    path = Path(path).resolve()
+    if model_path is not None:  # a folder travels as an absolute path; a packaged model's name as it is
+        model_path = str(Path(model_path).resolve()) if Path(model_path).exists() else str(model_path)
+    model = load_model(model_path)
+    data = _open(path, dataset, scan_shape)
+    try:
+        shape = tuple(data.frames.shape)
+        if kind is None and transform is None:
+            kind = data.kind or infer_kind(data.frames)
+        if transform is not None:
+            shape = tuple(transform(data.frames).shape)
+    finally:
+        data.close()
+    if len(shape) != 3:
+        raise ShapeError(f"data: expected (N, k, k) patterns, got shape {shape}")
+    check_compatible(model, shape[1:], sampling)
+    positions = validate_positions(positions, shape[0])
+
+    t0 = time.perf_counter()
+    starts = range(0, shape[0], tile_size)
+    futures = [client.submit(predict_tile, str(path), s, min(s + tile_size, shape[0]), model_path, dataset,
+                             kind, transform, batch_size, device, precision, scan_shape, pure=False) for s in starts]
+    index = {f.key: i for i, f in enumerate(futures)}
+    parts: list = [None] * len(futures)
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    try:
+        with tqdm(total=shape[0], desc="predicting", unit="pattern", leave=False,
+                  disable=None if progress is None else not progress) as bar:
+            for future in as_completed(futures):
+                i = index[future.key]
+                parts[i] = future.result()  # re-raises a worker's error here
+                bar.update(len(parts[i]))
+    finally:
+        client.cancel([f for f in futures if not f.done()])
+    patches = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    t1 = time.perf_counter()
+
+    # From here on exactly the steps of pipeline.reconstruct.
+    mask = output_mask(model.probe, model.geometry)
+    full = stitch(patches, positions, mask, model.geometry, method=stitching)
+    slopes = (0.0, 0.0)
+    if remove_plane:
+        full, slopes = subtract_plane(full)
+    t2 = time.perf_counter()
+    phase, origin = crop_to_coverage(full)
+    n_workers = len(client.nthreads())
+    timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),
+               "patterns_per_second": round(shape[0] / max(t1 - t0, 1e-9), 1)}
+    return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
+                          {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
+                          {"stitching": stitching, "plane_removed": remove_plane,
+                           "removed_slope_rad_per_px": list(slopes),
+                           "distributed": {"workers": n_workers, "tiles": len(futures), "tile_size": tile_size}})

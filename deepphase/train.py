@@ -1,0 +1,117 @@
+"""Distributed training entry point: ``torchrun --nproc-per-node N -m deepphase.train ARGS``.
+
+``ARGS`` are those of ``deepphase train`` (the same parser). torchrun starts one process per GPU (or
+N CPU processes) with ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK`` set; :func:`deepphase.training.loop.train`
+reads them, joins the process group and trains with DistributedDataParallel; rank 0 writes the model
+folder. ``deepphase train --nproc N`` does the same on one machine by calling torchrun's own entry
+point (:func:`launch`); several machines: ``torchrun --nnodes M --rdzv-backend c10d --rdzv-endpoint
+HOST:PORT ...`` (see README, "Scaling up").
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+from .errors import DeepPhaseError
+
+# Set by `deepphase train --nproc N` for its processes: the command recorded in model.json.
+COMMAND_ENV = "DEEPPHASE_TRAIN_COMMAND"
+
+
+def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``train`` sub-parser of the ``deepphase`` parser."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices["train"]
+    raise RuntimeError("the deepphase parser has no 'train' command")
+
+
+def train_argv(args: argparse.Namespace, skip: tuple[str, ...] = ("nproc",)) -> list[str]:
+    """Command-line arguments that make ``deepphase train`` parse to ``args`` again (minus ``skip``)."""
+    from .cli import build_parser
+
+    argv: list[str] = []
+    for action in _train_parser(build_parser())._actions:
+        if not action.option_strings or action.dest in ("help", *skip) or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if value is None or value == action.default:
+            continue
+        option = max(action.option_strings, key=len)
+        if action.nargs == 0:  # a flag
+            if value:
+                argv.append(option)
+        elif isinstance(value, (list, tuple)):
+            argv += [option, *map(str, value)]
+        else:
+            argv += [option, str(value)]
+    return argv
+
+
+def launch(args: argparse.Namespace, command: str) -> None:
+    """Run ``deepphase train`` with ``args.nproc`` processes on this machine through torchrun.
+
+    torchrun's Python entry point (``torch.distributed.run``) starts the processes, each of them
+    ``python -m deepphase.train`` with the same arguments, on a free local port (``--standalone``). A
+    configuration the processes would refuse is refused here first, with one message.
+    """
+    from .training.loop import check_batch_split, check_out_dir
+
+    nproc = int(args.nproc)
+    if nproc < 1:
+        raise DeepPhaseError(f"nproc: expected a positive number of processes, got {nproc}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DeepPhaseError("nproc: this process was itself started by torchrun; leave --nproc out "
+                             "(torchrun's --nproc-per-node sets the number of processes)")
+    check_batch_split(args.batch_size, nproc)
+    check_out_dir(args.out, args.resume, args.overwrite)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    torchrun_args = ["--standalone", "--nproc-per-node", str(nproc), "-m", "deepphase.train", *train_argv(args)]
+    previous = os.environ.get(COMMAND_ENV)
+    os.environ[COMMAND_ENV] = command
+    try:
+        run(parse_args(torchrun_args))
+    except ChildFailedError as exc:
+        codes = sorted({f.exitcode for f in exc.failures.values()})
+        raise DeepPhaseError(
+            f"nproc: {len(exc.failures)} of the {nproc} training processes failed (exit status "
+            f"{', '.join(map(str, codes))}); their messages are above"
+        ) from None
+    finally:
+        if previous is None:
+            os.environ.pop(COMMAND_ENV, None)
+        else:
+            os.environ[COMMAND_ENV] = previous
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``deepphase train`` arguments and train (in each process that torchrun started)."""
+    from .cli import build_parser
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(["train", *argv])
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    args.command_line = os.environ.get(COMMAND_ENV) or (
+        (f"torchrun (world size {world}) " if world > 1 else "python ") + "-m deepphase.train "
+        + " ".join(shlex.quote(a) for a in argv))
+    try:
+        args.func(args)
+    except DeepPhaseError as exc:
+        if rank == 0 or not getattr(exc, "reported_by_rank0", False):
+            where = f" [rank {rank}/{world}]" if world > 1 and rank != 0 else ""
+            print(f"deepphase train{where}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("deepphase train: interrupted; the last checkpoint is intact", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,435 @@
+"""Detector files: each reader on tiny files written here, truncated files, and `deepphase reconstruct` on them.
+
+Files are written with rosettasciio's own writer where it has one (blockfile), with zarr and h5py, and
+otherwise in the documented binary layouts (Merlin .mib + .hdr, EMPAD .raw + .xml, Gatan DM4 tags).
+"""
+
+import json
+import struct
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from deepphase.cli import main
+from deepphase.data.io import load_scan
+from deepphase.data.simulate import required_object_shape, simulate_scan
+from deepphase.data.specimens import twisted_hbn
+from deepphase.errors import DeepPhaseError
+from deepphase.physics import raster_positions, reference_probe
+
+pytest.importorskip("rsciio")
+pytest.importorskip("zarr")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_mib(path, frames, frames_per_trigger=None, hdr=True, exposure_ns=1_000_000):
+    """Merlin .mib: per frame a 384-byte ASCII header, then big-endian uint16 pixels stored bottom row first."""
+    path = Path(path)
+    n, h, w = frames.shape
+    with open(path, "wb") as f:
+        for i, frame in enumerate(frames):
+            stamp = f"2024-03-01T10:00:{i * 0.001:012.9f}Z"
+            head = (f"MQ1,{i + 1:06d},00384,01,{w:04d},{h:04d},U16,   1x1,01,2024-03-01 10:00:00.000000,"
+                    f"{exposure_ns / 1e9:.6f},0,0,0,1.200000E+2,5.110000E+2,0.000000E+0,0.000000E+0,0.000000E+0,"
+                    "0.000000E+0,0.000000E+0,0.000000E+0,3RX,175,511,000,000,000,000,000,000,125,255,125,125,100,"
+                    f"100,105,100,068,100,220,090,128,111,093,MQ1A,{stamp},{exposure_ns}ns,12,")
+            f.write(head.encode().ljust(384, b"\x00"))
+            f.write(np.ascontiguousarray(frame[::-1]).astype(">u2").tobytes())
+    if hdr:
+        lines = ["HDR,\t", "Time and Date Stamp (day, mnth, yr, hr, min, s):\t01/03/2024 10:00:00",
+                 "Assembly Size (NX1, 2X2):\t   1x1", "Counter Depth (number):\t12",
+                 f"Frames in Acquisition (Number):\t{n}", f"Frames per Trigger (Number):\t{frames_per_trigger or 1}",
+                 "End\t"]
+        path.with_suffix(".hdr").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_empad(folder, frames4d):
+    """EMPAD: scan_x{C}_y{R}.raw of little-endian float32 frames of 130 rows × 128 (the last two rows
+    metadata), and the .xml that names it (no whitespace between elements: the reader takes text as values)."""
+    folder = Path(folder)
+    rows, cols = frames4d.shape[:2]
+    raw = f"scan_x{cols}_y{rows}.raw"
+    full = np.zeros((rows, cols, 130, 128), dtype="<f4")
+    full[:, :, :128] = frames4d
+    full.tofile(folder / raw)
+    (folder / "acquisition.xml").write_text(
+        '<?xml version="1.0" encoding="UTF-8"?><root><timestamp isoformat="2024-03-01T10:00:00.000000"/>'
+        f'<raw_file filename="{raw}"/><pix_x>{cols}</pix_x><pix_y>{rows}</pix_y></root>')
+    return folder / "acquisition.xml"
+
+
+def write_dm4(path, data4d, scan_step_nm=None, detector_scale=None, detector_units="", voltage_v=None):
+    """A minimal Gatan DM4 file with the tag tree DigitalMicrograph writes for one 4-D uint16 image.
+
+    Version 4, 8-byte size, byte order 1 (little-endian values); tag groups: id 20, name, 8-byte size,
+    sorted, open, 8-byte count; data tags: id 21, name, 8-byte size, '%%%%', info-array length and
+    entries (8 bytes each, big-endian), value.
+    """
+    fmt = {3: "<i", 5: "<I", 6: "<f", 7: "<d"}
+
+    def name(text):
+        return struct.pack(">h", len(text)) + text.encode()
+
+    def data_tag(tag, info, payload):
+        body = b"%%%%" + struct.pack(">q", len(info)) + b"".join(struct.pack(">q", v) for v in info) + payload
+        return b"\x15" + name(tag) + struct.pack(">q", len(body)) + body
+
+    def simple(tag, etype, value):
+        return data_tag(tag, [etype], struct.pack(fmt[etype], value))
+
+    def text(tag, s):
+        return data_tag(tag, [20, 4, len(s)], np.array([ord(c) for c in s], dtype="<u2").tobytes())
+
+    def group(tag, tags):
+        body = b"\x00\x01" + struct.pack(">q", len(tags)) + b"".join(tags)
+        return b"\x14" + name(tag) + struct.pack(">q", len(body)) + body
+
+    def calibration(scale, units):
+        return group("", [simple("Origin", 6, 0.0), simple("Scale", 6, scale), text("Units", units)])
+
+    rows, cols, kr, kc = data4d.shape
+    dims = [calibration(detector_scale or 1.0, detector_units if detector_scale else "")] * 2
+    dims += [calibration(scan_step_nm or 1.0, "nm" if scan_step_nm else "")] * 2
+    image_data = group("ImageData", [
+        group("Calibrations", [group("Brightness", [simple("Origin", 6, 0.0), simple("Scale", 6, 1.0),
+                                                    text("Units", "")]),
+                               group("Dimension", dims)]),
+        data_tag("Data", [20, 4, data4d.size], np.ascontiguousarray(data4d, dtype="<u2").tobytes()),
+        simple("DataType", 3, 10),  # uint16
+        group("Dimensions", [simple("", 5, d) for d in (kc, kr, cols, rows)]),  # fastest axis first
+    ])
+    tags = [group("Microscope Info", [simple("Voltage", 7, float(voltage_v))])] if voltage_v else []
+    image = group("", [image_data, group("ImageTags", tags), text("Name", "4D scan")])
+    root = b"\x00\x01" + struct.pack(">q", 1) + group("ImageList", [image])
+    Path(path).write_bytes(struct.pack(">i", 4) + struct.pack(">q", len(root)) + struct.pack(">i", 1) + root + bytes(8))
+    return Path(path)
+
+
+def write_blockfile(path, data4d, step_nm=0.2, energy_v=200000):
+    from rsciio.blockfile import file_writer
+
+    axes = [dict(size=s, index_in_array=i, name=n, scale=sc, offset=0.0, units=u, navigate=i < 2)
+            for i, (s, n, sc, u) in enumerate(zip(data4d.shape, "yx", (step_nm, step_nm), ("nm", "nm")))]
+    axes += [dict(size=data4d.shape[i], index_in_array=i, name=f"k{i}", scale=0.01, offset=0.0, units="cm",
+                  navigate=False) for i in (2, 3)]
+    header = {"Beam_energy": energy_v, "Note": ""}
+    file_writer(str(path), {"data": data4d.astype(np.uint8), "axes": axes, "metadata": {},
+                            "original_metadata": {"blockfile_header": header}, "attributes": {"_lazy": False}})
+    return Path(path)
+
+
+def write_emd(path, data4d, step_a=0.5, q_step=0.02):
+    """EMD 1.0 as py4DSTEM writes it: a group with emd_group_type 1 holding 'data' and dim1..dim4."""
+    with h5py.File(path, "w") as f:
+        f.attrs["version_major"], f.attrs["version_minor"] = 1, 0
+        g = f.create_group("4DSTEM_experiment/data/datacubes/datacube_0")
+        g.attrs["emd_group_type"] = 1
+        g["data"] = data4d
+        for i, (n, step, units, name) in enumerate(zip(data4d.shape, (step_a, step_a, q_step, q_step),
+                                                       ("A", "A", "A^-1", "A^-1"), ("R_x", "R_y", "Q_x", "Q_y"))):
+            d = g.create_dataset(f"dim{i + 1}", data=np.arange(n) * step)
+            d.attrs["name"], d.attrs["units"] = name, units
+        f.create_group("4DSTEM_experiment/metadata")
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Readers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def frames4d():
+    rng = np.random.default_rng(5)
+    return rng.integers(0, 250, size=(4, 5, 64, 64)).astype(np.uint16)
+
+
+def read_all(data):
+    return np.asarray(data.frames[0 : data.frames.shape[0]])
+
+
+def test_mib_with_hdr(frames4d, tmp_path):
+    path = write_mib(tmp_path / "scan.mib", frames4d.reshape(20, 64, 64), frames_per_trigger=5)
+    data = load_scan(path)
+    assert data.scan_shape == (4, 5) and data.frames.shape == (20, 64, 64) and data.kind == "counts"
+    assert np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
+    assert data.info["format"] == "mib" and data.info["dtype"] == ">u2"
+    assert np.array_equal(np.asarray(data.frames[7:9]), frames4d.reshape(20, 64, 64)[7:9])
+
+
+def test_mib_without_hdr_takes_the_scan_shape(frames4d, tmp_path):
+    path = write_mib(tmp_path / "scan.mib", frames4d.reshape(20, 64, 64), hdr=False)
+    data = load_scan(path, scan_shape=(4, 5))
+    assert data.scan_shape == (4, 5)
+    assert np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
+    with pytest.raises(DeepPhaseError, match="scan-shape: 3×5 = 15 positions do not match the 20 frames"):
+        load_scan(path, scan_shape=(3, 5))
+
+
+def test_empad(tmp_path):
+    rng = np.random.default_rng(2)
+    frames = rng.normal(10, 3, size=(4, 5, 128, 128)).astype(np.float32)
+    data = load_scan(write_empad(tmp_path, frames))
+    assert data.scan_shape == (4, 5) and data.info["format"] == "empad" and data.info["dtype"] == "float32"
+    assert np.array_equal(read_all(data), frames.reshape(20, 128, 128))
+
+
+def test_dm4_with_calibrations(frames4d, tmp_path):
+    path = write_dm4(tmp_path / "scan.dm4", frames4d, scan_step_nm=0.05, detector_scale=0.2, detector_units="1/nm",
+                     voltage_v=300e3)
+    data = load_scan(path)
+    assert data.scan_shape == (4, 5) and np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
+    assert data.info["scan_step_angstrom"] == pytest.approx(0.5)
+    assert data.info["detector_sampling"]["units"] == "1/nm"
+    assert data.info["detector_sampling"]["value"] == pytest.approx(0.2)
+    assert data.info["energy_kev"] == pytest.approx(300)
+
+
+def test_blockfile_written_by_rosettasciio(frames4d, tmp_path):
+    data = load_scan(write_blockfile(tmp_path / "scan.blo", frames4d))
+    assert data.scan_shape == (4, 5) and data.info["format"] == "blockfile"
+    assert np.array_equal(read_all(data), frames4d.reshape(20, 64, 64).astype(np.uint8))
+    assert data.info["scan_step_angstrom"] == pytest.approx(2.0) and data.info["energy_kev"] == pytest.approx(200)
+
+
+def test_zarr_group_and_array(frames4d, tmp_path):
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "scan.zarr"), mode="w")
+    array = group.create_array("experiment/data", shape=frames4d.shape, dtype=frames4d.dtype, chunks=(1, 5, 64, 64))
+    array[:] = frames4d
+    data = load_scan(tmp_path / "scan.zarr")
+    assert data.scan_shape == (4, 5) and data.info["dataset"] == "experiment/data"
+    assert np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
+    assert np.array_equal(np.asarray(data.frames[3:12]), frames4d.reshape(20, 64, 64)[3:12])  # across scan rows
+    flat = zarr.open_array(str(tmp_path / "flat.zarr"), mode="w", shape=(20, 64, 64), dtype="f4")
+    flat[:] = frames4d.reshape(20, 64, 64)
+    data = load_scan(tmp_path / "flat.zarr")
+    assert data.scan_shape is None and np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
+
+
+def test_emd_1_0_from_py4dstem(frames4d, tmp_path):
+    data = load_scan(write_emd(tmp_path / "scan.emd", frames4d))
+    try:
+        assert data.scan_shape == (4, 5) and data.info["format"] == "emd"
+        assert data.info["group"] == "4DSTEM_experiment/data/datacubes/datacube_0"
+        assert np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
+        assert data.info["scan_step_angstrom"] == pytest.approx(0.5)
+        assert data.info["detector_sampling"] == {"value": pytest.approx(0.02), "units": "A^-1"}
+    finally:
+        data.close()
+
+
+def test_missing_reader_package_names_the_extra(frames4d, tmp_path, monkeypatch):
+    path = write_mib(tmp_path / "scan.mib", frames4d.reshape(20, 64, 64), frames_per_trigger=5)
+    monkeypatch.setitem(sys.modules, "rsciio", None)  # import rsciio now raises ImportError
+    with pytest.raises(DeepPhaseError, match=r"pip install deepphase\[files\]"):
+        load_scan(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Truncated files: raw detector formats keep their complete scan rows, others are refused
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def truncate(path, nbytes):
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) - nbytes])
+
+
+def test_truncated_raw_detector_files_keep_complete_rows(frames4d, tmp_path):
+    flat = frames4d.reshape(20, 64, 64)
+    mib = write_mib(tmp_path / "scan.mib", flat, frames_per_trigger=5)
+    truncate(mib, 3 * (384 + 64 * 64 * 2) + 100)  # 16 whole frames and part of the 17th
+    data = load_scan(mib)
+    assert data.scan_shape == (3, 5) and data.info["truncated"]["frames_in_file"] == 16
+    assert np.array_equal(read_all(data), flat[:15])
+    data = load_scan(mib, scan_shape=(4, 5))
+    assert data.scan_shape == (3, 5) and data.info["truncated"]["rows_kept"] == 3
+
+    empad = write_empad(tmp_path, np.ones((4, 5, 128, 128), np.float32))
+    truncate(tmp_path / "scan_x5_y4.raw", 128 * 130 * 4 * 6)
+    data = load_scan(empad)
+    assert data.scan_shape == (2, 5) and data.info["truncated"]["frames_in_file"] == 14
+
+    blo = write_blockfile(tmp_path / "scan.blo", frames4d)
+    truncate(blo, 2 * (6 + 64 * 64))
+    data = load_scan(blo)
+    assert data.scan_shape == (3, 5) and np.array_equal(read_all(data), flat[:15].astype(np.uint8))
+
+
+def test_truncated_files_of_other_formats_are_refused(frames4d, tmp_path):
+    np.save(tmp_path / "scan.npy", frames4d)
+    truncate(tmp_path / "scan.npy", 1000)
+    with pytest.raises(DeepPhaseError, match="truncated"):
+        load_scan(tmp_path / "scan.npy")
+    dm4 = write_dm4(tmp_path / "scan.dm4", frames4d)
+    truncate(dm4, 3000)
+    with pytest.raises(DeepPhaseError, match="could not read"):
+        load_scan(dm4)
+    emd = write_emd(tmp_path / "scan.emd", frames4d)
+    truncate(emd, 20000)
+    with pytest.raises(DeepPhaseError, match="could not"):
+        data = load_scan(emd)
+        read_all(data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# `deepphase reconstruct` on detector files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def detector_scan():
+    """A 10×10 scan of twisted hBN as a 64×64 detector records it: 2.1× finer angular sampling than the
+    model, the disk off centre and drifting, one hot pixel, Poisson counts at the model's dose."""
+    probe = reference_probe()
+    positions = raster_positions((10, 10), 0.87, fastest="col")  # frame [i, j] of a 4-D file is at (i, j)·step
+    truth = twisted_hbn(required_object_shape(positions, 32))
+    intensity = simulate_scan(truth, probe, positions, noise=False, progress=False).amplitude.astype(np.float64) ** 2
+    rng = np.random.default_rng(3)
+    zoom, size = 2.1, 64
+    drift = np.array([29.2, 35.6])[None] + positions @ np.array([[0.1, 0.05], [0.0, -0.15]]).T
+    rows, cols = np.indices((size, size), dtype=np.float64)
+    out = np.empty((len(positions), size, size), dtype=np.uint16)
+    for i, pattern in enumerate(intensity):
+        fine = ndimage.map_coordinates(pattern, [16 + (rows - drift[i, 0]) / zoom, 16 + (cols - drift[i, 1]) / zoom],
+                                       order=3, mode="constant").clip(0)
+        out[i] = rng.poisson(fine * pattern.sum() / fine.sum())
+    out[:, 5, 50] = 2000
+    return out.reshape(10, 10, size, size), truth
+
+
+def run(args, capsys):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def correlation_with(truth, out):
+    meta = json.loads((out / "metadata.json").read_text())
+    phase = np.load(out / "phase.npy")
+    r0, c0 = meta["origin_px"]
+    crop = truth[r0 : r0 + phase.shape[0], c0 : c0 + phase.shape[1]]
+    return np.corrcoef(phase.ravel(), crop.ravel())[0, 1], meta
+
+
+@pytest.mark.parametrize("fmt", ["mib", "dm4", "emd"])
+def test_reconstruct_calibrates_detector_files(fmt, detector_scan, tmp_path, capsys):
+    data4d, truth = detector_scan
+    if fmt == "mib":
+        path = write_mib(tmp_path / "scan.mib", data4d.reshape(-1, 64, 64), frames_per_trigger=10)
+    elif fmt == "dm4":
+        path = write_dm4(tmp_path / "scan.dm4", data4d)
+    else:
+        path = write_emd(tmp_path / "scan.emd", data4d)
+    code, out, err = run(["reconstruct", path, "--step", 0.87, "--out", tmp_path / "rec"], capsys)
+    assert code == 0, err
+    assert "calibrated 64×64 → 32×32" in out
+    corr, meta = correlation_with(truth, tmp_path / "rec")
+    print(f"{fmt}: correlation {corr:.3f}")
+    assert corr > 0.8
+    cal = meta["calibration"]
+    assert cal["zoom"] == pytest.approx(1 / 2.1, rel=0.02) and cal["masked_pixels"]["count"] == 1
+    assert cal["masked_pixels"]["first"] == [[5, 50]]
+    assert cal["descan"]["applied"] and len(cal["descan"]["coefficients"]) == 2
+    assert meta["data_info"]["scan_shape"] == [10, 10]
+    assert (tmp_path / "rec" / "calibration.png").stat().st_size > 10_000
+
+
+def test_reconstruct_of_a_truncated_mib_keeps_the_complete_rows(detector_scan, tmp_path, capsys):
+    data4d, _ = detector_scan
+    path = write_mib(tmp_path / "scan.mib", data4d.reshape(-1, 64, 64), frames_per_trigger=10)
+    truncate(path, 13 * (384 + 64 * 64 * 2))
+    code, out, err = run(["reconstruct", path, "--step", 0.87, "--out", tmp_path / "rec"], capsys)
+    assert code == 0, err
+    assert "truncated" in err and "8 complete scan rows" in err
+    meta = json.loads((tmp_path / "rec" / "metadata.json").read_text())
+    assert meta["n_patterns"] == 80 and meta["data_info"]["truncated"]["frames_in_file"] == 87
+
+
+def test_no_calibration_refuses_detector_patterns(detector_scan, tmp_path, capsys):
+    np.save(tmp_path / "scan.npy", detector_scan[0])
+    code, out, err = run(["reconstruct", tmp_path / "scan.npy", "--step", 0.87, "--no-calibration",
+                          "--out", tmp_path / "rec"], capsys)
+    assert code == 2 and "64×64" in err and len(err.strip().splitlines()) == 1
+
+
+def bad_detector_data(data4d, tmp_path):
+    cases = {}
+    nan = data4d.astype(np.float32)
+    nan[2, 3, :20] = np.nan
+    cases["NaN"] = (nan, "frame 23 has")
+    cases["negative offset"] = (data4d.astype(np.float32) - 30, "negative counts")
+    zero = data4d.copy()
+    zero[:4] = 0
+    cases["all-zero patterns"] = (zero, "patterns read are zero everywhere")
+    rng = np.random.default_rng(0)
+    cases["no disk"] = (rng.poisson(5.0, size=data4d.shape).astype(np.uint16), "no bright-field disk")
+    cases["disk off the detector"] = (np.roll(data4d, 25, axis=-1), "detector edge")
+    out = {}
+    for name, (array, expected) in cases.items():
+        np.save(tmp_path / f"{name}.npy", array)
+        out[name] = ([tmp_path / f"{name}.npy", "--step", 0.87], expected)
+    np.save(tmp_path / "flat.npy", data4d.reshape(-1, 64, 64))
+    out["scan shape does not divide the frames"] = ([tmp_path / "flat.npy", "--scan-shape", 7, 13, "--step", 0.87],
+                                                    "do not match the 100")
+    np.save(tmp_path / "short.npy", data4d)
+    truncate(tmp_path / "short.npy", 5000)
+    out["truncated .npy"] = ([tmp_path / "short.npy", "--step", 0.87], "truncated")
+    out["bad gain"] = ([tmp_path / "flat.npy", "--scan-shape", 10, 10, "--step", 0.87, "--gain", -1], "gain")
+    return out
+
+
+@pytest.mark.parametrize("case", ["NaN", "negative offset", "all-zero patterns", "no disk", "disk off the detector",
+                                  "scan shape does not divide the frames", "truncated .npy", "bad gain"])
+def test_bad_detector_data_gives_one_clear_line(case, detector_scan, tmp_path, capsys):
+    args, expected = bad_detector_data(detector_scan[0], tmp_path)[case]
+    code, out, err = run(["reconstruct", *args, "--out", tmp_path / "out"], capsys)
+    assert code == 2, err
+    assert expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_repairs_are_reported(detector_scan, tmp_path, capsys):
+    data = detector_scan[0].astype(np.float32)
+    data[1, 1] = 0  # a dropped frame
+    data[4, 4, 30, 31] = np.inf  # one bad value
+    np.save(tmp_path / "scan.npy", data)
+    code, out, err = run(["reconstruct", tmp_path / "scan.npy", "--step", 0.87, "--gain", 2,
+                          "--out", tmp_path / "rec"], capsys)
+    assert code == 0, err
+    assert "1 zero patterns replaced" in err and "1 nonfinite values replaced" in err
+    meta = json.loads((tmp_path / "rec" / "metadata.json").read_text())
+    assert meta["calibration"]["repairs"]["zero_patterns_replaced"] == 1
+    assert meta["calibration"]["gain_units_per_electron"] == 2
+
+
+def test_scan_step_from_the_file_with_energy_and_semi_angle(detector_scan, tmp_path, capsys):
+    """With the beam energy and the convergence semi-angle, the calibrated real-space pixel size turns the
+    file's scan step (Å) into the step in pixels that the positions need."""
+    from deepphase.data.calibration import model_disk
+    from deepphase.physics import electron_wavelength
+
+    data4d, truth = detector_scan
+    energy, semi_angle = 300.0, 25.0
+    pixel = electron_wavelength(energy) / (32 * semi_angle / model_disk(reference_probe())["radius"] * 1e-3)
+    path = write_dm4(tmp_path / "scan.dm4", data4d, scan_step_nm=0.87 * pixel / 10, voltage_v=energy * 1e3)
+    code, out, err = run(["reconstruct", path, "--semi-angle", semi_angle, "--out", tmp_path / "rec"], capsys)
+    assert code == 0, err
+    corr, meta = correlation_with(truth, tmp_path / "rec")
+    assert meta["step_px"] == pytest.approx(0.87, rel=0.01) and "step_from" in meta
+    assert meta["pixel_size_angstrom"] == pytest.approx(pixel, rel=0.01)
+    assert corr > 0.8
+    code, out, err = run(["reconstruct", write_dm4(tmp_path / "nostep.dm4", data4d), "--out", tmp_path / "r2"], capsys)
+    assert code == 2 and "--step S is enough" in err
