@@ -239,7 +239,8 @@ def _cmd_reconstruct(args) -> None:
             rec = _reconstruct_on_cluster(args, positions, kind, view)
         else:
             rec = reconstruct(amplitudes, positions, model, stitching=args.stitching,
-                              batch_size=args.batch_size, device=args.device, sampling=args.pixel_size)
+                              batch_size=args.batch_size, device=args.device, sampling=args.pixel_size,
+                              precision=args.precision, uncertainty_samples=args.uncertainty)
         extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                  "data": str(args.data), "input": kind, "n_patterns": n_frames, "stitching": args.stitching,
                  "model_path": str(args.model or "default (packaged)"), **scan_info,
@@ -414,6 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pairwise (default, fast), least-squares (exact canvas least squares) or seed (the original)")
     p.add_argument("--pixel-size", type=float, help="real-space pixel size in Å (for the scale bar and checks)")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="network arithmetic (default auto: bfloat16 on a GPU, float32 on a CPU)")
+    p.add_argument("--uncertainty", type=int, default=0, metavar="N",
+                   help="also write uncertainty.npy, a per-pixel standard deviation from N Monte Carlo dropout "
+                        "samples (N extra predictions; see benchmarks/RESULTS.md for how well it is calibrated)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")

@@ -67,6 +67,11 @@ def launch(args: argparse.Namespace, command: str) -> None:
         raise DeepPhaseError("nproc: this process was itself started by torchrun; leave --nproc out "
                              "(torchrun's --nproc-per-node sets the number of processes)")
     check_batch_split(args.batch_size, nproc)
+    import torch
+
+    if args.device != "cpu" and torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        raise DeepPhaseError(f"nproc: {nproc} processes need {nproc} GPUs (one each), but {torch.cuda.device_count()} "
+                             "are visible; use fewer processes, or --device cpu")
     check_out_dir(args.out, args.resume, args.overwrite)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

@@ -154,3 +154,19 @@ def test_every_command_has_help(capsys):
 def test_train_refuses_incomplete_optics(tmp_path, capsys):
     code, out, err = run(["train", "--energy", 300, "--out", tmp_path / "m"], capsys)
     assert code == 2 and "--semi-angle" in err and "--sampling" in err
+
+
+def test_reconstruct_writes_an_uncertainty_map_on_request(tiny_scan, tmp_path, capsys):
+    folder, _ = tiny_scan
+    out = tmp_path / "rec"
+    code, _, err = run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy",
+                        "--uncertainty", 3, "--out", out], capsys)
+    assert code == 0, err
+    phase, sigma = np.load(out / "phase.npy"), np.load(out / "uncertainty.npy")
+    meta = json.loads((out / "metadata.json").read_text())
+    assert sigma.shape == phase.shape and np.all(sigma[np.isfinite(sigma)] >= 0) and np.nanmax(sigma) > 0
+    assert meta["uncertainty_file"] == "uncertainty.npy"
+    assert meta["processing"]["uncertainty"] == {"method": "Monte Carlo dropout", "samples": 3}
+    code, _, err = run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy",
+                        "--uncertainty", 1, "--out", tmp_path / "rec1"], capsys)
+    assert code == 2 and "at least 2 samples" in err
