@@ -57,6 +57,7 @@ class MethodResult:
     phase: np.ndarray  # on the object grid, NaN where the method gives nothing
     seconds: float
     notes: dict = field(default_factory=dict)
+    sigma: np.ndarray | None = None  # per-pixel standard deviation on the object grid, if the method gives one
 
 
 Method = Callable[[Case, np.ndarray], MethodResult]
@@ -85,6 +86,8 @@ def available_methods() -> list[str]:
     out = []
     for name in _METHODS:
         if name == "seed-method" and "seed" not in packaged_models():
+            continue
+        if name == "deepphase-mc":  # 9× the cost of "deepphase"; ask for it by name
             continue
         if name == "ptychography":
             from .ptychography import external_python
@@ -117,7 +120,8 @@ def _model(path):
     return _MODEL_CACHE[key]
 
 
-def network_method(model_path=None, stitching: str = "pairwise", remove_plane: bool = True) -> Method:
+def network_method(model_path=None, stitching: str = "pairwise", remove_plane: bool = True,
+                   uncertainty_samples: int = 0) -> Method:
     """A method that runs :func:`deepphase.reconstruction.pipeline.reconstruct` with a model file."""
 
     def run(case: Case, probe: np.ndarray) -> MethodResult:
@@ -126,18 +130,27 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
         model = _model(model_path)
         t0 = time.perf_counter()
         rec = reconstruct(case.scan.amplitude, case.scan.positions, model, stitching=stitching,
-                          remove_plane=remove_plane, progress=False)
+                          remove_plane=remove_plane, progress=False, uncertainty_samples=uncertainty_samples)
         seconds = time.perf_counter() - t0
         # rec.full ends at the last covered pixel; the harness compares on the whole object grid.
         phase = np.full(case.scan.truth.shape, np.nan)
         rows, cols = min(rec.full.shape[0], phase.shape[0]), min(rec.full.shape[1], phase.shape[1])
         phase[:rows, :cols] = rec.full[:rows, :cols]
-        return MethodResult(phase, seconds, {"model": model.name, "arch": model.arch, "stitching": stitching})
+        sigma = None
+        if rec.uncertainty is not None:
+            sigma = np.full(case.scan.truth.shape, np.nan)
+            r0, c0 = rec.origin_px
+            h, w = min(rec.uncertainty.shape[0], sigma.shape[0] - r0), min(rec.uncertainty.shape[1], sigma.shape[1] - c0)
+            sigma[r0 : r0 + h, c0 : c0 + w] = rec.uncertainty[:h, :w]
+        return MethodResult(phase, seconds, {"model": model.name, "arch": model.arch, "stitching": stitching}, sigma)
 
     return run
 
 
 register_method("deepphase", "packaged default model, pairwise stitching, plane removed")(network_method())
+register_method("deepphase-mc", "packaged default model with 8 Monte Carlo dropout samples: a per-pixel σ "
+                                "whose calibration is scored (not run unless asked)")(
+    network_method(uncertainty_samples=8))
 register_method("seed-method", "the seed's recipe: seed U-Net trained the seed's way (packaged model 'seed'), "
                                "the seed's iterative stitching")(network_method("seed", stitching="seed",
                                                                                 remove_plane=False))
@@ -316,6 +329,9 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
         for name, res in results.items():
             phase = np.where(region, res.phase, np.nan)[box]
             figures = metrics.evaluate(phase, truth, pixel_size=case.pixel_size)
+            if res.sigma is not None:
+                cover = metrics.uncertainty_coverage(phase, truth, np.where(region, res.sigma, np.nan)[box])
+                figures.update({k: cover[k] for k in ("within_1sigma", "within_2sigma", "mean_sigma")})
             rows.append({"specimen": case.label, "forward": case.forward, "dose_e_per_pattern": case.dose,
                          "dose_e_per_A2": case.dose_per_area, "method": name, "seconds": round(res.seconds, 3),
                          **{k: v for k, v in figures.items()}, **({"notes": res.notes} if res.notes else {})})
@@ -332,15 +348,18 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
 _TABLE_COLUMNS = [("specimen", "{}"), ("dose_e_per_pattern", "{:,.0f}"), ("dose_e_per_A2", "{:,.3g}"),
                   ("method", "{}"), ("correlation", "{:.3f}"), ("correlation_aligned", "{:.3f}"),
                   ("fitted_rmse", "{:.3f}"), ("scale", "{:.2f}"), ("ssim", "{:.3f}"),
-                  ("frc_resolution_0.5", "{:.2f}"), ("frc_resolution_1/7", "{:.2f}"), ("seconds", "{:.2f}")]
+                  ("frc_resolution_0.5", "{:.2f}"), ("frc_resolution_1/7", "{:.2f}"), ("seconds", "{:.2f}"),
+                  ("within_1sigma", "{:.2f}"), ("within_2sigma", "{:.2f}")]
 
 
 def markdown_table(rows) -> str:
-    head = "| " + " | ".join(c for c, _ in _TABLE_COLUMNS) + " |"
-    lines = [head, "|" + "---|" * len(_TABLE_COLUMNS)]
+    """The figures as a markdown table (a column only if some row has it)."""
+    columns = [(c, f) for c, f in _TABLE_COLUMNS if any(row.get(c) is not None for row in rows)]
+    head = "| " + " | ".join(c for c, _ in columns) + " |"
+    lines = [head, "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
-        for col, fmt in _TABLE_COLUMNS:
+        for col, fmt in columns:
             value = row.get(col)
             cells.append("–" if value is None else fmt.format(value))
         lines.append("| " + " | ".join(cells) + " |")
