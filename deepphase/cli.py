@@ -302,9 +302,18 @@ def _cmd_evaluate(args) -> None:
     if args.seed_model is not None:
         harness.register_method("seed-method", "the seed's U-Net trained the seed's way, the seed's stitching")(
             harness.network_method(args.seed_model, stitching="seed", remove_plane=False))
+    extra = []
+    for item in args.model or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DeepPhaseError(f"model: expected NAME=MODEL_FOLDER, got {item!r}")
+        if name in harness.list_methods():
+            raise DeepPhaseError(f"model: the name {name!r} is taken by a built-in method; choose another")
+        harness.register_method(name, f"model {path}, pairwise stitching, plane removed")(harness.network_method(path))
+        extra.append(name)
     methods = args.methods
     if methods is None:
-        methods = harness.available_methods() + (["seed-method"] if args.seed_model is not None else [])
+        methods = harness.available_methods() + (["seed-method"] if args.seed_model is not None else []) + extra
         methods = list(dict.fromkeys(methods))
     rows, table = harness.evaluate(args.preset, args.out, methods=methods, specimens=args.specimens,
                                    doses=args.doses, scan_shape=args.scan_shape, seed=args.seed,
@@ -457,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forward models of the simulated data (default: the preset's; multislice needs the sim "
                         "extra and applies to material specimens)")
     p.add_argument("--cache-dir", type=Path, help="folder for simulated multislice data (default ~/.cache/deepphase)")
+    p.add_argument("--model", action="append", metavar="NAME=FOLDER",
+                   help="also evaluate the model in FOLDER under NAME (repeatable), e.g. mine=my-model/")
     p.add_argument("--seed-model", help="model folder of the seed's method (seed-unet, --preset seed); adds "
                                         "'seed-method' with the seed's stitching")
     p.add_argument("--seed", type=int, default=0)

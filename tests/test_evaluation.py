@@ -157,3 +157,13 @@ def test_uncertainty_coverage_of_a_calibrated_gaussian_error():
     assert cover["rmse"] == pytest.approx(0.1, rel=0.02)
     # Too small a σ is caught.
     assert metrics.uncertainty_coverage(reconstruction, truth, sigma / 10)["within_1sigma"] < 0.1
+
+
+@pytest.mark.parametrize("value, message", [("nonsense", "expected NAME=MODEL_FOLDER"),
+                                            ("idpc=somewhere", "taken by a built-in method")])
+def test_evaluate_refuses_a_malformed_model_option(value, message, tmp_path, capsys):
+    from deepphase.cli import main
+
+    assert main(["evaluate", "--model", value, "--out", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

@@ -31,7 +31,7 @@ def scan(probe):
     return independent_scan(probe, truth, positions), positions, truth
 
 
-@pytest.mark.parametrize("stitching", ["least-squares", "seed"])
+@pytest.mark.parametrize("stitching", ["pairwise", "least-squares", "seed"])
 def test_packaged_model_reconstructs_an_independent_simulation(scan, stitching):
     amplitudes, positions, truth = scan
     rec = reconstruct(amplitudes, positions, stitching=stitching, progress=False)
