@@ -170,3 +170,23 @@ def test_reconstruct_writes_an_uncertainty_map_on_request(tiny_scan, tmp_path, c
     code, _, err = run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy",
                         "--uncertainty", 1, "--out", tmp_path / "rec1"], capsys)
     assert code == 2 and "at least 2 samples" in err
+
+
+def test_a_model_for_my_own_microscope_trains_and_reconstructs(tmp_path, capsys):
+    optics = ["--energy", 300, "--semi-angle", 20, "--defocus", 30, "--sampling", 0.25]
+    code, _, err = run(["train", *optics, "--arch", "compact", "--epochs", 1, "--steps-per-epoch", 3,
+                        "--batch-size", 4, "--val-size", 8, "--dose", 5000, "--out", tmp_path / "m"], capsys)
+    assert code == 0, err
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["probe"]["source"] == "parameters" and meta["probe"]["energy"] == 300
+    assert meta["sampling"] == 0.25 and meta["training"]["dose"] == 5000
+    code, _, err = run(["simulate", *optics, "--scan-shape", 8, 8, "--dose", 5000, "--out", tmp_path / "s.npz"], capsys)
+    assert code == 0, err
+    code, out, err = run(["reconstruct", tmp_path / "s.npz", "--model", tmp_path / "m", "--pixel-size", 0.25,
+                          "--out", tmp_path / "r"], capsys)
+    assert code == 0, err
+    assert np.isfinite(np.load(tmp_path / "r" / "phase.npy")).any()
+    # The same model refuses data of another real-space sampling.
+    code, _, err = run(["reconstruct", tmp_path / "s.npz", "--model", tmp_path / "m", "--pixel-size", 0.4,
+                        "--out", tmp_path / "r2"], capsys)
+    assert code == 2 and "0.25" in err and "0.4" in err
