@@ -190,3 +190,17 @@ def test_a_model_for_my_own_microscope_trains_and_reconstructs(tmp_path, capsys)
     code, _, err = run(["reconstruct", tmp_path / "s.npz", "--model", tmp_path / "m", "--pixel-size", 0.4,
                         "--out", tmp_path / "r2"], capsys)
     assert code == 2 and "0.25" in err and "0.4" in err
+
+
+def test_outputs_have_ordinary_file_permissions(tiny_scan, tmp_path, capsys):
+    import os
+    import stat
+
+    folder, _ = tiny_scan
+    code, _, err = run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy",
+                        "--out", tmp_path / "rec"], capsys)
+    assert code == 0, err
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("phase.npy", "phase.png", "metadata.json"):
+        assert stat.S_IMODE((tmp_path / "rec" / name).stat().st_mode) == 0o666 & ~umask
