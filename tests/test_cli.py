@@ -204,3 +204,27 @@ def test_outputs_have_ordinary_file_permissions(tiny_scan, tmp_path, capsys):
     os.umask(umask)
     for name in ("phase.npy", "phase.png", "metadata.json"):
         assert stat.S_IMODE((tmp_path / "rec" / name).stat().st_mode) == 0o666 & ~umask
+
+
+def test_phase_is_also_written_as_tiff_and_emd_with_the_pixel_size(tiny_scan, tmp_path, capsys):
+    import tifffile
+
+    folder, _ = tiny_scan
+    out = tmp_path / "rec"
+    code, _, err = run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy",
+                        "--pixel-size", 0.2, "--out", out], capsys)
+    assert code == 0, err
+    phase = np.load(out / "phase.npy")
+    meta = json.loads((out / "metadata.json").read_text())
+    with tifffile.TiffFile(out / "phase.tif") as tif:
+        np.testing.assert_array_equal(tif.asarray(), phase)
+        x_resolution = tif.pages[0].tags["XResolution"].value
+        assert x_resolution[0] / x_resolution[1] == pytest.approx(1 / 0.2, rel=1e-4)
+        assert tif.imagej_metadata["unit"] == "Angstrom"
+    with h5py.File(out / "phase.emd", "r") as f:
+        group = f["data/phase"]
+        assert group.attrs["emd_group_type"] == 1
+        np.testing.assert_array_equal(group["data"][()], phase)
+        assert group["dim1"].attrs["units"] == "Å"
+        assert group["dim1"][0] == pytest.approx(0.2 * meta["origin_px"][0])
+        assert group["dim2"][1] - group["dim2"][0] == pytest.approx(0.2)

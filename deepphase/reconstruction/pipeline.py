@@ -22,7 +22,7 @@ from ..runtime import resolve_device
 from .predict import predict_patches
 from .stitching import stitch
 
-OUTPUT_FILES = ("phase.npy", "phase.png", "uncertainty.npy", "metadata.json")
+OUTPUT_FILES = ("phase.npy", "phase.tif", "phase.emd", "phase.png", "uncertainty.npy", "metadata.json")
 
 
 @dataclass
@@ -176,12 +176,16 @@ def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict, samp
     staging = Path(tempfile.mkdtemp(prefix=".deepphase-", dir=out_dir))
     try:
         save_npy(staging / "phase.npy", rec.phase)
+        write_tiff(staging / "phase.tif", rec.phase, sampling)
+        write_emd(staging / "phase.emd", rec.phase, sampling, rec.origin_px, rec.uncertainty)
         plot_phase(rec.phase, staging / "phase.png", sampling=sampling, title=metadata.get("title"))
         if rec.uncertainty is not None:
             save_npy(staging / "uncertainty.npy", rec.uncertainty)
         meta = {
             "package_version": __version__,
             "phase_file": "phase.npy",
+            "other_formats": {"phase.tif": "32-bit float TIFF (ImageJ), pixel size in Å if known",
+                              "phase.emd": "EMD 1.0 (HDF5) with dimension vectors in Å or pixels"},
             "phase_units": "rad (arbitrary constant offset)",
             **({"uncertainty_file": "uncertainty.npy", "uncertainty_units": "rad (one standard deviation)"}
                if rec.uncertainty is not None else {}),
@@ -200,6 +204,49 @@ def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict, samp
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return meta
+
+
+def write_tiff(path: Path, phase: np.ndarray, sampling: float | None = None) -> None:
+    """A 32-bit float TIFF in ImageJ's layout, with the pixel size (Å) where it is known."""
+    import tifffile
+
+    from ..io_utils import atomic_path
+
+    kwargs = {}
+    if sampling:
+        kwargs = {"resolution": (1.0 / sampling, 1.0 / sampling), "metadata": {"unit": "Angstrom"}}
+    with atomic_path(path, ".tif") as tmp:
+        tifffile.imwrite(tmp, np.asarray(phase, dtype=np.float32), imagej=True, **kwargs)
+
+
+def write_emd(path: Path, phase: np.ndarray, sampling: float | None, origin_px, uncertainty=None) -> None:
+    """EMD 1.0 (HDF5): ``/data/phase`` with ``data`` (rad) and ``dim1``/``dim2`` in Å or pixels.
+
+    The dimension vectors start at the object pixel of ``phase[0, 0]`` (``origin_px``), so positions in
+    the file are in the frame of the scan positions. Readable by py4DSTEM/emdfile, HyperSpy and h5py.
+    """
+    import h5py
+
+    from .. import __version__
+    from ..io_utils import atomic_path
+
+    step, unit = (sampling, "Å") if sampling else (1.0, "pixels")
+    with atomic_path(path, ".emd") as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update({"version_major": 1, "version_minor": 0})
+        group = f.create_group("data").create_group("phase")
+        group.attrs["emd_group_type"] = 1
+        data = group.create_dataset("data", data=np.asarray(phase, dtype=np.float32))
+        data.attrs.update({"units": "rad", "note": "arbitrary constant offset"})
+        for axis, (name, start) in enumerate((("row", origin_px[0]), ("col", origin_px[1])), start=1):
+            dim = group.create_dataset(f"dim{axis}", data=(start + np.arange(phase.shape[axis - 1])) * step)
+            dim.attrs.update({"name": name, "units": unit})
+        if uncertainty is not None:
+            sigma = f["data"].create_group("uncertainty")
+            sigma.attrs["emd_group_type"] = 1
+            sigma.create_dataset("data", data=np.asarray(uncertainty, dtype=np.float32)).attrs["units"] = "rad"
+            sigma["dim1"], sigma["dim2"] = group["dim1"], group["dim2"]
+        f.create_group("microscope")
+        f.create_group("comments").attrs["software"] = f"deepphase {__version__}"
 
 
 def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, title: str | None = None,
