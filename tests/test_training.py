@@ -141,3 +141,19 @@ def test_model_file_round_trip_and_mismatch(probe, tmp_path):
     with pytest.raises(ModelMismatchError, match="Å/pixel"):
         check_compatible(loaded, (32, 32), sampling=0.5)
     check_compatible(loaded, (32, 32), sampling=0.3)
+
+
+def test_packaged_models_load_and_record_how_they_were_made():
+    from deepphase.models.modelfile import packaged_model_path, packaged_models
+
+    assert {"default", "seed", "unet-small"} <= set(packaged_models())
+    total = 0
+    for name in packaged_models():
+        model = load_model(name)
+        training = model.info["training"]
+        assert training["command"].startswith("deepphase train") and training["epochs_done"] == training["epochs"]
+        assert model.info["validation_loss"] > 0
+        total += sum(p.stat().st_size for p in packaged_model_path(name).iterdir())
+    assert load_model().arch == "compact" and load_model("seed").arch == "seed-unet"
+    assert load_model("seed").info["training"]["preset"] == "seed"
+    assert total < 20e6  # the package stays small
