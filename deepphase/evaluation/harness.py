@@ -19,9 +19,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.simulate import SimulatedScan, required_object_shape, simulate_scan
-from ..errors import DeepPhaseError, ValueRangeError
+from ..errors import ValueRangeError
 from ..io_utils import atomic_path, save_json
-from ..physics.forward import dose_per_area, dose_per_pattern, incident_counts
+from ..physics.forward import dose_per_area
 from ..physics.scan import REFERENCE_STEP_PX, raster_positions
 from . import metrics
 
@@ -168,8 +168,6 @@ _register_ptychography()
 
 @register_method("idpc", "integrated DPC from the centre of mass of each pattern (Fourier integration)")
 def _idpc(case: Case, probe: np.ndarray) -> MethodResult:
-    from scipy.ndimage import map_coordinates
-
     from .baselines import idpc_phase
 
     t0 = time.perf_counter()
@@ -236,12 +234,7 @@ def specimen_image(name: str, shape, seed: int = 0) -> tuple[np.ndarray, float |
 
 
 def materials_available() -> bool:
-    try:
-        import abtem  # noqa: F401
-        import ase  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _importable("abtem") and _importable("ase")
 
 
 def resolve_preset(preset: str) -> dict:

@@ -280,7 +280,6 @@ def ptychography_phase_external(python: str, amplitudes, positions, probe, objec
     """
     import json
     import subprocess
-    import sys
     import tempfile
     from pathlib import Path
 
@@ -324,7 +323,6 @@ def ptychography_method(num_iter: int = 16, **settings):
 def _main(argv=None) -> int:
     """``python -m deepphase.evaluation.ptychography IN.npz OUT.npz`` (used by the external runner)."""
     import json
-    import sys
 
     src, dst = (argv if argv is not None else sys.argv[1:])[:2]
     with np.load(src, allow_pickle=False) as f:

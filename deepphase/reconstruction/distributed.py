@@ -29,10 +29,8 @@ import numpy as np
 from ..data.io import AmplitudeView, check_patterns, infer_kind, load_scan
 from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..models.modelfile import check_compatible, load_model
-from ..physics.geometry import output_mask
 from ..physics.scan import validate_positions
-from .pipeline import Reconstruction, crop_to_coverage, reconstruct, subtract_plane
-from .stitching import stitch
+from .pipeline import Reconstruction, crop_to_coverage, reconstruct, stitch_patches
 
 DASK_EXTRA = "pip install deepphase[distributed]"
 
@@ -216,11 +214,7 @@ def reconstruct_distributed(
     t1 = time.perf_counter()
 
     # From here on exactly the steps of pipeline.reconstruct.
-    mask = output_mask(model.probe, model.geometry)
-    full = stitch(patches, positions, mask, model.geometry, method=stitching)
-    slopes = (0.0, 0.0)
-    if remove_plane:
-        full, slopes = subtract_plane(full)
+    full, slopes = stitch_patches(patches, positions, model, stitching, remove_plane)
     t2 = time.perf_counter()
     phase, origin = crop_to_coverage(full)
     n_workers = len(client.nthreads())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -68,6 +67,21 @@ def subtract_plane(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     return image - (g_r * (rr - rows.mean()) + g_c * (cc - cols.mean())), (float(g_r), float(g_c))
 
 
+def stitch_patches(patches, positions, model: PhaseModel, stitching: str = "pairwise",
+                   remove_plane: bool = True) -> tuple[np.ndarray, tuple[float, float]]:
+    """Stitch predicted patches on the object grid and optionally remove the plane.
+
+    The step shared by :func:`reconstruct` and the distributed reconstruction. Returns the image
+    (from object pixel (0, 0), NaN where no probe reached) and the removed slopes (rad per pixel).
+    """
+    mask = output_mask(model.probe, model.geometry)
+    full = stitch(patches, positions, mask, model.geometry, method=stitching)
+    slopes = (0.0, 0.0)
+    if remove_plane:
+        full, slopes = subtract_plane(full)
+    return full, slopes
+
+
 def reconstruct(
     amplitudes,
     positions,
@@ -116,13 +130,10 @@ def reconstruct(
     patches = predict_patches(model, amplitudes, batch_size=batch_size, device=dev, progress=progress,
                               precision=precision)
     t1 = time.perf_counter()
-    mask = output_mask(model.probe, model.geometry)
-    full = stitch(patches, positions, mask, model.geometry, method=stitching)
-    slopes = (0.0, 0.0)
-    if remove_plane:
-        full, slopes = subtract_plane(full)
+    full, slopes = stitch_patches(patches, positions, model, stitching, remove_plane)
     t2 = time.perf_counter()
     phase, origin = crop_to_coverage(full)
+    mask = output_mask(model.probe, model.geometry)
     spread = None
     if uncertainty_samples:
         if int(uncertainty_samples) < 2:
