@@ -391,7 +391,7 @@ def _montage(images, specimens, dose, methods, path: Path) -> None:
             diff.imshow(image - truth, cmap="RdBu_r", vmin=-span, vmax=span)
             diff.axis("off")
     fig.suptitle(f"{dose:,.0f} electrons per pattern", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.985))  # keep the title clear of the first row's titles
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
