@@ -31,6 +31,13 @@ def run(args, capsys):
     return code, out.out, out.err
 
 
+def reconstruct_tiny(tiny_scan, out, capsys, *options):
+    """``deepphase reconstruct`` of the tiny scan's amplitudes and positions into ``out``."""
+    folder, _ = tiny_scan
+    return run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy", *options,
+                "--out", out], capsys)
+
+
 def test_simulate_then_reconstruct_round_trip(tmp_path, capsys):
     data = tmp_path / "scan.npz"
     code, out, err = run(["simulate", "--scan-shape", 10, 10, "--out", data], capsys)
@@ -157,18 +164,15 @@ def test_train_refuses_incomplete_optics(tmp_path, capsys):
 
 
 def test_reconstruct_writes_an_uncertainty_map_on_request(tiny_scan, tmp_path, capsys):
-    folder, _ = tiny_scan
     out = tmp_path / "rec"
-    code, _, err = run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy",
-                        "--uncertainty", 3, "--out", out], capsys)
+    code, _, err = reconstruct_tiny(tiny_scan, out, capsys, "--uncertainty", 3)
     assert code == 0, err
     phase, sigma = np.load(out / "phase.npy"), np.load(out / "uncertainty.npy")
     meta = json.loads((out / "metadata.json").read_text())
     assert sigma.shape == phase.shape and np.all(sigma[np.isfinite(sigma)] >= 0) and np.nanmax(sigma) > 0
     assert meta["uncertainty_file"] == "uncertainty.npy"
     assert meta["processing"]["uncertainty"] == {"method": "Monte Carlo dropout", "samples": 3}
-    code, _, err = run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy",
-                        "--uncertainty", 1, "--out", tmp_path / "rec1"], capsys)
+    code, _, err = reconstruct_tiny(tiny_scan, tmp_path / "rec1", capsys, "--uncertainty", 1)
     assert code == 2 and "at least 2 samples" in err
 
 
@@ -196,9 +200,7 @@ def test_outputs_have_ordinary_file_permissions(tiny_scan, tmp_path, capsys):
     import os
     import stat
 
-    folder, _ = tiny_scan
-    code, _, err = run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy",
-                        "--out", tmp_path / "rec"], capsys)
+    code, _, err = reconstruct_tiny(tiny_scan, tmp_path / "rec", capsys)
     assert code == 0, err
     umask = os.umask(0)
     os.umask(umask)
@@ -209,10 +211,8 @@ def test_outputs_have_ordinary_file_permissions(tiny_scan, tmp_path, capsys):
 def test_phase_is_also_written_as_tiff_and_emd_with_the_pixel_size(tiny_scan, tmp_path, capsys):
     import tifffile
 
-    folder, _ = tiny_scan
     out = tmp_path / "rec"
-    code, _, err = run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy",
-                        "--pixel-size", 0.2, "--out", out], capsys)
+    code, _, err = reconstruct_tiny(tiny_scan, out, capsys, "--pixel-size", 0.2)
     assert code == 0, err
     phase = np.load(out / "phase.npy")
     meta = json.loads((out / "metadata.json").read_text())

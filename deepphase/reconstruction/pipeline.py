@@ -118,6 +118,8 @@ def reconstruct(
         the spread of the stitched images (each with its mean removed, the offset being arbitrary) is
         the uncertainty. Costs that many extra predictions.
     """
+    if uncertainty_samples and int(uncertainty_samples) < 2:  # before any prediction is spent
+        raise ValueRangeError(f"uncertainty_samples: expected at least 2 samples, got {uncertainty_samples}")
     if not isinstance(model, PhaseModel):
         model = load_model(model)
     shape = getattr(amplitudes, "shape", None)
@@ -133,18 +135,13 @@ def reconstruct(
     full, slopes = stitch_patches(patches, positions, model, stitching, remove_plane)
     t2 = time.perf_counter()
     phase, origin = crop_to_coverage(full)
-    mask = output_mask(model.probe, model.geometry)
     spread = None
     if uncertainty_samples:
-        if int(uncertainty_samples) < 2:
-            raise ValueRangeError(f"uncertainty_samples: expected at least 2 samples, got {uncertainty_samples}")
         samples = []
         for k in range(int(uncertainty_samples)):
             draw = predict_patches(model, amplitudes, batch_size=batch_size, device=dev, progress=progress,
                                    precision=precision, mc_dropout_seed=k)
-            image = stitch(draw, positions, mask, model.geometry, method=stitching)
-            if remove_plane:
-                image, _ = subtract_plane(image)
+            image, _ = stitch_patches(draw, positions, model, stitching, remove_plane)
             samples.append(image - np.nanmean(image))
         std = np.std(np.stack(samples), axis=0)
         r0, c0 = origin
