@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from . import __version__
@@ -58,7 +61,8 @@ def _cmd_train(args) -> None:
                          batch_size=args.batch_size, preset=args.preset, lr=args.lr, dose=dose,
                          corpus=CorpusConfig(mix=dict(CORPUS_PRESETS[args.corpus]),
                                              phase_range=tuple(args.phase_range)), seed=args.seed,
-                         val_size=args.val_size, device=args.device, half=args.half, loss=args.loss)
+                         val_size=args.val_size, device=args.device, half=args.half, loss=args.loss,
+                         neighbourhood=args.neighbourhood, neighbourhood_step_px=args.neighbourhood_step)
     geometry = Geometry(n_px=probe.shape[0])
     command = "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     command = getattr(args, "command_line", None) or command  # set by deepphase.train (torchrun processes)
@@ -166,9 +170,21 @@ def _cmd_reconstruct(args) -> None:
     from .evaluation.metrics import correlation
     from .models.modelfile import load_model
     from .physics.scan import raster_positions
-    from .reconstruction.pipeline import check_output_folder, reconstruct, write_outputs
+    from .reconstruction.pipeline import check_output_folder, read_checkpoint, reconstruct, write_outputs
 
     check_output_folder(args.out, args.overwrite)
+    partial = args.out / PARTIAL_FOLDER
+    record = read_checkpoint(partial)
+    if args.resume and record is None:
+        raise DeepPhaseError(f"resume: {str(args.out)!r} holds no interrupted reconstruction to continue")
+    if record is not None and not args.resume:
+        if not args.overwrite:
+            raise DeepPhaseError(
+                f"out: {str(args.out)!r} holds an interrupted reconstruction ({record['done']:,} of {record['total']:,} "
+                "patterns done); pass --resume to continue it or --overwrite to start again")
+        shutil.rmtree(partial)
+    if args.resume and (args.workers is not None or args.scheduler is not None):
+        raise DeepPhaseError("resume: a cluster reconstruction (--workers/--scheduler) cannot be resumed; run it again")
     figure = args.out / "calibration.png"
     if figure.exists() and not args.overwrite:
         raise DeepPhaseError(f"out: {str(args.out)!r} already holds calibration.png; choose another folder or pass --overwrite")
@@ -240,7 +256,9 @@ def _cmd_reconstruct(args) -> None:
         else:
             rec = reconstruct(amplitudes, positions, model, stitching=args.stitching,
                               batch_size=args.batch_size, device=args.device, sampling=args.pixel_size,
-                              precision=args.precision, uncertainty_samples=args.uncertainty)
+                              precision=args.precision, uncertainty_samples=args.uncertainty,
+                              chunk_size=args.chunk_size, checkpoint=partial, resume=args.resume,
+                              fingerprint=_data_fingerprint(args, kind, view))
         extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                  "data": str(args.data), "input": kind, "n_patterns": n_frames, "stitching": args.stitching,
                  "model_path": str(args.model or "default (packaged)"), **scan_info,
@@ -251,6 +269,7 @@ def _cmd_reconstruct(args) -> None:
             if truth.shape == rec.phase.shape:
                 extra["correlation_with_truth"] = correlation(rec.phase, truth)
         write_outputs(rec, args.out, extra, sampling=sampling, overwrite=args.overwrite)
+        shutil.rmtree(partial, ignore_errors=True)  # complete: the progress is no longer needed
         if view is not None:
             from .data.calibration import plot_calibration
 
@@ -271,6 +290,17 @@ def _cmd_reconstruct(args) -> None:
     if "correlation_with_truth" in extra:
         msg += f"; correlation with the truth {extra['correlation_with_truth']:.3f}"
     print(msg)
+
+
+PARTIAL_FOLDER = ".deepphase-partial"
+
+
+def _data_fingerprint(args, kind: str, view) -> dict:
+    """What must not change between an interrupted reconstruction and its ``--resume``."""
+    stat = Path(args.data).stat()
+    return {"data": str(Path(args.data).resolve()), "data_bytes": stat.st_size, "data_mtime_ns": stat.st_mtime_ns,
+            "dataset": args.dataset, "input": kind, "calibrated": view is not None,
+            "batch_size": args.batch_size, "device": args.device}
 
 
 def _reconstruct_on_cluster(args, positions, kind, view):
@@ -351,6 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "edges), 'natural' (the seed's: images only), 'procedural' or 'atoms'")
     p.add_argument("--phase-range", type=float, nargs=2, default=(0.1, 1.6), metavar=("MIN", "MAX"),
                    help="range of each object's maximum phase in rad (default 0.1 1.6)")
+    p.add_argument("--neighbourhood", type=int, default=1, choices=[1, 3],
+                   help="patterns per position the network sees: 1 (default) or 3 for the 3×3 neighbourhood of "
+                        "adjacent scan positions (9 input channels; reconstruction then needs a raster of about "
+                        "--neighbourhood-step)")
+    from .physics.scan import REFERENCE_STEP_PX
+
+    p.add_argument("--neighbourhood-step", type=float, default=REFERENCE_STEP_PX, metavar="PX",
+                   help=f"scan step of the neighbourhood in real-space pixels (default {REFERENCE_STEP_PX:.4g}, "
+                        "the reference scan's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-size", type=int, default=512)
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default auto)")
@@ -432,6 +471,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--chunk-size", type=int, default=16384, metavar="P",
+                   help="patterns read and predicted at a time (default 16384); memory is bounded by it")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted reconstruction from its progress in OUT/.deepphase-partial")
     # Several processes or machines (dask.distributed): deepphase/reconstruction/distributed.py
     g = p.add_argument_group("several processes or machines (dask.distributed; the same image as one process)")
     where = g.add_mutually_exclusive_group()
@@ -480,15 +523,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        # A batch system's kill is a SIGTERM: handled like Ctrl-C, so a reconstruction saves its progress.
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args.func(args)
     except DeepPhaseError as exc:
         print(f"deepphase {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"deepphase {args.command}: interrupted; completed outputs are intact", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"deepphase {args.command}: {exc or 'interrupted'}; completed outputs are intact", file=sys.stderr)
         return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt("terminated (SIGTERM)")
 
 
 if __name__ == "__main__":

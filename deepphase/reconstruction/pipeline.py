@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -10,16 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .. import __version__
 from ..errors import OutputExistsError, ShapeError, ValueRangeError
-from ..io_utils import save_json, save_npy
+from ..io_utils import atomic_path, save_json, save_npy
 from ..models.modelfile import PhaseModel, check_compatible, load_model
 from ..physics.geometry import output_mask
 from ..physics.scan import validate_positions
 from ..runtime import resolve_device
 from .predict import predict_patches
-from .stitching import stitch
+from .stitching import METHODS, PairwiseStitcher, stitch
 
 OUTPUT_FILES = ("phase.npy", "phase.tif", "phase.emd", "phase.png", "uncertainty.npy", "metadata.json")
 
@@ -82,6 +84,110 @@ def stitch_patches(patches, positions, model: PhaseModel, stitching: str = "pair
     return full, slopes
 
 
+class _Rows:
+    """Positions ``start … stop − 1`` of a sliceable (N, n, n) array, read only when sliced."""
+
+    def __init__(self, array, start: int, stop: int):
+        self.array, self.start, self.stop = array, start, stop
+        self.shape = (stop - start, *tuple(array.shape[1:]))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("_Rows supports contiguous slices only")
+        a, b, _ = index.indices(self.shape[0])
+        return self.array[self.start + a : self.start + b]
+
+
+class _PatchStore:
+    """Holds every patch, for the stitchers that need them all at once ("least-squares", "seed").
+
+    In memory, or in a memory-mapped .npy file inside a checkpoint folder (so that ``resume`` finds them).
+    """
+
+    def __init__(self, n: int, out_px: int, path: Path | None = None):
+        if path is None:
+            self.patches = np.empty((n, out_px, out_px), dtype=np.float32)
+        elif path.exists():
+            self.patches = np.load(path, mmap_mode="r+")
+        else:
+            self.patches = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, out_px, out_px))
+        self.done = np.zeros(n, dtype=bool)
+
+    def add(self, patches, start: int) -> None:
+        self.patches[start : start + len(patches)] = patches
+        self.done[start : start + len(patches)] = True
+
+    def state(self) -> dict:
+        if isinstance(self.patches, np.memmap):
+            self.patches.flush()
+        return {"done": self.done}
+
+    def load_state(self, state) -> None:
+        self.done = np.asarray(state["done"], dtype=bool)
+
+
+# A checkpoint is written at most this often (seconds): each holds ~0.1 kB per position, so writing it
+# after every chunk would cost more than the chunk on a large scan.
+CHECKPOINT_EVERY_S = 60.0
+CHECKPOINT_FORMAT = "deepphase-partial/1"
+
+
+class InterruptedReconstruction(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during :func:`reconstruct`; ``done`` patterns are saved in the checkpoint, if any."""
+
+    def __init__(self, done: int, total: int, checkpoint: Path | None):
+        self.done, self.total, self.checkpoint = done, total, checkpoint
+        where = (f"; the progress is saved in {checkpoint}: run the same command with --resume to continue"
+                 if checkpoint is not None else "")
+        super().__init__(f"interrupted after {done:,} of {total:,} patterns{where}")
+
+
+def _checkpoint_files(folder: Path) -> tuple[Path, Path]:
+    return folder / "progress.json", folder / "state.npz"
+
+
+def read_checkpoint(folder: str | Path) -> dict | None:
+    """The progress record of a checkpoint folder (``done``, ``total``, ``fingerprint``), or None if there is none."""
+    progress, _ = _checkpoint_files(Path(folder))
+    if not progress.exists():
+        return None
+    import json
+
+    return json.loads(progress.read_text())
+
+
+def _save_checkpoint(folder: Path, fingerprint: dict, done: int, total: int, accumulators) -> None:
+    arrays = {}
+    for k, acc in enumerate(accumulators):
+        arrays.update({f"{k}/{name}": value for name, value in acc.state().items()})
+    progress, state = _checkpoint_files(folder)
+    with atomic_path(state, ".npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # uncompressed: written often, read once
+    # progress.json last: it names a complete state.npz.
+    save_json(progress, {"format": CHECKPOINT_FORMAT, "done": done, "total": total, "fingerprint": fingerprint})
+
+
+def _load_checkpoint(folder: Path, fingerprint: dict, accumulators) -> int:
+    record = read_checkpoint(folder)
+    if record is None:
+        raise ValueRangeError(f"resume: {folder} holds no interrupted reconstruction to continue")
+    if record.get("format") != CHECKPOINT_FORMAT or record.get("fingerprint") != fingerprint:
+        theirs = record.get("fingerprint") or {}
+        changed = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
+        raise ValueRangeError(
+            f"resume: the interrupted reconstruction in {folder} was made with other settings or data "
+            f"(different: {', '.join(changed) or 'format'}); run it with the same ones, or pass --overwrite to start again"
+        )
+    _, state = _checkpoint_files(folder)
+    with np.load(state, allow_pickle=False) as saved:
+        for k, acc in enumerate(accumulators):
+            acc.load_state({name.split("/", 1)[1]: saved[name] for name in saved.files if name.startswith(f"{k}/")})
+    return int(record["done"])
+
+
 def reconstruct(
     amplitudes,
     positions,
@@ -94,18 +200,29 @@ def reconstruct(
     sampling: float | None = None,
     precision: str = "auto",
     uncertainty_samples: int = 0,
+    chunk_size: int = 16384,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    fingerprint: dict | None = None,
 ) -> Reconstruction:
-    """Predict a phase patch for every pattern and stitch them into one image.
+    """Predict a phase patch for every pattern and stitch them into one image, chunk by chunk.
+
+    The patterns are read, predicted and reduced ``chunk_size`` at a time: with the pairwise stitcher
+    (the default) only small per-position reductions are kept (see
+    :class:`~deepphase.reconstruction.stitching.PairwiseStitcher`), so memory is bounded by the chunk
+    plus ~0.5 kB a position, and a file larger than memory can be reconstructed. The other stitchers
+    need every patch (4 kB a position): in memory, or memory-mapped in the checkpoint folder.
 
     Parameters
     ----------
     amplitudes : array-like (N, n, n)
-        Diffraction amplitudes (square roots of the counts); any sliceable array (memmap, h5py).
+        Diffraction amplitudes (square roots of the counts); any sliceable array (memmap, h5py, a lazy
+        view of a detector file).
     positions : (N, 2) array
         Top-left corners of the probe windows in real-space pixels (row, col).
     model : PhaseModel, a model folder, or None for the packaged default.
-    stitching : "pairwise" (default, fast), "least-squares" (exact canvas least squares) or "seed" (the
-        original iterative method); see :mod:`deepphase.reconstruction.stitching`.
+    stitching : "pairwise" (default, fast, streams), "least-squares" (exact canvas least squares) or "seed"
+        (the original iterative method); see :mod:`deepphase.reconstruction.stitching`.
     remove_plane : subtract the best-fit plane from the stitched image (default). Overlaps between
         patches do not constrain a global tilt: it comes only from the tilts of the patches, and a
         small systematic tilt of the network's patches adds up over the scan (the seed's stitching
@@ -114,12 +231,29 @@ def reconstruct(
     precision : network arithmetic: "auto" (bfloat16 on a GPU, float32 on a CPU), "float32", "bfloat16"
         or "float16".
     uncertainty_samples : if > 1, also estimate a per-pixel standard deviation by Monte Carlo dropout:
-        that many extra predictions with the dropout layers active, each stitched like the main one;
-        the spread of the stitched images (each with its mean removed, the offset being arbitrary) is
-        the uncertainty. Costs that many extra predictions.
+        that many extra predictions of each chunk with the dropout layers active, each stitched like the
+        main one; the spread of the stitched images (each with its mean removed, the offset being
+        arbitrary) is the uncertainty. The data are read once; the network runs that many extra times.
+    chunk_size : patterns read and predicted at a time.
+    checkpoint : a folder for the progress of an interrupted run (written at most every
+        ``CHECKPOINT_EVERY_S`` seconds, on Ctrl-C/SIGTERM and after the last chunk).
+    resume : continue from the progress in ``checkpoint`` (which must exist and match ``fingerprint``).
+    fingerprint : what identifies the run for ``resume`` (the data file, settings); the pipeline adds the
+        model, the positions and its own settings.
+
+    Raises
+    ------
+    InterruptedReconstruction
+        On Ctrl-C (KeyboardInterrupt), after saving the progress to ``checkpoint`` if given.
     """
     if uncertainty_samples and int(uncertainty_samples) < 2:  # before any prediction is spent
         raise ValueRangeError(f"uncertainty_samples: expected at least 2 samples, got {uncertainty_samples}")
+    if int(chunk_size) < 1:
+        raise ValueRangeError(f"chunk_size: expected a positive number of patterns, got {chunk_size}")
+    if resume and checkpoint is None:
+        raise ValueRangeError("resume: needs the checkpoint folder of the interrupted run")
+    if stitching not in METHODS:
+        raise ValueRangeError(f"stitching: expected one of {', '.join(repr(m) for m in METHODS)}, got {stitching!r}")
     if not isinstance(model, PhaseModel):
         model = load_model(model)
     shape = getattr(amplitudes, "shape", None)
@@ -127,36 +261,92 @@ def reconstruct(
         raise ShapeError(f"amplitudes: expected an array of shape (N, k, k), got shape {shape}")
     check_compatible(model, tuple(shape[1:]), sampling)
     positions = validate_positions(positions, shape[0])
+    n, chunk_size = int(shape[0]), int(chunk_size)
+    draws = 1 + int(uncertainty_samples or 0)
     dev = resolve_device(device)
+    mask = output_mask(model.probe, model.geometry)
+    folder = Path(checkpoint) if checkpoint is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    patches = predict_patches(model, amplitudes, batch_size=batch_size, device=dev, progress=progress,
-                              precision=precision)
+    if stitching == "pairwise":
+        accumulators = [PairwiseStitcher(positions, mask, model.geometry) for _ in range(draws)]
+    else:
+        accumulators = [_PatchStore(n, model.geometry.output_px, folder / f"patches-{k}.npy" if folder else None)
+                        for k in range(draws)]
+    fingerprint = {**(fingerprint or {}), "n_patterns": n, "pattern_shape": list(shape[1:]),
+                   "positions_sha256": hashlib.sha256(np.ascontiguousarray(positions).tobytes()).hexdigest(),
+                   "model": model.name, "model_arch": model.arch, "model_sha256": _weights_digest(model),
+                   "stitching": stitching, "uncertainty_samples": draws - 1, "chunk_size": chunk_size,
+                   "precision": precision}
+    done = resumed_from = _load_checkpoint(folder, fingerprint, accumulators) if resume else 0
+    t_setup = time.perf_counter() - t0
+    t_predict = t_reduce = 0.0
+    last_save = time.perf_counter()
+    try:
+        with tqdm(total=n, initial=done, desc="reconstructing", unit="pattern", leave=False,
+                  disable=None if progress is None else not progress) as bar:
+            for start in range(done, n, chunk_size):
+                stop = min(start + chunk_size, n)
+                rows = _Rows(amplitudes, start, stop)
+                # Read once, predicted once per draw: the main prediction, then the dropout samples.
+                rows = np.asarray(rows[0 : stop - start], dtype=np.float32) if draws > 1 else rows
+                for k, acc in enumerate(accumulators):
+                    t = time.perf_counter()
+                    patches = predict_patches(model, rows, batch_size=batch_size, device=dev, progress=False,
+                                              precision=precision,
+                                              mc_dropout_seed=None if k == 0 else k * 1_000_003 + start)
+                    t_predict += time.perf_counter() - t
+                    t = time.perf_counter()
+                    acc.add(patches, start)
+                    t_reduce += time.perf_counter() - t
+                done = stop
+                bar.update(stop - start)
+                if folder is not None and time.perf_counter() - last_save > CHECKPOINT_EVERY_S and done < n:
+                    _save_checkpoint(folder, fingerprint, done, n, accumulators)
+                    last_save = time.perf_counter()
+    except KeyboardInterrupt as exc:
+        if folder is not None and done > 0:
+            _save_checkpoint(folder, fingerprint, done, n, accumulators)
+        raise InterruptedReconstruction(done, n, folder) from exc
+    if folder is not None:
+        _save_checkpoint(folder, fingerprint, done, n, accumulators)
     t1 = time.perf_counter()
-    full, slopes = stitch_patches(patches, positions, model, stitching, remove_plane)
+    images = []
+    for acc in accumulators:
+        if stitching == "pairwise":
+            image = acc.image()
+        else:
+            image = stitch(acc.patches, positions, mask, model.geometry, method=stitching)
+        images.append(subtract_plane(image) if remove_plane else (image, (0.0, 0.0)))
     t2 = time.perf_counter()
+    full, slopes = images[0]
     phase, origin = crop_to_coverage(full)
     spread = None
-    if uncertainty_samples:
-        samples = []
-        for k in range(int(uncertainty_samples)):
-            draw = predict_patches(model, amplitudes, batch_size=batch_size, device=dev, progress=progress,
-                                   precision=precision, mc_dropout_seed=k)
-            image, _ = stitch_patches(draw, positions, model, stitching, remove_plane)
-            samples.append(image - np.nanmean(image))
-        std = np.std(np.stack(samples), axis=0)
+    if draws > 1:
+        samples = np.stack([image - np.nanmean(image) for image, _ in images[1:]])
         r0, c0 = origin
-        spread = std[r0 : r0 + phase.shape[0], c0 : c0 + phase.shape[1]].astype(np.float32)
-    t3 = time.perf_counter()
-    timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),
-               **({"uncertainty_s": round(t3 - t2, 3)} if uncertainty_samples else {}),
-               "patterns_per_second": round(shape[0] / max(t1 - t0, 1e-9), 1)}
+        spread = np.std(samples, axis=0)[r0 : r0 + phase.shape[0], c0 : c0 + phase.shape[1]].astype(np.float32)
+    timings = {"setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
+               "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
+               "patterns_per_second": round((n - resumed_from) * draws / max(t_predict, 1e-9), 1)}
     return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
                           {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
                           {"stitching": stitching, "plane_removed": remove_plane,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision, "device": str(dev),
-                           "uncertainty": ({"method": "Monte Carlo dropout", "samples": int(uncertainty_samples)}
-                                           if uncertainty_samples else None)},
+                           "chunk_size": chunk_size, "resumed_from_pattern": resumed_from or None,
+                           "uncertainty": ({"method": "Monte Carlo dropout", "samples": draws - 1}
+                                           if draws > 1 else None)},
                           spread)
+
+
+def _weights_digest(model: PhaseModel) -> str:
+    """SHA-256 of the network's weights (what makes two models the same for ``resume``)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.network.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
@@ -218,8 +408,6 @@ def write_tiff(path: Path, phase: np.ndarray, sampling: float | None = None) -> 
     """A 32-bit float TIFF in ImageJ's layout, with the pixel size (Å) where it is known."""
     import tifffile
 
-    from ..io_utils import atomic_path
-
     kwargs = {}
     if sampling:
         kwargs = {"resolution": (1.0 / sampling, 1.0 / sampling), "metadata": {"unit": "Angstrom"}}
@@ -236,8 +424,6 @@ def write_emd(path: Path, phase: np.ndarray, sampling: float | None, origin_px, 
     import h5py
 
     from .. import __version__
-    from ..io_utils import atomic_path
-
     step, unit = (sampling, "Å") if sampling else (1.0, "pixels")
     with atomic_path(path, ".emd") as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update({"version_major": 1, "version_minor": 0})
@@ -281,8 +467,6 @@ def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, tit
     if title and len(panels) > 1:
         fig.suptitle(title)
     fig.tight_layout()
-    from ..io_utils import atomic_path
-
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

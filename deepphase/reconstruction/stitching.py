@@ -408,14 +408,269 @@ def _pcg(M, b, aggregate, rtol: float = _CG_RTOL) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ pairwise (fast)
+def _check_placement(positions, mask, geometry: Geometry):
+    """Validate positions, mask and geometry without any patches (for the streaming stitcher)."""
+    if not isinstance(geometry, Geometry):
+        raise ShapeError(f"geometry: expected a deepphase Geometry, got {type(geometry).__name__}")
+    out = geometry.output_px
+    positions = np.asarray(positions)
+    if positions.ndim != 2 or positions.shape[1] != 2 or positions.shape[0] < 1:
+        raise ShapeError(f"positions: expected an array of shape (N, 2) with (row, col), got shape {positions.shape}")
+    if not (np.issubdtype(positions.dtype, np.floating) or np.issubdtype(positions.dtype, np.integer)):
+        raise ShapeError(f"positions: expected numbers, got dtype {positions.dtype}")
+    positions = positions.astype(np.float64)
+    if not np.all(np.isfinite(positions)):
+        raise ValueRangeError("positions: expected finite pixel coordinates, found NaN or Inf")
+    if positions.min() < 0:
+        raise ValueRangeError(
+            f"positions: expected non-negative top-left corners in pixels, found a minimum of {positions.min():.3f}"
+        )
+    mask = np.asarray(mask)
+    if mask.shape != (out, out):
+        raise ShapeError(f"mask: expected the {out}×{out} output mask of this geometry, got shape {mask.shape}")
+    if mask.dtype != bool:
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueRangeError("mask: expected a boolean (or 0/1) array, found other values")
+        mask = mask.astype(bool)
+    if not mask.any():
+        raise ValueRangeError("mask: expected at least one illuminated pixel, got an empty mask")
+    return positions, mask
+
+
+class PatchReducer:
+    """What the pairwise stitcher needs from each patch, for patches at any positions (small, picklable).
+
+    A patch is reduced to its overlap sums at each neighbour lag (``2 × n_lags`` numbers: its sum over
+    the part of its mask that a neighbour at that lag would cover, as the first and as the second of
+    the pair) and to its pixels binned on the object grid. Both are linear in the patch, so the
+    reductions of any split of the scan (chunks read one after another, tiles on several workers) add
+    up to those of the whole: this is what lets the stitcher stream and distribute.
+
+    Parameters
+    ----------
+    mask : (out, out) bool array
+    geometry : Geometry
+    lags : (L, 2) int array
+        Canvas lags ``origin_j − origin_i`` of the neighbour pairs (see :class:`PairwiseStitcher`).
+    """
+
+    def __init__(self, mask: np.ndarray, geometry: Geometry, lags: np.ndarray):
+        self.geometry = geometry
+        self.rows, self.cols = np.nonzero(mask)
+        self.lags = np.asarray(lags, dtype=np.int64).reshape(-1, 2)
+        rows, cols = self.rows, self.cols
+        # in_i[k, l]: 1 where mask pixel k of patch i is also covered by patch j at lag l (in_j: the same
+        # pixels seen from patch j).
+        key = {(int(r), int(c)): k for k, (r, c) in enumerate(zip(rows, cols))}
+        self.in_i = np.zeros((len(rows), len(self.lags)), dtype=np.float32)
+        self.in_j = np.zeros((len(rows), len(self.lags)), dtype=np.float32)
+        for l, (dr, dc) in enumerate(self.lags):
+            for k, (r, c) in enumerate(zip(rows, cols)):
+                partner = key.get((int(r - dr), int(c - dc)))
+                if partner is not None:
+                    self.in_i[k, l] = 1.0
+                    self.in_j[partner, l] = 1.0
+        self.overlap_px = self.in_i.sum(axis=0)
+        # Binning on the object grid: a patch whose origin has sub-pixel phase (fr, fc) puts mask pixel
+        # k into bin ((r + fr) // u, (c + fc) // u) of a small window; one matrix per phase.
+        u = geometry.upsample
+        self.span = ((rows.max() + u - 1) // u + 1, (cols.max() + u - 1) // u + 1)
+        self.binning, self.bin_counts, self.bin_used = [], [], []
+        for pid in range(u * u):
+            fr, fc = divmod(pid, u)
+            bins = ((rows + fr) // u) * self.span[1] + (cols + fc) // u
+            matrix = np.zeros((len(rows), self.span[0] * self.span[1]), dtype=np.float32)
+            matrix[np.arange(len(rows)), bins] = 1.0
+            used = np.flatnonzero(matrix.sum(axis=0))
+            self.binning.append(matrix[:, used])
+            self.bin_counts.append(matrix.sum(axis=0)[used])
+            self.bin_used.append(used)
+
+    def masked(self, patches: np.ndarray) -> np.ndarray:
+        """The used pixels of each patch (float32), each patch's mean removed."""
+        q = _masked_values(patches, self.rows, self.cols, np.float32)
+        q -= q.mean(axis=1, keepdims=True)
+        return q
+
+    def bin_targets(self, origins: np.ndarray, pid: int, width: int) -> np.ndarray:
+        """Flat object-grid index of each used bin, (len(origins), n_bins), for origins of phase ``pid``."""
+        used = self.bin_used[pid]
+        base = origins // self.geometry.upsample
+        return (base[:, 0, None] + used // self.span[1]) * width + base[:, 1, None] + used % self.span[1]
+
+    def reduce(self, patches: np.ndarray, origins: np.ndarray) -> dict:
+        """Reductions of patches at canvas ``origins``: overlap sums and a binned window of the image.
+
+        Returns a dict with ``sums_i``, ``sums_j`` (n, L) float32, and ``window`` (rows, cols) float64
+        holding the binned sums of the patches' pixels (offsets not yet added), whose top-left is
+        object pixel ``window_origin``.
+        """
+        q = self.masked(patches)
+        u = self.geometry.upsample
+        base = origins // u
+        top = base.min(axis=0)
+        shape = base.max(axis=0) - top + np.array(self.span)
+        window = np.zeros(int(shape[0] * shape[1]))
+        phase_id = (origins[:, 0] % u) * u + origins[:, 1] % u
+        local = origins - u * top
+        for pid in np.unique(phase_id):
+            members = np.flatnonzero(phase_id == pid)
+            sums = q[members] @ self.binning[pid]
+            target = self.bin_targets(local[members], pid, int(shape[1]))
+            window += np.bincount(target.ravel(), sums.ravel().astype(np.float64), minlength=window.size)
+        return {"sums_i": q @ self.in_i, "sums_j": q @ self.in_j,
+                "window": window.reshape(int(shape[0]), int(shape[1])), "window_origin": top}
+
+
+class PairwiseStitcher:
+    """The pairwise stitcher, fed patches chunk by chunk: memory grows with the scan by ~0.5 kB a position.
+
+    Holding every predicted patch costs 4 kB a position (and a copy inside the solve); this keeps only
+    each patch's overlap sums at the neighbour lags, the binned image sums, and the neighbour graph,
+    so a scan larger than memory can be predicted and stitched in chunks. The image is the one
+    :func:`stitch_pairwise` makes from all the patches at once (the same arithmetic, summed in another
+    order).
+
+    Parameters
+    ----------
+    positions : (N, 2) array
+        Top-left corners of all the probe windows of the scan, (row, col) in real-space pixels.
+    mask, geometry, radius
+        As in :func:`stitch_pairwise`.
+
+    Examples
+    --------
+    >>> stitcher = PairwiseStitcher(positions, mask, geometry)
+    >>> for start in range(0, len(positions), 4096):
+    ...     stitcher.add(predict(start, start + 4096), start)
+    >>> image = stitcher.image()
+    """
+
+    def __init__(self, positions, mask, geometry: Geometry, radius: float | None = None):
+        positions, mask = _check_placement(positions, mask, geometry)
+        self.positions, self.mask, self.geometry = positions, mask, geometry
+        rows, cols = np.nonzero(mask)
+        self.origins = patch_origins(positions, geometry)
+        extent = max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
+        radius = 0.5 * extent if radius is None else float(radius)
+        if not radius > 0:
+            raise ValueRangeError(f"radius: expected a positive distance in canvas pixels, got {radius}")
+        pairs = cKDTree(self.origins).query_pairs(radius, output_type="ndarray")
+        lags = np.zeros((0, 2), dtype=np.int64)
+        which = np.zeros(0, dtype=np.int64)
+        if len(pairs):
+            # Lags are small integers: index them through a table instead of sorting the pairs.
+            lag = self.origins[pairs[:, 1]] - self.origins[pairs[:, 0]]
+            span = int(np.ceil(radius)) + 1
+            code = (lag[:, 0] + span) * (2 * span + 1) + (lag[:, 1] + span)
+            present = np.flatnonzero(np.bincount(code, minlength=(2 * span + 1) ** 2))
+            table = np.zeros((2 * span + 1) ** 2, dtype=np.int64)
+            table[present] = np.arange(len(present))
+            which = table[code]
+            lags = np.stack([present // (2 * span + 1) - span, present % (2 * span + 1) - span], axis=1)
+        self.reducer = PatchReducer(mask, geometry, lags)
+        keep = self.reducer.overlap_px[which] > 0  # a lag whose masks do not meet couples nothing
+        self.pairs, self.which = pairs[keep], which[keep]
+        n = len(positions)
+        self.shape = tuple(s // geometry.upsample for s in canvas_shape(positions, geometry))
+        self.sums_i = np.zeros((n, len(lags)), dtype=np.float32)
+        self.sums_j = np.zeros((n, len(lags)), dtype=np.float32)
+        self.total = np.zeros(self.shape)
+        self.done = np.zeros(n, dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def n_done(self) -> int:
+        """How many patches have been added."""
+        return int(np.count_nonzero(self.done))
+
+    def add(self, patches, start: int = 0) -> None:
+        """Add the patches of positions ``start … start + len(patches) − 1``."""
+        patches = np.asarray(patches)
+        stop = int(start) + (patches.shape[0] if patches.ndim == 3 else 0)
+        if not 0 <= start < stop <= len(self):
+            raise ShapeError(f"patches: expected patches for positions within 0…{len(self) - 1}, got "
+                             f"{patches.shape[0] if patches.ndim == 3 else 'no'} patches from position {start}")
+        _check_inputs(patches, self.positions[start:stop], self.mask, self.geometry)
+        self.add_reductions(self.reducer.reduce(patches, self.origins[start:stop]), start)
+
+    def add_reductions(self, reduced: dict, start: int) -> None:
+        """Add what :meth:`PatchReducer.reduce` made of the patches of positions ``start …`` (e.g. on a worker)."""
+        stop = start + len(reduced["sums_i"])
+        if self.done[start:stop].any():
+            first = start + int(np.argmax(self.done[start:stop]))
+            raise ValueRangeError(f"patches: position {first} was already added; each patch is added once")
+        self.sums_i[start:stop] = reduced["sums_i"]
+        self.sums_j[start:stop] = reduced["sums_j"]
+        (r0, c0), window = reduced["window_origin"], reduced["window"]
+        self.total[r0 : r0 + window.shape[0], c0 : c0 + window.shape[1]] += window
+        self.done[start:stop] = True
+
+    def state(self) -> dict:
+        """The accumulated arrays (for a checkpoint: ``np.savez``, no pickle)."""
+        return {"sums_i": self.sums_i, "sums_j": self.sums_j, "total": self.total, "done": self.done}
+
+    def load_state(self, state) -> None:
+        """Restore what :meth:`state` returned (for the same positions, mask and geometry)."""
+        for name in ("sums_i", "sums_j", "total", "done"):
+            value = np.asarray(state[name])
+            if value.shape != getattr(self, name).shape:
+                raise ShapeError(f"state: {name} has shape {value.shape}, expected {getattr(self, name).shape} "
+                                 "(a checkpoint of another scan or model?)")
+            setattr(self, name, value.astype(getattr(self, name).dtype))
+
+    def offsets(self) -> np.ndarray:
+        """Every patch's offset: the least-squares agreement of all neighbour pairs' overlaps."""
+        n = len(self)
+        c = np.zeros(n)
+        if not len(self.pairs):
+            return c
+        i, j, which = self.pairs[:, 0], self.pairs[:, 1], self.which
+        weight = self.reducer.overlap_px[which].astype(np.float64)
+        d = (self.sums_i[i, which].astype(np.float64) - self.sums_j[j, which]) / weight
+        # Σ w (c_j − c_i − d)² → L c = b with b_j += w d, b_i −= w d.
+        laplacian = sp.csr_matrix((np.concatenate([-weight, -weight]), (np.concatenate([i, j]), np.concatenate([j, i]))),
+                                  shape=(n, n))
+        laplacian = laplacian + sp.diags(-np.asarray(laplacian.sum(axis=1)).ravel())
+        b = np.bincount(j, weight * d, minlength=n) - np.bincount(i, weight * d, minlength=n)
+        if np.any(b):
+            c = _solve_laplacian(laplacian.tocsr(), b, self.positions, self.geometry, self.reducer.rows,
+                                 self.reducer.cols, rtol=_PAIRWISE_RTOL)
+        return c
+
+    def image(self) -> np.ndarray:
+        """The stitched phase on the object grid (radians, arbitrary offset per group), NaN where no mask reached."""
+        missing = len(self) - self.n_done
+        if missing:
+            first = int(np.argmin(self.done))
+            raise ValueRangeError(f"patches: {missing} of {len(self)} positions have no patch yet (the first: "
+                                  f"position {first}); add them all before asking for the image")
+        c = self.offsets()
+        total = self.total.ravel().copy()
+        hits = np.zeros_like(total)
+        u = self.geometry.upsample
+        phase_id = (self.origins[:, 0] % u) * u + self.origins[:, 1] % u
+        for pid in np.unique(phase_id):
+            members = np.flatnonzero(phase_id == pid)
+            counts = self.reducer.bin_counts[pid]
+            target = self.reducer.bin_targets(self.origins[members], pid, self.shape[1])
+            total += np.bincount(target.ravel(), (c[members, None] * counts).ravel(), minlength=total.size)
+            hits += np.bincount(target.ravel(), np.broadcast_to(counts, target.shape).ravel(), minlength=total.size)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            image = np.where(hits > 0, total / hits, np.nan)
+        return image.reshape(self.shape)
+
+
 def stitch_pairwise(patches, positions, mask, geometry: Geometry, radius: float | None = None) -> np.ndarray:
     """Stitch from the mean differences of overlapping neighbours (fast; the default).
 
     1. For every pair of patches whose canvas origins lie within ``radius`` canvas pixels (default: half
        the mask's extent, i.e. the nearest neighbours of a raster, diagonals included), the offset
        difference that makes them agree on their overlap is ``d_ij = mean_overlap(q_i − q_j)``. All
-       overlap sums come from one matrix product ``Q · W`` of the patches with the (few) overlap
-       masks of the distinct canvas lags, not from the pixels pair by pair.
+       overlap sums come from one matrix product of the patches with the (few) overlap masks of the
+       distinct canvas lags, not from the pixels pair by pair.
     2. The offsets minimise ``Σ n_ij (c_j − c_i − d_ij)²`` with ``n_ij`` the overlap's pixel count: a
        graph Laplacian on the patches (about 9 entries a row), solved like :func:`stitch_least_squares`.
     3. The patches plus offsets are averaged on the object grid directly: each patch is binned by a
@@ -424,7 +679,8 @@ def stitch_pairwise(patches, positions, mask, geometry: Geometry, radius: float 
 
     Consistent patches (cut from one image, any offsets) are recovered exactly, like the full least
     squares; with noise, only nearest-neighbour overlaps inform the offsets, which costs a little
-    accuracy at the largest scales (see benchmarks/RESULTS.md) and is ~10× faster.
+    accuracy at the largest scales (see benchmarks/RESULTS.md) and is several times faster. The same
+    computation, fed chunk by chunk for scans larger than memory, is :class:`PairwiseStitcher`.
 
     Parameters
     ----------
@@ -438,81 +694,9 @@ def stitch_pairwise(patches, positions, mask, geometry: Geometry, radius: float 
     2-D float64 array on the object grid (radians, arbitrary offset per group), NaN where no mask reached.
     """
     patches, positions, mask = _check_inputs(patches, positions, mask, geometry)
-    rows, cols = np.nonzero(mask)
-    n = patches.shape[0]
-    q = _masked_values(patches, rows, cols, np.float32)
-    q -= q.mean(axis=1, keepdims=True)
-    origins = patch_origins(positions, geometry)
-    extent = max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
-    radius = 0.5 * extent if radius is None else float(radius)
-    if not radius > 0:
-        raise ValueRangeError(f"radius: expected a positive distance in canvas pixels, got {radius}")
-
-    # 1. Neighbour pairs and their overlap sums.
-    pairs = cKDTree(origins).query_pairs(radius, output_type="ndarray")
-    c = np.zeros(n)
-    if len(pairs):
-        i, j = pairs[:, 0], pairs[:, 1]
-        # Lags are small integers: index them through a table instead of sorting the pairs.
-        lag = origins[j] - origins[i]
-        span = int(np.ceil(radius)) + 1
-        code = (lag[:, 0] + span) * (2 * span + 1) + (lag[:, 1] + span)
-        present = np.flatnonzero(np.bincount(code, minlength=(2 * span + 1) ** 2))
-        table = np.zeros((2 * span + 1) ** 2, dtype=np.int64)
-        table[present] = np.arange(len(present))
-        which = table[code]
-        lags = np.stack([present // (2 * span + 1) - span, present % (2 * span + 1) - span], axis=1)
-        # weights[k, l]: 1 where mask pixel k of patch i is also covered by patch j at lag l.
-        key = {(int(r), int(cc)): k for k, (r, cc) in enumerate(zip(rows, cols))}
-        in_i = np.zeros((len(rows), len(lags)), dtype=np.float32)
-        in_j = np.zeros((len(rows), len(lags)), dtype=np.float32)
-        for l, (dr, dc) in enumerate(lags):
-            for k, (r, cc) in enumerate(zip(rows, cols)):
-                partner = key.get((int(r - dr), int(cc - dc)))
-                if partner is not None:
-                    in_i[k, l] = 1.0
-                    in_j[partner, l] = 1.0
-        count = in_i.sum(axis=0)
-        sums_i = q @ in_i  # (N, lags): each patch's sum over the overlap it would have at each lag
-        sums_j = q @ in_j
-        keep = count[which] > 0
-        i, j, which = i[keep], j[keep], which[keep]
-        weight = count[which].astype(np.float64)
-        d = (sums_i[i, which] - sums_j[j, which]) / weight
-        # 2. Σ w (c_j − c_i − d)² → L c = b with b_j += w d, b_i −= w d.
-        laplacian = sp.csr_matrix((np.concatenate([-weight, -weight]), (np.concatenate([i, j]), np.concatenate([j, i]))),
-                                  shape=(n, n))
-        laplacian = laplacian + sp.diags(-np.asarray(laplacian.sum(axis=1)).ravel())
-        b = np.bincount(j, weight * d, minlength=n) - np.bincount(i, weight * d, minlength=n)
-        if np.any(b):
-            # The offsets are averaged over ~10⁵ pixels each; 1e-7 of the right-hand side is far below that.
-            c = _solve_laplacian(laplacian.tocsr(), b, positions, geometry, rows, cols, rtol=_PAIRWISE_RTOL)
-
-    # 3. Average on the object grid, binning each patch by its origin's phase.
-    u = geometry.upsample
-    phase = origins % u
-    base = origins // u
-    span_r = (rows.max() + u - 1) // u + 1
-    span_c = (cols.max() + u - 1) // u + 1
-    shape = tuple(s // u for s in canvas_shape(positions, geometry))
-    total = np.zeros(shape[0] * shape[1])
-    hits = np.zeros_like(total)
-    phase_id = phase[:, 0] * u + phase[:, 1]
-    for pid in np.unique(phase_id):
-        fr, fc = divmod(int(pid), u)
-        members = np.flatnonzero(phase_id == pid)
-        bins = ((rows + fr) // u) * span_c + (cols + fc) // u
-        binning = np.zeros((len(rows), span_r * span_c), dtype=np.float32)
-        binning[np.arange(len(rows)), bins] = 1.0
-        counts = binning.sum(axis=0)
-        used = np.flatnonzero(counts)
-        sums = q[members] @ binning[:, used] + (c[members, None] * counts[used]).astype(np.float32)
-        target = (base[members, 0, None] + used // span_c) * shape[1] + base[members, 1, None] + used % span_c
-        total += np.bincount(target.ravel(), sums.ravel().astype(np.float64), minlength=total.size)
-        hits += np.bincount(target.ravel(), np.broadcast_to(counts[used], target.shape).ravel(), minlength=total.size)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        image = np.where(hits > 0, total / hits, np.nan)
-    return image.reshape(shape)
+    stitcher = PairwiseStitcher(positions, mask, geometry, radius)
+    stitcher.add_reductions(stitcher.reducer.reduce(patches, stitcher.origins), 0)
+    return stitcher.image()
 
 
 # ----------------------------------------------------------------------------------------- dispatch
