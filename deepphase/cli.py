@@ -307,13 +307,21 @@ def _reconstruct_on_cluster(args, positions, kind, view):
     """``reconstruct --workers N`` / ``--scheduler ADDRESS``: the prediction spread over a dask cluster."""
     from .reconstruction.distributed import open_client, reconstruct_distributed
 
+    transform = None
     if view is not None:
-        raise DeepPhaseError("workers: calibrated detector data are not yet reconstructed on a cluster; run without "
-                             "--workers/--scheduler, or give patterns on the model's grid (--no-calibration)")
+        import functools
+
+        from .data.calibration import CalibratedView
+
+        # The calibration measured here travels to the workers; each applies it to the frames it reads.
+        transform = functools.partial(CalibratedView, info=view.info, arrays=view.arrays, coords=view.coords,
+                                      what=view.what)
     with open_client(args.workers, args.scheduler) as client:
         return reconstruct_distributed(args.data, positions, args.model, client, args.tile_size, dataset=args.dataset,
-                                       scan_shape=args.scan_shape, kind=kind, stitching=args.stitching, batch_size=args.batch_size,
-                                       device=args.device, sampling=args.pixel_size)
+                                       scan_shape=args.scan_shape, kind=kind, transform=transform,
+                                       stitching=args.stitching, batch_size=args.batch_size,
+                                       device=args.device, sampling=args.pixel_size,
+                                       uncertainty_samples=args.uncertainty, precision=args.precision)
 
 
 def _cmd_demo(args) -> None:

@@ -176,10 +176,30 @@ def test_distributed_reconstruction_equals_the_single_process_one(scan_file, cli
     reference = reconstruct(AmplitudeView(load_scan(path).frames, "counts"), positions, progress=False)
     # 144 patterns in tiles of 40: four tasks, the last one short, spread over two worker processes.
     rec = reconstruct_distributed(path, positions, None, client, tile_size=40, kind="counts")
-    assert rec.processing["distributed"] == {"workers": 2, "tiles": 4, "tile_size": 40}
+    assert rec.processing["distributed"] == {"workers": 2, "tiles": 4, "tile_size": 40, "returned": "reductions"}
     assert rec.origin_px == reference.origin_px and rec.phase.shape == reference.phase.shape
     np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(np.isnan(rec.full), np.isnan(reference.full))
+
+
+def test_distributed_uncertainty_and_whole_patch_stitching_equal_the_single_process_ones(scan_file, client):
+    """Monte Carlo samples are drawn per tile with the seeds the pipeline uses per chunk: tiles = chunks
+    give the same uncertainty map; the least-squares stitcher gets whole patches back."""
+    from deepphase.data.io import AmplitudeView, load_scan
+    from deepphase.reconstruction.distributed import reconstruct_distributed
+    from deepphase.reconstruction.pipeline import reconstruct
+
+    path, positions = scan_file
+    view = AmplitudeView(load_scan(path).frames, "counts")
+    reference = reconstruct(view, positions, uncertainty_samples=2, chunk_size=40, progress=False)
+    rec = reconstruct_distributed(path, positions, None, client, tile_size=40, kind="counts", uncertainty_samples=2)
+    assert rec.uncertainty is not None and rec.uncertainty.shape == rec.phase.shape
+    assert np.nanmean(rec.uncertainty) > 0
+    np.testing.assert_allclose(rec.uncertainty, reference.uncertainty, rtol=0, atol=1e-5)
+    exact = reconstruct(view, positions, stitching="least-squares", progress=False)
+    rec = reconstruct_distributed(path, positions, None, client, tile_size=40, kind="counts", stitching="least-squares")
+    assert rec.processing["distributed"]["returned"] == "patches"
+    np.testing.assert_allclose(rec.phase, exact.phase, rtol=0, atol=1e-5)
 
 
 def test_a_worker_error_names_the_pattern_of_the_whole_scan(scan_file, client, tmp_path):
@@ -206,3 +226,23 @@ def test_cli_reconstruct_with_workers(scan_file, tmp_path):
                                rtol=0, atol=1e-5)
     meta = json.loads((tmp_path / "two" / "metadata.json").read_text())
     assert meta["processing"]["distributed"]["workers"] == 2 and meta["processing"]["distributed"]["tiles"] == 3
+
+
+from .test_io_formats import detector_scan  # noqa: E402,F401  (a fixture: 64×64 detector, drifting disk)
+
+
+def test_cli_reconstructs_calibrated_detector_data_on_workers(detector_scan, tmp_path, capsys):  # noqa: F811
+    """The calibration measured on the client travels to the workers: the same image as one process."""
+    from deepphase.cli import main
+
+    data4d, _ = detector_scan
+    path = tmp_path / "scan.npy"
+    np.save(path, data4d)
+    for name, extra in (("one", []), ("two", ["--workers", "2", "--tile-size", "30"])):
+        code = main(["reconstruct", str(path), "--step", "0.87", "--out", str(tmp_path / name), *extra])
+        assert code == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "two" / "metadata.json").read_text())
+    assert meta["calibration"]["zoom"] == pytest.approx(1 / 2.1, rel=0.02)
+    assert meta["processing"]["distributed"]["tiles"] == 4
+    np.testing.assert_allclose(np.load(tmp_path / "two" / "phase.npy"), np.load(tmp_path / "one" / "phase.npy"),
+                               rtol=0, atol=1e-5)

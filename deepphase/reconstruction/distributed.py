@@ -1,14 +1,18 @@
-"""Reconstruction on a dask.distributed cluster: the prediction shared out, the stitching unchanged.
+"""Reconstruction on a dask.distributed cluster: each worker predicts and reduces its tile, one global solve.
 
 The scan is cut into tiles of consecutive positions (``tile_size`` patterns each). Every tile is one
 task: the worker opens the file itself (path and index range travel, not arrays), reads its patterns,
 predicts their patches with the model it loaded from the model folder (once per worker process) and
-returns them. The client gathers the patches in scan order and stitches them with the same global
-offset solve as :func:`deepphase.reconstruction.pipeline.reconstruct`, so the image is the
-single-process image (up to float32 rounding of the network, which may differ between batch sizes).
+reduces them as the pairwise stitcher needs them (each patch's overlap sums at the neighbour lags and
+its pixels binned on the object grid; :class:`~deepphase.reconstruction.stitching.PatchReducer`): about
+0.1 kB a position travels back instead of a 4 kB patch. The client adds the tiles' reductions and
+makes the image with the same global offset solve as
+:func:`deepphase.reconstruction.pipeline.reconstruct`, so the image is the single-process image (up
+to float32 rounding of the network, which may differ between batch sizes).
 
-A patch depends on its own pattern only, so the tiles need no overlap: each pattern is predicted
-exactly once, and the offsets between tiles are found by the global solve, not per tile.
+The reductions are linear in the patches and a pair of neighbours in two tiles gets each half from
+its own tile, so the tiles need no margin: each pattern is predicted exactly once. The stitchers that
+need every patch ("least-squares", "seed") get whole patches back instead.
 
 Any dask.distributed cluster works: :class:`distributed.LocalCluster` (``deepphase reconstruct
 --workers N``), a running scheduler (``--scheduler ADDRESS``), or dask-jobqueue's ``SLURMCluster`` for a
@@ -30,7 +34,10 @@ from ..data.io import AmplitudeView, check_patterns, infer_kind, load_scan
 from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..models.modelfile import check_compatible, load_model
 from ..physics.scan import validate_positions
-from .pipeline import Reconstruction, crop_to_coverage, reconstruct, stitch_patches
+from ..physics.geometry import output_mask
+from .pipeline import (Reconstruction, _PatchStore, crop_to_coverage, finish_image, reconstruct,
+                       uncertainty_map)
+from .stitching import METHODS, PairwiseStitcher
 
 DASK_EXTRA = "pip install deepphase[distributed]"
 
@@ -106,8 +113,12 @@ def _open(path, dataset, scan_shape):
 
 def predict_tile(path: str, start: int, stop: int, model_path: str | None, dataset: str | None = None,
                  kind: str = "amplitude", transform=None, batch_size: int = 512, device: str = "auto",
-                 precision: str = "auto", scan_shape=None) -> np.ndarray:
-    """Patches (stop − start, out, out) of patterns ``start:stop`` of a file: one task, run on a worker.
+                 precision: str = "auto", scan_shape=None, reducer=None, origins=None, draws: int = 1) -> list:
+    """Patches, or their reductions, of patterns ``start:stop`` of a file: one task, run on a worker.
+
+    Returns one item per draw (the prediction, then ``draws − 1`` Monte Carlo dropout samples): the
+    patches (stop − start, out, out), or, with a ``reducer`` (and the tile's canvas ``origins``), what
+    :meth:`~deepphase.reconstruction.stitching.PatchReducer.reduce` makes of them.
 
     ``transform``, if given, is a picklable callable ``frames -> array-like of amplitudes`` applied to the
     opened file's frames instead of the plain counts/amplitude view (e.g. a detector calibration).
@@ -122,8 +133,13 @@ def predict_tile(path: str, start: int, stop: int, model_path: str | None, datas
     finally:
         data.close()
     check_patterns(tile, start)  # names the pattern by its index in the whole scan
-    return predict_patches(model, tile, batch_size=batch_size, device=_worker_device(device), progress=False,
-                           precision=precision)
+    out = []
+    for k in range(int(draws)):
+        # The same seeds as the single-process pipeline's chunks only if tiles and chunks coincide.
+        patches = predict_patches(model, tile, batch_size=batch_size, device=_worker_device(device), progress=False,
+                                  precision=precision, mc_dropout_seed=None if k == 0 else k * 1_000_003 + start)
+        out.append(reducer.reduce(patches, origins) if reducer is not None else patches)
+    return out
 
 
 def reconstruct_distributed(
@@ -144,8 +160,9 @@ def reconstruct_distributed(
     precision: str = "auto",
     sampling: float | None = None,
     progress: bool | None = None,
+    uncertainty_samples: int = 0,
 ) -> Reconstruction:
-    """:func:`~deepphase.reconstruction.pipeline.reconstruct` of a file, the prediction spread over a dask cluster.
+    """:func:`~deepphase.reconstruction.pipeline.reconstruct` of a file, spread over a dask cluster.
 
     Parameters
     ----------
@@ -158,22 +175,26 @@ def reconstruct_distributed(
     scan_shape : the scan shape, for files that do not record it (as for ``load_scan``).
     kind : "counts" or "amplitude" (default: what the file says, else inferred from its values).
     transform : optional picklable ``frames -> amplitudes`` applied on the workers (then ``kind`` is unused).
-    stitching, remove_plane, batch_size, device, precision, sampling : as for ``reconstruct``
-        (``stitching=None``: its default). ``device`` is each worker's.
+    stitching, remove_plane, batch_size, device, precision, sampling, uncertainty_samples : as for
+        ``reconstruct`` (``stitching=None``: its default). ``device`` is each worker's.
 
     Returns
     -------
     Reconstruction, with ``timings`` holding the wall times of the distributed prediction and of
-    the stitching, and ``processing`` the number of workers and tiles.
+    the final solve, and ``processing`` the number of workers and tiles.
     """
     _require_distributed()
     if client is None:
         raise DeepPhaseError("client: expected a distributed.Client (see open_client)")
     if int(tile_size) < 1:
         raise ValueRangeError(f"tile_size: expected a positive number of patterns per task, got {tile_size}")
+    if uncertainty_samples and int(uncertainty_samples) < 2:
+        raise ValueRangeError(f"uncertainty_samples: expected at least 2 samples, got {uncertainty_samples}")
     tile_size = int(tile_size)
     if stitching is None:
         stitching = inspect.signature(reconstruct).parameters["stitching"].default
+    if stitching not in METHODS:
+        raise ValueRangeError(f"stitching: expected one of {', '.join(repr(m) for m in METHODS)}, got {stitching!r}")
     path = Path(path).resolve()
     if model_path is not None:  # a folder travels as an absolute path; a packaged model's name as it is
         model_path = str(Path(model_path).resolve()) if Path(model_path).exists() else str(model_path)
@@ -191,38 +212,57 @@ def reconstruct_distributed(
         raise ShapeError(f"data: expected (N, k, k) patterns, got shape {shape}")
     check_compatible(model, shape[1:], sampling)
     positions = validate_positions(positions, shape[0])
+    n, draws = shape[0], 1 + int(uncertainty_samples or 0)
+    mask = output_mask(model.probe, model.geometry)
 
     t0 = time.perf_counter()
-    starts = range(0, shape[0], tile_size)
-    futures = [client.submit(predict_tile, str(path), s, min(s + tile_size, shape[0]), model_path, dataset,
-                             kind, transform, batch_size, device, precision, scan_shape, pure=False) for s in starts]
-    index = {f.key: i for i, f in enumerate(futures)}
-    parts: list = [None] * len(futures)
+    if stitching == "pairwise":
+        accumulators = [PairwiseStitcher(positions, mask, model.geometry) for _ in range(draws)]
+        reducer = client.scatter(accumulators[0].reducer, broadcast=True)  # one copy per worker, not per task
+        origins = accumulators[0].origins
+    else:
+        accumulators = [_PatchStore(n, model.geometry.output_px) for _ in range(draws)]
+        reducer, origins = None, None
+    starts = range(0, n, tile_size)
+    futures = [client.submit(predict_tile, str(path), s, min(s + tile_size, n), model_path, dataset, kind, transform,
+                             batch_size, device, precision, scan_shape, reducer,
+                             None if origins is None else origins[s : s + tile_size], draws, pure=False)
+               for s in starts]
+    first = {f.key: s for s, f in zip(starts, futures)}
     from distributed import as_completed
     from tqdm.auto import tqdm
 
     try:
-        with tqdm(total=shape[0], desc="predicting", unit="pattern", leave=False,
+        with tqdm(total=n, desc="predicting", unit="pattern", leave=False,
                   disable=None if progress is None else not progress) as bar:
             for future in as_completed(futures):
-                i = index[future.key]
-                parts[i] = future.result()  # re-raises a worker's error here
-                bar.update(len(parts[i]))
+                start = first[future.key]
+                for acc, part in zip(accumulators, future.result()):  # re-raises a worker's error here
+                    if reducer is not None:
+                        acc.add_reductions(part, start)
+                    else:
+                        acc.add(part, start)
+                bar.update(min(start + tile_size, n) - start)
+                future.release()  # the tile's result is summed in: free it on the worker
     finally:
         client.cancel([f for f in futures if not f.done()])
-    patches = np.concatenate(parts) if len(parts) > 1 else parts[0]
     t1 = time.perf_counter()
 
     # From here on exactly the steps of pipeline.reconstruct.
-    full, slopes = stitch_patches(patches, positions, model, stitching, remove_plane)
+    images = [finish_image(acc, positions, mask, model.geometry, stitching, remove_plane) for acc in accumulators]
     t2 = time.perf_counter()
+    full, slopes = images[0]
     phase, origin = crop_to_coverage(full)
     n_workers = len(client.nthreads())
     timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),
-               "patterns_per_second": round(shape[0] / max(t1 - t0, 1e-9), 1)}
+               "patterns_per_second": round(n * draws / max(t1 - t0, 1e-9), 1)}
     return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
                           {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
                           {"stitching": stitching, "plane_removed": remove_plane,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision,
-                           "device": f"{device} (on each worker)", "uncertainty": None,
-                           "distributed": {"workers": n_workers, "tiles": len(futures), "tile_size": tile_size}})
+                           "device": f"{device} (on each worker)",
+                           "uncertainty": ({"method": "Monte Carlo dropout", "samples": draws - 1}
+                                           if draws > 1 else None),
+                           "distributed": {"workers": n_workers, "tiles": len(futures), "tile_size": tile_size,
+                                           "returned": "reductions" if reducer is not None else "patches"}},
+                          uncertainty_map(images, origin, phase.shape))

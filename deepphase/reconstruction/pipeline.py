@@ -312,21 +312,11 @@ def reconstruct(
     if folder is not None:
         _save_checkpoint(folder, fingerprint, done, n, accumulators)
     t1 = time.perf_counter()
-    images = []
-    for acc in accumulators:
-        if stitching == "pairwise":
-            image = acc.image()
-        else:
-            image = stitch(acc.patches, positions, mask, model.geometry, method=stitching)
-        images.append(subtract_plane(image) if remove_plane else (image, (0.0, 0.0)))
+    images = [finish_image(acc, positions, mask, model.geometry, stitching, remove_plane) for acc in accumulators]
     t2 = time.perf_counter()
     full, slopes = images[0]
     phase, origin = crop_to_coverage(full)
-    spread = None
-    if draws > 1:
-        samples = np.stack([image - np.nanmean(image) for image, _ in images[1:]])
-        r0, c0 = origin
-        spread = np.std(samples, axis=0)[r0 : r0 + phase.shape[0], c0 : c0 + phase.shape[1]].astype(np.float32)
+    spread = uncertainty_map(images, origin, phase.shape)
     timings = {"setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
                "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
                "patterns_per_second": round((n - resumed_from) * draws / max(t_predict, 1e-9), 1)}
@@ -338,6 +328,24 @@ def reconstruct(
                            "uncertainty": ({"method": "Monte Carlo dropout", "samples": draws - 1}
                                            if draws > 1 else None)},
                           spread)
+
+
+def finish_image(accumulator, positions, mask, geometry, stitching: str, remove_plane: bool):
+    """The stitched image (from object pixel (0, 0)) of one accumulator, and the removed slopes."""
+    if isinstance(accumulator, PairwiseStitcher):
+        image = accumulator.image()
+    else:
+        image = stitch(accumulator.patches, positions, mask, geometry, method=stitching)
+    return subtract_plane(image) if remove_plane else (image, (0.0, 0.0))
+
+
+def uncertainty_map(images: list, origin, shape) -> np.ndarray | None:
+    """Per-pixel standard deviation of the Monte Carlo samples (``images[1:]``), each with its mean removed."""
+    if len(images) < 2:
+        return None
+    samples = np.stack([image - np.nanmean(image) for image, _ in images[1:]])
+    r0, c0 = origin
+    return np.std(samples, axis=0)[r0 : r0 + shape[0], c0 : c0 + shape[1]].astype(np.float32)
 
 
 def _weights_digest(model: PhaseModel) -> str:
