@@ -183,6 +183,8 @@ def _cmd_reconstruct(args) -> None:
                 f"out: {str(args.out)!r} holds an interrupted reconstruction ({record['done']:,} of {record['total']:,} "
                 "patterns done); pass --resume to continue it or --overwrite to start again")
         shutil.rmtree(partial)
+    if args.ensemble and (args.workers is not None or args.scheduler is not None):
+        raise DeepPhaseError("ensemble: not available on a cluster (--workers/--scheduler) yet; run in one process")
     if args.resume and (args.workers is not None or args.scheduler is not None):
         raise DeepPhaseError("resume: a cluster reconstruction (--workers/--scheduler) cannot be resumed; run it again")
     figure = args.out / "calibration.png"
@@ -258,7 +260,8 @@ def _cmd_reconstruct(args) -> None:
                               batch_size=args.batch_size, device=args.device, sampling=args.pixel_size,
                               precision=args.precision, uncertainty_samples=args.uncertainty,
                               chunk_size=args.chunk_size, checkpoint=partial, resume=args.resume,
-                              fingerprint=_data_fingerprint(args, kind, view))
+                              fingerprint=_data_fingerprint(args, kind, view), ensemble=args.ensemble or (),
+                              sigma_scale=args.sigma_scale)
         extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                  "data": str(args.data), "input": kind, "n_patterns": n_frames, "stitching": args.stitching,
                  "model_path": str(args.model or "default (packaged)"), **scan_info,
@@ -324,6 +327,19 @@ def _reconstruct_on_cluster(args, positions, kind, view):
                                        uncertainty_samples=args.uncertainty, precision=args.precision)
 
 
+def _cmd_calibrate_uncertainty(args) -> None:
+    from .reconstruction.uncertainty import fit_sigma_scale, save_sigma_scale
+
+    if args.model is None or not (Path(args.model) / "model.json").exists():
+        raise DeepPhaseError(f"model: expected a model folder with a model.json, got {args.model!r} (the packaged "
+                             "models are calibrated already)")
+    result = fit_sigma_scale(args.model, n_scans=args.scans, side=args.side, samples=args.samples, seed=args.seed)
+    save_sigma_scale(args.model, result)
+    print(f"Monte Carlo dropout σ × {result['sigma_scale']:.3g} covers 68 % of the error on {args.scans} simulated scans "
+          f"(raw σ covered {100 * result['within_1sigma_raw']:.1f} % within ±1σ; scaled, "
+          f"{100 * result['within_2sigma_scaled']:.1f} % within ±2σ); stored in {args.model}/model.json")
+
+
 def _cmd_demo(args) -> None:
     from .evaluation.demo import run_demo
 
@@ -348,6 +364,16 @@ def _cmd_evaluate(args) -> None:
         if name in harness.list_methods():
             raise DeepPhaseError(f"model: the name {name!r} is taken by a built-in method; choose another")
         harness.register_method(name, f"model {path}, pairwise stitching, plane removed")(harness.network_method(path))
+        extra.append(name)
+    for item in args.ensemble or []:
+        name, sep, paths = item.partition("=")
+        folders = [f for f in paths.split(",") if f]
+        if not sep or not name or len(folders) < 2:
+            raise DeepPhaseError(f"ensemble: expected NAME=FOLDER,FOLDER[,...] with at least two models, got {item!r}")
+        if name in harness.list_methods():
+            raise DeepPhaseError(f"ensemble: the name {name!r} is taken by a built-in method; choose another")
+        harness.register_method(name, f"ensemble of {', '.join(folders)}: mean image, σ = spread × {args.sigma_scale or 1}")(
+            harness.network_method(folders[0], ensemble=folders[1:], sigma_scale=args.sigma_scale))
         extra.append(name)
     methods = args.methods
     if methods is None:
@@ -476,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", type=int, default=0, metavar="N",
                    help="also write uncertainty.npy, a per-pixel standard deviation from N Monte Carlo dropout "
                         "samples (N extra predictions; see benchmarks/RESULTS.md for how well it is calibrated)")
+    p.add_argument("--ensemble", nargs="+", metavar="FOLDER",
+                   help="further models for the same probe: the image is the mean of all, and uncertainty.npy their "
+                        "per-pixel spread (instead of --uncertainty)")
+    p.add_argument("--sigma-scale", type=float, metavar="K",
+                   help="multiply the uncertainty by K (default: the factor fitted for the model by "
+                        "'deepphase calibrate-uncertainty', else 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
@@ -493,6 +525,19 @@ def build_parser() -> argparse.ArgumentParser:
                             "its workers must see the data file and the model folder")
     g.add_argument("--tile-size", type=int, default=4096, metavar="P", help="patterns per task (default 4096)")
     p.set_defaults(func=_cmd_reconstruct)
+
+    p = sub.add_parser("calibrate-uncertainty", help="fit the factor that makes a model's --uncertainty cover 68 %% "
+                                                     "of the error, on scans simulated from its training corpus",
+                       description="Simulates scans of new objects from the model's training corpus at its training "
+                                   "dose(s), reconstructs them with Monte Carlo dropout, and stores in model.json the "
+                                   "factor k for which k·σ covers 68 %% of the actual error. 'reconstruct "
+                                   "--uncertainty N' then applies it.")
+    p.add_argument("--model", required=True, help="model folder (its model.json gets the factor)")
+    p.add_argument("--scans", type=int, default=6, help="simulated scans (default 6)")
+    p.add_argument("--side", type=int, default=32, help="positions per scan side (default 32)")
+    p.add_argument("--samples", type=int, default=8, help="dropout samples, as you will reconstruct with (default 8)")
+    p.add_argument("--seed", type=int, default=20261125)
+    p.set_defaults(func=_cmd_calibrate_uncertainty)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in specimen with the packaged model",
                        description="Simulate a built-in specimen at the seed's step and dose, reconstruct it with "
@@ -519,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, help="folder for simulated multislice data (default ~/.cache/deepphase)")
     p.add_argument("--model", action="append", metavar="NAME=FOLDER",
                    help="also evaluate the model in FOLDER under NAME (repeatable), e.g. mine=my-model/")
+    p.add_argument("--ensemble", action="append", metavar="NAME=FOLDER,FOLDER,...",
+                   help="add an ensemble of models as a method: the mean image and their spread as σ (repeatable)")
+    p.add_argument("--sigma-scale", type=float, help="factor on the ensembles' spread (default 1)")
     p.add_argument("--seed-model", help="model folder of the seed's method (seed-unet, --preset seed); adds "
                                         "'seed-method' with the seed's stitching")
     p.add_argument("--seed", type=int, default=0)

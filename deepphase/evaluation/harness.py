@@ -121,8 +121,11 @@ def _model(path):
 
 
 def network_method(model_path=None, stitching: str = "pairwise", remove_plane: bool = True,
-                   uncertainty_samples: int = 0) -> Method:
-    """A method that runs :func:`deepphase.reconstruction.pipeline.reconstruct` with a model file."""
+                   uncertainty_samples: int = 0, ensemble=(), sigma_scale: float | None = None) -> Method:
+    """A method that runs :func:`deepphase.reconstruction.pipeline.reconstruct` with a model file.
+
+    ``ensemble``: further model folders; the image is the members' mean and σ their spread (× ``sigma_scale``).
+    """
 
     def run(case: Case, probe: np.ndarray) -> MethodResult:
         from ..reconstruction.pipeline import reconstruct
@@ -130,7 +133,8 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
         model = _model(model_path)
         t0 = time.perf_counter()
         rec = reconstruct(case.scan.amplitude, case.scan.positions, model, stitching=stitching,
-                          remove_plane=remove_plane, progress=False, uncertainty_samples=uncertainty_samples)
+                          remove_plane=remove_plane, progress=False, uncertainty_samples=uncertainty_samples,
+                          ensemble=[_model(m) for m in ensemble], sigma_scale=sigma_scale)
         seconds = time.perf_counter() - t0
         # rec.full ends at the last covered pixel; the harness compares on the whole object grid.
         phase = np.full(case.scan.truth.shape, np.nan)

@@ -38,6 +38,7 @@ from ..physics.geometry import output_mask
 from .pipeline import (Reconstruction, _PatchStore, crop_to_coverage, finish_image, reconstruct,
                        uncertainty_map)
 from .stitching import METHODS, PairwiseStitcher
+from .uncertainty import sigma_scale_of
 
 DASK_EXTRA = "pip install deepphase[distributed]"
 
@@ -253,6 +254,10 @@ def reconstruct_distributed(
     t2 = time.perf_counter()
     full, slopes = images[0]
     phase, origin = crop_to_coverage(full)
+    spread = uncertainty_map(images, origin, phase.shape)
+    scale = sigma_scale_of(model)
+    if spread is not None:
+        spread *= np.float32(scale)
     n_workers = len(client.nthreads())
     timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),
                "patterns_per_second": round(n * draws / max(t1 - t0, 1e-9), 1)}
@@ -261,8 +266,8 @@ def reconstruct_distributed(
                           {"stitching": stitching, "plane_removed": remove_plane,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision,
                            "device": f"{device} (on each worker)",
-                           "uncertainty": ({"method": "Monte Carlo dropout", "samples": draws - 1}
-                                           if draws > 1 else None),
+                           "uncertainty": ({"method": "Monte Carlo dropout", "samples": draws - 1,
+                                            "sigma_scale": scale} if draws > 1 else None),
                            "distributed": {"workers": n_workers, "tiles": len(futures), "tile_size": tile_size,
                                            "returned": "reductions" if reducer is not None else "patches"}},
-                          uncertainty_map(images, origin, phase.shape))
+                          spread)

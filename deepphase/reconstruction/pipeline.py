@@ -204,6 +204,8 @@ def reconstruct(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     fingerprint: dict | None = None,
+    sigma_scale: float | None = None,
+    ensemble=(),
 ) -> Reconstruction:
     """Predict a phase patch for every pattern and stitch them into one image, chunk by chunk.
 
@@ -240,6 +242,11 @@ def reconstruct(
     resume : continue from the progress in ``checkpoint`` (which must exist and match ``fingerprint``).
     fingerprint : what identifies the run for ``resume`` (the data file, settings); the pipeline adds the
         model, the positions and its own settings.
+    sigma_scale : factor applied to the spread (default: for dropout, the one fitted for the model and
+        stored in its model.json by :func:`deepphase.reconstruction.uncertainty.fit_sigma_scale`; else 1).
+    ensemble : other models (PhaseModel or folders) for the same probe and grid: every chunk is also
+        predicted by each, the image is the mean of all the members' stitched images (``model``
+        included) and the uncertainty their spread. Not combined with ``uncertainty_samples``.
 
     Raises
     ------
@@ -254,15 +261,25 @@ def reconstruct(
         raise ValueRangeError("resume: needs the checkpoint folder of the interrupted run")
     if stitching not in METHODS:
         raise ValueRangeError(f"stitching: expected one of {', '.join(repr(m) for m in METHODS)}, got {stitching!r}")
+    if uncertainty_samples and len(ensemble):
+        raise ValueRangeError("uncertainty: give Monte Carlo dropout samples or an ensemble of models, not both")
     if not isinstance(model, PhaseModel):
         model = load_model(model)
+    members = [m if isinstance(m, PhaseModel) else load_model(m) for m in ensemble]
     shape = getattr(amplitudes, "shape", None)
     if shape is None or len(shape) != 3:
         raise ShapeError(f"amplitudes: expected an array of shape (N, k, k), got shape {shape}")
-    check_compatible(model, tuple(shape[1:]), sampling)
+    for m in [model, *members]:
+        check_compatible(m, tuple(shape[1:]), sampling)
+        if m.geometry != model.geometry or not np.array_equal(m.probe, model.probe):
+            raise ValueRangeError(f"ensemble: model {m.name!r} was made for another probe or geometry than "
+                                  f"{model.name!r}; an ensemble needs the same ones")
     positions = validate_positions(positions, shape[0])
     n, chunk_size = int(shape[0]), int(chunk_size)
-    draws = 1 + int(uncertainty_samples or 0)
+    # What predicts each accumulator's patches: (network, dropout seed base or None).
+    plan = ([(model, None)] + [(model, k) for k in range(1, 1 + int(uncertainty_samples or 0))]
+            + [(m, None) for m in members])
+    draws = len(plan)
     dev = resolve_device(device)
     mask = output_mask(model.probe, model.geometry)
     folder = Path(checkpoint) if checkpoint is not None else None
@@ -278,7 +295,7 @@ def reconstruct(
                    "positions_sha256": hashlib.sha256(np.ascontiguousarray(positions).tobytes()).hexdigest(),
                    "model": model.name, "model_arch": model.arch, "model_sha256": _weights_digest(model),
                    "stitching": stitching, "uncertainty_samples": draws - 1, "chunk_size": chunk_size,
-                   "precision": precision}
+                   "precision": precision, "ensemble_sha256": [_weights_digest(m) for m in members]}
     done = resumed_from = _load_checkpoint(folder, fingerprint, accumulators) if resume else 0
     t_setup = time.perf_counter() - t0
     t_predict = t_reduce = 0.0
@@ -289,13 +306,13 @@ def reconstruct(
             for start in range(done, n, chunk_size):
                 stop = min(start + chunk_size, n)
                 rows = _Rows(amplitudes, start, stop)
-                # Read once, predicted once per draw: the main prediction, then the dropout samples.
+                # Read once, predicted once per draw: the main prediction, then dropout samples or members.
                 rows = np.asarray(rows[0 : stop - start], dtype=np.float32) if draws > 1 else rows
-                for k, acc in enumerate(accumulators):
+                for (network, sample), acc in zip(plan, accumulators):
                     t = time.perf_counter()
-                    patches = predict_patches(model, rows, batch_size=batch_size, device=dev, progress=False,
+                    patches = predict_patches(network, rows, batch_size=batch_size, device=dev, progress=False,
                                               precision=precision,
-                                              mc_dropout_seed=None if k == 0 else k * 1_000_003 + start)
+                                              mc_dropout_seed=None if sample is None else sample * 1_000_003 + start)
                     t_predict += time.perf_counter() - t
                     t = time.perf_counter()
                     acc.add(patches, start)
@@ -314,9 +331,19 @@ def reconstruct(
     t1 = time.perf_counter()
     images = [finish_image(acc, positions, mask, model.geometry, stitching, remove_plane) for acc in accumulators]
     t2 = time.perf_counter()
+    if members:  # the ensemble's mean (each member's arbitrary offset removed first)
+        with np.errstate(invalid="ignore"):  # NaN where no probe reached: the same in every member
+            mean = np.mean(np.stack([image - np.nanmean(image) for image, _ in images]), axis=0)
+        images = [(mean, images[0][1])] + images
     full, slopes = images[0]
     phase, origin = crop_to_coverage(full)
     spread = uncertainty_map(images, origin, phase.shape)
+    if sigma_scale is None:
+        from .uncertainty import sigma_scale_of
+
+        sigma_scale = 1.0 if members else sigma_scale_of(model)
+    if spread is not None:
+        spread *= np.float32(sigma_scale)
     timings = {"setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
                "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
                "patterns_per_second": round((n - resumed_from) * draws / max(t_predict, 1e-9), 1)}
@@ -325,7 +352,13 @@ def reconstruct(
                           {"stitching": stitching, "plane_removed": remove_plane,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision, "device": str(dev),
                            "chunk_size": chunk_size, "resumed_from_pattern": resumed_from or None,
-                           "uncertainty": ({"method": "Monte Carlo dropout", "samples": draws - 1}
+                           **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
+                           "uncertainty": ({"method": "ensemble" if members else "Monte Carlo dropout",
+                                            "samples": len(members) + 1 if members else draws - 1,
+                                            "sigma_scale": float(sigma_scale),
+                                            "note": "σ = sigma_scale × the spread of the samples" +
+                                                    (" (factor fitted on simulated scans)"
+                                                     if sigma_scale != 1.0 else " (not calibrated)")}
                                            if draws > 1 else None)},
                           spread)
 
@@ -340,7 +373,8 @@ def finish_image(accumulator, positions, mask, geometry, stitching: str, remove_
 
 
 def uncertainty_map(images: list, origin, shape) -> np.ndarray | None:
-    """Per-pixel standard deviation of the Monte Carlo samples (``images[1:]``), each with its mean removed."""
+    """Per-pixel standard deviation of the samples ``images[1:]`` (dropout draws or ensemble members; each
+    an (image, slopes) pair), each with its mean removed; ``images[0]`` is the image they qualify."""
     if len(images) < 2:
         return None
     samples = np.stack([image - np.nanmean(image) for image, _ in images[1:]])
