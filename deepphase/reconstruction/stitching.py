@@ -127,8 +127,12 @@ def _to_image(canvas: np.ndarray, covered: np.ndarray, geometry: Geometry) -> np
 
 
 # ------------------------------------------------------------------------------------------- checks
-def _check_inputs(patches, positions, mask, geometry: Geometry):
-    """Validate the common arguments; return (patches, positions as float64, mask as bool)."""
+def _check_inputs(patches, positions, mask, geometry: Geometry, check_finite: bool = True):
+    """Validate the common arguments; return (patches, positions as float64, mask as bool).
+
+    ``check_finite=False`` leaves the NaN/Inf check to the caller (see :func:`_check_finite`), which can
+    do it in one pass over the masked values it extracts anyway.
+    """
     if not isinstance(geometry, Geometry):
         raise ShapeError(f"geometry: expected a deepphase Geometry, got {type(geometry).__name__}")
     out = geometry.output_px
@@ -168,6 +172,8 @@ def _check_inputs(patches, positions, mask, geometry: Geometry):
         mask = mask.astype(bool)
     if not mask.any():
         raise ValueRangeError("mask: expected at least one illuminated pixel, got an empty mask")
+    if not check_finite:
+        return patches, positions, mask
     # Only pixels inside the mask are used, so only they must be finite (a view, no copy).
     rows, cols = np.nonzero(mask)
     used = patches[:, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
@@ -487,9 +493,13 @@ class PatchReducer:
             self.bin_used.append(used)
 
     def masked(self, patches: np.ndarray) -> np.ndarray:
-        """The used pixels of each patch (float32), each patch's mean removed."""
+        """The used pixels of each patch (float32), each patch's mean removed; NaN or Inf is refused."""
         q = _masked_values(patches, self.rows, self.cols, np.float32)
-        q -= q.mean(axis=1, keepdims=True)
+        means = q.mean(axis=1, keepdims=True)
+        if not np.isfinite(means).all():  # NaN and Inf reach the means: one cheap check for all pixels
+            bad = int(np.count_nonzero(~np.isfinite(q)))
+            raise ValueRangeError(f"patches: expected finite phases, found {bad} NaN or Inf values inside the mask")
+        q -= means
         return q
 
     def bin_targets(self, origins: np.ndarray, pid: int, width: int) -> np.ndarray:
@@ -593,7 +603,7 @@ class PairwiseStitcher:
         if not 0 <= start < stop <= len(self):
             raise ShapeError(f"patches: expected patches for positions within 0…{len(self) - 1}, got "
                              f"{patches.shape[0] if patches.ndim == 3 else 'no'} patches from position {start}")
-        _check_inputs(patches, self.positions[start:stop], self.mask, self.geometry)
+        _check_inputs(patches, self.positions[start:stop], self.mask, self.geometry, check_finite=False)
         self.add_reductions(self.reducer.reduce(patches, self.origins[start:stop]), start)
 
     def add_reductions(self, reduced: dict, start: int) -> None:
@@ -693,7 +703,7 @@ def stitch_pairwise(patches, positions, mask, geometry: Geometry, radius: float 
     -------
     2-D float64 array on the object grid (radians, arbitrary offset per group), NaN where no mask reached.
     """
-    patches, positions, mask = _check_inputs(patches, positions, mask, geometry)
+    patches, positions, mask = _check_inputs(patches, positions, mask, geometry, check_finite=False)
     stitcher = PairwiseStitcher(positions, mask, geometry, radius)
     stitcher.add_reductions(stitcher.reducer.reduce(patches, stitcher.origins), 0)
     return stitcher.image()
