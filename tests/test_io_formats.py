@@ -30,22 +30,25 @@ pytest.importorskip("zarr")
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def write_mib(path, frames, frames_per_trigger=None, hdr=True, exposure_ns=1_000_000):
-    """Merlin .mib: per frame a 384-byte ASCII header, then big-endian uint16 pixels stored bottom row first."""
+def write_mib(path, frames, frames_per_trigger=None, hdr=True, exposure_ns=1_000_000, quad=False):
+    """Merlin .mib: per frame an ASCII header (384 bytes; 768 for a quad 2×2 detector, whose header lists the
+    DACs of its four chips), then big-endian uint16 pixels stored bottom row first."""
     path = Path(path)
     n, h, w = frames.shape
+    chips, assembly, size = ("04", "   2x2", 768) if quad else ("01", "   1x1", 384)
+    dacs = ("3RX,175,511,000,000,000,000,000,000,125,255,125,125,100,100,105,100,068,100,220,090,128,111,093,"
+            * (4 if quad else 1))
     with open(path, "wb") as f:
         for i, frame in enumerate(frames):
             stamp = f"2024-03-01T10:00:{i * 0.001:012.9f}Z"
-            head = (f"MQ1,{i + 1:06d},00384,01,{w:04d},{h:04d},U16,   1x1,01,2024-03-01 10:00:00.000000,"
+            head = (f"MQ1,{i + 1:06d},00{size},{chips},{w:04d},{h:04d},U16,{assembly},01,2024-03-01 10:00:00.000000,"
                     f"{exposure_ns / 1e9:.6f},0,0,0,1.200000E+2,5.110000E+2,0.000000E+0,0.000000E+0,0.000000E+0,"
-                    "0.000000E+0,0.000000E+0,0.000000E+0,3RX,175,511,000,000,000,000,000,000,125,255,125,125,100,"
-                    f"100,105,100,068,100,220,090,128,111,093,MQ1A,{stamp},{exposure_ns}ns,12,")
-            f.write(head.encode().ljust(384, b"\x00"))
+                    f"0.000000E+0,0.000000E+0,0.000000E+0,{dacs}MQ1A,{stamp},{exposure_ns}ns,12,")
+            f.write(head.encode().ljust(size, b"\x00"))
             f.write(np.ascontiguousarray(frame[::-1]).astype(">u2").tobytes())
     if hdr:
         lines = ["HDR,\t", "Time and Date Stamp (day, mnth, yr, hr, min, s):\t01/03/2024 10:00:00",
-                 "Assembly Size (NX1, 2X2):\t   1x1", "Counter Depth (number):\t12",
+                 f"Assembly Size (NX1, 2X2):\t{assembly}", "Counter Depth (number):\t12",
                  f"Frames in Acquisition (Number):\t{n}", f"Frames per Trigger (Number):\t{frames_per_trigger or 1}",
                  "End\t"]
         path.with_suffix(".hdr").write_text("\n".join(lines) + "\n")
@@ -173,6 +176,17 @@ def test_mib_without_hdr_takes_the_scan_shape(frames4d, tmp_path):
     assert np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
     with pytest.raises(DeepPhaseError, match="scan-shape: 3×5 = 15 positions do not match the 20 frames"):
         load_scan(path, scan_shape=(3, 5))
+
+
+def test_quad_mib_512(tmp_path):
+    """A Merlin quad (2×2 chips, 512×512 pixels, 768-byte headers) is read like a single chip."""
+    rng = np.random.default_rng(6)
+    frames = rng.integers(0, 4000, size=(6, 512, 512)).astype(np.uint16)
+    path = write_mib(tmp_path / "quad.mib", frames, frames_per_trigger=3, quad=True)
+    data = load_scan(path)
+    assert data.scan_shape == (2, 3) and data.frames.shape == (6, 512, 512)
+    assert np.array_equal(read_all(data), frames)
+    assert np.array_equal(np.asarray(data.frames[4:6]), frames[4:6])
 
 
 def test_empad(tmp_path):
@@ -344,6 +358,25 @@ def test_reconstruct_calibrates_detector_files(fmt, detector_scan, tmp_path, cap
     assert cal["descan"]["applied"] and len(cal["descan"]["coefficients"]) == 2
     assert meta["data_info"]["scan_shape"] == [10, 10]
     assert (tmp_path / "rec" / "calibration.png").stat().st_size > 10_000
+
+
+def test_reconstruct_calibrates_a_quad_mib_512(detector_scan, tmp_path, capsys):
+    """The same scan on a 512×512 Merlin quad: every 64×64 pixel split into 8×8, each holding the
+    pixel's count in detector units of 1/64 electron (--gain 64); the hot pixel is one pixel of the quad."""
+    data4d, truth = detector_scan
+    coarse = data4d.reshape(-1, 64, 64).copy()
+    coarse[:, 5, 50] = coarse[:, 5, 49]
+    fine = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)
+    fine[:, 43, 403] = 60000
+    path = write_mib(tmp_path / "quad.mib", fine, frames_per_trigger=10, quad=True)
+    code, out, err = run(["reconstruct", path, "--step", 0.87, "--gain", 64, "--out", tmp_path / "rec"], capsys)
+    assert code == 0, err
+    assert "calibrated 512×512 → 32×32" in out
+    corr, meta = correlation_with(truth, tmp_path / "rec")
+    print(f"quad: correlation {corr:.3f}")
+    assert corr > 0.8
+    assert meta["calibration"]["zoom"] == pytest.approx(1 / (2.1 * 8), rel=0.02)
+    assert meta["calibration"]["masked_pixels"]["first"] == [[43, 403]]
 
 
 def test_reconstruct_of_a_truncated_mib_keeps_the_complete_rows(detector_scan, tmp_path, capsys):
