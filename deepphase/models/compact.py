@@ -63,15 +63,25 @@ class _SpatialMixer(nn.Module):
 
 
 class CompactPhaseNet(nn.Module):
-    """(B, 1, n, n) diffraction amplitudes → (B, 1, out, out) phase patches, predicted at ``n/4``."""
+    """(B, C, n, n) diffraction amplitudes → (B, 1, out, out) phase patches, predicted at ``n/4``.
 
-    def __init__(self, n_px: int = 32, out_px: int = 32, widths=(16, 32, 64, 96), dropout: float = 0.1):
+    ``C = in_channels``: 1 for one pattern per position (the seed's input), 9 for the 3×3
+    neighbourhood of adjacent scan positions (channel ``3·(dr+1) + (dc+1)`` holds the pattern one
+    step ``(dr, dc)`` away; see :mod:`deepphase.reconstruction.neighbourhood`). Only the stem sees
+    the channels, so a neighbourhood costs 8·9·16 extra multiply-adds per stem pixel and nothing else.
+    """
+
+    def __init__(self, n_px: int = 32, out_px: int = 32, widths=(16, 32, 64, 96), dropout: float = 0.1,
+                 in_channels: int = 1):
         super().__init__()
         if n_px % 8:
             raise ValueError(f"n_px: the compact network needs a multiple of 8 pixels, got {n_px}")
+        if int(in_channels) < 1:
+            raise ValueError(f"in_channels: expected a positive number of input patterns, got {in_channels}")
         w0, w1, w2, w3 = widths
         self.out_px = out_px
-        self.stem = _conv_bn_relu(1, w0)
+        self.in_channels = int(in_channels)
+        self.stem = _conv_bn_relu(self.in_channels, w0)
         self.down1 = _conv_bn_relu(w0, w1, stride=2)  # n/2
         self.down2 = nn.Sequential(_conv_bn_relu(w1, w2, stride=2), _Residual(w2, dropout))  # n/4
         self.down3 = nn.Sequential(_conv_bn_relu(w2, w3, stride=2), _Residual(w3, dropout))  # n/8
@@ -90,6 +100,9 @@ class CompactPhaseNet(nn.Module):
 
 
 @register_model("compact")
-def compact(n_px: int = 32, out_px: int = 32, dropout: float = 0.1) -> CompactPhaseNet:
-    """The compact network (see the module docstring): for live reconstruction on CPUs and GPUs."""
-    return CompactPhaseNet(n_px, out_px, dropout=dropout)
+def compact(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1) -> CompactPhaseNet:
+    """The compact network (see the module docstring): for live reconstruction on CPUs and GPUs.
+
+    ``in_channels=9`` takes a 3×3 neighbourhood of patterns per position instead of one.
+    """
+    return CompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels)

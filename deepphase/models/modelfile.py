@@ -40,6 +40,21 @@ class PhaseModel:
     def name(self) -> str:
         return self.info.get("name", self.arch)
 
+    @property
+    def in_channels(self) -> int:
+        """Patterns per scan position the network takes: 1, or 9 for a 3×3 neighbourhood."""
+        return int(self.arch_config.get("in_channels", 1))
+
+    @property
+    def neighbourhood(self) -> dict | None:
+        """``{"size": 3, "step_px": ...}`` for a neighbourhood model, None for single-pattern input.
+
+        ``step_px`` is the scan step (real-space pixels) the model was trained at: the data's raster
+        must have about this step (see :func:`deepphase.reconstruction.neighbourhood.neighbour_indices`).
+        A model.json without the entry (every model before it existed) means single-pattern input.
+        """
+        return self.info.get("neighbourhood") if self.in_channels > 1 else None
+
     def describe(self) -> dict:
         """The model.json content."""
         return {
@@ -123,10 +138,26 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
         network.load_state_dict(state)
     except RuntimeError as exc:
         raise InputFileError(f"model: weights in {str(folder)!r} do not fit architecture {meta['arch']!r} ({exc})") from exc
+    _check_neighbourhood(meta, meta_path)
     probe = np.load(folder / meta.get("probe_file", "probe.npy"), allow_pickle=False)
     info = {k: v for k, v in meta.items() if k not in ("format", "arch", "arch_config", "geometry", "probe_file")}
     network.to(device).eval()
     return PhaseModel(network, meta["arch"], meta.get("arch_config", {}), probe, Geometry(**meta["geometry"]), info)
+
+
+def _check_neighbourhood(meta: dict, meta_path: Path) -> None:
+    """A multi-pattern model must say which neighbourhood (size, step) it was trained on."""
+    channels = int(meta.get("arch_config", {}).get("in_channels", 1))
+    if channels == 1:
+        return
+    entry = meta.get("neighbourhood")
+    size = entry.get("size") if isinstance(entry, dict) else None
+    step = entry.get("step_px") if isinstance(entry, dict) else None
+    if size is None or size * size != channels or not (isinstance(step, (int, float)) and step > 0):
+        raise InputFileError(
+            f"model: {str(meta_path)!r} has {channels} input channels but its 'neighbourhood' entry is {entry!r}; "
+            f"expected {{'size': {int(round(channels ** 0.5))}, 'step_px': <positive scan step in pixels>}}"
+        )
 
 
 def check_compatible(model: PhaseModel, pattern_shape: tuple[int, int], sampling: float | None = None,

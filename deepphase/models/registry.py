@@ -1,7 +1,9 @@
 """Architectures by name, so that ``--arch NAME`` and model files can build any of them.
 
 An architecture is a function ``(**config) -> torch.nn.Module`` that maps diffraction amplitudes
-(B, 1, n, n) to phase patches (B, 1, out, out). Register one with :func:`register_model`.
+(B, C, n, n) to phase patches (B, 1, out, out). ``C`` is the config's ``in_channels`` (default 1: one
+pattern per position; 9: the 3×3 neighbourhood of adjacent positions); the module records it as its
+``in_channels`` attribute. Register one with :func:`register_model`.
 """
 
 from __future__ import annotations
@@ -36,7 +38,15 @@ def create_model(name: str, **config) -> torch.nn.Module:
     """Build the architecture ``name`` with ``config``."""
     if name not in _REGISTRY:
         raise DeepPhaseError(f"arch: unknown architecture {name!r}; expected one of {', '.join(list_models())}")
-    return _REGISTRY[name](**config)
+    try:
+        return _REGISTRY[name](**config)
+    except TypeError as exc:  # a config key the architecture does not take (e.g. in_channels)
+        raise DeepPhaseError(f"arch: architecture {name!r} does not take the configuration {config} ({exc})") from exc
+
+
+def input_channels(model: torch.nn.Module) -> int:
+    """Patterns per position that ``model`` takes (its ``in_channels``; 1 for a module without one)."""
+    return int(getattr(model, "in_channels", 1))
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -50,7 +60,7 @@ def flops_per_pattern(model: torch.nn.Module, n_px: int = 32) -> float:
 
     was_training = model.training
     model.eval()
-    x = torch.ones(1, 1, n_px, n_px, device=next(model.parameters()).device)
+    x = torch.ones(1, input_channels(model), n_px, n_px, device=next(model.parameters()).device)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
     model.train(was_training)

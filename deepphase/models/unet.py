@@ -39,17 +39,18 @@ def normalise_amplitude(x: torch.Tensor) -> torch.Tensor:
 
 
 class ResUNet(nn.Module):
-    """Residual U-Net from (B, 1, n, n) amplitudes to (B, 1, out, out) phase patches.
+    """Residual U-Net from (B, in_channels, n, n) amplitudes to (B, 1, out, out) phase patches.
 
     ``out_px`` may differ from ``n_px`` (the final feature map is resampled); for the seed geometry
     both are 32.
     """
 
     def __init__(self, stem: int = 16, channels=(32, 64, 128, 256), head: int = 32, dropout: float = 0.2,
-                 n_px: int = 32, out_px: int = 32):
+                 n_px: int = 32, out_px: int = 32, in_channels: int = 1):
         super().__init__()
         self.out_px = out_px
-        self.stem = nn.Conv2d(1, stem, 3, padding=1)
+        self.in_channels = int(in_channels)
+        self.stem = nn.Conv2d(self.in_channels, stem, 3, padding=1)
         self.encoder = nn.ModuleList()
         c = stem
         for co in channels:
@@ -81,12 +82,12 @@ class ResUNet(nn.Module):
 
 
 @register_model("seed-unet")
-def seed_unet(n_px: int = 32, out_px: int = 32, dropout: float = 0.2) -> ResUNet:
-    """The seed's residual U-Net: 16 → 32, 64, 128, 256 → 32 → 1."""
-    return ResUNet(16, (32, 64, 128, 256), 32, dropout, n_px, out_px)
+def seed_unet(n_px: int = 32, out_px: int = 32, dropout: float = 0.2, in_channels: int = 1) -> ResUNet:
+    """The seed's residual U-Net: 16 → 32, 64, 128, 256 → 32 → 1 (``in_channels`` patterns per position)."""
+    return ResUNet(16, (32, 64, 128, 256), 32, dropout, n_px, out_px, in_channels)
 
 
 @register_model("unet-small")
-def unet_small(n_px: int = 32, out_px: int = 32, dropout: float = 0.1) -> ResUNet:
+def unet_small(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1) -> ResUNet:
     """Half the seed's width (8 → 16, 32, 64, 128 → 16 → 1): about 4× fewer FLOPs."""
-    return ResUNet(8, (16, 32, 64, 128), 16, dropout, n_px, out_px)
+    return ResUNet(8, (16, 32, 64, 128), 16, dropout, n_px, out_px, in_channels)

@@ -5,6 +5,14 @@ an h5py dataset, a lazily calibrated view): only ``batch_size`` patterns are rea
 device at once. Reading and checking the next batch happens in a background thread while the
 network works on the current one (PyTorch releases the GIL inside its kernels, and file reads release
 it too), so neither the disk nor the network waits for the other.
+
+Chunks: ``start`` and ``stop`` predict only the positions ``start .. stop-1`` of the scan, so a
+caller can go chunk by chunk through a lazy input. A neighbourhood model (``model.in_channels = 9``)
+takes each position's 3×3 neighbourhood of patterns (see :mod:`.neighbourhood`); give it
+``neighbours``, the (N, 9) index array of :func:`.neighbourhood.neighbour_indices` for the whole scan
+(or the (N, 2) positions, from which it is built, once per call). The neighbours of a chunk's positions
+may lie anywhere in ``amplitudes``; they are read as a few contiguous slices around the chunk, so
+lazy inputs that can only be sliced work too.
 """
 
 from __future__ import annotations
@@ -23,11 +31,63 @@ from ..physics.geometry import output_mask
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 
 
-def _read_batch(amplitudes, start: int, stop: int, pin: bool) -> torch.Tensor:
-    batch = np.asarray(amplitudes[start:stop], dtype=np.float32)
-    check_patterns(batch, start)
-    x = torch.from_numpy(np.array(batch, copy=True))[:, None]  # a copy: memory-mapped input is read-only
+# Frames between two needed ones that are read anyway rather than starting a new slice.
+_GAP = 64
+
+
+def _read_batch(amplitudes, start: int, stop: int, pin: bool, neighbours: np.ndarray | None = None) -> torch.Tensor:
+    """Patterns of positions ``start .. stop-1``: (B, 1, n, n), or (B, C, n, n) gathered by ``neighbours``."""
+    if neighbours is None:
+        batch = np.asarray(amplitudes[start:stop], dtype=np.float32)
+        check_patterns(batch, start)
+        x = torch.from_numpy(np.array(batch, copy=True))[:, None]  # a copy: memory-mapped input is read-only
+    else:
+        x = torch.from_numpy(_gather(amplitudes, neighbours[start:stop]))
     return x.pin_memory() if pin else x
+
+
+def _gather(amplitudes, index: np.ndarray) -> np.ndarray:
+    """``amplitudes[index]`` for an integer array ``index`` (B, C), read as contiguous slices, float32."""
+    wanted = np.unique(index)
+    breaks = np.flatnonzero(np.diff(wanted) > _GAP) + 1
+    blocks, read = [], []
+    for run in np.split(wanted, breaks):
+        lo, hi = int(run[0]), int(run[-1]) + 1
+        block = np.asarray(amplitudes[lo:hi], dtype=np.float32)
+        check_patterns(block, lo)
+        blocks.append(block)
+        read.append(np.arange(lo, hi))
+    frames = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    return np.ascontiguousarray(frames[np.searchsorted(np.concatenate(read), index)])
+
+
+def _resolve_neighbours(model: PhaseModel, neighbours, count: int) -> np.ndarray | None:
+    """The (N, C) index array a multi-pattern model needs (None for a single-pattern model)."""
+    channels = model.in_channels
+    if channels == 1:
+        return None  # single-pattern input: neighbours (or positions) are accepted and not needed
+    step = (model.neighbourhood or {}).get("step_px")
+    if neighbours is None:
+        raise ValueRangeError(
+            f"neighbours: model {model.name!r} takes a {int(round(channels ** 0.5))}×{int(round(channels ** 0.5))} "
+            f"neighbourhood of patterns per position (trained at a scan step of {step} px); pass the scan "
+            "positions (N, 2) or neighbour_indices(positions, ...) (N, 9) as neighbours"
+        )
+    neighbours = np.asarray(neighbours)
+    if neighbours.ndim == 2 and neighbours.shape == (count, 2):
+        from .neighbourhood import neighbour_indices
+
+        return neighbour_indices(neighbours, step, size=int(round(channels ** 0.5)))
+    if neighbours.shape != (count, channels) or not np.issubdtype(neighbours.dtype, np.integer):
+        raise ShapeError(
+            f"neighbours: expected the positions ({count}, 2) or an integer index array ({count}, {channels}) for "
+            f"the {count} patterns, got {neighbours.dtype} of shape {neighbours.shape}"
+        )
+    if neighbours.size and (neighbours.min() < 0 or neighbours.max() >= count):
+        raise ValueRangeError(
+            f"neighbours: indices must lie in 0..{count - 1} (the patterns), found {neighbours.min()}..{neighbours.max()}"
+        )
+    return neighbours.astype(np.int64, copy=False)
 
 
 def _autocast_dtype(precision: str, device: torch.device):
@@ -49,8 +109,11 @@ def predict_patches(
     progress: bool | None = None,
     precision: str = "auto",
     mc_dropout_seed: int | None = None,
+    start: int = 0,
+    stop: int | None = None,
+    neighbours=None,
 ) -> np.ndarray:
-    """Phase patches (N, out, out) float32, each with its mean inside the illuminated mask removed.
+    """Phase patches (stop - start, out, out) float32, each with its mean inside the illuminated mask removed.
 
     Parameters
     ----------
@@ -64,12 +127,24 @@ def predict_patches(
     mc_dropout_seed : if given, the network's dropout layers stay active (Monte Carlo dropout, batch
         normalisation still in inference mode) and draw from this seed: one sample of the predictive
         distribution per call.
+    start, stop : predict positions ``start .. stop-1`` only (default: all N); the patches of a chunk
+        equal the same rows of a prediction of the whole scan.
+    neighbours : for a neighbourhood model (``model.in_channels > 1``), the (N, 9) frame indices of each
+        position's neighbourhood (:func:`deepphase.reconstruction.neighbourhood.neighbour_indices`,
+        computed once per scan), or the (N, 2) scan positions to compute them from. Ignored by a
+        single-pattern model, so a caller may always pass it.
     """
     n = model.geometry.n_px
     if len(getattr(amplitudes, "shape", ())) != 3 or tuple(amplitudes.shape[1:]) != (n, n):
         raise ShapeError(f"amplitudes: expected shape (N, {n}, {n}), got {getattr(amplitudes, 'shape', None)}")
     if int(batch_size) < 1:
         raise ValueRangeError(f"batch_size: expected a positive number of patterns, got {batch_size}")
+    total = amplitudes.shape[0]
+    stop = total if stop is None else int(stop)
+    start = int(start)
+    if not 0 <= start <= stop <= total:
+        raise ValueRangeError(f"start, stop: expected 0 <= start <= stop <= {total} (the patterns), got {start}, {stop}")
+    index = _resolve_neighbours(model, neighbours, total)
     device = torch.device(device)
     cast = _autocast_dtype(precision, device)
     network = model.network.to(device).eval()
@@ -81,23 +156,26 @@ def predict_patches(
             m.train()
         torch.manual_seed(mc_dropout_seed)
     mask = torch.as_tensor(output_mask(model.probe, model.geometry), device=device, dtype=torch.float32)
-    count = amplitudes.shape[0]
+    count = stop - start
     out_px = model.geometry.output_px
     patches = np.empty((count, out_px, out_px), dtype=np.float32)
-    starts = list(range(0, count, batch_size))
+    starts = list(range(start, stop, batch_size))
     pin = device.type == "cuda"
+
+    def read(first: int):
+        return reader.submit(_read_batch, amplitudes, first, min(first + batch_size, stop), pin, index)
+
     with tqdm(total=count, desc="predicting", unit="pattern", disable=None if progress is None else not progress,
               leave=False) as bar, ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(_read_batch, amplitudes, 0, batch_size, pin) if starts else None
-        for i, start in enumerate(starts):
+        pending = read(starts[0]) if starts else None
+        for i, first in enumerate(starts):
             x = pending.result().to(device, non_blocking=True)
             if i + 1 < len(starts):
-                nxt = starts[i + 1]
-                pending = reader.submit(_read_batch, amplitudes, nxt, nxt + batch_size, pin)
+                pending = read(starts[i + 1])
             with torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None):
                 y = network(x)[:, 0].float()
             y = y - (y * mask).sum(dim=(-2, -1), keepdim=True) / mask.sum()
-            patches[start : start + len(x)] = y.cpu().numpy()
+            patches[first - start : first - start + len(x)] = y.cpu().numpy()
             bar.update(len(x))
     network.eval()
     return patches

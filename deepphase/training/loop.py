@@ -39,6 +39,7 @@ from ..models.modelfile import PhaseModel, save_model
 from ..physics.forward import incident_counts
 from ..physics.geometry import Geometry, output_mask
 from ..physics.probe import validate_probe
+from ..physics.scan import REFERENCE_STEP_PX
 from ..runtime import resolve_device
 from .loss import LOSSES, masked_l1
 
@@ -69,6 +70,8 @@ class TrainConfig:
     device: str = "auto"
     half: bool = False  # store float16 weights in the model folder
     loss: str = "offset-free"  # or "absolute" (the seed's)
+    neighbourhood: int = 1  # 3: a 3×3 neighbourhood of patterns per sample (9 input channels)
+    neighbourhood_step_px: float = REFERENCE_STEP_PX  # its scan step in real-space pixels
 
     def optimizer_settings(self) -> dict:
         if self.preset not in OPTIMIZERS:
@@ -83,7 +86,16 @@ class TrainConfig:
         d["corpus"] = self.corpus.to_dict()
         if isinstance(self.dose, tuple):
             d["dose"] = list(self.dose)
+        if self.neighbourhood == 1:  # single-pattern runs keep the keys (and checkpoints) they always had
+            del d["neighbourhood"], d["neighbourhood_step_px"]
         return d
+
+    def arch_config(self, geometry: Geometry) -> dict:
+        """The architecture's configuration (``in_channels`` only for a neighbourhood)."""
+        config = {"n_px": geometry.n_px, "out_px": geometry.output_px}
+        if self.neighbourhood > 1:
+            config["in_channels"] = self.neighbourhood**2
+        return config
 
 
 def _make_optimizer(params, settings: dict):
@@ -257,9 +269,11 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
     checkpoint_path = out_dir / CHECKPOINT
 
     mask = torch.as_tensor(output_mask(probe, geometry), device=device)
-    stream = TrainingStream(probe, geometry, config.corpus, dose, device)
+    stream = TrainingStream(probe, geometry, config.corpus, dose, device, neighbourhood=config.neighbourhood,
+                            step_px=config.neighbourhood_step_px)
+    arch_config = config.arch_config(geometry)
     torch.manual_seed(config.seed)  # the initial weights are part of what the seed fixes
-    network = create_model(config.arch, n_px=geometry.n_px, out_px=geometry.output_px).to(device)
+    network = create_model(config.arch, **arch_config).to(device)
     optimizer = _make_optimizer(network.parameters(), settings)
     history: list[dict] = []
     start_epoch = 0
@@ -274,7 +288,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
 
     validation = stream.fixed_set(config.seed, config.val_size)
     total_steps = config.epochs * config.steps_per_epoch
-    model = PhaseModel(network, config.arch, {"n_px": geometry.n_px, "out_px": geometry.output_px}, probe, geometry)
+    model = PhaseModel(network, config.arch, arch_config, probe, geometry)
     step_network, sync_bn = network, False
     if world > 1:
         import torch.distributed as dist
@@ -343,6 +357,11 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
             "dose": dose,
             "phase_range": list(config.corpus.phase_range),
         }
+        if config.neighbourhood > 1:  # what reconstruction needs to gather the same neighbourhood from a scan
+            model.info["neighbourhood"] = {"size": config.neighbourhood, "step_px": config.neighbourhood_step_px,
+                                           "channels": "row-major (dr, dc) in steps, centre = channel "
+                                                       f"{config.neighbourhood ** 2 // 2}",
+                                           "edges": "replicate (nearest existing position)"}
         if world > 1:
             model.info["training"]["distributed"] = {
                 "processes": world, "batch_per_process": config.batch_size // world, "rank_data": rank_data,
@@ -355,7 +374,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         log(f"epoch {epoch + 1}/{config.epochs}: train loss {np.mean(losses):.4f} rad, validation loss {val:.4f} rad, "
             f"{history[-1]['samples_per_second']:.0f} samples/s; saved {out_dir}")
     if sync_bn:  # hand back plain BatchNorm layers (same state) for use outside the process group
-        plain = create_model(config.arch, n_px=geometry.n_px, out_px=geometry.output_px).to(device)
+        plain = create_model(config.arch, **arch_config).to(device)
         plain.load_state_dict(network.state_dict())
         model.network = network = plain
     network.eval()
