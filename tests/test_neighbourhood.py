@@ -206,6 +206,11 @@ def test_predict_chunks_equal_the_whole_prediction(probe, tiny_models):
              for a, b in ((0, 13), (13, 14), (14, 42))]
     assert [len(p) for p in parts] == [13, 1, 28]
     np.testing.assert_allclose(np.concatenate(parts), whole, atol=1e-5)
+    # A chunk and its halo only, with the chunk's rows of the index array (what a streaming caller holds).
+    start, stop = 20, 30
+    lo, hi = nb[start:stop].min(), nb[start:stop].max() + 1
+    halo = predict_patches(model, amplitudes[lo:hi], start=start - lo, stop=stop - lo, neighbours=nb[start:stop] - lo)
+    np.testing.assert_allclose(halo, whole[start:stop], atol=1e-5)
     # The neighbourhood matters: other neighbours give other patches.
     alone = predict_patches(model, amplitudes, neighbours=np.repeat(np.arange(len(pos))[:, None], 9, 1), progress=False)
     assert np.abs(alone - whole).max() > 1e-4
@@ -226,7 +231,7 @@ def test_predict_refuses_a_neighbourhood_model_without_neighbours(probe, tiny_mo
     amplitudes, pos = _scan(probe)
     with pytest.raises(ValueRangeError, match="neighbourhood of patterns"):
         predict_patches(model, amplitudes)
-    with pytest.raises(ShapeError, match="index array"):
+    with pytest.raises(ShapeError, match="9 columns"):
         predict_patches(model, amplitudes, neighbours=np.zeros((len(pos), 4), int))
     with pytest.raises(ValueRangeError, match="indices must lie"):
         predict_patches(model, amplitudes, neighbours=np.full((len(pos), 9), len(pos)))

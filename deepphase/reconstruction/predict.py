@@ -10,7 +10,8 @@ Chunks: ``start`` and ``stop`` predict only the positions ``start .. stop-1`` of
 caller can go chunk by chunk through a lazy input. A neighbourhood model (``model.in_channels = 9``)
 takes each position's 3×3 neighbourhood of patterns (see :mod:`.neighbourhood`); give it
 ``neighbours``, the (N, 9) index array of :func:`.neighbourhood.neighbour_indices` for the whole scan
-(or the (N, 2) positions, from which it is built, once per call). The neighbours of a chunk's positions
+or the chunk's rows of it (or the (N, 2) positions, from which it is built, once per call). The
+neighbours of a chunk's positions
 may lie anywhere in ``amplitudes``; they are read as a few contiguous slices around the chunk, so
 lazy inputs that can only be sliced work too.
 """
@@ -35,14 +36,18 @@ PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 _GAP = 64
 
 
-def _read_batch(amplitudes, start: int, stop: int, pin: bool, neighbours: np.ndarray | None = None) -> torch.Tensor:
-    """Patterns of positions ``start .. stop-1``: (B, 1, n, n), or (B, C, n, n) gathered by ``neighbours``."""
+def _read_batch(amplitudes, start: int, stop: int, pin: bool, neighbours: np.ndarray | None = None,
+                base: int = 0) -> torch.Tensor:
+    """Patterns of positions ``start .. stop-1``: (B, 1, n, n), or (B, C, n, n) gathered by ``neighbours``.
+
+    Row ``i`` of ``neighbours`` belongs to position ``base + i``.
+    """
     if neighbours is None:
         batch = np.asarray(amplitudes[start:stop], dtype=np.float32)
         check_patterns(batch, start)
         x = torch.from_numpy(np.array(batch, copy=True))[:, None]  # a copy: memory-mapped input is read-only
     else:
-        x = torch.from_numpy(_gather(amplitudes, neighbours[start:stop]))
+        x = torch.from_numpy(_gather(amplitudes, neighbours[start - base : stop - base]))
     return x.pin_memory() if pin else x
 
 
@@ -61,11 +66,15 @@ def _gather(amplitudes, index: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames[np.searchsorted(np.concatenate(read), index)])
 
 
-def _resolve_neighbours(model: PhaseModel, neighbours, count: int) -> np.ndarray | None:
-    """The (N, C) index array a multi-pattern model needs (None for a single-pattern model)."""
+def _resolve_neighbours(model: PhaseModel, neighbours, count: int, start: int, stop: int) -> tuple[np.ndarray | None, int]:
+    """The index array a multi-pattern model needs and the position of its first row.
+
+    (None, 0) for a single-pattern model; (N, C) rows from position 0, or (stop - start, C) rows from
+    ``start`` when the caller gave only the chunk's.
+    """
     channels = model.in_channels
     if channels == 1:
-        return None  # single-pattern input: neighbours (or positions) are accepted and not needed
+        return None, 0  # single-pattern input: neighbours (or positions) are accepted and not needed
     step = (model.neighbourhood or {}).get("step_px")
     if neighbours is None:
         raise ValueRangeError(
@@ -77,17 +86,20 @@ def _resolve_neighbours(model: PhaseModel, neighbours, count: int) -> np.ndarray
     if neighbours.ndim == 2 and neighbours.shape == (count, 2):
         from .neighbourhood import neighbour_indices
 
-        return neighbour_indices(neighbours, step, size=int(round(channels ** 0.5)))
-    if neighbours.shape != (count, channels) or not np.issubdtype(neighbours.dtype, np.integer):
+        return neighbour_indices(neighbours, step, size=int(round(channels ** 0.5))), 0
+    rows = {count: 0, stop - start: start}
+    if neighbours.ndim != 2 or neighbours.shape[1] != channels or neighbours.shape[0] not in rows or not (
+            np.issubdtype(neighbours.dtype, np.integer)):
         raise ShapeError(
-            f"neighbours: expected the positions ({count}, 2) or an integer index array ({count}, {channels}) for "
-            f"the {count} patterns, got {neighbours.dtype} of shape {neighbours.shape}"
+            f"neighbours: expected the positions ({count}, 2), or an integer index array with {channels} columns and "
+            f"a row per pattern ({count}) or per predicted position ({stop - start}), got {neighbours.dtype} of "
+            f"shape {neighbours.shape}"
         )
     if neighbours.size and (neighbours.min() < 0 or neighbours.max() >= count):
         raise ValueRangeError(
             f"neighbours: indices must lie in 0..{count - 1} (the patterns), found {neighbours.min()}..{neighbours.max()}"
         )
-    return neighbours.astype(np.int64, copy=False)
+    return neighbours.astype(np.int64, copy=False), rows[neighbours.shape[0]]
 
 
 def _autocast_dtype(precision: str, device: torch.device):
@@ -131,8 +143,11 @@ def predict_patches(
         equal the same rows of a prediction of the whole scan.
     neighbours : for a neighbourhood model (``model.in_channels > 1``), the (N, 9) frame indices of each
         position's neighbourhood (:func:`deepphase.reconstruction.neighbourhood.neighbour_indices`,
-        computed once per scan), or the (N, 2) scan positions to compute them from. Ignored by a
-        single-pattern model, so a caller may always pass it.
+        computed once per scan), or only the chunk's rows of it, (stop - start, 9), or the (N, 2) scan
+        positions to compute it from. The indices point into ``amplitudes``: a caller that holds only
+        frames ``lo .. hi-1`` of a scan (a chunk and its halo) passes those frames, ``start - lo``,
+        ``stop - lo`` and the chunk's rows minus ``lo``. Ignored by a single-pattern model, so a caller
+        may always pass it.
     """
     n = model.geometry.n_px
     if len(getattr(amplitudes, "shape", ())) != 3 or tuple(amplitudes.shape[1:]) != (n, n):
@@ -144,7 +159,7 @@ def predict_patches(
     start = int(start)
     if not 0 <= start <= stop <= total:
         raise ValueRangeError(f"start, stop: expected 0 <= start <= stop <= {total} (the patterns), got {start}, {stop}")
-    index = _resolve_neighbours(model, neighbours, total)
+    index, base = _resolve_neighbours(model, neighbours, total, start, stop)
     device = torch.device(device)
     cast = _autocast_dtype(precision, device)
     network = model.network.to(device).eval()
@@ -163,7 +178,7 @@ def predict_patches(
     pin = device.type == "cuda"
 
     def read(first: int):
-        return reader.submit(_read_batch, amplitudes, first, min(first + batch_size, stop), pin, index)
+        return reader.submit(_read_batch, amplitudes, first, min(first + batch_size, stop), pin, index, base)
 
     with tqdm(total=count, desc="predicting", unit="pattern", disable=None if progress is None else not progress,
               leave=False) as bar, ThreadPoolExecutor(max_workers=1) as reader:
