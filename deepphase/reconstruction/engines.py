@@ -1,0 +1,187 @@
+"""Inference engines: the same network run eagerly, in channels_last, compiled, or by ONNX Runtime.
+
+:func:`prepare_network` turns a network (or a :class:`~deepphase.models.modelfile.PhaseModel`) into a
+callable ``(B, 1, n, n) float32 tensor -> (B, 1, out, out) tensor`` on the requested device, to be used
+wherever ``network(x)`` was called. Every engine computes the same float32 function; on the packaged
+models the outputs agree with eager to ~1e-6 rad (benchmarks/bench_engines.py measures speed and
+difference). Which one is fastest depends on the machine: see benchmarks/sections/engines.md.
+
+* ``"eager"`` (default): the network itself, unchanged.
+* ``"channels-last"``: a copy of the network with weights, and every input, in ``torch.channels_last``.
+* ``"compile"``: ``torch.compile`` of a copy (inductor; needs a C++ compiler on the CPU). The first call
+  compiles, which takes tens of seconds; smaller batches (a scan's last one) are padded to the largest
+  batch seen so far, so that they do not compile again.
+* ``"onnx"``: the network exported with ``torch.onnx.export`` (batch axis dynamic) at the first call
+  (a few seconds) and run by ONNX Runtime's CPU execution provider with as many threads as PyTorch
+  uses. CPU only; needs ``pip install deepphase[onnx]``.
+
+Only ``"eager"`` and ``"channels-last"`` keep dropout layers that are in training mode (Monte Carlo
+dropout); ``"compile"`` and ``"onnx"`` refuse such a network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import io
+import logging
+import warnings
+from typing import Callable
+
+import torch
+
+from ..errors import DeepPhaseError
+
+ENGINES = ("eager", "channels-last", "compile", "onnx")
+
+Network = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _active_dropout(network: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training for m in network.modules())
+
+
+def _channels_last(network: torch.nn.Module) -> Network:
+    net = copy.deepcopy(network).to(memory_format=torch.channels_last)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return net(x.contiguous(memory_format=torch.channels_last))
+
+    return run
+
+
+def _pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` with its last pattern repeated up to ``size`` patterns (patterns are independent in eval mode)."""
+    return torch.cat([x, x[-1:].expand(size - len(x), *x.shape[1:])])
+
+
+def _compiled(network: torch.nn.Module) -> Network:
+    compiled = torch.compile(copy.deepcopy(network))
+    largest = 0
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        nonlocal largest
+        count = len(x)
+        first = largest == 0
+        if count < largest:
+            x = _pad_to(x, largest)
+        largest = max(largest, count)
+        try:
+            y = compiled(x)
+        except Exception as exc:
+            if not first:
+                raise
+            line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise DeepPhaseError(
+                f"engine: 'compile' failed on this machine ({type(exc).__name__}: {line[:300]}); "
+                "use the 'eager' engine"
+            ) from exc
+        return y[:count]
+
+    return run
+
+
+def _export_onnx(network: torch.nn.Module, example: torch.Tensor) -> bytes:
+    """The network as a serialised ONNX model with a dynamic batch axis."""
+    example = example[:1].expand(2, *example.shape[1:]).contiguous()  # a batch of 1 would be specialised
+    logger = logging.getLogger("torch.onnx")  # the exporter logs a warning per optional op it cannot register
+    level = logger.level
+    with warnings.catch_warnings(), contextlib.ExitStack() as restore:
+        warnings.simplefilter("ignore")
+        logger.setLevel(logging.ERROR)
+        restore.callback(logger.setLevel, level)
+        try:  # the torch.export-based exporter (torch >= 2.5 with onnxscript installed)
+            program = torch.onnx.export(network, (example,), dynamo=True, input_names=["x"], output_names=["y"],
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+            return program.model_proto.SerializeToString()
+        except (ImportError, TypeError):  # older torch, or no onnxscript: the TorchScript-based exporter
+            legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+            buffer = io.BytesIO()
+            torch.onnx.export(network, (example,), buffer, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, **legacy)
+            return buffer.getvalue()
+
+
+def _onnx(network: torch.nn.Module, threads: int | None) -> Network:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise DeepPhaseError(
+            "engine: 'onnx' needs onnxruntime, onnx and onnxscript (pip install 'deepphase[onnx]'), "
+            "which are not installed; use the 'eager' engine"
+        ) from exc
+    net = copy.deepcopy(network).cpu().eval()
+    session = None
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        nonlocal session
+        inputs = x.detach().to(dtype=torch.float32).contiguous()
+        if session is None:  # exported at the first call, for the patterns' own size
+            try:
+                model_bytes = _export_onnx(net, inputs)
+            except Exception as exc:
+                line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise DeepPhaseError(
+                    f"engine: exporting the network to ONNX failed ({type(exc).__name__}: {line[:300]}); "
+                    "use the 'eager' engine"
+                ) from exc
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = int(threads or torch.get_num_threads())
+            options.inter_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(["y"], {"x": inputs.numpy()})[0])
+
+    return run
+
+
+def prepare_network(model, engine: str = "eager", device: str | torch.device = "cpu",
+                    threads: int | None = None) -> Network:
+    """A callable that runs ``model``'s network with the chosen inference engine.
+
+    Parameters
+    ----------
+    model : PhaseModel or torch.nn.Module
+        The network (a PhaseModel's ``network`` is used). It is moved to ``device`` and, unless its
+        dropout layers were deliberately put in training mode, should be in eval mode. ``"eager"``
+        returns it as is; the other engines work on a copy, so the caller's network is not changed.
+    engine : str
+        One of :data:`ENGINES`: ``"eager"`` (default), ``"channels-last"``, ``"compile"``, ``"onnx"``.
+    device : str or torch.device
+        Where the network runs. ``"onnx"`` runs on the CPU only.
+    threads : int, optional
+        ONNX Runtime's intra-op threads (default: ``torch.get_num_threads()``); ignored by the others.
+
+    Returns
+    -------
+    callable
+        ``f(x)`` with ``x`` a float32 tensor (B, 1, n, n) on ``device``, returning (B, 1, out, out).
+        Call it under ``torch.inference_mode()`` (or ``no_grad``), as the prediction loop does.
+
+    Raises
+    ------
+    DeepPhaseError
+        An unknown engine name; ``"onnx"`` without onnxruntime or on a GPU; ``"compile"`` or ``"onnx"``
+        with dropout active (Monte Carlo dropout needs ``"eager"`` or ``"channels-last"``).
+    """
+    if engine not in ENGINES:
+        raise DeepPhaseError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
+    network = getattr(model, "network", model)
+    if not isinstance(network, torch.nn.Module):
+        raise DeepPhaseError(f"engine: expected a PhaseModel or a torch.nn.Module, got {type(model).__name__}")
+    device = torch.device(device)
+    network = network.to(device)
+    if engine in ("compile", "onnx") and _active_dropout(network):
+        raise DeepPhaseError(
+            f"engine: {engine!r} cannot sample Monte Carlo dropout (uncertainty); use 'eager' or 'channels-last'"
+        )
+    if engine == "eager":
+        return network
+    if engine == "channels-last":
+        return _channels_last(network)
+    if engine == "compile":
+        return _compiled(network)
+    if device.type != "cpu":
+        raise DeepPhaseError(f"engine: 'onnx' runs on the CPU only, but device {str(device)!r} was asked for")
+    return _onnx(network, threads)

@@ -1,0 +1,117 @@
+"""Inference engines compute what the eager network computes."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from deepphase.errors import DeepPhaseError
+from deepphase.models import create_model
+from deepphase.reconstruction.engines import ENGINES, prepare_network
+
+HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    net = create_model("compact", n_px=16, out_px=16).eval()
+    # Non-trivial batch-norm statistics, so that folding them (compile, ONNX) is exercised.
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def patterns(batch, n=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.poisson(torch.full((batch, 1, n, n), 50.0), generator=g).sqrt()
+
+
+@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "compile"] + [
+    pytest.param("compile", marks=pytest.mark.slow)])
+def test_engine_equals_eager(tiny, engine):
+    if engine == "onnx" and not HAS_ORT:
+        pytest.skip("onnxruntime is not installed")
+    x = patterns(6)
+    with torch.inference_mode():
+        expected = tiny(x)
+        run = prepare_network(tiny, engine, "cpu")
+        got = run(x)
+        assert got.shape == expected.shape
+        assert float((got.float() - expected).abs().max()) < 1e-4
+        # A smaller batch (a scan's last one) and a larger one give the same per-pattern answers.
+        assert float((run(x[:3]).float() - expected[:3]).abs().max()) < 1e-4
+        x8 = patterns(8, seed=2)
+        assert float((run(x8).float() - tiny(x8)).abs().max()) < 1e-4
+    # The caller's network is not modified (channels-last converts a copy).
+    assert all(p.is_contiguous() for p in tiny.parameters())
+
+
+def test_eager_is_the_network_itself(tiny):
+    assert prepare_network(tiny) is tiny
+
+
+def test_unknown_engine_is_refused(tiny):
+    with pytest.raises(DeepPhaseError, match=r"engine: expected one of eager, channels-last, compile, onnx, got 'tensorrt'"):
+        prepare_network(tiny, "tensorrt")
+
+
+@pytest.mark.parametrize("engine", ["compile", "onnx"])
+def test_monte_carlo_dropout_needs_eager(engine):
+    net = create_model("compact", n_px=16, out_px=16).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Dropout2d):
+            m.train()
+    with pytest.raises(DeepPhaseError, match="Monte Carlo dropout"):
+        prepare_network(net, engine)
+
+
+def test_onnx_on_a_gpu_is_refused(tiny, monkeypatch):
+    # No GPU is needed: the device check comes before anything runs on it.
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+    with pytest.raises(DeepPhaseError, match="CPU only"):
+        prepare_network(tiny, "onnx", "cuda")
+
+
+def test_onnx_without_onnxruntime_says_what_to_install(tiny, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ort(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("No module named 'onnxruntime'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ort)
+    with pytest.raises(DeepPhaseError, match=r"pip install 'deepphase\[onnx\]'"):
+        prepare_network(tiny, "onnx")
+
+
+def test_packaged_model_is_accepted_as_phase_model():
+    from deepphase.models.modelfile import load_model
+
+    model = load_model()
+    x = patterns(4, n=model.geometry.n_px)
+    with torch.inference_mode():
+        expected = model.network(x)
+        got = prepare_network(model, "channels-last")(x)
+    assert float((got - expected).abs().max()) < 1e-4
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed")
+def test_onnx_falls_back_to_the_torchscript_exporter_without_onnxscript(tiny, monkeypatch):
+    real_export = torch.onnx.export
+
+    def export(*args, dynamo=True, **kwargs):
+        if dynamo:  # the torch.export-based exporter needs onnxscript
+            raise ImportError("No module named 'onnxscript'")
+        return real_export(*args, dynamo=False, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+    x = patterns(5)
+    with torch.inference_mode():
+        assert float((prepare_network(tiny, "onnx")(x) - tiny(x)).abs().max()) < 1e-4
