@@ -261,7 +261,7 @@ def _cmd_reconstruct(args) -> None:
                               precision=args.precision, uncertainty_samples=args.uncertainty,
                               chunk_size=args.chunk_size, checkpoint=partial, resume=args.resume,
                               fingerprint=_data_fingerprint(args, kind, view), ensemble=args.ensemble or (),
-                              sigma_scale=args.sigma_scale)
+                              sigma_scale=args.sigma_scale, engine=args.engine)
         extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                  "data": str(args.data), "input": kind, "n_patterns": n_frames, "stitching": args.stitching,
                  "model_path": str(args.model or "default (packaged)"), **scan_info,
@@ -502,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", type=int, default=0, metavar="N",
                    help="also write uncertainty.npy, a per-pixel standard deviation from N Monte Carlo dropout "
                         "samples (N extra predictions; see benchmarks/RESULTS.md for how well it is calibrated)")
+    p.add_argument("--engine", choices=["eager", "channels-last", "compile", "onnx"], default="eager",
+                   help="how the network runs: eager (default), channels-last (~1.3× on a CPU), compile (torch.compile: "
+                        "~1.5×, after a 30-60 s compilation), onnx (ONNX Runtime, CPU: ~2×; pip install deepphase[onnx])")
     p.add_argument("--ensemble", nargs="+", metavar="FOLDER",
                    help="further models for the same probe: the image is the mean of all, and uncertainty.npy their "
                         "per-pixel spread (instead of --uncertainty)")

@@ -2,6 +2,7 @@
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,3 +116,17 @@ def test_onnx_falls_back_to_the_torchscript_exporter_without_onnxscript(tiny, mo
     x = patterns(5)
     with torch.inference_mode():
         assert float((prepare_network(tiny, "onnx")(x) - tiny(x)).abs().max()) < 1e-4
+
+
+def test_reconstruct_with_channels_last_equals_eager():
+    """The engine reaches the network through the pipeline (prepared once, used for every chunk)."""
+    from deepphase.data.simulate import simulate_scan
+    from deepphase.data.specimens import twisted_hbn
+    from deepphase.physics import raster_positions, reference_probe
+    from deepphase.reconstruction.pipeline import reconstruct
+
+    scan = simulate_scan(twisted_hbn((40, 40)), reference_probe(), raster_positions((8, 8), 0.87), seed=0)
+    eager = reconstruct(scan.amplitude, scan.positions, progress=False)
+    fast = reconstruct(scan.amplitude, scan.positions, engine="channels-last", chunk_size=20, progress=False)
+    assert fast.processing["engine"] == "channels-last"
+    np.testing.assert_allclose(fast.phase, eager.phase, atol=1e-4)

@@ -261,3 +261,14 @@ def test_training_refuses_a_neighbourhood_for_an_architecture_without_channels(p
             train(probe, tmp_path / "m", config, log=lambda *_: None, progress=False)
     finally:
         del registry._REGISTRY[name]  # the other tests see the real architectures only
+
+
+def test_reconstruct_streams_a_neighbourhood_model_in_chunks(probe, tiny_models):
+    """Chunks read their halo of frames: any chunk size gives the image of one chunk."""
+    from deepphase.reconstruction.pipeline import reconstruct
+
+    amplitudes, pos = _scan(probe, (9, 11))
+    whole = reconstruct(amplitudes, pos, str(tiny_models[3]), chunk_size=10_000, progress=False)
+    chunked = reconstruct(amplitudes, pos, str(tiny_models[3]), chunk_size=13, batch_size=5, progress=False)
+    np.testing.assert_allclose(chunked.phase, whole.phase, atol=1e-5)
+    assert whole.processing["input"].startswith("9 patterns")

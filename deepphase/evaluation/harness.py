@@ -8,7 +8,6 @@ baseline slots in beside the others.
 
 from __future__ import annotations
 
-import inspect
 import json
 import platform
 import time
@@ -133,13 +132,9 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
 
         model = _model(model_path)
         t0 = time.perf_counter()
-        if model.in_channels > 1 and "neighbours" not in inspect.signature(reconstruct).parameters:
-            rec = _reconstruct_neighbourhood(case, model, stitching, remove_plane, uncertainty_samples or ensemble)
-        else:
-            extra = {"neighbours": case.scan.positions} if model.in_channels > 1 else {}
-            rec = reconstruct(case.scan.amplitude, case.scan.positions, model, stitching=stitching,
-                              remove_plane=remove_plane, progress=False, uncertainty_samples=uncertainty_samples,
-                              ensemble=[_model(m) for m in ensemble], sigma_scale=sigma_scale, **extra)
+        rec = reconstruct(case.scan.amplitude, case.scan.positions, model, stitching=stitching,
+                          remove_plane=remove_plane, progress=False, uncertainty_samples=uncertainty_samples,
+                          ensemble=[_model(m) for m in ensemble], sigma_scale=sigma_scale)
         seconds = time.perf_counter() - t0
         # rec.full ends at the last covered pixel; the harness compares on the whole object grid.
         phase = np.full(case.scan.truth.shape, np.nan)
@@ -154,26 +149,6 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
         return MethodResult(phase, seconds, {"model": model.name, "arch": model.arch, "stitching": stitching}, sigma)
 
     return run
-
-
-def _reconstruct_neighbourhood(case: Case, model, stitching: str, remove_plane: bool, uncertainty):
-    """A neighbourhood model's reconstruction, until ``reconstruct`` takes the scan's neighbourhood itself.
-
-    The same steps as :func:`deepphase.reconstruction.pipeline.reconstruct` (predict, stitch, remove
-    the plane), with each position's 3×3 neighbourhood of patterns gathered from the scan positions.
-    """
-    from ..reconstruction.pipeline import Reconstruction, crop_to_coverage, stitch_patches
-    from ..reconstruction.predict import predict_patches
-    from ..runtime import resolve_device
-
-    if uncertainty:
-        raise ValueRangeError("uncertainty_samples, ensemble: not available for a neighbourhood model in the harness "
-                              "until reconstruct takes the neighbourhood")
-    patches = predict_patches(model, case.scan.amplitude, device=resolve_device("auto"), progress=False,
-                              neighbours=case.scan.positions)
-    full, _ = stitch_patches(patches, case.scan.positions, model, stitching, remove_plane)
-    phase, origin = crop_to_coverage(full)
-    return Reconstruction(phase, origin, full)
 
 
 register_method("deepphase", "packaged default model, pairwise stitching, plane removed")(network_method())

@@ -212,6 +212,9 @@ def reconstruct_distributed(
     if len(shape) != 3:
         raise ShapeError(f"data: expected (N, k, k) patterns, got shape {shape}")
     check_compatible(model, shape[1:], sampling)
+    if model.in_channels > 1:
+        raise ValueRangeError(f"model: {model.name!r} takes each position's 3×3 neighbourhood of patterns, which "
+                              "the cluster mode does not gather yet; reconstruct it in one process")
     positions = validate_positions(positions, shape[0])
     n, draws = shape[0], 1 + int(uncertainty_samples or 0)
     mask = output_mask(model.probe, model.geometry)

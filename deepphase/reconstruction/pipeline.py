@@ -206,6 +206,7 @@ def reconstruct(
     fingerprint: dict | None = None,
     sigma_scale: float | None = None,
     ensemble=(),
+    engine: str = "eager",
 ) -> Reconstruction:
     """Predict a phase patch for every pattern and stitch them into one image, chunk by chunk.
 
@@ -247,6 +248,9 @@ def reconstruct(
     ensemble : other models (PhaseModel or folders) for the same probe and grid: every chunk is also
         predicted by each, the image is the mean of all the members' stitched images (``model``
         included) and the uncertainty their spread. Not combined with ``uncertainty_samples``.
+    engine : how the network runs (:mod:`deepphase.reconstruction.engines`): "eager" (default),
+        "channels-last", "compile" or "onnx" (CPU, float32; ~2× eager there). Monte Carlo dropout
+        samples always run eagerly.
 
     Raises
     ------
@@ -276,11 +280,28 @@ def reconstruct(
                                   f"{model.name!r}; an ensemble needs the same ones")
     positions = validate_positions(positions, shape[0])
     n, chunk_size = int(shape[0]), int(chunk_size)
+    if engine == "onnx" and precision not in ("auto", "float32"):
+        raise ValueRangeError(f"engine: 'onnx' runs in float32; precision {precision!r} needs another engine")
+    neighbours = None
+    if model.in_channels > 1:  # a neighbourhood model: each position's 3×3 frames, found once per scan
+        from .neighbourhood import neighbour_indices
+
+        neighbours = neighbour_indices(positions, model.neighbourhood["step_px"],
+                                       size=int(round(model.in_channels ** 0.5)))
     # What predicts each accumulator's patches: (network, dropout seed base or None).
     plan = ([(model, None)] + [(model, k) for k in range(1, 1 + int(uncertainty_samples or 0))]
             + [(m, None) for m in members])
     draws = len(plan)
     dev = resolve_device(device)
+    runners = {}
+    for m in [model, *members]:
+        if m.in_channels != model.in_channels:
+            raise ValueRangeError(f"ensemble: model {m.name!r} takes {m.in_channels} input channels, "
+                                  f"{model.name!r} {model.in_channels}; an ensemble needs the same input")
+        if engine != "eager":
+            from .engines import prepare_network
+
+            runners[id(m)] = prepare_network(m.network.eval(), engine, dev)  # once: compiling/exporting is slow
     mask = output_mask(model.probe, model.geometry)
     folder = Path(checkpoint) if checkpoint is not None else None
     if folder is not None:
@@ -296,6 +317,7 @@ def reconstruct(
                    "model": model.name, "model_arch": model.arch, "model_sha256": _weights_digest(model),
                    "stitching": stitching, "uncertainty_samples": draws - 1, "chunk_size": chunk_size,
                    "precision": precision, "ensemble_sha256": [_weights_digest(m) for m in members]}
+    # (the engine is left out: every engine computes the same function, so a run may resume with another)
     done = resumed_from = _load_checkpoint(folder, fingerprint, accumulators) if resume else 0
     t_setup = time.perf_counter() - t0
     t_predict = t_reduce = 0.0
@@ -305,13 +327,19 @@ def reconstruct(
                   disable=None if progress is None else not progress) as bar:
             for start in range(done, n, chunk_size):
                 stop = min(start + chunk_size, n)
-                rows = _Rows(amplitudes, start, stop)
+                # The frames this chunk reads: its own, and for a neighbourhood model the halo around them.
+                lo, hi = (start, stop) if neighbours is None else (int(neighbours[start:stop].min()),
+                                                                    int(neighbours[start:stop].max()) + 1)
+                rows = _Rows(amplitudes, lo, hi)
                 # Read once, predicted once per draw: the main prediction, then dropout samples or members.
-                rows = np.asarray(rows[0 : stop - start], dtype=np.float32) if draws > 1 else rows
+                rows = np.asarray(rows[0 : hi - lo], dtype=np.float32) if draws > 1 else rows
+                chunk_neighbours = None if neighbours is None else neighbours[start:stop] - lo
                 for (network, sample), acc in zip(plan, accumulators):
                     t = time.perf_counter()
                     patches = predict_patches(network, rows, batch_size=batch_size, device=dev, progress=False,
-                                              precision=precision,
+                                              precision=precision, start=start - lo, stop=stop - lo,
+                                              neighbours=chunk_neighbours,
+                                              runner=runners.get(id(network)) if sample is None else None,
                                               mc_dropout_seed=None if sample is None else sample * 1_000_003 + start)
                     t_predict += time.perf_counter() - t
                     t = time.perf_counter()
@@ -351,6 +379,8 @@ def reconstruct(
                           {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
                           {"stitching": stitching, "plane_removed": remove_plane,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision, "device": str(dev),
+                           "engine": engine, "input": (f"{model.in_channels} patterns: the 3×3 neighbourhood"
+                                                       if neighbours is not None else "one pattern"),
                            "chunk_size": chunk_size, "resumed_from_pattern": resumed_from or None,
                            **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
                            "uncertainty": ({"method": "ensemble" if members else "Monte Carlo dropout",

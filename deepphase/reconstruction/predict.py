@@ -124,6 +124,7 @@ def predict_patches(
     start: int = 0,
     stop: int | None = None,
     neighbours=None,
+    runner=None,
 ) -> np.ndarray:
     """Phase patches (stop - start, out, out) float32, each with its mean inside the illuminated mask removed.
 
@@ -148,6 +149,9 @@ def predict_patches(
         frames ``lo .. hi-1`` of a scan (a chunk and its halo) passes those frames, ``start - lo``,
         ``stop - lo`` and the chunk's rows minus ``lo``. Ignored by a single-pattern model, so a caller
         may always pass it.
+    runner : the network prepared by :func:`deepphase.reconstruction.engines.prepare_network` (channels-last,
+        compiled, ONNX Runtime) on ``device``, called instead of ``model.network``; prepare it once and
+        pass it to every chunk. Not with ``mc_dropout_seed`` (the samples need the network itself).
     """
     n = model.geometry.n_px
     if len(getattr(amplitudes, "shape", ())) != 3 or tuple(amplitudes.shape[1:]) != (n, n):
@@ -163,6 +167,9 @@ def predict_patches(
     device = torch.device(device)
     cast = _autocast_dtype(precision, device)
     network = model.network.to(device).eval()
+    if runner is not None and mc_dropout_seed is not None:
+        raise ValueRangeError("runner: Monte Carlo dropout samples run the network itself; pass no runner")
+    run = runner if runner is not None else network
     if mc_dropout_seed is not None:
         dropouts = [m for m in network.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
         if not dropouts:
@@ -188,7 +195,7 @@ def predict_patches(
             if i + 1 < len(starts):
                 pending = read(starts[i + 1])
             with torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None):
-                y = network(x)[:, 0].float()
+                y = run(x)[:, 0].float()
             y = y - (y * mask).sum(dim=(-2, -1), keepdim=True) / mask.sum()
             patches[first - start : first - start + len(x)] = y.cpu().numpy()
             bar.update(len(x))
