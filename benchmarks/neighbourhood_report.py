@@ -2,7 +2,8 @@
 
 Reads two model folders trained with the same budget (``deepphase train ... [--neighbourhood 3]``) and
 one or more harness reports that scored both (``deepphase evaluate --model single=... --model nbh=...``),
-times both networks' prediction on the same scan, and writes the comparison::
+scores both on the same simulated samples at each dose (paired validation), times both networks'
+prediction on the same scan, and writes the comparison::
 
     python benchmarks/neighbourhood_report.py --single SINGLE_MODEL --neighbourhood NBH_MODEL \\
         --eval EVAL_DIR [EVAL_DIR ...] --out benchmarks/figures/neighbourhood.json
@@ -50,6 +51,40 @@ def _cost(folder: Path, scan_side: int = 64, repeats: int = 3) -> dict:
         best = min(best, time.perf_counter() - t0)
     return {"parameters": count_parameters(model.network), "flops_per_position": flops_per_pattern(model.network),
             "predict_patterns_per_second_cpu": round(len(positions) / best, 1), "torch_threads": torch.get_num_threads()}
+
+
+def _paired_validation(single_folder: Path, nbh_folder: Path, doses, size: int = 512, seed: int = 12345) -> list[dict]:
+    """Masked L1 (rad) of both models on the same simulated samples at each dose.
+
+    The neighbourhood stream's centre channel is exactly the single-pattern simulation of the centre
+    window (tests/test_neighbourhood.py), so the single-pattern model sees channel 4 of the very samples
+    whose 9 channels the neighbourhood model sees. Corpus: the default mix, as both were trained on.
+    """
+    import torch
+
+    from deepphase.data.phase_objects import CorpusConfig
+    from deepphase.data.stream import TrainingStream
+    from deepphase.models.modelfile import load_model
+    from deepphase.physics.geometry import output_mask
+    from deepphase.training.loss import masked_l1
+
+    single, nbh = load_model(single_folder), load_model(nbh_folder)
+    mask = torch.as_tensor(output_mask(nbh.probe, nbh.geometry))
+    centre = nbh.in_channels // 2
+    out = []
+    for dose in doses:
+        stream = TrainingStream(nbh.probe, nbh.geometry, CorpusConfig(), float(dose),
+                                neighbourhood=int(round(nbh.in_channels ** 0.5)), step_px=nbh.neighbourhood["step_px"])
+        losses = {"single": 0.0, "neighbourhood": 0.0}
+        with torch.no_grad():
+            for batch in stream.fixed_set(seed, size, batch_size=128):
+                k = len(batch.amplitude)
+                losses["single"] += masked_l1(single.network(batch.amplitude[:, centre : centre + 1]), batch.target,
+                                              mask).item() * k
+                losses["neighbourhood"] += masked_l1(nbh.network(batch.amplitude), batch.target, mask).item() * k
+        out.append({"dose_e_per_pattern": float(dose), "samples": size,
+                    **{f"{name}_l1_rad": value / size for name, value in losses.items()}})
+    return out
 
 
 def _rows(eval_dirs, single: str, nbh: str) -> list[dict]:
@@ -114,6 +149,8 @@ def main(argv=None) -> None:
               "cost": {"single": _cost(args.single), "neighbourhood": _cost(args.neighbourhood)},
               "evaluations": [str(e) for e in args.eval],
               "evaluation_settings": json.loads((Path(args.eval[0]) / "results.json").read_text())["settings"],
+              "paired_validation": _paired_validation(args.single, args.neighbourhood,
+                                                      sorted({r["dose_e_per_pattern"] for r in rows})),
               "correlation": rows, "verdict_per_dose": verdict}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
@@ -122,6 +159,10 @@ def main(argv=None) -> None:
         print(f"{name}: validation {t['validation_loss_rad']:.4f} rad, training {t['train_seconds']:.0f} s, "
               f"{c['flops_per_position'] / 1e6:.2f} MFLOP/position, {c['parameters']:,} parameters, "
               f"{c['predict_patterns_per_second_cpu']:.0f} positions/s")
+    print("| e/pattern | single L1 (rad) | neighbourhood L1 (rad) | ratio |\n|---|---|---|---|")
+    for v in report["paired_validation"]:
+        print(f"| {v['dose_e_per_pattern']:,.0f} | {v['single_l1_rad']:.4f} | {v['neighbourhood_l1_rad']:.4f} | "
+              f"{v['neighbourhood_l1_rad'] / v['single_l1_rad']:.2f} |")
     print(markdown(rows, verdict))
 
 
