@@ -171,7 +171,12 @@ def test_reconstruct_writes_an_uncertainty_map_on_request(tiny_scan, tmp_path, c
     meta = json.loads((out / "metadata.json").read_text())
     assert sigma.shape == phase.shape and np.all(sigma[np.isfinite(sigma)] >= 0) and np.nanmax(sigma) > 0
     assert meta["uncertainty_file"] == "uncertainty.npy"
-    assert meta["processing"]["uncertainty"] == {"method": "Monte Carlo dropout", "samples": 3}
+    from deepphase.models.modelfile import load_model
+
+    record = meta["processing"]["uncertainty"]
+    assert (record["method"], record["samples"]) == ("Monte Carlo dropout", 3)
+    # The packaged model's fitted factor is applied and recorded.
+    assert record["sigma_scale"] == pytest.approx(load_model().info["uncertainty"]["sigma_scale"])
     code, _, err = reconstruct_tiny(tiny_scan, tmp_path / "rec1", capsys, "--uncertainty", 1)
     assert code == 2 and "at least 2 samples" in err
 

@@ -337,24 +337,40 @@ def correlation_with(truth, out):
     return np.corrcoef(phase.ravel(), crop.ravel())[0, 1], meta
 
 
-@pytest.mark.parametrize("fmt", ["mib", "dm4", "emd"])
+@pytest.mark.parametrize("fmt", ["mib", "dm4", "emd", "blo", "zarr", "npy", "empad"])
 def test_reconstruct_calibrates_detector_files(fmt, detector_scan, tmp_path, capsys):
     data4d, truth = detector_scan
+    size = 64
     if fmt == "mib":
         path = write_mib(tmp_path / "scan.mib", data4d.reshape(-1, 64, 64), frames_per_trigger=10)
     elif fmt == "dm4":
         path = write_dm4(tmp_path / "scan.dm4", data4d)
-    else:
+    elif fmt == "emd":
         path = write_emd(tmp_path / "scan.emd", data4d)
+    elif fmt == "blo":  # 8-bit: the hot pixel saturates at 255, the counts (< 255) are kept
+        path = write_blockfile(tmp_path / "scan.blo", np.minimum(data4d, 255))
+    elif fmt == "zarr":
+        import zarr
+
+        path = tmp_path / "scan.zarr"
+        array = zarr.open_array(str(path), mode="w", shape=data4d.shape, dtype=data4d.dtype, chunks=(2, 10, 64, 64))
+        array[:] = data4d
+    elif fmt == "npy":
+        path = tmp_path / "scan.npy"
+        np.save(path, data4d)
+    else:  # EMPAD is 128×128 float32: each pixel split in four quarters of its counts
+        size = 128
+        path = write_empad(tmp_path, np.repeat(np.repeat(data4d.astype(np.float32) / 4, 2, axis=2), 2, axis=3))
     code, out, err = run(["reconstruct", path, "--step", 0.87, "--out", tmp_path / "rec"], capsys)
     assert code == 0, err
-    assert "calibrated 64×64 → 32×32" in out
+    assert f"calibrated {size}×{size} → 32×32" in out
     corr, meta = correlation_with(truth, tmp_path / "rec")
     print(f"{fmt}: correlation {corr:.3f}")
     assert corr > 0.8
     cal = meta["calibration"]
-    assert cal["zoom"] == pytest.approx(1 / 2.1, rel=0.02) and cal["masked_pixels"]["count"] == 1
-    assert cal["masked_pixels"]["first"] == [[5, 50]]
+    assert cal["zoom"] == pytest.approx(64 / size / 2.1, rel=0.02)
+    hot = [[5, 50]] if size == 64 else [[10, 100], [10, 101], [11, 100], [11, 101]]
+    assert cal["masked_pixels"]["count"] == len(hot) and cal["masked_pixels"]["first"] == hot
     assert cal["descan"]["applied"] and len(cal["descan"]["coefficients"]) == 2
     assert meta["data_info"]["scan_shape"] == [10, 10]
     assert (tmp_path / "rec" / "calibration.png").stat().st_size > 10_000

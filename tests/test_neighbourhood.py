@@ -272,3 +272,20 @@ def test_reconstruct_streams_a_neighbourhood_model_in_chunks(probe, tiny_models)
     chunked = reconstruct(amplitudes, pos, str(tiny_models[3]), chunk_size=13, batch_size=5, progress=False)
     np.testing.assert_allclose(chunked.phase, whole.phase, atol=1e-5)
     assert whole.processing["input"].startswith("9 patterns")
+
+
+def test_packaged_neighbourhood_model_reconstructs_a_raster_at_its_step(probe):
+    from deepphase.data.simulate import simulate_scan
+    from deepphase.data.specimens import twisted_hbn
+    from deepphase.evaluation.metrics import correlation
+    from deepphase.models.modelfile import load_model
+    from deepphase.reconstruction.pipeline import reconstruct
+
+    model = load_model("neighbourhood")
+    assert model.in_channels == 9 and model.neighbourhood["step_px"] == pytest.approx(REFERENCE_STEP_PX)
+    pos = raster_positions((24, 24), REFERENCE_STEP_PX)
+    truth = twisted_hbn((60, 60), seed=1)
+    scan = simulate_scan(truth, probe, pos, seed=0)
+    rec = reconstruct(scan.amplitude, pos, model, progress=False)
+    r0, c0 = rec.origin_px
+    assert correlation(rec.phase, truth[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]) > 0.9
