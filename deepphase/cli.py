@@ -84,7 +84,9 @@ def _add_scan_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--positions", type=Path, help="(N, 2) .npy of (row, col) positions")
     g.add_argument("--scan-shape", type=int, nargs=2, metavar=("ROWS", "COLS"), help="raster shape")
     g.add_argument("--step", type=float, help="raster step in pixels")
-    g.add_argument("--rotation", type=float, default=0.0, help="scan rotation in degrees (default 0)")
+    g.add_argument("--rotation", type=_rotation, default=0.0, metavar="DEG|auto",
+                   help="rotation of the scan axes against the detector's, degrees counter-clockwise (default 0); "
+                        "'auto' (reconstruct) finds it from the data by the DPC curl criterion")
     g.add_argument("--fastest", choices=["row", "col"],
                    help="scan axis that varies fastest between frames (default: 'row', the seed's convention, for "
                         "(N, k, k) data; 'col' for (rows, cols, k, k) arrays)")
@@ -113,9 +115,19 @@ def _positions_from_args(args, n_frames: int | None, scan_shape=None, default_fa
             f"scan-shape: {shape[0]}×{shape[1]} = {shape[0] * shape[1]} positions do not match the {n_frames} patterns"
         )
     fastest = args.fastest or default_fastest
-    positions = raster_positions(shape, args.step, args.rotation, fastest)
-    return positions, {"scan_shape": list(shape), "step_px": args.step, "rotation_deg": args.rotation,
+    rotation = 0.0 if args.rotation == "auto" else args.rotation  # 'auto': found later from the patterns
+    positions = raster_positions(shape, args.step, rotation, fastest)
+    return positions, {"scan_shape": list(shape), "step_px": args.step, "rotation_deg": rotation,
                        "fastest": fastest}
+
+
+def _rotation(text: str):
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an angle in degrees or 'auto', got {text!r}") from None
 
 
 def _cmd_simulate(args) -> None:
@@ -138,6 +150,8 @@ def _cmd_simulate(args) -> None:
         from .physics.scan import REFERENCE_STEP_PX
 
         args.step = REFERENCE_STEP_PX
+    if args.rotation == "auto":
+        raise DeepPhaseError("rotation: 'auto' is for reconstruct (it is found from the data); give an angle in degrees")
     positions, scan_info = _positions_from_args(args, None)
     dose = args.dose
     if args.dose_per_area is not None:
@@ -227,7 +241,8 @@ def _cmd_reconstruct(args) -> None:
             if kind is None:
                 kind = "counts"  # detector patterns are intensities unless --input amplitude says otherwise
             coords = positions if positions is not None else (
-                raster_positions(tuple(shape), 1.0, args.rotation, args.fastest or default_fastest)
+                raster_positions(tuple(shape), 1.0, 0.0 if args.rotation == "auto" else args.rotation,
+                                 args.fastest or default_fastest)
                 if shape is not None and shape[0] * shape[1] == n_frames else None)
             energy = args.energy if args.energy is not None else data.info.get("energy_kev")
             view, calibration = calibrate(
@@ -252,6 +267,8 @@ def _cmd_reconstruct(args) -> None:
         if kind is None:
             kind = infer_kind(data.frames)
         amplitudes = view if view is not None else AmplitudeView(data.frames, kind)
+        if args.rotation == "auto":
+            positions, scan_info = _find_rotation(args, amplitudes, view, scan_info, default_fastest)
         sampling = args.pixel_size or (calibration or {}).get("real_space_sampling_angstrom")
         if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
             rec = _reconstruct_on_cluster(args, positions, kind, view)
@@ -296,6 +313,28 @@ def _cmd_reconstruct(args) -> None:
 
 
 PARTIAL_FOLDER = ".deepphase-partial"
+
+
+def _find_rotation(args, amplitudes, view, scan_info: dict, default_fastest: str):
+    """``--rotation auto``: the scan rotation from the patterns (DPC curl criterion), then the positions."""
+    from .data.calibration import scan_rotation_from_patterns
+    from .physics.scan import raster_positions
+
+    if "scan_shape" not in scan_info:
+        raise DeepPhaseError("rotation: 'auto' needs a raster (--scan-shape and --step, or a file that holds the "
+                             "scan shape), not --positions")
+    shape, fastest = tuple(scan_info["scan_shape"]), scan_info["fastest"]
+    found = scan_rotation_from_patterns(amplitudes, shape, fastest)
+    if found["curl_ratio"] > 0.25:  # measured: ~0.03 for the right frame order, 0.4–0.8 for the wrong one
+        raise DeepPhaseError(
+            f"rotation: the DPC curl criterion found no clear minimum (curl ratio {found['curl_ratio']:.2f}, "
+            "below 0.1 expected); check --fastest and --scan-shape, or give the angle with --rotation DEG")
+    positions = raster_positions(shape, scan_info["step_px"], found["rotation_deg"], fastest)
+    if view is not None:
+        view.use_coords(positions)  # the descan plane, re-expressed in the rotated positions
+    print(f"deepphase reconstruct: scan rotation {found['rotation_deg']:.2f}° (DPC curl criterion on the central "
+          f"{found['block'][0]}×{found['block'][1]} positions; curl ratio {found['curl_ratio']:.3f})", file=sys.stderr)
+    return positions, {**scan_info, "rotation_deg": found["rotation_deg"], "rotation_found": found}
 
 
 def _data_fingerprint(args, kind: str, view) -> dict:

@@ -176,3 +176,54 @@ def test_headline_detector_scan_reconstructs_as_well_as_the_model_geometry(tmp_p
     print(f"model geometry {reference:.4f}, 128×128 detector calibrated {calibrated:.4f}")
     assert reference > 0.95
     assert calibrated > reference - 0.02
+
+
+def test_scan_rotation_of_an_analytic_gradient_field_is_found():
+    """CoM = ∇φ (atoms raise the phase) on the scan grid, written in detector axes rotated by θ0."""
+    from deepphase.data.calibration import find_scan_rotation
+
+    rng = np.random.default_rng(2)
+    rr, cc = np.mgrid[0:40, 0:40].astype(float)
+    phase = sum(np.exp(-((rr - r) ** 2 + (cc - c) ** 2) / 3.0) for r, c in rng.uniform(0, 40, size=(60, 2)))
+    g_r, g_c = np.gradient(phase)
+    for theta0 in (0.0, 37.0, -120.0, 175.0):
+        t = np.deg2rad(theta0)  # the inverse of the scan-axes projection of raster_positions' convention
+        com = np.stack([np.cos(t) * g_r - np.sin(t) * g_c, np.sin(t) * g_r + np.cos(t) * g_c], axis=-1)
+        found = find_scan_rotation(com)
+        assert found["rotation_deg"] == pytest.approx(theta0, abs=0.1) and found["curl_ratio"] < 0.01
+
+
+def test_scan_rotation_of_rotated_detector_patterns_is_found(probe):
+    """Patterns of a simulated scan rotated on the detector: the criterion recovers the angle (± 1°)."""
+    from deepphase.data.calibration import scan_rotation_from_patterns
+    from deepphase.data.simulate import simulate_scan
+    from deepphase.data.specimens import twisted_hbn
+
+    positions = raster_positions((32, 32), 0.87, fastest="col")
+    counts = simulate_scan(twisted_hbn((70, 70), seed=3), probe, positions, seed=0).amplitude.astype(float) ** 2
+    for alpha in (0.0, 30.0, -50.0):
+        rotated = ndimage.rotate(counts, alpha, axes=(1, 2), reshape=False, order=1) if alpha else counts
+        found = scan_rotation_from_patterns(np.sqrt(rotated), (32, 32), "col")
+        assert found["rotation_deg"] == pytest.approx(alpha, abs=1.0)
+    wrong_order = scan_rotation_from_patterns(np.sqrt(counts), (32, 32), "row")
+    assert wrong_order["curl_ratio"] > 0.25  # the CLI refuses it with a message
+
+
+def test_cli_rotation_auto_records_the_angle_and_refuses_positions(probe, tmp_path, capsys):
+    import json
+
+    from deepphase.cli import main
+
+    positions = raster_positions((24, 24), 0.87, fastest="col")
+    counts = simulate_scan(twisted_hbn((60, 60), seed=1), probe, positions, seed=0).amplitude.astype(np.float32) ** 2
+    np.save(tmp_path / "scan.npy", counts.reshape(24, 24, 32, 32))
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--step", "0.87", "--rotation", "auto",
+                 "--out", str(tmp_path / "rec")]) == 0
+    meta = json.loads((tmp_path / "rec" / "metadata.json").read_text())
+    assert meta["rotation_found"]["rotation_deg"] == pytest.approx(0.0, abs=2.5)
+    assert meta["rotation_deg"] == meta["rotation_found"]["rotation_deg"]
+    np.save(tmp_path / "pos.npy", positions)
+    capsys.readouterr()
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--positions", str(tmp_path / "pos.npy"), "--rotation",
+                 "auto", "--out", str(tmp_path / "rec2")]) == 2
+    assert "'auto' needs a raster" in capsys.readouterr().err
