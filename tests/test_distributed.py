@@ -246,3 +246,15 @@ def test_cli_reconstructs_calibrated_detector_data_on_workers(detector_scan, tmp
     assert meta["processing"]["distributed"]["tiles"] == 4
     np.testing.assert_allclose(np.load(tmp_path / "two" / "phase.npy"), np.load(tmp_path / "one" / "phase.npy"),
                                rtol=0, atol=1e-5)
+
+
+def test_distributed_neighbourhood_model_equals_the_single_process_one(scan_file, client):
+    """Each task gets its rows of the neighbour indices and reads their halo of frames."""
+    from deepphase.data.io import AmplitudeView, load_scan
+    from deepphase.reconstruction.distributed import reconstruct_distributed
+    from deepphase.reconstruction.pipeline import reconstruct
+
+    path, positions = scan_file
+    reference = reconstruct(AmplitudeView(load_scan(path).frames, "counts"), positions, "neighbourhood", progress=False)
+    rec = reconstruct_distributed(path, positions, "neighbourhood", client, tile_size=40, kind="counts")
+    np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)

@@ -114,7 +114,8 @@ def _open(path, dataset, scan_shape):
 
 def predict_tile(path: str, start: int, stop: int, model_path: str | None, dataset: str | None = None,
                  kind: str = "amplitude", transform=None, batch_size: int = 512, device: str = "auto",
-                 precision: str = "auto", scan_shape=None, reducer=None, origins=None, draws: int = 1) -> list:
+                 precision: str = "auto", scan_shape=None, reducer=None, origins=None, draws: int = 1,
+                 neighbours=None) -> list:
     """Patches, or their reductions, of patterns ``start:stop`` of a file: one task, run on a worker.
 
     Returns one item per draw (the prediction, then ``draws − 1`` Monte Carlo dropout samples): the
@@ -123,6 +124,8 @@ def predict_tile(path: str, start: int, stop: int, model_path: str | None, datas
 
     ``transform``, if given, is a picklable callable ``frames -> array-like of amplitudes`` applied to the
     opened file's frames instead of the plain counts/amplitude view (e.g. a detector calibration).
+    ``neighbours``: for a neighbourhood model, the tile's rows of the scan's (N, 9) neighbour indices; the
+    worker then also reads the halo of frames they point to.
     """
     from .predict import predict_patches
 
@@ -130,14 +133,17 @@ def predict_tile(path: str, start: int, stop: int, model_path: str | None, datas
     data = _open(path, dataset, scan_shape)
     try:
         view = transform(data.frames) if transform is not None else AmplitudeView(data.frames, kind)
-        tile = np.asarray(view[start:stop], dtype=np.float32)
+        lo, hi = (start, stop) if neighbours is None else (int(neighbours.min()), int(neighbours.max()) + 1)
+        tile = np.asarray(view[lo:hi], dtype=np.float32)
     finally:
         data.close()
-    check_patterns(tile, start)  # names the pattern by its index in the whole scan
+    check_patterns(tile, lo)  # names the pattern by its index in the whole scan
     out = []
     for k in range(int(draws)):
         # The same seeds as the single-process pipeline's chunks only if tiles and chunks coincide.
         patches = predict_patches(model, tile, batch_size=batch_size, device=_worker_device(device), progress=False,
+                                  start=start - lo, stop=stop - lo,
+                                  neighbours=None if neighbours is None else neighbours - lo,
                                   precision=precision, mc_dropout_seed=None if k == 0 else k * 1_000_003 + start)
         out.append(reducer.reduce(patches, origins) if reducer is not None else patches)
     return out
@@ -212,10 +218,13 @@ def reconstruct_distributed(
     if len(shape) != 3:
         raise ShapeError(f"data: expected (N, k, k) patterns, got shape {shape}")
     check_compatible(model, shape[1:], sampling)
-    if model.in_channels > 1:
-        raise ValueRangeError(f"model: {model.name!r} takes each position's 3×3 neighbourhood of patterns, which "
-                              "the cluster mode does not gather yet; reconstruct it in one process")
     positions = validate_positions(positions, shape[0])
+    neighbours = None
+    if model.in_channels > 1:  # each task gets its rows of the neighbour indices and reads their halo
+        from .neighbourhood import neighbour_indices
+
+        neighbours = neighbour_indices(positions, model.neighbourhood["step_px"],
+                                       size=int(round(model.in_channels ** 0.5)))
     n, draws = shape[0], 1 + int(uncertainty_samples or 0)
     mask = output_mask(model.probe, model.geometry)
 
@@ -230,7 +239,8 @@ def reconstruct_distributed(
     starts = range(0, n, tile_size)
     futures = [client.submit(predict_tile, str(path), s, min(s + tile_size, n), model_path, dataset, kind, transform,
                              batch_size, device, precision, scan_shape, reducer,
-                             None if origins is None else origins[s : s + tile_size], draws, pure=False)
+                             None if origins is None else origins[s : s + tile_size], draws,
+                             None if neighbours is None else neighbours[s : s + tile_size], pure=False)
                for s in starts]
     first = {f.key: s for s, f in zip(starts, futures)}
     from distributed import as_completed
