@@ -273,12 +273,17 @@ def _cmd_reconstruct(args) -> None:
         if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
             rec = _reconstruct_on_cluster(args, positions, kind, view)
         else:
-            rec = reconstruct(amplitudes, positions, model, stitching=args.stitching,
-                              batch_size=args.batch_size, device=args.device, sampling=args.pixel_size,
-                              precision=args.precision, uncertainty_samples=args.uncertainty,
-                              chunk_size=args.chunk_size, checkpoint=partial, resume=args.resume,
-                              fingerprint=_data_fingerprint(args, kind, view), ensemble=args.ensemble or (),
-                              sigma_scale=args.sigma_scale, engine=args.engine)
+            try:
+                rec = reconstruct(amplitudes, positions, model, stitching=args.stitching,
+                                  batch_size=args.batch_size, device=args.device, sampling=args.pixel_size,
+                                  precision=args.precision, uncertainty_samples=args.uncertainty,
+                                  chunk_size=args.chunk_size, checkpoint=partial, resume=args.resume,
+                                  fingerprint=_data_fingerprint(args, kind, view), ensemble=args.ensemble or (),
+                                  sigma_scale=args.sigma_scale, engine=args.engine)
+            except DeepPhaseError:
+                if read_checkpoint(partial) is None:  # nothing worth resuming: leave no trace
+                    shutil.rmtree(partial, ignore_errors=True)
+                raise
         extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                  "data": str(args.data), "input": kind, "n_patterns": n_frames, "stitching": args.stitching,
                  "model_path": str(args.model or "default (packaged)"), **scan_info,

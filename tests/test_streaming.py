@@ -152,3 +152,24 @@ def test_memory_held_per_position_is_far_below_a_patch(probe):
     per_position = (peaks[4096] - peaks[1024]) / (4096 - 1024)
     print(f"peak traced memory: {peaks}; {per_position:.0f} bytes per extra position")
     assert per_position < 1500
+
+
+@pytest.mark.parametrize("samples", [0, 2])
+def test_a_bad_frame_is_named_by_its_index_in_the_scan_not_in_its_chunk(scan, samples):
+    amplitudes = scan.amplitude.copy()
+    amplitudes[333, 4, 4] = np.nan
+    with pytest.raises(ValueRangeError, match="frame 333 "):
+        reconstruct(amplitudes, scan.positions, chunk_size=100, uncertainty_samples=samples, progress=False)
+
+
+def test_cli_leaves_no_partial_folder_after_an_error_before_any_checkpoint(scan, tmp_path, capsys):
+    from deepphase.cli import main
+
+    amplitudes = scan.amplitude.copy()
+    amplitudes[333, 4, 4] = np.nan
+    np.save(tmp_path / "scan.npy", amplitudes)
+    np.save(tmp_path / "pos.npy", scan.positions)
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--positions", str(tmp_path / "pos.npy"), "--input",
+                 "amplitude", "--chunk-size", "100", "--out", str(tmp_path / "out")]) == 2
+    assert "frame 333" in capsys.readouterr().err
+    assert not (tmp_path / "out" / ".deepphase-partial").exists()

@@ -14,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..data.io import check_patterns
 from ..errors import OutputExistsError, ShapeError, ValueRangeError
 from ..io_utils import atomic_path, save_json, save_npy
 from ..models.modelfile import PhaseModel, check_compatible, load_model
@@ -89,6 +90,7 @@ class _Rows:
 
     def __init__(self, array, start: int, stop: int):
         self.array, self.start, self.stop = array, start, stop
+        self.first_frame = start  # read by predict_patches to name a bad frame by its index in the scan
         self.shape = (stop - start, *tuple(array.shape[1:]))
 
     def __len__(self):
@@ -332,7 +334,9 @@ def reconstruct(
                                                                     int(neighbours[start:stop].max()) + 1)
                 rows = _Rows(amplitudes, lo, hi)
                 # Read once, predicted once per draw: the main prediction, then dropout samples or members.
-                rows = np.asarray(rows[0 : hi - lo], dtype=np.float32) if draws > 1 else rows
+                if draws > 1:  # read once for all draws (the frames are checked here, by their scan index)
+                    rows = np.asarray(rows[0 : hi - lo], dtype=np.float32)
+                    check_patterns(rows, lo)
                 chunk_neighbours = None if neighbours is None else neighbours[start:stop] - lo
                 for (network, sample), acc in zip(plan, accumulators):
                     t = time.perf_counter()

@@ -42,24 +42,28 @@ def _read_batch(amplitudes, start: int, stop: int, pin: bool, neighbours: np.nda
 
     Row ``i`` of ``neighbours`` belongs to position ``base + i``.
     """
+    # A view of part of a scan (the pipeline's chunk) says where it starts, so errors name the scan's frame.
+    first = getattr(amplitudes, "first_frame", 0)
     if neighbours is None:
         batch = np.asarray(amplitudes[start:stop], dtype=np.float32)
-        check_patterns(batch, start)
+        check_patterns(batch, first + start)
         x = torch.from_numpy(np.array(batch, copy=True))[:, None]  # a copy: memory-mapped input is read-only
     else:
-        x = torch.from_numpy(_gather(amplitudes, neighbours[start - base : stop - base]))
+        x = torch.from_numpy(_gather(amplitudes, neighbours[start - base : stop - base], first))
     return x.pin_memory() if pin else x
 
 
-def _gather(amplitudes, index: np.ndarray) -> np.ndarray:
-    """``amplitudes[index]`` for an integer array ``index`` (B, C), read as contiguous slices, float32."""
+def _gather(amplitudes, index: np.ndarray, first: int = 0) -> np.ndarray:
+    """``amplitudes[index]`` for an integer array ``index`` (B, C), read as contiguous slices, float32.
+
+    ``first``: the scan frame of ``amplitudes[0]``, for error messages."""
     wanted = np.unique(index)
     breaks = np.flatnonzero(np.diff(wanted) > _GAP) + 1
     blocks, read = [], []
     for run in np.split(wanted, breaks):
         lo, hi = int(run[0]), int(run[-1]) + 1
         block = np.asarray(amplitudes[lo:hi], dtype=np.float32)
-        check_patterns(block, lo)
+        check_patterns(block, first + lo)
         blocks.append(block)
         read.append(np.arange(lo, hi))
     frames = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
