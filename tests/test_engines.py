@@ -126,7 +126,22 @@ def test_reconstruct_with_channels_last_equals_eager():
     from deepphase.reconstruction.pipeline import reconstruct
 
     scan = simulate_scan(twisted_hbn((40, 40)), reference_probe(), raster_positions((8, 8), 0.87), seed=0)
-    eager = reconstruct(scan.amplitude, scan.positions, progress=False)
+    eager = reconstruct(scan.amplitude, scan.positions, engine="eager", progress=False)
     fast = reconstruct(scan.amplitude, scan.positions, engine="channels-last", chunk_size=20, progress=False)
     assert fast.processing["engine"] == "channels-last"
     np.testing.assert_allclose(fast.phase, eager.phase, atol=1e-4)
+
+
+def test_auto_engine_picks_by_device_size_and_what_is_installed(monkeypatch):
+    import importlib.util
+
+    from deepphase.reconstruction.engines import ONNX_AUTO_MIN_PATTERNS, resolve_engine
+
+    assert resolve_engine("auto", "cuda", 10**6) == "eager"
+    assert resolve_engine("auto", "cpu", 1000) == "channels-last"
+    assert resolve_engine("eager", "cpu", 10**6) == "eager"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert resolve_engine("auto", "cpu", ONNX_AUTO_MIN_PATTERNS) == "channels-last"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert resolve_engine("auto", "cpu", ONNX_AUTO_MIN_PATTERNS) == "onnx"
+    assert resolve_engine("auto", "cpu", ONNX_AUTO_MIN_PATTERNS, precision="bfloat16") == "channels-last"

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
@@ -208,7 +209,7 @@ def reconstruct(
     fingerprint: dict | None = None,
     sigma_scale: float | None = None,
     ensemble=(),
-    engine: str = "eager",
+    engine: str = "auto",
 ) -> Reconstruction:
     """Predict a phase patch for every pattern and stitch them into one image, chunk by chunk.
 
@@ -250,9 +251,10 @@ def reconstruct(
     ensemble : other models (PhaseModel or folders) for the same probe and grid: every chunk is also
         predicted by each, the image is the mean of all the members' stitched images (``model``
         included) and the uncertainty their spread. Not combined with ``uncertainty_samples``.
-    engine : how the network runs (:mod:`deepphase.reconstruction.engines`): "eager" (default),
-        "channels-last", "compile" or "onnx" (CPU, float32; ~2× eager there). Monte Carlo dropout
-        samples always run eagerly.
+    engine : how the network runs (:mod:`deepphase.reconstruction.engines`): "auto" (default: on a CPU
+        channels-last, ~1.3× eager, or ONNX Runtime, ~2.1×, for scans of ≥ 131,072 patterns when it is
+        installed; eager on a GPU), "eager", "channels-last", "compile" or "onnx" (CPU, float32). Every
+        engine computes the same function to ~1e-6 rad. Monte Carlo dropout samples always run eagerly.
 
     Raises
     ------
@@ -295,15 +297,26 @@ def reconstruct(
             + [(m, None) for m in members])
     draws = len(plan)
     dev = resolve_device(device)
+    from .engines import prepare_network, resolve_engine
+
+    requested, engine = engine, resolve_engine(engine, dev, n, precision)
+    t_engine = time.perf_counter()
     runners = {}
     for m in [model, *members]:
         if m.in_channels != model.in_channels:
             raise ValueRangeError(f"ensemble: model {m.name!r} takes {m.in_channels} input channels, "
                                   f"{model.name!r} {model.in_channels}; an ensemble needs the same input")
         if engine != "eager":
-            from .engines import prepare_network
-
             runners[id(m)] = prepare_network(m.network.eval(), engine, dev)  # once: compiling/exporting is slow
+            if requested == "auto" and engine == "onnx":
+                try:  # export now, on one pattern: if this model does not export, fall back quietly
+                    with torch.inference_mode():
+                        runners[id(m)](torch.zeros((1, m.in_channels, *shape[1:]), device=dev))
+                except Exception:  # noqa: BLE001 — any exporter failure means "use the next best engine"
+                    engine = "channels-last"
+                    runners = {id(k): prepare_network(k.network.eval(), engine, dev) for k in [model, *members]}
+                    break
+    t_engine = time.perf_counter() - t_engine
     mask = output_mask(model.probe, model.geometry)
     folder = Path(checkpoint) if checkpoint is not None else None
     if folder is not None:
@@ -376,14 +389,14 @@ def reconstruct(
         sigma_scale = 1.0 if members else sigma_scale_of(model)
     if spread is not None:
         spread *= np.float32(sigma_scale)
-    timings = {"setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
+    timings = {"engine_setup_s": round(t_engine, 3), "setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
                "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
                "patterns_per_second": round((n - resumed_from) * draws / max(t_predict, 1e-9), 1)}
     return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
                           {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
                           {"stitching": stitching, "plane_removed": remove_plane,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision, "device": str(dev),
-                           "engine": engine, "input": (f"{model.in_channels} patterns: the 3×3 neighbourhood"
+                           "engine": engine if requested == engine else f"{engine} ({requested})", "input": (f"{model.in_channels} patterns: the 3×3 neighbourhood"
                                                        if neighbours is not None else "one pattern"),
                            "chunk_size": chunk_size, "resumed_from_pattern": resumed_from or None,
                            **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
