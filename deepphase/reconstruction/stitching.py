@@ -17,11 +17,14 @@ Placement (shared by every stitcher, :func:`patch_origins` and :func:`canvas_sha
 The result is a phase in radians with an arbitrary constant offset; groups of patches that do not
 overlap one another each get their own.
 
-Two stitchers:
+Three stitchers:
 
-* :func:`stitch_seed` — the original iterative blending (Phys. Rev. Lett. 130, 016101);
-* :func:`stitch_least_squares` — the default: the offsets of all patches are found jointly by a
-  sparse least-squares problem, solved to a tight tolerance.
+* :func:`stitch_pairwise` — the default: every patch's offset from the mean differences of overlapping
+  neighbours (a graph Laplacian), then a blend on the object grid. It needs only small per-patch
+  reductions (:class:`PatchReducer`), so :class:`PairwiseStitcher` can take the patches chunk by chunk,
+  or sum the reductions of tiles made on other machines, and never holds the patches;
+* :func:`stitch_least_squares` — the exact least squares over the upsampled canvas and all offsets;
+* :func:`stitch_seed` — the original iterative blending (Phys. Rev. Lett. 130, 016101), for comparison.
 """
 
 from __future__ import annotations
@@ -127,6 +130,35 @@ def _to_image(canvas: np.ndarray, covered: np.ndarray, geometry: Geometry) -> np
 
 
 # ------------------------------------------------------------------------------------------- checks
+def _check_placement(positions, mask, geometry: Geometry):
+    """Validate positions, mask and geometry without any patches (for the streaming stitcher)."""
+    if not isinstance(geometry, Geometry):
+        raise ShapeError(f"geometry: expected a deepphase Geometry, got {type(geometry).__name__}")
+    out = geometry.output_px
+    positions = np.asarray(positions)
+    if positions.ndim != 2 or positions.shape[1] != 2 or positions.shape[0] < 1:
+        raise ShapeError(f"positions: expected an array of shape (N, 2) with (row, col), got shape {positions.shape}")
+    if not (np.issubdtype(positions.dtype, np.floating) or np.issubdtype(positions.dtype, np.integer)):
+        raise ShapeError(f"positions: expected numbers, got dtype {positions.dtype}")
+    positions = positions.astype(np.float64)
+    if not np.all(np.isfinite(positions)):
+        raise ValueRangeError("positions: expected finite pixel coordinates, found NaN or Inf")
+    if positions.min() < 0:
+        raise ValueRangeError(
+            f"positions: expected non-negative top-left corners in pixels, found a minimum of {positions.min():.3f}"
+        )
+    mask = np.asarray(mask)
+    if mask.shape != (out, out):
+        raise ShapeError(f"mask: expected the {out}×{out} output mask of this geometry, got shape {mask.shape}")
+    if mask.dtype != bool:
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueRangeError("mask: expected a boolean (or 0/1) array, found other values")
+        mask = mask.astype(bool)
+    if not mask.any():
+        raise ValueRangeError("mask: expected at least one illuminated pixel, got an empty mask")
+    return positions, mask
+
+
 def _check_inputs(patches, positions, mask, geometry: Geometry, check_finite: bool = True):
     """Validate the common arguments; return (patches, positions as float64, mask as bool).
 
@@ -148,30 +180,9 @@ def _check_inputs(patches, positions, mask, geometry: Geometry, check_finite: bo
         raise ShapeError(f"patches: expected real numbers, got dtype {patches.dtype}")
     n = patches.shape[0]
 
-    positions = np.asarray(positions)
-    if positions.ndim != 2 or positions.shape[1] != 2:
-        raise ShapeError(f"positions: expected an array of shape (N, 2) with (row, col), got shape {positions.shape}")
-    if not (np.issubdtype(positions.dtype, np.floating) or np.issubdtype(positions.dtype, np.integer)):
-        raise ShapeError(f"positions: expected numbers, got dtype {positions.dtype}")
+    positions, mask = _check_placement(positions, mask, geometry)
     if positions.shape[0] != n:
         raise ShapeError(f"positions: expected one position per patch ({n}), got {positions.shape[0]}")
-    positions = positions.astype(np.float64)
-    if not np.all(np.isfinite(positions)):
-        raise ValueRangeError("positions: expected finite pixel coordinates, found NaN or Inf")
-    if positions.min() < 0:
-        raise ValueRangeError(
-            f"positions: expected non-negative top-left corners in pixels, found a minimum of {positions.min():.3f}"
-        )
-
-    mask = np.asarray(mask)
-    if mask.shape != (out, out):
-        raise ShapeError(f"mask: expected the {out}×{out} output mask of this geometry, got shape {mask.shape}")
-    if mask.dtype != bool:
-        if not np.isin(mask, (0, 1)).all():
-            raise ValueRangeError("mask: expected a boolean (or 0/1) array, found other values")
-        mask = mask.astype(bool)
-    if not mask.any():
-        raise ValueRangeError("mask: expected at least one illuminated pixel, got an empty mask")
     if not check_finite:
         return patches, positions, mask
     # Only pixels inside the mask are used, so only they must be finite (a view, no copy).
@@ -414,35 +425,6 @@ def _pcg(M, b, aggregate, rtol: float = _CG_RTOL) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------ pairwise (fast)
-def _check_placement(positions, mask, geometry: Geometry):
-    """Validate positions, mask and geometry without any patches (for the streaming stitcher)."""
-    if not isinstance(geometry, Geometry):
-        raise ShapeError(f"geometry: expected a deepphase Geometry, got {type(geometry).__name__}")
-    out = geometry.output_px
-    positions = np.asarray(positions)
-    if positions.ndim != 2 or positions.shape[1] != 2 or positions.shape[0] < 1:
-        raise ShapeError(f"positions: expected an array of shape (N, 2) with (row, col), got shape {positions.shape}")
-    if not (np.issubdtype(positions.dtype, np.floating) or np.issubdtype(positions.dtype, np.integer)):
-        raise ShapeError(f"positions: expected numbers, got dtype {positions.dtype}")
-    positions = positions.astype(np.float64)
-    if not np.all(np.isfinite(positions)):
-        raise ValueRangeError("positions: expected finite pixel coordinates, found NaN or Inf")
-    if positions.min() < 0:
-        raise ValueRangeError(
-            f"positions: expected non-negative top-left corners in pixels, found a minimum of {positions.min():.3f}"
-        )
-    mask = np.asarray(mask)
-    if mask.shape != (out, out):
-        raise ShapeError(f"mask: expected the {out}×{out} output mask of this geometry, got shape {mask.shape}")
-    if mask.dtype != bool:
-        if not np.isin(mask, (0, 1)).all():
-            raise ValueRangeError("mask: expected a boolean (or 0/1) array, found other values")
-        mask = mask.astype(bool)
-    if not mask.any():
-        raise ValueRangeError("mask: expected at least one illuminated pixel, got an empty mask")
-    return positions, mask
-
-
 class PatchReducer:
     """What the pairwise stitcher needs from each patch, for patches at any positions (small, picklable).
 
@@ -718,11 +700,11 @@ def stitch(patches, positions, mask, geometry: Geometry, method: str = "pairwise
     patches, positions, mask, geometry
         As in :func:`stitch_least_squares`.
     method : {"pairwise", "least-squares", "seed"}
-        ``"least-squares"`` (default, :func:`stitch_least_squares`) or ``"seed"`` (the original
-        iterative method, :func:`stitch_seed`).
+        ``"pairwise"`` (default, :func:`stitch_pairwise`), ``"least-squares"``
+        (:func:`stitch_least_squares`) or ``"seed"`` (the original iterative method, :func:`stitch_seed`).
     **kw
-        Passed on to the method (``weights`` for least squares; ``alpha``, ``passes``, ``seed`` for
-        the seed's method).
+        Passed on to the method (``radius`` for pairwise; ``weights`` for least squares; ``alpha``,
+        ``passes``, ``seed`` for the seed's method).
 
     Returns
     -------
