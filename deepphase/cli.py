@@ -280,8 +280,8 @@ def _cmd_reconstruct(args) -> None:
                                   chunk_size=args.chunk_size, checkpoint=partial, resume=args.resume,
                                   fingerprint=_data_fingerprint(args, kind, view), ensemble=args.ensemble or (),
                                   sigma_scale=args.sigma_scale, engine=args.engine)
-            except DeepPhaseError:
-                if read_checkpoint(partial) is None:  # nothing worth resuming: leave no trace
+            except BaseException:  # an error, Ctrl-C or SIGTERM: keep the progress only if there is some
+                if read_checkpoint(partial) is None:
                     shutil.rmtree(partial, ignore_errors=True)
                 raise
         extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
@@ -344,10 +344,15 @@ def _find_rotation(args, amplitudes, view, scan_info: dict, default_fastest: str
 
 def _data_fingerprint(args, kind: str, view) -> dict:
     """What must not change between an interrupted reconstruction and its ``--resume``."""
+    import hashlib
+    import json
+
     stat = Path(args.data).stat()
+    # The calibration as measured and as asked for (gain, angles, energy...): it shapes the network's input.
+    calibration = json.dumps(view.info, sort_keys=True, default=str) if view is not None else ""
     return {"data": str(Path(args.data).resolve()), "data_bytes": stat.st_size, "data_mtime_ns": stat.st_mtime_ns,
             "dataset": args.dataset, "input": kind, "calibrated": view is not None,
-            "batch_size": args.batch_size, "device": args.device}
+            "calibration_sha256": hashlib.sha256(calibration.encode()).hexdigest(), "batch_size": args.batch_size}
 
 
 def _reconstruct_on_cluster(args, positions, kind, view):
@@ -368,7 +373,8 @@ def _reconstruct_on_cluster(args, positions, kind, view):
                                        scan_shape=args.scan_shape, kind=kind, transform=transform,
                                        stitching=args.stitching, batch_size=args.batch_size,
                                        device=args.device, sampling=args.pixel_size,
-                                       uncertainty_samples=args.uncertainty, precision=args.precision)
+                                       uncertainty_samples=args.uncertainty, precision=args.precision,
+                                       sigma_scale=args.sigma_scale)
 
 
 def _cmd_calibrate_uncertainty(args) -> None:

@@ -173,3 +173,43 @@ def test_cli_leaves_no_partial_folder_after_an_error_before_any_checkpoint(scan,
                  "amplitude", "--chunk-size", "100", "--out", str(tmp_path / "out")]) == 2
     assert "frame 333" in capsys.readouterr().err
     assert not (tmp_path / "out" / ".deepphase-partial").exists()
+
+
+def test_an_interrupt_during_a_dropout_draw_leaves_a_checkpoint_that_resumes(scan, tmp_path):
+    """With several draws per chunk, every draw's share of a chunk goes in together or not at all."""
+    import deepphase.reconstruction.pipeline as pipeline
+
+    whole = reconstruct(scan.amplitude, scan.positions, uncertainty_samples=2, chunk_size=100, progress=False)
+    calls = {"n": 0}
+    real = pipeline.predict_patches
+
+    def interrupting(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # the second draw of the second chunk
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    folder = tmp_path / "partial"
+    pipeline.predict_patches = interrupting
+    try:
+        with pytest.raises(InterruptedReconstruction, match="after 100 of 576"):
+            reconstruct(scan.amplitude, scan.positions, uncertainty_samples=2, chunk_size=100, checkpoint=folder,
+                        progress=False)
+    finally:
+        pipeline.predict_patches = real
+    resumed = reconstruct(scan.amplitude, scan.positions, uncertainty_samples=2, chunk_size=100, checkpoint=folder,
+                          resume=True, progress=False)
+    np.testing.assert_allclose(resumed.phase, whole.phase, atol=1e-5)
+    np.testing.assert_allclose(resumed.uncertainty, whole.uncertainty, atol=1e-5)
+
+
+def test_an_interrupt_before_anything_was_saved_says_so_and_leaves_no_stale_patches(scan, tmp_path):
+    folder = tmp_path / "partial"
+    with pytest.raises(InterruptedReconstruction) as caught:
+        reconstruct(_StopAfter(scan.amplitude, 0), scan.positions, stitching="least-squares", chunk_size=100,
+                    batch_size=100, checkpoint=folder, progress=False)
+    assert "--resume" not in str(caught.value)
+    # A later, different run into the same folder starts afresh instead of reopening the old patch file.
+    other = reconstruct(scan.amplitude[:400], scan.positions[:400], stitching="least-squares", chunk_size=100,
+                        checkpoint=folder, progress=False)
+    assert np.isfinite(other.phase).any()

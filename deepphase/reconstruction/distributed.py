@@ -168,6 +168,7 @@ def reconstruct_distributed(
     sampling: float | None = None,
     progress: bool | None = None,
     uncertainty_samples: int = 0,
+    sigma_scale: float | None = None,
 ) -> Reconstruction:
     """:func:`~deepphase.reconstruction.pipeline.reconstruct` of a file, spread over a dask cluster.
 
@@ -182,8 +183,8 @@ def reconstruct_distributed(
     scan_shape : the scan shape, for files that do not record it (as for ``load_scan``).
     kind : "counts" or "amplitude" (default: what the file says, else inferred from its values).
     transform : optional picklable ``frames -> amplitudes`` applied on the workers (then ``kind`` is unused).
-    stitching, remove_plane, batch_size, device, precision, sampling, uncertainty_samples : as for
-        ``reconstruct`` (``stitching=None``: its default). ``device`` is each worker's.
+    stitching, remove_plane, batch_size, device, precision, sampling, uncertainty_samples, sigma_scale : as
+        for ``reconstruct`` (``stitching=None``: its default). ``device`` is each worker's.
 
     Returns
     -------
@@ -268,7 +269,7 @@ def reconstruct_distributed(
     full, slopes = images[0]
     phase, origin = crop_to_coverage(full)
     spread = uncertainty_map(images, origin, phase.shape)
-    scale = sigma_scale_of(model)
+    scale = sigma_scale_of(model) if sigma_scale is None else float(sigma_scale)
     if spread is not None:
         spread *= np.float32(scale)
     n_workers = len(client.nthreads())

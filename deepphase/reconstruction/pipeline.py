@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -110,16 +111,31 @@ class _PatchStore:
     In memory, or in a memory-mapped .npy file inside a checkpoint folder (so that ``resume`` finds them).
     """
 
-    def __init__(self, n: int, out_px: int, path: Path | None = None):
+    def __init__(self, n: int, out_px: int, path: Path | None = None, resume: bool = False):
+        shape = (n, out_px, out_px)
         if path is None:
-            self.patches = np.empty((n, out_px, out_px), dtype=np.float32)
-        elif path.exists():
-            self.patches = np.load(path, mmap_mode="r+")
-        else:
-            self.patches = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, out_px, out_px))
+            self.patches = np.empty(shape, dtype=np.float32)
+        elif resume:
+            try:
+                self.patches = np.load(path, mmap_mode="r+")
+            except (OSError, ValueError) as exc:
+                raise ValueRangeError(f"resume: the saved patches {path} cannot be read ({exc}); pass --overwrite "
+                                      "to start again") from exc
+            if self.patches.shape != shape or self.patches.dtype != np.float32:
+                raise ValueRangeError(f"resume: the saved patches {path} are {self.patches.shape}, expected {shape}; "
+                                      "pass --overwrite to start again")
+        else:  # a fresh run: whatever an earlier, unfinished run left there is replaced
+            self.patches = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
         self.done = np.zeros(n, dtype=bool)
 
+    def reduce(self, patches, start: int):
+        """What :meth:`add` takes: the patches themselves (this store keeps them whole)."""
+        return patches
+
     def add(self, patches, start: int) -> None:
+        self.add_reductions(patches, start)
+
+    def add_reductions(self, patches, start: int) -> None:
         self.patches[start : start + len(patches)] = patches
         self.done[start : start + len(patches)] = True
 
@@ -173,6 +189,23 @@ def _save_checkpoint(folder: Path, fingerprint: dict, done: int, total: int, acc
     save_json(progress, {"format": CHECKPOINT_FORMAT, "done": done, "total": total, "fingerprint": fingerprint})
 
 
+@contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM until the block is done (on POSIX, in the main thread); they arrive after it."""
+    import signal
+    import threading
+
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _load_checkpoint(folder: Path, fingerprint: dict, accumulators) -> int:
     record = read_checkpoint(folder)
     if record is None:
@@ -188,7 +221,13 @@ def _load_checkpoint(folder: Path, fingerprint: dict, accumulators) -> int:
     with np.load(state, allow_pickle=False) as saved:
         for k, acc in enumerate(accumulators):
             acc.load_state({name.split("/", 1)[1]: saved[name] for name in saved.files if name.startswith(f"{k}/")})
-    return int(record["done"])
+    # The state itself says how far it got: every accumulator must hold exactly the patterns 0 … done − 1.
+    done = int(np.argmin(accumulators[0].done)) if not accumulators[0].done.all() else len(accumulators[0].done)
+    for acc in accumulators:
+        if acc.done[:done].sum() != done or acc.done[done:].any():
+            raise ValueRangeError(f"resume: the saved progress in {folder} is inconsistent; pass --overwrite to "
+                                  "start again")
+    return done
 
 
 def reconstruct(
@@ -325,13 +364,15 @@ def reconstruct(
     if stitching == "pairwise":
         accumulators = [PairwiseStitcher(positions, mask, model.geometry) for _ in range(draws)]
     else:
-        accumulators = [_PatchStore(n, model.geometry.output_px, folder / f"patches-{k}.npy" if folder else None)
+        accumulators = [_PatchStore(n, model.geometry.output_px, folder / f"patches-{k}.npy" if folder else None,
+                                    resume=resume)
                         for k in range(draws)]
     fingerprint = {**(fingerprint or {}), "n_patterns": n, "pattern_shape": list(shape[1:]),
                    "positions_sha256": hashlib.sha256(np.ascontiguousarray(positions).tobytes()).hexdigest(),
                    "model": model.name, "model_arch": model.arch, "model_sha256": _weights_digest(model),
                    "stitching": stitching, "uncertainty_samples": draws - 1, "chunk_size": chunk_size,
-                   "precision": precision, "ensemble_sha256": [_weights_digest(m) for m in members]}
+                   "precision": precision, "device": str(dev),
+                   "ensemble_sha256": [_weights_digest(m) for m in members]}
     # (the engine is left out: every engine computes the same function, so a run may resume with another)
     done = resumed_from = _load_checkpoint(folder, fingerprint, accumulators) if resume else 0
     t_setup = time.perf_counter() - t0
@@ -351,6 +392,7 @@ def reconstruct(
                     rows = np.asarray(rows[0 : hi - lo], dtype=np.float32)
                     check_patterns(rows, lo)
                 chunk_neighbours = None if neighbours is None else neighbours[start:stop] - lo
+                reduced = []
                 for (network, sample), acc in zip(plan, accumulators):
                     t = time.perf_counter()
                     patches = predict_patches(network, rows, batch_size=batch_size, device=dev, progress=False,
@@ -360,19 +402,29 @@ def reconstruct(
                                               mc_dropout_seed=None if sample is None else sample * 1_000_003 + start)
                     t_predict += time.perf_counter() - t
                     t = time.perf_counter()
-                    acc.add(patches, start)
+                    reduced.append(acc.reduce(patches, start))
                     t_reduce += time.perf_counter() - t
-                done = stop
+                # Every draw's chunk goes in, or none: an interrupt here would leave a checkpoint that
+                # holds some draws of the chunk and not others.
+                with _signals_deferred():
+                    for acc, part in zip(accumulators, reduced):
+                        acc.add_reductions(part, start)
+                    done = stop
                 bar.update(stop - start)
                 if folder is not None and time.perf_counter() - last_save > CHECKPOINT_EVERY_S and done < n:
-                    _save_checkpoint(folder, fingerprint, done, n, accumulators)
+                    with _signals_deferred():
+                        _save_checkpoint(folder, fingerprint, done, n, accumulators)
                     last_save = time.perf_counter()
     except KeyboardInterrupt as exc:
-        if folder is not None and done > 0:
-            _save_checkpoint(folder, fingerprint, done, n, accumulators)
-        raise InterruptedReconstruction(done, n, folder) from exc
+        saved = folder is not None and done > resumed_from
+        if saved:
+            with _signals_deferred():
+                _save_checkpoint(folder, fingerprint, done, n, accumulators)
+        saved = saved or (folder is not None and resumed_from > 0)
+        raise InterruptedReconstruction(done, n, folder if saved else None) from exc
     if folder is not None:
-        _save_checkpoint(folder, fingerprint, done, n, accumulators)
+        with _signals_deferred():
+            _save_checkpoint(folder, fingerprint, done, n, accumulators)
     t1 = time.perf_counter()
     images = [finish_image(acc, positions, mask, model.geometry, stitching, remove_plane) for acc in accumulators]
     t2 = time.perf_counter()
@@ -383,10 +435,12 @@ def reconstruct(
     full, slopes = images[0]
     phase, origin = crop_to_coverage(full)
     spread = uncertainty_map(images, origin, phase.shape)
+    scale_source = "given"
     if sigma_scale is None:
         from .uncertainty import sigma_scale_of
 
         sigma_scale = 1.0 if members else sigma_scale_of(model)
+        scale_source = "fitted for the model on simulated scans (model.json)" if sigma_scale != 1.0 else None
     if spread is not None:
         spread *= np.float32(sigma_scale)
     timings = {"engine_setup_s": round(t_engine, 3), "setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
@@ -404,8 +458,8 @@ def reconstruct(
                                             "samples": len(members) + 1 if members else draws - 1,
                                             "sigma_scale": float(sigma_scale),
                                             "note": "σ = sigma_scale × the spread of the samples" +
-                                                    (" (factor fitted on simulated scans)"
-                                                     if sigma_scale != 1.0 else " (not calibrated)")}
+                                                    (f" (factor {scale_source})" if scale_source
+                                                     else " (not calibrated)")}
                                            if draws > 1 else None)},
                           spread)
 

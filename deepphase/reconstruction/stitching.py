@@ -580,13 +580,17 @@ class PairwiseStitcher:
 
     def add(self, patches, start: int = 0) -> None:
         """Add the patches of positions ``start … start + len(patches) − 1``."""
+        self.add_reductions(self.reduce(patches, start), start)
+
+    def reduce(self, patches, start: int = 0) -> dict:
+        """The reductions of the patches of positions ``start …`` (checked), not yet added."""
         patches = np.asarray(patches)
         stop = int(start) + (patches.shape[0] if patches.ndim == 3 else 0)
         if not 0 <= start < stop <= len(self):
             raise ShapeError(f"patches: expected patches for positions within 0…{len(self) - 1}, got "
                              f"{patches.shape[0] if patches.ndim == 3 else 'no'} patches from position {start}")
         _check_inputs(patches, self.positions[start:stop], self.mask, self.geometry, check_finite=False)
-        self.add_reductions(self.reducer.reduce(patches, self.origins[start:stop]), start)
+        return self.reducer.reduce(patches, self.origins[start:stop])
 
     def add_reductions(self, reduced: dict, start: int) -> None:
         """Add what :meth:`PatchReducer.reduce` made of the patches of positions ``start …`` (e.g. on a worker)."""
