@@ -35,10 +35,8 @@ from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..models.modelfile import check_compatible, load_model
 from ..physics.scan import validate_positions
 from ..physics.geometry import output_mask
-from .pipeline import (Reconstruction, _PatchStore, crop_to_coverage, finish_image, reconstruct,
-                       uncertainty_map)
-from .stitching import METHODS, PairwiseStitcher
-from .uncertainty import sigma_scale_of
+from .pipeline import Reconstruction, finish, make_accumulators, reconstruct
+from .stitching import METHODS
 
 DASK_EXTRA = "pip install deepphase[distributed]"
 
@@ -230,13 +228,11 @@ def reconstruct_distributed(
     mask = output_mask(model.probe, model.geometry)
 
     t0 = time.perf_counter()
+    accumulators = make_accumulators(stitching, positions, mask, model.geometry, draws)
+    reducer, origins = None, None
     if stitching == "pairwise":
-        accumulators = [PairwiseStitcher(positions, mask, model.geometry) for _ in range(draws)]
         reducer = client.scatter(accumulators[0].reducer, broadcast=True)  # one copy per worker, not per task
         origins = accumulators[0].origins
-    else:
-        accumulators = [_PatchStore(n, model.geometry.output_px) for _ in range(draws)]
-        reducer, origins = None, None
     starts = range(0, n, tile_size)
     futures = [client.submit(predict_tile, str(path), s, min(s + tile_size, n), model_path, dataset, kind, transform,
                              batch_size, device, precision, scan_shape, reducer,
@@ -253,25 +249,16 @@ def reconstruct_distributed(
             for future in as_completed(futures):
                 start = first[future.key]
                 for acc, part in zip(accumulators, future.result()):  # re-raises a worker's error here
-                    if reducer is not None:
-                        acc.add_reductions(part, start)
-                    else:
-                        acc.add(part, start)
+                    acc.add_reductions(part, start)
                 bar.update(min(start + tile_size, n) - start)
                 future.release()  # the tile's result is summed in: free it on the worker
     finally:
         client.cancel([f for f in futures if not f.done()])
     t1 = time.perf_counter()
 
-    # From here on exactly the steps of pipeline.reconstruct.
-    images = [finish_image(acc, positions, mask, model.geometry, stitching, remove_plane) for acc in accumulators]
+    full, slopes, phase, origin, spread, uncertainty = finish(accumulators, positions, mask, model, stitching,
+                                                              remove_plane, sigma_scale=sigma_scale)
     t2 = time.perf_counter()
-    full, slopes = images[0]
-    phase, origin = crop_to_coverage(full)
-    spread = uncertainty_map(images, origin, phase.shape)
-    scale = sigma_scale_of(model) if sigma_scale is None else float(sigma_scale)
-    if spread is not None:
-        spread *= np.float32(scale)
     n_workers = len(client.nthreads())
     timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),
                "patterns_per_second": round(n * draws / max(t1 - t0, 1e-9), 1)}
@@ -280,8 +267,7 @@ def reconstruct_distributed(
                           {"stitching": stitching, "plane_removed": remove_plane,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision,
                            "device": f"{device} (on each worker)",
-                           "uncertainty": ({"method": "Monte Carlo dropout", "samples": draws - 1,
-                                            "sigma_scale": scale} if draws > 1 else None),
+                           "uncertainty": uncertainty,
                            "distributed": {"workers": n_workers, "tiles": len(futures), "tile_size": tile_size,
                                            "returned": "reductions" if reducer is not None else "patches"}},
                           spread)

@@ -72,21 +72,6 @@ def subtract_plane(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
     return image - (g_r * (rr - rows.mean()) + g_c * (cc - cols.mean())), (float(g_r), float(g_c))
 
 
-def stitch_patches(patches, positions, model: PhaseModel, stitching: str = "pairwise",
-                   remove_plane: bool = True) -> tuple[np.ndarray, tuple[float, float]]:
-    """Stitch predicted patches on the object grid and optionally remove the plane.
-
-    The step shared by :func:`reconstruct` and the distributed reconstruction. Returns the image
-    (from object pixel (0, 0), NaN where no probe reached) and the removed slopes (rad per pixel).
-    """
-    mask = output_mask(model.probe, model.geometry)
-    full = stitch(patches, positions, mask, model.geometry, method=stitching)
-    slopes = (0.0, 0.0)
-    if remove_plane:
-        full, slopes = subtract_plane(full)
-    return full, slopes
-
-
 class _Rows:
     """Positions ``start … stop − 1`` of a sliceable (N, n, n) array, read only when sliced."""
 
@@ -361,12 +346,7 @@ def reconstruct(
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if stitching == "pairwise":
-        accumulators = [PairwiseStitcher(positions, mask, model.geometry) for _ in range(draws)]
-    else:
-        accumulators = [_PatchStore(n, model.geometry.output_px, folder / f"patches-{k}.npy" if folder else None,
-                                    resume=resume)
-                        for k in range(draws)]
+    accumulators = make_accumulators(stitching, positions, mask, model.geometry, draws, folder, resume)
     fingerprint = {**(fingerprint or {}), "n_patterns": n, "pattern_shape": list(shape[1:]),
                    "positions_sha256": hashlib.sha256(np.ascontiguousarray(positions).tobytes()).hexdigest(),
                    "model": model.name, "model_arch": model.arch, "model_sha256": _weights_digest(model),
@@ -426,23 +406,9 @@ def reconstruct(
         with _signals_deferred():
             _save_checkpoint(folder, fingerprint, done, n, accumulators)
     t1 = time.perf_counter()
-    images = [finish_image(acc, positions, mask, model.geometry, stitching, remove_plane) for acc in accumulators]
+    full, slopes, phase, origin, spread, uncertainty = finish(accumulators, positions, mask, model, stitching,
+                                                              remove_plane, members, sigma_scale)
     t2 = time.perf_counter()
-    if members:  # the ensemble's mean (each member's arbitrary offset removed first)
-        with np.errstate(invalid="ignore"):  # NaN where no probe reached: the same in every member
-            mean = np.mean(np.stack([image - np.nanmean(image) for image, _ in images]), axis=0)
-        images = [(mean, images[0][1])] + images
-    full, slopes = images[0]
-    phase, origin = crop_to_coverage(full)
-    spread = uncertainty_map(images, origin, phase.shape)
-    scale_source = "given"
-    if sigma_scale is None:
-        from .uncertainty import sigma_scale_of
-
-        sigma_scale = 1.0 if members else sigma_scale_of(model)
-        scale_source = "fitted for the model on simulated scans (model.json)" if sigma_scale != 1.0 else None
-    if spread is not None:
-        spread *= np.float32(sigma_scale)
     timings = {"engine_setup_s": round(t_engine, 3), "setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
                "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
                "patterns_per_second": round((n - resumed_from) * draws / max(t_predict, 1e-9), 1)}
@@ -454,23 +420,54 @@ def reconstruct(
                                                        if neighbours is not None else "one pattern"),
                            "chunk_size": chunk_size, "resumed_from_pattern": resumed_from or None,
                            **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
-                           "uncertainty": ({"method": "ensemble" if members else "Monte Carlo dropout",
-                                            "samples": len(members) + 1 if members else draws - 1,
-                                            "sigma_scale": float(sigma_scale),
-                                            "note": "σ = sigma_scale × the spread of the samples" +
-                                                    (f" (factor {scale_source})" if scale_source
-                                                     else " (not calibrated)")}
-                                           if draws > 1 else None)},
+                           "uncertainty": uncertainty},
                           spread)
 
 
-def finish_image(accumulator, positions, mask, geometry, stitching: str, remove_plane: bool):
-    """The stitched image (from object pixel (0, 0)) of one accumulator, and the removed slopes."""
-    if isinstance(accumulator, PairwiseStitcher):
-        image = accumulator.image()
-    else:
-        image = stitch(accumulator.patches, positions, mask, geometry, method=stitching)
-    return subtract_plane(image) if remove_plane else (image, (0.0, 0.0))
+def make_accumulators(stitching: str, positions, mask, geometry, draws: int, folder: Path | None = None,
+                      resume: bool = False) -> list:
+    """One accumulator per draw: a streaming :class:`PairwiseStitcher`, or a store of whole patches
+    (memory-mapped in ``folder`` if given) for the stitchers that need them all."""
+    if stitching == "pairwise":
+        return [PairwiseStitcher(positions, mask, geometry) for _ in range(draws)]
+    return [_PatchStore(len(positions), geometry.output_px, folder / f"patches-{k}.npy" if folder else None,
+                        resume=resume) for k in range(draws)]
+
+
+def finish(accumulators, positions, mask, model: PhaseModel, stitching: str, remove_plane: bool, members=(),
+           sigma_scale: float | None = None):
+    """The steps after the last chunk, shared with the cluster path: stitch every draw, remove the plane,
+    average an ensemble, crop, and turn the spread of the draws into σ.
+
+    Returns ``(full, slopes, phase, origin, sigma, uncertainty record for metadata.json or None)``.
+    """
+    images = []
+    for acc in accumulators:
+        image = acc.image() if isinstance(acc, PairwiseStitcher) else stitch(acc.patches, positions, mask,
+                                                                             model.geometry, method=stitching)
+        images.append(subtract_plane(image) if remove_plane else (image, (0.0, 0.0)))
+    if members:  # the ensemble's mean (each member's arbitrary offset removed first)
+        with np.errstate(invalid="ignore"):  # NaN where no probe reached: the same in every member
+            mean = np.mean(np.stack([image - np.nanmean(image) for image, _ in images]), axis=0)
+        images = [(mean, images[0][1])] + images
+    full, slopes = images[0]
+    phase, origin = crop_to_coverage(full)
+    spread = uncertainty_map(images, origin, phase.shape)
+    if spread is None:
+        return full, slopes, phase, origin, None, None
+    scale_source = "given"
+    if sigma_scale is None:
+        from .uncertainty import sigma_scale_of
+
+        sigma_scale = 1.0 if members else sigma_scale_of(model)
+        scale_source = "fitted for the model on simulated scans (model.json)" if sigma_scale != 1.0 else None
+    spread *= np.float32(sigma_scale)
+    record = {"method": "ensemble" if members else "Monte Carlo dropout",
+              "samples": len(members) + 1 if members else len(accumulators) - 1,
+              "sigma_scale": float(sigma_scale),
+              "note": "σ = sigma_scale × the spread of the samples"
+                      + (f" (factor {scale_source})" if scale_source else " (not calibrated)")}
+    return full, slopes, phase, origin, spread, record
 
 
 def uncertainty_map(images: list, origin, shape) -> np.ndarray | None:
