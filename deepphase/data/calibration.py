@@ -922,7 +922,10 @@ def plot_calibration(view: CalibratedView, path: str | Path) -> None:
 
 
 def centre_of_mass(counts: np.ndarray) -> np.ndarray:
-    """(row, col) centre of mass of each pattern (..., k, k), in pixels from the grid centre ``k // 2``."""
+    """(row, col) centre of mass of each pattern (..., k, k), in pixels from the grid centre ``k // 2``.
+
+    NaN for a pattern without counts. (:func:`deepphase.evaluation.baselines.center_of_mass` is the same
+    with the input checked.)"""
     counts = np.asarray(counts, dtype=np.float64)
     total = counts.sum(axis=(-2, -1))
     total = np.where(total > 0, total, np.nan)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..data.calibration import centre_of_mass
 from ..errors import ShapeError, ValueRangeError
 
 
@@ -52,12 +53,7 @@ def center_of_mass(patterns) -> np.ndarray:
         raise ValueRangeError(
             f"patterns: {int(np.sum(~(total > 0)))} pattern(s) have a total intensity ≤ 0; expected positive counts"
         )
-    kr, kc = p.shape[-2:]
-    rows = np.arange(kr) - kr // 2
-    cols = np.arange(kc) - kc // 2
-    com_r = (p.sum(axis=-1) * rows).sum(axis=-1) / total
-    com_c = (p.sum(axis=-2) * cols).sum(axis=-1) / total
-    return np.stack([com_r, com_c], axis=-1)
+    return centre_of_mass(p)
 
 
 def _frames_to_grid(values: np.ndarray, scan_shape, fastest: str) -> np.ndarray:
