@@ -233,3 +233,16 @@ def test_phase_is_also_written_as_tiff_and_emd_with_the_pixel_size(tiny_scan, tm
         assert group["dim1"].attrs["units"] == "Å"
         assert group["dim1"][0] == pytest.approx(0.2 * meta["origin_px"][0])
         assert group["dim2"][1] - group["dim2"][0] == pytest.approx(0.2)
+
+
+def test_the_blend_is_deblurred_unless_asked_not_to(tiny_scan, tmp_path, capsys):
+    images = {}
+    for name, options in (("sharp", []), ("box", ["--no-deblur"])):
+        code, out, err = reconstruct_tiny(tiny_scan, tmp_path / name, capsys, *options)
+        assert code == 0, err
+        meta = json.loads((tmp_path / name / "metadata.json").read_text())
+        assert json.dumps(meta).count('"deblurred": ' + ("true" if name == "sharp" else "false")) == 1
+        images[name] = np.load(tmp_path / name / "phase.npy")
+    # same grid, more contrast at the finest scale when deblurred
+    assert images["sharp"].shape == images["box"].shape
+    assert np.std(np.diff(images["sharp"], axis=1)) > np.std(np.diff(images["box"], axis=1))

@@ -35,7 +35,7 @@ from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..models.modelfile import check_compatible, load_model
 from ..physics.scan import validate_positions
 from ..physics.geometry import output_mask
-from .pipeline import Reconstruction, finish, make_accumulators, reconstruct
+from .pipeline import DEBLURRED_STITCHERS, Reconstruction, finish, make_accumulators, reconstruct
 from .stitching import METHODS
 
 DASK_EXTRA = "pip install deepphase[distributed]"
@@ -167,6 +167,7 @@ def reconstruct_distributed(
     progress: bool | None = None,
     uncertainty_samples: int = 0,
     sigma_scale: float | None = None,
+    deblur: bool = True,
 ) -> Reconstruction:
     """:func:`~deepphase.reconstruction.pipeline.reconstruct` of a file, spread over a dask cluster.
 
@@ -181,7 +182,7 @@ def reconstruct_distributed(
     scan_shape : the scan shape, for files that do not record it (as for ``load_scan``).
     kind : "counts" or "amplitude" (default: what the file says, else inferred from its values).
     transform : optional picklable ``frames -> amplitudes`` applied on the workers (then ``kind`` is unused).
-    stitching, remove_plane, batch_size, device, precision, sampling, uncertainty_samples, sigma_scale : as
+    stitching, remove_plane, batch_size, device, precision, sampling, uncertainty_samples, sigma_scale, deblur : as
         for ``reconstruct`` (``stitching=None``: its default). ``device`` is each worker's.
 
     Returns
@@ -257,7 +258,7 @@ def reconstruct_distributed(
     t1 = time.perf_counter()
 
     full, slopes, phase, origin, spread, uncertainty = finish(accumulators, positions, mask, model, stitching,
-                                                              remove_plane, sigma_scale=sigma_scale)
+                                                              remove_plane, sigma_scale=sigma_scale, deblur=deblur)
     t2 = time.perf_counter()
     n_workers = len(client.nthreads())
     timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),
@@ -265,6 +266,7 @@ def reconstruct_distributed(
     return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
                           {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
                           {"stitching": stitching, "plane_removed": remove_plane,
+                           "deblurred": deblur and stitching in DEBLURRED_STITCHERS,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision,
                            "device": f"{device} (on each worker)",
                            "uncertainty": uncertainty,

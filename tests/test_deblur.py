@@ -1,0 +1,111 @@
+"""The blend's sub-pixel blur and its inverse, tested on analytic objects sampled exactly."""
+
+import numpy as np
+import pytest
+
+from deepphase.errors import ShapeError
+from deepphase.physics.geometry import Geometry, upsample_nearest
+from deepphase.physics.scan import raster_positions
+from deepphase.reconstruction.deblur import blend_transfer_function, deblur_blend
+from deepphase.reconstruction.stitching import PairwiseStitcher
+
+GEOMETRY = Geometry()
+
+
+def _disc_mask(geometry=GEOMETRY):
+    c = geometry.crop_px
+    r, q = np.indices((c, c)) - (c - 1) / 2
+    return upsample_nearest(r**2 + q**2 <= (0.4 * c) ** 2, geometry.upsample)
+
+
+def _band_limited_object(seed=0, n_waves=40, max_freq=0.3):
+    """A sum of cosines below ``max_freq`` cycles/px: its value at any real coordinate is known exactly."""
+    rng = np.random.default_rng(seed)
+    k = rng.uniform(-max_freq, max_freq, size=(n_waves, 2))
+    phase0 = rng.uniform(0, 2 * np.pi, n_waves)
+    amp = rng.uniform(0.02, 0.1, n_waves)
+
+    def at(rows, cols):
+        arg = 2 * np.pi * (rows[..., None] * k[:, 0] + cols[..., None] * k[:, 1]) + phase0
+        return (amp * np.cos(arg)).sum(-1)
+
+    return at
+
+
+def _exact_patches(obj, positions, geometry=GEOMETRY):
+    """What a perfect network returns: the object at y = position + crop_start + k (upsampled)."""
+    k = np.arange(geometry.crop_px)
+    y = positions[:, 0, None] + geometry.crop_start + k
+    x = positions[:, 1, None] + geometry.crop_start + k
+    patches = obj(y[:, :, None], x[:, None, :])
+    return upsample_nearest(patches, geometry.upsample).astype(np.float64)
+
+
+def _errors(positions, seed=0):
+    obj = _band_limited_object(seed)
+    mask = _disc_mask()
+    stitcher = PairwiseStitcher(positions, mask, GEOMETRY)
+    stitcher.add(_exact_patches(obj, positions))
+    blended = stitcher.image()
+    sharp = deblur_blend(blended, positions, GEOMETRY)
+    rows, cols = np.indices(blended.shape)
+    truth = obj(rows.astype(float), cols.astype(float))
+    # the interior: every pixel there is covered by many patches of every sub-pixel phase
+    inner = np.zeros(blended.shape, bool)
+    inner[20:-20, 20:-20] = True
+    inner &= np.isfinite(blended)
+
+    def fit(image):
+        a, b = image[inner] - image[inner].mean(), truth[inner] - truth[inner].mean()
+        scale = (a @ b) / (a @ a)
+        return np.sqrt(np.mean((scale * a - b) ** 2)), scale
+
+    return fit(blended), fit(sharp), blended, sharp
+
+
+def test_transfer_function_is_one_on_the_object_grid():
+    positions = raster_positions((12, 12), 1.0)
+    transfer = blend_transfer_function(positions, GEOMETRY, (40, 36))
+    np.testing.assert_allclose(transfer, 1.0, atol=1e-12)
+
+
+def test_transfer_function_of_a_half_pixel_offset_is_a_cosine():
+    # Every sample half a pixel past a pixel: splatted 50/50 onto two pixels, K̂(ν) = cos(πν) along rows.
+    positions = raster_positions((6, 6), 1.0) + np.array([0.5, 0.0])
+    transfer = blend_transfer_function(positions, GEOMETRY, (32, 8))
+    nu = np.fft.fftfreq(32)
+    np.testing.assert_allclose(transfer[:, 0], np.cos(np.pi * nu), atol=1e-12)
+    np.testing.assert_allclose(transfer[0, :], 1.0, atol=1e-12)
+
+
+def test_transfer_function_checks_positions():
+    with pytest.raises(ShapeError, match="positions"):
+        blend_transfer_function(np.zeros((5, 3)), GEOMETRY, (8, 8))
+
+
+def test_deblurring_a_half_pixel_step_recovers_the_object():
+    # Two sub-pixel phases per axis, mixed the same way under every pixel: the blend is exactly a
+    # convolution with K̂ and dividing it out recovers the object.
+    positions = raster_positions((48, 48), 0.5)
+    (rmse_box, scale_box), (rmse_sharp, scale_sharp), *_ = _errors(positions)
+    assert scale_box > 1.1
+    assert abs(scale_sharp - 1) < 0.01
+    assert rmse_sharp < rmse_box / 10
+
+
+def test_deblurring_restores_the_contrast_at_the_reference_step():
+    # At 0.87 px the mixture of sub-pixel phases drifts slowly across the scan (a beat of ~7 steps), so
+    # the blur is only on average the global K̂: the contrast comes back, most of the error goes.
+    positions = raster_positions((48, 48), 0.87)
+    (rmse_box, scale_box), (rmse_sharp, scale_sharp), *_ = _errors(positions)
+    assert scale_box > 1.1  # the blend weakens the contrast ...
+    assert abs(scale_sharp - 1) < 0.01  # ... and dividing K̂ out restores it
+    assert rmse_sharp < rmse_box / 2.5
+
+
+def test_deblurring_keeps_integer_steps_and_nan_edges():
+    positions = raster_positions((24, 24), 1.0)
+    (rmse_box, _), (rmse_sharp, scale_sharp), blended, sharp = _errors(positions, seed=1)
+    np.testing.assert_allclose(sharp[np.isfinite(sharp)], blended[np.isfinite(blended)], atol=1e-9)
+    np.testing.assert_array_equal(np.isnan(sharp), np.isnan(blended))
+    assert rmse_box < 1e-6 and abs(scale_sharp - 1) < 1e-6  # float32 reductions in the stitcher
