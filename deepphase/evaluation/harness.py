@@ -87,7 +87,7 @@ def available_methods() -> list[str]:
     for name in _METHODS:
         if name == "seed-method" and "seed" not in packaged_models():
             continue
-        if name == "deepphase-mc":  # 9× the cost of "deepphase"; ask for it by name
+        if name in ("deepphase-mc", "deepphase-no-deblur"):  # 9× the cost; an ablation: ask for them by name
             continue
         if name == "ptychography":
             from .ptychography import external_python
@@ -121,7 +121,8 @@ def _model(path):
 
 
 def network_method(model_path=None, stitching: str = "pairwise", remove_plane: bool = True,
-                   uncertainty_samples: int = 0, ensemble=(), sigma_scale: float | None = None) -> Method:
+                   uncertainty_samples: int = 0, ensemble=(), sigma_scale: float | None = None,
+                   deblur: bool = True) -> Method:
     """A method that runs :func:`deepphase.reconstruction.pipeline.reconstruct` with a model file.
 
     ``ensemble``: further model folders; the image is the members' mean and σ their spread (× ``sigma_scale``).
@@ -134,7 +135,7 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
         t0 = time.perf_counter()
         rec = reconstruct(case.scan.amplitude, case.scan.positions, model, stitching=stitching,
                           remove_plane=remove_plane, progress=False, uncertainty_samples=uncertainty_samples,
-                          ensemble=[_model(m) for m in ensemble], sigma_scale=sigma_scale)
+                          ensemble=[_model(m) for m in ensemble], sigma_scale=sigma_scale, deblur=deblur)
         seconds = time.perf_counter() - t0
         # rec.full ends at the last covered pixel; the harness compares on the whole object grid.
         phase = np.full(case.scan.truth.shape, np.nan)
@@ -146,7 +147,8 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
             r0, c0 = rec.origin_px
             h, w = min(rec.uncertainty.shape[0], sigma.shape[0] - r0), min(rec.uncertainty.shape[1], sigma.shape[1] - c0)
             sigma[r0 : r0 + h, c0 : c0 + w] = rec.uncertainty[:h, :w]
-        return MethodResult(phase, seconds, {"model": model.name, "arch": model.arch, "stitching": stitching}, sigma)
+        return MethodResult(phase, seconds, {"model": model.name, "arch": model.arch, "stitching": stitching,
+                                             "deblurred": rec.processing["deblurred"]}, sigma)
 
     return run
 
@@ -155,6 +157,8 @@ register_method("deepphase", "packaged default model, pairwise stitching, plane 
 register_method("deepphase-mc", "packaged default model with 8 Monte Carlo dropout samples: a per-pixel σ "
                                 "whose calibration is scored (not run unless asked)")(
     network_method(uncertainty_samples=8))
+register_method("deepphase-no-deblur", "packaged default model with the blend's sub-pixel blur kept (the "
+                                       "ablation of deblurring; not run unless asked)")(network_method(deblur=False))
 register_method("seed-method", "the seed's recipe: seed U-Net trained the seed's way (packaged model 'seed'), "
                                "the seed's iterative stitching")(network_method("seed", stitching="seed",
                                                                                 remove_plane=False))
