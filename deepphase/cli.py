@@ -60,7 +60,8 @@ def _cmd_train(args) -> None:
     config = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                          batch_size=args.batch_size, preset=args.preset, lr=args.lr, dose=dose,
                          corpus=CorpusConfig(mix=dict(CORPUS_PRESETS[args.corpus]),
-                                             phase_range=tuple(args.phase_range)), seed=args.seed,
+                                             phase_range=tuple(args.phase_range),
+                                             phase_scale=args.phase_scale), seed=args.seed,
                          val_size=args.val_size, device=args.device, half=args.half, loss=args.loss,
                          neighbourhood=args.neighbourhood, neighbourhood_step_px=args.neighbourhood_step)
     geometry = Geometry(n_px=probe.shape[0])
@@ -465,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "edges), 'natural' (the seed's: images only), 'procedural' or 'atoms'")
     p.add_argument("--phase-range", type=float, nargs=2, default=(0.1, 1.6), metavar=("MIN", "MAX"),
                    help="range of each object's maximum phase in rad (default 0.1 1.6)")
+    p.add_argument("--phase-scale", choices=["uniform", "log-uniform"], default="uniform",
+                   help="how each object's maximum phase is drawn from --phase-range: uniformly (default) or "
+                        "log-uniformly (as many weak objects, e.g. one light-atom layer, as strong ones)")
     p.add_argument("--neighbourhood", type=int, default=1, choices=[1, 3],
                    help="patterns per position the network sees: 1 (default) or 3 for the 3×3 neighbourhood of "
                         "adjacent scan positions (9 input channels; reconstruction then needs a raster of about "

@@ -61,6 +61,20 @@ def test_phase_objects_are_in_range_and_seeded(kind):
     assert (a.amax((-2, -1)) - a.amin((-2, -1))).mean() > 0.05  # not flat
 
 
+def test_log_uniform_phase_scale_draws_as_many_weak_objects_as_strong():
+    # Smooth fields reach their φ_max (scaled to [0, φ_max]): the maxima show the draw directly.
+    corpus = CorpusConfig(mix={"smooth": 1.0}, phase_range=(0.1, 1.6), phase_scale="log-uniform")
+    peaks = random_phase_objects(4000, 16, torch.Generator().manual_seed(0), corpus).amax((-2, -1))
+    weak, strong = (peaks < 0.4).float().mean().item(), (peaks >= 0.4).float().mean().item()
+    assert abs(weak - 0.5) < 0.04 and abs(strong - 0.5) < 0.04  # log 0.4 is halfway from log 0.1 to log 1.6
+    uniform = random_phase_objects(4000, 16, torch.Generator().manual_seed(0), CorpusConfig(mix={"smooth": 1.0}))
+    assert abs((uniform.amax((-2, -1)) < 0.4).float().mean().item() - 0.2) < 0.04  # 0.3 of 1.5 rad
+    with pytest.raises(DeepPhaseError, match="phase_scale"):
+        CorpusConfig(phase_scale="normal")
+    with pytest.raises(DeepPhaseError, match="phase_range"):
+        CorpusConfig(phase_range=(0.0, 1.0))
+
+
 def test_stream_targets_are_the_cropped_upsampled_phase(probe):
     stream = TrainingStream(probe, Geometry(), SMOOTH, 27882.0)
     batch = stream.batch(4, torch.Generator().manual_seed(0))
