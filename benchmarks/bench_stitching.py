@@ -1,12 +1,18 @@
-"""Speed and accuracy of the two stitchers on exact patches with unknown offsets and noise.
+"""Speed and accuracy of the stitchers on exact patches with unknown offsets and noise.
 
-Usage: python benchmarks/bench_stitching.py [--sizes 64 256] [--repeat 3] [--noise 0.05]
+Usage: python benchmarks/bench_stitching.py [--sizes 64 256] [--repeat 3] [--noise 0.05] [--clock cpu]
+       [--stages]
 
 For an n×n raster at the reference step, the patches are cut from a known smooth object (σ = 2 px
 gaussian-filtered noise, 1 rad standard deviation) by the physical definition, their masked mean is
 removed, a random constant (σ = 3 rad) is added to each and Gaussian noise on every pixel. Prints the
-best wall time of each stitcher over ``--repeat`` runs, its RMSE against the truth after removing the
-mean difference and its correlation, and the speed ratio, all from the same run.
+best time of each stitcher over ``--repeat`` runs, its RMSE against the truth after removing the
+mean difference and its correlation, and the speed ratios, all from the same run.
+
+"pairwise" is a first call (``stitch``: neighbour graph, reductions, offsets, blend). "pairwise, geometry
+reused" is the same stitching from ``PairwiseStitcher.empty_copy()`` of a stitcher made once for the
+scan's positions (untimed), as a session that reconstructs many scans of one geometry would do.
+``--stages`` adds where the first call's time goes.
 """
 
 import argparse
@@ -23,7 +29,7 @@ from deepphase.evaluation.metrics import correlation, offset_rmse
 from deepphase.physics.geometry import Geometry, output_mask
 from deepphase.physics.probe import reference_probe
 from deepphase.physics.scan import REFERENCE_STEP_PX, raster_positions
-from deepphase.reconstruction.stitching import canvas_shape, stitch
+from deepphase.reconstruction.stitching import PairwiseStitcher, _check_inputs, canvas_shape, stitch
 
 
 def make_case(n, geometry, mask, noise, seed=0):
@@ -51,6 +57,7 @@ def main():
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="wall time, or the process's CPU time (steadier on a shared machine; run with "
                              "OMP_NUM_THREADS=1 so that both stitchers use one core)")
+    parser.add_argument("--stages", action="store_true", help="also time the stages of the pairwise stitcher")
     args = parser.parse_args()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"deepphase {deepphase.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, "
@@ -62,21 +69,64 @@ def main():
     print("| patches | raster | method | time (s) | RMSE (rad) | correlation |\n|---|---|---|---|---|---|")
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"clock: {args.clock}")
+    stages = {}
     for n in args.sizes:
         positions, patches, truth = make_case(n, geometry, mask, args.noise)
+        template = PairwiseStitcher(positions, mask, geometry)
+
+        def reused():
+            stitcher = template.empty_copy()
+            stitcher.add(patches)
+            return stitcher.image()
+
+        runs = {"pairwise": lambda: stitch(patches, positions, mask, geometry),
+                "pairwise, geometry reused": reused,
+                "least-squares": lambda: stitch(patches, positions, mask, geometry, method="least-squares"),
+                "seed": lambda: stitch(patches, positions, mask, geometry, method="seed")}
         times = {}
-        for method in ("pairwise", "least-squares", "seed"):
+        for method, run in runs.items():
             best = np.inf
             for _ in range(args.repeat):
                 t0 = clock()
-                image = stitch(patches, positions, mask, geometry, method=method)
+                image = run()
                 best = min(best, clock() - t0)
             times[method] = best
             reference = truth[: image.shape[0], : image.shape[1]]
             print(f"| {n * n:,} | {n}×{n} | {method} | {best:.3f} | {offset_rmse(image, reference):.4f} | "
                   f"{correlation(image, reference):.5f} |")
-        for ours in ("pairwise", "least-squares"):
+        for ours in ("pairwise", "pairwise, geometry reused", "least-squares"):
             print(f"| {n * n:,} | {n}×{n} | speed ratio seed / {ours} | {times['seed'] / times[ours]:.2f}× | | |")
+        if args.stages:
+            stages[n] = time_stages(patches, positions, mask, geometry, clock, args.repeat)
+    for n, best in stages.items():
+        print(f"pairwise stages at {n * n:,} patches (best of {args.repeat}, s): "
+              + ", ".join(f"{name} {t:.4f}" for name, t in best.items()))
+
+
+def time_stages(patches, positions, mask, geometry, clock, repeat):
+    """Best time of each stage of a first call of the pairwise stitcher (what ``stitch`` does, step by step)."""
+    best = {}
+    for _ in range(repeat):
+        t0 = clock()
+        patches_, positions_, mask_ = _check_inputs(patches, positions, mask, geometry, check_finite=False)
+        stitcher = PairwiseStitcher(positions_, mask_, geometry)
+        t1 = clock()
+        reduced = stitcher.reducer.reduce(patches_, stitcher.origins)
+        stitcher.add_reductions(reduced, 0)
+        t2 = clock()
+        stitcher._equations()
+        t3 = clock()
+        offsets = stitcher.offsets()
+        t4 = clock()
+        stitcher.image()
+        t5 = clock()
+        solve = t4 - t3
+        # image() solves again before it blends; the solve is counted once, as stitch() does it once
+        times = {"checks and neighbour graph": t1 - t0, "reductions": t2 - t1, "offset equations (setup)": t3 - t2,
+                 "offset solve": solve, "blend": t5 - t4 - solve, "total": t5 - t0 - solve}
+        del offsets
+        best = {k: min(v, best.get(k, np.inf)) for k, v in times.items()}
+    return best
 
 
 if __name__ == "__main__":

@@ -266,3 +266,146 @@ def test_bad_input_raises_a_clear_deepphase_error(scene, case):
     message = str(info.value)
     assert message.startswith(f"{argument}:"), message
     assert found in message, message
+
+
+# ------------------------------------------------------------------------- pairwise: raster fast paths
+def _kd_tree_stitcher(positions, mask, monkeypatch):
+    """A PairwiseStitcher that takes the general path (KD-tree search, two-level solver) for any scan."""
+    import deepphase.reconstruction.stitching as stitching
+
+    with monkeypatch.context() as patched:
+        patched.setattr(stitching, "_scan_lattice", lambda positions: None)
+        return stitching.PairwiseStitcher(positions, mask, GEOMETRY)
+
+
+def _pair_set(stitcher):
+    return {(int(i), int(j), int(l)) for (i, j), l in zip(stitcher.pairs, stitcher.which)}
+
+
+SCANS = {
+    "reference raster, row fastest": lambda: raster_positions((20, 23), STEP, origin=ORIGIN),
+    "column fastest": lambda: raster_positions((20, 23), STEP, fastest="col"),
+    "unequal steps": lambda: raster_positions((17, 21), (0.6, 1.3)),
+    "rotated 17°": lambda: raster_positions((18, 18), STEP, rotation_deg=17.0),
+    "one scan line": lambda: raster_positions((1, 40), STEP),
+    "one scan column": lambda: raster_positions((40, 1), STEP),
+    "rows too far apart to overlap": lambda: raster_positions((6, 30), (5.0, STEP)),
+    "two positions": lambda: np.array([[0.0, 0.0], [0.0, 0.5]]),
+}
+
+
+@pytest.mark.parametrize("scan", list(SCANS))
+def test_raster_neighbour_search_finds_the_kd_tree_pairs(scan, monkeypatch):
+    from deepphase.reconstruction.stitching import PairwiseStitcher, _scan_lattice
+
+    positions = SCANS[scan]()
+    mask = output_mask(reference_probe(), GEOMETRY)
+    assert _scan_lattice(positions) is not None  # each of these is a lattice: the fast path is taken
+    fast = PairwiseStitcher(positions, mask, GEOMETRY)
+    general = _kd_tree_stitcher(positions, mask, monkeypatch)
+    np.testing.assert_array_equal(fast.reducer.lags, general.reducer.lags)
+    assert _pair_set(fast) == _pair_set(general)
+    assert np.all(fast.pairs[:, 0] < fast.pairs[:, 1])
+
+
+def test_irregular_positions_are_not_taken_for_a_lattice():
+    from deepphase.reconstruction.stitching import _scan_lattice
+
+    positions = raster_positions((10, 10), STEP)
+    assert _scan_lattice(positions) is not None
+    jittered = positions + np.random.default_rng(0).normal(scale=0.05, size=positions.shape) + 1.0
+    assert _scan_lattice(jittered) is None
+    assert _scan_lattice(positions[np.random.default_rng(1).permutation(len(positions))]) is None
+    assert _scan_lattice(positions[:-3]) is None  # an unfinished last row
+
+
+def test_lattice_solver_is_used_for_a_connected_raster_only():
+    from deepphase.reconstruction.stitching import PairwiseStitcher
+
+    mask = output_mask(reference_probe(), GEOMETRY)
+    assert PairwiseStitcher(raster_positions((20, 23), STEP), mask, GEOMETRY)._lattice is not None
+    # Rows 5 px apart do not overlap: several groups, each with its own constant (general solver)
+    assert PairwiseStitcher(raster_positions((6, 30), (5.0, STEP)), mask, GEOMETRY)._lattice is None
+
+
+@pytest.mark.parametrize("scan", ["reference raster, row fastest", "column fastest", "unequal steps", "rotated 17°",
+                                  "rows too far apart to overlap"])
+def test_raster_fast_paths_give_the_general_paths_image(scan, monkeypatch):
+    from deepphase.reconstruction.stitching import PairwiseStitcher
+
+    rng = np.random.default_rng(5)
+    positions = SCANS[scan]() + 2.0
+    mask = output_mask(reference_probe(), GEOMETRY)
+    truth = smooth_truth(tuple(int(s) for s in positions.max(axis=0) + 24), rng)
+    patches = lose_zero_frequency(cut_patches(truth, positions, GEOMETRY), mask, rng, noise=NOISE)
+    fast = PairwiseStitcher(positions, mask, GEOMETRY)
+    fast.add(patches)
+    general = _kd_tree_stitcher(positions, mask, monkeypatch)
+    general.add(patches)
+    # Both solve to a relative residual of 1e-5, by different iterations (measured: ≤ 2e-5 rad apart)
+    np.testing.assert_allclose(fast.image(), general.image(), atol=1e-4, equal_nan=True)
+
+
+def test_empty_copy_stitches_another_scan_of_the_same_geometry_independently(scene):
+    from deepphase.reconstruction.stitching import PairwiseStitcher
+
+    args = (scene["positions"], scene["mask"], GEOMETRY)
+    template = PairwiseStitcher(*args)
+    first, second = template.empty_copy(), template.empty_copy()
+    first.add(scene["noisy"])
+    second.add(scene["clean"])
+    assert template.n_done == 0 and first.n_done == second.n_done == len(scene["positions"])
+    np.testing.assert_array_equal(first.image(), stitch(scene["noisy"], *args))
+    np.testing.assert_array_equal(second.image(), stitch(scene["clean"], *args))
+    np.testing.assert_array_equal(first.image(), stitch(scene["noisy"], *args))  # unchanged by the other
+
+
+@pytest.mark.parametrize("mask_kind", ["reference (fills its box)", "a disc (gathered pixel by pixel)"])
+def test_reductions_are_the_sums_they_stand_for(mask_kind):
+    """Overlap sums and the binned image window against their definitions, in float64, pixel by pixel."""
+    from deepphase.reconstruction.stitching import PairwiseStitcher
+
+    rng = np.random.default_rng(9)
+    if mask_kind.startswith("reference"):
+        mask = output_mask(reference_probe(), GEOMETRY)
+    else:
+        r, c = np.mgrid[:32, :32] - 15.5
+        mask = r**2 + c**2 < 7.2**2
+    positions = raster_positions((7, 9), STEP, origin=(0.3, 1.1))
+    patches = (rng.normal(size=(len(positions), 32, 32)) + 5.0).astype(np.float32)
+    stitcher = PairwiseStitcher(positions, mask, GEOMETRY)
+    reduced = stitcher.reducer.reduce(patches, stitcher.origins)
+    rows, cols = np.nonzero(mask)
+    q = patches[:, rows, cols].astype(np.float64)
+    q -= q.mean(axis=1, keepdims=True)
+    # sums_i[k, l]: patch k over the pixels that a patch at lag l from it covers (and sums_j from the other side)
+    for l, (dr, dc) in enumerate(stitcher.reducer.lags):
+        inside_i = mask[np.clip(rows - dr, 0, 31), np.clip(cols - dc, 0, 31)] & (rows - dr >= 0) & (rows - dr < 32) \
+            & (cols - dc >= 0) & (cols - dc < 32)
+        inside_j = mask[np.clip(rows + dr, 0, 31), np.clip(cols + dc, 0, 31)] & (rows + dr >= 0) & (rows + dr < 32) \
+            & (cols + dc >= 0) & (cols + dc < 32)
+        # float32: the mean of values around 5 is off by ~1e-7 · 5, summed over ~100 pixels
+        np.testing.assert_allclose(reduced["sums_i"][:, l], q[:, inside_i].sum(axis=1), atol=2e-4)
+        np.testing.assert_allclose(reduced["sums_j"][:, l], q[:, inside_j].sum(axis=1), atol=2e-4)
+    # window: each used pixel added to the object pixel that holds its centre
+    u = GEOMETRY.upsample
+    centres = GEOMETRY.crop_start + (np.arange(32) + 0.5) / u
+    expected = np.zeros(stitcher.shape)
+    for k, (pr, pc) in enumerate(positions):
+        np.add.at(expected, (np.floor(pr + centres[rows]).astype(int), np.floor(pc + centres[cols]).astype(int)), q[k])
+    (r0, c0), window = reduced["window_origin"], reduced["window"]
+    placed = np.zeros_like(expected)
+    placed[r0 : r0 + window.shape[0], c0 : c0 + window.shape[1]] = window
+    np.testing.assert_allclose(placed, expected, atol=2e-4)
+
+
+def test_a_nan_in_a_gathered_mask_is_refused_by_count():
+    from deepphase.reconstruction.stitching import stitch_pairwise
+
+    r, c = np.mgrid[:32, :32] - 15.5
+    mask = r**2 + c**2 < 7.2**2
+    positions = raster_positions((5, 5), STEP)
+    patches = np.zeros((len(positions), 32, 32), dtype=np.float32)
+    patches[3, 16, 16], patches[4, 15, 14], patches[4, 0, 0] = np.nan, np.inf, np.nan  # (0, 0) is outside the mask
+    with pytest.raises(ValueRangeError, match="found 2 NaN or Inf values inside the mask"):
+        stitch_pairwise(patches, positions, mask, GEOMETRY)
