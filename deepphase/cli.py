@@ -122,6 +122,9 @@ def _positions_from_args(args, n_frames: int | None, scan_shape=None, default_fa
                        "fastest": fastest}
 
 
+_DEBLUR = {"auto": "auto", "on": True, "off": False}
+
+
 def _rotation(text: str):
     if text == "auto":
         return text
@@ -280,7 +283,7 @@ def _cmd_reconstruct(args) -> None:
                                   precision=args.precision, uncertainty_samples=args.uncertainty,
                                   chunk_size=args.chunk_size, checkpoint=partial, resume=args.resume,
                                   fingerprint=_data_fingerprint(args, kind, view), ensemble=args.ensemble or (),
-                                  sigma_scale=args.sigma_scale, engine=args.engine, deblur=args.deblur)
+                                  sigma_scale=args.sigma_scale, engine=args.engine, deblur=_DEBLUR[args.deblur])
             except BaseException:  # an error, Ctrl-C or SIGTERM: keep the progress only if there is some
                 if read_checkpoint(partial) is None:
                     shutil.rmtree(partial, ignore_errors=True)
@@ -375,7 +378,7 @@ def _reconstruct_on_cluster(args, positions, kind, view):
                                        stitching=args.stitching, batch_size=args.batch_size,
                                        device=args.device, sampling=args.pixel_size,
                                        uncertainty_samples=args.uncertainty, precision=args.precision,
-                                       sigma_scale=args.sigma_scale, deblur=args.deblur)
+                                       sigma_scale=args.sigma_scale, deblur=_DEBLUR[args.deblur])
 
 
 def _cmd_calibrate_uncertainty(args) -> None:
@@ -549,9 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detector units per electron: counts = data / G (default 1)")
     p.add_argument("--stitching", choices=["pairwise", "least-squares", "seed"], default="pairwise",
                    help="pairwise (default, fast), least-squares (exact canvas least squares) or seed (the original)")
-    p.add_argument("--no-deblur", dest="deblur", action="store_false",
-                   help="keep the blend's sub-pixel blur (by default it is divided out: atomic contrast 10–25 %% "
-                        "stronger, a little more noise at the finest scale; never applied to --stitching seed)")
+    p.add_argument("--deblur", choices=["auto", "on", "off"], default="auto",
+                   help="divide out the blur of blending sub-pixel patches (atomic contrast 10–25 %% stronger, "
+                        "more noise at the finest scale): auto (default) unless the patterns are counts below "
+                        "10,000 electrons per pattern; never with --stitching seed")
     p.add_argument("--pixel-size", type=float, help="real-space pixel size in Å (for the scale bar and checks)")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",

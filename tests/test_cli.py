@@ -237,7 +237,7 @@ def test_phase_is_also_written_as_tiff_and_emd_with_the_pixel_size(tiny_scan, tm
 
 def test_the_blend_is_deblurred_unless_asked_not_to(tiny_scan, tmp_path, capsys):
     images = {}
-    for name, options in (("sharp", []), ("box", ["--no-deblur"])):
+    for name, options in (("sharp", []), ("box", ["--deblur", "off"])):  # the tiny scan: 27,882 e/pattern
         code, out, err = reconstruct_tiny(tiny_scan, tmp_path / name, capsys, *options)
         assert code == 0, err
         meta = json.loads((tmp_path / name / "metadata.json").read_text())

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from deepphase.errors import ShapeError
+from deepphase.errors import DeepPhaseError, ShapeError
 from deepphase.physics.geometry import Geometry, upsample_nearest
 from deepphase.physics.scan import raster_positions
 from deepphase.reconstruction.deblur import blend_transfer_function, deblur_blend
@@ -109,3 +109,20 @@ def test_deblurring_keeps_integer_steps_and_nan_edges():
     np.testing.assert_allclose(sharp[np.isfinite(sharp)], blended[np.isfinite(blended)], atol=1e-9)
     np.testing.assert_array_equal(np.isnan(sharp), np.isnan(blended))
     assert rmse_box < 1e-6 and abs(scale_sharp - 1) < 1e-6  # float32 reductions in the stitcher
+
+
+def test_auto_deblurs_counted_data_by_their_dose():
+    from deepphase.reconstruction.deblur import AUTO_MIN_ELECTRONS, electrons_per_pattern, resolve_deblur
+
+    rng = np.random.default_rng(0)
+    for dose in (300.0, 30_000.0):
+        counts = rng.poisson(dose / 1024, size=(500, 32, 32))
+        amplitudes = np.sqrt(counts).astype(np.float32)  # what a counting detector's file becomes
+        assert electrons_per_pattern(amplitudes) == pytest.approx(dose, rel=0.02)
+        on, why = resolve_deblur("auto", amplitudes)
+        assert on is (dose >= AUTO_MIN_ELECTRONS) and "electrons per pattern" in why
+    scaled = np.sqrt(rng.poisson(30.0, size=(50, 32, 32)) * 0.37).astype(np.float32)  # not whole counts
+    assert electrons_per_pattern(scaled) is None and resolve_deblur("auto", scaled)[0] is True
+    assert resolve_deblur(False, scaled) == (False, "as asked")
+    with pytest.raises(DeepPhaseError, match="deblur"):
+        resolve_deblur("sometimes", scaled)

@@ -122,7 +122,7 @@ def _model(path):
 
 def network_method(model_path=None, stitching: str = "pairwise", remove_plane: bool = True,
                    uncertainty_samples: int = 0, ensemble=(), sigma_scale: float | None = None,
-                   deblur: bool = True) -> Method:
+                   deblur: bool | str = "auto") -> Method:
     """A method that runs :func:`deepphase.reconstruction.pipeline.reconstruct` with a model file.
 
     ``ensemble``: further model folders; the image is the members' mean and σ their spread (× ``sigma_scale``).

@@ -124,3 +124,41 @@ def deblur_blend(image: np.ndarray, positions, geometry: Geometry) -> np.ndarray
         return image
     sharp = np.fft.ifft2(np.fft.fft2(padded) / transfer).real[_PAD_PX:-_PAD_PX, _PAD_PX:-_PAD_PX]
     return np.where(valid, sharp + mean, np.nan)
+
+
+# Dividing out the blur sharpens whatever the patches hold at the finest scale. Below this dose the
+# network's patches hold mostly noise there, and deblurring lowered the harness's correlation (by
+# 0.003 on average at 3,000 e/pattern, 0.014 at 30) while it raised it at 27,882 (benchmarks/RESULTS.md,
+# section 14); "auto" deblurs counted data from this dose up.
+AUTO_MIN_ELECTRONS = 10_000.0
+_DOSE_SAMPLE = 256  # patterns read to estimate the dose
+
+
+def electrons_per_pattern(amplitudes, samples: int = _DOSE_SAMPLE) -> float | None:
+    """The mean counts per pattern if ``amplitudes`` are square roots of whole counts, else None.
+
+    Reads ``samples`` patterns spread over the scan. Data in other units (an integrating detector,
+    resampled or gain-corrected frames) have no dose to read, and None says so.
+    """
+    n = len(amplitudes)
+    if n == 0:
+        return None
+    index = np.unique(np.linspace(0, n - 1, min(n, samples)).round().astype(np.int64))
+    counts = np.stack([np.asarray(amplitudes[i : i + 1], dtype=np.float64)[0] for i in index]) ** 2
+    whole = np.abs(counts - np.round(counts)) <= 1e-3 + 1e-5 * counts  # float32 square roots of integers
+    if not whole.all():
+        return None
+    return float(counts.sum(axis=(1, 2)).mean())
+
+
+def resolve_deblur(setting, amplitudes) -> tuple[bool, str]:
+    """Whether to deblur, and why: ``True``/``False`` as asked, or ``"auto"`` by the data's dose."""
+    if setting is True or setting is False:
+        return setting, "as asked"
+    if setting != "auto":
+        raise ValueRangeError(f"deblur: expected True, False or 'auto', got {setting!r}")
+    dose = electrons_per_pattern(amplitudes)
+    if dose is None:
+        return True, "auto: the patterns are not whole counts, so no dose to judge by; deblurred"
+    verdict = "deblurred" if dose >= AUTO_MIN_ELECTRONS else "not deblurred (noise would dominate the finest scale)"
+    return dose >= AUTO_MIN_ELECTRONS, f"auto: {dose:,.0f} electrons per pattern, {verdict}; threshold {AUTO_MIN_ELECTRONS:,.0f}"

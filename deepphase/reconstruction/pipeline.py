@@ -23,7 +23,7 @@ from ..models.modelfile import PhaseModel, check_compatible, load_model
 from ..physics.geometry import output_mask
 from ..physics.scan import validate_positions
 from ..runtime import resolve_device
-from .deblur import deblur_blend
+from .deblur import deblur_blend, resolve_deblur
 from .predict import predict_patches
 from .stitching import METHODS, PairwiseStitcher, stitch
 
@@ -238,7 +238,7 @@ def reconstruct(
     sigma_scale: float | None = None,
     ensemble=(),
     engine: str = "auto",
-    deblur: bool = True,
+    deblur: bool | str = "auto",
 ) -> Reconstruction:
     """Predict a phase patch for every pattern and stitch them into one image, chunk by chunk.
 
@@ -263,9 +263,10 @@ def reconstruct(
         small systematic tilt of the network's patches adds up over the scan (the seed's stitching
         hides it by never converging at large scales). Set False to keep the tilt as predicted.
     deblur : divide out the blur that blending sub-pixel patches onto the object grid adds
-        (:mod:`deepphase.reconstruction.deblur`; default). It restores the contrast of atomic detail
-        (10–25 % otherwise) at the cost of a little noise at the finest scale; the seed's stitching is
-        never deblurred (it reproduces the seed's method).
+        (:mod:`deepphase.reconstruction.deblur`). It restores the contrast of atomic detail (10–25 %
+        otherwise) and amplifies the noise at the finest scale: ``"auto"`` (default) deblurs unless the
+        patterns are counts below 10⁴ electrons per pattern; True or False force it. The seed's
+        stitching is never deblurred (it reproduces the seed's method).
     sampling : real-space pixel size of the data in Å, if known (checked against the model's).
     precision : network arithmetic: "auto" (bfloat16 on a GPU, float32 on a CPU), "float32", "bfloat16"
         or "float16".
@@ -317,6 +318,7 @@ def reconstruct(
                                   f"{model.name!r}; an ensemble needs the same ones")
     positions = validate_positions(positions, shape[0])
     n, chunk_size = int(shape[0]), int(chunk_size)
+    deblur_on, deblur_reason = deblur_setting(deblur, stitching, amplitudes)
     if engine == "onnx" and precision not in ("auto", "float32"):
         raise ValueRangeError(f"engine: 'onnx' runs in float32; precision {precision!r} needs another engine")
     neighbours = None
@@ -416,7 +418,7 @@ def reconstruct(
             _save_checkpoint(folder, fingerprint, done, n, accumulators)
     t1 = time.perf_counter()
     full, slopes, phase, origin, spread, uncertainty = finish(accumulators, positions, mask, model, stitching,
-                                                              remove_plane, members, sigma_scale, deblur)
+                                                              remove_plane, members, sigma_scale, deblur_on)
     t2 = time.perf_counter()
     timings = {"engine_setup_s": round(t_engine, 3), "setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
                "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
@@ -424,7 +426,7 @@ def reconstruct(
     return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
                           {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
                           {"stitching": stitching, "plane_removed": remove_plane,
-                           "deblurred": deblur and stitching in DEBLURRED_STITCHERS,
+                           "deblurred": deblur_on, "deblur_reason": deblur_reason,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision, "device": str(dev),
                            "engine": engine if requested == engine else f"{engine} ({requested})", "input": (f"{model.in_channels} patterns: the 3×3 neighbourhood"
                                                        if neighbours is not None else "one pattern"),
@@ -432,6 +434,13 @@ def reconstruct(
                            **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
                            "uncertainty": uncertainty},
                           spread)
+
+
+def deblur_setting(deblur, stitching: str, amplitudes) -> tuple[bool, str]:
+    """Whether ``finish`` deblurs, and why (for metadata.json); shared with the cluster path."""
+    if stitching not in DEBLURRED_STITCHERS:
+        return False, f"never for the {stitching!r} stitching"
+    return resolve_deblur(deblur, amplitudes)
 
 
 def make_accumulators(stitching: str, positions, mask, geometry, draws: int, folder: Path | None = None,
