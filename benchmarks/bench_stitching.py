@@ -66,9 +66,9 @@ def main():
     mask = output_mask(reference_probe(), geometry)
     print(f"step {REFERENCE_STEP_PX:.5f} px, reference probe mask ({int(mask.sum())} output pixels), "
           f"offsets σ = 3 rad, noise σ = {args.noise} rad, best of {args.repeat}")
-    print("| patches | raster | method | time (s) | RMSE (rad) | correlation |\n|---|---|---|---|---|---|")
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     print(f"clock: {args.clock}")
+    print("| patches | raster | method | time (s) | RMSE (rad) | correlation |\n|---|---|---|---|---|---|")
     stages = {}
     for n in args.sizes:
         positions, patches, truth = make_case(n, geometry, mask, args.noise)

@@ -22,7 +22,9 @@ Three stitchers:
 * :func:`stitch_pairwise` — the default: every patch's offset from the mean differences of overlapping
   neighbours (a graph Laplacian), then a blend on the object grid. It needs only small per-patch
   reductions (:class:`PatchReducer`), so :class:`PairwiseStitcher` can take the patches chunk by chunk,
-  or sum the reductions of tiles made on other machines, and never holds the patches;
+  or sum the reductions of tiles made on other machines, and never holds the patches. Raster scans
+  (any lattice of positions, in either frame order) take a faster path for the neighbour search and
+  the offsets than other positions, with the same result;
 * :func:`stitch_least_squares` — the exact least squares over the upsampled canvas and all offsets;
 * :func:`stitch_seed` — the original iterative blending (Phys. Rev. Lett. 130, 016101), for comparison.
 """
@@ -259,7 +261,7 @@ def stitch_seed(patches, positions, mask, geometry: Geometry, alpha: float = 0.1
 
 # ----------------------------------------------------------------------------------- least squares
 def stitch_least_squares(patches, positions, mask, geometry: Geometry, weights=None) -> np.ndarray:
-    """Stitch by solving for every patch's unknown offset jointly (the default stitcher).
+    """Stitch by solving for every patch's unknown offset jointly with the canvas (exact; slower than pairwise).
 
     With ``q_i`` the patches, ``A[p, i]`` the weight of canvas pixel ``p`` in patch ``i`` (the mask, or
     ``weights`` inside the mask) and one unknown offset ``c_i`` per patch, minimise::
@@ -769,7 +771,7 @@ class PairwiseStitcher:
     each patch's overlap sums at the neighbour lags, the binned image sums, and the neighbour graph,
     so a scan larger than memory can be predicted and stitched in chunks. The image is the one
     :func:`stitch_pairwise` makes from all the patches at once (the same arithmetic, summed in another
-    order).
+    order). For many scans of one geometry, make one and stitch each scan in an :meth:`empty_copy`.
 
     Parameters
     ----------
@@ -901,11 +903,11 @@ class PairwiseStitcher:
             raise ValueRangeError(f"patches: position {first} was already added; each patch is added once")
         whole = start == 0 and stop == len(self)
         for name in ("sums_i", "sums_j"):
-            value = reduced[name]
-            if whole and isinstance(value, np.ndarray) and value.dtype == np.float32 and value.shape == getattr(self, name).shape:
+            value, held = reduced[name], getattr(self, name)
+            if whole and isinstance(value, np.ndarray) and value.dtype == held.dtype and value.shape == held.shape:
                 setattr(self, name, value)  # 2 × 3.7 MB not copied at 65,536 positions
             else:
-                getattr(self, name)[start:stop] = value
+                held[start:stop] = value
         (r0, c0), window = reduced["window_origin"], reduced["window"]
         self.total[r0 : r0 + window.shape[0], c0 : c0 + window.shape[1]] += window
         self.done[start:stop] = True
@@ -993,19 +995,23 @@ def stitch_pairwise(patches, positions, mask, geometry: Geometry, radius: float 
 
     1. For every pair of patches whose canvas origins lie within ``radius`` canvas pixels (default: half
        the mask's extent, i.e. the nearest neighbours of a raster, diagonals included), the offset
-       difference that makes them agree on their overlap is ``d_ij = mean_overlap(q_i − q_j)``. All
-       overlap sums come from one matrix product of the patches with the (few) overlap masks of the
+       difference that makes them agree on their overlap is ``d_ij = mean_overlap(q_i − q_j)``. On a
+       raster the pairs are found by index arithmetic (a few index steps), elsewhere by a KD-tree. All
+       overlap sums come from matrix products of the patches with the (few) overlap masks of the
        distinct canvas lags, not from the pixels pair by pair.
     2. The offsets minimise ``Σ n_ij (c_j − c_i − d_ij)²`` with ``n_ij`` the overlap's pixel count: a
-       graph Laplacian on the patches (about 9 entries a row), solved like :func:`stitch_least_squares`.
+       graph Laplacian on the patches (about 9 entries a row). On a connected raster it is solved by
+       CG preconditioned with the DCT of its mean stencil (:class:`_LatticeSolver`, 8 iterations),
+       otherwise like :func:`stitch_least_squares`.
     3. The patches plus offsets are averaged on the object grid directly: each patch is binned by a
-       small matrix chosen by its origin's sub-pixel phase, so only ``N × (bins per patch)`` values are
-       scattered instead of ``N × (mask pixels)``.
+       small matrix chosen by its origin's sub-pixel phase (in the same product as its overlap sums),
+       so only ``N × (bins per patch)`` values are scattered instead of ``N × (mask pixels)``.
 
     Consistent patches (cut from one image, any offsets) are recovered exactly, like the full least
     squares; with noise, only nearest-neighbour overlaps inform the offsets, which costs a little
-    accuracy at the largest scales (see benchmarks/RESULTS.md) and is several times faster. The same
-    computation, fed chunk by chunk for scans larger than memory, is :class:`PairwiseStitcher`.
+    accuracy at the largest scales (see benchmarks/RESULTS.md, section 3) and is 13× faster than the
+    full least squares and the seed's loop at 65,536 raster positions. The same computation, fed chunk
+    by chunk for scans larger than memory, is :class:`PairwiseStitcher`.
 
     Parameters
     ----------
