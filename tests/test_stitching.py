@@ -409,3 +409,19 @@ def test_a_nan_in_a_gathered_mask_is_refused_by_count():
     patches[3, 16, 16], patches[4, 15, 14], patches[4, 0, 0] = np.nan, np.inf, np.nan  # (0, 0) is outside the mask
     with pytest.raises(ValueRangeError, match="found 2 NaN or Inf values inside the mask"):
         stitch_pairwise(patches, positions, mask, GEOMETRY)
+
+
+@pytest.mark.parametrize("step", [0.87, 1.0])
+def test_a_mask_that_reaches_the_crop_edge_is_stitched_to_the_far_edge_of_the_scan(step):
+    # A patch at the scan's last row and column whose mask touches the crop's edge bins into the
+    # image's last pixel; its window of bins must end there too (it once reached one pixel past).
+    c = GEOMETRY.crop_px
+    r, q = np.indices((c, c)) - (c - 1) / 2
+    mask = upsample_nearest(r**2 + q**2 <= (c / 2) ** 2, GEOMETRY.upsample)
+    rng = np.random.default_rng(3)
+    positions = raster_positions((20, 20), step)
+    truth = smooth_truth((40, 40), rng)
+    clean = lose_zero_frequency(cut_patches(truth, positions, GEOMETRY), mask, rng)
+    for method in ("pairwise", "least-squares"):
+        image = stitch(clean, positions, mask, GEOMETRY, method=method)
+        assert offset_rmse(image, on_truth_grid(image, truth)) < 1e-5

@@ -140,7 +140,7 @@ def electrons_per_pattern(amplitudes, samples: int = _DOSE_SAMPLE) -> float | No
     Reads ``samples`` patterns spread over the scan. Data in other units (an integrating detector,
     resampled or gain-corrected frames) have no dose to read, and None says so.
     """
-    n = len(amplitudes)
+    n = int(amplitudes.shape[0])  # the pipeline's arrays promise a shape and slicing, not len()
     if n == 0:
         return None
     index = np.unique(np.linspace(0, n - 1, min(n, samples)).round().astype(np.int64))

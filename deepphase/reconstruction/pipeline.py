@@ -448,7 +448,8 @@ def make_accumulators(stitching: str, positions, mask, geometry, draws: int, fol
     """One accumulator per draw: a streaming :class:`PairwiseStitcher`, or a store of whole patches
     (memory-mapped in ``folder`` if given) for the stitchers that need them all."""
     if stitching == "pairwise":
-        return [PairwiseStitcher(positions, mask, geometry) for _ in range(draws)]
+        first = PairwiseStitcher(positions, mask, geometry)
+        return [first] + [first.empty_copy() for _ in range(draws - 1)]  # the draws share the geometry
     return [_PatchStore(len(positions), geometry.output_px, folder / f"patches-{k}.npy" if folder else None,
                         resume=resume) for k in range(draws)]
 

@@ -676,6 +676,10 @@ class PatchReducer:
             self.binning.append(matrix[:, used])
             self.bin_counts.append(matrix.sum(axis=0)[used])
             self.bin_used.append(used)
+        # Rows and columns of bins each phase reaches: a window sized by ``span`` alone would reach one
+        # bin past the image for a patch at the scan's far edge whose mask touches the crop's edge.
+        self.extent = np.array([[used.max() // self.span[1] + 1, (used % self.span[1]).max() + 1]
+                                for used in self.bin_used], dtype=np.int64)
         # One matrix product per patch gives all of its reductions: the overlap sums at every lag, as
         # the first and as the second of a pair, and its binned pixels for its own sub-pixel phase.
         self.weights = [np.ascontiguousarray(np.concatenate([self.in_i, self.in_j, m], axis=1)) for m in self.binning]
@@ -710,10 +714,10 @@ class PatchReducer:
         u = self.geometry.upsample
         base = origins // u
         top = np.array([base[:, 0].min(), base[:, 1].min()])
-        shape = np.array([base[:, 0].max(), base[:, 1].max()]) - top + np.array(self.span)
+        phase_id = (origins[:, 0] % u) * u + origins[:, 1] % u
+        shape = (base + self.extent[phase_id]).max(axis=0) - top
         window = np.zeros(int(shape[0] * shape[1]))
         local = origins - u * top
-        phase_id = (origins[:, 0] % u) * u + origins[:, 1] % u
         # A stable sort keeps the frame order within a phase, so each block reads nearby patches
         # (on small integers NumPy's stable sort is a radix sort).
         order = np.argsort(phase_id.astype(np.uint8 if u * u <= 256 else np.int64), kind="stable")
