@@ -299,6 +299,8 @@ def _cmd_reconstruct(args) -> None:
                 extra["correlation_with_truth"] = correlation(rec.phase, truth)
         write_outputs(rec, args.out, extra, sampling=sampling, overwrite=args.overwrite)
         shutil.rmtree(partial, ignore_errors=True)  # complete: the progress is no longer needed
+        if rec.processing.get("dose_note"):
+            notes.append(rec.processing["dose_note"])
         if view is not None:
             from .data.calibration import plot_calibration
 

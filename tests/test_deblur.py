@@ -119,10 +119,10 @@ def test_auto_deblurs_counted_data_by_their_dose():
         counts = rng.poisson(dose / 1024, size=(500, 32, 32))
         amplitudes = np.sqrt(counts).astype(np.float32)  # what a counting detector's file becomes
         assert electrons_per_pattern(amplitudes) == pytest.approx(dose, rel=0.02)
-        on, why = resolve_deblur("auto", amplitudes)
+        on, why = resolve_deblur("auto", electrons_per_pattern(amplitudes))
         assert on is (dose >= AUTO_MIN_ELECTRONS) and "electrons per pattern" in why
     scaled = np.sqrt(rng.poisson(30.0, size=(50, 32, 32)) * 0.37).astype(np.float32)  # not whole counts
-    assert electrons_per_pattern(scaled) is None and resolve_deblur("auto", scaled)[0] is True
-    assert resolve_deblur(False, scaled) == (False, "as asked")
+    assert electrons_per_pattern(scaled) is None and resolve_deblur("auto", None)[0] is True
+    assert resolve_deblur(False, 30_000.0) == (False, "as asked")
     with pytest.raises(DeepPhaseError, match="deblur"):
-        resolve_deblur("sometimes", scaled)
+        resolve_deblur("sometimes", None)

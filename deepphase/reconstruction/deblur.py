@@ -151,13 +151,15 @@ def electrons_per_pattern(amplitudes, samples: int = _DOSE_SAMPLE) -> float | No
     return float(counts.sum(axis=(1, 2)).mean())
 
 
-def resolve_deblur(setting, amplitudes) -> tuple[bool, str]:
-    """Whether to deblur, and why: ``True``/``False`` as asked, or ``"auto"`` by the data's dose."""
+def resolve_deblur(setting, dose: float | None) -> tuple[bool, str]:
+    """Whether to deblur, and why: ``True``/``False`` as asked, or ``"auto"`` by the data's dose.
+
+    ``dose``: electrons per pattern from :func:`electrons_per_pattern` (None: not counted data).
+    """
     if setting is True or setting is False:
         return setting, "as asked"
     if setting != "auto":
         raise ValueRangeError(f"deblur: expected True, False or 'auto', got {setting!r}")
-    dose = electrons_per_pattern(amplitudes)
     if dose is None:
         return True, "auto: the patterns are not whole counts, so no dose to judge by; deblurred"
     verdict = "deblurred" if dose >= AUTO_MIN_ELECTRONS else "not deblurred (noise would dominate the finest scale)"

@@ -35,7 +35,7 @@ from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..models.modelfile import check_compatible, load_model
 from ..physics.scan import validate_positions
 from ..physics.geometry import output_mask
-from .pipeline import Reconstruction, deblur_setting, finish, make_accumulators, reconstruct
+from .pipeline import Reconstruction, dose_settings, finish, make_accumulators, reconstruct
 from .stitching import METHODS
 
 DASK_EXTRA = "pip install deepphase[distributed]"
@@ -214,7 +214,7 @@ def reconstruct_distributed(
         view = transform(data.frames) if transform is not None else AmplitudeView(data.frames, kind)
         shape = tuple(view.shape)
         if len(shape) == 3:  # the dose decides "auto" deblurring: read here, once, from a sample of frames
-            deblur_on, deblur_reason = deblur_setting(deblur, stitching, view)
+            dose_info = dose_settings(deblur, stitching, view, model)
     finally:
         data.close()
     if len(shape) != 3:
@@ -260,7 +260,8 @@ def reconstruct_distributed(
     t1 = time.perf_counter()
 
     full, slopes, phase, origin, spread, uncertainty = finish(accumulators, positions, mask, model, stitching,
-                                                              remove_plane, sigma_scale=sigma_scale, deblur=deblur_on)
+                                                              remove_plane, sigma_scale=sigma_scale,
+                                                              deblur=dose_info["deblurred"])
     t2 = time.perf_counter()
     n_workers = len(client.nthreads())
     timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),
@@ -268,7 +269,7 @@ def reconstruct_distributed(
     return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
                           {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
                           {"stitching": stitching, "plane_removed": remove_plane,
-                           "deblurred": deblur_on, "deblur_reason": deblur_reason,
+                           **dose_info,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision,
                            "device": f"{device} (on each worker)",
                            "uncertainty": uncertainty,

@@ -23,7 +23,7 @@ from ..models.modelfile import PhaseModel, check_compatible, load_model
 from ..physics.geometry import output_mask
 from ..physics.scan import validate_positions
 from ..runtime import resolve_device
-from .deblur import deblur_blend, resolve_deblur
+from .deblur import deblur_blend, electrons_per_pattern, resolve_deblur
 from .predict import predict_patches
 from .stitching import METHODS, PairwiseStitcher, stitch
 
@@ -318,7 +318,7 @@ def reconstruct(
                                   f"{model.name!r}; an ensemble needs the same ones")
     positions = validate_positions(positions, shape[0])
     n, chunk_size = int(shape[0]), int(chunk_size)
-    deblur_on, deblur_reason = deblur_setting(deblur, stitching, amplitudes)
+    dose_info = dose_settings(deblur, stitching, amplitudes, model)
     if engine == "onnx" and precision not in ("auto", "float32"):
         raise ValueRangeError(f"engine: 'onnx' runs in float32; precision {precision!r} needs another engine")
     neighbours = None
@@ -418,7 +418,8 @@ def reconstruct(
             _save_checkpoint(folder, fingerprint, done, n, accumulators)
     t1 = time.perf_counter()
     full, slopes, phase, origin, spread, uncertainty = finish(accumulators, positions, mask, model, stitching,
-                                                              remove_plane, members, sigma_scale, deblur_on)
+                                                              remove_plane, members, sigma_scale,
+                                                              dose_info["deblurred"])
     t2 = time.perf_counter()
     timings = {"engine_setup_s": round(t_engine, 3), "setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
                "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
@@ -426,7 +427,7 @@ def reconstruct(
     return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
                           {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
                           {"stitching": stitching, "plane_removed": remove_plane,
-                           "deblurred": deblur_on, "deblur_reason": deblur_reason,
+                           **dose_info,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision, "device": str(dev),
                            "engine": engine if requested == engine else f"{engine} ({requested})", "input": (f"{model.in_channels} patterns: the 3×3 neighbourhood"
                                                        if neighbours is not None else "one pattern"),
@@ -436,11 +437,38 @@ def reconstruct(
                           spread)
 
 
-def deblur_setting(deblur, stitching: str, amplitudes) -> tuple[bool, str]:
-    """Whether ``finish`` deblurs, and why (for metadata.json); shared with the cluster path."""
-    if stitching not in DEBLURRED_STITCHERS:
-        return False, f"never for the {stitching!r} stitching"
-    return resolve_deblur(deblur, amplitudes)
+def dose_settings(deblur, stitching: str, amplitudes, model: PhaseModel) -> dict:
+    """What the data's dose decides, for ``finish`` and metadata.json; shared with the cluster path.
+
+    Returns ``electrons_per_pattern`` (None unless the patterns are whole counts), ``deblurred`` and
+    ``deblur_reason``, and ``dose_note`` when the dose lies outside what the model was trained on.
+    """
+    dose = electrons_per_pattern(amplitudes)
+    if stitching in DEBLURRED_STITCHERS:
+        on, why = resolve_deblur(deblur, dose)
+    else:
+        on, why = False, f"never for the {stitching!r} stitching"
+    return {"electrons_per_pattern": None if dose is None else round(dose, 1), "deblurred": on,
+            "deblur_reason": why, "dose_note": dose_note(model, dose)}
+
+
+def dose_note(model: PhaseModel, dose: float | None) -> str | None:
+    """A line for the user when the data's dose is far outside the model's training doses (else None)."""
+    trained = model.info.get("dose")
+    if dose is None or trained is None:
+        return None
+    lo, hi = (trained, trained) if np.isscalar(trained) else (min(trained), max(trained))
+    if lo / 3 <= dose <= hi * 3:  # a factor 3 beyond the range: the network degrades gracefully nearby
+        return None
+    hint = ""
+    if dose < lo:
+        from ..models.modelfile import packaged_models
+
+        if "low-dose" in packaged_models() and model.name != "low-dose":
+            hint = "; the packaged model 'low-dose' (--model low-dose) is trained for 10–10,000"
+    where = f"{lo:,.0f}–{hi:,.0f}" if hi > lo else f"{lo:,.0f}"
+    return (f"the patterns hold {dose:,.0f} electrons on average, outside the {where} electrons per pattern "
+            f"model {model.name!r} was trained on{hint}")
 
 
 def make_accumulators(stitching: str, positions, mask, geometry, draws: int, folder: Path | None = None,
