@@ -768,6 +768,11 @@ class CalibratedView:
     def __len__(self):
         return self.shape[0]
 
+    @property
+    def electrons_per_pattern(self) -> float:
+        """Mean counts per pattern, from the mean pattern the calibration measured (no frame is read)."""
+        return float(np.asarray(self.arrays["mean_pattern"], dtype=np.float64).sum())
+
     def use_coords(self, coords: np.ndarray) -> None:
         """Switch to other scan coordinates of the same patterns (say positions in pixels instead of scan
         indices): the descan plane is re-expressed in them (exact for coordinates linear in the old)."""

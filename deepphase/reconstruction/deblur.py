@@ -137,9 +137,13 @@ _DOSE_SAMPLE = 256  # patterns read to estimate the dose
 def electrons_per_pattern(amplitudes, samples: int = _DOSE_SAMPLE) -> float | None:
     """The mean counts per pattern if ``amplitudes`` are square roots of whole counts, else None.
 
-    Reads ``samples`` patterns spread over the scan. Data in other units (an integrating detector,
-    resampled or gain-corrected frames) have no dose to read, and None says so.
+    Reads ``samples`` patterns spread over the scan, unless the array says its dose itself (an
+    ``electrons_per_pattern`` attribute, as calibrated detector data have). Data in other units (an
+    integrating detector, resampled frames) have no dose to read, and None says so.
     """
+    known = getattr(amplitudes, "electrons_per_pattern", None)
+    if known is not None:  # a view that measured it already (calibrated detector data): read nothing
+        return float(known)
     n = int(amplitudes.shape[0])  # the pipeline's arrays promise a shape and slicing, not len()
     if n == 0:
         return None
