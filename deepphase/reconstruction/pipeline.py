@@ -460,15 +460,10 @@ def dose_note(model: PhaseModel, dose: float | None) -> str | None:
     lo, hi = (trained, trained) if np.isscalar(trained) else (min(trained), max(trained))
     if lo / 3 <= dose <= hi * 3:  # a factor 3 beyond the range: the network degrades gracefully nearby
         return None
-    hint = ""
-    if dose < lo:
-        from ..models.modelfile import packaged_models
-
-        if "low-dose" in packaged_models() and model.name != "low-dose":
-            hint = "; the packaged model 'low-dose' (--model low-dose) is trained for 10–10,000"
     where = f"{lo:,.0f}–{hi:,.0f}" if hi > lo else f"{lo:,.0f}"
     return (f"the patterns hold {dose:,.0f} electrons on average, outside the {where} electrons per pattern "
-            f"model {model.name!r} was trained on{hint}")
+            f"model {model.name!r} was trained on; expect it to degrade (deepphase train --dose MIN MAX makes "
+            "a model for your dose)")
 
 
 def make_accumulators(stitching: str, positions, mask, geometry, draws: int, folder: Path | None = None,
