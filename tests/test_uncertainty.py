@@ -12,7 +12,7 @@ from deepphase.errors import ValueRangeError
 from deepphase.models.modelfile import load_model, packaged_model_path
 from deepphase.physics import raster_positions
 from deepphase.reconstruction.pipeline import reconstruct
-from deepphase.reconstruction.uncertainty import fit_sigma_scale, save_sigma_scale
+from deepphase.reconstruction.uncertainty import fit_sigma_scale, save_sigma_scale, sigma_scale_at
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,28 @@ def test_fitted_factor_covers_68_percent_of_its_scans_and_is_applied(tmp_path):
     scan = simulate_scan(twisted_hbn((40, 40)), model.probe, raster_positions((4, 4), 0.87), seed=0)
     raw = reconstruct(scan.amplitude, scan.positions, model, uncertainty_samples=2, sigma_scale=1.0, progress=False)
     fitted = reconstruct(scan.amplitude, scan.positions, model, uncertainty_samples=2, progress=False)
-    np.testing.assert_allclose(fitted.uncertainty, result["sigma_scale"] * raw.uncertainty, rtol=1e-5)
-    assert fitted.processing["uncertainty"]["sigma_scale"] == pytest.approx(result["sigma_scale"])
+    # The scan's counts give its dose (27,882 e/pattern): the factor is the one fitted for that dose.
+    factor, source = sigma_scale_at(model, fitted.processing["electrons_per_pattern"])
+    assert "e/pattern" in source and factor != result["sigma_scale"]
+    np.testing.assert_allclose(fitted.uncertainty, factor * raw.uncertainty, rtol=1e-5)
+    assert fitted.processing["uncertainty"]["sigma_scale"] == pytest.approx(factor)
+
+
+def test_the_factor_follows_a_smooth_curve_in_log_dose():
+    class Model:
+        info = {"uncertainty": {"sigma_scale": 5.0, "sigma_scale_by_dose": [[100.0, 2.0], [10_000.0, 8.0]]}}
+
+    assert sigma_scale_at(Model, 100.0)[0] == pytest.approx(2.0)
+    assert sigma_scale_at(Model, 1000.0)[0] == pytest.approx(4.0)  # halfway in log dose: the geometric mean
+    assert sigma_scale_at(Model, 1e6)[0] == pytest.approx(8.0)  # held beyond the fitted doses
+    assert sigma_scale_at(Model, None) == (5.0, "fitted for the model on simulated scans (model.json)")
+    # a scattered table of factors that fall as a power of the dose: the curve, not the scatter
+    doses = np.geomspace(10, 1e6, 12)
+    scatter = np.where(np.arange(12) % 2, 1.6, 1 / 1.6)
+    Model.info = {"uncertainty": {"sigma_scale": 5.0,
+                                  "sigma_scale_by_dose": [[d, 100 * d**-0.3 * s] for d, s in zip(doses, scatter)]}}
+    for d in (30.0, 3000.0, 300_000.0):
+        assert sigma_scale_at(Model, d)[0] == pytest.approx(100 * d**-0.3, rel=0.25)
 
 
 def test_ensemble_of_identical_models_has_zero_spread_and_the_same_image(scan):

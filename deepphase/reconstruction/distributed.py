@@ -261,7 +261,8 @@ def reconstruct_distributed(
 
     full, slopes, phase, origin, spread, uncertainty = finish(accumulators, positions, mask, model, stitching,
                                                               remove_plane, sigma_scale=sigma_scale,
-                                                              deblur=dose_info["deblurred"])
+                                                              deblur=dose_info["deblurred"],
+                                                              dose=dose_info["electrons_per_pattern"])
     t2 = time.perf_counter()
     n_workers = len(client.nthreads())
     timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),

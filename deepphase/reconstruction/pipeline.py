@@ -419,7 +419,7 @@ def reconstruct(
     t1 = time.perf_counter()
     full, slopes, phase, origin, spread, uncertainty = finish(accumulators, positions, mask, model, stitching,
                                                               remove_plane, members, sigma_scale,
-                                                              dose_info["deblurred"])
+                                                              dose_info["deblurred"], dose_info["electrons_per_pattern"])
     t2 = time.perf_counter()
     timings = {"engine_setup_s": round(t_engine, 3), "setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
                "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
@@ -478,10 +478,10 @@ def make_accumulators(stitching: str, positions, mask, geometry, draws: int, fol
 
 
 def finish(accumulators, positions, mask, model: PhaseModel, stitching: str, remove_plane: bool, members=(),
-           sigma_scale: float | None = None, deblur: bool = True):
+           sigma_scale: float | None = None, deblur: bool = True, dose: float | None = None):
     """The steps after the last chunk, shared with the cluster path: stitch every draw, deblur it (not
     the seed's stitching), remove the plane, average an ensemble, crop, and turn the spread of the
-    draws into σ.
+    draws into σ (with the model's factor for ``dose`` electrons per pattern, if known).
 
     Returns ``(full, slopes, phase, origin, sigma, uncertainty record for metadata.json or None)``.
     """
@@ -503,10 +503,10 @@ def finish(accumulators, positions, mask, model: PhaseModel, stitching: str, rem
         return full, slopes, phase, origin, None, None
     scale_source = "given"
     if sigma_scale is None:
-        from .uncertainty import sigma_scale_of
+        from .uncertainty import sigma_scale_at
 
-        sigma_scale = 1.0 if members else sigma_scale_of(model)
-        scale_source = "fitted for the model on simulated scans (model.json)" if sigma_scale != 1.0 else None
+        sigma_scale, scale_source = (1.0, None) if members else sigma_scale_at(model, dose)
+        scale_source = scale_source if sigma_scale != 1.0 else None
     spread *= np.float32(sigma_scale)
     record = {"method": "ensemble" if members else "Monte Carlo dropout",
               "samples": len(members) + 1 if members else len(accumulators) - 1,
