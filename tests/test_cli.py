@@ -175,8 +175,13 @@ def test_reconstruct_writes_an_uncertainty_map_on_request(tiny_scan, tmp_path, c
 
     record = meta["processing"]["uncertainty"]
     assert (record["method"], record["samples"]) == ("Monte Carlo dropout", 3)
-    # The packaged model's fitted factor is applied and recorded.
-    assert record["sigma_scale"] == pytest.approx(load_model().info["uncertainty"]["sigma_scale"])
+    # The packaged model's factor for the data's dose (the tiny scan's counts: 27,882 e/pattern) is applied
+    # and recorded.
+    from deepphase.reconstruction.uncertainty import sigma_scale_at
+
+    dose = meta["processing"]["electrons_per_pattern"]
+    assert 25_000 < dose < 31_000 and "e/pattern" in record["note"]
+    assert record["sigma_scale"] == pytest.approx(sigma_scale_at(load_model(), dose)[0])
     code, _, err = reconstruct_tiny(tiny_scan, tmp_path / "rec1", capsys, "--uncertainty", 1)
     assert code == 2 and "at least 2 samples" in err
 
