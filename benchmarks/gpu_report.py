@@ -176,6 +176,10 @@ def training(stage: dict) -> list[str]:
             "device (another generator, other samples).", "",
             "Training stream alone (simulation on the device), samples/s by batch: "
             + ", ".join(f"{k}: {v:,}" for k, v in (stage.get("stream_samples_per_second") or {}).items()), "",
+            "One step, ms by batch (the stream's batch / forward-backward-AdamW on a fixed batch / both with the "
+            "loop's .item()): " + "; ".join(f"{k}: {v['stream']} / {v['network_step_no_sync']} / "
+                                             f"{v['stream_and_step_with_item']}"
+                                             for k, v in (stage.get("step_breakdown_ms") or {}).items()), "",
             "| run | batch | lr | status | wall s | samples | samples/s | final val (shipped set) | reached shipped at |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in stage.get("runs", []):

@@ -65,6 +65,7 @@ TARGETS = {"network_patterns_per_second": 1_000_000, "scan_256_seconds": 0.5, "t
 MODELS = ("default", "unet-small", "seed", "neighbourhood")  # every packaged model (default = compact)
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STEP_PX = 0.87
+COMPILE_RESERVE_S = 30  # a torch.compile is not started with less of its stage's budget left (it takes 20-60 s)
 
 
 class BudgetSpent(Exception):
@@ -168,7 +169,8 @@ class Session:
         rec.update(patterns=len(positions), reference="CPU float32 eager", rows=[])
         engines = ["eager", "channels-last", "cuda-graphs", "compile"]
         for engine in engines:
-            for precision in PRECISIONS:
+            # bfloat16 first: the GPU's "auto" precision, and what a compile that the budget cuts should keep.
+            for precision in ("bfloat16", "float32", "float16"):
                 row = {"engine": engine, "precision": precision}
                 rec["rows"].append(row)
                 if engine == "cuda-graphs" and not self.cuda:
@@ -177,7 +179,7 @@ class Session:
                 if engine == "compile" and (self.args.quick or precision == "float16"):
                     row["status"] = "skipped: " + ("--quick" if self.args.quick else "time (float16 compile)")
                     continue
-                if time.perf_counter() > deadline:
+                if time.perf_counter() > deadline - (COMPILE_RESERVE_S if engine == "compile" else 0):
                     row["status"] = "skipped: stage budget"
                     continue
                 try:
@@ -225,17 +227,22 @@ class Session:
             nets[name] = (net.to(self.device), model.in_channels)
             log(f"  {name}: {rec['models'][name]}")
         # Most wanted first, so that what the stage budget cuts off is the least wanted: the default model
-        # with every cheap engine, torch.compile of it in bfloat16 at the two largest batches (tens of
-        # seconds per shape and precision), the other models, then the remaining compiles.
-        cheap_plan = [(name, b, p, e) for name in MODELS for b in batches for p in precisions for e in cheap]
+        # with every cheap engine (and cuDNN's autotuning), the other models, torch.compile of the default
+        # in bfloat16 at the two largest batches (tens of seconds per shape and precision), then the
+        # remaining compiles.
+        cheap_plan = [(name, b, p, e) for name in MODELS for b in batches for p in precisions for e in cheap
+                      if name == "default" or e != "cuda-graphs+channels-last"]
         compile_plan = [(n, b, p, "compile") for n in MODELS for p in ("bfloat16", "float32", "float16")
                         if p in precisions for b in sorted(batches, reverse=True)]
         if quick:
             compile_plan = []
             rec["compile"] = "skipped: --quick (a CPU compile takes ~30 s per shape)"
         first = [v for v in compile_plan if v[0] == "default" and v[2] == "bfloat16"][:2]
-        plan = ([v for v in cheap_plan if v[0] == "default"] + first + [v for v in cheap_plan if v[0] != "default"]
-                + [v for v in compile_plan if v not in first])
+        # cuDNN's own benchmark of convolution algorithms (a global switch, off by default and in the CLI).
+        autotuned = [("default", b, p, "channels-last+cudnn.benchmark") for b in batches for p in precisions
+                     if self.cuda]
+        plan = ([v for v in cheap_plan if v[0] == "default"] + autotuned + [v for v in cheap_plan if v[0] != "default"]
+                + first + [v for v in compile_plan if v not in first])
         inputs = {}
         for name, batch, precision, engine in plan:
             row = {"model": name, "batch": batch, "precision": precision, "engine": engine}
@@ -243,7 +250,7 @@ class Session:
             if engine.startswith("cuda-graphs") and not self.cuda:
                 row["status"] = "skipped: no CUDA"
                 continue
-            if time.perf_counter() > deadline:
+            if time.perf_counter() > deadline - (COMPILE_RESERVE_S if engine == "compile" else 0):
                 row["status"] = "skipped: stage budget"
                 continue
             net, channels = nets[name]
@@ -272,8 +279,12 @@ class Session:
             if row.get("status") == "ok" and row["patterns_per_second"] > best.get(row["model"], {}).get("patterns_per_second", 0):
                 best[row["model"]] = row
         rec["best"] = best
-        self.best_default = best.get("default")
-        log(f"  best default: {self.best_default}")
+        # What reconstruct() can use: the best default-model row among the pipeline's own engines.
+        usable = [r for r in rec["rows"] if r["model"] == "default" and r.get("status") == "ok"
+                  and r["engine"] in engines_mod.ENGINES]
+        self.best_default = max(usable, key=lambda r: r["patterns_per_second"]) if usable else None
+        rec["best_default_pipeline_engine"] = self.best_default
+        log(f"  best: {best}\n  best default with a pipeline engine: {self.best_default}")
 
     def time_variant(self, net, engine, precision, x, deadline):
         """Patterns/s of ``engine`` at ``precision`` on ``x``, after warm-up; peak memory; one-off cost."""
@@ -284,11 +295,12 @@ class Session:
             base = torch.cuda.memory_allocated(self.device)
         if engine == "compile":
             torch._dynamo.reset()  # a fresh compile per variant: no recompile limit, no dynamic batch axis
+        torch.backends.cudnn.benchmark = engine.endswith("+cudnn.benchmark")
         t0 = time.perf_counter()
         if engine == "cuda-graphs+channels-last":
             run = engines_mod._cuda_graphs(net, self.device, channels_last=True)
         else:
-            run = prepare_network(net, engine, self.device)
+            run = prepare_network(net, engine.removesuffix("+cudnn.benchmark"), self.device)
         autocast = (torch.autocast(self.device.type, dtype=cast) if cast is not None else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             run(x)  # compiles / captures here
@@ -316,6 +328,7 @@ class Session:
                 for _ in range(calls):
                     run(x)
                 seconds = time.perf_counter() - t1
+        torch.backends.cudnn.benchmark = False
         result = {"patterns_per_second": calls * len(x) / seconds, "calls": calls,
                   "ms_per_batch": round(1000 * seconds / calls, 3), "one_off_s": round(one_off, 2)}
         if self.cuda:
@@ -349,8 +362,6 @@ class Session:
         best = getattr(self, "best_default", None) or {}
         best_engine = best.get("engine", "eager")
         best_precision = best.get("precision", "bfloat16" if self.cuda else "float32")
-        if best_engine == "cuda-graphs+channels-last":
-            best_engine = "cuda-graphs"  # the pipeline's engines; the channels-last capture is the benchmark's
         # Most wanted first: what the CLI does by default, the network's best setting in one chunk, then
         # eager with the same batch, then chunks of 16,384 patterns (the CLI's default chunk).
         n = side * side
@@ -542,6 +553,8 @@ class Session:
             self.sync()
             rec["stream_samples_per_second"][size] = round(count * size / (time.perf_counter() - t0))
         log(f"  stream alone, samples/s by batch: {rec['stream_samples_per_second']}")
+        rec["step_breakdown_ms"] = self.step_breakdown(stream, mask, t, [32, 256] if not self.args.quick else [32])
+        log(f"  one training step, ms (stream / network step / both, as the loop does them): {rec['step_breakdown_ms']}")
         runs = [("shipped recipe", t["batch_size"], None, t["epochs"], t["steps_per_epoch"])]
         if self.args.quick:
             runs = [("shipped recipe (quick: 2 epochs of 5 steps)", t["batch_size"], None, 2, 5),
@@ -611,6 +624,41 @@ class Session:
                 shutil.copy2(best[1] / name, dest / name)
             rec["model_copied"] = {"run": best[2], "folder": "model/", "val_loss_shipped_set": best[0]}
 
+    def step_breakdown(self, stream, mask, t, sizes):
+        """Milliseconds of the stream's batch, of a forward-backward-AdamW step on a fixed batch, and of both
+        as the loop does them (the loop reads the loss with .item() every step: a synchronisation)."""
+        from deepphase.models import create_model
+        from deepphase.training.loss import masked_l1
+
+        out = {}
+        for size in sizes:
+            net = create_model(t["arch"]).to(self.device).train()
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+            gen = stream.generator(7, 0)
+            fixed = stream.batch(size, gen)
+
+            def step(batch):
+                loss = masked_l1(net(batch.amplitude), batch.target, mask, True)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                return loss
+
+            def timed(fn, reps):
+                fn()
+                self.sync()
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                self.sync()
+                return round(1000 * (time.perf_counter() - t0) / reps, 2)
+
+            reps = 3 if self.args.quick else 20
+            out[size] = {"stream": timed(lambda: stream.batch(size, gen), reps),
+                         "network_step_no_sync": timed(lambda: step(fixed), reps),
+                         "stream_and_step_with_item": timed(lambda: step(stream.batch(size, gen)).item(), reps)}
+        return out
+
     # -- g: summary --------------------------------------------------------------------------------
     def summary(self, rec, deadline):
         stages = self.results["stages"]
@@ -673,9 +721,9 @@ def main():
     args.seconds = args.seconds or (0.1 if args.quick else 0.25)
     session = Session(args)
     # Budgets (s) on a GPU, out of 440: training takes what the others leave (at least ~170 s).
-    plan = [("environment", session.environment, 15, False), ("correctness", session.correctness, 50, False),
-            ("network", session.network, 130, False), ("end_to_end", session.end_to_end, 60, False),
-            ("stitching", session.stitching, 15, False), ("training", session.training, None, False)]
+    plan = [("environment", session.environment, 15, False), ("correctness", session.correctness, 45, False),
+            ("network", session.network, 150, False), ("end_to_end", session.end_to_end, 55, False),
+            ("stitching", session.stitching, 10, False), ("training", session.training, None, False)]
     scale = args.budget_s / 440.0
     log(f"gpu_session: device {session.device}, run budget {args.budget_s:.0f} s, out {session.out}")
     try:
