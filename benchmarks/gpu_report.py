@@ -142,7 +142,9 @@ def end_to_end(stage: dict) -> list[str]:
                     f"{r['cold_wall_s']} | **{r['warm_wall_s']}** | {t['predict_s']} | {t['stitch_s']} | "
                     f"{t['engine_setup_s']} | {t['patterns_per_second']:,.0f} |")
     cli = stage.get("cli")
-    if cli:
+    if cli and "command" not in cli:
+        rows += ["", f"CLI: {cli.get('status')}"]
+    elif cli:
         rows += ["", f"CLI: `{cli['command']}`: wall {cli['wall_s']} s (exit {cli['returncode']}), peak resident "
                      f"memory {_num(cli.get('peak_rss_mb'))} MB, engine {cli.get('engine')}; its own timings "
                      f"{json.dumps(cli.get('timings'))}."]
@@ -150,7 +152,7 @@ def end_to_end(stage: dict) -> list[str]:
             rows += ["", "```", cli["stderr_tail"], "```"]
     prof = stage.get("profile")
     if prof:
-        rows += ["", "Where a warm run's time goes (cProfile, by own time):", "", "```",
+        rows += ["", f"Where a warm run's time goes ({json.dumps(prof.get('of'))}; cProfile, by own time):", "", "```",
                  prof.get("cprofile_tottime_top20", ""), "```"]
         if prof.get("torch_profiler_by_cuda_time"):
             rows += ["", "torch.profiler, by device time:", "", "```", prof["torch_profiler_by_cuda_time"], "```"]
