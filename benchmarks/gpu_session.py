@@ -194,7 +194,7 @@ class Session:
                     row["mean_abs_diff_rad"] = float(np.abs(got - reference).mean())
                     row["status"] = "ok"
                 except Exception as exc:
-                    row["status"] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+                    row["status"] = f"failed: {_why(exc)}"
                 log(f"  {engine:14s} {precision:9s} {row}")
                 model.network.cpu()
         for precision in ("float32", "bfloat16"):
@@ -266,7 +266,7 @@ class Session:
                 row["status"] = "out of memory"
                 inputs.clear()
             except Exception as exc:
-                row["status"] = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+                row["status"] = f"failed: {_why(exc)}"
             finally:
                 torch.backends.cudnn.benchmark = False  # also after a variant that failed
                 if self.cuda:
@@ -388,7 +388,7 @@ class Session:
                     try:
                         rec["cli"] = self.cli_run(big, side, deadline)
                     except Exception as exc:  # e.g. its time limit: the in-process runs still go on
-                        rec["cli"] = {"status": f"failed: {type(exc).__name__}: {str(exc).strip()[:300]}"}
+                        rec["cli"] = {"status": f"failed: {_why(exc)}"}
                 else:
                     rec["cli"] = {"status": "skipped: stage budget"}
                 self.save()
@@ -400,7 +400,7 @@ class Session:
                     try:
                         rec["profile"] = self.profile_reconstruct(frames, positions, model, best_run)
                     except Exception as exc:
-                        rec["profile"] = {"error": f"{type(exc).__name__}: {str(exc).strip()[:300]}"}
+                        rec["profile"] = {"error": _why(exc)}
                     rec["profile"]["of"] = {k: best_run[k] for k in ("engine", "precision", "batch_size", "chunk_size")}
                 self.save()
                 continue
@@ -426,7 +426,7 @@ class Session:
                 if best_run is None or run["warm_wall_s"] < best_run["warm_wall_s"]:
                     best_run = run
             except Exception as exc:
-                run["status"] = f"failed: {type(exc).__name__}: {str(exc).strip()[:300]}"
+                run["status"] = f"failed: {_why(exc)}"
             log(f"  {run}")
             self.save()
         rec["best"] = best_run
@@ -462,7 +462,7 @@ class Session:
             try:
                 out.update(self._torch_profile(frames, positions, model, kwargs))
             except Exception as exc:
-                out["torch_profiler_error"] = f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+                out["torch_profiler_error"] = _why(exc)
         return out
 
     def _torch_profile(self, frames, positions, model, kwargs):
@@ -642,7 +642,7 @@ class Session:
             except BudgetSpent as exc:
                 run["status"] = f"stopped by its time budget ({exc})"
             except Exception as exc:
-                run["status"] = f"failed: {type(exc).__name__}: {str(exc).strip()[:300]}"
+                run["status"] = f"failed: {_why(exc)}"
             run["wall_s"] = round(time.perf_counter() - t_run, 1)
             meta = folder / "model.json"
             if meta.exists():
@@ -725,6 +725,12 @@ def make_input(batch: int, channels: int, device) -> torch.Tensor:
     """Square roots of Poisson counts (mean 130 per pixel), as the network sees real data; seeded."""
     g = torch.Generator(device=device).manual_seed(0)
     return torch.poisson(torch.full((batch, channels, 32, 32), 130.0, device=device), generator=g).sqrt()
+
+
+def _why(exc: BaseException) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
 def _trim_pstats(text: str) -> str:
