@@ -565,11 +565,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty", type=int, default=0, metavar="N",
                    help="also write uncertainty.npy, a per-pixel standard deviation from N Monte Carlo dropout "
                         "samples (N extra predictions; see benchmarks/RESULTS.md for how well it is calibrated)")
-    p.add_argument("--engine", choices=["auto", "eager", "channels-last", "compile", "onnx"], default="auto",
+    p.add_argument("--engine", choices=["auto", "eager", "channels-last", "compile", "cuda-graphs", "onnx"],
+                   default="auto",
                    help="how the network runs: auto (default: on a CPU channels-last, or onnx for ≥ 131,072 patterns when "
                         "onnxruntime is installed; eager on a GPU), eager, channels-last (~1.3× eager on a CPU), "
-                        "compile (torch.compile: ~1.5×, after a 30-60 s compilation), onnx (ONNX Runtime, CPU: ~2.1×; "
-                        "pip install deepphase[onnx])")
+                        "compile (torch.compile: ~1.5×, after a 30-60 s compilation), cuda-graphs (CUDA only: the "
+                        "network replayed as one CUDA graph per batch size; unmeasured), onnx (ONNX Runtime, CPU: "
+                        "~2.1×; pip install deepphase[onnx])")
     p.add_argument("--ensemble", nargs="+", metavar="FOLDER",
                    help="further models for the same probe: the image is the mean of all, and uncertainty.npy their "
                         "per-pixel spread (instead of --uncertainty)")

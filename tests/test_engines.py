@@ -8,7 +8,7 @@ import torch
 
 from deepphase.errors import DeepPhaseError
 from deepphase.models import create_model
-from deepphase.reconstruction.engines import ENGINES, prepare_network
+from deepphase.reconstruction.engines import ENGINES, _GraphRunner, prepare_network
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 
@@ -31,7 +31,7 @@ def patterns(batch, n=16, seed=1):
     return torch.poisson(torch.full((batch, 1, n, n), 50.0), generator=g).sqrt()
 
 
-@pytest.mark.parametrize("engine", [e for e in ENGINES if e != "compile"] + [
+@pytest.mark.parametrize("engine", [e for e in ENGINES if e not in ("compile", "cuda-graphs")] + [
     pytest.param("compile", marks=pytest.mark.slow)])
 def test_engine_equals_eager(tiny, engine):
     if engine == "onnx" and not HAS_ORT:
@@ -56,7 +56,7 @@ def test_eager_is_the_network_itself(tiny):
 
 
 def test_unknown_engine_is_refused(tiny):
-    with pytest.raises(DeepPhaseError, match=r"engine: expected one of eager, channels-last, compile, onnx, got 'tensorrt'"):
+    with pytest.raises(DeepPhaseError, match=r"engine: expected one of eager, channels-last, compile, cuda-graphs, onnx, got 'tensorrt'"):
         prepare_network(tiny, "tensorrt")
 
 
@@ -145,3 +145,78 @@ def test_auto_engine_picks_by_device_size_and_what_is_installed(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
     assert resolve_engine("auto", "cpu", ONNX_AUTO_MIN_PATTERNS) == "onnx"
     assert resolve_engine("auto", "cpu", ONNX_AUTO_MIN_PATTERNS, precision="bfloat16") == "channels-last"
+
+
+def test_cuda_graphs_on_a_cpu_is_refused(tiny):
+    with pytest.raises(DeepPhaseError, match=r"engine: 'cuda-graphs' needs a CUDA device .* device 'cpu'"):
+        prepare_network(tiny, "cuda-graphs", "cpu")
+
+
+def test_cli_accepts_cuda_graphs_and_names_the_device_it_needs(tmp_path, capsys):
+    from deepphase.cli import main
+
+    data = tmp_path / "scan.npy"
+    np.save(data, np.ones((16, 32, 32), dtype=np.float32))
+    status = main(["reconstruct", str(data), "--scan-shape", "4", "4", "--step", "0.87", "--input", "amplitude",
+                   "--engine", "cuda-graphs", "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert status == 2
+    assert "'cuda-graphs' needs a CUDA device" in capsys.readouterr().err
+
+
+def _cpu_capture(captures):
+    """A stand-in for the CUDA capture: static buffers and a 'replay' that runs the network into them."""
+    def capture(network, example):
+        static_in = example.clone()
+        static_out = network(static_in).clone()
+        captures.append((len(example), torch.is_autocast_enabled("cpu")))
+
+        def replay():
+            static_out.copy_(network(static_in))
+
+        return static_in, static_out, replay
+
+    return capture
+
+
+def test_graph_runner_pads_small_batches_and_captures_per_size_and_autocast(tiny):
+    """The buffer logic of the 'cuda-graphs' engine, with the CUDA capture replaced by a CPU stand-in."""
+    captures = []
+    run = _GraphRunner(tiny, torch.device("cpu"), capture=_cpu_capture(captures))
+    x6, x8 = patterns(6), patterns(8, seed=2)
+    with torch.inference_mode():
+        first = run(x6)
+        np.testing.assert_allclose(first.numpy(), tiny(x6).numpy(), atol=1e-5)
+        small = run(x6[:3])  # replayed in the batch-6 graph, its last rows stale
+        np.testing.assert_allclose(small.numpy(), tiny(x6[:3]).numpy(), atol=1e-5)
+        assert captures == [(6, False)]
+        # A returned batch is a copy: the next replay does not change it.
+        run(x8[:5])
+        np.testing.assert_allclose(first.numpy(), tiny(x6).numpy(), atol=1e-5)
+        np.testing.assert_allclose(run(x8).numpy(), tiny(x8).numpy(), atol=1e-5)  # larger: a new graph
+        assert captures == [(6, False), (8, False)]
+        np.testing.assert_allclose(run(x8[:7]).numpy(), tiny(x8[:7]).numpy(), atol=1e-5)
+        assert len(captures) == 2
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = run(x6)  # another autocast setting is another graph, captured under it
+        assert captures[-1] == (6, True)
+        assert float((half.float() - tiny(x6)).abs().max()) < 0.1
+    # The caller's network is neither moved to channels_last nor frozen.
+    assert all(p.is_contiguous() and p.requires_grad for p in tiny.parameters())
+    cl = _GraphRunner(tiny, torch.device("cpu"), channels_last=True, capture=_cpu_capture([]))
+    with torch.inference_mode():
+        np.testing.assert_allclose(cl(x6).numpy(), tiny(x6).numpy(), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graphs_equal_eager_on_a_gpu(tiny):
+    import copy
+
+    net = copy.deepcopy(tiny).to("cuda")
+    x = patterns(6).to("cuda")
+    with torch.inference_mode():
+        expected = net(x)
+        run = prepare_network(net, "cuda-graphs", "cuda")
+        assert float((run(x) - expected).abs().max()) < 1e-4
+        assert float((run(x[:3]) - expected[:3]).abs().max()) < 1e-4
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert float((run(x).float() - expected).abs().max()) < 0.1

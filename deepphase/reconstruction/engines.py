@@ -11,12 +11,17 @@ difference). Which one is fastest depends on the machine: see benchmarks/section
 * ``"compile"``: ``torch.compile`` of a copy (inductor; needs a C++ compiler on the CPU). The first call
   compiles, which takes tens of seconds; smaller batches (a scan's last one) are padded to the largest
   batch seen so far, so that they do not compile again.
+* ``"cuda-graphs"``: a copy of the network whose forward pass is captured once per batch size in a CUDA
+  graph (``torch.cuda.CUDAGraph``, static input and output buffers) and replayed: one launch per batch
+  instead of one per kernel. CUDA only. A smaller batch (a scan's last one) is copied into the buffer of
+  the smallest captured batch that holds it; the autocast setting of the call is part of what is
+  captured (another setting captures another graph).
 * ``"onnx"``: the network exported with ``torch.onnx.export`` (batch axis dynamic) at the first call
   (a few seconds) and run by ONNX Runtime's CPU execution provider with as many threads as PyTorch
   uses. CPU only; needs ``pip install deepphase[onnx]``.
 
 Only ``"eager"`` and ``"channels-last"`` keep dropout layers that are in training mode (Monte Carlo
-dropout); ``"compile"`` and ``"onnx"`` refuse such a network.
+dropout); ``"compile"``, ``"cuda-graphs"`` and ``"onnx"`` refuse such a network.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 
 from ..errors import DeepPhaseError
 
-ENGINES = ("eager", "channels-last", "compile", "onnx")
+ENGINES = ("eager", "channels-last", "compile", "cuda-graphs", "onnx")
 # ONNX Runtime's export (~4 s with its imports) pays for itself at about 65,536 patterns: end to end on a
 # 256×256 scan (2 cores, quiet) it predicted at 6,300 patterns/s where channels-last did 4,500, and the
 # whole command took 16.4 s against 16.8 s (RESULTS §4). Auto picks it from twice that.
@@ -101,6 +106,92 @@ def _compiled(network: torch.nn.Module) -> Network:
 
     return run
 
+# CUDA graphs. Why a hand-made torch.cuda.CUDAGraph rather than torch.compile(mode="reduce-overhead"):
+# the network's kernels stay eager PyTorch's (cuDNN convolutions, autocast), so the graph computes
+# exactly what "eager" computes; capturing costs a few warm-up passes (well under a second), not the
+# tens of seconds per batch shape that inductor takes; and nothing beyond CUDA is needed (no Triton,
+# no C++ compiler). The launch overhead it removes is what limits a small network at small batches;
+# whether it pays at the batches a scan uses is for benchmarks/gpu_session.py to measure.
+def _autocast_key(device_type: str) -> tuple:
+    """The autocast state of the current call, for ``device_type`` (part of what a graph captures)."""
+    if not torch.is_autocast_enabled(device_type):
+        return (False, None)
+    return (True, torch.get_autocast_dtype(device_type))
+
+
+def _capture_cuda_graph(network: torch.nn.Module, example: torch.Tensor) -> tuple:
+    """(static input, static output, replay) of ``network`` captured on ``example``'s shape.
+
+    Run under the autocast setting of the caller, with the autocast weight cache off (a cached cast
+    would be freed when the caller's autocast region ends while the graph still reads it).
+    """
+    static_in = example.clone()
+    stream = torch.cuda.Stream(device=example.device)
+    stream.wait_stream(torch.cuda.current_stream(example.device))
+    with torch.cuda.stream(stream):  # warm-up outside the graph: cuDNN picks its algorithms here
+        for _ in range(2):
+            network(static_in)
+    torch.cuda.current_stream(example.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a memory pool of its own: graphs may be replayed in any order
+        static_out = network(static_in)
+    return static_in, static_out, graph.replay
+
+
+class _GraphRunner:
+    """Replays a captured forward pass per (batch size, autocast setting); pads smaller batches.
+
+    ``capture(network, example) -> (static_in, static_out, replay)`` is the CUDA capture above;
+    the tests give a CPU stand-in to check the buffer logic without a GPU.
+    """
+
+    def __init__(self, network: torch.nn.Module, device: torch.device, channels_last: bool = False,
+                 capture=_capture_cuda_graph):
+        net = copy.deepcopy(network).eval()
+        for p in net.parameters():
+            p.requires_grad_(False)  # nothing to differentiate, and no autocast weight cache
+        self.channels_last = channels_last
+        self.network = net.to(memory_format=torch.channels_last) if channels_last else net
+        self.device = device
+        self.capture = capture
+        self.graphs: dict = {}  # (batch, autocast key) -> (static_in, static_out, replay)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        autocast = _autocast_key(self.device.type)
+        count = len(x)
+        sizes = [size for size, key in self.graphs if key == autocast and size >= count]
+        # The caller's autocast again, with its weight cache off; none if the caller has none.
+        cast = (torch.autocast(self.device.type, dtype=autocast[1], cache_enabled=False) if autocast[0]
+                else contextlib.nullcontext())
+        with torch.inference_mode(), cast:
+            if sizes:
+                static_in, static_out, replay = self.graphs[(min(sizes), autocast)]
+                static_in[:count].copy_(x)  # rows beyond count keep earlier (finite) patterns: independent
+            else:
+                example = x.contiguous(memory_format=torch.channels_last) if self.channels_last else x.contiguous()
+                try:
+                    static_in, static_out, replay = self.capture(self.network, example)
+                except Exception as exc:
+                    if isinstance(exc, DeepPhaseError):
+                        raise
+                    line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                    raise DeepPhaseError(
+                        f"engine: capturing a CUDA graph failed ({type(exc).__name__}: {line[:300]}); "
+                        "use the 'eager' engine"
+                    ) from exc
+                self.graphs[(count, autocast)] = (static_in, static_out, replay)
+            replay()
+            return static_out[:count].clone()  # the buffer is overwritten by the next replay
+
+
+def _cuda_graphs(network: torch.nn.Module, device: torch.device, channels_last: bool = False) -> Network:
+    if device.type != "cuda":
+        raise DeepPhaseError(
+            f"engine: 'cuda-graphs' needs a CUDA device (it captures CUDA graphs), but device {str(device)!r} "
+            "was asked for; use 'eager', 'channels-last' or 'compile'"
+        )
+    return _GraphRunner(network, device, channels_last)
+
 
 def _export_onnx(network: torch.nn.Module, example: torch.Tensor) -> bytes:
     """The network as a serialised ONNX model with a dynamic batch axis."""
@@ -167,9 +258,10 @@ def prepare_network(model, engine: str = "eager", device: str | torch.device = "
         dropout layers were deliberately put in training mode, should be in eval mode. ``"eager"``
         returns it as is; the other engines work on a copy, so the caller's network is not changed.
     engine : str
-        One of :data:`ENGINES`: ``"eager"`` (default), ``"channels-last"``, ``"compile"``, ``"onnx"``.
+        One of :data:`ENGINES`: ``"eager"`` (default), ``"channels-last"``, ``"compile"``, ``"cuda-graphs"``,
+        ``"onnx"``.
     device : str or torch.device
-        Where the network runs. ``"onnx"`` runs on the CPU only.
+        Where the network runs. ``"onnx"`` runs on the CPU only, ``"cuda-graphs"`` on a CUDA device only.
     threads : int, optional
         ONNX Runtime's intra-op threads (default: ``torch.get_num_threads()``); ignored by the others.
 
@@ -182,8 +274,9 @@ def prepare_network(model, engine: str = "eager", device: str | torch.device = "
     Raises
     ------
     DeepPhaseError
-        An unknown engine name; ``"onnx"`` without onnxruntime or on a GPU; ``"compile"`` or ``"onnx"``
-        with dropout active (Monte Carlo dropout needs ``"eager"`` or ``"channels-last"``).
+        An unknown engine name; ``"onnx"`` without onnxruntime or on a GPU; ``"cuda-graphs"`` without a
+        CUDA device; ``"compile"``, ``"cuda-graphs"`` or ``"onnx"`` with dropout active (Monte Carlo
+        dropout needs ``"eager"`` or ``"channels-last"``).
     """
     if engine not in ENGINES:
         raise DeepPhaseError(f"engine: expected one of {', '.join(ENGINES)}, got {engine!r}")
@@ -192,7 +285,9 @@ def prepare_network(model, engine: str = "eager", device: str | torch.device = "
         raise DeepPhaseError(f"engine: expected a PhaseModel or a torch.nn.Module, got {type(model).__name__}")
     device = torch.device(device)
     network = network.to(device)
-    if engine in ("compile", "onnx") and _active_dropout(network):
+    if engine == "cuda-graphs" and device.type != "cuda":
+        return _cuda_graphs(network, device)  # raises: before the dropout check, whose advice does not apply
+    if engine in ("compile", "cuda-graphs", "onnx") and _active_dropout(network):
         raise DeepPhaseError(
             f"engine: {engine!r} cannot sample Monte Carlo dropout (uncertainty); use 'eager' or 'channels-last'"
         )
@@ -202,6 +297,8 @@ def prepare_network(model, engine: str = "eager", device: str | torch.device = "
         return _channels_last(network)
     if engine == "compile":
         return _compiled(network)
+    if engine == "cuda-graphs":
+        return _cuda_graphs(network, device)
     if device.type != "cpu":
         raise DeepPhaseError(f"engine: 'onnx' runs on the CPU only, but device {str(device)!r} was asked for")
     return _onnx(network, threads)
