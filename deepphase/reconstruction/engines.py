@@ -4,7 +4,7 @@
 callable ``(B, 1, n, n) float32 tensor -> (B, 1, out, out) tensor`` on the requested device, to be used
 wherever ``network(x)`` was called. Every engine computes the same float32 function; on the packaged
 models the outputs agree with eager to ~1e-6 rad (benchmarks/bench_engines.py measures speed and
-difference). Which one is fastest depends on the machine: see benchmarks/sections/engines.md.
+difference). Which one is fastest depends on the machine: see benchmarks/RESULTS.md, sections 12 (CPU) and 18 (the prepared GPU session).
 
 * ``"eager"`` (default): the network itself, unchanged.
 * ``"channels-last"``: a copy of the network with weights, and every input, in ``torch.channels_last``.
