@@ -72,6 +72,8 @@ def test_the_likelihood_does_not_pull_on_the_phase_and_clamps_the_scale(probe):
 
 @pytest.mark.parametrize("arch, form", [("compact", "shared"), ("compact", "detached"), ("unet-small", "shared")])
 def test_the_head_is_a_second_channel_and_the_model_file_restores_it(probe, tmp_path, arch, form):
+    with pytest.raises(DeepPhaseError, match="sigma_head"):
+        create_model("unet-small", sigma_head="detached")  # the U-Nets have the shared form only
     net = create_model(arch, sigma_head=form).eval()
     assert has_sigma_head(net) and not has_sigma_head(create_model(arch))
     x = torch.rand(3, 1, 32, 32)

@@ -44,6 +44,8 @@ def create_model(name: str, **config) -> torch.nn.Module:
         return _REGISTRY[name](**config)
     except TypeError as exc:  # a config key the architecture does not take (e.g. in_channels)
         raise DeepPhaseError(f"arch: architecture {name!r} does not take the configuration {config} ({exc})") from exc
+    except ValueError as exc:  # a value it does not take (its message names the argument)
+        raise DeepPhaseError(f"arch: architecture {name!r}: {exc}") from exc
 
 
 def input_channels(model: torch.nn.Module) -> int:
