@@ -63,7 +63,8 @@ def _cmd_train(args) -> None:
                                              phase_range=tuple(args.phase_range),
                                              phase_scale=args.phase_scale), seed=args.seed,
                          val_size=args.val_size, device=args.device, half=args.half, loss=args.loss,
-                         neighbourhood=args.neighbourhood, neighbourhood_step_px=args.neighbourhood_step)
+                         neighbourhood=args.neighbourhood, neighbourhood_step_px=args.neighbourhood_step,
+                         sigma_head=args.sigma_head, sigma_weight=args.sigma_weight)
     geometry = Geometry(n_px=probe.shape[0])
     command = "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     command = getattr(args, "command_line", None) or command  # set by deepphase.train (torchrun processes)
@@ -280,7 +281,8 @@ def _cmd_reconstruct(args) -> None:
             try:
                 rec = reconstruct(amplitudes, positions, model, stitching=args.stitching,
                                   batch_size=args.batch_size, device=args.device, sampling=args.pixel_size,
-                                  precision=args.precision, uncertainty_samples=args.uncertainty,
+                                  precision=args.precision, uncertainty_samples=_dropout_samples(args.uncertainty),
+                                  sigma_head=args.uncertainty == "head",
                                   chunk_size=args.chunk_size, checkpoint=partial, resume=args.resume,
                                   fingerprint=_data_fingerprint(args, kind, view), ensemble=args.ensemble or (),
                                   sigma_scale=args.sigma_scale, engine=args.engine, deblur=_DEBLUR[args.deblur])
@@ -379,19 +381,40 @@ def _reconstruct_on_cluster(args, positions, kind, view):
                                        scan_shape=args.scan_shape, kind=kind, transform=transform,
                                        stitching=args.stitching, batch_size=args.batch_size,
                                        device=args.device, sampling=args.pixel_size,
-                                       uncertainty_samples=args.uncertainty, precision=args.precision,
+                                       uncertainty_samples=_dropout_samples(args.uncertainty),
+                                       sigma_head=args.uncertainty == "head", precision=args.precision,
                                        sigma_scale=args.sigma_scale, deblur=_DEBLUR[args.deblur])
 
 
+def _uncertainty_argument(text: str):
+    """``--uncertainty``: a number of Monte Carlo dropout samples, or 'head' (the model's σ head)."""
+    if text == "head":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of dropout samples or 'head', got {text!r}") from None
+
+
+def _dropout_samples(value) -> int:
+    return 0 if value == "head" else int(value)
+
+
 def _cmd_calibrate_uncertainty(args) -> None:
+    from .models.modelfile import load_model
+    from .models.registry import has_sigma_head
     from .reconstruction.uncertainty import fit_sigma_scale, save_sigma_scale
 
     if args.model is None or not (Path(args.model) / "model.json").exists():
         raise DeepPhaseError(f"model: expected a model folder with a model.json, got {args.model!r} (the packaged "
                              "models are calibrated already)")
-    result = fit_sigma_scale(args.model, n_scans=args.scans, side=args.side, samples=args.samples, seed=args.seed)
+    model = load_model(args.model)
+    method = args.method if args.method != "auto" else ("head" if has_sigma_head(model.network) else "dropout")
+    result = fit_sigma_scale(model, n_scans=args.scans, side=args.side, samples=args.samples, seed=args.seed,
+                             method=method)
     save_sigma_scale(args.model, result)
-    print(f"Monte Carlo dropout σ × {result['sigma_scale']:.3g} covers 68 % of the error on {args.scans} simulated scans "
+    what = "the σ head's σ" if method == "head" else "Monte Carlo dropout σ"
+    print(f"{what} × {result['sigma_scale']:.3g} covers 68 % of the error on {args.scans} simulated scans "
           f"(raw σ covered {100 * result['within_1sigma_raw']:.1f} % within ±1σ; scaled, "
           f"{100 * result['within_2sigma_scaled']:.1f} % within ±2σ); stored in {args.model}/model.json")
 
@@ -420,6 +443,15 @@ def _cmd_evaluate(args) -> None:
         if name in harness.list_methods():
             raise DeepPhaseError(f"model: the name {name!r} is taken by a built-in method; choose another")
         harness.register_method(name, f"model {path}, pairwise stitching, plane removed")(harness.network_method(path))
+        extra.append(name)
+    for item in args.sigma_head or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DeepPhaseError(f"sigma-head: expected NAME=MODEL_FOLDER, got {item!r}")
+        if name in harness.list_methods():
+            raise DeepPhaseError(f"sigma-head: the name {name!r} is taken by a built-in method; choose another")
+        harness.register_method(name, f"model {path} with its σ head: σ from the same forward pass × its fitted factor")(
+            harness.network_method(path, sigma_head=True))
         extra.append(name)
     for item in args.ensemble or []:
         name, sep, paths = item.partition("=")
@@ -483,6 +515,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neighbourhood-step", type=float, default=REFERENCE_STEP_PX, metavar="PX",
                    help=f"scan step of the neighbourhood in real-space pixels (default {REFERENCE_STEP_PX:.4g}, "
                         "the reference scan's)")
+    p.add_argument("--sigma-head", nargs="?", const="shared", choices=["shared", "detached"],
+                   help="also train a second output channel that predicts each pixel's error scale (Laplace "
+                        "likelihood; its gradient does not reach the phase, which the L1 loss trains as without "
+                        "it): 'shared' (the default form) makes it from the phase's features, which it also "
+                        "shapes; 'detached' (compact only) from a small branch that reads them without changing "
+                        "them. 'reconstruct --uncertainty head' then writes σ from the same forward pass")
+    p.add_argument("--sigma-weight", type=float, default=1.0, metavar="W",
+                   help="with --sigma-head: weight of its likelihood beside the phase's L1 loss (default 1; the "
+                        "likelihood does not pull on the phase, but it shares the network's features)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-size", type=int, default=512)
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default auto)")
@@ -562,9 +603,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="network arithmetic (default auto: bfloat16 on a GPU, float32 on a CPU)")
-    p.add_argument("--uncertainty", type=int, default=0, metavar="N",
-                   help="also write uncertainty.npy, a per-pixel standard deviation from N Monte Carlo dropout "
-                        "samples (N extra predictions; see benchmarks/RESULTS.md for how well it is calibrated)")
+    p.add_argument("--uncertainty", type=_uncertainty_argument, default=0, metavar="N|head",
+                   help="also write uncertainty.npy, a per-pixel standard deviation: from N Monte Carlo dropout "
+                        "samples (N extra predictions), or 'head': from the σ head of a model trained with "
+                        "--sigma-head (no extra prediction); see benchmarks/RESULTS.md for how well each is calibrated")
     p.add_argument("--engine", choices=["auto", "eager", "channels-last", "compile", "cuda-graphs", "onnx"],
                    default="auto",
                    help="how the network runs: auto (default: on a CPU channels-last, or onnx for ≥ 131,072 patterns when "
@@ -599,13 +641,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate-uncertainty", help="fit the factor that makes a model's --uncertainty cover 68 %% "
                                                      "of the error, on scans simulated from its training corpus",
                        description="Simulates scans of new objects from the model's training corpus at its training "
-                                   "dose(s), reconstructs them with Monte Carlo dropout, and stores in model.json the "
-                                   "factor k for which k·σ covers 68 %% of the actual error. 'reconstruct "
-                                   "--uncertainty N' then applies it.")
+                                   "dose(s), reconstructs them with Monte Carlo dropout (or the model's σ head), and "
+                                   "stores in model.json the factor k for which k·σ covers 68 %% of the actual error. "
+                                   "'reconstruct --uncertainty N' (or '--uncertainty head') then applies it.")
     p.add_argument("--model", required=True, help="model folder (its model.json gets the factor)")
     p.add_argument("--scans", type=int, default=6, help="simulated scans (default 6)")
     p.add_argument("--side", type=int, default=32, help="positions per scan side (default 32)")
     p.add_argument("--samples", type=int, default=8, help="dropout samples, as you will reconstruct with (default 8)")
+    p.add_argument("--method", choices=["auto", "dropout", "head"], default="auto",
+                   help="whose σ to calibrate: Monte Carlo dropout's, or the σ head's (default auto: the head if "
+                        "the model has one); stored under 'uncertainty' or 'uncertainty_head' in model.json")
     p.add_argument("--seed", type=int, default=20261125)
     p.set_defaults(func=_cmd_calibrate_uncertainty)
 
@@ -637,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", action="append", metavar="NAME=FOLDER,FOLDER,...",
                    help="add an ensemble of models as a method: the mean image and their spread as σ (repeatable)")
     p.add_argument("--sigma-scale", type=float, help="factor on the ensembles' spread (default 1)")
+    p.add_argument("--sigma-head", action="append", metavar="NAME=FOLDER",
+                   help="add a model trained with --sigma-head as a method whose σ (from its head, with its fitted "
+                        "factor) is scored beside its image (repeatable)")
     p.add_argument("--seed-model", help="model folder of the seed's method (seed-unet, --preset seed); adds "
                                         "'seed-method' with the seed's stitching")
     p.add_argument("--seed", type=int, default=0)

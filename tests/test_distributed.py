@@ -259,3 +259,26 @@ def test_distributed_neighbourhood_model_equals_the_single_process_one(scan_file
     reference = reconstruct(AmplitudeView(load_scan(path).frames, "counts"), positions, "neighbourhood", progress=False)
     rec = reconstruct_distributed(path, positions, "neighbourhood", client, tile_size=40, kind="counts")
     np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("stitching", ["pairwise", "least-squares"])
+def test_distributed_sigma_head_map_equals_the_single_process_one(scan_file, client, tmp_path, stitching):
+    """The σ head's patches travel as reductions (pairwise) or whole (least squares) and blend to the same map."""
+    from deepphase.data.io import AmplitudeView, load_scan
+    from deepphase.models.modelfile import PhaseModel, save_model
+    from deepphase.physics import reference_probe
+    from deepphase.reconstruction.distributed import reconstruct_distributed
+    from deepphase.reconstruction.pipeline import reconstruct
+
+    torch.manual_seed(0)
+    net = create_model("compact", sigma_head="shared").eval()  # untrained: any two-channel function will do
+    folder = save_model(PhaseModel(net, "compact", {"n_px": 32, "out_px": 32, "sigma_head": "shared"},
+                                   reference_probe(), Geometry()), tmp_path / "head")
+    path, positions = scan_file
+    reference = reconstruct(AmplitudeView(load_scan(path).frames, "counts"), positions, folder, stitching=stitching,
+                            sigma_head=True, progress=False)
+    rec = reconstruct_distributed(path, positions, folder, client, tile_size=40, kind="counts", stitching=stitching,
+                                  sigma_head=True)
+    assert rec.uncertainty.shape == rec.phase.shape and np.nanmin(rec.uncertainty) > 0
+    np.testing.assert_allclose(rec.uncertainty, reference.uncertainty, rtol=1e-5)
+    assert rec.processing["uncertainty"]["method"] == "σ head"

@@ -122,10 +122,12 @@ def _model(path):
 
 def network_method(model_path=None, stitching: str = "pairwise", remove_plane: bool = True,
                    uncertainty_samples: int = 0, ensemble=(), sigma_scale: float | None = None,
-                   deblur: bool | str = "auto") -> Method:
+                   deblur: bool | str = "auto", sigma_head: bool = False) -> Method:
     """A method that runs :func:`deepphase.reconstruction.pipeline.reconstruct` with a model file.
 
     ``ensemble``: further model folders; the image is the members' mean and σ their spread (× ``sigma_scale``).
+    ``sigma_head``: σ from the model's σ head (a model trained with ``--sigma-head``), with its fitted factor.
+    The notes carry the factor applied to σ (``sigma_scale``), from which the harness also scores the raw σ.
     """
 
     def run(case: Case, probe: np.ndarray) -> MethodResult:
@@ -135,7 +137,8 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
         t0 = time.perf_counter()
         rec = reconstruct(case.scan.amplitude, case.scan.positions, model, stitching=stitching,
                           remove_plane=remove_plane, progress=False, uncertainty_samples=uncertainty_samples,
-                          ensemble=[_model(m) for m in ensemble], sigma_scale=sigma_scale, deblur=deblur)
+                          ensemble=[_model(m) for m in ensemble], sigma_scale=sigma_scale, deblur=deblur,
+                          sigma_head=sigma_head)
         seconds = time.perf_counter() - t0
         # rec.full ends at the last covered pixel; the harness compares on the whole object grid.
         phase = np.full(case.scan.truth.shape, np.nan)
@@ -147,8 +150,12 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
             r0, c0 = rec.origin_px
             h, w = min(rec.uncertainty.shape[0], sigma.shape[0] - r0), min(rec.uncertainty.shape[1], sigma.shape[1] - c0)
             sigma[r0 : r0 + h, c0 : c0 + w] = rec.uncertainty[:h, :w]
-        return MethodResult(phase, seconds, {"model": model.name, "arch": model.arch, "stitching": stitching,
-                                             "deblurred": rec.processing["deblurred"]}, sigma)
+        notes = {"model": model.name, "arch": model.arch, "stitching": stitching,
+                 "deblurred": rec.processing["deblurred"]}
+        if rec.processing.get("uncertainty"):
+            notes.update({"uncertainty": rec.processing["uncertainty"]["method"],
+                          "sigma_scale": rec.processing["uncertainty"]["sigma_scale"]})
+        return MethodResult(phase, seconds, notes, sigma)
 
     return run
 
@@ -333,6 +340,10 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
             if res.sigma is not None:
                 cover = metrics.uncertainty_coverage(phase, truth, np.where(region, res.sigma, np.nan)[box])
                 figures.update({k: cover[k] for k in ("within_1sigma", "within_2sigma", "mean_sigma")})
+                scale = (res.notes or {}).get("sigma_scale")
+                if scale and scale > 0:  # the raw σ too: what the calibration factor had to correct
+                    raw = metrics.uncertainty_coverage(phase, truth, np.where(region, res.sigma / scale, np.nan)[box])
+                    figures.update({"within_1sigma_raw": raw["within_1sigma"], "within_2sigma_raw": raw["within_2sigma"]})
             rows.append({"specimen": case.label, "forward": case.forward, "dose_e_per_pattern": case.dose,
                          "dose_e_per_A2": case.dose_per_area, "method": name, "seconds": round(res.seconds, 3),
                          **{k: v for k, v in figures.items()}, **({"notes": res.notes} if res.notes else {})})
@@ -350,7 +361,8 @@ _TABLE_COLUMNS = [("specimen", "{}"), ("dose_e_per_pattern", "{:,.0f}"), ("dose_
                   ("method", "{}"), ("correlation", "{:.3f}"), ("correlation_aligned", "{:.3f}"),
                   ("fitted_rmse", "{:.3f}"), ("scale", "{:.2f}"), ("ssim", "{:.3f}"),
                   ("frc_resolution_0.5", "{:.2f}"), ("frc_resolution_1/7", "{:.2f}"), ("seconds", "{:.2f}"),
-                  ("within_1sigma", "{:.2f}"), ("within_2sigma", "{:.2f}")]
+                  ("within_1sigma", "{:.2f}"), ("within_2sigma", "{:.2f}"), ("mean_sigma", "{:.3f}"),
+                  ("within_1sigma_raw", "{:.2f}"), ("within_2sigma_raw", "{:.2f}")]
 
 
 def markdown_table(rows) -> str:

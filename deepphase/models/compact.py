@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register_model
+from .registry import SIGMA_HEADS, register_model
 from .unet import normalise_amplitude
 
 
@@ -65,6 +65,13 @@ class _SpatialMixer(nn.Module):
 class CompactPhaseNet(nn.Module):
     """(B, C, n, n) diffraction amplitudes → (B, 1, out, out) phase patches, predicted at ``n/4``.
 
+    ``sigma_head`` adds a second output channel, the log of the scale b of a Laplace distribution of
+    each pixel's error (σ = √2·b), trained by :func:`deepphase.training.loss.laplace_nll`; channel 0
+    stays the phase. ``"shared"`` (or True): the 1×1 head makes both channels from the same features, so
+    the likelihood also shapes the features. ``"detached"``: a small branch of its own (3×3 conv, ReLU,
+    1×1 conv at 8×8) reads the decoder's features with their gradient stopped, so the phase trains
+    exactly as without it (same initial weights too: the branch is made last).
+
     ``C = in_channels``: 1 for one pattern per position (the seed's input), 9 for the 3×3
     neighbourhood of adjacent scan positions (channel ``3·(dr+1) + (dc+1)`` holds the pattern one
     step ``(dr, dc)`` away; see :mod:`deepphase.reconstruction.neighbourhood`). Only the stem sees
@@ -72,7 +79,7 @@ class CompactPhaseNet(nn.Module):
     """
 
     def __init__(self, n_px: int = 32, out_px: int = 32, widths=(16, 32, 64, 96), dropout: float = 0.1,
-                 in_channels: int = 1):
+                 in_channels: int = 1, sigma_head: bool = False):
         super().__init__()
         if n_px % 8:
             raise ValueError(f"n_px: the compact network needs a multiple of 8 pixels, got {n_px}")
@@ -81,6 +88,9 @@ class CompactPhaseNet(nn.Module):
         w0, w1, w2, w3 = widths
         self.out_px = out_px
         self.in_channels = int(in_channels)
+        self.sigma_head = SIGMA_HEADS.get(sigma_head) if not isinstance(sigma_head, str) else sigma_head
+        if self.sigma_head not in (None, "shared", "detached"):
+            raise ValueError(f"sigma_head: expected False, 'shared' or 'detached', got {sigma_head!r}")
         self.stem = _conv_bn_relu(self.in_channels, w0)
         self.down1 = _conv_bn_relu(w0, w1, stride=2)  # n/2
         self.down2 = nn.Sequential(_conv_bn_relu(w1, w2, stride=2), _Residual(w2, dropout))  # n/4
@@ -88,21 +98,31 @@ class CompactPhaseNet(nn.Module):
         self.mixer = _SpatialMixer(w3, (n_px // 8) ** 2)
         self.fuse = _conv_bn_relu(w3 + w2, w2, kernel=1)
         self.decode = _Residual(w2, dropout)
-        self.head = nn.Conv2d(w2, 1, 1)
+        # Channel 1 (with the σ head): log of the Laplace scale of each pixel's error (see training.loss).
+        self.head = nn.Conv2d(w2, 2 if self.sigma_head == "shared" else 1, 1)
+        if self.sigma_head == "detached":
+            self.sigma_branch = nn.Sequential(nn.Conv2d(w2, w2 // 2, 3, padding=1), nn.ReLU(inplace=True),
+                                              nn.Conv2d(w2 // 2, 1, 1))
 
     def forward(self, x):
         x = self.stem(normalise_amplitude(x))
         skip = self.down2(self.down1(x))
         x = self.mixer(self.down3(skip))
         x = F.interpolate(x, scale_factor=2, mode="nearest")
-        x = self.head(self.decode(self.fuse(torch.cat([x, skip], 1))))
+        features = self.decode(self.fuse(torch.cat([x, skip], 1)))
+        x = self.head(features)
+        if self.sigma_head == "detached":
+            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
         return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
 
 
 @register_model("compact")
-def compact(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1) -> CompactPhaseNet:
+def compact(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1,
+            sigma_head: bool | str = False) -> CompactPhaseNet:
     """The compact network (see the module docstring): for live reconstruction on CPUs and GPUs.
 
-    ``in_channels=9`` takes a 3×3 neighbourhood of patterns per position instead of one.
+    ``in_channels=9`` takes a 3×3 neighbourhood of patterns per position instead of one;
+    ``sigma_head`` ("shared" or True, or "detached") also predicts each pixel's log error scale (a
+    second output channel; see :class:`CompactPhaseNet`).
     """
-    return CompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels)
+    return CompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels, sigma_head=sigma_head)

@@ -3,7 +3,9 @@
 An architecture is a function ``(**config) -> torch.nn.Module`` that maps diffraction amplitudes
 (B, C, n, n) to phase patches (B, 1, out, out). ``C`` is the config's ``in_channels`` (default 1: one
 pattern per position; 9: the 3×3 neighbourhood of adjacent positions); the module records it as its
-``in_channels`` attribute. Register one with :func:`register_model`.
+``in_channels`` attribute. An architecture that takes ``sigma_head=True`` outputs a second channel,
+the log of each pixel's error scale (channel 0 stays the phase), and records it as its
+``sigma_head`` attribute. Register one with :func:`register_model`.
 """
 
 from __future__ import annotations
@@ -42,11 +44,33 @@ def create_model(name: str, **config) -> torch.nn.Module:
         return _REGISTRY[name](**config)
     except TypeError as exc:  # a config key the architecture does not take (e.g. in_channels)
         raise DeepPhaseError(f"arch: architecture {name!r} does not take the configuration {config} ({exc})") from exc
+    except ValueError as exc:  # a value it does not take (its message names the argument)
+        raise DeepPhaseError(f"arch: architecture {name!r}: {exc}") from exc
 
 
 def input_channels(model: torch.nn.Module) -> int:
     """Patterns per position that ``model`` takes (its ``in_channels``; 1 for a module without one)."""
     return int(getattr(model, "in_channels", 1))
+
+
+# How ``sigma_head=`` values of earlier versions and plain booleans read.
+SIGMA_HEADS = {False: None, None: None, True: "shared"}
+
+
+def has_sigma_head(model: torch.nn.Module) -> bool:
+    """Whether ``model`` also outputs a log error scale (channel 1; see :mod:`deepphase.training.loss`)."""
+    return bool(getattr(model, "sigma_head", False))
+
+
+# Range of a σ head's log Laplace scale log b: b from 1e-4 rad (far below any network's error) to
+# e² ≈ 7.4 rad (more than the whole phase range). Training clamps to it (outside it the likelihood's
+# gradient 1 − |r|/b can be huge: b → 0 with |r| > 0) and reconstruction reads σ through the same clamp.
+LOG_SCALE_RANGE = (-9.2, 2.0)
+
+
+def sigma_from_log_scale(log_scale: torch.Tensor) -> torch.Tensor:
+    """The standard deviation √2·b of a Laplace of log scale ``log_scale`` (clamped to ``LOG_SCALE_RANGE``)."""
+    return 2 ** 0.5 * torch.exp(log_scale.clamp(*LOG_SCALE_RANGE))
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -46,10 +46,14 @@ class ResUNet(nn.Module):
     """
 
     def __init__(self, stem: int = 16, channels=(32, 64, 128, 256), head: int = 32, dropout: float = 0.2,
-                 n_px: int = 32, out_px: int = 32, in_channels: int = 1):
+                 n_px: int = 32, out_px: int = 32, in_channels: int = 1, sigma_head: bool = False):
         super().__init__()
         self.out_px = out_px
         self.in_channels = int(in_channels)
+        # A second output channel: the log error scale (see compact.py); only the shared form here.
+        if sigma_head not in (False, None, True, "shared"):
+            raise ValueError(f"sigma_head: the U-Nets take False or 'shared', got {sigma_head!r}")
+        self.sigma_head = "shared" if sigma_head else None
         self.stem = nn.Conv2d(self.in_channels, stem, 3, padding=1)
         self.encoder = nn.ModuleList()
         c = stem
@@ -61,7 +65,7 @@ class ResUNet(nn.Module):
             self.decoder.append(ResidualBlock(c + co, co, dropout))
             c = co
         self.head = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(), nn.Conv2d(c, head, 3, padding=1), nn.ReLU(),
-                                  nn.Conv2d(head, 1, 1))
+                                  nn.Conv2d(head, 2 if self.sigma_head else 1, 1))
 
     def forward(self, x):
         x = self.stem(normalise_amplitude(x))
@@ -82,12 +86,15 @@ class ResUNet(nn.Module):
 
 
 @register_model("seed-unet")
-def seed_unet(n_px: int = 32, out_px: int = 32, dropout: float = 0.2, in_channels: int = 1) -> ResUNet:
-    """The seed's residual U-Net: 16 → 32, 64, 128, 256 → 32 → 1 (``in_channels`` patterns per position)."""
-    return ResUNet(16, (32, 64, 128, 256), 32, dropout, n_px, out_px, in_channels)
+def seed_unet(n_px: int = 32, out_px: int = 32, dropout: float = 0.2, in_channels: int = 1,
+              sigma_head: bool = False) -> ResUNet:
+    """The seed's residual U-Net: 16 → 32, 64, 128, 256 → 32 → 1 (``in_channels`` patterns per position;
+    ``sigma_head``: a second output channel, the log error scale)."""
+    return ResUNet(16, (32, 64, 128, 256), 32, dropout, n_px, out_px, in_channels, sigma_head)
 
 
 @register_model("unet-small")
-def unet_small(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1) -> ResUNet:
+def unet_small(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1,
+               sigma_head: bool = False) -> ResUNet:
     """Half the seed's width (8 → 16, 32, 64, 128 → 16 → 1): about 4× fewer FLOPs."""
-    return ResUNet(8, (16, 32, 64, 128), 16, dropout, n_px, out_px, in_channels)
+    return ResUNet(8, (16, 32, 64, 128), 16, dropout, n_px, out_px, in_channels, sigma_head)

@@ -113,7 +113,7 @@ def _open(path, dataset, scan_shape):
 def predict_tile(path: str, start: int, stop: int, model_path: str | None, dataset: str | None = None,
                  kind: str = "amplitude", transform=None, batch_size: int = 512, device: str = "auto",
                  precision: str = "auto", scan_shape=None, reducer=None, origins=None, draws: int = 1,
-                 neighbours=None) -> list:
+                 neighbours=None, sigma_head: bool = False) -> list:
     """Patches, or their reductions, of patterns ``start:stop`` of a file: one task, run on a worker.
 
     Returns one item per draw (the prediction, then ``draws − 1`` Monte Carlo dropout samples): the
@@ -124,6 +124,8 @@ def predict_tile(path: str, start: int, stop: int, model_path: str | None, datas
     opened file's frames instead of the plain counts/amplitude view (e.g. a detector calibration).
     ``neighbours``: for a neighbourhood model, the tile's rows of the scan's (N, 9) neighbour indices; the
     worker then also reads the halo of frames they point to.
+    ``sigma_head``: one more item at the end, the σ head's patches of the first draw's forward pass (or
+    their reductions).
     """
     from .predict import predict_patches
 
@@ -136,14 +138,19 @@ def predict_tile(path: str, start: int, stop: int, model_path: str | None, datas
     finally:
         data.close()
     check_patterns(tile, lo)  # names the pattern by its index in the whole scan
-    out = []
+    out, sigmas = [], None
     for k in range(int(draws)):
         # The same seeds as the single-process pipeline's chunks only if tiles and chunks coincide.
         patches = predict_patches(model, tile, batch_size=batch_size, device=_worker_device(device), progress=False,
                                   start=start - lo, stop=stop - lo,
                                   neighbours=None if neighbours is None else neighbours - lo,
-                                  precision=precision, mc_dropout_seed=None if k == 0 else k * 1_000_003 + start)
+                                  precision=precision, mc_dropout_seed=None if k == 0 else k * 1_000_003 + start,
+                                  sigma=sigma_head and k == 0)
+        if sigma_head and k == 0:
+            patches, sigmas = patches
         out.append(reducer.reduce(patches, origins) if reducer is not None else patches)
+    if sigmas is not None:
+        out.append(reducer.reduce(sigmas, origins, remove_mean=False) if reducer is not None else sigmas)
     return out
 
 
@@ -168,6 +175,7 @@ def reconstruct_distributed(
     uncertainty_samples: int = 0,
     sigma_scale: float | None = None,
     deblur: bool | str = "auto",
+    sigma_head: bool = False,
 ) -> Reconstruction:
     """:func:`~deepphase.reconstruction.pipeline.reconstruct` of a file, spread over a dask cluster.
 
@@ -182,8 +190,8 @@ def reconstruct_distributed(
     scan_shape : the scan shape, for files that do not record it (as for ``load_scan``).
     kind : "counts" or "amplitude" (default: what the file says, else inferred from its values).
     transform : optional picklable ``frames -> amplitudes`` applied on the workers (then ``kind`` is unused).
-    stitching, remove_plane, batch_size, device, precision, sampling, uncertainty_samples, sigma_scale, deblur : as
-        for ``reconstruct`` (``stitching=None``: its default). ``device`` is each worker's.
+    stitching, remove_plane, batch_size, device, precision, sampling, uncertainty_samples, sigma_scale, deblur,
+    sigma_head : as for ``reconstruct`` (``stitching=None``: its default). ``device`` is each worker's.
 
     Returns
     -------
@@ -197,6 +205,9 @@ def reconstruct_distributed(
         raise ValueRangeError(f"tile_size: expected a positive number of patterns per task, got {tile_size}")
     if uncertainty_samples and int(uncertainty_samples) < 2:
         raise ValueRangeError(f"uncertainty_samples: expected at least 2 samples, got {uncertainty_samples}")
+    if sigma_head and uncertainty_samples:
+        raise ValueRangeError("uncertainty: the σ head's uncertainty is one method, Monte Carlo dropout samples "
+                              "another; choose one")
     tile_size = int(tile_size)
     if stitching is None:
         stitching = inspect.signature(reconstruct).parameters["stitching"].default
@@ -206,6 +217,10 @@ def reconstruct_distributed(
     if model_path is not None:  # a folder travels as an absolute path; a packaged model's name as it is
         model_path = str(Path(model_path).resolve()) if Path(model_path).exists() else str(model_path)
     model = load_model(model_path)
+    if sigma_head:
+        from .pipeline import check_sigma_head
+
+        check_sigma_head(model)
     data = _open(path, dataset, scan_shape)
     try:
         shape = tuple(data.frames.shape)
@@ -231,7 +246,7 @@ def reconstruct_distributed(
     mask = output_mask(model.probe, model.geometry)
 
     t0 = time.perf_counter()
-    accumulators = make_accumulators(stitching, positions, mask, model.geometry, draws)
+    accumulators = make_accumulators(stitching, positions, mask, model.geometry, draws, sigma_head=sigma_head)
     reducer, origins = None, None
     if stitching == "pairwise":
         reducer = client.scatter(accumulators[0].reducer, broadcast=True)  # one copy per worker, not per task
@@ -240,7 +255,7 @@ def reconstruct_distributed(
     futures = [client.submit(predict_tile, str(path), s, min(s + tile_size, n), model_path, dataset, kind, transform,
                              batch_size, device, precision, scan_shape, reducer,
                              None if origins is None else origins[s : s + tile_size], draws,
-                             None if neighbours is None else neighbours[s : s + tile_size], pure=False)
+                             None if neighbours is None else neighbours[s : s + tile_size], sigma_head, pure=False)
                for s in starts]
     first = {f.key: s for s, f in zip(starts, futures)}
     from distributed import as_completed
@@ -251,7 +266,9 @@ def reconstruct_distributed(
                   disable=None if progress is None else not progress) as bar:
             for future in as_completed(futures):
                 start = first[future.key]
-                for acc, part in zip(accumulators, future.result()):  # re-raises a worker's error here
+                for k, (acc, part) in enumerate(zip(accumulators, future.result())):  # re-raises a worker's error here
+                    if sigma_head and k == draws and reducer is None:  # σ patches: the σ stitcher reduces them
+                        part = acc.reduce(part, start, remove_mean=False)
                     acc.add_reductions(part, start)
                 bar.update(min(start + tile_size, n) - start)
                 future.release()  # the tile's result is summed in: free it on the worker
@@ -262,7 +279,8 @@ def reconstruct_distributed(
     full, slopes, phase, origin, spread, uncertainty = finish(accumulators, positions, mask, model, stitching,
                                                               remove_plane, sigma_scale=sigma_scale,
                                                               deblur=dose_info["deblurred"],
-                                                              dose=dose_info["electrons_per_pattern"])
+                                                              dose=dose_info["electrons_per_pattern"],
+                                                              sigma_head=sigma_head)
     t2 = time.perf_counter()
     n_workers = len(client.nthreads())
     timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),

@@ -239,6 +239,7 @@ def reconstruct(
     ensemble=(),
     engine: str = "auto",
     deblur: bool | str = "auto",
+    sigma_head: bool = False,
 ) -> Reconstruction:
     """Predict a phase patch for every pattern and stitch them into one image, chunk by chunk.
 
@@ -290,6 +291,12 @@ def reconstruct(
         installed; eager on a GPU), "eager", "channels-last", "compile", "cuda-graphs" (CUDA only) or "onnx"
         (CPU, float32). Every
         engine computes the same function to ~1e-6 rad. Monte Carlo dropout samples always run eagerly.
+    sigma_head : the uncertainty from the model's σ head (a model trained with ``deepphase train
+        --sigma-head``), in the same forward pass as the phase: its standard deviation patches are blended
+        onto the image grid as the pairwise stitcher blends the phase, offsets zero (whatever
+        ``stitching``), and multiplied by the factor fitted for the head (:func:`~deepphase.reconstruction.
+        uncertainty.fit_sigma_scale` with ``method="head"``), or by ``sigma_scale``. Not combined with
+        ``uncertainty_samples`` or ``ensemble``.
 
     Raises
     ------
@@ -306,8 +313,13 @@ def reconstruct(
         raise ValueRangeError(f"stitching: expected one of {', '.join(repr(m) for m in METHODS)}, got {stitching!r}")
     if uncertainty_samples and len(ensemble):
         raise ValueRangeError("uncertainty: give Monte Carlo dropout samples or an ensemble of models, not both")
+    if sigma_head and (uncertainty_samples or len(ensemble)):
+        raise ValueRangeError("uncertainty: the σ head's uncertainty is one method, Monte Carlo dropout samples or "
+                              "an ensemble another; choose one")
     if not isinstance(model, PhaseModel):
         model = load_model(model)
+    if sigma_head:
+        check_sigma_head(model)
     members = [m if isinstance(m, PhaseModel) else load_model(m) for m in ensemble]
     shape = getattr(amplitudes, "shape", None)
     if shape is None or len(shape) != 3:
@@ -358,13 +370,14 @@ def reconstruct(
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    accumulators = make_accumulators(stitching, positions, mask, model.geometry, draws, folder, resume)
+    accumulators = make_accumulators(stitching, positions, mask, model.geometry, draws, folder, resume, sigma_head)
     fingerprint = {**(fingerprint or {}), "n_patterns": n, "pattern_shape": list(shape[1:]),
                    "positions_sha256": hashlib.sha256(np.ascontiguousarray(positions).tobytes()).hexdigest(),
                    "model": model.name, "model_arch": model.arch, "model_sha256": _weights_digest(model),
                    "stitching": stitching, "uncertainty_samples": draws - 1, "chunk_size": chunk_size,
                    "precision": precision, "device": str(dev),
-                   "ensemble_sha256": [_weights_digest(m) for m in members]}
+                   "ensemble_sha256": [_weights_digest(m) for m in members],
+                   **({"uncertainty": "σ head"} if sigma_head else {})}
     # (the engine is left out: every engine computes the same function, so a run may resume with another)
     done = resumed_from = _load_checkpoint(folder, fingerprint, accumulators) if resume else 0
     t_setup = time.perf_counter() - t0
@@ -384,17 +397,24 @@ def reconstruct(
                     rows = np.asarray(rows[0 : hi - lo], dtype=np.float32)
                     check_patterns(rows, lo)
                 chunk_neighbours = None if neighbours is None else neighbours[start:stop] - lo
-                reduced = []
-                for (network, sample), acc in zip(plan, accumulators):
+                reduced, sigmas = [], None
+                for k, ((network, sample), acc) in enumerate(zip(plan, accumulators)):
                     t = time.perf_counter()
                     patches = predict_patches(network, rows, batch_size=batch_size, device=dev, progress=False,
                                               precision=precision, start=start - lo, stop=stop - lo,
                                               neighbours=chunk_neighbours,
                                               runner=runners.get(id(network)) if sample is None else None,
-                                              mc_dropout_seed=None if sample is None else sample * 1_000_003 + start)
+                                              mc_dropout_seed=None if sample is None else sample * 1_000_003 + start,
+                                              sigma=sigma_head and k == 0)
+                    if sigma_head and k == 0:  # the σ patches of the same pass: the last accumulator's
+                        patches, sigmas = patches
                     t_predict += time.perf_counter() - t
                     t = time.perf_counter()
                     reduced.append(acc.reduce(patches, start))
+                    t_reduce += time.perf_counter() - t
+                if sigmas is not None:
+                    t = time.perf_counter()
+                    reduced.append(accumulators[-1].reduce(sigmas, start, remove_mean=False))
                     t_reduce += time.perf_counter() - t
                 # Every draw's chunk goes in, or none: an interrupt here would leave a checkpoint that
                 # holds some draws of the chunk and not others.
@@ -420,7 +440,8 @@ def reconstruct(
     t1 = time.perf_counter()
     full, slopes, phase, origin, spread, uncertainty = finish(accumulators, positions, mask, model, stitching,
                                                               remove_plane, members, sigma_scale,
-                                                              dose_info["deblurred"], dose_info["electrons_per_pattern"])
+                                                              dose_info["deblurred"], dose_info["electrons_per_pattern"],
+                                                              sigma_head)
     t2 = time.perf_counter()
     timings = {"engine_setup_s": round(t_engine, 3), "setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
                "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
@@ -468,24 +489,51 @@ def dose_note(model: PhaseModel, dose: float | None) -> str | None:
 
 
 def make_accumulators(stitching: str, positions, mask, geometry, draws: int, folder: Path | None = None,
-                      resume: bool = False) -> list:
+                      resume: bool = False, sigma_head: bool = False) -> list:
     """One accumulator per draw: a streaming :class:`PairwiseStitcher`, or a store of whole patches
-    (memory-mapped in ``folder`` if given) for the stitchers that need them all."""
+    (memory-mapped in ``folder`` if given) for the stitchers that need them all.
+
+    ``sigma_head``: one more at the end, a :class:`PairwiseStitcher` for the σ head's patches whatever
+    the stitching (σ needs no offsets, only the blend, which it makes from small reductions).
+    """
     if stitching == "pairwise":
         first = PairwiseStitcher(positions, mask, geometry)
-        return [first] + [first.empty_copy() for _ in range(draws - 1)]  # the draws share the geometry
-    return [_PatchStore(len(positions), geometry.output_px, folder / f"patches-{k}.npy" if folder else None,
-                        resume=resume) for k in range(draws)]
+        accumulators = [first] + [first.empty_copy() for _ in range(draws - 1)]  # the draws share the geometry
+    else:
+        accumulators = [_PatchStore(len(positions), geometry.output_px,
+                                    folder / f"patches-{k}.npy" if folder else None, resume=resume)
+                        for k in range(draws)]
+    if sigma_head:
+        accumulators.append(accumulators[0].empty_copy() if stitching == "pairwise"
+                            else PairwiseStitcher(positions, mask, geometry))
+    return accumulators
+
+
+def check_sigma_head(model: PhaseModel) -> None:
+    """Refuse σ-head uncertainty from a model without the head, saying what to do instead."""
+    from ..errors import DeepPhaseError
+    from ..models.registry import has_sigma_head
+
+    if not has_sigma_head(model.network):
+        raise DeepPhaseError(f"uncertainty: 'head' needs a model trained with a σ head (deepphase train --sigma-head); "
+                             f"model {model.name!r} has none: use Monte Carlo dropout (--uncertainty N) instead")
 
 
 def finish(accumulators, positions, mask, model: PhaseModel, stitching: str, remove_plane: bool, members=(),
-           sigma_scale: float | None = None, deblur: bool = True, dose: float | None = None):
+           sigma_scale: float | None = None, deblur: bool = True, dose: float | None = None, sigma_head: bool = False):
     """The steps after the last chunk, shared with the cluster path: stitch every draw, deblur it (not
     the seed's stitching), remove the plane, average an ensemble, crop, and turn the spread of the
     draws into σ (with the model's factor for ``dose`` electrons per pattern, if known).
 
+    ``sigma_head``: the last accumulator holds the σ head's patches; σ is their blend (offsets zero, not
+    deblurred: the deblurring undoes the blend's blur of the phase's detail, and σ has none to restore),
+    times the head's factor.
+
     Returns ``(full, slopes, phase, origin, sigma, uncertainty record for metadata.json or None)``.
     """
+    sigma_acc = None
+    if sigma_head:
+        accumulators, sigma_acc = accumulators[:-1], accumulators[-1]
     images = []
     for acc in accumulators:
         image = acc.image() if isinstance(acc, PairwiseStitcher) else stitch(acc.patches, positions, mask,
@@ -499,21 +547,32 @@ def finish(accumulators, positions, mask, model: PhaseModel, stitching: str, rem
         images = [(mean, images[0][1])] + images
     full, slopes = images[0]
     phase, origin = crop_to_coverage(full)
-    spread = uncertainty_map(images, origin, phase.shape)
+    if sigma_acc is not None:
+        r0, c0 = origin
+        spread = sigma_acc.image(offsets=False)[r0 : r0 + phase.shape[0], c0 : c0 + phase.shape[1]].astype(np.float32)
+    else:
+        spread = uncertainty_map(images, origin, phase.shape)
     if spread is None:
         return full, slopes, phase, origin, None, None
     scale_source = "given"
     if sigma_scale is None:
         from .uncertainty import sigma_scale_at
 
-        sigma_scale, scale_source = (1.0, None) if members else sigma_scale_at(model, dose)
+        sigma_scale, scale_source = (1.0, None) if members else sigma_scale_at(
+            model, dose, method="head" if sigma_head else "dropout")
         scale_source = scale_source if sigma_scale != 1.0 else None
     spread *= np.float32(sigma_scale)
-    record = {"method": "ensemble" if members else "Monte Carlo dropout",
-              "samples": len(members) + 1 if members else len(accumulators) - 1,
-              "sigma_scale": float(sigma_scale),
-              "note": "σ = sigma_scale × the spread of the samples"
-                      + (f" (factor {scale_source})" if scale_source else " (not calibrated)")}
+    if sigma_head:
+        record = {"method": "σ head", "samples": 0, "sigma_scale": float(sigma_scale),
+                  "note": "σ = sigma_scale × the blend of the network's predicted σ = √2·b (Laplace scale b) "
+                          "patches, from the phase's own forward pass"
+                          + (f" (factor {scale_source})" if scale_source else " (not calibrated)")}
+    else:
+        record = {"method": "ensemble" if members else "Monte Carlo dropout",
+                  "samples": len(members) + 1 if members else len(accumulators) - 1,
+                  "sigma_scale": float(sigma_scale),
+                  "note": "σ = sigma_scale × the spread of the samples"
+                          + (f" (factor {scale_source})" if scale_source else " (not calibrated)")}
     return full, slopes, phase, origin, spread, record
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..data.io import check_patterns
 from ..errors import ShapeError, ValueRangeError
 from ..models.modelfile import PhaseModel
+from ..models.registry import has_sigma_head, sigma_from_log_scale
 from ..physics.geometry import output_mask
 
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
@@ -129,7 +130,8 @@ def predict_patches(
     stop: int | None = None,
     neighbours=None,
     runner=None,
-) -> np.ndarray:
+    sigma: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Phase patches (stop - start, out, out) float32, each with its mean inside the illuminated mask removed.
 
     Parameters
@@ -156,6 +158,9 @@ def predict_patches(
     runner : the network prepared by :func:`deepphase.reconstruction.engines.prepare_network` (channels-last,
         compiled, ONNX Runtime) on ``device``, called instead of ``model.network``; prepare it once and
         pass it to every chunk. Not with ``mc_dropout_seed`` (the samples need the network itself).
+    sigma : also return the σ head's per-pixel standard deviation patches (√2·b of its Laplace scale b,
+        rad; nothing removed), from the same forward pass: ``(patches, sigma_patches)``. Only for a model
+        trained with a σ head (``deepphase train --sigma-head``).
     """
     n = model.geometry.n_px
     if len(getattr(amplitudes, "shape", ())) != 3 or tuple(amplitudes.shape[1:]) != (n, n):
@@ -167,6 +172,9 @@ def predict_patches(
     start = int(start)
     if not 0 <= start <= stop <= total:
         raise ValueRangeError(f"start, stop: expected 0 <= start <= stop <= {total} (the patterns), got {start}, {stop}")
+    if sigma and not has_sigma_head(model.network):
+        raise ValueRangeError(f"uncertainty: model {model.name!r} has no σ head (train one with 'deepphase train "
+                              "--sigma-head'); use Monte Carlo dropout (--uncertainty N) instead")
     index, base = _resolve_neighbours(model, neighbours, total, start, stop)
     device = torch.device(device)
     cast = _autocast_dtype(precision, device)
@@ -185,6 +193,7 @@ def predict_patches(
     count = stop - start
     out_px = model.geometry.output_px
     patches = np.empty((count, out_px, out_px), dtype=np.float32)
+    sigmas = np.empty((count, out_px, out_px), dtype=np.float32) if sigma else None
     starts = list(range(start, stop, batch_size))
     pin = device.type == "cuda"
 
@@ -199,9 +208,12 @@ def predict_patches(
             if i + 1 < len(starts):
                 pending = read(starts[i + 1])
             with torch.autocast(device.type, dtype=cast or torch.float32, enabled=cast is not None):
-                y = run(x)[:, 0].float()
+                out = run(x)
+            y = out[:, 0].float()
             y = y - (y * mask).sum(dim=(-2, -1), keepdim=True) / mask.sum()
             patches[first - start : first - start + len(x)] = y.cpu().numpy()
+            if sigma:
+                sigmas[first - start : first - start + len(x)] = sigma_from_log_scale(out[:, 1].float()).cpu().numpy()
             bar.update(len(x))
     network.eval()
-    return patches
+    return (patches, sigmas) if sigma else patches

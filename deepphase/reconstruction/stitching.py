@@ -697,8 +697,13 @@ class PatchReducer:
         base = origins // self.geometry.upsample
         return np.add.outer(base[:, 0] * width + base[:, 1], (used // self.span[1]) * width + used % self.span[1])
 
-    def reduce(self, patches: np.ndarray, origins: np.ndarray) -> dict:
+    def reduce(self, patches: np.ndarray, origins: np.ndarray, remove_mean: bool = True) -> dict:
         """Reductions of patches at canvas ``origins``: overlap sums and a binned window of the image.
+
+        ``remove_mean=False`` keeps each patch's mean (see below) in its reductions: for per-pixel
+        quantities that have no arbitrary offset and are blended with offsets zero, such as a σ head's
+        standard deviations (their float32 sums are then exact to ~1e-7 of the values, not of the
+        differences).
 
         Returns a dict with ``sums_i``, ``sums_j`` (n, L) float32, and ``window`` (rows, cols) float64
         holding the binned sums of the patches' pixels (offsets not yet added), whose top-left is
@@ -751,7 +756,8 @@ class PatchReducer:
                     # chunkings. Removing each patch's mean first keeps the sums small (einsum: a fixed
                     # summation order per row, 2.5× faster than ndarray.mean). What rounding leaves of the
                     # mean is a constant of the patch, which its offset absorbs.
-                    q -= (np.einsum("pk->p", q) / np.float32(q.shape[1]))[:, None]
+                    if remove_mean:
+                        q -= (np.einsum("pk->p", q) / np.float32(q.shape[1]))[:, None]
                     product = q @ weights
                     sorted_i[start:stop] = product[:, :n_lags]
                     sorted_j[start:stop] = product[:, n_lags : 2 * n_lags]
@@ -881,19 +887,22 @@ class PairwiseStitcher:
         """How many patches have been added."""
         return int(np.count_nonzero(self.done))
 
-    def add(self, patches, start: int = 0) -> None:
+    def add(self, patches, start: int = 0, remove_mean: bool = True) -> None:
         """Add the patches of positions ``start … start + len(patches) − 1``."""
-        self.add_reductions(self.reduce(patches, start), start)
+        self.add_reductions(self.reduce(patches, start, remove_mean), start)
 
-    def reduce(self, patches, start: int = 0) -> dict:
-        """The reductions of the patches of positions ``start …`` (checked), not yet added."""
+    def reduce(self, patches, start: int = 0, remove_mean: bool = True) -> dict:
+        """The reductions of the patches of positions ``start …`` (checked), not yet added.
+
+        ``remove_mean=False``: for patches blended with ``image(offsets=False)`` (see :meth:`PatchReducer.reduce`).
+        """
         patches = np.asarray(patches)
         stop = int(start) + (patches.shape[0] if patches.ndim == 3 else 0)
         if not 0 <= start < stop <= len(self):
             raise ShapeError(f"patches: expected patches for positions within 0…{len(self) - 1}, got "
                              f"{patches.shape[0] if patches.ndim == 3 else 'no'} patches from position {start}")
         _check_inputs(patches, self.positions[start:stop], self.mask, self.geometry, check_finite=False)
-        return self.reducer.reduce(patches, self.origins[start:stop])
+        return self.reducer.reduce(patches, self.origins[start:stop], remove_mean)
 
     def add_reductions(self, reduced: dict, start: int) -> None:
         """Add what :meth:`PatchReducer.reduce` made of the patches of positions ``start …`` (e.g. on a worker).
@@ -963,14 +972,19 @@ class PairwiseStitcher:
         return _solve_laplacian(laplacian.tocsr(), b, self.positions, self.geometry, self.reducer.rows,
                                 self.reducer.cols, rtol=_PAIRWISE_RTOL)
 
-    def image(self) -> np.ndarray:
-        """The stitched phase on the object grid (radians, arbitrary offset per group), NaN where no mask reached."""
+    def image(self, offsets: bool = True) -> np.ndarray:
+        """The stitched phase on the object grid (radians, arbitrary offset per group), NaN where no mask reached.
+
+        ``offsets=False`` blends the patches as they are (every offset zero): for per-pixel quantities
+        that have no arbitrary offset, such as a σ head's standard deviation patches, reduced with
+        ``remove_mean=False``.
+        """
         missing = len(self) - self.n_done
         if missing:
             first = int(np.argmin(self.done))
             raise ValueRangeError(f"patches: {missing} of {len(self)} positions have no patch yet (the first: "
                                   f"position {first}); add them all before asking for the image")
-        c = self.offsets()
+        c = self.offsets() if offsets else np.zeros(len(self))
         total = self.total.ravel().copy()
         hits = np.zeros_like(total) if "hits" not in self._shared else None
         u = self.geometry.upsample

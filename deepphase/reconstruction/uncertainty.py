@@ -7,6 +7,10 @@ fitted on held-out data, such that ``k·σ`` covers the intended fraction. We fi
 from the model's training corpus (never on the specimens the harness scores), so the harness's
 coverage on real-material specimens stays an honest test of it. The factor is stored in model.json
 under ``uncertainty`` and applied by :func:`~deepphase.reconstruction.pipeline.reconstruct`.
+
+A model trained with a σ head (``deepphase train --sigma-head``) predicts σ itself; its factor is
+fitted the same way, on the same scans (``method="head"``), and stored under ``uncertainty_head``, so
+the two methods are calibrated alike and compare on the harness.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ from ..physics.scan import REFERENCE_STEP_PX, raster_positions
 
 # A Gaussian σ covers this fraction within ±1σ; the factor makes the calibration scans do the same.
 ONE_SIGMA = 0.6827
+
+# The methods a factor is fitted for, and where model.json keeps each (a σ-head model also has dropout,
+# so it may carry both).
+METHODS = ("dropout", "head")
+RECORD_KEYS = {"dropout": "uncertainty", "head": "uncertainty_head"}
 
 
 def _training_doses(model: PhaseModel, count: int) -> list[float]:
@@ -47,8 +56,9 @@ def _corpus(model: PhaseModel) -> CorpusConfig:
 
 
 def fit_sigma_scale(model: PhaseModel | str | Path | None = None, n_scans: int = 6, side: int = 32,
-                    samples: int = 8, doses=None, seed: int = 20261125, step: float = REFERENCE_STEP_PX) -> dict:
-    """Fit the factor that makes Monte Carlo dropout's σ cover 68 % of the error on simulated scans.
+                    samples: int = 8, doses=None, seed: int = 20261125, step: float = REFERENCE_STEP_PX,
+                    method: str = "dropout") -> dict:
+    """Fit the factor that makes Monte Carlo dropout's σ (or the σ head's) cover 68 % of the error on simulated scans.
 
     Parameters
     ----------
@@ -60,6 +70,8 @@ def fit_sigma_scale(model: PhaseModel | str | Path | None = None, n_scans: int =
         training range).
     seed : seed of the objects and the noise (apart from any the harness uses).
     step : raster step in pixels.
+    method : "dropout" (``samples`` Monte Carlo dropout draws) or "head" (the σ head of a model trained
+        with ``--sigma-head``; ``samples`` unused), fitted on the same scans, so the two compare.
 
     Returns
     -------
@@ -71,8 +83,15 @@ def fit_sigma_scale(model: PhaseModel | str | Path | None = None, n_scans: int =
     if int(n_scans) < 1 or int(side) < 4 or int(samples) < 2:
         raise ValueRangeError(f"fit_sigma_scale: expected n_scans ≥ 1, side ≥ 4 and samples ≥ 2, "
                               f"got {n_scans}, {side}, {samples}")
+    if method not in METHODS:
+        raise ValueRangeError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
     if not isinstance(model, PhaseModel):
         model = load_model(model)
+    head = method == "head"
+    if head:
+        from .pipeline import check_sigma_head
+
+        check_sigma_head(model)
     doses = list(doses) if doses is not None else _training_doses(model, int(n_scans))
     if len(doses) != int(n_scans):
         raise ValueRangeError(f"doses: expected one dose per scan ({n_scans}), got {len(doses)}")
@@ -84,8 +103,8 @@ def fit_sigma_scale(model: PhaseModel | str | Path | None = None, n_scans: int =
     for k, dose in enumerate(doses):
         obj = random_phase_objects(1, max(shape), gen, corpus)[0].numpy().astype(np.float64)[: shape[0], : shape[1]]
         scan = simulate_scan(obj, model.probe, positions, dose=float(dose), seed=int(seed) + k, progress=False)
-        rec = reconstruct(scan.amplitude, positions, model, uncertainty_samples=int(samples), sigma_scale=1.0,
-                          progress=False)
+        rec = reconstruct(scan.amplitude, positions, model, uncertainty_samples=0 if head else int(samples),
+                          sigma_head=head, sigma_scale=1.0, progress=False)
         r0, c0 = rec.origin_px
         truth = obj[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]
         err = rec.phase - truth
@@ -100,7 +119,8 @@ def fit_sigma_scale(model: PhaseModel | str | Path | None = None, n_scans: int =
     for dose, r in zip(doses, ratios):
         by_dose.setdefault(float(dose), []).append(r)
     scale_by_dose = [[dose, float(np.quantile(np.concatenate(r), ONE_SIGMA))] for dose, r in sorted(by_dose.items())]
-    return {"method": "Monte Carlo dropout", "samples": int(samples), "sigma_scale": scale,
+    return {"method": "σ head" if head else "Monte Carlo dropout", "samples": 0 if head else int(samples),
+            "sigma_scale": scale,
             "sigma_scale_by_dose": scale_by_dose,
             "within_1sigma_raw": float(np.mean(ratio <= 1)), "within_2sigma_raw": float(np.mean(ratio <= 2)),
             "within_2sigma_scaled": float(np.mean(ratio <= 2 * scale)),
@@ -109,22 +129,32 @@ def fit_sigma_scale(model: PhaseModel | str | Path | None = None, n_scans: int =
 
 
 def save_sigma_scale(model_folder: str | Path, result: dict) -> Path:
-    """Record a fitted factor in a model folder's model.json (atomically; the weights are untouched)."""
+    """Record a fitted factor in a model folder's model.json (atomically; the weights are untouched).
+
+    A σ head's factor goes under ``uncertainty_head``, dropout's under ``uncertainty``.
+    """
     path = Path(model_folder) / "model.json"
     if not path.exists():
         raise ValueRangeError(f"model: {str(model_folder)!r} is not a model folder (no model.json)")
     meta = json.loads(path.read_text())
-    meta["uncertainty"] = result
+    meta[RECORD_KEYS["head" if result.get("method") == "σ head" else "dropout"]] = result
     save_json(path, meta)
     return path
 
 
-def sigma_scale_of(model: PhaseModel) -> float:
-    """The model's fitted factor for the dropout σ (1.0 if it has none)."""
-    return float(model.info.get("uncertainty", {}).get("sigma_scale", 1.0))
+def _record(model: PhaseModel, method: str) -> dict:
+    """The fitted record of ``method`` in model.json: ``uncertainty`` (dropout) or ``uncertainty_head``."""
+    if method not in METHODS:
+        raise ValueRangeError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    return model.info.get(RECORD_KEYS[method]) or {}
 
 
-def sigma_scale_at(model: PhaseModel, dose: float | None) -> tuple[float, str]:
+def sigma_scale_of(model: PhaseModel, method: str = "dropout") -> float:
+    """The model's fitted factor for the dropout σ, or the σ head's (1.0 if it has none)."""
+    return float(_record(model, method).get("sigma_scale", 1.0))
+
+
+def sigma_scale_at(model: PhaseModel, dose: float | None, method: str = "dropout") -> tuple[float, str]:
     """The fitted factor for data of ``dose`` electrons per pattern, and where it came from.
 
     Each fitted dose's factor comes from a scan or two of one random object and scatters by ~2×, so
@@ -132,10 +162,10 @@ def sigma_scale_at(model: PhaseModel, dose: float | None) -> tuple[float, str]:
     points for two) and read at ``dose``, held constant beyond the fitted doses. The factor over all
     doses is used when the dose is unknown (data not in counts) or only one dose was fitted.
     """
-    record = model.info.get("uncertainty", {})
+    record = _record(model, method)
     table = record.get("sigma_scale_by_dose") or []
     if dose is None or len(table) < 2:
-        return sigma_scale_of(model), "fitted for the model on simulated scans (model.json)"
+        return sigma_scale_of(model, method), "fitted for the model on simulated scans (model.json)"
     log_dose, log_factor = np.log([d for d, _ in table]), np.log([f for _, f in table])
     x = float(np.clip(np.log(dose), log_dose.min(), log_dose.max()))
     curve = np.polyfit(log_dose, log_factor, deg=min(2, len(table) - 1))

@@ -41,7 +41,7 @@ from ..physics.geometry import Geometry, output_mask
 from ..physics.probe import validate_probe
 from ..physics.scan import REFERENCE_STEP_PX
 from ..runtime import resolve_device
-from .loss import LOSSES, masked_l1
+from .loss import LOSSES, laplace_nll, masked_l1
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -72,6 +72,8 @@ class TrainConfig:
     loss: str = "offset-free"  # or "absolute" (the seed's)
     neighbourhood: int = 1  # 3: a 3×3 neighbourhood of patterns per sample (9 input channels)
     neighbourhood_step_px: float = REFERENCE_STEP_PX  # its scan step in real-space pixels
+    sigma_head: str | None = None  # "shared" or "detached": also predict each pixel's error scale (see models.compact)
+    sigma_weight: float = 1.0  # weight of that NLL beside the L1 (it shares the trunk with the phase)
 
     def optimizer_settings(self) -> dict:
         if self.preset not in OPTIMIZERS:
@@ -88,13 +90,17 @@ class TrainConfig:
             d["dose"] = list(self.dose)
         if self.neighbourhood == 1:  # single-pattern runs keep the keys (and checkpoints) they always had
             del d["neighbourhood"], d["neighbourhood_step_px"]
+        if not self.sigma_head:  # likewise runs without the σ head
+            del d["sigma_head"], d["sigma_weight"]
         return d
 
     def arch_config(self, geometry: Geometry) -> dict:
-        """The architecture's configuration (``in_channels`` only for a neighbourhood)."""
+        """The architecture's configuration (``in_channels`` only for a neighbourhood, ``sigma_head`` only with it)."""
         config = {"n_px": geometry.n_px, "out_px": geometry.output_px}
         if self.neighbourhood > 1:
             config["in_channels"] = self.neighbourhood**2
+        if self.sigma_head:
+            config["sigma_head"] = "shared" if self.sigma_head is True else self.sigma_head
         return config
 
 
@@ -226,6 +232,8 @@ def train(
     if config.loss not in LOSSES:
         raise DeepPhaseError(f"loss: expected one of {', '.join(LOSSES)}, got {config.loss!r}")
     offset_free = config.loss == "offset-free"
+    if config.sigma_head and not config.sigma_weight > 0:
+        raise DeepPhaseError(f"sigma_weight: expected a positive weight for the σ head's likelihood, got {config.sigma_weight}")
     if config.batch_size < 2:
         raise DeepPhaseError(f"batch_size: expected at least 2 (batch normalisation), got {config.batch_size}")
     if world == 1:
@@ -314,7 +322,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * rank)
         network.train()
         t0 = time.perf_counter()
-        running, losses = None, []
+        running, losses, nlls = None, [], []
         if world == 1:
             batches = stream.epoch(config.seed, epoch, config.steps_per_epoch, config.batch_size)
         else:
@@ -324,14 +332,25 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         for i, batch in enumerate(bar):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(settings, epoch * config.steps_per_epoch + i, total_steps)
-            loss = masked_l1(step_network(batch.amplitude), batch.target, mask, offset_free)
+            output = step_network(batch.amplitude)
+            loss = masked_l1(output[:, :1], batch.target, mask, offset_free)
+            if config.sigma_head:
+                # The phase learns from the L1 term alone (the NLL sees it detached), so it is trained as
+                # without the head; the head learns the error scale of the offset-free residual. The
+                # logged loss stays the L1, comparable with runs without the head.
+                nll = laplace_nll(output[:, :1], output[:, 1:2], batch.target, mask, detach_phase=True)
+                nll_value = nll if world == 1 else _mean_over_ranks(nll)
+                if not torch.isfinite(nll_value):
+                    raise DeepPhaseError(f"training diverged: the σ head's likelihood became {nll_value.item()} at "
+                                         f"epoch {epoch + 1}, step {i + 1}; lower --lr")
+                nlls.append(nll_value.item())
             # The logged loss is the mean over the processes, i.e. over the global batch; every rank
             # sees the same value, so all stop together if it is not finite.
             value = loss if world == 1 else _mean_over_ranks(loss)
             if not torch.isfinite(value):
                 raise DeepPhaseError(f"training diverged: the loss became {value.item()} at epoch {epoch + 1}, step {i + 1}; lower --lr")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # DDP averages the gradients: the gradient of the global batch's mean loss
+            (loss + config.sigma_weight * nll if config.sigma_head else loss).backward()  # DDP averages the gradients: the gradient of the global batch's mean loss
             optimizer.step()
             losses.append(value.item())
             running = value.item() if running is None else 0.98 * running + 0.02 * value.item()
@@ -346,6 +365,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
             network, validation, mask, rank, world)
         elapsed = time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val,
+                        **({"train_nll": float(np.mean(nlls))} if nlls else {}),
                         "seconds": round(elapsed, 2),
                         "samples_per_second": round(config.steps_per_epoch * config.batch_size / elapsed, 1)})
         model.info = {
@@ -472,7 +492,7 @@ def _evaluate_loss_ranks(network, batches, mask, rank: int, world: int) -> float
         bounds = np.linspace(0, len(b.amplitude), world + 1).round().astype(int)
         lo, hi = bounds[rank], bounds[rank + 1]
         if hi > lo:
-            total += masked_l1(network(b.amplitude[lo:hi]), b.target[lo:hi], mask).item() * (hi - lo)
+            total += masked_l1(network(b.amplitude[lo:hi])[:, :1], b.target[lo:hi], mask).item() * (hi - lo)
             count += hi - lo
     network.train(was_training)
     sums = torch.tensor([total, count], dtype=torch.float64, device=mask.device)
@@ -482,12 +502,12 @@ def _evaluate_loss_ranks(network, batches, mask, rank: int, world: int) -> float
 
 @torch.no_grad()
 def evaluate_loss(network, batches, mask) -> float:
-    """Mean masked L1 (rad) of ``network`` over a fixed list of batches, in eval mode."""
+    """Mean masked L1 (rad) of ``network``'s phase (channel 0) over a fixed list of batches, in eval mode."""
     was_training = network.training
     network.eval()
     total, count = 0.0, 0
     for b in batches:
-        total += masked_l1(network(b.amplitude), b.target, mask).item() * len(b.amplitude)
+        total += masked_l1(network(b.amplitude)[:, :1], b.target, mask).item() * len(b.amplitude)
         count += len(b.amplitude)
     network.train(was_training)
     return total / count
