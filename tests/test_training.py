@@ -157,6 +157,30 @@ def test_model_file_round_trip_and_mismatch(probe, tmp_path):
     check_compatible(loaded, (32, 32), sampling=0.3)
 
 
+def test_half_precision_model_files_keep_statistics_beyond_float16_in_float32(tmp_path):
+    # A deep U-Net's batch-norm running variance reached 3.3e9 in training; in float16 (max 65,504) it
+    # became inf and the loaded network returned zeros for every pattern.
+    from deepphase.models.modelfile import PhaseModel, save_model
+    from deepphase.physics import reference_probe
+
+    torch.manual_seed(0)
+    network = create_model("unet-small").eval()
+    bn = network.head[0]
+    bn.running_var.fill_(3.3e9)
+    bn.running_mean.fill_(1.8e4)
+    save_model(PhaseModel(network, "unet-small", {"n_px": 32, "out_px": 32}, reference_probe(), Geometry()),
+               tmp_path / "m", half=True)
+    stored = load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert stored["head.0.running_var"].dtype == torch.float32  # out of float16's range: kept
+    assert stored["head.0.running_mean"].dtype == torch.float16  # 1.8e4 fits
+    assert stored["stem.weight"].dtype == torch.float16
+    x = torch.rand(4, 1, 32, 32) + 0.5
+    with torch.no_grad():
+        expected, got = network(x), load_model(tmp_path / "m").network(x)
+    assert torch.isfinite(got).all() and got.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02 * float(expected.abs().max()))
+
+
 def test_packaged_models_load_and_record_how_they_were_made():
     from deepphase.models.modelfile import packaged_model_path, packaged_models
 

@@ -68,13 +68,32 @@ class PhaseModel:
         }
 
 
+# Largest magnitude float16 holds; beyond it a value becomes inf.
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+
+
+def _as_half(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in float16 if every value fits, else unchanged.
+
+    Batch normalisation's running variance deep in a U-Net reaches 1e9 (the seed U-Net trained on
+    the atoms corpus: 3.3e9); as float16 it became inf and the network returned zeros, silently.
+    """
+    if not tensor.is_floating_point() or not tensor.numel():
+        return tensor
+    return tensor.half() if tensor.abs().max().item() <= _FLOAT16_MAX else tensor
+
+
 def save_model(model: PhaseModel, folder: str | Path, half: bool = False) -> Path:
-    """Write a model folder atomically (file by file, ``model.json`` last)."""
+    """Write a model folder atomically (file by file, ``model.json`` last).
+
+    ``half`` stores the weights in float16 (half the file size), except tensors with values beyond
+    float16's range (batch normalisation statistics, typically), which stay as they are.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
     if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        state = {k: _as_half(v) for k, v in state.items()}
     with atomic_path(folder / "model.safetensors", ".safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT, "arch": model.arch})
     save_npy(folder / "probe.npy", np.asarray(model.probe, dtype=np.complex128))
