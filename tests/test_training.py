@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -145,6 +147,10 @@ def test_model_file_round_trip_and_mismatch(probe, tmp_path):
     model, _ = train(probe, tmp_path / "m", config, probe_info={"sampling": 0.3}, progress=False, log=lambda *_: None)
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert meta["arch"] == "unet-small" and meta["geometry"]["n_px"] == 32 and meta["dose"] == pytest.approx(27881.8)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "model.json", "probe.npy", "checkpoint.safetensors"):
+        assert stat.S_IMODE((tmp_path / "m" / name).stat().st_mode) == 0o666 & ~umask, name  # not mkstemp's 0600
     loaded = load_model(tmp_path / "m")
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
