@@ -196,9 +196,9 @@ def test_the_heads_factor_is_fitted_on_its_corpus_and_applied(head_model, scan, 
 
 def test_head_uncertainty_from_a_model_without_a_head_is_refused(scan):
     with pytest.raises(DeepPhaseError, match="uncertainty: 'head' needs a model trained with a σ head"):
-        reconstruct(scan.amplitude, scan.positions, "default", sigma_head=True, progress=False)
+        reconstruct(scan.amplitude, scan.positions, "unet-small", sigma_head=True, progress=False)
     with pytest.raises(DeepPhaseError, match="choose one"):
-        reconstruct(scan.amplitude, scan.positions, "default", sigma_head=True, uncertainty_samples=2, progress=False)
+        reconstruct(scan.amplitude, scan.positions, "unet-small", sigma_head=True, uncertainty_samples=2, progress=False)
 
 
 def test_cli_uncertainty_head(head_model, scan, tmp_path, capsys):
@@ -212,8 +212,12 @@ def test_cli_uncertainty_head(head_model, scan, tmp_path, capsys):
     phase, sigma = np.load(tmp_path / "r" / "phase.npy"), np.load(tmp_path / "r" / "uncertainty.npy")
     meta = json.loads((tmp_path / "r" / "metadata.json").read_text())
     assert sigma.shape == phase.shape and meta["processing"]["uncertainty"]["method"] == "σ head"
+    # The packaged default carries a (detached) σ head; unet-small has none and is refused.
+    assert main(common + ["--uncertainty", "head", "--out", str(tmp_path / "d")]) == 0
+    default_sigma = np.load(tmp_path / "d" / "uncertainty.npy")
+    assert default_sigma.shape == np.load(tmp_path / "d" / "phase.npy").shape and np.nanmin(default_sigma) > 0
     capsys.readouterr()
-    assert main(common + ["--uncertainty", "head", "--out", str(tmp_path / "r2")]) == 2  # the packaged default
+    assert main(common + ["--model", "unet-small", "--uncertainty", "head", "--out", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
     assert "uncertainty" in err and "--sigma-head" in err and "Traceback" not in err
     assert not (tmp_path / "r2" / "phase.npy").exists()

@@ -190,7 +190,7 @@ def test_half_precision_model_files_keep_statistics_beyond_float16_in_float32(tm
 def test_packaged_models_load_and_record_how_they_were_made():
     from deepphase.models.modelfile import packaged_model_path, packaged_models
 
-    assert {"default", "seed", "unet-small"} <= set(packaged_models())
+    assert {"default", "seed", "seed-unet", "unet-small", "neighbourhood"} <= set(packaged_models())
     total = 0
     for name in packaged_models():
         model = load_model(name)
@@ -199,5 +199,7 @@ def test_packaged_models_load_and_record_how_they_were_made():
         assert model.info["validation_loss"] > 0
         total += sum(p.stat().st_size for p in packaged_model_path(name).iterdir())
     assert load_model().arch == "compact" and load_model("seed").arch == "seed-unet"
+    assert load_model().arch_config.get("sigma_head") == "detached"  # σ in the phase's forward pass
+    assert load_model("seed-unet").arch == "seed-unet" and load_model("seed-unet").info["training"]["preset"] == "default"
     assert load_model("seed").info["training"]["preset"] == "seed"
     assert total < 20e6  # the package stays small
