@@ -137,6 +137,10 @@ def test_evaluate_writes_a_report_with_every_method_and_metric(tmp_path, capsys)
     for row in rows:
         assert -1 <= row["correlation"] <= 1 and row["seconds"] > 0 and row["fitted_rmse"] >= 0
     by = {(r["method"], r["dose_e_per_pattern"]): r for r in rows}
+    # The packaged default's σ head is scored in every run: a coverage within ±1σ below that within ±2σ.
+    cover = [by[("deepphase", d)]["within_1sigma"] for d in (3000.0, 27882.0)]
+    assert all(0 < c <= w for c, w in zip(cover, [by[("deepphase", d)]["within_2sigma"] for d in (3000.0, 27882.0)]))
+    assert "within_1sigma" not in by[("idpc", 3000.0)]
     # More electrons never make the network's image worse on the same specimen.
     assert by[("deepphase", 27882.0)]["correlation"] > by[("deepphase", 3000.0)]["correlation"] - 0.02
     for name in ("results.md", "montage.png", "dose_series.png"):
