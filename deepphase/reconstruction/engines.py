@@ -63,6 +63,12 @@ def resolve_engine(engine: str, device, n_patterns: int, precision: str = "auto"
 Network = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _engine_failure(what: str, exc: Exception) -> DeepPhaseError:
+    """A one-line user error for an engine that failed inside PyTorch: what failed, the cause's first line."""
+    line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return DeepPhaseError(f"engine: {what} ({type(exc).__name__}: {line[:300]}); use the 'eager' engine")
+
+
 def _active_dropout(network: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training for m in network.modules())
 
@@ -97,11 +103,7 @@ def _compiled(network: torch.nn.Module) -> Network:
         except Exception as exc:
             if not first:
                 raise
-            line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise DeepPhaseError(
-                f"engine: 'compile' failed on this machine ({type(exc).__name__}: {line[:300]}); "
-                "use the 'eager' engine"
-            ) from exc
+            raise _engine_failure("'compile' failed on this machine", exc) from exc
         return y[:count]
 
     return run
@@ -174,11 +176,7 @@ class _GraphRunner:
                 except Exception as exc:
                     if isinstance(exc, DeepPhaseError):
                         raise
-                    line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    raise DeepPhaseError(
-                        f"engine: capturing a CUDA graph failed ({type(exc).__name__}: {line[:300]}); "
-                        "use the 'eager' engine"
-                    ) from exc
+                    raise _engine_failure("capturing a CUDA graph failed", exc) from exc
                 self.graphs[(count, autocast)] = (static_in, static_out, replay)
             replay()
             return static_out[:count].clone()  # the buffer is overwritten by the next replay
