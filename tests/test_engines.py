@@ -207,6 +207,18 @@ def test_graph_runner_pads_small_batches_and_captures_per_size_and_autocast(tiny
         np.testing.assert_allclose(cl(x6).numpy(), tiny(x6).numpy(), atol=1e-5)
 
 
+def test_a_failed_graph_capture_is_one_line_that_names_the_cause(tiny):
+    def failing(network, example):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nlong trace ...")
+
+    run = _GraphRunner(tiny, torch.device("cpu"), capture=failing)
+    with pytest.raises(DeepPhaseError) as caught, torch.inference_mode():
+        run(patterns(4))
+    message = str(caught.value)
+    assert message.startswith("engine: capturing a CUDA graph failed (RuntimeError: CUDA error: operation not")
+    assert "use the 'eager' engine" in message and "long trace" not in message
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graphs_equal_eager_on_a_gpu(tiny):
     import copy
