@@ -218,7 +218,7 @@ def reconstruct_distributed(
         model_path = str(Path(model_path).resolve()) if Path(model_path).exists() else str(model_path)
     model = load_model(model_path)
     if sigma_head:
-        from .pipeline import check_sigma_head
+        from .predict import check_sigma_head
 
         check_sigma_head(model)
     data = _open(path, dataset, scan_shape)

@@ -24,7 +24,7 @@ from ..physics.geometry import output_mask
 from ..physics.scan import validate_positions
 from ..runtime import resolve_device
 from .deblur import deblur_blend, electrons_per_pattern, resolve_deblur
-from .predict import predict_patches
+from .predict import check_sigma_head, predict_patches
 from .stitching import METHODS, PairwiseStitcher, stitch
 
 # The stitchers that blend boxes on an upsampled canvas and bin it (the blur deblur_blend undoes); the
@@ -507,16 +507,6 @@ def make_accumulators(stitching: str, positions, mask, geometry, draws: int, fol
         accumulators.append(accumulators[0].empty_copy() if stitching == "pairwise"
                             else PairwiseStitcher(positions, mask, geometry))
     return accumulators
-
-
-def check_sigma_head(model: PhaseModel) -> None:
-    """Refuse σ-head uncertainty from a model without the head, saying what to do instead."""
-    from ..errors import DeepPhaseError
-    from ..models.registry import has_sigma_head
-
-    if not has_sigma_head(model.network):
-        raise DeepPhaseError(f"uncertainty: 'head' needs a model trained with a σ head (deepphase train --sigma-head); "
-                             f"model {model.name!r} has none: use Monte Carlo dropout (--uncertainty N) instead")
 
 
 def finish(accumulators, positions, mask, model: PhaseModel, stitching: str, remove_plane: bool, members=(),

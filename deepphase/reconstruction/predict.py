@@ -107,6 +107,13 @@ def _resolve_neighbours(model: PhaseModel, neighbours, count: int, start: int, s
     return neighbours.astype(np.int64, copy=False), rows[neighbours.shape[0]]
 
 
+def check_sigma_head(model: PhaseModel) -> None:
+    """Refuse σ-head uncertainty from a model without the head, saying what to do instead."""
+    if not has_sigma_head(model.network):
+        raise ValueRangeError(f"uncertainty: 'head' needs a model trained with a σ head (deepphase train --sigma-head); "
+                              f"model {model.name!r} has none: use Monte Carlo dropout (--uncertainty N) instead")
+
+
 def _autocast_dtype(precision: str, device: torch.device):
     if precision not in PRECISIONS:
         raise ValueRangeError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -172,9 +179,8 @@ def predict_patches(
     start = int(start)
     if not 0 <= start <= stop <= total:
         raise ValueRangeError(f"start, stop: expected 0 <= start <= stop <= {total} (the patterns), got {start}, {stop}")
-    if sigma and not has_sigma_head(model.network):
-        raise ValueRangeError(f"uncertainty: model {model.name!r} has no σ head (train one with 'deepphase train "
-                              "--sigma-head'); use Monte Carlo dropout (--uncertainty N) instead")
+    if sigma:
+        check_sigma_head(model)
     index, base = _resolve_neighbours(model, neighbours, total, start, stop)
     device = torch.device(device)
     cast = _autocast_dtype(precision, device)

@@ -89,7 +89,7 @@ def fit_sigma_scale(model: PhaseModel | str | Path | None = None, n_scans: int =
         model = load_model(model)
     head = method == "head"
     if head:
-        from .pipeline import check_sigma_head
+        from .predict import check_sigma_head
 
         check_sigma_head(model)
     doses = list(doses) if doses is not None else _training_doses(model, int(n_scans))
