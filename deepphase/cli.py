@@ -436,23 +436,17 @@ def _cmd_evaluate(args) -> None:
         harness.register_method("seed-method", "the seed's U-Net trained the seed's way, the seed's stitching")(
             harness.network_method(args.seed_model, stitching="seed", remove_plane=False))
     extra = []
-    for item in args.model or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise DeepPhaseError(f"model: expected NAME=MODEL_FOLDER, got {item!r}")
-        if name in harness.list_methods():
-            raise DeepPhaseError(f"model: the name {name!r} is taken by a built-in method; choose another")
-        harness.register_method(name, f"model {path}, pairwise stitching, plane removed")(harness.network_method(path))
-        extra.append(name)
-    for item in args.sigma_head or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise DeepPhaseError(f"sigma-head: expected NAME=MODEL_FOLDER, got {item!r}")
-        if name in harness.list_methods():
-            raise DeepPhaseError(f"sigma-head: the name {name!r} is taken by a built-in method; choose another")
-        harness.register_method(name, f"model {path} with its σ head: σ from the same forward pass × its fitted factor")(
-            harness.network_method(path, sigma_head=True))
-        extra.append(name)
+    for option, items, sigma_head in (("model", args.model, False), ("sigma-head", args.sigma_head, True)):
+        for item in items or []:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise DeepPhaseError(f"{option}: expected NAME=MODEL_FOLDER, got {item!r}")
+            if name in harness.list_methods():
+                raise DeepPhaseError(f"{option}: the name {name!r} is taken by a built-in method; choose another")
+            about = ("with its σ head: σ from the same forward pass × its fitted factor" if sigma_head
+                     else "pairwise stitching, plane removed")
+            harness.register_method(name, f"model {path}, {about}")(harness.network_method(path, sigma_head=sigma_head))
+            extra.append(name)
     for item in args.ensemble or []:
         name, sep, paths = item.partition("=")
         folders = [f for f in paths.split(",") if f]

@@ -160,7 +160,8 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
     return run
 
 
-# The packaged default carries a σ head: its σ costs ~12 % more time and gets the calibration scored in every run.
+# The packaged default carries a σ head: its σ costs ~4 % more time (RESULTS §19) and gets the calibration
+# scored in every run.
 register_method("deepphase", "packaged default model, pairwise stitching, plane removed; σ from its head")(
     network_method(sigma_head=True))
 register_method("deepphase-mc", "packaged default model with 8 Monte Carlo dropout samples: a per-pixel σ "
