@@ -1,7 +1,7 @@
 """Speed and accuracy of the stitchers on exact patches with unknown offsets and noise.
 
 Usage: python benchmarks/bench_stitching.py [--sizes 64 256] [--repeat 3] [--noise 0.05] [--clock cpu]
-       [--stages]
+       [--stages] [--torch-device cuda]
 
 For an n×n raster at the reference step, the patches are cut from a known smooth object (σ = 2 px
 gaussian-filtered noise, 1 rad standard deviation) by the physical definition, their masked mean is
@@ -12,7 +12,9 @@ mean difference and its correlation, and the speed ratios, all from the same run
 "pairwise" is a first call (``stitch``: neighbour graph, reductions, offsets, blend). "pairwise, geometry
 reused" is the same stitching from ``PairwiseStitcher.empty_copy()`` of a stitcher made once for the
 scan's positions (untimed), as a session that reconstructs many scans of one geometry would do.
-``--stages`` adds where the first call's time goes.
+``--stages`` adds where the first call's time goes. ``--torch-device D`` adds the path the pipeline takes
+on a GPU: the patches as a torch tensor on D (put there untimed, as the network leaves them), reduced there,
+and for comparison the same patches first copied to the host (timed: the copy is what the path saves).
 """
 
 import argparse
@@ -58,6 +60,8 @@ def main():
                         help="wall time, or the process's CPU time (steadier on a shared machine; run with "
                              "OMP_NUM_THREADS=1 so that both stitchers use one core)")
     parser.add_argument("--stages", action="store_true", help="also time the stages of the pairwise stitcher")
+    parser.add_argument("--torch-device", default=None,
+                        help="also time patches held as a torch tensor on this device (cpu, cuda), reduced there")
     args = parser.parse_args()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"deepphase {deepphase.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, "
@@ -83,6 +87,8 @@ def main():
                 "pairwise, geometry reused": reused,
                 "least-squares": lambda: stitch(patches, positions, mask, geometry, method="least-squares"),
                 "seed": lambda: stitch(patches, positions, mask, geometry, method="seed")}
+        if args.torch_device:
+            runs.update(tensor_runs(template, patches, args.torch_device))
         times = {}
         for method, run in runs.items():
             best = np.inf
@@ -94,13 +100,35 @@ def main():
             reference = truth[: image.shape[0], : image.shape[1]]
             print(f"| {n * n:,} | {n}×{n} | {method} | {best:.3f} | {offset_rmse(image, reference):.4f} | "
                   f"{correlation(image, reference):.5f} |")
-        for ours in ("pairwise", "pairwise, geometry reused", "least-squares"):
+        for ours in [m for m in times if m != "seed"]:
             print(f"| {n * n:,} | {n}×{n} | speed ratio seed / {ours} | {times['seed'] / times[ours]:.2f}× | | |")
         if args.stages:
             stages[n] = time_stages(patches, positions, mask, geometry, clock, args.repeat)
     for n, best in stages.items():
         print(f"pairwise stages at {n * n:,} patches (best of {args.repeat}, s): "
               + ", ".join(f"{name} {t:.4f}" for name, t in best.items()))
+
+
+def tensor_runs(template, patches, device):
+    """Stitching of patches that lie on ``device`` as a torch tensor: reduced there, or copied to the host."""
+    import torch
+
+    on_device = torch.from_numpy(patches).to(device)
+
+    def reduced_there():
+        stitcher = template.empty_copy()
+        stitcher.add(on_device)
+        return stitcher.image()  # the reductions came back with .cpu(): the device's work is done
+
+    def copied_to_host():
+        stitcher = template.empty_copy()
+        stitcher.add(on_device.cpu().numpy())
+        return stitcher.image()
+
+    runs = {f"pairwise, geometry reused, reduced by torch on {device}": reduced_there}
+    if torch.device(device).type != "cpu":
+        runs[f"pairwise, geometry reused, patches copied from {device} to the host"] = copied_to_host
+    return runs
 
 
 def time_stages(patches, positions, mask, geometry, clock, repeat):

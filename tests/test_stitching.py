@@ -360,9 +360,13 @@ def test_empty_copy_stitches_another_scan_of_the_same_geometry_independently(sce
     np.testing.assert_array_equal(first.image(), stitch(scene["noisy"], *args))  # unchanged by the other
 
 
+@pytest.mark.parametrize("patch_type", ["numpy", "torch"])
 @pytest.mark.parametrize("mask_kind", ["reference (fills its box)", "a disc (gathered pixel by pixel)"])
-def test_reductions_are_the_sums_they_stand_for(mask_kind):
-    """Overlap sums and the binned image window against their definitions, in float64, pixel by pixel."""
+def test_reductions_are_the_sums_they_stand_for(mask_kind, patch_type):
+    """Overlap sums and the binned image window against their definitions, in float64, pixel by pixel.
+
+    ``torch``: the patches as a tensor, reduced with torch on its device (the GPU path, here on the CPU).
+    """
     from deepphase.reconstruction.stitching import PairwiseStitcher
 
     rng = np.random.default_rng(9)
@@ -374,7 +378,13 @@ def test_reductions_are_the_sums_they_stand_for(mask_kind):
     positions = raster_positions((7, 9), STEP, origin=(0.3, 1.1))
     patches = (rng.normal(size=(len(positions), 32, 32)) + 5.0).astype(np.float32)
     stitcher = PairwiseStitcher(positions, mask, GEOMETRY)
-    reduced = stitcher.reducer.reduce(patches, stitcher.origins)
+    if patch_type == "torch":
+        torch = pytest.importorskip("torch")
+        reduced = stitcher.reducer.reduce(torch.from_numpy(patches), stitcher.origins)
+    else:
+        reduced = stitcher.reducer.reduce(patches, stitcher.origins)
+    for name in ("sums_i", "sums_j", "window"):
+        assert isinstance(reduced[name], np.ndarray)
     rows, cols = np.nonzero(mask)
     q = patches[:, rows, cols].astype(np.float64)
     q -= q.mean(axis=1, keepdims=True)
@@ -399,16 +409,41 @@ def test_reductions_are_the_sums_they_stand_for(mask_kind):
     np.testing.assert_allclose(placed, expected, atol=2e-4)
 
 
-def test_a_nan_in_a_gathered_mask_is_refused_by_count():
-    from deepphase.reconstruction.stitching import stitch_pairwise
+@pytest.mark.parametrize("patch_type", ["numpy", "torch"])
+def test_a_nan_in_a_gathered_mask_is_refused_by_count(patch_type):
+    from deepphase.reconstruction.stitching import PairwiseStitcher
 
     r, c = np.mgrid[:32, :32] - 15.5
     mask = r**2 + c**2 < 7.2**2
     positions = raster_positions((5, 5), STEP)
     patches = np.zeros((len(positions), 32, 32), dtype=np.float32)
     patches[3, 16, 16], patches[4, 15, 14], patches[4, 0, 0] = np.nan, np.inf, np.nan  # (0, 0) is outside the mask
+    if patch_type == "torch":
+        patches = pytest.importorskip("torch").from_numpy(patches)
     with pytest.raises(ValueRangeError, match="found 2 NaN or Inf values inside the mask"):
-        stitch_pairwise(patches, positions, mask, GEOMETRY)
+        PairwiseStitcher(positions, mask, GEOMETRY).add(patches)
+
+
+def test_tensor_patches_added_in_chunks_give_the_numpy_image(scene):
+    """The device path (torch tensors, reduced where they are) against NumPy, chunk by chunk, for the
+    phase (means removed) and for σ-like patches (blended as they are)."""
+    torch = pytest.importorskip("torch")
+    from deepphase.reconstruction.stitching import PairwiseStitcher
+
+    args = (scene["positions"], scene["mask"], GEOMETRY)
+    template = PairwiseStitcher(*args)
+    for remove_mean in (True, False):
+        host, device = template.empty_copy(), template.empty_copy()
+        host.add(scene["noisy"], remove_mean=remove_mean)
+        for start in range(0, len(scene["positions"]), 256):
+            part = torch.from_numpy(np.ascontiguousarray(scene["noisy"][start : start + 256], dtype=np.float32))
+            device.add(part, start, remove_mean=remove_mean)
+        expected, got = host.image(offsets=remove_mean), device.image(offsets=remove_mean)
+        assert np.array_equal(np.isnan(expected), np.isnan(got))
+        # float32 sums in another order: ~1e-7 of the values (a few rad here)
+        np.testing.assert_allclose(got, expected, atol=2e-5, equal_nan=True)
+    with pytest.raises(ShapeError, match=r"expected a float tensor of shape \(N, 32, 32\)"):
+        template.empty_copy().add(torch.zeros((4, 16, 16)))
 
 
 @pytest.mark.parametrize("step", [0.87, 1.0])

@@ -9,7 +9,7 @@ from deepphase.errors import ShapeError, ValueRangeError
 from deepphase.physics import raster_positions
 from deepphase.physics.geometry import Geometry, output_mask
 from deepphase.reconstruction.pipeline import InterruptedReconstruction, read_checkpoint, reconstruct
-from deepphase.reconstruction.stitching import PairwiseStitcher, stitch_pairwise
+from deepphase.reconstruction.stitching import PairwiseStitcher, PatchReducer, stitch_pairwise
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,27 @@ def test_chunk_size_does_not_change_the_image(scan):
     one = reconstruct(scan.amplitude, scan.positions, chunk_size=100_000, progress=False)
     many = reconstruct(scan.amplitude, scan.positions, chunk_size=97, progress=False)
     np.testing.assert_allclose(many.phase, one.phase, atol=1e-5)
+
+
+@pytest.mark.parametrize("uncertainty", ["none", "σ head", "dropout"])
+def test_patches_reduced_on_the_device_give_the_host_image(scan, monkeypatch, uncertainty):
+    """On a GPU the pipeline keeps the patches there and reduces them with torch; forced here on the CPU."""
+    import deepphase.reconstruction.pipeline as pipeline
+
+    options = {"none": {}, "σ head": {"sigma_head": True}, "dropout": {"uncertainty_samples": 2}}[uncertainty]
+    host = reconstruct(scan.amplitude, scan.positions, chunk_size=200, progress=False, **options)
+    monkeypatch.setattr(pipeline, "reduce_on_device", lambda device, stitching: stitching == "pairwise")
+    calls = []
+    tensor_reduce = PatchReducer._reduce_tensor
+    monkeypatch.setattr(PatchReducer, "_reduce_tensor", lambda self, *a: calls.append(1) or tensor_reduce(self, *a))
+    device = reconstruct(scan.amplitude, scan.positions, chunk_size=200, progress=False, **options)
+    chunks = -(-len(scan.positions) // 200)
+    assert len(calls) == chunks * {"none": 1, "σ head": 2, "dropout": 3}[uncertainty]  # every draw, σ too
+    np.testing.assert_allclose(device.phase, host.phase, atol=1e-5)
+    if uncertainty != "none":
+        np.testing.assert_allclose(device.uncertainty, host.uncertainty, rtol=1e-4, atol=1e-6)
+    # the other stitchers need every patch on the host, whatever the device
+    assert not pipeline.reduce_on_device(__import__("torch").device("cuda"), "least-squares")
 
 
 class _StopAfter:

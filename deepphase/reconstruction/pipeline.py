@@ -371,6 +371,7 @@ def reconstruct(
         folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     accumulators = make_accumulators(stitching, positions, mask, model.geometry, draws, folder, resume, sigma_head)
+    on_device = reduce_on_device(dev, stitching)
     fingerprint = {**(fingerprint or {}), "n_patterns": n, "pattern_shape": list(shape[1:]),
                    "positions_sha256": hashlib.sha256(np.ascontiguousarray(positions).tobytes()).hexdigest(),
                    "model": model.name, "model_arch": model.arch, "model_sha256": _weights_digest(model),
@@ -405,7 +406,7 @@ def reconstruct(
                                               neighbours=chunk_neighbours,
                                               runner=runners.get(id(network)) if sample is None else None,
                                               mc_dropout_seed=None if sample is None else sample * 1_000_003 + start,
-                                              sigma=sigma_head and k == 0)
+                                              sigma=sigma_head and k == 0, on_device=on_device)
                     if sigma_head and k == 0:  # the σ patches of the same pass: the last accumulator's
                         patches, sigmas = patches
                     t_predict += time.perf_counter() - t
@@ -454,9 +455,20 @@ def reconstruct(
                            "engine": engine if requested == engine else f"{engine} ({requested})", "input": (f"{model.in_channels} patterns: the 3×3 neighbourhood"
                                                        if neighbours is not None else "one pattern"),
                            "chunk_size": chunk_size, "resumed_from_pattern": resumed_from or None,
+                           "patches_reduced_on": str(dev) if on_device else "cpu",
                            **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
                            "uncertainty": uncertainty},
                           spread)
+
+
+def reduce_on_device(device: torch.device, stitching: str) -> bool:
+    """Whether patches are reduced for the stitcher where the network made them, not on the host.
+
+    On a GPU, for the pairwise stitcher: its reductions (~0.5 kB a patch) cross to the host instead of
+    the patches (4 kB), and the products and binning run on the GPU. The other stitchers need every
+    patch on the host. On a CPU both are the same place.
+    """
+    return device.type == "cuda" and stitching == "pairwise"
 
 
 def dose_settings(deblur, stitching: str, amplitudes, model: PhaseModel) -> dict:

@@ -138,6 +138,7 @@ def predict_patches(
     neighbours=None,
     runner=None,
     sigma: bool = False,
+    on_device: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Phase patches (stop - start, out, out) float32, each with its mean inside the illuminated mask removed.
 
@@ -168,6 +169,9 @@ def predict_patches(
     sigma : also return the σ head's per-pixel standard deviation patches (√2·b of its Laplace scale b,
         rad; nothing removed), from the same forward pass: ``(patches, sigma_patches)``. Only for a model
         trained with a σ head (``deepphase train --sigma-head``).
+    on_device : return float32 torch tensors left on ``device`` instead of NumPy arrays: on a GPU the
+        patches then never cross to the host, and :meth:`~deepphase.reconstruction.stitching.PairwiseStitcher.reduce`
+        reduces them there (the pipeline does this on CUDA).
     """
     n = model.geometry.n_px
     if len(getattr(amplitudes, "shape", ())) != 3 or tuple(amplitudes.shape[1:]) != (n, n):
@@ -198,8 +202,12 @@ def predict_patches(
     mask = torch.as_tensor(output_mask(model.probe, model.geometry), device=device, dtype=torch.float32)
     count = stop - start
     out_px = model.geometry.output_px
-    patches = np.empty((count, out_px, out_px), dtype=np.float32)
-    sigmas = np.empty((count, out_px, out_px), dtype=np.float32) if sigma else None
+    if on_device:
+        patches = torch.empty((count, out_px, out_px), dtype=torch.float32, device=device)
+    else:
+        patches = np.empty((count, out_px, out_px), dtype=np.float32)
+    sigmas = (torch.empty_like(patches) if on_device else np.empty_like(patches)) if sigma else None
+    host = (lambda t: t) if on_device else (lambda t: t.cpu().numpy())
     starts = list(range(start, stop, batch_size))
     pin = device.type == "cuda"
 
@@ -217,9 +225,9 @@ def predict_patches(
                 out = run(x)
             y = out[:, 0].float()
             y = y - (y * mask).sum(dim=(-2, -1), keepdim=True) / mask.sum()
-            patches[first - start : first - start + len(x)] = y.cpu().numpy()
+            patches[first - start : first - start + len(x)] = host(y)
             if sigma:
-                sigmas[first - start : first - start + len(x)] = sigma_from_log_scale(out[:, 1].float()).cpu().numpy()
+                sigmas[first - start : first - start + len(x)] = host(sigma_from_log_scale(out[:, 1].float()))
             bar.update(len(x))
     network.eval()
     return (patches, sigmas) if sigma else patches
