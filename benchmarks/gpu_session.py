@@ -212,7 +212,8 @@ class Session:
         quick = self.args.quick
         batches = self.args.batch_sizes or ([32] if quick else [1024, 8192, 65536])
         precisions = ["float32", "bfloat16"] if quick else list(PRECISIONS)
-        cheap = ["eager", "channels-last", "cuda-graphs", "cuda-graphs+channels-last"]
+        # every engine but eager folds batch norms into convolutions; channels-last+unfolded shows what that gives
+        cheap = ["eager", "channels-last", "channels-last+unfolded", "cuda-graphs", "cuda-graphs+channels-last"]
         rec.update(batches=batches, precisions=precisions, timing_s=self.args.seconds, rows=[], models={},
                    clock="torch.cuda.Event" if self.cuda else "time.perf_counter",
                    note="patterns/s of the network alone on input already on the device; peak memory is "
@@ -231,7 +232,7 @@ class Session:
         # in bfloat16 at the two largest batches (tens of seconds per shape and precision), then the
         # remaining compiles.
         cheap_plan = [(name, b, p, e) for name in MODELS for b in batches for p in precisions for e in cheap
-                      if name == "default" or e != "cuda-graphs+channels-last"]
+                      if name == "default" or e not in ("cuda-graphs+channels-last", "channels-last+unfolded")]
         compile_plan = [(n, b, p, "compile") for n in MODELS for p in ("bfloat16", "float32", "float16")
                         if p in precisions for b in sorted(batches, reverse=True)]
         if quick:
@@ -300,7 +301,9 @@ class Session:
         torch.backends.cudnn.benchmark = engine.endswith("+cudnn.benchmark")
         t0 = time.perf_counter()
         if engine == "cuda-graphs+channels-last":
-            run = engines_mod._cuda_graphs(net, self.device, channels_last=True)
+            run = engines_mod._cuda_graphs(engines_mod.fold_batch_norm(net), self.device, channels_last=True)
+        elif engine == "channels-last+unfolded":
+            run = prepare_network(net, "channels-last", self.device, fold=False)
         else:
             run = prepare_network(net, engine.removesuffix("+cudnn.benchmark"), self.device)
         autocast = (torch.autocast(self.device.type, dtype=cast) if cast is not None else contextlib.nullcontext())

@@ -51,6 +51,37 @@ def test_engine_equals_eager(tiny, engine):
     assert all(p.is_contiguous() for p in tiny.parameters())
 
 
+@pytest.mark.parametrize("arch, folded", [("compact", 11), ("seed-unet", 7)])
+def test_batch_norms_after_convolutions_fold_into_them(arch, folded):
+    """Folded: the same function, no batch norm left after a convolution, the caller's network unchanged;
+    a batch norm still in training mode (batch statistics) is left alone."""
+    from deepphase.reconstruction.engines import fold_batch_norm
+
+    torch.manual_seed(0)
+    net = create_model(arch, n_px=16, out_px=16).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def norms(module):
+        return sum(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
+
+    fused = fold_batch_norm(net)
+    assert norms(net) - norms(fused) == folded
+    x = patterns(5)
+    with torch.inference_mode():
+        assert float((fused(x) - net(x)).abs().max()) < 1e-5
+        assert float((prepare_network(net, "channels-last")(x) - net(x)).abs().max()) < 1e-5
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items()) and norms(net) == folded + norms(fused)
+    net.train()
+    assert norms(fold_batch_norm(net)) == norms(net)
+
+
 def test_eager_is_the_network_itself(tiny):
     assert prepare_network(tiny) is tiny
 

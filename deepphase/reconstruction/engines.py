@@ -22,6 +22,12 @@ difference). Which one is fastest depends on the machine: see benchmarks/RESULTS
 
 Only ``"eager"`` and ``"channels-last"`` keep dropout layers that are in training mode (Monte Carlo
 dropout); ``"compile"``, ``"cuda-graphs"`` and ``"onnx"`` refuse such a network.
+
+Every engine but ``"eager"`` first folds each batch normalisation that directly follows a convolution
+into that convolution's weights and bias (:func:`fold_batch_norm`, PyTorch's ``fuse_conv_bn_eval``): one
+pass over the activations fewer per folded layer, the same function to float32 rounding. All 11 of the
+compact network's batch norms fold; 7 of the seed U-Net's 15 (the others come before a ReLU and a
+convolution, where they cannot).
 """
 
 from __future__ import annotations
@@ -67,6 +73,25 @@ def _engine_failure(what: str, exc: Exception) -> DeepPhaseError:
     """A one-line user error for an engine that failed inside PyTorch: what failed, the cause's first line."""
     line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return DeepPhaseError(f"engine: {what} ({type(exc).__name__}: {line[:300]}); use the 'eager' engine")
+
+
+def fold_batch_norm(network: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``network`` with every ``Conv2d`` → ``BatchNorm2d`` pair of an ``nn.Sequential`` folded.
+
+    Only batch norms in eval mode fold (they then are a fixed affine map per channel); the folded
+    convolution takes the pair's place and an ``nn.Identity`` the batch norm's, so indices and the
+    module tree stay as they were. The caller's network is not changed.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(network)
+    for block in [m for m in folded.modules() if isinstance(m, torch.nn.Sequential)]:
+        for i in range(len(block) - 1):
+            conv, norm = block[i], block[i + 1]
+            if (type(conv) is torch.nn.Conv2d and type(norm) is torch.nn.BatchNorm2d and not norm.training
+                    and not conv.training and norm.track_running_stats):
+                block[i], block[i + 1] = fuse_conv_bn_eval(conv, norm), torch.nn.Identity()
+    return folded
 
 
 def _active_dropout(network: torch.nn.Module) -> bool:
@@ -246,7 +271,7 @@ def _onnx(network: torch.nn.Module, threads: int | None) -> Network:
 
 
 def prepare_network(model, engine: str = "eager", device: str | torch.device = "cpu",
-                    threads: int | None = None) -> Network:
+                    threads: int | None = None, fold: bool = True) -> Network:
     """A callable that runs ``model``'s network with the chosen inference engine.
 
     Parameters
@@ -262,6 +287,9 @@ def prepare_network(model, engine: str = "eager", device: str | torch.device = "
         Where the network runs. ``"onnx"`` runs on the CPU only, ``"cuda-graphs"`` on a CUDA device only.
     threads : int, optional
         ONNX Runtime's intra-op threads (default: ``torch.get_num_threads()``); ignored by the others.
+    fold : bool
+        Fold batch norms into the convolutions before them (:func:`fold_batch_norm`; default). Ignored by
+        ``"eager"``, which runs the network as it is.
 
     Returns
     -------
@@ -291,6 +319,8 @@ def prepare_network(model, engine: str = "eager", device: str | torch.device = "
         )
     if engine == "eager":
         return network
+    if fold:
+        network = fold_batch_norm(network)
     if engine == "channels-last":
         return _channels_last(network)
     if engine == "compile":
