@@ -14,7 +14,9 @@ The load average (/proc/loadavg) is printed before and after each block.
 
 Engines:
   eager          the model as shipped, float32, under torch.inference_mode (the baseline)
+  folded         batch norms folded into the convolutions before them (engines.fold_batch_norm)
   channels-last  weights and input in torch.channels_last memory format
+  channels-last+folded  both: what reconstruct's "channels-last" engine runs
   compile        torch.compile(model) (default mode; a new batch shape recompiles)
   torchscript    torch.jit.trace + torch.jit.freeze
   onnx           torch.onnx.export, run by onnxruntime's CPUExecutionProvider (intra_op threads = the thread count)
@@ -37,8 +39,9 @@ import torch
 
 import deepphase
 from deepphase.models.modelfile import load_model
+from deepphase.reconstruction.engines import fold_batch_norm
 
-ENGINES = ("eager", "channels-last", "compile", "torchscript", "onnx", "bf16")
+ENGINES = ("eager", "folded", "channels-last", "channels-last+folded", "compile", "torchscript", "onnx", "bf16")
 
 
 def loadavg() -> str:
@@ -60,8 +63,10 @@ def build(engine: str, net: torch.nn.Module, example: torch.Tensor, threads: int
     note = ""
     if engine == "eager":
         fn = net
-    elif engine == "channels-last":
-        cl = net.to(memory_format=torch.channels_last)
+    elif engine == "folded":
+        fn = fold_batch_norm(net)
+    elif engine in ("channels-last", "channels-last+folded"):
+        cl = (fold_batch_norm(net) if engine.endswith("folded") else net).to(memory_format=torch.channels_last)
         fn = lambda x: cl(x.contiguous(memory_format=torch.channels_last))  # noqa: E731
     elif engine == "compile":
         compiled = torch.compile(net)

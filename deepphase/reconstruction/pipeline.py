@@ -409,6 +409,8 @@ def reconstruct(
                                               sigma=sigma_head and k == 0, on_device=on_device)
                     if sigma_head and k == 0:  # the σ patches of the same pass: the last accumulator's
                         patches, sigmas = patches
+                    if on_device and dev.type == "cuda":  # asynchronous kernels: wait, so the timings split honestly
+                        torch.cuda.synchronize(dev)
                     t_predict += time.perf_counter() - t
                     t = time.perf_counter()
                     reduced.append(acc.reduce(patches, start))
