@@ -444,6 +444,14 @@ def test_tensor_patches_added_in_chunks_give_the_numpy_image(scene):
         np.testing.assert_allclose(got, expected, atol=2e-5, equal_nan=True)
     with pytest.raises(ShapeError, match=r"expected a float tensor of shape \(N, 32, 32\)"):
         template.empty_copy().add(torch.zeros((4, 16, 16)))
+    # A stitcher sent to dask workers leaves the tensors made for this device behind and still works there.
+    import pickle
+
+    copied = pickle.loads(pickle.dumps(template.empty_copy()))
+    assert "_on_device" in template.reducer.__dict__ and "_on_device" not in copied.reducer.__dict__
+    copied.add(torch.from_numpy(np.ascontiguousarray(scene["noisy"], dtype=np.float32)))
+    np.testing.assert_allclose(copied.image(), stitch(scene["noisy"], *args),
+                               atol=2e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("step", [0.87, 1.0])

@@ -139,13 +139,15 @@ def predict_tile(path: str, start: int, stop: int, model_path: str | None, datas
         data.close()
     check_patterns(tile, lo)  # names the pattern by its index in the whole scan
     out, sigmas = [], None
+    dev = _worker_device(device)
     for k in range(int(draws)):
         # The same seeds as the single-process pipeline's chunks only if tiles and chunks coincide.
-        patches = predict_patches(model, tile, batch_size=batch_size, device=_worker_device(device), progress=False,
+        patches = predict_patches(model, tile, batch_size=batch_size, device=dev, progress=False,
                                   start=start - lo, stop=stop - lo,
                                   neighbours=None if neighbours is None else neighbours - lo,
                                   precision=precision, mc_dropout_seed=None if k == 0 else k * 1_000_003 + start,
-                                  sigma=sigma_head and k == 0)
+                                  sigma=sigma_head and k == 0,
+                                  on_device=reducer is not None and dev.type == "cuda")  # reduced on the GPU
         if sigma_head and k == 0:
             patches, sigmas = patches
         out.append(reducer.reduce(patches, origins) if reducer is not None else patches)

@@ -790,6 +790,10 @@ class PatchReducer:
         return {"sums_i": np.take(sorted_i, inverse, axis=0), "sums_j": np.take(sorted_j, inverse, axis=0),
                 "window": window.reshape(int(shape[0]), int(shape[1])), "window_origin": top}
 
+    def __getstate__(self):
+        # Sent to dask workers: without the tensors made for a device here (rebuilt on first use there).
+        return {k: v for k, v in self.__dict__.items() if k != "_on_device"}
+
     def _device_constants(self, device):
         """The weights and the bins' offsets in the window, as tensors on ``device`` (made once per device)."""
         import torch
