@@ -130,16 +130,16 @@ def end_to_end(stage: dict) -> list[str]:
     rows = [f"Scan {stage.get('scan')} ({_num(stage.get('patterns'))} patterns, {stage.get('file_mb')} MB float32 .npy; "
             f"simulated in {stage.get('simulate_s')} s; np.load {stage.get('np_load_s')} s). `reconstruct()` in-process "
             f"on an in-memory array, twice per setting. Status: {_status(stage)}.", "",
-            "| engine | precision | batch | chunk | cold s | warm s | predict s | stitch s | engine setup s | patterns/s (predict) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| engine | precision | batch | chunk | patches reduced on | cold s | warm s | predict s | stitch s | engine setup s | patterns/s (predict) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in stage.get("runs", []):
         if r.get("status") != "ok":
             rows.append(f"| {r.get('engine')} | {r.get('precision', '')} | {_num(r.get('batch_size'))} | "
-                        f"{_num(r.get('chunk_size'))} | {r.get('status')} | | | | | |")
+                        f"{_num(r.get('chunk_size'))} | | {r.get('status')} | | | | | |")
             continue
         t = r["timings"]
         rows.append(f"| {r['engine_used']} | {r['precision']} | {r['batch_size']:,} | {r['chunk_size']:,} | "
-                    f"{r['cold_wall_s']} | **{r['warm_wall_s']}** | {t['predict_s']} | {t['stitch_s']} | "
+                    f"{r.get('patches_reduced_on', '–')} | {r['cold_wall_s']} | **{r['warm_wall_s']}** | {t['predict_s']} | {t['stitch_s']} | "
                     f"{t['engine_setup_s']} | {t['patterns_per_second']:,.0f} |")
     cli = stage.get("cli")
     if cli and "command" not in cli:
