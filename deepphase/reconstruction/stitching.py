@@ -735,8 +735,9 @@ class PatchReducer:
         ``weights``, which yields every reduction of the block in one product.
 
         ``patches`` may also be a torch tensor, on the device where the network made it (a GPU): the
-        products and the binning then run there and only the reductions (~0.5 kB a patch instead of
-        4 kB) come back to the host. The result is the same to float32 rounding.
+        products and the binning then run there and only the reductions come back to the host (0.12 kB
+        a patch at the reference step, 2 × 14 float32 overlap sums and its share of the window, instead
+        of the 4 kB patch). The result is the same to float32 rounding.
         """
         if _is_tensor(patches):
             return self._reduce_tensor(patches, origins, remove_mean)
