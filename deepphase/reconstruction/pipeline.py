@@ -467,8 +467,8 @@ def reduce_on_device(device: torch.device, stitching: str) -> bool:
     """Whether patches are reduced for the stitcher where the network made them, not on the host.
 
     On a GPU, for the pairwise stitcher: its reductions (~0.12 kB a patch at the reference step) cross
-    to the host instead of the patches (4 kB), and the products and binning run on the GPU. The other stitchers need every
-    patch on the host. On a CPU both are the same place.
+    to the host instead of the patches (4 kB), and the products and binning run on the GPU. The other
+    stitchers need every patch on the host. On a CPU both are the same place.
     """
     return device.type == "cuda" and stitching == "pairwise"
 
