@@ -38,6 +38,25 @@ def test_compact_network_is_at_least_16_times_cheaper_than_the_seed():
     assert flops_per_pattern(seed) / flops_per_pattern(load_model().network) >= 16
 
 
+def test_compact_fuse_equals_upsampling_and_concatenating():
+    # The compact network runs the 1×1 fuse's coarse half at 4×4 and upsamples after; by definition
+    # it is fuse(cat(upsample(coarse), skip)), so check against that literally, batch norms folded or not.
+    import torch.nn.functional as F
+
+    from deepphase.reconstruction.engines import fold_batch_norm
+
+    torch.manual_seed(0)
+    net = create_model("compact").eval()
+    for bn in [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]:  # not the identity map
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.weight.data.uniform_(0.5, 1.5)
+    coarse, skip = torch.randn(4, 96, 4, 4), torch.randn(4, 64, 8, 8)
+    with torch.no_grad():
+        expected = net.fuse(torch.cat([F.interpolate(coarse, scale_factor=2, mode="nearest"), skip], 1))
+        torch.testing.assert_close(net._fuse(coarse, skip), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fold_batch_norm(net)._fuse(coarse, skip), expected, atol=1e-5, rtol=1e-5)
+    assert expected.abs().max() > 0.1  # a map, not zeros (a ReLU of everything negative would pass anything)
+
+
 @pytest.mark.parametrize("arch", ["seed-unet", "unet-small", "compact"])
 def test_model_output_shapes(arch):
     net = create_model(arch).eval()
