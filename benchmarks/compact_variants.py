@@ -15,13 +15,14 @@ Model folders of these architectures load only where this module has been import
   log of the pattern's total counts; the RMS-normalised input hides the dose but for its graininess.
 * ``x-compact-drop2``: dropout 0.2 (the U-Net's) instead of 0.1.
 * ``x-compact-rep``: every 3×3 conv-BN trained as RepVGG-style branches (3×3 conv-BN + 1×1 conv-BN +
-  identity BN where shapes allow); :func:`to_plain_compact` collapses them into the plain ``compact``
-  architecture, same operations per pattern as the default.
+  identity BN where shapes allow), collapsed for inference into the plain ``compact`` architecture (same
+  operations per pattern as the default). Since section 21 it is in the package as ``--arch compact-rep``,
+  whose model files hold the collapsed network; this name keeps the training form (its folders of
+  section 21 were trained so).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deepphase.cli import main
-from deepphase.models.compact import CompactPhaseNet
+from deepphase.models.compact import CompactPhaseNet, RepCompactPhaseNet
 from deepphase.models.registry import register_model
 from deepphase.models.unet import normalise_amplitude
 
@@ -90,71 +91,6 @@ class CompactDose(CompactPhaseNet):
         return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
 
 
-class RepConv(nn.Module):
-    """A 3×3 conv-BN trained with a parallel 1×1 conv-BN (and a BN of the input where shapes allow)."""
-
-    def __init__(self, conv: nn.Conv2d, norm: nn.BatchNorm2d):
-        super().__init__()
-        self.conv3, self.bn3 = conv, norm  # the names of the trained folders of section 21
-        self.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 1, conv.stride, 0, bias=False)
-        self.bn1 = nn.BatchNorm2d(conv.out_channels)
-        same = conv.in_channels == conv.out_channels and tuple(conv.stride) == (1, 1)
-        self.bn_id = nn.BatchNorm2d(conv.out_channels) if same else None
-
-    def forward(self, x):
-        y = self.bn3(self.conv3(x)) + self.bn1(self.conv1(x))
-        return y if self.bn_id is None else y + self.bn_id(x)
-
-    @staticmethod
-    def _folded(kernel: torch.Tensor, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-        gain = norm.weight / (norm.running_var + norm.eps).sqrt()
-        return kernel * gain[:, None, None, None], norm.bias - norm.running_mean * gain
-
-    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(3×3 kernel, bias) of the one convolution that computes the same (eval mode)."""
-        kernel, bias = self._folded(self.conv3.weight, self.bn3)
-        k1, b1 = self._folded(F.pad(self.conv1.weight, (1, 1, 1, 1)), self.bn1)
-        kernel, bias = kernel + k1, bias + b1
-        if self.bn_id is not None:
-            c = self.conv3.in_channels
-            identity = torch.zeros_like(self.conv3.weight)
-            identity[torch.arange(c), torch.arange(c), 1, 1] = 1
-            ki, bi = self._folded(identity, self.bn_id)
-            kernel, bias = kernel + ki, bias + bi
-        return kernel.detach(), bias.detach()
-
-
-def _with_rep_convs(network: nn.Module) -> nn.Module:
-    for block in [m for m in network.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(block) - 1):
-            conv, norm = block[i], block[i + 1]
-            if type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and type(norm) is nn.BatchNorm2d:
-                block[i], block[i + 1] = RepConv(conv, norm), nn.Identity()
-    return network
-
-
-def to_plain_compact(network: CompactPhaseNet) -> CompactPhaseNet:
-    """The plain ``compact`` network that computes what an eval-mode ``x-compact-rep`` computes.
-
-    Each merged (kernel, bias) becomes the convolution's weight and a batch norm that only adds the bias
-    (mean 0, variance 1 − eps, gain 1), so the result loads as the shipped architecture.
-    """
-    plain = copy.deepcopy(network).eval()
-    for block in [m for m in plain.modules() if isinstance(m, nn.Sequential)]:
-        for i in range(len(block) - 1):
-            if isinstance(block[i], RepConv):
-                rep = block[i]
-                kernel, bias = rep.merged()
-                conv = nn.Conv2d(rep.conv3.in_channels, rep.conv3.out_channels, 3, rep.conv3.stride, 1, bias=False)
-                norm = nn.BatchNorm2d(rep.conv3.out_channels).eval()
-                with torch.no_grad():
-                    conv.weight.copy_(kernel)
-                    norm.bias.copy_(bias)
-                    norm.running_var.fill_(1.0 - norm.eps)
-                block[i], block[i + 1] = conv, norm
-    return plain
-
-
 @register_model("x-compact-conv")
 def compact_conv(n_px=32, out_px=32, in_channels=1, sigma_head=False):
     network = CompactPhaseNet(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
@@ -174,10 +110,9 @@ def compact_dropout_02(n_px=32, out_px=32, in_channels=1, sigma_head=False):
 
 @register_model("x-compact-rep")
 def compact_rep(n_px=32, out_px=32, in_channels=1, sigma_head=False):
-    network = CompactPhaseNet(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
-    for part in (network.stem, network.down1, network.down2, network.down3, network.decode):
-        _with_rep_convs(part)
-    return network
+    # The package's compact-rep under the name its section-21 folders were trained with (model files of
+    # compact-rep itself hold the plain network: see RepCompactPhaseNet.reparameterised).
+    return RepCompactPhaseNet(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def test_loss_ignores_a_constant_offset(probe):
     assert masked_l1(target + 0.7, target, mask, offset_free=False).item() == pytest.approx(0.7, abs=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["unet-small", "compact"])
+@pytest.mark.parametrize("arch", ["unet-small", "compact", "compact-rep"])
 def test_short_training_lowers_the_loss_on_a_learnable_case(probe, tmp_path, arch):
     # Atoms on lattices at ~1 rad: high contrast inside the mask, learnt by a small network in ~100 steps.
     config = TrainConfig(arch=arch, epochs=2, steps_per_epoch=60, batch_size=16, corpus=LATTICE,
@@ -130,6 +130,47 @@ def test_short_training_lowers_the_loss_on_a_learnable_case(probe, tmp_path, arc
     after = history[-1]["val_loss"]
     assert after < 0.8 * before, (before, after)  # measured: 0.114 → 0.076 rad
     assert (tmp_path / "m" / "model.json").exists() and (tmp_path / "m" / "checkpoint.safetensors").exists()
+
+
+def test_reparameterisable_compact_collapses_into_the_plain_compact():
+    from deepphase.models.registry import deployed
+
+    torch.manual_seed(0)
+    rep = create_model("compact-rep", sigma_head="detached").train()
+    with torch.no_grad():  # running statistics away from (0, 1), else a wrong fold could still pass
+        for _ in range(3):
+            rep(3 * torch.poisson(torch.rand(32, 1, 32, 32) * 20).sqrt() + 1)
+    for m in rep.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+    rep.eval()
+    plain, arch = deployed(rep, "compact-rep")
+    assert arch == "compact" and type(plain).__name__ == "CompactPhaseNet"
+    # What a model file of the shipped architecture holds, and what it costs: exactly a compact network.
+    assert set(plain.state_dict()) == set(create_model("compact", sigma_head="detached").state_dict())
+    assert flops_per_pattern(plain) == flops_per_pattern(create_model("compact", sigma_head="detached"))
+    x = torch.poisson(torch.rand(8, 1, 32, 32) * 50).sqrt()
+    with torch.no_grad():
+        expected = rep(x)
+        torch.testing.assert_close(plain.eval()(x), expected, atol=1e-5, rtol=1e-5)
+    assert expected[:, 0].std() > 0.01  # not a constant map
+
+
+def test_training_form_is_saved_as_the_plain_network(probe, tmp_path):
+    config = TrainConfig(arch="compact-rep", epochs=1, steps_per_epoch=3, batch_size=8, corpus=LATTICE, val_size=8,
+                         device="cpu", sigma_head="detached")
+    model, _ = train(probe, tmp_path / "m", config, progress=False, log=lambda *_: None)
+    saved = load_model(tmp_path / "m")
+    assert saved.arch == model.arch == "compact" and saved.info["training"]["arch"] == "compact-rep"
+    # The checkpoint keeps the training form (to resume); the model file is the same function.
+    from deepphase.training.loop import _read_checkpoint
+
+    state = _read_checkpoint(tmp_path / "m" / "checkpoint.safetensors")[3]
+    rep = create_model("compact-rep", sigma_head="detached")
+    rep.load_state_dict(state)
+    x = torch.poisson(torch.rand(4, 1, 32, 32) * 100).sqrt()
+    with torch.no_grad():
+        torch.testing.assert_close(saved.network.eval()(x), rep.eval()(x), atol=1e-5, rtol=1e-5)
 
 
 def test_resume_continues_exactly(probe, tmp_path):

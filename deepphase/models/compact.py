@@ -17,6 +17,8 @@ block → 1×1 head at 8×8 → nearest upsampling to the output grid.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -139,3 +141,93 @@ def compact(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels:
     second output channel; see :class:`CompactPhaseNet`).
     """
     return CompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels, sigma_head=sigma_head)
+
+
+class RepConv(nn.Module):
+    """A 3×3 conv-BN trained beside a 1×1 conv-BN (and a BN of its input where shapes allow).
+
+    RepVGG's reparameterisable convolution: the branches are linear, so in inference they are one 3×3
+    convolution (:meth:`merged`). Training sees a wider, better-conditioned block for the same
+    inference cost (benchmarks/RESULTS.md section 21).
+    """
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.BatchNorm2d):
+        super().__init__()
+        self.conv3, self.bn3 = conv, norm
+        self.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 1, conv.stride, 0, bias=False)
+        self.bn1 = nn.BatchNorm2d(conv.out_channels)
+        same = conv.in_channels == conv.out_channels and tuple(conv.stride) == (1, 1)
+        self.bn_id = nn.BatchNorm2d(conv.out_channels) if same else None
+
+    def forward(self, x):
+        y = self.bn3(self.conv3(x)) + self.bn1(self.conv1(x))
+        return y if self.bn_id is None else y + self.bn_id(x)
+
+    @staticmethod
+    def _folded(kernel: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        gain = norm.weight / (norm.running_var + norm.eps).sqrt()
+        return kernel * gain[:, None, None, None], norm.bias - norm.running_mean * gain
+
+    @torch.no_grad()
+    def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3×3 kernel, bias) of the single convolution that computes the block in inference mode."""
+        kernel, bias = self._folded(self.conv3.weight, self.bn3)
+        k1, b1 = self._folded(F.pad(self.conv1.weight, (1, 1, 1, 1)), self.bn1)
+        kernel, bias = kernel + k1, bias + b1
+        if self.bn_id is not None:
+            c = self.conv3.in_channels
+            identity = torch.zeros_like(self.conv3.weight)
+            identity[torch.arange(c), torch.arange(c), 1, 1] = 1
+            ki, bi = self._folded(identity, self.bn_id)
+            kernel, bias = kernel + ki, bias + bi
+        return kernel, bias
+
+
+class RepCompactPhaseNet(CompactPhaseNet):
+    """The compact network's training form with every 3×3 conv-BN a :class:`RepConv`.
+
+    Its model files hold the plain ``compact`` network (:meth:`reparameterised`), which computes the
+    same and costs the same as any compact network; only training (and its checkpoints) see the branches.
+    """
+
+    deploy_arch = "compact"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._plain_config = (args, kwargs)
+        for part in (self.stem, self.down1, self.down2, self.down3, self.decode):
+            for block in [m for m in part.modules() if isinstance(m, nn.Sequential)]:
+                for i in range(len(block) - 1):
+                    conv, norm = block[i], block[i + 1]
+                    if type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and isinstance(norm, nn.BatchNorm2d):
+                        block[i], block[i + 1] = RepConv(conv, norm), nn.Identity()
+
+    def reparameterised(self) -> CompactPhaseNet:
+        """The plain compact network (same state-dict keys as ``compact``) that computes what this one does
+        in inference mode: each merged (kernel, bias) becomes the convolution and a batch norm that only
+        adds the bias (mean 0, variance 1 − eps, gain 1)."""
+        merged = copy.deepcopy(self)
+        for block in [m for m in merged.modules() if isinstance(m, nn.Sequential)]:
+            for i in range(len(block) - 1):
+                if isinstance(block[i], RepConv):
+                    rep = block[i]
+                    kernel, bias = rep.merged()
+                    conv = nn.Conv2d(rep.conv3.in_channels, rep.conv3.out_channels, 3, rep.conv3.stride, 1, bias=False)
+                    norm = nn.BatchNorm2d(rep.conv3.out_channels)
+                    with torch.no_grad():
+                        conv.weight.copy_(kernel)
+                        norm.bias.copy_(bias)
+                        norm.running_var.fill_(1.0 - norm.eps)
+                    block[i], block[i + 1] = conv.to(kernel.device), norm.to(kernel.device)
+        args, kwargs = self._plain_config
+        plain = CompactPhaseNet(*args, **kwargs).to(next(self.parameters()).device)
+        plain.load_state_dict(merged.state_dict())
+        return plain.train(self.training)
+
+
+@register_model("compact-rep")
+def compact_rep(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1,
+                sigma_head: bool | str = False) -> RepCompactPhaseNet:
+    """The compact network trained with reparameterisable convolutions (:class:`RepCompactPhaseNet`);
+    saved as, and used as, a plain ``compact`` network."""
+    return RepCompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels, sigma_head=sigma_head)

@@ -48,6 +48,17 @@ def create_model(name: str, **config) -> torch.nn.Module:
         raise DeepPhaseError(f"arch: architecture {name!r}: {exc}") from exc
 
 
+def deployed(network: torch.nn.Module, arch: str) -> tuple[torch.nn.Module, str]:
+    """The network and architecture name a model file stores for a trained ``network`` of ``arch``.
+
+    A training form (e.g. ``compact-rep``'s reparameterisable convolutions) gives its plain equivalent
+    (``reparameterised()``, under its ``deploy_arch``); any other network is stored as it is.
+    """
+    if hasattr(network, "reparameterised"):
+        return network.reparameterised(), network.deploy_arch
+    return network, arch
+
+
 def input_channels(model: torch.nn.Module) -> int:
     """Patterns per position that ``model`` takes (its ``in_channels``; 1 for a module without one)."""
     return int(getattr(model, "in_channels", 1))

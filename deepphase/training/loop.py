@@ -35,6 +35,7 @@ from ..data.stream import Batch, TrainingStream
 from ..errors import DeepPhaseError, InputFileError, OutputExistsError
 from ..io_utils import atomic_path
 from ..models import create_model
+from ..models.registry import deployed
 from ..models.modelfile import PhaseModel, save_model
 from ..physics.forward import incident_counts
 from ..physics.geometry import Geometry, output_mask
@@ -388,7 +389,9 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
                 "sync_batchnorm": sync_bn, "backend": dist.get_backend()}
         if rank == 0:  # the others wait at the barrier below
             save_checkpoint(checkpoint_path, network, optimizer, epoch, history, config)
-            save_model(model, out_dir, half=config.half)
+            # A training form (compact-rep) is stored as the plain network it equals; the checkpoint keeps it.
+            plain, arch = deployed(network, config.arch)
+            save_model(PhaseModel(plain, arch, arch_config, probe, geometry, model.info), out_dir, half=config.half)
         if world > 1:
             dist.barrier()
         log(f"epoch {epoch + 1}/{config.epochs}: train loss {np.mean(losses):.4f} rad, validation loss {val:.4f} rad, "
@@ -398,6 +401,9 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         plain.load_state_dict(network.state_dict())
         model.network = network = plain
     network.eval()
+    deployed_network, arch = deployed(network, config.arch)
+    if deployed_network is not network:  # hand back what the model folder holds
+        model = PhaseModel(deployed_network.eval(), arch, arch_config, probe, geometry, model.info)
     return model, history
 
 
