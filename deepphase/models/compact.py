@@ -22,6 +22,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .registry import SIGMA_HEADS, register_model
 from .unet import normalise_amplitude
@@ -165,8 +166,8 @@ class RepConv(nn.Module):
 
     @staticmethod
     def _folded(kernel: torch.Tensor, norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        gain = norm.weight / (norm.running_var + norm.eps).sqrt()
-        return kernel * gain[:, None, None, None], norm.bias - norm.running_mean * gain
+        # The fold the engines use too (torch's; see reconstruction.engines.fold_batch_norm).
+        return fuse_conv_bn_weights(kernel, None, norm.running_mean, norm.running_var, norm.eps, norm.weight, norm.bias)
 
     @torch.no_grad()
     def merged(self) -> tuple[torch.Tensor, torch.Tensor]:
