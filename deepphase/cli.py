@@ -479,8 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
     from .models import list_models
 
-    p.add_argument("--arch", default="unet-small", choices=list_models(), help="architecture (default unet-small); compact-rep trains the compact network "
-                        "with reparameterisable convolutions and writes a plain compact model")
+    p.add_argument("--arch", default="unet-small", choices=list_models(),
+                   help="architecture (default unet-small); compact-rep trains the compact network with "
+                        "reparameterisable convolutions and writes a plain compact model")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--steps-per-epoch", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)
