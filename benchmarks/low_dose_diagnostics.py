@@ -69,10 +69,7 @@ def low_pass(paths: dict, doses, widths=(0, 0.5, 1, 1.5, 2, 3)) -> dict:
     for case in harness.make_cases(config["specimens"], doses, probe, config["scan_shape"],
                                    forward=config["forward"]):
         results = {name: run(case, probe) for name, run in methods.items()}
-        region = harness._evaluation_region([r.phase for r in results.values()], probe.shape[-1])
-        rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
-        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-        truth = np.where(region, case.scan.truth, np.nan)[box]
+        region, box, truth = harness.compared_region(case, [r.phase for r in results.values()], probe.shape[-1])
         inside = np.isfinite(truth)
         for name, result in results.items():
             image = np.where(region, result.phase, np.nan)[box]

@@ -317,6 +317,18 @@ def _evaluation_region(phases: list[np.ndarray], n_px: int) -> np.ndarray:
     return region
 
 
+def compared_region(case: Case, phases: list[np.ndarray], n_px: int):
+    """What the harness compares: (region, box, truth), the truth NaN outside the region, cut to its box.
+
+    ``region`` is :func:`_evaluation_region` of the methods' ``phases``; a method's image is compared as
+    ``np.where(region, phase, nan)[box]``.
+    """
+    region = _evaluation_region(phases, n_px)
+    rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    return region, box, np.where(region, case.scan.truth, np.nan)[box]
+
+
 def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_px=REFERENCE_STEP_PX, seed=0,
                    progress: bool | None = None, forward=("phase-object",), cache_dir=None):
     """Every method on every case; returns (rows of figures, images for the montage)."""
@@ -333,10 +345,7 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
             fn, _ = _METHODS[name]
             results[name] = fn(case, probe)
             bar.update()
-        region = _evaluation_region([r.phase for r in results.values()], probe.shape[-1])
-        rr, cc = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
-        box = (slice(rr[0], rr[-1] + 1), slice(cc[0], cc[-1] + 1))
-        truth = np.where(region, case.scan.truth, np.nan)[box]
+        region, box, truth = compared_region(case, [r.phase for r in results.values()], probe.shape[-1])
         for name, res in results.items():
             phase = np.where(region, res.phase, np.nan)[box]
             figures = metrics.evaluate(phase, truth, pixel_size=case.pixel_size)
