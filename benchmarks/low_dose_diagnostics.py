@@ -29,7 +29,7 @@ from deepphase.data.stream import TrainingStream
 from deepphase.evaluation import harness, metrics
 from deepphase.models.modelfile import load_model
 from deepphase.physics.geometry import output_mask
-from deepphase.training.loss import masked_l1
+from deepphase.training.loop import evaluate_loss
 
 
 def training_loss(models: dict, doses, corpus: str = "atoms", samples: int = 2048, seed: int = 12345) -> dict:
@@ -40,13 +40,8 @@ def training_loss(models: dict, doses, corpus: str = "atoms", samples: int = 204
     for dose in doses:
         stream = TrainingStream(first.probe, first.geometry, CorpusConfig(mix=dict(CORPUS_PRESETS[corpus])), dose)
         batches = stream.fixed_set(seed, samples)
-        table[dose] = {}
-        for name, model in models.items():
-            network, total = model.network.eval(), 0.0
-            with torch.inference_mode():
-                for b in batches:
-                    total += float(masked_l1(network(b.amplitude)[:, :1], b.target, mask)) * len(b.target)
-            table[dose][name] = total / samples
+        with torch.inference_mode():
+            table[dose] = {name: evaluate_loss(model.network, batches, mask) for name, model in models.items()}
     return table
 
 
