@@ -64,7 +64,7 @@ def _cmd_train(args) -> None:
                                              phase_scale=args.phase_scale), seed=args.seed,
                          val_size=args.val_size, device=args.device, half=args.half, loss=args.loss,
                          neighbourhood=args.neighbourhood, neighbourhood_step_px=args.neighbourhood_step,
-                         sigma_head=args.sigma_head, sigma_weight=args.sigma_weight, ema=args.ema)
+                         sigma_head=args.sigma_head, sigma_weight=args.sigma_weight)
     geometry = Geometry(n_px=probe.shape[0])
     command = "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     command = getattr(args, "command_line", None) or command  # set by deepphase.train (torchrun processes)
@@ -520,9 +520,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-weight", type=float, default=1.0, metavar="W",
                    help="with --sigma-head: weight of its likelihood beside the phase's L1 loss (default 1; the "
                         "likelihood does not pull on the phase, but it shares the network's features)")
-    p.add_argument("--ema", type=float, metavar="DECAY",
-                   help="keep an exponential moving average of the weights (decay per step, e.g. 0.999: about the "
-                        "last 1,000 steps) and save it instead of the last step's weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-size", type=int, default=512)
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default auto)")

@@ -173,11 +173,9 @@ def test_training_form_is_saved_as_the_plain_network(probe, tmp_path):
         torch.testing.assert_close(saved.network.eval()(x), rep.eval()(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("ema", [None, 0.9])
-def test_resume_continues_exactly(probe, tmp_path, ema):
-    # With a moving average the checkpoint must carry it too, or the resumed average restarts from epoch 2.
+def test_resume_continues_exactly(probe, tmp_path):
     config = TrainConfig(arch="unet-small", epochs=2, steps_per_epoch=5, batch_size=8, corpus=SMOOTH, val_size=16,
-                         device="cpu", seed=2, ema=ema)
+                         device="cpu", seed=2)
     quiet = dict(progress=False, log=lambda *_: None)
     train(probe, tmp_path / "full", config, **quiet)
 
@@ -192,32 +190,6 @@ def test_resume_continues_exactly(probe, tmp_path, ema):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
-
-
-def test_moving_average_of_the_weights_is_what_the_model_folder_holds(probe, tmp_path):
-    # With a constant learning rate the first step is the same in a one-step and a two-step run, so the
-    # saved average after two steps must be decay·w1 + (1 − decay)·w2 (the first update copies w1).
-    base = dict(arch="compact", steps_per_epoch=1, batch_size=8, corpus=LATTICE, val_size=8, device="cpu",
-                preset="seed", lr=0.05, seed=3)
-    quiet = dict(progress=False, log=lambda *_: None)
-    train(probe, tmp_path / "w1", TrainConfig(epochs=1, **base), **quiet)
-    train(probe, tmp_path / "w2", TrainConfig(epochs=2, **base), **quiet)
-    model, history = train(probe, tmp_path / "ema", TrainConfig(epochs=2, ema=0.75, **base), **quiet)
-    w1, w2, saved = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("w1", "w2", "ema"))
-    assert w1.keys() == saved.keys()
-    moved = 0
-    for key in saved:
-        if saved[key].is_floating_point():
-            torch.testing.assert_close(saved[key], 0.75 * w1[key] + 0.25 * w2[key], msg=key)
-            moved += not torch.equal(w1[key], w2[key])
-    assert moved > 10  # the two steps did change the weights, so the average is not trivially either
-    assert load_model(tmp_path / "ema").info["training"]["ema"] == 0.75
-    x = torch.poisson(torch.rand(4, 1, 32, 32) * 100).sqrt()  # what train() hands back is the average too
-    reference = load_model(tmp_path / "ema").network.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(model.network.eval()(x), reference(x))
-    with pytest.raises(DeepPhaseError, match="ema: expected a decay per step between 0 and 1"):
-        train(probe, tmp_path / "bad", TrainConfig(epochs=1, ema=1.0, **base), **quiet)
 
 
 def test_existing_model_is_not_overwritten_unasked(probe, tmp_path):

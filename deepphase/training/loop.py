@@ -75,7 +75,6 @@ class TrainConfig:
     neighbourhood_step_px: float = REFERENCE_STEP_PX  # its scan step in real-space pixels
     sigma_head: str | None = None  # "shared" or "detached": also predict each pixel's error scale (see models.compact)
     sigma_weight: float = 1.0  # weight of that NLL beside the L1 (it shares the trunk with the phase)
-    ema: float | None = None  # decay per step of an exponential moving average of the weights, which is then saved
 
     def optimizer_settings(self) -> dict:
         if self.preset not in OPTIMIZERS:
@@ -94,8 +93,6 @@ class TrainConfig:
             del d["neighbourhood"], d["neighbourhood_step_px"]
         if not self.sigma_head:  # likewise runs without the σ head
             del d["sigma_head"], d["sigma_weight"]
-        if self.ema is None:  # and without the moving average
-            del d["ema"]
         return d
 
     def arch_config(self, geometry: Geometry) -> dict:
@@ -144,15 +141,9 @@ def _unflatten_optimizer(tensors: dict, other: dict) -> dict:
     return {"state": state, "param_groups": other["param_groups"]}
 
 
-def save_checkpoint(path: Path, network, optimizer, epoch: int, history: list, config: TrainConfig,
-                    averaged=None) -> None:
-    """Weights, optimiser state and progress in one safetensors file, written atomically.
-
-    ``averaged``: the weights' moving average (an ``AveragedModel``), kept under ``ema.``.
-    """
+def save_checkpoint(path: Path, network, optimizer, epoch: int, history: list, config: TrainConfig) -> None:
+    """Weights, optimiser state and progress in one safetensors file, written atomically."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    if averaged is not None:
-        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in averaged.state_dict().items()})
     opt_tensors, opt_other = _flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
     meta = {"epoch": str(epoch), "history": json.dumps(history), "optimizer": json.dumps(opt_other),
@@ -180,11 +171,9 @@ def _checkpoint_from_bytes(blob: bytes):
 
 def _unpack_checkpoint(meta: dict, tensors: dict):
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    averaged_state = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
     opt_state = _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("optim.")},
                                      json.loads(meta["optimizer"]))
-    return (int(meta["epoch"]), json.loads(meta["history"]), json.loads(meta["config"]), model_state, opt_state,
-            averaged_state)
+    return int(meta["epoch"]), json.loads(meta["history"]), json.loads(meta["config"]), model_state, opt_state
 
 
 def train(
@@ -248,8 +237,6 @@ def train(
         raise DeepPhaseError(f"sigma_weight: expected a positive weight for the σ head's likelihood, got {config.sigma_weight}")
     if config.batch_size < 2:
         raise DeepPhaseError(f"batch_size: expected at least 2 (batch normalisation), got {config.batch_size}")
-    if config.ema is not None and not 0 < config.ema < 1:
-        raise DeepPhaseError(f"ema: expected a decay per step between 0 and 1 (e.g. 0.999), got {config.ema}")
     if world == 1:
         return _train(probe, out_dir, config, geometry, resume, probe_info, command, progress, log, device,
                       settings, dose, offset_free)
@@ -297,23 +284,14 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
     torch.manual_seed(config.seed)  # the initial weights are part of what the seed fixes
     network = create_model(config.arch, **arch_config).to(device)
     optimizer = _make_optimizer(network.parameters(), settings)
-    # The moving average (batch-norm statistics included) is what validation sees and the model folder
-    # holds; it smooths the last steps' noise out of the weights at no cost to the step.
-    averaged = None
-    if config.ema is not None:
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-        averaged = AveragedModel(network, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
     history: list[dict] = []
     start_epoch = 0
     if resume:
-        epoch_done, history, saved_config, model_state, opt_state, averaged_state = (
+        epoch_done, history, saved_config, model_state, opt_state = (
             _read_checkpoint(checkpoint_path) if checkpoint is None else _checkpoint_from_bytes(checkpoint))
         _check_resume_config(saved_config, config)
         network.load_state_dict(model_state)
         optimizer.load_state_dict(opt_state)
-        if averaged is not None:
-            averaged.load_state_dict(averaged_state)
         start_epoch = epoch_done + 1
         log(f"resuming {out_dir} after epoch {epoch_done + 1} of {config.epochs}")
 
@@ -375,8 +353,6 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
             optimizer.zero_grad(set_to_none=True)
             (loss + config.sigma_weight * nll if config.sigma_head else loss).backward()  # DDP averages the gradients: the gradient of the global batch's mean loss
             optimizer.step()
-            if averaged is not None:
-                averaged.update_parameters(network)
             losses.append(value.item())
             running = value.item() if running is None else 0.98 * running + 0.02 * value.item()
             bar.set_postfix(loss=f"{running:.4f}")
@@ -386,9 +362,8 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
             # rank 0's everywhere.
             for buffer in network.buffers():
                 dist.broadcast(buffer, src=0)
-        kept = network if averaged is None else averaged.module  # what the model folder holds
-        val = evaluate_loss(kept, validation, mask) if world == 1 else _evaluate_loss_ranks(
-            kept, validation, mask, rank, world)
+        val = evaluate_loss(network, validation, mask) if world == 1 else _evaluate_loss_ranks(
+            network, validation, mask, rank, world)
         elapsed = time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val,
                         **({"train_nll": float(np.mean(nlls))} if nlls else {}),
@@ -413,9 +388,9 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
                 "processes": world, "batch_per_process": config.batch_size // world, "rank_data": rank_data,
                 "sync_batchnorm": sync_bn, "backend": dist.get_backend()}
         if rank == 0:  # the others wait at the barrier below
-            save_checkpoint(checkpoint_path, network, optimizer, epoch, history, config, averaged)
+            save_checkpoint(checkpoint_path, network, optimizer, epoch, history, config)
             # A training form (compact-rep) is stored as the plain network it equals; the checkpoint keeps it.
-            plain, arch = deployed(kept, config.arch)
+            plain, arch = deployed(network, config.arch)
             save_model(PhaseModel(plain, arch, arch_config, probe, geometry, model.info), out_dir, half=config.half)
         if world > 1:
             dist.barrier()
@@ -425,8 +400,6 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         plain = create_model(config.arch, **arch_config).to(device)
         plain.load_state_dict(network.state_dict())
         model.network = network = plain
-    if averaged is not None:
-        model.network = network = averaged.module
     network.eval()
     deployed_network, arch = deployed(network, config.arch)
     if deployed_network is not network:  # hand back what the model folder holds
