@@ -1,6 +1,6 @@
-"""Experimental variants of the compact network (issue 4 item 2; RESULTS.md section 21). Not shipped.
+"""Experimental variants of the compact network (issue 4 item 2; RESULTS.md sections 21 and 22). Not shipped.
 
-Registers four architectures beside the package's, then runs the ``deepphase`` CLI with the arguments
+Registers these architectures beside the package's, then runs the ``deepphase`` CLI with the arguments
 given, so that they train and evaluate exactly as the shipped ones do::
 
     python benchmarks/compact_variants.py train --arch x-compact-rep --epochs 8 --steps-per-epoch 500 \\
@@ -13,6 +13,16 @@ Model folders of these architectures load only where this module has been import
   identity shortcut (translation-equivariant everywhere, as the U-Net is).
 * ``x-compact-dose``: FiLM (a per-channel scale and shift) of the 4×4 map and of the fused 8×8 map from
   log of the pattern's total counts; the RMS-normalised input hides the dose but for its graininess.
+* ``x-compact-dense``: the 4×4 mixer replaced by one MLP over the flattened 4×4×96 map (1,536 → 512 →
+  1,536, LayerNorm, shortcut): 1.57 M parameters where the default has 16 k, for 34.99 MFLOP in all
+  (16.2× fewer than the seed U-Net). Where parameters are cheapest: does capacity, which the seed U-Net
+  has 6.6× more of, close the low-dose gap?
+* ``x-compact-bilinear``: a trained compact model's 8×8 map upsampled bilinearly instead of repeated (set a
+  copy's ``arch`` in model.json to this name; no training).
+* ``x-compact-intensity``: the stem sees I / mean I (the amplitude squared) beside the amplitude;
+  ``x-compact-linear`` adds a linear map from I / ΣI to the 8×8 phase. That map alone, without the
+  intensity channel, is the package's ``compact`` network since section 22 (``linear_path``).
+* ``x-compact-stem7``: a 7×7 stem; ``x-compact-dpc7``: the package's compact network with a 7×7 stem.
 * ``x-compact-drop2``: dropout 0.2 (the U-Net's) instead of 0.1.
 * ``x-compact-rep``: every 3×3 conv-BN trained as RepVGG-style branches (3×3 conv-BN + 1×1 conv-BN +
   identity BN where shapes allow), collapsed for inference into the plain ``compact`` architecture (same
@@ -89,6 +99,116 @@ class CompactDose(CompactPhaseNet):
         if self.sigma_head == "detached":
             x = torch.cat([x, self.sigma_branch(features.detach())], 1)
         return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+
+
+class DenseMixer(nn.Module):
+    """One MLP over the whole flattened map (every position and channel at once), with a shortcut.
+
+    At 4×4 a parameter costs two operations per pattern (one position), so this is where parameters are
+    cheapest: H=512 gives 1.57 M of them for 3.1 MFLOP (the default's mixer: 16 k for 1.4 MFLOP).
+    """
+
+    def __init__(self, channels: int, positions: int, hidden: int = 512):
+        super().__init__()
+        features = channels * positions
+        self.norm = nn.LayerNorm(features)
+        self.mlp = nn.Sequential(nn.Linear(features, hidden), nn.GELU(), nn.Linear(hidden, features))
+
+    def forward(self, x):
+        t = x.flatten(1)
+        return (t + self.mlp(self.norm(t))).view_as(x)
+
+
+@register_model("x-compact-dense")
+def compact_dense(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    network = CompactPhaseNet(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+    network.mixer = DenseMixer(network.mixer.norm1.normalized_shape[0], (n_px // 8) ** 2)
+    return network
+
+
+class CompactSmoothOutput(CompactPhaseNet):
+    """The compact network with its 8×8 prediction upsampled bilinearly instead of by repetition."""
+
+    def forward(self, x):
+        size = self.out_px
+        self.out_px = x.shape[-1] // 4  # the 8×8 map itself
+        try:
+            x = super().forward(x)
+        finally:
+            self.out_px = size
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+@register_model("x-compact-bilinear")
+def compact_bilinear(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    # Same weights as ``compact``: a model folder's arch set to this name reads a trained compact model.
+    return CompactSmoothOutput(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+
+
+class CompactIntensity(CompactPhaseNet):
+    """The stem sees the normalised intensity (the amplitude squared: I / mean I) beside the amplitude.
+
+    The detector counts intensity, and the estimators that work at a few electrons per pattern (centre
+    of mass, DPC) are linear in it; a ReLU network makes squares only approximately. ``linear``
+    also adds a linear map from that intensity straight to the 8×8 phase (a learned DPC-like estimator)
+    to the head's output.
+    """
+
+    def __init__(self, n_px=32, out_px=32, in_channels=1, sigma_head=False, linear=False):
+        super().__init__(n_px, out_px, in_channels=2 * in_channels, sigma_head=sigma_head)
+        self.in_channels = in_channels  # patterns per position, as the pipeline reads it
+        self.linear = nn.Linear(n_px * n_px, (n_px // 4) ** 2) if linear else None
+        if linear:
+            nn.init.zeros_(self.linear.weight)
+            nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x):
+        a = normalise_amplitude(x)
+        intensity = a.square()
+        x = self.stem(torch.cat([a, intensity], 1))
+        skip = self.down2(self.down1(x))
+        features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
+        x = self.head(features)
+        if self.linear is not None:
+            side = features.shape[-1]
+            # I / ΣI, a probability over the detector (the centre of mass is linear in it); I / mean I
+            # made this path's input so large at a few counts that training stalled (0.17 rad after 4 epochs).
+            probability = intensity.mean(1).flatten(1) / intensity[0, 0].numel()
+            direct = self.linear(probability).view(-1, 1, side, side)
+            x = torch.cat([x[:, :1] + direct, x[:, 1:]], 1)
+        if self.sigma_head == "detached":
+            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
+        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+
+
+@register_model("x-compact-intensity")
+def compact_intensity(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    return CompactIntensity(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+
+
+@register_model("x-compact-linear")
+def compact_linear(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    return CompactIntensity(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear=True)
+
+
+@register_model("x-compact-stem7")
+def compact_stem7(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    # A 7×7 stem: each first feature integrates the counts of a 7×7 detector area (a few electrons per
+    # pattern leave most pixels empty), for 1.3 MFLOP more.
+    network = CompactPhaseNet(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+    network.stem[0] = nn.Conv2d(in_channels, network.stem[0].out_channels, 7, padding=3, bias=False)
+    return network
+
+
+@register_model("x-compact-dpc7")
+def compact_dpc7(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    # The package's compact network with its linear path (section 22) and a 7×7 stem, the layers made in
+    # the order its section-22 run made them (the same initial weights).
+    network = compact_stem7(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+    network.linear_path = nn.Linear(n_px * n_px, (n_px // 4) ** 2)
+    nn.init.zeros_(network.linear_path.weight)
+    nn.init.zeros_(network.linear_path.bias)
+    return network
 
 
 @register_model("x-compact-conv")

@@ -132,6 +132,27 @@ def test_short_training_lowers_the_loss_on_a_learnable_case(probe, tmp_path, arc
     assert (tmp_path / "m" / "model.json").exists() and (tmp_path / "m" / "checkpoint.safetensors").exists()
 
 
+def test_compact_linear_path_adds_a_linear_map_of_the_normalised_intensity():
+    torch.manual_seed(5)
+    plain = create_model("compact", sigma_head="detached").eval()
+    torch.manual_seed(5)
+    network = create_model("compact", sigma_head="detached", linear_path=True).eval()
+    x = torch.poisson(torch.rand(4, 1, 32, 32) * 30).sqrt()  # a few electrons per pattern
+    with torch.no_grad():
+        # Made last and zero at initialisation: the same network as without it.
+        torch.testing.assert_close(network(x), plain(x))
+        # A centre-of-mass row (linear in I/ΣI, whatever the dose) for every output pixel of the 8×8 map.
+        k = torch.arange(32.0) - 15.5
+        network.linear_path.weight.copy_(k.repeat(32).expand(64, -1))
+        intensity = x[:, 0].square()
+        com = (intensity * k).sum((-2, -1)) / intensity.sum((-2, -1))
+        expected = plain(x)[:, 0] + com[:, None, None]
+        torch.testing.assert_close(network(x)[:, 0], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(network(3.7 * x)[:, 0], expected, atol=1e-4, rtol=1e-4)  # dose-independent
+        torch.testing.assert_close(network(x)[:, 1], plain(x)[:, 1])  # the σ channel does not see it
+    assert flops_per_pattern(network) - flops_per_pattern(plain) == 2 * 1024 * 64  # 0.13 MFLOP
+
+
 def test_reparameterisable_compact_collapses_into_the_plain_compact():
     from deepphase.models.registry import deployed
 
@@ -166,7 +187,8 @@ def test_training_form_is_saved_as_the_plain_network(probe, tmp_path):
     from deepphase.training.loop import _read_checkpoint
 
     state = _read_checkpoint(tmp_path / "m" / "checkpoint.safetensors")[3]
-    rep = create_model("compact-rep", sigma_head="detached")
+    assert saved.arch_config["linear_path"] is True
+    rep = create_model("compact-rep", **saved.arch_config)
     rep.load_state_dict(state)
     x = torch.poisson(torch.rand(4, 1, 32, 32) * 100).sqrt()
     with torch.no_grad():

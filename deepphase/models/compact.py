@@ -10,9 +10,15 @@ Two facts about the task shape it:
   level, so the bottleneck (4×4) mixes all positions with an MLP across space (as MLP-Mixer does),
   which costs next to nothing at 16 positions.
 
+* At a few electrons per pattern what is measurable is the first moments of the intensity: the centre
+  of mass that DPC and iCoM image is *linear* in I/ΣI. The network's input is the amplitude √I, and
+  ReLU layers make squares only approximately, so ``linear_path`` adds a linear map from I/ΣI
+  straight to the 8×8 phase (a learned linear estimator, 0.13 MFLOP) that the rest corrects. It
+  closed the gap to the seed's U-Net at 30 e/pattern (benchmarks/RESULTS.md section 22).
+
 Layout: stem 3×3 at 32×32 → strided 3×3 convolutions to 16×16, 8×8, 4×4 with residual blocks →
 mixer block at 4×4 → 1×1 fuse with the 8×8 skip (the coarse half at 4×4, then upsampled) → residual
-block → 1×1 head at 8×8 → nearest upsampling to the output grid.
+block → 1×1 head at 8×8 (+ the linear path) → nearest upsampling to the output grid.
 """
 
 from __future__ import annotations
@@ -75,6 +81,9 @@ class CompactPhaseNet(nn.Module):
     3×3 conv at 8×8) reads the decoder's features with their gradient stopped, so the phase trains
     exactly as without it (same initial weights too: the branch is made last).
 
+    ``linear_path`` adds to the phase channel a linear map from the normalised intensity I/ΣI of the
+    (centre) pattern to the 8×8 map; zero at initialisation, so training starts from the network alone.
+
     ``C = in_channels``: 1 for one pattern per position (the seed's input), 9 for the 3×3
     neighbourhood of adjacent scan positions (channel ``3·(dr+1) + (dc+1)`` holds the pattern one
     step ``(dr, dc)`` away; see :mod:`deepphase.reconstruction.neighbourhood`). Only the stem sees
@@ -82,7 +91,7 @@ class CompactPhaseNet(nn.Module):
     """
 
     def __init__(self, n_px: int = 32, out_px: int = 32, widths=(16, 32, 64, 96), dropout: float = 0.1,
-                 in_channels: int = 1, sigma_head: bool = False):
+                 in_channels: int = 1, sigma_head: bool = False, linear_path: bool = False):
         super().__init__()
         if n_px % 8:
             raise ValueError(f"n_px: the compact network needs a multiple of 8 pixels, got {n_px}")
@@ -108,6 +117,11 @@ class CompactPhaseNet(nn.Module):
             # than the seed's U-Net (a 3×3 64→32 first layer cost 2.4 MFLOP: 15.7×).
             self.sigma_branch = nn.Sequential(nn.Conv2d(w2, 16, 1), nn.ReLU(inplace=True),
                                               nn.Conv2d(16, 1, 3, padding=1))
+        self.linear_path = None
+        if linear_path:  # made last: the other layers start from the weights they have without it
+            self.linear_path = nn.Linear(n_px * n_px, (n_px // 4) ** 2)
+            nn.init.zeros_(self.linear_path.weight)
+            nn.init.zeros_(self.linear_path.bias)
 
     def _fuse(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """``fuse(cat(upsample(coarse), skip))`` without the upsampled copy or the concatenation.
@@ -122,11 +136,18 @@ class CompactPhaseNet(nn.Module):
         x = F.conv2d(skip, conv.weight[:, c:], conv.bias) + F.interpolate(coarse, scale_factor=2, mode="nearest")
         return rest(x)
 
+    def _linear_estimate(self, amplitude: torch.Tensor, side: int) -> torch.Tensor:
+        """The linear path's (B, 1, side, side) phase from the RMS-normalised amplitude's centre pattern."""
+        intensity = amplitude[:, self.in_channels // 2].square().flatten(1)  # I / mean I
+        return self.linear_path(intensity / intensity.shape[1]).view(-1, 1, side, side)  # of I / ΣI
+
     def forward(self, x):
-        x = self.stem(normalise_amplitude(x))
-        skip = self.down2(self.down1(x))
+        amplitude = normalise_amplitude(x)
+        skip = self.down2(self.down1(self.stem(amplitude)))
         features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
         x = self.head(features)
+        if self.linear_path is not None:
+            x = torch.cat([x[:, :1] + self._linear_estimate(amplitude, features.shape[-1]), x[:, 1:]], 1)
         if self.sigma_head == "detached":
             x = torch.cat([x, self.sigma_branch(features.detach())], 1)
         return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
@@ -134,14 +155,16 @@ class CompactPhaseNet(nn.Module):
 
 @register_model("compact")
 def compact(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1,
-            sigma_head: bool | str = False) -> CompactPhaseNet:
+            sigma_head: bool | str = False, linear_path: bool = False) -> CompactPhaseNet:
     """The compact network (see the module docstring): for live reconstruction on CPUs and GPUs.
 
     ``in_channels=9`` takes a 3×3 neighbourhood of patterns per position instead of one;
     ``sigma_head`` ("shared" or True, or "detached") also predicts each pixel's log error scale (a
-    second output channel; see :class:`CompactPhaseNet`).
+    second output channel; see :class:`CompactPhaseNet`); ``linear_path`` adds the linear estimator
+    from the intensity (training turns it on; model files made before it have none).
     """
-    return CompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels, sigma_head=sigma_head)
+    return CompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels, sigma_head=sigma_head,
+                           linear_path=linear_path)
 
 
 class RepConv(nn.Module):
@@ -228,7 +251,8 @@ class RepCompactPhaseNet(CompactPhaseNet):
 
 @register_model("compact-rep")
 def compact_rep(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1,
-                sigma_head: bool | str = False) -> RepCompactPhaseNet:
+                sigma_head: bool | str = False, linear_path: bool = False) -> RepCompactPhaseNet:
     """The compact network trained with reparameterisable convolutions (:class:`RepCompactPhaseNet`);
     saved as, and used as, a plain ``compact`` network."""
-    return RepCompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels, sigma_head=sigma_head)
+    return RepCompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels, sigma_head=sigma_head,
+                              linear_path=linear_path)

@@ -46,6 +46,11 @@ from .loss import LOSSES, laplace_nll, masked_l1
 
 CHECKPOINT = "checkpoint.safetensors"
 
+# Architectures trained with the linear estimator from the intensity (models.compact; RESULTS.md §22).
+# It is an architecture option rather than a default of the model factory, so that model files written
+# before it existed (no "linear_path" in their arch_config) still load as they were.
+LINEAR_PATH_ARCHS = ("compact", "compact-rep")
+
 # How the processes of a distributed run get their samples (see _rank_batches).
 RANK_DATA = ("shared", "per-rank")
 
@@ -102,6 +107,8 @@ class TrainConfig:
             config["in_channels"] = self.neighbourhood**2
         if self.sigma_head:
             config["sigma_head"] = "shared" if self.sigma_head is True else self.sigma_head
+        if self.arch in LINEAR_PATH_ARCHS:
+            config["linear_path"] = True
         return config
 
 
@@ -290,6 +297,10 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         epoch_done, history, saved_config, model_state, opt_state = (
             _read_checkpoint(checkpoint_path) if checkpoint is None else _checkpoint_from_bytes(checkpoint))
         _check_resume_config(saved_config, config)
+        if getattr(network, "linear_path", None) is not None and "linear_path.weight" not in model_state:
+            raise DeepPhaseError(f"{checkpoint_path}: this checkpoint was written before the compact network had its "
+                                 "linear path (deepphase < 0.2); finish it with the version that started it, or "
+                                 "train anew")
         network.load_state_dict(model_state)
         optimizer.load_state_dict(opt_state)
         start_epoch = epoch_done + 1
