@@ -214,6 +214,28 @@ def test_resume_continues_exactly(probe, tmp_path):
         torch.testing.assert_close(a[key], b[key], msg=key)
 
 
+def test_resuming_a_checkpoint_from_before_the_linear_path_is_refused_with_a_reason(probe, tmp_path):
+    config = TrainConfig(arch="compact", epochs=2, steps_per_epoch=2, batch_size=4, corpus=LATTICE, val_size=4,
+                         device="cpu")
+
+    def killed_after_first_epoch(message):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(probe, tmp_path / "m", config, progress=False, log=killed_after_first_epoch)
+    # What an earlier deepphase wrote: the same checkpoint without the linear path's weights.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "m" / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("model.linear_path.")}
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(DeepPhaseError, match="before the compact network had its linear path"):
+        train(probe, tmp_path / "m", config, resume=True, progress=False, log=lambda *_: None)
+
+
 def test_existing_model_is_not_overwritten_unasked(probe, tmp_path):
     config = TrainConfig(arch="unet-small", epochs=1, steps_per_epoch=2, batch_size=4, val_size=8, device="cpu")
     quiet = dict(progress=False, log=lambda *_: None)
