@@ -299,8 +299,8 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         _check_resume_config(saved_config, config)
         if getattr(network, "linear_path", None) is not None and "linear_path.weight" not in model_state:
             raise DeepPhaseError(f"{checkpoint_path}: this checkpoint was written before the compact network had its "
-                                 "linear path (deepphase < 0.2); finish it with the version that started it, or "
-                                 "train anew")
+                                 "linear path (an earlier deepphase 0.1.0); finish it with the version that started "
+                                 "it, or train anew")
         network.load_state_dict(model_state)
         optimizer.load_state_dict(opt_state)
         start_epoch = epoch_done + 1
