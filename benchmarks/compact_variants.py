@@ -23,6 +23,12 @@ Model folders of these architectures load only where this module has been import
   ``x-compact-linear`` adds a linear map from I / ΣI to the 8×8 phase. That map alone, without the
   intensity channel, is the package's ``compact`` network since section 22 (``linear_path``).
 * ``x-compact-stem7``: a 7×7 stem; ``x-compact-dpc7``: the package's compact network with a 7×7 stem.
+* ``x-compact-lpfeat``: the package's compact network (linear path included) whose decoder also reads
+  four more linear maps of I / ΣI at 8×8 (batch-normed, then a zero-initialised 1×1 convolution into the
+  fused map): linear, DPC-like estimates that the decoder's 3×3 convolutions can denoise (0.53 MFLOP).
+* ``x-compact-lpgate``: the package's compact network whose head also scales the linear estimate per 8×8
+  pixel, ``phase = head + (1 + g)·L(I/ΣI)`` with ``g`` a zero-initialised head channel: the shrinkage a
+  Wiener-like estimator applies by dose and by how much a pixel's phase the pattern determines.
 * ``x-compact-drop2``: dropout 0.2 (the U-Net's) instead of 0.1.
 * ``x-compact-rep``: every 3×3 conv-BN trained as RepVGG-style branches (3×3 conv-BN + 1×1 conv-BN +
   identity BN where shapes allow), collapsed for inference into the plain ``compact`` architecture (same
@@ -233,6 +239,68 @@ def compact_rep(n_px=32, out_px=32, in_channels=1, sigma_head=False):
     # The package's compact-rep under the name its section-21 folders were trained with (model files of
     # compact-rep itself hold the plain network: see RepCompactPhaseNet.reparameterised).
     return RepCompactPhaseNet(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+
+
+class CompactLinearFeatures(CompactPhaseNet):
+    """The compact network with its linear path, and ``maps`` more linear maps of I / ΣI fed to the decoder."""
+
+    def __init__(self, n_px=32, out_px=32, in_channels=1, sigma_head=False, maps=4):
+        super().__init__(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True)
+        width = self.decode.body[0][0].in_channels
+        self.maps = maps
+        # Made after every other layer (the same initial weights as the package's network); the
+        # projection starts at zero, so training starts from that network.
+        self.linear_features = nn.Linear(n_px * n_px, maps * (n_px // 4) ** 2)
+        self.feature_norm = nn.BatchNorm2d(maps)
+        self.feature_projection = nn.Conv2d(maps, width, 1)
+        nn.init.zeros_(self.feature_projection.weight)
+        nn.init.zeros_(self.feature_projection.bias)
+
+    def forward(self, x):
+        amplitude = normalise_amplitude(x)
+        skip = self.down2(self.down1(self.stem(amplitude)))
+        fused = self._fuse(self.mixer(self.down3(skip)), skip)
+        side = fused.shape[-1]
+        intensity = amplitude[:, self.in_channels // 2].square().flatten(1)
+        probability = intensity / intensity.shape[1]
+        estimates = self.linear_features(probability).view(-1, self.maps, side, side)
+        features = self.decode(fused + self.feature_projection(self.feature_norm(estimates)))
+        x = self.head(features)
+        x = torch.cat([x[:, :1] + self.linear_path(probability).view(-1, 1, side, side), x[:, 1:]], 1)
+        if self.sigma_head == "detached":
+            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
+        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+
+
+class CompactLinearGate(CompactPhaseNet):
+    """The compact network with its linear path scaled per 8×8 pixel by ``1 + g``, ``g`` from the head's features."""
+
+    def __init__(self, n_px=32, out_px=32, in_channels=1, sigma_head=False):
+        super().__init__(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True)
+        self.gate = nn.Conv2d(self.decode.body[0][0].in_channels, 1, 1)  # made last; zero: the package's network
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, x):
+        amplitude = normalise_amplitude(x)
+        skip = self.down2(self.down1(self.stem(amplitude)))
+        features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
+        x = self.head(features)
+        linear = self._linear_estimate(amplitude, features.shape[-1])
+        x = torch.cat([x[:, :1] + (1 + self.gate(features)) * linear, x[:, 1:]], 1)
+        if self.sigma_head == "detached":
+            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
+        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+
+
+@register_model("x-compact-lpfeat")
+def compact_linear_features(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    return CompactLinearFeatures(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+
+
+@register_model("x-compact-lpgate")
+def compact_linear_gate(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    return CompactLinearGate(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
 
 
 if __name__ == "__main__":
