@@ -28,7 +28,8 @@ Model folders of these architectures load only where this module has been import
   fused map): linear, DPC-like estimates that the decoder's 3×3 convolutions can denoise (0.53 MFLOP).
 * ``x-compact-lpgate``: the package's compact network whose head also scales the linear estimate per 8×8
   pixel, ``phase = head + (1 + g)·L(I/ΣI)`` with ``g`` a zero-initialised head channel: the shrinkage a
-  Wiener-like estimator applies by dose and by how much a pixel's phase the pattern determines.
+  Wiener-like estimator applies by dose and by how much a pixel's phase the pattern determines. The
+  package's ``compact`` since section 23 (``linear_gate``; there the layer is named ``linear_gate``).
 * ``x-compact-drop2``: dropout 0.2 (the U-Net's) instead of 0.1.
 * ``x-compact-rep``: every 3×3 conv-BN trained as RepVGG-style branches (3×3 conv-BN + 1×1 conv-BN +
   identity BN where shapes allow), collapsed for inference into the plain ``compact`` architecture (same

@@ -16,13 +16,18 @@ HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
-    net = create_model("compact", n_px=16, out_px=16).eval()
-    # Non-trivial batch-norm statistics, so that folding them (compile, ONNX) is exercised.
+    # The shipped compact network's parts (gated linear path, σ head) at 16 × 16.
+    net = create_model("compact", n_px=16, out_px=16, sigma_head="detached", linear_path=True,
+                       linear_gate=True).eval()
+    # Non-trivial batch-norm statistics, so that folding them (compile, ONNX) is exercised, and the linear
+    # parts away from their zero initialisation.
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
+        for layer in (net.linear_path, net.linear_gate):
+            layer.weight.normal_(0, 0.5)
     return net
 
 

@@ -153,6 +153,37 @@ def test_compact_linear_path_adds_a_linear_map_of_the_normalised_intensity():
     assert flops_per_pattern(network) - flops_per_pattern(plain) == 2 * 1024 * 64  # 0.13 MFLOP
 
 
+def test_compact_linear_gate_scales_the_linear_path_per_pixel():
+    torch.manual_seed(6)
+    ungated = create_model("compact", sigma_head="detached", linear_path=True).eval()
+    torch.manual_seed(6)
+    network = create_model("compact", sigma_head="detached", linear_path=True, linear_gate=True).eval()
+    x = torch.poisson(torch.rand(4, 1, 32, 32) * 300).sqrt()
+    with torch.no_grad():
+        head = ungated(x)[:, 0]  # the linear path is zero at initialisation
+        k = torch.arange(32.0) - 15.5
+        for net in (ungated, network):  # the same centre-of-mass estimator in both
+            net.linear_path.weight.copy_(k.repeat(32).expand(64, -1))
+        # Made last and zero at initialisation: the linear path as it was.
+        torch.testing.assert_close(network(x), ungated(x))
+        linear = ungated(x)[:, 0] - head
+        # A constant gate of 0.5 scales the estimate by 1.5; the rest of the phase and the σ channel stay.
+        network.linear_gate.bias.fill_(0.5)
+        torch.testing.assert_close(network(x)[:, 0], head + 1.5 * linear, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(network(x)[:, 1], ungated(x)[:, 1])
+        # A gate that reads the decoder's features: a scale of its own for each pixel and pattern.
+        network.linear_gate.weight.normal_(0, 0.3)
+        features = {}
+        network.decode.register_forward_hook(lambda module, args, out: features.__setitem__("8×8", out))
+        phase = network(x)[:, 0]
+        gate = torch.nn.functional.interpolate(network.linear_gate(features["8×8"]), scale_factor=4)[:, 0]
+        assert gate.std() > 0.1, gate.std()
+        torch.testing.assert_close(phase, head + (1 + gate) * linear, atol=1e-5, rtol=1e-5)
+    assert flops_per_pattern(network) - flops_per_pattern(ungated) == 2 * 64 * 64  # 1×1 conv 64 → 1 at 8×8
+    with pytest.raises(DeepPhaseError, match="linear_gate: scales the linear path, so it needs linear_path=True"):
+        create_model("compact", linear_gate=True)
+
+
 def test_reparameterisable_compact_collapses_into_the_plain_compact():
     from deepphase.models.registry import deployed
 
@@ -187,7 +218,7 @@ def test_training_form_is_saved_as_the_plain_network(probe, tmp_path):
     from deepphase.training.loop import _read_checkpoint
 
     state = _read_checkpoint(tmp_path / "m" / "checkpoint.safetensors")[3]
-    assert saved.arch_config["linear_path"] is True
+    assert saved.arch_config["linear_path"] is True and saved.arch_config["linear_gate"] is True
     rep = create_model("compact-rep", **saved.arch_config)
     rep.load_state_dict(state)
     x = torch.poisson(torch.rand(4, 1, 32, 32) * 100).sqrt()
@@ -214,7 +245,8 @@ def test_resume_continues_exactly(probe, tmp_path):
         torch.testing.assert_close(a[key], b[key], msg=key)
 
 
-def test_resuming_a_checkpoint_from_before_the_linear_path_is_refused_with_a_reason(probe, tmp_path):
+@pytest.mark.parametrize("part, what", [("linear_path", "linear path"), ("linear_gate", "linear path's gate")])
+def test_resuming_a_checkpoint_from_before_the_linear_parts_is_refused_with_a_reason(probe, tmp_path, part, what):
     config = TrainConfig(arch="compact", epochs=2, steps_per_epoch=2, batch_size=4, corpus=LATTICE, val_size=4,
                          device="cpu")
 
@@ -230,9 +262,9 @@ def test_resuming_a_checkpoint_from_before_the_linear_path_is_refused_with_a_rea
     path = tmp_path / "m" / "checkpoint.safetensors"
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith("model.linear_path.")}
+    tensors = {k: v for k, v in load_file(str(path)).items() if not k.startswith(f"model.{part}.")}
     save_file(tensors, str(path), metadata=meta)
-    with pytest.raises(DeepPhaseError, match="before the compact network had its linear path"):
+    with pytest.raises(DeepPhaseError, match=f"before the compact network had its {what}"):
         train(probe, tmp_path / "m", config, resume=True, progress=False, log=lambda *_: None)
 
 

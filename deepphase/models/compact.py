@@ -15,10 +15,13 @@ Two facts about the task shape it:
   ReLU layers make squares only approximately, so ``linear_path`` adds a linear map from I/ΣI
   straight to the 8×8 phase (a learned linear estimator, 0.13 MFLOP) that the rest corrects. It
   closed the gap to the seed's U-Net at 30 e/pattern (benchmarks/RESULTS.md section 22).
+  ``linear_gate`` lets the network scale that estimate per output pixel, ``(1 + g)·L(I/ΣI)``: the
+  shrinkage a Wiener filter applies to a linear estimate depends on the dose and on how well the pattern
+  determines each pixel, which a single linear map cannot know (section 23).
 
 Layout: stem 3×3 at 32×32 → strided 3×3 convolutions to 16×16, 8×8, 4×4 with residual blocks →
 mixer block at 4×4 → 1×1 fuse with the 8×8 skip (the coarse half at 4×4, then upsampled) → residual
-block → 1×1 head at 8×8 (+ the linear path) → nearest upsampling to the output grid.
+block → 1×1 head at 8×8 (+ the linear path, gated) → nearest upsampling to the output grid.
 """
 
 from __future__ import annotations
@@ -83,6 +86,8 @@ class CompactPhaseNet(nn.Module):
 
     ``linear_path`` adds to the phase channel a linear map from the normalised intensity I/ΣI of the
     (centre) pattern to the 8×8 map; zero at initialisation, so training starts from the network alone.
+    ``linear_gate`` (with ``linear_path``) multiplies that map by ``1 + g``, ``g`` a 1×1 convolution of the
+    decoder's features (zero at initialisation too).
 
     ``C = in_channels``: 1 for one pattern per position (the seed's input), 9 for the 3×3
     neighbourhood of adjacent scan positions (channel ``3·(dr+1) + (dc+1)`` holds the pattern one
@@ -91,12 +96,15 @@ class CompactPhaseNet(nn.Module):
     """
 
     def __init__(self, n_px: int = 32, out_px: int = 32, widths=(16, 32, 64, 96), dropout: float = 0.1,
-                 in_channels: int = 1, sigma_head: bool = False, linear_path: bool = False):
+                 in_channels: int = 1, sigma_head: bool = False, linear_path: bool = False,
+                 linear_gate: bool = False):
         super().__init__()
         if n_px % 8:
             raise ValueError(f"n_px: the compact network needs a multiple of 8 pixels, got {n_px}")
         if int(in_channels) < 1:
             raise ValueError(f"in_channels: expected a positive number of input patterns, got {in_channels}")
+        if linear_gate and not linear_path:
+            raise ValueError("linear_gate: scales the linear path, so it needs linear_path=True")
         w0, w1, w2, w3 = widths
         self.out_px = out_px
         self.in_channels = int(in_channels)
@@ -122,6 +130,11 @@ class CompactPhaseNet(nn.Module):
             self.linear_path = nn.Linear(n_px * n_px, (n_px // 4) ** 2)
             nn.init.zeros_(self.linear_path.weight)
             nn.init.zeros_(self.linear_path.bias)
+        self.linear_gate = None
+        if linear_gate:  # made after the linear path, for the same reason
+            self.linear_gate = nn.Conv2d(w2, 1, 1)
+            nn.init.zeros_(self.linear_gate.weight)
+            nn.init.zeros_(self.linear_gate.bias)
 
     def _fuse(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """``fuse(cat(upsample(coarse), skip))`` without the upsampled copy or the concatenation.
@@ -147,7 +160,10 @@ class CompactPhaseNet(nn.Module):
         features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
         x = self.head(features)
         if self.linear_path is not None:
-            x = torch.cat([x[:, :1] + self._linear_estimate(amplitude, features.shape[-1]), x[:, 1:]], 1)
+            linear = self._linear_estimate(amplitude, features.shape[-1])
+            if self.linear_gate is not None:
+                linear = (1 + self.linear_gate(features)) * linear
+            x = torch.cat([x[:, :1] + linear, x[:, 1:]], 1)
         if self.sigma_head == "detached":
             x = torch.cat([x, self.sigma_branch(features.detach())], 1)
         return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
@@ -155,16 +171,17 @@ class CompactPhaseNet(nn.Module):
 
 @register_model("compact")
 def compact(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1,
-            sigma_head: bool | str = False, linear_path: bool = False) -> CompactPhaseNet:
+            sigma_head: bool | str = False, linear_path: bool = False, linear_gate: bool = False) -> CompactPhaseNet:
     """The compact network (see the module docstring): for live reconstruction on CPUs and GPUs.
 
     ``in_channels=9`` takes a 3×3 neighbourhood of patterns per position instead of one;
     ``sigma_head`` ("shared" or True, or "detached") also predicts each pixel's log error scale (a
     second output channel; see :class:`CompactPhaseNet`); ``linear_path`` adds the linear estimator
-    from the intensity (training turns it on; model files made before it have none).
+    from the intensity and ``linear_gate`` its per-pixel scale (training turns both on; model files made
+    before them have none).
     """
     return CompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels, sigma_head=sigma_head,
-                           linear_path=linear_path)
+                           linear_path=linear_path, linear_gate=linear_gate)
 
 
 class RepConv(nn.Module):
@@ -251,8 +268,8 @@ class RepCompactPhaseNet(CompactPhaseNet):
 
 @register_model("compact-rep")
 def compact_rep(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1,
-                sigma_head: bool | str = False, linear_path: bool = False) -> RepCompactPhaseNet:
+                sigma_head: bool | str = False, linear_path: bool = False, linear_gate: bool = False) -> RepCompactPhaseNet:
     """The compact network trained with reparameterisable convolutions (:class:`RepCompactPhaseNet`);
     saved as, and used as, a plain ``compact`` network."""
     return RepCompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels, sigma_head=sigma_head,
-                              linear_path=linear_path)
+                              linear_path=linear_path, linear_gate=linear_gate)

@@ -46,9 +46,10 @@ from .loss import LOSSES, laplace_nll, masked_l1
 
 CHECKPOINT = "checkpoint.safetensors"
 
-# Architectures trained with the linear estimator from the intensity (models.compact; RESULTS.md §22).
-# It is an architecture option rather than a default of the model factory, so that model files written
-# before it existed (no "linear_path" in their arch_config) still load as they were.
+# Architectures trained with the linear estimator from the intensity (models.compact; RESULTS.md §22)
+# and its per-pixel gate (§23). They are architecture options rather than defaults of the model factory,
+# so that model files written before them (no "linear_path" or "linear_gate" in their arch_config)
+# still load as they were.
 LINEAR_PATH_ARCHS = ("compact", "compact-rep")
 
 # How the processes of a distributed run get their samples (see _rank_batches).
@@ -108,7 +109,7 @@ class TrainConfig:
         if self.sigma_head:
             config["sigma_head"] = "shared" if self.sigma_head is True else self.sigma_head
         if self.arch in LINEAR_PATH_ARCHS:
-            config["linear_path"] = True
+            config["linear_path"] = config["linear_gate"] = True
         return config
 
 
@@ -297,10 +298,11 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         epoch_done, history, saved_config, model_state, opt_state = (
             _read_checkpoint(checkpoint_path) if checkpoint is None else _checkpoint_from_bytes(checkpoint))
         _check_resume_config(saved_config, config)
-        if getattr(network, "linear_path", None) is not None and "linear_path.weight" not in model_state:
-            raise DeepPhaseError(f"{checkpoint_path}: this checkpoint was written before the compact network had its "
-                                 "linear path (an earlier deepphase 0.1.0); finish it with the version that started "
-                                 "it, or train anew")
+        for part, what in (("linear_path", "linear path"), ("linear_gate", "linear path's gate")):
+            if getattr(network, part, None) is not None and f"{part}.weight" not in model_state:
+                raise DeepPhaseError(f"{checkpoint_path}: this checkpoint was written before the compact network had "
+                                     f"its {what} (an earlier deepphase 0.1.0); finish it with the version that "
+                                     "started it, or train anew")
         network.load_state_dict(model_state)
         optimizer.load_state_dict(opt_state)
         start_epoch = epoch_done + 1
