@@ -30,6 +30,8 @@ Model folders of these architectures load only where this module has been import
   pixel, ``phase = head + (1 + g)·L(I/ΣI)`` with ``g`` a zero-initialised head channel: the shrinkage a
   Wiener-like estimator applies by dose and by how much a pixel's phase the pattern determines. The
   package's ``compact`` since section 23 (``linear_gate``; there the layer is named ``linear_gate``).
+* ``x-compact-lpgate1``: the gate as one number per pattern, from the decoder's features averaged over
+  the 8×8 map: the shrinkage by dose alone, without the per-pixel part (less noise at a few electrons).
 * ``x-compact-drop2``: dropout 0.2 (the U-Net's) instead of 0.1.
 * ``x-compact-rep``: every 3×3 conv-BN trained as RepVGG-style branches (3×3 conv-BN + 1×1 conv-BN +
   identity BN where shapes allow), collapsed for inference into the plain ``compact`` architecture (same
@@ -302,6 +304,27 @@ def compact_linear_features(n_px=32, out_px=32, in_channels=1, sigma_head=False)
 @register_model("x-compact-lpgate")
 def compact_linear_gate(n_px=32, out_px=32, in_channels=1, sigma_head=False):
     return CompactLinearGate(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+
+
+class CompactPatternGate(CompactLinearGate):
+    """:class:`CompactLinearGate` with one gain per pattern (the gate reads the features' 8×8 mean)."""
+
+    def forward(self, x):
+        amplitude = normalise_amplitude(x)
+        skip = self.down2(self.down1(self.stem(amplitude)))
+        features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
+        x = self.head(features)
+        linear = self._linear_estimate(amplitude, features.shape[-1])
+        gain = 1 + self.gate(features.mean((-2, -1), keepdim=True))
+        x = torch.cat([x[:, :1] + gain * linear, x[:, 1:]], 1)
+        if self.sigma_head == "detached":
+            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
+        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+
+
+@register_model("x-compact-lpgate1")
+def compact_pattern_gate(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    return CompactPatternGate(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
 
 
 if __name__ == "__main__":
