@@ -23,13 +23,13 @@ Model folders of these architectures load only where this module has been import
   ``x-compact-linear`` adds a linear map from I / ΣI to the 8×8 phase. That map alone, without the
   intensity channel, is the package's ``compact`` network since section 22 (``linear_path``).
 * ``x-compact-stem7``: a 7×7 stem; ``x-compact-dpc7``: the package's compact network with a 7×7 stem.
-* ``x-compact-lpfeat``: the package's compact network (linear path included) whose decoder also reads
+* ``x-compact-lpfeat``: section 22's compact network (linear path included) whose decoder also reads
   four more linear maps of I / ΣI at 8×8 (batch-normed, then a zero-initialised 1×1 convolution into the
-  fused map): linear, DPC-like estimates that the decoder's 3×3 convolutions can denoise (0.53 MFLOP).
-* ``x-compact-lpgate``: the package's compact network whose head also scales the linear estimate per 8×8
-  pixel, ``phase = head + (1 + g)·L(I/ΣI)`` with ``g`` a zero-initialised head channel: the shrinkage a
-  Wiener-like estimator applies by dose and by how much a pixel's phase the pattern determines. The
-  package's ``compact`` since section 23 (``linear_gate``; there the layer is named ``linear_gate``).
+  fused map): linear, DPC-like estimates that the decoder's 3×3 convolutions can denoise (0.56 MFLOP).
+* ``x-compact-lpgate``: section 22's compact network whose linear estimate is also scaled per 8×8 pixel,
+  ``phase = head + (1 + g)·L(I/ΣI)`` with ``g`` a zero-initialised 1×1 convolution of the decoder's
+  features: the shrinkage a Wiener-like estimator applies by dose and by how well the pattern determines
+  each pixel. The package's ``compact`` since section 23 (``linear_gate``), which this name now builds.
 * ``x-compact-lpgate1``: the gate as one number per pattern, from the decoder's features averaged over
   the 8×8 map: the shrinkage by dose alone, without the per-pixel part (less noise at a few electrons).
 * ``x-compact-drop2``: dropout 0.2 (the U-Net's) instead of 0.1.
@@ -275,27 +275,6 @@ class CompactLinearFeatures(CompactPhaseNet):
         return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
 
 
-class CompactLinearGate(CompactPhaseNet):
-    """The compact network with its linear path scaled per 8×8 pixel by ``1 + g``, ``g`` from the head's features."""
-
-    def __init__(self, n_px=32, out_px=32, in_channels=1, sigma_head=False):
-        super().__init__(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True)
-        self.gate = nn.Conv2d(self.decode.body[0][0].in_channels, 1, 1)  # made last; zero: the package's network
-        nn.init.zeros_(self.gate.weight)
-        nn.init.zeros_(self.gate.bias)
-
-    def forward(self, x):
-        amplitude = normalise_amplitude(x)
-        skip = self.down2(self.down1(self.stem(amplitude)))
-        features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
-        x = self.head(features)
-        linear = self._linear_estimate(amplitude, features.shape[-1])
-        x = torch.cat([x[:, :1] + (1 + self.gate(features)) * linear, x[:, 1:]], 1)
-        if self.sigma_head == "detached":
-            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
-        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
-
-
 @register_model("x-compact-lpfeat")
 def compact_linear_features(n_px=32, out_px=32, in_channels=1, sigma_head=False):
     return CompactLinearFeatures(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
@@ -303,23 +282,21 @@ def compact_linear_features(n_px=32, out_px=32, in_channels=1, sigma_head=False)
 
 @register_model("x-compact-lpgate")
 def compact_linear_gate(n_px=32, out_px=32, in_channels=1, sigma_head=False):
-    return CompactLinearGate(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+    # Trained under this name in section 23 before it was the package's ``linear_gate`` (same layers and
+    # order; the folders' layer "gate" was renamed "linear_gate" in their model files).
+    return CompactPhaseNet(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True,
+                           linear_gate=True)
 
 
-class CompactPatternGate(CompactLinearGate):
-    """:class:`CompactLinearGate` with one gain per pattern (the gate reads the features' 8×8 mean)."""
+class CompactPatternGate(CompactPhaseNet):
+    """The package's gated linear path with one gain per pattern (the gate reads the features' 8×8 mean)."""
 
-    def forward(self, x):
-        amplitude = normalise_amplitude(x)
-        skip = self.down2(self.down1(self.stem(amplitude)))
-        features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
-        x = self.head(features)
-        linear = self._linear_estimate(amplitude, features.shape[-1])
-        gain = 1 + self.gate(features.mean((-2, -1), keepdim=True))
-        x = torch.cat([x[:, :1] + gain * linear, x[:, 1:]], 1)
-        if self.sigma_head == "detached":
-            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
-        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+    def __init__(self, n_px=32, out_px=32, in_channels=1, sigma_head=False):
+        super().__init__(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True,
+                         linear_gate=True)
+
+    def _linear_gain(self, features):
+        return 1 + self.linear_gate(features.mean((-2, -1), keepdim=True))
 
 
 @register_model("x-compact-lpgate1")

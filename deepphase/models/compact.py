@@ -154,6 +154,10 @@ class CompactPhaseNet(nn.Module):
         intensity = amplitude[:, self.in_channels // 2].square().flatten(1)  # I / mean I
         return self.linear_path(intensity / intensity.shape[1]).view(-1, 1, side, side)  # of I / ΣI
 
+    def _linear_gain(self, features: torch.Tensor) -> torch.Tensor:
+        """The gated linear path's gain at each 8×8 pixel, 1 + g(features)."""
+        return 1 + self.linear_gate(features)
+
     def forward(self, x):
         amplitude = normalise_amplitude(x)
         skip = self.down2(self.down1(self.stem(amplitude)))
@@ -162,7 +166,7 @@ class CompactPhaseNet(nn.Module):
         if self.linear_path is not None:
             linear = self._linear_estimate(amplitude, features.shape[-1])
             if self.linear_gate is not None:
-                linear = (1 + self.linear_gate(features)) * linear
+                linear = self._linear_gain(features) * linear
             x = torch.cat([x[:, :1] + linear, x[:, 1:]], 1)
         if self.sigma_head == "detached":
             x = torch.cat([x, self.sigma_branch(features.detach())], 1)
