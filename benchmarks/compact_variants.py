@@ -264,8 +264,7 @@ class CompactLinearFeatures(CompactPhaseNet):
         skip = self.down2(self.down1(self.stem(amplitude)))
         fused = self._fuse(self.mixer(self.down3(skip)), skip)
         side = fused.shape[-1]
-        intensity = amplitude[:, self.in_channels // 2].square().flatten(1)
-        probability = intensity / intensity.shape[1]
+        probability = self._probability(amplitude)
         estimates = self.linear_features(probability).view(-1, self.maps, side, side)
         features = self.decode(fused + self.feature_projection(self.feature_norm(estimates)))
         x = self.head(features)

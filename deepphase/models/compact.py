@@ -149,10 +149,17 @@ class CompactPhaseNet(nn.Module):
         x = F.conv2d(skip, conv.weight[:, c:], conv.bias) + F.interpolate(coarse, scale_factor=2, mode="nearest")
         return rest(x)
 
+    def _probability(self, amplitude: torch.Tensor) -> torch.Tensor:
+        """I / ΣI of the centre pattern, flattened, from the RMS-normalised amplitude (its square is I / mean I).
+
+        I / mean I itself, up to ~30 at a few counts, made a linear path train badly (RESULTS.md §22).
+        """
+        intensity = amplitude[:, self.in_channels // 2].square().flatten(1)
+        return intensity / intensity.shape[1]
+
     def _linear_estimate(self, amplitude: torch.Tensor, side: int) -> torch.Tensor:
         """The linear path's (B, 1, side, side) phase from the RMS-normalised amplitude's centre pattern."""
-        intensity = amplitude[:, self.in_channels // 2].square().flatten(1)  # I / mean I
-        return self.linear_path(intensity / intensity.shape[1]).view(-1, 1, side, side)  # of I / ΣI
+        return self.linear_path(self._probability(amplitude)).view(-1, 1, side, side)
 
     def _linear_gain(self, features: torch.Tensor) -> torch.Tensor:
         """The gated linear path's gain at each 8×8 pixel, 1 + g(features)."""
