@@ -463,8 +463,10 @@ def _cmd_evaluate(args) -> None:
         methods = list(dict.fromkeys(methods))
     rows, table = harness.evaluate(args.preset, args.out, methods=methods, specimens=args.specimens,
                                    doses=args.doses, scan_shape=args.scan_shape, seed=args.seed,
-                                   overwrite=args.overwrite, forward=args.forward, cache_dir=args.cache_dir)
+                                   overwrite=args.overwrite, forward=args.forward, cache_dir=args.cache_dir,
+                                   repeats=args.repeats)
     print(table)
+    print("\n" + harness.summary_table(harness.summarise(rows)))
     print(f"report: {args.out}/results.md, results.json, montage.png, dose_series.png")
 
 
@@ -683,7 +685,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "factor) is scored beside its image (repeatable)")
     p.add_argument("--seed-model", help="model folder of the seed's method (seed-unet, --preset seed); adds "
                                         "'seed-method' with the seed's stitching")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated specimens and noise (default 0)")
+    p.add_argument("--repeats", type=int, default=1, metavar="N",
+                   help="simulate every case N times (seeds SEED … SEED+N-1) and report each method's mean with "
+                        "its standard error, and its difference to the first method paired by seed (default 1)")
     p.add_argument("--out", type=Path, default=Path("deepphase-evaluation"), help="report folder")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.set_defaults(func=_cmd_evaluate)

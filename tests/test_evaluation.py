@@ -171,3 +171,33 @@ def test_evaluate_refuses_a_malformed_model_option(value, message, tmp_path, cap
     assert main(["evaluate", "--model", value, "--out", str(tmp_path / "r")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_repeats_add_other_realisations_and_the_summary_pairs_them_by_seed(tmp_path, capsys):
+    import json
+
+    from deepphase.cli import main
+    from deepphase.evaluation import harness
+
+    common = dict(methods=["idpc", "deepphase"], specimens=["twisted-hbn"], doses=[300.0], scan_shape=(20, 20),
+                  progress=False)
+    single, _ = harness.evaluate(out_dir=tmp_path / "one", **common)
+    rows, table = harness.evaluate(out_dir=tmp_path / "three", repeats=3, **common)
+    assert sorted((r["method"], r["seed"]) for r in rows) == [(m, s) for m in ("deepphase", "idpc") for s in (0, 1, 2)]
+    by = {(r["method"], r["seed"]): r["correlation"] for r in rows}
+    # The first seed is the single run, unchanged; the others are other specimens and other noise.
+    assert {r["method"]: r["correlation"] for r in single} == {m: by[m, 0] for m in ("idpc", "deepphase")}
+    assert len({by["deepphase", s] for s in (0, 1, 2)}) == 3
+    assert "| seed |" in table and "| seed |" not in harness.markdown_table(single)
+
+    summary = {r["method"]: r for r in json.loads((tmp_path / "three" / "results.json").read_text())["summary"]}
+    diffs = np.array([by["deepphase", s] - by["idpc", s] for s in (0, 1, 2)])
+    assert summary["deepphase"]["correlation"] == pytest.approx(np.mean([by["deepphase", s] for s in (0, 1, 2)]))
+    assert summary["deepphase"]["correlation_vs_idpc"] == pytest.approx(diffs.mean())
+    assert summary["deepphase"]["correlation_vs_idpc_se"] == pytest.approx(diffs.std(ddof=1) / np.sqrt(3))
+    assert summary["deepphase"]["ahead"] == f"{(diffs > 0).sum()}/3" and "correlation_vs_idpc" not in summary["idpc"]
+    assert "mean over cases and seeds" in (tmp_path / "three" / "results.md").read_text()
+
+    assert main(["evaluate", "--repeats", "0", "--methods", "idpc", "--out", str(tmp_path / "none")]) == 2
+    assert "repeats: expected a whole number ≥ 1" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

@@ -330,15 +330,32 @@ def compared_region(case: Case, phases: list[np.ndarray], n_px: int):
 
 
 def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_px=REFERENCE_STEP_PX, seed=0,
-                   progress: bool | None = None, forward=("phase-object",), cache_dir=None):
-    """Every method on every case; returns (rows of figures, images for the montage)."""
+                   progress: bool | None = None, forward=("phase-object",), cache_dir=None, repeats: int = 1):
+    """Every method on every case; returns (rows of figures, images for the montage).
+
+    ``repeats`` > 1 simulates every case again with seeds ``seed + 1``, ... (another specimen and other
+    counting noise); each row records its ``seed``, and the montage shows the first seed's images.
+    """
     unknown = [m for m in methods if m not in _METHODS]
     if unknown:
         raise ValueRangeError(f"methods: unknown {', '.join(unknown)}; expected some of {', '.join(_METHODS)}")
+    if not (isinstance(repeats, int) and repeats >= 1):
+        raise ValueRangeError(f"repeats: expected a whole number ≥ 1 of simulated realisations per case, got {repeats!r}")
     rows, images = [], {}
-    cases = list(specimens)
-    total = len(cases) * len(doses)
+    total = len(specimens) * len(doses) * repeats
     bar = tqdm(total=total * len(methods), desc="evaluating", disable=None if progress is None else not progress)
+    for case_seed in range(seed, seed + repeats):
+        rows_seed, images_seed = _evaluate_cases(methods, specimens, doses, probe, scan_shape, step_px, case_seed,
+                                                 forward, cache_dir, bar)
+        rows += rows_seed
+        if case_seed == seed:
+            images = images_seed
+    bar.close()
+    return rows, images
+
+
+def _evaluate_cases(methods, specimens, doses, probe, scan_shape, step_px, seed, forward, cache_dir, bar):
+    rows, images = [], {}
     for case in make_cases(specimens, doses, probe, scan_shape, step_px, seed, forward, cache_dir):
         results = {}
         for name in methods:
@@ -357,12 +374,67 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
                     raw = metrics.uncertainty_coverage(phase, truth, np.where(region, res.sigma / scale, np.nan)[box])
                     figures.update({"within_1sigma_raw": raw["within_1sigma"], "within_2sigma_raw": raw["within_2sigma"]})
             rows.append({"specimen": case.label, "forward": case.forward, "dose_e_per_pattern": case.dose,
-                         "dose_e_per_A2": case.dose_per_area, "method": name, "seconds": round(res.seconds, 3),
+                         "dose_e_per_A2": case.dose_per_area, "method": name, "seed": seed,
+                         "seconds": round(res.seconds, 3),
                          **{k: v for k, v in figures.items()}, **({"notes": res.notes} if res.notes else {})})
             images[(case.label, case.dose, name)] = phase
         images[(case.label, case.dose, "truth")] = truth
-    bar.close()
     return rows, images
+
+
+def summarise(rows, figure: str = "correlation") -> list[dict]:
+    """Each method's ``figure`` per dose: the mean over the cases, then over the seeds.
+
+    With several seeds, ``{figure}_se`` is the standard error of that mean across seeds (the spread a
+    re-run with other specimens and noise would show); ``{figure}_vs_{first}`` and its ``_se`` compare
+    every other method with the first one seed by seed (paired, so the specimens' own spread cancels),
+    and ``ahead`` counts the seeds in which the method's mean is the higher.
+    """
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    doses = sorted({r["dose_e_per_pattern"] for r in rows})
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    per_seed = {}  # (method, dose) → mean over the cases, one per seed
+    for method in methods:
+        for dose in doses:
+            per_seed[method, dose] = np.array([np.mean([r[figure] for r in rows if r["method"] == method
+                                                        and r["dose_e_per_pattern"] == dose and r.get("seed", 0) == s])
+                                               for s in seeds])
+
+    def se(values):
+        return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+
+    out = []
+    for dose in doses:
+        first = per_seed[methods[0], dose]
+        for method in methods:
+            values = per_seed[method, dose]
+            row = {"method": method, "dose_e_per_pattern": dose, "seeds": len(seeds),
+                   "cases": sum(1 for r in rows if r["method"] == method and r["dose_e_per_pattern"] == dose) // len(seeds),
+                   figure: float(values.mean()), f"{figure}_se": se(values)}
+            if method != methods[0]:
+                diff = values - first
+                row.update({f"{figure}_vs_{methods[0]}": float(diff.mean()), f"{figure}_vs_{methods[0]}_se": se(diff),
+                            "ahead": f"{int((diff > 0).sum())}/{len(seeds)}"})
+            out.append(row)
+    return out
+
+
+def summary_table(summary, figure: str = "correlation") -> str:
+    """:func:`summarise` as a markdown table: mean ± standard error across seeds, and the paired difference."""
+    def value(mean, err, sign=""):
+        return f"{mean:{sign}.4f}" + (f" ± {err:.4f}" if err is not None else "")
+
+    first = summary[0]["method"]
+    over = "cases and seeds" if summary[0]["seeds"] > 1 else "cases"
+    lines = [f"| e/pattern | method | {figure}, mean over {over} | − {first}, paired by seed | seeds ahead |",
+             "|---|---|---|---|---|"]
+    for row in summary:
+        diff = "–"
+        if f"{figure}_vs_{first}" in row:
+            diff = value(row[f"{figure}_vs_{first}"], row[f"{figure}_vs_{first}_se"], "+")
+        lines.append(f"| {row['dose_e_per_pattern']:,.0f} | {row['method']} | {value(row[figure], row[figure + '_se'])} "
+                     f"| {diff} | {row.get('ahead', '–')} |")
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -370,7 +442,7 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
 # -------------------------------------------------------------------------------------------------
 
 _TABLE_COLUMNS = [("specimen", "{}"), ("dose_e_per_pattern", "{:,.0f}"), ("dose_e_per_A2", "{:,.3g}"),
-                  ("method", "{}"), ("correlation", "{:.3f}"), ("correlation_aligned", "{:.3f}"),
+                  ("method", "{}"), ("seed", "{}"), ("correlation", "{:.3f}"), ("correlation_aligned", "{:.3f}"),
                   ("fitted_rmse", "{:.3f}"), ("scale", "{:.2f}"), ("ssim", "{:.3f}"),
                   ("frc_resolution_0.5", "{:.2f}"), ("frc_resolution_1/7", "{:.2f}"), ("seconds", "{:.2f}"),
                   ("within_1sigma", "{:.2f}"), ("within_2sigma", "{:.2f}"), ("mean_sigma", "{:.3f}"),
@@ -379,7 +451,8 @@ _TABLE_COLUMNS = [("specimen", "{}"), ("dose_e_per_pattern", "{:,.0f}"), ("dose_
 
 def markdown_table(rows) -> str:
     """The figures as a markdown table (a column only if some row has it)."""
-    columns = [(c, f) for c, f in _TABLE_COLUMNS if any(row.get(c) is not None for row in rows)]
+    columns = [(c, f) for c, f in _TABLE_COLUMNS if any(row.get(c) is not None for row in rows)
+               and (c != "seed" or len({row.get("seed") for row in rows}) > 1)]
     head = "| " + " | ".join(c for c, _ in columns) + " |"
     lines = [head, "|" + "---|" * len(columns)]
     for row in rows:
@@ -442,8 +515,10 @@ def _dose_series(rows, specimens, methods, path: Path) -> None:
         for i, (key, label) in enumerate(figures):
             ax = axes[i, j]
             for name in methods:
-                pts = sorted((r["dose_e_per_pattern"], r[key]) for r in rows if r["specimen"] == spec and r["method"] == name)
-                ax.plot(*zip(*pts), marker="o", label=name)
+                mine = [r for r in rows if r["specimen"] == spec and r["method"] == name]
+                doses = sorted({r["dose_e_per_pattern"] for r in mine})  # a point per dose: the mean over seeds
+                ax.plot(doses, [np.mean([r[key] for r in mine if r["dose_e_per_pattern"] == d]) for d in doses],
+                        marker="o", label=name)
             ax.set_xscale("log")
             ax.set_xlabel("electrons per pattern")
             ax.set_ylabel(label)
@@ -472,9 +547,11 @@ def write_report(rows, images, out_dir, settings: dict, overwrite: bool = False)
     _montage(images, specimens, montage_dose, methods, out_dir / "montage.png")
     _dose_series(rows, specimens, methods, out_dir / "dose_series.png")
     table = markdown_table(rows)
+    summary = summarise(rows)
     with atomic_path(out_dir / "results.md") as tmp:
-        Path(tmp).write_text(f"# deepphase evaluate\n\n```\n{json.dumps(settings, indent=1)}\n```\n\n{table}\n")
-    save_json(out_dir / "results.json", {"settings": settings, "results": rows})
+        Path(tmp).write_text(f"# deepphase evaluate\n\n```\n{json.dumps(settings, indent=1)}\n```\n\n{table}\n\n"
+                             f"## Correlation over the cases\n\n{summary_table(summary)}\n")
+    save_json(out_dir / "results.json", {"settings": settings, "summary": summary, "results": rows})
     return out_dir
 
 
@@ -500,7 +577,7 @@ def _versions() -> dict:
 
 def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None, specimens=None, doses=None,
              scan_shape=None, seed: int = 0, overwrite: bool = False, progress: bool | None = None,
-             forward=None, cache_dir=None) -> tuple[list, str]:
+             forward=None, cache_dir=None, repeats: int = 1) -> tuple[list, str]:
     """Run the harness and write the report; returns (rows, markdown table).
 
     Parameters
@@ -508,6 +585,9 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     preset : "fast" (a 2-core CPU, under 10 minutes) or "full" (a GPU).
     methods, specimens, doses, scan_shape, forward : override the preset's (doses in electrons per pattern).
     cache_dir : folder for simulated multislice data (default :func:`default_cache_dir`).
+    seed, repeats : every case is simulated with seeds ``seed`` … ``seed + repeats - 1`` (specimen and
+        noise). One scan per case decides a comparison at low dose by its particular noise; several
+        give the summary's standard errors and paired differences (:func:`summarise`).
     """
     from ..errors import OutputExistsError
     from ..physics.probe import reference_probe
@@ -526,11 +606,11 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     probe = reference_probe()
     t0 = time.perf_counter()
     rows, images = run_evaluation(methods, specimens, doses, probe, scan_shape, seed=seed, progress=progress,
-                                  forward=forward, cache_dir=cache_dir)
+                                  forward=forward, cache_dir=cache_dir, repeats=repeats)
     settings = {"preset": preset, "methods": {m: _METHODS[m][1] for m in methods}, "specimens": specimens,
                 "forward_models": forward, "source_size_angstrom": SOURCE_SIZE,
                 "doses_e_per_pattern": doses, "scan_shape": list(scan_shape), "step_px": REFERENCE_STEP_PX,
-                "probe": "reference", "noise": "Poisson", "seed": seed, "versions": _versions(),
+                "probe": "reference", "noise": "Poisson", "seed": seed, "repeats": repeats, "versions": _versions(),
                 "machine": f"{platform.machine()}, {platform.system()}, {__import__('os').cpu_count()} CPUs",
                 "wall_s": round(time.perf_counter() - t0, 1)}
     write_report(rows, images, out_dir, settings, overwrite=overwrite)
