@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -390,15 +391,13 @@ def summarise(rows, figure: str = "correlation") -> list[dict]:
     every other method with the first one seed by seed (paired, so the specimens' own spread cancels),
     and ``ahead`` counts the seeds in which the method's mean is the higher.
     """
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    doses = sorted({r["dose_e_per_pattern"] for r in rows})
-    seeds = sorted({r.get("seed", 0) for r in rows})
-    per_seed = {}  # (method, dose) → mean over the cases, one per seed
-    for method in methods:
-        for dose in doses:
-            per_seed[method, dose] = np.array([np.mean([r[figure] for r in rows if r["method"] == method
-                                                        and r["dose_e_per_pattern"] == dose and r.get("seed", 0) == s])
-                                               for s in seeds])
+    cases = defaultdict(list)  # (method, dose, seed) → the figure of every case
+    for r in rows:
+        cases[r["method"], r["dose_e_per_pattern"], r.get("seed", 0)].append(r[figure])
+    methods = list(dict.fromkeys(m for m, _, _ in cases))
+    doses = sorted({d for _, d, _ in cases})
+    seeds = sorted({s for _, _, s in cases})
+    per_seed = {(m, d): np.array([np.mean(cases[m, d, s]) for s in seeds]) for m in methods for d in doses}
 
     def se(values):
         return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
@@ -409,8 +408,7 @@ def summarise(rows, figure: str = "correlation") -> list[dict]:
         for method in methods:
             values = per_seed[method, dose]
             row = {"method": method, "dose_e_per_pattern": dose, "seeds": len(seeds),
-                   "cases": sum(1 for r in rows if r["method"] == method and r["dose_e_per_pattern"] == dose) // len(seeds),
-                   figure: float(values.mean()), f"{figure}_se": se(values)}
+                   "cases": len(cases[method, dose, seeds[0]]), figure: float(values.mean()), f"{figure}_se": se(values)}
             if method != methods[0]:
                 diff = values - first
                 row.update({f"{figure}_vs_{methods[0]}": float(diff.mean()), f"{figure}_vs_{methods[0]}_se": se(diff),
