@@ -32,6 +32,17 @@ Model folders of these architectures load only where this module has been import
   each pixel. The package's ``compact`` since section 23 (``linear_gate``), which this name now builds.
 * ``x-compact-lpgate1``: the gate as one number per pattern, from the decoder's features averaged over
   the 8×8 map: the shrinkage by dose alone, without the per-pixel part (less noise at a few electrons).
+* ``x-compact-dw``: the package's compact network with depthwise-separable residual blocks (3×3
+  depthwise conv-BN-ReLU, 1×1 conv-BN, identity shortcut) where it has least capacity against the seed
+  U-Net: one at 16×16 after ``down1`` (the detector plane at half resolution, where the U-Net has a full
+  residual block and the compact network one strided convolution) and two at 8×8 after the decoder (a
+  wider field for denoising the output). Made last, the last BN of each zero-initialised: training starts
+  from exactly the package's network of the same seed. Aimed at 300 e/pattern (RESULTS §24).
+* ``x-compact-lpmix``: the gated linear path plus three more linear maps of I/ΣI, each scaled per 8×8
+  pixel by its own 1×1 convolution of the decoder's features: a mixture of linear estimators that the
+  network chooses between by dose and pattern (a Wiener filter's spatial weighting changes with dose,
+  which one map times a gain cannot follow). Maps zero-initialised, so training starts from the package's
+  network of the same seed.
 * ``x-compact-drop2``: dropout 0.2 (the U-Net's) instead of 0.1.
 * ``x-compact-rep``: every 3×3 conv-BN trained as RepVGG-style branches (3×3 conv-BN + 1×1 conv-BN +
   identity BN where shapes allow), collapsed for inference into the plain ``compact`` architecture (same
@@ -301,6 +312,81 @@ class CompactPatternGate(CompactPhaseNet):
 @register_model("x-compact-lpgate1")
 def compact_pattern_gate(n_px=32, out_px=32, in_channels=1, sigma_head=False):
     return CompactPatternGate(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+
+
+class _DepthwiseResidual(nn.Module):
+    """3×3 depthwise conv-BN-ReLU, 1×1 conv-BN, identity shortcut, ReLU; starts as the identity (then ReLU)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c),
+                                  nn.ReLU(inplace=True), nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        nn.init.zeros_(self.body[-1].weight)
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+class CompactDepthwise(CompactPhaseNet):
+    """The package's compact network with cheap depthwise-separable blocks at 16×16 and 8×8."""
+
+    def __init__(self, n_px=32, out_px=32, in_channels=1, sigma_head=False):
+        super().__init__(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True,
+                         linear_gate=True)
+        w1, w2 = self.down1[0].out_channels, self.decode.body[0][0].in_channels
+        self.refine16 = _DepthwiseResidual(w1)
+        self.refine8 = nn.Sequential(_DepthwiseResidual(w2), _DepthwiseResidual(w2))
+
+    def forward(self, x):
+        amplitude = normalise_amplitude(x)
+        skip = self.down2(self.refine16(self.down1(self.stem(amplitude))))
+        features = self.refine8(self.decode(self._fuse(self.mixer(self.down3(skip)), skip)))
+        x = self.head(features)
+        linear = self._linear_gain(features) * self._linear_estimate(amplitude, features.shape[-1])
+        x = torch.cat([x[:, :1] + linear, x[:, 1:]], 1)
+        if self.sigma_head == "detached":
+            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
+        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+
+
+@register_model("x-compact-dw")
+def compact_depthwise(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    return CompactDepthwise(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+
+
+class CompactLinearMixture(CompactPhaseNet):
+    """The gated linear path plus ``maps`` more linear estimators, each with its own per-pixel gate."""
+
+    def __init__(self, n_px=32, out_px=32, in_channels=1, sigma_head=False, maps=3):
+        super().__init__(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True,
+                         linear_gate=True)
+        width = self.decode.body[0][0].in_channels
+        self.maps = maps
+        self.more_linear = nn.Linear(n_px * n_px, maps * (n_px // 4) ** 2)
+        nn.init.zeros_(self.more_linear.weight)
+        nn.init.zeros_(self.more_linear.bias)
+        # Gates keep torch's initialisation: with the maps at zero a zero gate would give neither a gradient.
+        self.more_gates = nn.Conv2d(width, maps, 1)
+
+    def forward(self, x):
+        amplitude = normalise_amplitude(x)
+        skip = self.down2(self.down1(self.stem(amplitude)))
+        features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
+        side = features.shape[-1]
+        x = self.head(features)
+        probability = self._probability(amplitude)
+        linear = self._linear_gain(features) * self.linear_path(probability).view(-1, 1, side, side)
+        estimates = self.more_linear(probability).view(-1, self.maps, side, side)
+        linear = linear + (self.more_gates(features) * estimates).sum(1, keepdim=True)
+        x = torch.cat([x[:, :1] + linear, x[:, 1:]], 1)
+        if self.sigma_head == "detached":
+            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
+        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+
+
+@register_model("x-compact-lpmix")
+def compact_linear_mixture(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    return CompactLinearMixture(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
 
 
 if __name__ == "__main__":
