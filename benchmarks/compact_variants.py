@@ -1,4 +1,4 @@
-"""Experimental variants of the compact network (issue 4 item 2; RESULTS.md sections 21 and 22). Not shipped.
+"""Experimental variants of the compact network (issue 4 item 2; RESULTS.md sections 21–25). Not shipped.
 
 Registers these architectures beside the package's, then runs the ``deepphase`` CLI with the arguments
 given, so that they train and evaluate exactly as the shipped ones do::
@@ -26,6 +26,8 @@ Model folders of these architectures load only where this module has been import
 * ``x-compact-lpfeat``: section 22's compact network (linear path included) whose decoder also reads
   four more linear maps of I / ΣI at 8×8 (batch-normed, then a zero-initialised 1×1 convolution into the
   fused map): linear, DPC-like estimates that the decoder's 3×3 convolutions can denoise (0.56 MFLOP).
+* ``x-compact-lpgatefeat``: the linear features of ``x-compact-lpfeat`` and the gate of ``x-compact-lpgate``
+  together: −0.001 at 300, +0.006 at 30 (four seeds; RESULTS §25). Not kept.
 * ``x-compact-lpgate``: section 22's compact network whose linear estimate is also scaled per 8×8 pixel,
   ``phase = head + (1 + g)·L(I/ΣI)`` with ``g`` a zero-initialised 1×1 convolution of the decoder's
   features: the shrinkage a Wiener-like estimator applies by dose and by how well the pattern determines
@@ -37,13 +39,16 @@ Model folders of these architectures load only where this module has been import
   U-Net: one at 16×16 after ``down1`` (the detector plane at half resolution, where the U-Net has a full
   residual block and the compact network one strided convolution) and two at 8×8 after the decoder (a
   wider field for denoising the output). Made last, the last BN of each zero-initialised: training starts
-  from exactly the package's network of the same seed. Aimed at 300 e/pattern (RESULTS §24).
+  from exactly the package's network of the same seed. Aimed at 300 e/pattern (RESULTS §24); level there,
+  +0.003 at 30 (six seeds, three harness seeds; RESULTS §25). Not kept.
 * ``x-compact-lpmix``: the gated linear path plus three more linear maps of I/ΣI, each scaled per 8×8
   pixel by its own 1×1 convolution of the decoder's features: a mixture of linear estimators that the
   network chooses between by dose and pattern (a Wiener filter's spatial weighting changes with dose,
   which one map times a gain cannot follow). Maps zero-initialised, so training starts from the package's
-  network of the same seed.
-* ``x-compact-drop2``: dropout 0.2 (the U-Net's) instead of 0.1.
+  network of the same seed. −0.002 at 300 (RESULTS §25). Not kept.
+* ``x-compact-drop2``: dropout 0.2 (the U-Net's) instead of 0.1; ``x-compact-lpgate-drop2`` the same for the
+  package's network (gated linear path): does the U-Net's stronger regularisation explain its lead on
+  monolayer hBN at 300 e/pattern (RESULTS §25)?
 * ``x-compact-rep``: every 3×3 conv-BN trained as RepVGG-style branches (3×3 conv-BN + 1×1 conv-BN +
   identity BN where shapes allow), collapsed for inference into the plain ``compact`` architecture (same
   operations per pattern as the default). Since section 21 it is in the package as ``--arch compact-rep``,
@@ -258,8 +263,9 @@ def compact_rep(n_px=32, out_px=32, in_channels=1, sigma_head=False):
 class CompactLinearFeatures(CompactPhaseNet):
     """The compact network with its linear path, and ``maps`` more linear maps of I / ΣI fed to the decoder."""
 
-    def __init__(self, n_px=32, out_px=32, in_channels=1, sigma_head=False, maps=4):
-        super().__init__(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True)
+    def __init__(self, n_px=32, out_px=32, in_channels=1, sigma_head=False, maps=4, linear_gate=False):
+        super().__init__(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True,
+                         linear_gate=linear_gate)
         width = self.decode.body[0][0].in_channels
         self.maps = maps
         # Made after every other layer (the same initial weights as the package's network); the
@@ -279,7 +285,10 @@ class CompactLinearFeatures(CompactPhaseNet):
         estimates = self.linear_features(probability).view(-1, self.maps, side, side)
         features = self.decode(fused + self.feature_projection(self.feature_norm(estimates)))
         x = self.head(features)
-        x = torch.cat([x[:, :1] + self.linear_path(probability).view(-1, 1, side, side), x[:, 1:]], 1)
+        linear = self.linear_path(probability).view(-1, 1, side, side)
+        if self.linear_gate is not None:
+            linear = self._linear_gain(features) * linear
+        x = torch.cat([x[:, :1] + linear, x[:, 1:]], 1)
         if self.sigma_head == "detached":
             x = torch.cat([x, self.sigma_branch(features.detach())], 1)
         return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
@@ -290,11 +299,22 @@ def compact_linear_features(n_px=32, out_px=32, in_channels=1, sigma_head=False)
     return CompactLinearFeatures(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
 
 
+@register_model("x-compact-lpgatefeat")
+def compact_gated_linear_features(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    return CompactLinearFeatures(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_gate=True)
+
+
 @register_model("x-compact-lpgate")
 def compact_linear_gate(n_px=32, out_px=32, in_channels=1, sigma_head=False):
     # Trained under this name in section 23 before it was the package's ``linear_gate`` (same layers and
     # order; the folders' layer "gate" was renamed "linear_gate" in their model files).
     return CompactPhaseNet(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True,
+                           linear_gate=True)
+
+
+@register_model("x-compact-lpgate-drop2")
+def compact_linear_gate_dropout_02(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    return CompactPhaseNet(n_px, out_px, dropout=0.2, in_channels=in_channels, sigma_head=sigma_head, linear_path=True,
                            linear_gate=True)
 
 
