@@ -120,10 +120,7 @@ class CompactDose(CompactPhaseNet):
         skip = self.down2(self.down1(x))
         coarse = self.mixer(self.down3(skip) * (1 + scale4) + shift4)
         features = self.decode(self._fuse(coarse, skip) * (1 + scale8) + shift8)
-        x = self.head(features)
-        if self.sigma_head == "detached":
-            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
-        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+        return self._output(features)
 
 
 class DenseMixer(nn.Module):
@@ -193,17 +190,14 @@ class CompactIntensity(CompactPhaseNet):
         x = self.stem(torch.cat([a, intensity], 1))
         skip = self.down2(self.down1(x))
         features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
-        x = self.head(features)
+        direct = None
         if self.linear is not None:
             side = features.shape[-1]
             # I / ΣI, a probability over the detector (the centre of mass is linear in it); I / mean I
             # made this path's input so large at a few counts that training stalled (0.17 rad after 4 epochs).
             probability = intensity.mean(1).flatten(1) / intensity[0, 0].numel()
             direct = self.linear(probability).view(-1, 1, side, side)
-            x = torch.cat([x[:, :1] + direct, x[:, 1:]], 1)
-        if self.sigma_head == "detached":
-            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
-        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+        return self._output(features, direct)
 
 
 @register_model("x-compact-intensity")
@@ -284,14 +278,10 @@ class CompactLinearFeatures(CompactPhaseNet):
         probability = self._probability(amplitude)
         estimates = self.linear_features(probability).view(-1, self.maps, side, side)
         features = self.decode(fused + self.feature_projection(self.feature_norm(estimates)))
-        x = self.head(features)
         linear = self.linear_path(probability).view(-1, 1, side, side)
         if self.linear_gate is not None:
             linear = self._linear_gain(features) * linear
-        x = torch.cat([x[:, :1] + linear, x[:, 1:]], 1)
-        if self.sigma_head == "detached":
-            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
-        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+        return self._output(features, linear)
 
 
 @register_model("x-compact-lpfeat")
@@ -361,12 +351,8 @@ class CompactDepthwise(CompactPhaseNet):
         amplitude = normalise_amplitude(x)
         skip = self.down2(self.refine16(self.down1(self.stem(amplitude))))
         features = self.refine8(self.decode(self._fuse(self.mixer(self.down3(skip)), skip)))
-        x = self.head(features)
         linear = self._linear_gain(features) * self._linear_estimate(amplitude, features.shape[-1])
-        x = torch.cat([x[:, :1] + linear, x[:, 1:]], 1)
-        if self.sigma_head == "detached":
-            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
-        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+        return self._output(features, linear)
 
 
 @register_model("x-compact-dw")
@@ -393,15 +379,11 @@ class CompactLinearMixture(CompactPhaseNet):
         skip = self.down2(self.down1(self.stem(amplitude)))
         features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
         side = features.shape[-1]
-        x = self.head(features)
         probability = self._probability(amplitude)
         linear = self._linear_gain(features) * self.linear_path(probability).view(-1, 1, side, side)
         estimates = self.more_linear(probability).view(-1, self.maps, side, side)
         linear = linear + (self.more_gates(features) * estimates).sum(1, keepdim=True)
-        x = torch.cat([x[:, :1] + linear, x[:, 1:]], 1)
-        if self.sigma_head == "detached":
-            x = torch.cat([x, self.sigma_branch(features.detach())], 1)
-        return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+        return self._output(features, linear)
 
 
 @register_model("x-compact-lpmix")

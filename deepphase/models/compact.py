@@ -165,19 +165,26 @@ class CompactPhaseNet(nn.Module):
         """The gated linear path's gain at each 8×8 pixel, 1 + g(features)."""
         return 1 + self.linear_gate(features)
 
-    def forward(self, x):
-        amplitude = normalise_amplitude(x)
-        skip = self.down2(self.down1(self.stem(amplitude)))
-        features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
+    def _output(self, features: torch.Tensor, linear: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's output from the decoder's features: the head, ``linear`` (B, 1, side, side) added to
+        the phase channel, the detached σ branch appended, nearest upsampling to ``out_px``."""
         x = self.head(features)
-        if self.linear_path is not None:
-            linear = self._linear_estimate(amplitude, features.shape[-1])
-            if self.linear_gate is not None:
-                linear = self._linear_gain(features) * linear
+        if linear is not None:
             x = torch.cat([x[:, :1] + linear, x[:, 1:]], 1)
         if self.sigma_head == "detached":
             x = torch.cat([x, self.sigma_branch(features.detach())], 1)
         return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
+
+    def forward(self, x):
+        amplitude = normalise_amplitude(x)
+        skip = self.down2(self.down1(self.stem(amplitude)))
+        features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
+        linear = None
+        if self.linear_path is not None:
+            linear = self._linear_estimate(amplitude, features.shape[-1])
+            if self.linear_gate is not None:
+                linear = self._linear_gain(features) * linear
+        return self._output(features, linear)
 
 
 @register_model("compact")
