@@ -39,7 +39,7 @@ def kind_and_seed(method: str) -> tuple[str, int] | None:
     """(kind, training seed) of a method name, or None for methods that are not a seeded network."""
     if method == "seed-unet":
         return "unet", 0
-    match = re.fullmatch(r"(seed-unet|compact-linear-gate|compact-pattern-gate|[a-z0-9]+)-s(\d+)", method)
+    match = re.fullmatch(r"([a-z0-9-]+?)-s(\d+)", method)
     return (KINDS.get(match[1], match[1]), int(match[2])) if match else None
 
 
