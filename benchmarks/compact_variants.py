@@ -48,7 +48,7 @@ Model folders of these architectures load only where this module has been import
   network of the same seed. −0.002 at 300 (RESULTS §25). Not kept.
 * ``x-compact-drop2``: dropout 0.2 (the U-Net's) instead of 0.1; ``x-compact-lpgate-drop2`` the same for the
   package's network (gated linear path): does the U-Net's stronger regularisation explain its lead on
-  monolayer hBN at 300 e/pattern (RESULTS §25)?
+  monolayer hBN at 300 e/pattern? No: +0.012 at 30, −0.006 at 300 (RESULTS §25).
 * ``x-compact-rep``: every 3×3 conv-BN trained as RepVGG-style branches (3×3 conv-BN + 1×1 conv-BN +
   identity BN where shapes allow), collapsed for inference into the plain ``compact`` architecture (same
   operations per pattern as the default). Since section 21 it is in the package as ``--arch compact-rep``,
