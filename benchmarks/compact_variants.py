@@ -278,10 +278,7 @@ class CompactLinearFeatures(CompactPhaseNet):
         probability = self._probability(amplitude)
         estimates = self.linear_features(probability).view(-1, self.maps, side, side)
         features = self.decode(fused + self.feature_projection(self.feature_norm(estimates)))
-        linear = self.linear_path(probability).view(-1, 1, side, side)
-        if self.linear_gate is not None:
-            linear = self._linear_gain(features) * linear
-        return self._output(features, linear)
+        return self._output(features, self._linear_term(amplitude, features))
 
 
 @register_model("x-compact-lpfeat")
@@ -351,8 +348,7 @@ class CompactDepthwise(CompactPhaseNet):
         amplitude = normalise_amplitude(x)
         skip = self.down2(self.refine16(self.down1(self.stem(amplitude))))
         features = self.refine8(self.decode(self._fuse(self.mixer(self.down3(skip)), skip)))
-        linear = self._linear_gain(features) * self._linear_estimate(amplitude, features.shape[-1])
-        return self._output(features, linear)
+        return self._output(features, self._linear_term(amplitude, features))
 
 
 @register_model("x-compact-dw")
@@ -379,10 +375,8 @@ class CompactLinearMixture(CompactPhaseNet):
         skip = self.down2(self.down1(self.stem(amplitude)))
         features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
         side = features.shape[-1]
-        probability = self._probability(amplitude)
-        linear = self._linear_gain(features) * self.linear_path(probability).view(-1, 1, side, side)
-        estimates = self.more_linear(probability).view(-1, self.maps, side, side)
-        linear = linear + (self.more_gates(features) * estimates).sum(1, keepdim=True)
+        estimates = self.more_linear(self._probability(amplitude)).view(-1, self.maps, side, side)
+        linear = self._linear_term(amplitude, features) + (self.more_gates(features) * estimates).sum(1, keepdim=True)
         return self._output(features, linear)
 
 

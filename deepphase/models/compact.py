@@ -175,16 +175,19 @@ class CompactPhaseNet(nn.Module):
             x = torch.cat([x, self.sigma_branch(features.detach())], 1)
         return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
 
+    def _linear_term(self, amplitude: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
+        """What the linear path adds to the phase: its estimate, times the gate's gain where there is one
+        (None without a linear path)."""
+        if self.linear_path is None:
+            return None
+        linear = self._linear_estimate(amplitude, features.shape[-1])
+        return linear if self.linear_gate is None else self._linear_gain(features) * linear
+
     def forward(self, x):
         amplitude = normalise_amplitude(x)
         skip = self.down2(self.down1(self.stem(amplitude)))
         features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
-        linear = None
-        if self.linear_path is not None:
-            linear = self._linear_estimate(amplitude, features.shape[-1])
-            if self.linear_gate is not None:
-                linear = self._linear_gain(features) * linear
-        return self._output(features, linear)
+        return self._output(features, self._linear_term(amplitude, features))
 
 
 @register_model("compact")
