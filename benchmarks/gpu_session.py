@@ -569,8 +569,7 @@ class Session:
 
         shipped = load_model("default")
         t = shipped.info["training"]
-        corpus = CorpusConfig(mix=dict(t["corpus"]["mix"]), phase_range=tuple(t["corpus"]["phase_range"]),
-                              phase_scale=t["corpus"]["phase_scale"])
+        corpus = CorpusConfig.from_dict(t["corpus"])
         assert corpus.mix == CORPUS_PRESETS["atoms"], "the shipped default's corpus is the 'atoms' preset"
         dose = tuple(t["dose"]) if isinstance(t["dose"], list) else t["dose"]
         mask = torch.as_tensor(output_mask(shipped.probe, shipped.geometry), device=self.device)

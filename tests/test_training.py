@@ -84,6 +84,27 @@ def test_phase_objects_are_in_range_and_seeded(kind):
     assert (a.amax((-2, -1)) - a.amin((-2, -1))).mean() > 0.05  # not flat
 
 
+def test_lattice_spacing_sets_the_atom_density_and_is_kept_in_the_corpus_record():
+    from scipy import ndimage
+
+    def atoms_per_object(spacing):
+        corpus = CorpusConfig(mix={"lattice": 1.0}, phase_range=(1.0, 1.0), lattice_spacing=spacing)
+        objects = random_phase_objects(64, 64, torch.Generator().manual_seed(1), corpus).numpy()
+        peaks = [(o == ndimage.maximum_filter(o, size=3)) & (o > 0.3) for o in objects]
+        return np.mean([p[4:-4, 4:-4].sum() for p in peaks])
+
+    dense, sparse = atoms_per_object((3.0, 4.0)), atoms_per_object((12.0, 16.0))
+    # Atoms per area go as 1/spacing²: (14 / 3.5)² = 16 times fewer, less what the blobs of the dense
+    # lattices merge.
+    assert sparse > 3 and dense > 6 * sparse, (dense, sparse)
+    wide = CorpusConfig(lattice_spacing=(2.5, 16.0))
+    assert CorpusConfig.from_dict(wide.to_dict()) == wide
+    older = {k: v for k, v in wide.to_dict().items() if k != "lattice_spacing"}  # a model file of before
+    assert CorpusConfig.from_dict(older).lattice_spacing == (2.5, 8.0)
+    with pytest.raises(DeepPhaseError, match="lattice_spacing"):
+        CorpusConfig(lattice_spacing=(8.0, 4.0))
+
+
 def test_log_uniform_phase_scale_draws_as_many_weak_objects_as_strong():
     # Smooth fields reach their φ_max (scaled to [0, φ_max]): the maxima show the draw directly.
     corpus = CorpusConfig(mix={"smooth": 1.0}, phase_range=(0.1, 1.6), phase_scale="log-uniform")

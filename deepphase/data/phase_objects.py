@@ -59,6 +59,10 @@ class CorpusConfig:
     mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
     phase_range: tuple[float, float] = (0.1, 1.6)
     phase_scale: str = "uniform"  # how φ_max is drawn from phase_range: "uniform" or "log-uniform"
+    # Range of the ``lattice`` objects' lattice constant in object pixels (drawn uniformly). At the
+    # reference sampling (0.2 Å/px) the default 2.5–8 px is 0.5–1.6 Å, denser than any crystal in
+    # projection; 2.5–16 px also reaches hBN (12.5 px) and MoS2 (15.8 px). RESULTS.md section 26.
+    lattice_spacing: tuple[float, float] = (2.5, 8.0)
 
     def __post_init__(self):
         if self.phase_scale not in PHASE_SCALES:
@@ -66,10 +70,23 @@ class CorpusConfig:
         lo, hi = self.phase_range
         if not 0 < lo <= hi:
             raise ValueRangeError(f"phase_range: expected 0 < MIN ≤ MAX radians, got {lo}, {hi}")
+        lo, hi = self.lattice_spacing
+        if not 1.0 <= lo <= hi:
+            raise ValueRangeError(f"lattice_spacing: expected 1 ≤ MIN ≤ MAX object pixels, got {lo}, {hi}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CorpusConfig":
+        """The inverse of :meth:`to_dict`; model files written before a field existed get its default."""
+        defaults = cls()
+        return cls(mix=dict(d.get("mix", defaults.mix)),
+                   phase_range=tuple(d.get("phase_range", defaults.phase_range)),
+                   phase_scale=d.get("phase_scale", defaults.phase_scale),
+                   lattice_spacing=tuple(d.get("lattice_spacing", defaults.lattice_spacing)))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["phase_range"] = list(self.phase_range)
+        d["lattice_spacing"] = list(self.lattice_spacing)
         return d
 
 
@@ -139,9 +156,14 @@ def _gaussian_sum(coords: torch.Tensor, weights: torch.Tensor, sigma: torch.Tens
     return torch.einsum("nki,nkj->nij", gr, gc)  # separable: Σ_k w_k g(r - r_k) g(c - c_k)
 
 
-def lattice(n: int, size: int, gen: torch.Generator, device=None, max_atoms: int = 400) -> torch.Tensor:
-    """Atom-like blobs on random 2-D lattices with a random basis, vacancies and rotation."""
-    spacing = _uniform(n, 2.5, 8.0, gen, device)
+def lattice(n: int, size: int, gen: torch.Generator, device=None, max_atoms: int = 400,
+            spacing_px: tuple[float, float] = (2.5, 8.0)) -> torch.Tensor:
+    """Atom-like blobs on random 2-D lattices with a random basis, vacancies and rotation.
+
+    The lattice constant is drawn uniformly from ``spacing_px``; the atoms' width scales with it up to
+    2.4 px (0.5 Å at the reference sampling), which the default range never exceeds, so that wide
+    lattices hold atoms rather than smooth bumps."""
+    spacing = _uniform(n, spacing_px[0], spacing_px[1], gen, device)
     gamma = torch.where(
         torch.rand(n, generator=gen, device=device) < 0.5,
         torch.full((n,), math.pi / 3, device=device),
@@ -168,7 +190,7 @@ def lattice(n: int, size: int, gen: torch.Generator, device=None, max_atoms: int
     weights = weights * (torch.rand(weights.shape, generator=gen, device=device) > vacancy_rate[:, None]).float()
     inside = ((coords > -6) & (coords < size + 6)).all(-1)
     weights = weights * inside.float()
-    sigma = spacing * _uniform(n, 0.12, 0.3, gen, device)
+    sigma = (spacing * _uniform(n, 0.12, 0.3, gen, device)).clamp_max(2.4)
     return _normalise(_gaussian_sum(coords, weights, sigma, size))
 
 
@@ -231,7 +253,8 @@ def random_phase_objects(
     for i, kind in enumerate(kinds):
         sel = [j for j, c in enumerate(choice) if c == i]
         if sel:
-            out[sel] = _GENERATORS[kind](len(sel), size, gen, device).to(out.dtype)
+            extra = {"spacing_px": tuple(corpus.lattice_spacing)} if kind == "lattice" else {}
+            out[sel] = _GENERATORS[kind](len(sel), size, gen, device, **extra).to(out.dtype)
     lo, hi = corpus.phase_range
     if corpus.phase_scale == "log-uniform":
         phi_max = torch.exp(_uniform(n, math.log(lo), math.log(hi), gen, device))

@@ -51,8 +51,7 @@ def _corpus(model: PhaseModel) -> CorpusConfig:
     corpus = model.info.get("training", {}).get("corpus")
     if not corpus:
         return CorpusConfig()
-    return CorpusConfig(mix=dict(corpus["mix"]), phase_range=tuple(corpus["phase_range"]),
-                        phase_scale=corpus.get("phase_scale", "uniform"))
+    return CorpusConfig.from_dict(corpus)
 
 
 def fit_sigma_scale(model: PhaseModel | str | Path | None = None, n_scans: int = 6, side: int = 32,
