@@ -11,9 +11,12 @@ image is finite).
 
     python benchmarks/paired_seeds.py gate dw lpmix lpgatefeat
     python benchmarks/paired_seeds.py --seeds 0-5 gate dw --rows my-eval/results.json --per-case
+    python benchmarks/paired_seeds.py wide --against unetwide unet gate    # section 26
 
 Kinds: ``unet`` (``seed-unet-sS``; ``seed-unet`` is seed 0), ``gate`` (``compact-linear-gate-sS``, the
-package's compact network), ``gate1`` (``compact-pattern-gate-sS``), any other ``KIND-sS`` by its ``KIND``.
+package's compact network until section 26), ``gate1`` (``compact-pattern-gate-sS``), ``wide`` and
+``unetwide`` (section 26: the compact network and the seed U-Net trained with lattice constants of
+2.5-16 px), any other ``KIND-sS`` by its ``KIND``.
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ from pathlib import Path
 import numpy as np
 
 FIGURES = Path(__file__).parent / "figures"
-# Where the seed U-Nets and the compact networks of training seeds 0-7 were scored (sections 20-25).
+# Where the seed U-Nets and the compact networks of training seeds 0-7 were scored (sections 20-26).
 STORED = ["evaluate-fast-seed-unet-vs-compact-2026-11-30.json", "evaluate-fast-compact-vs-seed-unet-3-seeds-2026-11-30.json",
           "evaluate-fast-compact-variants-2026-11-30.json", "evaluate-fast-compact-linear-path-2026-12-01.json",
           "evaluate-fast-compact-linear-gate-2026-12-01.json", "evaluate-fast-item2-harness-seeds-2026-12-01.json",
-          "evaluate-fast-compact-dw-lpmix-2026-12-01.json"]
+          "evaluate-fast-compact-dw-lpmix-2026-12-01.json", "evaluate-fast-lattice-spacing-2026-12-06.json"]
 KINDS = {"seed-unet": "unet", "compact-linear-gate": "gate", "compact-pattern-gate": "gate1"}
 HARNESS_SEEDS = range(3)
 
@@ -67,7 +70,9 @@ def main(argv=None):
     parser.add_argument("kinds", nargs="*", default=["gate"], help="kinds to compare with the seed U-Net")
     parser.add_argument("--seeds", default="0-9", help="training seeds, FIRST-LAST (default 0-9)")
     parser.add_argument("--rows", nargs="*", default=[], help="more results.json files (e.g. new runs)")
-    parser.add_argument("--per-case", action="store_true", help="also each case's difference to the seed U-Net")
+    parser.add_argument("--against", nargs="+", default=["unet", "gate"], metavar="KIND",
+                        help="kinds each is compared with (default: unet gate); --per-case uses the first")
+    parser.add_argument("--per-case", action="store_true", help="also each case's difference to the first --against")
     args = parser.parse_args(argv)
     first, last = map(int, args.seeds.split("-"))
     seeds = range(first, last + 1)
@@ -82,7 +87,7 @@ def main(argv=None):
     for dose in doses:
         print(f"--- {dose:,} e/pattern")
         for kind in args.kinds:
-            for reference in ["unet"] + (["gate"] if kind not in ("gate", "unet") else []):
+            for reference in [r for r in args.against if r != kind]:
                 differences, used = [], []
                 for seed in seeds:
                     pairs = [(mean_over_cases(kind, seed, h, dose), mean_over_cases(reference, seed, h, dose))
@@ -97,16 +102,17 @@ def main(argv=None):
                 ahead = sum(d > 0 for d in differences)
                 print(f"{kind} - {reference}: {np.mean(differences):+.4f} ± {error:.4f} ({ahead}/{len(differences)} "
                       f"ahead)  {' '.join(used)}")
-            if args.per_case:
+            base = args.against[0]
+            if args.per_case and kind != base:
                 line = []
                 for case in cases:
-                    d = [scores[(kind, s, h, *case, dose)] - scores[("unet", s, h, *case, dose)]
+                    d = [scores[(kind, s, h, *case, dose)] - scores[(base, s, h, *case, dose)]
                          for s in seeds for h in HARNESS_SEEDS
-                         if (kind, s, h, *case, dose) in scores and ("unet", s, h, *case, dose) in scores]
+                         if (kind, s, h, *case, dose) in scores and (base, s, h, *case, dose) in scores]
                     if d:
                         name = case[0] if case[1] in case[0] else f"{case[0]} ({case[1]})"
                         line.append(f"{name} {np.mean(d):+.4f}")
-                print(f"  {kind} - unet per case: " + "; ".join(line))
+                print(f"  {kind} - {base} per case: " + "; ".join(line))
 
 
 if __name__ == "__main__":
