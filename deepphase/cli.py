@@ -49,7 +49,7 @@ def _probe_from_args(args) -> tuple:
 
 
 def _cmd_train(args) -> None:
-    from .data.phase_objects import CORPUS_PRESETS, CorpusConfig
+    from .data.phase_objects import CORPUS_PRESETS, DEFAULT_LATTICE_SPACING_PX, CorpusConfig
     from .physics.geometry import Geometry
     from .training.loop import TrainConfig, train
 
@@ -62,7 +62,8 @@ def _cmd_train(args) -> None:
                          corpus=CorpusConfig(mix=dict(CORPUS_PRESETS[args.corpus]),
                                              phase_range=tuple(args.phase_range),
                                              phase_scale=args.phase_scale,
-                                             lattice_spacing=tuple(args.lattice_spacing)), seed=args.seed,
+                                             lattice_spacing=tuple(args.lattice_spacing or DEFAULT_LATTICE_SPACING_PX)),
+                         seed=args.seed,
                          val_size=args.val_size, device=args.device, half=args.half, loss=args.loss,
                          neighbourhood=args.neighbourhood, neighbourhood_step_px=args.neighbourhood_step,
                          sigma_head=args.sigma_head, sigma_weight=args.sigma_weight)
@@ -505,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phase-scale", choices=["uniform", "log-uniform"], default="uniform",
                    help="how each object's maximum phase is drawn from --phase-range: uniformly (default) or "
                         "log-uniformly (as many weak objects, e.g. one light-atom layer, as strong ones)")
-    p.add_argument("--lattice-spacing", type=float, nargs=2, default=(2.5, 8.0), metavar=("MIN", "MAX"),
+    p.add_argument("--lattice-spacing", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="range of the lattice objects' lattice constant in object pixels (default 2.5 8: 0.5–1.6 Å "
                         "at the reference 0.2 Å/px; 2.5 16 also covers hBN and MoS2)")
     p.add_argument("--neighbourhood", type=int, default=1, choices=[1, 3],

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from ..errors import ValueRangeError
 
 PHASE_SCALES = ("uniform", "log-uniform")
+# The lattice objects' lattice constant, object pixels (see CorpusConfig.lattice_spacing).
+DEFAULT_LATTICE_SPACING_PX = (2.5, 8.0)
 CORPUS_KINDS = ("natural", "smooth", "lattice", "amorphous", "edges")
 DEFAULT_MIX = {"natural": 0.3, "smooth": 0.15, "lattice": 0.25, "amorphous": 0.15, "edges": 0.15}
 # Named corpora for ``deepphase train --corpus`` (and the corpus study): the seed's natural images only,
@@ -62,7 +64,7 @@ class CorpusConfig:
     # Range of the ``lattice`` objects' lattice constant in object pixels (drawn uniformly). At the
     # reference sampling (0.2 Å/px) the default 2.5–8 px is 0.5–1.6 Å, denser than any crystal in
     # projection; 2.5–16 px also reaches hBN (12.5 px) and MoS2 (15.8 px). RESULTS.md section 26.
-    lattice_spacing: tuple[float, float] = (2.5, 8.0)
+    lattice_spacing: tuple[float, float] = DEFAULT_LATTICE_SPACING_PX
 
     def __post_init__(self):
         if self.phase_scale not in PHASE_SCALES:
@@ -157,7 +159,7 @@ def _gaussian_sum(coords: torch.Tensor, weights: torch.Tensor, sigma: torch.Tens
 
 
 def lattice(n: int, size: int, gen: torch.Generator, device=None, max_atoms: int = 400,
-            spacing_px: tuple[float, float] = (2.5, 8.0)) -> torch.Tensor:
+            spacing_px: tuple[float, float] = DEFAULT_LATTICE_SPACING_PX) -> torch.Tensor:
     """Atom-like blobs on random 2-D lattices with a random basis, vacancies and rotation.
 
     The lattice constant is drawn uniformly from ``spacing_px``; the atoms' width scales with it up to
