@@ -53,7 +53,7 @@ def run(spec: dict):
     fields = {k: v for k, v in spec.items() if k in loop.TrainConfig.__dataclass_fields__}
     corpus = fields.pop("corpus", None)
     if corpus is not None:
-        fields["corpus"] = CorpusConfig(mix=corpus["mix"], phase_range=tuple(corpus["phase_range"]))
+        fields["corpus"] = CorpusConfig.from_dict(corpus)
     config = loop.TrainConfig(**fields)
     return loop.train(reference_probe(), spec["out"], config, resume=spec.get("resume", False),
                       overwrite=spec.get("overwrite", False), progress=False,

@@ -62,7 +62,7 @@ def test_two_processes_lower_the_loss_and_only_rank_0_writes(probe, tmp_path):
             "val_size": 64, "device": "cpu", "seed": 1, "corpus": LATTICE, "calls": str(tmp_path / "calls"),
             "rank_data": "per-rank"}
     _run_spec(tmp_path, 2, spec)
-    corpus = CorpusConfig(mix=LATTICE["mix"], phase_range=tuple(LATTICE["phase_range"]))
+    corpus = CorpusConfig.from_dict(LATTICE)
     validation = TrainingStream(probe, Geometry(), corpus, 27882.0).fixed_set(1, 64)
     torch.manual_seed(1)  # the run's initial weights
     before = evaluate_loss(create_model("compact"), validation, torch.as_tensor(output_mask(probe, Geometry())))
