@@ -11,7 +11,7 @@ image is finite).
 
     python benchmarks/paired_seeds.py gate dw lpmix lpgatefeat
     python benchmarks/paired_seeds.py --seeds 0-5 gate dw --rows my-eval/results.json --per-case
-    python benchmarks/paired_seeds.py wide --against unetwide unet gate    # section 26
+    python benchmarks/paired_seeds.py wide --against unetwide unet gate    # sections 26-27
 
 Kinds: ``unet`` (``seed-unet-sS``; ``seed-unet`` is seed 0), ``gate`` (``compact-linear-gate-sS``, the
 package's compact network until section 26), ``gate1`` (``compact-pattern-gate-sS``), ``wide`` and
@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 
 FIGURES = Path(__file__).parent / "figures"
-# Where the seed U-Nets and the compact networks of training seeds 0-7 were scored (sections 20-26).
+# Where the seed U-Nets and the compact networks of training seeds 0-7 were scored (sections 20-27).
 STORED = ["evaluate-fast-seed-unet-vs-compact-2026-11-30.json", "evaluate-fast-compact-vs-seed-unet-3-seeds-2026-11-30.json",
           "evaluate-fast-compact-variants-2026-11-30.json", "evaluate-fast-compact-linear-path-2026-12-01.json",
           "evaluate-fast-compact-linear-gate-2026-12-01.json", "evaluate-fast-item2-harness-seeds-2026-12-01.json",
-          "evaluate-fast-compact-dw-lpmix-2026-12-01.json", "evaluate-fast-lattice-spacing-2026-12-06.json"]
+          "evaluate-fast-compact-dw-lpmix-2026-12-01.json", "evaluate-fast-lattice-spacing-2026-12-06.json",
+          "evaluate-fast-unet-wide-seeds-2026-12-06.json"]
 KINDS = {"seed-unet": "unet", "compact-linear-gate": "gate", "compact-pattern-gate": "gate1"}
 HARNESS_SEEDS = range(3)
 
