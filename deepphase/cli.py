@@ -62,7 +62,8 @@ def _cmd_train(args) -> None:
                          corpus=CorpusConfig(mix=dict(CORPUS_PRESETS[args.corpus]),
                                              phase_range=tuple(args.phase_range),
                                              phase_scale=args.phase_scale,
-                                             lattice_spacing=tuple(args.lattice_spacing or DEFAULT_LATTICE_SPACING_PX)),
+                                             lattice_spacing=tuple(args.lattice_spacing or DEFAULT_LATTICE_SPACING_PX),
+                                             lattice_spacing_scale=args.lattice_spacing_scale),
                          seed=args.seed,
                          val_size=args.val_size, device=args.device, half=args.half, loss=args.loss,
                          neighbourhood=args.neighbourhood, neighbourhood_step_px=args.neighbourhood_step,
@@ -509,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lattice-spacing", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="range of the lattice objects' lattice constant in object pixels (default 2.5 8: 0.5–1.6 Å "
                         "at the reference 0.2 Å/px; 2.5 16 also covers hBN and MoS2)")
+    p.add_argument("--lattice-spacing-scale", choices=["uniform", "log-uniform"], default="uniform",
+                   help="how each lattice constant is drawn from --lattice-spacing: uniformly (default) or "
+                        "log-uniformly (a wide range that keeps as many dense lattices as wide ones)")
     p.add_argument("--neighbourhood", type=int, default=1, choices=[1, 3],
                    help="patterns per position the network sees: 1 (default) or 3 for the 3×3 neighbourhood of "
                         "adjacent scan positions (9 input channels; reconstruction then needs a raster of about "

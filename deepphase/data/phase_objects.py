@@ -61,10 +61,13 @@ class CorpusConfig:
     mix: dict = field(default_factory=lambda: dict(DEFAULT_MIX))
     phase_range: tuple[float, float] = (0.1, 1.6)
     phase_scale: str = "uniform"  # how φ_max is drawn from phase_range: "uniform" or "log-uniform"
-    # Range of the ``lattice`` objects' lattice constant in object pixels (drawn uniformly). At the
-    # reference sampling (0.2 Å/px) the default 2.5–8 px is 0.5–1.6 Å, denser than any crystal in
-    # projection; 2.5–16 px also reaches hBN (12.5 px) and MoS2 (15.8 px). RESULTS.md section 26.
+    # Range of the ``lattice`` objects' lattice constant in object pixels. At the reference sampling
+    # (0.2 Å/px) the default 2.5–8 px is 0.5–1.6 Å, denser than any crystal in projection; 2.5–16 px
+    # also reaches hBN (12.5 px) and MoS2 (15.8 px). RESULTS.md section 26.
     lattice_spacing: tuple[float, float] = DEFAULT_LATTICE_SPACING_PX
+    # How the lattice constant is drawn from lattice_spacing: "uniform" or "log-uniform" (as many lattices
+    # below the range's geometric mean as above it: a wide range that keeps the dense lattices' share).
+    lattice_spacing_scale: str = "uniform"
 
     def __post_init__(self):
         if self.phase_scale not in PHASE_SCALES:
@@ -75,6 +78,9 @@ class CorpusConfig:
         lo, hi = self.lattice_spacing
         if not 1.0 <= lo <= hi:
             raise ValueRangeError(f"lattice_spacing: expected 1 ≤ MIN ≤ MAX object pixels, got {lo}, {hi}")
+        if self.lattice_spacing_scale not in PHASE_SCALES:
+            raise ValueRangeError(f"lattice_spacing_scale: expected one of {', '.join(PHASE_SCALES)}, "
+                                  f"got {self.lattice_spacing_scale!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CorpusConfig":
@@ -83,7 +89,8 @@ class CorpusConfig:
         return cls(mix=dict(d.get("mix", defaults.mix)),
                    phase_range=tuple(d.get("phase_range", defaults.phase_range)),
                    phase_scale=d.get("phase_scale", defaults.phase_scale),
-                   lattice_spacing=tuple(d.get("lattice_spacing", defaults.lattice_spacing)))
+                   lattice_spacing=tuple(d.get("lattice_spacing", defaults.lattice_spacing)),
+                   lattice_spacing_scale=d.get("lattice_spacing_scale", defaults.lattice_spacing_scale))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -117,6 +124,14 @@ def natural_image_bank(device=None) -> torch.Tensor:
 
 def _uniform(n, lo, hi, gen, device):
     return lo + (hi - lo) * torch.rand(n, generator=gen, device=device)
+
+
+def _draw(n, value_range, scale, gen, device):
+    """n values from ``value_range``: uniform, or ``scale == "log-uniform"`` with their logarithm uniform."""
+    lo, hi = value_range
+    if scale == "log-uniform":
+        return torch.exp(_uniform(n, math.log(lo), math.log(hi), gen, device))
+    return _uniform(n, lo, hi, gen, device)
 
 
 def natural(n: int, size: int, gen: torch.Generator, device=None) -> torch.Tensor:
@@ -159,13 +174,14 @@ def _gaussian_sum(coords: torch.Tensor, weights: torch.Tensor, sigma: torch.Tens
 
 
 def lattice(n: int, size: int, gen: torch.Generator, device=None, max_atoms: int = 400,
-            spacing_px: tuple[float, float] = DEFAULT_LATTICE_SPACING_PX) -> torch.Tensor:
+            spacing_px: tuple[float, float] = DEFAULT_LATTICE_SPACING_PX,
+            spacing_scale: str = "uniform") -> torch.Tensor:
     """Atom-like blobs on random 2-D lattices with a random basis, vacancies and rotation.
 
-    The lattice constant is drawn uniformly from ``spacing_px``; the atoms' width scales with it up to
-    2.4 px (0.5 Å at the reference sampling), which the default range never exceeds, so that wide
-    lattices hold atoms rather than smooth bumps."""
-    spacing = _uniform(n, spacing_px[0], spacing_px[1], gen, device)
+    The lattice constant is drawn from ``spacing_px``, uniformly or (``spacing_scale="log-uniform"``) with
+    its logarithm uniform; the atoms' width scales with it up to 2.4 px (0.5 Å at the reference sampling),
+    which the default range never exceeds, so that wide lattices hold atoms rather than smooth bumps."""
+    spacing = _draw(n, spacing_px, spacing_scale, gen, device)
     gamma = torch.where(
         torch.rand(n, generator=gen, device=device) < 0.5,
         torch.full((n,), math.pi / 3, device=device),
@@ -255,13 +271,10 @@ def random_phase_objects(
     for i, kind in enumerate(kinds):
         sel = [j for j, c in enumerate(choice) if c == i]
         if sel:
-            extra = {"spacing_px": tuple(corpus.lattice_spacing)} if kind == "lattice" else {}
+            extra = ({"spacing_px": tuple(corpus.lattice_spacing), "spacing_scale": corpus.lattice_spacing_scale}
+                     if kind == "lattice" else {})
             out[sel] = _GENERATORS[kind](len(sel), size, gen, device, **extra).to(out.dtype)
-    lo, hi = corpus.phase_range
-    if corpus.phase_scale == "log-uniform":
-        phi_max = torch.exp(_uniform(n, math.log(lo), math.log(hi), gen, device))
-    else:
-        phi_max = _uniform(n, lo, hi, gen, device)
+    phi_max = _draw(n, corpus.phase_range, corpus.phase_scale, gen, device)
     return out * phi_max[:, None, None]
 
 
