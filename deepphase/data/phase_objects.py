@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from ..errors import ValueRangeError
 
-PHASE_SCALES = ("uniform", "log-uniform")
+# How a value is drawn from its range (CorpusConfig.phase_scale, .lattice_spacing_scale).
+DRAW_SCALES = ("uniform", "log-uniform")
 # The lattice objects' lattice constant, object pixels (see CorpusConfig.lattice_spacing).
 DEFAULT_LATTICE_SPACING_PX = (2.5, 8.0)
 CORPUS_KINDS = ("natural", "smooth", "lattice", "amorphous", "edges")
@@ -70,16 +71,16 @@ class CorpusConfig:
     lattice_spacing_scale: str = "uniform"
 
     def __post_init__(self):
-        if self.phase_scale not in PHASE_SCALES:
-            raise ValueRangeError(f"phase_scale: expected one of {', '.join(PHASE_SCALES)}, got {self.phase_scale!r}")
+        if self.phase_scale not in DRAW_SCALES:
+            raise ValueRangeError(f"phase_scale: expected one of {', '.join(DRAW_SCALES)}, got {self.phase_scale!r}")
         lo, hi = self.phase_range
         if not 0 < lo <= hi:
             raise ValueRangeError(f"phase_range: expected 0 < MIN ≤ MAX radians, got {lo}, {hi}")
         lo, hi = self.lattice_spacing
         if not 1.0 <= lo <= hi:
             raise ValueRangeError(f"lattice_spacing: expected 1 ≤ MIN ≤ MAX object pixels, got {lo}, {hi}")
-        if self.lattice_spacing_scale not in PHASE_SCALES:
-            raise ValueRangeError(f"lattice_spacing_scale: expected one of {', '.join(PHASE_SCALES)}, "
+        if self.lattice_spacing_scale not in DRAW_SCALES:
+            raise ValueRangeError(f"lattice_spacing_scale: expected one of {', '.join(DRAW_SCALES)}, "
                                   f"got {self.lattice_spacing_scale!r}")
 
     @classmethod
