@@ -71,17 +71,15 @@ class CorpusConfig:
     lattice_spacing_scale: str = "uniform"
 
     def __post_init__(self):
-        if self.phase_scale not in DRAW_SCALES:
-            raise ValueRangeError(f"phase_scale: expected one of {', '.join(DRAW_SCALES)}, got {self.phase_scale!r}")
+        for name in ("phase_scale", "lattice_spacing_scale"):
+            if getattr(self, name) not in DRAW_SCALES:
+                raise ValueRangeError(f"{name}: expected one of {', '.join(DRAW_SCALES)}, got {getattr(self, name)!r}")
         lo, hi = self.phase_range
         if not 0 < lo <= hi:
             raise ValueRangeError(f"phase_range: expected 0 < MIN ≤ MAX radians, got {lo}, {hi}")
         lo, hi = self.lattice_spacing
         if not 1.0 <= lo <= hi:
             raise ValueRangeError(f"lattice_spacing: expected 1 ≤ MIN ≤ MAX object pixels, got {lo}, {hi}")
-        if self.lattice_spacing_scale not in DRAW_SCALES:
-            raise ValueRangeError(f"lattice_spacing_scale: expected one of {', '.join(DRAW_SCALES)}, "
-                                  f"got {self.lattice_spacing_scale!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "CorpusConfig":
