@@ -1,6 +1,9 @@
-"""Run-time choices shared by training and reconstruction (which device)."""
+"""Run-time choices shared by training and reconstruction (which device, where the cache is)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -20,3 +23,22 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeepPhaseError(f"device: {device!r} was asked for, but no CUDA GPU is available here")
     return dev
+
+
+CACHE_ENV = "DEEPPHASE_CACHE_DIR"
+
+
+def cache_dir() -> Path | None:
+    """Where deepphase keeps what it can remake but would rather not (ONNX exports of networks).
+
+    ``$DEEPPHASE_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/deepphase``, else ``~/.cache/deepphase``;
+    ``None`` (no cache: everything is remade each run) when ``DEEPPHASE_CACHE_DIR=off``. Deleting the
+    folder is always safe.
+    """
+    chosen = os.environ.get(CACHE_ENV, "").strip()
+    if chosen.lower() == "off":
+        return None
+    if chosen:
+        return Path(chosen).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(base).expanduser() if base else Path.home() / ".cache") / "deepphase"

@@ -13,6 +13,21 @@ torch.set_num_threads(min(2, os.cpu_count() or 1, int(os.environ.get("OMP_NUM_TH
 SHARED_PROBE = Path(__file__).resolve().parents[2] / "shared" / "seed" / "probe.npy"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """The package's cache (ONNX exports) in a folder of the test session's own, never the user's; the
+    CLI's subprocesses inherit it."""
+    from deepphase.runtime import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("deepphase-cache"))
+    yield Path(os.environ[CACHE_ENV])
+    if before is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 @pytest.fixture(scope="session")
 def probe():
     from deepphase.physics import reference_probe

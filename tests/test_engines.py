@@ -1,6 +1,8 @@
 """Inference engines compute what the eager network computes."""
 
 import importlib.util
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -152,6 +154,107 @@ def test_onnx_falls_back_to_the_torchscript_exporter_without_onnxscript(tiny, mo
     x = patterns(5)
     with torch.inference_mode():
         assert float((prepare_network(tiny, "onnx")(x) - tiny(x)).abs().max()) < 1e-4
+
+
+def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    from deepphase.runtime import cache_dir
+
+    monkeypatch.setenv("DEEPPHASE_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine"
+    monkeypatch.setenv("DEEPPHASE_CACHE_DIR", "off")
+    assert cache_dir() is None
+    monkeypatch.delenv("DEEPPHASE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "deepphase"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "deepphase"
+
+
+@pytest.fixture
+def export_cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("DEEPPHASE_CACHE_DIR", str(folder))
+    return folder / "onnx"
+
+
+def _exporter_that_must_not_run(*args, **kwargs):
+    raise AssertionError("exported again although the cache holds the export")
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed")
+def test_onnx_export_is_kept_and_reused_and_a_bad_one_is_never_used(tiny, export_cache, monkeypatch):
+    from deepphase.reconstruction import engines
+    from deepphase.reconstruction.engines import cached_onnx_export, resolve_engine
+
+    x = patterns(5)
+    shape = tuple(x.shape[1:])
+    assert cached_onnx_export(tiny, shape) is None
+    assert resolve_engine("auto", "cpu", 100, network=tiny, pattern_shape=shape) == "channels-last"
+    with torch.inference_mode():
+        expected = tiny(x)
+        assert float((prepare_network(tiny, "onnx")(x) - expected).abs().max()) < 1e-4
+    kept = cached_onnx_export(tiny, shape)
+    assert kept is not None and list(export_cache.iterdir()) == [kept]
+    # Kept: the next run reads it instead of exporting, and auto takes ONNX Runtime at any scan size.
+    assert resolve_engine("auto", "cpu", 100, network=tiny, pattern_shape=shape) == "onnx"
+    real_export = engines._export_onnx
+    monkeypatch.setattr(engines, "_export_onnx", _exporter_that_must_not_run)
+    with torch.inference_mode():
+        assert float((prepare_network(tiny, "onnx")(x) - expected).abs().max()) < 1e-4
+    # Only for this network and pattern size: other weights, or another size, have no export yet.
+    other = create_model("compact", n_px=16, out_px=16, sigma_head="detached", linear_path=True,
+                         linear_gate=True).eval()
+    assert cached_onnx_export(other, shape) is None and cached_onnx_export(tiny, (1, 24, 24)) is None
+    # A damaged file is exported again and replaced.
+    good = kept.read_bytes()
+    kept.write_bytes(b"not an ONNX model")
+    monkeypatch.setattr(engines, "_export_onnx", real_export)
+    with torch.inference_mode():
+        assert float((prepare_network(tiny, "onnx")(x) - expected).abs().max()) < 1e-4
+    assert kept.read_bytes() != b"not an ONNX model"
+    # A file that loads but computes another network's function (here: the other network's cache entry
+    # holding this one's export) is refused, and an export that does not match is an error, not a result.
+    stale = engines._export_path(engines.fold_batch_norm(other), shape)
+    stale.write_bytes(good)
+    monkeypatch.setattr(engines, "_export_onnx", lambda *a, **k: good)
+    with torch.inference_mode(), pytest.raises(DeepPhaseError, match=r"ONNX export differs from the network by"):
+        prepare_network(other, "onnx")(x)
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed")
+def test_onnx_without_a_cache_or_a_writable_one_still_runs(tiny, tmp_path, monkeypatch, caplog):
+    x = patterns(3)
+    monkeypatch.setenv("DEEPPHASE_CACHE_DIR", "off")
+    with torch.inference_mode():
+        expected = tiny(x)
+        assert float((prepare_network(tiny, "onnx")(x) - expected).abs().max()) < 1e-4
+    blocker = tmp_path / "a-file"
+    blocker.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("DEEPPHASE_CACHE_DIR", str(blocker))
+    with torch.inference_mode(), caplog.at_level("WARNING"):
+        assert float((prepare_network(tiny, "onnx")(x) - expected).abs().max()) < 1e-4
+    assert "could not keep the ONNX export" in caplog.text
+    assert blocker.read_text() == "a file where the cache folder would be"
+
+
+def test_export_key_is_the_same_in_every_process(tmp_path):
+    """What one run keeps, the next finds: the digest must not depend on the process (set order, the
+    working folder, hash randomisation)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from deepphase.models import create_model; "
+            "from deepphase.reconstruction.engines import _export_key, fold_batch_norm; torch.manual_seed(0); "
+            "net = create_model('compact', n_px=16, out_px=16, sigma_head='detached', linear_path=True, "
+            "linear_gate=True).eval(); print(_export_key(fold_batch_norm(net), (1, 16, 16)))")
+    keys = set()
+    for k, cwd in enumerate([tmp_path, Path(__file__).parent]):
+        env = {**os.environ, "PYTHONHASHSEED": str(k)}
+        done = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                              check=True)
+        keys.add(done.stdout.strip())
+    assert len(keys) == 1 and len(keys.pop()) == 64
 
 
 def test_reconstruct_with_channels_last_equals_eager():

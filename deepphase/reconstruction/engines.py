@@ -17,8 +17,11 @@ difference). Which one is fastest depends on the machine: see benchmarks/RESULTS
   the smallest captured batch that holds it; the autocast setting of the call is part of what is
   captured (another setting captures another graph).
 * ``"onnx"``: the network exported with ``torch.onnx.export`` (batch axis dynamic) at the first call
-  (a few seconds) and run by ONNX Runtime's CPU execution provider with as many threads as PyTorch
-  uses. CPU only; needs ``pip install deepphase[onnx]``.
+  and run by ONNX Runtime's CPU execution provider with as many threads as PyTorch uses. CPU only; needs
+  ``pip install deepphase[onnx]``. An export takes ~5 s, so it is kept in the cache folder
+  (:func:`deepphase.runtime.cache_dir`) under a digest of the network's weights, its code and the torch
+  version, and the next run on the same network starts in a fraction of a second. Whether fresh or
+  cached, the export is checked against the network on a few fixed patterns before it is used.
 
 Only ``"eager"`` and ``"channels-last"`` keep dropout layers that are in training mode (Monte Carlo
 dropout); ``"compile"``, ``"cuda-graphs"`` and ``"onnx"`` refuse such a network.
@@ -34,35 +37,50 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import inspect
 import io
 import logging
 import warnings
+from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..errors import DeepPhaseError
+from ..io_utils import atomic_path
+from ..runtime import cache_dir
+
+log = logging.getLogger(__name__)
 
 ENGINES = ("eager", "channels-last", "compile", "cuda-graphs", "onnx")
 # ONNX Runtime's export (~4 s with its imports) pays for itself at about 65,536 patterns: end to end on a
 # 256×256 scan (2 cores, quiet) it predicted at 6,300 patterns/s where channels-last did 4,500, and the
-# whole command took 16.4 s against 16.8 s (RESULTS §4). Auto picks it from twice that.
+# whole command took 16.4 s against 16.8 s (RESULTS §4). Auto picks it from twice that when the export
+# has to be made, and at any size when it is in the cache (RESULTS §29).
 ONNX_AUTO_MIN_PATTERNS = 131_072
 
 
-def resolve_engine(engine: str, device, n_patterns: int, precision: str = "auto") -> str:
-    """The engine ``"auto"`` stands for: on a CPU, ONNX Runtime for scans of ≥ 131,072 patterns when it is
-    installed and the arithmetic is float32, else channels-last; on a GPU, eager (the others are unmeasured
-    there). Any other name is returned as it is."""
+def resolve_engine(engine: str, device, n_patterns: int, precision: str = "auto", network=None,
+                   pattern_shape: tuple | None = None) -> str:
+    """The engine ``"auto"`` stands for.
+
+    On a CPU, with ONNX Runtime installed and float32 arithmetic: ``"onnx"`` when ``network``'s export for
+    ``pattern_shape`` (C, n, n) is in the cache or the scan has ≥ 131,072 patterns; else
+    ``"channels-last"``. On a GPU, ``"eager"`` (the others are unmeasured there). Any other name is
+    returned as it is.
+    """
     if engine != "auto":
         return engine
     if torch.device(device).type != "cpu":
         return "eager"
     import importlib.util
 
-    if (n_patterns >= ONNX_AUTO_MIN_PATTERNS and precision in ("auto", "float32")
-            and importlib.util.find_spec("onnxruntime") is not None):
+    if precision not in ("auto", "float32") or importlib.util.find_spec("onnxruntime") is None:
+        return "channels-last"
+    if n_patterns >= ONNX_AUTO_MIN_PATTERNS:
+        return "onnx"
+    if network is not None and pattern_shape is not None and cached_onnx_export(network, pattern_shape) is not None:
         return "onnx"
     return "channels-last"
 
@@ -237,6 +255,107 @@ def _export_onnx(network: torch.nn.Module, example: torch.Tensor) -> bytes:
             return buffer.getvalue()
 
 
+def _export_key(network: torch.nn.Module, pattern_shape: tuple) -> str:
+    """A digest of everything an export of ``network`` for (C, n, n) patterns depends on.
+
+    The weights and buffers, the module tree, the source of the classes it is made of (and of the
+    package's network code, which their forward passes call), the pattern shape and the torch version.
+    """
+    import deepphase
+
+    digest = hashlib.sha256(repr((torch.__version__, deepphase.__version__, tuple(int(k) for k in pattern_shape),
+                                  repr(network))).encode())
+    sources = set(Path(deepphase.__file__).parent.joinpath("models").glob("*.py"))
+    classes = {f"{cls.__module__}.{cls.__qualname__}": cls for cls in map(type, network.modules())
+               if cls.__module__.split(".")[0] != "torch"}
+    for name in sorted(classes):  # sorted: a set's order changes from one process to the next
+        with contextlib.suppress(TypeError, OSError):
+            sources.add(Path(inspect.getsourcefile(classes[name])))
+        digest.update(name.encode())
+    for source in sorted(sources):
+        with contextlib.suppress(OSError):
+            digest.update(source.read_bytes())
+    for name, tensor in network.state_dict().items():
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _export_path(network: torch.nn.Module, pattern_shape: tuple) -> Path | None:
+    folder = cache_dir()
+    return None if folder is None else folder / "onnx" / f"{_export_key(network, pattern_shape)}.onnx"
+
+
+def cached_onnx_export(network: torch.nn.Module, pattern_shape: tuple, fold: bool = True) -> Path | None:
+    """The cached ONNX export of ``network`` (batch norms folded, as :func:`prepare_network` does unless
+    ``fold=False``) for (C, n, n) patterns, or None when there is none (or no cache)."""
+    network = getattr(network, "network", network)
+    network = fold_batch_norm(network) if fold else copy.deepcopy(network)
+    path = _export_path(network.cpu().eval(), pattern_shape)
+    return path if path is not None and path.is_file() else None
+
+
+def _fixed_patterns(pattern_shape: tuple, count: int = 4) -> torch.Tensor:
+    """``count`` amplitudes of 20 expected counts per pixel, the same every time."""
+    g = torch.Generator().manual_seed(0)
+    return torch.poisson(torch.full((count, *pattern_shape), 20.0), generator=g).sqrt()
+
+
+def _agreement(session, network: torch.nn.Module, pattern_shape: tuple) -> float:
+    """Largest difference between the session's and the network's outputs on four fixed patterns."""
+    x = _fixed_patterns(pattern_shape)
+    with torch.inference_mode():
+        expected = network(x)
+    got = torch.from_numpy(session.run(["y"], {"x": x.numpy()})[0])
+    if got.shape != expected.shape:
+        return float("inf")
+    return float((got - expected).abs().max())
+
+
+# Export and network compute the same float32 function up to rounding (~1e-6 rad on the packaged models).
+ONNX_TOLERANCE = 1e-3
+
+
+def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int | None):
+    """An ONNX Runtime session for ``net``: from the cache when it holds a matching export, else exported."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(threads or torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+    def session_for(model_bytes: bytes):
+        return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+    path = _export_path(net, pattern_shape)
+    if path is not None and path.is_file():
+        try:  # a damaged or stale file is made again, never used
+            session = session_for(path.read_bytes())
+            if _agreement(session, net, pattern_shape) <= ONNX_TOLERANCE:
+                return session
+        except Exception as exc:  # noqa: BLE001 — any failure to load means "export again"
+            log.info("cached ONNX export %s unusable (%s); exporting again", path, exc)
+    try:
+        model_bytes = _export_onnx(net, _fixed_patterns(pattern_shape, 1))
+    except Exception as exc:
+        line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DeepPhaseError(
+            f"engine: exporting the network to ONNX failed ({type(exc).__name__}: {line[:300]}); "
+            "use the 'eager' engine"
+        ) from exc
+    session = session_for(model_bytes)
+    difference = _agreement(session, net, pattern_shape)
+    if not difference <= ONNX_TOLERANCE:
+        raise DeepPhaseError(f"engine: the ONNX export differs from the network by {difference:.3g} rad "
+                             f"(at most {ONNX_TOLERANCE:g} expected); use the 'eager' engine")
+    if path is not None:
+        try:
+            with atomic_path(path, ".onnx") as tmp:
+                tmp.write_bytes(model_bytes)
+        except OSError as exc:  # a read-only home still reconstructs, only more slowly next time
+            log.warning("could not keep the ONNX export in %s (%s)", path.parent, exc)
+    return session
+
+
 def _onnx(network: torch.nn.Module, threads: int | None) -> Network:
     try:
         import onnxruntime as ort
@@ -251,20 +370,8 @@ def _onnx(network: torch.nn.Module, threads: int | None) -> Network:
     def run(x: torch.Tensor) -> torch.Tensor:
         nonlocal session
         inputs = x.detach().to(dtype=torch.float32).contiguous()
-        if session is None:  # exported at the first call, for the patterns' own size
-            try:
-                model_bytes = _export_onnx(net, inputs)
-            except Exception as exc:
-                line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise DeepPhaseError(
-                    f"engine: exporting the network to ONNX failed ({type(exc).__name__}: {line[:300]}); "
-                    "use the 'eager' engine"
-                ) from exc
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = int(threads or torch.get_num_threads())
-            options.inter_op_num_threads = 1
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        if session is None:  # made at the first call, for the patterns' own shape
+            session = _onnx_session(ort, net, tuple(inputs.shape[1:]), threads)
         return torch.from_numpy(session.run(["y"], {"x": inputs.numpy()})[0])
 
     return run

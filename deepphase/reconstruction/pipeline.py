@@ -347,7 +347,8 @@ def reconstruct(
     dev = resolve_device(device)
     from .engines import prepare_network, resolve_engine
 
-    requested, engine = engine, resolve_engine(engine, dev, n, precision)
+    requested, engine = engine, resolve_engine(engine, dev, n, precision, network=model.network.eval(),
+                                               pattern_shape=(model.in_channels, *shape[1:]))
     t_engine = time.perf_counter()
     runners = {}
     for m in [model, *members]:
