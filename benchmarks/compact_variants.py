@@ -385,5 +385,47 @@ def compact_linear_mixture(n_px=32, out_px=32, in_channels=1, sigma_head=False):
     return CompactLinearMixture(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
 
 
+class _InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1×1 expansion-BN-ReLU, 3×3 depthwise-BN-ReLU, 1×1 projection-BN (linear), identity
+    shortcut, no activation after the sum."""
+
+    def __init__(self, c: int, expansion: int, dropout: float = 0.0):
+        super().__init__()
+        hidden = c * expansion
+        self.body = nn.Sequential(nn.Conv2d(c, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+                                  nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+                                  nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+                                  nn.Dropout2d(dropout) if dropout else nn.Identity(),
+                                  nn.Conv2d(hidden, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.body(x)
+
+
+def _inverted_stack(c: int, blocks: int, expansion: int, dropout: float) -> nn.Sequential:
+    """``blocks`` inverted residual blocks, dropout in the first only (one per stack, as one per residual block)."""
+    return nn.Sequential(*[_InvertedResidual(c, expansion, dropout if k == 0 else 0.0) for k in range(blocks)])
+
+
+class CompactInverted(CompactPhaseNet):
+    """The package's network (gated linear path) with each residual block (two dense 3×3 convolutions) replaced
+    by ``blocks`` inverted residual blocks of expansion ``expansion``, at about the same operations: four of
+    expansion 2 cost 9.0 MFLOP at 8×8 × 64 where the residual block costs 9.4, and see a 9×9 field (the
+    whole 8×8 map) instead of 5×5."""
+
+    def __init__(self, n_px=32, out_px=32, in_channels=1, sigma_head=False, blocks=4, expansion=2, dropout=0.1):
+        super().__init__(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True,
+                         linear_gate=True, dropout=dropout)
+        w2, w3 = self.decode.body[0][0].in_channels, self.mixer.norm1.normalized_shape[0]
+        self.down2[1] = _inverted_stack(w2, blocks, expansion, dropout)
+        self.down3[1] = _inverted_stack(w3, blocks, expansion, dropout)
+        self.decode = _inverted_stack(w2, blocks, expansion, dropout)
+
+
+@register_model("x-compact-ir")
+def compact_inverted(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    return CompactInverted(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -616,13 +616,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "--sigma-head (no extra prediction); see benchmarks/RESULTS.md for how well each is calibrated")
     p.add_argument("--engine", choices=["auto", "eager", "channels-last", "compile", "cuda-graphs", "onnx"],
                    default="auto",
-                   help="how the network runs: auto (default: on a CPU channels-last, or onnx when onnxruntime is "
-                        "installed and the model's ONNX export is in the cache or the scan has ≥ 131,072 patterns; "
-                        "eager on a GPU), eager, channels-last (~1.3× eager on a CPU), compile (torch.compile: "
-                        "~1.5×, after a 30-60 s compilation), cuda-graphs (CUDA only: the network replayed as one "
-                        "CUDA graph per batch size; unmeasured), onnx (ONNX Runtime, CPU: ~2.1×; the first run on a "
-                        "model exports it, ~6 s, and keeps the export in ~/.cache/deepphase or $DEEPPHASE_CACHE_DIR "
-                        "for the next; pip install deepphase[onnx])")
+                   help="how the network runs: auto (default: on a CPU onnx when onnxruntime is installed and the "
+                        "model has an ONNX export (its folder's model.onnx, or one kept from an earlier onnx run) or "
+                        "the scan has ≥ 131,072 patterns, else channels-last; eager on a GPU), "
+                        "eager, channels-last (~1.3× eager on a CPU), compile (torch.compile: ~1.5×, after a 30-60 s "
+                        "compilation), cuda-graphs (CUDA only: the network replayed as one CUDA graph per batch size; "
+                        "unmeasured), onnx (ONNX Runtime, CPU: ~2.1×; a model without an export is exported at the "
+                        "first run, ~6 s, and the export kept in ~/.cache/deepphase or $DEEPPHASE_CACHE_DIR; "
+                        "pip install deepphase[onnx])")
     p.add_argument("--ensemble", nargs="+", metavar="FOLDER",
                    help="further models for the same probe: the image is the mean of all, and uncertainty.npy their "
                         "per-pixel spread (instead of --uncertainty)")

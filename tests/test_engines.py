@@ -238,6 +238,41 @@ def test_onnx_without_a_cache_or_a_writable_one_still_runs(tiny, tmp_path, monke
     assert blocker.read_text() == "a file where the cache folder would be"
 
 
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed")
+def test_a_model_folders_own_export_is_used_and_one_of_other_weights_passed_over(tiny, tmp_path, export_cache,
+                                                                                  monkeypatch):
+    from deepphase.models.modelfile import PhaseModel, load_model, save_model
+    from deepphase.reconstruction import engines
+    from deepphase.reconstruction.engines import export_onnx, resolve_engine
+
+    packaged = load_model()
+    folder = save_model(packaged, tmp_path / "mine")
+    export_onnx(packaged, folder / "model.onnx")
+    model = load_model(folder)
+    assert resolve_engine("auto", "cpu", 100, network=model, pattern_shape=(1, 32, 32)) == "onnx"
+    real_export = engines._export_onnx
+    monkeypatch.setattr(engines, "_export_onnx", _exporter_that_must_not_run)
+    x = patterns(4, n=32)
+    with torch.inference_mode():
+        assert float((prepare_network(model, "onnx")(x) - model.network(x)).abs().max()) < 1e-4
+    assert not export_cache.exists()  # the folder's export served: nothing to keep
+    # The same export beside other weights (retrained, same architecture) is stale: passed over, exported afresh.
+    with torch.no_grad():
+        packaged.network.stem[0].weight.mul_(-1)
+    other = save_model(PhaseModel(packaged.network, packaged.arch, packaged.arch_config, packaged.probe,
+                                  packaged.geometry, packaged.info), tmp_path / "retrained")
+    (other / "model.onnx").write_bytes((folder / "model.onnx").read_bytes())
+    model = load_model(other)
+    exports = []
+    monkeypatch.setattr(engines, "_export_onnx", lambda *a, **k: exports.append(1) or real_export(*a, **k))
+    with torch.inference_mode():
+        assert float((prepare_network(model, "onnx")(x) - model.network(x)).abs().max()) < 1e-4
+    assert exports == [1] and len(list(export_cache.iterdir())) == 1
+    with pytest.raises(DeepPhaseError, match=r"pattern_shape"):
+        export_onnx(tiny, tmp_path / "bare.onnx")
+    assert not (tmp_path / "bare.onnx").exists()
+
+
 def test_export_key_is_the_same_in_every_process(tmp_path):
     """What one run keeps, the next finds: the digest must not depend on the process (set order, the
     working folder, hash randomisation)."""

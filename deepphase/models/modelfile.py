@@ -2,6 +2,9 @@
 
 Loading never unpickles: weights come from safetensors, the probe from ``np.load(allow_pickle=False)``
 and everything else from JSON. ``model.json`` is written last, so a folder without it is incomplete.
+A folder may also hold ``model.onnx``, the network exported for ONNX Runtime
+(:func:`deepphase.reconstruction.engines.export_onnx`): a graph, not code, which the ``onnx`` engine
+uses only after checking it against the weights.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class PhaseModel:
     probe: np.ndarray
     geometry: Geometry
     info: dict = field(default_factory=dict)  # training dose, corpus, command, history, sampling ...
+    folder: Path | None = None  # where it was loaded from (its optional model.onnx is found there)
 
     @property
     def name(self) -> str:
@@ -161,7 +165,8 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
     probe = np.load(folder / meta.get("probe_file", "probe.npy"), allow_pickle=False)
     info = {k: v for k, v in meta.items() if k not in ("format", "arch", "arch_config", "geometry", "probe_file")}
     network.to(device).eval()
-    return PhaseModel(network, meta["arch"], meta.get("arch_config", {}), probe, Geometry(**meta["geometry"]), info)
+    return PhaseModel(network, meta["arch"], meta.get("arch_config", {}), probe, Geometry(**meta["geometry"]), info,
+                      folder=folder)
 
 
 def _check_neighbourhood(meta: dict, meta_path: Path) -> None:

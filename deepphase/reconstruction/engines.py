@@ -20,8 +20,9 @@ difference). Which one is fastest depends on the machine: see benchmarks/RESULTS
   and run by ONNX Runtime's CPU execution provider with as many threads as PyTorch uses. CPU only; needs
   ``pip install deepphase[onnx]``. An export takes ~5 s, so it is kept in the cache folder
   (:func:`deepphase.runtime.cache_dir`) under a digest of the network's weights, its code and the torch
-  version, and the next run on the same network starts in a fraction of a second. Whether fresh or
-  cached, the export is checked against the network on a few fixed patterns before it is used.
+  version, and the next run on the same network starts in a fraction of a second. A model folder's own
+  ``model.onnx`` (:func:`export_onnx` writes it) is tried first. Whether from the folder, the cache or
+  fresh, an export is checked against the network on a few fixed patterns before it is used.
 
 Only ``"eager"`` and ``"channels-last"`` keep dropout layers that are in training mode (Monte Carlo
 dropout); ``"compile"``, ``"cuda-graphs"`` and ``"onnx"`` refuse such a network.
@@ -65,10 +66,10 @@ def resolve_engine(engine: str, device, n_patterns: int, precision: str = "auto"
                    pattern_shape: tuple | None = None) -> str:
     """The engine ``"auto"`` stands for.
 
-    On a CPU, with ONNX Runtime installed and float32 arithmetic: ``"onnx"`` when ``network``'s export for
-    ``pattern_shape`` (C, n, n) is in the cache or the scan has ≥ 131,072 patterns; else
-    ``"channels-last"``. On a GPU, ``"eager"`` (the others are unmeasured there). Any other name is
-    returned as it is.
+    On a CPU, with ONNX Runtime installed and float32 arithmetic: ``"onnx"`` when ``network`` (a
+    PhaseModel or a module) has an export for ``pattern_shape`` (C, n, n), in its folder or in the cache,
+    or the scan has ≥ 131,072 patterns; else ``"channels-last"``. On a GPU, ``"eager"`` (the others are
+    unmeasured there). Any other name is returned as it is.
     """
     if engine != "auto":
         return engine
@@ -80,7 +81,8 @@ def resolve_engine(engine: str, device, n_patterns: int, precision: str = "auto"
         return "channels-last"
     if n_patterns >= ONNX_AUTO_MIN_PATTERNS:
         return "onnx"
-    if network is not None and pattern_shape is not None and cached_onnx_export(network, pattern_shape) is not None:
+    if network is not None and (_folder_exports(network) or (
+            pattern_shape is not None and cached_onnx_export(network, pattern_shape) is not None)):
         return "onnx"
     return "channels-last"
 
@@ -295,6 +297,12 @@ def cached_onnx_export(network: torch.nn.Module, pattern_shape: tuple, fold: boo
     return path if path is not None and path.is_file() else None
 
 
+def _folder_exports(model) -> list[Path]:
+    """The ``model.onnx`` of a PhaseModel's folder, if it has one."""
+    folder = getattr(model, "folder", None)
+    return [Path(folder) / "model.onnx"] if folder is not None and (Path(folder) / "model.onnx").is_file() else []
+
+
 def _fixed_patterns(pattern_shape: tuple, count: int = 4) -> torch.Tensor:
     """``count`` amplitudes of 20 expected counts per pixel, the same every time."""
     g = torch.Generator().manual_seed(0)
@@ -316,8 +324,9 @@ def _agreement(session, network: torch.nn.Module, pattern_shape: tuple) -> float
 ONNX_TOLERANCE = 1e-3
 
 
-def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int | None):
-    """An ONNX Runtime session for ``net``: from the cache when it holds a matching export, else exported."""
+def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int | None, folder_exports=()):
+    """An ONNX Runtime session for ``net``: from the first of ``folder_exports`` (files) and the cache that holds a
+    matching export, else exported (and kept in the cache)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
@@ -327,13 +336,16 @@ def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int 
         return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
 
     path = _export_path(net, pattern_shape)
-    if path is not None and path.is_file():
-        try:  # a damaged or stale file is made again, never used
-            session = session_for(path.read_bytes())
+    for candidate in [*folder_exports, path]:
+        if candidate is None or not candidate.is_file():
+            continue
+        try:  # a damaged or stale file is passed over (and the cache's made again), never used
+            session = session_for(candidate.read_bytes())
             if _agreement(session, net, pattern_shape) <= ONNX_TOLERANCE:
                 return session
-        except Exception as exc:  # noqa: BLE001 — any failure to load means "export again"
-            log.info("cached ONNX export %s unusable (%s); exporting again", path, exc)
+            log.info("ONNX export %s does not compute this network; passed over", candidate)
+        except Exception as exc:  # noqa: BLE001 — any failure to load means "try the next, or export"
+            log.info("ONNX export %s unusable (%s); passed over", candidate, exc)
     try:
         model_bytes = _export_onnx(net, _fixed_patterns(pattern_shape, 1))
     except Exception as exc:
@@ -356,7 +368,39 @@ def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int 
     return session
 
 
-def _onnx(network: torch.nn.Module, threads: int | None) -> Network:
+def export_onnx(model, path, pattern_shape: tuple | None = None) -> Path:
+    """Write ``model``'s network as an ONNX file (batch axis dynamic, batch norms folded), atomically.
+
+    Parameters
+    ----------
+    model : PhaseModel or torch.nn.Module
+        A PhaseModel gives its own pattern shape; a module needs ``pattern_shape``.
+    path : str or Path
+        The file; ``model.onnx`` in a model folder is what the ``onnx`` engine looks for there. An existing
+        file is replaced only by the new one, whole.
+    pattern_shape : tuple, optional
+        (C, n, n) of the network's input.
+
+    Returns
+    -------
+    Path
+        ``path``. Input ``"x"``: (B, C, n, n) float32 diffraction amplitudes; output ``"y"``: (B, K, out, out)
+        (K = 2 with a σ head: phase, then the log error scale), as ``model.network`` computes them.
+    """
+    network = getattr(model, "network", model)
+    if pattern_shape is None:
+        geometry = getattr(model, "geometry", None)
+        if geometry is None:
+            raise DeepPhaseError("export_onnx: a bare network needs pattern_shape=(C, n, n)")
+        pattern_shape = (model.in_channels, geometry.n_px, geometry.n_px)
+    net = fold_batch_norm(copy.deepcopy(network).cpu().eval())
+    model_bytes = _export_onnx(net, _fixed_patterns(tuple(pattern_shape), 1))
+    with atomic_path(path, ".onnx") as tmp:
+        tmp.write_bytes(model_bytes)
+    return Path(path)
+
+
+def _onnx(network: torch.nn.Module, threads: int | None, folder_exports=()) -> Network:
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -371,7 +415,7 @@ def _onnx(network: torch.nn.Module, threads: int | None) -> Network:
         nonlocal session
         inputs = x.detach().to(dtype=torch.float32).contiguous()
         if session is None:  # made at the first call, for the patterns' own shape
-            session = _onnx_session(ort, net, tuple(inputs.shape[1:]), threads)
+            session = _onnx_session(ort, net, tuple(inputs.shape[1:]), threads, folder_exports)
         return torch.from_numpy(session.run(["y"], {"x": inputs.numpy()})[0])
 
     return run
@@ -416,6 +460,7 @@ def prepare_network(model, engine: str = "eager", device: str | torch.device = "
     network = getattr(model, "network", model)
     if not isinstance(network, torch.nn.Module):
         raise DeepPhaseError(f"engine: expected a PhaseModel or a torch.nn.Module, got {type(model).__name__}")
+    folder_exports = _folder_exports(model)
     device = torch.device(device)
     network = network.to(device)
     if engine == "cuda-graphs" and device.type != "cuda":
@@ -436,4 +481,4 @@ def prepare_network(model, engine: str = "eager", device: str | torch.device = "
         return _cuda_graphs(network, device)
     if device.type != "cpu":
         raise DeepPhaseError(f"engine: 'onnx' runs on the CPU only, but device {str(device)!r} was asked for")
-    return _onnx(network, threads)
+    return _onnx(network, threads, folder_exports)

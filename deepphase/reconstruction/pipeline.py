@@ -347,7 +347,8 @@ def reconstruct(
     dev = resolve_device(device)
     from .engines import prepare_network, resolve_engine
 
-    requested, engine = engine, resolve_engine(engine, dev, n, precision, network=model.network.eval(),
+    model.network.eval()
+    requested, engine = engine, resolve_engine(engine, dev, n, precision, network=model,
                                                pattern_shape=(model.in_channels, *shape[1:]))
     t_engine = time.perf_counter()
     runners = {}
@@ -356,14 +357,15 @@ def reconstruct(
             raise ValueRangeError(f"ensemble: model {m.name!r} takes {m.in_channels} input channels, "
                                   f"{model.name!r} {model.in_channels}; an ensemble needs the same input")
         if engine != "eager":
-            runners[id(m)] = prepare_network(m.network.eval(), engine, dev)  # once: compiling/exporting is slow
+            m.network.eval()
+            runners[id(m)] = prepare_network(m, engine, dev)  # once: compiling/exporting is slow
             if requested == "auto" and engine == "onnx":
                 try:  # export now, on one pattern: if this model does not export, fall back quietly
                     with torch.inference_mode():
                         runners[id(m)](torch.zeros((1, m.in_channels, *shape[1:]), device=dev))
                 except Exception:  # noqa: BLE001 — any exporter failure means "use the next best engine"
                     engine = "channels-last"
-                    runners = {id(k): prepare_network(k.network.eval(), engine, dev) for k in [model, *members]}
+                    runners = {id(k): prepare_network(k, engine, dev) for k in [model, *members]}
                     break
     t_engine = time.perf_counter() - t_engine
     mask = output_mask(model.probe, model.geometry)
