@@ -1,4 +1,4 @@
-"""Experimental variants of the compact network (issue 4 item 2; RESULTS.md sections 21–25). Not shipped.
+"""Experimental variants of the compact network (issue 4 item 2; RESULTS.md sections 21–25, 30). Not shipped.
 
 Registers these architectures beside the package's, then runs the ``deepphase`` CLI with the arguments
 given, so that they train and evaluate exactly as the shipped ones do::
@@ -49,6 +49,12 @@ Model folders of these architectures load only where this module has been import
 * ``x-compact-drop2``: dropout 0.2 (the U-Net's) instead of 0.1; ``x-compact-lpgate-drop2`` the same for the
   package's network (gated linear path): does the U-Net's stronger regularisation explain its lead on
   monolayer hBN at 300 e/pattern? No: +0.012 at 30, −0.006 at 300 (RESULTS §25).
+* ``x-compact-ir``: the package's network with each residual block (two dense 3×3 convolutions; at 8×8 in the
+  encoder and the decoder, at 4×4 before the mixer) replaced by four MobileNetV2 inverted residual blocks of
+  expansion 2 (1×1 expansion, 3×3 depthwise, linear 1×1 projection): about the same operations (32.1 MFLOP,
+  17.7× fewer than the seed U-Net), twice the depth, a 9×9 field at 8×8. RESULTS §30: +0.006 at 300, −0.004
+  to −0.006 at 3,000 and 27,882, half the speed in PyTorch on a CPU. Not kept.
+* ``x-compact-irdec``: only the decoder's residual block so replaced (32.9 MFLOP, 17.2×). RESULTS §30.
 * ``x-compact-rep``: every 3×3 conv-BN trained as RepVGG-style branches (3×3 conv-BN + 1×1 conv-BN +
   identity BN where shapes allow), collapsed for inference into the plain ``compact`` architecture (same
   operations per pattern as the default). Since section 21 it is in the package as ``--arch compact-rep``,
@@ -425,6 +431,23 @@ class CompactInverted(CompactPhaseNet):
 @register_model("x-compact-ir")
 def compact_inverted(n_px=32, out_px=32, in_channels=1, sigma_head=False):
     return CompactInverted(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+
+
+class CompactInvertedDecoder(CompactPhaseNet):
+    """The package's network (gated linear path) with only the decoder's residual block replaced by four
+    inverted residual blocks of expansion 2 (9.0 MFLOP for 9.4): the encoder's dense blocks, which ``x-compact-ir``
+    lost at high dose, stay; the decoder sees the whole 8×8 map (9×9 field), where ``x-compact-ir`` gained at
+    300 e/pattern on hBN."""
+
+    def __init__(self, n_px=32, out_px=32, in_channels=1, sigma_head=False, dropout=0.1):
+        super().__init__(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True,
+                         linear_gate=True, dropout=dropout)
+        self.decode = _inverted_stack(self.decode.body[0][0].in_channels, 4, 2, dropout)
+
+
+@register_model("x-compact-irdec")
+def compact_inverted_decoder(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    return CompactInvertedDecoder(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
 
 
 if __name__ == "__main__":
