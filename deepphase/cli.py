@@ -686,7 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forward", nargs="+", choices=["phase-object", "multislice"],
                    help="forward models of the simulated data (default: the preset's; multislice needs the sim "
                         "extra and applies to material specimens)")
-    p.add_argument("--cache-dir", type=Path, help="folder for simulated multislice data (default ~/.cache/deepphase)")
+    p.add_argument("--cache-dir", type=Path, help="folder for simulated multislice data (default: multislice/ in ~/.cache/deepphase, or in "
+                        "$DEEPPHASE_CACHE_DIR; 'off' there keeps nothing)")
     p.add_argument("--model", action="append", metavar="NAME=FOLDER",
                    help="also evaluate the model in FOLDER under NAME (repeatable), e.g. mine=my-model/")
     p.add_argument("--ensemble", action="append", metavar="NAME=FOLDER,FOLDER,...",

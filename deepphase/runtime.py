@@ -29,7 +29,8 @@ CACHE_ENV = "DEEPPHASE_CACHE_DIR"
 
 
 def cache_dir() -> Path | None:
-    """Where deepphase keeps what it can remake but would rather not (ONNX exports of networks).
+    """Where deepphase keeps what it can remake but would rather not (ONNX exports of networks in ``onnx/``,
+    the evaluation's multislice simulations in ``multislice/``).
 
     ``$DEEPPHASE_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/deepphase``, else ``~/.cache/deepphase``;
     ``None`` (no cache: everything is remade each run) when ``DEEPPHASE_CACHE_DIR=off``. Deleting the

@@ -157,18 +157,34 @@ def test_onnx_falls_back_to_the_torchscript_exporter_without_onnxscript(tiny, mo
 
 
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
+    from deepphase.evaluation.harness import default_cache_dir
     from deepphase.runtime import cache_dir
 
     monkeypatch.setenv("DEEPPHASE_CACHE_DIR", str(tmp_path / "mine"))
     assert cache_dir() == tmp_path / "mine"
+    assert default_cache_dir() == tmp_path / "mine" / "multislice"  # the evaluation's simulations: same folder
     monkeypatch.setenv("DEEPPHASE_CACHE_DIR", "off")
-    assert cache_dir() is None
+    assert cache_dir() is None and default_cache_dir() is None
     monkeypatch.delenv("DEEPPHASE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert cache_dir() == tmp_path / "xdg" / "deepphase"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_dir() == tmp_path / "home" / ".cache" / "deepphase"
+
+
+def test_the_export_cache_keeps_the_most_recently_used(tmp_path):
+    import time
+
+    from deepphase.reconstruction.engines import _keep_recent_exports
+
+    now = time.time()
+    for k in range(5):
+        (tmp_path / f"{k}.onnx").write_bytes(b"x")
+        os.utime(tmp_path / f"{k}.onnx", (now - 100 * k, now - 100 * k))  # 0 is the newest
+    (tmp_path / "notes.txt").write_text("not an export")
+    _keep_recent_exports(tmp_path, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0.onnx", "1.onnx", "2.onnx", "notes.txt"]
 
 
 @pytest.fixture

@@ -553,12 +553,14 @@ def write_report(rows, images, out_dir, settings: dict, overwrite: bool = False)
     return out_dir
 
 
-def default_cache_dir() -> Path:
-    """Where simulated multislice data are kept between runs (``$XDG_CACHE_HOME/deepphase/multislice``)."""
-    import os
+def default_cache_dir() -> Path | None:
+    """Where simulated multislice data are kept between runs: ``multislice`` in the package's cache folder
+    (:func:`deepphase.runtime.cache_dir`; ``~/.cache/deepphase`` unless ``$DEEPPHASE_CACHE_DIR`` says
+    otherwise), or None (simulated afresh every run) when ``DEEPPHASE_CACHE_DIR=off``."""
+    from ..runtime import cache_dir
 
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "deepphase" / "multislice"
+    folder = cache_dir()
+    return None if folder is None else folder / "multislice"
 
 
 def _versions() -> dict:

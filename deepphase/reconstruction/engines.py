@@ -322,6 +322,16 @@ def _agreement(session, network: torch.nn.Module, pattern_shape: tuple) -> float
 
 # Export and network compute the same float32 function up to rounding (~1e-6 rad on the packaged models).
 ONNX_TOLERANCE = 1e-3
+# Exports the cache keeps, the most recently used (2 MB each for the compact network, 12 MB for the seed U-Net).
+ONNX_CACHE_KEEP = 16
+
+
+def _keep_recent_exports(folder: Path, keep: int = ONNX_CACHE_KEEP) -> None:
+    """Delete all but the ``keep`` most recently used exports in ``folder`` (use refreshes a file's time)."""
+    exports = sorted(folder.glob("*.onnx"), key=lambda f: f.stat().st_mtime, reverse=True)
+    for old in exports[keep:]:
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int | None, folder_exports=()):
@@ -342,6 +352,9 @@ def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int 
         try:  # a damaged or stale file is passed over (and the cache's made again), never used
             session = session_for(candidate.read_bytes())
             if _agreement(session, net, pattern_shape) <= ONNX_TOLERANCE:
+                if candidate == path:
+                    with contextlib.suppress(OSError):
+                        path.touch()  # recently used: the last the cache would let go
                 return session
             log.info("ONNX export %s does not compute this network; passed over", candidate)
         except Exception as exc:  # noqa: BLE001 — any failure to load means "try the next, or export"
@@ -363,6 +376,7 @@ def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int 
         try:
             with atomic_path(path, ".onnx") as tmp:
                 tmp.write_bytes(model_bytes)
+            _keep_recent_exports(path.parent)
         except OSError as exc:  # a read-only home still reconstructs, only more slowly next time
             log.warning("could not keep the ONNX export in %s (%s)", path.parent, exc)
     return session
