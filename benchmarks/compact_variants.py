@@ -55,6 +55,8 @@ Model folders of these architectures load only where this module has been import
   17.7× fewer than the seed U-Net), twice the depth, a 9×9 field at 8×8. RESULTS §30: +0.006 at 300, −0.004
   to −0.006 at 3,000 and 27,882, half the speed in PyTorch on a CPU. Not kept.
 * ``x-compact-irdec``: only the decoder's residual block so replaced (32.9 MFLOP, 17.2×). RESULTS §30.
+* ``x-compact-hybrid``: the dense 8×8 blocks kept, two such blocks added after the decoder's, the 4×4 block
+  before the mixer as two of them (35.0 MFLOP, 16.2×). RESULTS §30.
 * ``x-compact-rep``: every 3×3 conv-BN trained as RepVGG-style branches (3×3 conv-BN + 1×1 conv-BN +
   identity BN where shapes allow), collapsed for inference into the plain ``compact`` architecture (same
   operations per pattern as the default). Since section 21 it is in the package as ``--arch compact-rep``,
@@ -448,6 +450,25 @@ class CompactInvertedDecoder(CompactPhaseNet):
 @register_model("x-compact-irdec")
 def compact_inverted_decoder(n_px=32, out_px=32, in_channels=1, sigma_head=False):
     return CompactInvertedDecoder(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
+
+
+class CompactHybrid(CompactPhaseNet):
+    """The package's network (gated linear path) keeping its dense residual blocks at 8×8 and adding two inverted
+    residual blocks of expansion 2 after the decoder's (4.5 MFLOP), paid for by the 4×4 block before the mixer
+    becoming two inverted residual blocks of expansion 2 (2.5 MFLOP for 5.3): 35.0 MFLOP, 16.2× fewer than the
+    seed U-Net. The dense blocks that fit the high doses, and the decoder's wider field that helped at 300."""
+
+    def __init__(self, n_px=32, out_px=32, in_channels=1, sigma_head=False, dropout=0.1):
+        super().__init__(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head, linear_path=True,
+                         linear_gate=True, dropout=dropout)
+        w2, w3 = self.decode.body[0][0].in_channels, self.mixer.norm1.normalized_shape[0]
+        self.down3[1] = _inverted_stack(w3, 2, 2, dropout)
+        self.decode = nn.Sequential(self.decode, _inverted_stack(w2, 2, 2, 0.0))
+
+
+@register_model("x-compact-hybrid")
+def compact_hybrid(n_px=32, out_px=32, in_channels=1, sigma_head=False):
+    return CompactHybrid(n_px, out_px, in_channels=in_channels, sigma_head=sigma_head)
 
 
 if __name__ == "__main__":
