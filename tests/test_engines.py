@@ -287,6 +287,16 @@ def test_a_model_folders_own_export_is_used_and_one_of_other_weights_passed_over
     with pytest.raises(DeepPhaseError, match=r"pattern_shape"):
         export_onnx(tiny, tmp_path / "bare.onnx")
     assert not (tmp_path / "bare.onnx").exists()
+    # An existing file is the user's: replaced only when asked.
+    stale = (other / "model.onnx").read_bytes()
+    with pytest.raises(DeepPhaseError, match=r"exists; pass overwrite=True"):
+        export_onnx(model, other / "model.onnx")
+    assert (other / "model.onnx").read_bytes() == stale
+    # An export that does not compute the network (here: the original weights' graph) is never written.
+    monkeypatch.setattr(engines, "_export_onnx", lambda *a, **k: stale)
+    with pytest.raises(DeepPhaseError, match=r"export differs from the network .* nothing written"):
+        export_onnx(model, tmp_path / "new.onnx")
+    assert not (tmp_path / "new.onnx").exists()
 
 
 def test_export_key_is_the_same_in_every_process(tmp_path):

@@ -48,7 +48,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import DeepPhaseError
+from ..errors import DeepPhaseError, OutputExistsError
 from ..io_utils import atomic_path
 from ..runtime import cache_dir
 
@@ -382,7 +382,7 @@ def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int 
     return session
 
 
-def export_onnx(model, path, pattern_shape: tuple | None = None) -> Path:
+def export_onnx(model, path, pattern_shape: tuple | None = None, overwrite: bool = False) -> Path:
     """Write ``model``'s network as an ONNX file (batch axis dynamic, batch norms folded), atomically.
 
     Parameters
@@ -390,28 +390,51 @@ def export_onnx(model, path, pattern_shape: tuple | None = None) -> Path:
     model : PhaseModel or torch.nn.Module
         A PhaseModel gives its own pattern shape; a module needs ``pattern_shape``.
     path : str or Path
-        The file; ``model.onnx`` in a model folder is what the ``onnx`` engine looks for there. An existing
-        file is replaced only by the new one, whole.
+        The file; ``model.onnx`` in a model folder is what the ``onnx`` engine looks for there.
     pattern_shape : tuple, optional
         (C, n, n) of the network's input.
+    overwrite : bool
+        Replace an existing file (default: refuse).
 
     Returns
     -------
     Path
         ``path``. Input ``"x"``: (B, C, n, n) float32 diffraction amplitudes; output ``"y"``: (B, K, out, out)
         (K = 2 with a σ head: phase, then the log error scale), as ``model.network`` computes them.
+
+    Raises
+    ------
+    OutputExistsError
+        ``path`` exists and ``overwrite`` is False.
+    DeepPhaseError
+        No pattern shape for a bare network; with onnxruntime installed, an export that does not compute
+        the network's function (checked before anything is written).
     """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"export_onnx: {str(path)!r} exists; pass overwrite=True to replace it")
     network = getattr(model, "network", model)
     if pattern_shape is None:
         geometry = getattr(model, "geometry", None)
         if geometry is None:
             raise DeepPhaseError("export_onnx: a bare network needs pattern_shape=(C, n, n)")
         pattern_shape = (model.in_channels, geometry.n_px, geometry.n_px)
+    pattern_shape = tuple(int(k) for k in pattern_shape)
     net = fold_batch_norm(copy.deepcopy(network).cpu().eval())
-    model_bytes = _export_onnx(net, _fixed_patterns(tuple(pattern_shape), 1))
+    model_bytes = _export_onnx(net, _fixed_patterns(pattern_shape, 1))
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        ort = None
+    if ort is not None:
+        session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+        difference = _agreement(session, net, pattern_shape)
+        if not difference <= ONNX_TOLERANCE:
+            raise DeepPhaseError(f"export_onnx: the export differs from the network by {difference:.3g} rad "
+                                 f"(at most {ONNX_TOLERANCE:g} expected); nothing written")
     with atomic_path(path, ".onnx") as tmp:
         tmp.write_bytes(model_bytes)
-    return Path(path)
+    return path
 
 
 def _onnx(network: torch.nn.Module, threads: int | None, folder_exports=()) -> Network:
