@@ -40,7 +40,7 @@ STORED = ["evaluate-fast-seed-unet-vs-compact-2026-11-30.json", "evaluate-fast-c
           "evaluate-fast-lattice-spacing-24px-2026-12-06.json",
           "evaluate-fast-inverted-residual-2026-12-06.json",
           "evaluate-fast-inverted-residual-decoder-2026-12-06.json",
-          "evaluate-fast-hybrid-2026-12-06.json"]
+          "evaluate-fast-hybrid-2026-12-06.json", "evaluate-fast-twice-the-budget-2026-12-06.json"]
 KINDS = {"seed-unet": "unet", "compact-linear-gate": "gate", "compact-pattern-gate": "gate1"}
 HARNESS_SEEDS = range(3)
 
