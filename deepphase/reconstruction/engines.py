@@ -362,11 +362,7 @@ def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int 
     try:
         model_bytes = _export_onnx(net, _fixed_patterns(pattern_shape, 1))
     except Exception as exc:
-        line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise DeepPhaseError(
-            f"engine: exporting the network to ONNX failed ({type(exc).__name__}: {line[:300]}); "
-            "use the 'eager' engine"
-        ) from exc
+        raise _engine_failure("exporting the network to ONNX failed", exc) from exc
     session = session_for(model_bytes)
     difference = _agreement(session, net, pattern_shape)
     if not difference <= ONNX_TOLERANCE:
