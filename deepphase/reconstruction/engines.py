@@ -326,6 +326,14 @@ ONNX_TOLERANCE = 1e-3
 ONNX_CACHE_KEEP = 16
 
 
+def _check_export(session, network: torch.nn.Module, pattern_shape: tuple, who: str, consequence: str) -> None:
+    """Raise unless a fresh export computes ``network``'s function (:func:`_agreement` within the tolerance)."""
+    difference = _agreement(session, network, pattern_shape)
+    if not difference <= ONNX_TOLERANCE:
+        raise DeepPhaseError(f"{who}: the ONNX export differs from the network by {difference:.3g} rad "
+                             f"(at most {ONNX_TOLERANCE:g} expected); {consequence}")
+
+
 def _keep_recent_exports(folder: Path, keep: int = ONNX_CACHE_KEEP) -> None:
     """Delete all but the ``keep`` most recently used exports in ``folder`` (use refreshes a file's time)."""
     exports = sorted(folder.glob("*.onnx"), key=lambda f: f.stat().st_mtime, reverse=True)
@@ -364,10 +372,7 @@ def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int 
     except Exception as exc:
         raise _engine_failure("exporting the network to ONNX failed", exc) from exc
     session = session_for(model_bytes)
-    difference = _agreement(session, net, pattern_shape)
-    if not difference <= ONNX_TOLERANCE:
-        raise DeepPhaseError(f"engine: the ONNX export differs from the network by {difference:.3g} rad "
-                             f"(at most {ONNX_TOLERANCE:g} expected); use the 'eager' engine")
+    _check_export(session, net, pattern_shape, "engine", "use the 'eager' engine")
     if path is not None:
         try:
             with atomic_path(path, ".onnx") as tmp:
@@ -424,10 +429,7 @@ def export_onnx(model, path, pattern_shape: tuple | None = None, overwrite: bool
         ort = None
     if ort is not None:
         session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-        difference = _agreement(session, net, pattern_shape)
-        if not difference <= ONNX_TOLERANCE:
-            raise DeepPhaseError(f"export_onnx: the export differs from the network by {difference:.3g} rad "
-                                 f"(at most {ONNX_TOLERANCE:g} expected); nothing written")
+        _check_export(session, net, pattern_shape, "export_onnx", "nothing written")
     with atomic_path(path, ".onnx") as tmp:
         tmp.write_bytes(model_bytes)
     return path
