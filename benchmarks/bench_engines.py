@@ -19,7 +19,8 @@ Engines:
   channels-last+folded  both: what reconstruct's "channels-last" engine runs
   compile        torch.compile(model) (default mode; a new batch shape recompiles)
   torchscript    torch.jit.trace + torch.jit.freeze
-  onnx           torch.onnx.export, run by onnxruntime's CPUExecutionProvider (intra_op threads = the thread count)
+  onnx           the package's export (--onnx-exporter), run by onnxruntime's CPUExecutionProvider
+                 (intra_op threads = the thread count)
   bf16           eager under torch.autocast("cpu", bfloat16): information only, its rounding is far
                  above the 1e-4 rad tolerance
 """
@@ -30,7 +31,6 @@ import argparse
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -39,7 +39,7 @@ import torch
 
 import deepphase
 from deepphase.models.modelfile import load_model
-from deepphase.reconstruction.engines import fold_batch_norm
+from deepphase.reconstruction.engines import EXPORTERS, _export_onnx, fold_batch_norm
 
 ENGINES = ("eager", "folded", "channels-last", "channels-last+folded", "compile", "torchscript", "onnx", "bf16")
 
@@ -57,7 +57,7 @@ def make_input(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.poisson(torch.full((batch, 1, 32, 32), 130.0), generator=g).sqrt()
 
 
-def build(engine: str, net: torch.nn.Module, example: torch.Tensor, threads: int, exporter: str, tmp: Path):
+def build(engine: str, net: torch.nn.Module, example: torch.Tensor, threads: int, exporter: str):
     """(callable x -> y as a float32 CPU tensor, one-off seconds, note)."""
     t0 = time.perf_counter()
     note = ""
@@ -84,20 +84,12 @@ def build(engine: str, net: torch.nn.Module, example: torch.Tensor, threads: int
     elif engine == "onnx":
         import onnxruntime as ort
 
-        path = tmp / f"model-{id(net)}.onnx"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if exporter == "dynamo":
-                torch.onnx.export(net, (example,), str(path), dynamo=True, input_names=["x"], output_names=["y"],
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
-            else:
-                torch.onnx.export(net, (example,), str(path), dynamo=False, input_names=["x"], output_names=["y"],
-                                  dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
+        model_bytes = _export_onnx(net, example, exporter=exporter)  # the package's own export
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
 
         def fn(x):
             return torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
@@ -138,7 +130,8 @@ def main():
     parser.add_argument("--thread-counts", type=int, nargs="+", default=[torch.get_num_threads()],
                         help="torch / onnxruntime intra-op threads; several (e.g. 2 1) interleave every engine at "
                              "each count, ratios to eager at the first count")
-    parser.add_argument("--onnx-exporter", choices=["legacy", "dynamo"], default="dynamo")
+    parser.add_argument("--onnx-exporter", choices=EXPORTERS, default=EXPORTERS[0],
+                        help="which of torch's ONNX exporters makes the export (the package tries them in this order)")
     args = parser.parse_args()
     try:
         import onnxruntime
@@ -151,59 +144,58 @@ def main():
     print(f"load average at start: {loadavg()}")
     baseline = ("eager", args.thread_counts[0])
     rows = []
-    with tempfile.TemporaryDirectory() as tmpdir:
-        for name in args.models:
-            model = load_model(name)
-            net = model.network.eval()
-            batches = list(args.batch_sizes)
-            if model.arch == "seed-unet":
-                batches = sorted(set(batches) | set(args.extra_batch_seed))
-            for batch in batches:
-                x = make_input(batch)
-                torch.set_num_threads(args.thread_counts[0])
-                with torch.inference_mode():
-                    reference = net(x).clone()
-                torch._dynamo.reset()  # a fresh compile per batch size: its cost is measured
-                fns, ok = {}, []
-                for threads in args.thread_counts:
-                    torch.set_num_threads(threads)
-                    for engine in args.engines:
-                        key = (engine, threads)
-                        # Every engine gets its own copy of the weights (channels_last converts in place).
-                        fresh = load_model(name).network.eval()
-                        try:
-                            fn, setup_s, note = build(engine, fresh, x, threads, args.onnx_exporter, Path(tmpdir))
-                            with torch.inference_mode():
-                                diff = float((fn(x).float() - reference).abs().max())
-                        except Exception as exc:  # a failing engine is a result, not a crash
-                            msg = str(exc).strip()
-                            line = f"{type(exc).__name__}: {msg.splitlines()[0] if msg else ''}"[:200]
-                            rows.append(dict(model=name, arch=model.arch, batch=batch, engine=engine, threads=threads,
-                                             error=line))
-                            print(f"  {name} batch {batch} {engine} ({threads} threads): FAILED {line}")
-                            continue
-                        fns[key] = fn
-                        ok.append(dict(model=name, arch=model.arch, batch=batch, engine=engine, threads=threads,
-                                       setup_s=setup_s, diff=diff, note=note, rates=[], ratios=[]))
-                load_before = loadavg()
-                for _ in range(args.repeats):
-                    round_rates = {}
-                    for row in ok:  # interleaved: every variant once per round, in the same order
-                        key = (row["engine"], row["threads"])
-                        torch.set_num_threads(row["threads"])
-                        round_rates[key] = run_for(fns[key], x, args.seconds)
-                        row["rates"].append(round_rates[key])
-                    for row in ok:
-                        if baseline in round_rates:
-                            row["ratios"].append(round_rates[(row["engine"], row["threads"])] / round_rates[baseline])
-                load_after = loadavg()
+    for name in args.models:
+        model = load_model(name)
+        net = model.network.eval()
+        batches = list(args.batch_sizes)
+        if model.arch == "seed-unet":
+            batches = sorted(set(batches) | set(args.extra_batch_seed))
+        for batch in batches:
+            x = make_input(batch)
+            torch.set_num_threads(args.thread_counts[0])
+            with torch.inference_mode():
+                reference = net(x).clone()
+            torch._dynamo.reset()  # a fresh compile per batch size: its cost is measured
+            fns, ok = {}, []
+            for threads in args.thread_counts:
+                torch.set_num_threads(threads)
+                for engine in args.engines:
+                    key = (engine, threads)
+                    # Every engine gets its own copy of the weights (channels_last converts in place).
+                    fresh = load_model(name).network.eval()
+                    try:
+                        fn, setup_s, note = build(engine, fresh, x, threads, args.onnx_exporter)
+                        with torch.inference_mode():
+                            diff = float((fn(x).float() - reference).abs().max())
+                    except Exception as exc:  # a failing engine is a result, not a crash
+                        msg = str(exc).strip()
+                        line = f"{type(exc).__name__}: {msg.splitlines()[0] if msg else ''}"[:200]
+                        rows.append(dict(model=name, arch=model.arch, batch=batch, engine=engine, threads=threads,
+                                         error=line))
+                        print(f"  {name} batch {batch} {engine} ({threads} threads): FAILED {line}")
+                        continue
+                    fns[key] = fn
+                    ok.append(dict(model=name, arch=model.arch, batch=batch, engine=engine, threads=threads,
+                                   setup_s=setup_s, diff=diff, note=note, rates=[], ratios=[]))
+            load_before = loadavg()
+            for _ in range(args.repeats):
+                round_rates = {}
+                for row in ok:  # interleaved: every variant once per round, in the same order
+                    key = (row["engine"], row["threads"])
+                    torch.set_num_threads(row["threads"])
+                    round_rates[key] = run_for(fns[key], x, args.seconds)
+                    row["rates"].append(round_rates[key])
                 for row in ok:
-                    row["load"] = f"{load_before} → {load_after}"
-                rows.extend(ok)
-                summary = ", ".join(f"{r['engine']}/{r['threads']}t {statistics.median(r['rates']):,.0f}" for r in ok)
-                print(f"  {name} ({model.arch}) batch {batch}: {summary} (load {load_before} → {load_after})",
-                      flush=True)
-                del fns
+                    if baseline in round_rates:
+                        row["ratios"].append(round_rates[(row["engine"], row["threads"])] / round_rates[baseline])
+            load_after = loadavg()
+            for row in ok:
+                row["load"] = f"{load_before} → {load_after}"
+            rows.extend(ok)
+            summary = ", ".join(f"{r['engine']}/{r['threads']}t {statistics.median(r['rates']):,.0f}" for r in ok)
+            print(f"  {name} ({model.arch}) batch {batch}: {summary} (load {load_before} → {load_after})",
+                  flush=True)
+            del fns
     print(f"load average at end: {loadavg()}")
     print(f"\n{args.repeats} interleaved rounds of ~{args.seconds:g} s per engine; medians over the rounds; "
           f"ratios to eager with {baseline[1]} threads, per round.\n")

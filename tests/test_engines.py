@@ -142,18 +142,60 @@ def test_packaged_model_is_accepted_as_phase_model():
 
 
 @pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed")
-def test_onnx_falls_back_to_the_torchscript_exporter_without_onnxscript(tiny, monkeypatch):
-    real_export = torch.onnx.export
+@pytest.mark.parametrize("exporter", ["torchscript", "torch.export"])
+def test_each_exporter_computes_the_network_at_any_batch_size(tiny, exporter):
+    import onnxruntime as ort
 
-    def export(*args, dynamo=True, **kwargs):
-        if dynamo:  # the torch.export-based exporter needs onnxscript
-            raise ImportError("No module named 'onnxscript'")
-        return real_export(*args, dynamo=False, **kwargs)
+    from deepphase.reconstruction.engines import _export_onnx, fold_batch_norm
 
-    monkeypatch.setattr(torch.onnx, "export", export)
+    net = fold_batch_norm(tiny)
+    session = ort.InferenceSession(_export_onnx(net, patterns(1), exporter=exporter),
+                                   providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        x = patterns(batch, seed=batch)
+        with torch.inference_mode():
+            expected = tiny(x)
+        got = session.run(["y"], {"x": x.numpy()})[0]
+        assert got.shape == tuple(expected.shape)
+        assert float(np.abs(got - expected.numpy()).max()) < 1e-4
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed")
+def test_onnx_takes_the_next_exporter_when_one_fails_or_disagrees(tiny, monkeypatch):
+    from deepphase.reconstruction import engines
+
+    monkeypatch.setenv("DEEPPHASE_CACHE_DIR", "off")
+    real_export = engines._export_onnx
+    other = engines._export_onnx(engines.fold_batch_norm(create_model("compact", n_px=16, out_px=16).eval()),
+                                 patterns(1))
+    used = []
+
+    def export(network, example, exporter="torchscript"):
+        used.append(exporter)
+        if behaviour[exporter] == "fails":  # e.g. the deprecated TorchScript exporter gone from a later torch
+            raise RuntimeError("this exporter cannot trace the network")
+        return other if behaviour[exporter] == "disagrees" else real_export(network, example, exporter=exporter)
+
+    monkeypatch.setattr(engines, "_export_onnx", export)
     x = patterns(5)
     with torch.inference_mode():
-        assert float((prepare_network(tiny, "onnx")(x) - tiny(x)).abs().max()) < 1e-4
+        expected = tiny(x)
+        for behaviour in ({"torchscript": "fails", "torch.export": "works"},
+                          {"torchscript": "disagrees", "torch.export": "works"}):
+            used.clear()
+            assert float((prepare_network(tiny, "onnx")(x) - expected).abs().max()) < 1e-4
+            assert used == ["torchscript", "torch.export"]
+        behaviour = {"torchscript": "works", "torch.export": "fails"}
+        used.clear()
+        prepare_network(tiny, "onnx")(x)
+        assert used == ["torchscript"]  # the first that works is the one used
+        behaviour = {"torchscript": "fails", "torch.export": "fails"}
+        with pytest.raises(DeepPhaseError, match=r"exporting the network to ONNX failed \(RuntimeError: this "
+                                                 r"exporter cannot trace"):
+            prepare_network(tiny, "onnx")(x)
+        behaviour = {"torchscript": "disagrees", "torch.export": "fails"}
+        with pytest.raises(DeepPhaseError, match=r"ONNX export differs from the network by .*'eager' engine"):
+            prepare_network(tiny, "onnx")(x)
 
 
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):

@@ -18,7 +18,8 @@ difference). Which one is fastest depends on the machine: see benchmarks/RESULTS
   captured (another setting captures another graph).
 * ``"onnx"``: the network exported with ``torch.onnx.export`` (batch axis dynamic) at the first call
   and run by ONNX Runtime's CPU execution provider with as many threads as PyTorch uses. CPU only; needs
-  ``pip install deepphase[onnx]``. An export takes ~5 s, so it is kept in the cache folder
+  ``pip install deepphase[onnx]``. An export takes ~1 s (5-7 s where only the torch.export-based exporter
+  works), so it is kept in the cache folder
   (:func:`deepphase.runtime.cache_dir`) under a digest of the network's weights, its code and the torch
   version, and the next run on the same network starts in a fraction of a second. A model folder's own
   ``model.onnx`` (:func:`export_onnx` writes it) is tried first. Whether from the folder, the cache or
@@ -55,11 +56,11 @@ from ..runtime import cache_dir
 log = logging.getLogger(__name__)
 
 ENGINES = ("eager", "channels-last", "compile", "cuda-graphs", "onnx")
-# ONNX Runtime's export (~4 s with its imports) pays for itself at about 65,536 patterns: end to end on a
-# 256×256 scan (2 cores, quiet) it predicted at 6,300 patterns/s where channels-last did 4,500, and the
-# whole command took 16.4 s against 16.8 s (RESULTS §4). Auto picks it from twice that when the export
-# has to be made, and at any size when it is in the cache (RESULTS §29).
-ONNX_AUTO_MIN_PATTERNS = 131_072
+# A fresh export costs ~1.3 s of a run (the TorchScript exporter with its imports, a session, the check);
+# ONNX Runtime then predicts ~1.3× faster than channels-last. End to end from a file (2 cores, 3 rounds,
+# RESULTS §31) it lost at 16,384 and 32,768 patterns (by 0.05-2.7 s a run) and won at 65,536 (24.1-25.1 s
+# against 27.0-32.4 s). Auto exports from there, and at any size when an export is kept.
+ONNX_AUTO_MIN_PATTERNS = 65_536
 
 
 def resolve_engine(engine: str, device, n_patterns: int, precision: str = "auto", network=None,
@@ -68,7 +69,7 @@ def resolve_engine(engine: str, device, n_patterns: int, precision: str = "auto"
 
     On a CPU, with ONNX Runtime installed and float32 arithmetic: ``"onnx"`` when ``network`` (a
     PhaseModel or a module) has an export for ``pattern_shape`` (C, n, n), in its folder or in the cache,
-    or the scan has ≥ 131,072 patterns; else ``"channels-last"``. On a GPU, ``"eager"`` (the others are
+    or the scan has ≥ 65,536 patterns; else ``"channels-last"``. On a GPU, ``"eager"`` (the others are
     unmeasured there). Any other name is returned as it is.
     """
     if engine != "auto":
@@ -236,25 +237,58 @@ def _cuda_graphs(network: torch.nn.Module, device: torch.device, channels_last: 
     return _GraphRunner(network, device, channels_last)
 
 
-def _export_onnx(network: torch.nn.Module, example: torch.Tensor) -> bytes:
-    """The network as a serialised ONNX model with a dynamic batch axis."""
+# The TorchScript-based exporter makes the export in ~1.1 s in a fresh process (0.9 s of it importing onnx)
+# and 0.1-0.2 s after that; the torch.export-based one (PyTorch's default since 2.9) takes 5-7 s for a graph
+# that runs at the same speed (RESULTS §31). The first is deprecated, so it is tried first while it works,
+# the second when it fails, is gone from torch, or its export disagrees with the network.
+EXPORTERS = ("torchscript", "torch.export")
+
+
+def _export_onnx(network: torch.nn.Module, example: torch.Tensor, exporter: str = "torchscript") -> bytes:
+    """The network as a serialised ONNX model with a dynamic batch axis, by one of :data:`EXPORTERS`."""
     example = example[:1].expand(2, *example.shape[1:]).contiguous()  # a batch of 1 would be specialised
     logger = logging.getLogger("torch.onnx")  # the exporter logs a warning per optional op it cannot register
     level = logger.level
     with warnings.catch_warnings(), contextlib.ExitStack() as restore:
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer warnings
         logger.setLevel(logging.ERROR)
         restore.callback(logger.setLevel, level)
-        try:  # the torch.export-based exporter (torch >= 2.5 with onnxscript installed)
+        if exporter == "torch.export":
             program = torch.onnx.export(network, (example,), dynamo=True, input_names=["x"], output_names=["y"],
                                         dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
             return program.model_proto.SerializeToString()
-        except (ImportError, TypeError):  # older torch, or no onnxscript: the TorchScript-based exporter
-            legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-            buffer = io.BytesIO()
-            torch.onnx.export(network, (example,), buffer, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, **legacy)
-            return buffer.getvalue()
+        legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+        buffer = io.BytesIO()
+        torch.onnx.export(network, (example,), buffer, input_names=["x"], output_names=["y"],
+                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17, **legacy)
+        return buffer.getvalue()
+
+
+def _fresh_export(net: torch.nn.Module, pattern_shape: tuple, session_for, who: str, consequence: str):
+    """``(bytes, session)`` of the first of :data:`EXPORTERS` whose export computes ``net``'s function;
+    ``session_for(bytes)`` makes a session (None: the export cannot be checked, so the first export is it)."""
+    example = _fixed_patterns(pattern_shape, 1)
+    failures = []
+    for exporter in EXPORTERS:
+        try:
+            model_bytes = _export_onnx(net, example, exporter=exporter)
+            session = None if session_for is None else session_for(model_bytes)
+        except Exception as exc:  # noqa: BLE001 — gone from this torch, or cannot trace this network: the next
+            failures.append(exc)
+            log.info("ONNX exporter %s failed (%s: %s)", exporter, type(exc).__name__, exc)
+            continue
+        if session is None:
+            return model_bytes, None
+        difference = _agreement(session, net, pattern_shape)
+        if difference <= ONNX_TOLERANCE:
+            return model_bytes, session
+        failures.append(DeepPhaseError(f"{who}: the ONNX export differs from the network by {difference:.3g} rad "
+                                       f"(at most {ONNX_TOLERANCE:g} expected); {consequence}"))
+        log.info("ONNX exporter %s: %s", exporter, failures[-1])
+    disagreements = [f for f in failures if isinstance(f, DeepPhaseError)]
+    if disagreements:  # an export that ran but computes something else says more than one that failed
+        raise disagreements[0]
+    raise _engine_failure("exporting the network to ONNX failed", failures[-1]) from failures[-1]
 
 
 def _export_key(network: torch.nn.Module, pattern_shape: tuple) -> str:
@@ -326,14 +360,6 @@ ONNX_TOLERANCE = 1e-3
 ONNX_CACHE_KEEP = 16
 
 
-def _check_export(session, network: torch.nn.Module, pattern_shape: tuple, who: str, consequence: str) -> None:
-    """Raise unless a fresh export computes ``network``'s function (:func:`_agreement` within the tolerance)."""
-    difference = _agreement(session, network, pattern_shape)
-    if not difference <= ONNX_TOLERANCE:
-        raise DeepPhaseError(f"{who}: the ONNX export differs from the network by {difference:.3g} rad "
-                             f"(at most {ONNX_TOLERANCE:g} expected); {consequence}")
-
-
 def _keep_recent_exports(folder: Path, keep: int = ONNX_CACHE_KEEP) -> None:
     """Delete all but the ``keep`` most recently used exports in ``folder`` (use refreshes a file's time)."""
     exports = sorted(folder.glob("*.onnx"), key=lambda f: f.stat().st_mtime, reverse=True)
@@ -367,12 +393,7 @@ def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int 
             log.info("ONNX export %s does not compute this network; passed over", candidate)
         except Exception as exc:  # noqa: BLE001 — any failure to load means "try the next, or export"
             log.info("ONNX export %s unusable (%s); passed over", candidate, exc)
-    try:
-        model_bytes = _export_onnx(net, _fixed_patterns(pattern_shape, 1))
-    except Exception as exc:
-        raise _engine_failure("exporting the network to ONNX failed", exc) from exc
-    session = session_for(model_bytes)
-    _check_export(session, net, pattern_shape, "engine", "use the 'eager' engine")
+    model_bytes, session = _fresh_export(net, pattern_shape, session_for, "engine", "use the 'eager' engine")
     if path is not None:
         try:
             with atomic_path(path, ".onnx") as tmp:
@@ -422,14 +443,13 @@ def export_onnx(model, path, pattern_shape: tuple | None = None, overwrite: bool
         pattern_shape = (model.in_channels, geometry.n_px, geometry.n_px)
     pattern_shape = tuple(int(k) for k in pattern_shape)
     net = fold_batch_norm(copy.deepcopy(network).cpu().eval())
-    model_bytes = _export_onnx(net, _fixed_patterns(pattern_shape, 1))
     try:
         import onnxruntime as ort
     except ImportError:
         ort = None
-    if ort is not None:
-        session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-        _check_export(session, net, pattern_shape, "export_onnx", "nothing written")
+    session_for = None if ort is None else (
+        lambda model_bytes: ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"]))
+    model_bytes, _ = _fresh_export(net, pattern_shape, session_for, "export_onnx", "nothing written")
     with atomic_path(path, ".onnx") as tmp:
         tmp.write_bytes(model_bytes)
     return path
