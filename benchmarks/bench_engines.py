@@ -19,8 +19,9 @@ Engines:
   channels-last+folded  both: what reconstruct's "channels-last" engine runs
   compile        torch.compile(model) (default mode; a new batch shape recompiles)
   torchscript    torch.jit.trace + torch.jit.freeze
-  onnx           the package's export (--onnx-exporter), run by onnxruntime's CPUExecutionProvider
+  onnx           the package's export (its TorchScript exporter), run by onnxruntime's CPUExecutionProvider
                  (intra_op threads = the thread count)
+  onnx-torch.export  the same with torch's torch.export-based exporter (the package's fallback)
   bf16           eager under torch.autocast("cpu", bfloat16): information only, its rounding is far
                  above the 1e-4 rad tolerance
 """
@@ -41,7 +42,8 @@ import deepphase
 from deepphase.models.modelfile import load_model
 from deepphase.reconstruction.engines import EXPORTERS, _export_onnx, fold_batch_norm
 
-ENGINES = ("eager", "folded", "channels-last", "channels-last+folded", "compile", "torchscript", "onnx", "bf16")
+ENGINES = ("eager", "folded", "channels-last", "channels-last+folded", "compile", "torchscript", "onnx",
+           "onnx-torch.export", "bf16")
 
 
 def loadavg() -> str:
@@ -51,13 +53,14 @@ def loadavg() -> str:
         return "n/a"
 
 
-def make_input(batch: int, seed: int = 0) -> torch.Tensor:
-    """Square roots of Poisson counts (mean 130 per pixel), as the network sees real data."""
+def make_input(batch: int, channels: int = 1, n_px: int = 32, seed: int = 0) -> torch.Tensor:
+    """Square roots of Poisson counts (mean 130 per pixel), as the network sees real data; ``channels``
+    patterns per position for a neighbourhood model."""
     g = torch.Generator().manual_seed(seed)
-    return torch.poisson(torch.full((batch, 1, 32, 32), 130.0), generator=g).sqrt()
+    return torch.poisson(torch.full((batch, channels, n_px, n_px), 130.0), generator=g).sqrt()
 
 
-def build(engine: str, net: torch.nn.Module, example: torch.Tensor, threads: int, exporter: str):
+def build(engine: str, net: torch.nn.Module, example: torch.Tensor, threads: int):
     """(callable x -> y as a float32 CPU tensor, one-off seconds, note)."""
     t0 = time.perf_counter()
     note = ""
@@ -81,7 +84,8 @@ def build(engine: str, net: torch.nn.Module, example: torch.Tensor, threads: int
         with torch.inference_mode():
             fn(example)
             fn(example)  # the profiling executor optimises on the second call
-    elif engine == "onnx":
+    elif engine in ("onnx", "onnx-torch.export"):
+        exporter = "torch.export" if engine == "onnx-torch.export" else EXPORTERS[0]
         import onnxruntime as ort
 
         model_bytes = _export_onnx(net, example, exporter=exporter)  # the package's own export
@@ -130,8 +134,6 @@ def main():
     parser.add_argument("--thread-counts", type=int, nargs="+", default=[torch.get_num_threads()],
                         help="torch / onnxruntime intra-op threads; several (e.g. 2 1) interleave every engine at "
                              "each count, ratios to eager at the first count")
-    parser.add_argument("--onnx-exporter", choices=EXPORTERS, default=EXPORTERS[0],
-                        help="which of torch's ONNX exporters makes the export (the package tries them in this order)")
     args = parser.parse_args()
     try:
         import onnxruntime
@@ -151,7 +153,7 @@ def main():
         if model.arch == "seed-unet":
             batches = sorted(set(batches) | set(args.extra_batch_seed))
         for batch in batches:
-            x = make_input(batch)
+            x = make_input(batch, model.in_channels, model.geometry.n_px)
             torch.set_num_threads(args.thread_counts[0])
             with torch.inference_mode():
                 reference = net(x).clone()
@@ -164,7 +166,7 @@ def main():
                     # Every engine gets its own copy of the weights (channels_last converts in place).
                     fresh = load_model(name).network.eval()
                     try:
-                        fn, setup_s, note = build(engine, fresh, x, threads, args.onnx_exporter)
+                        fn, setup_s, note = build(engine, fresh, x, threads)
                         with torch.inference_mode():
                             diff = float((fn(x).float() - reference).abs().max())
                     except Exception as exc:  # a failing engine is a result, not a crash

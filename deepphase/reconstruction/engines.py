@@ -57,9 +57,10 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("eager", "channels-last", "compile", "cuda-graphs", "onnx")
 # A fresh export costs ~1.3 s of a run (the TorchScript exporter with its imports, a session, the check);
-# ONNX Runtime then predicts ~1.3× faster than channels-last. End to end from a file (2 cores, 3 rounds,
-# RESULTS §31) it lost at 16,384 and 32,768 patterns (by 0.05-2.7 s a run) and won at 65,536 (24.1-25.1 s
-# against 27.0-32.4 s). Auto exports from there, and at any size when an export is kept.
+# ONNX Runtime then predicts ~1.3× faster than channels-last. End to end from a file (2 cores,
+# benchmarks/bench_auto_engine.py, RESULTS §31) it lost at 4,096-16,384 patterns, was level or behind at
+# 32,768 and never behind at 65,536 (1.00-1.29x in six rounds). Auto exports from there, and at any size
+# when an export is kept (level at 4,096, ahead from 16,384).
 ONNX_AUTO_MIN_PATTERNS = 65_536
 
 
