@@ -33,6 +33,21 @@ def _add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grid", type=int, default=32, help="probe and pattern grid in pixels (default 32)")
 
 
+class _ArchitectureNames:
+    """The registered architectures, looked up only when argparse checks or lists them (with an explicit
+    metavar, building the parser does neither): every command and --help then starts without importing torch."""
+
+    def __contains__(self, name) -> bool:
+        from .models import list_models
+
+        return name in list_models()
+
+    def __iter__(self):
+        from .models import list_models
+
+        return iter(list_models())
+
+
 def _probe_from_args(args) -> tuple:
     from .physics.probe import ProbeParameters, load_probe, probe_from_parameters
 
@@ -482,11 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a network on an endless stream of simulated patterns and write a model folder.")
     _add_probe_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
-    from .models import list_models
-
-    p.add_argument("--arch", default="unet-small", choices=list_models(),
-                   help="architecture (default unet-small); compact-rep trains the compact network with "
-                        "reparameterisable convolutions and writes a plain compact model")
+    p.add_argument("--arch", default="unet-small", choices=_ArchitectureNames(), metavar="ARCH",
+                   help="architecture: %(choices)s (default %(default)s); compact-rep trains the compact network "
+                        "with reparameterisable convolutions and writes a plain compact model")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--steps-per-epoch", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=32)

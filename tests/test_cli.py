@@ -158,6 +158,27 @@ def test_every_command_has_help(capsys):
         assert "usage: deepphase " + command in capsys.readouterr().out
 
 
+def test_the_parser_is_built_without_torch_and_train_still_lists_and_checks_architectures(capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    from deepphase.models import list_models
+
+    # A fresh interpreter (this one has torch already): building the parser, as every command and --help
+    # does, must not import it (~1.7 s of every `deepphase --help` before).
+    probe = "import sys; from deepphase.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    monkeypatch.setenv("COLUMNS", "400")  # help lines unwrapped
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert f"architecture: {', '.join(list_models())} (default unet-small)" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--energy", "300", "--out", "m", "--arch", "no-such-net"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "invalid choice: 'no-such-net'" in err and "'compact'" in err
+
+
 def test_train_refuses_incomplete_optics(tmp_path, capsys):
     code, out, err = run(["train", "--energy", 300, "--out", tmp_path / "m"], capsys)
     assert code == 2 and "--semi-angle" in err and "--sampling" in err
