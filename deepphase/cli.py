@@ -437,6 +437,27 @@ def _cmd_calibrate_uncertainty(args) -> None:
           f"{100 * result['within_2sigma_scaled']:.1f} % within ±2σ); stored in {args.model}/model.json")
 
 
+def _cmd_export_onnx(args) -> None:
+    from .models.modelfile import load_model
+    from .models.registry import has_sigma_head
+    from .reconstruction.engines import export_onnx
+
+    if args.out.exists() and not args.overwrite:
+        raise DeepPhaseError(f"out: {str(args.out)!r} exists; choose another name or pass --overwrite")
+    model = load_model(args.model)
+    path = export_onnx(model, args.out, overwrite=args.overwrite)
+    n, c, out = model.geometry.n_px, model.in_channels, model.geometry.output_px
+    sigma = has_sigma_head(model.network)
+    inputs = ("diffraction amplitudes (√counts)" if c == 1 else
+              "diffraction amplitudes (√counts) of each position's 3×3 neighbourhood, in the order of "
+              "deepphase.data.stream.neighbourhood_offsets (channel 4: the position itself)")
+    outputs = "phase (rad), then the σ head's log error scale" if sigma else "phase (rad)"
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)\n"
+          f"  input 'x': (batch, {c}, {n}, {n}) float32 {inputs}\n"
+          f"  output 'y': (batch, {2 if sigma else 1}, {out}, {out}) {outputs}\n"
+          "  as reconstruct does, remove each phase patch's mean inside the illuminated mask before stitching")
+
+
 def _cmd_demo(args) -> None:
     from .evaluation.demo import run_demo
 
@@ -676,6 +697,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "the model has one); stored under 'uncertainty' or 'uncertainty_head' in model.json")
     p.add_argument("--seed", type=int, default=20261125)
     p.set_defaults(func=_cmd_calibrate_uncertainty)
+
+    p = sub.add_parser("export-onnx", help="write a model's network as an ONNX file, for ONNX Runtime or a pipeline "
+                                           "of your own",
+                       description="Exports the network (batch norms folded, batch axis dynamic) and checks the export "
+                                   "against the weights before writing it. Written into a model folder as model.onnx, "
+                                   "it is what reconstruct's onnx engine uses for that model.")
+    p.add_argument("--model", default="default", help="packaged model name or model folder (default: default)")
+    p.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_cmd_export_onnx)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in specimen with the packaged model",
                        description="Simulate a built-in specimen at the seed's step and dose, reconstruct it with "

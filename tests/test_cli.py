@@ -151,7 +151,7 @@ def test_existing_results_are_not_overwritten_unasked(tiny_scan, tmp_path, capsy
 
 
 def test_every_command_has_help(capsys):
-    for command in ("train", "simulate", "reconstruct", "demo"):
+    for command in ("train", "simulate", "reconstruct", "demo", "export-onnx"):
         with pytest.raises(SystemExit) as exc:
             main([command, "--help"])
         assert exc.value.code == 0
@@ -177,6 +177,27 @@ def test_the_parser_is_built_without_torch_and_train_still_lists_and_checks_arch
         main(["train", "--energy", "300", "--out", "m", "--arch", "no-such-net"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "invalid choice: 'no-such-net'" in err and "'compact'" in err
+
+
+def test_export_onnx_writes_the_networks_function_and_never_replaces_a_file_unasked(tiny_scan, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    import torch
+
+    from deepphase.models.modelfile import load_model
+
+    out = tmp_path / "default.onnx"
+    code, stdout, _ = run(["export-onnx", "--out", out], capsys)
+    assert code == 0 and "input 'x': (batch, 1, 32, 32)" in stdout and "output 'y': (batch, 2, 32, 32)" in stdout
+    x = np.ascontiguousarray(tiny_scan[1].amplitude[:5, None], dtype=np.float32)
+    with torch.inference_mode():
+        expected = load_model().network(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
+    assert got.shape == expected.shape and float(np.abs(got - expected).max()) < 1e-4
+    out.write_bytes(b"the user's file")
+    code, _, err = run(["export-onnx", "--out", out], capsys)
+    assert code == 2 and "exists; choose another name or pass --overwrite" in err
+    assert out.read_bytes() == b"the user's file"
+    assert run(["export-onnx", "--out", out, "--overwrite"], capsys)[0] == 0 and out.stat().st_size > 10**6
 
 
 def test_train_refuses_incomplete_optics(tmp_path, capsys):
