@@ -128,7 +128,8 @@ def main():
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nreconstruct {n}×{n} = {n * n:,} patterns with the packaged model ({model.arch}): {total:.1f} s in all "
           f"(predict {rec.timings['predict_s']:.1f} s = {rec.timings['patterns_per_second']:,.0f} patterns/s, "
-          f"stitch {rec.timings['stitch_s']:.2f} s); peak resident memory {peak_mb:,.0f} MB")
+          f"stitch {rec.timings['stitch_s']:.2f} s; engine {rec.processing['engine']}); peak resident memory "
+          f"{peak_mb:,.0f} MB")
 
 
 if __name__ == "__main__":
