@@ -33,7 +33,6 @@ import os
 import platform
 import statistics
 import time
-import warnings
 from pathlib import Path
 
 import torch

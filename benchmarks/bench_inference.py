@@ -6,7 +6,7 @@ Prints, per architecture and batch size: parameters, GFLOP per pattern, patterns
 ratio to the seed's U-Net measured in the same run and the peak memory of a forward pass (on a GPU
 ``torch.cuda.max_memory_allocated``; on a CPU the growth of the resident set, VmHWM over VmRSS before
 the pass, measured in a fresh process per architecture and batch so that no earlier run's freed memory
-hides it; both include the input and output); then the wall time of
+hides it; both count the activations and the output, not the input); then the wall time of
 ``deepphase reconstruct``'s pipeline (read .npy → predict → stitch → write) on a scan of SCAN×SCAN
 patterns with the packaged model, and the peak resident memory.
 """
