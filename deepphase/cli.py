@@ -7,6 +7,7 @@ command exits with status 2 (no traceback).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import shutil
@@ -444,6 +445,10 @@ def _cmd_export_onnx(args) -> None:
 
     if args.out.exists() and not args.overwrite:
         raise DeepPhaseError(f"out: {str(args.out)!r} exists; choose another name or pass --overwrite")
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:  # onnx for torch's exporter, onnxruntime for the check before writing
+        raise DeepPhaseError(f"export-onnx needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+                             "not installed: pip install 'deepphase[onnx]'")
     model = load_model(args.model)
     path = export_onnx(model, args.out, overwrite=args.overwrite)
     n, c, out = model.geometry.n_px, model.in_channels, model.geometry.output_px

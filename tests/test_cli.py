@@ -200,6 +200,17 @@ def test_export_onnx_writes_the_networks_function_and_never_replaces_a_file_unas
     assert run(["export-onnx", "--out", out, "--overwrite"], capsys)[0] == 0 and out.stat().st_size > 10**6
 
 
+def test_export_onnx_without_onnxruntime_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else
+                        real_find_spec(name, *a))
+    code, _, err = run(["export-onnx", "--out", tmp_path / "m.onnx"], capsys)
+    assert code == 2 and "needs onnxruntime, which is not installed: pip install 'deepphase[onnx]'" in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_train_refuses_incomplete_optics(tmp_path, capsys):
     code, out, err = run(["train", "--energy", 300, "--out", tmp_path / "m"], capsys)
     assert code == 2 and "--semi-angle" in err and "--sampling" in err
