@@ -1,0 +1,429 @@
+"""Reconstruction as a LiberTEM user-defined function: detector files LiberTEM opens, and live data.
+
+LiberTEM (https://libertem.github.io) reads many detectors' own files (Merlin, K2IS, Frms6, Gatan DM,
+TVIPS, MRC, SEQ, raw, ...) and, with LiberTEM-live, the stream of a running acquisition. It splits a
+scan into partitions that its workers process in parallel, and merges their results as they arrive.
+:class:`PhaseUDF` runs deepphase inside that:
+
+* on the workers, each partition's patterns go through the network and the patches are reduced as the
+  pairwise stitcher needs them (:class:`~deepphase.reconstruction.stitching.PatchReducer`): the overlap
+  sums at the neighbour lags, ~0.1 kB a position, and the patches' pixels binned on the object grid;
+* the main node merges partitions by placing their overlap sums and adding their binned pixels (both
+  are linear in the patches, so the partitions need no margin and each pattern is predicted once);
+* ``get_results`` solves the offsets over the positions that have arrived and blends the image.
+
+So ``ctx.run_udf(..., plots=True)`` and ``ctx.run_udf_iter`` show the phase growing while the scan
+runs, and the image of a whole scan is the image ``deepphase reconstruct`` makes of the same patterns
+with the pairwise stitcher (to float32 rounding of the network at another batch split).
+
+Positions come from the dataset's navigation shape and a step (a raster, LiberTEM's frame order:
+the last navigation axis varies fastest), or are given; a region of interest (``roi``) reconstructs
+its positions only. Patterns on the model's n×n grid are used as they are (counts, or amplitudes);
+a detector's larger patterns need a calibration, measured once with :func:`calibrate_dataset`.
+
+Not here (use ``deepphase reconstruct``): neighbourhood models (their input crosses partitions), the
+"least-squares" and "seed" stitchers (they need every patch at once) and uncertainty maps.
+
+Examples
+--------
+>>> import libertem.api as lt
+>>> from deepphase.reconstruction.libertem_udf import PhaseUDF, to_reconstruction
+>>> ctx = lt.Context()
+>>> ds = ctx.load("auto", path="scan.npy", sig_dims=2)     # (256, 256, 32, 32) counts
+>>> udf = PhaseUDF(step_px=0.87)                           # the packaged default model
+>>> result = ctx.run_udf(dataset=ds, udf=udf, plots=True)  # a live plot of the phase
+>>> phase = result["phase"].data                           # object grid from pixel (0, 0), NaN where no probe was
+>>> rec = to_reconstruction(udf, result)                   # cropped, with its metadata: write_outputs(rec, ...)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import DeepPhaseError, ShapeError, ValueRangeError
+
+if TYPE_CHECKING:
+    from .pipeline import Reconstruction
+
+LIBERTEM_EXTRA = "pip install deepphase[libertem]"
+
+try:
+    from libertem.udf.base import UDF
+except ImportError as _exc:  # the module imports without LiberTEM; making a PhaseUDF then says what to install
+    _LIBERTEM_MISSING = _exc
+
+    class UDF:  # noqa: D101 — a stand-in that only raises
+        def __init__(self, **kwargs):
+            raise DeepPhaseError(f"PhaseUDF needs LiberTEM ({_LIBERTEM_MISSING}); install it with `{LIBERTEM_EXTRA}`")
+else:
+    _LIBERTEM_MISSING = None
+
+# Scans (their pairwise stitcher: neighbour graph, reducer, equations) made in this process, newest last.
+_SCANS: OrderedDict = OrderedDict()
+_SCANS_KEPT = 4
+
+
+def scan_positions(nav_shape, step_px=None, rotation_deg: float = 0.0, fastest: str = "col", positions=None,
+                   roi=None) -> np.ndarray:
+    """The positions of a LiberTEM dataset's frames, in its frame order, (N, 2) in pixels (DESIGN.md).
+
+    Parameters
+    ----------
+    nav_shape : the dataset's navigation shape (LiberTEM's ``dataset.shape.nav``).
+    step_px : float or (float, float)
+        The raster's step in real-space pixels (row, col); with a 2D navigation shape.
+    rotation_deg : rotation of the scan axes against the real-space grid (see
+        :func:`~deepphase.physics.scan.raster_positions`).
+    fastest : {"col", "row"}
+        ``"col"`` (default): the navigation axes are (scan row, scan column), the column varying fastest,
+        as LiberTEM orders frames. ``"row"``: the scan row varied fastest while recording (the seed's
+        data), so LiberTEM's navigation axes are (scan column, scan row).
+    positions : (N, 2) array, optional
+        The positions of all N frames instead of a raster (any scan).
+    roi : bool array of the navigation shape, optional
+        Keep the positions inside it (in frame order), as LiberTEM passes a ROI's frames.
+    """
+    from ..physics.scan import raster_positions, validate_positions
+
+    nav_shape = tuple(int(s) for s in nav_shape)
+    n = int(np.prod(nav_shape))
+    if (positions is None) == (step_px is None):
+        raise ValueRangeError("positions: give either the raster's step_px or the positions of every frame, not both")
+    if positions is not None:
+        positions = validate_positions(positions, n)
+    else:
+        if len(nav_shape) != 2:
+            raise ShapeError(f"step_px: a raster needs a 2D navigation shape, the dataset has {nav_shape}; "
+                             "give the positions of every frame instead")
+        if fastest not in ("col", "row"):
+            raise ValueRangeError(f"fastest: expected 'col' or 'row', got {fastest!r}")
+        grid = nav_shape if fastest == "col" else nav_shape[::-1]
+        positions = raster_positions(grid, step_px, rotation_deg, fastest=fastest)
+    if roi is not None:
+        roi = np.asarray(roi, dtype=bool).reshape(-1)
+        if roi.size != n:
+            raise ShapeError(f"roi: expected {n} navigation positions, got {roi.size}")
+        positions = positions[roi]
+    return positions
+
+
+def _scan(model, positions: np.ndarray):
+    """The pairwise stitcher of these positions with no patches, made once per process and kept."""
+    from ..physics.geometry import output_mask
+    from .stitching import PairwiseStitcher
+
+    mask = output_mask(model.probe, model.geometry)
+    key = (hashlib.sha256(np.ascontiguousarray(positions).tobytes()).hexdigest(),
+           hashlib.sha256(mask.tobytes()).hexdigest(), repr(model.geometry))
+    if key not in _SCANS:
+        template = PairwiseStitcher(positions, mask, model.geometry)
+        template._equations()  # shared by every copy made from it
+        _SCANS[key] = template
+        while len(_SCANS) > _SCANS_KEPT:
+            _SCANS.popitem(last=False)
+    _SCANS.move_to_end(key)
+    return _SCANS[key]
+
+
+def _load(model_name):
+    from .distributed import _worker_model  # one model per process, shared with the dask workers
+
+    return _worker_model(model_name)
+
+
+class PhaseUDF(UDF):
+    """The phase image of a 4D-STEM scan, predicted and stitched inside LiberTEM.
+
+    Parameters
+    ----------
+    model : str or Path, optional
+        A model folder or a packaged model's name (default: the packaged default). The workers load it
+        themselves, so a folder must be visible to them.
+    step_px : float or (float, float), optional
+        The raster's step in real-space pixels; or give ``positions``.
+    positions : (N, 2) array, optional
+        Top-left corners of every frame's probe window, (row, col) in pixels, in frame order.
+    rotation_deg, fastest : the raster's orientation and frame order (see :func:`scan_positions`).
+    kind : {"counts", "amplitude"}
+        What the frames hold: counts (default; the network gets their square root) or amplitudes.
+    calibration : CalibratedView, optional
+        From :func:`calibrate_dataset` (or :func:`deepphase.data.calibration.calibrate` with the scan
+        positions as coordinates): for detector patterns that are not the model's n×n grid. Each
+        partition is resampled with it (gain, bad pixels, disk centre, descan, zoom); ``kind`` is then
+        what the calibration was measured with.
+    batch_size : patterns per forward pass.
+    engine, precision : as for :func:`~deepphase.reconstruction.pipeline.reconstruct` (engine "auto": on a CPU
+        worker channels-last, or ONNX Runtime for scans of ≥ 65,536 patterns; eager on a GPU).
+    deblur : True, False or "auto" (by the dose; see :mod:`deepphase.reconstruction.deblur`).
+    remove_plane : subtract the best-fit plane (as ``reconstruct``).
+
+    Results
+    -------
+    phase : (rows, cols) float32
+        The phase (rad, arbitrary offset) on the object grid from object pixel (0, 0), NaN where no probe
+        has been (yet): while the scan runs, the image of the positions that have arrived.
+    patterns : float64
+        How many patterns the image holds.
+    electrons_per_pattern : float64
+        The mean counts per pattern (NaN for amplitudes).
+    """
+
+    def __init__(self, model=None, step_px=None, positions=None, rotation_deg: float = 0.0, fastest: str = "col",
+                 kind: str = "counts", calibration=None, batch_size: int = 512, engine: str = "auto",
+                 precision: str = "auto", deblur="auto", remove_plane: bool = True, **kwargs):
+        if kind not in ("counts", "amplitude"):
+            raise ValueRangeError(f"kind: expected 'counts' or 'amplitude', got {kind!r}")
+        if int(batch_size) < 1:
+            raise ValueRangeError(f"batch_size: expected a positive number of patterns, got {batch_size}")
+        if deblur not in (True, False, "auto"):
+            raise ValueRangeError(f"deblur: expected True, False or 'auto', got {deblur!r}")
+        if (positions is None) == (step_px is None):
+            raise ValueRangeError("positions: give either the raster's step_px or the positions of every frame")
+        if calibration is not None and not isinstance(calibration, dict):
+            from ..data.calibration import CalibratedView
+
+            if not isinstance(calibration, CalibratedView):
+                raise ValueRangeError("calibration: expected what calibrate_dataset returns (a CalibratedView), got "
+                                      f"{type(calibration).__name__}")
+            # Plain arrays and dicts travel to the workers; the view is rebuilt there around each partition.
+            calibration = {"info": calibration.info, "arrays": calibration.arrays}
+        super().__init__(model=None if model is None else str(model), step_px=step_px,
+                         positions=None if positions is None else np.asarray(positions, dtype=np.float64),
+                         rotation_deg=float(rotation_deg), fastest=fastest, kind=kind, calibration=calibration,
+                         batch_size=int(batch_size), engine=engine, precision=precision, deblur=deblur,
+                         remove_plane=bool(remove_plane), **kwargs)
+
+    # ---------------------------------------------------------------- set-up, on the main node and the workers
+    def _model(self):
+        model = _load(self.params.model)
+        if model.in_channels > 1:
+            raise DeepPhaseError(f"model: {model.name!r} takes the 3×3 neighbourhood of patterns, which crosses "
+                                 "LiberTEM's partitions; use a single-pattern model here, or deepphase reconstruct")
+        return model
+
+    def _positions(self) -> np.ndarray:
+        return scan_positions(tuple(self.meta.dataset_shape.nav), self.params.step_px, self.params.rotation_deg,
+                              self.params.fastest, self.params.positions, self.meta.roi)
+
+    def _check_patterns_fit(self, model) -> None:
+        from ..models.modelfile import check_compatible
+
+        sig = tuple(self.meta.dataset_shape.sig)
+        n = model.geometry.n_px
+        calibration = self.params.calibration
+        if calibration is not None:
+            if int(calibration["info"]["grid_px"]) != n:
+                raise ShapeError(f"calibration: made for a {calibration['info']['grid_px']}-pixel grid, model "
+                                 f"{model.name!r} takes {n}×{n}; measure it with this model")
+            return
+        if len(sig) != 2 or sig != (n, n):
+            raise ShapeError(f"data: patterns of shape {sig}, model {model.name!r} takes {n}×{n}; pass "
+                             "calibration=calibrate_dataset(ctx, dataset, ...) to resample detector patterns")
+        check_compatible(model, sig)
+
+    def get_backends(self):
+        return (UDF.BACKEND_NUMPY, UDF.BACKEND_CUDA)  # NumPy input either way; the network runs on the GPU if given one
+
+    def get_preferred_input_dtype(self):
+        return np.float32
+
+    def get_result_buffers(self):
+        model = self._model()
+        self._check_patterns_fit(model)
+        scan = _scan(model, self._positions())
+        n_lags = len(scan.reducer.lags)
+        return {
+            "phase": self.buffer(kind="single", extra_shape=scan.shape, dtype="float32", use="result_only"),
+            "patterns": self.buffer(kind="single", dtype="float64", use="result_only"),
+            "electrons_per_pattern": self.buffer(kind="single", dtype="float64", use="result_only"),
+            "sums_i": self.buffer(kind="nav", extra_shape=(n_lags,), dtype="float32", use="private"),
+            "sums_j": self.buffer(kind="nav", extra_shape=(n_lags,), dtype="float32", use="private"),
+            "binned": self.buffer(kind="single", extra_shape=scan.shape, dtype="float64", use="private"),
+            "counts": self.buffer(kind="single", dtype="float64", use="private"),
+        }
+
+    def get_task_data(self):
+        import torch
+
+        from .engines import resolve_engine
+
+        model = self._model()
+        positions = self._positions()
+        device = torch.device("cpu")
+        if self.meta.device_class == "cuda":  # the GPU LiberTEM gave this worker
+            from libertem.common.backend import get_use_cuda
+
+            device = torch.device("cuda", get_use_cuda() or 0)
+        model.network.to(device).eval()
+        pattern_shape = (1, model.geometry.n_px, model.geometry.n_px)
+        engine = resolve_engine(self.params.engine, device, len(positions), self.params.precision, network=model,
+                                pattern_shape=pattern_shape)
+        runner = _runner(model, engine, device, auto=self.params.engine == "auto")
+        return {"model": model, "scan": _scan(model, positions), "device": device, "runner": runner}
+
+    # ---------------------------------------------------------------- on the workers
+    def _amplitudes(self, frames: np.ndarray, first: int) -> tuple[np.ndarray, float]:
+        """The network's input for frames ``first …`` of the (ROI's) positions, and the sum of their counts
+        (0 for amplitudes: they have no dose to tell)."""
+        calibration = self.params.calibration
+        if calibration is not None:
+            from ..data.calibration import CalibratedView
+
+            coords = self.task_data.scan.positions[first : first + len(frames)]
+            view = CalibratedView(frames, calibration["info"], calibration["arrays"], coords=coords)
+            counts = view.counts(slice(0, len(frames)))
+            return np.sqrt(counts), float(counts.sum(dtype=np.float64))
+        from ..data.io import AmplitudeView
+
+        if self.params.kind == "counts":
+            return AmplitudeView(frames, "counts")[:], float(np.sum(frames, dtype=np.float64))
+        return np.asarray(frames, dtype=np.float32), 0.0
+
+    def process_partition(self, partition):
+        from ..data.io import check_patterns
+        from .predict import predict_patches
+
+        task = self.task_data
+        first = int(self.meta.slice.origin[0])  # index among the (ROI's) positions, in frame order
+        amplitudes, counts = self._amplitudes(np.asarray(partition), first)
+        check_patterns(amplitudes, first,
+                       what="data" if self.meta.roi is None else "data (frames counted inside the roi)")
+        on_device = task.device.type == "cuda"
+        patches = predict_patches(task.model, amplitudes, batch_size=self.params.batch_size, device=task.device,
+                                  progress=False, precision=self.params.precision, runner=task.runner,
+                                  on_device=on_device)
+        reduced = task.scan.reduce(patches, first)
+        self.results.sums_i[:] = reduced["sums_i"]
+        self.results.sums_j[:] = reduced["sums_j"]
+        (r0, c0), window = reduced["window_origin"], reduced["window"]
+        self.results.binned[r0 : r0 + window.shape[0], c0 : c0 + window.shape[1]] += window
+        self.results.counts[:] += counts
+
+    # ---------------------------------------------------------------- on the main node
+    def merge(self, dest, src):
+        dest.sums_i[:] = src.sums_i
+        dest.sums_j[:] = src.sums_j
+        dest.binned[:] += src.binned
+        dest.counts[:] += src.counts
+
+    def get_results(self):
+        model = self._model()
+        positions = self._positions()
+        template = _scan(model, positions)
+        valid = self.meta.get_valid_nav_mask()
+        done = np.ones(len(positions), dtype=bool) if valid is None else np.asarray(valid, dtype=bool).reshape(-1)
+        n_done = int(np.count_nonzero(done))
+        phase = np.full(template.shape, np.nan, dtype=np.float32)
+        counted = self.params.kind == "counts" or self.params.calibration is not None
+        dose = float(self.results.counts[0]) / n_done if n_done and counted else None
+        if n_done:
+            full = _stitch(model, template, positions, done, self.results.sums_i, self.results.sums_j,
+                           self.results.binned, self.params, dose)
+            phase[: full.shape[0], : full.shape[1]] = full
+        return {"phase": phase, "patterns": np.array([n_done], dtype=np.float64),
+                "electrons_per_pattern": np.array([np.nan if dose is None else dose])}
+
+
+def _runner(model, engine: str, device, auto: bool):
+    """The network prepared once per process: auto's ONNX export, if it fails, falls back to channels-last."""
+    import torch
+
+    from .engines import prepare_network
+
+    key = ("runner", id(model), engine, str(device))
+    if key not in _RUNNERS:
+        runner = prepare_network(model, engine, device) if engine != "eager" else model.network
+        if auto and engine == "onnx":
+            try:  # export now, on one pattern, as the pipeline does
+                with torch.inference_mode():
+                    runner(torch.zeros((1, 1, model.geometry.n_px, model.geometry.n_px)))
+            except Exception:  # noqa: BLE001 — any exporter failure means "use the next best engine"
+                runner = prepare_network(model, "channels-last", device)
+        _RUNNERS[key] = runner
+    return _RUNNERS[key]
+
+
+_RUNNERS: dict = {}
+
+
+def _stitch(model, template, positions, done, sums_i, sums_j, binned, params, dose) -> np.ndarray:
+    """The image of the positions in ``done`` on the object grid (from pixel (0, 0)), as ``reconstruct`` makes it."""
+    from .deblur import resolve_deblur
+    from .pipeline import finish
+    from .stitching import PairwiseStitcher
+
+    if done.all():
+        stitcher, used = template.empty_copy(), positions
+        stitcher.load_state({"sums_i": sums_i, "sums_j": sums_j, "total": binned, "done": done})
+    else:  # while the scan runs: a stitcher of the positions so far, fed their columns of the overlap sums
+        index = np.flatnonzero(done)
+        used = positions[index]
+        stitcher = PairwiseStitcher(used, template.mask, template.geometry)
+        column = {tuple(lag): k for k, lag in enumerate(template.reducer.lags.tolist())}
+        columns = [column[tuple(lag)] for lag in stitcher.reducer.lags.tolist()]
+        rows, cols = stitcher.shape
+        stitcher.load_state({"sums_i": sums_i[index][:, columns], "sums_j": sums_j[index][:, columns],
+                             "total": binned[:rows, :cols], "done": np.ones(len(index), dtype=bool)})
+    deblur, _ = resolve_deblur(params.deblur, dose)
+    full, *_ = finish([stitcher], used, template.mask, model, "pairwise", params.remove_plane, deblur=deblur,
+                      dose=dose)
+    return full
+
+
+def to_reconstruction(udf: PhaseUDF, result) -> "Reconstruction":
+    """A :class:`~deepphase.reconstruction.pipeline.Reconstruction` of a finished run: the phase cropped to
+    the scanned area, with the model and processing recorded, for
+    :func:`~deepphase.reconstruction.pipeline.write_outputs` (phase.npy, .tif, .emd, .png, metadata.json).
+
+    ``result``: what ``ctx.run_udf(dataset=..., udf=udf)`` returned.
+    """
+    from .deblur import resolve_deblur
+    from .pipeline import Reconstruction, crop_to_coverage, dose_note
+
+    phase = np.asarray(result["phase"].data)
+    patterns = int(np.asarray(result["patterns"].data).reshape(-1)[0])
+    dose = float(np.asarray(result["electrons_per_pattern"].data).reshape(-1)[0])
+    dose = None if not np.isfinite(dose) else dose
+    model = _load(udf.params.model)
+    cropped, origin = crop_to_coverage(phase)
+    deblurred, why = resolve_deblur(udf.params.deblur, dose)
+    return Reconstruction(cropped, origin, phase, {},
+                          {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
+                          {"stitching": "pairwise", "plane_removed": udf.params.remove_plane, "deblurred": deblurred,
+                           "deblur_reason": why, "electrons_per_pattern": None if dose is None else round(dose, 1),
+                           "dose_note": dose_note(model, dose), "engine": udf.params.engine,
+                           "precision": udf.params.precision, "patterns": patterns,
+                           "calibrated": udf.params.calibration is not None,
+                           "run_by": "LiberTEM (deepphase.reconstruction.libertem_udf.PhaseUDF)"})
+
+
+def calibrate_dataset(ctx, dataset, model=None, step_px=None, positions=None, rotation_deg: float = 0.0,
+                      fastest: str = "col", max_frames: int = 2048, png: str | Path | None = None, **options):
+    """Measure the detector calibration of a LiberTEM dataset for :class:`PhaseUDF` (``calibration=``).
+
+    Reads ``max_frames`` patterns spread over the scan (LiberTEM's ``PickUDF``) and measures on them what
+    :func:`deepphase.data.calibration.calibrate` measures (bad pixels, disk centre and radius, descan
+    in the scan positions, zoom), with the same ``options`` (``kind``, ``gain``, ``mrad_per_px``,
+    ``semi_angle``, ``energy``, ...). Returns the calibrated view of the sample, whose ``info`` says what
+    was found.
+    """
+    from libertem.udf.raw import PickUDF
+
+    from ..data.calibration import calibrate
+    from ..models.modelfile import load_model
+
+    nav = tuple(dataset.shape.nav)
+    all_positions = scan_positions(nav, step_px, rotation_deg, fastest, positions)
+    n = len(all_positions)
+    pick = np.unique(np.linspace(0, n - 1, min(int(max_frames), n)).astype(np.int64))
+    roi = np.zeros(n, dtype=bool)
+    roi[pick] = True
+    frames = ctx.run_udf(dataset=dataset, udf=PickUDF(), roi=roi.reshape(nav))["intensity"].data
+    frames = np.asarray(frames).reshape(len(pick), *tuple(dataset.shape.sig))
+    view, _ = calibrate(frames, load_model(model), all_positions[pick], png=png, max_frames=len(pick), **options)
+    return view

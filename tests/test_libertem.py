@@ -1,0 +1,179 @@
+"""PhaseUDF: deepphase inside LiberTEM gives the pipeline's image, of the whole scan and while it runs."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+pytest.importorskip("libertem")
+
+import libertem.api as lt  # noqa: E402
+
+from deepphase.data.io import AmplitudeView  # noqa: E402
+from deepphase.errors import DeepPhaseError, ShapeError, ValueRangeError  # noqa: E402
+from deepphase.physics.scan import raster_positions  # noqa: E402
+from deepphase.reconstruction.libertem_udf import PhaseUDF, calibrate_dataset, to_reconstruction  # noqa: E402
+from deepphase.reconstruction.pipeline import reconstruct  # noqa: E402
+
+NAV = (10, 13)  # scan rows, scan columns: not square, so a swapped axis shows
+STEP = 0.87
+
+
+@pytest.fixture(scope="module")
+def counts():
+    """Poisson counts of a twisted-hBN raster, frames in LiberTEM's order (the column fastest)."""
+    from deepphase.data.simulate import required_object_shape, simulate_scan
+    from deepphase.data.specimens import builtin_specimen
+    from deepphase.physics import reference_probe
+
+    positions = raster_positions(NAV, STEP, 0.0, "col")
+    truth = builtin_specimen("twisted-hbn", required_object_shape(positions, 32), seed=0)
+    scan = simulate_scan(truth, reference_probe(), positions, seed=0, progress=False)
+    return np.square(scan.amplitude).round().astype(np.float32), positions
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return lt.Context.make_with("inline")
+
+
+def _reference(frames, positions, **kw):
+    return reconstruct(AmplitudeView(frames, "counts"), positions, progress=False, engine="eager", **kw)
+
+
+def test_the_udf_makes_the_pipelines_image_of_the_whole_scan(counts, ctx, tmp_path):
+    frames, positions = counts
+    ds = ctx.load("memory", data=frames.reshape(*NAV, 32, 32), sig_dims=2, num_partitions=3)
+    udf = PhaseUDF(step_px=STEP, engine="eager")
+    result = ctx.run_udf(dataset=ds, udf=udf)
+    reference = _reference(frames, positions)
+    full = result["phase"].data
+    assert full.shape == reference.full.shape
+    np.testing.assert_array_equal(np.isnan(full), np.isnan(reference.full))
+    np.testing.assert_allclose(full, reference.full, rtol=0, atol=1e-5)
+    assert result["patterns"].data[0] == len(positions)
+    assert result["electrons_per_pattern"].data[0] == pytest.approx(frames.sum() / len(frames))
+
+    rec = to_reconstruction(udf, result)
+    assert rec.origin_px == reference.origin_px
+    np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)
+    assert rec.processing["deblurred"] is reference.processing["deblurred"] is True
+    assert rec.processing["electrons_per_pattern"] == reference.processing["electrons_per_pattern"]
+    from deepphase.reconstruction.pipeline import write_outputs
+
+    meta = write_outputs(rec, tmp_path, {"data": "memory"})
+    assert np.array_equal(np.load(tmp_path / "phase.npy"), rec.phase) and meta["processing"]["patterns"] == 130
+
+
+def test_while_the_scan_runs_the_image_is_the_pipelines_image_of_the_positions_so_far(counts, ctx):
+    frames, positions = counts
+    ds = ctx.load("memory", data=frames.reshape(*NAV, 32, 32), sig_dims=2, num_partitions=4)
+    seen = []
+    for part in ctx.run_udf_iter(dataset=ds, udf=PhaseUDF(step_px=STEP, engine="eager", deblur=False)):
+        done = int(part.damage.data.sum())
+        buffers = part.buffers[0]
+        assert buffers["patterns"].data[0] == done
+        if done < len(positions):
+            reference = _reference(frames[:done], positions[:done], deblur=False)
+            image = buffers["phase"].data
+            rows, cols = reference.full.shape
+            np.testing.assert_allclose(image[:rows, :cols], reference.full, rtol=0, atol=1e-5)
+            assert np.isnan(image[rows:]).all() and np.isnan(image[:, cols:]).all()
+        seen.append(done)
+    assert seen == sorted(seen) and seen[-1] == len(positions) and len(seen) == 4
+
+
+def test_a_roi_reconstructs_its_positions_and_row_fastest_frames_swap_the_navigation_axes(counts, ctx):
+    frames, positions = counts
+    roi = np.zeros(NAV, dtype=bool)
+    roi[2:8, 3:11] = True
+    ds = ctx.load("memory", data=frames.reshape(*NAV, 32, 32), sig_dims=2, num_partitions=2)
+    result = ctx.run_udf(dataset=ds, udf=PhaseUDF(step_px=STEP, engine="eager"), roi=roi)
+    keep = roi.reshape(-1)
+    reference = _reference(frames[keep], positions[keep])
+    np.testing.assert_allclose(result["phase"].data[: reference.full.shape[0], : reference.full.shape[1]],
+                               reference.full, rtol=0, atol=1e-5)
+    assert result["patterns"].data[0] == keep.sum()
+
+    # The same scan recorded with the scan row varying fastest: LiberTEM sees navigation axes (column, row).
+    order = np.arange(len(frames)).reshape(NAV).T.reshape(-1)
+    swapped = ctx.load("memory", data=frames[order].reshape(NAV[1], NAV[0], 32, 32), sig_dims=2)
+    image = ctx.run_udf(dataset=swapped, udf=PhaseUDF(step_px=STEP, fastest="row", engine="eager"))["phase"].data
+    np.testing.assert_allclose(image, _reference(frames, positions).full, rtol=0, atol=1e-5)
+
+
+def test_detector_patterns_are_calibrated_as_the_pipeline_calibrates_them(counts, ctx, tmp_path):
+    """64×64 detector frames, the disk zoomed 1.9× and off centre, a hot pixel: calibrate_dataset measures
+    what calibrate measures on the same frames, and the UDF's image is the pipeline's of the calibrated view."""
+    from deepphase.data.calibration import calibrate
+    from deepphase.models.modelfile import load_model
+
+    frames, positions = counts
+    rng = np.random.default_rng(0)
+    zoom, size = 1.9, 64
+    rows, cols = np.indices((size, size), dtype=np.float64)
+    detector = np.empty((len(frames), size, size), dtype=np.uint16)
+    for i, pattern in enumerate(frames):
+        fine = ndimage.map_coordinates(pattern, [16 + (rows - 30.2) / zoom, 16 + (cols - 33.6) / zoom], order=1,
+                                       mode="constant", cval=0.0).clip(0)
+        detector[i] = rng.poisson(fine * (pattern.sum() / fine.sum()))
+    detector[:, 5, 50] = 3000
+    ds = ctx.load("memory", data=detector.reshape(*NAV, size, size), sig_dims=2, num_partitions=3)
+
+    with pytest.raises(ShapeError, match=r"patterns of shape \(64, 64\).*calibrate_dataset"):
+        ctx.run_udf(dataset=ds, udf=PhaseUDF(step_px=STEP))
+    view = calibrate_dataset(ctx, ds, step_px=STEP, png=tmp_path / "calibration.png")
+    assert view.info["masked_pixels"]["count"] == 1 and view.info["zoom"] == pytest.approx(1 / zoom, rel=0.02)
+    assert (tmp_path / "calibration.png").exists()
+    expected, _ = calibrate(detector, load_model(), positions)
+    np.testing.assert_allclose(view.info["center_px"], expected.info["center_px"], atol=1e-9)
+
+    result = ctx.run_udf(dataset=ds, udf=PhaseUDF(step_px=STEP, calibration=view, engine="eager"))
+    reference = reconstruct(expected, positions, progress=False, engine="eager")
+    np.testing.assert_allclose(result["phase"].data, reference.full, rtol=0, atol=1e-5)
+    assert result["electrons_per_pattern"].data[0] == pytest.approx(expected.electrons_per_pattern, rel=0.01)
+
+
+def test_dask_workers_in_other_processes_make_the_same_image(counts, tmp_path):
+    frames, positions = counts
+    path = tmp_path / "scan.npy"
+    np.save(path, frames.reshape(*NAV, 32, 32))
+    with lt.Context.make_with("dask", cpus=2) as ctx:
+        ds = ctx.load("npy", path=str(path), sig_dims=2, num_partitions=4)
+        image = ctx.run_udf(dataset=ds, udf=PhaseUDF(step_px=STEP, engine="eager"))["phase"].data
+    np.testing.assert_allclose(image, _reference(frames, positions).full, rtol=0, atol=1e-5)
+
+
+def test_bad_settings_and_data_are_refused_with_what_was_expected(counts, ctx):
+    frames, _ = counts
+    with pytest.raises(ValueRangeError, match="either the raster's step_px or the positions"):
+        PhaseUDF()
+    with pytest.raises(ValueRangeError, match="either the raster's step_px or the positions"):
+        PhaseUDF(step_px=1.0, positions=np.zeros((4, 2)))
+    with pytest.raises(ValueRangeError, match="kind: expected 'counts' or 'amplitude'"):
+        PhaseUDF(step_px=1.0, kind="intensity")
+    with pytest.raises(ValueRangeError, match="calibration: expected what calibrate_dataset returns"):
+        PhaseUDF(step_px=1.0, calibration="calibration.json")
+    ds = ctx.load("memory", data=frames.reshape(*NAV, 32, 32), sig_dims=2)
+    with pytest.raises(ShapeError, match="130 diffraction patterns"):
+        ctx.run_udf(dataset=ds, udf=PhaseUDF(positions=np.zeros((7, 2))))
+    with pytest.raises(DeepPhaseError, match="neighbourhood of patterns, which crosses LiberTEM's partitions"):
+        ctx.run_udf(dataset=ds, udf=PhaseUDF(model="neighbourhood", step_px=STEP))
+    flat = ctx.load("memory", data=frames, sig_dims=2)
+    with pytest.raises(ShapeError, match="a raster needs a 2D navigation shape"):
+        ctx.run_udf(dataset=flat, udf=PhaseUDF(step_px=STEP))
+    bad = frames.copy()
+    bad[77, 3, 3] = -5
+    ds = ctx.load("memory", data=bad.reshape(*NAV, 32, 32), sig_dims=2, num_partitions=2)
+    with pytest.raises(ValueRangeError, match="frame 77 has negative values"):
+        ctx.run_udf(dataset=ds, udf=PhaseUDF(step_px=STEP, engine="eager"))
+
+
+def test_without_libertem_the_module_imports_and_the_udf_says_what_to_install():
+    code = ("import sys; sys.modules['libertem'] = None\n"
+            "from deepphase.reconstruction.libertem_udf import PhaseUDF\n"
+            "try:\n    PhaseUDF(step_px=1.0)\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("DeepPhaseError PhaseUDF needs LiberTEM") and "pip install deepphase[libertem]" in out
