@@ -657,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default="auto",
                    help="how the network runs: auto (default: on a CPU onnx when onnxruntime is installed and the "
                         "model has an ONNX export (its folder's model.onnx, or one kept from an earlier onnx run) or "
-                        "the scan has ≥ 65,536 patterns, else channels-last; eager on a GPU), "
+                        "the scan has ≥ 16,384 patterns, else channels-last; eager on a GPU), "
                         "eager, channels-last (~1.3× eager on a CPU), compile (torch.compile: ~1.5×, after a 30-60 s "
                         "compilation), cuda-graphs (CUDA only: the network replayed as one CUDA graph per batch size; "
                         "unmeasured), onnx (ONNX Runtime, CPU: ~2.1×; a model without an export is exported at the "

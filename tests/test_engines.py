@@ -161,6 +161,34 @@ def test_each_exporter_computes_the_network_at_any_batch_size(tiny, exporter):
 
 
 @pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed")
+def test_onnx_runs_one_slice_of_a_batch_per_core_and_computes_what_one_call_computes(tiny, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from deepphase.reconstruction import engines
+
+    monkeypatch.setenv("DEEPPHASE_CACHE_DIR", "off")
+    slices = []
+
+    class CountingPool(ThreadPoolExecutor):
+        def map(self, fn, parts):
+            parts = list(parts)
+            slices.append([len(p) for p in parts])
+            return super().map(fn, parts)
+
+    with CountingPool(3) as pool:
+        monkeypatch.setattr(engines, "_slice_pool", lambda workers: pool)
+        three = prepare_network(tiny, "onnx", "cpu", threads=3)
+        one = prepare_network(tiny, "onnx", "cpu", threads=1)  # no pool: one call per batch
+        with torch.inference_mode():
+            for batch in (7, 2, 1):
+                x = patterns(batch, seed=batch)
+                got, alone, expected = three(x), one(x), tiny(x)
+                assert got.shape == alone.shape == expected.shape
+                assert float((got - alone).abs().max()) < 1e-6 and float((got - expected).abs().max()) < 1e-4
+    assert slices == [[3, 2, 2], [1, 1]]  # 7 and 2 patterns in slices; 1 pattern in one call
+
+
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed")
 def test_onnx_takes_the_next_exporter_when_one_fails_or_disagrees(tiny, monkeypatch):
     from deepphase.reconstruction import engines
 

@@ -17,7 +17,10 @@ difference). Which one is fastest depends on the machine: see benchmarks/RESULTS
   the smallest captured batch that holds it; the autocast setting of the call is part of what is
   captured (another setting captures another graph).
 * ``"onnx"``: the network exported with ``torch.onnx.export`` (batch axis dynamic) at the first call
-  and run by ONNX Runtime's CPU execution provider with as many threads as PyTorch uses. CPU only; needs
+  and run by ONNX Runtime's CPU execution provider on as many cores as PyTorch uses: each batch is cut
+  into that many slices, run at once by one single-threaded session from as many Python threads (the
+  session releases the GIL). On two cores that is 1.12-1.16x faster end to end than one session with
+  two intra-op threads, and the same numbers (benchmarks/RESULTS.md, section 34). CPU only; needs
   ``pip install deepphase[onnx]``. An export takes ~1 s (5-7 s where only the torch.export-based exporter
   works), so it is kept in the cache folder
   (:func:`deepphase.runtime.cache_dir`) under a digest of the network's weights, its code and the torch
@@ -44,9 +47,11 @@ import inspect
 import io
 import logging
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..errors import DeepPhaseError, OutputExistsError
@@ -57,11 +62,12 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("eager", "channels-last", "compile", "cuda-graphs", "onnx")
 # A fresh export costs ~1.3 s of a run (the TorchScript exporter with its imports, a session, the check);
-# ONNX Runtime then predicts ~1.3× faster than channels-last. End to end from a file (2 cores,
-# benchmarks/bench_auto_engine.py, RESULTS §31) it lost at 4,096-16,384 patterns, was level or behind at
-# 32,768 and never behind at 65,536 (1.00-1.29x in six rounds). Auto exports from there, and at any size
-# when an export is kept (level at 4,096, ahead from 16,384).
-ONNX_AUTO_MIN_PATTERNS = 65_536
+# ONNX Runtime, run on one slice of each batch per core, then predicts ~1.5× faster than channels-last.
+# End to end from a file (2 cores, benchmarks/bench_auto_engine.py, RESULTS §34) it lost at 4,096
+# patterns (0.81-0.85×), was level at 16,384 (1.00-1.07×) and ahead from 32,768 (1.09-1.32×). Auto
+# exports from 16,384 (where the run loses nothing and the next gets the kept export, 1.09-1.19×), and at
+# any size when an export is kept (0.98-1.09× at 4,096).
+ONNX_AUTO_MIN_PATTERNS = 16_384
 
 
 def resolve_engine(engine: str, device, n_patterns: int, precision: str = "auto", network=None,
@@ -70,7 +76,7 @@ def resolve_engine(engine: str, device, n_patterns: int, precision: str = "auto"
 
     On a CPU, with ONNX Runtime installed and float32 arithmetic: ``"onnx"`` when ``network`` (a
     PhaseModel or a module) has an export for ``pattern_shape`` (C, n, n), in its folder or in the cache,
-    or the scan has ≥ 65,536 patterns; else ``"channels-last"``. On a GPU, ``"eager"`` (the others are
+    or the scan has ≥ 16,384 patterns; else ``"channels-last"``. On a GPU, ``"eager"`` (the others are
     unmeasured there). Any other name is returned as it is.
     """
     if engine != "auto":
@@ -370,8 +376,8 @@ def _keep_recent_exports(folder: Path, keep: int = ONNX_CACHE_KEEP) -> None:
 
 
 def _onnx_session(ort, net: torch.nn.Module, pattern_shape: tuple, threads: int | None, folder_exports=()):
-    """An ONNX Runtime session for ``net``: from the first of ``folder_exports`` (files) and the cache that holds a
-    matching export, else exported (and kept in the cache)."""
+    """An ONNX Runtime session for ``net`` with ``threads`` intra-op threads: from the first of ``folder_exports``
+    (files) and the cache that holds a matching export, else exported (and kept in the cache)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
@@ -466,15 +472,33 @@ def _onnx(network: torch.nn.Module, threads: int | None, folder_exports=()) -> N
         ) from exc
     net = copy.deepcopy(network).cpu().eval()
     session = None
+    # Slices of a batch at once, one single-threaded session call each, rather than one call whose
+    # intra-op threads split every layer: no barrier between the threads at every operator (RESULTS §34).
+    cores = int(threads or torch.get_num_threads())
+    pool = _slice_pool(cores) if cores > 1 else None
 
     def run(x: torch.Tensor) -> torch.Tensor:
         nonlocal session
-        inputs = x.detach().to(dtype=torch.float32).contiguous()
+        inputs = x.detach().to(dtype=torch.float32).contiguous().numpy()
         if session is None:  # made at the first call, for the patterns' own shape
-            session = _onnx_session(ort, net, tuple(inputs.shape[1:]), threads, folder_exports)
-        return torch.from_numpy(session.run(["y"], {"x": inputs.numpy()})[0])
+            session = _onnx_session(ort, net, tuple(inputs.shape[1:]), cores if pool is None else 1, folder_exports)
+        if pool is None or len(inputs) < 2:
+            return torch.from_numpy(session.run(["y"], {"x": inputs})[0])
+        slices = np.array_split(inputs, min(cores, len(inputs)))  # views: rows of a C-ordered array
+        return torch.from_numpy(np.concatenate(list(pool.map(lambda part: session.run(["y"], {"x": part})[0], slices))))
 
     return run
+
+
+_SLICE_POOLS: dict = {}
+
+
+def _slice_pool(workers: int) -> ThreadPoolExecutor | None:
+    """Threads that run ONNX Runtime on slices of a batch, shared by every ONNX network of the process (None:
+    one call per batch with ``workers`` intra-op threads, what benchmarks/bench_onnx_slices.py compares)."""
+    if workers not in _SLICE_POOLS:
+        _SLICE_POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="deepphase-onnx")
+    return _SLICE_POOLS[workers]
 
 
 def prepare_network(model, engine: str = "eager", device: str | torch.device = "cpu",
@@ -493,7 +517,8 @@ def prepare_network(model, engine: str = "eager", device: str | torch.device = "
     device : str or torch.device
         Where the network runs. ``"onnx"`` runs on the CPU only, ``"cuda-graphs"`` on a CUDA device only.
     threads : int, optional
-        ONNX Runtime's intra-op threads (default: ``torch.get_num_threads()``); ignored by the others.
+        Cores ONNX Runtime uses (default: ``torch.get_num_threads()``): each batch runs as that many slices
+        at once, one thread each; ignored by the others.
     fold : bool
         Fold batch norms into the convolutions before them (:func:`fold_batch_norm`; default). Ignored by
         ``"eager"``, which runs the network as it is.

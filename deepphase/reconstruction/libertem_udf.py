@@ -158,7 +158,7 @@ class PhaseUDF(UDF):
         what the calibration was measured with.
     batch_size : patterns per forward pass.
     engine, precision : as for :func:`~deepphase.reconstruction.pipeline.reconstruct` (engine "auto": on a CPU
-        worker channels-last, or ONNX Runtime for scans of ≥ 65,536 patterns; eager on a GPU).
+        worker channels-last, or ONNX Runtime for scans of ≥ 16,384 patterns; eager on a GPU).
     deblur : True, False or "auto" (by the dose; see :mod:`deepphase.reconstruction.deblur`).
     remove_plane : subtract the best-fit plane (as ``reconstruct``).
 

@@ -287,7 +287,7 @@ def reconstruct(
         predicted by each, the image is the mean of all the members' stitched images (``model``
         included) and the uncertainty their spread. Not combined with ``uncertainty_samples``.
     engine : how the network runs (:mod:`deepphase.reconstruction.engines`): "auto" (default: on a CPU
-        channels-last, ~1.3× eager, or ONNX Runtime, ~2.1×, for scans of ≥ 65,536 patterns when it is
+        channels-last, ~1.3× eager, or ONNX Runtime, ~2.1×, for scans of ≥ 16,384 patterns when it is
         installed; eager on a GPU), "eager", "channels-last", "compile", "cuda-graphs" (CUDA only) or "onnx"
         (CPU, float32). Every
         engine computes the same function to ~1e-6 rad. Monte Carlo dropout samples always run eagerly.
