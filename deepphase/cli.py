@@ -230,6 +230,8 @@ def _cmd_reconstruct(args) -> None:
         raise DeepPhaseError(f"out: {str(args.out)!r} already holds calibration.png; choose another folder or pass --overwrite")
     if args.gain is not None and not args.gain > 0:
         raise DeepPhaseError(f"gain: expected a positive number of detector units per electron, got {args.gain}")
+    if args.libertem:
+        return _reconstruct_with_libertem(args)
     notes = []
     data = load_scan(args.data, args.dataset, scan_shape=args.scan_shape)
     try:
@@ -403,6 +405,57 @@ def _reconstruct_on_cluster(args, positions, kind, view):
                                        uncertainty_samples=_dropout_samples(args.uncertainty),
                                        sigma_head=args.uncertainty == "head", precision=args.precision,
                                        sigma_scale=args.sigma_scale, deblur=_DEBLUR[args.deblur])
+
+
+def _reconstruct_with_libertem(args) -> None:
+    """``reconstruct --libertem``: the file opened by LiberTEM, predicted and stitched on its executor."""
+    try:
+        from .reconstruction.libertem_udf import LIBERTEM_EXTRA, reconstruct_file
+        import libertem.api  # noqa: F401
+    except ImportError as exc:
+        raise DeepPhaseError(f"libertem: --libertem needs LiberTEM ({exc}); install it with `{LIBERTEM_EXTRA}`") from exc
+    from .reconstruction.pipeline import write_outputs
+
+    refused = [name for name, given in (
+        ("--uncertainty", bool(args.uncertainty)), ("--ensemble", bool(args.ensemble)), ("--resume", args.resume),
+        ("--scheduler", args.scheduler is not None), ("--dataset", args.dataset is not None),
+        (f"--stitching {args.stitching}", args.stitching != "pairwise"), ("--rotation auto", args.rotation == "auto"),
+        (f"--device {args.device}", args.device != "auto")) if given]
+    if refused:
+        raise DeepPhaseError(f"libertem: {', '.join(refused)} not available with --libertem (LiberTEM's workers run "
+                             "the pairwise stitcher's reductions and choose the device); drop --libertem for them")
+    positions = None
+    if args.positions is not None:
+        positions, _ = _positions_from_args(args, None)
+    elif args.step is None:
+        raise DeepPhaseError("step: give the raster's --step S in pixels (the scan shape comes from the file, or "
+                             "--scan-shape ROWS COLS), or --positions POS.npy")
+    options = {k: v for k, v in (("gain", args.gain), ("mrad_per_px", args.mrad_per_px),
+                                 ("model_mrad_per_px", args.model_mrad_per_px), ("semi_angle", args.semi_angle),
+                                 ("energy", args.energy)) if v is not None}
+    args.out.mkdir(parents=True, exist_ok=True)
+    rec, read = reconstruct_file(
+        args.data, model=args.model, step_px=args.step if positions is None else None, positions=positions,
+        nav_shape=args.scan_shape, rotation_deg=args.rotation, fastest=args.fastest or "col",
+        kind=None if args.input == "auto" else args.input, calibration=args.calibration, calibration_options=options,
+        calibration_png=args.out / "calibration.png", batch_size=args.batch_size, engine=args.engine,
+        precision=args.precision, deblur=_DEBLUR[args.deblur], workers=args.workers, progress=True)
+    scan = ({"positions_file": str(args.positions)} if positions is not None else
+            {"scan_shape": read["navigation_shape"] if (args.fastest or "col") == "col" else read["navigation_shape"][::-1],
+             "step_px": args.step, "rotation_deg": args.rotation, "fastest": args.fastest or "col"})
+    extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": str(args.data),
+             "input": read["input"], "n_patterns": rec.processing["patterns"], "stitching": "pairwise",
+             "model_path": str(args.model or "default (packaged)"), **scan, "data_info": read,
+             "calibration": read["calibration"]}
+    sampling = args.pixel_size or (read["calibration"] or {}).get("real_space_sampling_angstrom")
+    write_outputs(rec, args.out, extra, sampling=sampling, overwrite=args.overwrite)
+    if rec.processing.get("dose_note"):
+        print(f"deepphase reconstruct: note: {rec.processing['dose_note']}", file=sys.stderr)
+    print(f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
+          f"({rec.processing['patterns']} patterns read by {read['reader']} as {read['libertem_dataset']}, "
+          f"{rec.timings['patterns_per_second']:.0f} patterns/s)"
+          + (f"; calibrated {read['pattern_shape'][0]}×{read['pattern_shape'][1]} (see calibration.png)"
+             if read["calibration"] else ""))
 
 
 def _uncertainty_argument(text: str):
@@ -685,6 +738,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="predict on a running dask cluster, e.g. tcp://host:8786 (dask-jobqueue, dask scheduler); "
                             "its workers must see the data file and the model folder")
     g.add_argument("--tile-size", type=int, default=4096, metavar="P", help="patterns per task (default 4096)")
+    g.add_argument("--libertem", action="store_true",
+                   help="open DATA with LiberTEM instead (every format it reads: K2IS, Frms6, TVIPS, SEQ, MRC, Merlin, "
+                        "raw, ...; --scan-shape where the file does not say) and reconstruct on LiberTEM's workers "
+                        "(--workers N: N local processes; default all cores). Frames in LiberTEM's order: --fastest "
+                        "defaults to col. Pairwise stitching; no --uncertainty, --ensemble or --resume. "
+                        "pip install deepphase[libertem]")
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("calibrate-uncertainty", help="fit the factor that makes a model's --uncertainty cover 68 %% "

@@ -1,5 +1,6 @@
 """PhaseUDF: deepphase inside LiberTEM gives the pipeline's image, of the whole scan and while it runs."""
 
+import json
 import subprocess
 import sys
 
@@ -177,3 +178,42 @@ def test_without_libertem_the_module_imports_and_the_udf_says_what_to_install():
             "try:\n    PhaseUDF(step_px=1.0)\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.startswith("DeepPhaseError PhaseUDF needs LiberTEM") and "pip install deepphase[libertem]" in out
+
+
+def test_cli_reconstruct_with_libertem_writes_the_pipelines_image_and_says_what_read_it(counts, tmp_path, capsys):
+    from deepphase.cli import main
+
+    frames, positions = counts
+    # Flat frames recorded with the scan row varying fastest: LiberTEM is told the scan shape.
+    order = np.arange(len(frames)).reshape(NAV).T.reshape(-1)
+    np.save(tmp_path / "scan.npy", frames[order])
+    common = ["--scan-shape", str(NAV[0]), str(NAV[1]), "--fastest", "row", "--step", str(STEP), "--engine", "eager"]
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), *common, "--out", str(tmp_path / "pipeline")]) == 0
+    code = main(["reconstruct", str(tmp_path / "scan.npy"), *common, "--libertem", "--workers", "1",
+                 "--out", str(tmp_path / "lt")])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "read by LiberTEM" in out and "NPYDataSet" in out
+    np.testing.assert_allclose(np.load(tmp_path / "lt" / "phase.npy"), np.load(tmp_path / "pipeline" / "phase.npy"),
+                               rtol=0, atol=1e-5)
+    meta = json.loads((tmp_path / "lt" / "metadata.json").read_text())
+    assert meta["data_info"]["navigation_shape"] == [NAV[1], NAV[0]] and meta["scan_shape"] == list(NAV)
+    assert meta["input"] == "counts" and meta["processing"]["patterns"] == len(frames)
+    # Nothing the user wrote is replaced without --overwrite.
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), *common, "--libertem", "--out", str(tmp_path / "lt")]) == 2
+    assert "already holds" in capsys.readouterr().err
+
+
+def test_cli_libertem_refuses_what_it_cannot_do_and_a_missing_file(tmp_path, capsys):
+    from deepphase.cli import main
+
+    assert main(["reconstruct", str(tmp_path / "missing.k2is"), "--step", "1", "--libertem", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "missing.k2is' does not exist" in capsys.readouterr().err
+    np.save(tmp_path / "scan.npy", np.ones((4, 32, 32), dtype=np.float32))
+    for extra, said in ((["--uncertainty", "4"], "--uncertainty not available with --libertem"),
+                        (["--stitching", "seed"], "--stitching seed not available"),
+                        ([], "needs a 2D navigation shape")):
+        assert main(["reconstruct", str(tmp_path / "scan.npy"), "--step", "1", "--libertem", "--workers", "1",
+                     "--out", str(tmp_path / "o"), *extra]) == 2
+        assert said in capsys.readouterr().err

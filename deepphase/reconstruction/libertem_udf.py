@@ -98,8 +98,9 @@ def scan_positions(nav_shape, step_px=None, rotation_deg: float = 0.0, fastest: 
         positions = validate_positions(positions, n)
     else:
         if len(nav_shape) != 2:
-            raise ShapeError(f"step_px: a raster needs a 2D navigation shape, the dataset has {nav_shape}; "
-                             "give the positions of every frame instead")
+            raise ShapeError(f"step_px: a raster needs a 2D navigation shape, the dataset has {nav_shape}; give "
+                             "the scan shape when loading it (LiberTEM's nav_shape; --scan-shape ROWS COLS) or the "
+                             "positions of every frame")
         if fastest not in ("col", "row"):
             raise ValueRangeError(f"fastest: expected 'col' or 'row', got {fastest!r}")
         grid = nav_shape if fastest == "col" else nav_shape[::-1]
@@ -402,6 +403,17 @@ def to_reconstruction(udf: PhaseUDF, result) -> "Reconstruction":
                            "run_by": "LiberTEM (deepphase.reconstruction.libertem_udf.PhaseUDF)"})
 
 
+def _pick(ctx, dataset, indices: np.ndarray) -> np.ndarray:
+    """Frames ``indices`` (in frame order) of a LiberTEM dataset, (len(indices), *sig) in its dtype."""
+    from libertem.udf.raw import PickUDF
+
+    nav = tuple(dataset.shape.nav)
+    roi = np.zeros(int(np.prod(nav)), dtype=bool)
+    roi[indices] = True
+    frames = ctx.run_udf(dataset=dataset, udf=PickUDF(), roi=roi.reshape(nav))["intensity"].data
+    return np.asarray(frames).reshape(int(roi.sum()), *tuple(dataset.shape.sig))
+
+
 def calibrate_dataset(ctx, dataset, model=None, step_px=None, positions=None, rotation_deg: float = 0.0,
                       fastest: str = "col", max_frames: int = 2048, png: str | Path | None = None, **options):
     """Measure the detector calibration of a LiberTEM dataset for :class:`PhaseUDF` (``calibration=``).
@@ -412,18 +424,95 @@ def calibrate_dataset(ctx, dataset, model=None, step_px=None, positions=None, ro
     ``semi_angle``, ``energy``, ...). Returns the calibrated view of the sample, whose ``info`` says what
     was found.
     """
-    from libertem.udf.raw import PickUDF
-
     from ..data.calibration import calibrate
     from ..models.modelfile import load_model
 
-    nav = tuple(dataset.shape.nav)
-    all_positions = scan_positions(nav, step_px, rotation_deg, fastest, positions)
+    all_positions = scan_positions(tuple(dataset.shape.nav), step_px, rotation_deg, fastest, positions)
     n = len(all_positions)
     pick = np.unique(np.linspace(0, n - 1, min(int(max_frames), n)).astype(np.int64))
-    roi = np.zeros(n, dtype=bool)
-    roi[pick] = True
-    frames = ctx.run_udf(dataset=dataset, udf=PickUDF(), roi=roi.reshape(nav))["intensity"].data
-    frames = np.asarray(frames).reshape(len(pick), *tuple(dataset.shape.sig))
-    view, _ = calibrate(frames, load_model(model), all_positions[pick], png=png, max_frames=len(pick), **options)
+    view, _ = calibrate(_pick(ctx, dataset, pick), load_model(model), all_positions[pick], png=png,
+                        max_frames=len(pick), **options)
     return view
+
+
+def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shape=None, rotation_deg: float = 0.0,
+                     fastest: str = "col", kind: str | None = None, calibration: str = "auto",
+                     calibration_options: dict | None = None, calibration_png=None, batch_size: int = 512,
+                     engine: str = "auto", precision: str = "auto", deblur="auto", remove_plane: bool = True,
+                     workers: int | None = None, progress: bool = False, ctx=None):
+    """Open a 4D-STEM file with LiberTEM and reconstruct it with :class:`PhaseUDF` on LiberTEM's executor.
+
+    What ``deepphase reconstruct --libertem`` runs: every format LiberTEM reads (its ``"auto"`` detection).
+
+    Parameters
+    ----------
+    path : the file (or the first file of a set, as LiberTEM takes it).
+    nav_shape : (rows, cols) of the scan, for files that do not record it (LiberTEM's ``nav_shape``), in the
+        order of ``fastest``: with ``fastest="row"`` the file's frames are read as (cols, rows).
+    kind : "counts" or "amplitude"; None: inferred from 16 frames (whole numbers are counts).
+    calibration : "auto" (calibrate patterns that are not the model's n×n grid), "on" or "off".
+    calibration_options : for :func:`calibrate_dataset` (``gain``, ``mrad_per_px``, ``semi_angle``, ...).
+    calibration_png : where the calibration figure goes, if one is measured.
+    workers : LiberTEM's local CPU workers (default: LiberTEM's default context, every core and GPU).
+    ctx : a LiberTEM ``Context`` to use instead (left open).
+    model, step_px, positions, rotation_deg, fastest, batch_size, engine, precision, deblur, remove_plane :
+        as for :class:`PhaseUDF`.
+
+    Returns
+    -------
+    (Reconstruction, dict) : the reconstruction (as :func:`to_reconstruction` makes it, with wall times) and
+    what was read: LiberTEM's dataset type, navigation and signal shapes, the input kind, the calibration.
+    """
+    import time
+
+    import libertem
+    import libertem.api as lt
+    from libertem.io.dataset.base import DataSetException
+
+    from ..data.io import infer_kind
+    from ..models.modelfile import load_model
+
+    if calibration not in ("auto", "on", "off"):
+        raise ValueRangeError(f"calibration: expected 'auto', 'on' or 'off', got {calibration!r}")
+    if not Path(path).exists():
+        from ..errors import InputFileError
+
+        raise InputFileError(f"data: {str(path)!r} does not exist")
+    if nav_shape is not None and fastest == "row":
+        nav_shape = tuple(nav_shape)[::-1]  # LiberTEM's last navigation axis is the one that varies fastest
+    own = ctx is None
+    if own:
+        ctx = lt.Context() if workers is None else lt.Context.make_with("dask", cpus=int(workers))
+    try:
+        t0 = time.perf_counter()
+        try:
+            dataset = ctx.load("auto", path=str(path), **({"nav_shape": tuple(nav_shape)} if nav_shape else {}))
+        except DataSetException as exc:
+            raise DeepPhaseError(f"data: LiberTEM could not open {str(path)!r} ({exc}); for a raw or .npy file "
+                                 "give the scan shape, or check the path") from exc
+        nav, sig = tuple(dataset.shape.nav), tuple(dataset.shape.sig)
+        phase_model = load_model(model)
+        n = phase_model.geometry.n_px
+        frames = int(np.prod(nav))
+        if kind is None:
+            kind = infer_kind(_pick(ctx, dataset, np.unique(np.linspace(0, frames - 1, min(16, frames)).astype(int))))
+        view = None
+        if calibration == "on" or (calibration == "auto" and sig != (n, n)):
+            view = calibrate_dataset(ctx, dataset, model, step_px, positions, rotation_deg, fastest,
+                                     png=calibration_png, kind=kind, **(calibration_options or {}))
+        udf = PhaseUDF(model=model, step_px=step_px, positions=positions, rotation_deg=rotation_deg,
+                       fastest=fastest, kind=kind, calibration=view, batch_size=batch_size, engine=engine,
+                       precision=precision, deblur=deblur, remove_plane=remove_plane)
+        t1 = time.perf_counter()
+        result = ctx.run_udf(dataset=dataset, udf=udf, progress=progress)
+        rec = to_reconstruction(udf, result)
+        t2 = time.perf_counter()
+    finally:
+        if own:
+            ctx.close()
+    rec.timings = {"setup_s": round(t1 - t0, 3), "predict_and_stitch_s": round(t2 - t1, 3),
+                   "patterns_per_second": round(frames / max(t2 - t1, 1e-9), 1)}
+    read = {"reader": f"LiberTEM {libertem.__version__}", "libertem_dataset": type(dataset).__name__,
+            "navigation_shape": list(nav), "pattern_shape": list(sig), "input": kind,
+            "calibration": None if view is None else view.info}
+    return rec, read
