@@ -15,7 +15,12 @@ import libertem.api as lt  # noqa: E402
 from deepphase.data.io import AmplitudeView  # noqa: E402
 from deepphase.errors import DeepPhaseError, ShapeError, ValueRangeError  # noqa: E402
 from deepphase.physics.scan import raster_positions  # noqa: E402
-from deepphase.reconstruction.libertem_udf import PhaseUDF, calibrate_dataset, to_reconstruction  # noqa: E402
+from deepphase.reconstruction.libertem_udf import (  # noqa: E402
+    PhaseUDF,
+    calibrate_dataset,
+    reconstruct_file,
+    to_reconstruction,
+)
 from deepphase.reconstruction.pipeline import reconstruct  # noqa: E402
 
 NAV = (10, 13)  # scan rows, scan columns: not square, so a swapped axis shows
@@ -135,6 +140,15 @@ def test_detector_patterns_are_calibrated_as_the_pipeline_calibrates_them(counts
     reference = reconstruct(expected, positions, progress=False, engine="eager")
     np.testing.assert_allclose(result["phase"].data, reference.full, rtol=0, atol=1e-5)
     assert result["electrons_per_pattern"].data[0] == pytest.approx(expected.electrons_per_pattern, rel=0.01)
+
+    # From a file, as reconstruct --libertem runs it: the kind read from the frames, calibrated because 64 ≠ 32.
+    np.save(tmp_path / "detector.npy", detector.reshape(*NAV, size, size))
+    rec, read = reconstruct_file(tmp_path / "detector.npy", step_px=STEP, engine="eager", ctx=ctx,
+                                 calibration_png=tmp_path / "from-file.png")
+    assert read["input"] == "counts" and read["pattern_shape"] == [size, size]
+    assert read["calibration"]["zoom"] == pytest.approx(view.info["zoom"], rel=1e-9)
+    assert rec.origin_px == reference.origin_px
+    np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)
 
 
 def test_dask_workers_in_other_processes_make_the_same_image(counts, tmp_path):
