@@ -417,7 +417,8 @@ def _reconstruct_with_libertem(args) -> None:
     from .reconstruction.pipeline import write_outputs
 
     refused = [name for name, given in (
-        ("--uncertainty", bool(args.uncertainty)), ("--ensemble", bool(args.ensemble)), ("--resume", args.resume),
+        (f"--uncertainty {args.uncertainty}", args.uncertainty not in (0, "head")), ("--ensemble", bool(args.ensemble)),
+        ("--resume", args.resume),
         ("--scheduler", args.scheduler is not None), ("--dataset", args.dataset is not None),
         (f"--stitching {args.stitching}", args.stitching != "pairwise"), ("--rotation auto", args.rotation == "auto"),
         (f"--device {args.device}", args.device != "auto")) if given]
@@ -439,7 +440,8 @@ def _reconstruct_with_libertem(args) -> None:
         nav_shape=args.scan_shape, rotation_deg=args.rotation, fastest=args.fastest or "col",
         kind=None if args.input == "auto" else args.input, calibration=args.calibration, calibration_options=options,
         calibration_png=args.out / "calibration.png", batch_size=args.batch_size, engine=args.engine,
-        precision=args.precision, deblur=_DEBLUR[args.deblur], workers=args.workers, progress=True)
+        precision=args.precision, deblur=_DEBLUR[args.deblur], workers=args.workers, progress=True,
+        uncertainty="head" if args.uncertainty == "head" else None)
     scan = ({"positions_file": str(args.positions)} if positions is not None else
             {"scan_shape": read["navigation_shape"] if (args.fastest or "col") == "col" else read["navigation_shape"][::-1],
              "step_px": args.step, "rotation_deg": args.rotation, "fastest": args.fastest or "col"})
@@ -742,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open DATA with LiberTEM instead (every format it reads: K2IS, Frms6, TVIPS, SEQ, MRC, Merlin, "
                         "raw, ...; --scan-shape where the file does not say) and reconstruct on LiberTEM's workers "
                         "(--workers N: N local processes; default all cores). Frames in LiberTEM's order: --fastest "
-                        "defaults to col. Pairwise stitching; no --uncertainty, --ensemble or --resume. "
+                        "defaults to col. Pairwise stitching; --uncertainty head, but no dropout samples, --ensemble "
+                        "or --resume. "
                         "pip install deepphase[libertem]")
     p.set_defaults(func=_cmd_reconstruct)
 

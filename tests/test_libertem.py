@@ -91,6 +91,32 @@ def test_while_the_scan_runs_the_image_is_the_pipelines_image_of_the_positions_s
     assert seen == sorted(seen) and seen[-1] == len(positions) and len(seen) == 4
 
 
+def test_the_sigma_heads_uncertainty_is_the_pipelines_whole_and_while_the_scan_runs(counts, ctx):
+    frames, positions = counts
+    ds = ctx.load("memory", data=frames.reshape(*NAV, 32, 32), sig_dims=2, num_partitions=3)
+    udf = PhaseUDF(step_px=STEP, engine="eager", uncertainty="head")
+    parts = list(ctx.run_udf_iter(dataset=ds, udf=udf))
+    reference = _reference(frames, positions, sigma_head=True)
+    result = parts[-1].buffers[0]
+    rec = to_reconstruction(udf, result)
+    assert rec.uncertainty.shape == reference.uncertainty.shape and np.nanmin(rec.uncertainty) > 0
+    np.testing.assert_allclose(rec.uncertainty, reference.uncertainty, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)
+    # (the factor is read at the dose: the pipeline's from a sample of the frames, the UDF's from all)
+    assert rec.processing["uncertainty"]["sigma_scale"] == pytest.approx(
+        reference.processing["uncertainty"]["sigma_scale"], rel=1e-4)
+    assert np.array_equal(np.isnan(result["uncertainty"].data), np.isnan(result["phase"].data))
+    done = int(parts[0].damage.data.sum())  # the first partition's positions alone
+    early = _reference(frames[:done], positions[:done], sigma_head=True)
+    sigma = parts[0].buffers[0]["uncertainty"].data
+    (r0, c0), (rows, cols) = early.origin_px, early.uncertainty.shape
+    np.testing.assert_allclose(sigma[r0 : r0 + rows, c0 : c0 + cols], early.uncertainty, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueRangeError, match="Monte Carlo dropout and ensembles need deepphase reconstruct"):
+        PhaseUDF(step_px=STEP, uncertainty=8)
+    with pytest.raises(ValueRangeError, match="'head' needs a model trained with a σ head"):
+        ctx.run_udf(dataset=ds, udf=PhaseUDF(model="seed", step_px=STEP, uncertainty="head"))
+
+
 def test_a_roi_reconstructs_its_positions_and_row_fastest_frames_swap_the_navigation_axes(counts, ctx):
     frames, positions = counts
     roi = np.zeros(NAV, dtype=bool)
@@ -201,15 +227,17 @@ def test_cli_reconstruct_with_libertem_writes_the_pipelines_image_and_says_what_
     # Flat frames recorded with the scan row varying fastest: LiberTEM is told the scan shape.
     order = np.arange(len(frames)).reshape(NAV).T.reshape(-1)
     np.save(tmp_path / "scan.npy", frames[order])
-    common = ["--scan-shape", str(NAV[0]), str(NAV[1]), "--fastest", "row", "--step", str(STEP), "--engine", "eager"]
+    common = ["--scan-shape", str(NAV[0]), str(NAV[1]), "--fastest", "row", "--step", str(STEP), "--engine", "eager",
+              "--uncertainty", "head"]
     assert main(["reconstruct", str(tmp_path / "scan.npy"), *common, "--out", str(tmp_path / "pipeline")]) == 0
     code = main(["reconstruct", str(tmp_path / "scan.npy"), *common, "--libertem", "--workers", "1",
                  "--out", str(tmp_path / "lt")])
     assert code == 0
     out = capsys.readouterr().out
     assert "read by LiberTEM" in out and "NPYDataSet" in out
-    np.testing.assert_allclose(np.load(tmp_path / "lt" / "phase.npy"), np.load(tmp_path / "pipeline" / "phase.npy"),
-                               rtol=0, atol=1e-5)
+    for name in ("phase.npy", "uncertainty.npy"):
+        np.testing.assert_allclose(np.load(tmp_path / "lt" / name), np.load(tmp_path / "pipeline" / name),
+                                   rtol=1e-5, atol=1e-5)
     meta = json.loads((tmp_path / "lt" / "metadata.json").read_text())
     assert meta["data_info"]["navigation_shape"] == [NAV[1], NAV[0]] and meta["scan_shape"] == list(NAV)
     assert meta["input"] == "counts" and meta["processing"]["patterns"] == len(frames)
@@ -225,7 +253,7 @@ def test_cli_libertem_refuses_what_it_cannot_do_and_a_missing_file(tmp_path, cap
                  str(tmp_path / "o")]) == 2
     assert "missing.k2is' does not exist" in capsys.readouterr().err
     np.save(tmp_path / "scan.npy", np.ones((4, 32, 32), dtype=np.float32))
-    for extra, said in ((["--uncertainty", "4"], "--uncertainty not available with --libertem"),
+    for extra, said in ((["--uncertainty", "4"], "--uncertainty 4 not available with --libertem"),
                         (["--stitching", "seed"], "--stitching seed not available"),
                         ([], "needs a 2D navigation shape")):
         assert main(["reconstruct", str(tmp_path / "scan.npy"), "--step", "1", "--libertem", "--workers", "1",

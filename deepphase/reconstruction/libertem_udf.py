@@ -21,8 +21,10 @@ the last navigation axis varies fastest), or are given; a region of interest (``
 its positions only. Patterns on the model's n×n grid are used as they are (counts, or amplitudes);
 a detector's larger patterns need a calibration, measured once with :func:`calibrate_dataset`.
 
-Not here (use ``deepphase reconstruct``): neighbourhood models (their input crosses partitions), the
-"least-squares" and "seed" stitchers (they need every patch at once) and uncertainty maps.
+A model with a σ head (the packaged default) also gives its uncertainty map, from the same forward pass
+(``uncertainty="head"``). Not here (use ``deepphase reconstruct``): neighbourhood models (their input
+crosses partitions), the "least-squares" and "seed" stitchers (they need every patch at once), Monte
+Carlo dropout and ensembles.
 
 Examples
 --------
@@ -162,6 +164,8 @@ class PhaseUDF(UDF):
         worker channels-last, or ONNX Runtime for scans of ≥ 16,384 patterns; eager on a GPU).
     deblur : True, False or "auto" (by the dose; see :mod:`deepphase.reconstruction.deblur`).
     remove_plane : subtract the best-fit plane (as ``reconstruct``).
+    uncertainty : None, or "head": also the per-pixel σ from the model's σ head, blended as ``reconstruct
+        --uncertainty head`` blends it and scaled by the factor fitted for the head.
 
     Results
     -------
@@ -172,15 +176,20 @@ class PhaseUDF(UDF):
         How many patterns the image holds.
     electrons_per_pattern : float64
         The mean counts per pattern (NaN for amplitudes).
+    uncertainty : (rows, cols) float32, with ``uncertainty="head"``
+        One standard deviation of the phase (rad) on the same grid; NaN where ``phase`` is.
     """
 
     def __init__(self, model=None, step_px=None, positions=None, rotation_deg: float = 0.0, fastest: str = "col",
                  kind: str = "counts", calibration=None, batch_size: int = 512, engine: str = "auto",
-                 precision: str = "auto", deblur="auto", remove_plane: bool = True, **kwargs):
+                 precision: str = "auto", deblur="auto", remove_plane: bool = True, uncertainty=None, **kwargs):
         if kind not in ("counts", "amplitude"):
             raise ValueRangeError(f"kind: expected 'counts' or 'amplitude', got {kind!r}")
         if int(batch_size) < 1:
             raise ValueRangeError(f"batch_size: expected a positive number of patterns, got {batch_size}")
+        if uncertainty not in (None, "head"):
+            raise ValueRangeError(f"uncertainty: expected None or 'head' (the model's σ head), got {uncertainty!r}; "
+                                  "Monte Carlo dropout and ensembles need deepphase reconstruct")
         if deblur not in (True, False, "auto"):
             raise ValueRangeError(f"deblur: expected True, False or 'auto', got {deblur!r}")
         if (positions is None) == (step_px is None):
@@ -197,7 +206,7 @@ class PhaseUDF(UDF):
                          positions=None if positions is None else np.asarray(positions, dtype=np.float64),
                          rotation_deg=float(rotation_deg), fastest=fastest, kind=kind, calibration=calibration,
                          batch_size=int(batch_size), engine=engine, precision=precision, deblur=deblur,
-                         remove_plane=bool(remove_plane), **kwargs)
+                         remove_plane=bool(remove_plane), uncertainty=uncertainty, **kwargs)
 
     # ---------------------------------------------------------------- set-up, on the main node and the workers
     def _model(self):
@@ -205,6 +214,10 @@ class PhaseUDF(UDF):
         if model.in_channels > 1:
             raise DeepPhaseError(f"model: {model.name!r} takes the 3×3 neighbourhood of patterns, which crosses "
                                  "LiberTEM's partitions; use a single-pattern model here, or deepphase reconstruct")
+        if self.params.uncertainty == "head":
+            from .predict import check_sigma_head
+
+            check_sigma_head(model)
         return model
 
     def _positions(self) -> np.ndarray:
@@ -238,6 +251,9 @@ class PhaseUDF(UDF):
         self._check_patterns_fit(model)
         scan = _scan(model, self._positions())
         n_lags = len(scan.reducer.lags)
+        sigma = {} if self.params.uncertainty is None else {
+            "uncertainty": self.buffer(kind="single", extra_shape=scan.shape, dtype="float32", use="result_only"),
+            "sigma_binned": self.buffer(kind="single", extra_shape=scan.shape, dtype="float64", use="private")}
         return {
             "phase": self.buffer(kind="single", extra_shape=scan.shape, dtype="float32", use="result_only"),
             "patterns": self.buffer(kind="single", dtype="float64", use="result_only"),
@@ -246,6 +262,7 @@ class PhaseUDF(UDF):
             "sums_j": self.buffer(kind="nav", extra_shape=(n_lags,), dtype="float32", use="private"),
             "binned": self.buffer(kind="single", extra_shape=scan.shape, dtype="float64", use="private"),
             "counts": self.buffer(kind="single", dtype="float64", use="private"),
+            **sigma,
         }
 
     def get_task_data(self):
@@ -295,14 +312,17 @@ class PhaseUDF(UDF):
         check_patterns(amplitudes, first,
                        what="data" if self.meta.roi is None else "data (frames counted inside the roi)")
         on_device = task.device.type == "cuda"
+        head = self.params.uncertainty == "head"
         patches = predict_patches(task.model, amplitudes, batch_size=self.params.batch_size, device=task.device,
                                   progress=False, precision=self.params.precision, runner=task.runner,
-                                  on_device=on_device)
+                                  on_device=on_device, sigma=head)
+        if head:
+            patches, sigmas = patches
+            _add_window(self.results.sigma_binned, task.scan.reduce(sigmas, first, remove_mean=False))
         reduced = task.scan.reduce(patches, first)
         self.results.sums_i[:] = reduced["sums_i"]
         self.results.sums_j[:] = reduced["sums_j"]
-        (r0, c0), window = reduced["window_origin"], reduced["window"]
-        self.results.binned[r0 : r0 + window.shape[0], c0 : c0 + window.shape[1]] += window
+        _add_window(self.results.binned, reduced)
         self.results.counts[:] += counts
 
     # ---------------------------------------------------------------- on the main node
@@ -311,6 +331,8 @@ class PhaseUDF(UDF):
         dest.sums_j[:] = src.sums_j
         dest.binned[:] += src.binned
         dest.counts[:] += src.counts
+        if self.params.uncertainty is not None:
+            dest.sigma_binned[:] += src.sigma_binned
 
     def get_results(self):
         model = self._model()
@@ -320,14 +342,25 @@ class PhaseUDF(UDF):
         done = np.ones(len(positions), dtype=bool) if valid is None else np.asarray(valid, dtype=bool).reshape(-1)
         n_done = int(np.count_nonzero(done))
         phase = np.full(template.shape, np.nan, dtype=np.float32)
+        sigma = None if self.params.uncertainty is None else np.full(template.shape, np.nan, dtype=np.float32)
         counted = self.params.kind == "counts" or self.params.calibration is not None
         dose = float(self.results.counts[0]) / n_done if n_done and counted else None
         if n_done:
-            full = _stitch(model, template, positions, done, self.results.sums_i, self.results.sums_j,
-                           self.results.binned, self.params, dose)
+            full, spread = _stitch(model, template, positions, done, self.results.sums_i, self.results.sums_j,
+                                   self.results.binned, self.params, dose,
+                                   None if sigma is None else self.results.sigma_binned)
             phase[: full.shape[0], : full.shape[1]] = full
+            if sigma is not None:
+                sigma[: spread.shape[0], : spread.shape[1]] = spread
         return {"phase": phase, "patterns": np.array([n_done], dtype=np.float64),
-                "electrons_per_pattern": np.array([np.nan if dose is None else dose])}
+                "electrons_per_pattern": np.array([np.nan if dose is None else dose]),
+                **({} if sigma is None else {"uncertainty": sigma})}
+
+
+def _add_window(buffer, reduced: dict) -> None:
+    """Add the binned window of :meth:`PatchReducer.reduce` into an object-grid buffer at its place."""
+    (r0, c0), window = reduced["window_origin"], reduced["window"]
+    buffer[r0 : r0 + window.shape[0], c0 : c0 + window.shape[1]] += window
 
 
 def _runner(model, engine: str, device, auto: bool):
@@ -352,8 +385,9 @@ def _runner(model, engine: str, device, auto: bool):
 _RUNNERS: dict = {}
 
 
-def _stitch(model, template, positions, done, sums_i, sums_j, binned, params, dose) -> np.ndarray:
-    """The image of the positions in ``done`` on the object grid (from pixel (0, 0)), as ``reconstruct`` makes it."""
+def _stitch(model, template, positions, done, sums_i, sums_j, binned, params, dose, sigma_binned=None):
+    """The image of the positions in ``done`` on the object grid (from pixel (0, 0)), as ``reconstruct`` makes it,
+    and with ``sigma_binned`` (the σ head's binned patches) its uncertainty on the same grid (else None)."""
     from .deblur import resolve_deblur
     from .pipeline import finish
     from .stitching import PairwiseStitcher
@@ -361,6 +395,7 @@ def _stitch(model, template, positions, done, sums_i, sums_j, binned, params, do
     if done.all():
         stitcher, used = template.empty_copy(), positions
         stitcher.load_state({"sums_i": sums_i, "sums_j": sums_j, "total": binned, "done": done})
+        rows, cols = stitcher.shape
     else:  # while the scan runs: a stitcher of the positions so far, fed their columns of the overlap sums
         index = np.flatnonzero(done)
         used = positions[index]
@@ -370,10 +405,20 @@ def _stitch(model, template, positions, done, sums_i, sums_j, binned, params, do
         rows, cols = stitcher.shape
         stitcher.load_state({"sums_i": sums_i[index][:, columns], "sums_j": sums_j[index][:, columns],
                              "total": binned[:rows, :cols], "done": np.ones(len(index), dtype=bool)})
+    accumulators = [stitcher]
+    if sigma_binned is not None:  # σ is blended with offsets zero: only its binned sums are needed
+        sigmas = stitcher.empty_copy()
+        sigmas.load_state({**stitcher.state(), "total": sigma_binned[:rows, :cols]})
+        accumulators.append(sigmas)
     deblur, _ = resolve_deblur(params.deblur, dose)
-    full, *_ = finish([stitcher], used, template.mask, model, "pairwise", params.remove_plane, deblur=deblur,
-                      dose=dose)
-    return full
+    full, _, phase, (r0, c0), spread, _ = finish(accumulators, used, template.mask, model, "pairwise",
+                                                 params.remove_plane, deblur=deblur, dose=dose,
+                                                 sigma_head=sigma_binned is not None)
+    if spread is None:
+        return full, None
+    spread_full = np.full(full.shape, np.nan, dtype=np.float32)
+    spread_full[r0 : r0 + phase.shape[0], c0 : c0 + phase.shape[1]] = spread
+    return full, spread_full
 
 
 def to_reconstruction(udf: PhaseUDF, result) -> "Reconstruction":
@@ -393,14 +438,25 @@ def to_reconstruction(udf: PhaseUDF, result) -> "Reconstruction":
     model = _load(udf.params.model)
     cropped, origin = crop_to_coverage(phase)
     deblurred, why = resolve_deblur(udf.params.deblur, dose)
+    sigma, record = None, None
+    if udf.params.uncertainty == "head":
+        from .uncertainty import sigma_scale_at
+
+        (r0, c0), (rows, cols) = origin, cropped.shape
+        sigma = np.asarray(result["uncertainty"].data)[r0 : r0 + rows, c0 : c0 + cols]
+        scale, source = sigma_scale_at(model, dose, method="head")
+        record = {"method": "σ head", "samples": 0, "sigma_scale": float(scale),
+                  "note": "σ = sigma_scale × the blend of the network's predicted σ patches, from the phase's own "
+                          f"forward pass ({'factor ' + source if scale != 1.0 and source else 'not calibrated'})"}
     return Reconstruction(cropped, origin, phase, {},
                           {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
                           {"stitching": "pairwise", "plane_removed": udf.params.remove_plane, "deblurred": deblurred,
                            "deblur_reason": why, "electrons_per_pattern": None if dose is None else round(dose, 1),
                            "dose_note": dose_note(model, dose), "engine": udf.params.engine,
                            "precision": udf.params.precision, "patterns": patterns,
-                           "calibrated": udf.params.calibration is not None,
-                           "run_by": "LiberTEM (deepphase.reconstruction.libertem_udf.PhaseUDF)"})
+                           "calibrated": udf.params.calibration is not None, "uncertainty": record,
+                           "run_by": "LiberTEM (deepphase.reconstruction.libertem_udf.PhaseUDF)"},
+                          sigma)
 
 
 def _pick(ctx, dataset, indices: np.ndarray) -> np.ndarray:
@@ -439,7 +495,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
                      fastest: str = "col", kind: str | None = None, calibration: str = "auto",
                      calibration_options: dict | None = None, calibration_png=None, batch_size: int = 512,
                      engine: str = "auto", precision: str = "auto", deblur="auto", remove_plane: bool = True,
-                     workers: int | None = None, progress: bool = False, ctx=None):
+                     uncertainty=None, workers: int | None = None, progress: bool = False, ctx=None):
     """Open a 4D-STEM file with LiberTEM and reconstruct it with :class:`PhaseUDF` on LiberTEM's executor.
 
     What ``deepphase reconstruct --libertem`` runs: every format LiberTEM reads (its ``"auto"`` detection).
@@ -455,8 +511,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     calibration_png : where the calibration figure goes, if one is measured.
     workers : LiberTEM's local CPU workers (default: LiberTEM's default context, every core and GPU).
     ctx : a LiberTEM ``Context`` to use instead (left open).
-    model, step_px, positions, rotation_deg, fastest, batch_size, engine, precision, deblur, remove_plane :
-        as for :class:`PhaseUDF`.
+    model, step_px, positions, rotation_deg, fastest, batch_size, engine, precision, deblur, remove_plane,
+    uncertainty : as for :class:`PhaseUDF`.
 
     Returns
     -------
@@ -502,7 +558,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
                                      png=calibration_png, kind=kind, **(calibration_options or {}))
         udf = PhaseUDF(model=model, step_px=step_px, positions=positions, rotation_deg=rotation_deg,
                        fastest=fastest, kind=kind, calibration=view, batch_size=batch_size, engine=engine,
-                       precision=precision, deblur=deblur, remove_plane=remove_plane)
+                       precision=precision, deblur=deblur, remove_plane=remove_plane, uncertainty=uncertainty)
         t1 = time.perf_counter()
         result = ctx.run_udf(dataset=dataset, udf=udf, progress=progress)
         rec = to_reconstruction(udf, result)
