@@ -13,8 +13,8 @@ round runs, one after another in this process, for each engine:
 * ``libertem dask``: the same UDF on LiberTEM's default executor, WORKERS local worker processes of one
   thread each (started once, outside the timing).
 
-Each timing goes from the file on disk to the stitched image (model loaded and network prepared before,
-once per executor). Prints the wall times, the ratio pipeline ÷ LiberTEM per round, and the largest
+Each timing goes from the file on disk to the stitched image, cropped to the scanned area (model loaded
+and network prepared before, once per executor). Prints the wall times, the ratio pipeline ÷ LiberTEM per round, and the largest
 difference between the LiberTEM images and the pipeline's (rad). ``--partial-only`` prints instead what
 one image costs while the scan runs (a live plot's update) at several fractions of the positions.
 """
@@ -84,7 +84,7 @@ def main():
     import deepphase
     from deepphase.data.io import AmplitudeView
     from deepphase.physics.scan import raster_positions
-    from deepphase.reconstruction.libertem_udf import PhaseUDF
+    from deepphase.reconstruction.libertem_udf import PhaseUDF, to_reconstruction
     from deepphase.reconstruction.pipeline import reconstruct
 
     print(f"deepphase {deepphase.__version__}, libertem {libertem.__version__}, torch {torch.__version__}, "
@@ -95,13 +95,15 @@ def main():
     frames = np.load(path, mmap_mode="r")
 
     def pipeline(engine):
-        return reconstruct(AmplitudeView(np.load(path, mmap_mode="r"), "amplitude"), positions, progress=False,
-                           engine=engine).full
+        rec = reconstruct(AmplitudeView(np.load(path, mmap_mode="r"), "amplitude"), positions, progress=False,
+                          engine=engine)
+        return rec.phase, rec.origin_px
 
     def with_libertem(ctx, engine):
         ds = ctx.load("npy", path=str(path), nav_shape=(cols, rows), sig_shape=frames.shape[1:])
         udf = PhaseUDF(step_px=STEP, fastest="row", kind="amplitude", engine=engine)
-        return ctx.run_udf(dataset=ds, udf=udf)["phase"].data
+        rec = to_reconstruction(udf, ctx.run_udf(dataset=ds, udf=udf))
+        return rec.phase, rec.origin_px
 
     inline = lt.Context.make_with("inline")
     # LiberTEM's workers need the same thread limit as this process for a fair comparison: one each.
@@ -119,12 +121,16 @@ def main():
                 reference = None
                 for name, run in runs.items():
                     t0 = time.perf_counter()
-                    image = run(engine)
+                    image, origin = run(engine)
                     times[name, engine].append(time.perf_counter() - t0)
                     if reference is None:
-                        reference = image
+                        reference = image, origin
+                    elif origin != reference[1] or image.shape != reference[0].shape:
+                        raise SystemExit(f"{name}: image {image.shape} at {origin}, the pipeline's "
+                                         f"{reference[0].shape} at {reference[1]}")
                     else:
-                        worst[name, engine] = max(worst[name, engine], float(np.nanmax(np.abs(image - reference))))
+                        worst[name, engine] = max(worst[name, engine],
+                                                  float(np.nanmax(np.abs(image - reference[0]))))
                 print(f"round {r + 1}, {engine}: " + ", ".join(f"{name} {times[name, engine][-1]:.2f} s"
                                                              for name in runs), flush=True)
     finally:

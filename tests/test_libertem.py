@@ -49,16 +49,35 @@ def _reference(frames, positions, **kw):
     return reconstruct(AmplitudeView(frames, "counts"), positions, progress=False, engine="eager", **kw)
 
 
+def _on_object_grid(buffers, name="phase"):
+    """A result buffer (the scanned area, top-left at ``origin_px``) on the object grid from pixel (0, 0)."""
+    box = buffers[name].data
+    r0, c0 = (int(k) for k in buffers["origin_px"].data)
+    image = np.full((r0 + box.shape[0], c0 + box.shape[1]), np.nan, dtype=np.float32)
+    image[r0:, c0:] = box
+    return image
+
+
+def _assert_same_image(image, expected, atol=1e-5):
+    """Equal where both are finite, NaN at the same pixels, on the larger of the two grids (NaN beyond each)."""
+    shape = np.maximum(image.shape, expected.shape)
+    a, b = np.full(shape, np.nan), np.full(shape, np.nan)
+    a[: image.shape[0], : image.shape[1]] = image
+    b[: expected.shape[0], : expected.shape[1]] = expected
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    np.testing.assert_allclose(a, b, rtol=0, atol=atol)
+
+
 def test_the_udf_makes_the_pipelines_image_of_the_whole_scan(counts, ctx, tmp_path):
     frames, positions = counts
     ds = ctx.load("memory", data=frames.reshape(*NAV, 32, 32), sig_dims=2, num_partitions=3)
     udf = PhaseUDF(step_px=STEP, engine="eager")
     result = ctx.run_udf(dataset=ds, udf=udf)
     reference = _reference(frames, positions)
-    full = result["phase"].data
-    assert full.shape == reference.full.shape
-    np.testing.assert_array_equal(np.isnan(full), np.isnan(reference.full))
-    np.testing.assert_allclose(full, reference.full, rtol=0, atol=1e-5)
+    _assert_same_image(_on_object_grid(result), reference.full)
+    # The buffer holds the scanned area only (what a live plot shows), not the probe windows' margins.
+    assert not np.isnan(result["phase"].data[[0, -1]]).all(axis=1).any()
+    assert not np.isnan(result["phase"].data[:, [0, -1]]).all(axis=0).any()
     assert result["patterns"].data[0] == len(positions)
     assert result["electrons_per_pattern"].data[0] == pytest.approx(frames.sum() / len(frames))
 
@@ -77,16 +96,15 @@ def test_while_the_scan_runs_the_image_is_the_pipelines_image_of_the_positions_s
     frames, positions = counts
     ds = ctx.load("memory", data=frames.reshape(*NAV, 32, 32), sig_dims=2, num_partitions=4)
     seen = []
+    result_shape = ctx.run_udf(dataset=ds, udf=PhaseUDF(step_px=STEP, engine="eager"))["phase"].data.shape
     for part in ctx.run_udf_iter(dataset=ds, udf=PhaseUDF(step_px=STEP, engine="eager", deblur=False)):
         done = int(part.damage.data.sum())
         buffers = part.buffers[0]
         assert buffers["patterns"].data[0] == done
         if done < len(positions):
             reference = _reference(frames[:done], positions[:done], deblur=False)
-            image = buffers["phase"].data
-            rows, cols = reference.full.shape
-            np.testing.assert_allclose(image[:rows, :cols], reference.full, rtol=0, atol=1e-5)
-            assert np.isnan(image[rows:]).all() and np.isnan(image[:, cols:]).all()
+            assert buffers["phase"].data.shape == result_shape  # the whole scan's area from the start
+            _assert_same_image(_on_object_grid(buffers), reference.full)
         seen.append(done)
     assert seen == sorted(seen) and seen[-1] == len(positions) and len(seen) == 4
 
@@ -108,9 +126,10 @@ def test_the_sigma_heads_uncertainty_is_the_pipelines_whole_and_while_the_scan_r
     assert np.array_equal(np.isnan(result["uncertainty"].data), np.isnan(result["phase"].data))
     done = int(parts[0].damage.data.sum())  # the first partition's positions alone
     early = _reference(frames[:done], positions[:done], sigma_head=True)
-    sigma = parts[0].buffers[0]["uncertainty"].data
+    sigma = _on_object_grid(parts[0].buffers[0], "uncertainty")
     (r0, c0), (rows, cols) = early.origin_px, early.uncertainty.shape
     np.testing.assert_allclose(sigma[r0 : r0 + rows, c0 : c0 + cols], early.uncertainty, rtol=1e-5, atol=1e-6)
+    assert np.isnan(sigma[r0 + rows :]).all()
     with pytest.raises(ValueRangeError, match="Monte Carlo dropout and ensembles need deepphase reconstruct"):
         PhaseUDF(step_px=STEP, uncertainty=8)
     with pytest.raises(ValueRangeError, match="'head' needs a model trained with a σ head"):
@@ -125,15 +144,14 @@ def test_a_roi_reconstructs_its_positions_and_row_fastest_frames_swap_the_naviga
     result = ctx.run_udf(dataset=ds, udf=PhaseUDF(step_px=STEP, engine="eager"), roi=roi)
     keep = roi.reshape(-1)
     reference = _reference(frames[keep], positions[keep])
-    np.testing.assert_allclose(result["phase"].data[: reference.full.shape[0], : reference.full.shape[1]],
-                               reference.full, rtol=0, atol=1e-5)
+    _assert_same_image(_on_object_grid(result), reference.full)
     assert result["patterns"].data[0] == keep.sum()
 
     # The same scan recorded with the scan row varying fastest: LiberTEM sees navigation axes (column, row).
     order = np.arange(len(frames)).reshape(NAV).T.reshape(-1)
     swapped = ctx.load("memory", data=frames[order].reshape(NAV[1], NAV[0], 32, 32), sig_dims=2)
-    image = ctx.run_udf(dataset=swapped, udf=PhaseUDF(step_px=STEP, fastest="row", engine="eager"))["phase"].data
-    np.testing.assert_allclose(image, _reference(frames, positions).full, rtol=0, atol=1e-5)
+    result = ctx.run_udf(dataset=swapped, udf=PhaseUDF(step_px=STEP, fastest="row", engine="eager"))
+    _assert_same_image(_on_object_grid(result), _reference(frames, positions).full)
 
 
 def test_detector_patterns_are_calibrated_as_the_pipeline_calibrates_them(counts, ctx, tmp_path):
@@ -164,7 +182,7 @@ def test_detector_patterns_are_calibrated_as_the_pipeline_calibrates_them(counts
 
     result = ctx.run_udf(dataset=ds, udf=PhaseUDF(step_px=STEP, calibration=view, engine="eager"))
     reference = reconstruct(expected, positions, progress=False, engine="eager")
-    np.testing.assert_allclose(result["phase"].data, reference.full, rtol=0, atol=1e-5)
+    _assert_same_image(_on_object_grid(result), reference.full)
     assert result["electrons_per_pattern"].data[0] == pytest.approx(expected.electrons_per_pattern, rel=0.01)
 
     # From a file, as reconstruct --libertem runs it: the kind read from the frames, calibrated because 64 ≠ 32.
@@ -183,8 +201,9 @@ def test_dask_workers_in_other_processes_make_the_same_image(counts, tmp_path):
     np.save(path, frames.reshape(*NAV, 32, 32))
     with lt.Context.make_with("dask", cpus=2) as ctx:
         ds = ctx.load("npy", path=str(path), sig_dims=2, num_partitions=4)
-        image = ctx.run_udf(dataset=ds, udf=PhaseUDF(step_px=STEP, engine="eager"))["phase"].data
-    np.testing.assert_allclose(image, _reference(frames, positions).full, rtol=0, atol=1e-5)
+        result = ctx.run_udf(dataset=ds, udf=PhaseUDF(step_px=STEP, engine="eager"))
+        image = _on_object_grid(result)
+    _assert_same_image(image, _reference(frames, positions).full)
 
 
 def test_bad_settings_and_data_are_refused_with_what_was_expected(counts, ctx):

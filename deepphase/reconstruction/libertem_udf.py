@@ -34,7 +34,7 @@ Examples
 >>> ds = ctx.load("auto", path="scan.npy", sig_dims=2)     # (256, 256, 32, 32) counts
 >>> udf = PhaseUDF(step_px=0.87)                           # the packaged default model
 >>> result = ctx.run_udf(dataset=ds, udf=udf, plots=True)  # a live plot of the phase
->>> phase = result["phase"].data                           # object grid from pixel (0, 0), NaN where no probe was
+>>> phase = result["phase"].data                           # the scanned area, NaN where no probe was
 >>> rec = to_reconstruction(udf, result)                   # cropped, with its metadata: write_outputs(rec, ...)
 """
 
@@ -133,6 +133,18 @@ def _scan(model, positions: np.ndarray):
     return _SCANS[key]
 
 
+def _scan_box(scan) -> tuple[int, int, int, int]:
+    """Object rows r0:r1 and columns c0:c1 that the scan's patches reach (the probe windows' margins left out).
+
+    Mask pixel (r, c) of a patch at canvas origin o lands in object pixel ((o_r + r) // u, (o_c + c) // u).
+    """
+    u = scan.geometry.upsample
+    rows, cols = scan.reducer.rows, scan.reducer.cols
+    top, bottom = scan.origins.min(axis=0), scan.origins.max(axis=0)
+    return (int((top[0] + rows.min()) // u), int((bottom[0] + rows.max()) // u) + 1,
+            int((top[1] + cols.min()) // u), int((bottom[1] + cols.max()) // u) + 1)
+
+
 def _load(model_name):
     from .distributed import _worker_model  # one model per process, shared with the dask workers
 
@@ -170,8 +182,11 @@ class PhaseUDF(UDF):
     Results
     -------
     phase : (rows, cols) float32
-        The phase (rad, arbitrary offset) on the object grid from object pixel (0, 0), NaN where no probe
-        has been (yet): while the scan runs, the image of the positions that have arrived.
+        The phase (rad, arbitrary offset) on the object grid over the area the scan reaches (its pixel
+        (0, 0) is object pixel ``origin_px``), NaN where no probe has been (yet): while the scan runs,
+        the image of the positions that have arrived.
+    origin_px : (2,) int64
+        The object pixel (row, col) of ``phase[0, 0]``, in the frame of the positions.
     patterns : float64
         How many patterns the image holds.
     electrons_per_pattern : float64
@@ -251,11 +266,14 @@ class PhaseUDF(UDF):
         self._check_patterns_fit(model)
         scan = _scan(model, self._positions())
         n_lags = len(scan.reducer.lags)
+        r0, r1, c0, c1 = _scan_box(scan)
         sigma = {} if self.params.uncertainty is None else {
-            "uncertainty": self.buffer(kind="single", extra_shape=scan.shape, dtype="float32", use="result_only"),
+            "uncertainty": self.buffer(kind="single", extra_shape=(r1 - r0, c1 - c0), dtype="float32",
+                                       use="result_only"),
             "sigma_binned": self.buffer(kind="single", extra_shape=scan.shape, dtype="float64", use="private")}
         return {
-            "phase": self.buffer(kind="single", extra_shape=scan.shape, dtype="float32", use="result_only"),
+            "phase": self.buffer(kind="single", extra_shape=(r1 - r0, c1 - c0), dtype="float32", use="result_only"),
+            "origin_px": self.buffer(kind="single", extra_shape=(2,), dtype="int64", use="result_only"),
             "patterns": self.buffer(kind="single", dtype="float64", use="result_only"),
             "electrons_per_pattern": self.buffer(kind="single", dtype="float64", use="result_only"),
             "sums_i": self.buffer(kind="nav", extra_shape=(n_lags,), dtype="float32", use="private"),
@@ -341,6 +359,7 @@ class PhaseUDF(UDF):
         valid = self.meta.get_valid_nav_mask()
         done = np.ones(len(positions), dtype=bool) if valid is None else np.asarray(valid, dtype=bool).reshape(-1)
         n_done = int(np.count_nonzero(done))
+        r0, r1, c0, c1 = _scan_box(template)
         phase = np.full(template.shape, np.nan, dtype=np.float32)
         sigma = None if self.params.uncertainty is None else np.full(template.shape, np.nan, dtype=np.float32)
         counted = self.params.kind == "counts" or self.params.calibration is not None
@@ -352,9 +371,11 @@ class PhaseUDF(UDF):
             phase[: full.shape[0], : full.shape[1]] = full
             if sigma is not None:
                 sigma[: spread.shape[0], : spread.shape[1]] = spread
-        return {"phase": phase, "patterns": np.array([n_done], dtype=np.float64),
+        box = (slice(r0, r1), slice(c0, c1))
+        return {"phase": phase[box], "origin_px": np.array([r0, c0], dtype=np.int64),
+                "patterns": np.array([n_done], dtype=np.float64),
                 "electrons_per_pattern": np.array([np.nan if dose is None else dose]),
-                **({} if sigma is None else {"uncertainty": sigma})}
+                **({} if sigma is None else {"uncertainty": sigma[box]})}
 
 
 def _add_window(buffer, reduced: dict) -> None:
@@ -431,7 +452,10 @@ def to_reconstruction(udf: PhaseUDF, result) -> "Reconstruction":
     from .deblur import resolve_deblur
     from .pipeline import Reconstruction, crop_to_coverage, dose_note
 
-    phase = np.asarray(result["phase"].data)
+    box = np.asarray(result["phase"].data)
+    top, left = (int(k) for k in np.asarray(result["origin_px"].data).reshape(-1))
+    phase = np.full((top + box.shape[0], left + box.shape[1]), np.nan, dtype=np.float32)  # from object pixel (0, 0)
+    phase[top:, left:] = box
     patterns = int(np.asarray(result["patterns"].data).reshape(-1)[0])
     dose = float(np.asarray(result["electrons_per_pattern"].data).reshape(-1)[0])
     dose = None if not np.isfinite(dose) else dose
@@ -443,7 +467,7 @@ def to_reconstruction(udf: PhaseUDF, result) -> "Reconstruction":
         from .uncertainty import sigma_scale_at
 
         (r0, c0), (rows, cols) = origin, cropped.shape
-        sigma = np.asarray(result["uncertainty"].data)[r0 : r0 + rows, c0 : c0 + cols]
+        sigma = np.asarray(result["uncertainty"].data)[r0 - top : r0 - top + rows, c0 - left : c0 - left + cols]
         scale, source = sigma_scale_at(model, dose, method="head")
         record = {"method": "σ head", "samples": 0, "sigma_scale": float(scale),
                   "note": "σ = sigma_scale × the blend of the network's predicted σ patches, from the phase's own "
