@@ -41,6 +41,29 @@ STEP = 0.87
 FULL = (256, 256)
 
 
+def machine_line(*modules: str) -> str:
+    """deepphase's, torch's and ``modules``' versions, the machine and its load: the first line of a benchmark."""
+    import importlib
+
+    import torch
+
+    versions = ", ".join(f"{name} {importlib.import_module(name).__version__}" for name in ("torch", *modules))
+    return (f"deepphase {deepphase.__version__}, {versions}, python {platform.python_version()}, "
+            f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+            f"load average {os.getloadavg()[0]:.1f}")
+
+
+def scan_argument(text: str) -> tuple[int, int]:
+    """``ROWSxCOLS``, a crop of the full scan."""
+    try:
+        rows, cols = (int(k) for k in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--scan(s): expected ROWSxCOLS such as 128x256, got {text!r}") from None
+    if not (0 < rows <= FULL[0] and 0 < cols <= FULL[1]):
+        raise SystemExit(f"--scan(s): {text} is not a crop of the {FULL[0]}×{FULL[1]} scan")
+    return rows, cols
+
+
 def scan_file(folder: Path, rows: int, cols: int) -> Path:
     """The (rows·cols, 32, 32) amplitudes of a rows×cols crop of the full scan, frames in the CLI's default
     order (the scan row changes fastest)."""
@@ -83,22 +106,9 @@ def main():
     parser.add_argument("--folder", type=Path, default=Path("bench_auto_engine_work"),
                         help="where the scans, outputs and the kept export go")
     args = parser.parse_args()
-    scans = []
-    for spec in args.scans:
-        try:
-            rows, cols = (int(k) for k in spec.lower().split("x"))
-        except ValueError:
-            parser.error(f"--scans: expected ROWSxCOLS such as 128x256, got {spec!r}")
-        if not (0 < rows <= FULL[0] and 0 < cols <= FULL[1]):
-            parser.error(f"--scans: {spec} is not a crop of the {FULL[0]}×{FULL[1]} scan")
-        scans.append((rows, cols))
+    scans = [scan_argument(spec) for spec in args.scans]
     args.folder.mkdir(parents=True, exist_ok=True)
-    import onnxruntime
-    import torch
-
-    print(f"deepphase {deepphase.__version__}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
-          f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(machine_line("onnxruntime"))
     cache = args.folder / "cache"
     engines = {"channels-last": "off", "onnx": "off"}
     if args.kept:

@@ -22,8 +22,6 @@ one image costs while the scan runs (a live plot's update) at several fractions 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -31,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_auto_engine import STEP, scan_file  # noqa: E402  (the same scan file)
+from bench_auto_engine import STEP, machine_line, scan_argument, scan_file  # noqa: E402  (the same scan file)
 
 
 def partial_images(rows: int, cols: int) -> None:
@@ -71,25 +69,20 @@ def main():
     parser.add_argument("--partial-only", action="store_true",
                         help="only time the image while the scan runs (no scan file needed)")
     args = parser.parse_args()
-    rows, cols = (int(k) for k in args.scan.lower().split("x"))
+    rows, cols = scan_argument(args.scan)
     if args.partial_only:
         return partial_images(rows, cols)
     args.folder.mkdir(parents=True, exist_ok=True)
     path = scan_file(args.folder, rows, cols)
 
-    import libertem
     import libertem.api as lt
-    import torch
 
-    import deepphase
     from deepphase.data.io import AmplitudeView
     from deepphase.physics.scan import raster_positions
     from deepphase.reconstruction.libertem_udf import PhaseUDF, to_reconstruction
     from deepphase.reconstruction.pipeline import reconstruct
 
-    print(f"deepphase {deepphase.__version__}, libertem {libertem.__version__}, torch {torch.__version__}, "
-          f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(machine_line("libertem"))
     positions = raster_positions((rows, cols), STEP, 0.0, "row")
     n = len(positions)
     frames = np.load(path, mmap_mode="r")

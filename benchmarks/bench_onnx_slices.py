@@ -14,8 +14,6 @@ once, before the rounds. Prints the wall times, the prediction times the pipelin
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_auto_engine import STEP, scan_file  # noqa: E402  (the same scan file)
+from bench_auto_engine import STEP, machine_line, scan_argument, scan_file  # noqa: E402  (the same scan file)
 
 
 def main():
@@ -33,22 +31,16 @@ def main():
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--folder", type=Path, default=Path("bench_auto_engine_work"))
     args = parser.parse_args()
-    rows, cols = (int(k) for k in args.scan.lower().split("x"))
+    rows, cols = scan_argument(args.scan)
     args.folder.mkdir(parents=True, exist_ok=True)
     path = scan_file(args.folder, rows, cols)
 
-    import onnxruntime
-    import torch
-
-    import deepphase
     from deepphase.data.io import AmplitudeView
     from deepphase.physics.scan import raster_positions
     from deepphase.reconstruction import engines
     from deepphase.reconstruction.pipeline import reconstruct
 
-    print(f"deepphase {deepphase.__version__}, torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
-          f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(machine_line("onnxruntime"))
     positions = raster_positions((rows, cols), STEP, 0.0, "row")
     sliced_pool = engines._slice_pool
 

@@ -402,6 +402,33 @@ def test_reconstruct_with_channels_last_equals_eager():
     np.testing.assert_allclose(fast.phase, eager.phase, atol=1e-4)
 
 
+@pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed")
+def test_auto_exports_for_a_large_scan_and_falls_back_to_channels_last_quietly_when_the_export_fails(monkeypatch):
+    from deepphase.data.simulate import simulate_scan
+    from deepphase.data.specimens import twisted_hbn
+    from deepphase.physics import raster_positions, reference_probe
+    from deepphase.reconstruction import engines
+    from deepphase.reconstruction.pipeline import reconstruct
+
+    monkeypatch.setenv("DEEPPHASE_CACHE_DIR", "off")
+    monkeypatch.setattr(engines, "ONNX_AUTO_MIN_PATTERNS", 64)  # this 8×8 scan counts as large
+    scan = simulate_scan(twisted_hbn((40, 40)), reference_probe(), raster_positions((8, 8), 0.87), seed=0)
+    eager = reconstruct(scan.amplitude, scan.positions, engine="eager", progress=False)
+    exported = reconstruct(scan.amplitude, scan.positions, progress=False)
+    assert exported.processing["engine"] == "onnx (auto)"
+    np.testing.assert_allclose(exported.phase, eager.phase, atol=1e-4)
+
+    def no_export(*args, **kwargs):
+        raise RuntimeError("this network cannot be traced")
+
+    monkeypatch.setattr(engines, "_export_onnx", no_export)
+    fallen_back = reconstruct(scan.amplitude, scan.positions, progress=False)
+    assert fallen_back.processing["engine"] == "channels-last (auto)"
+    np.testing.assert_allclose(fallen_back.phase, eager.phase, atol=1e-4)
+    with pytest.raises(DeepPhaseError, match="cannot be traced"):  # asked for by name, the failure is said
+        reconstruct(scan.amplitude, scan.positions, engine="onnx", progress=False)
+
+
 def test_auto_engine_picks_by_device_size_and_what_is_installed(monkeypatch):
     import importlib.util
 

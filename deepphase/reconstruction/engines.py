@@ -501,6 +501,18 @@ def _slice_pool(workers: int) -> ThreadPoolExecutor | None:
     return _SLICE_POOLS[workers]
 
 
+def exported_onnx(model, device, pattern_shape: tuple) -> Network | None:
+    """``model``'s ``"onnx"`` runner with its export made (or loaded) now, on one zero pattern of ``pattern_shape``
+    (C, n, n); None if it cannot be exported, where ``engine="auto"`` runs channels-last instead."""
+    runner = prepare_network(model, "onnx", device)
+    try:
+        with torch.inference_mode():
+            runner(torch.zeros((1, *pattern_shape), device=device))
+    except Exception:  # noqa: BLE001 — any exporter failure means "use the next best engine"
+        return None
+    return runner
+
+
 def prepare_network(model, engine: str = "eager", device: str | torch.device = "cpu",
                     threads: int | None = None, fold: bool = True) -> Network:
     """A callable that runs ``model``'s network with the chosen inference engine.

@@ -386,20 +386,15 @@ def _add_window(buffer, reduced: dict) -> None:
 
 def _runner(model, engine: str, device, auto: bool):
     """The network prepared once per process: auto's ONNX export, if it fails, falls back to channels-last."""
-    import torch
-
-    from .engines import prepare_network
+    from .engines import exported_onnx, prepare_network
 
     key = ("runner", id(model), engine, str(device))
     if key not in _RUNNERS:
-        runner = prepare_network(model, engine, device) if engine != "eager" else model.network
-        if auto and engine == "onnx":
-            try:  # export now, on one pattern, as the pipeline does
-                with torch.inference_mode():
-                    runner(torch.zeros((1, 1, model.geometry.n_px, model.geometry.n_px)))
-            except Exception:  # noqa: BLE001 — any exporter failure means "use the next best engine"
-                runner = prepare_network(model, "channels-last", device)
-        _RUNNERS[key] = runner
+        runner = None
+        if auto and engine == "onnx":  # export now, as the pipeline does
+            runner = exported_onnx(model, device, (1, model.geometry.n_px, model.geometry.n_px))
+            engine = "onnx" if runner is not None else "channels-last"
+        _RUNNERS[key] = runner or prepare_network(model, engine, device)
     return _RUNNERS[key]
 
 

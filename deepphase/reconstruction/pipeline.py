@@ -345,7 +345,7 @@ def reconstruct(
             + [(m, None) for m in members])
     draws = len(plan)
     dev = resolve_device(device)
-    from .engines import prepare_network, resolve_engine
+    from .engines import exported_onnx, prepare_network, resolve_engine
 
     model.network.eval()
     requested, engine = engine, resolve_engine(engine, dev, n, precision, network=model,
@@ -358,15 +358,14 @@ def reconstruct(
                                   f"{model.name!r} {model.in_channels}; an ensemble needs the same input")
         if engine != "eager":
             m.network.eval()
-            runners[id(m)] = prepare_network(m, engine, dev)  # once: compiling/exporting is slow
-            if requested == "auto" and engine == "onnx":
-                try:  # export now, on one pattern: if this model does not export, fall back quietly
-                    with torch.inference_mode():
-                        runners[id(m)](torch.zeros((1, m.in_channels, *shape[1:]), device=dev))
-                except Exception:  # noqa: BLE001 — any exporter failure means "use the next best engine"
+            if requested == "auto" and engine == "onnx":  # export now: if this model does not, fall back quietly
+                runners[id(m)] = exported_onnx(m, dev, (m.in_channels, *shape[1:]))
+                if runners[id(m)] is None:
                     engine = "channels-last"
                     runners = {id(k): prepare_network(k, engine, dev) for k in [model, *members]}
                     break
+            else:
+                runners[id(m)] = prepare_network(m, engine, dev)  # once: compiling/exporting is slow
     t_engine = time.perf_counter() - t_engine
     mask = output_mask(model.probe, model.geometry)
     folder = Path(checkpoint) if checkpoint is not None else None
