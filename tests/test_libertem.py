@@ -278,3 +278,20 @@ def test_cli_libertem_refuses_what_it_cannot_do_and_a_missing_file(tmp_path, cap
         assert main(["reconstruct", str(tmp_path / "scan.npy"), "--step", "1", "--libertem", "--workers", "1",
                      "--out", str(tmp_path / "o"), *extra]) == 2
         assert said in capsys.readouterr().err
+
+
+def test_in_libertem_live_the_acquisitions_image_is_the_pipelines(counts):
+    """LiberTEM-live's memory detector stands in for a camera: its own context and pipelined executor
+    (worker processes), the acquisition's partitions as they arrive."""
+    live = pytest.importorskip("libertem_live.api")
+    frames, positions = counts
+    with live.LiveContext() as ctx:
+        conn = ctx.make_connection("memory").open(data=frames.reshape(*NAV, 32, 32))
+        aq = ctx.make_acquisition(conn=conn)
+        udf = PhaseUDF(step_px=STEP, engine="eager", uncertainty="head")
+        updates = [part.buffers[0] for part in ctx.run_udf_iter(dataset=aq, udf=udf)]
+    rec = to_reconstruction(udf, updates[-1])
+    reference = _reference(frames, positions, sigma_head=True)
+    assert rec.origin_px == reference.origin_px and updates[-1]["patterns"].data[0] == len(positions)
+    np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(rec.uncertainty, reference.uncertainty, rtol=1e-5, atol=1e-6)
