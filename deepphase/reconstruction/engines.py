@@ -19,7 +19,7 @@ difference). Which one is fastest depends on the machine: see benchmarks/RESULTS
 * ``"onnx"``: the network exported with ``torch.onnx.export`` (batch axis dynamic) at the first call
   and run by ONNX Runtime's CPU execution provider on as many cores as PyTorch uses: each batch is cut
   into that many slices, run at once by one single-threaded session from as many Python threads (the
-  session releases the GIL). On two cores that is 1.12-1.16x faster end to end than one session with
+  session releases the GIL). On two cores that is 1.05-1.29x faster end to end than one session with
   two intra-op threads, and the same numbers (benchmarks/RESULTS.md, section 34). CPU only; needs
   ``pip install deepphase[onnx]``. An export takes ~1 s (5-7 s where only the torch.export-based exporter
   works), so it is kept in the cache folder
