@@ -388,17 +388,18 @@ def _runner(model, engine: str, device, auto: bool):
     """The network prepared once per process: auto's ONNX export, if it fails, falls back to channels-last."""
     from .engines import exported_onnx, prepare_network
 
-    key = ("runner", id(model), engine, str(device))
-    if key not in _RUNNERS:
+    key = (model.name, engine, str(device), auto)
+    held = _RUNNERS.get(key)
+    if held is None or held[0] is not model:  # the cache holds the model too: an id could be reused
         runner = None
         if auto and engine == "onnx":  # export now, as the pipeline does
             runner = exported_onnx(model, device, (1, model.geometry.n_px, model.geometry.n_px))
             engine = "onnx" if runner is not None else "channels-last"
-        _RUNNERS[key] = runner or prepare_network(model, engine, device)
-    return _RUNNERS[key]
+        _RUNNERS[key] = held = (model, runner or prepare_network(model, engine, device))
+    return held[1]
 
 
-_RUNNERS: dict = {}
+_RUNNERS: dict = {}  # (model name, engine, device, auto) → (model, runner), one per process
 
 
 def _stitch(model, template, positions, done, sums_i, sums_j, binned, params, dose, sigma_binned=None):
