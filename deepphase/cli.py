@@ -351,7 +351,7 @@ PARTIAL_FOLDER = ".deepphase-partial"
 
 def _find_rotation(args, amplitudes, view, scan_info: dict, default_fastest: str):
     """``--rotation auto``: the scan rotation from the patterns (DPC curl criterion), then the positions."""
-    from .data.calibration import scan_rotation_from_patterns
+    from .data.calibration import check_scan_rotation, scan_rotation_from_patterns
     from .physics.scan import raster_positions
 
     if "scan_shape" not in scan_info:
@@ -359,10 +359,7 @@ def _find_rotation(args, amplitudes, view, scan_info: dict, default_fastest: str
                              "scan shape), not --positions")
     shape, fastest = tuple(scan_info["scan_shape"]), scan_info["fastest"]
     found = scan_rotation_from_patterns(amplitudes, shape, fastest)
-    if found["curl_ratio"] > 0.25:  # measured: ~0.03 for the right frame order, 0.4–0.8 for the wrong one
-        raise DeepPhaseError(
-            f"rotation: the DPC curl criterion found no clear minimum (curl ratio {found['curl_ratio']:.2f}, "
-            "below 0.1 expected); check --fastest and --scan-shape, or give the angle with --rotation DEG")
+    check_scan_rotation(found)
     positions = raster_positions(shape, scan_info["step_px"], found["rotation_deg"], fastest)
     if view is not None:
         view.use_coords(positions)  # the descan plane, re-expressed in the rotated positions
@@ -420,7 +417,7 @@ def _reconstruct_with_libertem(args) -> None:
         (f"--uncertainty {args.uncertainty}", args.uncertainty not in (0, "head")), ("--ensemble", bool(args.ensemble)),
         ("--resume", args.resume),
         ("--scheduler", args.scheduler is not None), ("--dataset", args.dataset is not None),
-        (f"--stitching {args.stitching}", args.stitching != "pairwise"), ("--rotation auto", args.rotation == "auto"),
+        (f"--stitching {args.stitching}", args.stitching != "pairwise"),
         (f"--device {args.device}", args.device != "auto")) if given]
     if refused:
         raise DeepPhaseError(f"libertem: {', '.join(refused)} not available with --libertem (LiberTEM's workers run "
@@ -444,7 +441,8 @@ def _reconstruct_with_libertem(args) -> None:
         uncertainty="head" if args.uncertainty == "head" else None)
     scan = ({"positions_file": str(args.positions)} if positions is not None else
             {"scan_shape": read["navigation_shape"] if (args.fastest or "col") == "col" else read["navigation_shape"][::-1],
-             "step_px": args.step, "rotation_deg": args.rotation, "fastest": args.fastest or "col"})
+             "step_px": args.step, "rotation_deg": read["rotation_deg"], "fastest": args.fastest or "col",
+             **({"rotation_found": read["rotation_found"]} if "rotation_found" in read else {})})
     extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": str(args.data),
              "input": read["input"], "n_patterns": rec.processing["patterns"], "stitching": "pairwise",
              "model_path": str(args.model or "default (packaged)"), **scan, "data_info": read,
@@ -453,6 +451,10 @@ def _reconstruct_with_libertem(args) -> None:
     write_outputs(rec, args.out, extra, sampling=sampling, overwrite=args.overwrite)
     if rec.processing.get("dose_note"):
         print(f"deepphase reconstruct: note: {rec.processing['dose_note']}", file=sys.stderr)
+    if "rotation_found" in read:
+        found = read["rotation_found"]
+        print(f"deepphase reconstruct: scan rotation {found['rotation_deg']:.2f}° (DPC curl criterion on the central "
+              f"{found['block'][0]}×{found['block'][1]} positions; curl ratio {found['curl_ratio']:.3f})", file=sys.stderr)
     print(f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
           f"({rec.processing['patterns']} patterns read by {read['reader']} as {read['libertem_dataset']}, "
           f"{rec.timings['patterns_per_second']:.0f} patterns/s)"
@@ -744,8 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="open DATA with LiberTEM instead (every format it reads: K2IS, Frms6, TVIPS, SEQ, MRC, Merlin, "
                         "raw, ...; --scan-shape where the file does not say) and reconstruct on LiberTEM's workers "
                         "(--workers N: N local processes; default all cores). Frames in LiberTEM's order: --fastest "
-                        "defaults to col. Pairwise stitching; --uncertainty head, but no dropout samples, --ensemble "
-                        "or --resume. "
+                        "defaults to col. Pairwise stitching; --uncertainty head and --rotation auto, but no dropout "
+                        "samples, --ensemble or --resume. "
                         "pip install deepphase[libertem]")
     p.set_defaults(func=_cmd_reconstruct)
 

@@ -194,6 +194,19 @@ def test_detector_patterns_are_calibrated_as_the_pipeline_calibrates_them(counts
     assert rec.origin_px == reference.origin_px
     np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)
 
+    # The scan rotation found from the calibrated patterns (descan removed), as the CLI's pipeline finds it.
+    from deepphase.data.calibration import scan_rotation_from_patterns
+
+    found = scan_rotation_from_patterns(expected, NAV, "col")
+    rec, read = reconstruct_file(tmp_path / "detector.npy", step_px=STEP, engine="eager", ctx=ctx, rotation_deg="auto",
+                                 calibration_png=tmp_path / "again.png")
+    assert read["rotation_found"] == found and read["rotation_deg"] == found["rotation_deg"]
+    rotated = raster_positions(NAV, STEP, found["rotation_deg"], "col")
+    expected.use_coords(rotated)
+    reference = reconstruct(expected, rotated, progress=False, engine="eager")
+    assert rec.origin_px == reference.origin_px
+    np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)
+
 
 def test_dask_workers_in_other_processes_make_the_same_image(counts, tmp_path):
     frames, positions = counts
@@ -224,6 +237,13 @@ def test_bad_settings_and_data_are_refused_with_what_was_expected(counts, ctx):
     flat = ctx.load("memory", data=frames, sig_dims=2)
     with pytest.raises(ShapeError, match="a raster needs a 2D navigation shape"):
         ctx.run_udf(dataset=flat, udf=PhaseUDF(step_px=STEP))
+    # The scan rotation with the frames taken in the wrong order: the curl criterion has no clear minimum.
+    from deepphase.reconstruction.libertem_udf import find_rotation
+
+    ds = ctx.load("memory", data=frames.reshape(*NAV, 32, 32), sig_dims=2)
+    assert abs(find_rotation(ctx, ds, STEP, "col")["rotation_deg"]) < 5  # the raster has none
+    with pytest.raises(ValueRangeError, match=r"no clear minimum \(curl ratio 0\.[3-9]"):
+        find_rotation(ctx, ds, STEP, "row")
     bad = frames.copy()
     bad[77, 3, 3] = -5
     ds = ctx.load("memory", data=bad.reshape(*NAV, 32, 32), sig_dims=2, num_partitions=2)
@@ -247,17 +267,22 @@ def test_cli_reconstruct_with_libertem_writes_the_pipelines_image_and_says_what_
     order = np.arange(len(frames)).reshape(NAV).T.reshape(-1)
     np.save(tmp_path / "scan.npy", frames[order])
     common = ["--scan-shape", str(NAV[0]), str(NAV[1]), "--fastest", "row", "--step", str(STEP), "--engine", "eager",
-              "--uncertainty", "head"]
+              "--uncertainty", "head", "--rotation", "auto"]
     assert main(["reconstruct", str(tmp_path / "scan.npy"), *common, "--out", str(tmp_path / "pipeline")]) == 0
+    capsys.readouterr()
     code = main(["reconstruct", str(tmp_path / "scan.npy"), *common, "--libertem", "--workers", "1",
                  "--out", str(tmp_path / "lt")])
     assert code == 0
-    out = capsys.readouterr().out
-    assert "read by LiberTEM" in out and "NPYDataSet" in out
+    said = capsys.readouterr()
+    assert "read by LiberTEM" in said.out and "NPYDataSet" in said.out and "scan rotation" in said.err
     for name in ("phase.npy", "uncertainty.npy"):
         np.testing.assert_allclose(np.load(tmp_path / "lt" / name), np.load(tmp_path / "pipeline" / name),
                                    rtol=1e-5, atol=1e-5)
     meta = json.loads((tmp_path / "lt" / "metadata.json").read_text())
+    pipeline = json.loads((tmp_path / "pipeline" / "metadata.json").read_text())
+    found, expected = meta["rotation_found"], pipeline["rotation_found"]
+    assert meta["rotation_deg"] == pipeline["rotation_deg"] == found["rotation_deg"] and found["block"] == expected["block"]
+    assert found["curl_ratio"] == pytest.approx(expected["curl_ratio"], rel=1e-9)
     assert meta["data_info"]["navigation_shape"] == [NAV[1], NAV[0]] and meta["scan_shape"] == list(NAV)
     assert meta["input"] == "counts" and meta["processing"]["patterns"] == len(frames)
     # Nothing the user wrote is replaced without --overwrite.

@@ -1002,6 +1002,20 @@ def find_scan_rotation(com: np.ndarray, step_deg: float = 1.0) -> dict:
             "divergence_skew": min(skews)}
 
 
+#: Above this curl ratio the criterion has no clear minimum (measured: ~0.03 for the right frame order,
+#: 0.4-0.8 for the wrong one).
+CURL_RATIO_MAX = 0.25
+
+
+def check_scan_rotation(found: dict) -> None:
+    """Refuse a rotation that :func:`find_scan_rotation` found without a clear minimum of the curl."""
+    if found["curl_ratio"] > CURL_RATIO_MAX:
+        raise ValueRangeError(
+            f"rotation: the DPC curl criterion found no clear minimum (curl ratio {found['curl_ratio']:.2f}, "
+            "below 0.1 expected); check the frame order (--fastest) and the scan shape (--scan-shape), or give "
+            "the angle (--rotation DEG)")
+
+
 def scan_rotation_from_patterns(amplitudes, scan_shape, fastest: str = "row", block: int = 128) -> dict:
     """:func:`find_scan_rotation` on the central ``block × block`` positions of a raster scan.
 

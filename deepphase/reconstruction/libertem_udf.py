@@ -303,30 +303,14 @@ class PhaseUDF(UDF):
         return {"model": model, "scan": _scan(model, positions), "device": device, "runner": runner}
 
     # ---------------------------------------------------------------- on the workers
-    def _amplitudes(self, frames: np.ndarray, first: int) -> tuple[np.ndarray, float]:
-        """The network's input for frames ``first …`` of the (ROI's) positions, and the sum of their counts
-        (0 for amplitudes: they have no dose to tell)."""
-        calibration = self.params.calibration
-        if calibration is not None:
-            from ..data.calibration import CalibratedView
-
-            coords = self.task_data.scan.positions[first : first + len(frames)]
-            view = CalibratedView(frames, calibration["info"], calibration["arrays"], coords=coords)
-            counts = view.counts(slice(0, len(frames)))
-            return np.sqrt(counts), float(counts.sum(dtype=np.float64))
-        from ..data.io import AmplitudeView
-
-        if self.params.kind == "counts":
-            return AmplitudeView(frames, "counts")[:], float(np.sum(frames, dtype=np.float64))
-        return np.asarray(frames, dtype=np.float32), 0.0
-
     def process_partition(self, partition):
         from ..data.io import check_patterns
         from .predict import predict_patches
 
         task = self.task_data
         first = int(self.meta.slice.origin[0])  # index among the (ROI's) positions, in frame order
-        amplitudes, counts = self._amplitudes(np.asarray(partition), first)
+        amplitudes, counts = _network_input(np.asarray(partition), self.params.kind, self.params.calibration,
+                                            task.scan.positions[first : first + len(partition)])
         check_patterns(amplitudes, first,
                        what="data" if self.meta.roi is None else "data (frames counted inside the roi)")
         on_device = task.device.type == "cuda"
@@ -376,6 +360,70 @@ class PhaseUDF(UDF):
                 "patterns": np.array([n_done], dtype=np.float64),
                 "electrons_per_pattern": np.array([np.nan if dose is None else dose]),
                 **({} if sigma is None else {"uncertainty": sigma[box]})}
+
+
+def _network_input(frames: np.ndarray, kind: str, calibration: dict | None, coords: np.ndarray):
+    """The network's input for ``frames`` (counts or amplitudes; detector frames resampled with ``calibration``
+    at scan ``coords``), and the sum of their counts (0 for amplitudes: they have no dose to tell)."""
+    if calibration is not None:
+        from ..data.calibration import CalibratedView
+
+        view = CalibratedView(frames, calibration["info"], calibration["arrays"], coords=coords)
+        counts = view.counts(slice(0, len(frames)))
+        return np.sqrt(counts), float(counts.sum(dtype=np.float64))
+    from ..data.io import AmplitudeView
+
+    if kind == "counts":
+        return AmplitudeView(frames, "counts")[:], float(np.sum(frames, dtype=np.float64))
+    return np.asarray(frames, dtype=np.float32), 0.0
+
+
+class _CentreOfMassUDF(UDF):
+    """Each frame's centre of mass on the model's grid (calibrated as PhaseUDF calibrates), for the scan rotation."""
+
+    def __init__(self, kind: str, calibration, step_px, fastest: str):
+        super().__init__(kind=kind, calibration=calibration, step_px=step_px, fastest=fastest)
+
+    def get_result_buffers(self):
+        return {"com": self.buffer(kind="nav", extra_shape=(2,), dtype="float64")}
+
+    def process_partition(self, partition):
+        from ..data.calibration import centre_of_mass
+
+        first = int(self.meta.slice.origin[0])
+        coords = scan_positions(tuple(self.meta.dataset_shape.nav), self.params.step_px, 0.0, self.params.fastest,
+                                roi=self.meta.roi)[first : first + len(partition)]
+        amplitudes, _ = _network_input(np.asarray(partition), self.params.kind, self.params.calibration, coords)
+        self.results.com[:] = centre_of_mass(np.square(amplitudes, dtype=np.float64))
+
+
+def find_rotation(ctx, dataset, step_px, fastest: str = "col", kind: str = "counts", calibration=None,
+                  block: int = 128) -> dict:
+    """The scan rotation of a raster in a LiberTEM dataset, by the DPC curl criterion on its central block.
+
+    What ``deepphase reconstruct --rotation auto`` finds (:func:`deepphase.data.calibration.scan_rotation_from_patterns`):
+    the centre of mass of the central ``block × block`` positions' patterns (calibrated with ``calibration``,
+    a :class:`CalibratedView` measured at rotation 0, whose descan it removes), then
+    :func:`~deepphase.data.calibration.find_scan_rotation`. Returns its dict, with ``block``.
+    """
+    from ..data.calibration import check_scan_rotation, find_scan_rotation
+
+    nav = tuple(dataset.shape.nav)
+    if len(nav) != 2:
+        raise ShapeError(f"rotation: 'auto' needs a raster with a 2D navigation shape, the dataset has {nav}")
+    br, bc = min(block, nav[0]), min(block, nav[1])
+    r0, c0 = (nav[0] - br) // 2, (nav[1] - bc) // 2
+    roi = np.zeros(nav, dtype=bool)
+    roi[r0 : r0 + br, c0 : c0 + bc] = True
+    if calibration is not None and not isinstance(calibration, dict):
+        calibration = {"info": calibration.info, "arrays": calibration.arrays}
+    udf = _CentreOfMassUDF(kind, calibration, step_px, fastest)
+    com = np.asarray(ctx.run_udf(dataset=dataset, udf=udf, roi=roi)["com"].raw_data).reshape(br, bc, 2)
+    if fastest == "row":  # the navigation axes are (scan column, scan row)
+        com = com.transpose(1, 0, 2)
+    found = {**find_scan_rotation(com), "block": list(com.shape[:2])}
+    check_scan_rotation(found)
+    return found
 
 
 def _add_window(buffer, reduced: dict) -> None:
@@ -479,6 +527,11 @@ def to_reconstruction(udf: PhaseUDF, result) -> "Reconstruction":
                           sigma)
 
 
+def _spread(n: int, count: int) -> np.ndarray:
+    """Up to ``count`` frame indices spread evenly over ``n`` frames."""
+    return np.unique(np.linspace(0, n - 1, min(int(count), n)).astype(np.int64))
+
+
 def _pick(ctx, dataset, indices: np.ndarray) -> np.ndarray:
     """Frames ``indices`` (in frame order) of a LiberTEM dataset, (len(indices), *sig) in its dtype."""
     from libertem.udf.raw import PickUDF
@@ -504,14 +557,13 @@ def calibrate_dataset(ctx, dataset, model=None, step_px=None, positions=None, ro
     from ..models.modelfile import load_model
 
     all_positions = scan_positions(tuple(dataset.shape.nav), step_px, rotation_deg, fastest, positions)
-    n = len(all_positions)
-    pick = np.unique(np.linspace(0, n - 1, min(int(max_frames), n)).astype(np.int64))
+    pick = _spread(len(all_positions), max_frames)
     view, _ = calibrate(_pick(ctx, dataset, pick), load_model(model), all_positions[pick], png=png,
                         max_frames=len(pick), **options)
     return view
 
 
-def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shape=None, rotation_deg: float = 0.0,
+def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shape=None, rotation_deg=0.0,
                      fastest: str = "col", kind: str | None = None, calibration: str = "auto",
                      calibration_options: dict | None = None, calibration_png=None, batch_size: int = 512,
                      engine: str = "auto", precision: str = "auto", deblur="auto", remove_plane: bool = True,
@@ -526,6 +578,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     nav_shape : (rows, cols) of the scan, for files that do not record it (LiberTEM's ``nav_shape``), in the
         order of ``fastest``: with ``fastest="row"`` the file's frames are read as (cols, rows).
     kind : "counts" or "amplitude"; None: inferred from 16 frames (whole numbers are counts).
+    rotation_deg : the raster's rotation, or "auto": found from the patterns (:func:`find_rotation`).
     calibration : "auto" (calibrate patterns that are not the model's n×n grid), "on" or "off".
     calibration_options : for :func:`calibrate_dataset` (``gain``, ``mrad_per_px``, ``semi_angle``, ...).
     calibration_png : where the calibration figure goes, if one is measured.
@@ -537,7 +590,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     Returns
     -------
     (Reconstruction, dict) : the reconstruction (as :func:`to_reconstruction` makes it, with wall times) and
-    what was read: LiberTEM's dataset type, navigation and signal shapes, the input kind, the calibration.
+    what was read: LiberTEM's dataset type, navigation and signal shapes, the input kind, the calibration,
+    the rotation used (and, for "auto", what :func:`find_rotation` found).
     """
     import time
 
@@ -571,11 +625,19 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         n = phase_model.geometry.n_px
         frames = int(np.prod(nav))
         if kind is None:
-            kind = infer_kind(_pick(ctx, dataset, np.unique(np.linspace(0, frames - 1, min(16, frames)).astype(int))))
-        view = None
+            kind = infer_kind(_pick(ctx, dataset, _spread(frames, 16)))
+        auto_rotation = rotation_deg == "auto"
+        if auto_rotation and positions is not None:
+            raise ValueRangeError("rotation: 'auto' needs a raster (step_px), not positions")
+        view, found = None, None
         if calibration == "on" or (calibration == "auto" and sig != (n, n)):
-            view = calibrate_dataset(ctx, dataset, model, step_px, positions, rotation_deg, fastest,
-                                     png=calibration_png, kind=kind, **(calibration_options or {}))
+            view = calibrate_dataset(ctx, dataset, model, step_px, positions, 0.0 if auto_rotation else rotation_deg,
+                                     fastest, png=calibration_png, kind=kind, **(calibration_options or {}))
+        if auto_rotation:  # the descan (if calibrated) is removed first, as the pipeline does
+            found = find_rotation(ctx, dataset, step_px, fastest, kind, view)
+            rotation_deg = found["rotation_deg"]
+            if view is not None:  # the descan plane, fitted at rotation 0, in the rotated positions
+                view.use_coords(scan_positions(nav, step_px, rotation_deg, fastest)[_spread(frames, len(view))])
         udf = PhaseUDF(model=model, step_px=step_px, positions=positions, rotation_deg=rotation_deg,
                        fastest=fastest, kind=kind, calibration=view, batch_size=batch_size, engine=engine,
                        precision=precision, deblur=deblur, remove_plane=remove_plane, uncertainty=uncertainty)
@@ -590,5 +652,6 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
                    "patterns_per_second": round(frames / max(t2 - t1, 1e-9), 1)}
     read = {"reader": f"LiberTEM {libertem.__version__}", "libertem_dataset": type(dataset).__name__,
             "navigation_shape": list(nav), "pattern_shape": list(sig), "input": kind,
-            "calibration": None if view is None else view.info}
+            "calibration": None if view is None else view.info, "rotation_deg": rotation_deg,
+            **({"rotation_found": found} if found is not None else {})}
     return rec, read
