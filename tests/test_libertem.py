@@ -320,3 +320,24 @@ def test_in_libertem_live_the_acquisitions_image_is_the_pipelines(counts):
     assert rec.origin_px == reference.origin_px and updates[-1]["patterns"].data[0] == len(positions)
     np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)
     np.testing.assert_allclose(rec.uncertainty, reference.uncertainty, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:Warning. 'partition' will ignore the 'mask'")  # LiberTEM's colour scale
+def test_a_live_plot_starts_from_an_empty_image_and_shows_the_scan(counts, ctx):
+    """LiberTEM's plots ask for the results before any partition (a dry run): an all-NaN image of the scan's
+    area, which then fills."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from libertem.viz.mpl import MPLLive2DPlot
+
+    frames, _ = counts
+    ds = ctx.load("memory", data=frames.reshape(*NAV, 32, 32), sig_dims=2, num_partitions=2)
+    udf = PhaseUDF(step_px=STEP, engine="eager", uncertainty="head")
+    plots = [MPLLive2DPlot(ds, udf, channel="phase"), MPLLive2DPlot(ds, udf, channel="uncertainty")]
+    assert all(np.isnan(plot.data).all() for plot in plots)
+    for plot in plots:
+        plot.display()
+    result = ctx.run_udf(dataset=ds, udf=udf, plots=plots)
+    assert plots[0].data.shape == result["phase"].data.shape and np.isfinite(plots[0].data).mean() > 0.9
+    np.testing.assert_array_equal(plots[1].data, result["uncertainty"].data)
