@@ -608,6 +608,9 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         from ..errors import InputFileError
 
         raise InputFileError(f"data: {str(path)!r} does not exist")
+    auto_rotation = rotation_deg == "auto"
+    if auto_rotation and positions is not None:
+        raise ValueRangeError("rotation: 'auto' needs a raster (step_px), not positions")
     if nav_shape is not None and fastest == "row":
         nav_shape = tuple(nav_shape)[::-1]  # LiberTEM's last navigation axis is the one that varies fastest
     own = ctx is None
@@ -626,9 +629,6 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         frames = int(np.prod(nav))
         if kind is None:
             kind = infer_kind(_pick(ctx, dataset, _spread(frames, 16)))
-        auto_rotation = rotation_deg == "auto"
-        if auto_rotation and positions is not None:
-            raise ValueRangeError("rotation: 'auto' needs a raster (step_px), not positions")
         view, found = None, None
         if calibration == "on" or (calibration == "auto" and sig != (n, n)):
             view = calibrate_dataset(ctx, dataset, model, step_px, positions, 0.0 if auto_rotation else rotation_deg,
