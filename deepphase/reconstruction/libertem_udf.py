@@ -209,14 +209,7 @@ class PhaseUDF(UDF):
             raise ValueRangeError(f"deblur: expected True, False or 'auto', got {deblur!r}")
         if (positions is None) == (step_px is None):
             raise ValueRangeError("positions: give either the raster's step_px or the positions of every frame")
-        if calibration is not None and not isinstance(calibration, dict):
-            from ..data.calibration import CalibratedView
-
-            if not isinstance(calibration, CalibratedView):
-                raise ValueRangeError("calibration: expected what calibrate_dataset returns (a CalibratedView), got "
-                                      f"{type(calibration).__name__}")
-            # Plain arrays and dicts travel to the workers; the view is rebuilt there around each partition.
-            calibration = {"info": calibration.info, "arrays": calibration.arrays}
+        calibration = _calibration_param(calibration)
         super().__init__(model=None if model is None else str(model), step_px=step_px,
                          positions=None if positions is None else np.asarray(positions, dtype=np.float64),
                          rotation_deg=float(rotation_deg), fastest=fastest, kind=kind, calibration=calibration,
@@ -362,6 +355,19 @@ class PhaseUDF(UDF):
                 **({} if sigma is None else {"uncertainty": sigma[box]})}
 
 
+def _calibration_param(calibration) -> dict | None:
+    """A UDF's ``calibration`` parameter: what travels to the workers of a :class:`CalibratedView` (its plain
+    ``info`` and ``arrays``; the view is rebuilt there around each partition), checked."""
+    if calibration is None or isinstance(calibration, dict):
+        return calibration
+    from ..data.calibration import CalibratedView
+
+    if not isinstance(calibration, CalibratedView):
+        raise ValueRangeError("calibration: expected what calibrate_dataset returns (a CalibratedView), got "
+                              f"{type(calibration).__name__}")
+    return {"info": calibration.info, "arrays": calibration.arrays}
+
+
 def _network_input(frames: np.ndarray, kind: str, calibration: dict | None, coords: np.ndarray):
     """The network's input for ``frames`` (counts or amplitudes; detector frames resampled with ``calibration``
     at scan ``coords``), and the sum of their counts (0 for amplitudes: they have no dose to tell)."""
@@ -415,9 +421,7 @@ def find_rotation(ctx, dataset, step_px, fastest: str = "col", kind: str = "coun
     r0, c0 = (nav[0] - br) // 2, (nav[1] - bc) // 2
     roi = np.zeros(nav, dtype=bool)
     roi[r0 : r0 + br, c0 : c0 + bc] = True
-    if calibration is not None and not isinstance(calibration, dict):
-        calibration = {"info": calibration.info, "arrays": calibration.arrays}
-    udf = _CentreOfMassUDF(kind, calibration, step_px, fastest)
+    udf = _CentreOfMassUDF(kind, _calibration_param(calibration), step_px, fastest)
     com = np.asarray(ctx.run_udf(dataset=dataset, udf=udf, roi=roi)["com"].raw_data).reshape(br, bc, 2)
     if fastest == "row":  # the navigation axes are (scan column, scan row)
         com = com.transpose(1, 0, 2)
