@@ -293,8 +293,15 @@ def _cmd_reconstruct(args) -> None:
         if kind is None:
             kind = infer_kind(data.frames)
         amplitudes = view if view is not None else AmplitudeView(data.frames, kind)
+        if args.flip_patterns:
+            view, amplitudes = _flipped(view, amplitudes)
         if args.rotation == "auto":
-            positions, scan_info = _find_rotation(args, amplitudes, view, scan_info, default_fastest)
+            positions, scan_info = _find_rotation(args, amplitudes, view, scan_info)
+            if scan_info["rotation_found"]["flip_patterns"]:
+                view, amplitudes = _flipped(view, amplitudes)
+            # (the cluster's workers and the --resume fingerprint read it there)
+            args.flip_patterns = args.flip_patterns or scan_info["rotation_found"]["flip_patterns"]
+        scan_info["patterns_flipped"] = args.flip_patterns
         sampling = args.pixel_size or (calibration or {}).get("real_space_sampling_angstrom")
         if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
             rec = _reconstruct_on_cluster(args, positions, kind, view)
@@ -349,8 +356,19 @@ def _cmd_reconstruct(args) -> None:
 PARTIAL_FOLDER = ".deepphase-partial"
 
 
-def _find_rotation(args, amplitudes, view, scan_info: dict, default_fastest: str):
-    """``--rotation auto``: the scan rotation from the patterns (DPC curl criterion), then the positions."""
+def _flipped(view, amplitudes):
+    """--flip-patterns: detector patterns mirrored as they are resampled, model-grid ones about k = 0."""
+    from .data.io import FlippedView
+
+    if view is not None:
+        view = view.flipped()
+        return view, view
+    return None, FlippedView(amplitudes)
+
+
+def _find_rotation(args, amplitudes, view, scan_info: dict):
+    """``--rotation auto``: the scan rotation from the patterns (DPC curl criterion), then the positions; and the
+    detector's handedness, unless --flip-patterns gave it (``amplitudes`` are then flipped already)."""
     from .data.calibration import check_scan_rotation, scan_rotation_from_patterns
     from .physics.scan import raster_positions
 
@@ -358,14 +376,22 @@ def _find_rotation(args, amplitudes, view, scan_info: dict, default_fastest: str
         raise DeepPhaseError("rotation: 'auto' needs a raster (--scan-shape and --step, or a file that holds the "
                              "scan shape), not --positions")
     shape, fastest = tuple(scan_info["scan_shape"]), scan_info["fastest"]
-    found = scan_rotation_from_patterns(amplitudes, shape, fastest)
+    found = scan_rotation_from_patterns(amplitudes, shape, fastest,
+                                        handedness="as recorded" if args.flip_patterns else "auto")
     check_scan_rotation(found)
     positions = raster_positions(shape, scan_info["step_px"], found["rotation_deg"], fastest)
     if view is not None:
         view.use_coords(positions)  # the descan plane, re-expressed in the rotated positions
     print(f"deepphase reconstruct: scan rotation {found['rotation_deg']:.2f}° (DPC curl criterion on the central "
           f"{found['block'][0]}×{found['block'][1]} positions; curl ratio {found['curl_ratio']:.3f})", file=sys.stderr)
+    if found["flip_patterns"]:
+        print(f"deepphase reconstruct: note: {FLIP_NOTE} (curl ratio {found['curl_ratio_other']:.2f} as recorded); "
+              "patterns flipped (--flip-patterns)", file=sys.stderr)
     return positions, {**scan_info, "rotation_deg": found["rotation_deg"], "rotation_found": found}
+
+
+FLIP_NOTE = ("the patterns are mirrored against the scan (a detector whose rows run the other way, or the scan's "
+             "rows and columns swapped: check --fastest)")
 
 
 def _data_fingerprint(args, kind: str, view) -> dict:
@@ -378,22 +404,26 @@ def _data_fingerprint(args, kind: str, view) -> dict:
     calibration = json.dumps(view.info, sort_keys=True, default=str) if view is not None else ""
     return {"data": str(Path(args.data).resolve()), "data_bytes": stat.st_size, "data_mtime_ns": stat.st_mtime_ns,
             "dataset": args.dataset, "input": kind, "calibrated": view is not None,
+            "patterns_flipped": args.flip_patterns,
             "calibration_sha256": hashlib.sha256(calibration.encode()).hexdigest(), "batch_size": args.batch_size}
 
 
 def _reconstruct_on_cluster(args, positions, kind, view):
     """``reconstruct --workers N`` / ``--scheduler ADDRESS``: the prediction spread over a dask cluster."""
+    import functools
+
     from .reconstruction.distributed import open_client, reconstruct_distributed
 
     transform = None
     if view is not None:
-        import functools
-
         from .data.calibration import CalibratedView
 
-        # The calibration measured here travels to the workers; each applies it to the frames it reads.
+        # The calibration measured here (with the flip, if any) travels to the workers; each applies it to the
+        # frames it reads.
         transform = functools.partial(CalibratedView, info=view.info, arrays=view.arrays, coords=view.coords,
                                       what=view.what)
+    elif args.flip_patterns:
+        transform = functools.partial(_flipped_amplitudes, kind=kind)
     with open_client(args.workers, args.scheduler) as client:
         return reconstruct_distributed(args.data, positions, args.model, client, args.tile_size, dataset=args.dataset,
                                        scan_shape=args.scan_shape, kind=kind, transform=transform,
@@ -402,6 +432,13 @@ def _reconstruct_on_cluster(args, positions, kind, view):
                                        uncertainty_samples=_dropout_samples(args.uncertainty),
                                        sigma_head=args.uncertainty == "head", precision=args.precision,
                                        sigma_scale=args.sigma_scale, deblur=_DEBLUR[args.deblur])
+
+
+def _flipped_amplitudes(frames, kind: str):
+    """A cluster worker's view of model-grid frames with --flip-patterns (module level: it travels pickled)."""
+    from .data.io import AmplitudeView, FlippedView
+
+    return FlippedView(AmplitudeView(frames, kind))
 
 
 def _reconstruct_with_libertem(args) -> None:
@@ -438,15 +475,16 @@ def _reconstruct_with_libertem(args) -> None:
         kind=None if args.input == "auto" else args.input, calibration=args.calibration, calibration_options=options,
         calibration_png=args.out / "calibration.png", batch_size=args.batch_size, engine=args.engine,
         precision=args.precision, deblur=_DEBLUR[args.deblur], workers=args.workers, progress=True,
-        uncertainty="head" if args.uncertainty == "head" else None)
+        uncertainty="head" if args.uncertainty == "head" else None,
+        flip_patterns=True if args.flip_patterns else (None if args.rotation == "auto" else False))
     scan = ({"positions_file": str(args.positions)} if positions is not None else
             {"scan_shape": read["navigation_shape"] if (args.fastest or "col") == "col" else read["navigation_shape"][::-1],
              "step_px": args.step, "rotation_deg": read["rotation_deg"], "fastest": args.fastest or "col",
              **({"rotation_found": read["rotation_found"]} if "rotation_found" in read else {})})
     extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": str(args.data),
              "input": read["input"], "n_patterns": rec.processing["patterns"], "stitching": "pairwise",
-             "model_path": str(args.model or "default (packaged)"), **scan, "data_info": read,
-             "calibration": read["calibration"]}
+             "model_path": str(args.model or "default (packaged)"), **scan, "patterns_flipped": read["patterns_flipped"],
+             "data_info": read, "calibration": read["calibration"]}
     sampling = args.pixel_size or (read["calibration"] or {}).get("real_space_sampling_angstrom")
     write_outputs(rec, args.out, extra, sampling=sampling, overwrite=args.overwrite)
     if rec.processing.get("dose_note"):
@@ -455,6 +493,8 @@ def _reconstruct_with_libertem(args) -> None:
         found = read["rotation_found"]
         print(f"deepphase reconstruct: scan rotation {found['rotation_deg']:.2f}° (DPC curl criterion on the central "
               f"{found['block'][0]}×{found['block'][1]} positions; curl ratio {found['curl_ratio']:.3f})", file=sys.stderr)
+        if read["patterns_flipped"] and not args.flip_patterns:
+            print(f"deepphase reconstruct: note: {FLIP_NOTE}; patterns flipped (--flip-patterns)", file=sys.stderr)
     print(f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
           f"({rec.processing['patterns']} patterns read by {read['reader']} as {read['libertem_dataset']}, "
           f"{rec.timings['patterns_per_second']:.0f} patterns/s)"
@@ -696,6 +736,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="angular size of a model pixel in mrad (default: what the model records)")
     g.add_argument("--gain", type=float, metavar="G",
                    help="detector units per electron: counts = data / G (default 1)")
+    g.add_argument("--flip-patterns", action="store_true",
+                   help="mirror every pattern in k_row (k_row → −k_row) before the network: for a detector whose rows "
+                        "run the other way against the scan, which no --rotation undoes; --rotation auto finds "
+                        "whether it is needed (when this flag is not given)")
     p.add_argument("--stitching", choices=["pairwise", "least-squares", "seed"], default="pairwise",
                    help="pairwise (default, fast), least-squares (exact canvas least squares) or seed (the original)")
     p.add_argument("--deblur", choices=["auto", "on", "off"], default="auto",

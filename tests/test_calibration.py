@@ -101,6 +101,31 @@ def test_known_linear_descan_is_recovered(rng):
         assert np.allclose(find_disk(pattern)["center"], target, atol=0.15)
 
 
+def test_a_flipped_calibration_is_the_calibration_of_the_mirrored_detector(rng):
+    """view.flipped() mirrors in k_row as it resamples: the same patterns as calibrating the detector with its
+    rows reversed (descan, bad pixels and all), with the measured calibration left as it was."""
+    positions = raster_positions((5, 6), 1.0, fastest="col")
+    centres = np.array([40.3, 47.6])[None] + positions @ np.array([[0.3, -0.1], [0.05, 0.2]]).T
+    frames = []
+    for c in centres:  # a disk with a bright spot above its centre: not symmetric in rows
+        image = disk_image((96, 90), c, 18.5) + disk_image((96, 90), (c[0] - 9, c[1] + 4), 3.0, background=0.0)
+        frames.append(rng.poisson(image * 4))
+    frames = np.stack(frames).astype(np.float32)
+    frames[:, 70, 12] = 3000
+    model = load_model()
+    view, info = calibrate(frames, model, positions)
+    mirrored, _ = calibrate(np.ascontiguousarray(frames[:, ::-1]), model, positions)
+    flipped = view.flipped()
+    expected = mirrored[0:30]
+    assert np.allclose(flipped[0:30], expected, atol=1e-4 * expected.max())
+    assert not np.allclose(view[0:30], expected, atol=0.05 * expected.max())
+    assert flipped.info["flip_patterns"] and "flip_patterns" not in view.info
+    assert np.array_equal(flipped.flipped()[0:30], view[0:30])
+    before = [list(c) for c in view.info["descan"]["coefficients"]]
+    flipped.use_coords(positions * 2.0)  # the flipped view's coordinates are its own
+    assert view.info["descan"]["coefficients"] == before
+
+
 def test_fit_descan_ignores_missing_and_outlying_centres():
     coords = np.stack(np.meshgrid(np.arange(5.0), np.arange(4.0), indexing="ij"), -1).reshape(-1, 2)
     centres = np.column_stack([10 + 0.5 * coords[:, 0], 20 - 0.25 * coords[:, 1]])
@@ -191,6 +216,12 @@ def test_scan_rotation_of_an_analytic_gradient_field_is_found():
         com = np.stack([np.cos(t) * g_r - np.sin(t) * g_c, np.sin(t) * g_r + np.cos(t) * g_c], axis=-1)
         found = find_scan_rotation(com)
         assert found["rotation_deg"] == pytest.approx(theta0, abs=0.1) and found["curl_ratio"] < 0.01
+        assert not found["flip_patterns"] and found["curl_ratio_other"] > 0.25
+        # The detector's rows reversed (k_row → −k_row): no rotation removes the curl; flipped, the same angle.
+        mirrored = find_scan_rotation(com * [-1, 1])
+        assert mirrored["flip_patterns"] and mirrored["rotation_deg"] == pytest.approx(theta0, abs=0.1)
+        assert mirrored["curl_ratio"] < 0.01 and mirrored["curl_ratio_other"] > 0.25
+        assert find_scan_rotation(com * [-1, 1], handedness="as recorded")["curl_ratio"] > 0.25
 
 
 def test_scan_rotation_of_rotated_detector_patterns_is_found(probe):
@@ -205,8 +236,15 @@ def test_scan_rotation_of_rotated_detector_patterns_is_found(probe):
         rotated = ndimage.rotate(counts, alpha, axes=(1, 2), reshape=False, order=1) if alpha else counts
         found = scan_rotation_from_patterns(np.sqrt(rotated), (32, 32), "col")
         assert found["rotation_deg"] == pytest.approx(alpha, abs=1.0)
-    wrong_order = scan_rotation_from_patterns(np.sqrt(counts), (32, 32), "row")
-    assert wrong_order["curl_ratio"] > 0.25  # the CLI refuses it with a message
+    # The frames taken in the wrong order: on a square raster the scan transposed, a mirror, which the flip and
+    # a quarter turn undo; on any other the positions scrambled, which nothing undoes (the CLI refuses it).
+    transposed = scan_rotation_from_patterns(np.sqrt(counts), (32, 32), "row")
+    assert transposed["flip_patterns"] and transposed["rotation_deg"] == pytest.approx(90.0, abs=1.0)
+    positions = raster_positions((24, 40), 0.87, fastest="col")
+    counts = simulate_scan(twisted_hbn((60, 80), seed=3), probe, positions, seed=0).amplitude.astype(float) ** 2
+    assert scan_rotation_from_patterns(np.sqrt(counts), (24, 40), "col")["curl_ratio"] < 0.1
+    scrambled = scan_rotation_from_patterns(np.sqrt(counts), (24, 40), "row")
+    assert scrambled["curl_ratio"] > 0.25 and scrambled["curl_ratio_other"] > 0.25
 
 
 def test_cli_rotation_auto_records_the_angle_and_refuses_positions(probe, tmp_path, capsys):
@@ -227,3 +265,51 @@ def test_cli_rotation_auto_records_the_angle_and_refuses_positions(probe, tmp_pa
     assert main(["reconstruct", str(tmp_path / "scan.npy"), "--positions", str(tmp_path / "pos.npy"), "--rotation",
                  "auto", "--out", str(tmp_path / "rec2")]) == 2
     assert "'auto' needs a raster" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("grid", ["detector", "model"])
+def test_cli_a_mirrored_detector_is_found_by_rotation_auto_and_undone_by_flip_patterns(grid, probe, tmp_path, capsys):
+    """Patterns recorded with the detector's rows reversed: reconstructed as given, every patch is mirrored
+    about its own position (a poor image); --rotation auto finds the mirror and flips them, as --flip-patterns
+    does when told. Detector frames (calibrated: the rows simply reversed) and model-grid patterns (k_row → −k_row
+    about the zero frequency, not calibrated)."""
+    import json
+
+    from deepphase.cli import main
+    from deepphase.physics import flip_patterns
+
+    positions = raster_positions((24, 24), 0.87, fastest="col")
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=1)
+    counts = simulate_scan(truth, probe, positions, seed=0).amplitude.astype(np.float32) ** 2
+    mirrored = counts[:, ::-1, :] if grid == "detector" else flip_patterns(counts)
+    np.save(tmp_path / "scan.npy", mirrored.reshape(24, 24, 32, 32))
+    calibration = ["--calibrate"] if grid == "detector" else []
+
+    def score(name, *extra):
+        capsys.readouterr()
+        assert main(["reconstruct", str(tmp_path / "scan.npy"), "--step", "0.87", *extra, *calibration,
+                     "--out", str(tmp_path / name)]) == 0
+        meta = json.loads((tmp_path / name / "metadata.json").read_text())
+        phase = np.load(tmp_path / name / "phase.npy")
+        r0, c0 = meta["origin_px"]
+        return correlation(phase, truth[r0 : r0 + phase.shape[0], c0 : c0 + phase.shape[1]]), meta, capsys.readouterr()
+
+    as_given, meta, _ = score("as-given")
+    assert as_given < 0.6 and meta["patterns_flipped"] is False
+    found, meta, said = score("auto", "--rotation", "auto")
+    assert found > 0.9 and meta["patterns_flipped"] is True, (as_given, found)
+    assert meta["rotation_found"]["flip_patterns"] and abs(meta["rotation_deg"]) < 2.5
+    assert grid == "model" or meta["calibration"]["flip_patterns"] is True
+    assert "patterns are mirrored against the scan" in said.err
+    told, meta, _ = score("told", "--flip-patterns")
+    assert told > 0.9 and meta["patterns_flipped"] is True
+    if grid == "model":  # flipped twice about the zero frequency: the patterns as simulated, the same image
+        np.save(tmp_path / "scan.npy", counts.reshape(24, 24, 32, 32))
+        score("unmirrored")
+        assert np.array_equal(np.load(tmp_path / "told" / "phase.npy"), np.load(tmp_path / "unmirrored" / "phase.npy"))
+        np.save(tmp_path / "scan.npy", mirrored.reshape(24, 24, 32, 32))
+    # Told, --rotation auto finds only the angle (of the flipped patterns: no mirror left).
+    told_auto, meta, said = score("told-auto", "--flip-patterns", "--rotation", "auto")
+    assert told_auto == pytest.approx(found, abs=0.01) and "curl_ratio_other" not in meta["rotation_found"]
+    assert "mirrored" not in said.err
+    print(f"{grid}: as given {as_given:.3f}, auto {found:.3f}, told {told:.3f}, told + auto {told_auto:.3f}")

@@ -216,15 +216,23 @@ def test_a_worker_error_names_the_pattern_of_the_whole_scan(scan_file, client, t
 
 
 def test_cli_reconstruct_with_workers(scan_file, tmp_path):
+    """Also with the patterns mirrored in k_row and --flip-patterns: each worker flips what it reads."""
+    from deepphase.physics import flip_patterns
+
     path, _ = scan_file
-    common = [sys.executable, "-m", "deepphase.cli", "reconstruct", str(path), "--scan-shape", "12", "12",
-              "--step", "0.87", "--input", "counts"]
-    for name, extra in (("one", []), ("two", ["--workers", "2", "--tile-size", "50"])):
-        done = subprocess.run(common + ["--out", str(tmp_path / name), *extra], env=_env(), capture_output=True,
-                              text=True, timeout=120)
+    mirrored = tmp_path / "mirrored.npy"
+    np.save(mirrored, flip_patterns(np.load(path)))
+    common = ["--scan-shape", "12", "12", "--step", "0.87", "--input", "counts"]
+    workers = ["--workers", "2", "--tile-size", "50"]
+    for name, data, extra in (("one", path, []), ("two", path, workers),
+                              ("flipped", mirrored, [*workers, "--flip-patterns"])):
+        done = subprocess.run([sys.executable, "-m", "deepphase.cli", "reconstruct", str(data), *common,
+                               "--out", str(tmp_path / name), *extra], env=_env(), capture_output=True, text=True,
+                              timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
-    np.testing.assert_allclose(np.load(tmp_path / "two" / "phase.npy"), np.load(tmp_path / "one" / "phase.npy"),
-                               rtol=0, atol=1e-5)
+    for name in ("two", "flipped"):
+        np.testing.assert_allclose(np.load(tmp_path / name / "phase.npy"), np.load(tmp_path / "one" / "phase.npy"),
+                                   rtol=0, atol=1e-5, err_msg=name)
     meta = json.loads((tmp_path / "two" / "metadata.json").read_text())
     assert meta["processing"]["distributed"]["workers"] == 2 and meta["processing"]["distributed"]["tiles"] == 3
 
@@ -239,14 +247,20 @@ def test_cli_reconstructs_calibrated_detector_data_on_workers(detector_scan, tmp
     data4d, _ = detector_scan
     path = tmp_path / "scan.npy"
     np.save(path, data4d)
-    for name, extra in (("one", []), ("two", ["--workers", "2", "--tile-size", "30"])):
-        code = main(["reconstruct", str(path), "--step", "0.87", "--out", str(tmp_path / name), *extra])
+    np.save(tmp_path / "mirrored.npy", np.ascontiguousarray(data4d[..., ::-1, :]))  # the detector's rows reversed
+    workers = ["--workers", "2", "--tile-size", "30"]
+    for name, data, extra in (("one", path, []), ("two", path, workers),
+                              ("flipped", tmp_path / "mirrored.npy", [*workers, "--flip-patterns"])):
+        code = main(["reconstruct", str(data), "--step", "0.87", "--out", str(tmp_path / name), *extra])
         assert code == 0, capsys.readouterr().err
     meta = json.loads((tmp_path / "two" / "metadata.json").read_text())
     assert meta["calibration"]["zoom"] == pytest.approx(1 / 2.1, rel=0.02)
     assert meta["processing"]["distributed"]["tiles"] == 4
     np.testing.assert_allclose(np.load(tmp_path / "two" / "phase.npy"), np.load(tmp_path / "one" / "phase.npy"),
                                rtol=0, atol=1e-5)
+    # Flipped as the patterns are resampled (the flip travels in the calibration): the unmirrored image.
+    np.testing.assert_allclose(np.load(tmp_path / "flipped" / "phase.npy"), np.load(tmp_path / "one" / "phase.npy"),
+                               rtol=0, atol=1e-4)
 
 
 def test_distributed_neighbourhood_model_equals_the_single_process_one(scan_file, client):

@@ -208,6 +208,63 @@ def test_detector_patterns_are_calibrated_as_the_pipeline_calibrates_them(counts
     np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)
 
 
+def test_a_mirrored_detector_is_flipped_as_the_pipeline_flips_it(counts, ctx, tmp_path):
+    """Patterns mirrored in k_row: PhaseUDF(flip_patterns=True) makes the pipeline's image of them unmirrored;
+    find_rotation finds the mirror, and reconstruct_file with rotation 'auto' flips them."""
+    from deepphase.physics import flip_patterns
+    from deepphase.reconstruction.libertem_udf import find_rotation
+
+    frames, positions = counts
+    mirrored = flip_patterns(frames)
+    ds = ctx.load("memory", data=mirrored.reshape(*NAV, 32, 32), sig_dims=2, num_partitions=3)
+    result = ctx.run_udf(dataset=ds, udf=PhaseUDF(step_px=STEP, flip_patterns=True, engine="eager"))
+    _assert_same_image(_on_object_grid(result), _reference(frames, positions).full)
+    found = find_rotation(ctx, ds, STEP)
+    assert found["flip_patterns"] and abs(found["rotation_deg"]) < 5 and found["curl_ratio_other"] > 0.25
+    np.save(tmp_path / "mirrored.npy", mirrored.reshape(*NAV, 32, 32))
+    rec, read = reconstruct_file(tmp_path / "mirrored.npy", step_px=STEP, engine="eager", ctx=ctx, rotation_deg="auto")
+    assert read["patterns_flipped"] and not read["rows_reversed"] and read["rotation_deg"] == found["rotation_deg"]
+    reference = _reference(frames, raster_positions(NAV, STEP, found["rotation_deg"], "col"))
+    assert rec.origin_px == reference.origin_px
+    np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)
+
+
+def test_a_merlin_file_is_read_with_its_rows_as_the_pipeline_reads_them(counts, tmp_path, capsys):
+    """LiberTEM reads a Merlin .mib's rows bottom-up against rosettasciio, the pipeline's reader: --libertem
+    reverses them, so both make the same image (calibrated 64×64 frames with --rotation auto, and 32×32 frames
+    used as they are); a .mib beside its .hdr opens without --scan-shape, and without it is refused in one line."""
+    pytest.importorskip("rsciio")
+    from deepphase.cli import main
+
+    from .test_io_formats import write_mib
+
+    frames, _ = counts
+    detector = np.repeat(np.repeat(frames, 2, axis=1), 2, axis=2)  # 64×64, each pixel a quarter of the counts
+    rng = np.random.default_rng(1)
+    detector = rng.binomial(detector.astype(np.int64), 0.25).astype(np.uint16)
+    cases = {"detector.mib": write_mib(tmp_path / "detector.mib", detector, frames_per_trigger=NAV[1]),
+             "model-grid.mib": write_mib(tmp_path / "model-grid.mib", frames.astype(np.uint16),
+                                         frames_per_trigger=NAV[1])}
+    for (name, path), rotation in zip(cases.items(), ("auto", "0")):
+        common = [str(path), "--step", str(STEP), "--rotation", rotation, "--engine", "eager"]
+        out = {}
+        for how, extra in (("pipeline", []), ("libertem", ["--libertem", "--workers", "1"])):
+            out[how] = tmp_path / f"{name}-{how}"
+            assert main(["reconstruct", *common, *extra, "--out", str(out[how])]) == 0, capsys.readouterr().err
+        meta = json.loads((out["libertem"] / "metadata.json").read_text())
+        assert meta["data_info"]["libertem_dataset"] == "MIBDataSet" and meta["data_info"]["rows_reversed"]
+        assert meta["data_info"]["navigation_shape"] == list(NAV) and meta["patterns_flipped"] is False
+        np.testing.assert_allclose(np.load(out["libertem"] / "phase.npy"), np.load(out["pipeline"] / "phase.npy"),
+                                   rtol=0, atol=1e-5, err_msg=f"{name}, rotation {rotation}")
+    # Without its .hdr LiberTEM needs the scan shape: one line that says so (it raised a ValueError through).
+    (tmp_path / "detector.hdr").unlink()
+    capsys.readouterr()
+    assert main(["reconstruct", str(cases["detector.mib"]), "--step", str(STEP), "--libertem", "--workers", "1",
+                 "--out", str(tmp_path / "no-hdr")]) == 2
+    err = capsys.readouterr().err
+    assert "LiberTEM could not open" in err and "--scan-shape" in err and "Traceback" not in err
+
+
 def test_dask_workers_in_other_processes_make_the_same_image(counts, tmp_path):
     frames, positions = counts
     path = tmp_path / "scan.npy"
@@ -237,13 +294,18 @@ def test_bad_settings_and_data_are_refused_with_what_was_expected(counts, ctx):
     flat = ctx.load("memory", data=frames, sig_dims=2)
     with pytest.raises(ShapeError, match="a raster needs a 2D navigation shape"):
         ctx.run_udf(dataset=flat, udf=PhaseUDF(step_px=STEP))
-    # The scan rotation with the frames taken in the wrong order: the curl criterion has no clear minimum.
+    # The scan rotation: the frames' navigation axes swapped (fastest="row") are the scan transposed, a mirror
+    # that the flip and a quarter turn undo; frames out of order have no clear minimum of the curl.
     from deepphase.reconstruction.libertem_udf import find_rotation
 
     ds = ctx.load("memory", data=frames.reshape(*NAV, 32, 32), sig_dims=2)
-    assert abs(find_rotation(ctx, ds, STEP, "col")["rotation_deg"]) < 5  # the raster has none
+    found = find_rotation(ctx, ds, STEP, "col")
+    assert abs(found["rotation_deg"]) < 5 and not found["flip_patterns"]  # the raster has none
+    transposed = find_rotation(ctx, ds, STEP, "row")
+    assert transposed["flip_patterns"] and abs(abs(transposed["rotation_deg"]) - 90) < 5
+    shuffled = frames[np.random.default_rng(0).permutation(len(frames))]
     with pytest.raises(ValueRangeError, match=r"no clear minimum \(curl ratio 0\.[3-9]"):
-        find_rotation(ctx, ds, STEP, "row")
+        find_rotation(ctx, ctx.load("memory", data=shuffled.reshape(*NAV, 32, 32), sig_dims=2), STEP, "col")
     bad = frames.copy()
     bad[77, 3, 3] = -5
     ds = ctx.load("memory", data=bad.reshape(*NAV, 32, 32), sig_dims=2, num_partitions=2)

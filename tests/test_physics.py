@@ -4,7 +4,7 @@ import torch
 
 from deepphase.errors import DeepPhaseError
 from deepphase.physics import (Geometry, ProbeParameters, angular_sampling, diffraction_intensity, electron_wavelength,
-                               far_field, illuminated_mask, incident_counts, output_mask, poisson_counts,
+                               far_field, flip_patterns, illuminated_mask, incident_counts, output_mask, poisson_counts,
                                probe_from_parameters, raster_positions, real_space_sampling, shift_probe)
 from deepphase.physics.forward import as_complex_tensor
 
@@ -49,6 +49,24 @@ def test_phase_ramp_shifts_the_pattern(probe, shift):
     tilted = diffraction_intensity(p, ramp).numpy()
     # The shift theorem: multiplying by exp(2πi k0·r/n) moves the far field by +k0 pixels.
     np.testing.assert_allclose(tilted, np.roll(flat, shift, axis=(0, 1)), rtol=1e-8, atol=1e-8 * flat.max())
+
+
+def test_flipped_patterns_are_the_far_field_of_the_mirrored_exit_wave(probe, rng):
+    """|F(ψ)|(−k_row, k_col) = |F(ψ mirrored in rows)|(k): the mirror about the zero frequency at n//2 is the
+    far field of the exit wave mirrored about its own centre n//2 (row i → (n − i) mod n)."""
+    n = 32
+    phase = rng.normal(size=(3, n, n))
+    exit_wave = probe * np.exp(1j * phase)
+    mirrored = np.roll(exit_wave[:, ::-1, :], 1, axis=1)
+    amplitude = far_field(torch.as_tensor(exit_wave)).abs().numpy()
+    expected = far_field(torch.as_tensor(mirrored)).abs().numpy()
+    np.testing.assert_allclose(flip_patterns(amplitude), expected, rtol=1e-9, atol=1e-9 * expected.max())
+    assert not np.allclose(amplitude, expected, atol=1e-3 * expected.max())  # the probe and phase are not symmetric
+    np.testing.assert_array_equal(flip_patterns(flip_patterns(amplitude)), amplitude)
+    centre = np.zeros((n, n))
+    centre[16, 16], centre[16 + 3, 16 - 2] = 1.0, 2.0
+    flipped = flip_patterns(centre)
+    assert flipped[16, 16] == 1.0 and flipped[16 - 3, 16 - 2] == 2.0
 
 
 def test_mean_counts_match_the_dose_within_poisson_error(probe):

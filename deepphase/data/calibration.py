@@ -29,6 +29,8 @@ values by the local median. What cannot be repaired raises a :class:`~deepphase.
 
 from __future__ import annotations
 
+import copy
+
 from pathlib import Path
 
 import numpy as np
@@ -384,7 +386,8 @@ def overlap_matrix(n_out: int, n_in: int, center_in: np.ndarray, center_out: flo
     n_out, n_in : int
     center_in : (B,) input coordinate that lands on ``center_out``
     center_out : float
-    zoom : output pixels per input pixel
+    zoom : output pixels per input pixel; negative: the output mirrored about ``center_out`` (the input
+        coordinate falls as ``i`` rises)
 
     Returns
     -------
@@ -394,13 +397,14 @@ def overlap_matrix(n_out: int, n_in: int, center_in: np.ndarray, center_out: flo
     i = np.arange(n_out, dtype=np.float64)
     lo = center_in[:, None] + (i[None] - 0.5 - center_out) / zoom  # (B, n_out)
     hi = lo + 1.0 / zoom
+    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
     j = np.arange(n_in, dtype=np.float64)
     overlap = np.minimum(hi[:, :, None], j[None, None] + 0.5) - np.maximum(lo[:, :, None], j[None, None] - 0.5)
     return np.clip(overlap, 0.0, None).astype(np.float32)
 
 
 def resample_patterns(batch: np.ndarray, centers: np.ndarray, n_out: int, center_out: tuple[float, float],
-                      zoom: float) -> np.ndarray:
+                      zoom: float, flip_rows: bool = False) -> np.ndarray:
     """Resample patterns onto an ``n_out × n_out`` grid, each with its ``centers[b]`` put at ``center_out``.
 
     Flux-conserving: the result is ``Wr @ pattern @ Wc.T`` with the pixel-overlap matrices of
@@ -415,6 +419,8 @@ def resample_patterns(batch: np.ndarray, centers: np.ndarray, n_out: int, center
     n_out : size of the output grid
     center_out : (row, col) where the centres go on the output grid
     zoom : output pixels per input pixel
+    flip_rows : mirror the rows about the centre as they are resampled (k_row → −k_row about the disk
+        centre): a detector of the other handedness (see :func:`deepphase.physics.flip_patterns`).
 
     Returns
     -------
@@ -422,7 +428,7 @@ def resample_patterns(batch: np.ndarray, centers: np.ndarray, n_out: int, center
     """
     b = np.asarray(batch, dtype=np.float32)
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
-    rows = overlap_matrix(n_out, b.shape[1], centers[:, 0], center_out[0], zoom)  # (B, n_out, H)
+    rows = overlap_matrix(n_out, b.shape[1], centers[:, 0], center_out[0], -zoom if flip_rows else zoom)  # (B, n_out, H)
     cols = overlap_matrix(n_out, b.shape[2], centers[:, 1], center_out[1], zoom)  # (B, n_out, W)
     return np.matmul(np.matmul(rows, b), cols.transpose(0, 2, 1)).astype(np.float32, copy=False)
 
@@ -750,7 +756,8 @@ class CalibratedView:
     Sliced like an array (``view[a:b]``, ``view.shape``); each slice is read from ``frames``,
     converted, repaired, de-scanned and resampled then and there, so memory stays bounded by the
     batch. ``counters`` records the repairs made so far (negative values clipped, all-zero patterns
-    replaced, non-finite values replaced).
+    replaced, non-finite values replaced). With ``info["flip_patterns"]`` (:meth:`flipped`) every pattern is
+    mirrored in k_row about its disk centre as it is resampled.
     """
 
     def __init__(self, frames, info: dict, arrays: dict, coords: np.ndarray | None = None, what: str = "data"):
@@ -762,8 +769,16 @@ class CalibratedView:
         self._cache: dict = {}
         self.counters = {"negative_values_clipped": 0, "most_negative_count": 0.0, "zero_patterns_replaced": 0,
                          "nonfinite_values_replaced": 0}
+        self.flip_rows = bool(info.get("flip_patterns", False))
         self._mean_resampled = resample_patterns(arrays["mean_pattern"][None], np.asarray([info["center_px"]]), n,
-                                                 tuple(info["target_center_px"]), info["zoom"])[0]
+                                                 tuple(info["target_center_px"]), info["zoom"], self.flip_rows)[0]
+
+    def flipped(self) -> "CalibratedView":
+        """This calibration with the patterns mirrored in k_row (or mirrored back): a detector whose rows run
+        the other way against the scan. The mirror is about the disk centre, which lands where the model's
+        disk is, as the calibration puts it; the measured calibration is unchanged."""
+        info = {**copy.deepcopy(self.info), "flip_patterns": not self.flip_rows}  # use_coords edits its own copy
+        return CalibratedView(self.frames, info, dict(self.arrays), self.coords, self.what)
 
     def __len__(self):
         return self.shape[0]
@@ -817,7 +832,7 @@ class CalibratedView:
             self.counters["most_negative_count"] = min(self.counters["most_negative_count"], float(x.min()))
             np.maximum(x, 0, out=x)
         out = resample_patterns(x, self.centers(start, stop), self.shape[1], tuple(self.info["target_center_px"]),
-                                self.info["zoom"])
+                                self.info["zoom"], self.flip_rows)
         zero = ~np.any(x != 0, axis=(-2, -1))
         if zero.any():
             self.counters["zero_patterns_replaced"] += int(zero.sum())
@@ -947,14 +962,18 @@ def _scan_axes_field(com: np.ndarray, angle_deg: np.ndarray) -> tuple[np.ndarray
             -np.sin(t) * com[..., 0] + np.cos(t) * com[..., 1])
 
 
-def find_scan_rotation(com: np.ndarray, step_deg: float = 1.0) -> dict:
-    """The rotation of the scan axes against the detector axes, by the DPC curl criterion.
+def find_scan_rotation(com: np.ndarray, step_deg: float = 1.0, handedness: str = "auto") -> dict:
+    """The rotation of the scan axes against the detector axes, and the detector's handedness, by the DPC curl
+    criterion.
 
     The centre-of-mass shift of a thin specimen's patterns is proportional to the gradient of its phase,
     a field without curl. Expressed in the scan axes with the wrong rotation it has curl; the rotation
     that minimises the mean squared curl is the scan rotation, up to 180°. That ambiguity is settled by
     the sign: with the right rotation the field's divergence (∝ the Laplacian of the phase, sharply
-    negative on atoms, which raise the phase) is skewed negative.
+    negative on atoms, which raise the phase) is skewed negative. A detector whose rows run the other way
+    against the scan (a mirror, which no rotation undoes) leaves curl at every angle; the same search on the
+    field with its k_row component reversed then finds the clear minimum, and the patterns need
+    :func:`deepphase.physics.flip_patterns`.
 
     Parameters
     ----------
@@ -962,28 +981,44 @@ def find_scan_rotation(com: np.ndarray, step_deg: float = 1.0) -> dict:
         (row, col) centre of mass of each pattern on the scan grid, in detector pixels, descan removed.
     step_deg : float
         Step of the coarse search; the best angle is then refined to 0.05°.
+    handedness : "auto" (default: both are tried, the one with less curl wins), "as recorded" or "flipped"
+        (only that one).
 
     Returns
     -------
     dict with ``rotation_deg`` (in (−180, 180], the convention of
     :func:`deepphase.physics.raster_positions`: a step along the scan rows moves the probe by
-    ``(cos θ, sin θ)`` on the detector's (row, col) grid), ``curl_ratio`` (mean squared curl at the
-    best angle over its median across all angles: near 0 when the criterion is clear) and
-    ``divergence_skew``.
+    ``(cos θ, sin θ)`` on the detector's (row, col) grid, after the flip if there is one), ``flip_patterns``
+    (whether the patterns must be mirrored in k_row first), ``curl_ratio`` (mean squared curl at the best
+    angle over its median across all angles: near 0 when the criterion is clear), ``curl_ratio_other``
+    (the same for the other handedness, when both were tried: near 1) and ``divergence_skew``.
     """
     com = np.asarray(com, dtype=np.float64)
     if com.ndim != 3 or com.shape[2] != 2 or min(com.shape[:2]) < 4:
         raise ShapeError(f"com: expected (scan_rows, scan_cols, 2) with at least 4×4 positions, got shape {com.shape}")
     if not np.all(np.isfinite(com)):
         raise ValueRangeError("com: contains NaN or Inf (an empty pattern?)")
+    choices = {"auto": (False, True), "as recorded": (False,), "flipped": (True,)}
+    if handedness not in choices:
+        raise ValueRangeError(f"handedness: expected 'auto', 'as recorded' or 'flipped', got {handedness!r}")
     com = com - com.mean(axis=(0, 1))
+    found = [_best_rotation(com * ([-1.0, 1.0] if flip else 1.0), float(step_deg)) | {"flip_patterns": flip}
+             for flip in choices[handedness]]
+    found.sort(key=lambda f: f["curl_ratio"])
+    if len(found) == 2:
+        found[0]["curl_ratio_other"] = found[1]["curl_ratio"]
+    return found[0]
+
+
+def _best_rotation(com: np.ndarray, step_deg: float) -> dict:
+    """:func:`find_scan_rotation` for one handedness: the angle of least curl, its 180° settled by the divergence."""
 
     def curl(angles):
         along_rows, along_cols = _scan_axes_field(com, angles)
         c = np.gradient(along_cols, axis=1) - np.gradient(along_rows, axis=2)
         return np.mean(c[:, 1:-1, 1:-1] ** 2, axis=(1, 2))
 
-    coarse = np.arange(0.0, 180.0, float(step_deg))
+    coarse = np.arange(0.0, 180.0, step_deg)
     costs = curl(coarse)
     fine = coarse[np.argmin(costs)] + np.arange(-step_deg, step_deg + 1e-9, 0.05)
     best = float(fine[np.argmin(curl(fine))])
@@ -1012,11 +1047,16 @@ def check_scan_rotation(found: dict) -> None:
     if found["curl_ratio"] > CURL_RATIO_MAX:
         raise ValueRangeError(
             f"rotation: the DPC curl criterion found no clear minimum (curl ratio {found['curl_ratio']:.2f}, "
-            "below 0.1 expected); check the frame order (--fastest) and the scan shape (--scan-shape), or give "
-            "the angle (--rotation DEG)")
+            f"below 0.1 expected{'' if 'curl_ratio_other' in found else _handedness_given(found)}); check the "
+            "frame order (--fastest) and the scan shape (--scan-shape), or give the angle (--rotation DEG)")
 
 
-def scan_rotation_from_patterns(amplitudes, scan_shape, fastest: str = "row", block: int = 128) -> dict:
+def _handedness_given(found: dict) -> str:
+    return f" with the patterns {'flipped' if found['flip_patterns'] else 'as recorded'}"
+
+
+def scan_rotation_from_patterns(amplitudes, scan_shape, fastest: str = "row", block: int = 128,
+                                handedness: str = "auto") -> dict:
     """:func:`find_scan_rotation` on the central ``block × block`` positions of a raster scan.
 
     Parameters
@@ -1029,6 +1069,8 @@ def scan_rotation_from_patterns(amplitudes, scan_shape, fastest: str = "row", bl
     block : side of the central block of positions that is read (the whole scan if smaller). The angle's
         error falls with the block: on a simulated twisted-hBN scan at the reference dose, 1.7°, 0.9° and
         0.6° from 24², 48² and 64² positions.
+    handedness : as for :func:`find_scan_rotation`; "flipped" when ``amplitudes`` are as recorded and the
+        patterns are to be flipped.
     """
     rows, cols = (int(s) for s in scan_shape)
     if rows * cols != amplitudes.shape[0]:
@@ -1046,4 +1088,4 @@ def scan_rotation_from_patterns(amplitudes, scan_shape, fastest: str = "row", bl
         for j in range(bc):
             start = (c0 + j) * rows + r0
             com[:, j] = centre_of_mass(np.square(np.asarray(amplitudes[start : start + br], dtype=np.float64)))
-    return {**find_scan_rotation(com), "block": [br, bc]}
+    return {**find_scan_rotation(com, handedness=handedness), "block": [br, bc]}

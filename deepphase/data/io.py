@@ -575,3 +575,28 @@ class AmplitudeView:
             # Keep the sign so that the predictor's check names the frame with negative counts.
             return np.sign(batch) * np.sqrt(np.abs(batch))
         return batch
+
+
+class FlippedView:
+    """Diffraction amplitudes mirrored in k_row as they are read (:func:`deepphase.physics.flip_patterns`).
+
+    Wraps any sliceable (N, n, n) view on the model's grid (:class:`AmplitudeView`, a calibrated view, an
+    array); what else the wrapped view tells (its dose, its calibration report) passes through.
+    """
+
+    def __init__(self, amplitudes):
+        self.amplitudes = amplitudes
+        self.shape = tuple(amplitudes.shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        from ..physics.scan import flip_patterns
+
+        return flip_patterns(np.asarray(self.amplitudes[index], dtype=np.float32))
+
+    def __getattr__(self, name):  # only for what this view does not define itself
+        if name == "amplitudes":  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.amplitudes, name)

@@ -78,3 +78,28 @@ def validate_positions(positions, n_frames: int) -> np.ndarray:
             f"positions: expected non-negative top-left corners in pixels, found a minimum of {positions.min():.3f}"
         )
     return positions.astype(np.float64)
+
+def flip_patterns(patterns: np.ndarray) -> np.ndarray:
+    """Diffraction patterns mirrored in k_row (k_row → −k_row), for a detector of the other handedness.
+
+    A rotation of the scan against the detector is absorbed by the positions (``rotation_deg``); a mirror is
+    not: a detector read with its rows in the opposite sense to the scan's (a camera mounted or a reader
+    storing rows the other way) records |F(ψ)|(−k_row, k_col), the pattern of the mirrored exit wave, and
+    every patch comes out mirrored about its own probe position. Flipping the patterns undoes it. The mirror
+    is about the zero frequency at index n//2 (DESIGN.md): row i goes to row (n − i) mod n, so a centred
+    pattern stays centred. :func:`deepphase.data.calibration.find_scan_rotation` tells which handedness a
+    scan has.
+
+    Parameters
+    ----------
+    patterns : array (..., n, n)
+        Diffraction amplitudes or intensities on the model's grid (any leading axes).
+
+    Returns
+    -------
+    array of the same shape and dtype.
+    """
+    patterns = np.asarray(patterns)
+    if patterns.ndim < 2:
+        raise ShapeError(f"patterns: expected an array (..., n, n), got shape {patterns.shape}")
+    return np.roll(patterns[..., ::-1, :], 1, axis=-2)

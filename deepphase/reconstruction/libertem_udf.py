@@ -171,6 +171,14 @@ class PhaseUDF(UDF):
         positions as coordinates): for detector patterns that are not the model's n×n grid. Each
         partition is resampled with it (gain, bad pixels, disk centre, descan, zoom); ``kind`` is then
         what the calibration was measured with.
+    flip_patterns : mirror every pattern in k_row before the network: for a detector whose rows run the other
+        way against the scan (detector patterns as they are resampled, :meth:`CalibratedView.flipped`; model-grid
+        ones about k = 0, :func:`deepphase.physics.flip_patterns`). :func:`find_rotation` tells whether it is
+        needed.
+    reverse_rows : reverse the rows of the frames as LiberTEM reads them, before anything else: LiberTEM reads
+        a Merlin .mib's rows in the opposite order to rosettasciio (``deepphase reconstruct``'s reader), and
+        :func:`reconstruct_file` sets this for one, so both make the same image. (A plain reversal of the
+        file's layout; ``flip_patterns`` is the physics.)
     batch_size : patterns per forward pass.
     engine, precision : as for :func:`~deepphase.reconstruction.pipeline.reconstruct` (engine "auto": on a CPU
         worker channels-last, or ONNX Runtime for scans of ≥ 16,384 patterns; eager on a GPU).
@@ -196,8 +204,10 @@ class PhaseUDF(UDF):
     """
 
     def __init__(self, model=None, step_px=None, positions=None, rotation_deg: float = 0.0, fastest: str = "col",
-                 kind: str = "counts", calibration=None, batch_size: int = 512, engine: str = "auto",
-                 precision: str = "auto", deblur="auto", remove_plane: bool = True, uncertainty=None, **kwargs):
+                 kind: str = "counts", calibration=None, flip_patterns: bool = False, reverse_rows: bool = False,
+                 batch_size: int = 512,
+                 engine: str = "auto", precision: str = "auto", deblur="auto", remove_plane: bool = True,
+                 uncertainty=None, **kwargs):
         if kind not in ("counts", "amplitude"):
             raise ValueRangeError(f"kind: expected 'counts' or 'amplitude', got {kind!r}")
         if int(batch_size) < 1:
@@ -213,7 +223,7 @@ class PhaseUDF(UDF):
         super().__init__(model=None if model is None else str(model), step_px=step_px,
                          positions=None if positions is None else np.asarray(positions, dtype=np.float64),
                          rotation_deg=float(rotation_deg), fastest=fastest, kind=kind, calibration=calibration,
-                         batch_size=int(batch_size), engine=engine, precision=precision, deblur=deblur,
+                         flip_patterns=bool(flip_patterns), reverse_rows=bool(reverse_rows), batch_size=int(batch_size), engine=engine, precision=precision, deblur=deblur,
                          remove_plane=bool(remove_plane), uncertainty=uncertainty, **kwargs)
 
     # ---------------------------------------------------------------- set-up, on the main node and the workers
@@ -303,7 +313,8 @@ class PhaseUDF(UDF):
         task = self.task_data
         first = int(self.meta.slice.origin[0])  # index among the (ROI's) positions, in frame order
         amplitudes, counts = _network_input(np.asarray(partition), self.params.kind, self.params.calibration,
-                                            task.scan.positions[first : first + len(partition)])
+                                            task.scan.positions[first : first + len(partition)],
+                                            self.params.flip_patterns, self.params.reverse_rows)
         check_patterns(amplitudes, first,
                        what="data" if self.meta.roi is None else "data (frames counted inside the roi)")
         on_device = task.device.type == "cuda"
@@ -368,27 +379,38 @@ def _calibration_param(calibration) -> dict | None:
     return {"info": calibration.info, "arrays": calibration.arrays}
 
 
-def _network_input(frames: np.ndarray, kind: str, calibration: dict | None, coords: np.ndarray):
-    """The network's input for ``frames`` (counts or amplitudes; detector frames resampled with ``calibration``
-    at scan ``coords``), and the sum of their counts (0 for amplitudes: they have no dose to tell)."""
+def _network_input(frames: np.ndarray, kind: str, calibration: dict | None, coords: np.ndarray, flip: bool = False,
+                   reverse_rows: bool = False):
+    """The network's input for ``frames`` (counts or amplitudes, their rows reversed first with ``reverse_rows``;
+    detector frames resampled with ``calibration`` at scan ``coords``; mirrored in k_row with ``flip``, as the
+    pipeline mirrors them), and the sum of their counts (0 for amplitudes: they have no dose to tell)."""
+    if reverse_rows:
+        frames = frames[:, ::-1, :]
     if calibration is not None:
         from ..data.calibration import CalibratedView
 
-        view = CalibratedView(frames, calibration["info"], calibration["arrays"], coords=coords)
+        info = calibration["info"]
+        if flip:
+            info = {**info, "flip_patterns": not info.get("flip_patterns", False)}
+        view = CalibratedView(frames, info, calibration["arrays"], coords=coords)
         counts = view.counts(slice(0, len(frames)))
         return np.sqrt(counts), float(counts.sum(dtype=np.float64))
     from ..data.io import AmplitudeView
+    from ..physics.scan import flip_patterns
 
     if kind == "counts":
-        return AmplitudeView(frames, "counts")[:], float(np.sum(frames, dtype=np.float64))
-    return np.asarray(frames, dtype=np.float32), 0.0
+        amplitudes, counts = AmplitudeView(frames, "counts")[:], float(np.sum(frames, dtype=np.float64))
+    else:
+        amplitudes, counts = np.asarray(frames, dtype=np.float32), 0.0
+    return (flip_patterns(amplitudes) if flip else amplitudes), counts
 
 
 class _CentreOfMassUDF(UDF):
     """Each frame's centre of mass on the model's grid (calibrated as PhaseUDF calibrates), for the scan rotation."""
 
-    def __init__(self, kind: str, calibration, step_px, fastest: str):
-        super().__init__(kind=kind, calibration=calibration, step_px=step_px, fastest=fastest)
+    def __init__(self, kind: str, calibration, step_px, fastest: str, flip: bool, reverse_rows: bool):
+        super().__init__(kind=kind, calibration=calibration, step_px=step_px, fastest=fastest, flip=flip,
+                         reverse_rows=reverse_rows)
 
     def get_result_buffers(self):
         return {"com": self.buffer(kind="nav", extra_shape=(2,), dtype="float64")}
@@ -399,18 +421,24 @@ class _CentreOfMassUDF(UDF):
         first = int(self.meta.slice.origin[0])
         coords = scan_positions(tuple(self.meta.dataset_shape.nav), self.params.step_px, 0.0, self.params.fastest,
                                 roi=self.meta.roi)[first : first + len(partition)]
-        amplitudes, _ = _network_input(np.asarray(partition), self.params.kind, self.params.calibration, coords)
+        amplitudes, _ = _network_input(np.asarray(partition), self.params.kind, self.params.calibration, coords,
+                                       self.params.flip, self.params.reverse_rows)
         self.results.com[:] = centre_of_mass(np.square(amplitudes, dtype=np.float64))
 
 
 def find_rotation(ctx, dataset, step_px, fastest: str = "col", kind: str = "counts", calibration=None,
-                  block: int = 128) -> dict:
-    """The scan rotation of a raster in a LiberTEM dataset, by the DPC curl criterion on its central block.
+                  block: int = 128, handedness: str = "auto", flip_patterns: bool = False,
+                  reverse_rows: bool = False) -> dict:
+    """The scan rotation of a raster in a LiberTEM dataset, and the detector's handedness, by the DPC curl
+    criterion on its central block.
 
     What ``deepphase reconstruct --rotation auto`` finds (:func:`deepphase.data.calibration.scan_rotation_from_patterns`):
     the centre of mass of the central ``block × block`` positions' patterns (calibrated with ``calibration``,
     a :class:`CalibratedView` measured at rotation 0, whose descan it removes), then
-    :func:`~deepphase.data.calibration.find_scan_rotation`. Returns its dict, with ``block``.
+    :func:`~deepphase.data.calibration.find_scan_rotation` (``handedness`` as there, of the patterns as LiberTEM
+    reads them, or of them mirrored first with ``flip_patterns``; ``reverse_rows`` as for :class:`PhaseUDF`).
+    Returns its dict, with ``block``; its ``flip_patterns`` is then PhaseUDF's parameter (the two flips
+    combined).
     """
     from ..data.calibration import check_scan_rotation, find_scan_rotation
 
@@ -421,12 +449,14 @@ def find_rotation(ctx, dataset, step_px, fastest: str = "col", kind: str = "coun
     r0, c0 = (nav[0] - br) // 2, (nav[1] - bc) // 2
     roi = np.zeros(nav, dtype=bool)
     roi[r0 : r0 + br, c0 : c0 + bc] = True
-    udf = _CentreOfMassUDF(kind, _calibration_param(calibration), step_px, fastest)
+    udf = _CentreOfMassUDF(kind, _calibration_param(calibration), step_px, fastest, bool(flip_patterns),
+                           bool(reverse_rows))
     com = np.asarray(ctx.run_udf(dataset=dataset, udf=udf, roi=roi)["com"].raw_data).reshape(br, bc, 2)
     if fastest == "row":  # the navigation axes are (scan column, scan row)
         com = com.transpose(1, 0, 2)
-    found = {**find_scan_rotation(com), "block": list(com.shape[:2])}
+    found = {**find_scan_rotation(com, handedness=handedness), "block": list(com.shape[:2])}
     check_scan_rotation(found)
+    found["flip_patterns"] = found["flip_patterns"] != bool(flip_patterns)
     return found
 
 
@@ -548,30 +578,44 @@ def _pick(ctx, dataset, indices: np.ndarray) -> np.ndarray:
 
 
 def calibrate_dataset(ctx, dataset, model=None, step_px=None, positions=None, rotation_deg: float = 0.0,
-                      fastest: str = "col", max_frames: int = 2048, png: str | Path | None = None, **options):
+                      fastest: str = "col", max_frames: int = 2048, png: str | Path | None = None,
+                      reverse_rows: bool = False, **options):
     """Measure the detector calibration of a LiberTEM dataset for :class:`PhaseUDF` (``calibration=``).
 
     Reads ``max_frames`` patterns spread over the scan (LiberTEM's ``PickUDF``) and measures on them what
     :func:`deepphase.data.calibration.calibrate` measures (bad pixels, disk centre and radius, descan
     in the scan positions, zoom), with the same ``options`` (``kind``, ``gain``, ``mrad_per_px``,
-    ``semi_angle``, ``energy``, ...). Returns the calibrated view of the sample, whose ``info`` says what
-    was found.
+    ``semi_angle``, ``energy``, ...); ``reverse_rows`` as for :class:`PhaseUDF`. Returns the calibrated view
+    of the sample, whose ``info`` says what was found.
     """
     from ..data.calibration import calibrate
     from ..models.modelfile import load_model
 
     all_positions = scan_positions(tuple(dataset.shape.nav), step_px, rotation_deg, fastest, positions)
     pick = _spread(len(all_positions), max_frames)
-    view, _ = calibrate(_pick(ctx, dataset, pick), load_model(model), all_positions[pick], png=png,
-                        max_frames=len(pick), **options)
+    frames = _pick(ctx, dataset, pick)
+    view, _ = calibrate(frames[:, ::-1, :] if reverse_rows else frames, load_model(model), all_positions[pick],
+                        png=png, max_frames=len(pick), **options)
     return view
+
+
+def _libertem_path(path, nav_shape):
+    """The path LiberTEM opens: a Merlin scan's shape is in its .hdr, which LiberTEM reads only when given the
+    .hdr itself, so a .mib with its .hdr beside it (as the pipeline's reader takes it) opens as the .hdr."""
+    path = Path(path)
+    if nav_shape is None and path.suffix.lower() == ".mib":
+        for hdr in (path.with_suffix(".hdr"), path.with_suffix(".HDR")):
+            if hdr.exists():
+                return hdr
+    return path
 
 
 def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shape=None, rotation_deg=0.0,
                      fastest: str = "col", kind: str | None = None, calibration: str = "auto",
                      calibration_options: dict | None = None, calibration_png=None, batch_size: int = 512,
                      engine: str = "auto", precision: str = "auto", deblur="auto", remove_plane: bool = True,
-                     uncertainty=None, workers: int | None = None, progress: bool = False, ctx=None):
+                     uncertainty=None, flip_patterns: bool | None = None, workers: int | None = None,
+                     progress: bool = False, ctx=None):
     """Open a 4D-STEM file with LiberTEM and reconstruct it with :class:`PhaseUDF` on LiberTEM's executor.
 
     What ``deepphase reconstruct --libertem`` runs: every format LiberTEM reads (its ``"auto"`` detection).
@@ -582,7 +626,11 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     nav_shape : (rows, cols) of the scan, for files that do not record it (LiberTEM's ``nav_shape``), in the
         order of ``fastest``: with ``fastest="row"`` the file's frames are read as (cols, rows).
     kind : "counts" or "amplitude"; None: inferred from 16 frames (whole numbers are counts).
-    rotation_deg : the raster's rotation, or "auto": found from the patterns (:func:`find_rotation`).
+    rotation_deg : the raster's rotation, or "auto": found from the patterns (:func:`find_rotation`), with
+        the detector's handedness unless ``flip_patterns`` is given.
+    flip_patterns : mirror the patterns in k_row (see :class:`PhaseUDF`). None: False, or what
+        ``rotation_deg="auto"`` finds. (A Merlin .mib's rows are first put in rosettasciio's order, as
+        ``deepphase reconstruct`` reads them without LiberTEM: PhaseUDF's ``reverse_rows``.)
     calibration : "auto" (calibrate patterns that are not the model's n×n grid), "on" or "off".
     calibration_options : for :func:`calibrate_dataset` (``gain``, ``mrad_per_px``, ``semi_angle``, ...).
     calibration_png : where the calibration figure goes, if one is measured.
@@ -595,7 +643,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     -------
     (Reconstruction, dict) : the reconstruction (as :func:`to_reconstruction` makes it, with wall times) and
     what was read: LiberTEM's dataset type, navigation and signal shapes, the input kind, the calibration,
-    the rotation used (and, for "auto", what :func:`find_rotation` found).
+    the rotation used (and, for "auto", what :func:`find_rotation` found), ``patterns_flipped`` and
+    ``rows_reversed``.
     """
     import time
 
@@ -623,10 +672,11 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     try:
         t0 = time.perf_counter()
         try:
-            dataset = ctx.load("auto", path=str(path), **({"nav_shape": tuple(nav_shape)} if nav_shape else {}))
-        except DataSetException as exc:
-            raise DeepPhaseError(f"data: LiberTEM could not open {str(path)!r} ({exc}); for a raw or .npy file "
-                                 "give the scan shape, or check the path") from exc
+            dataset = ctx.load("auto", path=str(_libertem_path(path, nav_shape)),
+                               **({"nav_shape": tuple(nav_shape)} if nav_shape else {}))
+        except (DataSetException, ValueError) as exc:  # LiberTEM's readers raise either for a file they refuse
+            raise DeepPhaseError(f"data: LiberTEM could not open {str(path)!r} ({exc}); for a file that does not "
+                                 "record the scan's shape give it (--scan-shape), or check the path") from exc
         nav, sig = tuple(dataset.shape.nav), tuple(dataset.shape.sig)
         phase_model = load_model(model)
         n = phase_model.geometry.n_px
@@ -634,17 +684,24 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         if kind is None:
             kind = infer_kind(_pick(ctx, dataset, _spread(frames, 16)))
         view, found = None, None
+        # Merlin frames: LiberTEM's rows run bottom-up against rosettasciio's (the pipeline's reader).
+        reverse_rows = type(dataset).__name__ == "MIBDataSet"
         if calibration == "on" or (calibration == "auto" and sig != (n, n)):
             view = calibrate_dataset(ctx, dataset, model, step_px, positions, 0.0 if auto_rotation else rotation_deg,
-                                     fastest, png=calibration_png, kind=kind, **(calibration_options or {}))
+                                     fastest, png=calibration_png, reverse_rows=reverse_rows, kind=kind,
+                                     **(calibration_options or {}))
+        flip = bool(flip_patterns)
         if auto_rotation:  # the descan (if calibrated) is removed first, as the pipeline does
-            found = find_rotation(ctx, dataset, step_px, fastest, kind, view)
-            rotation_deg = found["rotation_deg"]
+            found = find_rotation(ctx, dataset, step_px, fastest, kind, view, flip_patterns=flip,
+                                  handedness="auto" if flip_patterns is None else "as recorded",
+                                  reverse_rows=reverse_rows)
+            rotation_deg, flip = found["rotation_deg"], found["flip_patterns"]
             if view is not None:  # the descan plane, fitted at rotation 0, in the rotated positions
                 view.use_coords(scan_positions(nav, step_px, rotation_deg, fastest)[_spread(frames, len(view))])
         udf = PhaseUDF(model=model, step_px=step_px, positions=positions, rotation_deg=rotation_deg,
-                       fastest=fastest, kind=kind, calibration=view, batch_size=batch_size, engine=engine,
-                       precision=precision, deblur=deblur, remove_plane=remove_plane, uncertainty=uncertainty)
+                       fastest=fastest, kind=kind, calibration=view, flip_patterns=flip, reverse_rows=reverse_rows,
+                       batch_size=batch_size, engine=engine, precision=precision, deblur=deblur,
+                       remove_plane=remove_plane, uncertainty=uncertainty)
         t1 = time.perf_counter()
         result = ctx.run_udf(dataset=dataset, udf=udf, progress=progress)
         rec = to_reconstruction(udf, result)
@@ -657,5 +714,6 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     read = {"reader": f"LiberTEM {libertem.__version__}", "libertem_dataset": type(dataset).__name__,
             "navigation_shape": list(nav), "pattern_shape": list(sig), "input": kind,
             "calibration": None if view is None else view.info, "rotation_deg": rotation_deg,
+            "patterns_flipped": flip, "rows_reversed": reverse_rows,
             **({"rotation_found": found} if found is not None else {})}
     return rec, read
