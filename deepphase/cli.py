@@ -301,6 +301,8 @@ def _cmd_reconstruct(args) -> None:
                 view, amplitudes = _flipped(view, amplitudes)
             # (the cluster's workers and the --resume fingerprint read it there)
             args.flip_patterns = args.flip_patterns or scan_info["rotation_found"]["flip_patterns"]
+        elif "scan_shape" in scan_info:
+            scan_info = _check_rotation(args, amplitudes, scan_info)
         scan_info["patterns_flipped"] = args.flip_patterns
         sampling = args.pixel_size or (calibration or {}).get("real_space_sampling_angstrom")
         if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
@@ -388,6 +390,21 @@ def _find_rotation(args, amplitudes, view, scan_info: dict):
         print(f"deepphase reconstruct: note: {FLIP_NOTE} (curl ratio {found['curl_ratio_other']:.2f} as recorded); "
               "patterns flipped (--flip-patterns)", file=sys.stderr)
     return positions, {**scan_info, "rotation_deg": found["rotation_deg"], "rotation_found": found}
+
+
+def _check_rotation(args, amplitudes, scan_info: dict) -> dict:
+    """A given rotation (the default 0° included) checked by the DPC curl criterion: a note when the data clearly
+    say otherwise (a mirrored detector, or an angle more than 20° away), which would make a poor image."""
+    from .data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, rotation_note, scan_rotation_from_patterns
+
+    if min(scan_info["scan_shape"]) < ROTATION_CHECK_MIN_PX:
+        return scan_info
+    found = scan_rotation_from_patterns(amplitudes, tuple(scan_info["scan_shape"]), scan_info["fastest"],
+                                        block=ROTATION_CHECK_BLOCK, given_deg=args.rotation)
+    note = rotation_note(found, args.rotation)
+    if note:
+        print(f"deepphase reconstruct: note: {note}", file=sys.stderr)
+    return {**scan_info, "rotation_check": {**found, "note": note}}
 
 
 FLIP_NOTE = ("the patterns are mirrored against the scan (a detector whose rows run the other way, or the scan's "
@@ -480,7 +497,7 @@ def _reconstruct_with_libertem(args) -> None:
     scan = ({"positions_file": str(args.positions)} if positions is not None else
             {"scan_shape": read["navigation_shape"] if (args.fastest or "col") == "col" else read["navigation_shape"][::-1],
              "step_px": args.step, "rotation_deg": read["rotation_deg"], "fastest": args.fastest or "col",
-             **({"rotation_found": read["rotation_found"]} if "rotation_found" in read else {})})
+             **{k: read[k] for k in ("rotation_found", "rotation_check") if k in read}})
     extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": str(args.data),
              "input": read["input"], "n_patterns": rec.processing["patterns"], "stitching": "pairwise",
              "model_path": str(args.model or "default (packaged)"), **scan, "patterns_flipped": read["patterns_flipped"],
@@ -495,6 +512,8 @@ def _reconstruct_with_libertem(args) -> None:
               f"{found['block'][0]}×{found['block'][1]} positions; curl ratio {found['curl_ratio']:.3f})", file=sys.stderr)
         if read["patterns_flipped"] and not args.flip_patterns:
             print(f"deepphase reconstruct: note: {FLIP_NOTE}; patterns flipped (--flip-patterns)", file=sys.stderr)
+    if (read.get("rotation_check") or {}).get("note"):
+        print(f"deepphase reconstruct: note: {read['rotation_check']['note']}", file=sys.stderr)
     print(f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
           f"({rec.processing['patterns']} patterns read by {read['reader']} as {read['libertem_dataset']}, "
           f"{rec.timings['patterns_per_second']:.0f} patterns/s)"

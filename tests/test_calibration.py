@@ -247,6 +247,28 @@ def test_scan_rotation_of_rotated_detector_patterns_is_found(probe):
     assert scrambled["curl_ratio"] > 0.25 and scrambled["curl_ratio_other"] > 0.25
 
 
+def test_a_given_rotation_far_from_the_datas_gets_a_note(probe, tmp_path, capsys):
+    """A scan rotated 35° against the detector reconstructed with the default 0°: a note with the angle the
+    DPC criterion finds; given that angle (or close to it, within 20°), none. (An angle 180° off has the same
+    curl, and is not noted: only --rotation auto's divergence test tells it.)"""
+    import json
+
+    from deepphase.cli import main
+
+    positions = raster_positions((32, 32), 0.87, 35.0, fastest="col")
+    counts = simulate_scan(twisted_hbn(required_object_shape(positions, 32), seed=4), probe, positions,
+                           seed=0).amplitude.astype(np.float32) ** 2
+    np.save(tmp_path / "scan.npy", counts.reshape(32, 32, 32, 32))
+    for rotation, noted in (("0", True), ("35", False), ("20", False), ("80", True)):
+        capsys.readouterr()
+        assert main(["reconstruct", str(tmp_path / "scan.npy"), "--step", "0.87", "--rotation", rotation,
+                     "--out", str(tmp_path / rotation)]) == 0
+        err = capsys.readouterr().err
+        check = json.loads((tmp_path / rotation / "metadata.json").read_text())["rotation_check"]
+        assert check["rotation_deg"] == pytest.approx(35.0, abs=2.0) and not check["flip_patterns"]
+        assert ("finds the scan rotated 3" in err) == noted and (check["note"] is not None) == noted, (rotation, err)
+
+
 def test_cli_rotation_auto_records_the_angle_and_refuses_positions(probe, tmp_path, capsys):
     import json
 
@@ -294,15 +316,19 @@ def test_cli_a_mirrored_detector_is_found_by_rotation_auto_and_undone_by_flip_pa
         r0, c0 = meta["origin_px"]
         return correlation(phase, truth[r0 : r0 + phase.shape[0], c0 : c0 + phase.shape[1]]), meta, capsys.readouterr()
 
-    as_given, meta, _ = score("as-given")
+    as_given, meta, said = score("as-given")
     assert as_given < 0.6 and meta["patterns_flipped"] is False
+    # The given rotation (0°, the default) is checked: the note says what the criterion finds.
+    assert "finds the scan rotated" in said.err and "with the patterns mirrored" in said.err
+    assert meta["rotation_check"]["flip_patterns"] and meta["rotation_check"]["note"]
     found, meta, said = score("auto", "--rotation", "auto")
     assert found > 0.9 and meta["patterns_flipped"] is True, (as_given, found)
     assert meta["rotation_found"]["flip_patterns"] and abs(meta["rotation_deg"]) < 2.5
     assert grid == "model" or meta["calibration"]["flip_patterns"] is True
     assert "patterns are mirrored against the scan" in said.err
-    told, meta, _ = score("told", "--flip-patterns")
+    told, meta, said = score("told", "--flip-patterns")
     assert told > 0.9 and meta["patterns_flipped"] is True
+    assert "finds the scan rotated" not in said.err and meta["rotation_check"]["note"] is None
     if grid == "model":  # flipped twice about the zero frequency: the patterns as simulated, the same image
         np.save(tmp_path / "scan.npy", counts.reshape(24, 24, 32, 32))
         score("unmirrored")

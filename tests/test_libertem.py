@@ -229,6 +229,30 @@ def test_a_mirrored_detector_is_flipped_as_the_pipeline_flips_it(counts, ctx, tm
     np.testing.assert_allclose(rec.phase, reference.phase, rtol=0, atol=1e-5)
 
 
+def test_a_given_rotation_is_checked_as_the_pipeline_checks_it(ctx, tmp_path, capsys):
+    """Mirrored patterns reconstructed at the default rotation: reconstruct_file's check finds what the pipeline's
+    finds (the same centre-of-mass block, the same numbers) and says so in the same note."""
+    from deepphase.cli import main
+    from deepphase.data.simulate import required_object_shape, simulate_scan
+    from deepphase.data.specimens import builtin_specimen
+    from deepphase.physics import flip_patterns, reference_probe
+
+    positions = raster_positions((20, 20), STEP, 0.0, "col")
+    truth = builtin_specimen("twisted-hbn", required_object_shape(positions, 32), seed=1)
+    counts = np.square(simulate_scan(truth, reference_probe(), positions, seed=0, progress=False).amplitude).round()
+    np.save(tmp_path / "mirrored.npy", flip_patterns(counts).astype(np.float32).reshape(20, 20, 32, 32))
+    _, read = reconstruct_file(tmp_path / "mirrored.npy", step_px=STEP, engine="eager", ctx=ctx)
+    check = read["rotation_check"]
+    assert check["flip_patterns"] and "mirrored" in check["note"] and not read["patterns_flipped"]
+    assert main(["reconstruct", str(tmp_path / "mirrored.npy"), "--step", str(STEP), "--fastest", "col",
+                 "--out", str(tmp_path / "pipeline")]) == 0
+    assert check["note"] in capsys.readouterr().err
+    expected = json.loads((tmp_path / "pipeline" / "metadata.json").read_text())["rotation_check"]
+    assert check["rotation_deg"] == expected["rotation_deg"] and check["block"] == expected["block"]
+    for key in ("curl_ratio", "curl_ratio_other", "curl_ratio_given"):
+        assert check[key] == pytest.approx(expected[key], rel=1e-6), key
+
+
 def test_a_merlin_file_is_read_with_its_rows_as_the_pipeline_reads_them(counts, tmp_path, capsys):
     """LiberTEM reads a Merlin .mib's rows bottom-up against rosettasciio, the pipeline's reader: --libertem
     reverses them, so both make the same image (calibrated 64×64 frames with --rotation auto, and 32×32 frames

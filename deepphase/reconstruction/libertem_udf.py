@@ -408,9 +408,10 @@ def _network_input(frames: np.ndarray, kind: str, calibration: dict | None, coor
 class _CentreOfMassUDF(UDF):
     """Each frame's centre of mass on the model's grid (calibrated as PhaseUDF calibrates), for the scan rotation."""
 
-    def __init__(self, kind: str, calibration, step_px, fastest: str, flip: bool, reverse_rows: bool):
+    def __init__(self, kind: str, calibration, step_px, fastest: str, flip: bool, reverse_rows: bool,
+                 rotation_deg: float):
         super().__init__(kind=kind, calibration=calibration, step_px=step_px, fastest=fastest, flip=flip,
-                         reverse_rows=reverse_rows)
+                         reverse_rows=reverse_rows, rotation_deg=rotation_deg)
 
     def get_result_buffers(self):
         return {"com": self.buffer(kind="nav", extra_shape=(2,), dtype="float64")}
@@ -419,8 +420,8 @@ class _CentreOfMassUDF(UDF):
         from ..data.calibration import centre_of_mass
 
         first = int(self.meta.slice.origin[0])
-        coords = scan_positions(tuple(self.meta.dataset_shape.nav), self.params.step_px, 0.0, self.params.fastest,
-                                roi=self.meta.roi)[first : first + len(partition)]
+        coords = scan_positions(tuple(self.meta.dataset_shape.nav), self.params.step_px, self.params.rotation_deg,
+                                self.params.fastest, roi=self.meta.roi)[first : first + len(partition)]
         amplitudes, _ = _network_input(np.asarray(partition), self.params.kind, self.params.calibration, coords,
                                        self.params.flip, self.params.reverse_rows)
         self.results.com[:] = centre_of_mass(np.square(amplitudes, dtype=np.float64))
@@ -440,7 +441,19 @@ def find_rotation(ctx, dataset, step_px, fastest: str = "col", kind: str = "coun
     Returns its dict, with ``block``; its ``flip_patterns`` is then PhaseUDF's parameter (the two flips
     combined).
     """
-    from ..data.calibration import check_scan_rotation, find_scan_rotation
+    from ..data.calibration import check_scan_rotation
+
+    found = _dpc_rotation(ctx, dataset, step_px, fastest, kind, calibration, block, handedness, flip_patterns,
+                          reverse_rows)
+    check_scan_rotation(found)
+    return found
+
+
+def _dpc_rotation(ctx, dataset, step_px, fastest, kind, calibration, block, handedness, flip_patterns, reverse_rows,
+                  rotation_deg: float = 0.0, given_deg: float | None = None) -> dict:
+    """:func:`find_rotation` without its refusal; ``rotation_deg``: the rotation ``calibration`` was measured at
+    (its descan plane's coordinates); ``given_deg`` as for :func:`~deepphase.data.calibration.find_scan_rotation`."""
+    from ..data.calibration import find_scan_rotation
 
     nav = tuple(dataset.shape.nav)
     if len(nav) != 2:
@@ -450,12 +463,11 @@ def find_rotation(ctx, dataset, step_px, fastest: str = "col", kind: str = "coun
     roi = np.zeros(nav, dtype=bool)
     roi[r0 : r0 + br, c0 : c0 + bc] = True
     udf = _CentreOfMassUDF(kind, _calibration_param(calibration), step_px, fastest, bool(flip_patterns),
-                           bool(reverse_rows))
+                           bool(reverse_rows), float(rotation_deg))
     com = np.asarray(ctx.run_udf(dataset=dataset, udf=udf, roi=roi)["com"].raw_data).reshape(br, bc, 2)
     if fastest == "row":  # the navigation axes are (scan column, scan row)
         com = com.transpose(1, 0, 2)
-    found = {**find_scan_rotation(com, handedness=handedness), "block": list(com.shape[:2])}
-    check_scan_rotation(found)
+    found = {**find_scan_rotation(com, handedness=handedness, given_deg=given_deg), "block": list(com.shape[:2])}
     found["flip_patterns"] = found["flip_patterns"] != bool(flip_patterns)
     return found
 
@@ -652,6 +664,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     import libertem.api as lt
     from libertem.io.dataset.base import DataSetException
 
+    from ..data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, rotation_note
     from ..data.io import infer_kind
     from ..models.modelfile import load_model
 
@@ -683,7 +696,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         frames = int(np.prod(nav))
         if kind is None:
             kind = infer_kind(_pick(ctx, dataset, _spread(frames, 16)))
-        view, found = None, None
+        view, found, check = None, None, None
         # Merlin frames: LiberTEM's rows run bottom-up against rosettasciio's (the pipeline's reader).
         reverse_rows = type(dataset).__name__ == "MIBDataSet"
         if calibration == "on" or (calibration == "auto" and sig != (n, n)):
@@ -698,6 +711,11 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             rotation_deg, flip = found["rotation_deg"], found["flip_patterns"]
             if view is not None:  # the descan plane, fitted at rotation 0, in the rotated positions
                 view.use_coords(scan_positions(nav, step_px, rotation_deg, fastest)[_spread(frames, len(view))])
+        elif positions is None and len(nav) == 2 and min(nav) >= ROTATION_CHECK_MIN_PX:  # a given rotation, checked
+            check = _dpc_rotation(ctx, dataset, step_px, fastest, kind, view, ROTATION_CHECK_BLOCK, "auto", flip,
+                                  reverse_rows, rotation_deg, given_deg=rotation_deg)
+            relative = {**check, "flip_patterns": check["flip_patterns"] != flip}
+            check["note"] = rotation_note(relative, rotation_deg)
         udf = PhaseUDF(model=model, step_px=step_px, positions=positions, rotation_deg=rotation_deg,
                        fastest=fastest, kind=kind, calibration=view, flip_patterns=flip, reverse_rows=reverse_rows,
                        batch_size=batch_size, engine=engine, precision=precision, deblur=deblur,
@@ -714,6 +732,6 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     read = {"reader": f"LiberTEM {libertem.__version__}", "libertem_dataset": type(dataset).__name__,
             "navigation_shape": list(nav), "pattern_shape": list(sig), "input": kind,
             "calibration": None if view is None else view.info, "rotation_deg": rotation_deg,
-            "patterns_flipped": flip, "rows_reversed": reverse_rows,
+            "patterns_flipped": flip, "rows_reversed": reverse_rows, **({"rotation_check": check} if check else {}),
             **({"rotation_found": found} if found is not None else {})}
     return rec, read
