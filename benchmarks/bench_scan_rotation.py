@@ -8,7 +8,9 @@ Usage: python benchmarks/bench_scan_rotation.py [--scan 64] [--doses 27882 2000]
    with the truth mapped through the same rotation (central two thirds of the image), and with the patterns
    mirrored in k_row (a detector of the other handedness) at the right angle.
 2. The curl ratio (mean squared curl over its median across angles) against the angle's error, as recorded
-   and with the patterns mirrored, at each dose: where the criterion's minimum stands out of its noise.
+   and with the patterns mirrored, at each dose, raw and with the counting noise's floor taken off; and what
+   ``scan_rotation_from_patterns`` (``--rotation auto``) finds at each dose, mirrored too, and whether it
+   trusts it (``rotation_is_clear``), against frames in random order.
 3. The check of a given rotation (``deepphase reconstruct`` without ``--rotation auto``) on bench_auto_engine's
    256×256 scan file (made once in FOLDER): its wall time, three times.
 """
@@ -60,15 +62,26 @@ def quality_against_error(amplitudes, truth, shape, errors) -> None:
 
 
 def curl_against_error(amplitudes, shape, dose, errors) -> None:
-    from deepphase.data.calibration import _curl, centre_of_mass
+    from deepphase.data.calibration import (_curl, centre_of_mass, centre_of_mass_noise, rotation_is_clear,
+                                            scan_rotation_from_patterns)
+    from deepphase.physics import flip_patterns
 
-    com = centre_of_mass(np.square(amplitudes, dtype=np.float64)).reshape(*shape, 2)
+    counts = np.square(amplitudes, dtype=np.float64)
+    com = centre_of_mass(counts).reshape(*shape, 2)
     com -= com.mean(axis=(0, 1))
-    cells = []
+    floor = float(np.mean(centre_of_mass_noise(counts).reshape(shape)[1:-1, 1:-1]))
     for name, field in (("as recorded", com), ("mirrored", com * [-1.0, 1.0])):
         median = np.median(_curl(field, np.arange(0.0, 180.0, 1.0)))
-        cells.append(f"{name}: " + ", ".join(f"{e:g}° {_curl(field, [e])[0] / median:.3f}" for e in errors))
-    print(f"curl ratio at {dose:,.0f} e/pattern — " + "; ".join(cells))
+        raw = ", ".join(f"{e:g}° {_curl(field, [e])[0] / median:.3f}" for e in errors)
+        less = ", ".join(f"{(_curl(field, [e])[0] - floor) / (median - floor):.3f}" for e in errors)
+        print(f"{dose:>8,.0f} e/pattern, {name}: curl ratio {raw}; noise floor ({floor / median:.2f}) taken off: {less}")
+    shuffled = amplitudes[np.random.default_rng(0).permutation(len(amplitudes))]
+    for name, patterns in (("as recorded", amplitudes), ("mirrored", flip_patterns(amplitudes)),
+                           ("frames shuffled", shuffled)):
+        found = scan_rotation_from_patterns(patterns, shape, "col")
+        print(f"{'':>20}{name}: found {found['rotation_deg']:.2f}°, flip {found['flip_patterns']}, curl ratio "
+              f"{found['curl_ratio']:.3f}, quarters {', '.join(f'{a:.1f}' for a in found.get('quarters', []))}; "
+              f"trusted: {rotation_is_clear(found)}")
 
 
 def check_time(folder: Path) -> None:
@@ -90,7 +103,7 @@ def check_time(folder: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scan", type=int, default=64, help="positions per side of the simulated raster")
-    parser.add_argument("--doses", type=float, nargs="+", default=[27882.0, 2000.0])
+    parser.add_argument("--doses", type=float, nargs="+", default=[27882.0, 2000.0, 300.0, 100.0])
     parser.add_argument("--folder", type=Path, default=Path("bench-auto-engine"),
                         help="where bench_auto_engine's 256×256 scan file is (made if missing)")
     args = parser.parse_args()

@@ -226,7 +226,7 @@ def test_scan_rotation_of_an_analytic_gradient_field_is_found():
 
 def test_scan_rotation_of_rotated_detector_patterns_is_found(probe):
     """Patterns of a simulated scan rotated on the detector: the criterion recovers the angle (± 1°)."""
-    from deepphase.data.calibration import scan_rotation_from_patterns
+    from deepphase.data.calibration import rotation_is_clear, scan_rotation_from_patterns
     from deepphase.data.simulate import simulate_scan
     from deepphase.data.specimens import twisted_hbn
 
@@ -245,6 +245,7 @@ def test_scan_rotation_of_rotated_detector_patterns_is_found(probe):
     assert scan_rotation_from_patterns(np.sqrt(counts), (24, 40), "col")["curl_ratio"] < 0.1
     scrambled = scan_rotation_from_patterns(np.sqrt(counts), (24, 40), "row")
     assert scrambled["curl_ratio"] > 0.25 and scrambled["curl_ratio_other"] > 0.25
+    assert not rotation_is_clear(scrambled)  # nor do its quarters agree
 
 
 def test_a_given_rotation_far_from_the_datas_gets_a_note(probe, tmp_path, capsys):
@@ -267,6 +268,37 @@ def test_a_given_rotation_far_from_the_datas_gets_a_note(probe, tmp_path, capsys
         check = json.loads((tmp_path / rotation / "metadata.json").read_text())["rotation_check"]
         assert check["rotation_deg"] == pytest.approx(35.0, abs=2.0) and not check["flip_patterns"]
         assert ("finds the scan rotated 3" in err) == noted and (check["note"] is not None) == noted, (rotation, err)
+
+
+def test_scan_rotation_at_low_dose_is_found_once_the_counting_noise_is_taken_off(probe):
+    """At 300 e/pattern counting noise adds curl at every angle: as a ratio to the median the least curl is
+    ~0.6, above the 0.25 of a clear minimum. Its Poisson floor (centre_of_mass_noise) taken off, the minimum is
+    clear again and each quarter of the scan finds the same angle: the rotation (and a mirror) is found and
+    accepted; frames out of order are still refused."""
+    from deepphase.data.calibration import (centre_of_mass, centre_of_mass_noise, check_scan_rotation,
+                                            find_scan_rotation, rotation_is_clear, scan_rotation_from_patterns)
+    from deepphase.data.simulate import simulate_scan
+    from deepphase.data.specimens import twisted_hbn
+    from deepphase.physics import flip_patterns
+
+    positions = raster_positions((48, 48), 0.87, -40.0, fastest="col")
+    amplitudes = simulate_scan(twisted_hbn(required_object_shape(positions, 32), seed=0), probe, positions,
+                               dose=300, seed=0).amplitude
+    counts = np.square(amplitudes, dtype=np.float64)
+    # The floor is the noise's: the CoM of repeated patterns of one position scatters by it.
+    repeats = np.random.default_rng(1).poisson(np.repeat(counts[:1], 4000, axis=0))
+    spread = centre_of_mass(repeats).var(axis=0).mean()
+    assert centre_of_mass_noise(counts[:1])[0] == pytest.approx(spread, rel=0.1)
+    raw = find_scan_rotation(centre_of_mass(counts).reshape(48, 48, 2))
+    assert raw["curl_ratio"] > 0.4 and not rotation_is_clear(raw)  # without the floor: refused
+    for patterns, mirrored in ((amplitudes, False), (flip_patterns(amplitudes), True)):
+        found = scan_rotation_from_patterns(patterns, (48, 48), "col")
+        assert found["noise_floor"] > 0.4 and found["curl_ratio"] < 0.25 and rotation_is_clear(found)
+        check_scan_rotation(found)
+        assert found["rotation_deg"] == pytest.approx(-40.0, abs=5.0) and found["flip_patterns"] == mirrored
+    shuffled = amplitudes[np.random.default_rng(0).permutation(len(amplitudes))]
+    with pytest.raises(DeepPhaseError, match="no clear minimum.*quarters find"):
+        check_scan_rotation(scan_rotation_from_patterns(shuffled, (48, 48), "col"))
 
 
 def test_cli_rotation_auto_records_the_angle_and_refuses_positions(probe, tmp_path, capsys):

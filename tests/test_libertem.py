@@ -249,7 +249,7 @@ def test_a_given_rotation_is_checked_as_the_pipeline_checks_it(ctx, tmp_path, ca
     assert check["note"] in capsys.readouterr().err
     expected = json.loads((tmp_path / "pipeline" / "metadata.json").read_text())["rotation_check"]
     assert check["rotation_deg"] == expected["rotation_deg"] and check["block"] == expected["block"]
-    for key in ("curl_ratio", "curl_ratio_other", "curl_ratio_given"):
+    for key in ("curl_ratio", "curl_ratio_other", "curl_ratio_given", "noise_floor"):
         assert check[key] == pytest.approx(expected[key], rel=1e-6), key
 
 

@@ -955,6 +955,22 @@ def centre_of_mass(counts: np.ndarray) -> np.ndarray:
                      (counts.sum(axis=-2) * cols).sum(axis=-1) / total], axis=-1)
 
 
+def centre_of_mass_noise(counts: np.ndarray) -> np.ndarray:
+    """Counting noise of :func:`centre_of_mass`: the variance of each pattern's centre of mass, mean of its row
+    and column components, in pixels², if its values are Poisson counts (Σ I·(k − k̄)² / (Σ I)², with the
+    counts recorded standing for their means). It is the floor that noise adds to the mean squared curl of
+    the centre-of-mass field (central differences: the curl's variance is the mean of the two components')."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum(axis=(-2, -1))
+    total = np.where(total > 0, total, np.nan)
+    com = centre_of_mass(counts)
+    rows = np.arange(counts.shape[-2]) - counts.shape[-2] // 2
+    cols = np.arange(counts.shape[-1]) - counts.shape[-1] // 2
+    var_rows = (counts.sum(axis=-1) * (rows - com[..., :1]) ** 2).sum(axis=-1) / total**2
+    var_cols = (counts.sum(axis=-2) * (cols - com[..., 1:]) ** 2).sum(axis=-1) / total**2
+    return (var_rows + var_cols) / 2
+
+
 def _scan_axes_field(com: np.ndarray, angle_deg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CoM components along the scan rows and columns for each angle (the convention of ``raster_positions``)."""
     t = np.deg2rad(np.asarray(angle_deg, dtype=np.float64))[:, None, None]
@@ -963,7 +979,7 @@ def _scan_axes_field(com: np.ndarray, angle_deg: np.ndarray) -> tuple[np.ndarray
 
 
 def find_scan_rotation(com: np.ndarray, step_deg: float = 1.0, handedness: str = "auto",
-                       given_deg: float | None = None) -> dict:
+                       given_deg: float | None = None, noise: np.ndarray | None = None) -> dict:
     """The rotation of the scan axes against the detector axes, and the detector's handedness, by the DPC curl
     criterion.
 
@@ -986,6 +1002,9 @@ def find_scan_rotation(com: np.ndarray, step_deg: float = 1.0, handedness: str =
         (only that one).
     given_deg : a rotation given by the user, to be checked (:func:`rotation_note`): its curl ratio (patterns
         as recorded) is returned as ``curl_ratio_given``.
+    noise : (scan_rows, scan_cols) :func:`centre_of_mass_noise` of the patterns, if they are counts: the curl
+        that counting noise adds at every angle is taken off before the ratios (unless it exceeds the least
+        curl found by half, which counts would not do: then the patterns are not counts, and it is ignored).
 
     Returns
     -------
@@ -993,8 +1012,14 @@ def find_scan_rotation(com: np.ndarray, step_deg: float = 1.0, handedness: str =
     :func:`deepphase.physics.raster_positions`: a step along the scan rows moves the probe by
     ``(cos θ, sin θ)`` on the detector's (row, col) grid, after the flip if there is one), ``flip_patterns``
     (whether the patterns must be mirrored in k_row first), ``curl_ratio`` (mean squared curl at the best
-    angle over its median across all angles: near 0 when the criterion is clear), ``curl_ratio_other``
-    (the same for the other handedness, when both were tried: near 1) and ``divergence_skew``.
+    angle over its median across all angles, both less the noise floor: near 0 when the criterion is clear;
+    without ``noise`` counting noise raises it, to 0.35 at 1,000 and 0.6 at 300 e/pattern, against 0.03 and
+    0.07 with it), ``noise_floor`` (the floor over the median curl; None without ``noise``),
+    ``curl_ratio_other`` (the same for the other handedness, when both were tried: near 1),
+    ``divergence_skew`` and, for a field of at least 16×16 positions, ``quarters``: the angle found in each
+    quarter of it alone (in the handedness found for the whole), which agree when the minimum is real (±3° at
+    300 e/pattern on 64×64 positions) and scatter when the frames are out of order. :func:`rotation_is_clear`
+    reads them.
     """
     com = np.asarray(com, dtype=np.float64)
     if com.ndim != 3 or com.shape[2] != 2 or min(com.shape[:2]) < 4:
@@ -1004,15 +1029,43 @@ def find_scan_rotation(com: np.ndarray, step_deg: float = 1.0, handedness: str =
     choices = {"auto": (False, True), "as recorded": (False,), "flipped": (True,)}
     if handedness not in choices:
         raise ValueRangeError(f"handedness: expected 'auto', 'as recorded' or 'flipped', got {handedness!r}")
+    if noise is not None:
+        noise = np.asarray(noise, dtype=np.float64)
+        if noise.shape != com.shape[:2] or not np.all(np.isfinite(noise)):
+            raise ShapeError(f"noise: expected finite values of shape {com.shape[:2]}, got shape {noise.shape}")
+    else:
+        noise = np.zeros(com.shape[:2])
+    found = _search(com, float(step_deg), choices[handedness], noise)
+    if min(com.shape[:2]) >= 2 * QUARTER_MIN_PX:
+        h, w = com.shape[0] // 2, com.shape[1] // 2
+        # (in the handedness the whole field chose: a quarter has too few positions to choose it at low dose)
+        found["quarters"] = [_search(com[a, b], float(step_deg), (found["flip_patterns"],), noise[a, b])["rotation_deg"]
+                             for a in (slice(0, h), slice(h, None)) for b in (slice(0, w), slice(w, None))]
+    if given_deg is not None:
+        com = com - com.mean(axis=(0, 1))
+        costs = _curl(com, np.arange(0.0, 180.0, float(step_deg)))
+        floor = _floor(noise, costs)
+        found["curl_ratio_given"] = float((_curl(com, [float(given_deg)])[0] - floor)
+                                          / max(np.median(costs) - floor, 1e-300))
+    return found
+
+
+def _floor(noise: np.ndarray, costs: np.ndarray) -> float:
+    """The curl counting noise adds at every angle (the mean noise over the positions the curl is taken at),
+    at most the least curl (which it reaches, give or take its own scatter, where the noise is all there is);
+    0 when it exceeds that by half: the patterns are then not counts (amplitudes of another scale)."""
+    floor, least = float(np.mean(noise[1:-1, 1:-1])), float(np.min(costs))
+    return min(floor, least) if floor <= 1.5 * least else 0.0
+
+
+def _search(com: np.ndarray, step_deg: float, flips, noise: np.ndarray) -> dict:
+    """The best angle for each handedness in ``flips``, the one of least curl first (with the other's ratio)."""
     com = com - com.mean(axis=(0, 1))
-    found = [_best_rotation(com * ([-1.0, 1.0] if flip else 1.0), float(step_deg)) | {"flip_patterns": flip}
-             for flip in choices[handedness]]
+    found = [_best_rotation(com * ([-1.0, 1.0] if flip else 1.0), step_deg, noise) | {"flip_patterns": flip}
+             for flip in flips]
     found.sort(key=lambda f: f["curl_ratio"])
     if len(found) == 2:
         found[0]["curl_ratio_other"] = found[1]["curl_ratio"]
-    if given_deg is not None:
-        median = np.median(_curl(com, np.arange(0.0, 180.0, float(step_deg))))
-        found[0]["curl_ratio_given"] = float(_curl(com, [float(given_deg)])[0] / max(median, 1e-300))
     return found[0]
 
 
@@ -1023,10 +1076,11 @@ def _curl(com: np.ndarray, angles) -> np.ndarray:
     return np.mean(c[:, 1:-1, 1:-1] ** 2, axis=(1, 2))
 
 
-def _best_rotation(com: np.ndarray, step_deg: float) -> dict:
+def _best_rotation(com: np.ndarray, step_deg: float, noise: np.ndarray) -> dict:
     """:func:`find_scan_rotation` for one handedness: the angle of least curl, its 180° settled by the divergence."""
     coarse = np.arange(0.0, 180.0, step_deg)
     costs = _curl(com, coarse)
+    floor = _floor(noise, costs)
     fine = coarse[np.argmin(costs)] + np.arange(-step_deg, step_deg + 1e-9, 0.05)
     best = float(fine[np.argmin(_curl(com, fine))])
     skews = []
@@ -1040,22 +1094,44 @@ def _best_rotation(com: np.ndarray, step_deg: float) -> dict:
     best = (best + 180.0) % 360.0 - 180.0
     if best == -180.0:
         best = 180.0
-    return {"rotation_deg": round(best, 2), "curl_ratio": float(np.min(costs) / max(np.median(costs), 1e-300)),
-            "divergence_skew": min(skews)}
+    median = float(np.median(costs))
+    return {"rotation_deg": round(best, 2),
+            "curl_ratio": float((np.min(costs) - floor) / max(median - floor, 1e-300)),
+            "noise_floor": float(floor / median) if np.any(noise) else None, "divergence_skew": min(skews)}
 
 
-#: Above this curl ratio the criterion has no clear minimum (measured: ~0.03 for the right frame order,
-#: 0.4-0.8 for the wrong one).
+#: At or below this curl ratio (counting noise taken off) the criterion's minimum is clear (measured: 0.01-0.07
+#: for the right frame order from 27,882 down to 100 e/pattern, 0.4-0.6 for the wrong one).
 CURL_RATIO_MAX = 0.25
+#: The quarters of the field agree when each finds an axis within this many degrees of the whole field's (measured on twisted hBN, 64×64 positions: ±0.5° at 27,882, ±3° at 300, ±6° at
+#: 100 e/pattern; 32×32 and 40×40 at 300: up to 12°, one quarter in six 60° off; frames out of order scatter
+#: over ±100°, so four agreeing by chance: ~(1/12)⁴).
+QUARTERS_AGREE_DEG = 15.0
+QUARTER_MIN_PX = 8
+
+
+def rotation_is_clear(found: dict) -> bool:
+    """Whether :func:`find_scan_rotation`'s angle can be trusted: a clear minimum of the curl (counting noise
+    taken off), found again in each quarter of the scan (when it has quarters)."""
+    return found["curl_ratio"] <= CURL_RATIO_MAX and all(
+        _axis_difference(angle, found["rotation_deg"]) <= QUARTERS_AGREE_DEG for angle in found.get("quarters", []))
+
+
+def _axis_difference(a: float, b: float) -> float:
+    """Difference of two angles as axes (modulo 180°: the divergence, not the curl, tells the sense)."""
+    return abs((float(a) - float(b) + 90.0) % 180.0 - 90.0)
 
 
 def check_scan_rotation(found: dict) -> None:
-    """Refuse a rotation that :func:`find_scan_rotation` found without a clear minimum of the curl."""
-    if found["curl_ratio"] > CURL_RATIO_MAX:
+    """Refuse a rotation that :func:`find_scan_rotation` found without a clear minimum (:func:`rotation_is_clear`)."""
+    if not rotation_is_clear(found):
+        quarters = ""
+        if found.get("quarters"):
+            quarters = "; the scan's quarters find " + ", ".join(f"{a:.0f}°" for a in found["quarters"])
         raise ValueRangeError(
             f"rotation: the DPC curl criterion found no clear minimum (curl ratio {found['curl_ratio']:.2f}, "
-            f"below 0.1 expected{'' if 'curl_ratio_other' in found else _handedness_given(found)}); check the "
-            "frame order (--fastest) and the scan shape (--scan-shape), or give the angle (--rotation DEG)")
+            f"below 0.1 expected{'' if 'curl_ratio_other' in found else _handedness_given(found)}{quarters}); "
+            "check the frame order (--fastest) and the scan shape (--scan-shape), or give the angle (--rotation DEG)")
 
 
 #: A given rotation is reported when the criterion clearly finds one this far from it, or a mirror. Simulated
@@ -1071,15 +1147,13 @@ def rotation_note(found: dict, rotation_deg: float) -> str | None:
     """A note for a given rotation that the DPC criterion clearly contradicts, else None.
 
     ``found`` is :func:`find_scan_rotation`'s result with ``given_deg=rotation_deg``. Said only when the
-    criterion is clear (curl ratio ≤ ``CURL_RATIO_MAX``), finds a mirror or an angle more than
-    ``ROTATION_NOTE_DEG`` away, and the given angle has at least 3× its curl: a thick or noisy scan, where
-    the criterion is unsure, stays quiet. An angle 180° off has the same curl and is not noted (it inverts the
+    criterion is clear (:func:`rotation_is_clear`) and finds a mirror or an axis more than
+    ``ROTATION_NOTE_DEG`` away: a scan where the criterion is unsure stays quiet. An angle 180° off has the same curl and is not noted (it inverts the
     patterns, k → −k, and with them the phase's sign; :func:`find_scan_rotation` settles it by the divergence).
     """
-    off = abs((found["rotation_deg"] - float(rotation_deg) + 180.0) % 360.0 - 180.0)
-    if found["curl_ratio"] > CURL_RATIO_MAX or found.get("curl_ratio_given", np.inf) < 3 * found["curl_ratio"]:
+    if not rotation_is_clear(found):
         return None
-    if not found["flip_patterns"] and off <= ROTATION_NOTE_DEG:
+    if not found["flip_patterns"] and _axis_difference(found["rotation_deg"], rotation_deg) <= ROTATION_NOTE_DEG:
         return None
     mirrored = " with the patterns mirrored against the given setting (--flip-patterns)" if found["flip_patterns"] else ""
     return (f"the DPC curl criterion finds the scan rotated {found['rotation_deg']:.1f}° against the detector"
@@ -1114,13 +1188,16 @@ def scan_rotation_from_patterns(amplitudes, scan_shape, fastest: str = "row", bl
         raise ValueRangeError(f"fastest: expected 'row' or 'col', got {fastest!r}")
     br, bc = min(block, rows), min(block, cols)
     r0, c0 = (rows - br) // 2, (cols - bc) // 2
-    com = np.empty((br, bc, 2))
+    com, noise = np.empty((br, bc, 2)), np.empty((br, bc))
     if fastest == "col":  # a scan row's frames are consecutive
         for i in range(br):
             start = (r0 + i) * cols + c0
-            com[i] = centre_of_mass(np.square(np.asarray(amplitudes[start : start + bc], dtype=np.float64)))
+            counts = np.square(np.asarray(amplitudes[start : start + bc], dtype=np.float64))
+            com[i], noise[i] = centre_of_mass(counts), centre_of_mass_noise(counts)
     else:  # a scan column's frames are consecutive
         for j in range(bc):
             start = (c0 + j) * rows + r0
-            com[:, j] = centre_of_mass(np.square(np.asarray(amplitudes[start : start + br], dtype=np.float64)))
-    return {**find_scan_rotation(com, handedness=handedness, given_deg=given_deg), "block": [br, bc]}
+            counts = np.square(np.asarray(amplitudes[start : start + br], dtype=np.float64))
+            com[:, j], noise[:, j] = centre_of_mass(counts), centre_of_mass_noise(counts)
+    found = find_scan_rotation(com, handedness=handedness, given_deg=given_deg, noise=noise)
+    return {**found, "block": [br, bc]}

@@ -406,7 +406,8 @@ def _network_input(frames: np.ndarray, kind: str, calibration: dict | None, coor
 
 
 class _CentreOfMassUDF(UDF):
-    """Each frame's centre of mass on the model's grid (calibrated as PhaseUDF calibrates), for the scan rotation."""
+    """Each frame's centre of mass on the model's grid (calibrated as PhaseUDF calibrates) and its counting
+    noise, for the scan rotation."""
 
     def __init__(self, kind: str, calibration, step_px, fastest: str, flip: bool, reverse_rows: bool,
                  rotation_deg: float):
@@ -414,17 +415,20 @@ class _CentreOfMassUDF(UDF):
                          reverse_rows=reverse_rows, rotation_deg=rotation_deg)
 
     def get_result_buffers(self):
-        return {"com": self.buffer(kind="nav", extra_shape=(2,), dtype="float64")}
+        return {"com": self.buffer(kind="nav", extra_shape=(2,), dtype="float64"),
+                "noise": self.buffer(kind="nav", dtype="float64")}
 
     def process_partition(self, partition):
-        from ..data.calibration import centre_of_mass
+        from ..data.calibration import centre_of_mass, centre_of_mass_noise
 
         first = int(self.meta.slice.origin[0])
         coords = scan_positions(tuple(self.meta.dataset_shape.nav), self.params.step_px, self.params.rotation_deg,
                                 self.params.fastest, roi=self.meta.roi)[first : first + len(partition)]
         amplitudes, _ = _network_input(np.asarray(partition), self.params.kind, self.params.calibration, coords,
                                        self.params.flip, self.params.reverse_rows)
-        self.results.com[:] = centre_of_mass(np.square(amplitudes, dtype=np.float64))
+        counts = np.square(amplitudes, dtype=np.float64)
+        self.results.com[:] = centre_of_mass(counts)
+        self.results.noise[:] = centre_of_mass_noise(counts)
 
 
 def find_rotation(ctx, dataset, step_px, fastest: str = "col", kind: str = "counts", calibration=None,
@@ -464,10 +468,13 @@ def _dpc_rotation(ctx, dataset, step_px, fastest, kind, calibration, block, hand
     roi[r0 : r0 + br, c0 : c0 + bc] = True
     udf = _CentreOfMassUDF(kind, _calibration_param(calibration), step_px, fastest, bool(flip_patterns),
                            bool(reverse_rows), float(rotation_deg))
-    com = np.asarray(ctx.run_udf(dataset=dataset, udf=udf, roi=roi)["com"].raw_data).reshape(br, bc, 2)
+    result = ctx.run_udf(dataset=dataset, udf=udf, roi=roi)
+    com = np.asarray(result["com"].raw_data).reshape(br, bc, 2)
+    noise = np.asarray(result["noise"].raw_data).reshape(br, bc)
     if fastest == "row":  # the navigation axes are (scan column, scan row)
-        com = com.transpose(1, 0, 2)
-    found = {**find_scan_rotation(com, handedness=handedness, given_deg=given_deg), "block": list(com.shape[:2])}
+        com, noise = com.transpose(1, 0, 2), noise.T
+    found = find_scan_rotation(com, handedness=handedness, given_deg=given_deg, noise=noise)
+    found["block"] = list(com.shape[:2])
     found["flip_patterns"] = found["flip_patterns"] != bool(flip_patterns)
     return found
 
