@@ -395,7 +395,8 @@ def _find_rotation(args, amplitudes, view, scan_info: dict):
 def _check_rotation(args, amplitudes, scan_info: dict) -> dict:
     """A given rotation (the default 0° included) checked by the DPC curl criterion: a note when the data clearly
     say otherwise (a mirrored detector, or an angle more than 20° away), which would make a poor image."""
-    from .data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, rotation_note, scan_rotation_from_patterns
+    from .data.calibration import (ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, rotation_note,
+                                   scan_rotation_from_patterns)
 
     if min(scan_info["scan_shape"]) < ROTATION_CHECK_MIN_PX:
         return scan_info
@@ -500,8 +501,8 @@ def _reconstruct_with_libertem(args) -> None:
              **{k: read[k] for k in ("rotation_found", "rotation_check") if k in read}})
     extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": str(args.data),
              "input": read["input"], "n_patterns": rec.processing["patterns"], "stitching": "pairwise",
-             "model_path": str(args.model or "default (packaged)"), **scan, "patterns_flipped": read["patterns_flipped"],
-             "data_info": read, "calibration": read["calibration"]}
+             "model_path": str(args.model or "default (packaged)"), **scan,
+             "patterns_flipped": read["patterns_flipped"], "data_info": read, "calibration": read["calibration"]}
     sampling = args.pixel_size or (read["calibration"] or {}).get("real_space_sampling_angstrom")
     write_outputs(rec, args.out, extra, sampling=sampling, overwrite=args.overwrite)
     if rec.processing.get("dose_note"):
@@ -756,9 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gain", type=float, metavar="G",
                    help="detector units per electron: counts = data / G (default 1)")
     g.add_argument("--flip-patterns", action="store_true",
-                   help="mirror every pattern in k_row (k_row → −k_row) before the network: for a detector whose rows "
-                        "run the other way against the scan, which no --rotation undoes; --rotation auto finds "
-                        "whether it is needed (when this flag is not given)")
+                   help="mirror every pattern in k_row (k_row → −k_row) before the network: for a detector whose "
+                        "rows run the other way against the scan, which no --rotation undoes; --rotation auto "
+                        "finds whether it is needed (when this flag is not given)")
     p.add_argument("--stitching", choices=["pairwise", "least-squares", "seed"], default="pairwise",
                    help="pairwise (default, fast), least-squares (exact canvas least squares) or seed (the original)")
     p.add_argument("--deblur", choices=["auto", "on", "off"], default="auto",

@@ -428,7 +428,7 @@ def resample_patterns(batch: np.ndarray, centers: np.ndarray, n_out: int, center
     """
     b = np.asarray(batch, dtype=np.float32)
     centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
-    rows = overlap_matrix(n_out, b.shape[1], centers[:, 0], center_out[0], -zoom if flip_rows else zoom)  # (B, n_out, H)
+    rows = overlap_matrix(n_out, b.shape[1], centers[:, 0], center_out[0], -zoom if flip_rows else zoom)
     cols = overlap_matrix(n_out, b.shape[2], centers[:, 1], center_out[1], zoom)  # (B, n_out, W)
     return np.matmul(np.matmul(rows, b), cols.transpose(0, 2, 1)).astype(np.float32, copy=False)
 
@@ -1103,9 +1103,9 @@ def _best_rotation(com: np.ndarray, step_deg: float, noise: np.ndarray) -> dict:
 #: At or below this curl ratio (counting noise taken off) the criterion's minimum is clear (measured: 0.01-0.07
 #: for the right frame order from 27,882 down to 100 e/pattern, 0.4-0.6 for the wrong one).
 CURL_RATIO_MAX = 0.25
-#: The quarters of the field agree when each finds an axis within this many degrees of the whole field's (measured on twisted hBN, 64×64 positions: ±0.5° at 27,882, ±3° at 300, ±6° at
-#: 100 e/pattern; 32×32 and 40×40 at 300: up to 12°, one quarter in six 60° off; frames out of order scatter
-#: over ±100°, so four agreeing by chance: ~(1/12)⁴).
+#: The quarters of the field agree when each finds an axis within this many degrees of the whole field's
+#: (measured on twisted hBN, 64×64 positions: ±0.5° at 27,882, ±3° at 300, up to 9° at 100 e/pattern; 32×32 and
+#: 40×40 at 300: up to 12°, one quarter in six 60° off; frames out of order scatter over ±100°).
 QUARTERS_AGREE_DEG = 15.0
 QUARTER_MIN_PX = 8
 
@@ -1148,14 +1148,16 @@ def rotation_note(found: dict, rotation_deg: float) -> str | None:
 
     ``found`` is :func:`find_scan_rotation`'s result with ``given_deg=rotation_deg``. Said only when the
     criterion is clear (:func:`rotation_is_clear`) and finds a mirror or an axis more than
-    ``ROTATION_NOTE_DEG`` away: a scan where the criterion is unsure stays quiet. An angle 180° off has the same curl and is not noted (it inverts the
-    patterns, k → −k, and with them the phase's sign; :func:`find_scan_rotation` settles it by the divergence).
+    ``ROTATION_NOTE_DEG`` away: a scan where the criterion is unsure stays quiet. An angle 180° off has the
+    same curl and is not noted (it inverts the patterns, k → −k, and with them the phase's sign;
+    :func:`find_scan_rotation` settles it by the divergence).
     """
     if not rotation_is_clear(found):
         return None
     if not found["flip_patterns"] and _axis_difference(found["rotation_deg"], rotation_deg) <= ROTATION_NOTE_DEG:
         return None
-    mirrored = " with the patterns mirrored against the given setting (--flip-patterns)" if found["flip_patterns"] else ""
+    mirrored = " with the patterns mirrored against the given setting (--flip-patterns)" if found["flip_patterns"] \
+        else ""
     return (f"the DPC curl criterion finds the scan rotated {found['rotation_deg']:.1f}° against the detector"
             f"{mirrored}, not {float(rotation_deg):g}° as given (curl ratio {found['curl_ratio']:.2f} against "
             f"{found['curl_ratio_given']:.2f}), which costs image quality; --rotation auto uses what it finds")

@@ -205,9 +205,8 @@ class PhaseUDF(UDF):
 
     def __init__(self, model=None, step_px=None, positions=None, rotation_deg: float = 0.0, fastest: str = "col",
                  kind: str = "counts", calibration=None, flip_patterns: bool = False, reverse_rows: bool = False,
-                 batch_size: int = 512,
-                 engine: str = "auto", precision: str = "auto", deblur="auto", remove_plane: bool = True,
-                 uncertainty=None, **kwargs):
+                 batch_size: int = 512, engine: str = "auto", precision: str = "auto", deblur="auto",
+                 remove_plane: bool = True, uncertainty=None, **kwargs):
         if kind not in ("counts", "amplitude"):
             raise ValueRangeError(f"kind: expected 'counts' or 'amplitude', got {kind!r}")
         if int(batch_size) < 1:
@@ -223,7 +222,8 @@ class PhaseUDF(UDF):
         super().__init__(model=None if model is None else str(model), step_px=step_px,
                          positions=None if positions is None else np.asarray(positions, dtype=np.float64),
                          rotation_deg=float(rotation_deg), fastest=fastest, kind=kind, calibration=calibration,
-                         flip_patterns=bool(flip_patterns), reverse_rows=bool(reverse_rows), batch_size=int(batch_size), engine=engine, precision=precision, deblur=deblur,
+                         flip_patterns=bool(flip_patterns), reverse_rows=bool(reverse_rows),
+                         batch_size=int(batch_size), engine=engine, precision=precision, deblur=deblur,
                          remove_plane=bool(remove_plane), uncertainty=uncertainty, **kwargs)
 
     # ---------------------------------------------------------------- set-up, on the main node and the workers
