@@ -226,8 +226,9 @@ def _cmd_reconstruct(args) -> None:
     if args.resume and (args.workers is not None or args.scheduler is not None):
         raise DeepPhaseError("resume: a cluster reconstruction (--workers/--scheduler) cannot be resumed; run it again")
     figure = args.out / "calibration.png"
-    if figure.exists() and not args.overwrite:
-        raise DeepPhaseError(f"out: {str(args.out)!r} already holds calibration.png; choose another folder or pass --overwrite")
+    for name in ("calibration.png", "rotation.png"):
+        if (args.out / name).exists() and not args.overwrite:
+            raise DeepPhaseError(f"out: {str(args.out)!r} already holds {name}; choose another folder or pass --overwrite")
     if args.gain is not None and not args.gain > 0:
         raise DeepPhaseError(f"gain: expected a positive number of detector units per electron, got {args.gain}")
     if args.libertem:
@@ -295,14 +296,15 @@ def _cmd_reconstruct(args) -> None:
         amplitudes = view if view is not None else AmplitudeView(data.frames, kind)
         if args.flip_patterns:
             view, amplitudes = _flipped(view, amplitudes)
+        rotation_figure = None  # what the DPC criterion saw, drawn once the image is written
         if args.rotation == "auto":
-            positions, scan_info = _find_rotation(args, amplitudes, view, scan_info)
+            positions, scan_info, rotation_figure = _find_rotation(args, amplitudes, view, scan_info)
             if scan_info["rotation_found"]["flip_patterns"]:
                 view, amplitudes = _flipped(view, amplitudes)
             # (the cluster's workers and the --resume fingerprint read it there)
             args.flip_patterns = args.flip_patterns or scan_info["rotation_found"]["flip_patterns"]
         elif "scan_shape" in scan_info:
-            scan_info = _check_rotation(args, amplitudes, scan_info)
+            scan_info, rotation_figure = _check_rotation(args, amplitudes, scan_info)
         scan_info["patterns_flipped"] = args.flip_patterns
         sampling = args.pixel_size or (calibration or {}).get("real_space_sampling_angstrom")
         if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
@@ -340,6 +342,11 @@ def _cmd_reconstruct(args) -> None:
             repairs = {k: v for k, v in view.counters.items() if v and k != "most_negative_count"}
             if repairs:
                 notes.append("repaired: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in repairs.items()))
+        if rotation_figure is not None:
+            from .data.calibration import plot_scan_rotation
+
+            plot_scan_rotation(**rotation_figure, path=args.out / "rotation.png")
+            notes.append(f"what the DPC curl criterion saw: {args.out / 'rotation.png'}")
     finally:
         data.close()
     for note in notes:
@@ -371,15 +378,16 @@ def _flipped(view, amplitudes):
 def _find_rotation(args, amplitudes, view, scan_info: dict):
     """``--rotation auto``: the scan rotation from the patterns (DPC curl criterion), then the positions; and the
     detector's handedness, unless --flip-patterns gave it (``amplitudes`` are then flipped already)."""
-    from .data.calibration import check_scan_rotation, scan_rotation_from_patterns
+    from .data.calibration import centre_of_mass_block, check_scan_rotation, find_scan_rotation
     from .physics.scan import raster_positions
 
     if "scan_shape" not in scan_info:
         raise DeepPhaseError("rotation: 'auto' needs a raster (--scan-shape and --step, or a file that holds the "
                              "scan shape), not --positions")
     shape, fastest = tuple(scan_info["scan_shape"]), scan_info["fastest"]
-    found = scan_rotation_from_patterns(amplitudes, shape, fastest,
-                                        handedness="as recorded" if args.flip_patterns else "auto")
+    com, noise = centre_of_mass_block(amplitudes, shape, fastest)
+    found = {**find_scan_rotation(com, handedness="as recorded" if args.flip_patterns else "auto", noise=noise),
+             "block": list(com.shape[:2])}
     check_scan_rotation(found)
     positions = raster_positions(shape, scan_info["step_px"], found["rotation_deg"], fastest)
     if view is not None:
@@ -389,23 +397,27 @@ def _find_rotation(args, amplitudes, view, scan_info: dict):
     if found["flip_patterns"]:
         print(f"deepphase reconstruct: note: {FLIP_NOTE} (curl ratio {found['curl_ratio_other']:.2f} as recorded); "
               "patterns flipped (--flip-patterns)", file=sys.stderr)
-    return positions, {**scan_info, "rotation_deg": found["rotation_deg"], "rotation_found": found}
+    figure = {"com": com, "noise": noise, "found": found}
+    return positions, {**scan_info, "rotation_deg": found["rotation_deg"], "rotation_found": found}, figure
 
 
-def _check_rotation(args, amplitudes, scan_info: dict) -> dict:
+def _check_rotation(args, amplitudes, scan_info: dict):
     """A given rotation (the default 0° included) checked by the DPC curl criterion: a note when the data clearly
-    say otherwise (a mirrored detector, or an angle more than 20° away), which would make a poor image."""
-    from .data.calibration import (ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, rotation_note,
-                                   scan_rotation_from_patterns)
+    say otherwise (a mirrored detector, or an angle more than 20° away), which would make a poor image; then
+    also what the criterion saw, for rotation.png."""
+    from .data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, centre_of_mass_block, \
+        find_scan_rotation, rotation_note
 
     if min(scan_info["scan_shape"]) < ROTATION_CHECK_MIN_PX:
-        return scan_info
-    found = scan_rotation_from_patterns(amplitudes, tuple(scan_info["scan_shape"]), scan_info["fastest"],
-                                        block=ROTATION_CHECK_BLOCK, given_deg=args.rotation)
+        return scan_info, None
+    com, noise = centre_of_mass_block(amplitudes, tuple(scan_info["scan_shape"]), scan_info["fastest"],
+                                      ROTATION_CHECK_BLOCK)
+    found = {**find_scan_rotation(com, given_deg=args.rotation, noise=noise), "block": list(com.shape[:2])}
     note = rotation_note(found, args.rotation)
     if note:
         print(f"deepphase reconstruct: note: {note}", file=sys.stderr)
-    return {**scan_info, "rotation_check": {**found, "note": note}}
+    figure = {"com": com, "noise": noise, "found": found, "given_deg": args.rotation} if note else None
+    return {**scan_info, "rotation_check": {**found, "note": note}}, figure
 
 
 FLIP_NOTE = ("the patterns are mirrored against the scan (a detector whose rows run the other way, or the scan's "
@@ -491,7 +503,8 @@ def _reconstruct_with_libertem(args) -> None:
         args.data, model=args.model, step_px=args.step if positions is None else None, positions=positions,
         nav_shape=args.scan_shape, rotation_deg=args.rotation, fastest=args.fastest or "col",
         kind=None if args.input == "auto" else args.input, calibration=args.calibration, calibration_options=options,
-        calibration_png=args.out / "calibration.png", batch_size=args.batch_size, engine=args.engine,
+        calibration_png=args.out / "calibration.png", rotation_png=args.out / "rotation.png",
+        batch_size=args.batch_size, engine=args.engine,
         precision=args.precision, deblur=_DEBLUR[args.deblur], workers=args.workers, progress=True,
         uncertainty="head" if args.uncertainty == "head" else None,
         flip_patterns=True if args.flip_patterns else (None if args.rotation == "auto" else False))
@@ -515,6 +528,8 @@ def _reconstruct_with_libertem(args) -> None:
             print(f"deepphase reconstruct: note: {FLIP_NOTE}; patterns flipped (--flip-patterns)", file=sys.stderr)
     if (read.get("rotation_check") or {}).get("note"):
         print(f"deepphase reconstruct: note: {read['rotation_check']['note']}", file=sys.stderr)
+    if read["rotation_png"]:
+        print(f"deepphase reconstruct: note: what the DPC curl criterion saw: {read['rotation_png']}", file=sys.stderr)
     print(f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
           f"({rec.processing['patterns']} patterns read by {read['reader']} as {read['libertem_dataset']}, "
           f"{rec.timings['patterns_per_second']:.0f} patterns/s)"

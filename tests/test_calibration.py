@@ -353,14 +353,17 @@ def test_cli_a_mirrored_detector_is_found_by_rotation_auto_and_undone_by_flip_pa
     # The given rotation (0°, the default) is checked: the note says what the criterion finds.
     assert "finds the scan rotated" in said.err and "with the patterns mirrored" in said.err
     assert meta["rotation_check"]["flip_patterns"] and meta["rotation_check"]["note"]
+    assert (tmp_path / "as-given" / "rotation.png").stat().st_size > 10_000  # what the criterion saw
     found, meta, said = score("auto", "--rotation", "auto")
     assert found > 0.9 and meta["patterns_flipped"] is True, (as_given, found)
     assert meta["rotation_found"]["flip_patterns"] and abs(meta["rotation_deg"]) < 2.5
+    assert (tmp_path / "auto" / "rotation.png").stat().st_size > 10_000
     assert grid == "model" or meta["calibration"]["flip_patterns"] is True
     assert "patterns are mirrored against the scan" in said.err
     told, meta, said = score("told", "--flip-patterns")
     assert told > 0.9 and meta["patterns_flipped"] is True
     assert "finds the scan rotated" not in said.err and meta["rotation_check"]["note"] is None
+    assert not (tmp_path / "told" / "rotation.png").exists()  # nothing to show
     if grid == "model":  # flipped twice about the zero frequency: the patterns as simulated, the same image
         np.save(tmp_path / "scan.npy", counts.reshape(24, 24, 32, 32))
         score("unmirrored")
@@ -369,5 +372,5 @@ def test_cli_a_mirrored_detector_is_found_by_rotation_auto_and_undone_by_flip_pa
     # Told, --rotation auto finds only the angle (of the flipped patterns: no mirror left).
     told_auto, meta, said = score("told-auto", "--flip-patterns", "--rotation", "auto")
     assert told_auto == pytest.approx(found, abs=0.01) and "curl_ratio_other" not in meta["rotation_found"]
-    assert "mirrored" not in said.err
+    assert "patterns are mirrored" not in said.err
     print(f"{grid}: as given {as_given:.3f}, auto {found:.3f}, told {told:.3f}, told + auto {told_auto:.3f}")

@@ -241,8 +241,10 @@ def test_a_given_rotation_is_checked_as_the_pipeline_checks_it(ctx, tmp_path, ca
     truth = builtin_specimen("twisted-hbn", required_object_shape(positions, 32), seed=1)
     counts = np.square(simulate_scan(truth, reference_probe(), positions, seed=0, progress=False).amplitude).round()
     np.save(tmp_path / "mirrored.npy", flip_patterns(counts).astype(np.float32).reshape(20, 20, 32, 32))
-    _, read = reconstruct_file(tmp_path / "mirrored.npy", step_px=STEP, engine="eager", ctx=ctx)
+    _, read = reconstruct_file(tmp_path / "mirrored.npy", step_px=STEP, engine="eager", ctx=ctx,
+                               rotation_png=tmp_path / "rotation.png")
     check = read["rotation_check"]
+    assert (tmp_path / "rotation.png").stat().st_size > 10_000 and read["rotation_png"] == str(tmp_path / "rotation.png")
     assert check["flip_patterns"] and "mirrored" in check["note"] and not read["patterns_flipped"]
     assert main(["reconstruct", str(tmp_path / "mirrored.npy"), "--step", str(STEP), "--fastest", "col",
                  "--out", str(tmp_path / "pipeline")]) == 0

@@ -1183,6 +1183,16 @@ def scan_rotation_from_patterns(amplitudes, scan_shape, fastest: str = "row", bl
         0.6° from 24², 48² and 64² positions.
     handedness, given_deg : as for :func:`find_scan_rotation`.
     """
+    com, noise = centre_of_mass_block(amplitudes, scan_shape, fastest, block)
+    found = find_scan_rotation(com, handedness=handedness, given_deg=given_deg, noise=noise)
+    return {**found, "block": list(com.shape[:2])}
+
+
+def centre_of_mass_block(amplitudes, scan_shape, fastest: str = "row", block: int = 128):
+    """The centre of mass of the central ``block × block`` positions' patterns of a raster, on the scan grid,
+    and its counting noise: ``(com (rows, cols, 2), noise (rows, cols))`` for :func:`find_scan_rotation` and
+    :func:`plot_scan_rotation`. ``amplitudes``, ``scan_shape``, ``fastest`` as for
+    :func:`scan_rotation_from_patterns`; the squares of the amplitudes are taken as counts."""
     rows, cols = (int(s) for s in scan_shape)
     if rows * cols != amplitudes.shape[0]:
         raise ShapeError(f"scan_shape: {rows}×{cols} positions do not match the {amplitudes.shape[0]} patterns")
@@ -1201,5 +1211,51 @@ def scan_rotation_from_patterns(amplitudes, scan_shape, fastest: str = "row", bl
             start = (c0 + j) * rows + r0
             counts = np.square(np.asarray(amplitudes[start : start + br], dtype=np.float64))
             com[:, j], noise[:, j] = centre_of_mass(counts), centre_of_mass_noise(counts)
-    found = find_scan_rotation(com, handedness=handedness, given_deg=given_deg, noise=noise)
-    return {**found, "block": [br, bc]}
+    return com, noise
+
+
+def plot_scan_rotation(com: np.ndarray, noise: np.ndarray | None, found: dict, path: str | Path,
+                       given_deg: float | None = None) -> None:
+    """A PNG of what the DPC curl criterion saw: the curl ratio against the angle for both handednesses (the
+    angle found, its quarters' and a given one marked), and the divergence of the centre-of-mass field in the
+    scan axes found, −∇·CoM ∝ ∇²φ up to sign: the specimen as DPC shows it (atoms bright)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io_utils import atomic_path
+
+    com = np.asarray(com, dtype=np.float64) - np.mean(com, axis=(0, 1))
+    noise = np.zeros(com.shape[:2]) if noise is None else np.asarray(noise, dtype=np.float64)
+    angles = np.arange(0.0, 180.0, 0.5)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0), gridspec_kw={"width_ratios": [1.4, 1]})
+    for flip, label, color in ((False, "as recorded", "tab:blue"), (True, "patterns flipped", "tab:orange")):
+        costs = _curl(com * ([-1.0, 1.0] if flip else 1.0), angles)
+        floor = _floor(noise, costs)
+        chosen = flip == found["flip_patterns"]
+        left.plot(angles, (costs - floor) / (np.median(costs) - floor), color=color, lw=2.0 if chosen else 1.0,
+                  label=label + (" (chosen)" if chosen else ""))
+    left.axvline(found["rotation_deg"] % 180.0, color="k", lw=1, label=f"found {found['rotation_deg']:.2f}°")
+    for angle in found.get("quarters", []):
+        left.axvline(angle % 180.0, color="k", lw=0.5, ls=":")
+    if given_deg is not None:
+        left.axvline(float(given_deg) % 180.0, color="tab:red", lw=1, ls="--", label=f"given {float(given_deg):g}°")
+    left.axhline(CURL_RATIO_MAX, color="0.6", lw=0.8, ls="--")
+    left.set_xlabel("scan rotation modulo 180° (°)")
+    left.set_ylabel("curl ratio (noise floor taken off)")
+    left.set_xlim(-3, 183)  # (a given 0° stays visible)
+    left.legend(fontsize=8, loc="best")
+    left.set_title(f"DPC curl criterion on {com.shape[0]}×{com.shape[1]} positions: curl ratio "
+                   f"{found['curl_ratio']:.3f}" + ("" if rotation_is_clear(found) else " (not clear)"), fontsize=9)
+    field = com * ([-1.0, 1.0] if found["flip_patterns"] else 1.0)
+    along_rows, along_cols = _scan_axes_field(field, [found["rotation_deg"]])
+    divergence = np.gradient(along_rows[0], axis=0) + np.gradient(along_cols[0], axis=1)
+    right.imshow(-divergence, cmap="gray", interpolation="nearest")
+    right.set_title("−div CoM in the scan axes found (DPC)", fontsize=9)
+    right.set_xlabel("scan col")
+    right.set_ylabel("scan row")
+    fig.tight_layout()
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

@@ -447,8 +447,8 @@ def find_rotation(ctx, dataset, step_px, fastest: str = "col", kind: str = "coun
     """
     from ..data.calibration import check_scan_rotation
 
-    found = _dpc_rotation(ctx, dataset, step_px, fastest, kind, calibration, block, handedness, flip_patterns,
-                          reverse_rows)
+    found, _ = _dpc_rotation(ctx, dataset, step_px, fastest, kind, calibration, block, handedness, flip_patterns,
+                             reverse_rows)
     check_scan_rotation(found)
     return found
 
@@ -456,7 +456,8 @@ def find_rotation(ctx, dataset, step_px, fastest: str = "col", kind: str = "coun
 def _dpc_rotation(ctx, dataset, step_px, fastest, kind, calibration, block, handedness, flip_patterns, reverse_rows,
                   rotation_deg: float = 0.0, given_deg: float | None = None) -> dict:
     """:func:`find_rotation` without its refusal; ``rotation_deg``: the rotation ``calibration`` was measured at
-    (its descan plane's coordinates); ``given_deg`` as for :func:`~deepphase.data.calibration.find_scan_rotation`."""
+    (its descan plane's coordinates); ``given_deg`` as for :func:`~deepphase.data.calibration.find_scan_rotation`.
+    Returns the dict and what :func:`~deepphase.data.calibration.plot_scan_rotation` draws (com, noise)."""
     from ..data.calibration import find_scan_rotation
 
     nav = tuple(dataset.shape.nav)
@@ -475,8 +476,9 @@ def _dpc_rotation(ctx, dataset, step_px, fastest, kind, calibration, block, hand
         com, noise = com.transpose(1, 0, 2), noise.T
     found = find_scan_rotation(com, handedness=handedness, given_deg=given_deg, noise=noise)
     found["block"] = list(com.shape[:2])
+    figure = {"com": com, "noise": noise, "found": dict(found), "given_deg": given_deg}  # in the frames as flipped
     found["flip_patterns"] = found["flip_patterns"] != bool(flip_patterns)
-    return found
+    return found, figure
 
 
 def _add_window(buffer, reduced: dict) -> None:
@@ -633,8 +635,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
                      fastest: str = "col", kind: str | None = None, calibration: str = "auto",
                      calibration_options: dict | None = None, calibration_png=None, batch_size: int = 512,
                      engine: str = "auto", precision: str = "auto", deblur="auto", remove_plane: bool = True,
-                     uncertainty=None, flip_patterns: bool | None = None, workers: int | None = None,
-                     progress: bool = False, ctx=None):
+                     uncertainty=None, flip_patterns: bool | None = None, rotation_png=None,
+                     workers: int | None = None, progress: bool = False, ctx=None):
     """Open a 4D-STEM file with LiberTEM and reconstruct it with :class:`PhaseUDF` on LiberTEM's executor.
 
     What ``deepphase reconstruct --libertem`` runs: every format LiberTEM reads (its ``"auto"`` detection).
@@ -653,6 +655,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     calibration : "auto" (calibrate patterns that are not the model's n×n grid), "on" or "off".
     calibration_options : for :func:`calibrate_dataset` (``gain``, ``mrad_per_px``, ``semi_angle``, ...).
     calibration_png : where the calibration figure goes, if one is measured.
+    rotation_png : where the DPC curl criterion's figure goes (:func:`~deepphase.data.calibration.plot_scan_rotation`):
+        with ``rotation_deg="auto"``, or when the check of a given rotation has a note.
     workers : LiberTEM's local CPU workers (default: LiberTEM's default context, every core and GPU).
     ctx : a LiberTEM ``Context`` to use instead (left open).
     model, step_px, positions, rotation_deg, fastest, batch_size, engine, precision, deblur, remove_plane,
@@ -671,7 +675,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     import libertem.api as lt
     from libertem.io.dataset.base import DataSetException
 
-    from ..data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, rotation_note
+    from ..data.calibration import (ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, check_scan_rotation,
+                                    plot_scan_rotation, rotation_note)
     from ..data.io import infer_kind
     from ..models.modelfile import load_model
 
@@ -703,7 +708,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         frames = int(np.prod(nav))
         if kind is None:
             kind = infer_kind(_pick(ctx, dataset, _spread(frames, 16)))
-        view, found, check = None, None, None
+        view, found, check, figure = None, None, None, None
         # Merlin frames: LiberTEM's rows run bottom-up against rosettasciio's (the pipeline's reader).
         reverse_rows = type(dataset).__name__ == "MIBDataSet"
         if calibration == "on" or (calibration == "auto" and sig != (n, n)):
@@ -712,17 +717,17 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
                                      **(calibration_options or {}))
         flip = bool(flip_patterns)
         if auto_rotation:  # the descan (if calibrated) is removed first, as the pipeline does
-            found = find_rotation(ctx, dataset, step_px, fastest, kind, view, flip_patterns=flip,
-                                  handedness="auto" if flip_patterns is None else "as recorded",
-                                  reverse_rows=reverse_rows)
+            found, figure = _dpc_rotation(ctx, dataset, step_px, fastest, kind, view, 128,
+                                          "auto" if flip_patterns is None else "as recorded", flip, reverse_rows)
+            check_scan_rotation(found)
             rotation_deg, flip = found["rotation_deg"], found["flip_patterns"]
             if view is not None:  # the descan plane, fitted at rotation 0, in the rotated positions
                 view.use_coords(scan_positions(nav, step_px, rotation_deg, fastest)[_spread(frames, len(view))])
         elif positions is None and len(nav) == 2 and min(nav) >= ROTATION_CHECK_MIN_PX:  # a given rotation, checked
-            check = _dpc_rotation(ctx, dataset, step_px, fastest, kind, view, ROTATION_CHECK_BLOCK, "auto", flip,
-                                  reverse_rows, rotation_deg, given_deg=rotation_deg)
-            relative = {**check, "flip_patterns": check["flip_patterns"] != flip}
-            check["note"] = rotation_note(relative, rotation_deg)
+            check, figure = _dpc_rotation(ctx, dataset, step_px, fastest, kind, view, ROTATION_CHECK_BLOCK, "auto",
+                                          flip, reverse_rows, rotation_deg, given_deg=rotation_deg)
+            check["note"] = rotation_note(figure["found"], rotation_deg)  # (its flip relative to the given one)
+            figure = figure if check["note"] else None
         udf = PhaseUDF(model=model, step_px=step_px, positions=positions, rotation_deg=rotation_deg,
                        fastest=fastest, kind=kind, calibration=view, flip_patterns=flip, reverse_rows=reverse_rows,
                        batch_size=batch_size, engine=engine, precision=precision, deblur=deblur,
@@ -731,6 +736,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         result = ctx.run_udf(dataset=dataset, udf=udf, progress=progress)
         rec = to_reconstruction(udf, result)
         t2 = time.perf_counter()
+        if rotation_png is not None and figure is not None:
+            plot_scan_rotation(**figure, path=rotation_png)
     finally:
         if own:
             ctx.close()
@@ -740,5 +747,6 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             "navigation_shape": list(nav), "pattern_shape": list(sig), "input": kind,
             "calibration": None if view is None else view.info, "rotation_deg": rotation_deg,
             "patterns_flipped": flip, "rows_reversed": reverse_rows, **({"rotation_check": check} if check else {}),
+            "rotation_png": str(rotation_png) if rotation_png is not None and figure is not None else None,
             **({"rotation_found": found} if found is not None else {})}
     return rec, read
