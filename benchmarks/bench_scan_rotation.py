@@ -119,7 +119,7 @@ def main() -> None:
         amplitudes = simulate_scan(truth, reference_probe(), positions, dose=dose, seed=0, progress=False).amplitude
         if i == 0:
             print(f"{args.scan}×{args.scan} positions, {dose:,.0f} e/pattern")
-            quality_against_error(amplitudes, truth, shape, (0, 5, 10, 20, 30, 45, 90))
+            quality_against_error(amplitudes, truth, shape, (0, 5, 10, 20, 30, 45, 90, 170, 180, 190))
         curl_against_error(amplitudes, shape, dose, (0, 5, 10, 20, 45, 90))
     check_time(args.folder)
 

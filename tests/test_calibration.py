@@ -250,8 +250,8 @@ def test_scan_rotation_of_rotated_detector_patterns_is_found(probe):
 
 def test_a_given_rotation_far_from_the_datas_gets_a_note(probe, tmp_path, capsys):
     """A scan rotated 35° against the detector reconstructed with the default 0°: a note with the angle the
-    DPC criterion finds; given that angle (or close to it, within 20°), none. (An angle 180° off has the same
-    curl, and is not noted: only --rotation auto's divergence test tells it.)"""
+    DPC criterion finds; given that angle (or close to it, within 20°), none; half a turn from it (the same
+    curl, the divergence's skew reversed: the phase would come out inverted), a note again."""
     import json
 
     from deepphase.cli import main
@@ -260,7 +260,7 @@ def test_a_given_rotation_far_from_the_datas_gets_a_note(probe, tmp_path, capsys
     counts = simulate_scan(twisted_hbn(required_object_shape(positions, 32), seed=4), probe, positions,
                            seed=0).amplitude.astype(np.float32) ** 2
     np.save(tmp_path / "scan.npy", counts.reshape(32, 32, 32, 32))
-    for rotation, noted in (("0", True), ("35", False), ("20", False), ("80", True)):
+    for rotation, noted in (("0", True), ("35", False), ("20", False), ("80", True), ("215", True)):
         capsys.readouterr()
         assert main(["reconstruct", str(tmp_path / "scan.npy"), "--step", "0.87", "--rotation", rotation,
                      "--out", str(tmp_path / rotation)]) == 0
@@ -268,6 +268,7 @@ def test_a_given_rotation_far_from_the_datas_gets_a_note(probe, tmp_path, capsys
         check = json.loads((tmp_path / rotation / "metadata.json").read_text())["rotation_check"]
         assert check["rotation_deg"] == pytest.approx(35.0, abs=2.0) and not check["flip_patterns"]
         assert ("finds the scan rotated 3" in err) == noted and (check["note"] is not None) == noted, (rotation, err)
+        assert ("half a turn away" in err) == (rotation == "215")
 
 
 def test_scan_rotation_at_low_dose_is_found_once_the_counting_noise_is_taken_off(probe):
