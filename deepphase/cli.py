@@ -386,8 +386,7 @@ def _find_rotation(args, amplitudes, view, scan_info: dict):
                              "scan shape), not --positions")
     shape, fastest = tuple(scan_info["scan_shape"]), scan_info["fastest"]
     com, noise = centre_of_mass_block(amplitudes, shape, fastest)
-    found = {**find_scan_rotation(com, handedness="as recorded" if args.flip_patterns else "auto", noise=noise),
-             "block": list(com.shape[:2])}
+    found = find_scan_rotation(com, handedness="as recorded" if args.flip_patterns else "auto", noise=noise)
     check_scan_rotation(found)
     positions = raster_positions(shape, scan_info["step_px"], found["rotation_deg"], fastest)
     if view is not None:
@@ -412,7 +411,7 @@ def _check_rotation(args, amplitudes, scan_info: dict):
         return scan_info, None
     com, noise = centre_of_mass_block(amplitudes, tuple(scan_info["scan_shape"]), scan_info["fastest"],
                                       ROTATION_CHECK_BLOCK)
-    found = {**find_scan_rotation(com, given_deg=args.rotation, noise=noise), "block": list(com.shape[:2])}
+    found = find_scan_rotation(com, given_deg=args.rotation, noise=noise)
     note = rotation_note(found, args.rotation)
     if note:
         print(f"deepphase reconstruct: note: {note}", file=sys.stderr)

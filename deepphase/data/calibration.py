@@ -1018,8 +1018,8 @@ def find_scan_rotation(com: np.ndarray, step_deg: float = 1.0, handedness: str =
     ``curl_ratio_other`` (the same for the other handedness, when both were tried: near 1),
     ``divergence_skew`` and, for a field of at least 16×16 positions, ``quarters``: the angle found in each
     quarter of it alone (in the handedness found for the whole), which agree when the minimum is real (±3° at
-    300 e/pattern on 64×64 positions) and scatter when the frames are out of order. :func:`rotation_is_clear`
-    reads them.
+    300 e/pattern on 64×64 positions) and scatter when the frames are out of order (:func:`rotation_is_clear`
+    reads them); ``block``: the field's shape.
     """
     com = np.asarray(com, dtype=np.float64)
     if com.ndim != 3 or com.shape[2] != 2 or min(com.shape[:2]) < 4:
@@ -1047,6 +1047,7 @@ def find_scan_rotation(com: np.ndarray, step_deg: float = 1.0, handedness: str =
         floor = _floor(noise, costs)
         found["curl_ratio_given"] = float((_curl(com, [float(given_deg)])[0] - floor)
                                           / max(np.median(costs) - floor, 1e-300))
+    found["block"] = list(com.shape[:2])
     return found
 
 
@@ -1197,8 +1198,7 @@ def scan_rotation_from_patterns(amplitudes, scan_shape, fastest: str = "row", bl
     handedness, given_deg : as for :func:`find_scan_rotation`.
     """
     com, noise = centre_of_mass_block(amplitudes, scan_shape, fastest, block)
-    found = find_scan_rotation(com, handedness=handedness, given_deg=given_deg, noise=noise)
-    return {**found, "block": list(com.shape[:2])}
+    return find_scan_rotation(com, handedness=handedness, given_deg=given_deg, noise=noise)
 
 
 def centre_of_mass_block(amplitudes, scan_shape, fastest: str = "row", block: int = 128):

@@ -475,7 +475,6 @@ def _dpc_rotation(ctx, dataset, step_px, fastest, kind, calibration, block, hand
     if fastest == "row":  # the navigation axes are (scan column, scan row)
         com, noise = com.transpose(1, 0, 2), noise.T
     found = find_scan_rotation(com, handedness=handedness, given_deg=given_deg, noise=noise)
-    found["block"] = list(com.shape[:2])
     figure = {"com": com, "noise": noise, "found": dict(found), "given_deg": given_deg}  # in the frames as flipped
     found["flip_patterns"] = found["flip_patterns"] != bool(flip_patterns)
     return found, figure
