@@ -1039,8 +1039,9 @@ def find_scan_rotation(com: np.ndarray, step_deg: float = 1.0, handedness: str =
     if min(com.shape[:2]) >= 2 * QUARTER_MIN_PX:
         h, w = com.shape[0] // 2, com.shape[1] // 2
         # (in the handedness the whole field chose: a quarter has too few positions to choose it at low dose)
-        found["quarters"] = [_search(com[a, b], float(step_deg), (found["flip_patterns"],), noise[a, b])["rotation_deg"]
-                             for a in (slice(0, h), slice(h, None)) for b in (slice(0, w), slice(w, None))]
+        quarters = [(a, b) for a in (slice(0, h), slice(h, None)) for b in (slice(0, w), slice(w, None))]
+        found["quarters"] = [_search(com[q], float(step_deg), (found["flip_patterns"],), noise[q])["rotation_deg"]
+                             for q in quarters]
     if given_deg is not None:
         com = com - com.mean(axis=(0, 1))
         costs = _curl(com, np.arange(0.0, 180.0, float(step_deg)))
