@@ -1125,15 +1125,23 @@ def _axis_difference(a: float, b: float) -> float:
 
 
 def check_scan_rotation(found: dict) -> None:
-    """Refuse a rotation that :func:`find_scan_rotation` found without a clear minimum (:func:`rotation_is_clear`)."""
-    if not rotation_is_clear(found):
-        quarters = ""
-        if found.get("quarters"):
-            quarters = "; the scan's quarters find " + ", ".join(f"{a:.0f}°" for a in found["quarters"])
-        raise ValueRangeError(
-            f"rotation: the DPC curl criterion found no clear minimum (curl ratio {found['curl_ratio']:.2f}, "
-            f"below 0.1 expected{'' if 'curl_ratio_other' in found else _handedness_given(found)}{quarters}); "
-            "check the frame order (--fastest) and the scan shape (--scan-shape), or give the angle (--rotation DEG)")
+    """Refuse a rotation that :func:`find_scan_rotation` found without a clear minimum (:func:`rotation_is_clear`),
+    saying which test failed."""
+    if rotation_is_clear(found):
+        return
+    why = []
+    if found["curl_ratio"] > CURL_RATIO_MAX:
+        why.append(f"curl ratio {found['curl_ratio']:.2f}, at most {CURL_RATIO_MAX} expected"
+                   + ("" if "curl_ratio_other" in found else _handedness_given(found)))
+    if any(_axis_difference(a, found["rotation_deg"]) > QUARTERS_AGREE_DEG for a in found.get("quarters", [])):
+        why.append("the scan's quarters find " + ", ".join(f"{a:.0f}°" for a in found["quarters"])
+                   + f" against {found['rotation_deg']:.0f}° for the whole")
+    noisy = (found.get("noise_floor") or 0.0) > 0.5
+    raise ValueRangeError(
+        f"rotation: the DPC curl criterion found no clear minimum ({'; '.join(why)})"
+        + (f"; counting noise makes {found['noise_floor']:.0%} of the curl: a weak or low-dose specimen, where a "
+           "larger scan helps" if noisy else "; check the frame order (--fastest) and the scan shape (--scan-shape)")
+        + ", or give the angle (--rotation DEG)")
 
 
 #: A given rotation is reported when the criterion clearly finds one this far from it, or a mirror. Simulated
