@@ -375,3 +375,22 @@ def test_cli_a_mirrored_detector_is_found_by_rotation_auto_and_undone_by_flip_pa
     assert told_auto == pytest.approx(found, abs=0.01) and "curl_ratio_other" not in meta["rotation_found"]
     assert "patterns are mirrored" not in said.err
     print(f"{grid}: as given {as_given:.3f}, auto {found:.3f}, told {told:.3f}, told + auto {told_auto:.3f}")
+
+
+def test_a_refused_rotation_says_which_test_failed():
+    """The ratio, the quarters, or both; and, where counting noise makes most of the curl, that a weak or
+    low-dose specimen is the likely cause rather than the frame order."""
+    from deepphase.data.calibration import check_scan_rotation
+
+    base = {"rotation_deg": 4.0, "flip_patterns": False, "curl_ratio_other": 0.9, "divergence_skew": -0.2}
+    check_scan_rotation({**base, "curl_ratio": 0.1, "noise_floor": 0.2, "quarters": [3.0, 8.0, -5.0, 10.0]})
+    with pytest.raises(DeepPhaseError) as noisy:
+        check_scan_rotation({**base, "curl_ratio": 0.0, "noise_floor": 0.94, "quarters": [-3.0, -20.0, 33.0, -6.0]})
+    message = str(noisy.value)
+    assert "quarters find -3°, -20°, 33°, -6° against 4°" in message and "curl ratio" not in message
+    assert "counting noise makes 94% of the curl" in message and "--fastest" not in message
+    with pytest.raises(DeepPhaseError) as disordered:
+        check_scan_rotation({**base, "curl_ratio": 0.7, "noise_floor": 0.05, "quarters": [60.0, -40.0, 10.0, 5.0]})
+    message = str(disordered.value)
+    assert "curl ratio 0.70, at most 0.25 expected" in message and "quarters find" in message
+    assert "--fastest" in message and "counting noise" not in message
