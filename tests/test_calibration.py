@@ -394,3 +394,6 @@ def test_a_refused_rotation_says_which_test_failed():
     message = str(disordered.value)
     assert "curl ratio 0.70, at most 0.25 expected" in message and "quarters find" in message
     assert "--fastest" in message and "counting noise" not in message
+    with pytest.raises(DeepPhaseError, match=r"divergence's skew -0.04 leaves the sense \(±180°\) unsure"):
+        check_scan_rotation({**base, "curl_ratio": 0.05, "noise_floor": 0.6, "divergence_skew": -0.04,
+                             "quarters": [3.0, 8.0, -5.0, 10.0]})

@@ -1110,13 +1110,19 @@ CURL_RATIO_MAX = 0.25
 #: 40×40 at 300: up to 12°, one quarter in six 60° off; frames out of order scatter over ±100°).
 QUARTERS_AGREE_DEG = 15.0
 QUARTER_MIN_PX = 8
+#: The divergence's skew settles the sense of the axis (±180°) only when at least this large in size (simulated
+#: twisted hBN, 10×13 to 48×48 positions, 27,882 to 100 e/pattern, three seeds each: the wrong sense came with
+#: skews of −0.04 to −0.08, the right one with −0.05 to −1.2, mostly below −0.12).
+SKEW_MIN = 0.1
 
 
 def rotation_is_clear(found: dict) -> bool:
     """Whether :func:`find_scan_rotation`'s angle can be trusted: a clear minimum of the curl (counting noise
-    taken off), found again in each quarter of the scan (when it has quarters)."""
-    return found["curl_ratio"] <= CURL_RATIO_MAX and all(
-        _axis_difference(angle, found["rotation_deg"]) <= QUARTERS_AGREE_DEG for angle in found.get("quarters", []))
+    taken off), found again in each quarter of the scan (when it has quarters), and a divergence skewed enough
+    to tell its sense (``SKEW_MIN``)."""
+    return (found["curl_ratio"] <= CURL_RATIO_MAX and abs(found["divergence_skew"]) >= SKEW_MIN
+            and all(_axis_difference(a, found["rotation_deg"]) <= QUARTERS_AGREE_DEG
+                    for a in found.get("quarters", [])))
 
 
 def _axis_difference(a: float, b: float) -> float:
@@ -1136,6 +1142,8 @@ def check_scan_rotation(found: dict) -> None:
     if any(_axis_difference(a, found["rotation_deg"]) > QUARTERS_AGREE_DEG for a in found.get("quarters", [])):
         why.append("the scan's quarters find " + ", ".join(f"{a:.0f}°" for a in found["quarters"])
                    + f" against {found['rotation_deg']:.0f}° for the whole")
+    if abs(found["divergence_skew"]) < SKEW_MIN:
+        why.append(f"the divergence's skew {found['divergence_skew']:.2f} leaves the sense (±180°) unsure")
     noisy = (found.get("noise_floor") or 0.0) > 0.5
     raise ValueRangeError(
         f"rotation: the DPC curl criterion found no clear minimum ({'; '.join(why)})"
@@ -1160,17 +1168,16 @@ def rotation_note(found: dict, rotation_deg: float) -> str | None:
     criterion is clear (:func:`rotation_is_clear`) and finds a mirror, an axis more than
     ``ROTATION_NOTE_DEG`` away, or the same axis turned by half a turn: a scan where the criterion is unsure
     stays quiet. Half a turn has the same curl; the divergence's skew tells it (atoms raise the phase, so
-    −∇·CoM ∝ ∇²φ is sharply negative on them), and the note is made only when the skew is at least
-    ``SKEW_MIN`` (measured −0.54 at 27,882 and −0.15 to −0.29 at 300 e/pattern, twisted hBN and the
-    cameraman image). Half a turn inverts the patterns (k → −k) and with them the phase's sign: correlation
-    −0.89 with the truth on a simulated scan.
+    −∇·CoM ∝ ∇²φ is sharply negative on them; clear only when at least ``SKEW_MIN`` in size). Half a turn
+    inverts the patterns (k → −k) and with them the phase's sign: correlation −0.89 with the truth on a
+    simulated scan.
     """
     if not rotation_is_clear(found):
         return None
     given = float(rotation_deg)
     same_axis = _axis_difference(found["rotation_deg"], given) <= ROTATION_NOTE_DEG
     turned = same_axis and abs((found["rotation_deg"] - given + 180.0) % 360.0 - 180.0) > 90.0
-    if not found["flip_patterns"] and (same_axis and not turned or turned and abs(found["divergence_skew"]) < SKEW_MIN):
+    if not found["flip_patterns"] and same_axis and not turned:
         return None
     what = (" with the patterns mirrored against the given setting (--flip-patterns)" if found["flip_patterns"]
             else "")
@@ -1181,9 +1188,6 @@ def rotation_note(found: dict, rotation_deg: float) -> str | None:
             f"{what}, not {given:g}° as given ({why}), which costs image quality; --rotation auto uses what it "
             "finds")
 
-
-#: The divergence skew below which half a turn is not noted (its sign is then unsure).
-SKEW_MIN = 0.1
 
 
 def _handedness_given(found: dict) -> str:
