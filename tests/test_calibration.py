@@ -257,8 +257,8 @@ def test_a_given_rotation_far_from_the_datas_gets_a_note(probe, tmp_path, capsys
     from deepphase.cli import main
 
     positions = raster_positions((32, 32), 0.87, 35.0, fastest="col")
-    counts = simulate_scan(twisted_hbn(required_object_shape(positions, 32), seed=4), probe, positions,
-                           seed=0).amplitude.astype(np.float32) ** 2
+    counts = np.square(simulate_scan(twisted_hbn(required_object_shape(positions, 32), seed=4), probe, positions,
+                                     seed=0).amplitude, dtype=np.float64).round().astype(np.float32)
     np.save(tmp_path / "scan.npy", counts.reshape(32, 32, 32, 32))
     for rotation, noted in (("0", True), ("35", False), ("20", False), ("80", True), ("215", True)):
         capsys.readouterr()
@@ -335,7 +335,8 @@ def test_cli_a_mirrored_detector_is_found_by_rotation_auto_and_undone_by_flip_pa
 
     positions = raster_positions((24, 24), 0.87, fastest="col")
     truth = twisted_hbn(required_object_shape(positions, 32), seed=1)
-    counts = simulate_scan(truth, probe, positions, seed=0).amplitude.astype(np.float32) ** 2
+    counts = np.square(simulate_scan(truth, probe, positions, seed=0).amplitude, dtype=np.float64).round()
+    counts = counts.astype(np.float32)  # whole numbers: read as counts
     mirrored = counts[:, ::-1, :] if grid == "detector" else flip_patterns(counts)
     np.save(tmp_path / "scan.npy", mirrored.reshape(24, 24, 32, 32))
     calibration = ["--calibrate"] if grid == "detector" else []
