@@ -321,3 +321,22 @@ def test_a_dose_far_from_the_models_training_dose_is_pointed_out(probe, tmp_path
         meta = json.loads((out_dir / "metadata.json").read_text())
         assert json.dumps(meta).count('"deblurred": false') == 1  # counted data at 30 e/pattern: not deblurred
         assert 25 < meta["processing"]["electrons_per_pattern"] < 35
+
+
+def test_counts_and_amplitudes_are_told_apart_and_the_ambiguous_refused():
+    """Whole numbers are counts, to float32 precision (float32 squares of float32 amplitudes are off by ~1e-7 of
+    their value: they were read as amplitudes and squared again); square roots of whole numbers are amplitudes;
+    anything else is refused with what to pass."""
+    from deepphase.data.io import infer_kind
+    from deepphase.errors import DeepPhaseError
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(rng.uniform(0, 3e4, size=(40, 32, 32))).astype(np.float32)
+    amplitudes = np.sqrt(counts, dtype=np.float32)
+    assert infer_kind(counts) == "counts" and infer_kind(counts.astype(np.uint16)) == "counts"
+    squares = np.square(amplitudes)
+    assert not np.array_equal(squares, counts)  # rounding: not whole numbers to 1e-6 absolute
+    assert infer_kind(squares) == "counts"
+    assert infer_kind(amplitudes) == "amplitude"
+    with pytest.raises(DeepPhaseError, match="cannot tell whether the patterns are counts or amplitudes"):
+        infer_kind(amplitudes * 1.37)
