@@ -391,11 +391,7 @@ def _find_rotation(args, amplitudes, view, scan_info: dict):
     positions = raster_positions(shape, scan_info["step_px"], found["rotation_deg"], fastest)
     if view is not None:
         view.use_coords(positions)  # the descan plane, re-expressed in the rotated positions
-    print(f"deepphase reconstruct: scan rotation {found['rotation_deg']:.2f}° (DPC curl criterion on the central "
-          f"{found['block'][0]}×{found['block'][1]} positions; curl ratio {found['curl_ratio']:.3f})", file=sys.stderr)
-    if found["flip_patterns"]:
-        print(f"deepphase reconstruct: note: {FLIP_NOTE} (curl ratio {found['curl_ratio_other']:.2f} as recorded); "
-              "patterns flipped (--flip-patterns)", file=sys.stderr)
+    _report_rotation(found, found["flip_patterns"])
     figure = {"com": com, "noise": noise, "found": found}
     return positions, {**scan_info, "rotation_deg": found["rotation_deg"], "rotation_found": found}, figure
 
@@ -419,8 +415,14 @@ def _check_rotation(args, amplitudes, scan_info: dict):
     return {**scan_info, "rotation_check": {**found, "note": note}}, figure
 
 
-FLIP_NOTE = ("the patterns are mirrored against the scan (a detector whose rows run the other way, or the scan's "
-             "rows and columns swapped: check --fastest)")
+def _report_rotation(found: dict, flipped_by_search: bool) -> None:
+    """What --rotation auto found, on stderr; and, when the search flipped the patterns, a note saying why."""
+    print(f"deepphase reconstruct: scan rotation {found['rotation_deg']:.2f}° (DPC curl criterion on the central "
+          f"{found['block'][0]}×{found['block'][1]} positions; curl ratio {found['curl_ratio']:.3f})", file=sys.stderr)
+    if flipped_by_search:
+        print("deepphase reconstruct: note: the patterns are mirrored against the scan (a detector whose rows run "
+              "the other way, or the scan's rows and columns swapped: check --fastest) (curl ratio "
+              f"{found['curl_ratio_other']:.2f} as recorded); patterns flipped (--flip-patterns)", file=sys.stderr)
 
 
 def _data_fingerprint(args, kind: str, view) -> dict:
@@ -520,11 +522,7 @@ def _reconstruct_with_libertem(args) -> None:
     if rec.processing.get("dose_note"):
         print(f"deepphase reconstruct: note: {rec.processing['dose_note']}", file=sys.stderr)
     if "rotation_found" in read:
-        found = read["rotation_found"]
-        print(f"deepphase reconstruct: scan rotation {found['rotation_deg']:.2f}° (DPC curl criterion on the central "
-              f"{found['block'][0]}×{found['block'][1]} positions; curl ratio {found['curl_ratio']:.3f})", file=sys.stderr)
-        if read["patterns_flipped"] and not args.flip_patterns:
-            print(f"deepphase reconstruct: note: {FLIP_NOTE}; patterns flipped (--flip-patterns)", file=sys.stderr)
+        _report_rotation(read["rotation_found"], read["patterns_flipped"] and not args.flip_patterns)
     if (read.get("rotation_check") or {}).get("note"):
         print(f"deepphase reconstruct: note: {read['rotation_check']['note']}", file=sys.stderr)
     if read["rotation_png"]:

@@ -582,8 +582,9 @@ class AmplitudeView:
 class FlippedView:
     """Diffraction amplitudes mirrored in k_row as they are read (:func:`deepphase.physics.flip_patterns`).
 
-    Wraps any sliceable (N, n, n) view on the model's grid (:class:`AmplitudeView`, a calibrated view, an
-    array); what else the wrapped view tells (its dose, its calibration report) passes through.
+    Wraps a sliceable (N, n, n) view of patterns centred on the model's grid (:class:`AmplitudeView`, an
+    array): the mirror is about the zero frequency. Calibrated detector patterns are mirrored about their
+    disk centre instead, as they are resampled: :meth:`deepphase.data.calibration.CalibratedView.flipped`.
     """
 
     def __init__(self, amplitudes):
@@ -597,8 +598,3 @@ class FlippedView:
         from ..physics.scan import flip_patterns
 
         return flip_patterns(np.asarray(self.amplitudes[index], dtype=np.float32))
-
-    def __getattr__(self, name):  # only for what this view does not define itself
-        if name == "amplitudes":  # not yet set (unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.amplitudes, name)
