@@ -1,0 +1,315 @@
+"""The data's probe against the model's: defocus and astigmatism measured from a raster scan.
+
+A network is trained for one probe, and it is very sensitive to that probe's phase: on a simulated
+twisted-hBN scan at the reference dose, a defocus that adds 0.56 rad of phase at the edge of the
+bright-field disk takes the packaged default's correlation with the truth from 0.974 to 0.934, 1.1 rad
+to 0.81, 2.2 rad to 0.31 (benchmarks/RESULTS.md §36) — and 1.1 rad is about 1 nm of defocus at 300 kV and
+25 mrad. Nothing in a single pattern tells the two probes apart, but the whole scan does.
+
+Method (the weak-phase transfer of the scan's Fourier transform). For a weak-phase object the
+patterns' Fourier transform over the probe positions, at the specimen's spatial frequency ``g``, is
+
+    G(q, g) = i φ̂(g) · T(q, g),   T(q, g) = Φ*(q) Φ(q − g) − Φ(q) Φ*(q + g),
+
+with ``Φ`` the probe's far field and ``q`` the detector pixel: ``T`` lives where the bright-field disk
+overlaps its copies shifted by ±g (the "trotters"). The specimen sets one complex factor per frequency;
+the shape of ``T`` across the detector is set by the probe alone. So the model's far field times
+``exp(iΔχ(q))``, with ``Δχ = a_rr q_r² + 2 a_rc q_r q_c + a_cc q_c²`` (``q`` in detector pixels from the
+grid centre ``n // 2``), is fitted by maximising the share of ``G`` that ``T`` explains, summed over the
+strongest frequencies. ``Δχ`` is the defocus and astigmatism of the data's probe relative to the
+model's. The specimen need not be known, nor weak for the fit to hold: on the simulated twisted bilayer
+(0.56 rad peak to peak) the coefficients come out within 0.0006 rad/px² of those put in, at 1,000
+e/pattern as without noise (RESULTS §36).
+
+Units: ``a`` in rad per detector pixel² of the model's grid. With the model grid's angular sampling
+``s`` (mrad per pixel) and the wavelength ``λ`` (Å), a defocus ``Δf`` (Å, abTEM's sign: positive is
+underfocus) adds ``a = π λ Δf (s / 1000 λ)²`` (:func:`defocus_angstrom` inverts it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.fft
+from scipy.optimize import minimize
+
+from ..errors import ShapeError, ValueRangeError
+from ..physics.probe import electron_wavelength
+from ..physics.scan import raster_positions
+
+__all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe_mismatch",
+           "measure_probe_mismatch", "defocus_angstrom", "probe_mismatch_note", "PROBE_CHECK_BLOCK",
+           "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD"]
+
+#: The check reads the central block of this many positions a side (0.5–1 s on 2 CPU cores).
+PROBE_CHECK_BLOCK = 64
+#: Scans with fewer positions a side than this are not checked (too few frequencies).
+PROBE_CHECK_MIN_PX = 16
+#: A note when the fitted Δχ reaches this many rad at the disk edge (the default loses 0.02–0.04 of
+#: correlation there on simulated crystals, RESULTS §36).
+MISMATCH_NOTE_RAD = 0.4
+#: Frequencies used: the strongest ones in the scan's spectrum, from 1.5 px up to the disk's diameter.
+N_FREQUENCIES = 128
+#: Largest |a| searched (rad/px²): beyond it a probe spreads past a 32-pixel window (its far field aliases).
+A_MAX = 0.15
+
+
+def _far_field(probe: np.ndarray) -> np.ndarray:
+    # The forward model's convention (DESIGN.md): fftshift(fft2(ifftshift(·))), over the last two axes.
+    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(probe, axes=(-2, -1))), axes=(-2, -1))
+
+
+def _centred(n: int) -> tuple[np.ndarray, np.ndarray]:
+    d = np.arange(n) - n // 2
+    return np.meshgrid(d, d, indexing="ij")
+
+
+def _delta_chi(coefficients, n: int) -> np.ndarray:
+    a_rr, a_rc, a_cc = (float(c) for c in coefficients)
+    qr, qc = _centred(n)
+    return a_rr * qr**2 + 2 * a_rc * qr * qc + a_cc * qc**2
+
+
+def add_aberrations(probe: np.ndarray, coefficients) -> np.ndarray:
+    """The probe with ``exp(iΔχ(q))`` applied to its far field, ``Δχ = a_rr q_r² + 2 a_rc q_r q_c + a_cc q_c²``.
+
+    Parameters
+    ----------
+    probe : (n, n) complex array, the model's probe.
+    coefficients : (a_rr, a_rc, a_cc) in rad per detector pixel² (``q`` from the grid centre ``n // 2``).
+
+    Returns
+    -------
+    (n, n) complex128 probe with the same total intensity (Parseval), hence the same dose scale.
+    """
+    probe = np.asarray(probe, dtype=np.complex128)
+    if probe.ndim != 2 or probe.shape[0] != probe.shape[1]:
+        raise ShapeError(f"probe: expected a square 2-D complex array, got shape {probe.shape}")
+    if len(coefficients) != 3 or not np.all(np.isfinite(coefficients)):
+        raise ValueRangeError(f"coefficients: expected three finite numbers (a_rr, a_rc, a_cc), got {coefficients!r}")
+    far = _far_field(probe) * np.exp(1j * _delta_chi(coefficients, probe.shape[0]))
+    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(far)))
+
+
+def weak_phase_transfer(far_field: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """``T(q, g) = Φ*(q) Φ(q − g) − Φ(q) Φ*(q + g)`` for each frequency ``g`` (K, 2) in detector pixels.
+
+    ``Φ(q ∓ g)`` off the pixel grid is the far field of the probe times a phase ramp (exact for the
+    finite probe window, no interpolation). Returns (K, n, n) complex.
+    """
+    far_field = np.asarray(far_field, dtype=np.complex128)
+    return _transfer(far_field, _ramps(g, far_field.shape[-1]))
+
+
+def _ramps(g: np.ndarray, n: int) -> np.ndarray:
+    r = np.stack(_centred(n))
+    return np.exp(2j * np.pi * np.einsum("kc,cij->kij", np.asarray(g, dtype=np.float64), r) / n)
+
+
+def _transfer(far_field: np.ndarray, ramps: np.ndarray) -> np.ndarray:
+    probe = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(far_field)))
+    # (the two shifted far fields in one batched FFT, on every core)
+    shifted = np.fft.fftshift(scipy.fft.fft2(np.fft.ifftshift(probe[None, None] * np.stack([ramps, np.conj(ramps)]),
+                                                             axes=(-2, -1)), workers=-1), axes=(-2, -1))
+    return np.conj(far_field)[None] * shifted[0] - far_field[None] * np.conj(shifted[1])
+
+
+def _scan_vectors(step_px, rotation_deg: float, fastest: str) -> np.ndarray:
+    """Object-pixel displacement of one step along the scan rows and along the scan columns (2×2, as rows)."""
+    corners = raster_positions((2, 2), step_px, rotation_deg, fastest, origin=(0.0, 0.0))
+    order = {"row": (0, 1, 2), "col": (0, 2, 1)}[fastest]  # frames of (0,0), (1,0), (0,1) in frame order
+    first, down, right = (corners[i] for i in order)
+    return np.stack([down - first, right - first])
+
+
+def scan_spectrum(amplitudes, scan_shape, step_px, rotation_deg: float = 0.0, fastest: str = "row",
+                  block: int = PROBE_CHECK_BLOCK, n_frequencies: int = N_FREQUENCIES,
+                  g_range: tuple[float, float] = (1.5, 15.0)):
+    """The strongest frequencies of the central ``block × block`` positions' Fourier transform over the scan.
+
+    Parameters
+    ----------
+    amplitudes : sliceable (N, n, n)
+        Diffraction amplitudes ``sqrt(counts)`` on the model's grid (calibrated, flipped if needed), in
+        frame order.
+    scan_shape : (rows, cols); step_px : float or (row step, col step) in object pixels;
+    rotation_deg, fastest : as for :func:`deepphase.physics.raster_positions`.
+    block : side of the central block read. n_frequencies : how many frequencies are kept (those with the
+        most power, one of each ±g pair). g_range : their lengths in detector pixels (at most the disk's
+        diameter: beyond it the trotters are empty).
+
+    Returns
+    -------
+    (G, g, noise): G (K, n, n) complex, the spectrum at each kept frequency; g (K, 2) the frequency in
+    detector pixels (row, col); noise (n, n) the variance Poisson counting adds to each |G|² (the summed
+    counts of each detector pixel).
+    """
+    counts = _central_counts(amplitudes, scan_shape, fastest, block)
+    return _spectrum(counts, step_px, rotation_deg, fastest, n_frequencies, g_range)
+
+
+def _central_counts(amplitudes, scan_shape, fastest: str, block: int) -> np.ndarray:
+    """The squared amplitudes of the central ``block × block`` positions on the scan grid, (rows, cols, n, n)."""
+    rows, cols = (int(s) for s in scan_shape)
+    n_frames = amplitudes.shape[0]
+    if rows * cols != n_frames:
+        raise ShapeError(f"scan_shape: {rows}×{cols} positions do not match the {n_frames} patterns")
+    br, bc = min(block, rows), min(block, cols)
+    if min(br, bc) < 4:
+        raise ShapeError(f"scan_shape: expected at least 4×4 positions for a spectrum, got {rows}×{cols}")
+    r0, c0 = (rows - br) // 2, (cols - bc) // 2
+    n = amplitudes.shape[-1]
+    counts = np.empty((br, bc, n, n))
+    if fastest == "col":  # a scan row's frames are consecutive
+        for i in range(br):
+            start = (r0 + i) * cols + c0
+            counts[i] = np.square(np.asarray(amplitudes[start : start + bc], dtype=np.float64))
+    elif fastest == "row":  # a scan column's frames are consecutive
+        for j in range(bc):
+            start = (c0 + j) * rows + r0
+            counts[:, j] = np.square(np.asarray(amplitudes[start : start + br], dtype=np.float64))
+    else:
+        raise ValueRangeError(f"fastest: expected 'row' or 'col', got {fastest!r}")
+    return counts
+
+
+def _spectrum(counts: np.ndarray, step_px, rotation_deg: float, fastest: str, n_frequencies: int,
+              g_range: tuple[float, float]):
+    br, bc, n = counts.shape[0], counts.shape[1], counts.shape[-1]
+    noise = counts.sum(axis=(0, 1))
+    spectrum = np.fft.fft2(counts - counts.mean(axis=(0, 1)), axes=(0, 1))
+    nu = np.stack(np.meshgrid(np.fft.fftfreq(br), np.fft.fftfreq(bc), indexing="ij"), axis=-1)
+    # A scan frequency ν (cycles per step along the scan rows and columns) is the object frequency f with
+    # f·e_row = ν_row, f·e_col = ν_col; on the detector it sits at g = n·f.
+    steps = _scan_vectors(step_px, rotation_deg, fastest)
+    g = n * nu @ np.linalg.inv(steps).T
+    length = np.hypot(g[..., 0], g[..., 1])
+    # One of each ±ν pair (G(−ν) is G(ν)'s conjugate): the upper half plane of scan frequencies.
+    half = (nu[..., 0] > 0) | ((nu[..., 0] == 0) & (nu[..., 1] > 0))
+    keep = half & (length >= g_range[0]) & (length <= g_range[1])
+    power = np.where(keep, np.sum(np.abs(spectrum) ** 2, axis=(2, 3)), -1.0)
+    order = np.argsort(power.ravel())[::-1][: int(n_frequencies)]
+    order = order[power.ravel()[order] > 0]
+    return spectrum.reshape(-1, n, n)[order], g.reshape(-1, 2)[order], noise
+
+
+def _explained(coefficients, spectrum, ramps, far_field) -> float:
+    """Share of the spectrum's power that the weak-phase transfer with ``Δχ`` explains (one free complex
+    factor per frequency: the specimen's)."""
+    n = far_field.shape[-1]
+    transfer = _transfer(far_field * np.exp(1j * _delta_chi(coefficients, n)), ramps)
+    projection = np.abs(np.sum(spectrum * np.conj(transfer), axis=(1, 2))) ** 2
+    norm = np.sum(np.abs(transfer) ** 2, axis=(1, 2)) + 1e-300
+    return float(np.sum(projection / norm) / np.sum(np.abs(spectrum) ** 2))
+
+
+#: The coarse search uses the strongest few frequencies only (it needs the peak, not its position to 1e-4).
+N_COARSE = 32
+
+
+def fit_probe_mismatch(spectrum: np.ndarray, g: np.ndarray, probe: np.ndarray, start=None) -> dict:
+    """Fit ``Δχ`` (defocus and astigmatism against ``probe``) to a :func:`scan_spectrum`.
+
+    A coarse search over round defocus in ±``A_MAX`` rad/px² on the strongest frequencies (the objective
+    has side maxima a wrong start can fall into), then Nelder–Mead over the three coefficients from the
+    best, on all of them. ``start``: skip the search and refine from these coefficients. Returns
+    ``{"coefficients": [a_rr, a_rc, a_cc], "explained": share of the spectrum's power explained}``.
+    """
+    far_field = _far_field(np.asarray(probe, dtype=np.complex128))
+    ramps = _ramps(g, far_field.shape[-1])
+    if start is None:
+        grid = np.linspace(-A_MAX, A_MAX, 61)
+        few = slice(0, N_COARSE)  # (the spectrum is sorted by power)
+        scores = [_explained((a, 0.0, a), spectrum[few], ramps[few], far_field) for a in grid]
+        a0 = float(grid[int(np.argmax(scores))])
+        start, size = np.array([a0, 0.0, a0]), 0.005
+    else:
+        start, size = np.asarray(start, dtype=np.float64), 0.002
+    simplex = np.vstack([start, start + [size, 0, 0], start + [0, size, 0], start + [0, 0, size]])
+    result = minimize(lambda c: -_explained(c, spectrum, ramps, far_field), start, method="Nelder-Mead",
+                      options={"initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-8, "maxiter": 400})
+    return {"coefficients": [float(c) for c in result.x], "explained": float(-result.fun)}
+
+
+def _summary(coefficients, radius: float) -> dict:
+    a_rr, a_rc, a_cc = coefficients
+    defocus = (a_rr + a_cc) / 2
+    astigmatism = float(np.hypot((a_rr - a_cc) / 2, a_rc))
+    # The largest phase Δχ reaches on the disk's edge: |defocus| + astigmatism (its eigenvalues' largest size).
+    return {"defocus_rad_per_px2": float(defocus), "astigmatism_rad_per_px2": astigmatism,
+            "astigmatism_angle_deg": float(np.degrees(0.5 * np.arctan2(2 * a_rc, a_rr - a_cc))),
+            "edge_phase_rad": float((abs(defocus) + astigmatism) * radius**2)}
+
+
+def measure_probe_mismatch(amplitudes, scan_shape, probe: np.ndarray, step_px, rotation_deg: float = 0.0,
+                           fastest: str = "row", block: int = PROBE_CHECK_BLOCK) -> dict:
+    """The defocus and astigmatism of the data's probe against ``probe`` (the model's), from a raster scan.
+
+    Parameters
+    ----------
+    amplitudes, scan_shape, step_px, rotation_deg, fastest, block : as for :func:`scan_spectrum`.
+    probe : (n, n) complex, the model's probe.
+
+    Returns
+    -------
+    dict with ``coefficients`` (a_rr, a_rc, a_cc in rad/px²: the data's probe is
+    ``add_aberrations(probe, coefficients)``), ``defocus_rad_per_px2``, ``astigmatism_rad_per_px2`` and its
+    axis ``astigmatism_angle_deg``, ``edge_phase_rad`` (the largest |Δχ| on the disk's edge), ``halves``
+    (the coefficients found on the left and right halves of the block alone) and ``uncertainty_rad`` (the
+    largest |Δχ| on the disk's edge of half their difference: the fit's scatter from counting noise and
+    specimen together), ``explained`` (the share of the spectrum's power the fitted transfer explains:
+    0.8–0.9 for a noise-free crystal, 0.2 at 1,000 e/pattern), ``noise_share`` (the share counting noise
+    alone makes of that power, if the patterns are counts), ``disk_radius_px``, ``block``,
+    ``at_search_edge`` (the fit stopped at ±``A_MAX``: the probes differ by that or more).
+    """
+    from .calibration import model_disk
+
+    probe = np.asarray(probe, dtype=np.complex128)
+    radius = float(model_disk(probe)["radius"])
+    g_range = (1.5, 2 * radius)
+    counts = _central_counts(amplitudes, scan_shape, fastest, block)
+    spectrum, g, noise = _spectrum(counts, step_px, rotation_deg, fastest, N_FREQUENCIES, g_range)
+    if len(g) < 8 or min(counts.shape[:2]) < PROBE_CHECK_MIN_PX:
+        raise ShapeError(f"scan: {counts.shape[0]}×{counts.shape[1]} positions give {len(g)} usable frequencies; the "
+                         f"probe check needs a raster of at least {PROBE_CHECK_MIN_PX}×{PROBE_CHECK_MIN_PX} positions "
+                         "at a step under the probe's size")
+    whole = fit_probe_mismatch(spectrum, g, probe)
+    half = counts.shape[1] // 2
+    halves = [fit_probe_mismatch(*_spectrum(part, step_px, rotation_deg, fastest, N_FREQUENCIES, g_range)[:2], probe,
+                                 start=whole["coefficients"])["coefficients"]
+              for part in (counts[:, :half], counts[:, half:])]
+    scatter = _summary(np.subtract(*halves) / 2, radius)["edge_phase_rad"]
+    noise_share = float(len(g) * np.sum(noise) / np.sum(np.abs(spectrum) ** 2))
+    return {"coefficients": whole["coefficients"], **_summary(whole["coefficients"], radius), "halves": halves,
+            "uncertainty_rad": scatter, "explained": whole["explained"], "noise_share": min(noise_share, 1.0),
+            "disk_radius_px": radius, "block": list(counts.shape[:2]),
+            "at_search_edge": bool(abs(whole["coefficients"][0] + whole["coefficients"][2]) / 2 >= 0.98 * A_MAX)}
+
+
+def defocus_angstrom(a: float, mrad_per_px: float, energy_kev: float) -> float:
+    """The defocus in Å (positive: underfocus, abTEM's sign) that adds ``a`` rad per detector pixel² on a grid
+    of ``mrad_per_px``: ``Δf = a λ / (π (mrad_per_px / 1000)²)``."""
+    if not mrad_per_px > 0:
+        raise ValueRangeError(f"mrad_per_px: expected a positive angular sampling, got {mrad_per_px!r}")
+    return float(a * electron_wavelength(energy_kev) / (np.pi * (mrad_per_px * 1e-3) ** 2))
+
+
+def probe_mismatch_note(found: dict, mrad_per_px: float | None = None, energy_kev: float | None = None) -> str | None:
+    """A note when the data's probe clearly differs from the model's (edge phase ≥ ``MISMATCH_NOTE_RAD`` and
+    twice its uncertainty); None otherwise."""
+    edge, unc = found["edge_phase_rad"], found["uncertainty_rad"]
+    if edge < MISMATCH_NOTE_RAD or edge < 2 * unc:
+        return None
+    what = [f"defocus {found['defocus_rad_per_px2'] * found['disk_radius_px'] ** 2:+.2f} rad"]
+    if found["astigmatism_rad_per_px2"] * found["disk_radius_px"] ** 2 >= 0.1:
+        what.append(f"astigmatism {found['astigmatism_rad_per_px2'] * found['disk_radius_px'] ** 2:.2f} rad "
+                    f"along {found['astigmatism_angle_deg']:.0f}°")
+    in_angstrom = ""
+    if mrad_per_px and energy_kev:
+        in_angstrom = (f" (about {defocus_angstrom(found['defocus_rad_per_px2'], mrad_per_px, energy_kev):+.0f} Å "
+                       "of defocus, positive = underfocus)")
+    more = " or more: the probes are far apart" if found["at_search_edge"] else ""
+    return (f"the data's probe differs from the model's by {' and '.join(what)} at the bright-field disk's edge"
+            f"{in_angstrom}{more} (±{unc:.2f} rad; fitted on the central {found['block'][0]}×{found['block'][1]} "
+            f"positions). The model is trained for its own probe and loses quality with such a difference "
+            f"(simulated twisted hBN, the default: correlation 0.97 → 0.93 at 0.56 rad, 0.81 at 1.1 rad, 0.31 at 2.2 "
+            f"rad): set the microscope's focus to the model's probe, or train a model for this probe")
