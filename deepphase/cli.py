@@ -226,7 +226,7 @@ def _cmd_reconstruct(args) -> None:
     if args.resume and (args.workers is not None or args.scheduler is not None):
         raise DeepPhaseError("resume: a cluster reconstruction (--workers/--scheduler) cannot be resumed; run it again")
     figure = args.out / "calibration.png"
-    for name in ("calibration.png", "rotation.png"):
+    for name in ("calibration.png", "rotation.png", "probe_estimate.npy"):
         if (args.out / name).exists() and not args.overwrite:
             raise DeepPhaseError(f"out: {str(args.out)!r} already holds {name}; choose another folder or pass --overwrite")
     if args.gain is not None and not args.gain > 0:
@@ -303,9 +303,13 @@ def _cmd_reconstruct(args) -> None:
                 view, amplitudes = _flipped(view, amplitudes)
             # (the cluster's workers and the --resume fingerprint read it there)
             args.flip_patterns = args.flip_patterns or scan_info["rotation_found"]["flip_patterns"]
-        elif "scan_shape" in scan_info:
-            scan_info, rotation_figure = _check_rotation(args, amplitudes, scan_info)
+        elif _raster_of(scan_info, positions) is not None:
+            scan_info, rotation_figure = _check_rotation(amplitudes, scan_info, _raster_of(scan_info, positions))
         scan_info["patterns_flipped"] = args.flip_patterns
+        probe_estimate = None  # the data's probe as the check measures it, written beside the image
+        if args.probe_check and _raster_of(scan_info, positions) is not None:
+            scan_info, probe_estimate = _check_probe(args, amplitudes, model, view, scan_info,
+                                                     _raster_of(scan_info, positions), data.info)
         sampling = args.pixel_size or (calibration or {}).get("real_space_sampling_angstrom")
         if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
             rec = _reconstruct_on_cluster(args, positions, kind, view)
@@ -342,6 +346,14 @@ def _cmd_reconstruct(args) -> None:
             repairs = {k: v for k, v in view.counters.items() if v and k != "most_negative_count"}
             if repairs:
                 notes.append("repaired: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in repairs.items()))
+        if probe_estimate is not None:
+            from .io_utils import save_npy
+
+            save_npy(args.out / "probe_estimate.npy", probe_estimate)
+            like = shlex.quote(args.model) if args.model else "default"
+            notes.append(f"{scan_info['probe_check']['note']}: {args.out / 'probe_estimate.npy'} is the model's probe with "
+                         f"that difference; 'deepphase train --like {like} --probe {args.out / 'probe_estimate.npy'} --out "
+                         "MODEL' trains one for it with the model's recipe (the default's: about 6 min on 2 CPU cores)")
         if rotation_figure is not None:
             from .data.calibration import plot_scan_rotation
 
@@ -396,23 +408,56 @@ def _find_rotation(args, amplitudes, view, scan_info: dict):
     return positions, {**scan_info, "rotation_deg": found["rotation_deg"], "rotation_found": found}, figure
 
 
-def _check_rotation(args, amplitudes, scan_info: dict):
-    """A given rotation (the default 0° included) checked by the DPC curl criterion: a note when the data clearly
-    say otherwise (a mirrored detector, or an angle more than 20° away), which would make a poor image; then
-    also what the criterion saw, for rotation.png."""
+def _raster_of(scan_info: dict, positions) -> dict | None:
+    """The raster the scan was made on: from --scan-shape/--step (or the file's shape), or found in positions
+    read from a file (:func:`deepphase.physics.raster_from_positions`); None for positions that are not one."""
+    if "scan_shape" in scan_info:
+        return {key: scan_info[key] for key in ("scan_shape", "step_px", "rotation_deg", "fastest")}
+    if "raster_from_positions" not in scan_info:
+        from .physics.scan import raster_from_positions
+
+        scan_info["raster_from_positions"] = raster_from_positions(positions) if positions is not None else None
+    return scan_info["raster_from_positions"]
+
+
+def _check_rotation(amplitudes, scan_info: dict, raster: dict):
+    """The raster's rotation (the default 0° included) checked by the DPC curl criterion: a note when the data
+    clearly say otherwise (a mirrored detector, or an angle more than 20° away), which would make a poor image;
+    then also what the criterion saw, for rotation.png."""
     from .data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, centre_of_mass_block, \
         find_scan_rotation, rotation_note
 
-    if min(scan_info["scan_shape"]) < ROTATION_CHECK_MIN_PX:
+    if min(raster["scan_shape"]) < ROTATION_CHECK_MIN_PX:
         return scan_info, None
-    com, noise = centre_of_mass_block(amplitudes, tuple(scan_info["scan_shape"]), scan_info["fastest"],
+    com, noise = centre_of_mass_block(amplitudes, tuple(raster["scan_shape"]), raster["fastest"],
                                       ROTATION_CHECK_BLOCK)
-    found = find_scan_rotation(com, given_deg=args.rotation, noise=noise)
-    note = rotation_note(found, args.rotation)
+    given = raster["rotation_deg"]
+    found = find_scan_rotation(com, given_deg=given, noise=noise)
+    note = rotation_note(found, given)
     if note:
         print(f"deepphase reconstruct: note: {note}", file=sys.stderr)
-    figure = {"com": com, "noise": noise, "found": found, "given_deg": args.rotation} if note else None
+    figure = {"com": com, "noise": noise, "found": found, "given_deg": given} if note else None
     return {**scan_info, "rotation_check": {**found, "note": note}}, figure
+
+
+def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, data_info: dict):
+    """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
+    central positions of a raster: ``probe_check`` in the metadata, and, when they clearly differ, the probe the
+    data imply (the model's with that difference), for a model trained for it."""
+    from .data.aberrations import PROBE_CHECK_MIN_PX, add_aberrations, measure_probe_mismatch, probe_mismatch_note
+    from .data.calibration import _model_optics
+
+    if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
+        return scan_info, None
+    found = measure_probe_mismatch(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
+                                   raster["rotation_deg"], raster["fastest"])
+    optics = _model_optics(model)
+    mrad = ((view.info if view is not None else {}).get("model_mrad_per_px") or optics.get("mrad_per_px")
+            or (args.semi_angle / found["disk_radius_px"] if args.semi_angle else None))
+    energy = args.energy or data_info.get("energy_kev") or optics.get("energy")
+    note = probe_mismatch_note(found, mrad, energy)
+    check = {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": note}
+    return {**scan_info, "probe_check": check}, (add_aberrations(model.probe, found["coefficients"]) if note else None)
 
 
 def _report_rotation(found: dict, flipped_by_search: bool) -> None:
@@ -652,6 +697,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a network on an endless stream of simulated patterns and write a model folder.")
     _add_probe_arguments(p)
     p.add_argument("--out", required=True, type=Path, help="model folder to write")
+    p.add_argument("--like", metavar="MODEL",
+                   help="train with the recipe a model records (a packaged name such as 'default', or a model folder): "
+                        "its training options, then the ones given here, which win; the probe is this command's "
+                        "(e.g. --probe probe_estimate.npy from reconstruct)")
     p.add_argument("--arch", default="unet-small", choices=_ArchitectureNames(), metavar="ARCH",
                    help="architecture: %(choices)s (default %(default)s); compact-rep trains the compact network "
                         "with reparameterisable convolutions and writes a plain compact model")
@@ -768,6 +817,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="angular size of a model pixel in mrad (default: what the model records)")
     g.add_argument("--gain", type=float, metavar="G",
                    help="detector units per electron: counts = data / G (default 1)")
+    g.add_argument("--no-probe-check", dest="probe_check", action="store_false",
+                   help="skip measuring the data's probe against the model's (defocus and astigmatism from the "
+                        "scan's weak-phase transfer, on the central 64×64 positions of a raster, 1-2 s); by default a "
+                        "clear difference is noted and the probe it implies written to probe_estimate.npy")
     g.add_argument("--flip-patterns", action="store_true",
                    help="mirror every pattern in k_row (k_row → −k_row) before the network: for a detector whose "
                         "rows run the other way against the scan, which no --rotation undoes; --rotation auto "
@@ -897,14 +950,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Options of a recorded training command that ``train --like`` does not take over: where to write, the probe
+#: (the new model's own) and how to run; with the number of values each takes.
+_NOT_LIKE = {"--out": 1, "--like": 1, "--probe": 1, "--energy": 1, "--semi-angle": 1, "--defocus": 1, "--cs": 1,
+             "--sampling": 1, "--grid": 1, "--resume": 0, "--overwrite": 0, "--nproc": 1, "--device": 1}
+
+
+def _without(tokens: list[str], options: dict) -> list[str]:
+    out, skip = [], 0
+    for token in tokens:
+        if skip:
+            skip -= 1
+            continue
+        name = token.split("=", 1)[0]
+        if name in options:
+            skip = options[name] if "=" not in token else 0
+            continue
+        out.append(token)
+    return out
+
+
+def _like_arguments(parser: argparse.ArgumentParser, args, argv: list[str]):
+    """``train --like MODEL``: the model's recorded training options, then the command's own (the last wins)."""
+    from .models.modelfile import load_model
+
+    model = load_model(args.like)
+    recorded = ((getattr(model, "info", None) or {}).get("training") or {}).get("command")
+    if not recorded:
+        raise DeepPhaseError(f"like: model {args.like!r} records no training command to take the recipe from")
+    tokens = shlex.split(recorded)
+    if tokens[:2] != ["deepphase", "train"]:
+        raise DeepPhaseError(f"like: model {args.like!r} records {recorded!r}, not a 'deepphase train' command")
+    own = argv[argv.index("train") + 1 :]
+    expanded = ["train"] + _without(tokens[2:], _NOT_LIKE) + _without(own, {"--like": 1})
+    new = parser.parse_args(expanded)
+    new.command_line = "deepphase " + " ".join(shlex.quote(a) for a in expanded)
+    print(f"deepphase train: the recipe of {args.like!r}: {new.command_line}", file=sys.stderr)
+    return new
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         # A batch system's kill is a SIGTERM: handled like Ctrl-C, so a reconstruction saves its progress.
         signal.signal(signal.SIGTERM, _terminate)
     try:
+        if getattr(args, "like", None):
+            args = _like_arguments(parser, args, argv)
         args.func(args)
     except DeepPhaseError as exc:
         print(f"deepphase {args.command}: error: {exc}", file=sys.stderr)

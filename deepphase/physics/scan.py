@@ -79,6 +79,49 @@ def validate_positions(positions, n_frames: int) -> np.ndarray:
         )
     return positions.astype(np.float64)
 
+def raster_from_positions(positions, tolerance_px: float = 1e-3) -> dict | None:
+    """The raster behind a list of scan positions, if they are one: the parameters of :func:`raster_positions`.
+
+    Parameters
+    ----------
+    positions : (N, 2) array of (row, col) positions in frame order.
+    tolerance_px : largest distance, in pixels, of a position from the raster's.
+
+    Returns
+    -------
+    ``{"scan_shape": [rows, cols], "step_px": [row step, col step], "rotation_deg": θ, "fastest": "row" | "col"}``
+    such that ``raster_positions(r["scan_shape"], r["step_px"], r["rotation_deg"], r["fastest"])`` gives ``positions``
+    less their minimum, or None when the positions
+    are not a raster of at least 2×2 with perpendicular axes in the convention's sense (e.g. measured positions
+    with jitter, a serpentine or spiral scan).
+    """
+    p = np.asarray(positions, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 2 or len(p) < 4 or not np.all(np.isfinite(p)):
+        return None
+    first = p[1] - p[0]
+    if np.hypot(*first) <= tolerance_px:
+        return None
+    off_line = np.flatnonzero(np.abs(np.diff(p, axis=0) - first).max(axis=1) > tolerance_px)
+    fast = int(off_line[0]) + 1 if len(off_line) else len(p)
+    if fast < 2 or len(p) % fast or len(p) // fast < 2:
+        return None
+    slow = len(p) // fast
+    across = p[fast] - p[0]
+    k = np.arange(len(p))
+    lattice = p[0] + (k % fast)[:, None] * first + (k // fast)[:, None] * across
+    if np.abs(lattice - p).max() > tolerance_px:
+        return None
+    # raster_positions: a step along the scan rows is step_r·(cos θ, sin θ), along the columns step_c·(−sin θ, cos θ).
+    for fastest, along_rows, along_cols, shape in (("row", first, across, (fast, slow)),
+                                                   ("col", across, first, (slow, fast))):
+        theta = np.arctan2(along_rows[1], along_rows[0])
+        step_r, step_c = float(np.hypot(*along_rows)), float(np.hypot(*along_cols))
+        if np.abs(along_cols - step_c * np.array([-np.sin(theta), np.cos(theta)])).max() * max(shape) <= tolerance_px:
+            return {"scan_shape": [int(shape[0]), int(shape[1])], "step_px": [step_r, step_c],
+                    "rotation_deg": float(np.degrees(theta)), "fastest": fastest}
+    return None
+
+
 def flip_patterns(patterns: np.ndarray) -> np.ndarray:
     """Diffraction patterns mirrored in k_row (k_row → −k_row), for a detector of the other handedness.
 
