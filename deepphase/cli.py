@@ -226,7 +226,7 @@ def _cmd_reconstruct(args) -> None:
     if args.resume and (args.workers is not None or args.scheduler is not None):
         raise DeepPhaseError("resume: a cluster reconstruction (--workers/--scheduler) cannot be resumed; run it again")
     figure = args.out / "calibration.png"
-    for name in ("calibration.png", "rotation.png", "probe_estimate.npy"):
+    for name in ("calibration.png", "rotation.png", "probe_estimate.npy", "probe_check.png"):
         if (args.out / name).exists() and not args.overwrite:
             raise DeepPhaseError(f"out: {str(args.out)!r} already holds {name}; choose another folder or pass --overwrite")
     if args.gain is not None and not args.gain > 0:
@@ -306,10 +306,9 @@ def _cmd_reconstruct(args) -> None:
         elif _raster_of(scan_info, positions) is not None:
             scan_info, rotation_figure = _check_rotation(amplitudes, scan_info, _raster_of(scan_info, positions))
         scan_info["patterns_flipped"] = args.flip_patterns
-        probe_estimate = None  # the data's probe as the check measures it, written beside the image
         if args.probe_check and _raster_of(scan_info, positions) is not None:
-            scan_info, probe_estimate = _check_probe(args, amplitudes, model, view, scan_info,
-                                                     _raster_of(scan_info, positions), data.info)
+            scan_info = _check_probe(args, amplitudes, model, view, scan_info, _raster_of(scan_info, positions),
+                                     data.info)
         sampling = args.pixel_size or (calibration or {}).get("real_space_sampling_angstrom")
         if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
             rec = _reconstruct_on_cluster(args, positions, kind, view)
@@ -346,14 +345,8 @@ def _cmd_reconstruct(args) -> None:
             repairs = {k: v for k, v in view.counters.items() if v and k != "most_negative_count"}
             if repairs:
                 notes.append("repaired: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in repairs.items()))
-        if probe_estimate is not None:
-            from .io_utils import save_npy
-
-            save_npy(args.out / "probe_estimate.npy", probe_estimate)
-            like = shlex.quote(args.model) if args.model else "default"
-            notes.append(f"{scan_info['probe_check']['note']}: {args.out / 'probe_estimate.npy'} is the model's probe with "
-                         f"that difference; 'deepphase train --like {like} --probe {args.out / 'probe_estimate.npy'} --out "
-                         "MODEL' trains one for it with the model's recipe (the default's: about 6 min on 2 CPU cores)")
+        if scan_info.get("probe_check", {}).get("note"):
+            notes.append(_write_probe_estimate(args, scan_info["probe_check"], model.probe))
         if rotation_figure is not None:
             from .data.calibration import plot_scan_rotation
 
@@ -442,13 +435,12 @@ def _check_rotation(amplitudes, scan_info: dict, raster: dict):
 
 def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, data_info: dict):
     """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
-    central positions of a raster: ``probe_check`` in the metadata, and, when they clearly differ, the probe the
-    data imply (the model's with that difference), for a model trained for it."""
-    from .data.aberrations import PROBE_CHECK_MIN_PX, add_aberrations, measure_probe_mismatch, probe_mismatch_note
+    central positions of a raster: ``probe_check`` in the metadata (with a note when they clearly differ)."""
+    from .data.aberrations import PROBE_CHECK_MIN_PX, measure_probe_mismatch, probe_mismatch_note
     from .data.calibration import _model_optics
 
     if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
-        return scan_info, None
+        return scan_info
     found = measure_probe_mismatch(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
                                    raster["rotation_deg"], raster["fastest"])
     optics = _model_optics(model)
@@ -456,8 +448,22 @@ def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, d
             or (args.semi_angle / found["disk_radius_px"] if args.semi_angle else None))
     energy = args.energy or data_info.get("energy_kev") or optics.get("energy")
     note = probe_mismatch_note(found, mrad, energy)
-    check = {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": note}
-    return {**scan_info, "probe_check": check}, (add_aberrations(model.probe, found["coefficients"]) if note else None)
+    return {**scan_info, "probe_check": {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": note}}
+
+
+def _write_probe_estimate(args, check: dict, model_probe) -> str:
+    """For a probe check with a note: ``probe_estimate.npy`` (the model's probe with the difference found) and
+    ``probe_check.png`` in the output folder; returns the note to print, with what to do about it."""
+    from .data.aberrations import add_aberrations, plot_probe_mismatch
+    from .io_utils import save_npy
+
+    estimate = args.out / "probe_estimate.npy"
+    save_npy(estimate, add_aberrations(model_probe, check["coefficients"]))
+    plot_probe_mismatch(check, args.out / "probe_check.png")
+    like = shlex.quote(args.model) if args.model else "default"
+    return (f"{check['note']} (see {args.out / 'probe_check.png'}): {estimate} is the model's probe with that "
+            f"difference; 'deepphase train --like {like} --probe {estimate} --out MODEL' trains a model for it with "
+            "the model's recipe (the default's: about 6 min on 2 CPU cores)")
 
 
 def _report_rotation(found: dict, flipped_by_search: bool) -> None:
@@ -552,12 +558,12 @@ def _reconstruct_with_libertem(args) -> None:
         calibration_png=args.out / "calibration.png", rotation_png=args.out / "rotation.png",
         batch_size=args.batch_size, engine=args.engine,
         precision=args.precision, deblur=_DEBLUR[args.deblur], workers=args.workers, progress=True,
-        uncertainty="head" if args.uncertainty == "head" else None,
+        uncertainty="head" if args.uncertainty == "head" else None, probe_check=args.probe_check,
         flip_patterns=True if args.flip_patterns else (None if args.rotation == "auto" else False))
     scan = ({"positions_file": str(args.positions)} if positions is not None else
             {"scan_shape": read["navigation_shape"] if (args.fastest or "col") == "col" else read["navigation_shape"][::-1],
              "step_px": args.step, "rotation_deg": read["rotation_deg"], "fastest": args.fastest or "col",
-             **{k: read[k] for k in ("rotation_found", "rotation_check") if k in read}})
+             **{k: read[k] for k in ("rotation_found", "rotation_check", "probe_check") if k in read}})
     extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": str(args.data),
              "input": read["input"], "n_patterns": rec.processing["patterns"], "stitching": "pairwise",
              "model_path": str(args.model or "default (packaged)"), **scan,
@@ -572,6 +578,11 @@ def _reconstruct_with_libertem(args) -> None:
         print(f"deepphase reconstruct: note: {read['rotation_check']['note']}", file=sys.stderr)
     if read["rotation_png"]:
         print(f"deepphase reconstruct: note: what the DPC curl criterion saw: {read['rotation_png']}", file=sys.stderr)
+    if (read.get("probe_check") or {}).get("note"):
+        from .models.modelfile import load_model
+
+        print(f"deepphase reconstruct: note: {_write_probe_estimate(args, read['probe_check'], load_model(args.model).probe)}",
+              file=sys.stderr)
     print(f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
           f"({rec.processing['patterns']} patterns read by {read['reader']} as {read['libertem_dataset']}, "
           f"{rec.timings['patterns_per_second']:.0f} patterns/s)"

@@ -37,7 +37,7 @@ from ..physics.probe import electron_wavelength
 from ..physics.scan import raster_positions
 
 __all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe_mismatch",
-           "measure_probe_mismatch", "defocus_angstrom", "probe_mismatch_note", "PROBE_CHECK_BLOCK",
+           "measure_probe_mismatch", "probe_mismatch_from_block", "defocus_angstrom", "probe_mismatch_note", "plot_probe_mismatch", "PROBE_CHECK_BLOCK",
            "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD"]
 
 #: The check reads the central block of this many positions a side (0.5–1 s on 2 CPU cores).
@@ -216,18 +216,20 @@ def fit_probe_mismatch(spectrum: np.ndarray, g: np.ndarray, probe: np.ndarray, s
     """
     far_field = _far_field(np.asarray(probe, dtype=np.complex128))
     ramps = _ramps(g, far_field.shape[-1])
+    search = None
     if start is None:
         grid = np.linspace(-A_MAX, A_MAX, 61)
         few = slice(0, N_COARSE)  # (the spectrum is sorted by power)
         scores = [_explained((a, 0.0, a), spectrum[few], ramps[few], far_field) for a in grid]
         a0 = float(grid[int(np.argmax(scores))])
         start, size = np.array([a0, 0.0, a0]), 0.005
+        search = {"defocus_rad_per_px2": [float(a) for a in grid], "explained": scores}
     else:
         start, size = np.asarray(start, dtype=np.float64), 0.002
     simplex = np.vstack([start, start + [size, 0, 0], start + [0, size, 0], start + [0, 0, size]])
     result = minimize(lambda c: -_explained(c, spectrum, ramps, far_field), start, method="Nelder-Mead",
                       options={"initial_simplex": simplex, "xatol": 1e-4, "fatol": 1e-8, "maxiter": 400})
-    return {"coefficients": [float(c) for c in result.x], "explained": float(-result.fun)}
+    return {"coefficients": [float(c) for c in result.x], "explained": float(-result.fun), "search": search}
 
 
 def _summary(coefficients, radius: float) -> dict:
@@ -259,14 +261,26 @@ def measure_probe_mismatch(amplitudes, scan_shape, probe: np.ndarray, step_px, r
     specimen together), ``explained`` (the share of the spectrum's power the fitted transfer explains:
     0.8–0.9 for a noise-free crystal, 0.2 at 1,000 e/pattern), ``noise_share`` (the share counting noise
     alone makes of that power, if the patterns are counts), ``disk_radius_px``, ``block``,
-    ``at_search_edge`` (the fit stopped at ±``A_MAX``: the probes differ by that or more).
+    ``at_search_edge`` (the fit stopped at ±``A_MAX``: the probes differ by that or more), ``search`` (the
+    coarse search over round defocus, for :func:`plot_probe_mismatch`).
     """
+    return probe_mismatch_from_block(_central_counts(amplitudes, scan_shape, fastest, block), probe, step_px,
+                                     rotation_deg, fastest)
+
+
+def probe_mismatch_from_block(counts: np.ndarray, probe: np.ndarray, step_px, rotation_deg: float = 0.0,
+                              fastest: str = "row") -> dict:
+    """:func:`measure_probe_mismatch` of a block of counts already on the scan grid, (scan rows, scan cols, n, n)
+    (e.g. read by another executor: LiberTEM's). ``fastest`` only orients the raster's axes."""
     from .calibration import model_disk
 
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.ndim != 4 or counts.shape[-2:] != np.shape(probe):
+        raise ShapeError(f"counts: expected (scan rows, scan cols, {np.shape(probe)[0]}, {np.shape(probe)[1]}), "
+                         f"got shape {counts.shape}")
     probe = np.asarray(probe, dtype=np.complex128)
     radius = float(model_disk(probe)["radius"])
     g_range = (1.5, 2 * radius)
-    counts = _central_counts(amplitudes, scan_shape, fastest, block)
     spectrum, g, noise = _spectrum(counts, step_px, rotation_deg, fastest, N_FREQUENCIES, g_range)
     if len(g) < 8 or min(counts.shape[:2]) < PROBE_CHECK_MIN_PX:
         raise ShapeError(f"scan: {counts.shape[0]}×{counts.shape[1]} positions give {len(g)} usable frequencies; the "
@@ -280,6 +294,7 @@ def measure_probe_mismatch(amplitudes, scan_shape, probe: np.ndarray, step_px, r
     scatter = _summary(np.subtract(*halves) / 2, radius)["edge_phase_rad"]
     noise_share = float(len(g) * np.sum(noise) / np.sum(np.abs(spectrum) ** 2))
     return {"coefficients": whole["coefficients"], **_summary(whole["coefficients"], radius), "halves": halves,
+            "search": whole["search"],
             "uncertainty_rad": scatter, "explained": whole["explained"], "noise_share": min(noise_share, 1.0),
             "disk_radius_px": radius, "block": list(counts.shape[:2]),
             "at_search_edge": bool(abs(whole["coefficients"][0] + whole["coefficients"][2]) / 2 >= 0.98 * A_MAX)}
@@ -313,3 +328,45 @@ def probe_mismatch_note(found: dict, mrad_per_px: float | None = None, energy_ke
             f"positions). The model is trained for its own probe and loses quality with such a difference "
             f"(simulated twisted hBN, the default: correlation 0.97 → 0.93 at 0.56 rad, 0.81 at 1.1 rad, 0.31 at 2.2 "
             f"rad): set the microscope's focus to the model's probe, or train a model for this probe")
+
+
+def plot_probe_mismatch(found: dict, path) -> None:
+    """A PNG of what the probe check saw: the share of the scan's spectrum explained against a round defocus
+    relative to the model's probe (the model's at 0, the fit marked), and the fitted Δχ over the bright-field
+    disk."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io_utils import atomic_path
+
+    radius2 = found["disk_radius_px"] ** 2
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0), gridspec_kw={"width_ratios": [1.4, 1]})
+    search = found.get("search")
+    if search:
+        left.plot(np.asarray(search["defocus_rad_per_px2"]) * radius2, search["explained"], color="tab:blue",
+                  label=f"round defocus (coarse search, strongest {N_COARSE} frequencies)")
+    left.axvline(0.0, color="tab:red", ls="--", lw=1, label="the model's probe")
+    left.axvline(found["defocus_rad_per_px2"] * radius2, color="k", lw=1,
+                 label=f"fitted: defocus {found['defocus_rad_per_px2'] * radius2:+.2f} rad")
+    left.set_xlabel("defocus against the model's probe: Δχ at the disk's edge (rad)")
+    left.set_ylabel("share of the scan's spectrum explained")
+    left.legend(fontsize=8, loc="best")
+    left.set_title(f"probe check on {found['block'][0]}×{found['block'][1]} positions: largest |Δχ| on the edge "
+                   f"{found['edge_phase_rad']:.2f} ± {found['uncertainty_rad']:.2f} rad", fontsize=9)
+    n = 2 * int(np.ceil(found["disk_radius_px"])) + 3
+    delta = _delta_chi(found["coefficients"], n)
+    qr, qc = _centred(n)
+    image = right.imshow(np.where(qr**2 + qc**2 <= radius2, delta, np.nan), cmap="RdBu_r",
+                         vmin=-max(np.nanmax(np.abs(delta[qr**2 + qc**2 <= radius2])), 0.1),
+                         vmax=max(np.nanmax(np.abs(delta[qr**2 + qc**2 <= radius2])), 0.1),
+                         extent=(qc.min() - 0.5, qc.max() + 0.5, qr.max() + 0.5, qr.min() - 0.5))
+    fig.colorbar(image, ax=right, label="Δχ (rad)")
+    right.set_title("Δχ: the data's probe phase less the model's", fontsize=9)
+    right.set_xlabel("k_col (detector px)")
+    right.set_ylabel("k_row (detector px)")
+    fig.tight_layout()
+    with atomic_path(path, ".png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)

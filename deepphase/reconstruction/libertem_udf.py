@@ -431,6 +431,62 @@ class _CentreOfMassUDF(UDF):
         self.results.noise[:] = centre_of_mass_noise(counts)
 
 
+class _BlockUDF(UDF):
+    """Each frame's network input (calibrated, flipped and with its rows in order as PhaseUDF makes it), for the
+    probe check on a block of the scan."""
+
+    def __init__(self, kind: str, calibration, step_px, fastest: str, flip: bool, reverse_rows: bool,
+                 rotation_deg: float, n_px: int):
+        super().__init__(kind=kind, calibration=calibration, step_px=step_px, fastest=fastest, flip=flip,
+                         reverse_rows=reverse_rows, rotation_deg=rotation_deg, n_px=n_px)
+
+    def get_result_buffers(self):
+        return {"amplitude": self.buffer(kind="nav", extra_shape=(self.params.n_px, self.params.n_px),
+                                         dtype="float32")}
+
+    def process_partition(self, partition):
+        first = int(self.meta.slice.origin[0])
+        coords = scan_positions(tuple(self.meta.dataset_shape.nav), self.params.step_px, self.params.rotation_deg,
+                                self.params.fastest, roi=self.meta.roi)[first : first + len(partition)]
+        self.results.amplitude[:], _ = _network_input(np.asarray(partition), self.params.kind, self.params.calibration,
+                                                      coords, self.params.flip, self.params.reverse_rows)
+
+
+def _central_roi(nav, block: int):
+    br, bc = min(block, nav[0]), min(block, nav[1])
+    r0, c0 = (nav[0] - br) // 2, (nav[1] - bc) // 2
+    roi = np.zeros(nav, dtype=bool)
+    roi[r0 : r0 + br, c0 : c0 + bc] = True
+    return roi, (br, bc)
+
+
+def check_probe(ctx, dataset, model, step_px, rotation_deg: float = 0.0, fastest: str = "col",
+                kind: str = "counts", calibration=None, flip_patterns: bool = False, reverse_rows: bool = False,
+                energy_kev: float | None = None) -> dict:
+    """The data's probe against the model's on the central positions of a raster in a LiberTEM dataset: what
+    ``deepphase reconstruct`` measures (:func:`deepphase.data.aberrations.measure_probe_mismatch`), with the
+    frames read and prepared as :class:`PhaseUDF` prepares them. Returns its dict with ``note``
+    (:func:`~deepphase.data.aberrations.probe_mismatch_note`, None when the probes agree)."""
+    from ..data.aberrations import PROBE_CHECK_BLOCK, probe_mismatch_from_block, probe_mismatch_note
+    from ..data.calibration import _model_optics
+
+    phase_model = model if hasattr(model, "probe") else _load(model)
+    nav = tuple(dataset.shape.nav)
+    roi, (br, bc) = _central_roi(nav, PROBE_CHECK_BLOCK)
+    udf = _BlockUDF(kind, _calibration_param(calibration), step_px, fastest, bool(flip_patterns), bool(reverse_rows),
+                    float(rotation_deg), phase_model.geometry.n_px)
+    amplitude = np.asarray(ctx.run_udf(dataset=dataset, udf=udf, roi=roi)["amplitude"].raw_data, dtype=np.float64)
+    counts = np.square(amplitude).reshape(br, bc, *amplitude.shape[-2:])
+    if fastest == "row":  # the navigation axes are (scan column, scan row)
+        counts = counts.transpose(1, 0, 2, 3)
+    found = probe_mismatch_from_block(counts, phase_model.probe, step_px, rotation_deg, fastest)
+    optics = _model_optics(phase_model)
+    mrad = ((calibration.info if calibration is not None else {}).get("model_mrad_per_px")
+            or optics.get("mrad_per_px"))
+    energy = energy_kev or optics.get("energy")
+    return {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": probe_mismatch_note(found, mrad, energy)}
+
+
 def find_rotation(ctx, dataset, step_px, fastest: str = "col", kind: str = "counts", calibration=None,
                   block: int = 128, handedness: str = "auto", flip_patterns: bool = False,
                   reverse_rows: bool = False) -> dict:
@@ -463,10 +519,7 @@ def _dpc_rotation(ctx, dataset, step_px, fastest, kind, calibration, block, hand
     nav = tuple(dataset.shape.nav)
     if len(nav) != 2:
         raise ShapeError(f"rotation: 'auto' needs a raster with a 2D navigation shape, the dataset has {nav}")
-    br, bc = min(block, nav[0]), min(block, nav[1])
-    r0, c0 = (nav[0] - br) // 2, (nav[1] - bc) // 2
-    roi = np.zeros(nav, dtype=bool)
-    roi[r0 : r0 + br, c0 : c0 + bc] = True
+    roi, (br, bc) = _central_roi(nav, block)
     udf = _CentreOfMassUDF(kind, _calibration_param(calibration), step_px, fastest, bool(flip_patterns),
                            bool(reverse_rows), float(rotation_deg))
     result = ctx.run_udf(dataset=dataset, udf=udf, roi=roi)
@@ -635,7 +688,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
                      calibration_options: dict | None = None, calibration_png=None, batch_size: int = 512,
                      engine: str = "auto", precision: str = "auto", deblur="auto", remove_plane: bool = True,
                      uncertainty=None, flip_patterns: bool | None = None, rotation_png=None,
-                     workers: int | None = None, progress: bool = False, ctx=None):
+                     probe_check: bool = True, workers: int | None = None, progress: bool = False, ctx=None):
     """Open a 4D-STEM file with LiberTEM and reconstruct it with :class:`PhaseUDF` on LiberTEM's executor.
 
     What ``deepphase reconstruct --libertem`` runs: every format LiberTEM reads (its ``"auto"`` detection).
@@ -656,6 +709,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     calibration_png : where the calibration figure goes, if one is measured.
     rotation_png : where the DPC curl criterion's figure goes (:func:`~deepphase.data.calibration.plot_scan_rotation`):
         with ``rotation_deg="auto"``, or when the check of a given rotation has a note.
+    probe_check : measure the data's probe against the model's on the central positions of a raster
+        (:func:`check_probe`; ``probe_check`` in what is returned).
     workers : LiberTEM's local CPU workers (default: LiberTEM's default context, every core and GPU).
     ctx : a LiberTEM ``Context`` to use instead (left open).
     model, step_px, positions, rotation_deg, fastest, batch_size, engine, precision, deblur, remove_plane,
@@ -674,6 +729,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     import libertem.api as lt
     from libertem.io.dataset.base import DataSetException
 
+    from ..data.aberrations import PROBE_CHECK_MIN_PX
     from ..data.calibration import (ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, check_scan_rotation,
                                     plot_scan_rotation, rotation_note)
     from ..data.io import infer_kind
@@ -727,6 +783,10 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
                                           flip, reverse_rows, rotation_deg, given_deg=rotation_deg)
             check["note"] = rotation_note(figure["found"], rotation_deg)  # (its flip relative to the given one)
             figure = figure if check["note"] else None
+        probe = None
+        if probe_check and positions is None and len(nav) == 2 and min(nav) >= PROBE_CHECK_MIN_PX:
+            probe = check_probe(ctx, dataset, phase_model, step_px, rotation_deg, fastest, kind, view, flip,
+                                reverse_rows, (calibration_options or {}).get("energy"))
         udf = PhaseUDF(model=model, step_px=step_px, positions=positions, rotation_deg=rotation_deg,
                        fastest=fastest, kind=kind, calibration=view, flip_patterns=flip, reverse_rows=reverse_rows,
                        batch_size=batch_size, engine=engine, precision=precision, deblur=deblur,
@@ -747,5 +807,6 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             "calibration": None if view is None else view.info, "rotation_deg": rotation_deg,
             "patterns_flipped": flip, "rows_reversed": reverse_rows, **({"rotation_check": check} if check else {}),
             "rotation_png": str(rotation_png) if rotation_png is not None and figure is not None else None,
-            **({"rotation_found": found} if found is not None else {})}
+            **({"rotation_found": found} if found is not None else {}),
+            **({"probe_check": probe} if probe is not None else {})}
     return rec, read

@@ -1,0 +1,172 @@
+"""The data's probe against the model's: the weak-phase transfer, the fit of defocus and astigmatism, the units,
+rasters found in position lists, and what reconstruct and train --like do with them."""
+
+import json
+
+import numpy as np
+import pytest
+
+from deepphase.cli import main
+from deepphase.data.aberrations import (add_aberrations, defocus_angstrom, measure_probe_mismatch,
+                                        probe_mismatch_note, scan_spectrum, weak_phase_transfer)
+from deepphase.data.calibration import model_disk
+from deepphase.data.simulate import required_object_shape, simulate_scan
+from deepphase.data.specimens import twisted_hbn
+from deepphase.physics import (ProbeParameters, electron_wavelength, probe_from_parameters, raster_from_positions,
+                               raster_positions)
+from deepphase.physics.forward import far_field
+
+STEP = 0.87
+
+
+def far(probe):
+    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(probe)))
+
+
+def test_added_aberrations_keep_the_intensity_and_are_abtem_defocus_in_its_units():
+    optics = dict(energy=300.0, semiangle_cutoff=25.0, n_px=32, sampling=0.2)
+    focused = probe_from_parameters(ProbeParameters(**optics))
+    defocused = probe_from_parameters(ProbeParameters(**optics, defocus=30.0))
+    mrad_per_px = 1e3 * electron_wavelength(300.0) / (32 * 0.2)
+    a = 30.0 * np.pi * (mrad_per_px * 1e-3) ** 2 / electron_wavelength(300.0)  # Δf = a λ / (π s²), inverted
+    assert defocus_angstrom(a, mrad_per_px, 300.0) == pytest.approx(30.0)
+    ours = add_aberrations(focused, (a, 0.0, a))
+    assert np.sum(np.abs(ours) ** 2) == pytest.approx(np.sum(np.abs(focused) ** 2))  # Parseval
+    assert np.abs(ours - defocused).max() < 1e-9 * np.abs(defocused).max() + 1e-12
+    with pytest.raises(Exception, match="three finite numbers"):
+        add_aberrations(focused, (a, np.nan, a))
+
+
+def test_a_weak_cosine_scatters_into_the_trotters_of_the_weak_phase_transfer(probe):
+    """G(q, g) of a noise-free scan over a 0.01 rad cosine is the transfer T(q, g) up to one complex factor."""
+    shape = (32, 32)
+    positions = raster_positions(shape, 1.0, 0.0, "row")
+    rows, cols = np.indices(required_object_shape(positions, 32), dtype=np.float64)
+    frequency = np.array([3 / 32, 5 / 32])  # cycles per pixel: a whole number of periods over the scan
+    phase = 0.01 * np.cos(2 * np.pi * (frequency[0] * rows + frequency[1] * cols))
+    amplitudes = simulate_scan(phase, probe, positions, noise=False, progress=False).amplitude
+    spectrum, g, _ = scan_spectrum(amplitudes, shape, 1.0, n_frequencies=1)
+    assert np.allclose(np.abs(g[0]), 32 * frequency)  # the strongest frequency is the cosine's
+    transfer = weak_phase_transfer(far(probe), g)[0]
+    overlap = np.abs(np.vdot(transfer, spectrum[0])) ** 2 / (np.vdot(transfer, transfer).real
+                                                              * np.vdot(spectrum[0], spectrum[0]).real)
+    assert overlap > 0.999
+    wrong = weak_phase_transfer(far(probe), -g)[0]  # the other sign of g: the trotters swapped
+    assert np.abs(np.vdot(wrong, spectrum[0])) ** 2 / (np.vdot(wrong, wrong).real
+                                                       * np.vdot(spectrum[0], spectrum[0]).real) < 0.9
+
+
+@pytest.mark.parametrize("coefficients, rotation, fastest, dose", [
+    ((0.0, 0.0, 0.0), 0.0, "row", 1000.0),
+    ((0.02, 0.0, 0.02), 30.0, "col", 1000.0),  # defocus, 1.2 rad at the disk's edge
+    ((-0.015, 0.006, -0.005), -70.0, "row", 27882.0),  # defocus and astigmatism
+])
+def test_the_fit_finds_the_defocus_and_astigmatism_put_in(probe, coefficients, rotation, fastest, dose):
+    shape = (24, 24)
+    positions = raster_positions(shape, STEP, rotation, fastest)
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=4)
+    amplitudes = simulate_scan(truth, add_aberrations(probe, coefficients), positions, dose=dose, seed=2,
+                               progress=False).amplitude
+    found = measure_probe_mismatch(amplitudes, shape, probe, STEP, rotation, fastest)
+    radius2 = model_disk(probe)["radius"] ** 2
+    assert np.abs(np.subtract(found["coefficients"], coefficients)).max() * radius2 < 0.1  # rad at the edge
+    assert found["uncertainty_rad"] < 0.1 and found["block"] == [24, 24]
+    note = probe_mismatch_note(found)
+    assert (note is None) == (coefficients == (0.0, 0.0, 0.0))
+    if note:
+        assert "defocus -" in note if coefficients[0] < 0 else "defocus +" in note
+
+
+def test_the_fit_tells_the_defocus_in_angstrom_from_the_optics():
+    optics = dict(energy=300.0, semiangle_cutoff=25.0, n_px=32, sampling=0.2)
+    model_probe = probe_from_parameters(ProbeParameters(**optics))
+    data_probe = probe_from_parameters(ProbeParameters(**optics, defocus=-25.0))  # overfocus
+    shape = (24, 24)
+    positions = raster_positions(shape, STEP)
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=1)
+    amplitudes = simulate_scan(truth, data_probe, positions, dose=27882.0, seed=1, progress=False).amplitude
+    found = measure_probe_mismatch(amplitudes, shape, model_probe, STEP)
+    mrad_per_px = 1e3 * electron_wavelength(300.0) / (32 * 0.2)
+    assert defocus_angstrom(found["defocus_rad_per_px2"], mrad_per_px, 300.0) == pytest.approx(-25.0, abs=2.0)
+    assert found["astigmatism_rad_per_px2"] * found["disk_radius_px"] ** 2 < 0.05
+    assert "about -2" in probe_mismatch_note(found, mrad_per_px, 300.0)  # Å, overfocus negative
+
+
+@pytest.mark.parametrize("shape, step, rotation, fastest", [((5, 7), 0.87, 0.0, "row"), ((6, 4), (0.8, 0.9), 30.0, "col"),
+                                                            ((3, 3), 1.0, -120.0, "row")])
+def test_rasters_are_found_in_position_lists(shape, step, rotation, fastest):
+    positions = raster_positions(shape, step, rotation, fastest)
+    found = raster_from_positions(positions + 3.5)  # (an offset does not matter)
+    assert found["scan_shape"] == list(shape)
+    again = raster_positions(found["scan_shape"], found["step_px"], found["rotation_deg"], found["fastest"])
+    assert np.abs(again - positions).max() < 1e-9
+
+
+def test_jittered_serpentine_and_single_line_scans_are_not_rasters(rng):
+    positions = raster_positions((6, 6), 0.87)
+    assert raster_from_positions(positions + rng.normal(0, 0.05, positions.shape)) is None
+    serpentine = positions.reshape(6, 6, 2).copy()
+    serpentine[1::2] = serpentine[1::2, ::-1]
+    assert raster_from_positions(serpentine.reshape(-1, 2)) is None
+    assert raster_from_positions(raster_positions((1, 9), 0.87)) is None
+
+
+def save_scan(path, probe, coefficients, shape=(24, 24), dose=27882.0):
+    positions = raster_positions(shape, STEP)
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=3)
+    scan = simulate_scan(truth, add_aberrations(probe, coefficients), positions, dose=dose, seed=3, progress=False)
+    np.save(path, np.square(scan.amplitude).round().astype(np.float32))  # counts
+    np.save(path.with_name("positions.npy"), positions)
+
+
+def test_cli_notes_a_defocused_probe_and_writes_the_probe_it_implies(probe, tmp_path, capsys):
+    save_scan(tmp_path / "scan.npy", probe, (0.02, 0.0, 0.02))
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--scan-shape", "24", "24", "--step", "0.87",
+                 "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "the data's probe differs from the model's by defocus +1.1" in err and "train --like default" in err
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert meta["probe_check"]["note"] and meta["probe_check"]["edge_phase_rad"] == pytest.approx(1.16, abs=0.1)
+    estimate = np.load(tmp_path / "out" / "probe_estimate.npy")
+    expected = add_aberrations(probe, meta["probe_check"]["coefficients"])
+    assert np.allclose(estimate, expected)
+    assert np.abs(np.angle(far(estimate) * np.conj(far(add_aberrations(probe, (0.02, 0.0, 0.02)))))[
+        np.abs(far(probe)) > 0.5 * np.abs(far(probe)).max()]).max() < 0.15  # the probe put in, to 0.15 rad
+    # the same positions from a file: found to be a raster, checked alike
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--positions", str(tmp_path / "positions.npy"),
+                 "--out", str(tmp_path / "from-file")]) == 0
+    meta = json.loads((tmp_path / "from-file" / "metadata.json").read_text())
+    assert meta["raster_from_positions"]["scan_shape"] == [24, 24] and meta["probe_check"]["note"]
+    # an estimate already there is not replaced unasked
+    (tmp_path / "again").mkdir()
+    (tmp_path / "again" / "probe_estimate.npy").write_bytes(b"mine")
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--scan-shape", "24", "24", "--step", "0.87",
+                 "--out", str(tmp_path / "again")]) == 2
+    assert "probe_estimate.npy" in capsys.readouterr().err
+    assert (tmp_path / "again" / "probe_estimate.npy").read_bytes() == b"mine"
+
+
+def test_cli_is_quiet_for_the_model_s_own_probe_and_skips_the_check_when_asked(probe, tmp_path, capsys):
+    save_scan(tmp_path / "scan.npy", probe, (0.0, 0.0, 0.0))
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--scan-shape", "24", "24", "--step", "0.87",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "probe differs" not in capsys.readouterr().err
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert meta["probe_check"]["note"] is None and meta["probe_check"]["edge_phase_rad"] < 0.2
+    assert not (tmp_path / "out" / "probe_estimate.npy").exists()
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--scan-shape", "24", "24", "--step", "0.87",
+                 "--no-probe-check", "--out", str(tmp_path / "unchecked")]) == 0
+    assert "probe_check" not in json.loads((tmp_path / "unchecked" / "metadata.json").read_text())
+
+
+def test_train_like_takes_the_recorded_recipe_and_the_options_given_win(tmp_path, probe, capsys):
+    np.save(tmp_path / "probe.npy", add_aberrations(probe, (0.01, 0.0, 0.01)))
+    assert main(["train", "--like", "default", "--probe", str(tmp_path / "probe.npy"), "--epochs", "1",
+                 "--steps-per-epoch", "2", "--val-size", "8", "--out", str(tmp_path / "model")]) == 0
+    record = json.loads((tmp_path / "model" / "model.json").read_text())["training"]
+    assert record["arch"] == "compact" and record["corpus"]["lattice_spacing"] == [2.5, 16.0]  # the default's
+    assert record["sigma_head"] == "detached" and record["dose"] == [10.0, 1000000.0]
+    assert record["epochs"] == 1 and record["steps_per_epoch"] == 2  # given here
+    assert "--like" not in record["command"] and "--probe " + str(tmp_path / "probe.npy") in record["command"]
+    assert main(["train", "--like", str(tmp_path / "nowhere"), "--out", str(tmp_path / "other")]) == 2
+    assert "nowhere" in capsys.readouterr().err
