@@ -1,7 +1,7 @@
 """What a probe unlike the model's costs, and how well the probe check measures the difference.
 
-Usage: python benchmarks/bench_probe_mismatch.py [--scan 48] [--parts quality accuracy multislice]
-       [--cache DIR]
+Usage: python benchmarks/bench_probe_mismatch.py [--scan 48] [--parts quality accuracy multislice cost]
+       [--cache DIR] [--folder DIR]
 
 1. quality: the packaged default on simulated twisted-hBN and cameraman rasters (SCAN×SCAN, step 0.87 px) whose
    probe is the reference probe with a defocus or astigmatism added (Δχ at the bright-field disk's edge, rad),
@@ -11,19 +11,24 @@ Usage: python benchmarks/bench_probe_mismatch.py [--scan 48] [--parts quality ac
    uncertainty it reports, and its wall time; and how often a matched probe would be noted (false alarms).
 3. multislice (abTEM): the check on 40×40 scans simulated by multislice through each of deepphase's atomic
    specimens with the reference probe, as is and with 0.6 rad of defocus added, at 27,882 e/pattern.
+4. cost: ``deepphase reconstruct`` of bench_auto_engine's 256×256 scan file (made once in FOLDER) with the check
+   and with ``--no-probe-check``, alternately, three times each: the wall time of the command and of the check.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_auto_engine import machine_line  # noqa: E402
+from bench_auto_engine import machine_line, scan_file  # noqa: E402
 
 STEP = 0.87
 
@@ -138,13 +143,35 @@ def multislice(cache: Path) -> None:
         print(f"| {name} | " + " | ".join(row) + " |", flush=True)
 
 
+def cost(folder: Path) -> None:
+    path = scan_file(folder, 256, 256)
+    print("\n4. cost on the 256×256 scan (65,536 patterns), `deepphase reconstruct FILE --scan-shape 256 256 --step 0.87`")
+    print("| run | with the check: command (s), check (s) | --no-probe-check: command (s) |")
+    print("|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(3):
+            row = []
+            for extra in ([], ["--no-probe-check"]):
+                out = Path(tmp) / f"out-{run}-{len(extra)}"
+                t0 = time.perf_counter()
+                subprocess.run(["deepphase", "reconstruct", str(path), "--scan-shape", "256", "256", "--step",
+                                str(STEP), "--out", str(out), *extra], check=True, capture_output=True)
+                wall = time.perf_counter() - t0
+                check = json.loads((out / "metadata.json").read_text()).get("probe_check")
+                row.append(f"{wall:.1f}" + (f", {check['wall_s']:.2f} (edge {check['edge_phase_rad']:.2f} rad, note: "
+                                            f"{check['note'] is not None})" if check else ""))
+            print(f"| {run + 1} | " + " | ".join(row) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scan", type=int, default=48, help="positions per side of part 1's rasters")
     parser.add_argument("--parts", nargs="+", default=["quality", "accuracy"],
-                        choices=["quality", "accuracy", "multislice"])
+                        choices=["quality", "accuracy", "multislice", "cost"])
     parser.add_argument("--cache", type=Path, default=Path("bench-probe-mismatch-cache"),
                         help="abTEM's noise-free patterns for part 3, kept between runs")
+    parser.add_argument("--folder", type=Path, default=Path("bench-auto-engine"),
+                        help="where bench_auto_engine's 256×256 scan file is (made if missing), for part 4")
     args = parser.parse_args()
     print(machine_line())
     if "quality" in args.parts:
@@ -153,6 +180,8 @@ def main() -> None:
         accuracy()
     if "multislice" in args.parts:
         multislice(args.cache)
+    if "cost" in args.parts:
+        cost(args.folder)
 
 
 if __name__ == "__main__":

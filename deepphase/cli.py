@@ -14,6 +14,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from . import __version__
@@ -425,6 +426,8 @@ def _check_rotation(amplitudes, scan_info: dict, raster: dict):
     com, noise = centre_of_mass_block(amplitudes, tuple(raster["scan_shape"]), raster["fastest"],
                                       ROTATION_CHECK_BLOCK)
     given = raster["rotation_deg"]
+    if not (np.all(np.isfinite(com)) and np.all(np.isfinite(noise))):
+        return scan_info, None  # NaN/Inf or empty patterns: the reconstruction names the frame
     found = find_scan_rotation(com, given_deg=given, noise=noise)
     note = rotation_note(found, given)
     if note:
@@ -437,18 +440,24 @@ def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, d
     """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
     central positions of a raster: ``probe_check`` in the metadata (with a note when they clearly differ)."""
     from .data.aberrations import PROBE_CHECK_MIN_PX, measure_probe_mismatch, probe_mismatch_note
+    from .errors import ValueRangeError
     from .data.calibration import _model_optics
 
     if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
         return scan_info
-    found = measure_probe_mismatch(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
-                                   raster["rotation_deg"], raster["fastest"])
+    t0 = time.perf_counter()
+    try:
+        found = measure_probe_mismatch(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
+                                       raster["rotation_deg"], raster["fastest"])
+    except ValueRangeError:  # NaN/Inf in the block: the reconstruction names the frame
+        return scan_info
     optics = _model_optics(model)
     mrad = ((view.info if view is not None else {}).get("model_mrad_per_px") or optics.get("mrad_per_px")
             or (args.semi_angle / found["disk_radius_px"] if args.semi_angle else None))
     energy = args.energy or data_info.get("energy_kev") or optics.get("energy")
     note = probe_mismatch_note(found, mrad, energy)
-    return {**scan_info, "probe_check": {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": note}}
+    return {**scan_info, "probe_check": {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": note,
+                                         "wall_s": round(time.perf_counter() - t0, 3)}}
 
 
 def _write_probe_estimate(args, check: dict, model_probe) -> str:

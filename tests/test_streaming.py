@@ -193,14 +193,19 @@ def test_a_bad_frame_is_named_by_its_index_in_the_scan_not_in_its_chunk(scan, sa
         reconstruct(amplitudes, scan.positions, chunk_size=100, uncertainty_samples=samples, progress=False)
 
 
-def test_cli_leaves_no_partial_folder_after_an_error_before_any_checkpoint(scan, tmp_path, capsys):
+@pytest.mark.parametrize("raster", ["positions file", "scan shape"])
+def test_cli_leaves_no_partial_folder_after_an_error_before_any_checkpoint(scan, tmp_path, capsys, raster):
+    """(The rotation and probe checks, which read the scan's centre first, leave the bad frame to the reconstruction,
+    which names it.)"""
     from deepphase.cli import main
 
     amplitudes = scan.amplitude.copy()
     amplitudes[333, 4, 4] = np.nan
     np.save(tmp_path / "scan.npy", amplitudes)
     np.save(tmp_path / "pos.npy", scan.positions)
-    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--positions", str(tmp_path / "pos.npy"), "--input",
+    where = (["--positions", str(tmp_path / "pos.npy")] if raster == "positions file"
+             else ["--scan-shape", "24", "24", "--step", "0.86995916"])
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), *where, "--input",
                  "amplitude", "--chunk-size", "100", "--out", str(tmp_path / "out")]) == 2
     assert "frame 333" in capsys.readouterr().err
     assert not (tmp_path / "out" / ".deepphase-partial").exists()

@@ -278,6 +278,8 @@ def probe_mismatch_from_block(counts: np.ndarray, probe: np.ndarray, step_px, ro
     if counts.ndim != 4 or counts.shape[-2:] != np.shape(probe):
         raise ShapeError(f"counts: expected (scan rows, scan cols, {np.shape(probe)[0]}, {np.shape(probe)[1]}), "
                          f"got shape {counts.shape}")
+    if not np.all(np.isfinite(counts)):
+        raise ValueRangeError("counts: the block of patterns contains NaN or Inf")
     probe = np.asarray(probe, dtype=np.complex128)
     radius = float(model_disk(probe)["radius"])
     g_range = (1.5, 2 * radius)
