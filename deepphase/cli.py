@@ -439,9 +439,8 @@ def _check_rotation(amplitudes, scan_info: dict, raster: dict):
 def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, data_info: dict):
     """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
     central positions of a raster: ``probe_check`` in the metadata (with a note when they clearly differ)."""
-    from .data.aberrations import PROBE_CHECK_MIN_PX, measure_probe_mismatch, probe_mismatch_note
+    from .data.aberrations import PROBE_CHECK_MIN_PX, measure_probe_mismatch, model_grid_optics, probe_mismatch_note
     from .errors import ValueRangeError
-    from .data.calibration import _model_optics
 
     if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
         return scan_info
@@ -451,10 +450,8 @@ def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, d
                                        raster["rotation_deg"], raster["fastest"])
     except ValueRangeError:  # NaN/Inf in the block: the reconstruction names the frame
         return scan_info
-    optics = _model_optics(model)
-    mrad = ((view.info if view is not None else {}).get("model_mrad_per_px") or optics.get("mrad_per_px")
-            or (args.semi_angle / found["disk_radius_px"] if args.semi_angle else None))
-    energy = args.energy or data_info.get("energy_kev") or optics.get("energy")
+    mrad, energy = model_grid_optics(model, view.info if view is not None else None, args.semi_angle,
+                                     args.energy or data_info.get("energy_kev"))
     note = probe_mismatch_note(found, mrad, energy)
     return {**scan_info, "probe_check": {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": note,
                                          "wall_s": round(time.perf_counter() - t0, 3)}}
@@ -472,7 +469,7 @@ def _write_probe_estimate(args, check: dict, model_probe) -> str:
     like = shlex.quote(args.model) if args.model else "default"
     return (f"{check['note']} (see {args.out / 'probe_check.png'}): {estimate} is the model's probe with that "
             f"difference; 'deepphase train --like {like} --probe {estimate} --out MODEL' trains a model for it with "
-            "the model's recipe (the default's: about 6 min on 2 CPU cores)")
+            "the model's recipe (the default's: about 7 min on 2 CPU cores)")
 
 
 def _report_rotation(found: dict, flipped_by_search: bool) -> None:

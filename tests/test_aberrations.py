@@ -2,6 +2,7 @@
 rasters found in position lists, and what reconstruct and train --like do with them."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -122,9 +123,11 @@ def save_scan(path, probe, coefficients, shape=(24, 24), dose=27882.0):
 def test_cli_notes_a_defocused_probe_and_writes_the_probe_it_implies(probe, tmp_path, capsys):
     save_scan(tmp_path / "scan.npy", probe, (0.02, 0.0, 0.02))
     assert main(["reconstruct", str(tmp_path / "scan.npy"), "--scan-shape", "24", "24", "--step", "0.87",
-                 "--out", str(tmp_path / "out")]) == 0
+                 "--energy", "300", "--semi-angle", "25", "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "the data's probe differs from the model's by defocus +1.1" in err and "train --like default" in err
+    # 25 mrad over the reference disk's 7.61 px: a = 0.02 rad/px² is Δf = a λ / (π s²) = +11.6 Å
+    assert re.search(r"about \+1[12] Å of defocus", err)
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert meta["probe_check"]["note"] and meta["probe_check"]["edge_phase_rad"] == pytest.approx(1.16, abs=0.1)
     estimate = np.load(tmp_path / "out" / "probe_estimate.npy")

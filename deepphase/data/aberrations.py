@@ -37,7 +37,7 @@ from ..physics.probe import electron_wavelength
 from ..physics.scan import raster_positions
 
 __all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe_mismatch",
-           "measure_probe_mismatch", "probe_mismatch_from_block", "defocus_angstrom", "probe_mismatch_note", "plot_probe_mismatch", "PROBE_CHECK_BLOCK",
+           "measure_probe_mismatch", "probe_mismatch_from_block", "model_grid_optics", "defocus_angstrom", "probe_mismatch_note", "plot_probe_mismatch", "PROBE_CHECK_BLOCK",
            "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD"]
 
 #: The check reads the central block of this many positions a side (0.5–1 s on 2 CPU cores).
@@ -300,6 +300,20 @@ def probe_mismatch_from_block(counts: np.ndarray, probe: np.ndarray, step_px, ro
             "uncertainty_rad": scatter, "explained": whole["explained"], "noise_share": min(noise_share, 1.0),
             "disk_radius_px": radius, "block": list(counts.shape[:2]),
             "at_search_edge": bool(abs(whole["coefficients"][0] + whole["coefficients"][2]) / 2 >= 0.98 * A_MAX)}
+
+
+def model_grid_optics(model, calibration_info: dict | None = None, semi_angle: float | None = None,
+                      energy_kev: float | None = None) -> tuple[float | None, float | None]:
+    """The model grid's mrad per pixel and the beam energy in keV, for a defocus in Å: from the calibration (the
+    data's angles resampled onto the model's grid), else what the model records, else the data's convergence
+    semi-angle over the model disk's radius; the energy as given, else the model's. None where unknown."""
+    from .calibration import _model_optics, model_disk
+
+    optics = _model_optics(model)
+    mrad = (calibration_info or {}).get("model_mrad_per_px") or optics.get("mrad_per_px")
+    if mrad is None and semi_angle:
+        mrad = float(semi_angle) / float(model_disk(model.probe)["radius"])
+    return mrad, energy_kev or optics.get("energy")
 
 
 def defocus_angstrom(a: float, mrad_per_px: float, energy_kev: float) -> float:

@@ -462,13 +462,12 @@ def _central_roi(nav, block: int):
 
 def check_probe(ctx, dataset, model, step_px, rotation_deg: float = 0.0, fastest: str = "col",
                 kind: str = "counts", calibration=None, flip_patterns: bool = False, reverse_rows: bool = False,
-                energy_kev: float | None = None) -> dict:
+                energy_kev: float | None = None, semi_angle: float | None = None) -> dict:
     """The data's probe against the model's on the central positions of a raster in a LiberTEM dataset: what
     ``deepphase reconstruct`` measures (:func:`deepphase.data.aberrations.measure_probe_mismatch`), with the
     frames read and prepared as :class:`PhaseUDF` prepares them. Returns its dict with ``note``
     (:func:`~deepphase.data.aberrations.probe_mismatch_note`, None when the probes agree)."""
-    from ..data.aberrations import PROBE_CHECK_BLOCK, probe_mismatch_from_block, probe_mismatch_note
-    from ..data.calibration import _model_optics
+    from ..data.aberrations import PROBE_CHECK_BLOCK, model_grid_optics, probe_mismatch_from_block, probe_mismatch_note
 
     phase_model = model if hasattr(model, "probe") else _load(model)
     nav = tuple(dataset.shape.nav)
@@ -480,10 +479,8 @@ def check_probe(ctx, dataset, model, step_px, rotation_deg: float = 0.0, fastest
     if fastest == "row":  # the navigation axes are (scan column, scan row)
         counts = counts.transpose(1, 0, 2, 3)
     found = probe_mismatch_from_block(counts, phase_model.probe, step_px, rotation_deg, fastest)
-    optics = _model_optics(phase_model)
-    mrad = ((calibration.info if calibration is not None else {}).get("model_mrad_per_px")
-            or optics.get("mrad_per_px"))
-    energy = energy_kev or optics.get("energy")
+    mrad, energy = model_grid_optics(phase_model, calibration.info if calibration is not None else None,
+                                     semi_angle, energy_kev)
     return {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": probe_mismatch_note(found, mrad, energy)}
 
 
@@ -786,7 +783,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         probe = None
         if probe_check and positions is None and len(nav) == 2 and min(nav) >= PROBE_CHECK_MIN_PX:
             probe = check_probe(ctx, dataset, phase_model, step_px, rotation_deg, fastest, kind, view, flip,
-                                reverse_rows, (calibration_options or {}).get("energy"))
+                                reverse_rows, (calibration_options or {}).get("energy"),
+                                (calibration_options or {}).get("semi_angle"))
         udf = PhaseUDF(model=model, step_px=step_px, positions=positions, rotation_deg=rotation_deg,
                        fastest=fastest, kind=kind, calibration=view, flip_patterns=flip, reverse_rows=reverse_rows,
                        batch_size=batch_size, engine=engine, precision=precision, deblur=deblur,
