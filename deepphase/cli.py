@@ -299,7 +299,7 @@ def _cmd_reconstruct(args) -> None:
             view, amplitudes = _flipped(view, amplitudes)
         rotation_figure = None  # what the DPC criterion saw, drawn once the image is written
         if args.rotation == "auto":
-            positions, scan_info, rotation_figure = _find_rotation(args, amplitudes, view, scan_info)
+            positions, scan_info, rotation_figure = _find_rotation(args, amplitudes, view, scan_info, positions)
             if scan_info["rotation_found"]["flip_patterns"]:
                 view, amplitudes = _flipped(view, amplitudes)
             # (the cluster's workers and the --resume fingerprint read it there)
@@ -381,15 +381,17 @@ def _flipped(view, amplitudes):
     return None, FlippedView(amplitudes)
 
 
-def _find_rotation(args, amplitudes, view, scan_info: dict):
+def _find_rotation(args, amplitudes, view, scan_info: dict, positions):
     """``--rotation auto``: the scan rotation from the patterns (DPC curl criterion), then the positions; and the
     detector's handedness, unless --flip-patterns gave it (``amplitudes`` are then flipped already)."""
     from .data.calibration import centre_of_mass_block, check_scan_rotation, find_scan_rotation
     from .physics.scan import raster_positions
 
-    if "scan_shape" not in scan_info:
-        raise DeepPhaseError("rotation: 'auto' needs a raster (--scan-shape and --step, or a file that holds the "
-                             "scan shape), not --positions")
+    raster = _raster_of(scan_info, positions)
+    if raster is None:
+        raise DeepPhaseError("rotation: 'auto' needs a raster (--scan-shape and --step, a file that holds the scan "
+                             "shape, or positions that form one), not positions off a regular grid")
+    scan_info = {**scan_info, **raster}  # (a raster read from positions: they are made again at the angle found)
     shape, fastest = tuple(scan_info["scan_shape"]), scan_info["fastest"]
     com, noise = centre_of_mass_block(amplitudes, shape, fastest)
     found = find_scan_rotation(com, handedness="as recorded" if args.flip_patterns else "auto", noise=noise)

@@ -302,7 +302,7 @@ def test_scan_rotation_at_low_dose_is_found_once_the_counting_noise_is_taken_off
         check_scan_rotation(scan_rotation_from_patterns(shuffled, (48, 48), "col"))
 
 
-def test_cli_rotation_auto_records_the_angle_and_refuses_positions(probe, tmp_path, capsys):
+def test_cli_rotation_auto_records_the_angle_and_refuses_positions_off_a_raster(probe, tmp_path, capsys):
     import json
 
     from deepphase.cli import main
@@ -315,10 +315,18 @@ def test_cli_rotation_auto_records_the_angle_and_refuses_positions(probe, tmp_pa
     meta = json.loads((tmp_path / "rec" / "metadata.json").read_text())
     assert meta["rotation_found"]["rotation_deg"] == pytest.approx(0.0, abs=2.5)
     assert meta["rotation_deg"] == meta["rotation_found"]["rotation_deg"]
-    np.save(tmp_path / "pos.npy", positions)
+    # positions read from a file that form a raster (here at 40°, which the data contradict): made again at the
+    # angle found; positions off a regular grid are refused
+    np.save(tmp_path / "pos.npy", raster_positions((24, 24), 0.87, 40.0, "col"))
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--positions", str(tmp_path / "pos.npy"), "--rotation",
+                 "auto", "--out", str(tmp_path / "rec2")]) == 0
+    again = json.loads((tmp_path / "rec2" / "metadata.json").read_text())
+    assert again["rotation_deg"] == meta["rotation_deg"]
+    assert again["raster_from_positions"]["rotation_deg"] == pytest.approx(40.0)
+    np.save(tmp_path / "pos.npy", positions + np.random.default_rng(0).normal(0, 0.05, positions.shape) + 1)
     capsys.readouterr()
     assert main(["reconstruct", str(tmp_path / "scan.npy"), "--positions", str(tmp_path / "pos.npy"), "--rotation",
-                 "auto", "--out", str(tmp_path / "rec2")]) == 2
+                 "auto", "--out", str(tmp_path / "rec3")]) == 2
     assert "'auto' needs a raster" in capsys.readouterr().err
 
 
