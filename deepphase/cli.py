@@ -442,7 +442,7 @@ def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, d
     """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
     central positions of a raster: ``probe_check`` in the metadata (with a note when they clearly differ)."""
     from .data.aberrations import PROBE_CHECK_MIN_PX, measure_probe_mismatch, model_grid_optics, probe_mismatch_note
-    from .errors import ValueRangeError
+    from .errors import ShapeError, ValueRangeError
 
     if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
         return scan_info
@@ -450,8 +450,8 @@ def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, d
     try:
         found = measure_probe_mismatch(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
                                        raster["rotation_deg"], raster["fastest"])
-    except ValueRangeError:  # NaN/Inf in the block: the reconstruction names the frame
-        return scan_info
+    except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (the reconstruction names the frame), too few frequencies
+        return {**scan_info, "probe_check": {"skipped": str(exc)}}
     mrad, energy = model_grid_optics(model, view.info if view is not None else None, args.semi_angle,
                                      args.energy or data_info.get("energy_kev"))
     note = probe_mismatch_note(found, mrad, energy)

@@ -160,6 +160,16 @@ def test_cli_is_quiet_for_the_model_s_own_probe_and_skips_the_check_when_asked(p
     assert main(["reconstruct", str(tmp_path / "scan.npy"), "--scan-shape", "24", "24", "--step", "0.87",
                  "--no-probe-check", "--out", str(tmp_path / "unchecked")]) == 0
     assert "probe_check" not in json.loads((tmp_path / "unchecked" / "metadata.json").read_text())
+    # a raster too coarse for the check (a 6 px step: few frequencies inside the disk's diameter) is reconstructed
+    # with the check skipped, and why
+    positions = raster_positions((16, 16), 6.0)
+    scan = simulate_scan(twisted_hbn(required_object_shape(positions, 32), seed=3), probe, positions, seed=3,
+                         progress=False)
+    np.save(tmp_path / "coarse.npy", np.square(scan.amplitude).round().astype(np.float32))
+    assert main(["reconstruct", str(tmp_path / "coarse.npy"), "--scan-shape", "16", "16", "--step", "6",
+                 "--out", str(tmp_path / "coarse")]) == 0
+    assert "usable frequencies" in json.loads((tmp_path / "coarse" / "metadata.json").read_text())["probe_check"][
+        "skipped"]
 
 
 def test_train_like_takes_the_recorded_recipe_and_the_options_given_win(tmp_path, probe, capsys):
