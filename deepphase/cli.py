@@ -84,7 +84,7 @@ def _cmd_train(args) -> None:
                          seed=args.seed,
                          val_size=args.val_size, device=args.device, half=args.half, loss=args.loss,
                          neighbourhood=args.neighbourhood, neighbourhood_step_px=args.neighbourhood_step,
-                         sigma_head=args.sigma_head, sigma_weight=args.sigma_weight)
+                         sigma_head=args.sigma_head, sigma_weight=args.sigma_weight, init_from=args.init_from)
     geometry = Geometry(n_px=probe.shape[0])
     command = "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     command = getattr(args, "command_line", None) or command  # set by deepphase.train (torchrun processes)
@@ -720,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with the recipe a model records (a packaged name such as 'default', or a model folder): "
                         "its training options, then the ones given here, which win; the probe is this command's "
                         "(e.g. --probe probe_estimate.npy from reconstruct)")
+    p.add_argument("--init-from", metavar="MODEL",
+                   help="start from the weights of a model (a packaged name or a folder) of the same architecture "
+                        "instead of random ones: fine-tuning, e.g. the default for another probe with --like default")
     p.add_argument("--arch", default="unet-small", choices=_ArchitectureNames(), metavar="ARCH",
                    help="architecture: %(choices)s (default %(default)s); compact-rep trains the compact network "
                         "with reparameterisable convolutions and writes a plain compact model")

@@ -183,3 +183,25 @@ def test_train_like_takes_the_recorded_recipe_and_the_options_given_win(tmp_path
     assert "--like" not in record["command"] and "--probe " + str(tmp_path / "probe.npy") in record["command"]
     assert main(["train", "--like", str(tmp_path / "nowhere"), "--out", str(tmp_path / "other")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_train_init_from_starts_from_a_model_s_weights_of_the_same_architecture(tmp_path, probe, capsys):
+    from deepphase.models.modelfile import load_model
+
+    np.save(tmp_path / "probe.npy", add_aberrations(probe, (0.01, 0.0, 0.01)))
+    common = ["train", "--like", "default", "--probe", str(tmp_path / "probe.npy"), "--epochs", "1",
+              "--steps-per-epoch", "1", "--val-size", "8"]
+    assert main([*common, "--init-from", "default", "--out", str(tmp_path / "warm")]) == 0
+    assert main([*common, "--out", str(tmp_path / "cold")]) == 0
+    default = load_model("default").network.state_dict()
+
+    def distance(folder):  # relative distance of all weights from the default's
+        state = load_model(folder).network.state_dict()
+        return np.sqrt(sum(float(((state[k].float() - default[k].float()) ** 2).sum()) for k in default)
+                       / sum(float((default[k].float() ** 2).sum()) for k in default))
+
+    assert distance(tmp_path / "warm") < 0.01 < 0.5 < distance(tmp_path / "cold")  # one warm-up step moves little
+    assert json.loads((tmp_path / "warm" / "model.json").read_text())["training"]["init_from"] == "default"
+    assert main(["train", "--arch", "unet-small", "--init-from", "default", "--epochs", "1", "--steps-per-epoch", "1",
+                 "--out", str(tmp_path / "mismatch")]) == 2
+    assert "is a compact network" in capsys.readouterr().err

@@ -81,6 +81,7 @@ class TrainConfig:
     neighbourhood_step_px: float = REFERENCE_STEP_PX  # its scan step in real-space pixels
     sigma_head: str | None = None  # "shared" or "detached": also predict each pixel's error scale (see models.compact)
     sigma_weight: float = 1.0  # weight of that NLL beside the L1 (it shares the trunk with the phase)
+    init_from: str | None = None  # a model (packaged name or folder) whose weights start the training
 
     def optimizer_settings(self) -> dict:
         if self.preset not in OPTIMIZERS:
@@ -99,6 +100,8 @@ class TrainConfig:
             del d["neighbourhood"], d["neighbourhood_step_px"]
         if not self.sigma_head:  # likewise runs without the σ head
             del d["sigma_head"], d["sigma_weight"]
+        if self.init_from is None:  # and runs from random weights
+            del d["init_from"]
         return d
 
     def arch_config(self, geometry: Geometry) -> dict:
@@ -291,6 +294,8 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
     arch_config = config.arch_config(geometry)
     torch.manual_seed(config.seed)  # the initial weights are part of what the seed fixes
     network = create_model(config.arch, **arch_config).to(device)
+    if config.init_from is not None and not resume:
+        _initialise_from(network, config, arch_config, log)
     optimizer = _make_optimizer(network.parameters(), settings)
     history: list[dict] = []
     start_epoch = 0
@@ -431,6 +436,21 @@ def distributed_context() -> tuple[int, int, int]:
         return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError as exc:
         raise DeepPhaseError(f"WORLD_SIZE/RANK/LOCAL_RANK: expected integers in the environment ({exc})") from exc
+
+
+def _initialise_from(network: torch.nn.Module, config: TrainConfig, arch_config: dict, log) -> None:
+    """Start from another model's weights (a warm start: fine-tuning a model for another probe); its
+    architecture must be this one's."""
+    from ..models.modelfile import load_model
+
+    source = load_model(config.init_from)
+    if source.arch != config.arch or source.arch_config != arch_config:
+        raise DeepPhaseError(
+            f"init_from: {config.init_from!r} is a {source.arch} network with {source.arch_config}; this training "
+            f"builds a {config.arch} network with {arch_config} (train with the same --arch and options, e.g. "
+            f"--like {config.init_from})")
+    network.load_state_dict(source.network.state_dict())
+    log(f"starting from the weights of {config.init_from}")
 
 
 def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
