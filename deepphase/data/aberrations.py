@@ -6,7 +6,7 @@ bright-field disk takes the packaged default's correlation with the truth from 0
 to 0.83, 2.2 rad to 0.36 (benchmarks/RESULTS.md §36) — and 1.1 rad is about 1 nm of defocus at 300 kV and
 25 mrad. Nothing in a single pattern tells the two probes apart, but the whole scan does. A thick
 specimen shows the same: a probe focused on its entrance surface is out of focus in its middle
-(multislice SrTiO₃, 3.9 nm: −1.9 rad, and a model trained for that probe does better on it).
+(multislice SrTiO₃, 3.9 nm: −1.7 rad of defocus, and a model trained for that probe does better on it).
 
 Method (the weak-phase transfer of the scan's Fourier transform). For a weak-phase object the
 patterns' Fourier transform over the probe positions, at the specimen's spatial frequency ``g``, is
