@@ -363,7 +363,7 @@ def plot_probe_mismatch(found: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io_utils import atomic_path
+    from ..io_utils import save_png
 
     radius2 = found["disk_radius_px"] ** 2
     fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0), gridspec_kw={"width_ratios": [1.4, 1]})
@@ -391,6 +391,4 @@ def plot_probe_mismatch(found: dict, path) -> None:
     right.set_xlabel("k_col (detector px)")
     right.set_ylabel("k_row (detector px)")
     fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=100)

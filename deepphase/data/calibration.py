@@ -891,7 +891,7 @@ def plot_calibration(view: CalibratedView, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io_utils import atomic_path
+    from ..io_utils import save_png
 
     info, arrays = view.info, view.arrays
     has_descan = arrays.get("coords") is not None and np.isfinite(arrays["centers"]).any()
@@ -931,9 +931,7 @@ def plot_calibration(view: CalibratedView, path: str | Path) -> None:
         a.set_xticks([])
         a.set_yticks([])
     fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1250,7 +1248,7 @@ def plot_scan_rotation(com: np.ndarray, noise: np.ndarray | None, found: dict, p
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io_utils import atomic_path
+    from ..io_utils import save_png
 
     com = np.asarray(com, dtype=np.float64) - np.mean(com, axis=(0, 1))
     noise = np.zeros(com.shape[:2]) if noise is None else np.asarray(noise, dtype=np.float64)
@@ -1282,6 +1280,4 @@ def plot_scan_rotation(com: np.ndarray, noise: np.ndarray | None, found: dict, p
     right.set_xlabel("scan col")
     right.set_ylabel("scan row")
     fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=100)

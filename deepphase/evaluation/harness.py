@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data.simulate import SimulatedScan, required_object_shape, simulate_scan
 from ..errors import ValueRangeError
-from ..io_utils import atomic_path, save_json
+from ..io_utils import atomic_path, save_json, save_png
 from ..physics.forward import dose_per_area
 from ..physics.scan import REFERENCE_STEP_PX, raster_positions
 from . import metrics
@@ -495,9 +495,7 @@ def _montage(images, specimens, dose, methods, path: Path) -> None:
             diff.axis("off")
     fig.suptitle(f"{dose:,.0f} electrons per pattern", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.985))  # keep the title clear of the first row's titles
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def _dose_series(rows, specimens, methods, path: Path) -> None:
@@ -525,9 +523,7 @@ def _dose_series(rows, specimens, methods, path: Path) -> None:
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def write_report(rows, images, out_dir, settings: dict, overwrite: bool = False) -> Path:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..data.io import check_patterns
 from ..errors import OutputExistsError, ShapeError, ValueRangeError
-from ..io_utils import atomic_path, save_json, save_npy
+from ..io_utils import atomic_path, save_json, save_npy, save_png
 from ..models.modelfile import PhaseModel, check_compatible, load_model
 from ..physics.geometry import output_mask
 from ..physics.scan import validate_positions
@@ -719,9 +719,7 @@ def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, tit
     if title and len(panels) > 1:
         fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(path, ".png") as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_png(fig, path, dpi=110)
 
 
 def _scale_bar(width_px: int, sampling: float | None) -> tuple[float, str]:
