@@ -99,7 +99,15 @@ def weak_phase_transfer(far_field: np.ndarray, g: np.ndarray) -> np.ndarray:
     finite probe window, no interpolation). Returns (K, n, n) complex.
     """
     far_field = np.asarray(far_field, dtype=np.complex128)
-    return _transfer(far_field, _ramps(g, far_field.shape[-1]))
+    n = far_field.shape[-1]
+    transfer = _transfer(_unshift(far_field), _unshift(_ramps(g, n)), np.complex128)
+    return np.fft.fftshift(transfer, axes=(-2, -1))
+
+
+# The fit works in FFT order (zero frequency and the real-space origin at index 0, DESIGN.md's arrays
+# ifftshift-ed): its sums over the detector do not depend on the order, and no array is rolled per evaluation.
+def _unshift(array: np.ndarray) -> np.ndarray:
+    return np.fft.ifftshift(array, axes=(-2, -1))
 
 
 def _ramps(g: np.ndarray, n: int) -> np.ndarray:
@@ -107,11 +115,12 @@ def _ramps(g: np.ndarray, n: int) -> np.ndarray:
     return np.exp(2j * np.pi * np.einsum("kc,cij->kij", np.asarray(g, dtype=np.float64), r) / n)
 
 
-def _transfer(far_field: np.ndarray, ramps: np.ndarray) -> np.ndarray:
-    probe = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(far_field)))
+def _transfer(far_field: np.ndarray, ramps: np.ndarray, dtype=np.complex64) -> np.ndarray:
+    """T in FFT order from the far field and the ramps in FFT order."""
+    far_field = far_field.astype(dtype)
+    probe = scipy.fft.ifft2(far_field)
     # (the two shifted far fields in one batched FFT, on every core)
-    shifted = np.fft.fftshift(scipy.fft.fft2(np.fft.ifftshift(probe[None, None] * np.stack([ramps, np.conj(ramps)]),
-                                                             axes=(-2, -1)), workers=-1), axes=(-2, -1))
+    shifted = scipy.fft.fft2(probe[None, None] * np.stack([ramps, np.conj(ramps)]).astype(dtype), workers=-1)
     return np.conj(far_field)[None] * shifted[0] - far_field[None] * np.conj(shifted[1])
 
 
@@ -178,15 +187,16 @@ def _spectrum(counts: np.ndarray, step_px, rotation_deg: float, fastest: str, n_
               g_range: tuple[float, float]):
     br, bc, n = counts.shape[0], counts.shape[1], counts.shape[-1]
     noise = counts.sum(axis=(0, 1))
-    spectrum = np.fft.fft2(counts - counts.mean(axis=(0, 1)), axes=(0, 1))
-    nu = np.stack(np.meshgrid(np.fft.fftfreq(br), np.fft.fftfreq(bc), indexing="ij"), axis=-1)
+    # (real counts: the half plane of scan frequencies with ν_col ≥ 0 holds one of each ±ν pair)
+    spectrum = scipy.fft.rfft2((counts - counts.mean(axis=(0, 1))).astype(np.float32), axes=(0, 1), workers=-1)
+    nu = np.stack(np.meshgrid(np.fft.fftfreq(br), np.fft.rfftfreq(bc), indexing="ij"), axis=-1)
     # A scan frequency ν (cycles per step along the scan rows and columns) is the object frequency f with
     # f·e_row = ν_row, f·e_col = ν_col; on the detector it sits at g = n·f.
     steps = _scan_vectors(step_px, rotation_deg, fastest)
     g = n * nu @ np.linalg.inv(steps).T
     length = np.hypot(g[..., 0], g[..., 1])
-    # One of each ±ν pair (G(−ν) is G(ν)'s conjugate): the upper half plane of scan frequencies.
-    half = (nu[..., 0] > 0) | ((nu[..., 0] == 0) & (nu[..., 1] > 0))
+    # One of each ±ν pair (G(−ν) is G(ν)'s conjugate): ν_col > 0, and on ν_col = 0 or ½ (both signs there) ν_row > 0.
+    half = ((nu[..., 1] > 0) & (nu[..., 1] < 0.5)) | (((nu[..., 1] == 0) | (nu[..., 1] == 0.5)) & (nu[..., 0] > 0))
     # A coarse step folds object frequencies g + K (K: the raster's reciprocal lattice, |K| ≥ n / the longer
     # step) onto g; they add trotters of their own unless |g + K| ≥ g_range[1] for all of them.
     unfolded = n / np.max(np.hypot(steps[:, 0], steps[:, 1])) - g_range[1]
@@ -199,12 +209,12 @@ def _spectrum(counts: np.ndarray, step_px, rotation_deg: float, fastest: str, n_
 
 def _explained(coefficients, spectrum, ramps, far_field) -> float:
     """Share of the spectrum's power that the weak-phase transfer with ``Δχ`` explains (one free complex
-    factor per frequency: the specimen's)."""
+    factor per frequency: the specimen's). Every array in FFT order."""
     n = far_field.shape[-1]
-    transfer = _transfer(far_field * np.exp(1j * _delta_chi(coefficients, n)), ramps)
-    projection = np.abs(np.sum(spectrum * np.conj(transfer), axis=(1, 2))) ** 2
-    norm = np.sum(np.abs(transfer) ** 2, axis=(1, 2)) + 1e-300
-    return float(np.sum(projection / norm) / np.sum(np.abs(spectrum) ** 2))
+    transfer = _transfer(far_field * np.exp(1j * _unshift(_delta_chi(coefficients, n))), ramps)
+    projection = np.abs(np.sum(spectrum * np.conj(transfer), axis=(1, 2), dtype=np.complex128)) ** 2
+    norm = np.sum(np.abs(transfer) ** 2, axis=(1, 2), dtype=np.float64) + 1e-300
+    return float(np.sum(projection / norm) / np.sum(np.abs(spectrum) ** 2, dtype=np.float64))
 
 
 #: The coarse search uses the strongest few frequencies only (it needs the peak, not its position to 1e-4).
@@ -219,8 +229,9 @@ def fit_probe_mismatch(spectrum: np.ndarray, g: np.ndarray, probe: np.ndarray, s
     best, on all of them. ``start``: skip the search and refine from these coefficients. Returns
     ``{"coefficients": [a_rr, a_rc, a_cc], "explained": share of the spectrum's power explained}``.
     """
-    far_field = _far_field(np.asarray(probe, dtype=np.complex128))
-    ramps = _ramps(g, far_field.shape[-1])
+    far_field = _unshift(_far_field(np.asarray(probe, dtype=np.complex128)))
+    ramps = _unshift(_ramps(g, far_field.shape[-1])).astype(np.complex64)
+    spectrum = _unshift(spectrum).astype(np.complex64)
     search = None
     if start is None:
         grid = np.linspace(-A_MAX, A_MAX, 61)
