@@ -841,7 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detector units per electron: counts = data / G (default 1)")
     g.add_argument("--no-probe-check", dest="probe_check", action="store_false",
                    help="skip measuring the data's probe against the model's (defocus and astigmatism from the "
-                        "scan's weak-phase transfer, on the central 64×64 positions of a raster, 1-2 s); by default a "
+                        "scan's weak-phase transfer, on the central 64×64 positions of a raster, about 1 s); by default a "
                         "clear difference is noted and the probe it implies written to probe_estimate.npy")
     g.add_argument("--flip-patterns", action="store_true",
                    help="mirror every pattern in k_row (k_row → −k_row) before the network: for a detector whose "

@@ -42,7 +42,7 @@ __all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe
            "probe_mismatch_from_block", "model_grid_optics", "defocus_angstrom", "probe_mismatch_note",
            "plot_probe_mismatch", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD"]
 
-#: The check reads the central block of this many positions a side (1–2 s on a 2-core CPU).
+#: The check reads the central block of this many positions a side (about 1 s on a 2-core CPU).
 PROBE_CHECK_BLOCK = 64
 #: Scans with fewer positions a side than this are not checked (too few frequencies).
 PROBE_CHECK_MIN_PX = 16
