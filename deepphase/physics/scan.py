@@ -79,6 +79,7 @@ def validate_positions(positions, n_frames: int) -> np.ndarray:
         )
     return positions.astype(np.float64)
 
+
 def raster_from_positions(positions, tolerance_px: float = 1e-3) -> dict | None:
     """The raster behind a list of scan positions, if they are one: the parameters of :func:`raster_positions`.
 
@@ -90,10 +91,10 @@ def raster_from_positions(positions, tolerance_px: float = 1e-3) -> dict | None:
     Returns
     -------
     ``{"scan_shape": [rows, cols], "step_px": [row step, col step], "rotation_deg": θ, "fastest": "row" | "col"}``
-    such that ``raster_positions(r["scan_shape"], r["step_px"], r["rotation_deg"], r["fastest"])`` gives ``positions``
-    less their minimum, or None when the positions
-    are not a raster of at least 2×2 with perpendicular axes in the convention's sense (e.g. measured positions
-    with jitter, a serpentine or spiral scan).
+    such that ``raster_positions(r["scan_shape"], r["step_px"], r["rotation_deg"], r["fastest"])`` gives
+    ``positions`` less their minimum; None when the positions are not a raster of at least 2×2 with
+    perpendicular axes in the convention's sense (e.g. measured positions with jitter, a serpentine or spiral
+    scan).
     """
     p = np.asarray(positions, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != 2 or len(p) < 4 or not np.all(np.isfinite(p)):

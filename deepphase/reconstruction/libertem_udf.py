@@ -782,9 +782,12 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             figure = figure if check["note"] else None
         probe = None
         if probe_check and positions is None and len(nav) == 2 and min(nav) >= PROBE_CHECK_MIN_PX:
-            probe = check_probe(ctx, dataset, phase_model, step_px, rotation_deg, fastest, kind, view, flip,
-                                reverse_rows, (calibration_options or {}).get("energy"),
-                                (calibration_options or {}).get("semi_angle"))
+            try:
+                probe = check_probe(ctx, dataset, phase_model, step_px, rotation_deg, fastest, kind, view, flip,
+                                    reverse_rows, (calibration_options or {}).get("energy"),
+                                    (calibration_options or {}).get("semi_angle"))
+            except (ValueRangeError, ShapeError) as exc:  # NaN/Inf in the block, too few frequencies: as the pipeline
+                probe = {"skipped": str(exc)}
         udf = PhaseUDF(model=model, step_px=step_px, positions=positions, rotation_deg=rotation_deg,
                        fastest=fastest, kind=kind, calibration=view, flip_patterns=flip, reverse_rows=reverse_rows,
                        batch_size=batch_size, engine=engine, precision=precision, deblur=deblur,
