@@ -84,7 +84,8 @@ def _cmd_train(args) -> None:
                          seed=args.seed,
                          val_size=args.val_size, device=args.device, half=args.half, loss=args.loss,
                          neighbourhood=args.neighbourhood, neighbourhood_step_px=args.neighbourhood_step,
-                         sigma_head=args.sigma_head, sigma_weight=args.sigma_weight, init_from=args.init_from)
+                         sigma_head=args.sigma_head, sigma_weight=args.sigma_weight, init_from=args.init_from,
+                         defocus_spread=args.defocus_spread)
     geometry = Geometry(n_px=probe.shape[0])
     command = "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     command = getattr(args, "command_line", None) or command  # set by deepphase.train (torchrun processes)
@@ -720,6 +721,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with the recipe a model records (a packaged name such as 'default', or a model folder): "
                         "its training options, then the ones given here, which win; the probe is this command's "
                         "(e.g. --probe probe_estimate.npy from reconstruct)")
+    p.add_argument("--defocus-spread", type=float, default=0.0, metavar="RAD",
+                   help="give each training pattern's probe a defocus of its own, up to this many rad at the "
+                        "bright-field disk's edge either way (default 0: the probe as given), for data whose focus "
+                        "is known only so well (see benchmarks/RESULTS.md §36 for what it costs and gains)")
     p.add_argument("--init-from", metavar="MODEL",
                    help="start from the weights of a model (a packaged name or a folder) of the same architecture "
                         "instead of random ones: fine-tuning, e.g. the default for another probe with --like default")

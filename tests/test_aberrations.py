@@ -205,3 +205,28 @@ def test_train_init_from_starts_from_a_model_s_weights_of_the_same_architecture(
     assert main(["train", "--arch", "unet-small", "--init-from", "default", "--epochs", "1", "--steps-per-epoch", "1",
                  "--out", str(tmp_path / "mismatch")]) == 2
     assert "is a compact network" in capsys.readouterr().err
+
+
+def test_a_defocus_spread_gives_each_training_pattern_a_probe_defocused_as_add_aberrations_does(probe):
+    import torch
+
+    from deepphase.data.phase_objects import CorpusConfig
+    from deepphase.data.stream import TrainingStream
+    from deepphase.errors import ValueRangeError
+    from deepphase.physics.geometry import Geometry
+
+    radius2 = model_disk(probe)["radius"] ** 2
+    stream = TrainingStream(probe, Geometry(), CorpusConfig(), 27882.0, defocus_spread=1.1)
+    edges = torch.tensor([0.9, -0.4, 0.0])
+    for edge, got in zip(edges.tolist(), stream.defocused_probes(edges).numpy()):
+        expected = add_aberrations(probe, (edge / radius2, 0.0, edge / radius2))
+        assert np.abs(got - expected).max() < 1e-6 * np.abs(expected).max()
+    # a batch draws one defocus per pattern within the spread and simulates with those probes
+    drawn = []
+    original = stream.defocused_probes
+    stream.defocused_probes = lambda edge: drawn.append(edge) or original(edge)
+    batch = stream.batch(64, torch.Generator().manual_seed(3))
+    assert batch.amplitude.shape == (64, 1, 32, 32) and drawn[0].shape == (64,)
+    assert drawn[0].abs().max() <= 1.1 and drawn[0].min() < -0.5 and drawn[0].max() > 0.5
+    with pytest.raises(ValueRangeError, match="single patterns"):
+        TrainingStream(probe, Geometry(), CorpusConfig(), 27882.0, neighbourhood=3, defocus_spread=1.0)

@@ -68,10 +68,15 @@ class TrainingStream:
         centre position (9 channels, see :func:`neighbourhood_offsets`).
     step_px : float
         Scan step of the neighbourhood in real-space pixels (default: the reference scan's 0.87 px).
+    defocus_spread : float
+        0 (default): every pattern with ``probe``. Otherwise each pattern's probe gets a defocus of its own,
+        drawn uniformly so that it adds up to this many rad at the bright-field disk's edge either way (a
+        model for data whose focus is known only so well; :mod:`deepphase.data.aberrations`). One pattern
+        per sample only.
     """
 
     def __init__(self, probe: np.ndarray, geometry: Geometry, corpus: CorpusConfig, dose, device="cpu",
-                 neighbourhood: int = 1, step_px: float = REFERENCE_STEP_PX):
+                 neighbourhood: int = 1, step_px: float = REFERENCE_STEP_PX, defocus_spread: float = 0.0):
         self.geometry = geometry
         self.corpus = corpus
         self.dose = dose
@@ -88,6 +93,18 @@ class TrainingStream:
         self.margin = int(max(0, -corners.min(), corners.max()))
         self._corners = corners + self.margin  # top-left corner of each window in the larger object
         self.probes = self._shifted_probes(offsets - corners)  # (C, n, n)
+        self.defocus_spread = float(defocus_spread)
+        if self.defocus_spread:
+            from .calibration import model_disk
+
+            if not (np.isfinite(self.defocus_spread) and self.defocus_spread > 0) or self.neighbourhood != 1:
+                raise ValueRangeError(f"defocus_spread: expected a positive number of rad for single patterns, got "
+                                      f"{defocus_spread} with a neighbourhood of {self.neighbourhood}")
+            q = torch.fft.fftfreq(geometry.n_px, d=1.0 / geometry.n_px, dtype=torch.float64)  # FFT order, pixels
+            # Δχ = a·|q|² about the zero frequency; a = edge phase / r² (DESIGN.md's centring only adds a shift,
+            # which commutes with it)
+            self._q2_over_r2 = ((q[:, None] ** 2 + q[None, :] ** 2) / model_disk(probe)["radius"] ** 2).to(self.device)
+            self._probe_k = torch.fft.fft2(self.probe.to(torch.complex128))
 
     @property
     def channels(self) -> int:
@@ -104,6 +121,12 @@ class TrainingStream:
         probe_k = torch.fft.fft2(self.probe.cpu().to(torch.complex128))
         return torch.fft.ifft2(probe_k[None] * ramp).to(self.device, torch.complex64)
 
+    def defocused_probes(self, edge: torch.Tensor) -> torch.Tensor:
+        """The probe with a defocus adding ``edge`` rad at the disk's edge, for each value, (B, n, n) complex64
+        (``defocus_spread`` streams only)."""
+        phase = edge.to(torch.float64)[:, None, None] * self._q2_over_r2[None]
+        return torch.fft.ifft2(self._probe_k[None] * torch.exp(1j * phase)).to(torch.complex64)
+
     def neighbour_windows(self, objects: torch.Tensor) -> torch.Tensor:
         """The probe windows of every channel cut from objects (B, n + 2·margin, n + 2·margin) → (B, C, n, n)."""
         n = self.geometry.n_px
@@ -116,7 +139,10 @@ class TrainingStream:
     def batch(self, size: int, gen: torch.Generator) -> Batch:
         n = self.geometry.n_px
         phase = random_phase_objects(size, n + 2 * self.margin, gen, self.corpus, self.device)
-        if self.neighbourhood == 1:
+        if self.neighbourhood == 1 and self.defocus_spread:
+            edge = self.defocus_spread * (2 * torch.rand(size, generator=gen, device=self.device, dtype=torch.float64) - 1)
+            intensity = diffraction_intensity(self.defocused_probes(edge), phase)
+        elif self.neighbourhood == 1:
             intensity = diffraction_intensity(self.probe, phase)
         else:
             intensity = self.noise_free_intensity(phase)  # (B, C, n, n)

@@ -82,6 +82,7 @@ class TrainConfig:
     sigma_head: str | None = None  # "shared" or "detached": also predict each pixel's error scale (see models.compact)
     sigma_weight: float = 1.0  # weight of that NLL beside the L1 (it shares the trunk with the phase)
     init_from: str | None = None  # a model (packaged name or folder) whose weights start the training
+    defocus_spread: float = 0.0  # rad at the disk's edge: each pattern's probe defocused by up to this, either way
 
     def optimizer_settings(self) -> dict:
         if self.preset not in OPTIMIZERS:
@@ -102,6 +103,8 @@ class TrainConfig:
             del d["sigma_head"], d["sigma_weight"]
         if self.init_from is None:  # and runs from random weights
             del d["init_from"]
+        if not self.defocus_spread:  # and runs with the probe as given
+            del d["defocus_spread"]
         return d
 
     def arch_config(self, geometry: Geometry) -> dict:
@@ -290,7 +293,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
 
     mask = torch.as_tensor(output_mask(probe, geometry), device=device)
     stream = TrainingStream(probe, geometry, config.corpus, dose, device, neighbourhood=config.neighbourhood,
-                            step_px=config.neighbourhood_step_px)
+                            step_px=config.neighbourhood_step_px, defocus_spread=config.defocus_spread)
     arch_config = config.arch_config(geometry)
     torch.manual_seed(config.seed)  # the initial weights are part of what the seed fixes
     network = create_model(config.arch, **arch_config).to(device)
