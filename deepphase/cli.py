@@ -308,9 +308,9 @@ def _cmd_reconstruct(args) -> None:
         elif _raster_of(scan_info, positions) is not None:
             scan_info, rotation_figure = _check_rotation(amplitudes, scan_info, _raster_of(scan_info, positions))
         scan_info["patterns_flipped"] = args.flip_patterns
-        if args.probe_check and _raster_of(scan_info, positions) is not None:
-            scan_info = _check_probe(args, amplitudes, model, view, scan_info, _raster_of(scan_info, positions),
-                                     data.info)
+        raster = _raster_of(scan_info, positions)  # (with the rotation found, after --rotation auto)
+        if args.probe_check and raster is not None:
+            scan_info = _check_probe(args, amplitudes, model, view, scan_info, raster, data.info)
         sampling = args.pixel_size or (calibration or {}).get("real_space_sampling_angstrom")
         if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
             rec = _reconstruct_on_cluster(args, positions, kind, view)
