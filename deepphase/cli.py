@@ -442,7 +442,8 @@ def _check_rotation(amplitudes, scan_info: dict, raster: dict):
 def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, data_info: dict):
     """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
     central positions of a raster: ``probe_check`` in the metadata (with a note when they clearly differ)."""
-    from .data.aberrations import PROBE_CHECK_MIN_PX, measure_probe_mismatch, model_grid_optics, probe_mismatch_note
+    from .data.aberrations import (PROBE_CHECK_MIN_PX, hold_back_for_geometry, measure_probe_mismatch,
+                                   model_grid_optics, probe_mismatch_note)
     from .errors import ShapeError, ValueRangeError
 
     if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
@@ -455,9 +456,9 @@ def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, d
         return {**scan_info, "probe_check": {"skipped": str(exc)}}
     mrad, energy = model_grid_optics(model, view.info if view is not None else None, args.semi_angle,
                                      args.energy or data_info.get("energy_kev"))
-    note = probe_mismatch_note(found, mrad, energy)
-    return {**scan_info, "probe_check": {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": note,
-                                         "wall_s": round(time.perf_counter() - t0, 3)}}
+    check = {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": probe_mismatch_note(found, mrad, energy),
+             "wall_s": round(time.perf_counter() - t0, 3)}
+    return {**scan_info, "probe_check": hold_back_for_geometry(check, (scan_info.get("rotation_check") or {}).get("note"))}
 
 
 def _write_probe_estimate(args, check: dict, model_probe) -> str:

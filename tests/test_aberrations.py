@@ -230,3 +230,24 @@ def test_a_defocus_spread_gives_each_training_pattern_a_probe_defocused_as_add_a
     assert drawn[0].abs().max() <= 1.1 and drawn[0].min() < -0.5 and drawn[0].max() > 0.5
     with pytest.raises(ValueRangeError, match="single patterns"):
         TrainingStream(probe, Geometry(), CorpusConfig(), 27882.0, neighbourhood=3, defocus_spread=1.0)
+
+
+def test_a_scan_geometry_the_rotation_check_contradicts_holds_back_the_probe_note(probe, tmp_path, capsys):
+    """The model's own probe, the scan rotated a quarter turn against the detector but given as 0°: the transfer
+    then looks like a large defocus; the rotation note is what is said, the probe's is kept in metadata only."""
+    positions = raster_positions((32, 32), STEP, 90.0)
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=3)
+    counts = np.square(simulate_scan(truth, probe, positions, seed=3, progress=False).amplitude).round()
+    np.save(tmp_path / "scan.npy", counts.astype(np.float32))
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--scan-shape", "32", "32", "--step", "0.87",
+                 "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "the DPC curl criterion finds the scan rotated" in err and "probe differs" not in err
+    check = json.loads((tmp_path / "out" / "metadata.json").read_text())["probe_check"]
+    assert check["note"] is None and "held back" in check["held_back"] and check["edge_phase_rad"] > 0.4
+    assert not (tmp_path / "out" / "probe_estimate.npy").exists()
+    # with --rotation auto the geometry is found, and the probe agrees
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--scan-shape", "32", "32", "--step", "0.87",
+                 "--rotation", "auto", "--out", str(tmp_path / "auto")]) == 0
+    check = json.loads((tmp_path / "auto" / "metadata.json").read_text())["probe_check"]
+    assert check["note"] is None and "held_back" not in check and check["edge_phase_rad"] < 0.2

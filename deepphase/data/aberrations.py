@@ -40,7 +40,7 @@ from ..physics.scan import raster_positions
 
 __all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe_mismatch", "measure_probe_mismatch",
            "probe_mismatch_from_block", "model_grid_optics", "defocus_angstrom", "probe_mismatch_note",
-           "plot_probe_mismatch", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD"]
+           "hold_back_for_geometry", "plot_probe_mismatch", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD"]
 
 #: The check reads the central block of this many positions a side (about 1 s on a 2-core CPU).
 PROBE_CHECK_BLOCK = 64
@@ -363,6 +363,17 @@ def probe_mismatch_note(found: dict, mrad_per_px: float | None = None, energy_ke
             "default: correlation 0.97 → 0.93 at +0.6 rad, 0.83 at +1.1, 0.36 at +2.2); on a thick specimen part "
             "of the difference is its depth (a probe focused on the entrance surface is out of focus in the "
             "middle). Focus as for the model's probe, or train a model for this one")
+
+
+def hold_back_for_geometry(check: dict, rotation_note: str | None) -> dict:
+    """The probe check with its note held back (``note`` None, the text in ``held_back``) when the rotation check
+    contradicts the scan's geometry: the fit assumes it, and a wrong rotation, a mirrored detector or half a turn
+    makes the transfer look like a large defocus (simulated twisted hBN with the model's own probe: 1.5, 2.4 and
+    3.0 rad). Fix the geometry first; the probe is then checked on data it fits."""
+    if not rotation_note or not check.get("note"):
+        return check
+    return {**check, "note": None, "held_back": check["note"] + " — held back: the rotation check contradicts the "
+                                                               "scan's geometry, which this fit assumes"}
 
 
 def plot_probe_mismatch(found: dict, path) -> None:

@@ -726,7 +726,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     import libertem.api as lt
     from libertem.io.dataset.base import DataSetException
 
-    from ..data.aberrations import PROBE_CHECK_MIN_PX
+    from ..data.aberrations import PROBE_CHECK_MIN_PX, hold_back_for_geometry
     from ..data.calibration import (ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, check_scan_rotation,
                                     plot_scan_rotation, rotation_note)
     from ..data.io import infer_kind
@@ -788,6 +788,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
                                     (calibration_options or {}).get("semi_angle"))
             except (ValueRangeError, ShapeError) as exc:  # NaN/Inf in the block, too few frequencies: as the pipeline
                 probe = {"skipped": str(exc)}
+            probe = hold_back_for_geometry(probe, (check or {}).get("note"))
         udf = PhaseUDF(model=model, step_px=step_px, positions=positions, rotation_deg=rotation_deg,
                        fastest=fastest, kind=kind, calibration=view, flip_patterns=flip, reverse_rows=reverse_rows,
                        batch_size=batch_size, engine=engine, precision=precision, deblur=deblur,
