@@ -305,8 +305,8 @@ def _cmd_reconstruct(args) -> None:
                 view, amplitudes = _flipped(view, amplitudes)
             # (the cluster's workers and the --resume fingerprint read it there)
             args.flip_patterns = args.flip_patterns or scan_info["rotation_found"]["flip_patterns"]
-        elif _raster_of(scan_info, positions) is not None:
-            scan_info, rotation_figure = _check_rotation(amplitudes, scan_info, _raster_of(scan_info, positions))
+        elif (raster := _raster_of(scan_info, positions)) is not None:
+            scan_info, rotation_figure = _check_rotation(amplitudes, scan_info, raster)
         scan_info["patterns_flipped"] = args.flip_patterns
         raster = _raster_of(scan_info, positions)  # (with the rotation found, after --rotation auto)
         if args.probe_check and raster is not None:
@@ -442,8 +442,7 @@ def _check_rotation(amplitudes, scan_info: dict, raster: dict):
 def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, data_info: dict):
     """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
     central positions of a raster: ``probe_check`` in the metadata (with a note when they clearly differ)."""
-    from .data.aberrations import (PROBE_CHECK_MIN_PX, hold_back_for_geometry, measure_probe_mismatch,
-                                   model_grid_optics, probe_mismatch_note)
+    from .data.aberrations import PROBE_CHECK_MIN_PX, measure_probe_mismatch, probe_check_report
     from .errors import ShapeError, ValueRangeError
 
     if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
@@ -454,11 +453,10 @@ def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, d
                                        raster["rotation_deg"], raster["fastest"])
     except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (the reconstruction names the frame), too few frequencies
         return {**scan_info, "probe_check": {"skipped": str(exc)}}
-    mrad, energy = model_grid_optics(model, view.info if view is not None else None, args.semi_angle,
-                                     args.energy or data_info.get("energy_kev"))
-    check = {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": probe_mismatch_note(found, mrad, energy),
-             "wall_s": round(time.perf_counter() - t0, 3)}
-    return {**scan_info, "probe_check": hold_back_for_geometry(check, (scan_info.get("rotation_check") or {}).get("note"))}
+    check = probe_check_report(found, model, view.info if view is not None else None, args.semi_angle,
+                               args.energy or data_info.get("energy_kev"),
+                               (scan_info.get("rotation_check") or {}).get("note"))
+    return {**scan_info, "probe_check": {**check, "wall_s": round(time.perf_counter() - t0, 3)}}
 
 
 def _write_probe_estimate(args, check: dict, model_probe) -> str:

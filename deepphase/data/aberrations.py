@@ -39,7 +39,7 @@ from ..physics.probe import electron_wavelength
 from ..physics.scan import raster_positions
 
 __all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe_mismatch", "measure_probe_mismatch",
-           "probe_mismatch_from_block", "model_grid_optics", "defocus_angstrom", "probe_mismatch_note",
+           "probe_mismatch_from_block", "probe_check_report", "model_grid_optics", "defocus_angstrom", "probe_mismatch_note",
            "hold_back_for_geometry", "plot_probe_mismatch", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD"]
 
 #: The check reads the central block of this many positions a side (about 1 s on a 2-core CPU).
@@ -160,26 +160,14 @@ def scan_spectrum(amplitudes, scan_shape, step_px, rotation_deg: float = 0.0, fa
 
 def _central_counts(amplitudes, scan_shape, fastest: str, block: int) -> np.ndarray:
     """The squared amplitudes of the central ``block × block`` positions on the scan grid, (rows, cols, n, n)."""
-    rows, cols = (int(s) for s in scan_shape)
-    n_frames = amplitudes.shape[0]
-    if rows * cols != n_frames:
-        raise ShapeError(f"scan_shape: {rows}×{cols} positions do not match the {n_frames} patterns")
-    br, bc = min(block, rows), min(block, cols)
+    from .calibration import central_block_lines
+
+    (br, bc), lines = central_block_lines(amplitudes, scan_shape, fastest, block)
     if min(br, bc) < 4:
-        raise ShapeError(f"scan_shape: expected at least 4×4 positions for a spectrum, got {rows}×{cols}")
-    r0, c0 = (rows - br) // 2, (cols - bc) // 2
-    n = amplitudes.shape[-1]
-    counts = np.empty((br, bc, n, n))
-    if fastest == "col":  # a scan row's frames are consecutive
-        for i in range(br):
-            start = (r0 + i) * cols + c0
-            counts[i] = np.square(np.asarray(amplitudes[start : start + bc], dtype=np.float64))
-    elif fastest == "row":  # a scan column's frames are consecutive
-        for j in range(bc):
-            start = (c0 + j) * rows + r0
-            counts[:, j] = np.square(np.asarray(amplitudes[start : start + br], dtype=np.float64))
-    else:
-        raise ValueRangeError(f"fastest: expected 'row' or 'col', got {fastest!r}")
+        raise ShapeError(f"scan_shape: expected at least 4×4 positions for a spectrum, got {scan_shape[0]}×{scan_shape[1]}")
+    counts = np.empty((br, bc, amplitudes.shape[-1], amplitudes.shape[-1]))
+    for where, line in lines:
+        counts[where] = line
     return counts
 
 
@@ -332,6 +320,16 @@ def model_grid_optics(model, calibration_info: dict | None = None, semi_angle: f
     if mrad is None and semi_angle:
         mrad = float(semi_angle) / float(model_disk(model.probe)["radius"])
     return mrad, energy_kev or optics.get("energy")
+
+
+def probe_check_report(found: dict, model, calibration_info: dict | None = None, semi_angle: float | None = None,
+                       energy_kev: float | None = None, rotation_note: str | None = None) -> dict:
+    """What ``reconstruct`` records as ``probe_check``: the fit, the model grid's optics
+    (:func:`model_grid_optics`) and the note (:func:`probe_mismatch_note`, held back by
+    :func:`hold_back_for_geometry` when the rotation check has ``rotation_note``)."""
+    mrad, energy = model_grid_optics(model, calibration_info, semi_angle, energy_kev)
+    check = {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": probe_mismatch_note(found, mrad, energy)}
+    return hold_back_for_geometry(check, rotation_note)
 
 
 def defocus_angstrom(a: float, mrad_per_px: float, energy_kev: float) -> float:

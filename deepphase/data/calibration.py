@@ -1217,6 +1217,20 @@ def centre_of_mass_block(amplitudes, scan_shape, fastest: str = "row", block: in
     and its counting noise: ``(com (rows, cols, 2), noise (rows, cols))`` for :func:`find_scan_rotation` and
     :func:`plot_scan_rotation`. ``amplitudes``, ``scan_shape``, ``fastest`` as for
     :func:`scan_rotation_from_patterns`; the squares of the amplitudes are taken as counts."""
+    shape, lines = central_block_lines(amplitudes, scan_shape, fastest, block)
+    com, noise = np.empty((*shape, 2)), np.empty(shape)
+    for where, counts in lines:
+        com[where], noise[where] = centre_of_mass(counts), centre_of_mass_noise(counts)
+    return com, noise
+
+
+def central_block_lines(amplitudes, scan_shape, fastest: str, block: int):
+    """The central ``block × block`` positions of a raster, read a line of consecutive frames at a time.
+
+    Returns ``((rows, cols), lines)``: the block's shape on the scan grid and an iterator of ``(where, counts)``,
+    ``counts`` the squared amplitudes of one scan row (``fastest="col"``) or scan column (``"row"``) of the
+    block, and ``where`` its index on the block's grid (``(i, slice(None))`` or ``(slice(None), j)``).
+    """
     rows, cols = (int(s) for s in scan_shape)
     if rows * cols != amplitudes.shape[0]:
         raise ShapeError(f"scan_shape: {rows}×{cols} positions do not match the {amplitudes.shape[0]} patterns")
@@ -1224,18 +1238,18 @@ def centre_of_mass_block(amplitudes, scan_shape, fastest: str = "row", block: in
         raise ValueRangeError(f"fastest: expected 'row' or 'col', got {fastest!r}")
     br, bc = min(block, rows), min(block, cols)
     r0, c0 = (rows - br) // 2, (cols - bc) // 2
-    com, noise = np.empty((br, bc, 2)), np.empty((br, bc))
-    if fastest == "col":  # a scan row's frames are consecutive
-        for i in range(br):
-            start = (r0 + i) * cols + c0
-            counts = np.square(np.asarray(amplitudes[start : start + bc], dtype=np.float64))
-            com[i], noise[i] = centre_of_mass(counts), centre_of_mass_noise(counts)
-    else:  # a scan column's frames are consecutive
-        for j in range(bc):
-            start = (c0 + j) * rows + r0
-            counts = np.square(np.asarray(amplitudes[start : start + br], dtype=np.float64))
-            com[:, j], noise[:, j] = centre_of_mass(counts), centre_of_mass_noise(counts)
-    return com, noise
+
+    def lines():
+        if fastest == "col":  # a scan row's frames are consecutive
+            for i in range(br):
+                start = (r0 + i) * cols + c0
+                yield (i, slice(None)), np.square(np.asarray(amplitudes[start : start + bc], dtype=np.float64))
+        else:  # a scan column's frames are consecutive
+            for j in range(bc):
+                start = (c0 + j) * rows + r0
+                yield (slice(None), j), np.square(np.asarray(amplitudes[start : start + br], dtype=np.float64))
+
+    return (br, bc), lines()
 
 
 def plot_scan_rotation(com: np.ndarray, noise: np.ndarray | None, found: dict, path: str | Path,

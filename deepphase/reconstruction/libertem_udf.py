@@ -462,12 +462,14 @@ def _central_roi(nav, block: int):
 
 def check_probe(ctx, dataset, model, step_px, rotation_deg: float = 0.0, fastest: str = "col",
                 kind: str = "counts", calibration=None, flip_patterns: bool = False, reverse_rows: bool = False,
-                energy_kev: float | None = None, semi_angle: float | None = None) -> dict:
+                energy_kev: float | None = None, semi_angle: float | None = None,
+                rotation_note: str | None = None) -> dict:
     """The data's probe against the model's on the central positions of a raster in a LiberTEM dataset: what
     ``deepphase reconstruct`` measures (:func:`deepphase.data.aberrations.measure_probe_mismatch`), with the
-    frames read and prepared as :class:`PhaseUDF` prepares them. Returns its dict with ``note``
-    (:func:`~deepphase.data.aberrations.probe_mismatch_note`, None when the probes agree)."""
-    from ..data.aberrations import PROBE_CHECK_BLOCK, model_grid_optics, probe_mismatch_from_block, probe_mismatch_note
+    frames read and prepared as :class:`PhaseUDF` prepares them. Returns
+    :func:`~deepphase.data.aberrations.probe_check_report` (its ``note`` None when the probes agree, or held back
+    when ``rotation_note``, the rotation check's, contradicts the geometry)."""
+    from ..data.aberrations import PROBE_CHECK_BLOCK, probe_check_report, probe_mismatch_from_block
 
     phase_model = model if hasattr(model, "probe") else _load(model)
     nav = tuple(dataset.shape.nav)
@@ -479,9 +481,8 @@ def check_probe(ctx, dataset, model, step_px, rotation_deg: float = 0.0, fastest
     if fastest == "row":  # the navigation axes are (scan column, scan row)
         counts = counts.transpose(1, 0, 2, 3)
     found = probe_mismatch_from_block(counts, phase_model.probe, step_px, rotation_deg, fastest)
-    mrad, energy = model_grid_optics(phase_model, calibration.info if calibration is not None else None,
-                                     semi_angle, energy_kev)
-    return {**found, "model_mrad_per_px": mrad, "energy_kev": energy, "note": probe_mismatch_note(found, mrad, energy)}
+    return probe_check_report(found, phase_model, calibration.info if calibration is not None else None, semi_angle,
+                              energy_kev, rotation_note)
 
 
 def find_rotation(ctx, dataset, step_px, fastest: str = "col", kind: str = "counts", calibration=None,
@@ -726,7 +727,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     import libertem.api as lt
     from libertem.io.dataset.base import DataSetException
 
-    from ..data.aberrations import PROBE_CHECK_MIN_PX, hold_back_for_geometry
+    from ..data.aberrations import PROBE_CHECK_MIN_PX
     from ..data.calibration import (ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, check_scan_rotation,
                                     plot_scan_rotation, rotation_note)
     from ..data.io import infer_kind
@@ -785,10 +786,9 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             try:
                 probe = check_probe(ctx, dataset, phase_model, step_px, rotation_deg, fastest, kind, view, flip,
                                     reverse_rows, (calibration_options or {}).get("energy"),
-                                    (calibration_options or {}).get("semi_angle"))
+                                    (calibration_options or {}).get("semi_angle"), (check or {}).get("note"))
             except (ValueRangeError, ShapeError) as exc:  # NaN/Inf in the block, too few frequencies: as the pipeline
                 probe = {"skipped": str(exc)}
-            probe = hold_back_for_geometry(probe, (check or {}).get("note"))
         udf = PhaseUDF(model=model, step_px=step_px, positions=positions, rotation_deg=rotation_deg,
                        fastest=fastest, kind=kind, calibration=view, flip_patterns=flip, reverse_rows=reverse_rows,
                        batch_size=batch_size, engine=engine, precision=precision, deblur=deblur,
