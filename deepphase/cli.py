@@ -85,7 +85,7 @@ def _cmd_train(args) -> None:
                          val_size=args.val_size, device=args.device, half=args.half, loss=args.loss,
                          neighbourhood=args.neighbourhood, neighbourhood_step_px=args.neighbourhood_step,
                          sigma_head=args.sigma_head, sigma_weight=args.sigma_weight, init_from=args.init_from,
-                         defocus_spread=args.defocus_spread)
+                         defocus_spread=args.defocus_spread, aberration_range=args.probe_aware)
     geometry = Geometry(n_px=probe.shape[0])
     command = "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     command = getattr(args, "command_line", None) or command  # set by deepphase.train (torchrun processes)
@@ -311,6 +311,8 @@ def _cmd_reconstruct(args) -> None:
         raster = _raster_of(scan_info, positions)  # (with the rotation found, after --rotation auto)
         if args.probe_check and raster is not None:
             scan_info = _check_probe(args, amplitudes, model, view, scan_info, raster, data.info)
+        if model.probe_aware:
+            model, scan_info = _tell_probe(args, model, scan_info)
         sampling = args.pixel_size or (calibration or {}).get("real_space_sampling_angstrom")
         if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
             rec = _reconstruct_on_cluster(args, positions, kind, view)
@@ -348,7 +350,9 @@ def _cmd_reconstruct(args) -> None:
             if repairs:
                 notes.append("repaired: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in repairs.items()))
         if scan_info.get("probe_check", {}).get("note"):
-            notes.append(_write_probe_estimate(args, scan_info["probe_check"], model.probe))
+            notes.append(_write_probe_estimate(args, scan_info["probe_check"], model))
+        if scan_info.get("probe_aware", {}).get("note"):
+            notes.append(scan_info["probe_aware"]["note"])
         if rotation_figure is not None:
             from .data.calibration import plot_scan_rotation
 
@@ -459,19 +463,57 @@ def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, d
     return {**scan_info, "probe_check": {**check, "wall_s": round(time.perf_counter() - t0, 3)}}
 
 
-def _write_probe_estimate(args, check: dict, model_probe) -> str:
+def _tell_probe(args, model, scan_info: dict):
+    """A probe-aware model told the difference the probe check measured (zero, the model's own probe, where there
+    is none to trust); ``probe_aware`` in the metadata says what it was told and why, with a note where that is
+    not the check's finding or lies beyond the training range."""
+    check = scan_info.get("probe_check") or {}
+    coefficients, source = [0.0, 0.0, 0.0], None
+    if args.workers is not None or args.scheduler is not None:
+        source = "nothing: the cluster's workers load the model from its folder (its own probe)"
+    elif check.get("held_back"):
+        source = "nothing: the probe check's finding is held back until the scan's geometry is right"
+    elif "coefficients" in check:
+        coefficients, source = list(check["coefficients"]), "the probe check"
+    else:
+        source = ("nothing: " + (f"the probe check was skipped ({check['skipped']})" if "skipped" in check else
+                                 "no probe check (--no-probe-check, or positions that are not a raster)"))
+    from .data.aberrations import edge_phase
+    from .data.calibration import model_disk
+
+    edge = edge_phase(coefficients, model_disk(model.probe)["radius"])
+    limit = model.aberration_range
+    info = {"told_coefficients_rad_per_px2": coefficients, "told_edge_phase_rad": round(edge, 4), "from": source,
+            "training_range_rad": limit, "note": None}
+    if source != "the probe check":
+        info["note"] = (f"the probe-aware model was told {source[len('nothing: '):]}, so it assumes its own probe; "
+                        "it is no better than a model for that probe on data whose probe differs")
+    elif limit is not None and edge > limit:
+        info["note"] = (f"the probe check found {edge:.2f} rad at the bright-field disk's edge, beyond the ±{limit:g} rad "
+                        "the probe-aware model was trained for: it was told so, but expect a poorer image; focus "
+                        "closer to the model's probe, or train one for this probe (see probe_estimate.npy)")
+    return model.told(coefficients), {**scan_info, "probe_aware": info}
+
+
+def _write_probe_estimate(args, check: dict, model) -> str:
     """For a probe check with a note: ``probe_estimate.npy`` (the model's probe with the difference found) and
-    ``probe_check.png`` in the output folder; returns the note to print, with what to do about it."""
+    ``probe_check.png`` in the output folder; returns the note to print, with what to do about it (nothing but
+    look, for a probe-aware model that was told it)."""
     from .data.aberrations import add_aberrations, plot_probe_mismatch
     from .io_utils import save_npy
 
     estimate = args.out / "probe_estimate.npy"
-    save_npy(estimate, add_aberrations(model_probe, check["coefficients"]))
+    save_npy(estimate, add_aberrations(model.probe, check["coefficients"]))
     plot_probe_mismatch(check, args.out / "probe_check.png")
+    if model.probe_aware:
+        first = check["note"].split(" (±")[0]
+        return (f"{first} (see {args.out / 'probe_check.png'}); the probe-aware model was told this difference "
+                f"(trained for up to ±{model.aberration_range:g} rad)")
     like = shlex.quote(args.model) if args.model else "default"
     return (f"{check['note']} (see {args.out / 'probe_check.png'}): {estimate} is the model's probe with that "
             f"difference; 'deepphase train --like {like} --probe {estimate} --out MODEL' trains a model for it with "
-            "the model's recipe (the default's: about 7 min on 2 CPU cores)")
+            "the model's recipe (the default's: about 7 min on 2 CPU cores), or 'deepphase train --like "
+            f"{like} --probe-aware 2 --out MODEL' one that is told the data's probe (RESULTS §37)")
 
 
 def _report_rotation(found: dict, flipped_by_search: bool) -> None:
@@ -724,6 +766,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give each training pattern's probe a defocus of its own, up to this many rad at the "
                         "bright-field disk's edge either way (default 0: the probe as given), for data whose focus "
                         "is known only so well (see benchmarks/RESULTS.md §36 for what it costs and gains)")
+    p.add_argument("--probe-aware", type=float, default=0.0, metavar="RAD",
+                   help="train a probe-aware network (compact archs): one model for probes whose defocus differs "
+                        "from --probe's by up to this many rad at the bright-field disk's edge either way (and "
+                        "astigmatism by up to half of it), told each pattern's difference; reconstruct tells it the "
+                        "difference its probe check measures (default 0: a model for the probe as given)")
     p.add_argument("--init-from", metavar="MODEL",
                    help="start from the weights of a model (a packaged name or a folder) of the same architecture "
                         "instead of random ones: fine-tuning, e.g. the default for another probe with --like default")

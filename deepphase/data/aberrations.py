@@ -236,14 +236,19 @@ def fit_probe_mismatch(spectrum: np.ndarray, g: np.ndarray, probe: np.ndarray, s
     return {"coefficients": [float(c) for c in result.x], "explained": float(-result.fun), "search": search}
 
 
+def edge_phase(coefficients, radius: float) -> float:
+    """The largest |Δχ| on the bright-field disk's edge (rad) for coefficients (a_rr, a_rc, a_cc) in rad per pixel²
+    and a disk of ``radius`` pixels: |defocus| + astigmatism, the largest size of the form's eigenvalues, times r²."""
+    a_rr, a_rc, a_cc = (float(c) for c in coefficients)
+    return (abs(a_rr + a_cc) / 2 + float(np.hypot((a_rr - a_cc) / 2, a_rc))) * radius**2
+
+
 def _summary(coefficients, radius: float) -> dict:
     a_rr, a_rc, a_cc = coefficients
-    defocus = (a_rr + a_cc) / 2
-    astigmatism = float(np.hypot((a_rr - a_cc) / 2, a_rc))
-    # The largest phase Δχ reaches on the disk's edge: |defocus| + astigmatism (its eigenvalues' largest size).
-    return {"defocus_rad_per_px2": float(defocus), "astigmatism_rad_per_px2": astigmatism,
+    return {"defocus_rad_per_px2": float((a_rr + a_cc) / 2),
+            "astigmatism_rad_per_px2": float(np.hypot((a_rr - a_cc) / 2, a_rc)),
             "astigmatism_angle_deg": float(np.degrees(0.5 * np.arctan2(2 * a_rc, a_rr - a_cc))),
-            "edge_phase_rad": float((abs(defocus) + astigmatism) * radius**2)}
+            "edge_phase_rad": edge_phase(coefficients, radius)}
 
 
 def measure_probe_mismatch(amplitudes, scan_shape, probe: np.ndarray, step_px, rotation_deg: float = 0.0,

@@ -49,6 +49,19 @@ class Batch:
     amplitude: torch.Tensor  # (B, C, n, n): sqrt(counts); C = 1, or size² for a neighbourhood
     target: torch.Tensor  # (B, 1, out, out): phase of the central crop, upsampled
     phase: torch.Tensor  # (B, n, n): the whole phase window (the centre one for a neighbourhood)
+    # (B, 3): each pattern's probe aberration against the stream's probe, (c_rr, c_rc, c_cc) in rad at the
+    # bright-field disk's edge (``aberration_range`` streams only; see TrainingStream)
+    aberration: torch.Tensor | None = None
+
+    def rows(self, lo: int, hi: int) -> "Batch":
+        """Samples ``lo:hi`` of the batch."""
+        return Batch(self.amplitude[lo:hi], self.target[lo:hi], self.phase[lo:hi],
+                     None if self.aberration is None else self.aberration[lo:hi])
+
+
+# Share of an ``aberration_range`` stream's patterns simulated with the probe as given (told zero): the model's
+# own probe is the commonest case (a probe adjusted to the model's focus), and the one it must not lose.
+MATCHED_SHARE = 0.25
 
 
 class TrainingStream:
@@ -73,10 +86,16 @@ class TrainingStream:
         drawn uniformly so that it adds up to this many rad at the bright-field disk's edge either way (a
         model for data whose focus is known only so well; :mod:`deepphase.data.aberrations`). One pattern
         per sample only.
+    aberration_range : float
+        0 (default): as above. Otherwise each pattern's probe gets a defocus and astigmatism of its own and the
+        batch says which (``Batch.aberration``, what a probe-aware network is told): a defocus adding up to this
+        many rad at the disk's edge either way and an astigmatism of up to half that, at any angle;
+        ``MATCHED_SHARE`` of the patterns keep the probe as given. One pattern per sample only.
     """
 
     def __init__(self, probe: np.ndarray, geometry: Geometry, corpus: CorpusConfig, dose, device="cpu",
-                 neighbourhood: int = 1, step_px: float = REFERENCE_STEP_PX, defocus_spread: float = 0.0):
+                 neighbourhood: int = 1, step_px: float = REFERENCE_STEP_PX, defocus_spread: float = 0.0,
+                 aberration_range: float = 0.0):
         self.geometry = geometry
         self.corpus = corpus
         self.dose = dose
@@ -94,16 +113,22 @@ class TrainingStream:
         self._corners = corners + self.margin  # top-left corner of each window in the larger object
         self.probes = self._shifted_probes(offsets - corners)  # (C, n, n)
         self.defocus_spread = float(defocus_spread)
-        if self.defocus_spread:
+        self.aberration_range = float(aberration_range)
+        for name, value in (("defocus_spread", self.defocus_spread), ("aberration_range", self.aberration_range)):
+            if value and (not (np.isfinite(value) and value > 0) or self.neighbourhood != 1):
+                raise ValueRangeError(f"{name}: expected a positive number of rad for single patterns, got {value} "
+                                      f"with a neighbourhood of {self.neighbourhood}")
+        if self.defocus_spread and self.aberration_range:
+            raise ValueRangeError("defocus_spread and aberration_range: a stream draws its probes one way; give one")
+        if self.defocus_spread or self.aberration_range:
             from .calibration import model_disk
 
-            if not (np.isfinite(self.defocus_spread) and self.defocus_spread > 0) or self.neighbourhood != 1:
-                raise ValueRangeError(f"defocus_spread: expected a positive number of rad for single patterns, got "
-                                      f"{defocus_spread} with a neighbourhood of {self.neighbourhood}")
             q = torch.fft.fftfreq(geometry.n_px, d=1.0 / geometry.n_px, dtype=torch.float64)  # FFT order, pixels
-            # Δχ = a·|q|² about the zero frequency; a = edge phase / r² (DESIGN.md's centring only adds a shift,
-            # which commutes with it)
-            self._q2_over_r2 = ((q[:, None] ** 2 + q[None, :] ** 2) / model_disk(probe)["radius"] ** 2).to(self.device)
+            qr, qc = q[:, None].expand(-1, geometry.n_px), q[None, :].expand(geometry.n_px, -1)
+            # Δχ = (c_rr q_r² + 2 c_rc q_r q_c + c_cc q_c²) / r² about the zero frequency, c in rad at the edge
+            # (DESIGN.md's centring only adds a shift, which commutes with it)
+            terms = torch.stack([qr**2, 2 * qr * qc, qc**2]) / model_disk(probe)["radius"] ** 2
+            self._aberration_terms = terms.to(self.device)
             self._probe_k = torch.fft.fft2(self.probe.to(torch.complex128))
 
     @property
@@ -121,11 +146,26 @@ class TrainingStream:
         probe_k = torch.fft.fft2(self.probe.cpu().to(torch.complex128))
         return torch.fft.ifft2(probe_k[None] * ramp).to(self.device, torch.complex64)
 
-    def defocused_probes(self, edge: torch.Tensor) -> torch.Tensor:
-        """The probe with a defocus adding ``edge`` rad at the disk's edge, for each value, (B, n, n) complex64
-        (``defocus_spread`` streams only)."""
-        phase = edge.to(torch.float64)[:, None, None] * self._q2_over_r2[None]
+    def aberrated_probes(self, aberration: torch.Tensor) -> torch.Tensor:
+        """The probe with each row's aberration (c_rr, c_rc, c_cc) in rad at the disk's edge (see
+        :func:`deepphase.data.aberrations.add_aberrations`), (B, n, n) complex64 (``defocus_spread`` and
+        ``aberration_range`` streams only)."""
+        phase = torch.einsum("bk,kij->bij", aberration.to(torch.float64), self._aberration_terms)
         return torch.fft.ifft2(self._probe_k[None] * torch.exp(1j * phase)).to(torch.complex64)
+
+    def defocused_probes(self, edge: torch.Tensor) -> torch.Tensor:
+        """The probe with a defocus adding ``edge`` rad at the disk's edge, for each value, (B, n, n) complex64."""
+        edge = edge.to(torch.float64)
+        return self.aberrated_probes(torch.stack([edge, torch.zeros_like(edge), edge], 1))
+
+    def random_aberrations(self, size: int, gen: torch.Generator) -> torch.Tensor:
+        """``size`` draws of (c_rr, c_rc, c_cc) for an ``aberration_range`` stream, (B, 3) float64 (see the class)."""
+        u = torch.rand(size, 4, generator=gen, device=self.device, dtype=torch.float64)
+        defocus = self.aberration_range * (2 * u[:, 0] - 1)
+        astigmatism, angle = 0.5 * self.aberration_range * u[:, 1], torch.pi * u[:, 2]
+        c = torch.stack([defocus + astigmatism * torch.cos(2 * angle), astigmatism * torch.sin(2 * angle),
+                         defocus - astigmatism * torch.cos(2 * angle)], 1)
+        return c * (u[:, 3:] >= MATCHED_SHARE)
 
     def neighbour_windows(self, objects: torch.Tensor) -> torch.Tensor:
         """The probe windows of every channel cut from objects (B, n + 2·margin, n + 2·margin) → (B, C, n, n)."""
@@ -139,7 +179,11 @@ class TrainingStream:
     def batch(self, size: int, gen: torch.Generator) -> Batch:
         n = self.geometry.n_px
         phase = random_phase_objects(size, n + 2 * self.margin, gen, self.corpus, self.device)
-        if self.neighbourhood == 1 and self.defocus_spread:
+        aberration = None
+        if self.neighbourhood == 1 and self.aberration_range:
+            aberration = self.random_aberrations(size, gen)
+            intensity = diffraction_intensity(self.aberrated_probes(aberration), phase)
+        elif self.neighbourhood == 1 and self.defocus_spread:
             edge = self.defocus_spread * (2 * torch.rand(size, generator=gen, device=self.device, dtype=torch.float64) - 1)
             intensity = diffraction_intensity(self.defocused_probes(edge), phase)
         elif self.neighbourhood == 1:
@@ -156,7 +200,8 @@ class TrainingStream:
         counts = poisson_counts(intensity, dose, self.probe_counts, gen)
         target = upsample_nearest(crop_window(phase, self.geometry), self.geometry.upsample)
         amplitude = diffraction_amplitude(counts)
-        return Batch(amplitude[:, None] if self.neighbourhood == 1 else amplitude, target[:, None], phase)
+        return Batch(amplitude[:, None] if self.neighbourhood == 1 else amplitude, target[:, None], phase,
+                     None if aberration is None else aberration.to(torch.float32))
 
     def generator(self, seed: int, epoch: int = 0) -> torch.Generator:
         """A generator whose state depends only on (seed, epoch): epochs can be replayed exactly."""

@@ -19,6 +19,14 @@ Three facts about the task shape it:
   determines each pixel, which a single linear map cannot know. It closed the gap at 300 e/pattern
   (section 23).
 
+A model is trained for one probe, and a crystal's image suffers when the data's probe is out of focus by
+a nanometre (RESULTS.md §36). ``aberration_input`` makes a *probe-aware* network: it is told the
+difference between the data's probe and its own — the defocus and astigmatism coefficients that the probe
+check measures (:mod:`deepphase.data.aberrations`) — and trained over a range of them. The three numbers
+scale and shift the features of every stage (FiLM: a small MLP gives a gain and bias per channel) and
+blend linear maps of the linear path (to second order in them: the linear estimator is the probe's own);
+both start at zero, so an untold network computes what the plain one does.
+
 Layout: stem 3×3 at 32×32 → strided 3×3 convolutions to 16×16, 8×8, 4×4 with residual blocks →
 mixer block at 4×4 → 1×1 fuse with the 8×8 skip (the coarse half at 4×4, then upsampled) → residual
 block → 1×1 head at 8×8 (+ the linear path, gated) → nearest upsampling to the output grid.
@@ -84,6 +92,12 @@ class CompactPhaseNet(nn.Module):
     3×3 conv at 8×8) reads the decoder's features with their gradient stopped, so the phase trains
     exactly as without it (same initial weights too: the branch is made last).
 
+    ``aberration_input``: the network also takes ``aberration`` (B, 3), the data's probe against the model's
+    as (c_rr, c_rc, c_cc) in rad at the bright-field disk's edge, ``Δχ = (c_rr q_r² + 2 c_rc q_r q_c +
+    c_cc q_c²) / r²`` (see the module docstring). Called with the patterns alone it uses the buffer
+    ``aberration`` (3,), zero until set (:meth:`deepphase.models.modelfile.PhaseModel.told`): every engine
+    calls ``network(x)``, and the buffer is part of the weights an ONNX export's digest reads.
+
     ``linear_path`` adds to the phase channel a linear map from the normalised intensity I/ΣI of the
     (centre) pattern to the 8×8 map; zero at initialisation, so training starts from the network alone.
     ``linear_gate`` (with ``linear_path``) multiplies that map by ``1 + g``, ``g`` a 1×1 convolution of the
@@ -97,7 +111,7 @@ class CompactPhaseNet(nn.Module):
 
     def __init__(self, n_px: int = 32, out_px: int = 32, widths=(16, 32, 64, 96), dropout: float = 0.1,
                  in_channels: int = 1, sigma_head: bool = False, linear_path: bool = False,
-                 linear_gate: bool = False):
+                 linear_gate: bool = False, aberration_input: bool = False):
         super().__init__()
         if n_px % 8:
             raise ValueError(f"n_px: the compact network needs a multiple of 8 pixels, got {n_px}")
@@ -135,6 +149,17 @@ class CompactPhaseNet(nn.Module):
             self.linear_gate = nn.Conv2d(w2, 1, 1)
             nn.init.zeros_(self.linear_gate.weight)
             nn.init.zeros_(self.linear_gate.bias)
+        self.aberration_input = bool(aberration_input)
+        if self.aberration_input:  # made last, for the same reason; zero outputs: untold = the plain network
+            self.register_buffer("aberration", torch.zeros(ABERRATION_TERMS))
+            self._film_widths = (w0, w1, w2, w3, w2)  # stem, down1, down2, down3, decode
+            self.film = nn.Sequential(nn.Linear(ABERRATION_TERMS, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
+                                      nn.Linear(64, 2 * sum(self._film_widths)))
+            nn.init.zeros_(self.film[-1].weight)
+            nn.init.zeros_(self.film[-1].bias)
+            if self.linear_path is not None:  # one map per term of the second-order expansion in c
+                self.linear_aberration = nn.Linear(n_px * n_px, (n_px // 4) ** 2 * len(_SECOND_ORDER), bias=False)
+                nn.init.zeros_(self.linear_aberration.weight)
 
     def _fuse(self, coarse: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         """``fuse(cat(upsample(coarse), skip))`` without the upsampled copy or the concatenation.
@@ -157,9 +182,15 @@ class CompactPhaseNet(nn.Module):
         intensity = amplitude[:, self.in_channels // 2].square().flatten(1)
         return intensity / intensity.shape[1]
 
-    def _linear_estimate(self, amplitude: torch.Tensor, side: int) -> torch.Tensor:
-        """The linear path's (B, 1, side, side) phase from the RMS-normalised amplitude's centre pattern."""
-        return self.linear_path(self._probability(amplitude)).view(-1, 1, side, side)
+    def _linear_estimate(self, amplitude: torch.Tensor, side: int, aberration: torch.Tensor | None = None) -> torch.Tensor:
+        """The linear path's (B, 1, side, side) phase from the RMS-normalised amplitude's centre pattern (and for
+        a probe-aware network the maps its aberration blends)."""
+        probability = self._probability(amplitude)
+        linear = self.linear_path(probability)
+        if aberration is not None and self.linear_path is not None and hasattr(self, "linear_aberration"):
+            maps = self.linear_aberration(probability).view(len(probability), len(_SECOND_ORDER), -1)
+            linear = linear + torch.einsum("bt,btp->bp", _second_order(aberration), maps)
+        return linear.view(-1, 1, side, side)
 
     def _linear_gain(self, features: torch.Tensor) -> torch.Tensor:
         """The gated linear path's gain at each 8×8 pixel, 1 + g(features)."""
@@ -175,34 +206,69 @@ class CompactPhaseNet(nn.Module):
             x = torch.cat([x, self.sigma_branch(features.detach())], 1)
         return F.interpolate(x, size=(self.out_px, self.out_px), mode="nearest")
 
-    def _linear_term(self, amplitude: torch.Tensor, features: torch.Tensor) -> torch.Tensor | None:
+    def _linear_term(self, amplitude: torch.Tensor, features: torch.Tensor,
+                     aberration: torch.Tensor | None = None) -> torch.Tensor | None:
         """What the linear path adds to the phase: its estimate, times the gate's gain where there is one
         (None without a linear path)."""
         if self.linear_path is None:
             return None
-        linear = self._linear_estimate(amplitude, features.shape[-1])
+        linear = self._linear_estimate(amplitude, features.shape[-1], aberration)
         return linear if self.linear_gate is None else self._linear_gain(features) * linear
 
-    def forward(self, x):
+    def _films(self, aberration: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(gain − 1, bias) per stage, each (B, C, 1, 1), from the aberration (B, 3)."""
+        out, at = [], 0
+        values = self.film(aberration)
+        for c in self._film_widths:
+            gain, bias = values[:, at : at + c], values[:, at + c : at + 2 * c]
+            out.append((gain[:, :, None, None], bias[:, :, None, None]))
+            at += 2 * c
+        return out
+
+    def forward(self, x, aberration: torch.Tensor | None = None):
         amplitude = normalise_amplitude(x)
-        skip = self.down2(self.down1(self.stem(amplitude)))
-        features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
-        return self._output(features, self._linear_term(amplitude, features))
+        if not self.aberration_input:
+            if aberration is not None:
+                raise ValueError("aberration: this network is not probe-aware (aberration_input=False)")
+            skip = self.down2(self.down1(self.stem(amplitude)))
+            features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
+            return self._output(features, self._linear_term(amplitude, features))
+        if aberration is None:
+            aberration = self.aberration.to(amplitude.dtype).expand(len(amplitude), -1)
+        films = self._films(aberration.to(amplitude.dtype))
+
+        def film(x, k):
+            return x * (1 + films[k][0]) + films[k][1]
+
+        skip = film(self.down2(film(self.down1(film(self.stem(amplitude), 0)), 1)), 2)
+        features = film(self.decode(self._fuse(self.mixer(film(self.down3(skip), 3)), skip)), 4)
+        return self._output(features, self._linear_term(amplitude, features, aberration))
+
+
+# What a probe-aware network is told: (c_rr, c_rc, c_cc), and the products the linear path blends its maps by.
+ABERRATION_TERMS = 3
+_SECOND_ORDER = ((0,), (1,), (2,), (0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+
+
+def _second_order(c: torch.Tensor) -> torch.Tensor:
+    """(B, 9): c_rr, c_rc, c_cc and their products, the terms of a second-order expansion in the aberration."""
+    return torch.stack([c[:, t[0]] if len(t) == 1 else c[:, t[0]] * c[:, t[1]] for t in _SECOND_ORDER], 1)
 
 
 @register_model("compact")
 def compact(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1,
-            sigma_head: bool | str = False, linear_path: bool = False, linear_gate: bool = False) -> CompactPhaseNet:
+            sigma_head: bool | str = False, linear_path: bool = False, linear_gate: bool = False,
+            aberration_input: bool = False) -> CompactPhaseNet:
     """The compact network (see the module docstring): for live reconstruction on CPUs and GPUs.
 
     ``in_channels=9`` takes a 3×3 neighbourhood of patterns per position instead of one;
     ``sigma_head`` ("shared" or True, or "detached") also predicts each pixel's log error scale (a
     second output channel; see :class:`CompactPhaseNet`); ``linear_path`` adds the linear estimator
     from the intensity and ``linear_gate`` its per-pixel scale (training turns both on; model files made
-    before them have none).
+    before them have none); ``aberration_input`` makes it probe-aware (told the data's defocus and astigmatism).
     """
     return CompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels, sigma_head=sigma_head,
-                           linear_path=linear_path, linear_gate=linear_gate)
+                           linear_path=linear_path, linear_gate=linear_gate, aberration_input=aberration_input)
 
 
 class RepConv(nn.Module):
@@ -289,8 +355,9 @@ class RepCompactPhaseNet(CompactPhaseNet):
 
 @register_model("compact-rep")
 def compact_rep(n_px: int = 32, out_px: int = 32, dropout: float = 0.1, in_channels: int = 1,
-                sigma_head: bool | str = False, linear_path: bool = False, linear_gate: bool = False) -> RepCompactPhaseNet:
+                sigma_head: bool | str = False, linear_path: bool = False, linear_gate: bool = False,
+                aberration_input: bool = False) -> RepCompactPhaseNet:
     """The compact network trained with reparameterisable convolutions (:class:`RepCompactPhaseNet`);
     saved as, and used as, a plain ``compact`` network."""
     return RepCompactPhaseNet(n_px, out_px, dropout=dropout, in_channels=in_channels, sigma_head=sigma_head,
-                              linear_path=linear_path, linear_gate=linear_gate)
+                              linear_path=linear_path, linear_gate=linear_gate, aberration_input=aberration_input)

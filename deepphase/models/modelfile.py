@@ -59,6 +59,41 @@ class PhaseModel:
         """
         return self.info.get("neighbourhood") if self.in_channels > 1 else None
 
+    @property
+    def probe_aware(self) -> bool:
+        """Whether the network is told the data's probe (``deepphase train --probe-aware``; see models.compact)."""
+        return bool(self.arch_config.get("aberration_input"))
+
+    @property
+    def aberration_range(self) -> float | None:
+        """A probe-aware model's training range: the defocus, rad at the bright-field disk's edge, either way."""
+        return self.info.get("training", {}).get("aberration_range") if self.probe_aware else None
+
+    def told(self, coefficients) -> "PhaseModel":
+        """A copy whose probe-aware network is told that the data's probe is this model's with
+        ``Δχ = a_rr q_r² + 2 a_rc q_r q_c + a_cc q_c²`` added (rad per detector pixel², as
+        :func:`deepphase.data.aberrations.measure_probe_mismatch` reports it; zeros: the model's own probe).
+
+        The copy's network computes ``network(x)`` for that probe with every engine. This model is unchanged.
+        """
+        import copy
+
+        from ..data.calibration import model_disk
+        from ..errors import ValueRangeError
+
+        if not self.probe_aware:
+            raise ModelMismatchError(f"model {self.name!r} is not probe-aware (trained without --probe-aware): it "
+                                     "cannot be told the data's probe")
+        a = np.asarray(coefficients, dtype=np.float64).reshape(-1)
+        if a.shape != (3,) or not np.all(np.isfinite(a)):
+            raise ValueRangeError(f"coefficients: expected three finite numbers (a_rr, a_rc, a_cc) in rad per "
+                                  f"pixel², got {coefficients!r}")
+        network = copy.deepcopy(self.network)
+        edge = a * model_disk(self.probe)["radius"] ** 2  # what the network is trained on: rad at the disk's edge
+        network.aberration.copy_(torch.as_tensor(edge, dtype=network.aberration.dtype))
+        return PhaseModel(network, self.arch, self.arch_config, self.probe, self.geometry,
+                          {**self.info, "told_coefficients_rad_per_px2": a.tolist()}, self.folder)
+
     def describe(self) -> dict:
         """The model.json content."""
         return {

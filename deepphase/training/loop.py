@@ -83,6 +83,9 @@ class TrainConfig:
     sigma_weight: float = 1.0  # weight of that NLL beside the L1 (it shares the trunk with the phase)
     init_from: str | None = None  # a model (packaged name or folder) whose weights start the training
     defocus_spread: float = 0.0  # rad at the disk's edge: each pattern's probe defocused by up to this, either way
+    # rad at the disk's edge: a probe-aware network (models.compact), trained on probes whose defocus differs by up
+    # to this either way (and astigmatism by half of it) and told each pattern's difference
+    aberration_range: float = 0.0
 
     def optimizer_settings(self) -> dict:
         if self.preset not in OPTIMIZERS:
@@ -105,6 +108,8 @@ class TrainConfig:
             del d["init_from"]
         if not self.defocus_spread:  # and runs with the probe as given
             del d["defocus_spread"]
+        if not self.aberration_range:  # and networks that are not probe-aware
+            del d["aberration_range"]
         return d
 
     def arch_config(self, geometry: Geometry) -> dict:
@@ -116,6 +121,11 @@ class TrainConfig:
             config["sigma_head"] = "shared" if self.sigma_head is True else self.sigma_head
         if self.arch in LINEAR_PATH_ARCHS:
             config["linear_path"] = config["linear_gate"] = True
+        if self.aberration_range:
+            if self.arch not in LINEAR_PATH_ARCHS:
+                raise DeepPhaseError(f"aberration_range: a probe-aware network is a compact one (--arch "
+                                     f"{' or '.join(LINEAR_PATH_ARCHS)}), got --arch {self.arch}")
+            config["aberration_input"] = True
         return config
 
 
@@ -293,7 +303,8 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
 
     mask = torch.as_tensor(output_mask(probe, geometry), device=device)
     stream = TrainingStream(probe, geometry, config.corpus, dose, device, neighbourhood=config.neighbourhood,
-                            step_px=config.neighbourhood_step_px, defocus_spread=config.defocus_spread)
+                            step_px=config.neighbourhood_step_px, defocus_spread=config.defocus_spread,
+                            aberration_range=config.aberration_range)
     arch_config = config.arch_config(geometry)
     torch.manual_seed(config.seed)  # the initial weights are part of what the seed fixes
     network = create_model(config.arch, **arch_config).to(device)
@@ -354,7 +365,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         for i, batch in enumerate(bar):
             for group in optimizer.param_groups:
                 group["lr"] = _learning_rate(settings, epoch * config.steps_per_epoch + i, total_steps)
-            output = step_network(batch.amplitude)
+            output = predict_batch(step_network, batch)
             loss = masked_l1(output[:, :1], batch.target, mask, offset_free)
             if config.sigma_head:
                 # The phase learns from the L1 term alone (the NLL sees it detached), so it is trained as
@@ -507,7 +518,7 @@ def _rank_batches(stream: TrainingStream, config: TrainConfig, epoch: int, rank:
         return
     lo, hi = rank * per_rank, (rank + 1) * per_rank
     for batch in stream.epoch(config.seed, epoch, config.steps_per_epoch, config.batch_size):
-        yield Batch(batch.amplitude[lo:hi], batch.target[lo:hi], batch.phase[lo:hi])
+        yield batch.rows(lo, hi)
 
 
 def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
@@ -534,12 +545,17 @@ def _evaluate_loss_ranks(network, batches, mask, rank: int, world: int) -> float
         bounds = np.linspace(0, len(b.amplitude), world + 1).round().astype(int)
         lo, hi = bounds[rank], bounds[rank + 1]
         if hi > lo:
-            total += masked_l1(network(b.amplitude[lo:hi])[:, :1], b.target[lo:hi], mask).item() * (hi - lo)
+            total += masked_l1(predict_batch(network, b.rows(lo, hi))[:, :1], b.target[lo:hi], mask).item() * (hi - lo)
             count += hi - lo
     network.train(was_training)
     sums = torch.tensor([total, count], dtype=torch.float64, device=mask.device)
     dist.all_reduce(sums)
     return float(sums[0] / sums[1])
+
+
+def predict_batch(network, batch: Batch) -> torch.Tensor:
+    """The network's output for a batch; a probe-aware network is told each pattern's aberration."""
+    return network(batch.amplitude) if batch.aberration is None else network(batch.amplitude, batch.aberration)
 
 
 @torch.no_grad()
@@ -549,7 +565,7 @@ def evaluate_loss(network, batches, mask) -> float:
     network.eval()
     total, count = 0.0, 0
     for b in batches:
-        total += masked_l1(network(b.amplitude)[:, :1], b.target, mask).item() * len(b.amplitude)
+        total += masked_l1(predict_batch(network, b)[:, :1], b.target, mask).item() * len(b.amplitude)
         count += len(b.amplitude)
     network.train(was_training)
     return total / count
