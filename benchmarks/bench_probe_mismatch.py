@@ -13,6 +13,10 @@ Usage: python benchmarks/bench_probe_mismatch.py [--scan 48] [--parts quality ac
    specimens with the reference probe, as is and with 0.6 rad of defocus added, at 27,882 e/pattern.
 4. cost: ``deepphase reconstruct`` of bench_auto_engine's 256×256 scan file (made once in FOLDER) with the check
    and with ``--no-probe-check``, alternately, three times each: the wall time of the command and of the check.
+5. aware: the packaged default against a probe-aware model (``--aware-model``, default the packaged
+   ``probe-aware``) told nothing and told what the probe check measures on the scan (as ``reconstruct`` tells it),
+   on part 1's rasters with defocus and astigmatism from 0 to beyond its training range; then on the 64×64 abTEM
+   multislice scans of the thick specimens (SrTiO₃, Au on carbon; cached in CACHE), whose depth reads as a defocus.
 """
 
 from __future__ import annotations
@@ -143,6 +147,64 @@ def multislice(cache: Path) -> None:
         print(f"| {name} | " + " | ".join(row) + " |", flush=True)
 
 
+def _correlation(amplitudes, positions, model, truth) -> float:
+    from deepphase.evaluation.metrics import correlation
+    from deepphase.reconstruction.pipeline import reconstruct
+
+    rec = reconstruct(amplitudes, positions, model, progress=False)
+    r0, c0 = rec.origin_px
+    return correlation(rec.phase, truth[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]])
+
+
+def aware(scan: int, model_name: str, cache: Path) -> None:
+    from deepphase.data.aberrations import add_aberrations, measure_probe_mismatch, told_to_probe_aware
+    from deepphase.data.calibration import model_disk
+    from deepphase.data.materials import multislice_scan
+    from deepphase.data.simulate import required_object_shape, simulate_scan
+    from deepphase.data.specimens import builtin_specimen
+    from deepphase.models.modelfile import load_model
+    from deepphase.physics import raster_positions, reference_probe
+
+    default, model = load_model("default"), load_model(model_name)
+    probe = reference_probe()
+    radius2 = model_disk(probe)["radius"] ** 2
+    print(f"\n5. aware: {scan}×{scan} positions; {model_name} (trained for ±{model.aberration_range:g} rad of defocus, "
+          "half of it of astigmatism) told nothing / told the probe check's finding; correlation with the truth")
+    cases = [("0", (0, 0, 0))]
+    for edge in (0.6, 1.1, 1.6, 2.0, 2.5):
+        cases += [(f"defocus {edge:+.1f}", (edge, 0, edge)), (f"defocus {-edge:+.1f}", (-edge, 0, -edge))]
+    cases += [("astigmatism 0.5", (0.5, 0, -0.5)), ("astigmatism 1.0", (1.0, 0, -1.0)),
+              ("defocus +1.0, astigmatism 0.5 at 45°", (1.0, 0.5, 1.0))]
+    doses = (27882.0, 1000.0)
+    print("| Δχ at the edge (rad) | " + " | ".join(f"{s} {d:,.0f} e: default / untold / told" for s in
+                                                  ("twisted-hbn", "cameraman") for d in doses) + " | found (rad) |")
+    print("|---|" + "---|" * 5)
+    positions = raster_positions((scan, scan), STEP)
+    truths = {s: builtin_specimen(s, required_object_shape(positions, 32), seed=1) for s in ("twisted-hbn", "cameraman")}
+    for label, edges in cases:
+        row, found_edges = [], []
+        for name, truth in truths.items():
+            for dose in doses:
+                amplitudes = simulate_scan(truth, add_aberrations(probe, np.array(edges, float) / radius2), positions,
+                                           dose=dose, seed=1, progress=False).amplitude
+                found = measure_probe_mismatch(amplitudes, (scan, scan), probe, STEP)
+                told = model.told(told_to_probe_aware(model, found)["told_coefficients_rad_per_px2"])
+                row.append(" / ".join(f"{_correlation(amplitudes, positions, m, truth):.3f}"
+                                      for m in (default, model, told)))
+                found_edges.append(found["edge_phase_rad"])
+        print(f"| {label} | " + " | ".join(row) + f" | {min(found_edges):.2f}–{max(found_edges):.2f} |", flush=True)
+    print("\n| multislice, 64×64 positions, 27,882 e | found (rad at the edge) | default | untold | told |")
+    print("|---|---|---|---|---|")
+    positions = raster_positions((64, 64), STEP)
+    for name in ("srtio3", "au-on-carbon"):
+        ms = multislice_scan(name, positions, probe=probe, dose=27882.0, seed=1, cache_dir=cache, progress=False)
+        found = measure_probe_mismatch(ms.amplitude, (64, 64), probe, STEP)
+        told = model.told(told_to_probe_aware(model, found)["told_coefficients_rad_per_px2"])
+        print(f"| {name} | {found['defocus_rad_per_px2'] * radius2:+.2f} (edge {found['edge_phase_rad']:.2f}) | "
+              + " | ".join(f"{_correlation(ms.amplitude, positions, m, ms.truth):.3f}" for m in (default, model, told))
+              + " |", flush=True)
+
+
 def cost(folder: Path) -> None:
     path = scan_file(folder, 256, 256)
     print("\n4. cost on the 256×256 scan (65,536 patterns), `deepphase reconstruct FILE --scan-shape 256 256 --step 0.87`")
@@ -167,9 +229,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scan", type=int, default=48, help="positions per side of part 1's rasters")
     parser.add_argument("--parts", nargs="+", default=["quality", "accuracy"],
-                        choices=["quality", "accuracy", "multislice", "cost"])
+                        choices=["quality", "accuracy", "multislice", "cost", "aware"])
+    parser.add_argument("--aware-model", default="probe-aware", help="the probe-aware model of part 5")
     parser.add_argument("--cache", type=Path, default=Path("bench-probe-mismatch-cache"),
-                        help="abTEM's noise-free patterns for part 3, kept between runs")
+                        help="abTEM's noise-free patterns for parts 3 and 5, kept between runs")
     parser.add_argument("--folder", type=Path, default=Path("bench-auto-engine"),
                         help="where bench_auto_engine's 256×256 scan file is (made if missing), for part 4")
     args = parser.parse_args()
@@ -182,6 +245,8 @@ def main() -> None:
         multislice(args.cache)
     if "cost" in args.parts:
         cost(args.folder)
+    if "aware" in args.parts:
+        aware(args.scan, args.aware_model, args.cache)
 
 
 if __name__ == "__main__":

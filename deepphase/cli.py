@@ -312,10 +312,10 @@ def _cmd_reconstruct(args) -> None:
         if args.probe_check and raster is not None:
             scan_info = _check_probe(args, amplitudes, model, view, scan_info, raster, data.info)
         if model.probe_aware:
-            model, scan_info = _tell_probe(args, model, scan_info)
+            model, scan_info = _tell_probe(model, scan_info)
         sampling = args.pixel_size or (calibration or {}).get("real_space_sampling_angstrom")
         if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
-            rec = _reconstruct_on_cluster(args, positions, kind, view)
+            rec = _reconstruct_on_cluster(args, positions, kind, view, model.info.get("told_coefficients_rad_per_px2"))
         else:
             try:
                 rec = reconstruct(amplitudes, positions, model, stitching=args.stitching,
@@ -463,36 +463,13 @@ def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, d
     return {**scan_info, "probe_check": {**check, "wall_s": round(time.perf_counter() - t0, 3)}}
 
 
-def _tell_probe(args, model, scan_info: dict):
-    """A probe-aware model told the difference the probe check measured (zero, the model's own probe, where there
-    is none to trust); ``probe_aware`` in the metadata says what it was told and why, with a note where that is
-    not the check's finding or lies beyond the training range."""
-    check = scan_info.get("probe_check") or {}
-    coefficients, source = [0.0, 0.0, 0.0], None
-    if args.workers is not None or args.scheduler is not None:
-        source = "nothing: the cluster's workers load the model from its folder (its own probe)"
-    elif check.get("held_back"):
-        source = "nothing: the probe check's finding is held back until the scan's geometry is right"
-    elif "coefficients" in check:
-        coefficients, source = list(check["coefficients"]), "the probe check"
-    else:
-        source = ("nothing: " + (f"the probe check was skipped ({check['skipped']})" if "skipped" in check else
-                                 "no probe check (--no-probe-check, or positions that are not a raster)"))
-    from .data.aberrations import edge_phase
-    from .data.calibration import model_disk
+def _tell_probe(model, scan_info: dict):
+    """A probe-aware model told the difference the probe check measured (:func:`told_to_probe_aware`), and
+    ``probe_aware`` for the metadata."""
+    from .data.aberrations import told_to_probe_aware
 
-    edge = edge_phase(coefficients, model_disk(model.probe)["radius"])
-    limit = model.aberration_range
-    info = {"told_coefficients_rad_per_px2": coefficients, "told_edge_phase_rad": round(edge, 4), "from": source,
-            "training_range_rad": limit, "note": None}
-    if source != "the probe check":
-        info["note"] = (f"the probe-aware model was told {source[len('nothing: '):]}, so it assumes its own probe; "
-                        "it is no better than a model for that probe on data whose probe differs")
-    elif limit is not None and edge > limit:
-        info["note"] = (f"the probe check found {edge:.2f} rad at the bright-field disk's edge, beyond the ±{limit:g} rad "
-                        "the probe-aware model was trained for: it was told so, but expect a poorer image; focus "
-                        "closer to the model's probe, or train one for this probe (see probe_estimate.npy)")
-    return model.told(coefficients), {**scan_info, "probe_aware": info}
+    info = told_to_probe_aware(model, scan_info.get("probe_check"))
+    return model.told(info["told_coefficients_rad_per_px2"]), {**scan_info, "probe_aware": info}
 
 
 def _write_probe_estimate(args, check: dict, model) -> str:
@@ -540,7 +517,7 @@ def _data_fingerprint(args, kind: str, view) -> dict:
             "calibration_sha256": hashlib.sha256(calibration.encode()).hexdigest(), "batch_size": args.batch_size}
 
 
-def _reconstruct_on_cluster(args, positions, kind, view):
+def _reconstruct_on_cluster(args, positions, kind, view, told=None):
     """``reconstruct --workers N`` / ``--scheduler ADDRESS``: the prediction spread over a dask cluster."""
     import functools
 
@@ -563,7 +540,7 @@ def _reconstruct_on_cluster(args, positions, kind, view):
                                        device=args.device, sampling=args.pixel_size,
                                        uncertainty_samples=_dropout_samples(args.uncertainty),
                                        sigma_head=args.uncertainty == "head", precision=args.precision,
-                                       sigma_scale=args.sigma_scale, deblur=_DEBLUR[args.deblur])
+                                       sigma_scale=args.sigma_scale, deblur=_DEBLUR[args.deblur], told=told)
 
 
 def _flipped_amplitudes(frames, kind: str):
@@ -613,7 +590,7 @@ def _reconstruct_with_libertem(args) -> None:
     scan = ({"positions_file": str(args.positions)} if positions is not None else
             {"scan_shape": read["navigation_shape"] if (args.fastest or "col") == "col" else read["navigation_shape"][::-1],
              "step_px": args.step, "rotation_deg": read["rotation_deg"], "fastest": args.fastest or "col",
-             **{k: read[k] for k in ("rotation_found", "rotation_check", "probe_check") if k in read}})
+             **{k: read[k] for k in ("rotation_found", "rotation_check", "probe_check", "probe_aware") if k in read}})
     extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": str(args.data),
              "input": read["input"], "n_patterns": rec.processing["patterns"], "stitching": "pairwise",
              "model_path": str(args.model or "default (packaged)"), **scan,
@@ -631,8 +608,10 @@ def _reconstruct_with_libertem(args) -> None:
     if (read.get("probe_check") or {}).get("note"):
         from .models.modelfile import load_model
 
-        print(f"deepphase reconstruct: note: {_write_probe_estimate(args, read['probe_check'], load_model(args.model).probe)}",
+        print(f"deepphase reconstruct: note: {_write_probe_estimate(args, read['probe_check'], load_model(args.model))}",
               file=sys.stderr)
+    if (read.get("probe_aware") or {}).get("note"):
+        print(f"deepphase reconstruct: note: {read['probe_aware']['note']}", file=sys.stderr)
     print(f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
           f"({rec.processing['patterns']} patterns read by {read['reader']} as {read['libertem_dataset']}, "
           f"{rec.timings['patterns_per_second']:.0f} patterns/s)"

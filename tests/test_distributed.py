@@ -237,6 +237,26 @@ def test_cli_reconstruct_with_workers(scan_file, tmp_path):
     assert meta["processing"]["distributed"]["workers"] == 2 and meta["processing"]["distributed"]["tiles"] == 3
 
 
+def test_dask_workers_tell_a_probe_aware_model_what_the_client_measured(tmp_path):
+    from deepphase.physics import reference_probe
+
+    from .test_aberrations import save_scan
+    from .test_probe_aware import save_aware_model
+
+    model = save_aware_model(tmp_path / "aware", reference_probe())
+    save_scan(tmp_path / "scan.npy", reference_probe(), (0.02, 0.0, 0.02), shape=(20, 20))
+    common = ["--scan-shape", "20", "20", "--step", "0.87", "--model", str(model)]
+    for name, extra in (("one", []), ("two", ["--workers", "2", "--tile-size", "150"])):
+        done = subprocess.run([sys.executable, "-m", "deepphase.cli", "reconstruct", str(tmp_path / "scan.npy"),
+                               *common, "--out", str(tmp_path / name), *extra], env=_env(), capture_output=True,
+                              text=True, timeout=180)
+        assert done.returncode == 0, done.stderr[-3000:]
+    told = json.loads((tmp_path / "two" / "metadata.json").read_text())["probe_aware"]
+    assert told["from"] == "the probe check" and told["told_edge_phase_rad"] > 0.9
+    np.testing.assert_allclose(np.load(tmp_path / "two" / "phase.npy"), np.load(tmp_path / "one" / "phase.npy"),
+                               rtol=0, atol=1e-5)
+
+
 from .test_io_formats import detector_scan  # noqa: E402,F401  (a fixture: 64×64 detector, drifting disk)
 
 

@@ -285,6 +285,30 @@ def test_the_probe_is_checked_as_the_pipeline_checks_it(ctx, tmp_path, capsys):
                                np.load(tmp_path / "pipeline" / "probe_estimate.npy"), atol=1e-5)
 
 
+def test_a_probe_aware_model_is_told_what_the_pipeline_tells_it(tmp_path, capsys):
+    from deepphase.cli import main
+    from deepphase.physics import reference_probe
+
+    from .test_aberrations import save_scan
+    from .test_probe_aware import save_aware_model
+
+    model = save_aware_model(tmp_path / "aware", reference_probe())
+    save_scan(tmp_path / "scan.npy", reference_probe(), (0.02, 0.0, 0.02), shape=(20, 20))  # row fastest
+    args = ["reconstruct", str(tmp_path / "scan.npy"), "--scan-shape", "20", "20", "--step", str(STEP),
+            "--fastest", "row", "--model", str(model), "--engine", "eager"]
+    assert main([*args, "--out", str(tmp_path / "pipeline")]) == 0
+    assert main([*args, "--libertem", "--out", str(tmp_path / "libertem")]) == 0
+    metas = [json.loads((tmp_path / name / "metadata.json").read_text())["probe_aware"] for name in ("pipeline", "libertem")]
+    assert metas[0]["from"] == metas[1]["from"] == "the probe check" and metas[0]["told_edge_phase_rad"] > 0.9
+    np.testing.assert_allclose(metas[1]["told_coefficients_rad_per_px2"], metas[0]["told_coefficients_rad_per_px2"],
+                               atol=1e-6)
+    assert "the probe-aware model was told this difference" in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(tmp_path / "libertem" / "phase.npy"), np.load(tmp_path / "pipeline" / "phase.npy"),
+                               atol=1e-4)
+    assert main([*args, "--no-probe-check", "--out", str(tmp_path / "untold")]) == 0  # (telling matters)
+    assert np.abs(np.load(tmp_path / "untold" / "phase.npy") - np.load(tmp_path / "pipeline" / "phase.npy")).max() > 1e-2
+
+
 def test_a_merlin_file_is_read_with_its_rows_as_the_pipeline_reads_them(counts, tmp_path, capsys):
     """LiberTEM reads a Merlin .mib's rows bottom-up against rosettasciio, the pipeline's reader: --libertem
     reverses them, so both make the same image (calibrated 64×64 frames with --rotation auto, and 32×32 frames

@@ -379,6 +379,41 @@ def hold_back_for_geometry(check: dict, rotation_note: str | None) -> dict:
                                                                "scan's geometry, which this fit assumes"}
 
 
+def told_to_probe_aware(model, check: dict | None, unavailable: str | None = None) -> dict:
+    """What ``reconstruct`` tells a probe-aware model (:meth:`~deepphase.models.modelfile.PhaseModel.told`), and why.
+
+    The probe check's coefficients when it has them and its note is not held back for the scan's geometry; zeros
+    (the model's own probe) otherwise, or when ``unavailable`` says why it cannot be told. Returns
+    ``probe_aware`` for the metadata: ``told_coefficients_rad_per_px2``, ``told_edge_phase_rad``, ``from``,
+    ``training_range_rad`` and ``note`` (None, or why the image may suffer: told nothing, or beyond the range).
+    """
+    from .calibration import model_disk
+
+    check = check or {}
+    coefficients, source = [0.0, 0.0, 0.0], "the probe check"
+    if unavailable:
+        source = f"nothing: {unavailable}"
+    elif check.get("held_back"):
+        source = "nothing: the probe check's finding is held back until the scan's geometry is right"
+    elif "coefficients" in check:
+        coefficients = [float(c) for c in check["coefficients"]]
+    else:
+        source = "nothing: " + (f"the probe check was skipped ({check['skipped']})" if "skipped" in check else
+                                "no probe check (--no-probe-check, or positions that are not a raster)")
+    edge = edge_phase(coefficients, model_disk(model.probe)["radius"])
+    limit = model.aberration_range
+    note = None
+    if source != "the probe check":
+        note = (f"the probe-aware model was told {source[len('nothing: '):]}, so it assumes its own probe and is "
+                "no better than a model for that probe on data whose probe differs")
+    elif limit is not None and edge > limit:
+        note = (f"the probe check found {edge:.2f} rad at the bright-field disk's edge, beyond the ±{limit:g} rad the "
+                "probe-aware model was trained for: it was told so, but expect a poorer image; focus closer to the "
+                "model's probe, or train a model for this one (probe_estimate.npy)")
+    return {"told_coefficients_rad_per_px2": coefficients, "told_edge_phase_rad": round(edge, 4), "from": source,
+            "training_range_rad": limit, "note": note}
+
+
 def plot_probe_mismatch(found: dict, path) -> None:
     """A PNG of what the probe check saw: the share of the scan's spectrum explained against a round defocus
     relative to the model's probe (the model's at 0, the fit marked), and the fitted Δχ over the bright-field

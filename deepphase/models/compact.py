@@ -150,6 +150,7 @@ class CompactPhaseNet(nn.Module):
             nn.init.zeros_(self.linear_gate.weight)
             nn.init.zeros_(self.linear_gate.bias)
         self.aberration_input = bool(aberration_input)
+        self.linear_aberration = None
         if self.aberration_input:  # made last, for the same reason; zero outputs: untold = the plain network
             self.register_buffer("aberration", torch.zeros(ABERRATION_TERMS))
             self._film_widths = (w0, w1, w2, w3, w2)  # stem, down1, down2, down3, decode
@@ -187,9 +188,9 @@ class CompactPhaseNet(nn.Module):
         a probe-aware network the maps its aberration blends)."""
         probability = self._probability(amplitude)
         linear = self.linear_path(probability)
-        if aberration is not None and self.linear_path is not None and hasattr(self, "linear_aberration"):
-            maps = self.linear_aberration(probability).view(len(probability), len(_SECOND_ORDER), -1)
-            linear = linear + torch.einsum("bt,btp->bp", _second_order(aberration), maps)
+        if aberration is not None and self.linear_aberration is not None:
+            maps = self.linear_aberration(probability).unflatten(1, (len(_SECOND_ORDER), -1))
+            linear = linear + (_second_order(aberration)[:, :, None] * maps).sum(1)  # (1, 9) broadcasts too
         return linear.view(-1, 1, side, side)
 
     def _linear_gain(self, features: torch.Tensor) -> torch.Tensor:
@@ -216,7 +217,7 @@ class CompactPhaseNet(nn.Module):
         return linear if self.linear_gate is None else self._linear_gain(features) * linear
 
     def _films(self, aberration: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(gain − 1, bias) per stage, each (B, C, 1, 1), from the aberration (B, 3)."""
+        """(gain − 1, bias) per stage, each (B, C, 1, 1), from the aberration (B, 3) (B = 1: one for all)."""
         out, at = [], 0
         values = self.film(aberration)
         for c in self._film_widths:
@@ -233,8 +234,8 @@ class CompactPhaseNet(nn.Module):
             skip = self.down2(self.down1(self.stem(amplitude)))
             features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
             return self._output(features, self._linear_term(amplitude, features))
-        if aberration is None:
-            aberration = self.aberration.to(amplitude.dtype).expand(len(amplitude), -1)
+        if aberration is None:  # (1, 3), broadcast over the batch: an ONNX export keeps its batch axis dynamic
+            aberration = self.aberration.to(amplitude.dtype)[None]
         films = self._films(aberration.to(amplitude.dtype))
 
         def film(x, k):

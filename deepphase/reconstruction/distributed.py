@@ -82,9 +82,11 @@ def open_client(workers: int | None = None, scheduler: str | None = None, **clus
 
 
 @functools.lru_cache(maxsize=4)
-def _worker_model(model_path: str | None):
-    """The model, loaded once per worker process."""
-    return load_model(model_path)
+def _worker_model(model_path: str | None, told: tuple | None = None):
+    """The model, loaded once per worker process; a probe-aware one ``told`` the data's probe (coefficients,
+    :meth:`~deepphase.models.modelfile.PhaseModel.told`)."""
+    model = load_model(model_path)
+    return model if told is None else model.told(told)
 
 
 def _worker_device(device: str):
@@ -113,7 +115,7 @@ def _open(path, dataset, scan_shape):
 def predict_tile(path: str, start: int, stop: int, model_path: str | None, dataset: str | None = None,
                  kind: str = "amplitude", transform=None, batch_size: int = 512, device: str = "auto",
                  precision: str = "auto", scan_shape=None, reducer=None, origins=None, draws: int = 1,
-                 neighbours=None, sigma_head: bool = False) -> list:
+                 neighbours=None, sigma_head: bool = False, told: tuple | None = None) -> list:
     """Patches, or their reductions, of patterns ``start:stop`` of a file: one task, run on a worker.
 
     Returns one item per draw (the prediction, then ``draws − 1`` Monte Carlo dropout samples): the
@@ -126,10 +128,11 @@ def predict_tile(path: str, start: int, stop: int, model_path: str | None, datas
     worker then also reads the halo of frames they point to.
     ``sigma_head``: one more item at the end, the σ head's patches of the first draw's forward pass (or
     their reductions).
+    ``told``: what a probe-aware model is told (:meth:`~deepphase.models.modelfile.PhaseModel.told`).
     """
     from .predict import predict_patches
 
-    model = _worker_model(model_path)
+    model = _worker_model(model_path, told)
     data = _open(path, dataset, scan_shape)
     try:
         view = transform(data.frames) if transform is not None else AmplitudeView(data.frames, kind)
@@ -178,6 +181,7 @@ def reconstruct_distributed(
     sigma_scale: float | None = None,
     deblur: bool | str = "auto",
     sigma_head: bool = False,
+    told=None,
 ) -> Reconstruction:
     """:func:`~deepphase.reconstruction.pipeline.reconstruct` of a file, spread over a dask cluster.
 
@@ -194,6 +198,8 @@ def reconstruct_distributed(
     transform : optional picklable ``frames -> amplitudes`` applied on the workers (then ``kind`` is unused).
     stitching, remove_plane, batch_size, device, precision, sampling, uncertainty_samples, sigma_scale, deblur,
     sigma_head : as for ``reconstruct`` (``stitching=None``: its default). ``device`` is each worker's.
+    told : for a probe-aware model, the data's probe against its own (a_rr, a_rc, a_cc), as
+        :meth:`~deepphase.models.modelfile.PhaseModel.told` takes them; None: its own probe.
 
     Returns
     -------
@@ -218,7 +224,8 @@ def reconstruct_distributed(
     path = Path(path).resolve()
     if model_path is not None:  # a folder travels as an absolute path; a packaged model's name as it is
         model_path = str(Path(model_path).resolve()) if Path(model_path).exists() else str(model_path)
-    model = load_model(model_path)
+    told = None if told is None else tuple(float(c) for c in told)
+    model = _worker_model(model_path, told)  # (refuses a model that is not probe-aware, here rather than on a worker)
     if sigma_head:
         from .predict import check_sigma_head
 
@@ -257,7 +264,8 @@ def reconstruct_distributed(
     futures = [client.submit(predict_tile, str(path), s, min(s + tile_size, n), model_path, dataset, kind, transform,
                              batch_size, device, precision, scan_shape, reducer,
                              None if origins is None else origins[s : s + tile_size], draws,
-                             None if neighbours is None else neighbours[s : s + tile_size], sigma_head, pure=False)
+                             None if neighbours is None else neighbours[s : s + tile_size], sigma_head, told,
+                             pure=False)
                for s in starts]
     first = {f.key: s for s, f in zip(starts, futures)}
     from distributed import as_completed

@@ -145,10 +145,10 @@ def _scan_box(scan) -> tuple[int, int, int, int]:
             int((top[1] + cols.min()) // u), int((bottom[1] + cols.max()) // u) + 1)
 
 
-def _load(model_name):
+def _load(model_name, told=None):
     from .distributed import _worker_model  # one model per process, shared with the dask workers
 
-    return _worker_model(model_name)
+    return _worker_model(model_name, None if told is None else tuple(told))
 
 
 class PhaseUDF(UDF):
@@ -186,6 +186,8 @@ class PhaseUDF(UDF):
     remove_plane : subtract the best-fit plane (as ``reconstruct``).
     uncertainty : None, or "head": also the per-pixel σ from the model's σ head, blended as ``reconstruct
         --uncertainty head`` blends it and scaled by the factor fitted for the head.
+    told : for a probe-aware model, the data's probe against its own, (a_rr, a_rc, a_cc) in rad per pixel²
+        (:meth:`~deepphase.models.modelfile.PhaseModel.told`); None: its own probe.
 
     Results
     -------
@@ -206,7 +208,7 @@ class PhaseUDF(UDF):
     def __init__(self, model=None, step_px=None, positions=None, rotation_deg: float = 0.0, fastest: str = "col",
                  kind: str = "counts", calibration=None, flip_patterns: bool = False, reverse_rows: bool = False,
                  batch_size: int = 512, engine: str = "auto", precision: str = "auto", deblur="auto",
-                 remove_plane: bool = True, uncertainty=None, **kwargs):
+                 remove_plane: bool = True, uncertainty=None, told=None, **kwargs):
         if kind not in ("counts", "amplitude"):
             raise ValueRangeError(f"kind: expected 'counts' or 'amplitude', got {kind!r}")
         if int(batch_size) < 1:
@@ -224,11 +226,12 @@ class PhaseUDF(UDF):
                          rotation_deg=float(rotation_deg), fastest=fastest, kind=kind, calibration=calibration,
                          flip_patterns=bool(flip_patterns), reverse_rows=bool(reverse_rows),
                          batch_size=int(batch_size), engine=engine, precision=precision, deblur=deblur,
-                         remove_plane=bool(remove_plane), uncertainty=uncertainty, **kwargs)
+                         remove_plane=bool(remove_plane), uncertainty=uncertainty,
+                         told=None if told is None else [float(c) for c in told], **kwargs)
 
     # ---------------------------------------------------------------- set-up, on the main node and the workers
     def _model(self):
-        model = _load(self.params.model)
+        model = _load(self.params.model, self.params.told)
         if model.in_channels > 1:
             raise DeepPhaseError(f"model: {model.name!r} takes the 3×3 neighbourhood of patterns, which crosses "
                                  "LiberTEM's partitions; use a single-pattern model here, or deepphase reconstruct")
@@ -727,7 +730,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     import libertem.api as lt
     from libertem.io.dataset.base import DataSetException
 
-    from ..data.aberrations import PROBE_CHECK_MIN_PX
+    from ..data.aberrations import PROBE_CHECK_MIN_PX, told_to_probe_aware
     from ..data.calibration import (ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, check_scan_rotation,
                                     plot_scan_rotation, rotation_note)
     from ..data.io import infer_kind
@@ -789,10 +792,14 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
                                     (calibration_options or {}).get("semi_angle"), (check or {}).get("note"))
             except (ValueRangeError, ShapeError) as exc:  # NaN/Inf in the block, too few frequencies: as the pipeline
                 probe = {"skipped": str(exc)}
+        told = None
+        if phase_model.probe_aware:  # told what the probe check found, as the pipeline tells it
+            told = told_to_probe_aware(phase_model, probe)
         udf = PhaseUDF(model=model, step_px=step_px, positions=positions, rotation_deg=rotation_deg,
                        fastest=fastest, kind=kind, calibration=view, flip_patterns=flip, reverse_rows=reverse_rows,
                        batch_size=batch_size, engine=engine, precision=precision, deblur=deblur,
-                       remove_plane=remove_plane, uncertainty=uncertainty)
+                       remove_plane=remove_plane, uncertainty=uncertainty,
+                       told=None if told is None else told["told_coefficients_rad_per_px2"])
         t1 = time.perf_counter()
         result = ctx.run_udf(dataset=dataset, udf=udf, progress=progress)
         rec = to_reconstruction(udf, result)
@@ -810,5 +817,6 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             "patterns_flipped": flip, "rows_reversed": reverse_rows, **({"rotation_check": check} if check else {}),
             "rotation_png": str(rotation_png) if rotation_png is not None and figure is not None else None,
             **({"rotation_found": found} if found is not None else {}),
-            **({"probe_check": probe} if probe is not None else {})}
+            **({"probe_check": probe} if probe is not None else {}),
+            **({"probe_aware": told} if told is not None else {})}
     return rec, read

@@ -454,17 +454,22 @@ def distributed_context() -> tuple[int, int, int]:
 
 def _initialise_from(network: torch.nn.Module, config: TrainConfig, arch_config: dict, log) -> None:
     """Start from another model's weights (a warm start: fine-tuning a model for another probe); its
-    architecture must be this one's."""
+    architecture must be this one's, or this one's without the probe-aware layers, which then start at zero
+    (the network starts as the model it comes from: models.compact)."""
     from ..models.modelfile import load_model
 
     source = load_model(config.init_from)
-    if source.arch != config.arch or source.arch_config != arch_config:
+    plain = {k: v for k, v in arch_config.items() if k != "aberration_input"}
+    if source.arch != config.arch or source.arch_config not in (arch_config, plain):
         raise DeepPhaseError(
             f"init_from: {config.init_from!r} is a {source.arch} network with {source.arch_config}; this training "
             f"builds a {config.arch} network with {arch_config} (train with the same --arch and options, e.g. "
             f"--like {config.init_from})")
-    network.load_state_dict(source.network.state_dict())
-    log(f"starting from the weights of {config.init_from}")
+    missing, unexpected = network.load_state_dict(source.network.state_dict(), strict=False)
+    if unexpected or any(not k.startswith(("film.", "linear_aberration.", "aberration")) for k in missing):
+        raise DeepPhaseError(f"init_from: the weights of {config.init_from!r} do not fit ({missing or unexpected})")
+    log(f"starting from the weights of {config.init_from}"
+        + (" (the probe-aware layers from zero)" if missing else ""))
 
 
 def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
