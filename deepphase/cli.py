@@ -478,6 +478,7 @@ def _write_probe_estimate(args, check: dict, model) -> str:
     look, for a probe-aware model that was told it)."""
     from .data.aberrations import add_aberrations, plot_probe_mismatch
     from .io_utils import save_npy
+    from .models.modelfile import load_model
 
     estimate = args.out / "probe_estimate.npy"
     save_npy(estimate, add_aberrations(model.probe, check["coefficients"]))
@@ -487,10 +488,13 @@ def _write_probe_estimate(args, check: dict, model) -> str:
         return (f"{first} (see {args.out / 'probe_check.png'}); the probe-aware model was told this difference "
                 f"(trained for up to ±{model.aberration_range:g} rad)")
     like = shlex.quote(args.model) if args.model else "default"
+    aware = load_model("probe-aware")
+    other = (f"reconstruct with --model probe-aware, which is told the difference (RESULTS §37)"
+             if model.probe.shape == aware.probe.shape and np.allclose(model.probe, aware.probe) else
+             f"train one that is told the data's probe: 'deepphase train --like {like} --probe-aware 2 --out MODEL'")
     return (f"{check['note']} (see {args.out / 'probe_check.png'}): {estimate} is the model's probe with that "
             f"difference; 'deepphase train --like {like} --probe {estimate} --out MODEL' trains a model for it with "
-            "the model's recipe (the default's: about 7 min on 2 CPU cores), or 'deepphase train --like "
-            f"{like} --probe-aware 2 --out MODEL' one that is told the data's probe (RESULTS §37)")
+            f"the model's recipe (the default's: about 7 min on 2 CPU cores); or {other}")
 
 
 def _report_rotation(found: dict, flipped_by_search: bool) -> None:

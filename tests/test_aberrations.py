@@ -126,6 +126,7 @@ def test_cli_notes_a_defocused_probe_and_writes_the_probe_it_implies(probe, tmp_
                  "--energy", "300", "--semi-angle", "25", "--out", str(tmp_path / "out")]) == 0
     err = capsys.readouterr().err
     assert "the data's probe differs from the model's by defocus +1.1" in err and "train --like default" in err
+    assert "reconstruct with --model probe-aware" in err  # packaged, for the default's probe
     # 25 mrad over the reference disk's 7.61 px: a = 0.02 rad/px² is Δf = a λ / (π s²) = +11.6 Å
     assert re.search(r"about \+1[12] Å of defocus", err)
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())

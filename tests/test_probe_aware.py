@@ -191,3 +191,20 @@ def test_the_onnx_engine_runs_the_told_network_not_a_stale_export(aware_model):
         assert torch.allclose(got, expected, atol=1e-4)
         outputs.append(got)
     assert (outputs[0] - outputs[1]).abs().max() > 1e-3
+
+
+def test_told_for_scan_tells_what_the_probe_check_finds_on_a_raster_and_nothing_otherwise(probe, aware_model, tmp_path,
+                                                                                          rng):
+    from deepphase.data.aberrations import told_for_scan
+
+    save_scan(tmp_path / "scan.npy", probe, (0.02, 0.0, 0.02))
+    amplitudes, positions = np.sqrt(np.load(tmp_path / "scan.npy")), np.load(tmp_path / "positions.npy")
+    model, told = told_for_scan(load_model(aware_model), amplitudes, positions)
+    assert told["from"] == "the probe check" and told["probe_check"]["block"] == [24, 24]
+    np.testing.assert_allclose(told["told_coefficients_rad_per_px2"], [0.02, 0.0, 0.02], atol=0.002)
+    np.testing.assert_allclose(model.network.aberration.numpy(),
+                               np.array(told["told_coefficients_rad_per_px2"]) * model_disk(probe)["radius"] ** 2,
+                               rtol=1e-5)
+    jittered = positions + rng.normal(0, 0.05, positions.shape)  # measured positions: no raster, nothing told
+    model, told = told_for_scan(load_model(aware_model), amplitudes, jittered)
+    assert told["told_coefficients_rad_per_px2"] == [0.0, 0.0, 0.0] and told["note"] and told["probe_check"] is None

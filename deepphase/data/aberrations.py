@@ -414,6 +414,29 @@ def told_to_probe_aware(model, check: dict | None, unavailable: str | None = Non
             "training_range_rad": limit, "note": note}
 
 
+def told_for_scan(model, amplitudes, positions) -> tuple:
+    """A probe-aware model told the data's probe from the scan itself, as ``deepphase reconstruct`` tells it: the
+    probe check on the central positions when ``positions`` form a raster large enough
+    (:func:`deepphase.physics.raster_from_positions`), else nothing (its own probe).
+
+    For the Python API: ``model, told = told_for_scan(load_model("probe-aware"), amplitudes, positions)`` then
+    ``reconstruct(amplitudes, positions, model)``. Returns the told copy and what it was told
+    (:func:`told_to_probe_aware`, with the check under ``probe_check``).
+    """
+    from ..physics.scan import raster_from_positions
+
+    raster = raster_from_positions(positions)
+    check = None
+    if raster is not None and min(raster["scan_shape"]) >= PROBE_CHECK_MIN_PX:
+        try:
+            check = measure_probe_mismatch(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
+                                           raster["rotation_deg"], raster["fastest"])
+        except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (reconstruct names the frame), too few frequencies
+            check = {"skipped": str(exc)}
+    info = told_to_probe_aware(model, check)
+    return model.told(info["told_coefficients_rad_per_px2"]), {**info, "probe_check": check}
+
+
 def plot_probe_mismatch(found: dict, path) -> None:
     """A PNG of what the probe check saw: the share of the scan's spectrum explained against a round defocus
     relative to the model's probe (the model's at 0, the fit marked), and the fitted Δχ over the bright-field

@@ -129,13 +129,19 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
     ``ensemble``: further model folders; the image is the members' mean and σ their spread (× ``sigma_scale``).
     ``sigma_head``: σ from the model's σ head (a model trained with ``--sigma-head``), with its fitted factor.
     The notes carry the factor applied to σ (``sigma_scale``), from which the harness also scores the raw σ.
+    A probe-aware model is told what the probe check measures on each scan, as ``deepphase reconstruct`` tells it
+    (in the method's time).
     """
 
     def run(case: Case, probe: np.ndarray) -> MethodResult:
+        from ..data.aberrations import told_for_scan
         from ..reconstruction.pipeline import reconstruct
 
         model = _model(model_path)
         t0 = time.perf_counter()
+        told = None
+        if model.probe_aware:
+            model, told = told_for_scan(model, case.scan.amplitude, case.scan.positions)
         rec = reconstruct(case.scan.amplitude, case.scan.positions, model, stitching=stitching,
                           remove_plane=remove_plane, progress=False, uncertainty_samples=uncertainty_samples,
                           ensemble=[_model(m) for m in ensemble], sigma_scale=sigma_scale, deblur=deblur,
@@ -153,6 +159,8 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
             sigma[r0 : r0 + h, c0 : c0 + w] = rec.uncertainty[:h, :w]
         notes = {"model": model.name, "arch": model.arch, "stitching": stitching,
                  "deblurred": rec.processing["deblurred"]}
+        if told is not None:
+            notes["told_edge_phase_rad"] = told["told_edge_phase_rad"]
         if rec.processing.get("uncertainty"):
             notes.update({"uncertainty": rec.processing["uncertainty"]["method"],
                           "sigma_scale": rec.processing["uncertainty"]["sigma_scale"]})
