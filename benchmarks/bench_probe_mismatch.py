@@ -17,6 +17,8 @@ Usage: python benchmarks/bench_probe_mismatch.py [--scan 48] [--parts quality ac
    ``probe-aware``) told nothing and told what the probe check measures on the scan (as ``reconstruct`` tells it),
    on part 1's rasters with defocus and astigmatism from 0 to beyond its training range; then on the 64×64 abTEM
    multislice scans of the thick specimens (SrTiO₃, Au on carbon; cached in CACHE), whose depth reads as a defocus.
+6. aware-cost: ``deepphase reconstruct`` of part 4's 256×256 scan with ``--model default`` and ``--model
+   probe-aware``, alternately, three times each: the wall time of the command and the network's patterns per second.
 """
 
 from __future__ import annotations
@@ -225,16 +227,36 @@ def cost(folder: Path) -> None:
             print(f"| {run + 1} | " + " | ".join(row) + " |", flush=True)
 
 
+def aware_cost(folder: Path) -> None:
+    path = scan_file(folder, 256, 256)
+    print("\n6. aware-cost on the 256×256 scan (65,536 patterns), `deepphase reconstruct FILE --scan-shape 256 256 "
+          "--step 0.87 --model M`")
+    print("| run | default: command (s), network (patterns/s) | probe-aware: command (s), network (patterns/s) | ratio |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for run in range(3):
+            row, walls = [], []
+            for model in ("default", "probe-aware"):
+                out = Path(tmp) / f"out-{run}-{model}"
+                t0 = time.perf_counter()
+                subprocess.run(["deepphase", "reconstruct", str(path), "--scan-shape", "256", "256", "--step",
+                                str(STEP), "--model", model, "--out", str(out)], check=True, capture_output=True)
+                walls.append(time.perf_counter() - t0)
+                timings = json.loads((out / "metadata.json").read_text())["timings"]
+                row.append(f"{walls[-1]:.1f}, {timings['patterns_per_second']:,.0f}")
+            print(f"| {run + 1} | " + " | ".join(row) + f" | {walls[1] / walls[0]:.2f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scan", type=int, default=48, help="positions per side of part 1's rasters")
     parser.add_argument("--parts", nargs="+", default=["quality", "accuracy"],
-                        choices=["quality", "accuracy", "multislice", "cost", "aware"])
+                        choices=["quality", "accuracy", "multislice", "cost", "aware", "aware-cost"])
     parser.add_argument("--aware-model", default="probe-aware", help="the probe-aware model of part 5")
     parser.add_argument("--cache", type=Path, default=Path("bench-probe-mismatch-cache"),
                         help="abTEM's noise-free patterns for parts 3 and 5, kept between runs")
     parser.add_argument("--folder", type=Path, default=Path("bench-auto-engine"),
-                        help="where bench_auto_engine's 256×256 scan file is (made if missing), for part 4")
+                        help="where bench_auto_engine's 256×256 scan file is (made if missing), for parts 4 and 6")
     args = parser.parse_args()
     print(machine_line())
     if "quality" in args.parts:
@@ -247,6 +269,8 @@ def main() -> None:
         cost(args.folder)
     if "aware" in args.parts:
         aware(args.scan, args.aware_model, args.cache)
+    if "aware-cost" in args.parts:
+        aware_cost(args.folder)
 
 
 if __name__ == "__main__":

@@ -476,7 +476,7 @@ def _write_probe_estimate(args, check: dict, model) -> str:
     """For a probe check with a note: ``probe_estimate.npy`` (the model's probe with the difference found) and
     ``probe_check.png`` in the output folder; returns the note to print, with what to do about it (nothing but
     look, for a probe-aware model that was told it)."""
-    from .data.aberrations import add_aberrations, plot_probe_mismatch
+    from .data.aberrations import add_aberrations, plot_probe_mismatch, probe_difference
     from .io_utils import save_npy
     from .models.modelfile import load_model
 
@@ -484,9 +484,9 @@ def _write_probe_estimate(args, check: dict, model) -> str:
     save_npy(estimate, add_aberrations(model.probe, check["coefficients"]))
     plot_probe_mismatch(check, args.out / "probe_check.png")
     if model.probe_aware:
-        first = check["note"].split(" (±")[0]
-        return (f"{first} (see {args.out / 'probe_check.png'}); the probe-aware model was told this difference "
-                f"(trained for up to ±{model.aberration_range:g} rad)")
+        return (f"{probe_difference(check, check['model_mrad_per_px'], check['energy_kev'])} (see "
+                f"{args.out / 'probe_check.png'}); the probe-aware model was told this difference (trained for up to "
+                f"±{model.aberration_range:g} rad)")
     like = shlex.quote(args.model) if args.model else "default"
     aware = load_model("probe-aware")
     other = (f"reconstruct with --model probe-aware, which is told the difference (RESULTS §37)"

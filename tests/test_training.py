@@ -374,7 +374,7 @@ def test_half_precision_model_files_keep_statistics_beyond_float16_in_float32(tm
 def test_packaged_models_load_and_record_how_they_were_made():
     from deepphase.models.modelfile import packaged_model_path, packaged_models
 
-    assert {"default", "seed", "seed-unet", "unet-small", "neighbourhood"} <= set(packaged_models())
+    assert {"default", "seed", "seed-unet", "unet-small", "neighbourhood", "probe-aware"} <= set(packaged_models())
     total = 0
     for name in packaged_models():
         model = load_model(name)
@@ -386,4 +386,5 @@ def test_packaged_models_load_and_record_how_they_were_made():
     assert load_model().arch_config.get("sigma_head") == "detached"  # σ in the phase's forward pass
     assert load_model("seed-unet").arch == "seed-unet" and load_model("seed-unet").info["training"]["preset"] == "default"
     assert load_model("seed").info["training"]["preset"] == "seed"
-    assert total < 20e6  # the package stays small
+    assert load_model("probe-aware").probe_aware and load_model("probe-aware").aberration_range == 2.0
+    assert total < 25e6  # the package stays small (23.6 MB with probe-aware: six models)

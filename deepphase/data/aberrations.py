@@ -345,12 +345,9 @@ def defocus_angstrom(a: float, mrad_per_px: float, energy_kev: float) -> float:
     return float(a * electron_wavelength(energy_kev) / (np.pi * (mrad_per_px * 1e-3) ** 2))
 
 
-def probe_mismatch_note(found: dict, mrad_per_px: float | None = None, energy_kev: float | None = None) -> str | None:
-    """A note when the data's probe clearly differs from the model's (edge phase ≥ ``MISMATCH_NOTE_RAD`` and
-    three times its uncertainty); None otherwise."""
-    edge, unc = found["edge_phase_rad"], found["uncertainty_rad"]
-    if edge < MISMATCH_NOTE_RAD or edge < 3 * unc:
-        return None
+def probe_difference(found: dict, mrad_per_px: float | None = None, energy_kev: float | None = None) -> str:
+    """The difference found, in words: "the data's probe differs from the model's by defocus … at the bright-field
+    disk's edge (about … Å of defocus …) (±… rad; fitted on …)"."""
     what = [f"defocus {found['defocus_rad_per_px2'] * found['disk_radius_px'] ** 2:+.2f} rad"]
     if found["astigmatism_rad_per_px2"] * found["disk_radius_px"] ** 2 >= 0.1:
         what.append(f"astigmatism {found['astigmatism_rad_per_px2'] * found['disk_radius_px'] ** 2:.2f} rad "
@@ -361,11 +358,20 @@ def probe_mismatch_note(found: dict, mrad_per_px: float | None = None, energy_ke
                        "of defocus, positive = underfocus)")
     more = " or more: the probes are far apart" if found["at_search_edge"] else ""
     return (f"the data's probe differs from the model's by {' and '.join(what)} at the bright-field disk's edge"
-            f"{in_angstrom}{more} (±{unc:.2f} rad; fitted on the central {found['block'][0]}×{found['block'][1]} "
-            "positions). A model loses quality on data whose probe is not its own (simulated twisted hBN, the "
-            "default: correlation 0.97 → 0.93 at +0.6 rad, 0.83 at +1.1, 0.36 at +2.2); on a thick specimen part "
-            "of the difference is its depth (a probe focused on the entrance surface is out of focus in the "
-            "middle). Focus as for the model's probe, or train a model for this one")
+            f"{in_angstrom}{more} (±{found['uncertainty_rad']:.2f} rad; fitted on the central {found['block'][0]}×"
+            f"{found['block'][1]} positions)")
+
+
+def probe_mismatch_note(found: dict, mrad_per_px: float | None = None, energy_kev: float | None = None) -> str | None:
+    """A note when the data's probe clearly differs from the model's (edge phase ≥ ``MISMATCH_NOTE_RAD`` and
+    three times its uncertainty); None otherwise."""
+    edge, unc = found["edge_phase_rad"], found["uncertainty_rad"]
+    if edge < MISMATCH_NOTE_RAD or edge < 3 * unc:
+        return None
+    return (f"{probe_difference(found, mrad_per_px, energy_kev)}. A model loses quality on data whose probe is not "
+            "its own (simulated twisted hBN, the default: correlation 0.97 → 0.93 at +0.6 rad, 0.83 at +1.1, 0.36 at "
+            "+2.2); on a thick specimen part of the difference is its depth (a probe focused on the entrance surface "
+            "is out of focus in the middle). Focus as for the model's probe, or train a model for this one")
 
 
 def hold_back_for_geometry(check: dict, rotation_note: str | None) -> dict:
