@@ -252,3 +252,17 @@ def test_a_scan_geometry_the_rotation_check_contradicts_holds_back_the_probe_not
                  "--rotation", "auto", "--out", str(tmp_path / "auto")]) == 0
     check = json.loads((tmp_path / "auto" / "metadata.json").read_text())["probe_check"]
     assert check["note"] is None and "held_back" not in check and check["edge_phase_rad"] < 0.2
+
+
+def test_a_fit_of_counting_noise_gives_no_note(probe):
+    """A specimen too weak for its dose (twisted hBN at 2 % of its phase, 30 e/pattern): the spectrum is noise, the
+    fit lands far out with a small scatter between the halves, and only the share explained tells it apart."""
+    from deepphase.data.aberrations import MIN_EXPLAINED
+
+    positions = raster_positions((24, 24), STEP)
+    truth = 0.02 * twisted_hbn(required_object_shape(positions, 32), seed=0)
+    amplitudes = simulate_scan(truth, probe, positions, dose=30, seed=0, progress=False).amplitude
+    found = measure_probe_mismatch(amplitudes, (24, 24), probe, STEP)
+    assert found["explained"] < MIN_EXPLAINED and found["edge_phase_rad"] > 3 * max(found["uncertainty_rad"], 0.4)
+    assert probe_mismatch_note(found) is None
+    assert probe_mismatch_note({**found, "explained": 0.05}) is not None  # (the same fit with a signal: noted)

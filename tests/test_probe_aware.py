@@ -208,3 +208,15 @@ def test_told_for_scan_tells_what_the_probe_check_finds_on_a_raster_and_nothing_
     jittered = positions + rng.normal(0, 0.05, positions.shape)  # measured positions: no raster, nothing told
     model, told = told_for_scan(load_model(aware_model), amplitudes, jittered)
     assert told["told_coefficients_rad_per_px2"] == [0.0, 0.0, 0.0] and told["note"] and told["probe_check"] is None
+
+
+def test_a_fit_of_counting_noise_tells_a_probe_aware_model_nothing(probe, aware_model):
+    from deepphase.data.aberrations import MIN_EXPLAINED, told_to_probe_aware
+
+    model = load_model(aware_model)
+    found = {"coefficients": [0.15, 0.0, 0.15], "explained": 0.5 * MIN_EXPLAINED, "edge_phase_rad": 8.7}
+    told = told_to_probe_aware(model, found)
+    assert told["told_coefficients_rad_per_px2"] == [0.0, 0.0, 0.0] and "counting noise" in told["from"]
+    assert "assumes its own probe" in told["note"]
+    told = told_to_probe_aware(model, {**found, "explained": 2 * MIN_EXPLAINED})
+    assert told["told_coefficients_rad_per_px2"] == [0.15, 0.0, 0.15] and "beyond the ±1.5 rad" in told["note"]

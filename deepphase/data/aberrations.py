@@ -40,7 +40,8 @@ from ..physics.scan import raster_positions
 
 __all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe_mismatch", "measure_probe_mismatch",
            "probe_mismatch_from_block", "probe_check_report", "model_grid_optics", "defocus_angstrom", "probe_mismatch_note",
-           "hold_back_for_geometry", "plot_probe_mismatch", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD"]
+           "hold_back_for_geometry", "plot_probe_mismatch", "probe_difference", "edge_phase", "told_to_probe_aware",
+           "told_for_scan", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD", "MIN_EXPLAINED"]
 
 #: The check reads the central block of this many positions a side (about 1 s on a 2-core CPU).
 PROBE_CHECK_BLOCK = 64
@@ -49,6 +50,11 @@ PROBE_CHECK_MIN_PX = 16
 #: A note when the fitted Δχ reaches this many rad at the disk edge (on simulated twisted hBN the default
 #: loses 0.009 of correlation at +0.3 rad and 0.044 at +0.6, RESULTS §36).
 MISMATCH_NOTE_RAD = 0.4
+#: Below this share of the scan's spectrum explained, the fit is of counting noise: a scan of pure noise gives
+#: 0.004–0.007 (24×24 to 64×64 positions; hBN at 30–300 e/pattern), where the fit can land anywhere, up to ±10 rad
+#: at the edge with a small scatter between the halves. From 0.01 up the finding held within 0.3 rad of the truth
+#: on the simulated scans of RESULTS §37. Weaker fits give no note and tell a probe-aware model nothing.
+MIN_EXPLAINED = 0.01
 #: Frequencies used: the strongest ones in the scan's spectrum, from 1.5 px up to the disk's diameter.
 N_FREQUENCIES = 128
 #: Largest |a| searched (rad/px²): beyond it a probe spreads past a 32-pixel window (its far field aliases).
@@ -364,9 +370,9 @@ def probe_difference(found: dict, mrad_per_px: float | None = None, energy_kev: 
 
 def probe_mismatch_note(found: dict, mrad_per_px: float | None = None, energy_kev: float | None = None) -> str | None:
     """A note when the data's probe clearly differs from the model's (edge phase ≥ ``MISMATCH_NOTE_RAD`` and
-    three times its uncertainty); None otherwise."""
+    three times its uncertainty, on a fit of more than noise: ``MIN_EXPLAINED``); None otherwise."""
     edge, unc = found["edge_phase_rad"], found["uncertainty_rad"]
-    if edge < MISMATCH_NOTE_RAD or edge < 3 * unc:
+    if edge < MISMATCH_NOTE_RAD or edge < 3 * unc or found["explained"] < MIN_EXPLAINED:
         return None
     return (f"{probe_difference(found, mrad_per_px, energy_kev)}. A model loses quality on data whose probe is not "
             "its own (simulated twisted hBN, the default: correlation 0.97 → 0.93 at +0.6 rad, 0.83 at +1.1, 0.36 at "
@@ -388,7 +394,8 @@ def hold_back_for_geometry(check: dict, rotation_note: str | None) -> dict:
 def told_to_probe_aware(model, check: dict | None, unavailable: str | None = None) -> dict:
     """What ``reconstruct`` tells a probe-aware model (:meth:`~deepphase.models.modelfile.PhaseModel.told`), and why.
 
-    The probe check's coefficients when it has them and its note is not held back for the scan's geometry; zeros
+    The probe check's coefficients when it has them, they fit more than noise (``MIN_EXPLAINED``) and its note is
+    not held back for the scan's geometry; zeros
     (the model's own probe) otherwise, or when ``unavailable`` says why it cannot be told. Returns
     ``probe_aware`` for the metadata: ``told_coefficients_rad_per_px2``, ``told_edge_phase_rad``, ``from``,
     ``training_range_rad`` and ``note`` (None, or why the image may suffer: told nothing, or beyond the range).
@@ -401,6 +408,9 @@ def told_to_probe_aware(model, check: dict | None, unavailable: str | None = Non
         source = f"nothing: {unavailable}"
     elif check.get("held_back"):
         source = "nothing: the probe check's finding is held back until the scan's geometry is right"
+    elif "coefficients" in check and check["explained"] < MIN_EXPLAINED:
+        source = (f"nothing: the probe check's fit explains {check['explained']:.3f} of the scan's spectrum, that of "
+                  f"counting noise (under {MIN_EXPLAINED}: a weak specimen or a low dose)")
     elif "coefficients" in check:
         coefficients = [float(c) for c in check["coefficients"]]
     else:
