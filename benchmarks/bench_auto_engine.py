@@ -72,6 +72,7 @@ def scan_file(folder: Path, rows: int, cols: int) -> Path:
         return path
     full = folder / f"scan-{FULL[0]}x{FULL[1]}.npy"
     if not full.exists():
+        folder.mkdir(parents=True, exist_ok=True)
         positions = raster_positions(FULL, STEP)
         truth = twisted_hbn(required_object_shape(positions, 32), seed=0)
         scan = simulate_scan(truth, reference_probe(), positions, seed=0, progress=True)
