@@ -228,18 +228,17 @@ class CompactPhaseNet(nn.Module):
 
     def forward(self, x, aberration: torch.Tensor | None = None):
         amplitude = normalise_amplitude(x)
-        if not self.aberration_input:
-            if aberration is not None:
-                raise ValueError("aberration: this network is not probe-aware (aberration_input=False)")
-            skip = self.down2(self.down1(self.stem(amplitude)))
-            features = self.decode(self._fuse(self.mixer(self.down3(skip)), skip))
-            return self._output(features, self._linear_term(amplitude, features))
-        if aberration is None:  # (1, 3), broadcast over the batch: an ONNX export keeps its batch axis dynamic
-            aberration = self.aberration.to(amplitude.dtype)[None]
-        films = self._films(aberration.to(amplitude.dtype))
+        films = None
+        if self.aberration_input:
+            if aberration is None:  # (1, 3), broadcast over the batch: an ONNX export keeps its batch axis dynamic
+                aberration = self.aberration[None]
+            aberration = aberration.to(amplitude.dtype)
+            films = self._films(aberration)
+        elif aberration is not None:
+            raise ValueError("aberration: this network is not probe-aware (aberration_input=False)")
 
         def film(x, k):
-            return x * (1 + films[k][0]) + films[k][1]
+            return x if films is None else x * (1 + films[k][0]) + films[k][1]
 
         skip = film(self.down2(film(self.down1(film(self.stem(amplitude), 0)), 1)), 2)
         features = film(self.decode(self._fuse(self.mixer(film(self.down3(skip), 3)), skip)), 4)

@@ -9,6 +9,7 @@ uses only after checking it against the weights.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
-from ..errors import InputFileError, ModelMismatchError
+from ..errors import InputFileError, ModelMismatchError, ValueRangeError
 from ..io_utils import atomic_path, save_json, save_npy
 from ..physics.geometry import Geometry
 from .registry import create_model
@@ -76,10 +77,7 @@ class PhaseModel:
 
         The copy's network computes ``network(x)`` for that probe with every engine. This model is unchanged.
         """
-        import copy
-
         from ..data.calibration import model_disk
-        from ..errors import ValueRangeError
 
         if not self.probe_aware:
             raise ModelMismatchError(f"model {self.name!r} is not probe-aware (trained without --probe-aware): it "

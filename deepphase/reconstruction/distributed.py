@@ -224,8 +224,10 @@ def reconstruct_distributed(
     path = Path(path).resolve()
     if model_path is not None:  # a folder travels as an absolute path; a packaged model's name as it is
         model_path = str(Path(model_path).resolve()) if Path(model_path).exists() else str(model_path)
-    told = None if told is None else tuple(float(c) for c in told)
-    model = _worker_model(model_path, told)  # (refuses a model that is not probe-aware, here rather than on a worker)
+    model = load_model(model_path)
+    if told is not None:  # (refuses a model that is not probe-aware here rather than on a worker)
+        told = tuple(float(c) for c in told)
+        model = model.told(told)
     if sigma_head:
         from .predict import check_sigma_head
 
