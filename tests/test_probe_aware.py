@@ -220,3 +220,35 @@ def test_a_fit_of_counting_noise_tells_a_probe_aware_model_nothing(probe, aware_
     assert "assumes its own probe" in told["note"]
     told = told_to_probe_aware(model, {**found, "explained": 2 * MIN_EXPLAINED})
     assert told["told_coefficients_rad_per_px2"] == [0.15, 0.0, 0.15] and "beyond the ±1.5 rad" in told["note"]
+
+
+def test_the_packaged_probe_aware_model_told_keeps_a_defocused_crystal_the_default_loses(probe):
+    """The shipped model on a 24×24 twisted-hBN scan (27,882 e/pattern): with the probe defocused by 1.6 rad at the
+    disk's edge the default scores about 0.70, untold about 0.85, told what the probe check finds about 0.96
+    (RESULTS §37); at focus it stays level with the default."""
+    from deepphase.data.aberrations import told_for_scan
+    from deepphase.data.simulate import required_object_shape, simulate_scan
+    from deepphase.data.specimens import twisted_hbn
+    from deepphase.evaluation.metrics import correlation
+    from deepphase.physics import raster_positions
+    from deepphase.reconstruction.pipeline import reconstruct
+
+    radius2 = model_disk(probe)["radius"] ** 2
+    positions = raster_positions((24, 24), 0.87)
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=3)
+    aware = load_model("probe-aware")
+    for edge in (0.0, 1.6):
+        amplitudes = simulate_scan(truth, add_aberrations(probe, (edge / radius2, 0.0, edge / radius2)), positions,
+                                   seed=3, progress=False).amplitude
+        told, info = told_for_scan(aware, amplitudes, positions)
+        assert info["told_edge_phase_rad"] == pytest.approx(edge, abs=0.1)
+        scores = []
+        for model in (load_model("default"), aware, told):
+            rec = reconstruct(amplitudes, positions, model, progress=False)
+            r0, c0 = rec.origin_px
+            scores.append(correlation(rec.phase, truth[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]))
+        default, untold, told_score = scores
+        if edge:
+            assert told_score > default + 0.15 and told_score > untold + 0.05
+        else:
+            assert told_score > default - 0.01
