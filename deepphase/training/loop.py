@@ -550,7 +550,8 @@ def _evaluate_loss_ranks(network, batches, mask, rank: int, world: int) -> float
         bounds = np.linspace(0, len(b.amplitude), world + 1).round().astype(int)
         lo, hi = bounds[rank], bounds[rank + 1]
         if hi > lo:
-            total += masked_l1(predict_batch(network, b.rows(lo, hi))[:, :1], b.target[lo:hi], mask).item() * (hi - lo)
+            part = b.rows(lo, hi)
+            total += masked_l1(predict_batch(network, part)[:, :1], part.target, mask).item() * (hi - lo)
             count += hi - lo
     network.train(was_training)
     sums = torch.tensor([total, count], dtype=torch.float64, device=mask.device)
