@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ShapeError, ValueRangeError
 from ..physics.forward import diffraction_amplitude, far_field, incident_counts, poisson_counts
+from ..physics.instrument import detector_blur, source_modes
 from ..physics.scan import validate_positions
 
 
@@ -42,6 +43,8 @@ def simulate_scan(
     batch_size: int = 1024,
     noise: bool = True,
     progress: bool | None = None,
+    source_size_px: float = 0.0,
+    detector_psf_px: float = 0.0,
 ) -> SimulatedScan:
     """Diffraction amplitudes of a pure-phase object scanned by ``probe``.
 
@@ -53,12 +56,19 @@ def simulate_scan(
     dose : incident electrons per pattern (None: the probe's own scale, n²·Σ|P|²).
     seed : seed of the Poisson noise.
     noise : False gives the noise-free amplitude |F(P·O)| scaled to the dose.
+    source_size_px : standard deviation of a Gaussian effective source, real-space pixels (0: a coherent
+        probe): each pattern is the sum of the intensities of the probe's coherent modes under that source
+        (:func:`deepphase.physics.instrument.source_modes`), the pattern averaged over the probe's jitter.
+    detector_psf_px : standard deviation of the detector's Gaussian point spread, detector pixels (0: none);
+        applied to the expected counts before the Poisson noise, as a counting detector does.
     """
     phase = np.asarray(phase, dtype=np.float64)
     if phase.ndim != 2:
         raise ShapeError(f"phase: expected a 2-D image, got shape {phase.shape}")
     n = probe.shape[-1]
     positions = validate_positions(positions, len(positions))
+    modes = torch.as_tensor(source_modes(probe, source_size_px))
+    detector_blur(torch.zeros(1, 1), detector_psf_px)  # refuses a bad width before the work
     need = required_object_shape(positions, n)
     if phase.shape[0] < need[0] or phase.shape[1] < need[1]:
         raise ShapeError(
@@ -70,22 +80,30 @@ def simulate_scan(
         raise ValueRangeError(f"dose: expected a positive number of electrons per pattern, got {dose}")
     gen = torch.Generator().manual_seed(seed)
     obj = torch.as_tensor(phase)
-    probe_k = torch.fft.fft2(torch.as_tensor(probe, dtype=torch.complex128))
+    modes_k = torch.fft.fft2(modes)
     k = torch.fft.fftfreq(n, dtype=torch.float64)
     rr, cc = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+
+    def intensity_at(pos: torch.Tensor) -> torch.Tensor:
+        corner = torch.floor(pos).long()
+        frac = pos - corner
+        ramp = torch.exp(-2j * torch.pi * (frac[:, 0, None, None] * k[None, :, None] + frac[:, 1, None, None] * k[None, None, :]))
+        windows = obj[corner[:, 0, None, None] + rr[None], corner[:, 1, None, None] + cc[None]]
+        transmission = torch.polar(torch.ones_like(windows), windows)
+        return sum(far_field(torch.fft.ifft2(mode_k[None] * ramp) * transmission).abs().square() for mode_k in modes_k)
+
     out = np.empty((len(positions), n, n), dtype=np.float32)
     for start in tqdm(range(0, len(positions), batch_size), desc="simulating", disable=None if progress is None else not progress,
                       leave=False):
         pos = torch.as_tensor(positions[start : start + batch_size])
-        corner = torch.floor(pos).long()
-        frac = pos - corner
-        ramp = torch.exp(-2j * torch.pi * (frac[:, 0, None, None] * k[None, :, None] + frac[:, 1, None, None] * k[None, None, :]))
-        shifted = torch.fft.ifft2(probe_k[None] * ramp)
-        windows = obj[corner[:, 0, None, None] + rr[None], corner[:, 1, None, None] + cc[None]]
-        intensity = far_field(shifted * torch.polar(torch.ones_like(windows), windows)).abs().square()
+        intensity = detector_blur(intensity_at(pos), detector_psf_px)
         if noise:
             counts = poisson_counts(intensity, dose, probe_counts, gen)
         else:
             counts = intensity * (dose / probe_counts)
         out[start : start + len(pos)] = diffraction_amplitude(counts).numpy()
-    return SimulatedScan(out, positions, phase, dose, {"seed": seed, "noise": noise, "n_px": n})
+    parameters = {"seed": seed, "noise": noise, "n_px": n}
+    if source_size_px or detector_psf_px:
+        parameters.update(source_size_px=float(source_size_px), detector_psf_px=float(detector_psf_px),
+                          source_modes=len(modes))
+    return SimulatedScan(out, positions, phase, dose, parameters)
