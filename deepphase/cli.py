@@ -65,6 +65,15 @@ def _probe_from_args(args) -> tuple:
     return load_probe(args.probe), {"probe": {"source": str(args.probe)}}
 
 
+def _source_size(values):
+    """``--source-size PX [PX]``: one size, or a range (lo, hi) the training patterns draw from."""
+    if values is None:
+        return 0.0
+    if len(values) > 2:
+        raise DeepPhaseError(f"source-size: expected one size or a range LO HI in pixels, got {len(values)} numbers")
+    return values[0] if len(values) == 1 else (values[0], values[1])
+
+
 def _cmd_train(args) -> None:
     from .data.phase_objects import CORPUS_PRESETS, DEFAULT_LATTICE_SPACING_PX, CorpusConfig
     from .physics.geometry import Geometry
@@ -85,7 +94,8 @@ def _cmd_train(args) -> None:
                          val_size=args.val_size, device=args.device, half=args.half, loss=args.loss,
                          neighbourhood=args.neighbourhood, neighbourhood_step_px=args.neighbourhood_step,
                          sigma_head=args.sigma_head, sigma_weight=args.sigma_weight, init_from=args.init_from,
-                         defocus_spread=args.defocus_spread, aberration_range=args.probe_aware)
+                         defocus_spread=args.defocus_spread, aberration_range=args.probe_aware,
+                         source_size_px=_source_size(args.source_size))
     geometry = Geometry(n_px=probe.shape[0])
     command = "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     command = getattr(args, "command_line", None) or command  # set by deepphase.train (torchrun processes)
@@ -195,8 +205,10 @@ def _cmd_simulate(args) -> None:
     else:
         truth = builtin_specimen(args.specimen, required_object_shape(positions, probe.shape[0]), seed=args.seed)
         source = f"builtin:{args.specimen}"
-    scan = simulate_scan(truth, probe, positions, dose=dose, seed=args.seed, noise=not args.no_noise)
+    scan = simulate_scan(truth, probe, positions, dose=dose, seed=args.seed, noise=not args.no_noise,
+                         source_size_px=args.source_size, detector_psf_px=args.detector_psf)
     parameters = {"object": source, "dose_electrons_per_pattern": scan.dose, "noise": not args.no_noise,
+                  **{k: v for k, v in scan.parameters.items() if k in ("source_size_px", "detector_psf_px", "source_modes")},
                   "seed": args.seed, **scan_info, **probe_info,
                   "command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     save_npz(out, amplitude=scan.amplitude, positions=scan.positions, truth=scan.truth.astype(np.float32),
@@ -749,6 +761,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="give each training pattern's probe a defocus of its own, up to this many rad at the "
                         "bright-field disk's edge either way (default 0: the probe as given), for data whose focus "
                         "is known only so well (see benchmarks/RESULTS.md §36 for what it costs and gains)")
+    p.add_argument("--source-size", type=float, nargs="+", metavar="PX",
+                   help="a finite electron source: the standard deviation of its Gaussian image on the specimen in "
+                        "real-space pixels (FWHM = 2.355 σ), or a range LO HI each pattern draws from; the network "
+                        "learns the object itself from the partially coherent patterns (default: a coherent probe)")
     p.add_argument("--probe-aware", type=float, default=0.0, metavar="RAD",
                    help="train a probe-aware network (compact archs): one model for probes whose defocus differs "
                         "from --probe's by up to this many rad at the bright-field disk's edge either way (and "
@@ -836,6 +852,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dose-per-area", type=float, help="dose in e/Å² (needs --sampling and --step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-noise", action="store_true", help="noise-free amplitudes")
+    p.add_argument("--source-size", type=float, default=0.0, metavar="PX",
+                   help="a finite electron source: the standard deviation of its Gaussian image on the specimen in "
+                        "real-space pixels (FWHM = 2.355 σ; 0.5 Å FWHM is σ = 1.06 px at 0.2 Å/px); each pattern is "
+                        "then partially coherent (default 0: a coherent probe)")
+    p.add_argument("--detector-psf", type=float, default=0.0, metavar="PX",
+                   help="a counting detector's Gaussian point spread, standard deviation in detector pixels "
+                        "(default 0: none)")
     p.add_argument("--out", required=True, type=Path, help="output .npz")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_cmd_simulate)

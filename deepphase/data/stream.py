@@ -25,6 +25,7 @@ import torch
 from ..physics.forward import as_complex_tensor, diffraction_amplitude, diffraction_intensity, incident_counts, poisson_counts
 from ..errors import ValueRangeError
 from ..physics.geometry import Geometry, crop_window, upsample_nearest
+from ..physics.instrument import source_modes
 from ..physics.scan import REFERENCE_STEP_PX
 from .phase_objects import CorpusConfig, random_phase_objects
 
@@ -62,6 +63,8 @@ class Batch:
 # Share of an ``aberration_range`` stream's patterns simulated with the probe as given (told zero): the model's
 # own probe is the commonest case (a probe adjusted to the model's focus), and the one it must not lose.
 MATCHED_SHARE = 0.25
+# Source sizes a ``source_size_px`` range draws from (each its own coherent modes, made once).
+SOURCE_SIZES = 7
 
 
 class TrainingStream:
@@ -91,11 +94,17 @@ class TrainingStream:
         batch says which (``Batch.aberration``, what a probe-aware network is told): a defocus adding up to this
         many rad at the disk's edge either way and an astigmatism of up to half that, at any angle;
         ``MATCHED_SHARE`` of the patterns keep the probe as given. One pattern per sample only.
+    source_size_px : float or (float, float)
+        0 (default): a coherent probe. Otherwise the standard deviation (real-space pixels) of a Gaussian
+        effective source (:mod:`deepphase.physics.instrument`): each pattern is the sum of the intensities of
+        the probe's coherent modes under it, and the target stays the object itself. A pair ``(lo, hi)``
+        gives each pattern one of ``SOURCE_SIZES`` sizes evenly spaced from lo to hi. One pattern per sample,
+        with the probe as given.
     """
 
     def __init__(self, probe: np.ndarray, geometry: Geometry, corpus: CorpusConfig, dose, device="cpu",
                  neighbourhood: int = 1, step_px: float = REFERENCE_STEP_PX, defocus_spread: float = 0.0,
-                 aberration_range: float = 0.0):
+                 aberration_range: float = 0.0, source_size_px: float | tuple[float, float] = 0.0):
         self.geometry = geometry
         self.corpus = corpus
         self.dose = dose
@@ -130,6 +139,17 @@ class TrainingStream:
             terms = torch.stack([qr**2, 2 * qr * qc, qc**2]) / model_disk(probe)["radius"] ** 2
             self._aberration_terms = terms.to(self.device)
             self._probe_k = torch.fft.fft2(self.probe.to(torch.complex128))
+        lo, hi = (source_size_px, source_size_px) if np.isscalar(source_size_px) else (float(v) for v in source_size_px)
+        if not (0 <= lo <= hi and np.isfinite(hi)):
+            raise ValueRangeError(f"source_size_px: expected a size ≥ 0 px or a range lo ≤ hi, got {source_size_px}")
+        self.source_size_px = (float(lo), float(hi))
+        self._source_modes = None
+        if hi > 0:
+            if self.neighbourhood != 1 or self.defocus_spread or self.aberration_range:
+                raise ValueRangeError("source_size_px: a finite source is simulated for single patterns with the "
+                                      "probe as given (no neighbourhood, defocus_spread or aberration_range)")
+            sizes = np.linspace(lo, hi, SOURCE_SIZES) if hi > lo else [lo]
+            self._source_modes = [as_complex_tensor(source_modes(probe, size), self.device)[None] for size in sizes]
 
     @property
     def channels(self) -> int:
@@ -186,6 +206,13 @@ class TrainingStream:
         elif self.neighbourhood == 1 and self.defocus_spread:
             edge = self.defocus_spread * (2 * torch.rand(size, generator=gen, device=self.device, dtype=torch.float64) - 1)
             intensity = diffraction_intensity(self.defocused_probes(edge), phase)
+        elif self._source_modes is not None:  # (1, M, n, n) modes × (b, 1, n, n) objects, summed over the modes
+            which = torch.randint(len(self._source_modes), (size,), generator=gen, device=self.device)
+            intensity = torch.empty(size, n, n, device=self.device)
+            for i, modes in enumerate(self._source_modes):
+                chosen = which == i
+                if chosen.any():
+                    intensity[chosen] = diffraction_intensity(modes, phase[chosen, None]).sum(1)
         elif self.neighbourhood == 1:
             intensity = diffraction_intensity(self.probe, phase)
         else:

@@ -76,16 +76,18 @@ def source_modes(probe: np.ndarray, source_size_px: float, tolerance: float = 1e
 def detector_blur(intensity: torch.Tensor, detector_psf_px: float) -> torch.Tensor:
     """Expected counts of a counting detector whose point spread is a Gaussian of σ = ``detector_psf_px`` pixels.
 
-    ``intensity`` is (..., n, n), real; the result has the same shape and the same sum over each pattern
-    (the Gaussian's transfer function ``exp(−2π² σ² |k|²)`` is 1 at k = 0), clipped at zero against the
-    round-off of the Fourier transform.
+    ``intensity`` is (..., n, n), real; the result has the same shape and the same sum over each pattern.
+    The kernel is the Gaussian sampled at the pixel centres (wrapped around the pattern) and normalised:
+    positive, so no count is made or lost (its transfer function cut at the Nyquist frequency would ring).
     """
     sigma = _check_width("detector_psf_px", detector_psf_px)
     if sigma == 0:
         return intensity
-    rows, cols = intensity.shape[-2:]
-    kr = torch.fft.fftfreq(rows, dtype=torch.float64, device=intensity.device)
-    kc = torch.fft.fftfreq(cols, dtype=torch.float64, device=intensity.device)
-    mtf = torch.exp(-2 * np.pi**2 * sigma**2 * (kr[:, None] ** 2 + kc[None, :] ** 2))
-    blurred = torch.fft.ifft2(torch.fft.fft2(intensity.to(torch.float64)) * mtf).real
+    kernel = torch.ones((), dtype=torch.float64, device=intensity.device)
+    for size in intensity.shape[-2:]:
+        d = torch.arange(size, dtype=torch.float64, device=intensity.device)
+        d = torch.minimum(d, size - d)  # distance from pixel 0 around the circle
+        profile = torch.exp(-0.5 * (d / sigma) ** 2)
+        kernel = kernel[..., None] * (profile / profile.sum())
+    blurred = torch.fft.ifft2(torch.fft.fft2(intensity.to(torch.float64)) * torch.fft.fft2(kernel)).real
     return blurred.clamp_min(0).to(intensity.dtype)

@@ -86,6 +86,9 @@ class TrainConfig:
     # rad at the disk's edge: a probe-aware network (models.compact), trained on probes whose defocus differs by up
     # to this either way (and astigmatism by half of it) and told each pattern's difference
     aberration_range: float = 0.0
+    # real-space px: the standard deviation of a Gaussian effective source (physics.instrument), or a range (lo, hi)
+    # each pattern draws from; the target stays the object, so the network learns to see through the source's blur
+    source_size_px: float | tuple[float, float] = 0.0
 
     def optimizer_settings(self) -> dict:
         if self.preset not in OPTIMIZERS:
@@ -110,6 +113,10 @@ class TrainConfig:
             del d["defocus_spread"]
         if not self.aberration_range:  # and networks that are not probe-aware
             del d["aberration_range"]
+        if not np.any(self.source_size_px):  # and a coherent probe
+            del d["source_size_px"]
+        elif isinstance(self.source_size_px, tuple):
+            d["source_size_px"] = list(self.source_size_px)
         return d
 
     def arch_config(self, geometry: Geometry) -> dict:
@@ -304,7 +311,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
     mask = torch.as_tensor(output_mask(probe, geometry), device=device)
     stream = TrainingStream(probe, geometry, config.corpus, dose, device, neighbourhood=config.neighbourhood,
                             step_px=config.neighbourhood_step_px, defocus_spread=config.defocus_spread,
-                            aberration_range=config.aberration_range)
+                            aberration_range=config.aberration_range, source_size_px=config.source_size_px)
     arch_config = config.arch_config(geometry)
     torch.manual_seed(config.seed)  # the initial weights are part of what the seed fixes
     network = create_model(config.arch, **arch_config).to(device)

@@ -1,0 +1,85 @@
+"""A finite source and a detector's point spread, tested against their physics."""
+
+import numpy as np
+import pytest
+import torch
+
+from deepphase.data.simulate import simulate_scan
+from deepphase.errors import ValueRangeError
+from deepphase.physics.instrument import FWHM_PER_SIGMA, detector_blur, source_modes
+
+
+def _intensities(phase, probe, positions, **kwargs) -> np.ndarray:
+    return simulate_scan(phase, probe, positions, noise=False, progress=False, **kwargs).amplitude.astype(np.float64) ** 2
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.0])
+def test_a_source_damps_each_scan_frequency_by_the_gaussian_envelope(probe, sigma):
+    # A weak cosine of period 16 px scanned over one period: every detector pixel's first Fourier component
+    # over the scan is the object's first-order interference, which a Gaussian jitter of the probe damps by
+    # exp(−2π² σ² g²) (the ε² terms sit at 0 and 2g).
+    n, period, eps = probe.shape[0], 16, 0.01
+    rows = np.arange(period + n + 2)[:, None] * np.ones((1, n + 2))
+    phase = eps * np.cos(2 * np.pi * rows / period)
+    positions = np.stack([np.arange(period, dtype=float), np.zeros(period)], 1)
+    coherent = np.fft.fft(_intensities(phase, probe, positions), axis=0)[1]
+    partial = np.fft.fft(_intensities(phase, probe, positions, source_size_px=sigma), axis=0)[1]
+    envelope = np.exp(-2 * np.pi**2 * sigma**2 / period**2)
+    assert np.abs(partial - envelope * coherent).sum() < 0.005 * np.abs(coherent).sum()
+    # and not the coherent data: the envelope is measurable at every σ here
+    assert np.abs(partial - coherent).sum() > 3 * np.abs(partial - envelope * coherent).sum()
+
+
+def test_source_modes_carry_the_probes_current_and_no_source_is_the_probe(probe):
+    assert np.array_equal(source_modes(probe, 0.0)[0], probe.astype(np.complex128))
+    modes = source_modes(probe, 1.0)
+    assert 1 < len(modes) < 100
+    assert np.sum(np.abs(modes) ** 2) == pytest.approx(np.sum(np.abs(probe) ** 2), rel=1e-12)
+    power = np.sum(np.abs(modes) ** 2, axis=(1, 2))
+    assert np.all(np.diff(power) <= 1e-12 * power[0])  # strongest first
+    # more jitter, more modes
+    assert len(source_modes(probe, 0.5)) < len(modes) < len(source_modes(probe, 2.0))
+
+
+def test_a_source_leaves_the_pattern_of_vacuum_unchanged(probe):
+    # Moving the probe does not change |F(P)|², so an incoherent mix of moved probes does not either
+    # (to the share of the current the dropped modes held, 1e-3).
+    positions = np.array([[0.3, 0.6], [1.0, 0.0]])
+    vacuum = np.zeros((40, 40))
+    coherent = _intensities(vacuum, probe, positions)
+    partial = _intensities(vacuum, probe, positions, source_size_px=1.5)
+    assert np.abs(partial - coherent).sum() < 2e-3 * coherent.sum()
+
+
+def test_detector_blur_conserves_counts_and_spreads_a_point_by_its_sigma():
+    point = torch.zeros(2, 32, 32, dtype=torch.float64)
+    point[:, 16, 16] = 100.0
+    blurred = detector_blur(point, 1.0)
+    assert blurred.sum().item() == pytest.approx(200.0, rel=1e-12)
+    weights = blurred[0] / blurred[0].sum()
+    offsets = torch.arange(32, dtype=torch.float64) - 16
+    assert (weights.sum(1) * offsets**2).sum().item() == pytest.approx(1.0, rel=1e-6)  # variance along rows
+    assert (weights.sum(0) * offsets**2).sum().item() == pytest.approx(1.0, rel=1e-6)
+    assert detector_blur(point, 0.0) is point
+
+
+def test_simulated_counts_are_the_blurred_intensity(probe, rng):
+    phase = rng.uniform(-0.5, 0.5, (40, 40))
+    positions = np.array([[2.4, 3.1], [5.0, 1.7]])
+    sharp = torch.as_tensor(_intensities(phase, probe, positions))
+    blurred = _intensities(phase, probe, positions, detector_psf_px=0.8)
+    assert np.allclose(blurred, detector_blur(sharp, 0.8).numpy(), rtol=1e-5, atol=1e-3)
+    assert not np.allclose(blurred, sharp.numpy(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"source_size_px": -1.0}, "source_size_px"),
+                                          ({"detector_psf_px": float("nan")}, "detector_psf_px")])
+def test_a_bad_width_is_refused_naming_it(probe, kwargs, name):
+    with pytest.raises(ValueRangeError, match=name):
+        simulate_scan(np.zeros((40, 40)), probe, np.zeros((1, 2)), progress=False, **kwargs)
+
+
+def test_fwhm_per_sigma():
+    x = np.linspace(-5, 5, 200_001)
+    above = x[np.exp(-x**2 / 2) >= 0.5]
+    assert above[-1] - above[0] == pytest.approx(FWHM_PER_SIGMA, abs=1e-4)
