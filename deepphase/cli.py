@@ -222,7 +222,8 @@ def _cmd_reconstruct(args) -> None:
     from .evaluation.metrics import correlation
     from .models.modelfile import load_model
     from .physics.scan import raster_positions
-    from .reconstruction.pipeline import check_output_folder, read_checkpoint, reconstruct, write_outputs
+    from .reconstruction.pipeline import (check_output_folder, read_checkpoint, reconstruct, with_source_divided_out,
+                                          write_outputs)
 
     check_output_folder(args.out, args.overwrite)
     partial = args.out / PARTIAL_FOLDER
@@ -341,6 +342,7 @@ def _cmd_reconstruct(args) -> None:
                 if read_checkpoint(partial) is None:
                     shutil.rmtree(partial, ignore_errors=True)
                 raise
+        rec = with_source_divided_out(rec, args.source_size)
         extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                  "data": str(args.data), "input": kind, "n_patterns": n_frames, "stitching": args.stitching,
                  "model_path": str(args.model or "default (packaged)"), **scan_info,
@@ -573,7 +575,7 @@ def _reconstruct_with_libertem(args) -> None:
         import libertem.api  # noqa: F401
     except ImportError as exc:
         raise DeepPhaseError(f"libertem: --libertem needs LiberTEM ({exc}); install it with `{LIBERTEM_EXTRA}`") from exc
-    from .reconstruction.pipeline import write_outputs
+    from .reconstruction.pipeline import with_source_divided_out, write_outputs
 
     refused = [name for name, given in (
         (f"--uncertainty {args.uncertainty}", args.uncertainty not in (0, "head")), ("--ensemble", bool(args.ensemble)),
@@ -612,6 +614,7 @@ def _reconstruct_with_libertem(args) -> None:
              "model_path": str(args.model or "default (packaged)"), **scan,
              "patterns_flipped": read["patterns_flipped"], "data_info": read, "calibration": read["calibration"]}
     sampling = args.pixel_size or (read["calibration"] or {}).get("real_space_sampling_angstrom")
+    rec = with_source_divided_out(rec, args.source_size)
     write_outputs(rec, args.out, extra, sampling=sampling, overwrite=args.overwrite)
     if rec.processing.get("dose_note"):
         print(f"deepphase reconstruct: note: {rec.processing['dose_note']}", file=sys.stderr)
@@ -906,6 +909,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "finds whether it is needed (when this flag is not given)")
     p.add_argument("--stitching", choices=["pairwise", "least-squares", "seed"], default="pairwise",
                    help="pairwise (default, fast), least-squares (exact canvas least squares) or seed (the original)")
+    p.add_argument("--source-size", type=float, default=0.0, metavar="PX",
+                   help="the standard deviation of your source's Gaussian image on the specimen, real-space pixels "
+                        "(FWHM = 2.355 σ; 0.5 Å FWHM is σ = 1.06 px at 0.2 Å/px): its blur, which the network cannot "
+                        "undo, is divided out of the image by a Wiener filter (default 0: none; RESULTS.md §38)")
     p.add_argument("--deblur", choices=["auto", "on", "off"], default="auto",
                    help="divide out the blur of blending sub-pixel patches (atomic contrast 10–25 %% stronger, "
                         "more noise at the finest scale): auto (default) unless the patterns are counts below "

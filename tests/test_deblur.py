@@ -126,3 +126,43 @@ def test_auto_deblurs_counted_data_by_their_dose():
     assert resolve_deblur(False, 30_000.0) == (False, "as asked")
     with pytest.raises(DeepPhaseError, match="deblur"):
         resolve_deblur("sometimes", None)
+
+
+def test_dividing_out_a_known_source_recovers_the_object():
+    from deepphase.reconstruction.deblur import deconvolve_source
+
+    rng = np.random.default_rng(3)
+    k = rng.uniform(-0.2, 0.2, size=(30, 2))
+    phase0 = rng.uniform(0, 2 * np.pi, 30)
+    r, c = np.indices((72, 72)).astype(float)
+
+    def values(gain):
+        g = gain(k)
+        return sum(g[i] * np.cos(2 * np.pi * (k[i, 0] * r + k[i, 1] * c) + phase0[i]) for i in range(len(k)))
+
+    truth = values(lambda k: np.ones(len(k)))
+    blurred = values(lambda k: np.exp(-2 * np.pi**2 * 1.2**2 * (k**2).sum(1)))  # exactly: each cosine damped
+    inner = (slice(12, -12), slice(12, -12))  # the reflected padding is not the object's continuation
+    sharp = deconvolve_source(blurred, 1.2, regularisation=1e-4)
+    error_before = np.abs(blurred - truth)[inner].std()
+    assert np.abs(sharp - truth)[inner].std() < 0.1 * error_before
+    # the dose picks λ: more regularisation for low-dose (or unknown) data, so less of the blur divided out
+    high, low = deconvolve_source(blurred, 1.2, 27882.0), deconvolve_source(blurred, 1.2, 1000.0)
+    assert np.abs(high - truth)[inner].std() < np.abs(low - truth)[inner].std() < error_before
+    assert np.array_equal(deconvolve_source(blurred, 1.2), low)
+    assert np.array_equal(deconvolve_source(blurred, 0.0), blurred)
+
+
+def test_dividing_out_a_source_keeps_nan_edges_and_the_mean_and_refuses_bad_sizes():
+    from deepphase.reconstruction.deblur import deconvolve_source
+
+    image = np.random.default_rng(0).normal(size=(40, 40)) + 5.0
+    image[:3] = np.nan
+    sharp = deconvolve_source(image, 1.0)
+    assert np.array_equal(np.isnan(sharp), np.isnan(image))
+    assert np.nanmean(sharp) == pytest.approx(np.nanmean(image), abs=0.05)
+    for bad in (-1.0, float("inf")):
+        with pytest.raises(DeepPhaseError, match="source_size_px"):
+            deconvolve_source(image, bad)
+    with pytest.raises(DeepPhaseError, match="regularisation"):
+        deconvolve_source(image, 1.0, regularisation=0.0)

@@ -83,3 +83,61 @@ def test_fwhm_per_sigma():
     x = np.linspace(-5, 5, 200_001)
     above = x[np.exp(-x**2 / 2) >= 0.5]
     assert above[-1] - above[0] == pytest.approx(FWHM_PER_SIGMA, abs=1e-4)
+
+
+def test_a_source_stream_simulates_the_partially_coherent_pattern_and_targets_the_object(probe, monkeypatch):
+    import deepphase.data.stream as stream_module
+    from deepphase.data.phase_objects import CorpusConfig
+    from deepphase.data.stream import TrainingStream
+    from deepphase.physics.geometry import Geometry, crop_window, upsample_nearest
+
+    objects = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1)) * 1.2
+    monkeypatch.setattr(stream_module, "random_phase_objects", lambda size, n, gen, corpus, device: objects[:size])
+    monkeypatch.setattr(stream_module, "poisson_counts", lambda intensity, dose, counts, gen: intensity * (dose / counts))
+    geometry = Geometry()
+    stream = TrainingStream(probe, geometry, CorpusConfig(), 27882.0, source_size_px=1.2)
+    batch = stream.batch(3, torch.Generator().manual_seed(0))
+    for k in range(3):
+        phase = np.pad(objects[k].double().numpy(), ((0, 1), (0, 1)))  # simulate_scan's sub-pixel margin
+        expected = simulate_scan(phase, probe, np.zeros((1, 2)), noise=False, progress=False,
+                                 source_size_px=1.2).amplitude[0]
+        assert np.allclose(batch.amplitude[k, 0].numpy(), expected, rtol=1e-3, atol=1e-2)
+        coherent = simulate_scan(phase, probe, np.zeros((1, 2)), noise=False, progress=False).amplitude[0]
+        assert not np.allclose(batch.amplitude[k, 0].numpy(), coherent, rtol=1e-2, atol=1.0)
+    target = upsample_nearest(crop_window(objects, geometry), geometry.upsample)
+    assert torch.equal(batch.target[:, 0], target)  # the object itself, not its blurred image
+
+
+def test_a_source_range_draws_its_sizes_and_is_refused_where_it_is_not_simulated(probe):
+    from deepphase.data.phase_objects import CorpusConfig
+    from deepphase.data.stream import SOURCE_SIZES, TrainingStream
+    from deepphase.physics.geometry import Geometry
+
+    stream = TrainingStream(probe, Geometry(), CorpusConfig(), 1000.0, source_size_px=(0.0, 1.5))
+    assert len(stream._source_modes) == SOURCE_SIZES and stream._source_modes[0].shape[1] == 1  # σ = 0: the probe
+    assert stream.batch(8, torch.Generator().manual_seed(0)).amplitude.shape == (8, 1, 32, 32)
+    for kwargs in ({"neighbourhood": 3}, {"defocus_spread": 1.0}, {"aberration_range": 1.0}):
+        with pytest.raises(ValueRangeError, match="source_size_px"):
+            TrainingStream(probe, Geometry(), CorpusConfig(), 1000.0, source_size_px=1.0, **kwargs)
+    with pytest.raises(ValueRangeError, match="source_size_px"):
+        TrainingStream(probe, Geometry(), CorpusConfig(), 1000.0, source_size_px=(1.0, 0.5))
+
+
+def test_reconstruct_divides_out_the_source_it_is_told_and_says_so(tmp_path, capsys):
+    import json
+
+    from deepphase.cli import main
+
+    data = tmp_path / "scan.npz"
+    assert main(["simulate", "--scan-shape", "24", "24", "--source-size", "1", "--seed", "2", "--out", str(data)]) == 0
+    with np.load(data) as f:
+        assert json.loads(str(f["parameters"]))["source_size_px"] == 1.0
+    meta = {}
+    for name, options in (("plain", []), ("told", ["--source-size", "1"])):
+        assert main(["reconstruct", str(data), "--out", str(tmp_path / name), *options]) == 0
+        meta[name] = json.loads((tmp_path / name / "metadata.json").read_text())
+    assert "source_deconvolved" not in meta["plain"]["processing"]
+    told = meta["told"]["processing"]["source_deconvolved"]
+    assert told["source_size_px"] == 1.0 and told["wiener_regularisation"] == 0.01  # 27,882 e/pattern: counted data
+    assert meta["told"]["correlation_with_truth"] > meta["plain"]["correlation_with_truth"] + 0.01
+    capsys.readouterr()

@@ -168,3 +168,60 @@ def resolve_deblur(setting, dose: float | None) -> tuple[bool, str]:
         return True, "auto: the patterns are not whole counts, so no dose to judge by; deblurred"
     verdict = "deblurred" if dose >= AUTO_MIN_ELECTRONS else "not deblurred (noise would dominate the finest scale)"
     return dose >= AUTO_MIN_ELECTRONS, f"auto: {dose:,.0f} electrons per pattern, {verdict}; threshold {AUTO_MIN_ELECTRONS:,.0f}"
+
+
+# Wiener regularisation λ of the source deconvolution (the noise-to-signal power it assumes at every frequency),
+# from counted data of at least AUTO_MIN_ELECTRONS per pattern / below that or of unknown dose. Chosen on 48×48
+# simulated scans of twisted hBN and a photograph (benchmarks/RESULTS.md §38): λ = 0.01 was best at 27,882
+# e/pattern, 0.03 at 1,000; a smaller λ sharpens the network's noise more than the lattice.
+SOURCE_REGULARISATION = (0.01, 0.03)
+
+
+def source_regularisation(electrons_per_pattern: float | None) -> float:
+    """The Wiener λ of :func:`deconvolve_source` for data of this dose (None: unknown)."""
+    low_dose = electrons_per_pattern is None or electrons_per_pattern < AUTO_MIN_ELECTRONS
+    return SOURCE_REGULARISATION[1 if low_dose else 0]
+
+
+def deconvolve_source(image: np.ndarray, source_size_px: float, electrons_per_pattern: float | None = None,
+                      regularisation: float | None = None) -> np.ndarray:
+    """The stitched image with a Gaussian source's blur divided out, by a Wiener filter.
+
+    A finite source (:mod:`deepphase.physics.instrument`) makes every pattern that of a probe jittered by
+    σ = ``source_size_px``; the network, trained on coherent patterns, then reconstructs the object seen
+    through that jitter: the true phase convolved with the Gaussian, whose transfer function is
+    ``E(ν) = exp(−2π² σ² |ν|²)``. This applies ``E (1 + λ) / (E² + λ)``: the inverse where ``E² ≫ λ``, a
+    roll-off where the division would amplify noise, and a gain of 1 at ν = 0.
+
+    Parameters
+    ----------
+    image : (rows, cols) phase image, NaN where no patch reached.
+    source_size_px : standard deviation of the source's image on the specimen, real-space pixels (0: no change).
+    electrons_per_pattern : the data's dose if known (:func:`electrons_per_pattern`).
+    regularisation : λ (default: :func:`source_regularisation` of the dose).
+
+    Returns
+    -------
+    float64 array of the same shape, NaN where ``image`` is NaN; the mean is kept.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim != 2:
+        raise ShapeError(f"image: expected a 2-D array, got shape {image.shape}")
+    sigma = float(source_size_px)
+    if not (np.isfinite(sigma) and sigma >= 0):
+        raise ValueRangeError(f"source_size_px: expected a standard deviation ≥ 0 in pixels, got {source_size_px}")
+    if sigma == 0:
+        return image
+    valid = np.isfinite(image)
+    if not valid.any():
+        raise ValueRangeError("image: no finite pixel to deconvolve")
+    lam = source_regularisation(electrons_per_pattern) if regularisation is None else float(regularisation)
+    if not lam > 0:
+        raise ValueRangeError(f"regularisation: expected a positive Wiener λ, got {regularisation}")
+    mean = image[valid].mean()
+    pad = max(_PAD_PX, int(np.ceil(4 * sigma)))
+    padded = np.pad(_fill_outside(np.where(valid, image - mean, 0.0), valid), pad, mode="reflect")
+    nu_r, nu_c = np.fft.fftfreq(padded.shape[0]), np.fft.fftfreq(padded.shape[1])
+    envelope = np.exp(-2 * np.pi**2 * sigma**2 * (nu_r[:, None] ** 2 + nu_c[None, :] ** 2))
+    sharp = np.fft.ifft2(np.fft.fft2(padded) * envelope * (1 + lam) / (envelope**2 + lam)).real[pad:-pad, pad:-pad]
+    return np.where(valid, sharp + mean, np.nan)

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from ..models.modelfile import PhaseModel, check_compatible, load_model
 from ..physics.geometry import output_mask
 from ..physics.scan import validate_positions
 from ..runtime import resolve_device
-from .deblur import deblur_blend, electrons_per_pattern, resolve_deblur
+from .deblur import deblur_blend, deconvolve_source, electrons_per_pattern, resolve_deblur, source_regularisation
 from .predict import check_sigma_head, predict_patches
 from .stitching import METHODS, PairwiseStitcher, stitch
 
@@ -463,6 +463,29 @@ def reconstruct(
                            **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
                            "uncertainty": uncertainty},
                           spread)
+
+
+def with_source_divided_out(rec: Reconstruction, source_size_px: float, regularisation: float | None = None) -> Reconstruction:
+    """``rec`` with a Gaussian source's blur divided out of its image (:func:`~.deblur.deconvolve_source`).
+
+    A network trained on coherent patterns reconstructs the object seen through the source's jitter
+    (benchmarks/RESULTS.md §38); given the source's size, this sharpens it back, using the dose the
+    reconstruction read to choose the Wiener λ unless ``regularisation`` gives it. The uncertainty map, if
+    any, stays that of the image before.
+    """
+    if not source_size_px:
+        return rec
+    dose = rec.processing.get("electrons_per_pattern")
+    lam = source_regularisation(dose) if regularisation is None else regularisation
+    full = deconvolve_source(rec.full, source_size_px, dose, lam).astype(np.float32)
+    r0, c0 = rec.origin_px
+    phase = full[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]
+    processing = {**rec.processing, "source_deconvolved": {
+        "source_size_px": float(source_size_px),
+        "wiener_regularisation": float(lam),
+        "note": "the blur of a Gaussian source of this standard deviation divided out of the image (Wiener filter); "
+                "the uncertainty map is the image's before"}}
+    return replace(rec, phase=phase, full=full, processing=processing)
 
 
 def reduce_on_device(device: torch.device, stitching: str) -> bool:
