@@ -766,8 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "is known only so well (see benchmarks/RESULTS.md §36 for what it costs and gains)")
     p.add_argument("--source-size", type=float, nargs="+", metavar="PX",
                    help="a finite electron source: the standard deviation of its Gaussian image on the specimen in "
-                        "real-space pixels (FWHM = 2.355 σ), or a range LO HI each pattern draws from; the network "
-                        "learns the object itself from the partially coherent patterns (default: a coherent probe)")
+                        "real-space pixels (FWHM = 2.355 σ), or a range LO HI each pattern draws from, with the object "
+                        "itself as the target (default: a coherent probe). In our 8-epoch fine-tunes of the default "
+                        "this gained ≤ 0.05 where 'reconstruct --source-size' gains up to 0.15 (RESULTS.md §38)")
     p.add_argument("--probe-aware", type=float, default=0.0, metavar="RAD",
                    help="train a probe-aware network (compact archs): one model for probes whose defocus differs "
                         "from --probe's by up to this many rad at the bright-field disk's edge either way (and "
