@@ -65,12 +65,13 @@ def _probe_from_args(args) -> tuple:
     return load_probe(args.probe), {"probe": {"source": str(args.probe)}}
 
 
-def _source_size(values):
-    """``--source-size PX [PX]``: one size, or a range (lo, hi) the training patterns draw from."""
+def _value_or_range(name: str, values):
+    """``--source-size PX [PX]``, ``--focal-spread RAD [RAD]``: one value, or a range (lo, hi) the training patterns
+    draw from."""
     if values is None:
         return 0.0
     if len(values) > 2:
-        raise DeepPhaseError(f"source-size: expected one size or a range LO HI in pixels, got {len(values)} numbers")
+        raise DeepPhaseError(f"{name}: expected one value or a range LO HI, got {len(values)} numbers")
     return values[0] if len(values) == 1 else (values[0], values[1])
 
 
@@ -95,7 +96,8 @@ def _cmd_train(args) -> None:
                          neighbourhood=args.neighbourhood, neighbourhood_step_px=args.neighbourhood_step,
                          sigma_head=args.sigma_head, sigma_weight=args.sigma_weight, init_from=args.init_from,
                          defocus_spread=args.defocus_spread, aberration_range=args.probe_aware,
-                         source_size_px=_source_size(args.source_size))
+                         source_size_px=_value_or_range("source-size", args.source_size),
+                         focal_spread_rad=_value_or_range("focal-spread", args.focal_spread))
     geometry = Geometry(n_px=probe.shape[0])
     command = "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     command = getattr(args, "command_line", None) or command  # set by deepphase.train (torchrun processes)
@@ -206,9 +208,10 @@ def _cmd_simulate(args) -> None:
         truth = builtin_specimen(args.specimen, required_object_shape(positions, probe.shape[0]), seed=args.seed)
         source = f"builtin:{args.specimen}"
     scan = simulate_scan(truth, probe, positions, dose=dose, seed=args.seed, noise=not args.no_noise,
-                         source_size_px=args.source_size, detector_psf_px=args.detector_psf)
+                         source_size_px=args.source_size, detector_psf_px=args.detector_psf,
+                         focal_spread_rad=args.focal_spread)
     parameters = {"object": source, "dose_electrons_per_pattern": scan.dose, "noise": not args.no_noise,
-                  **{k: v for k, v in scan.parameters.items() if k in ("source_size_px", "detector_psf_px", "source_modes")},
+                  **{k: v for k, v in scan.parameters.items() if k in ("source_size_px", "detector_psf_px", "focal_spread_rad", "coherent_modes")},
                   "seed": args.seed, **scan_info, **probe_info,
                   "command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     save_npz(out, amplitude=scan.amplitude, positions=scan.positions, truth=scan.truth.astype(np.float32),
@@ -769,6 +772,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "real-space pixels (FWHM = 2.355 σ), or a range LO HI each pattern draws from, with the object "
                         "itself as the target (default: a coherent probe). In our 8-epoch fine-tunes of the default "
                         "this gained ≤ 0.05 where 'reconstruct --source-size' gains up to 0.15 (RESULTS.md §38)")
+    p.add_argument("--focal-spread", type=float, nargs="+", metavar="RAD",
+                   help="an incoherent spread of focus (energy spread × chromatic aberration): its standard deviation "
+                        "as rad at the bright-field disk's edge, or a range LO HI each pattern draws from "
+                        "(default: none; RESULTS.md §38)")
     p.add_argument("--probe-aware", type=float, default=0.0, metavar="RAD",
                    help="train a probe-aware network (compact archs): one model for probes whose defocus differs "
                         "from --probe's by up to this many rad at the bright-field disk's edge either way (and "
@@ -860,6 +867,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a finite electron source: the standard deviation of its Gaussian image on the specimen in "
                         "real-space pixels (FWHM = 2.355 σ; 0.5 Å FWHM is σ = 1.06 px at 0.2 Å/px); each pattern is "
                         "then partially coherent (default 0: a coherent probe)")
+    p.add_argument("--focal-spread", type=float, default=0.0, metavar="RAD",
+                   help="an incoherent Gaussian spread of focus (the energy spread through the chromatic aberration, "
+                        "Cc·ΔE/E), its standard deviation as the phase it adds at the bright-field disk's edge in rad "
+                        "(about 1 rad per nm at 300 kV and 25 mrad; default 0: none)")
     p.add_argument("--detector-psf", type=float, default=0.0, metavar="PX",
                    help="a counting detector's Gaussian point spread, standard deviation in detector pixels "
                         "(default 0: none)")

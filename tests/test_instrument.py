@@ -6,7 +6,7 @@ import torch
 
 from deepphase.data.simulate import simulate_scan
 from deepphase.errors import ValueRangeError
-from deepphase.physics.instrument import FWHM_PER_SIGMA, detector_blur, source_modes
+from deepphase.physics.instrument import FWHM_PER_SIGMA, coherent_modes, detector_blur
 
 
 def _intensities(phase, probe, positions, **kwargs) -> np.ndarray:
@@ -31,14 +31,14 @@ def test_a_source_damps_each_scan_frequency_by_the_gaussian_envelope(probe, sigm
 
 
 def test_source_modes_carry_the_probes_current_and_no_source_is_the_probe(probe):
-    assert np.array_equal(source_modes(probe, 0.0)[0], probe.astype(np.complex128))
-    modes = source_modes(probe, 1.0)
+    assert np.array_equal(coherent_modes(probe, 0.0)[0], probe.astype(np.complex128))
+    modes = coherent_modes(probe, 1.0)
     assert 1 < len(modes) < 100
     assert np.sum(np.abs(modes) ** 2) == pytest.approx(np.sum(np.abs(probe) ** 2), rel=1e-12)
     power = np.sum(np.abs(modes) ** 2, axis=(1, 2))
     assert np.all(np.diff(power) <= 1e-12 * power[0])  # strongest first
     # more jitter, more modes
-    assert len(source_modes(probe, 0.5)) < len(modes) < len(source_modes(probe, 2.0))
+    assert len(coherent_modes(probe, 0.5)) < len(modes) < len(coherent_modes(probe, 2.0))
 
 
 def test_a_source_leaves_the_pattern_of_vacuum_unchanged(probe):
@@ -73,7 +73,8 @@ def test_simulated_counts_are_the_blurred_intensity(probe, rng):
 
 
 @pytest.mark.parametrize("kwargs, name", [({"source_size_px": -1.0}, "source_size_px"),
-                                          ({"detector_psf_px": float("nan")}, "detector_psf_px")])
+                                          ({"detector_psf_px": float("nan")}, "detector_psf_px"),
+                                          ({"focal_spread_rad": -0.5}, "focal_spread_rad")])
 def test_a_bad_width_is_refused_naming_it(probe, kwargs, name):
     with pytest.raises(ValueRangeError, match=name):
         simulate_scan(np.zeros((40, 40)), probe, np.zeros((1, 2)), progress=False, **kwargs)
@@ -85,7 +86,9 @@ def test_fwhm_per_sigma():
     assert above[-1] - above[0] == pytest.approx(FWHM_PER_SIGMA, abs=1e-4)
 
 
-def test_a_source_stream_simulates_the_partially_coherent_pattern_and_targets_the_object(probe, monkeypatch):
+@pytest.mark.parametrize("coherence", [{"source_size_px": 1.2}, {"focal_spread_rad": 1.0}])
+def test_a_partially_coherent_stream_simulates_the_pattern_simulate_scan_does_and_targets_the_object(
+        probe, monkeypatch, coherence):
     import deepphase.data.stream as stream_module
     from deepphase.data.phase_objects import CorpusConfig
     from deepphase.data.stream import TrainingStream
@@ -95,12 +98,11 @@ def test_a_source_stream_simulates_the_partially_coherent_pattern_and_targets_th
     monkeypatch.setattr(stream_module, "random_phase_objects", lambda size, n, gen, corpus, device: objects[:size])
     monkeypatch.setattr(stream_module, "poisson_counts", lambda intensity, dose, counts, gen: intensity * (dose / counts))
     geometry = Geometry()
-    stream = TrainingStream(probe, geometry, CorpusConfig(), 27882.0, source_size_px=1.2)
+    stream = TrainingStream(probe, geometry, CorpusConfig(), 27882.0, **coherence)
     batch = stream.batch(3, torch.Generator().manual_seed(0))
     for k in range(3):
         phase = np.pad(objects[k].double().numpy(), ((0, 1), (0, 1)))  # simulate_scan's sub-pixel margin
-        expected = simulate_scan(phase, probe, np.zeros((1, 2)), noise=False, progress=False,
-                                 source_size_px=1.2).amplitude[0]
+        expected = simulate_scan(phase, probe, np.zeros((1, 2)), noise=False, progress=False, **coherence).amplitude[0]
         assert np.allclose(batch.amplitude[k, 0].numpy(), expected, rtol=1e-3, atol=1e-2)
         coherent = simulate_scan(phase, probe, np.zeros((1, 2)), noise=False, progress=False).amplitude[0]
         assert not np.allclose(batch.amplitude[k, 0].numpy(), coherent, rtol=1e-2, atol=1.0)
@@ -141,3 +143,26 @@ def test_reconstruct_divides_out_the_source_it_is_told_and_says_so(tmp_path, cap
     assert told["source_size_px"] == 1.0 and told["wiener_regularisation"] == 0.01  # 27,882 e/pattern: counted data
     assert meta["told"]["correlation_with_truth"] > meta["plain"]["correlation_with_truth"] + 0.01
     capsys.readouterr()
+
+
+def test_a_focal_spread_is_the_average_of_the_patterns_over_the_defocus(probe, rng):
+    # The modes against a brute-force Gauss–Hermite average over the defocus, which a 1-D Gaussian integral of
+    # a smooth integrand allows: two independent routes to the same incoherent sum.
+    from deepphase.data.aberrations import add_aberrations
+    from deepphase.data.calibration import model_disk
+
+    spread = 0.8  # rad at the disk's edge
+    phase = rng.uniform(-0.6, 0.6, (40, 40))
+    positions = np.array([[2.3, 4.1]])
+    partial = _intensities(phase, probe, positions, focal_spread_rad=spread)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(40)
+    a = nodes * spread / model_disk(probe)["radius"] ** 2
+    brute = sum(w * _intensities(phase, add_aberrations(probe, (c, 0.0, c)), positions) for c, w in zip(a, weights))
+    brute /= weights.sum()
+    assert np.abs(partial - brute).sum() < 2e-3 * brute.sum()
+    coherent = _intensities(phase, probe, positions)
+    assert np.abs(partial - coherent).sum() > 10 * np.abs(partial - brute).sum()
+    # vacuum: a spread of focus does not change |F(P)|²
+    vacuum = np.zeros((40, 40))
+    assert np.abs(_intensities(vacuum, probe, positions, focal_spread_rad=spread)
+                  - _intensities(vacuum, probe, positions)).sum() < 2e-3 * coherent.sum()

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ShapeError, ValueRangeError
 from ..physics.forward import diffraction_amplitude, far_field, incident_counts, poisson_counts
-from ..physics.instrument import detector_blur, source_modes
+from ..physics.instrument import coherent_modes, detector_blur
 from ..physics.scan import validate_positions
 
 
@@ -34,6 +34,18 @@ def required_object_shape(positions: np.ndarray, n_px: int) -> tuple[int, int]:
     return int(top[0]) + n_px + 1, int(top[1]) + n_px + 1
 
 
+def focal_spread_per_px2(probe: np.ndarray, focal_spread_rad: float) -> float:
+    """A focal spread given as rad at the probe's bright-field disk's edge, as rad per detector pixel² (÷ r²)."""
+    if not (np.isfinite(focal_spread_rad) and focal_spread_rad >= 0):
+        raise ValueRangeError(f"focal_spread_rad: expected a standard deviation ≥ 0 in rad at the disk's edge, "
+                              f"got {focal_spread_rad}")
+    if not focal_spread_rad:
+        return 0.0
+    from .calibration import model_disk
+
+    return float(focal_spread_rad) / model_disk(probe)["radius"] ** 2
+
+
 def simulate_scan(
     phase: np.ndarray,
     probe: np.ndarray,
@@ -45,6 +57,7 @@ def simulate_scan(
     progress: bool | None = None,
     source_size_px: float = 0.0,
     detector_psf_px: float = 0.0,
+    focal_spread_rad: float = 0.0,
 ) -> SimulatedScan:
     """Diffraction amplitudes of a pure-phase object scanned by ``probe``.
 
@@ -58,7 +71,9 @@ def simulate_scan(
     noise : False gives the noise-free amplitude |F(P·O)| scaled to the dose.
     source_size_px : standard deviation of a Gaussian effective source, real-space pixels (0: a coherent
         probe): each pattern is the sum of the intensities of the probe's coherent modes under that source
-        (:func:`deepphase.physics.instrument.source_modes`), the pattern averaged over the probe's jitter.
+        (:func:`deepphase.physics.instrument.coherent_modes`), the pattern averaged over the probe's jitter.
+    focal_spread_rad : standard deviation of an incoherent Gaussian spread of focus (chromatic: Cc·ΔE/E), as
+        the phase it adds at the bright-field disk's edge in rad (0: none); through the same modes.
     detector_psf_px : standard deviation of the detector's Gaussian point spread, detector pixels (0: none);
         applied to the expected counts before the Poisson noise, as a counting detector does.
     """
@@ -67,7 +82,7 @@ def simulate_scan(
         raise ShapeError(f"phase: expected a 2-D image, got shape {phase.shape}")
     n = probe.shape[-1]
     positions = validate_positions(positions, len(positions))
-    modes = torch.as_tensor(source_modes(probe, source_size_px))
+    modes = torch.as_tensor(coherent_modes(probe, source_size_px, focal_spread_per_px2(probe, focal_spread_rad)))
     detector_blur(torch.zeros(1, 1), detector_psf_px)  # refuses a bad width before the work
     need = required_object_shape(positions, n)
     if phase.shape[0] < need[0] or phase.shape[1] < need[1]:
@@ -103,7 +118,7 @@ def simulate_scan(
             counts = intensity * (dose / probe_counts)
         out[start : start + len(pos)] = diffraction_amplitude(counts).numpy()
     parameters = {"seed": seed, "noise": noise, "n_px": n}
-    if source_size_px or detector_psf_px:
+    if source_size_px or detector_psf_px or focal_spread_rad:
         parameters.update(source_size_px=float(source_size_px), detector_psf_px=float(detector_psf_px),
-                          source_modes=len(modes))
+                          focal_spread_rad=float(focal_spread_rad), coherent_modes=len(modes))
     return SimulatedScan(out, positions, phase, dose, parameters)

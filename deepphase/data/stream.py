@@ -25,7 +25,7 @@ import torch
 from ..physics.forward import as_complex_tensor, diffraction_amplitude, diffraction_intensity, incident_counts, poisson_counts
 from ..errors import ValueRangeError
 from ..physics.geometry import Geometry, crop_window, upsample_nearest
-from ..physics.instrument import source_modes
+from ..physics.instrument import coherent_modes
 from ..physics.scan import REFERENCE_STEP_PX
 from .phase_objects import CorpusConfig, random_phase_objects
 
@@ -63,8 +63,17 @@ class Batch:
 # Share of an ``aberration_range`` stream's patterns simulated with the probe as given (told zero): the model's
 # own probe is the commonest case (a probe adjusted to the model's focus), and the one it must not lose.
 MATCHED_SHARE = 0.25
-# Source sizes a ``source_size_px`` range draws from (each its own coherent modes, made once).
+# Values a ``source_size_px`` or ``focal_spread_rad`` range draws from (each its own coherent modes, made once; both
+# ranges: every pair).
 SOURCE_SIZES = 7
+
+
+def _range(name: str, value) -> tuple[float, float]:
+    """A value or a (lo, hi) range of a partial-coherence option, as (lo, hi)."""
+    lo, hi = (value, value) if np.isscalar(value) else (float(v) for v in value)
+    if not (0 <= lo <= hi and np.isfinite(hi)):
+        raise ValueRangeError(f"{name}: expected a value ≥ 0 or a range lo ≤ hi, got {value}")
+    return float(lo), float(hi)
 
 
 class TrainingStream:
@@ -100,11 +109,15 @@ class TrainingStream:
         the probe's coherent modes under it, and the target stays the object itself. A pair ``(lo, hi)``
         gives each pattern one of ``SOURCE_SIZES`` sizes evenly spaced from lo to hi. One pattern per sample,
         with the probe as given.
+    focal_spread_rad : float or (float, float)
+        Likewise an incoherent Gaussian spread of focus (standard deviation in rad at the bright-field disk's
+        edge), or a range; with ``source_size_px`` too, the modes of both.
     """
 
     def __init__(self, probe: np.ndarray, geometry: Geometry, corpus: CorpusConfig, dose, device="cpu",
                  neighbourhood: int = 1, step_px: float = REFERENCE_STEP_PX, defocus_spread: float = 0.0,
-                 aberration_range: float = 0.0, source_size_px: float | tuple[float, float] = 0.0):
+                 aberration_range: float = 0.0, source_size_px: float | tuple[float, float] = 0.0,
+                 focal_spread_rad: float | tuple[float, float] = 0.0):
         self.geometry = geometry
         self.corpus = corpus
         self.dose = dose
@@ -139,17 +152,20 @@ class TrainingStream:
             terms = torch.stack([qr**2, 2 * qr * qc, qc**2]) / model_disk(probe)["radius"] ** 2
             self._aberration_terms = terms.to(self.device)
             self._probe_k = torch.fft.fft2(self.probe.to(torch.complex128))
-        lo, hi = (source_size_px, source_size_px) if np.isscalar(source_size_px) else (float(v) for v in source_size_px)
-        if not (0 <= lo <= hi and np.isfinite(hi)):
-            raise ValueRangeError(f"source_size_px: expected a size ≥ 0 px or a range lo ≤ hi, got {source_size_px}")
-        self.source_size_px = (float(lo), float(hi))
+        self.source_size_px = _range("source_size_px", source_size_px)
+        self.focal_spread_rad = _range("focal_spread_rad", focal_spread_rad)
         self._source_modes = None
-        if hi > 0:
+        if self.source_size_px[1] > 0 or self.focal_spread_rad[1] > 0:
             if self.neighbourhood != 1 or self.defocus_spread or self.aberration_range:
-                raise ValueRangeError("source_size_px: a finite source is simulated for single patterns with the "
-                                      "probe as given (no neighbourhood, defocus_spread or aberration_range)")
-            sizes = np.linspace(lo, hi, SOURCE_SIZES) if hi > lo else [lo]
-            self._source_modes = [as_complex_tensor(source_modes(probe, size), self.device)[None] for size in sizes]
+                raise ValueRangeError("source_size_px, focal_spread_rad: partial coherence is simulated for single "
+                                      "patterns with the probe as given (no neighbourhood, defocus_spread or "
+                                      "aberration_range)")
+            from .simulate import focal_spread_per_px2
+
+            sizes, spreads = (np.linspace(lo, hi, SOURCE_SIZES) if hi > lo else [lo]
+                              for lo, hi in (self.source_size_px, self.focal_spread_rad))
+            self._source_modes = [as_complex_tensor(coherent_modes(probe, size, focal_spread_per_px2(probe, spread)),
+                                                    self.device)[None] for size in sizes for spread in spreads]
 
     @property
     def channels(self) -> int:

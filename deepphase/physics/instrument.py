@@ -1,15 +1,21 @@
-"""What a real microscope adds to the coherent forward model: a finite source and a detector's blur.
+"""What a real microscope adds to the coherent forward model: a finite source, a spread of focus, a detector's blur.
 
 * **Partial spatial coherence.** The electron source has a finite size, demagnified onto the specimen: the
   probe's position jitters about the nominal one, incoherently, so every recorded pattern is the *intensity*
   average of the patterns of probes moved by that jitter (Gaussian, standard deviation ``source_size_px``
   real-space pixels; FWHM = 2.355 σ). In the scan's own Fourier space that is a damping envelope
-  ``exp(−2π² σ² |g|²)`` on every component at spatial frequency g. The average needs no sampling of the
-  jitter: the probe's mutual intensity in reciprocal space is ``P̂(k) P̂*(k′) exp(−2π² σ² |k − k′|²)``, whose
-  eigenvectors are coherent modes (:func:`source_modes`, as mixed-state ptychography uses them) and whose
-  eigenvalues are their shares of the current; a pattern is the sum of the modes' intensities. A few modes
-  hold almost all of it (the reference probe, to 0.1 % of the current: 5 at σ = 0.25 px, 30 at 1 px, 108 at
-  2 px), and the sum is exact whatever the object, where a quadrature over the jitter would need
+  ``exp(−2π² σ² |g|²)`` on every component at spatial frequency g.
+* **Partial temporal coherence.** The electrons' energies spread (0.3–0.8 eV for field emitters), and the
+  objective's chromatic aberration turns that into a spread of focus, again incoherent: a Gaussian spread of
+  the defocus coefficient, standard deviation ``focal_spread_rad_per_px2`` (Δχ = a·|q|², q in detector pixels;
+  the data layer speaks of rad at the bright-field disk's edge, a·r²). 1 rad at the edge is about 1 nm of
+  defocus at 300 kV and 25 mrad, and Cc·ΔE/E is 1–4 nm.
+* Both average patterns, not waves: the probe's mutual intensity in reciprocal space is
+  ``P̂(k) P̂*(k′) Γ(k, k′)`` with ``Γ = exp(−2π² σ² |k − k′|²) · exp(−½ s² (|q|² − |q′|²)²)``, whose
+  eigenvectors are coherent modes (:func:`coherent_modes`, as mixed-state ptychography uses them) and whose
+  eigenvalues are their shares of the current; a pattern is the sum of the modes' intensities, exact
+  whatever the object. A few modes hold almost all of it (the reference probe's source alone, to 0.1 % of
+  the current: 5 at σ = 0.25 px, 30 at 1 px, 108 at 2 px), where a quadrature over the jitter would need
   hundreds of probes to damp the pattern's finest interference.
 * **The detector's point spread.** An electron is counted where it lands, give or take the spread of its
   charge (Merlin/Medipix) or of its scattering in the sensor: for a counting detector the expected counts
@@ -41,31 +47,38 @@ def _check_width(name: str, value: float) -> float:
     return value
 
 
-def source_modes(probe: np.ndarray, source_size_px: float, tolerance: float = 1e-3) -> np.ndarray:
-    """The coherent modes of ``probe`` under a Gaussian source, each scaled by the square root of its share.
+def coherent_modes(probe: np.ndarray, source_size_px: float = 0.0, focal_spread_rad_per_px2: float = 0.0,
+                   tolerance: float = 1e-3) -> np.ndarray:
+    """The coherent modes of ``probe`` under a Gaussian source and focal spread, each scaled by the root of its share.
 
     Parameters
     ----------
     probe : (n, n) complex probe.
     source_size_px : standard deviation σ of the effective source on the specimen, real-space pixels.
+    focal_spread_rad_per_px2 : standard deviation s of the defocus coefficient a (Δχ = a·|q|², q the frequency in
+        detector pixels about the zero frequency, DESIGN.md's centring).
     tolerance : share of the current the dropped modes may hold (the kept ones are scaled up to carry it all).
 
     Returns
     -------
     (M, n, n) complex128 modes, strongest first: ``Σ_m |F(mode_m · O)|²`` is the pattern averaged over the
-    source, with the probe's total current ``Σ_m Σ|mode_m|² = Σ|probe|²``. ``probe`` itself (M = 1) for σ = 0.
-    The modes are moved over the scan as the probe is (the jitter commutes with the shift).
+    source and the focus, with the probe's total current ``Σ_m Σ|mode_m|² = Σ|probe|²``. ``probe`` itself
+    (M = 1) when both are 0. The modes are moved over the scan as the probe is (the jitter commutes with the shift).
     """
     sigma = _check_width("source_size_px", source_size_px)
+    spread = _check_width("focal_spread_rad_per_px2", focal_spread_rad_per_px2)
     if not 0 < tolerance < 1:
         raise ValueRangeError(f"tolerance: expected a share of the current in (0, 1), got {tolerance}")
     probe = np.asarray(probe, dtype=np.complex128)
-    if sigma == 0:
+    if sigma == 0 and spread == 0:
         return probe[None].copy()
     n_r, n_c = probe.shape
     spectrum = np.fft.fft2(probe).ravel()  # the convention of simulate_scan's Fourier shift
     kr, kc = (k.ravel() for k in np.meshgrid(np.fft.fftfreq(n_r), np.fft.fftfreq(n_c), indexing="ij"))
     coherence = np.exp(-2 * np.pi**2 * sigma**2 * ((kr[:, None] - kr[None]) ** 2 + (kc[:, None] - kc[None]) ** 2))
+    if spread:
+        q2 = (kr * n_r) ** 2 + (kc * n_c) ** 2  # |q|² in detector pixels (fftfreq order, zero frequency at 0)
+        coherence *= np.exp(-0.5 * spread**2 * (q2[:, None] - q2[None]) ** 2)
     shares, vectors = np.linalg.eigh(np.outer(spectrum, spectrum.conj()) * coherence)
     shares, vectors = shares[::-1].clip(min=0), vectors[:, ::-1]
     kept = int(np.searchsorted(np.cumsum(shares), (1 - tolerance) * shares.sum())) + 1

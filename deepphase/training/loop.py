@@ -89,6 +89,7 @@ class TrainConfig:
     # real-space px: the standard deviation of a Gaussian effective source (physics.instrument), or a range (lo, hi)
     # each pattern draws from; the target stays the object, so the network learns to see through the source's blur
     source_size_px: float | tuple[float, float] = 0.0
+    focal_spread_rad: float | tuple[float, float] = 0.0  # rad at the disk's edge: an incoherent spread of focus, likewise
 
     def optimizer_settings(self) -> dict:
         if self.preset not in OPTIMIZERS:
@@ -113,10 +114,11 @@ class TrainConfig:
             del d["defocus_spread"]
         if not self.aberration_range:  # and networks that are not probe-aware
             del d["aberration_range"]
-        if not np.any(self.source_size_px):  # and a coherent probe
-            del d["source_size_px"]
-        elif isinstance(self.source_size_px, tuple):
-            d["source_size_px"] = list(self.source_size_px)
+        for name in ("source_size_px", "focal_spread_rad"):  # and a coherent probe
+            if not np.any(getattr(self, name)):
+                del d[name]
+            elif isinstance(getattr(self, name), tuple):
+                d[name] = list(getattr(self, name))
         return d
 
     def arch_config(self, geometry: Geometry) -> dict:
@@ -311,7 +313,8 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
     mask = torch.as_tensor(output_mask(probe, geometry), device=device)
     stream = TrainingStream(probe, geometry, config.corpus, dose, device, neighbourhood=config.neighbourhood,
                             step_px=config.neighbourhood_step_px, defocus_spread=config.defocus_spread,
-                            aberration_range=config.aberration_range, source_size_px=config.source_size_px)
+                            aberration_range=config.aberration_range, source_size_px=config.source_size_px,
+                            focal_spread_rad=config.focal_spread_rad)
     arch_config = config.arch_config(geometry)
     torch.manual_seed(config.seed)  # the initial weights are part of what the seed fixes
     network = create_model(config.arch, **arch_config).to(device)
