@@ -201,3 +201,27 @@ def test_repeats_add_other_realisations_and_the_summary_pairs_them_by_seed(tmp_p
     assert main(["evaluate", "--repeats", "0", "--methods", "idpc", "--out", str(tmp_path / "none")]) == 2
     assert "repeats: expected a whole number ≥ 1" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_divide_source_sharpens_every_methods_image_of_a_case_with_a_source(monkeypatch):
+    # A case simulated with a finite source, and a method that returns the truth seen through it (what a perfect
+    # coherent method makes of such data): scored as made, and with the source divided out.
+    from deepphase.evaluation import harness
+
+    probe = reference_probe()
+    positions = raster_positions((20, 20), 0.87, fastest="row")
+    truth = harness.specimen_image("twisted-hbn", required_object_shape(positions, 32), seed=0)[0]
+    scan = simulate_scan(truth, probe, positions, seed=0, progress=False, source_size_px=1.25)
+    case = harness.Case("twisted-hbn", 27882.0, (20, 20), 0.87, scan, 0.2, "multislice", 1.25)
+    monkeypatch.setattr(harness, "make_cases", lambda *args, **kwargs: iter([case]))
+
+    def seen_through_the_source(case, probe):
+        return harness.MethodResult(ndimage.gaussian_filter(case.scan.truth, 1.25), 0.0)
+
+    monkeypatch.setitem(harness._METHODS, "blurred", (seen_through_the_source, "the truth blurred by the source"))
+    scores = {}
+    for divide in (False, True):
+        rows, _ = harness.run_evaluation(["blurred"], ["twisted-hbn"], [27882.0], probe, (20, 20), progress=False,
+                                         divide_source=divide)
+        scores[divide] = rows[0]["correlation"]
+    assert scores[True] > scores[False] + 0.02

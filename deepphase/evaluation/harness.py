@@ -40,6 +40,7 @@ class Case:
     scan: SimulatedScan
     pixel_size: float | None  # Å per real-space pixel, where known
     forward: str = "phase-object"  # or "multislice"
+    source_size_px: float = 0.0  # σ of the finite source the data were simulated with (multislice: SOURCE_SIZE)
 
     @property
     def label(self) -> str:
@@ -304,7 +305,8 @@ def make_cases(specimens, doses, probe, scan_shape=(48, 48), step_px: float = RE
                     scan = materials.multislice_scan(name, positions, n_px=probe.shape[-1], dose=float(dose),
                                                      seed=seed, probe=probe, source_size=SOURCE_SIZE,
                                                      cache_dir=cache_dir, progress=False)
-                yield Case(name, float(dose), tuple(scan_shape), step_px, scan, pixel_size, model)
+                source = SOURCE_SIZE / pixel_size if model == "multislice" else 0.0
+                yield Case(name, float(dose), tuple(scan_shape), step_px, scan, pixel_size, model, source)
 
 
 def _evaluation_region(phases: list[np.ndarray], n_px: int) -> np.ndarray:
@@ -339,8 +341,13 @@ def compared_region(case: Case, phases: list[np.ndarray], n_px: int):
 
 
 def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_px=REFERENCE_STEP_PX, seed=0,
-                   progress: bool | None = None, forward=("phase-object",), cache_dir=None, repeats: int = 1):
+                   progress: bool | None = None, forward=("phase-object",), cache_dir=None, repeats: int = 1,
+                   divide_source: bool = False):
     """Every method on every case; returns (rows of figures, images for the montage).
+
+    ``divide_source``: where a case's data were simulated with a finite source (the multislice cases), every
+    method's image has the source's blur divided out (:func:`~deepphase.reconstruction.deblur.deconvolve_source`,
+    as ``reconstruct --source-size`` does) before it is scored: the same post-processing for every method.
 
     ``repeats`` > 1 simulates every case again with seeds ``seed + 1``, ... (another specimen and other
     counting noise); each row records its ``seed``, and the montage shows the first seed's images.
@@ -355,7 +362,7 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
     bar = tqdm(total=total * len(methods), desc="evaluating", disable=None if progress is None else not progress)
     for case_seed in range(seed, seed + repeats):
         rows_seed, images_seed = _evaluate_cases(methods, specimens, doses, probe, scan_shape, step_px, case_seed,
-                                                 forward, cache_dir, bar)
+                                                 forward, cache_dir, bar, divide_source)
         rows += rows_seed
         if case_seed == seed:
             images = images_seed
@@ -363,13 +370,18 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
     return rows, images
 
 
-def _evaluate_cases(methods, specimens, doses, probe, scan_shape, step_px, seed, forward, cache_dir, bar):
+def _evaluate_cases(methods, specimens, doses, probe, scan_shape, step_px, seed, forward, cache_dir, bar,
+                    divide_source=False):
+    from ..reconstruction.deblur import deconvolve_source
+
     rows, images = [], {}
     for case in make_cases(specimens, doses, probe, scan_shape, step_px, seed, forward, cache_dir):
         results = {}
         for name in methods:
             fn, _ = _METHODS[name]
             results[name] = fn(case, probe)
+            if divide_source and case.source_size_px:
+                results[name].phase = deconvolve_source(results[name].phase, case.source_size_px, case.dose)
             bar.update()
         region, box, truth = compared_region(case, [r.phase for r in results.values()], probe.shape[-1])
         for name, res in results.items():
@@ -581,7 +593,7 @@ def _versions() -> dict:
 
 def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None, specimens=None, doses=None,
              scan_shape=None, seed: int = 0, overwrite: bool = False, progress: bool | None = None,
-             forward=None, cache_dir=None, repeats: int = 1) -> tuple[list, str]:
+             forward=None, cache_dir=None, repeats: int = 1, divide_source: bool = False) -> tuple[list, str]:
     """Run the harness and write the report; returns (rows, markdown table).
 
     Parameters
@@ -592,6 +604,7 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     seed, repeats : every case is simulated with seeds ``seed`` … ``seed + repeats - 1`` (specimen and
         noise). One scan per case decides a comparison at low dose by its particular noise; several
         give the summary's standard errors and paired differences (:func:`summarise`).
+    divide_source : divide the multislice cases' finite source out of every method's image (:func:`run_evaluation`).
     """
     from ..errors import OutputExistsError
     from ..physics.probe import reference_probe
@@ -610,9 +623,10 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     probe = reference_probe()
     t0 = time.perf_counter()
     rows, images = run_evaluation(methods, specimens, doses, probe, scan_shape, seed=seed, progress=progress,
-                                  forward=forward, cache_dir=cache_dir, repeats=repeats)
+                                  forward=forward, cache_dir=cache_dir, repeats=repeats, divide_source=divide_source)
     settings = {"preset": preset, "methods": {m: _METHODS[m][1] for m in methods}, "specimens": specimens,
                 "forward_models": forward, "source_size_angstrom": SOURCE_SIZE,
+                "source_divided_out": divide_source,
                 "doses_e_per_pattern": doses, "scan_shape": list(scan_shape), "step_px": REFERENCE_STEP_PX,
                 "probe": "reference", "noise": "Poisson", "seed": seed, "repeats": repeats, "versions": _versions(),
                 "machine": f"{platform.machine()}, {platform.system()}, {__import__('os').cpu_count()} CPUs",

@@ -170,17 +170,21 @@ def resolve_deblur(setting, dose: float | None) -> tuple[bool, str]:
     return dose >= AUTO_MIN_ELECTRONS, f"auto: {dose:,.0f} electrons per pattern, {verdict}; threshold {AUTO_MIN_ELECTRONS:,.0f}"
 
 
-# Wiener regularisation λ of the source deconvolution (the noise-to-signal power it assumes at every frequency),
-# from counted data of at least AUTO_MIN_ELECTRONS per pattern / below that or of unknown dose. Chosen on 48×48
-# simulated scans of twisted hBN and a photograph (benchmarks/RESULTS.md §38): λ = 0.01 was best at 27,882
-# e/pattern, 0.03 at 1,000; a smaller λ sharpens the network's noise more than the lattice.
-SOURCE_REGULARISATION = (0.01, 0.03)
+# Wiener regularisation λ of the source deconvolution (the noise-to-signal power it assumes at every frequency):
+# SOURCE_REGULARISATION at the reference dose and above, growing as 1/√dose below it, and the middle value for data
+# of unknown dose. Chosen on simulated scans (benchmarks/RESULTS.md §38): the best λ was 0.01 at 27,882 e/pattern
+# and 0.03 at 1,000 on 48×48 phase-object scans of twisted hBN, and 0.1 at 300 and 0.3 at 30 e/pattern on the
+# harness's multislice hBN and MoS₂; a smaller λ sharpens the network's noise more than the lattice.
+SOURCE_REGULARISATION = 0.01
+_REFERENCE_DOSE = 27881.8
+_UNKNOWN_DOSE_REGULARISATION = 0.03
 
 
 def source_regularisation(electrons_per_pattern: float | None) -> float:
     """The Wiener λ of :func:`deconvolve_source` for data of this dose (None: unknown)."""
-    low_dose = electrons_per_pattern is None or electrons_per_pattern < AUTO_MIN_ELECTRONS
-    return SOURCE_REGULARISATION[1 if low_dose else 0]
+    if electrons_per_pattern is None:
+        return _UNKNOWN_DOSE_REGULARISATION
+    return SOURCE_REGULARISATION * max(1.0, float(np.sqrt(_REFERENCE_DOSE / max(electrons_per_pattern, 1e-9))))
 
 
 def deconvolve_source(image: np.ndarray, source_size_px: float, electrons_per_pattern: float | None = None,
