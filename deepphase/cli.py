@@ -339,7 +339,7 @@ def _cmd_reconstruct(args) -> None:
                                   precision=args.precision, uncertainty_samples=_dropout_samples(args.uncertainty),
                                   sigma_head=args.uncertainty == "head",
                                   chunk_size=args.chunk_size, checkpoint=partial, resume=args.resume,
-                                  fingerprint=_data_fingerprint(args, kind, view), ensemble=args.ensemble or (),
+                                  fingerprint=_data_fingerprint(args, kind, view), ensemble=_ensemble_members(args.ensemble, scan_info),
                                   sigma_scale=args.sigma_scale, engine=args.engine, deblur=_DEBLUR[args.deblur])
             except BaseException:  # an error, Ctrl-C or SIGTERM: keep the progress only if there is some
                 if read_checkpoint(partial) is None:
@@ -487,6 +487,16 @@ def _tell_probe(model, scan_info: dict):
 
     info = told_to_probe_aware(model, scan_info.get("probe_check"))
     return model.told(info["told_coefficients_rad_per_px2"]), {**scan_info, "probe_aware": info}
+
+
+def _ensemble_members(paths, scan_info: dict) -> list:
+    """The ``--ensemble`` models, each probe-aware one told what the probe check measured, as the main model is."""
+    from .data.aberrations import told_to_probe_aware
+    from .models.modelfile import load_model
+
+    members = [load_model(path) for path in paths or ()]
+    return [m.told(told_to_probe_aware(m, scan_info.get("probe_check"))["told_coefficients_rad_per_px2"])
+            if m.probe_aware else m for m in members]
 
 
 def _write_probe_estimate(args, check: dict, model) -> str:
