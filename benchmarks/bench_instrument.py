@@ -33,9 +33,9 @@ SOURCES = (0.0, 0.5, 1.0, 1.5, 2.0)
 PSFS = (0.5, 1.0, 1.5)
 
 
-def _scores(amplitudes, positions, truth, loaded: dict) -> list[float]:
-    """Each model's correlation with ``truth`` (a probe-aware one told what the probe check finds, as reconstruct
-    tells it)."""
+def _scores(amplitudes, positions, references: list, loaded: dict) -> list[list[float]]:
+    """Each model's correlation with each reference image (object grid); a probe-aware model is told what the
+    probe check finds, as reconstruct tells it."""
     from deepphase.data.aberrations import told_for_scan
     from deepphase.evaluation.metrics import correlation
     from deepphase.reconstruction.pipeline import reconstruct
@@ -46,7 +46,8 @@ def _scores(amplitudes, positions, truth, loaded: dict) -> list[float]:
             model, _ = told_for_scan(model, amplitudes, positions)
         rec = reconstruct(amplitudes, positions, model, progress=False)
         r0, c0 = rec.origin_px
-        out.append(correlation(rec.phase, truth[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]))
+        window = (slice(r0, r0 + rec.phase.shape[0]), slice(c0, c0 + rec.phase.shape[1]))
+        out.append([correlation(rec.phase, reference[window]) for reference in references])
     return out
 
 
@@ -71,23 +72,21 @@ def focal(scan: int, models: list[str]) -> None:
             for spread in (0.0, 0.5, 1.0, 1.5, 2.0):
                 amplitudes = simulate_scan(truth, probe, positions, dose=dose, seed=1, progress=False,
                                            focal_spread_rad=spread).amplitude
-                cells = _scores(amplitudes, positions, truth, loaded)
+                cells = _scores(amplitudes, positions, [truth], loaded)
                 found = measure_probe_mismatch(amplitudes, (scan, scan), probe, STEP)
                 noted = "noted" if probe_mismatch_note(found) else "—"
-                print(f"| {name} | {dose:,.0f} | {spread:g} | " + " | ".join(f"{c:.3f}" for c in cells)
+                print(f"| {name} | {dose:,.0f} | {spread:g} | " + " | ".join(f"{c:.3f}" for c, in cells)
                       + f" | {found['edge_phase_rad']:+.2f}, {noted} |", flush=True)
 
 
 def quality(scan: int, models: list[str]) -> None:
     from scipy.ndimage import gaussian_filter
 
-    from deepphase.data.aberrations import measure_probe_mismatch, probe_mismatch_note, told_for_scan
+    from deepphase.data.aberrations import measure_probe_mismatch, probe_mismatch_note
     from deepphase.data.simulate import required_object_shape, simulate_scan
     from deepphase.data.specimens import builtin_specimen
-    from deepphase.evaluation.metrics import correlation
     from deepphase.models.modelfile import load_model
     from deepphase.physics import raster_positions, reference_probe
-    from deepphase.reconstruction.pipeline import reconstruct
 
     probe = reference_probe()
     positions = raster_positions((scan, scan), STEP)
@@ -105,14 +104,7 @@ def quality(scan: int, models: list[str]) -> None:
                 amplitudes = simulate_scan(truth, probe, positions, dose=dose, seed=1, progress=False,
                                            source_size_px=source, detector_psf_px=psf).amplitude
                 blurred = gaussian_filter(truth, source) if source else truth
-                cells = []
-                for model_name, model in loaded.items():
-                    if model.probe_aware:
-                        model, _ = told_for_scan(model, amplitudes, positions)
-                    rec = reconstruct(amplitudes, positions, model, progress=False)
-                    r0, c0 = rec.origin_px
-                    window = (slice(r0, r0 + rec.phase.shape[0]), slice(c0, c0 + rec.phase.shape[1]))
-                    cells.append(f"{correlation(rec.phase, truth[window]):.3f} ({correlation(rec.phase, blurred[window]):.3f})")
+                cells = [f"{c:.3f} ({b:.3f})" for c, b in _scores(amplitudes, positions, [truth, blurred], loaded)]
                 found = measure_probe_mismatch(amplitudes, (scan, scan), probe, STEP)
                 noted = "noted" if probe_mismatch_note(found) else "—"
                 print(f"| {name} | {dose:,.0f} | {source:g} | {psf:g} | " + " | ".join(cells)
