@@ -85,6 +85,32 @@ def blend_transfer_function(positions, geometry: Geometry, shape: tuple[int, int
     return _axis_response(row_classes, u, shape[0]).T @ weights @ _axis_response(col_classes, u, shape[1])
 
 
+def _as_image(image) -> np.ndarray:
+    image = np.asarray(image, dtype=np.float64)
+    if image.ndim != 2:
+        raise ShapeError(f"image: expected a 2-D array, got shape {image.shape}")
+    return image
+
+
+def _filtered(image: np.ndarray, pad_px: int, gain, verb: str) -> np.ndarray:
+    """``image`` (2-D float, NaN where no patch reached) times ``gain(padded shape)`` in Fourier space.
+
+    The mean is taken off and put back, the NaN pixels take their nearest neighbour's value and the image
+    is reflected by ``pad_px``, so the FFT's periodic wrap sees no step; NaN stays NaN. ``gain`` returning
+    None leaves the image as it is.
+    """
+    valid = np.isfinite(image)
+    if not valid.any():
+        raise ValueRangeError(f"image: no finite pixel to {verb}")
+    mean = image[valid].mean()
+    padded = np.pad(_fill_outside(np.where(valid, image - mean, 0.0), valid), pad_px, mode="reflect")
+    factor = gain(padded.shape)
+    if factor is None:
+        return image
+    sharp = np.fft.ifft2(np.fft.fft2(padded) * factor).real[pad_px:-pad_px, pad_px:-pad_px]
+    return np.where(valid, sharp + mean, np.nan)
+
+
 def _fill_outside(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Each NaN pixel takes its nearest finite neighbour's value (no step for the FFT to ring on)."""
     if valid.all():
@@ -108,22 +134,13 @@ def deblur_blend(image: np.ndarray, positions, geometry: Geometry) -> np.ndarray
     -------
     float64 array of the same shape, NaN where ``image`` is NaN; the mean is kept.
     """
-    image = np.asarray(image, dtype=np.float64)
-    if image.ndim != 2:
-        raise ShapeError(f"image: expected a 2-D array, got shape {image.shape}")
-    valid = np.isfinite(image)
-    if not valid.any():
-        raise ValueRangeError("image: no finite pixel to deblur")
-    mean = image[valid].mean()
-    filled = _fill_outside(np.where(valid, image - mean, 0.0), valid)
-    padded = np.pad(filled, _PAD_PX, mode="reflect")
-    transfer = blend_transfer_function(positions, geometry, padded.shape)
-    if np.abs(transfer).min() < 0.05:
-        # Only a scan with nearly one sub-pixel phase per axis at a half-pixel offset gets here; dividing
-        # would amplify noise twentyfold, so the blend is left as it is.
-        return image
-    sharp = np.fft.ifft2(np.fft.fft2(padded) / transfer).real[_PAD_PX:-_PAD_PX, _PAD_PX:-_PAD_PX]
-    return np.where(valid, sharp + mean, np.nan)
+    def inverse(shape):
+        transfer = blend_transfer_function(positions, geometry, shape)
+        # Only a scan with nearly one sub-pixel phase per axis at a half-pixel offset has a transfer this small;
+        # dividing would amplify noise twentyfold, so the blend is left as it is.
+        return None if np.abs(transfer).min() < 0.05 else 1 / transfer
+
+    return _filtered(_as_image(image), _PAD_PX, inverse, "deblur")
 
 
 # Dividing out the blur sharpens whatever the patches hold at the finest scale. Below this dose the
@@ -208,24 +225,19 @@ def deconvolve_source(image: np.ndarray, source_size_px: float, electrons_per_pa
     -------
     float64 array of the same shape, NaN where ``image`` is NaN; the mean is kept.
     """
-    image = np.asarray(image, dtype=np.float64)
-    if image.ndim != 2:
-        raise ShapeError(f"image: expected a 2-D array, got shape {image.shape}")
+    image = _as_image(image)
     sigma = float(source_size_px)
     if not (np.isfinite(sigma) and sigma >= 0):
         raise ValueRangeError(f"source_size_px: expected a standard deviation ≥ 0 in pixels, got {source_size_px}")
     if sigma == 0:
         return image
-    valid = np.isfinite(image)
-    if not valid.any():
-        raise ValueRangeError("image: no finite pixel to deconvolve")
     lam = source_regularisation(electrons_per_pattern) if regularisation is None else float(regularisation)
     if not lam > 0:
         raise ValueRangeError(f"regularisation: expected a positive Wiener λ, got {regularisation}")
-    mean = image[valid].mean()
-    pad = max(_PAD_PX, int(np.ceil(4 * sigma)))
-    padded = np.pad(_fill_outside(np.where(valid, image - mean, 0.0), valid), pad, mode="reflect")
-    nu_r, nu_c = np.fft.fftfreq(padded.shape[0]), np.fft.fftfreq(padded.shape[1])
-    envelope = np.exp(-2 * np.pi**2 * sigma**2 * (nu_r[:, None] ** 2 + nu_c[None, :] ** 2))
-    sharp = np.fft.ifft2(np.fft.fft2(padded) * envelope * (1 + lam) / (envelope**2 + lam)).real[pad:-pad, pad:-pad]
-    return np.where(valid, sharp + mean, np.nan)
+
+    def wiener(shape):
+        nu_r, nu_c = np.fft.fftfreq(shape[0]), np.fft.fftfreq(shape[1])
+        envelope = np.exp(-2 * np.pi**2 * sigma**2 * (nu_r[:, None] ** 2 + nu_c[None, :] ** 2))
+        return envelope * (1 + lam) / (envelope**2 + lam)
+
+    return _filtered(image, max(_PAD_PX, int(np.ceil(4 * sigma))), wiener, "deconvolve")
