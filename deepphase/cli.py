@@ -754,7 +754,8 @@ def _cmd_evaluate(args) -> None:
     rows, table = harness.evaluate(args.preset, args.out, methods=methods, specimens=args.specimens,
                                    doses=args.doses, scan_shape=args.scan_shape, seed=args.seed,
                                    overwrite=args.overwrite, forward=args.forward, cache_dir=args.cache_dir,
-                                   repeats=args.repeats, divide_source=args.divide_source)
+                                   repeats=args.repeats, divide_source=args.divide_source,
+                                   source_size_px=args.source_size)
     print(table)
     print("\n" + harness.summary_table(harness.summarise(rows)))
     print(f"report: {args.out}/results.md, results.json, montage.png, dose_series.png")
@@ -1052,9 +1053,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=1, metavar="N",
                    help="simulate every case N times (seeds SEED … SEED+N-1) and report each method's mean with "
                         "its standard error, and its difference to the first method paired by seed (default 1)")
+    p.add_argument("--source-size", type=float, default=0.0, metavar="PX",
+                   help="simulate the phase-object cases with a finite source of this σ in real-space pixels "
+                        "(default 0: a coherent probe; the multislice cases always have σ = 0.25 Å)")
     p.add_argument("--divide-source", action="store_true",
-                   help="divide the finite source of the multislice cases (σ = 0.25 Å) out of every method's image "
-                        "before scoring it, as 'reconstruct --source-size' does (default: score the images as made)")
+                   help="divide each case's finite source out of every method's image before scoring it, as "
+                        "'reconstruct --source-size' does (default: score the images as made)")
     p.add_argument("--out", type=Path, default=Path("deepphase-evaluation"), help="report folder")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.set_defaults(func=_cmd_evaluate)

@@ -225,3 +225,15 @@ def test_divide_source_sharpens_every_methods_image_of_a_case_with_a_source(monk
                                          divide_source=divide)
         scores[divide] = rows[0]["correlation"]
     assert scores[True] > scores[False] + 0.02
+
+
+def test_phase_object_cases_can_be_simulated_with_a_finite_source():
+    from deepphase.evaluation import harness
+
+    probe = reference_probe()
+    plain, = harness.make_cases(["twisted-hbn"], [1000.0], probe, (16, 16))
+    case, = harness.make_cases(["twisted-hbn"], [1000.0], probe, (16, 16), source_size_px=1.0)
+    assert plain.source_size_px == 0.0 and case.source_size_px == 1.0
+    assert case.scan.parameters["source_size_px"] == 1.0 and case.scan.parameters["coherent_modes"] > 1
+    assert np.array_equal(case.scan.truth, plain.scan.truth)  # the same specimen, other patterns
+    assert not np.array_equal(case.scan.amplitude, plain.scan.amplitude)

@@ -279,8 +279,11 @@ def resolve_preset(preset: str) -> dict:
 
 
 def make_cases(specimens, doses, probe, scan_shape=(48, 48), step_px: float = REFERENCE_STEP_PX, seed: int = 0,
-               forward=("phase-object",), cache_dir=None):
+               forward=("phase-object",), cache_dir=None, source_size_px: float = 0.0):
     """One simulated scan per specimen, forward model and dose (Poisson noise).
+
+    ``source_size_px``: the phase-object scans are simulated with a finite source of this σ (real-space pixels;
+    :mod:`deepphase.physics.instrument`); the multislice ones always have ``SOURCE_SIZE``.
 
     ``"phase-object"`` is the network's own forward model; ``"multislice"`` (material specimens only,
     abTEM) adds what it lacks: thickness, multiple scattering and a finite source (``SOURCE_SIZE``).
@@ -298,14 +301,15 @@ def make_cases(specimens, doses, probe, scan_shape=(48, 48), step_px: float = RE
                 continue  # procedural specimens have no atoms to propagate through
             for dose in doses:
                 if model == "phase-object":
-                    scan = simulate_scan(truth, probe, positions, dose=float(dose), seed=seed, progress=False)
+                    scan = simulate_scan(truth, probe, positions, dose=float(dose), seed=seed, progress=False,
+                                         source_size_px=source_size_px)
                 else:
                     from ..data import materials
 
                     scan = materials.multislice_scan(name, positions, n_px=probe.shape[-1], dose=float(dose),
                                                      seed=seed, probe=probe, source_size=SOURCE_SIZE,
                                                      cache_dir=cache_dir, progress=False)
-                source = SOURCE_SIZE / pixel_size if model == "multislice" else 0.0
+                source = SOURCE_SIZE / pixel_size if model == "multislice" else float(source_size_px)
                 yield Case(name, float(dose), tuple(scan_shape), step_px, scan, pixel_size, model, source)
 
 
@@ -342,10 +346,11 @@ def compared_region(case: Case, phases: list[np.ndarray], n_px: int):
 
 def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_px=REFERENCE_STEP_PX, seed=0,
                    progress: bool | None = None, forward=("phase-object",), cache_dir=None, repeats: int = 1,
-                   divide_source: bool = False):
+                   divide_source: bool = False, source_size_px: float = 0.0):
     """Every method on every case; returns (rows of figures, images for the montage).
 
-    ``divide_source``: where a case's data were simulated with a finite source (the multislice cases), every
+    ``source_size_px``: a finite source for the phase-object cases (:func:`make_cases`).
+    ``divide_source``: where a case's data were simulated with a finite source (multislice, or ``source_size_px``), every
     method's image has the source's blur divided out (:func:`~deepphase.reconstruction.deblur.deconvolve_source`,
     as ``reconstruct --source-size`` does) before it is scored: the same post-processing for every method.
 
@@ -362,7 +367,7 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
     bar = tqdm(total=total * len(methods), desc="evaluating", disable=None if progress is None else not progress)
     for case_seed in range(seed, seed + repeats):
         rows_seed, images_seed = _evaluate_cases(methods, specimens, doses, probe, scan_shape, step_px, case_seed,
-                                                 forward, cache_dir, bar, divide_source)
+                                                 forward, cache_dir, bar, divide_source, source_size_px)
         rows += rows_seed
         if case_seed == seed:
             images = images_seed
@@ -371,11 +376,11 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
 
 
 def _evaluate_cases(methods, specimens, doses, probe, scan_shape, step_px, seed, forward, cache_dir, bar,
-                    divide_source=False):
+                    divide_source=False, source_size_px=0.0):
     from ..reconstruction.deblur import deconvolve_source
 
     rows, images = [], {}
-    for case in make_cases(specimens, doses, probe, scan_shape, step_px, seed, forward, cache_dir):
+    for case in make_cases(specimens, doses, probe, scan_shape, step_px, seed, forward, cache_dir, source_size_px):
         results = {}
         for name in methods:
             fn, _ = _METHODS[name]
@@ -593,7 +598,8 @@ def _versions() -> dict:
 
 def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None, specimens=None, doses=None,
              scan_shape=None, seed: int = 0, overwrite: bool = False, progress: bool | None = None,
-             forward=None, cache_dir=None, repeats: int = 1, divide_source: bool = False) -> tuple[list, str]:
+             forward=None, cache_dir=None, repeats: int = 1, divide_source: bool = False,
+             source_size_px: float = 0.0) -> tuple[list, str]:
     """Run the harness and write the report; returns (rows, markdown table).
 
     Parameters
@@ -604,7 +610,8 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     seed, repeats : every case is simulated with seeds ``seed`` … ``seed + repeats - 1`` (specimen and
         noise). One scan per case decides a comparison at low dose by its particular noise; several
         give the summary's standard errors and paired differences (:func:`summarise`).
-    divide_source : divide the multislice cases' finite source out of every method's image (:func:`run_evaluation`).
+    source_size_px : simulate the phase-object cases with a finite source of this σ (real-space pixels).
+    divide_source : divide each case's finite source out of every method's image (:func:`run_evaluation`).
     """
     from ..errors import OutputExistsError
     from ..physics.probe import reference_probe
@@ -623,10 +630,11 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     probe = reference_probe()
     t0 = time.perf_counter()
     rows, images = run_evaluation(methods, specimens, doses, probe, scan_shape, seed=seed, progress=progress,
-                                  forward=forward, cache_dir=cache_dir, repeats=repeats, divide_source=divide_source)
+                                  forward=forward, cache_dir=cache_dir, repeats=repeats, divide_source=divide_source,
+                                  source_size_px=source_size_px)
     settings = {"preset": preset, "methods": {m: _METHODS[m][1] for m in methods}, "specimens": specimens,
                 "forward_models": forward, "source_size_angstrom": SOURCE_SIZE,
-                "source_divided_out": divide_source,
+                "source_divided_out": divide_source, "phase_object_source_size_px": source_size_px,
                 "doses_e_per_pattern": doses, "scan_shape": list(scan_shape), "step_px": REFERENCE_STEP_PX,
                 "probe": "reference", "noise": "Poisson", "seed": seed, "repeats": repeats, "versions": _versions(),
                 "machine": f"{platform.machine()}, {platform.system()}, {__import__('os').cpu_count()} CPUs",
