@@ -166,3 +166,25 @@ def test_a_focal_spread_is_the_average_of_the_patterns_over_the_defocus(probe, r
     vacuum = np.zeros((40, 40))
     assert np.abs(_intensities(vacuum, probe, positions, focal_spread_rad=spread)
                   - _intensities(vacuum, probe, positions)).sum() < 2e-3 * coherent.sum()
+
+
+def test_modes_of_an_aperture_probe_need_only_its_lit_pixels_and_a_huge_spectrum_is_refused(rng, monkeypatch):
+    import deepphase.physics.instrument as instrument
+    from deepphase.physics import ProbeParameters, probe_from_parameters
+
+    aperture = probe_from_parameters(ProbeParameters(300, 25, 20.0, 0, 32, 0.2))  # a disk of its spectrum, defocused
+    window = np.exp(1j * rng.uniform(-0.6, 0.6, (32, 32)))
+    # (a tolerance far below the default's: at 1e-3 the cut may fall inside a degenerate pair, either way)
+    restricted = coherent_modes(aperture, 1.0, 0.002, tolerance=1e-5)
+    monkeypatch.setattr(instrument, "_DARK", 0.0)  # every pixel of the spectrum
+    full = coherent_modes(aperture, 1.0, 0.002, tolerance=1e-5)
+    assert len(restricted) == len(full)
+    pattern = {name: sum(np.abs(np.fft.fft2(m * window)) ** 2 for m in modes)
+               for name, modes in (("restricted", restricted), ("full", full))}
+    assert np.abs(pattern["restricted"] - pattern["full"]).sum() < 1e-9 * pattern["full"].sum()
+    monkeypatch.setattr(instrument, "_DARK", 1e-9)
+    monkeypatch.setattr(instrument, "MAX_LIT_PIXELS", 400)  # the disk's ~210 of 1,024 pixels: decomposed
+    assert len(coherent_modes(aperture, 1.0)) > 1
+    monkeypatch.setattr(instrument, "MAX_LIT_PIXELS", 100)
+    with pytest.raises(ValueRangeError, match="lights"):
+        coherent_modes(aperture, 1.0)
