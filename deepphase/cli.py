@@ -249,6 +249,9 @@ def _cmd_reconstruct(args) -> None:
             raise DeepPhaseError(f"out: {str(args.out)!r} already holds {name}; choose another folder or pass --overwrite")
     if args.gain is not None and not args.gain > 0:
         raise DeepPhaseError(f"gain: expected a positive number of detector units per electron, got {args.gain}")
+    if not (np.isfinite(args.source_size) and args.source_size >= 0):  # refused before the work, not after it
+        raise DeepPhaseError(f"source-size: expected the source's standard deviation ≥ 0 in real-space pixels, "
+                             f"got {args.source_size}")
     if args.libertem:
         return _reconstruct_with_libertem(args)
     notes = []

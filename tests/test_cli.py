@@ -110,12 +110,13 @@ def bad_inputs(folder, tmp_path):
                                       "do not match the 144"),
         "no positions": (["reconstruct", folder / "amplitude.npy"], "--positions"),
         "missing model": (["reconstruct", folder / "amplitude.npy", *pos, "--model", tmp_path / "nomodel"], "not a folder"),
+        "negative source size": (["reconstruct", folder / "amplitude.npy", *pos, "--source-size", -1], "source-size"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "unreadable file", "NaN values", "negative values", "complex dtype",
                                   "wrong pattern size", "2-D data", "positions do not match",
-                                  "scan shape does not match", "no positions", "missing model"])
+                                  "scan shape does not match", "no positions", "missing model", "negative source size"])
 def test_bad_input_gives_one_clear_line_and_no_output(case, tiny_scan, tmp_path, capsys):
     folder, _ = tiny_scan
     args, expected = bad_inputs(folder, tmp_path)[case]
