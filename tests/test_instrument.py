@@ -30,7 +30,7 @@ def test_a_source_damps_each_scan_frequency_by_the_gaussian_envelope(probe, sigm
     assert np.abs(partial - coherent).sum() > 3 * np.abs(partial - envelope * coherent).sum()
 
 
-def test_source_modes_carry_the_probes_current_and_no_source_is_the_probe(probe):
+def test_coherence_modes_carry_the_probes_current_and_no_source_is_the_probe(probe):
     assert np.array_equal(coherent_modes(probe, 0.0)[0], probe.astype(np.complex128))
     modes = coherent_modes(probe, 1.0)
     assert 1 < len(modes) < 100
@@ -112,11 +112,11 @@ def test_a_partially_coherent_stream_simulates_the_pattern_simulate_scan_does_an
 
 def test_a_source_range_draws_its_sizes_and_is_refused_where_it_is_not_simulated(probe):
     from deepphase.data.phase_objects import CorpusConfig
-    from deepphase.data.stream import SOURCE_SIZES, TrainingStream
+    from deepphase.data.stream import COHERENCE_STEPS, TrainingStream
     from deepphase.physics.geometry import Geometry
 
     stream = TrainingStream(probe, Geometry(), CorpusConfig(), 1000.0, source_size_px=(0.0, 1.5))
-    assert len(stream._source_modes) == SOURCE_SIZES and stream._source_modes[0].shape[1] == 1  # σ = 0: the probe
+    assert len(stream._coherence_modes) == COHERENCE_STEPS and stream._coherence_modes[0].shape[1] == 1  # σ = 0: the probe
     assert stream.batch(8, torch.Generator().manual_seed(0)).amplitude.shape == (8, 1, 32, 32)
     for kwargs in ({"neighbourhood": 3}, {"defocus_spread": 1.0}, {"aberration_range": 1.0}):
         with pytest.raises(ValueRangeError, match="source_size_px"):

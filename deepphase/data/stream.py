@@ -65,7 +65,7 @@ class Batch:
 MATCHED_SHARE = 0.25
 # Values a ``source_size_px`` or ``focal_spread_rad`` range draws from (each its own coherent modes, made once; both
 # ranges: every pair).
-SOURCE_SIZES = 7
+COHERENCE_STEPS = 7
 
 
 def _range(name: str, value) -> tuple[float, float]:
@@ -107,7 +107,7 @@ class TrainingStream:
         0 (default): a coherent probe. Otherwise the standard deviation (real-space pixels) of a Gaussian
         effective source (:mod:`deepphase.physics.instrument`): each pattern is the sum of the intensities of
         the probe's coherent modes under it, and the target stays the object itself. A pair ``(lo, hi)``
-        gives each pattern one of ``SOURCE_SIZES`` sizes evenly spaced from lo to hi. One pattern per sample,
+        gives each pattern one of ``COHERENCE_STEPS`` sizes evenly spaced from lo to hi. One pattern per sample,
         with the probe as given.
     focal_spread_rad : float or (float, float)
         Likewise an incoherent Gaussian spread of focus (standard deviation in rad at the bright-field disk's
@@ -154,7 +154,7 @@ class TrainingStream:
             self._probe_k = torch.fft.fft2(self.probe.to(torch.complex128))
         self.source_size_px = _range("source_size_px", source_size_px)
         self.focal_spread_rad = _range("focal_spread_rad", focal_spread_rad)
-        self._source_modes = None
+        self._coherence_modes = None
         if self.source_size_px[1] > 0 or self.focal_spread_rad[1] > 0:
             if self.neighbourhood != 1 or self.defocus_spread or self.aberration_range:
                 raise ValueRangeError("source_size_px, focal_spread_rad: partial coherence is simulated for single "
@@ -162,9 +162,9 @@ class TrainingStream:
                                       "aberration_range)")
             from .simulate import focal_spread_per_px2
 
-            sizes, spreads = (np.linspace(lo, hi, SOURCE_SIZES) if hi > lo else [lo]
+            sizes, spreads = (np.linspace(lo, hi, COHERENCE_STEPS) if hi > lo else [lo]
                               for lo, hi in (self.source_size_px, self.focal_spread_rad))
-            self._source_modes = [as_complex_tensor(coherent_modes(probe, size, focal_spread_per_px2(probe, spread)),
+            self._coherence_modes = [as_complex_tensor(coherent_modes(probe, size, focal_spread_per_px2(probe, spread)),
                                                     self.device)[None] for size in sizes for spread in spreads]
 
     @property
@@ -222,10 +222,10 @@ class TrainingStream:
         elif self.neighbourhood == 1 and self.defocus_spread:
             edge = self.defocus_spread * (2 * torch.rand(size, generator=gen, device=self.device, dtype=torch.float64) - 1)
             intensity = diffraction_intensity(self.defocused_probes(edge), phase)
-        elif self._source_modes is not None:  # (1, M, n, n) modes × (b, 1, n, n) objects, summed over the modes
-            which = torch.randint(len(self._source_modes), (size,), generator=gen, device=self.device)
+        elif self._coherence_modes is not None:  # (1, M, n, n) modes × (b, 1, n, n) objects, summed over the modes
+            which = torch.randint(len(self._coherence_modes), (size,), generator=gen, device=self.device)
             intensity = torch.empty(size, n, n, device=self.device)
-            for i, modes in enumerate(self._source_modes):
+            for i, modes in enumerate(self._coherence_modes):
                 chosen = which == i
                 if chosen.any():
                     intensity[chosen] = diffraction_intensity(modes, phase[chosen, None]).sum(1)

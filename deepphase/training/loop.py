@@ -87,7 +87,7 @@ class TrainConfig:
     # to this either way (and astigmatism by half of it) and told each pattern's difference
     aberration_range: float = 0.0
     # real-space px: the standard deviation of a Gaussian effective source (physics.instrument), or a range (lo, hi)
-    # each pattern draws from; the target stays the object, so the network learns to see through the source's blur
+    # each pattern draws from; the target stays the object (which gained little: benchmarks/RESULTS.md §38)
     source_size_px: float | tuple[float, float] = 0.0
     focal_spread_rad: float | tuple[float, float] = 0.0  # rad at the disk's edge: an incoherent spread of focus, likewise
 
