@@ -118,7 +118,7 @@ def test_a_source_range_draws_its_sizes_and_is_refused_where_it_is_not_simulated
     stream = TrainingStream(probe, Geometry(), CorpusConfig(), 1000.0, source_size_px=(0.0, 1.5))
     assert len(stream._coherence_modes) == COHERENCE_STEPS and stream._coherence_modes[0].shape[1] == 1  # σ = 0: the probe
     assert stream.batch(8, torch.Generator().manual_seed(0)).amplitude.shape == (8, 1, 32, 32)
-    for kwargs in ({"neighbourhood": 3}, {"defocus_spread": 1.0}, {"aberration_range": 1.0}):
+    for kwargs in ({"defocus_spread": 1.0}, {"aberration_range": 1.0}):
         with pytest.raises(ValueRangeError, match="source_size_px"):
             TrainingStream(probe, Geometry(), CorpusConfig(), 1000.0, source_size_px=1.0, **kwargs)
     with pytest.raises(ValueRangeError, match="source_size_px"):
@@ -188,3 +188,23 @@ def test_modes_of_an_aperture_probe_need_only_its_lit_pixels_and_a_huge_spectrum
     monkeypatch.setattr(instrument, "MAX_LIT_PIXELS", 100)
     with pytest.raises(ValueRangeError, match="lights"):
         coherent_modes(aperture, 1.0)
+
+
+def test_a_partially_coherent_neighbourhood_is_each_position_simulate_scan_would_record(probe, monkeypatch):
+    import deepphase.data.stream as stream_module
+    from deepphase.data.phase_objects import CorpusConfig
+    from deepphase.data.stream import TrainingStream, neighbourhood_offsets
+    from deepphase.physics.geometry import Geometry
+
+    stream = TrainingStream(probe, Geometry(), CorpusConfig(), 27882.0, neighbourhood=3, source_size_px=1.0)
+    side = 32 + 2 * stream.margin
+    objects = torch.rand(2, side, side, generator=torch.Generator().manual_seed(2)) * 1.2
+    monkeypatch.setattr(stream_module, "random_phase_objects", lambda size, n, gen, corpus, device: objects[:size])
+    monkeypatch.setattr(stream_module, "poisson_counts", lambda intensity, dose, counts, gen: intensity * (dose / counts))
+    batch = stream.batch(2, torch.Generator().manual_seed(0))
+    assert batch.amplitude.shape == (2, 9, 32, 32)
+    positions = neighbourhood_offsets(3) * stream.step_px + stream.margin
+    for k in range(2):
+        phase = np.pad(objects[k].double().numpy(), ((0, 1), (0, 1)))
+        expected = simulate_scan(phase, probe, positions, noise=False, progress=False, source_size_px=1.0).amplitude
+        assert np.allclose(batch.amplitude[k].numpy(), expected, rtol=1e-3, atol=1e-2)

@@ -107,8 +107,8 @@ class TrainingStream:
         0 (default): a coherent probe. Otherwise the standard deviation (real-space pixels) of a Gaussian
         effective source (:mod:`deepphase.physics.instrument`): each pattern is the sum of the intensities of
         the probe's coherent modes under it, and the target stays the object itself. A pair ``(lo, hi)``
-        gives each pattern one of ``COHERENCE_STEPS`` sizes evenly spaced from lo to hi. One pattern per sample,
-        with the probe as given.
+        gives each sample one of ``COHERENCE_STEPS`` sizes evenly spaced from lo to hi (a neighbourhood's patterns
+        share it). With the probe as given.
     focal_spread_rad : float or (float, float)
         Likewise an incoherent Gaussian spread of focus (standard deviation in rad at the bright-field disk's
         edge), or a range; with ``source_size_px`` too, the modes of both.
@@ -156,16 +156,17 @@ class TrainingStream:
         self.focal_spread_rad = _range("focal_spread_rad", focal_spread_rad)
         self._coherence_modes = None
         if self.source_size_px[1] > 0 or self.focal_spread_rad[1] > 0:
-            if self.neighbourhood != 1 or self.defocus_spread or self.aberration_range:
-                raise ValueRangeError("source_size_px, focal_spread_rad: partial coherence is simulated for single "
-                                      "patterns with the probe as given (no neighbourhood, defocus_spread or "
-                                      "aberration_range)")
+            if self.defocus_spread or self.aberration_range:
+                raise ValueRangeError("source_size_px, focal_spread_rad: partial coherence is simulated with the "
+                                      "probe as given (no defocus_spread or aberration_range)")
             from .simulate import focal_spread_per_px2
 
             sizes, spreads = (np.linspace(lo, hi, COHERENCE_STEPS) if hi > lo else [lo]
                               for lo, hi in (self.source_size_px, self.focal_spread_rad))
-            self._coherence_modes = [as_complex_tensor(coherent_modes(probe, size, focal_spread_per_px2(probe, spread)),
-                                                    self.device)[None] for size in sizes for spread in spreads]
+            # each table entry: the modes moved to every channel's position, (C, M, n, n)
+            self._coherence_modes = [
+                self._shifted(torch.as_tensor(coherent_modes(probe, size, focal_spread_per_px2(probe, spread))),
+                              offsets - corners) for size in sizes for spread in spreads]
 
     @property
     def channels(self) -> int:
@@ -174,13 +175,18 @@ class TrainingStream:
 
     def _shifted_probes(self, fractions: np.ndarray) -> torch.Tensor:
         """The probe moved by each sub-pixel ``(row, col)`` fraction (Fourier shift), (C, n, n) complex64."""
+        return self._shifted(self.probe, fractions)
+
+    def _shifted(self, waves: torch.Tensor, fractions: np.ndarray) -> torch.Tensor:
+        """``waves`` (..., n, n) moved by each sub-pixel fraction (Fourier shift), (C, ..., n, n) complex64."""
         n = self.geometry.n_px
         k = torch.fft.fftfreq(n, dtype=torch.float64)
         frac = torch.as_tensor(fractions, dtype=torch.float64)
         ramp = torch.exp(-2j * torch.pi * (frac[:, 0, None, None] * k[None, :, None]
                                            + frac[:, 1, None, None] * k[None, None, :]))
-        probe_k = torch.fft.fft2(self.probe.cpu().to(torch.complex128))
-        return torch.fft.ifft2(probe_k[None] * ramp).to(self.device, torch.complex64)
+        waves_k = torch.fft.fft2(waves.cpu().to(torch.complex128))
+        ramp = ramp.view(len(frac), *([1] * (waves_k.dim() - 2)), n, n)
+        return torch.fft.ifft2(waves_k[None] * ramp).to(self.device, torch.complex64)
 
     def aberrated_probes(self, aberration: torch.Tensor) -> torch.Tensor:
         """The probe with each row's aberration (c_rr, c_rc, c_cc) in rad at the disk's edge (see
@@ -222,13 +228,18 @@ class TrainingStream:
         elif self.neighbourhood == 1 and self.defocus_spread:
             edge = self.defocus_spread * (2 * torch.rand(size, generator=gen, device=self.device, dtype=torch.float64) - 1)
             intensity = diffraction_intensity(self.defocused_probes(edge), phase)
-        elif self._coherence_modes is not None:  # (1, M, n, n) modes × (b, 1, n, n) objects, summed over the modes
+        elif self._coherence_modes is not None:  # (C, M, n, n) modes × (b, C, 1, n, n) windows, summed over the modes
             which = torch.randint(len(self._coherence_modes), (size,), generator=gen, device=self.device)
-            intensity = torch.empty(size, n, n, device=self.device)
+            windows = self.neighbour_windows(phase)
+            intensity = torch.empty(size, self.channels, n, n, device=self.device)
             for i, modes in enumerate(self._coherence_modes):
                 chosen = which == i
                 if chosen.any():
-                    intensity[chosen] = diffraction_intensity(modes, phase[chosen, None]).sum(1)
+                    intensity[chosen] = diffraction_intensity(modes, windows[chosen, :, None]).sum(2)
+            if self.neighbourhood == 1:
+                intensity = intensity[:, 0]
+            else:
+                phase = phase[:, self.margin : self.margin + n, self.margin : self.margin + n]
         elif self.neighbourhood == 1:
             intensity = diffraction_intensity(self.probe, phase)
         else:
