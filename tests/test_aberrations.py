@@ -266,3 +266,30 @@ def test_a_fit_of_counting_noise_gives_no_note(probe):
     assert found["explained"] < MIN_EXPLAINED and found["edge_phase_rad"] > 3 * max(found["uncertainty_rad"], 0.4)
     assert probe_mismatch_note(found) is None
     assert probe_mismatch_note({**found, "explained": 0.05}) is not None  # (the same fit with a signal: noted)
+
+
+def test_init_from_a_model_made_before_the_linear_gate_starts_the_gate_at_zero(tmp_path, capsys):
+    # The packaged neighbourhood model predates the gate: fine-tuning it builds the gated network, which
+    # starts as the model (gate zero: gain 1).
+    import torch
+
+    from deepphase.models import create_model
+    from deepphase.models.modelfile import load_model
+    from deepphase.physics.geometry import Geometry
+    from deepphase.training.loop import TrainConfig, _initialise_from
+
+    old = load_model("neighbourhood")
+    assert "linear_gate" not in old.arch_config
+    config = TrainConfig(arch="compact", neighbourhood=3, sigma_head="detached", init_from="neighbourhood")
+    arch_config = config.arch_config(Geometry())
+    assert arch_config["linear_gate"]
+    network = create_model("compact", **arch_config)
+    said = []
+    _initialise_from(network, config, arch_config, said.append)
+    assert said == ["starting from the weights of neighbourhood (linear_gate: new layers from zero)"]
+    x = torch.rand(4, 9, 32, 32) * 30
+    with torch.no_grad():
+        assert torch.allclose(network.eval()(x), old.network.eval()(x), atol=1e-5)
+    assert main(["train", "--like", "neighbourhood", "--init-from", "neighbourhood", "--epochs", "1",
+                 "--steps-per-epoch", "1", "--val-size", "8", "--out", str(tmp_path / "warm")]) == 0
+    capsys.readouterr()

@@ -462,24 +462,32 @@ def distributed_context() -> tuple[int, int, int]:
         raise DeepPhaseError(f"WORLD_SIZE/RANK/LOCAL_RANK: expected integers in the environment ({exc})") from exc
 
 
+# Layers a warm start may add to the model it starts from (arch_config key → their weights' names): each starts
+# at zero, so the network starts as that model (models.compact) — a probe-aware one from a plain one, or the
+# gated linear path from a model made before the gate (the packaged neighbourhood model).
+_ZERO_START_LAYERS = {"aberration_input": ("film.", "linear_aberration.", "aberration"),
+                      "linear_gate": ("linear_gate.",)}
+
+
 def _initialise_from(network: torch.nn.Module, config: TrainConfig, arch_config: dict, log) -> None:
     """Start from another model's weights (a warm start: fine-tuning a model for another probe); its
-    architecture must be this one's, or this one's without the probe-aware layers, which then start at zero
-    (the network starts as the model it comes from: models.compact)."""
+    architecture must be this one's, or this one's without some of ``_ZERO_START_LAYERS``, which then start at
+    zero."""
     from ..models.modelfile import load_model
 
     source = load_model(config.init_from)
-    plain = {k: v for k, v in arch_config.items() if k != "aberration_input"}
-    if source.arch != config.arch or source.arch_config not in (arch_config, plain):
+    added = [k for k in _ZERO_START_LAYERS if arch_config.get(k) and not source.arch_config.get(k)]
+    if source.arch != config.arch or source.arch_config != {k: v for k, v in arch_config.items() if k not in added}:
         raise DeepPhaseError(
             f"init_from: {config.init_from!r} is a {source.arch} network with {source.arch_config}; this training "
             f"builds a {config.arch} network with {arch_config} (train with the same --arch and options, e.g. "
             f"--like {config.init_from})")
     missing, unexpected = network.load_state_dict(source.network.state_dict(), strict=False)
-    if unexpected or any(not k.startswith(("film.", "linear_aberration.", "aberration")) for k in missing):
+    new = tuple(prefix for k in added for prefix in _ZERO_START_LAYERS[k])
+    if unexpected or any(not k.startswith(new) for k in missing):
         raise DeepPhaseError(f"init_from: the weights of {config.init_from!r} do not fit ({missing or unexpected})")
     log(f"starting from the weights of {config.init_from}"
-        + (" (the probe-aware layers from zero)" if missing else ""))
+        + (f" ({', '.join(added)}: new layers from zero)" if added else ""))
 
 
 def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
