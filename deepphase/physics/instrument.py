@@ -25,8 +25,8 @@
   bright-field disk sits far enough from the edges for the wrap to be negligible.
 
 abTEM models the first by blurring a simulated 4D dataset over its scan axes
-(``DiffractionPatterns.gaussian_source_size``), which needs a scan finer than σ; moving the probe itself, as
-here, works at any scan step and for the training stream's single patterns.
+(``DiffractionPatterns.gaussian_source_size``, as the harness's multislice cases do), which needs a scan finer
+than σ; the modes work at any scan step, and for the training stream's single patterns.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ MAX_LIT_PIXELS = 8192
 def _check_width(name: str, value: float) -> float:
     value = float(value)
     if not (np.isfinite(value) and value >= 0):
-        raise ValueRangeError(f"{name}: expected a standard deviation ≥ 0 in pixels, got {value}")
+        raise ValueRangeError(f"{name}: expected a finite standard deviation ≥ 0, got {value}")
     return value
 
 
