@@ -349,6 +349,10 @@ def _cmd_reconstruct(args) -> None:
                     shutil.rmtree(partial, ignore_errors=True)
                 raise
         rec = with_source_divided_out(rec, args.source_size)
+        trained_with = (model.info.get("training") or {}).get("source_size_px")
+        if args.source_size and trained_with:
+            notes.append(f"the model was trained on patterns with a finite source ({trained_with} px); dividing the "
+                         "source out of its image as well over-sharpens it (RESULTS.md §38): drop --source-size")
         extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                  "data": str(args.data), "input": kind, "n_patterns": n_frames, "stitching": args.stitching,
                  "model_path": str(args.model or "default (packaged)"), **scan_info,

@@ -208,3 +208,20 @@ def test_a_partially_coherent_neighbourhood_is_each_position_simulate_scan_would
         phase = np.pad(objects[k].double().numpy(), ((0, 1), (0, 1)))
         expected = simulate_scan(phase, probe, positions, noise=False, progress=False, source_size_px=1.0).amplitude
         assert np.allclose(batch.amplitude[k].numpy(), expected, rtol=1e-3, atol=1e-2)
+
+
+def test_dividing_the_source_out_of_a_model_trained_with_one_is_pointed_out(tmp_path, capsys):
+    import json
+
+    from deepphase.cli import main
+    from deepphase.models.modelfile import load_model, save_model
+
+    model = load_model("default")
+    model.info = {**model.info, "training": {**model.info["training"], "source_size_px": [0.0, 1.5]}}
+    save_model(model, tmp_path / "trained-with-source")
+    data = tmp_path / "scan.npz"
+    assert main(["simulate", "--scan-shape", "16", "16", "--source-size", "1", "--out", str(data)]) == 0
+    assert main(["reconstruct", str(data), "--model", str(tmp_path / "trained-with-source"), "--source-size", "1",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert "over-sharpens" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "metadata.json").read_text())["processing"]["source_deconvolved"]
