@@ -349,10 +349,8 @@ def _cmd_reconstruct(args) -> None:
                     shutil.rmtree(partial, ignore_errors=True)
                 raise
         rec = with_source_divided_out(rec, args.source_size)
-        trained_with = (model.info.get("training") or {}).get("source_size_px")
-        if args.source_size and trained_with:
-            notes.append(f"the model was trained on patterns with a finite source ({trained_with} px); dividing the "
-                         "source out of its image as well over-sharpens it (RESULTS.md §38): drop --source-size")
+        if args.source_size and (note := _source_division_note(model)):
+            notes.append(note)
         extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                  "data": str(args.data), "input": kind, "n_patterns": n_frames, "stitching": args.stitching,
                  "model_path": str(args.model or "default (packaged)"), **scan_info,
@@ -496,6 +494,15 @@ def _tell_probe(model, scan_info: dict):
     return model.told(info["told_coefficients_rad_per_px2"]), {**scan_info, "probe_aware": info}
 
 
+def _source_division_note(model) -> str | None:
+    """What to say when ``--source-size`` divides the source out of the image of a model trained with one."""
+    trained_with = (model.info.get("training") or {}).get("source_size_px")
+    if not trained_with:
+        return None
+    return (f"the model was trained on patterns with a finite source ({trained_with} px); dividing the source out of "
+            "its image as well over-sharpens it (RESULTS.md §38): drop --source-size")
+
+
 def _ensemble_members(paths, scan_info: dict) -> list:
     """The ``--ensemble`` models, each probe-aware one told what the probe check measured, as the main model is."""
     from .data.aberrations import told_to_probe_aware
@@ -636,6 +643,11 @@ def _reconstruct_with_libertem(args) -> None:
     sampling = args.pixel_size or (read["calibration"] or {}).get("real_space_sampling_angstrom")
     rec = with_source_divided_out(rec, args.source_size)
     write_outputs(rec, args.out, extra, sampling=sampling, overwrite=args.overwrite)
+    if args.source_size:
+        from .models.modelfile import load_model
+
+        if note := _source_division_note(load_model(args.model or "default")):
+            print(f"deepphase reconstruct: note: {note}", file=sys.stderr)
     if rec.processing.get("dose_note"):
         print(f"deepphase reconstruct: note: {rec.processing['dose_note']}", file=sys.stderr)
     if "rotation_found" in read:
