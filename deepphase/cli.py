@@ -505,12 +505,10 @@ def _source_division_note(model) -> str | None:
 
 def _ensemble_members(paths, scan_info: dict) -> list:
     """The ``--ensemble`` models, each probe-aware one told what the probe check measured, as the main model is."""
-    from .data.aberrations import told_to_probe_aware
     from .models.modelfile import load_model
 
     members = [load_model(path) for path in paths or ()]
-    return [m.told(told_to_probe_aware(m, scan_info.get("probe_check"))["told_coefficients_rad_per_px2"])
-            if m.probe_aware else m for m in members]
+    return [_tell_probe(m, scan_info)[0] if m.probe_aware else m for m in members]
 
 
 def _write_probe_estimate(args, check: dict, model) -> str:

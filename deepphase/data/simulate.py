@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ShapeError, ValueRangeError
 from ..physics.forward import diffraction_amplitude, far_field, incident_counts, poisson_counts
-from ..physics.instrument import coherent_modes, detector_blur
+from ..physics.instrument import check_width, coherent_modes, detector_blur
 from ..physics.scan import validate_positions
 
 
@@ -83,7 +83,7 @@ def simulate_scan(
     n = probe.shape[-1]
     positions = validate_positions(positions, len(positions))
     modes = torch.as_tensor(coherent_modes(probe, source_size_px, focal_spread_per_px2(probe, focal_spread_rad)))
-    detector_blur(torch.zeros(1, 1), detector_psf_px)  # refuses a bad width before the work
+    check_width("detector_psf_px", detector_psf_px)  # before the work, not after the first batch
     need = required_object_shape(positions, n)
     if phase.shape[0] < need[0] or phase.shape[1] < need[1]:
         raise ShapeError(

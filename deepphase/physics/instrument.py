@@ -44,7 +44,8 @@ _DARK = 1e-9
 MAX_LIT_PIXELS = 8192
 
 
-def _check_width(name: str, value: float) -> float:
+def check_width(name: str, value: float) -> float:
+    """``value`` as a float, refused unless a finite standard deviation ≥ 0 (the error names ``name``)."""
     value = float(value)
     if not (np.isfinite(value) and value >= 0):
         raise ValueRangeError(f"{name}: expected a finite standard deviation ≥ 0, got {value}")
@@ -69,8 +70,8 @@ def coherent_modes(probe: np.ndarray, source_size_px: float = 0.0, focal_spread_
     source and the focus, with the probe's total current ``Σ_m Σ|mode_m|² = Σ|probe|²``. ``probe`` itself
     (M = 1) when both are 0. The modes are moved over the scan as the probe is (the jitter commutes with the shift).
     """
-    sigma = _check_width("source_size_px", source_size_px)
-    spread = _check_width("focal_spread_rad_per_px2", focal_spread_rad_per_px2)
+    sigma = check_width("source_size_px", source_size_px)
+    spread = check_width("focal_spread_rad_per_px2", focal_spread_rad_per_px2)
     if not 0 < tolerance < 1:
         raise ValueRangeError(f"tolerance: expected a share of the current in (0, 1), got {tolerance}")
     probe = np.asarray(probe, dtype=np.complex128)
@@ -108,7 +109,7 @@ def detector_blur(intensity: torch.Tensor, detector_psf_px: float) -> torch.Tens
     The kernel is the Gaussian sampled at the pixel centres (wrapped around the pattern) and normalised:
     positive, so no count is made or lost (its transfer function cut at the Nyquist frequency would ring).
     """
-    sigma = _check_width("detector_psf_px", detector_psf_px)
+    sigma = check_width("detector_psf_px", detector_psf_px)
     if sigma == 0:
         return intensity
     kernel = torch.ones((), dtype=torch.float64, device=intensity.device)

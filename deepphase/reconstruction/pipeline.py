@@ -477,7 +477,7 @@ def with_source_divided_out(rec: Reconstruction, source_size_px: float, regulari
         return rec
     dose = rec.processing.get("electrons_per_pattern")
     lam = source_regularisation(dose) if regularisation is None else regularisation
-    full = deconvolve_source(rec.full, source_size_px, dose, lam).astype(np.float32)
+    full = deconvolve_source(rec.full, source_size_px, regularisation=lam).astype(np.float32)
     r0, c0 = rec.origin_px
     phase = full[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]
     processing = {**rec.processing, "source_deconvolved": {
