@@ -1,17 +1,21 @@
 """Detector calibration: disk, descan, bad pixels, resampling, and a reconstruction through all of it."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from deepphase.data.calibration import (bad_pixel_mask, calibrate, find_disk, fit_descan, model_disk,
-                                        overlap_matrix, resample_patterns)
+from deepphase.data.calibration import (bad_pixel_mask, calibrate, find_disk, fit_descan, measure_calibration,
+                                        model_disk, overlap_matrix, resample_patterns)
 from deepphase.data.simulate import required_object_shape, simulate_scan
 from deepphase.data.specimens import twisted_hbn
 from deepphase.errors import DeepPhaseError
 from deepphase.evaluation.metrics import correlation
 from deepphase.models.modelfile import load_model
 from deepphase.physics import raster_positions, reference_probe
+from deepphase.physics.geometry import Geometry
+from deepphase.physics.probe import ProbeParameters, angular_sampling, probe_from_parameters
 from deepphase.reconstruction.pipeline import reconstruct
 
 
@@ -39,6 +43,22 @@ def test_model_disk_of_the_reference_probe():
     disk = model_disk(reference_probe())
     assert 7.3 < disk["radius"] < 8.3  # the half-level contour of the reference probe's aperture
     assert np.allclose(disk["center"], (16, 16), atol=0.5)
+
+
+@pytest.mark.parametrize("given", [{"mrad_per_px": 1.0}, {}])
+def test_a_model_with_known_optics_is_matched_at_its_exact_angular_sampling(given):
+    """15 mrad at 300 kV on a 32-pixel, 0.3 Å grid: the model's disk measures 7.51 px where the aperture is
+    7.31 px (pixel lattice). Its energy and sampling, not the measured disk, fix the model grid's scale."""
+    params = ProbeParameters(energy=300, semiangle_cutoff=15.0, n_px=32, sampling=0.3)
+    model = SimpleNamespace(probe=probe_from_parameters(params), geometry=Geometry(),
+                            info={"probe": {"source": "parameters", **vars(params)}})
+    exact = angular_sampling(32, 0.3, 300)
+    frames = np.random.default_rng(0).poisson(disk_image((96, 96), (47.3, 48.2), 15.0, 50.0, 0.5),
+                                              size=(40, 96, 96)).astype(np.float64)  # 1 mrad per pixel
+    info, _ = measure_calibration(frames, model, energy=300.0, **given)
+    assert info["zoom"] == pytest.approx(1.0 / exact, rel=0.003)
+    assert info["model_mrad_per_px"] == pytest.approx(exact, rel=0.003)
+    assert info["real_space_sampling_angstrom"] == pytest.approx(0.3, rel=0.003)
 
 
 @pytest.mark.parametrize("pattern, expected", [(np.zeros((64, 64)), "flat"), (np.ones((64, 64)), "flat"),

@@ -141,6 +141,7 @@ def test_raster_positions_order_and_step():
     pos_c = raster_positions((3, 4), 0.5, fastest="col")
     np.testing.assert_allclose(pos_c[:4], [[0, 0], [0, 0.5], [0, 1.0], [0, 1.5]])
     rotated = raster_positions((3, 4), 0.5, rotation_deg=30)
-    d = np.linalg.norm(np.diff(rotated[:3], axis=0), axis=1)
-    np.testing.assert_allclose(d, 0.5)
-    assert rotated.min() >= 0
+    # Counter-clockwise as displayed (row down, col right): the scan's row axis turns towards +col.
+    np.testing.assert_allclose(np.diff(rotated[:3], axis=0), [[0.5 * np.cos(np.pi / 6), 0.5 * np.sin(np.pi / 6)]] * 2)
+    np.testing.assert_allclose(rotated[3] - rotated[0], [-0.5 * np.sin(np.pi / 6), 0.5 * np.cos(np.pi / 6)])
+    assert rotated.min(axis=0) == pytest.approx([0, 0])

@@ -153,6 +153,19 @@ def test_stream_targets_are_the_cropped_upsampled_phase(probe):
     torch.testing.assert_close(counts, counts.round())
 
 
+def test_stream_dose_is_the_electrons_per_pattern(probe):
+    """A pure-phase object scatters every electron: each pattern's counts sum to the dose, up to Poisson noise;
+    a dose range is drawn log-uniformly (half the patterns below the geometric middle)."""
+    fixed = TrainingStream(probe, Geometry(), SMOOTH, 1000.0).batch(256, torch.Generator().manual_seed(0))
+    totals = fixed.amplitude.square().sum((-3, -2, -1)).double()
+    assert totals.mean().item() == pytest.approx(1000.0, abs=4 * np.sqrt(1000 / 256))
+    assert totals.std().item() == pytest.approx(np.sqrt(1000.0), rel=0.15)
+    ranged = TrainingStream(probe, Geometry(), SMOOTH, (10.0, 1e5)).batch(512, torch.Generator().manual_seed(1))
+    totals = ranged.amplitude.square().sum((-3, -2, -1)).double()
+    assert totals.max().item() < 1.05e5 and totals.min().item() < 30
+    assert (totals < 1000).double().mean().item() == pytest.approx(0.5, abs=0.07)
+
+
 def test_loss_ignores_a_constant_offset(probe):
     mask = torch.as_tensor(output_mask(probe, Geometry()))
     target = torch.rand(4, 1, 32, 32)

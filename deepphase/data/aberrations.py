@@ -3,7 +3,7 @@
 A network is trained for one probe, and it is very sensitive to that probe's phase: on a simulated
 twisted-hBN scan at the reference dose, a defocus that adds 0.6 rad of phase at the edge of the
 bright-field disk takes the packaged default's correlation with the truth from 0.974 to 0.930, 1.1 rad
-to 0.83, 2.2 rad to 0.36 (benchmarks/RESULTS.md §36) — and 1.1 rad is about 1 nm of defocus at 300 kV and
+to 0.83, 2.2 rad to 0.36 (benchmarks/RESULTS.md §36) — and 1.1 rad is 1.1 nm of defocus at 300 kV and
 25 mrad. Nothing in a single pattern tells the two probes apart, but the whole scan does. A thick
 specimen shows the same: a probe focused on its entrance surface is out of focus in its middle
 (multislice SrTiO₃, 3.9 nm: −1.7 rad of defocus, and a model trained for that probe does better on it).

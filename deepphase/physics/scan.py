@@ -36,7 +36,8 @@ def raster_positions(
         Which scan coordinate changes between consecutive frames. The seed's data has ``"row"``;
         a C-ordered (scan_row, scan_col, k, k) array flattened to frames has ``"col"``.
     origin : (float, float)
-        Position of the first frame; positions are shifted afterwards so that none is negative.
+        Smallest row and column coordinate of the scan: the positions are shifted so that their minimum
+        lies here (the first frame's position only for an unrotated scan).
     """
     rows, cols = (int(s) for s in shape)
     if rows < 1 or cols < 1:
