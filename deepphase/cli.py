@@ -23,16 +23,38 @@ import numpy as np
 from .errors import DeepPhaseError
 
 
+def _number(kind=float, minimum=None, above=False, what="a number"):
+    """An argparse type: a finite number of ``kind`` (≥ or > ``minimum``); argparse prints the option, the value
+    and what was expected, and exits with 2 before any work is done."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not np.isfinite(value) or (minimum is not None and (value <= minimum if above else value < minimum)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_finite = _number(what="a finite number")
+_positive = _number(minimum=0, above=True, what="a positive number")
+_non_negative = _number(minimum=0, what="a number ≥ 0")
+_count = _number(int, minimum=1, what="a positive whole number")
+
+
 def _add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("probe (a file, 'reference', or optics parameters)")
     g.add_argument("--probe", default="reference",
                    help="complex probe as .npy, or 'reference' (the PRL 130, 016101 probe; default)")
-    g.add_argument("--energy", type=float, help="beam energy in keV (builds a probe from optics instead of --probe)")
-    g.add_argument("--semi-angle", type=float, help="convergence semi-angle in mrad")
-    g.add_argument("--defocus", type=float, default=0.0, help="defocus in Å, positive = underfocus (default 0)")
-    g.add_argument("--cs", type=float, default=0.0, help="spherical aberration C30 in Å (default 0)")
-    g.add_argument("--sampling", type=float, help="real-space pixel size in Å (with --energy)")
-    g.add_argument("--grid", type=int, default=32, help="probe and pattern grid in pixels (default 32)")
+    g.add_argument("--energy", type=_positive, help="beam energy in keV (builds a probe from optics instead of --probe)")
+    g.add_argument("--semi-angle", type=_positive, help="convergence semi-angle in mrad")
+    g.add_argument("--defocus", type=_finite, default=0.0, help="defocus in Å, positive = underfocus (default 0)")
+    g.add_argument("--cs", type=_finite, default=0.0, help="spherical aberration C30 in Å (default 0)")
+    g.add_argument("--sampling", type=_positive, help="real-space pixel size in Å (with --energy)")
+    g.add_argument("--grid", type=_count, default=32, help="probe and pattern grid in pixels (default 32)")
 
 
 class _ArchitectureNames:
@@ -65,13 +87,15 @@ def _probe_from_args(args) -> tuple:
     return load_probe(args.probe), {"probe": {"source": str(args.probe)}}
 
 
-def _value_or_range(name: str, values):
-    """``--source-size PX [PX]``, ``--focal-spread RAD [RAD]``: one value, or a range (lo, hi) the training patterns
-    draw from."""
+def _value_or_range(name: str, values, default=0.0):
+    """``--dose E [E]``, ``--source-size PX [PX]``, ``--focal-spread RAD [RAD]``: one value, or a range (lo, hi) the
+    training patterns draw from."""
     if values is None:
-        return 0.0
+        return default
     if len(values) > 2:
         raise DeepPhaseError(f"{name}: expected one value or a range LO HI, got {len(values)} numbers")
+    if len(values) == 2 and values[0] > values[1]:
+        raise DeepPhaseError(f"{name}: expected a range LO HI with LO ≤ HI, got {values[0]:g} {values[1]:g}")
     return values[0] if len(values) == 1 else (values[0], values[1])
 
 
@@ -81,9 +105,7 @@ def _cmd_train(args) -> None:
     from .training.loop import TrainConfig, train
 
     probe, info = _probe_from_args(args)
-    dose = None
-    if args.dose is not None:
-        dose = args.dose[0] if len(args.dose) == 1 else (args.dose[0], args.dose[1])
+    dose = _value_or_range("dose", args.dose, default=None)
     config = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                          batch_size=args.batch_size, preset=args.preset, lr=args.lr, dose=dose,
                          corpus=CorpusConfig(mix=dict(CORPUS_PRESETS[args.corpus]),
@@ -117,8 +139,8 @@ def _cmd_train(args) -> None:
 def _add_scan_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("scan positions (top-left corner of each probe window, real-space pixels)")
     g.add_argument("--positions", type=Path, help="(N, 2) .npy of (row, col) positions")
-    g.add_argument("--scan-shape", type=int, nargs=2, metavar=("ROWS", "COLS"), help="raster shape")
-    g.add_argument("--step", type=float, help="raster step in pixels")
+    g.add_argument("--scan-shape", type=_count, nargs=2, metavar=("ROWS", "COLS"), help="raster shape")
+    g.add_argument("--step", type=_positive, help="raster step in pixels")
     g.add_argument("--rotation", type=_rotation, default=0.0, metavar="DEG|auto",
                    help="rotation of the scan axes against the detector's, degrees counter-clockwise (default 0); "
                         "'auto' (reconstruct) finds it from the data by the DPC curl criterion")
@@ -163,9 +185,12 @@ def _rotation(text: str):
     if text == "auto":
         return text
     try:
-        return float(text)
+        angle = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an angle in degrees or 'auto', got {text!r}") from None
+        angle = float("nan")
+    if not np.isfinite(angle):
+        raise argparse.ArgumentTypeError(f"expected an angle in degrees or 'auto', got {text!r}")
+    return angle
 
 
 def _cmd_simulate(args) -> None:
@@ -228,6 +253,7 @@ def _cmd_reconstruct(args) -> None:
     from .reconstruction.pipeline import (check_output_folder, read_checkpoint, reconstruct, with_source_divided_out,
                                           write_outputs)
 
+    started = time.time()
     check_output_folder(args.out, args.overwrite)
     partial = args.out / PARTIAL_FOLDER
     record = read_checkpoint(partial)
@@ -244,7 +270,7 @@ def _cmd_reconstruct(args) -> None:
     if args.resume and (args.workers is not None or args.scheduler is not None):
         raise DeepPhaseError("resume: a cluster reconstruction (--workers/--scheduler) cannot be resumed; run it again")
     figure = args.out / "calibration.png"
-    for name in ("calibration.png", "rotation.png", "probe_estimate.npy", "probe_check.png"):
+    for name in _FIGURES:
         if (args.out / name).exists() and not args.overwrite:
             raise DeepPhaseError(f"out: {str(args.out)!r} already holds {name}; choose another folder or pass --overwrite")
     if args.gain is not None and not args.gain > 0:
@@ -253,7 +279,8 @@ def _cmd_reconstruct(args) -> None:
         raise DeepPhaseError(f"source-size: expected the source's standard deviation ≥ 0 in real-space pixels, "
                              f"got {args.source_size}")
     if args.libertem:
-        return _reconstruct_with_libertem(args)
+        _reconstruct_with_libertem(args)
+        return _remove_stale_figures(args.out, started)
     notes = []
     data = load_scan(args.data, args.dataset, scan_shape=args.scan_shape)
     try:
@@ -382,6 +409,7 @@ def _cmd_reconstruct(args) -> None:
             notes.append(f"what the DPC curl criterion saw: {args.out / 'rotation.png'}")
     finally:
         data.close()
+    _remove_stale_figures(args.out, started)
     for note in notes:
         print(f"deepphase reconstruct: note: {note}", file=sys.stderr)
     msg = (f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
@@ -396,6 +424,15 @@ def _cmd_reconstruct(args) -> None:
 
 
 PARTIAL_FOLDER = ".deepphase-partial"
+# What reconstruct writes beside the image when there is something to show.
+_FIGURES = ("calibration.png", "rotation.png", "probe_estimate.npy", "probe_check.png")
+
+
+def _remove_stale_figures(out: Path, started: float) -> None:
+    """After an --overwrite run: an earlier run's figures this one did not remake would contradict its metadata."""
+    for name in _FIGURES:
+        if (out / name).exists() and (out / name).stat().st_mtime < started:
+            (out / name).unlink()
 
 
 def _flipped(view, amplitudes):
@@ -673,9 +710,12 @@ def _uncertainty_argument(text: str):
     if text == "head":
         return text
     try:
-        return int(text)
+        samples = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of dropout samples or 'head', got {text!r}") from None
+        samples = 0
+    if samples < 2:  # one sample has no spread
+        raise argparse.ArgumentTypeError(f"expected at least 2 dropout samples, or 'head', got {text!r}")
+    return samples
 
 
 def _dropout_samples(value) -> int:
@@ -683,6 +723,7 @@ def _dropout_samples(value) -> int:
 
 
 def _cmd_calibrate_uncertainty(args) -> None:
+    from .io_utils import check_writable
     from .models.modelfile import load_model
     from .models.registry import has_sigma_head
     from .reconstruction.uncertainty import fit_sigma_scale, save_sigma_scale
@@ -690,6 +731,7 @@ def _cmd_calibrate_uncertainty(args) -> None:
     if args.model is None or not (Path(args.model) / "model.json").exists():
         raise DeepPhaseError(f"model: expected a model folder with a model.json, got {args.model!r} (the packaged "
                              "models are calibrated already)")
+    check_writable(Path(args.model) / "model.json", "model", folder=False)
     model = load_model(args.model)
     method = args.method if args.method != "auto" else ("head" if has_sigma_head(model.network) else "dropout")
     result = fit_sigma_scale(model, n_scans=args.scans, side=args.side, samples=args.samples, seed=args.seed,
@@ -778,8 +820,15 @@ def _cmd_evaluate(args) -> None:
     print(f"report: {args.out}/results.md, results.json, montage.png, dose_series.png")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the package's one-line errors: what was wrong, and where the options are listed."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deepphase", description="Phase images from 4D-STEM data with a convolutional network (after Phys. Rev. Lett. 130, 016101). See 'deepphase COMMAND --help'.")
+    parser = _Parser(prog="deepphase", description="Phase images from 4D-STEM data with a convolutional network (after Phys. Rev. Lett. 130, 016101). See 'deepphase COMMAND --help'.")
     parser.add_argument("--version", action="version", version=f"deepphase {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -791,20 +840,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train with the recipe a model records (a packaged name such as 'default', or a model folder): "
                         "its training options, then the ones given here, which win; the probe is this command's "
                         "(e.g. --probe probe_estimate.npy from reconstruct)")
-    p.add_argument("--defocus-spread", type=float, default=0.0, metavar="RAD",
+    p.add_argument("--defocus-spread", type=_non_negative, default=0.0, metavar="RAD",
                    help="give each training pattern's probe a defocus of its own, up to this many rad at the "
                         "bright-field disk's edge either way (default 0: the probe as given), for data whose focus "
                         "is known only so well (see benchmarks/RESULTS.md §36 for what it costs and gains)")
-    p.add_argument("--source-size", type=float, nargs="+", metavar="PX",
+    p.add_argument("--source-size", type=_non_negative, nargs="+", metavar="PX",
                    help="a finite electron source: the standard deviation of its Gaussian image on the specimen in "
                         "real-space pixels (FWHM = 2.355 σ), or a range LO HI each pattern draws from, with the object "
                         "itself as the target (default: a coherent probe). In our 8-epoch fine-tunes of the default "
                         "this gained ≤ 0.05 where 'reconstruct --source-size' gains up to 0.15 (RESULTS.md §38)")
-    p.add_argument("--focal-spread", type=float, nargs="+", metavar="RAD",
+    p.add_argument("--focal-spread", type=_non_negative, nargs="+", metavar="RAD",
                    help="an incoherent spread of focus (energy spread × chromatic aberration): its standard deviation "
                         "as rad at the bright-field disk's edge, or a range LO HI each pattern draws from "
                         "(default: none; RESULTS.md §38)")
-    p.add_argument("--probe-aware", type=float, default=0.0, metavar="RAD",
+    p.add_argument("--probe-aware", type=_non_negative, default=0.0, metavar="RAD",
                    help="train a probe-aware network (compact archs): one model for probes whose defocus differs "
                         "from --probe's by up to this many rad at the bright-field disk's edge either way (and "
                         "astigmatism by up to half of it), told each pattern's difference; reconstruct tells it the "
@@ -815,13 +864,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="unet-small", choices=_ArchitectureNames(), metavar="ARCH",
                    help="architecture: %(choices)s (default %(default)s); compact-rep trains the compact network "
                         "with reparameterisable convolutions and writes a plain compact model")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--steps-per-epoch", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=_count, default=10)
+    p.add_argument("--steps-per-epoch", type=_count, default=500)
+    p.add_argument("--batch-size", type=_count, default=32)
     p.add_argument("--preset", default="default", choices=["default", "seed"],
                    help="optimiser: 'default' AdamW with cosine decay, or the seed's SGD lr 1e-4")
-    p.add_argument("--lr", type=float, help="learning rate (default: the preset's)")
-    p.add_argument("--dose", type=float, nargs="+", metavar="E",
+    p.add_argument("--lr", type=_positive, help="learning rate (default: the preset's)")
+    p.add_argument("--dose", type=_positive, nargs="+", metavar="E",
                    help="electrons per pattern; two numbers draw from that range (default: the probe's own scale, "
                         "27,882 for the reference probe)")
     p.add_argument("--loss", default="offset-free", choices=["offset-free", "absolute"],
@@ -830,12 +879,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default="mix", choices=["mix", "natural", "procedural", "atoms"],
                    help="training objects: 'mix' (default: natural images, smooth fields, lattices, amorphous, "
                         "edges), 'natural' (the seed's: images only), 'procedural' or 'atoms'")
-    p.add_argument("--phase-range", type=float, nargs=2, default=(0.1, 1.6), metavar=("MIN", "MAX"),
+    p.add_argument("--phase-range", type=_finite, nargs=2, default=(0.1, 1.6), metavar=("MIN", "MAX"),
                    help="range of each object's maximum phase in rad (default 0.1 1.6)")
     p.add_argument("--phase-scale", choices=["uniform", "log-uniform"], default="uniform",
                    help="how each object's maximum phase is drawn from --phase-range: uniformly (default) or "
                         "log-uniformly (as many weak objects, e.g. one light-atom layer, as strong ones)")
-    p.add_argument("--lattice-spacing", type=float, nargs=2, metavar=("MIN", "MAX"),
+    p.add_argument("--lattice-spacing", type=_positive, nargs=2, metavar=("MIN", "MAX"),
                    help="range of the lattice objects' lattice constant in object pixels (default 2.5 8: 0.5–1.6 Å "
                         "at the reference 0.2 Å/px; 2.5 16 also covers hBN and MoS2)")
     p.add_argument("--lattice-spacing-scale", choices=["uniform", "log-uniform"], default="uniform",
@@ -847,7 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--neighbourhood-step)")
     from .physics.scan import REFERENCE_STEP_PX
 
-    p.add_argument("--neighbourhood-step", type=float, default=REFERENCE_STEP_PX, metavar="PX",
+    p.add_argument("--neighbourhood-step", type=_positive, default=REFERENCE_STEP_PX, metavar="PX",
                    help=f"scan step of the neighbourhood in real-space pixels (default {REFERENCE_STEP_PX:.4g}, "
                         "the reference scan's)")
     p.add_argument("--sigma-head", nargs="?", const="shared", choices=["shared", "detached"],
@@ -856,17 +905,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "it): 'shared' (the default form) makes it from the phase's features, which it also "
                         "shapes; 'detached' (compact only) from a small branch that reads them without changing "
                         "them. 'reconstruct --uncertainty head' then writes σ from the same forward pass")
-    p.add_argument("--sigma-weight", type=float, default=1.0, metavar="W",
+    p.add_argument("--sigma-weight", type=_non_negative, default=1.0, metavar="W",
                    help="with --sigma-head: weight of its likelihood beside the phase's L1 loss (default 1; the "
                         "likelihood does not pull on the phase, but it shares the network's features)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-size", type=int, default=512)
+    p.add_argument("--val-size", type=_count, default=512)
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default auto)")
     p.add_argument("--half", action="store_true", help="store float16 weights (half the file size)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     # Several processes (DistributedDataParallel); several machines: torchrun -m deepphase.train (README).
-    p.add_argument("--nproc", type=int, default=1, metavar="N",
+    p.add_argument("--nproc", type=_count, default=1, metavar="N",
                    help="train with N processes on this machine (one per GPU, or N CPU processes) through torchrun; "
                         "--batch-size is the global batch and must be a multiple of N (default 1)")
     p.add_argument("--rank-data", default="shared", choices=["shared", "per-rank"],
@@ -883,23 +932,23 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.specimens import BUILTIN_SPECIMENS
 
     src.add_argument("--specimen", default="twisted-hbn", choices=BUILTIN_SPECIMENS, help="built-in specimen")
-    p.add_argument("--phase-max", type=float, default=1.0, help="phase of the brightest pixel of an image file (rad)")
+    p.add_argument("--phase-max", type=_finite, default=1.0, help="phase of the brightest pixel of an image file (rad)")
     _add_probe_arguments(p)
     _add_scan_arguments(p, required=False)
-    p.add_argument("--dose", type=float, help="electrons per pattern (default: the probe's own scale, 27,882 for "
+    p.add_argument("--dose", type=_positive, help="electrons per pattern (default: the probe's own scale, 27,882 for "
                                               "the reference probe)")
-    p.add_argument("--dose-per-area", type=float, help="dose in e/Å² (needs --sampling and --step)")
+    p.add_argument("--dose-per-area", type=_positive, help="dose in e/Å² (needs --sampling and --step)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-noise", action="store_true", help="noise-free amplitudes")
-    p.add_argument("--source-size", type=float, default=0.0, metavar="PX",
+    p.add_argument("--source-size", type=_non_negative, default=0.0, metavar="PX",
                    help="a finite electron source: the standard deviation of its Gaussian image on the specimen in "
                         "real-space pixels (FWHM = 2.355 σ; 0.5 Å FWHM is σ = 1.06 px at 0.2 Å/px); each pattern is "
                         "then partially coherent (default 0: a coherent probe)")
-    p.add_argument("--focal-spread", type=float, default=0.0, metavar="RAD",
+    p.add_argument("--focal-spread", type=_non_negative, default=0.0, metavar="RAD",
                    help="an incoherent Gaussian spread of focus (the energy spread through the chromatic aberration, "
                         "Cc·ΔE/E), its standard deviation as the phase it adds at the bright-field disk's edge in rad "
                         "(about 1 rad per nm at 300 kV and 25 mrad; default 0: none)")
-    p.add_argument("--detector-psf", type=float, default=0.0, metavar="PX",
+    p.add_argument("--detector-psf", type=_non_negative, default=0.0, metavar="PX",
                    help="a counting detector's Gaussian point spread, standard deviation in detector pixels "
                         "(default 0: none)")
     p.add_argument("--out", required=True, type=Path, help="output .npz")
@@ -928,14 +977,14 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--calibrate", dest="calibration", action="store_const", const="on",
                      help="calibrate even n×n patterns (descan, disk centring, bad pixels)")
     p.set_defaults(calibration="auto")
-    g.add_argument("--semi-angle", type=float, metavar="MRAD",
+    g.add_argument("--semi-angle", type=_positive, metavar="MRAD",
                    help="the data's convergence semi-angle in mrad (default: assumed equal to the model's, so the "
                         "ratio of the disk radii sets the angular resampling)")
-    g.add_argument("--energy", type=float, metavar="KEV",
+    g.add_argument("--energy", type=_positive, metavar="KEV",
                    help="beam energy in keV (default: from the file), to convert detector calibrations in 1/Å or "
                         "1/nm and to get the real-space pixel size")
-    g.add_argument("--mrad-per-px", type=float, metavar="X", help="angular size of a detector pixel in mrad")
-    g.add_argument("--model-mrad-per-px", type=float, metavar="Y",
+    g.add_argument("--mrad-per-px", type=_positive, metavar="X", help="angular size of a detector pixel in mrad")
+    g.add_argument("--model-mrad-per-px", type=_positive, metavar="Y",
                    help="angular size of a model pixel in mrad (default: what the model records)")
     g.add_argument("--gain", type=float, metavar="G",
                    help="detector units per electron: counts = data / G (default 1)")
@@ -949,7 +998,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "finds whether it is needed (when this flag is not given)")
     p.add_argument("--stitching", choices=["pairwise", "least-squares", "seed"], default="pairwise",
                    help="pairwise (default, fast), least-squares (exact canvas least squares) or seed (the original)")
-    p.add_argument("--source-size", type=float, default=0.0, metavar="PX",
+    p.add_argument("--source-size", type=_non_negative, default=0.0, metavar="PX",
                    help="the standard deviation of your source's Gaussian image on the specimen, real-space pixels "
                         "(FWHM = 2.355 σ; 0.5 Å FWHM is σ = 1.06 px at 0.2 Å/px): its blur, which the network cannot "
                         "undo, is divided out of the image by a Wiener filter (default 0: none; RESULTS.md §38)")
@@ -957,8 +1006,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="divide out the blur of blending sub-pixel patches (atomic contrast 10–25 %% stronger, "
                         "more noise at the finest scale): auto (default) unless the patterns are counts below "
                         "10,000 electrons per pattern; never with --stitching seed")
-    p.add_argument("--pixel-size", type=float, help="real-space pixel size in Å (for the scale bar and checks)")
-    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--pixel-size", type=_positive, help="real-space pixel size in Å (for the scale bar and checks)")
+    p.add_argument("--batch-size", type=_count, default=512)
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="network arithmetic (default auto: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--uncertainty", type=_uncertainty_argument, default=0, metavar="N|head",
@@ -978,25 +1027,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", nargs="+", metavar="FOLDER",
                    help="further models for the same probe: the image is the mean of all, and uncertainty.npy their "
                         "per-pixel spread (instead of --uncertainty)")
-    p.add_argument("--sigma-scale", type=float, metavar="K",
+    p.add_argument("--sigma-scale", type=_positive, metavar="K",
                    help="multiply the uncertainty by K (default: the factor fitted for the model by "
                         "'deepphase calibrate-uncertainty', else 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    p.add_argument("--chunk-size", type=int, default=16384, metavar="P",
+    p.add_argument("--chunk-size", type=_count, default=16384, metavar="P",
                    help="patterns read and predicted at a time (default 16384); memory is bounded by it")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted reconstruction from its progress in OUT/.deepphase-partial")
     # Several processes or machines (dask.distributed): deepphase/reconstruction/distributed.py
     g = p.add_argument_group("several processes or machines (dask.distributed; the same image as one process)")
     where = g.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, metavar="N",
+    where.add_argument("--workers", type=_count, metavar="N",
                        help="predict with N local worker processes (a dask LocalCluster, one thread each)")
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="predict on a running dask cluster, e.g. tcp://host:8786 (dask-jobqueue, dask scheduler); "
                             "its workers must see the data file and the model folder")
-    g.add_argument("--tile-size", type=int, default=4096, metavar="P", help="patterns per task (default 4096)")
+    g.add_argument("--tile-size", type=_count, default=4096, metavar="P", help="patterns per task (default 4096)")
     g.add_argument("--libertem", action="store_true",
                    help="open DATA with LiberTEM instead (every format it reads: K2IS, Frms6, TVIPS, SEQ, MRC, Merlin, "
                         "raw, ...; --scan-shape where the file does not say) and reconstruct on LiberTEM's workers "
@@ -1013,9 +1062,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "stores in model.json the factor k for which k·σ covers 68 %% of the actual error. "
                                    "'reconstruct --uncertainty N' (or '--uncertainty head') then applies it.")
     p.add_argument("--model", required=True, help="model folder (its model.json gets the factor)")
-    p.add_argument("--scans", type=int, default=6, help="simulated scans (default 6)")
-    p.add_argument("--side", type=int, default=32, help="positions per scan side (default 32)")
-    p.add_argument("--samples", type=int, default=8, help="dropout samples, as you will reconstruct with (default 8)")
+    p.add_argument("--scans", type=_count, default=6, help="simulated scans (default 6)")
+    p.add_argument("--side", type=_count, default=32, help="positions per scan side (default 32)")
+    p.add_argument("--samples", type=_count, default=8, help="dropout samples, as you will reconstruct with (default 8)")
     p.add_argument("--method", choices=["auto", "dropout", "head"], default="auto",
                    help="whose σ to calibrate: Monte Carlo dropout's, or the σ head's (default auto: the head if "
                         "the model has one); stored under 'uncertainty' or 'uncertainty_head' in model.json")
@@ -1049,8 +1098,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'fast' (under 10 minutes on a 2-core CPU) or 'full' (for a GPU)")
     p.add_argument("--methods", nargs="+", help="methods to run (default: all available)")
     p.add_argument("--specimens", nargs="+", help="specimens (default: the preset's)")
-    p.add_argument("--doses", type=float, nargs="+", metavar="E", help="electrons per pattern (default: the preset's)")
-    p.add_argument("--scan-shape", type=int, nargs=2, metavar=("ROWS", "COLS"), help="scan size (default: the preset's)")
+    p.add_argument("--doses", type=_positive, nargs="+", metavar="E", help="electrons per pattern (default: the preset's)")
+    p.add_argument("--scan-shape", type=_count, nargs=2, metavar=("ROWS", "COLS"), help="scan size (default: the preset's)")
     p.add_argument("--forward", nargs="+", choices=["phase-object", "multislice"],
                    help="forward models of the simulated data (default: the preset's; multislice needs the sim "
                         "extra and applies to material specimens)")
@@ -1060,17 +1109,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also evaluate the model in FOLDER under NAME (repeatable), e.g. mine=my-model/")
     p.add_argument("--ensemble", action="append", metavar="NAME=FOLDER,FOLDER,...",
                    help="add an ensemble of models as a method: the mean image and their spread as σ (repeatable)")
-    p.add_argument("--sigma-scale", type=float, help="factor on the ensembles' spread (default 1)")
+    p.add_argument("--sigma-scale", type=_positive, help="factor on the ensembles' spread (default 1)")
     p.add_argument("--sigma-head", action="append", metavar="NAME=FOLDER",
                    help="add a model trained with --sigma-head as a method whose σ (from its head, with its fitted "
                         "factor) is scored beside its image (repeatable)")
     p.add_argument("--seed-model", help="model folder of the seed's method (seed-unet, --preset seed); adds "
                                         "'seed-method' with the seed's stitching")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated specimens and noise (default 0)")
-    p.add_argument("--repeats", type=int, default=1, metavar="N",
+    p.add_argument("--repeats", type=_count, default=1, metavar="N",
                    help="simulate every case N times (seeds SEED … SEED+N-1) and report each method's mean with "
                         "its standard error, and its difference to the first method paired by seed (default 1)")
-    p.add_argument("--source-size", type=float, default=0.0, metavar="PX",
+    p.add_argument("--source-size", type=_non_negative, default=0.0, metavar="PX",
                    help="simulate the phase-object cases with a finite source of this σ in real-space pixels "
                         "(default 0: a coherent probe; the multislice cases always have σ = 0.25 Å)")
     p.add_argument("--divide-source", action="store_true",
@@ -1121,25 +1170,46 @@ def _like_arguments(parser: argparse.ArgumentParser, args, argv: list[str]):
     return new
 
 
+# The commands' --out: a folder to write into (True) or a file (False).
+_WRITES = {"train": True, "reconstruct": True, "demo": True, "evaluate": True, "simulate": False, "export-onnx": False}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a malformed option (one line already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         # A batch system's kill is a SIGTERM: handled like Ctrl-C, so a reconstruction saves its progress.
         signal.signal(signal.SIGTERM, _terminate)
+    new_folder = None  # an --out folder this run makes: removed again if the run fails and leaves it empty
     try:
         if getattr(args, "like", None):
             args = _like_arguments(parser, args, argv)
+        if args.command in _WRITES:  # an unwritable output is found before the work, not after it
+            from .io_utils import check_writable
+
+            check_writable(args.out, folder=_WRITES[args.command])
+            new_folder = None if args.out.exists() or not _WRITES[args.command] else args.out
         args.func(args)
+        new_folder = None
     except DeepPhaseError as exc:
         print(f"deepphase {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:  # not a file the user named or must fix: a defect, shown in full
+            raise
+        print(f"deepphase {args.command}: error: {str(exc.filename)!r}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"deepphase {args.command}: {exc or 'interrupted'}; completed outputs are intact", file=sys.stderr)
         return 130
     finally:
+        if new_folder is not None and new_folder.is_dir() and not any(new_folder.iterdir()):
+            new_folder.rmdir()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
     return 0

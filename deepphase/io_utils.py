@@ -36,6 +36,34 @@ def atomic_path(path: str | Path, suffix: str = ""):
         raise
 
 
+def check_writable(path: str | Path, what: str = "out", folder: bool = True) -> Path:
+    """Refuse an output path that cannot be written, before any work is spent on it.
+
+    ``folder``: ``path`` is a folder to write into (made later if missing), else a file to write. The nearest
+    folder that exists is tried with a temporary file: permissions, read-only mounts and a file standing where a
+    folder must be are all found here rather than after the work.
+    """
+    from .errors import OutputExistsError
+
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{what}: {str(path)!r} exists and is not a folder; expected a folder to write into")
+    if not folder and path.is_dir():
+        raise OutputExistsError(f"{what}: {str(path)!r} is a folder; expected a file name")
+    existing = path if folder else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputExistsError(f"{what}: cannot write {str(path)!r}: {str(existing)!r} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise OutputExistsError(f"{what}: cannot write into {str(existing)!r} ({exc.strerror or exc}); choose a "
+                                "folder you can write to") from None
+    return path
+
+
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path, ".npy") as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)

@@ -147,7 +147,7 @@ def test_evaluate_writes_a_report_with_every_method_and_metric(tmp_path, capsys)
         assert (out / name).stat().st_size > 500
     # A second run does not overwrite the report unasked.
     assert main(args) == 2
-    assert "already holds a report" in capsys.readouterr().err
+    assert "already holds results.json" in capsys.readouterr().err
 
 
 def test_uncertainty_coverage_of_a_calibrated_gaussian_error():
@@ -199,7 +199,7 @@ def test_repeats_add_other_realisations_and_the_summary_pairs_them_by_seed(tmp_p
     assert "mean over cases and seeds" in (tmp_path / "three" / "results.md").read_text()
 
     assert main(["evaluate", "--repeats", "0", "--methods", "idpc", "--out", str(tmp_path / "none")]) == 2
-    assert "repeats: expected a whole number ≥ 1" in capsys.readouterr().err
+    assert "argument --repeats: expected a positive whole number" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
 
 

@@ -551,13 +551,24 @@ def _dose_series(rows, specimens, methods, path: Path) -> None:
     save_png(fig, path, dpi=110)
 
 
-def write_report(rows, images, out_dir, settings: dict, overwrite: bool = False) -> Path:
-    """results.json, results.md, montage.png and dose_series.png in ``out_dir``."""
+REPORT_FILES = ("results.json", "results.md", "montage.png", "dose_series.png")
+
+
+def check_report_folder(out_dir, overwrite: bool = False) -> Path:
+    """Refuse a folder holding any of the report's files (the user's own, or an earlier report) unless asked."""
     from ..errors import OutputExistsError
 
     out_dir = Path(out_dir)
-    if (out_dir / "results.json").exists() and not overwrite:
-        raise OutputExistsError(f"out: {str(out_dir)!r} already holds a report; choose another folder or pass --overwrite")
+    existing = [name for name in REPORT_FILES if (out_dir / name).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"out: {str(out_dir)!r} already holds {', '.join(existing)}; choose another folder "
+                                "or pass --overwrite")
+    return out_dir
+
+
+def write_report(rows, images, out_dir, settings: dict, overwrite: bool = False) -> Path:
+    """results.json, results.md, montage.png and dose_series.png in ``out_dir``."""
+    out_dir = check_report_folder(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     specimens = list(dict.fromkeys(r["specimen"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
@@ -616,8 +627,7 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     from ..errors import OutputExistsError
     from ..physics.probe import reference_probe
 
-    if (Path(out_dir) / "results.json").exists() and not overwrite:  # refuse before, not after, the work
-        raise OutputExistsError(f"out: {str(out_dir)!r} already holds a report; choose another folder or pass --overwrite")
+    check_report_folder(out_dir, overwrite)  # before, not after, the work
     config = resolve_preset(preset)
     methods = list(methods or available_methods())
     specimens = list(specimens or config["specimens"])

@@ -674,6 +674,8 @@ def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict, samp
         for name in OUTPUT_FILES:  # metadata.json last: a folder with it is complete
             if (staging / name).exists():
                 os.replace(staging / name, out_dir / name)
+            elif (out_dir / name).exists():  # (overwrite) an earlier run's file this one does not make
+                os.remove(out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return meta
