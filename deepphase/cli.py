@@ -346,13 +346,13 @@ def _cmd_reconstruct(args) -> None:
             view, amplitudes = _flipped(view, amplitudes)
         rotation_figure = None  # what the DPC criterion saw, drawn once the image is written
         if args.rotation == "auto":
-            positions, scan_info, rotation_figure = _find_rotation(args, amplitudes, view, scan_info, positions)
+            positions, scan_info, rotation_figure = _find_rotation(args, amplitudes, view, scan_info, positions, model)
             if scan_info["rotation_found"]["flip_patterns"]:
                 view, amplitudes = _flipped(view, amplitudes)
             # (the cluster's workers and the --resume fingerprint read it there)
             args.flip_patterns = args.flip_patterns or scan_info["rotation_found"]["flip_patterns"]
         elif (raster := _raster_of(scan_info, positions)) is not None:
-            scan_info, rotation_figure = _check_rotation(amplitudes, scan_info, raster)
+            scan_info, rotation_figure = _check_rotation(amplitudes, scan_info, raster, model)
         scan_info["patterns_flipped"] = args.flip_patterns
         raster = _raster_of(scan_info, positions)  # (with the rotation found, after --rotation auto)
         if args.probe_check and raster is not None:
@@ -445,10 +445,25 @@ def _flipped(view, amplitudes):
     return None, FlippedView(amplitudes)
 
 
-def _find_rotation(args, amplitudes, view, scan_info: dict, positions):
+def _sense(amplitudes, model, raster: dict) -> dict:
+    """The scan's sense as the model's probe tells it, at ``raster``'s rotation and half a turn from it
+    (:func:`deepphase.data.aberrations.scan_sense`), or why it was not asked."""
+    from .data.aberrations import PROBE_CHECK_MIN_PX, scan_sense
+    from .errors import ShapeError, ValueRangeError
+
+    if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
+        return {"skipped": f"fewer than {PROBE_CHECK_MIN_PX} positions a side"}
+    try:
+        return scan_sense(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
+                          raster["rotation_deg"], raster["fastest"])
+    except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (the reconstruction names the frame), a coarse step
+        return {"skipped": str(exc)}
+
+
+def _find_rotation(args, amplitudes, view, scan_info: dict, positions, model):
     """``--rotation auto``: the scan rotation from the patterns (DPC curl criterion), then the positions; and the
     detector's handedness, unless --flip-patterns gave it (``amplitudes`` are then flipped already)."""
-    from .data.calibration import centre_of_mass_block, check_scan_rotation, find_scan_rotation
+    from .data.calibration import centre_of_mass_block, check_scan_rotation, find_scan_rotation, with_sense
     from .physics.scan import raster_positions
 
     raster = _raster_of(scan_info, positions)
@@ -459,6 +474,8 @@ def _find_rotation(args, amplitudes, view, scan_info: dict, positions):
     shape, fastest = tuple(scan_info["scan_shape"]), scan_info["fastest"]
     com, noise = centre_of_mass_block(amplitudes, shape, fastest)
     found = find_scan_rotation(com, handedness="as recorded" if args.flip_patterns else "auto", noise=noise)
+    found = with_sense(found, _sense(_flipped(view, amplitudes)[1] if found["flip_patterns"] else amplitudes,
+                                     model, {**scan_info, "rotation_deg": found["rotation_deg"]}))
     check_scan_rotation(found)
     positions = raster_positions(shape, scan_info["step_px"], found["rotation_deg"], fastest)
     if view is not None:
@@ -480,12 +497,13 @@ def _raster_of(scan_info: dict, positions) -> dict | None:
     return scan_info["raster_from_positions"]
 
 
-def _check_rotation(amplitudes, scan_info: dict, raster: dict):
+def _check_rotation(amplitudes, scan_info: dict, raster: dict, model):
     """The raster's rotation (the default 0° included) checked by the DPC curl criterion: a note when the data
-    clearly say otherwise (a mirrored detector, or an angle more than 20° away), which would make a poor image;
-    then also what the criterion saw, for rotation.png."""
+    clearly say otherwise (a mirrored detector, an angle more than 20° away, or half a turn, which the model's
+    probe is asked to confirm), which would make a poor image; then also what the criterion saw, for
+    rotation.png."""
     from .data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, centre_of_mass_block, \
-        find_scan_rotation, rotation_note
+        find_scan_rotation, on_the_given_axis, rotation_note, with_sense
 
     if min(raster["scan_shape"]) < ROTATION_CHECK_MIN_PX:
         return scan_info, None
@@ -495,6 +513,8 @@ def _check_rotation(amplitudes, scan_info: dict, raster: dict):
     if not (np.all(np.isfinite(com)) and np.all(np.isfinite(noise))):
         return scan_info, None  # NaN/Inf or empty patterns: the reconstruction names the frame
     found = find_scan_rotation(com, given_deg=given, noise=noise)
+    if on_the_given_axis(found, given):  # which way round: the probe's say-so, where it has one, not the skew's
+        found = with_sense(found, _sense(amplitudes, model, {**raster, "rotation_deg": found["rotation_deg"]}))
     note = rotation_note(found, given)
     if note:
         print(f"deepphase reconstruct: note: {note}", file=sys.stderr)

@@ -293,3 +293,52 @@ def test_init_from_a_model_made_before_the_linear_gate_starts_the_gate_at_zero(t
     assert main(["train", "--like", "neighbourhood", "--init-from", "neighbourhood", "--epochs", "1",
                  "--steps-per-epoch", "1", "--val-size", "8", "--out", str(tmp_path / "warm")]) == 0
     capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def blurred_scans(probe):
+    """Twisted hBN through a 1 px source, 32×32 positions given as 0°, scanned at 0° and at half a turn: the
+    divergence's skew points the wrong way on both (the honeycomb's first orders only survive the source)."""
+    scans = {}
+    for true in (0.0, 180.0):
+        positions = raster_positions((32, 32), STEP, true)
+        truth = twisted_hbn(required_object_shape(positions, 32), seed=0)
+        scans[true] = simulate_scan(truth, probe, positions, seed=0, source_size_px=1.0, progress=False).amplitude
+    return scans
+
+
+def test_the_probe_tells_which_way_round_a_scan_runs_where_the_specimen_s_contrast_cannot(probe, blurred_scans):
+    from deepphase.data.aberrations import scan_sense
+    from deepphase.data.calibration import scan_rotation_from_patterns
+
+    for true, amplitude in blurred_scans.items():
+        skew_found = scan_rotation_from_patterns(amplitude, (32, 32), "row", given_deg=0.0)["rotation_deg"]
+        assert abs(abs(skew_found - true) - 180.0) < 5.0  # the skew's sense is the wrong one
+        sense = scan_sense(amplitude, (32, 32), probe, STEP, 0.0, "row")
+        assert sense["decided"] and sense["half_turn"] == (true == 180.0), sense
+        assert abs(sense["rotation_deg"] - (0.0 if true == 0.0 else 180.0)) < 1e-9
+        assert max(sense["explained"]) > 1.5 * min(sense["explained"])
+    # An aberration-free probe is its own conjugate: half a turn is the negated phase, exactly; nothing tells it.
+    plain = probe_from_parameters(ProbeParameters(300, 25.0, 0, 0, 32, 0.2))
+    positions = raster_positions((24, 24), STEP)
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=1)
+    amplitude = simulate_scan(truth, plain, positions, seed=1, noise=False, progress=False).amplitude
+    sense = scan_sense(amplitude, (24, 24), plain, STEP, 0.0, "row")
+    assert not sense["decided"] and sense["explained"][0] == pytest.approx(sense["explained"][1], rel=0.05)
+
+
+def test_the_cli_takes_the_scan_s_sense_from_the_probe(blurred_scans, tmp_path, capsys):
+    for true, amplitude in blurred_scans.items():
+        np.save(tmp_path / f"scan{true:.0f}.npy", amplitude)
+        common = ["reconstruct", str(tmp_path / f"scan{true:.0f}.npy"), "--scan-shape", "32", "32", "--step", "0.87"]
+        assert main([*common, "--out", str(tmp_path / f"given{true:.0f}")]) == 0
+        err = capsys.readouterr().err
+        check = json.loads((tmp_path / f"given{true:.0f}" / "metadata.json").read_text())["rotation_check"]
+        assert check["sense"]["decided"]
+        if true == 0.0:  # the skew alone said half a turn (the bug this guards against): nothing to say
+            assert "half a turn" not in err and check["note"] is None
+        else:
+            assert "half a turn away" in err and "the probe's fit explains" in err
+        assert main([*common, "--rotation", "auto", "--out", str(tmp_path / f"auto{true:.0f}")]) == 0
+        found = json.loads((tmp_path / f"auto{true:.0f}" / "metadata.json").read_text())["rotation_found"]
+        assert abs((found["rotation_deg"] - true + 180.0) % 360.0 - 180.0) < 5.0, found

@@ -339,6 +339,38 @@ def test_existing_model_is_not_overwritten_unasked(probe, tmp_path):
         train(probe, tmp_path / "m", TrainConfig(**{**config.__dict__, "batch_size": 6}), resume=True, **quiet)
 
 
+@pytest.mark.parametrize("damage, expected", [
+    (lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:5000]),
+     "not a readable safetensors file"),
+    (lambda m: (m / "model.json").write_text("[1, 2, 3]"), "holds a JSON list; expected an object"),
+    (lambda m: (m / "model.json").write_text(
+        json.dumps({k: v for k, v in json.loads((m / "model.json").read_text()).items() if k != "geometry"})),
+     "has geometry None"),
+    (lambda m: (m / "probe.npy").write_bytes(b"\x93NUMPY garbage"), "not a readable .npy probe"),
+])
+def test_a_damaged_model_folder_is_refused_with_what_is_wrong(damage, expected, tmp_path):
+    import shutil
+
+    from deepphase.models.modelfile import packaged_model_path
+
+    shutil.copytree(packaged_model_path("seed-unet"), tmp_path / "m")
+    damage(tmp_path / "m")
+    with pytest.raises(DeepPhaseError, match=expected):
+        load_model(tmp_path / "m")
+
+
+def test_weights_of_another_architecture_are_named_in_a_few_words(tmp_path):
+    import shutil
+
+    from deepphase.models.modelfile import packaged_model_path
+
+    shutil.copytree(packaged_model_path("seed-unet"), tmp_path / "m")
+    shutil.copy(packaged_model_path("default") / "model.safetensors", tmp_path / "m" / "model.safetensors")
+    with pytest.raises(DeepPhaseError, match="do not fit architecture 'seed-unet'") as exc:
+        load_model(tmp_path / "m")
+    assert "more" in str(exc.value) and len(str(exc.value)) < 600
+
+
 def test_model_file_round_trip_and_mismatch(probe, tmp_path):
     config = TrainConfig(arch="unet-small", epochs=1, steps_per_epoch=2, batch_size=4, val_size=8, device="cpu")
     model, _ = train(probe, tmp_path / "m", config, probe_info={"sampling": 0.3}, progress=False, log=lambda *_: None)

@@ -1122,10 +1122,31 @@ SKEW_MIN = 0.1
 def rotation_is_clear(found: dict) -> bool:
     """Whether :func:`find_scan_rotation`'s angle can be trusted: a clear minimum of the curl (counting noise
     taken off), found again in each quarter of the scan (when it has quarters), and a divergence skewed enough
-    to tell its sense (``SKEW_MIN``)."""
-    return (found["curl_ratio"] <= CURL_RATIO_MAX and abs(found["divergence_skew"]) >= SKEW_MIN
+    to tell its sense (``SKEW_MIN``), unless the probe told it (:func:`with_sense`)."""
+    return (found["curl_ratio"] <= CURL_RATIO_MAX and (abs(found["divergence_skew"]) >= SKEW_MIN or _probe_decided(found))
             and all(_axis_difference(a, found["rotation_deg"]) <= QUARTERS_AGREE_DEG
                     for a in found.get("quarters", [])))
+
+
+def _probe_decided(found: dict) -> bool:
+    return bool((found.get("sense") or {}).get("decided"))
+
+
+def with_sense(found: dict, sense: dict) -> dict:
+    """:func:`find_scan_rotation`'s result with the scan's sense as the probe tells it
+    (:func:`deepphase.data.aberrations.sense_from_block` at ``found["rotation_deg"]``, or ``{"skipped": why}``):
+    ``sense`` added, and the angle turned by half a turn where the probe decided so. The probe outranks the
+    divergence's skew, which points the wrong way on a honeycomb seen through a finite source (RESULTS §39)."""
+    found = {**found, "sense": sense}
+    if sense.get("decided"):
+        found["rotation_deg"] = sense["rotation_deg"]
+    return found
+
+
+def on_the_given_axis(found: dict, rotation_deg: float) -> bool:
+    """Whether ``found`` agrees with ``rotation_deg`` but for the sense (half a turn), which only
+    :func:`with_sense` then settles."""
+    return not found["flip_patterns"] and _axis_difference(found["rotation_deg"], rotation_deg) <= ROTATION_NOTE_DEG
 
 
 def _axis_difference(a: float, b: float) -> float:
@@ -1145,8 +1166,9 @@ def check_scan_rotation(found: dict) -> None:
     if any(_axis_difference(a, found["rotation_deg"]) > QUARTERS_AGREE_DEG for a in found.get("quarters", [])):
         why.append("the scan's quarters find " + ", ".join(f"{a:.0f}°" for a in found["quarters"])
                    + f" against {found['rotation_deg']:.0f}° for the whole")
-    if abs(found["divergence_skew"]) < SKEW_MIN:
-        why.append(f"the divergence's skew {found['divergence_skew']:.2f} leaves the sense (±180°) unsure")
+    if abs(found["divergence_skew"]) < SKEW_MIN and not _probe_decided(found):
+        why.append(f"the divergence's skew {found['divergence_skew']:.2f} leaves the sense (±180°) unsure"
+                   + (", and so does the probe" if "sense" in found else ""))
     noisy = (found.get("noise_floor") or 0.0) > 0.5
     raise ValueRangeError(
         f"rotation: the DPC curl criterion found no clear minimum ({'; '.join(why)})"
@@ -1170,10 +1192,10 @@ def rotation_note(found: dict, rotation_deg: float) -> str | None:
     ``found`` is :func:`find_scan_rotation`'s result with ``given_deg=rotation_deg``. Said only when the
     criterion is clear (:func:`rotation_is_clear`) and finds a mirror, an axis more than
     ``ROTATION_NOTE_DEG`` away, or the same axis turned by half a turn: a scan where the criterion is unsure
-    stays quiet. Half a turn has the same curl; the divergence's skew tells it (atoms raise the phase, so
-    ∇·CoM ∝ ∇²φ is sharply negative on them; clear only when at least ``SKEW_MIN`` in size). Half a turn
-    inverts the patterns (k → −k) and with them the phase's sign: correlation −0.89 with the truth on a
-    simulated scan.
+    stays quiet. Half a turn has the same curl; the probe tells it where ``found`` has its ``sense``
+    (:func:`with_sense`), else the divergence's skew (atoms raise the phase, so ∇·CoM ∝ ∇²φ is sharply negative on
+    them; clear only when at least ``SKEW_MIN`` in size). Half a turn inverts the patterns (k → −k) and with them
+    the phase's sign: correlation −0.89 with the truth on a simulated scan.
     """
     if not rotation_is_clear(found):
         return None
@@ -1184,8 +1206,12 @@ def rotation_note(found: dict, rotation_deg: float) -> str | None:
         return None
     what = (" with the patterns mirrored against the given setting (--flip-patterns)" if found["flip_patterns"]
             else "")
+    sense = found.get("sense") or {}
+    told = (f"the probe's fit explains {max(sense['explained']):.2f} of the scan's spectrum there against "
+            f"{min(sense['explained']):.2f} as given" if sense.get("decided")
+            else f"divergence skew {found['divergence_skew']:.2f}")
     why = ("half a turn away: the patterns are inverted, k → −k, and the phase comes out with its sign flipped; "
-           f"divergence skew {found['divergence_skew']:.2f}" if turned and not found["flip_patterns"]
+           + told if turned and not found["flip_patterns"]
            else f"curl ratio {found['curl_ratio']:.2f} against {found['curl_ratio_given']:.2f}")
     return (f"the DPC curl criterion finds the scan rotated {found['rotation_deg']:.1f}° against the detector"
             f"{what}, not {given:g}° as given ({why}), which costs image quality; --rotation auto uses what it "

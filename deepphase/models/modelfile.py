@@ -181,25 +181,58 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
         )
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputFileError(f"model: {str(meta_path)!r} is not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict):
+        raise InputFileError(f"model: {str(meta_path)!r} holds a JSON {type(meta).__name__}; expected an object")
     if meta.get("format") != FORMAT:
         raise InputFileError(f"model: {str(meta_path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    for key, kind in (("arch", str), ("geometry", dict), ("arch_config", dict)):
+        if not isinstance(meta.get(key, {} if key == "arch_config" else None), kind):
+            raise InputFileError(f"model: {str(meta_path)!r} has {key} {meta.get(key)!r}; expected a JSON "
+                                 f"{'string' if kind is str else 'object'} (the file was edited or cut short)")
     for name in ("model.safetensors", meta.get("probe_file", "probe.npy")):
         if not (folder / name).exists():
             raise InputFileError(f"model: {str(folder)!r} lacks {name}")
-    network = create_model(meta["arch"], **meta.get("arch_config", {}))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    try:
+        network = create_model(meta["arch"], **meta.get("arch_config", {}))
+        geometry = Geometry(**meta["geometry"])
+    except TypeError as exc:  # an entry the architecture or the geometry does not take
+        raise InputFileError(f"model: {str(meta_path)!r} does not describe a network we build ({exc})") from exc
+    try:
+        weights = load_file(str(folder / "model.safetensors"))
+    except Exception as exc:  # safetensors' own error type for a truncated or foreign file
+        raise InputFileError(f"model: {str(folder / 'model.safetensors')!r} is not a readable safetensors file "
+                             f"({exc}); the model folder is damaged: copy or train it again") from exc
+    state = {k: v.float() if v.is_floating_point() else v for k, v in weights.items()}
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:
-        raise InputFileError(f"model: weights in {str(folder)!r} do not fit architecture {meta['arch']!r} ({exc})") from exc
+        missing, unexpected = _state_difference(network.state_dict(), state)
+        raise InputFileError(f"model: weights in {str(folder)!r} do not fit architecture {meta['arch']!r} "
+                             f"({missing}; {unexpected})") from exc
     _check_neighbourhood(meta, meta_path)
-    probe = np.load(folder / meta.get("probe_file", "probe.npy"), allow_pickle=False)
+    try:
+        probe = np.load(folder / meta.get("probe_file", "probe.npy"), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputFileError(f"model: {str(folder / meta.get('probe_file', 'probe.npy'))!r} is not a readable .npy "
+                             f"probe ({exc})") from exc
     info = {k: v for k, v in meta.items() if k not in ("format", "arch", "arch_config", "geometry", "probe_file")}
     network.to(device).eval()
-    return PhaseModel(network, meta["arch"], meta.get("arch_config", {}), probe, Geometry(**meta["geometry"]), info,
-                      folder=folder)
+    return PhaseModel(network, meta["arch"], meta.get("arch_config", {}), probe, geometry, info, folder=folder)
+
+
+def _state_difference(expected: dict, given: dict) -> tuple[str, str]:
+    """What a weights file lacks and what it has besides, a few names each (the full lists run to kilobytes)."""
+
+    def few(names, what):
+        names = sorted(names)
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return f"{len(names)} {what}" + (f": {shown}" if names else "")
+
+    mismatched = [k for k in expected.keys() & given.keys() if tuple(expected[k].shape) != tuple(given[k].shape)]
+    return (few(expected.keys() - given.keys(), "missing"),
+            few(list(given.keys() - expected.keys()) + mismatched, "unexpected or of another shape"))
 
 
 def _check_neighbourhood(meta: dict, meta_path: Path) -> None:

@@ -472,20 +472,45 @@ def check_probe(ctx, dataset, model, step_px, rotation_deg: float = 0.0, fastest
     frames read and prepared as :class:`PhaseUDF` prepares them. Returns
     :func:`~deepphase.data.aberrations.probe_check_report` (its ``note`` None when the probes agree, or held back
     when ``rotation_note``, the rotation check's, contradicts the geometry)."""
-    from ..data.aberrations import PROBE_CHECK_BLOCK, probe_check_report, probe_mismatch_from_block
+    from ..data.aberrations import probe_check_report, probe_mismatch_from_block
 
     phase_model = model if hasattr(model, "probe") else _load(model)
-    nav = tuple(dataset.shape.nav)
-    roi, (br, bc) = _central_roi(nav, PROBE_CHECK_BLOCK)
-    udf = _BlockUDF(kind, _calibration_param(calibration), step_px, fastest, bool(flip_patterns), bool(reverse_rows),
-                    float(rotation_deg), phase_model.geometry.n_px)
-    amplitude = np.asarray(ctx.run_udf(dataset=dataset, udf=udf, roi=roi)["amplitude"].raw_data, dtype=np.float64)
-    counts = np.square(amplitude).reshape(br, bc, *amplitude.shape[-2:])
-    if fastest == "row":  # the navigation axes are (scan column, scan row)
-        counts = counts.transpose(1, 0, 2, 3)
+    counts = _central_counts(ctx, dataset, phase_model.geometry.n_px, step_px, rotation_deg, fastest, kind,
+                             calibration, flip_patterns, reverse_rows)
     found = probe_mismatch_from_block(counts, phase_model.probe, step_px, rotation_deg, fastest)
     return probe_check_report(found, phase_model, calibration.info if calibration is not None else None, semi_angle,
                               energy_kev, rotation_note)
+
+
+def _central_counts(ctx, dataset, n_px: int, step_px, rotation_deg, fastest, kind, calibration, flip_patterns,
+                    reverse_rows) -> np.ndarray:
+    """The counts of the central positions, prepared as :class:`PhaseUDF` prepares them, on the scan grid:
+    (rows, cols, n, n), as :func:`deepphase.data.aberrations.probe_mismatch_from_block` reads them."""
+    from ..data.aberrations import PROBE_CHECK_BLOCK
+
+    roi, (br, bc) = _central_roi(tuple(dataset.shape.nav), PROBE_CHECK_BLOCK)
+    udf = _BlockUDF(kind, _calibration_param(calibration), step_px, fastest, bool(flip_patterns), bool(reverse_rows),
+                    float(rotation_deg), n_px)
+    amplitude = np.asarray(ctx.run_udf(dataset=dataset, udf=udf, roi=roi)["amplitude"].raw_data, dtype=np.float64)
+    counts = np.square(amplitude).reshape(br, bc, *amplitude.shape[-2:])
+    return counts.transpose(1, 0, 2, 3) if fastest == "row" else counts  # (navigation axes: scan column, scan row)
+
+
+def check_sense(ctx, dataset, model, step_px, rotation_deg: float, fastest: str = "col", kind: str = "counts",
+                calibration=None, flip_patterns: bool = False, reverse_rows: bool = False) -> dict:
+    """The scan's sense as the model's probe tells it (:func:`deepphase.data.aberrations.sense_from_block`) on the
+    central positions of a raster in a LiberTEM dataset, read as :func:`check_probe` reads them; or why not."""
+    from ..data.aberrations import PROBE_CHECK_MIN_PX, sense_from_block
+
+    phase_model = model if hasattr(model, "probe") else _load(model)
+    if min(tuple(dataset.shape.nav)) < PROBE_CHECK_MIN_PX:
+        return {"skipped": f"fewer than {PROBE_CHECK_MIN_PX} positions a side"}
+    try:
+        counts = _central_counts(ctx, dataset, phase_model.geometry.n_px, step_px, rotation_deg, fastest, kind,
+                                 calibration, flip_patterns, reverse_rows)
+        return sense_from_block(counts, phase_model.probe, step_px, rotation_deg, fastest)
+    except (ValueRangeError, ShapeError) as exc:
+        return {"skipped": str(exc)}
 
 
 def find_rotation(ctx, dataset, step_px, fastest: str = "col", kind: str = "counts", calibration=None,
@@ -732,7 +757,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
 
     from ..data.aberrations import PROBE_CHECK_MIN_PX, told_to_probe_aware
     from ..data.calibration import (ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, check_scan_rotation,
-                                    plot_scan_rotation, rotation_note)
+                                    on_the_given_axis, plot_scan_rotation, rotation_note, with_sense)
     from ..data.io import infer_kind
     from ..models.modelfile import load_model
 
@@ -775,6 +800,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         if auto_rotation:  # the descan (if calibrated) is removed first, as the pipeline does
             found, figure = _dpc_rotation(ctx, dataset, step_px, fastest, kind, view, 128,
                                           "auto" if flip_patterns is None else "as recorded", flip, reverse_rows)
+            found = with_sense(found, check_sense(ctx, dataset, phase_model, step_px, found["rotation_deg"], fastest,
+                                                  kind, view, found["flip_patterns"], reverse_rows))
             check_scan_rotation(found)
             rotation_deg, flip = found["rotation_deg"], found["flip_patterns"]
             if view is not None:  # the descan plane, fitted at rotation 0, in the rotated positions
@@ -782,6 +809,10 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         elif positions is None and len(nav) == 2 and min(nav) >= ROTATION_CHECK_MIN_PX:  # a given rotation, checked
             check, figure = _dpc_rotation(ctx, dataset, step_px, fastest, kind, view, ROTATION_CHECK_BLOCK, "auto",
                                           flip, reverse_rows, rotation_deg, given_deg=rotation_deg)
+            if on_the_given_axis(figure["found"], rotation_deg):  # which way round: the probe's say-so, not the skew's
+                sense = check_sense(ctx, dataset, phase_model, step_px, figure["found"]["rotation_deg"], fastest, kind,
+                                    view, flip, reverse_rows)
+                check, figure["found"] = with_sense(check, sense), with_sense(figure["found"], sense)
             check["note"] = rotation_note(figure["found"], rotation_deg)  # (its flip relative to the given one)
             figure = figure if check["note"] else None
         probe = None
