@@ -216,6 +216,10 @@ def _cmd_simulate(args) -> None:
     if args.rotation == "auto":
         raise DeepPhaseError("rotation: 'auto' is for reconstruct (it is found from the data); give an angle in degrees")
     positions, scan_info = _positions_from_args(args, None)
+    from .physics.geometry import Geometry
+    from .physics.scan import check_spacing
+
+    check_spacing(positions, Geometry(n_px=probe.shape[0]))
     dose = args.dose
     if args.dose_per_area is not None:
         if args.sampling is None:
@@ -226,6 +230,8 @@ def _cmd_simulate(args) -> None:
         if step_px is None:
             raise DeepPhaseError("dose-per-area: needs a raster step (--step)")
         dose = dose_per_pattern(args.dose_per_area, step_px * args.sampling)
+    if args.object is None and args.phase_max is not None:
+        raise DeepPhaseError("phase-max: scales an --object; the built-in specimens have their own phase")
     if args.object is not None:
         truth = load_phase_image(args.object, args.phase_max)
         source = str(args.object)
@@ -246,9 +252,10 @@ def _cmd_simulate(args) -> None:
 
 
 def _cmd_reconstruct(args) -> None:
-    from .data.io import AmplitudeView, infer_kind, load_scan
+    from .data.io import AmplitudeView, infer_kind, load_scan, looks_like_amplitudes
     from .evaluation.metrics import correlation
-    from .models.modelfile import load_model
+    from .models.modelfile import check_compatible, load_model
+    from .physics.scan import check_spacing
     from .physics.scan import raster_positions
     from .reconstruction.pipeline import (check_output_folder, read_checkpoint, reconstruct, with_source_divided_out,
                                           write_outputs)
@@ -296,6 +303,13 @@ def _cmd_reconstruct(args) -> None:
         pattern = tuple(data.frames.shape[1:])
         calibrating = args.calibration == "on" or (
             args.calibration == "auto" and pattern != (n, n) and min(pattern) >= n)
+        if not calibrating:
+            check_compatible(model, pattern)
+        if data.scan_shape is not None and args.scan_shape is not None and \
+                tuple(args.scan_shape) != tuple(data.scan_shape):
+            raise DeepPhaseError(f"scan-shape: {args.scan_shape[0]}×{args.scan_shape[1]} given, but {args.data} holds "
+                                 f"a {data.scan_shape[0]}×{data.scan_shape[1]} scan; drop --scan-shape (the data's own "
+                                 "shape is used) or reshape the data")
         default_fastest = "col" if data.scan_shape is not None else "row"
         positions, scan_info = _positions_from_args(args, n_frames, data.scan_shape, default_fastest)
         if positions is None and data.positions is not None:
@@ -306,6 +320,9 @@ def _cmd_reconstruct(args) -> None:
         step_from_file = (calibrating and shape is not None and args.step is None
                           and isinstance(data.info.get("scan_step_angstrom"), float))
         if positions is None and not step_from_file:
+            if args.scan_shape is not None:
+                raise DeepPhaseError("step: --scan-shape needs the raster's step as well (--step S, in real-space "
+                                     "pixels of the model's grid)")
             raise DeepPhaseError(
                 "positions: the data holds none; give --positions POS.npy or --scan-shape ROWS COLS --step S"
                 + (" (the scan shape is known from the data: --step S is enough)" if data.scan_shape else "")
@@ -313,8 +330,8 @@ def _cmd_reconstruct(args) -> None:
         if calibrating:
             from .data.calibration import calibrate
 
-            if kind is None:
-                kind = "counts"  # detector patterns are intensities unless --input amplitude says otherwise
+            if kind is None:  # detector patterns are intensities, unless they are plainly square roots of counts
+                kind = "amplitude" if looks_like_amplitudes(data.frames) else "counts"
             coords = positions if positions is not None else (
                 raster_positions(tuple(shape), 1.0, 0.0 if args.rotation == "auto" else args.rotation,
                                  args.fastest or default_fastest)
@@ -337,6 +354,10 @@ def _cmd_reconstruct(args) -> None:
                 "without the real-space pixel size; give --step S, or --energy KEV with --semi-angle MRAD or "
                 "--mrad-per-px X"
             )
+        check_spacing(positions, model.geometry)  # before the rotation and probe checks read the patterns
+        if args.input == "counts" and looks_like_amplitudes(data.frames):
+            notes.append("the patterns look like amplitudes (not whole numbers, their squares are), yet --input counts "
+                         "reads them as counts; check it (--input amplitude, or leave --input to find it)")
         if view is not None and coords is not None and coords is not positions:
             view.use_coords(positions)  # the descan plane, fitted in scan indices, in position units
         if kind is None:
@@ -952,7 +973,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .data.specimens import BUILTIN_SPECIMENS
 
     src.add_argument("--specimen", default="twisted-hbn", choices=BUILTIN_SPECIMENS, help="built-in specimen")
-    p.add_argument("--phase-max", type=_finite, default=1.0, help="phase of the brightest pixel of an image file (rad)")
+    p.add_argument("--phase-max", type=_finite,
+                   help="phase of the brightest pixel (rad): scales an image file to 0..MAX (default 1), or a .npy "
+                        "(default: its radians as they are)")
     _add_probe_arguments(p)
     _add_scan_arguments(p, required=False)
     p.add_argument("--dose", type=_positive, help="electrons per pattern (default: the probe's own scale, 27,882 for "

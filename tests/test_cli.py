@@ -95,6 +95,16 @@ def bad_inputs(folder, tmp_path):
     np.save(tmp_path / "flat.npy", amp[0])
     np.save(tmp_path / "pos_short.npy", np.zeros((5, 2)))
     (tmp_path / "garbage.npy").write_bytes(b"not an npy file")
+    np.save(tmp_path / "nonsquare.npy", amp[:, :, :30])
+    np.save(tmp_path / "zeros.npy", np.zeros_like(amp))
+    np.save(tmp_path / "grid.npy", amp.reshape(12, 12, 32, 32))
+    positions = np.load(folder / "positions.npy")
+    for name, scaled in (("in_metres", positions * 2e-11), ("one_point", np.zeros_like(positions)),
+                         ("far_apart", positions * 100)):
+        np.save(tmp_path / f"{name}.npy", scaled)
+    with h5py.File(tmp_path / "groups.h5", "w") as f:
+        f["scan/frames"] = amp
+        f["scan/other"] = amp[:3]
     pos = ["--positions", folder / "positions.npy"]
     return {
         "missing file": (["reconstruct", tmp_path / "nope.npy", *pos], "does not exist"),
@@ -111,12 +121,28 @@ def bad_inputs(folder, tmp_path):
         "no positions": (["reconstruct", folder / "amplitude.npy"], "--positions"),
         "missing model": (["reconstruct", folder / "amplitude.npy", *pos, "--model", tmp_path / "nomodel"], "not a folder"),
         "negative source size": (["reconstruct", folder / "amplitude.npy", *pos, "--source-size", -1], "source-size"),
+        "non-square patterns": (["reconstruct", tmp_path / "nonsquare.npy", *pos], "32×30"),
+        "all-zero patterns": (["reconstruct", tmp_path / "zeros.npy", *pos], "hold no counts"),
+        "scan shape against the array's": (["reconstruct", tmp_path / "grid.npy", "--scan-shape", 6, 24, "--step", 0.87],
+                                           "holds a 12×12 scan"),
+        "scan shape without a step": (["reconstruct", folder / "amplitude.npy", "--scan-shape", 12, 12], "--step S"),
+        "positions in metres": (["reconstruct", folder / "amplitude.npy", "--positions", tmp_path / "in_metres.npy"],
+                                "Å, nm or metres"),
+        "positions at one point": (["reconstruct", folder / "amplitude.npy", "--positions", tmp_path / "one_point.npy"],
+                                   "the same point"),
+        "positions far apart": (["reconstruct", folder / "amplitude.npy", "--positions", tmp_path / "far_apart.npy"],
+                                "no two patches overlap"),
+        "an HDF5 group that is not EMD": (["reconstruct", tmp_path / "groups.h5", "--dataset", "/scan", *pos],
+                                          "'/scan/frames'"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing file", "unreadable file", "NaN values", "negative values", "complex dtype",
                                   "wrong pattern size", "2-D data", "positions do not match",
-                                  "scan shape does not match", "no positions", "missing model", "negative source size"])
+                                  "scan shape does not match", "no positions", "missing model", "negative source size",
+                                  "non-square patterns", "all-zero patterns", "scan shape against the array's",
+                                  "scan shape without a step", "positions in metres", "positions at one point",
+                                  "positions far apart", "an HDF5 group that is not EMD"])
 def test_bad_input_gives_one_clear_line_and_no_output(case, tiny_scan, tmp_path, capsys):
     folder, _ = tiny_scan
     args, expected = bad_inputs(folder, tmp_path)[case]
@@ -125,6 +151,22 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, tiny_scan, tmp_path,
     assert expected in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_simulate_keeps_a_npy_object_s_radians_and_scales_an_image_file(tmp_path, capsys):
+    from skimage.io import imsave
+
+    phase = np.random.default_rng(0).uniform(-2.0, 3.0, (60, 60))
+    np.save(tmp_path / "object.npy", phase)
+    imsave(tmp_path / "object.png", (np.linspace(0, 255, 60 * 60).reshape(60, 60)).astype(np.uint8))
+    for source, options, span in (("object.npy", [], (-2.0, 3.0)), ("object.npy", ["--phase-max", 0.5], (0.0, 0.5)),
+                                  ("object.png", [], (0.0, 1.0))):
+        assert run(["simulate", "--object", tmp_path / source, *options, "--scan-shape", 8, 8, "--out",
+                    tmp_path / "s.npz", "--overwrite"], capsys)[0] == 0
+        truth = np.load(tmp_path / "s.npz")["truth"]
+        assert (truth.min(), truth.max()) == pytest.approx(span, abs=0.01), source
+    code, _, err = run(["simulate", "--phase-max", 2, "--scan-shape", 8, 8, "--out", tmp_path / "b.npz"], capsys)
+    assert code == 2 and "built-in specimens have their own phase" in err
 
 
 def test_an_overwrite_leaves_no_file_of_the_earlier_run_it_did_not_remake(tiny_scan, tmp_path, capsys):

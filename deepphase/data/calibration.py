@@ -1093,16 +1093,19 @@ def _best_rotation(com: np.ndarray, step_deg: float, noise: np.ndarray) -> dict:
         along_rows, along_cols = _scan_axes_field(com, [angle])
         div = (np.gradient(along_rows[0], axis=0) + np.gradient(along_cols[0], axis=1))[1:-1, 1:-1].ravel()
         div = div - div.mean()
-        skews.append(float(np.mean(div**3) / max(np.mean(div**2), 1e-300) ** 1.5))
+        spread = float(np.mean(div**2))
+        skews.append(float(np.mean(div**3) / spread**1.5) if spread > 1e-200 else 0.0)
     if skews[1] < skews[0]:
         best += 180.0
     best = (best + 180.0) % 360.0 - 180.0
     if best == -180.0:
         best = 180.0
     median = float(np.median(costs))
-    return {"rotation_deg": round(best, 2),
-            "curl_ratio": float((np.min(costs) - floor) / max(median - floor, 1e-300)),
-            "noise_floor": float(floor / median) if np.any(noise) else None, "divergence_skew": min(skews)}
+    # A centre of mass that does not move (identical patterns) has no curl at any angle: no minimum, ratio 1.
+    ratio = float((np.min(costs) - floor) / (median - floor)) if median - floor > 1e-300 else 1.0
+    return {"rotation_deg": round(best, 2), "curl_ratio": ratio,
+            "noise_floor": float(floor / median) if np.any(noise) and median > 0 else None,
+            "divergence_skew": min(skews)}
 
 
 #: At or below this curl ratio (counting noise taken off) the criterion's minimum is clear (measured: 0.01-0.07

@@ -211,6 +211,11 @@ def _load_hdf5(path: Path, dataset: str | None) -> ScanData:
         if dataset is None and len(emd) == 1:
             return _load_emd_group(handle, emd[0], path)
         if dataset is not None and dataset in handle and isinstance(handle[dataset], h5py.Group):
+            if not isinstance(handle[dataset].get("data"), h5py.Dataset):
+                inside = [name for name, obj in handle[dataset].items() if isinstance(obj, h5py.Dataset)]
+                raise InputFileError(
+                    f"data: {dataset!r} in {str(path)!r} is a group without a 'data' array (not an EMD data group); "
+                    f"name a dataset with --dataset, e.g. {', '.join(repr(f'{dataset.rstrip(chr(47))}/{n}') for n in inside) or 'one inside it'}")
             return _load_emd_group(handle, dataset, path)
         if dataset is None:
             found = []
@@ -544,6 +549,22 @@ def infer_kind(frames, sample: int = 256) -> str:
         "data: cannot tell whether the patterns are counts or amplitudes (values are neither integers nor square "
         "roots of integers); pass --input counts or --input amplitude"
     )
+
+
+def looks_like_amplitudes(frames, sample: int = 16) -> bool:
+    """Whether patterns are plainly square roots of whole counts: not whole numbers themselves, but their squares
+    are (a few patterns read). Detector data (integers, or gain-corrected floats) are not; neither is anything
+    that cannot be read as numbers."""
+    try:
+        check_dtype(frames)
+    except ShapeError:
+        return False
+    idx = np.unique(np.linspace(0, len(frames) - 1, min(sample, len(frames))).astype(int))
+    block = np.concatenate([np.asarray(frames[int(i) : int(i) + 1], dtype=np.float64) for i in idx])
+    if not np.all(np.isfinite(block)) or block.min() < 0 or np.all(block == np.round(block)):
+        return False
+    squared = block**2
+    return bool(np.all(np.abs(squared - np.round(squared)) < 1e-3 * np.maximum(1, squared)))
 
 
 def check_patterns(batch: np.ndarray, first_index: int, what: str = "data") -> None:

@@ -86,7 +86,11 @@ def load_phase_image(path: str | Path, phase_max: float | None = None) -> np.nda
     if not path.exists():
         raise InputFileError(f"object: file {str(path)!r} does not exist")
     if path.suffix == ".npy":
-        image = np.load(path, allow_pickle=False)
+        try:
+            image = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise InputFileError(f"object: could not read {str(path)!r} as a .npy array (cut short, or not "
+                                 f"a .npy file: {exc})") from exc
     else:
         try:
             import skimage.io

@@ -257,7 +257,8 @@ def check_compatible(model: PhaseModel, pattern_shape: tuple[int, int], sampling
     if tuple(pattern_shape) != (n, n):
         raise ModelMismatchError(
             f"model: made for {n}×{n} diffraction patterns, but the data has "
-            f"{pattern_shape[0]}×{pattern_shape[1]}; resample the data or train a model for this grid"
+            f"{pattern_shape[0]}×{pattern_shape[1]}; resample the data (reconstruct --calibrate finds the "
+            "bright-field disk and resamples detector patterns onto the model's grid) or train a model for this grid"
         )
     model_sampling = model.info.get("sampling")
     if sampling is not None and model_sampling is not None and abs(sampling - model_sampling) > rtol * model_sampling:

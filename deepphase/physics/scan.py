@@ -81,6 +81,41 @@ def validate_positions(positions, n_frames: int) -> np.ndarray:
     return positions.astype(np.float64)
 
 
+#: Neighbouring positions closer than this (pixels) are not a scan in pixels: positions in Å, nm or metres.
+MIN_SPACING_PX = 0.05
+
+
+def neighbour_spacing(positions: np.ndarray, sample: int = 4096) -> float:
+    """The median distance (pixels) from a position to its nearest neighbour, over up to ``sample`` positions."""
+    from scipy.spatial import cKDTree
+
+    positions = np.asarray(positions, dtype=np.float64)
+    if len(positions) < 2:
+        return float("inf")
+    which = np.unique(np.linspace(0, len(positions) - 1, min(len(positions), sample)).round().astype(np.int64))
+    distances, _ = cKDTree(positions).query(positions[which], k=2)
+    return float(np.median(distances[:, 1]))
+
+
+def check_spacing(positions: np.ndarray, geometry) -> None:
+    """Refuse positions that cannot be a scan in the model grid's pixels: all at one place, neighbours a tiny
+    fraction of a pixel apart (positions in Å, nm or metres), or so far apart that no two predicted windows
+    (``geometry.crop_px`` pixels) overlap, which leaves the stitcher nothing to relate the patches by."""
+    if len(positions) < 2:
+        return
+    if np.ptp(positions, axis=0).max() == 0:
+        raise ValueRangeError(f"positions: all {len(positions)} positions are the same point; expected a scan")
+    spacing = neighbour_spacing(positions)
+    where = "expected positions in real-space pixels of the model's grid (the reference scan's step is 0.87 px)"
+    if spacing < MIN_SPACING_PX:
+        raise ValueRangeError(f"positions: neighbouring positions are {spacing:.3g} px apart (median); {where}: were "
+                              "they given in Å, nm or metres? Divide by the pixel size")
+    if spacing >= geometry.crop_px:
+        raise ValueRangeError(f"positions: neighbouring positions are {spacing:.3g} px apart (median), farther than "
+                              f"the {geometry.crop_px} px each pattern's phase is predicted over, so no two patches "
+                              f"overlap and they cannot be stitched; {where}")
+
+
 def raster_from_positions(positions, tolerance_px: float = 1e-3) -> dict | None:
     """The raster behind a list of scan positions, if they are one: the parameters of :func:`raster_positions`.
 

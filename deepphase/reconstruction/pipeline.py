@@ -16,12 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data.io import check_patterns
+from ..data.io import check_dtype, check_patterns
 from ..errors import OutputExistsError, ShapeError, ValueRangeError
 from ..io_utils import atomic_path, save_json, save_npy, save_png
 from ..models.modelfile import PhaseModel, check_compatible, load_model
 from ..physics.geometry import output_mask
-from ..physics.scan import validate_positions
+from ..physics.scan import check_spacing, validate_positions
 from ..runtime import resolve_device
 from .deblur import deblur_blend, deconvolve_source, electrons_per_pattern, resolve_deblur, source_regularisation
 from .predict import check_sigma_head, predict_patches
@@ -321,15 +321,24 @@ def reconstruct(
     if sigma_head:
         check_sigma_head(model)
     members = [m if isinstance(m, PhaseModel) else load_model(m) for m in ensemble]
+    if isinstance(amplitudes, (list, tuple)):
+        amplitudes = np.asarray(amplitudes)
     shape = getattr(amplitudes, "shape", None)
     if shape is None or len(shape) != 3:
-        raise ShapeError(f"amplitudes: expected an array of shape (N, k, k), got shape {shape}")
+        raise ShapeError(f"amplitudes: expected an array of shape (N, k, k), got "
+                         f"{'shape ' + str(shape) if shape is not None else type(amplitudes).__name__}")
+    if shape[0] == 0:
+        raise ShapeError("amplitudes: no diffraction patterns (N = 0)")
+    if getattr(amplitudes, "dtype", None) is not None:
+        check_dtype(amplitudes)
     for m in [model, *members]:
         check_compatible(m, tuple(shape[1:]), sampling)
+    for m in members:
         if m.geometry != model.geometry or not np.array_equal(m.probe, model.probe):
-            raise ValueRangeError(f"ensemble: model {m.name!r} was made for another probe or geometry than "
-                                  f"{model.name!r}; an ensemble needs the same ones")
+            raise ValueRangeError(f"ensemble: model {str(m.folder or m.name)!r} was made for another probe or "
+                                  f"geometry than {str(model.folder or model.name)!r}; an ensemble needs the same ones")
     positions = validate_positions(positions, shape[0])
+    check_spacing(positions, model.geometry)
     n, chunk_size = int(shape[0]), int(chunk_size)
     dose_info = dose_settings(deblur, stitching, amplitudes, model)
     if engine == "onnx" and precision not in ("auto", "float32"):
@@ -505,6 +514,9 @@ def dose_settings(deblur, stitching: str, amplitudes, model: PhaseModel) -> dict
     ``deblur_reason``, and ``dose_note`` when the dose lies outside what the model was trained on.
     """
     dose = electrons_per_pattern(amplitudes)
+    if dose == 0:
+        raise ValueRangeError("data: the patterns read hold no counts (zero everywhere); expected diffraction "
+                              "patterns")
     if stitching in DEBLURRED_STITCHERS:
         on, why = resolve_deblur(deblur, dose)
     else:
