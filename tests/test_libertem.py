@@ -336,6 +336,17 @@ def test_a_merlin_file_is_read_with_its_rows_as_the_pipeline_reads_them(counts, 
         assert meta["data_info"]["navigation_shape"] == list(NAV) and meta["patterns_flipped"] is False
         np.testing.assert_allclose(np.load(out["libertem"] / "phase.npy"), np.load(out["pipeline"] / "phase.npy"),
                                    rtol=0, atol=1e-5, err_msg=f"{name}, rotation {rotation}")
+    # The README's Python recipe (its .hdr opened; calibrate_dataset and PhaseUDF with their defaults) makes the
+    # pipeline's image: the calibration tells PhaseUDF that LiberTEM reads this file's rows the other way round.
+    assert main(["reconstruct", str(cases["detector.mib"]), "--step", str(STEP), "--engine", "eager",
+                 "--out", str(tmp_path / "at-zero")]) == 0
+    with lt.Context.make_with("inline") as inline:
+        ds = inline.load("auto", path=str(tmp_path / "detector.hdr"))
+        calibration = calibrate_dataset(inline, ds, step_px=STEP)
+        assert calibration.info["rows_reversed"]
+        udf = PhaseUDF(step_px=STEP, calibration=calibration, engine="eager")
+        rec = to_reconstruction(udf, inline.run_udf(dataset=ds, udf=udf))
+    np.testing.assert_allclose(rec.phase, np.load(tmp_path / "at-zero" / "phase.npy"), rtol=0, atol=1e-4)
     # Without its .hdr LiberTEM needs the scan shape: one line that says so (it raised a ValueError through).
     (tmp_path / "detector.hdr").unlink()
     capsys.readouterr()

@@ -177,8 +177,9 @@ class PhaseUDF(UDF):
         needed.
     reverse_rows : reverse the rows of the frames as LiberTEM reads them, before anything else: LiberTEM reads
         a Merlin .mib's rows in the opposite order to rosettasciio (``deepphase reconstruct``'s reader), and
-        :func:`reconstruct_file` sets this for one, so both make the same image. (A plain reversal of the
-        file's layout; ``flip_patterns`` is the physics.)
+        :func:`reconstruct_file` sets this for one, so both make the same image. Default: as the calibration
+        found its dataset (:func:`calibrate_dataset` records :func:`rows_reversed`), else False. (A plain
+        reversal of the file's layout; ``flip_patterns`` is the physics.)
     batch_size : patterns per forward pass.
     engine, precision : as for :func:`~deepphase.reconstruction.pipeline.reconstruct` (engine "auto": on a CPU
         worker channels-last, or ONNX Runtime for scans of ≥ 16,384 patterns; eager on a GPU).
@@ -206,7 +207,7 @@ class PhaseUDF(UDF):
     """
 
     def __init__(self, model=None, step_px=None, positions=None, rotation_deg: float = 0.0, fastest: str = "col",
-                 kind: str = "counts", calibration=None, flip_patterns: bool = False, reverse_rows: bool = False,
+                 kind: str = "counts", calibration=None, flip_patterns: bool = False, reverse_rows: bool | None = None,
                  batch_size: int = 512, engine: str = "auto", precision: str = "auto", deblur="auto",
                  remove_plane: bool = True, uncertainty=None, told=None, **kwargs):
         if kind not in ("counts", "amplitude"):
@@ -221,6 +222,8 @@ class PhaseUDF(UDF):
         if (positions is None) == (step_px is None):
             raise ValueRangeError("positions: give either the raster's step_px or the positions of every frame")
         calibration = _calibration_param(calibration)
+        if reverse_rows is None:  # as the calibration found the dataset (calibrate_dataset), else as read
+            reverse_rows = bool(calibration is not None and calibration["info"].get("rows_reversed"))
         super().__init__(model=None if model is None else str(model), step_px=step_px,
                          positions=None if positions is None else np.asarray(positions, dtype=np.float64),
                          rotation_deg=float(rotation_deg), fastest=fastest, kind=kind, calibration=calibration,
@@ -678,13 +681,14 @@ def _pick(ctx, dataset, indices: np.ndarray) -> np.ndarray:
 
 def calibrate_dataset(ctx, dataset, model=None, step_px=None, positions=None, rotation_deg: float = 0.0,
                       fastest: str = "col", max_frames: int = 2048, png: str | Path | None = None,
-                      reverse_rows: bool = False, **options):
+                      reverse_rows: bool | None = None, **options):
     """Measure the detector calibration of a LiberTEM dataset for :class:`PhaseUDF` (``calibration=``).
 
     Reads ``max_frames`` patterns spread over the scan (LiberTEM's ``PickUDF``) and measures on them what
     :func:`deepphase.data.calibration.calibrate` measures (bad pixels, disk centre and radius, descan
     in the scan positions, zoom), with the same ``options`` (``kind``, ``gain``, ``mrad_per_px``,
-    ``semi_angle``, ``energy``, ...); ``reverse_rows`` as for :class:`PhaseUDF`. Returns the calibrated view
+    ``semi_angle``, ``energy``, ...); ``reverse_rows`` as for :class:`PhaseUDF` (default: :func:`rows_reversed`
+    of the dataset; recorded in the view's ``info``, where PhaseUDF takes it from). Returns the calibrated view
     of the sample, whose ``info`` says what was found.
     """
     from ..data.calibration import calibrate
@@ -693,9 +697,18 @@ def calibrate_dataset(ctx, dataset, model=None, step_px=None, positions=None, ro
     all_positions = scan_positions(tuple(dataset.shape.nav), step_px, rotation_deg, fastest, positions)
     pick = _spread(len(all_positions), max_frames)
     frames = _pick(ctx, dataset, pick)
+    if reverse_rows is None:
+        reverse_rows = rows_reversed(dataset)
     view, _ = calibrate(frames[:, ::-1, :] if reverse_rows else frames, load_model(model), all_positions[pick],
                         png=png, max_frames=len(pick), **options)
+    view.info["rows_reversed"] = bool(reverse_rows)
     return view
+
+
+def rows_reversed(dataset) -> bool:
+    """Whether LiberTEM reads this dataset's frames with their rows the other way round from deepphase's own
+    reader (rosettasciio): Merlin .mib files. PhaseUDF's ``reverse_rows`` for it."""
+    return type(dataset).__name__ == "MIBDataSet"
 
 
 def _libertem_path(path, nav_shape):
@@ -791,7 +804,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             kind = infer_kind(_pick(ctx, dataset, _spread(frames, 16)))
         view, found, check, figure = None, None, None, None
         # Merlin frames: LiberTEM's rows run bottom-up against rosettasciio's (the pipeline's reader).
-        reverse_rows = type(dataset).__name__ == "MIBDataSet"
+        reverse_rows = rows_reversed(dataset)
         if calibration == "on" or (calibration == "auto" and sig != (n, n)):
             view = calibrate_dataset(ctx, dataset, model, step_px, positions, 0.0 if auto_rotation else rotation_deg,
                                      fastest, png=calibration_png, reverse_rows=reverse_rows, kind=kind,
