@@ -140,12 +140,13 @@ def _add_scan_arguments(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("scan positions (top-left corner of each probe window, real-space pixels)")
     g.add_argument("--positions", type=Path, help="(N, 2) .npy of (row, col) positions")
     g.add_argument("--scan-shape", type=_count, nargs=2, metavar=("ROWS", "COLS"), help="raster shape")
-    g.add_argument("--step", type=_positive, help="raster step in pixels")
+    g.add_argument("--step", type=_positive, help="raster step in real-space pixels of the model's grid (simulate: "
+                                                  "default 0.87, the reference scan's)")
     g.add_argument("--rotation", type=_rotation, default=0.0, metavar="DEG|auto",
                    help="rotation of the scan axes against the detector's, degrees counter-clockwise (default 0); "
                         "'auto' (reconstruct) finds it from the data by the DPC curl criterion")
     g.add_argument("--fastest", choices=["row", "col"],
-                   help="scan axis that varies fastest between frames (default: 'row', the seed's convention, for "
+                   help="scan axis that varies fastest between frames (default: 'row', the convention of the paper's data, for "
                         "(N, k, k) data; 'col' for (rows, cols, k, k) arrays)")
 
 
@@ -155,12 +156,21 @@ def _positions_from_args(args, n_frames: int | None, scan_shape=None, default_fa
     if args.positions is not None:
         if args.scan_shape is not None or args.step is not None:
             raise DeepPhaseError("positions: give either --positions or --scan-shape/--step, not both")
+        if args.rotation not in (0.0, "auto") or args.fastest is not None:
+            raise DeepPhaseError("positions: --rotation DEG and --fastest describe a raster, and --positions gives every "
+                                 "position already; rotate the positions themselves (--rotation auto still checks them)")
         if not args.positions.exists():
             raise DeepPhaseError(f"positions: file {str(args.positions)!r} does not exist")
+        if args.positions.suffix.lower() != ".npy":
+            raise DeepPhaseError(f"positions: expected an (N, 2) .npy file, got {str(args.positions)!r} (a .npz from "
+                                 "deepphase simulate is the data file itself: its positions are read with it)")
         try:
             positions = np.load(args.positions, allow_pickle=False)
         except Exception as exc:
-            raise DeepPhaseError(f"positions: could not read {str(args.positions)!r} as .npy ({exc})") from exc
+            from .data.io import npy_problem
+
+            raise DeepPhaseError(f"positions: could not read {str(args.positions)!r} as .npy "
+                                 f"({npy_problem(args.positions, exc)})") from exc
         return validate_positions(positions, n_frames if n_frames is not None else len(positions)), {
             "positions_file": str(args.positions)}
     shape = args.scan_shape or scan_shape
@@ -263,7 +273,13 @@ def _cmd_reconstruct(args) -> None:
     started = time.time()
     check_output_folder(args.out, args.overwrite)
     partial = args.out / PARTIAL_FOLDER
-    record = read_checkpoint(partial)
+    try:
+        record = read_checkpoint(partial)
+    except DeepPhaseError:
+        if not args.overwrite or not partial.is_dir():
+            raise
+        shutil.rmtree(partial)  # damaged progress, and a fresh start asked for
+        record = None
     if args.resume and record is None:
         raise DeepPhaseError(f"resume: {str(args.out)!r} holds no interrupted reconstruction to continue")
     if record is not None and not args.resume:
@@ -313,6 +329,10 @@ def _cmd_reconstruct(args) -> None:
         default_fastest = "col" if data.scan_shape is not None else "row"
         positions, scan_info = _positions_from_args(args, n_frames, data.scan_shape, default_fastest)
         if positions is None and data.positions is not None:
+            if args.step is not None or args.rotation not in (0.0, "auto") or args.fastest is not None:
+                raise DeepPhaseError(f"positions: {args.data} holds the scan's positions; --step, --rotation DEG and "
+                                     "--fastest would be ignored: drop them, or give --scan-shape and --step to use a "
+                                     "raster instead")
             positions, scan_info = data.positions, {"positions": "from the data file"}
         kind = data.kind if args.input == "auto" else args.input
         view, calibration = None, None
@@ -384,6 +404,8 @@ def _cmd_reconstruct(args) -> None:
         if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
             rec = _reconstruct_on_cluster(args, positions, kind, view, model.info.get("told_coefficients_rad_per_px2"))
         else:
+            if view is not None:
+                view.reset_counters()  # (the rotation and probe checks read some frames already)
             try:
                 rec = reconstruct(amplitudes, positions, model, stitching=args.stitching,
                                   batch_size=args.batch_size, device=args.device, sampling=args.pixel_size,
@@ -816,7 +838,7 @@ def _cmd_demo(args) -> None:
     print(f"demo: {meta['specimen']}, {meta['scan_shape'][0]}×{meta['scan_shape'][1]} positions, "
           f"{meta['dose_electrons_per_pattern']:.0f} electrons per pattern, {meta['total_s']:.1f} s")
     print(f"correlation with the truth: {meta['correlation_with_truth']:.3f}")
-    print(f"outputs: {args.out}/phase.npy, phase.png, comparison.png, metadata.json")
+    print(f"outputs: {args.out}/phase.npy (also .tif and .emd), phase.png, comparison.png, truth.npy, metadata.json")
 
 
 def _cmd_evaluate(args) -> None:
@@ -905,21 +927,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", default="unet-small", choices=_ArchitectureNames(), metavar="ARCH",
                    help="architecture: %(choices)s (default %(default)s); compact-rep trains the compact network "
                         "with reparameterisable convolutions and writes a plain compact model")
-    p.add_argument("--epochs", type=_count, default=10)
-    p.add_argument("--steps-per-epoch", type=_count, default=500)
-    p.add_argument("--batch-size", type=_count, default=32)
+    p.add_argument("--epochs", type=_count, default=10, help="passes over --steps-per-epoch batches (default 10)")
+    p.add_argument("--steps-per-epoch", type=_count, default=500,
+                   help="batches of freshly simulated patterns per epoch; a checkpoint after each epoch (default 500)")
+    p.add_argument("--batch-size", type=_count, default=32, help="patterns per step (default 32)")
     p.add_argument("--preset", default="default", choices=["default", "seed"],
-                   help="optimiser: 'default' AdamW with cosine decay, or the seed's SGD lr 1e-4")
+                   help="optimiser: 'default' AdamW with cosine decay, or the paper's SGD lr 1e-4")
     p.add_argument("--lr", type=_positive, help="learning rate (default: the preset's)")
     p.add_argument("--dose", type=_positive, nargs="+", metavar="E",
                    help="electrons per pattern; two numbers draw from that range (default: the probe's own scale, "
                         "27,882 for the reference probe)")
     p.add_argument("--loss", default="offset-free", choices=["offset-free", "absolute"],
                    help="L1 in the mask after removing each patch's mean (default; the mean is not measurable), "
-                        "or on the absolute phase (the seed's)")
+                        "or on the absolute phase (the paper's)")
     p.add_argument("--corpus", default="mix", choices=["mix", "natural", "procedural", "atoms"],
                    help="training objects: 'mix' (default: natural images, smooth fields, lattices, amorphous, "
-                        "edges), 'natural' (the seed's: images only), 'procedural' or 'atoms'")
+                        "edges), 'natural' (the paper's: images only), 'procedural' or 'atoms'")
     p.add_argument("--phase-range", type=_finite, nargs=2, default=(0.1, 1.6), metavar=("MIN", "MAX"),
                    help="range of each object's maximum phase in rad (default 0.1 1.6)")
     p.add_argument("--phase-scale", choices=["uniform", "log-uniform"], default="uniform",
@@ -949,8 +972,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-weight", type=_non_negative, default=1.0, metavar="W",
                    help="with --sigma-head: weight of its likelihood beside the phase's L1 loss (default 1; the "
                         "likelihood does not pull on the phase, but it shares the network's features)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-size", type=_count, default=512)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights and the simulated training data (default 0)")
+    p.add_argument("--val-size", type=_count, default=512,
+                   help="fixed simulated patterns the validation loss is measured on after each epoch (default 512)")
     p.add_argument("--device", default="auto", help="'auto', 'cpu' or 'cuda' (default auto)")
     p.add_argument("--half", action="store_true", help="store float16 weights (half the file size)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -981,7 +1005,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dose", type=_positive, help="electrons per pattern (default: the probe's own scale, 27,882 for "
                                               "the reference probe)")
     p.add_argument("--dose-per-area", type=_positive, help="dose in e/Å² (needs --sampling and --step)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the specimen and the counting noise (default 0)")
     p.add_argument("--no-noise", action="store_true", help="noise-free amplitudes")
     p.add_argument("--source-size", type=_non_negative, default=0.0, metavar="PX",
                    help="a finite electron source: the standard deviation of its Gaussian image on the specimen in "
@@ -1000,7 +1024,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconstruct", help="reconstruct a phase image from a 4D-STEM scan",
                        description="Predict a phase patch for every pattern and stitch them into one phase image. "
-                                   "Writes OUT/phase.npy (float32, rad), OUT/phase.png and OUT/metadata.json. "
+                                   "Writes OUT/phase.npy (float32, rad), the same as phase.tif (ImageJ) and phase.emd (EMD 1.0), "
+                                   "OUT/phase.png and OUT/metadata.json. "
                                    "Detector patterns that are not the model's n×n grid are calibrated first "
                                    "(bright-field disk, descan, angular sampling, hot/dead pixels; "
                                    "OUT/calibration.png shows it).")
@@ -1008,7 +1033,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npy (N,k,k) or (R,C,k,k), .npz from 'deepphase simulate', HDF5/EMD 1.0 (py4DSTEM), zarr; "
                         "with 'pip install deepphase[files]': Merlin .mib, EMPAD .xml, Gatan .dm4/.dm3, .blo")
     p.add_argument("--dataset", help="dataset (or EMD group) path inside an HDF5 or zarr file")
-    p.add_argument("--model", help="model folder (default: the packaged model)")
+    p.add_argument("--model", help="a packaged model's name (default, neighbourhood, probe-aware, seed-unet, ...) or a "
+                                   "model folder (default: the packaged default)")
     _add_scan_arguments(p, required=True)
     p.add_argument("--input", choices=["auto", "counts", "amplitude"], default="auto",
                    help="whether the data are counts or amplitudes sqrt(counts) (default: read or inferred; "
@@ -1050,7 +1076,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "more noise at the finest scale): auto (default) unless the patterns are counts below "
                         "10,000 electrons per pattern; never with --stitching seed")
     p.add_argument("--pixel-size", type=_positive, help="real-space pixel size in Å (for the scale bar and checks)")
-    p.add_argument("--batch-size", type=_count, default=512)
+    p.add_argument("--batch-size", type=_count, default=512, help="patterns per forward pass (default 512)")
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="network arithmetic (default auto: bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--uncertainty", type=_uncertainty_argument, default=0, metavar="N|head",
@@ -1073,7 +1099,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-scale", type=_positive, metavar="K",
                    help="multiply the uncertainty by K (default: the factor fitted for the model by "
                         "'deepphase calibrate-uncertainty', else 1)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="'auto' (a GPU if there is one), 'cpu' or 'cuda'")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--chunk-size", type=_count, default=16384, metavar="P",
@@ -1102,7 +1128,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "of the error, on scans simulated from its training corpus",
                        description="Simulates scans of new objects from the model's training corpus at its training "
                                    "dose(s), reconstructs them with Monte Carlo dropout (or the model's σ head), and "
-                                   "stores in model.json the factor k for which k·σ covers 68 %% of the actual error. "
+                                   "stores in model.json the factor k for which k·σ covers 68 % of the actual error. "
                                    "'reconstruct --uncertainty N' (or '--uncertainty head') then applies it.")
     p.add_argument("--model", required=True, help="model folder (its model.json gets the factor)")
     p.add_argument("--scans", type=_count, default=6, help="simulated scans (default 6)")
@@ -1125,7 +1151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_export_onnx)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in specimen with the packaged model",
-                       description="Simulate a built-in specimen at the seed's step and dose, reconstruct it with "
+                       description="Simulate a built-in specimen at the paper's step and dose, reconstruct it with "
                                    "the packaged model and print the correlation with the truth.")
     p.add_argument("--out", type=Path, default=Path("deepphase-demo"), help="output folder (default deepphase-demo)")
     p.add_argument("--specimen", default="twisted-hbn", choices=BUILTIN_SPECIMENS)
@@ -1156,8 +1182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-head", action="append", metavar="NAME=FOLDER",
                    help="add a model trained with --sigma-head as a method whose σ (from its head, with its fitted "
                         "factor) is scored beside its image (repeatable)")
-    p.add_argument("--seed-model", help="model folder of the seed's method (seed-unet, --preset seed); adds "
-                                        "'seed-method' with the seed's stitching")
+    p.add_argument("--seed-model", help="model folder of the paper's method (seed-unet, --preset seed); adds "
+                                        "'seed-method' with the paper's stitching")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated specimens and noise (default 0)")
     p.add_argument("--repeats", type=_count, default=1, metavar="N",
                    help="simulate every case N times (seeds SEED … SEED+N-1) and report each method's mean with "

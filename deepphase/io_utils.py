@@ -79,8 +79,21 @@ def save_png(fig, path: str | Path, dpi: int = 100) -> None:
 
 
 def save_json(path: str | Path, obj) -> None:
+    """JSON as the standard has it: NaN and ±Inf (not JSON; other readers refuse the file) are written as null."""
     with atomic_path(path, ".json") as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(_standard(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def _standard(obj):
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _standard(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_standard(v) for v in obj]
+    if isinstance(obj, np.ndarray) and obj.dtype.kind == "f":
+        return _standard(obj.tolist())
+    return obj
 
 
 def save_npz(path: str | Path, **arrays) -> None:

@@ -200,6 +200,7 @@ def test_detector_patterns_are_calibrated_as_the_pipeline_calibrates_them(counts
     found = scan_rotation_from_patterns(expected, NAV, "col")
     rec, read = reconstruct_file(tmp_path / "detector.npy", step_px=STEP, engine="eager", ctx=ctx, rotation_deg="auto",
                                  calibration_png=tmp_path / "again.png")
+    assert read["rotation_found"].pop("sense") == {"skipped": "fewer than 16 positions a side"}  # (a 10×13 scan)
     assert read["rotation_found"] == found and read["rotation_deg"] == found["rotation_deg"]
     rotated = raster_positions(NAV, STEP, found["rotation_deg"], "col")
     expected.use_coords(rotated)

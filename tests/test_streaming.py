@@ -153,6 +153,15 @@ def test_resume_refuses_other_settings_or_no_checkpoint(scan, tmp_path):
                     fingerprint={"data": "x"}, progress=False)
     with pytest.raises(ValueRangeError, match="holds no interrupted reconstruction"):
         reconstruct(scan.amplitude, scan.positions, checkpoint=tmp_path / "none", resume=True, progress=False)
+    # damaged progress: said so, with the way out (a zip error or a JSON error went through before)
+    state = folder / "state.npz"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(ValueRangeError, match="saved state .* is damaged.*--overwrite"):
+        reconstruct(scan.amplitude, scan.positions, chunk_size=100, checkpoint=folder, resume=True,
+                    fingerprint={"data": "x"}, progress=False)
+    (folder / "progress.json").write_text('{"done": 1')
+    with pytest.raises(ValueRangeError, match="saved progress .* is damaged.*--overwrite"):
+        read_checkpoint(folder)
 
 
 def test_memory_held_per_position_is_far_below_a_patch(probe):

@@ -847,6 +847,10 @@ class CalibratedView:
     def __getitem__(self, index):
         return np.sqrt(self.counts(index)).astype(np.float32)
 
+    def reset_counters(self) -> None:
+        """Start the repair counts afresh: the reads of the checks before a reconstruction are not its repairs."""
+        self.counters.update({k: type(v)(0) for k, v in self.counters.items()})
+
     def report(self) -> dict:
         """``info`` with the repair counters so far (JSON-ready)."""
         return {**self.info, "repairs": dict(self.counters)}

@@ -131,11 +131,13 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
     if not path.exists():
         raise InputFileError(f"data: file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
+    if dataset is not None and suffix not in HDF5_SUFFIXES + ZARR_SUFFIXES:
+        raise InputFileError(f"dataset: {str(path)!r} is not an HDF5 or zarr file; --dataset names an array inside one")
     if suffix == ".npy":
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:
-            raise InputFileError(f"data: could not read {str(path)!r} as .npy ({_npy_problem(path, exc)})") from exc
+            raise InputFileError(f"data: could not read {str(path)!r} as .npy ({npy_problem(path, exc)})") from exc
         frames, shape = _frames_from_array(array, str(path))
         return ScanData(frames, shape, None, info=_basic_info("npy", frames, shape))
     if suffix == ".npz":
@@ -174,10 +176,13 @@ def _basic_info(fmt: str, frames, scan_shape, **extra) -> dict:
     return {**info, **{k: v for k, v in extra.items() if v is not None}}
 
 
-def _npy_problem(path: Path, exc: Exception) -> str:
-    """Say 'truncated' when an .npy file is shorter than its header promises."""
+def npy_problem(path: Path, exc: Exception) -> str:
+    """What is wrong with an .npy file numpy would not read: cut short, not .npy at all, or pickled objects."""
     try:
         with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                return "not a .npy file (it has no .npy header): save the array with numpy.save"
+            f.seek(0)
             version = np.lib.format.read_magic(f)
             read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                 np.lib.format.read_array_header_2_0
@@ -188,6 +193,8 @@ def _npy_problem(path: Path, exc: Exception) -> str:
             return f"the file is truncated: it holds {have} of the {need} bytes of its {shape} {dtype} array"
     except Exception:
         pass
+    if "pickle" in str(exc) or "Python objects" in str(exc):  # numpy's advice to load it unsafely is not ours
+        return "it holds Python objects, not a numeric array, and such files are never loaded (they can run code)"
     return str(exc)
 
 

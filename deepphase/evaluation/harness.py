@@ -482,7 +482,8 @@ def markdown_table(rows) -> str:
         cells = []
         for col, fmt in columns:
             value = row.get(col)
-            cells.append("–" if value is None else fmt.format(value))
+            unit = f" {row['resolution_unit']}" if col.startswith("frc_") and row.get("resolution_unit") else ""
+            cells.append("–" if value is None else fmt.format(value) + unit)  # (Å for atoms, pixels otherwise)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

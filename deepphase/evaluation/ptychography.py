@@ -43,7 +43,8 @@ import numpy as np
 
 from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 
-INSTALL_HINT = "pip install py4DSTEM (needs numpy<2; use a separate environment)"
+INSTALL_HINT = ("pip install py4DSTEM (needs numpy<2: in a separate environment, then point "
+                "DEEPPHASE_PTYCHO_PYTHON at its python)")
 
 #: Settings used unless overridden (every one is recorded in the notes).
 DEFAULT_SETTINGS = {

@@ -75,8 +75,10 @@ def output_mask(probe: np.ndarray, geometry: Geometry) -> np.ndarray:
     full = illuminated_mask(probe, geometry.mask_threshold)
     if mask.sum() != full.sum():
         raise ShapeError(
-            f"probe: the illuminated area ({int(full.sum())} pixels) extends beyond the central "
-            f"{geometry.crop_px}×{geometry.crop_px} crop; increase crop_px"
+            f"probe: the illuminated area ({int(full.sum())} pixels with |P|² above {geometry.mask_threshold} of its "
+            f"maximum) extends beyond the central {geometry.crop_px}×{geometry.crop_px} pixels the network predicts; "
+            f"expected a probe focused within them on its {geometry.n_px}×{geometry.n_px} grid (the reference probe "
+            "lights 9 pixels of 32×32)"
         )
     if not mask.any():
         raise ValueRangeError("probe: no pixel is above the illumination threshold")

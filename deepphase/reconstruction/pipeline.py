@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -159,12 +160,22 @@ def _checkpoint_files(folder: Path) -> tuple[Path, Path]:
 
 def read_checkpoint(folder: str | Path) -> dict | None:
     """The progress record of a checkpoint folder (``done``, ``total``, ``fingerprint``), or None if there is none."""
-    progress, _ = _checkpoint_files(Path(folder))
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"out: {str(folder)!r} is a file where reconstruct keeps its progress; remove it")
+    progress, _ = _checkpoint_files(folder)
     if not progress.exists():
         return None
     import json
 
-    return json.loads(progress.read_text())
+    try:
+        record = json.loads(progress.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueRangeError(f"resume: the saved progress {str(progress)!r} is damaged ({exc}); pass --overwrite to "
+                              "start again") from exc
+    if not isinstance(record, dict) or not {"done", "total"} <= set(record):
+        raise ValueRangeError(f"resume: the saved progress {str(progress)!r} is damaged; pass --overwrite to start again")
+    return record
 
 
 def _save_checkpoint(folder: Path, fingerprint: dict, done: int, total: int, accumulators) -> None:
@@ -207,9 +218,13 @@ def _load_checkpoint(folder: Path, fingerprint: dict, accumulators) -> int:
             f"(different: {', '.join(changed) or 'format'}); run it with the same ones, or pass --overwrite to start again"
         )
     _, state = _checkpoint_files(folder)
-    with np.load(state, allow_pickle=False) as saved:
-        for k, acc in enumerate(accumulators):
-            acc.load_state({name.split("/", 1)[1]: saved[name] for name in saved.files if name.startswith(f"{k}/")})
+    try:
+        with np.load(state, allow_pickle=False) as saved:
+            for k, acc in enumerate(accumulators):
+                acc.load_state({name.split("/", 1)[1]: saved[name] for name in saved.files if name.startswith(f"{k}/")})
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # cut short or overwritten
+        raise ValueRangeError(f"resume: the saved state {str(state)!r} is damaged ({exc}); pass --overwrite to start "
+                              "again") from exc
     # The state itself says how far it got: every accumulator must hold exactly the patterns 0 … done − 1.
     done = int(np.argmin(accumulators[0].done)) if not accumulators[0].done.all() else len(accumulators[0].done)
     for acc in accumulators:
@@ -417,7 +432,8 @@ def reconstruct(
                                               neighbours=chunk_neighbours,
                                               runner=runners.get(id(network)) if sample is None else None,
                                               mc_dropout_seed=None if sample is None else sample * 1_000_003 + start,
-                                              sigma=sigma_head and k == 0, on_device=on_device)
+                                              sigma=sigma_head and k == 0, on_device=on_device,
+                                              on_batch=lambda m: bar.update(m if len(plan) == 1 else m / len(plan)))  # within a chunk
                     if sigma_head and k == 0:  # the σ patches of the same pass: the last accumulator's
                         patches, sigmas = patches
                     if on_device and dev.type == "cuda":  # asynchronous kernels: wait, so the timings split honestly
@@ -436,7 +452,8 @@ def reconstruct(
                     for acc, part in zip(accumulators, reduced):
                         acc.add_reductions(part, start)
                     done = stop
-                bar.update(stop - start)
+                bar.n = done  # (whole patterns, whatever the draws' fractions added up to)
+                bar.refresh()
                 if folder is not None and time.perf_counter() - last_save > CHECKPOINT_EVERY_S and done < n:
                     with _signals_deferred():
                         _save_checkpoint(folder, fingerprint, done, n, accumulators)

@@ -111,7 +111,8 @@ def check_sigma_head(model: PhaseModel) -> None:
     """Refuse σ-head uncertainty from a model without the head, saying what to do instead."""
     if not has_sigma_head(model.network):
         raise ValueRangeError(f"uncertainty: 'head' needs a model trained with a σ head (deepphase train --sigma-head); "
-                              f"model {model.name!r} has none: use Monte Carlo dropout (--uncertainty N) instead")
+                              f"model {model.name!r} has none: use Monte Carlo dropout instead (reconstruct --uncertainty N; "
+                              "calibrate-uncertainty --method dropout)")
 
 
 def _autocast_dtype(precision: str, device: torch.device):
@@ -139,6 +140,7 @@ def predict_patches(
     runner=None,
     sigma: bool = False,
     on_device: bool = False,
+    on_batch=None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Phase patches (stop - start, out, out) float32, each with its mean inside the illuminated mask removed.
 
@@ -172,6 +174,7 @@ def predict_patches(
     on_device : return float32 torch tensors left on ``device`` instead of NumPy arrays: on a GPU the
         patches then never cross to the host, and :meth:`~deepphase.reconstruction.stitching.PairwiseStitcher.reduce`
         reduces them there (the pipeline does this on CUDA).
+    on_batch : called with the number of patterns after each forward pass (a caller's own progress bar).
     """
     n = model.geometry.n_px
     if len(getattr(amplitudes, "shape", ())) != 3 or tuple(amplitudes.shape[1:]) != (n, n):
@@ -229,5 +232,7 @@ def predict_patches(
             if sigma:
                 sigmas[first - start : first - start + len(x)] = host(sigma_from_log_scale(out[:, 1].float()))
             bar.update(len(x))
+            if on_batch is not None:
+                on_batch(len(x))
     network.eval()
     return (patches, sigmas) if sigma else patches
