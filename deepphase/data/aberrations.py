@@ -379,7 +379,7 @@ def probe_mismatch_note(found: dict, mrad_per_px: float | None = None, energy_ke
             "its own (simulated twisted hBN, the default: correlation 0.97 → 0.93 at +0.6 rad, 0.83 at +1.1, 0.36 at "
             "+2.2); on a thick specimen part of the difference is its depth (a probe focused on the entrance surface "
             "is out of focus in the middle); a scan step given wrongly shows up here too (a 0.87 px raster given "
-            "as 1.2 px: +0.26 rad). Check --step, then focus as for the model's probe, or train a model for "
+            "as 1.2 px: 0.3–0.5 rad at the edge). Check --step, then focus as for the model's probe, or train a model for "
             "this one")
 
 
