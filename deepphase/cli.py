@@ -727,7 +727,7 @@ def _reconstruct_with_libertem(args) -> None:
         kind=None if args.input == "auto" else args.input, calibration=args.calibration, calibration_options=options,
         calibration_png=args.out / "calibration.png", rotation_png=args.out / "rotation.png",
         batch_size=args.batch_size, engine=args.engine,
-        precision=args.precision, deblur=_DEBLUR[args.deblur], workers=args.workers, progress=True,
+        precision=args.precision, deblur=_DEBLUR[args.deblur], workers=args.workers, progress=sys.stderr.isatty(),
         uncertainty="head" if args.uncertainty == "head" else None, probe_check=args.probe_check,
         flip_patterns=True if args.flip_patterns else (None if args.rotation == "auto" else False))
     scan = ({"positions_file": str(args.positions)} if positions is not None else

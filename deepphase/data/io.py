@@ -602,6 +602,12 @@ class AmplitudeView:
     def __getitem__(self, index):
         batch = np.asarray(self.frames[index], dtype=np.float32)
         if self.kind == "counts":
+            if isinstance(index, slice) and batch.ndim == 3 and batch.size and batch.min() < 0:
+                first = int(np.argmax((batch < 0).reshape(len(batch), -1).any(axis=1)))
+                raise ValueRangeError(
+                    f"data: frame {index.indices(len(self))[0] + first} has negative counts (min "
+                    f"{batch[first].min():.3g}); expected counts ≥ 0 (a dark level subtracted? --calibrate clips "
+                    "and counts them)")
             # Keep the sign so that the predictor's check names the frame with negative counts.
             return np.sign(batch) * np.sqrt(np.abs(batch))
         return batch

@@ -39,6 +39,8 @@ def raster_positions(
         Smallest row and column coordinate of the scan: the positions are shifted so that their minimum
         lies here (the first frame's position only for an unrotated scan).
     """
+    if len(tuple(shape)) != 2 or any(float(s) != int(s) for s in shape):
+        raise ShapeError(f"scan shape: expected two positive integers, got {shape}")
     rows, cols = (int(s) for s in shape)
     if rows < 1 or cols < 1:
         raise ShapeError(f"scan shape: expected two positive integers, got {shape}")
