@@ -284,10 +284,8 @@ def measure_probe_mismatch(amplitudes, scan_shape, probe: np.ndarray, step_px, r
                                      rotation_deg, fastest)
 
 
-def probe_mismatch_from_block(counts: np.ndarray, probe: np.ndarray, step_px, rotation_deg: float = 0.0,
-                              fastest: str = "row") -> dict:
-    """:func:`measure_probe_mismatch` of a block of counts already on the scan grid, (scan rows, scan cols, n, n)
-    (e.g. read by another executor: LiberTEM's). ``fastest`` only orients the raster's axes."""
+def _checked_block(counts, probe) -> tuple[np.ndarray, np.ndarray, float]:
+    """A block of counts on the scan grid and the model's probe, checked; and the probe's disk radius (px)."""
     from .calibration import model_disk
 
     counts = np.asarray(counts, dtype=np.float64)
@@ -297,7 +295,13 @@ def probe_mismatch_from_block(counts: np.ndarray, probe: np.ndarray, step_px, ro
     if not np.all(np.isfinite(counts)):
         raise ValueRangeError("counts: the block of patterns contains NaN or Inf")
     probe = np.asarray(probe, dtype=np.complex128)
-    radius = float(model_disk(probe)["radius"])
+    return counts, probe, float(model_disk(probe)["radius"])
+
+def probe_mismatch_from_block(counts: np.ndarray, probe: np.ndarray, step_px, rotation_deg: float = 0.0,
+                              fastest: str = "row") -> dict:
+    """:func:`measure_probe_mismatch` of a block of counts already on the scan grid, (scan rows, scan cols, n, n)
+    (e.g. read by another executor: LiberTEM's). ``fastest`` only orients the raster's axes."""
+    counts, probe, radius = _checked_block(counts, probe)
     g_range = (1.5, 2 * radius)
     spectrum, g, noise = _spectrum(counts, step_px, rotation_deg, fastest, N_FREQUENCIES, g_range)
     if len(g) < 8 or min(counts.shape[:2]) < PROBE_CHECK_MIN_PX:
@@ -409,16 +413,7 @@ def sense_from_block(counts: np.ndarray, probe: np.ndarray, step_px, rotation_de
     ``edge_phase_rad`` (the probe mismatch fitted at each) and ``decided`` (one explains at least ``SENSE_RATIO``
     times the other, and more than ``MIN_EXPLAINED``).
     """
-    from .calibration import model_disk
-
-    counts = np.asarray(counts, dtype=np.float64)
-    if counts.ndim != 4 or counts.shape[-2:] != np.shape(probe):
-        raise ShapeError(f"counts: expected (scan rows, scan cols, {np.shape(probe)[0]}, {np.shape(probe)[1]}), "
-                         f"got shape {counts.shape}")
-    if not np.all(np.isfinite(counts)):
-        raise ValueRangeError("counts: the block of patterns contains NaN or Inf")
-    probe = np.asarray(probe, dtype=np.complex128)
-    radius = float(model_disk(probe)["radius"])
+    counts, probe, radius = _checked_block(counts, probe)
     fits = []
     for turn in (0.0, 180.0):  # (the fit of the whole block only: its halves' scatter is not needed here)
         spectrum, g, _ = _spectrum(counts, step_px, rotation_deg + turn, fastest, N_FREQUENCIES, (1.5, 2 * radius))
