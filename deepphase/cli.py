@@ -210,6 +210,8 @@ def _cmd_simulate(args) -> None:
     from .data.specimens import builtin_specimen, load_phase_image
     from .io_utils import save_npz
     from .physics.forward import dose_per_pattern
+    from .physics.geometry import Geometry
+    from .physics.scan import check_spacing
 
     out = args.out
     if out.suffix != ".npz":
@@ -226,9 +228,6 @@ def _cmd_simulate(args) -> None:
     if args.rotation == "auto":
         raise DeepPhaseError("rotation: 'auto' is for reconstruct (it is found from the data); give an angle in degrees")
     positions, scan_info = _positions_from_args(args, None)
-    from .physics.geometry import Geometry
-    from .physics.scan import check_spacing
-
     check_spacing(positions, Geometry(n_px=probe.shape[0]))
     dose = args.dose
     if args.dose_per_area is not None:
