@@ -69,13 +69,23 @@ def save_npy(path: str | Path, array: np.ndarray) -> None:
         np.save(f, array, allow_pickle=False)
 
 
-def save_png(fig, path: str | Path, dpi: int = 100) -> None:
-    """A matplotlib figure as a PNG, written atomically; the figure is closed."""
-    import matplotlib.pyplot as plt
+def new_figure(nrows: int = 1, ncols: int = 1, figsize=None, **subplots):
+    """A figure and its axes made without pyplot: no backend is chosen or switched, so a notebook's inline plots
+    keep working after deepphase has drawn its PNGs. ``subplots``: as for ``Figure.subplots``."""
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **subplots)
+
+
+def save_png(fig, path: str | Path, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG, written atomically; a pyplot figure is closed."""
     with atomic_path(path, ".png") as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:  # made by pyplot (a benchmark's): let it go
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def save_json(path: str | Path, obj) -> None:

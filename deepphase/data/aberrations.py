@@ -515,15 +515,12 @@ def plot_probe_mismatch(found: dict, path) -> None:
     """A PNG of what the probe check saw: the share of the scan's spectrum explained against a round defocus
     relative to the model's probe (the model's at 0, the fit marked), and the fitted Δχ over the bright-field
     disk."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..io_utils import new_figure
 
     from ..io_utils import save_png
 
     radius2 = found["disk_radius_px"] ** 2
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0), gridspec_kw={"width_ratios": [1.4, 1]})
+    fig, (left, right) = new_figure(1, 2, figsize=(10.0, 4.0), gridspec_kw={"width_ratios": [1.4, 1]})
     search = found.get("search")
     if search:
         left.plot(np.asarray(search["defocus_rad_per_px2"]) * radius2, search["explained"], color="tab:blue",

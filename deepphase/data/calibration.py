@@ -895,17 +895,14 @@ def calibrate(
 
 def plot_calibration(view: CalibratedView, path: str | Path) -> None:
     """A PNG: the mean pattern with the fitted disk, the calibrated mean pattern, and the descan maps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..io_utils import new_figure
 
     from ..io_utils import save_png
 
     info, arrays = view.info, view.arrays
     has_descan = arrays.get("coords") is not None and np.isfinite(arrays["centers"]).any()
     ncols = 4 if has_descan else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(4.0 * ncols, 3.9), squeeze=False)
+    fig, axes = new_figure(1, ncols, figsize=(4.0 * ncols, 3.9), squeeze=False)
     ax = axes[0, 0]
     mean = arrays["mean_pattern"]
     ax.imshow(np.sqrt(np.clip(mean, 0, None)), cmap="gray", interpolation="nearest")
@@ -1295,17 +1292,14 @@ def plot_scan_rotation(com: np.ndarray, noise: np.ndarray | None, found: dict, p
     """A PNG of what the DPC curl criterion saw: the curl ratio against the angle for both handednesses (the
     angle found, its quarters' and a given one marked), and the divergence of the centre-of-mass field in the
     scan axes found, −∇·CoM ∝ ∇²φ up to sign: the specimen as DPC shows it (atoms bright)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..io_utils import new_figure
 
     from ..io_utils import save_png
 
     com = np.asarray(com, dtype=np.float64) - np.mean(com, axis=(0, 1))
     noise = np.zeros(com.shape[:2]) if noise is None else np.asarray(noise, dtype=np.float64)
     angles = np.arange(0.0, 180.0, 0.5)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10.0, 4.0), gridspec_kw={"width_ratios": [1.4, 1]})
+    fig, (left, right) = new_figure(1, 2, figsize=(10.0, 4.0), gridspec_kw={"width_ratios": [1.4, 1]})
     for flip, label, color in ((False, "as recorded", "tab:blue"), (True, "patterns flipped", "tab:orange")):
         costs = _curl(com * ([-1.0, 1.0] if flip else 1.0), angles)
         floor = _floor(noise, costs)

@@ -32,18 +32,50 @@ INPUT_KINDS = ("auto", "counts", "amplitude")
 
 @dataclass
 class ScanData:
-    frames: object  # array-like (N, n, n): numpy, memmap or h5py dataset
-    scan_shape: tuple[int, int] | None  # from a 4-D array
-    kind: str | None  # "counts", "amplitude" or None (unknown)
+    """A 4D-STEM scan opened by :func:`load_scan`; a context manager that closes its file.
+
+    Attributes
+    ----------
+    frames : sliceable (N, k_row, k_col)
+        The patterns in frame order (NumPy, a memory map, or a view that reads an HDF5/zarr/detector file a
+        slice at a time). A (scan_rows, scan_cols, k, k) array is flattened C-order: **the scan column varies
+        fastest**, so its positions are ``raster_positions(scan_shape, step, fastest=fastest)``.
+    scan_shape : (rows, cols) or None
+        From a 4-D array or the file's own record; None for (N, k, k) frames.
+    kind : "counts", "amplitude" or None
+        What the file says the values are (None: unknown; :func:`infer_kind` tells them apart).
+    positions, truth : arrays or None
+        What a ``deepphase simulate`` .npz carries besides the patterns.
+    info : dict
+        What the file says about itself (format, dtype, detector shape, scan step in Å, detector sampling,
+        beam energy, truncation).
+    """
+
+    frames: object
+    scan_shape: tuple[int, int] | None
+    kind: str | None
     positions: np.ndarray | None = None
     truth: np.ndarray | None = None
     info: dict = field(default_factory=dict)
     _handle: object = None  # an open h5py file, kept alive while frames are read
 
+    @property
+    def fastest(self) -> str | None:
+        """The scan axis that varies fastest between ``frames``: "col" when the scan shape is known, else None
+        (frame order is then the positions' business)."""
+        return "col" if self.scan_shape is not None else None
+
     def close(self):
+        """Close the file the frames are read from (an HDF5 file stays open until then)."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+
+    def __enter__(self) -> "ScanData":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _frames_from_array(array, source: str):

@@ -489,13 +489,10 @@ def markdown_table(rows) -> str:
 
 
 def _montage(images, specimens, dose, methods, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..io_utils import new_figure
 
     cols = ["truth"] + list(methods)
-    fig, axes = plt.subplots(2 * len(specimens), len(cols), figsize=(2.2 * len(cols), 4.4 * len(specimens)),
+    fig, axes = new_figure(2 * len(specimens), len(cols), figsize=(2.2 * len(cols), 4.4 * len(specimens)),
                              squeeze=False)
     for i, spec in enumerate(specimens):
         truth = images[(spec, dose, "truth")]
@@ -525,13 +522,10 @@ def _montage(images, specimens, dose, methods, path: Path) -> None:
 
 
 def _dose_series(rows, specimens, methods, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..io_utils import new_figure
 
     figures = [("correlation", "correlation"), ("fitted_rmse", "RMSE after fit (rad)"), ("ssim", "SSIM")]
-    fig, axes = plt.subplots(len(figures), len(specimens), figsize=(3.2 * len(specimens), 2.6 * len(figures)),
+    fig, axes = new_figure(len(figures), len(specimens), figsize=(3.2 * len(specimens), 2.6 * len(figures)),
                              squeeze=False)
     for j, spec in enumerate(specimens):
         for i, (key, label) in enumerate(figures):

@@ -23,6 +23,7 @@ from .. import __version__
 from ..errors import InputFileError, ModelMismatchError, ValueRangeError
 from ..io_utils import atomic_path, save_json, save_npy
 from ..physics.geometry import Geometry
+from ..runtime import resolve_device
 from .registry import create_model
 
 FORMAT = "deepphase-model/1"
@@ -43,7 +44,14 @@ class PhaseModel:
 
     @property
     def name(self) -> str:
-        return self.info.get("name", self.arch)
+        """What the model is called: its recorded name, else its folder's (a packaged model's is its name, e.g.
+        'default'), else its architecture."""
+        return self.info.get("name") or (self.folder.name if self.folder is not None else self.arch)
+
+    def record(self) -> dict:
+        """Which model this is, for a result's metadata: name, architecture, folder, training dose."""
+        return {"name": self.name, "arch": self.arch, "folder": None if self.folder is None else str(self.folder),
+                "dose": self.info.get("dose")}
 
     @property
     def in_channels(self) -> int:
@@ -164,7 +172,7 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
     Parameters
     ----------
     path : a model folder, its model.json, a packaged model's name (see :func:`packaged_models`), or None.
-    device : where the network is put.
+    device : where the network is put: "cpu" (default), "cuda[:N]" or "auto" (a GPU if there is one).
     """
     folder = _model_folder(path)
     if folder.is_file() and folder.name in ("model.json", "model.safetensors"):
@@ -218,7 +226,9 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
         raise InputFileError(f"model: {str(folder / meta.get('probe_file', 'probe.npy'))!r} is not a readable .npy "
                              f"probe ({exc})") from exc
     info = {k: v for k, v in meta.items() if k not in ("format", "arch", "arch_config", "geometry", "probe_file")}
-    network.to(device).eval()
+    if not np.all(np.isfinite(probe)) or not np.any(probe):
+        raise InputFileError(f"model: the probe in {str(folder)!r} holds NaN/Inf or only zeros; the folder is damaged")
+    network.to(resolve_device(device)).eval()
     return PhaseModel(network, meta["arch"], meta.get("arch_config", {}), probe, geometry, info, folder=folder)
 
 

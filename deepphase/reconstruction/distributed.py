@@ -298,7 +298,7 @@ def reconstruct_distributed(
     timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),
                "patterns_per_second": round(n * draws / max(t1 - t0, 1e-9), 1)}
     return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
-                          {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
+                          model.record(),
                           {"stitching": stitching, "plane_removed": remove_plane,
                            **dose_info,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision,

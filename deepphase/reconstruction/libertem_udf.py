@@ -653,7 +653,7 @@ def to_reconstruction(udf: PhaseUDF, result) -> "Reconstruction":
                   "note": "σ = sigma_scale × the blend of the network's predicted σ patches, from the phase's own "
                           f"forward pass ({'factor ' + source if scale != 1.0 and source else 'not calibrated'})"}
     return Reconstruction(cropped, origin, phase, {},
-                          {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
+                          model.record(),
                           {"stitching": "pairwise", "plane_removed": udf.params.remove_plane, "deblurred": deblurred,
                            "deblur_reason": why, "electrons_per_pattern": None if dose is None else round(dose, 1),
                            "dose_note": dose_note(model, dose), "engine": udf.params.engine,

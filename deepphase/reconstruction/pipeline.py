@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,9 +39,26 @@ OUTPUT_FILES = ("phase.npy", "phase.tif", "phase.emd", "phase.png", "uncertainty
 class Reconstruction:
     """A stitched phase image (radians, arbitrary constant offset) on the real-space pixel grid.
 
-    ``phase[0, 0]`` is object pixel ``origin_px`` in the frame of the scan positions; ``full`` is the
-    same image on the object grid from pixel (0, 0) to the last covered pixel (NaN where no probe
-    reached).
+    Attributes
+    ----------
+    phase : (rows, cols) float32
+        The image over the scanned area's bounding box; NaN where no probe reached (the corners of a rotated
+        scan). ``phase[0, 0]`` is object pixel ``origin_px`` in the frame of the scan positions:
+        :meth:`region` cuts the same area out of another image (a truth, a reference) to compare.
+    origin_px : (int, int)
+    full : float32
+        The same image on the object grid from pixel (0, 0), as large as the stitcher's canvas (NaN where no
+        probe reached).
+    timings : dict
+        Seconds: ``engine_setup_s``, ``setup_s``, ``predict_s``, ``stitch_s`` and ``total_s`` (of this call,
+        from its start; loading the model before it is not included), and ``patterns_per_second``.
+    model_info : dict
+        Which model made it (:meth:`~deepphase.models.modelfile.PhaseModel.record`).
+    processing : dict
+        What was done: stitching, plane removed, dose and deblurring and why, precision, device, engine, input,
+        uncertainty method and factor, source division, resumption.
+    uncertainty : (rows, cols) float32 or None
+        Per-pixel standard deviation (rad) on the grid of ``phase``, when asked for.
     """
 
     phase: np.ndarray
@@ -49,7 +67,23 @@ class Reconstruction:
     timings: dict = field(default_factory=dict)
     model_info: dict = field(default_factory=dict)
     processing: dict = field(default_factory=dict)
-    uncertainty: np.ndarray | None = None  # per-pixel standard deviation (rad), same grid as ``phase``
+    uncertainty: np.ndarray | None = None
+
+    def region(self, image: np.ndarray) -> np.ndarray:
+        """The part of ``image`` (on the object grid of the scan positions, e.g. the truth of a simulation) that
+        ``phase`` covers: ``image[r0 : r0 + rows, c0 : c0 + cols]`` with ``(r0, c0) = origin_px``."""
+        image = np.asarray(image)
+        (r0, c0), (rows, cols) = self.origin_px, self.phase.shape
+        if image.ndim != 2 or image.shape[0] < r0 + rows or image.shape[1] < c0 + cols:
+            raise ShapeError(f"image: shape {image.shape} does not reach the reconstruction's pixels "
+                             f"{r0}..{r0 + rows - 1} × {c0}..{c0 + cols - 1} (origin_px {self.origin_px}); expected "
+                             "an image on the object grid of the scan positions")
+        return image[r0 : r0 + rows, c0 : c0 + cols]
+
+    def __repr__(self) -> str:
+        return (f"Reconstruction(phase {self.phase.shape[0]}×{self.phase.shape[1]} rad, origin_px {self.origin_px}, "
+                f"model {self.model_info.get('name')!r}, stitching {self.processing.get('stitching')!r}"
+                + (", with uncertainty" if self.uncertainty is not None else "") + ")")
 
 
 def crop_to_coverage(image: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
@@ -261,7 +295,7 @@ def reconstruct(
     The patterns are read, predicted and reduced ``chunk_size`` at a time: with the pairwise stitcher
     (the default) only small per-position reductions are kept (see
     :class:`~deepphase.reconstruction.stitching.PairwiseStitcher`), so memory is bounded by the chunk
-    plus ~0.5 kB a position, and a file larger than memory can be reconstructed. The other stitchers
+    plus ~0.2 kB a position (227 bytes measured, RESULTS §9), and a file larger than memory can be reconstructed. The other stitchers
     need every patch (4 kB a position): in memory, or memory-mapped in the checkpoint folder.
 
     Parameters
@@ -356,6 +390,8 @@ def reconstruct(
     check_spacing(positions, model.geometry)
     n, chunk_size = int(shape[0]), int(chunk_size)
     dose_info = dose_settings(deblur, stitching, amplitudes, model)
+    if (dose_info["dose_note"] or "").startswith("the patterns are whole numbers"):  # said at once, in a notebook too
+        warnings.warn(dose_info["dose_note"], stacklevel=2)
     if engine == "onnx" and precision not in ("auto", "float32"):
         raise ValueRangeError(f"engine: 'onnx' runs in float32; precision {precision!r} needs another engine")
     neighbours = None
@@ -478,7 +514,7 @@ def reconstruct(
                "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
                "patterns_per_second": round((n - resumed_from) * draws / max(t_predict, 1e-9), 1)}
     return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
-                          {"arch": model.arch, "name": model.name, "dose": model.info.get("dose")},
+                          model.record(),
                           {"stitching": stitching, "plane_removed": remove_plane,
                            **dose_info,
                            "removed_slope_rad_per_px": list(slopes), "precision": precision, "device": str(dev),
@@ -539,7 +575,7 @@ def dose_settings(deblur, stitching: str, amplitudes, model: PhaseModel) -> dict
     else:
         on, why = False, f"never for the {stitching!r} stitching"
     return {"electrons_per_pattern": None if dose is None else round(dose, 1), "deblurred": on,
-            "deblur_reason": why, "dose_note": dose_note(model, dose)}
+            "deblur_reason": why, "dose_note": counts_note(amplitudes) or dose_note(model, dose)}
 
 
 def dose_note(model: PhaseModel, dose: float | None) -> str | None:
@@ -554,6 +590,17 @@ def dose_note(model: PhaseModel, dose: float | None) -> str | None:
     return (f"the patterns hold {dose:,.0f} electrons on average, outside the {where} electrons per pattern "
             f"model {model.name!r} was trained on; expect it to degrade (deepphase train --dose MIN MAX makes "
             "a model for your dose)")
+
+
+def counts_note(amplitudes, samples: int = 16) -> str | None:
+    """A line when the "amplitudes" are whole numbers above 1, as counts are and square roots of counts are not."""
+    n = int(amplitudes.shape[0])
+    index = np.unique(np.linspace(0, n - 1, min(n, samples)).round().astype(np.int64))
+    block = np.stack([np.asarray(amplitudes[i : i + 1], dtype=np.float64)[0] for i in index])
+    if not (np.all(np.isfinite(block)) and block.max() > 1 and np.all(block == np.round(block))):
+        return None
+    return ("the patterns are whole numbers, as counts are: reconstruct takes √counts, so read counts with "
+            "AmplitudeView(frames, 'counts') (the command line finds this itself)")
 
 
 def make_accumulators(stitching: str, positions, mask, geometry, draws: int, folder: Path | None = None,
@@ -668,10 +715,15 @@ def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
 
 def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict, sampling: float | None = None,
                   overwrite: bool = False) -> dict:
-    """Write phase.npy, phase.png and metadata.json; each file appears complete or not at all.
+    """Write phase.npy, phase.tif, phase.emd, phase.png, uncertainty.npy (if ``rec`` has one) and metadata.json;
+    each file appears complete or not at all.
 
     The files are made in a temporary folder inside ``out_dir`` and moved into place, metadata.json
-    last, so an interrupted run never leaves a half-written set that looks finished.
+    last, so an interrupted run never leaves a half-written set that looks finished. ``metadata`` is added to
+    metadata.json last (its keys win; a ``"title"`` titles the PNG); ``sampling`` is the pixel size in Å (the
+    TIFF's, the EMD's and the scale bar's). Earlier results in ``out_dir`` are refused unless ``overwrite``;
+    with it, an earlier run's output this one does not make (an uncertainty map) is removed. Returns the
+    metadata written.
     """
     out_dir = check_output_folder(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -752,13 +804,10 @@ def write_emd(path: Path, phase: np.ndarray, sampling: float | None, origin_px, 
 def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, title: str | None = None,
                truth: np.ndarray | None = None) -> None:
     """A PNG of the phase with a colour bar (rad) and a scale bar (Å if the sampling is known, else pixels)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..io_utils import new_figure
 
     panels = [("reconstruction", phase)] + ([("truth", truth)] if truth is not None else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    fig, axes = new_figure(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
     for ax, (label, image) in zip(axes[0], panels):
         shown = image - np.nanmean(image)
         im = ax.imshow(shown, cmap="magma", interpolation="nearest")

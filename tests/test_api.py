@@ -1,0 +1,81 @@
+"""The Python API as a notebook uses it: entry points, the result's record, files closed, plots left alone."""
+
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import deepphase
+from deepphase.data.io import AmplitudeView
+from deepphase.data.simulate import required_object_shape
+from deepphase.data.specimens import twisted_hbn
+from deepphase.errors import ShapeError
+from deepphase.evaluation.metrics import correlation
+
+
+def test_the_main_entry_points_are_found_on_the_package_without_importing_torch_first():
+    probe = "import sys, deepphase; print('torch' in sys.modules, callable(deepphase.reconstruct), 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "True"]  # loaded on first use
+    for name in deepphase.__all__:
+        assert getattr(deepphase, name) is not None
+    with pytest.raises(AttributeError, match="no attribute 'reconstrut'"):
+        deepphase.reconstrut  # noqa: B018
+
+
+def test_a_result_says_which_model_made_it_and_cuts_the_truth_to_its_own_area(probe, tmp_path):
+    positions = deepphase.raster_positions((24, 24), 0.87, rotation_deg=30)
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=1)
+    scan = deepphase.simulate_scan(truth, probe, positions, seed=1, progress=False)
+    rec = deepphase.reconstruct(scan.amplitude, positions, "probe-aware", progress=False)
+    assert rec.model_info["name"] == "probe-aware" and rec.model_info["arch"] == "compact"
+    assert rec.model_info["folder"].endswith("probe-aware")
+    r0, c0 = rec.origin_px
+    np.testing.assert_array_equal(rec.region(truth), truth[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]])
+    finite = np.isfinite(rec.phase)  # a rotated scan leaves corners no probe reached
+    assert not finite.all() and correlation(rec.phase[finite], rec.region(truth)[finite]) > 0.9
+    assert repr(rec).startswith("Reconstruction(phase ") and "'probe-aware'" in repr(rec) and len(repr(rec)) < 200
+    with pytest.raises(ShapeError, match="does not reach"):
+        rec.region(truth[:10, :10])
+    assert deepphase.load_model("default", device="auto").name == "default"
+
+
+def test_scan_data_closes_its_file_and_says_its_frame_order(tmp_path, probe):
+    positions = deepphase.raster_positions((6, 5), 0.87, fastest="col")
+    scan = deepphase.simulate_scan(twisted_hbn(required_object_shape(positions, 32)), probe, positions, progress=False)
+    with h5py.File(tmp_path / "scan.h5", "w") as f:
+        f["data/frames"] = scan.amplitude.reshape(6, 5, 32, 32)
+    with deepphase.load_scan(tmp_path / "scan.h5") as data:
+        assert data.scan_shape == (6, 5) and data.fastest == "col"
+        np.testing.assert_array_equal(data.frames[0:30], scan.amplitude)  # frame order = the "col" raster's
+    with h5py.File(tmp_path / "scan.h5", "a") as f:  # closed: it opens for writing again
+        f["data/more"] = np.zeros(3)
+
+
+def test_drawing_the_outputs_leaves_the_users_matplotlib_backend_alone(tmp_path, probe):
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")  # stands for a notebook's inline backend, which "Agg" used to replace
+    try:
+        positions = deepphase.raster_positions((16, 16), 0.87)
+        scan = deepphase.simulate_scan(twisted_hbn(required_object_shape(positions, 32)), probe, positions,
+                                       progress=False)
+        rec = deepphase.reconstruct(AmplitudeView(scan.amplitude, "amplitude"), positions, progress=False)
+        deepphase.write_outputs(rec, tmp_path / "out", {"title": "a test"})
+        assert (tmp_path / "out" / "phase.png").stat().st_size > 5_000
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+
+
+def test_counts_given_where_amplitudes_belong_are_warned_about(probe):
+    positions = deepphase.raster_positions((16, 16), 0.87)
+    scan = deepphase.simulate_scan(twisted_hbn(required_object_shape(positions, 32)), probe, positions, progress=False)
+    counts = np.round(scan.amplitude.astype(np.float64) ** 2)
+    with pytest.warns(UserWarning, match="whole numbers, as counts are"):
+        deepphase.reconstruct(counts, positions, progress=False)
+    rec = deepphase.reconstruct(AmplitudeView(counts, "counts"), positions, progress=False)
+    assert rec.processing["dose_note"] is None
