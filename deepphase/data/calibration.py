@@ -519,7 +519,7 @@ def measure_calibration(
     ----------
     frames : sliceable (N, H, W)
         Raw patterns in detector units (or amplitudes with ``kind="amplitude"``).
-    model : PhaseModel
+    model : PhaseModel, a packaged model's name or a model folder
         Its probe and geometry define the target grid and disk.
     coords : (N, 2) array, optional
         Scan coordinates of the patterns (positions in pixels, or scan indices) for the descan plane.
@@ -564,6 +564,10 @@ def measure_calibration(
     n_frames, h, w = shape
     if n_frames == 0:
         raise ShapeError(f"{what}: holds no patterns")
+    if not hasattr(model, "geometry"):  # a packaged model's name or a model folder, as reconstruct takes it
+        from ..models.modelfile import load_model
+
+        model = load_model(model)
     n = model.geometry.n_px
     if coords is not None:
         coords = np.asarray(coords, dtype=np.float64)
@@ -870,7 +874,7 @@ def calibrate(
     ----------
     frames : sliceable (N, H, W)
         Raw patterns (detector units), e.g. :attr:`deepphase.data.io.ScanData.frames`.
-    model : PhaseModel
+    model : PhaseModel, a packaged model's name or a model folder
     coords : (N, 2), optional
         Scan coordinates for the descan plane (the scan positions).
     png : path, optional
@@ -886,6 +890,10 @@ def calibrate(
     info : dict
         Everything found and used (see :func:`measure_calibration`).
     """
+    if not hasattr(model, "geometry"):
+        from ..models.modelfile import load_model
+
+        model = load_model(model)
     info, arrays = measure_calibration(frames, model, coords, **options)
     view = CalibratedView(frames, info, arrays, coords, what=options.get("what", "data"))
     if png is not None:

@@ -26,7 +26,7 @@ from ..physics.geometry import output_mask
 from ..physics.scan import check_spacing, validate_positions
 from ..runtime import resolve_device
 from .deblur import deblur_blend, deconvolve_source, electrons_per_pattern, resolve_deblur, source_regularisation
-from .predict import check_sigma_head, predict_patches
+from .predict import check_sigma_head, precision_used, predict_patches
 from .stitching import METHODS, PairwiseStitcher, stitch
 
 # The stitchers that blend boxes on an upsampled canvas and bin it (the blur deblur_blend undoes); the
@@ -372,7 +372,13 @@ def reconstruct(
     members = [m if isinstance(m, PhaseModel) else load_model(m) for m in ensemble]
     if isinstance(amplitudes, (list, tuple)):
         amplitudes = np.asarray(amplitudes)
+    elif isinstance(amplitudes, torch.Tensor):
+        amplitudes = amplitudes.detach().cpu().numpy()
     shape = getattr(amplitudes, "shape", None)
+    if shape is not None and len(shape) == 4:
+        raise ShapeError(f"amplitudes: a {shape[0]}×{shape[1]} scan of patterns as a 4-D array; expected (N, k, k) "
+                         f"frames: pass amplitudes.reshape(-1, {shape[2]}, {shape[3]}) with raster_positions(("
+                         f"{shape[0]}, {shape[1]}), step, fastest='col') (C order: the scan column fastest)")
     if shape is None or len(shape) != 3:
         raise ShapeError(f"amplitudes: expected an array of shape (N, k, k), got "
                          f"{'shape ' + str(shape) if shape is not None else type(amplitudes).__name__}")
@@ -517,7 +523,8 @@ def reconstruct(
                           model.record(),
                           {"stitching": stitching, "plane_removed": remove_plane,
                            **dose_info,
-                           "removed_slope_rad_per_px": list(slopes), "precision": precision, "device": str(dev),
+                           "removed_slope_rad_per_px": list(slopes), "precision": precision_used(precision, dev),
+                           "device": str(dev),
                            "engine": engine if requested == engine else f"{engine} ({requested})", "input": (f"{model.in_channels} patterns: the 3×3 neighbourhood"
                                                        if neighbours is not None else "one pattern"),
                            "chunk_size": chunk_size, "resumed_from_pattern": resumed_from or None,

@@ -115,6 +115,13 @@ def check_sigma_head(model: PhaseModel) -> None:
                               "calibrate-uncertainty --method dropout)")
 
 
+def precision_used(precision: str, device) -> str:
+    """What ``precision`` runs as on ``device``: "float32", "bfloat16" or "float16" ("auto" resolved and said)."""
+    cast = _autocast_dtype(precision, torch.device(device))
+    used = "float32" if cast is None else str(cast).removeprefix("torch.")
+    return used if precision == used else f"{used} ({precision})"
+
+
 def _autocast_dtype(precision: str, device: torch.device):
     if precision not in PRECISIONS:
         raise ValueRangeError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
