@@ -1201,8 +1201,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Options of a recorded training command that ``train --like`` does not take over: where to write, the probe
 #: (the new model's own) and how to run; with the number of values each takes.
+# What a recorded command says about its own run, not its recipe: the probe, the folders (a model it started from
+# lies on the machine that trained it: --init-from is given anew), resumption, processes, device.
 _NOT_LIKE = {"--out": 1, "--like": 1, "--probe": 1, "--energy": 1, "--semi-angle": 1, "--defocus": 1, "--cs": 1,
-             "--sampling": 1, "--grid": 1, "--resume": 0, "--overwrite": 0, "--nproc": 1, "--device": 1}
+             "--sampling": 1, "--grid": 1, "--resume": 0, "--overwrite": 0, "--nproc": 1, "--device": 1,
+             "--init-from": 1}
 
 
 def _without(tokens: list[str], options: dict) -> list[str]:

@@ -20,6 +20,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         dev = torch.device(device)
     except RuntimeError as exc:
         raise DeepPhaseError(f"device: {device!r} is not a torch device (expected 'auto', 'cpu' or 'cuda[:N]')") from exc
+    if dev.type not in ("cpu", "cuda"):
+        raise DeepPhaseError(f"device: {device!r} is not one deepphase runs on; expected 'auto', 'cpu' or 'cuda[:N]'")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeepPhaseError(f"device: {device!r} was asked for, but no CUDA GPU is available here")
     return dev

@@ -558,6 +558,8 @@ def measure_calibration(
     """
     if not gain > 0 or not np.isfinite(gain):
         raise ValueRangeError(f"gain: expected a positive number of detector units per electron, got {gain!r}")
+    if kind not in ("counts", "amplitude"):
+        raise ValueRangeError(f"kind: expected 'counts' or 'amplitude', got {kind!r}")
     shape = tuple(getattr(frames, "shape", ()))
     if len(shape) != 3:
         raise ShapeError(f"{what}: expected patterns of shape (N, k_row, k_col), got shape {shape}")

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..errors import ShapeError, ValueRangeError
 from ..physics.forward import diffraction_amplitude, far_field, incident_counts, poisson_counts
 from ..physics.instrument import check_width, coherent_modes, detector_blur
+from ..physics.probe import validate_probe
 from ..physics.scan import validate_positions
 
 
@@ -77,11 +78,18 @@ def simulate_scan(
     detector_psf_px : standard deviation of the detector's Gaussian point spread, detector pixels (0: none);
         applied to the expected counts before the Poisson noise, as a counting detector does.
     """
+    if np.iscomplexobj(phase):
+        raise ShapeError("phase: expected a real phase image in rad (the object is exp(i·phase)); got complex values")
     phase = np.asarray(phase, dtype=np.float64)
     if phase.ndim != 2:
         raise ShapeError(f"phase: expected a 2-D image, got shape {phase.shape}")
+    if not np.all(np.isfinite(phase)):
+        raise ValueRangeError("phase: contains NaN or Inf")
+    probe = validate_probe(np.asarray(probe))
     n = probe.shape[-1]
     positions = validate_positions(positions, len(positions))
+    if len(positions) == 0:
+        raise ShapeError("positions: no scan positions")
     modes = torch.as_tensor(coherent_modes(probe, source_size_px, focal_spread_per_px2(probe, focal_spread_rad)))
     check_width("detector_psf_px", detector_psf_px)  # before the work, not after the first batch
     need = required_object_shape(positions, n)

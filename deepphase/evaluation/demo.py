@@ -14,10 +14,14 @@ from ..errors import OutputExistsError
 from ..io_utils import save_npy
 from ..models.modelfile import load_model
 from ..physics.scan import REFERENCE_STEP_PX, raster_positions
-from ..reconstruction.pipeline import plot_phase, reconstruct, write_outputs
+from ..reconstruction.pipeline import OUTPUT_FILES, plot_phase, reconstruct, write_outputs
 from .metrics import correlation, fitted_rmse
 
 DEMO_SCAN = (64, 64)
+
+
+# What the demo writes besides write_outputs' files.
+DEMO_FILES = ("truth.npy", "comparison.png")
 
 
 def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hbn", scan_shape=DEMO_SCAN,
@@ -33,11 +37,16 @@ def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hb
     overwrite = False
     if meta_path.exists():
         try:
-            overwrite = json.loads(meta_path.read_text()).get("command") == "demo"
-        except json.JSONDecodeError:
+            record = json.loads(meta_path.read_text())
+            overwrite = isinstance(record, dict) and record.get("command") == "demo"
+        except (json.JSONDecodeError, UnicodeDecodeError):
             overwrite = False
         if not overwrite:
             raise OutputExistsError(f"out: {str(out_dir)!r} holds results that are not a demo's; choose another folder")
+    mine = [name for name in (*OUTPUT_FILES, *DEMO_FILES) if (out_dir / name).exists()]
+    if mine and not overwrite:  # a demo's own names, but no demo's metadata beside them: the user's files
+        raise OutputExistsError(f"out: {str(out_dir)!r} holds {', '.join(mine)}, which the demo would replace; choose "
+                                "another folder")
     t0 = time.perf_counter()
     model = load_model(model)
     positions = raster_positions(scan_shape, REFERENCE_STEP_PX, fastest="row")

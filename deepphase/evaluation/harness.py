@@ -619,7 +619,7 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     source_size_px : simulate the phase-object cases with a finite source of this σ (real-space pixels).
     divide_source : divide each case's finite source out of every method's image (:func:`run_evaluation`).
     """
-    from ..errors import OutputExistsError
+    from ..data.specimens import BUILTIN_SPECIMENS
     from ..physics.probe import reference_probe
 
     check_report_folder(out_dir, overwrite)  # before, not after, the work
@@ -631,7 +631,12 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     if any(not d > 0 for d in doses):
         raise ValueRangeError(f"doses: expected positive electrons per pattern, got {doses}")
     scan_shape = tuple(scan_shape or config["scan_shape"])
+    if forward == ["multislice"] and not any(name not in BUILTIN_SPECIMENS for name in specimens):
+        raise ValueRangeError(f"forward: multislice data are simulated for the material specimens only (hbn, "
+                              f"mos2-vacancies, ...), and {', '.join(specimens)} are phase images: no case to run")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
+        raise ValueRangeError(f"cache-dir: {str(cache_dir)!r} is a file; expected a folder for simulated multislice data")
     probe = reference_probe()
     t0 = time.perf_counter()
     rows, images = run_evaluation(methods, specimens, doses, probe, scan_shape, seed=seed, progress=progress,

@@ -199,7 +199,11 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
         if not isinstance(meta.get(key, {} if key == "arch_config" else None), kind):
             raise InputFileError(f"model: {str(meta_path)!r} has {key} {meta.get(key)!r}; expected a JSON "
                                  f"{'string' if kind is str else 'object'} (the file was edited or cut short)")
-    for name in ("model.safetensors", meta.get("probe_file", "probe.npy")):
+    probe_file = meta.get("probe_file", "probe.npy")
+    if not isinstance(probe_file, str) or Path(probe_file).name != probe_file:  # inside the folder, nowhere else
+        raise InputFileError(f"model: {str(meta_path)!r} names the probe file {probe_file!r}; expected a file name in "
+                             "the model folder")
+    for name in ("model.safetensors", probe_file):
         if not (folder / name).exists():
             raise InputFileError(f"model: {str(folder)!r} lacks {name}")
     try:
@@ -221,13 +225,14 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
                              f"({missing}; {unexpected})") from exc
     _check_neighbourhood(meta, meta_path)
     try:
-        probe = np.load(folder / meta.get("probe_file", "probe.npy"), allow_pickle=False)
+        probe = np.load(folder / probe_file, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise InputFileError(f"model: {str(folder / meta.get('probe_file', 'probe.npy'))!r} is not a readable .npy "
+        raise InputFileError(f"model: {str(folder / probe_file)!r} is not a readable .npy "
                              f"probe ({exc})") from exc
     info = {k: v for k, v in meta.items() if k not in ("format", "arch", "arch_config", "geometry", "probe_file")}
-    if not np.all(np.isfinite(probe)) or not np.any(probe):
-        raise InputFileError(f"model: the probe in {str(folder)!r} holds NaN/Inf or only zeros; the folder is damaged")
+    if probe.shape != (geometry.n_px, geometry.n_px) or not np.all(np.isfinite(probe)) or not np.any(probe):
+        raise InputFileError(f"model: the probe in {str(folder)!r} (shape {probe.shape}) is not a finite "
+                             f"{geometry.n_px}×{geometry.n_px} probe; the folder is damaged")
     network.to(resolve_device(device)).eval()
     return PhaseModel(network, meta["arch"], meta.get("arch_config", {}), probe, geometry, info, folder=folder)
 

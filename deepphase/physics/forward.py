@@ -45,6 +45,10 @@ def incident_counts(probe: np.ndarray | torch.Tensor) -> float:
     return float(n * n * p.abs().square().sum())
 
 
+#: The largest dose simulated: beyond ~1e25 float32 Poisson draws came out wrong, and no detector gets near.
+MAX_DOSE = 1e12
+
+
 def poisson_counts(
     intensity: torch.Tensor,
     dose: float | torch.Tensor,
@@ -58,6 +62,9 @@ def poisson_counts(
     """
     if not bool(torch.all(torch.as_tensor(dose) > 0)):
         raise ValueRangeError(f"dose: expected a positive number of electrons per pattern, got {dose!r}")
+    if not bool(torch.all(torch.as_tensor(dose) <= MAX_DOSE)):  # float32 Poisson sampling breaks down beyond
+        raise ValueRangeError(f"dose: at most {MAX_DOSE:.0e} electrons per pattern are simulated (float32 counts "
+                              f"lose their noise and then their values beyond it), got {float(torch.max(torch.as_tensor(dose))):.3g}")
     return torch.poisson(intensity * (dose / probe_counts), generator=generator)
 
 

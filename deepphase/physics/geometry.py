@@ -67,12 +67,22 @@ def upsample_nearest(array, factor: int):
     ) else np.repeat(np.repeat(array, factor, -2), factor, -1)
 
 
+#: A probe lighting fewer pixels than this leaves the network a phase of a pixel or two to predict.
+MIN_LIT_PIXELS = 4
+
+
 def output_mask(probe: np.ndarray, geometry: Geometry) -> np.ndarray:
     """The illuminated mask on the network's output grid (cropped and upsampled), bool."""
     if probe.shape[-1] != geometry.n_px:
         raise ShapeError(f"probe: expected a {geometry.n_px}×{geometry.n_px} grid, got {probe.shape}")
     mask = crop_window(illuminated_mask(probe, geometry.mask_threshold), geometry)
     full = illuminated_mask(probe, geometry.mask_threshold)
+    if 0 < full.sum() < MIN_LIT_PIXELS:
+        raise ValueRangeError(
+            f"probe: lights only {int(full.sum())} pixel(s) of its {geometry.n_px}×{geometry.n_px} grid (|P|² above "
+            f"{geometry.mask_threshold} of its maximum): too narrow for a phase to be learnt under it (the reference "
+            f"probe lights 9); expected a probe a few pixels across (from optics: a smaller --sampling or "
+            "--semi-angle widens it in pixels)")
     if mask.sum() != full.sum():
         raise ShapeError(
             f"probe: the illuminated area ({int(full.sum())} pixels with |P|² above {geometry.mask_threshold} of its "

@@ -124,7 +124,15 @@ def load_probe(probe: str | Path | np.ndarray | None = REFERENCE_PROBE) -> np.nd
         try:
             array = np.load(path, allow_pickle=False)
         except Exception as exc:  # numpy raises several types for a bad file
-            raise InputFileError(f"probe: could not read {str(path)!r} as .npy ({exc})") from exc
+            from ..data.io import npy_problem
+
+            raise InputFileError(f"probe: could not read {str(path)!r} as .npy ({npy_problem(path, exc)})") from exc
+        if isinstance(array, np.lib.npyio.NpzFile):  # a simulate .npz carries its probe
+            with array:
+                if "probe" not in array.files:
+                    raise InputFileError(f"probe: {str(path)!r} is an .npz without a 'probe' array (it holds "
+                                         f"{', '.join(array.files)}); expected an .npy file of the complex probe")
+                array = array["probe"]
     else:
         array = np.asarray(probe)
     return validate_probe(array)

@@ -352,6 +352,10 @@ def reconstruct(
     InterruptedReconstruction
         On Ctrl-C (KeyboardInterrupt), after saving the progress to ``checkpoint`` if given.
     """
+    if sigma_scale is not None and not (np.isfinite(sigma_scale) and sigma_scale > 0):
+        raise ValueRangeError(f"sigma_scale: expected a positive factor on the spread, got {sigma_scale!r}")
+    if sampling is not None and not (np.isfinite(sampling) and sampling > 0):
+        raise ValueRangeError(f"sampling: expected a positive pixel size in Å, got {sampling!r}")
     if uncertainty_samples and int(uncertainty_samples) < 2:  # before any prediction is spent
         raise ValueRangeError(f"uncertainty_samples: expected at least 2 samples, got {uncertainty_samples}")
     if int(chunk_size) < 1:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..data.phase_objects import CorpusConfig
@@ -45,6 +45,8 @@ from ..runtime import resolve_device
 from .loss import LOSSES, laplace_nll, masked_l1
 
 CHECKPOINT = "checkpoint.safetensors"
+# What a model folder holds besides the checkpoint (models/modelfile.save_model).
+MODEL_FILES = ("model.json", "model.safetensors", "probe.npy")
 
 # Architectures trained with the linear estimator from the intensity (models.compact; RESULTS.md §22)
 # and its per-pixel gate (§23). They are architecture options rather than defaults of the model factory,
@@ -90,6 +92,16 @@ class TrainConfig:
     # each pattern draws from; the target stays the object (which gained little: benchmarks/RESULTS.md §38)
     source_size_px: float | tuple[float, float] = 0.0
     focal_spread_rad: float | tuple[float, float] = 0.0  # rad at the disk's edge: an incoherent spread of focus, likewise
+
+    def __post_init__(self):
+        for name in ("epochs", "steps_per_epoch", "batch_size", "val_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise DeepPhaseError(f"{name}: expected a positive whole number, got {value!r}")
+        if self.lr is not None and not (np.isfinite(self.lr) and self.lr > 0):
+            raise DeepPhaseError(f"lr: expected a positive learning rate, got {self.lr!r}")
+        if isinstance(self.dose, (tuple, list)) and (len(self.dose) != 2 or not 0 < self.dose[0] <= self.dose[1]):
+            raise DeepPhaseError(f"dose: expected a range (LO, HI) with 0 < LO ≤ HI electrons per pattern, got {self.dose!r}")
 
     def optimizer_settings(self) -> dict:
         if self.preset not in OPTIMIZERS:
@@ -186,20 +198,20 @@ def save_checkpoint(path: Path, network, optimizer, epoch: int, history: list, c
 
 
 def _read_checkpoint(path: Path):
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
-    return _unpack_checkpoint(meta, tensors)
+    return _checkpoint_from_bytes(Path(path).read_bytes(), path)
 
 
-def _checkpoint_from_bytes(blob: bytes):
-    """As :func:`_read_checkpoint`, from the file's bytes (the safetensors header holds the metadata)."""
+def _checkpoint_from_bytes(blob: bytes, path=CHECKPOINT):
+    """The checkpoint's epoch, history, config, model and optimiser state from the file's bytes (the safetensors
+    header holds the metadata); a file cut short or not a checkpoint is refused, saying so."""
     from safetensors.torch import load
 
-    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
-    return _unpack_checkpoint(header.get("__metadata__", {}), load(blob))
+    try:
+        header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+        return _unpack_checkpoint(header.get("__metadata__") or {}, load(blob))
+    except Exception as exc:  # safetensors' errors, a JSON error, a missing entry: all mean a damaged file
+        raise DeepPhaseError(f"resume: {str(path)!r} is not a readable training checkpoint ({type(exc).__name__}: "
+                             f"{exc}); --overwrite starts the training afresh") from exc
 
 
 def _unpack_checkpoint(meta: dict, tensors: dict):
@@ -288,7 +300,8 @@ def train(
                 check_out_dir(out_dir, resume, overwrite)
                 blob = checkpoint_path.read_bytes() if resume else None
                 if blob is not None:
-                    _check_resume_config(_checkpoint_from_bytes(blob)[2], config)
+                    _check_resume_config(_checkpoint_from_bytes(blob, checkpoint_path)[2], config)
+                    _check_resume_probe(out_dir, probe)
                 message = [("ok", blob)]
             except DeepPhaseError as exc:
                 message = [("error", exc)]
@@ -327,6 +340,8 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         epoch_done, history, saved_config, model_state, opt_state = (
             _read_checkpoint(checkpoint_path) if checkpoint is None else _checkpoint_from_bytes(checkpoint))
         _check_resume_config(saved_config, config)
+        if world == 1:
+            _check_resume_probe(out_dir, probe)
         for part, what in (("linear_path", "linear path"), ("linear_gate", "linear path's gate")):
             if getattr(network, part, None) is not None and f"{part}.weight" not in model_state:
                 raise DeepPhaseError(f"{checkpoint_path}: this checkpoint was written before the compact network had "
@@ -500,6 +515,14 @@ def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
         )
 
 
+def _check_resume_probe(out_dir: Path, probe: np.ndarray) -> None:
+    """A training resumes for the probe it was started with (its probe.npy, written with the first epoch)."""
+    saved = out_dir / "probe.npy"
+    if saved.exists() and not np.allclose(np.load(saved, allow_pickle=False), probe, rtol=1e-6, atol=1e-9):
+        raise DeepPhaseError(f"resume: the training in {str(out_dir)!r} was started for another probe (its probe.npy); "
+                             "resume with the same --probe or optics, or train anew with --overwrite")
+
+
 def check_batch_split(batch_size: int, world: int) -> None:
     """The global batch must split evenly between the processes."""
     if world > 1 and batch_size % world:
@@ -519,6 +542,10 @@ def check_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
         raise OutputExistsError(
             f"out: {str(out_dir)!r} already holds a model; pass --resume to continue it or --overwrite to replace it"
         )
+    theirs = [name for name in MODEL_FILES if (out_dir / name).exists()]
+    if not resume and not overwrite and theirs:  # not a model of ours, but files a model would replace
+        raise OutputExistsError(f"out: {str(out_dir)!r} holds {', '.join(theirs)}, which a model folder's files would "
+                                "replace; choose another folder or pass --overwrite")
 
 
 def _rank_batches(stream: TrainingStream, config: TrainConfig, epoch: int, rank: int, world: int, rank_data: str):

@@ -1,0 +1,99 @@
+"""Bad input to train, demo, evaluate and the Python API: refused in one line, saying what was wrong and what
+was expected, before any work, and nothing of the user's replaced."""
+
+import numpy as np
+import pytest
+
+from deepphase.cli import main
+from deepphase.errors import DeepPhaseError
+from deepphase.physics import raster_positions, reference_probe
+
+TINY = ["--arch", "compact", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--val-size", "8"]
+
+
+def refused(argv, capsys, expected):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("train") / "base"
+    assert main([*(["train"] + TINY), "--out", str(folder)]) == 0
+    return folder
+
+
+def test_a_training_resumes_only_from_a_sound_checkpoint_for_its_own_probe(trained, tmp_path, capsys):
+    import shutil
+
+    more = ["train", *TINY[:2], "--epochs", "2", *TINY[4:], "--resume"]
+    shutil.copytree(trained, tmp_path / "cut")
+    (tmp_path / "cut" / "checkpoint.safetensors").write_bytes(b"")
+    refused([*more, "--out", tmp_path / "cut"], capsys, "is not a readable training checkpoint")
+    shutil.copytree(trained, tmp_path / "other")
+    np.save(tmp_path / "conjugate.npy", np.conj(reference_probe()))
+    refused([*more, "--probe", tmp_path / "conjugate.npy", "--out", tmp_path / "other"], capsys,
+            "was started for another probe")
+
+
+def test_train_replaces_no_file_of_the_users_and_refuses_useless_probes(tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "model.safetensors").write_text("mine")
+    refused(["train", *TINY, "--out", tmp_path / "mine"], capsys, "holds model.safetensors")
+    assert (tmp_path / "mine" / "model.safetensors").read_text() == "mine"
+    refused(["train", *TINY, "--energy", 300, "--semi-angle", 48, "--sampling", 0.2, "--out", tmp_path / "narrow"],
+            capsys, "lights only 1 pixel")
+    refused(["train", *TINY, "--device", "mps", "--out", tmp_path / "mps"], capsys, "expected 'auto', 'cpu' or 'cuda")
+    np.savez(tmp_path / "scan.npz", amplitude=np.zeros((1, 32, 32)))
+    refused(["train", *TINY, "--probe", tmp_path / "scan.npz", "--out", tmp_path / "npz"], capsys,
+            "an .npz without a 'probe' array")
+    assert not (tmp_path / "narrow").exists() and not (tmp_path / "npz").exists()
+
+
+def test_demo_and_evaluate_refuse_before_the_work(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "truth.npy").write_text("mine")
+    refused(["demo", "--out", tmp_path / "d"], capsys, "holds truth.npy, which the demo would replace")
+    assert (tmp_path / "d" / "truth.npy").read_text() == "mine"
+    refused(["evaluate", "--methods", "idpc", "--specimens", "cameraman", "--doses", 1000, "--scan-shape", 24, 24,
+             "--forward", "multislice", "--out", tmp_path / "e"], capsys, "no case to run")
+
+
+def test_the_python_api_refuses_what_it_cannot_use(tmp_path):
+    from deepphase.data.calibration import calibrate
+    from deepphase.data.simulate import simulate_scan
+    from deepphase.models.modelfile import load_model, packaged_model_path
+    from deepphase.physics.forward import MAX_DOSE
+    from deepphase.training.loop import TrainConfig
+
+    positions = raster_positions((4, 4), 0.87)
+    phase = np.zeros((40, 40))
+    with pytest.raises(DeepPhaseError, match="complex values"):
+        simulate_scan(phase * 1j, reference_probe(), positions, progress=False)
+    with pytest.raises(DeepPhaseError, match="at most 1e\\+12 electrons"):
+        simulate_scan(phase, reference_probe(), positions, dose=10 * MAX_DOSE, progress=False)
+    with pytest.raises(DeepPhaseError, match="kind: expected 'counts' or 'amplitude', got 'amplitudes'"):
+        calibrate(np.ones((4, 64, 64)), "default", kind="amplitudes")
+    for bad in ({"steps_per_epoch": 0}, {"val_size": 0}, {"lr": -1.0}, {"dose": (1000.0, 10.0)}):
+        with pytest.raises(DeepPhaseError, match=next(iter(bad))):
+            TrainConfig(**bad)
+    import json
+    import shutil
+
+    shutil.copytree(packaged_model_path("seed-unet"), tmp_path / "m")
+    np.save(tmp_path / "m" / "probe.npy", np.ones(5))
+    with pytest.raises(DeepPhaseError, match="is not a finite 32×32 probe"):
+        load_model(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    (tmp_path / "m" / "model.json").write_text(json.dumps({**meta, "probe_file": "../probe.npy"}))
+    with pytest.raises(DeepPhaseError, match="expected a file name in the model folder"):
+        load_model(tmp_path / "m")
+
+
+def test_like_takes_a_recipe_without_the_model_it_was_started_from(tmp_path, capsys):
+    # the packaged probe-aware model was fine-tuned from a folder on the machine that trained it
+    assert main(["train", "--like", "probe-aware", *TINY[2:], "--out", str(tmp_path / "aware")]) == 0
+    err = capsys.readouterr().err
+    assert "--probe-aware 2.0" in err and "--init-from" not in err
