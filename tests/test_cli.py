@@ -231,6 +231,7 @@ def test_model_for_another_grid_is_refused(tiny_scan, tmp_path, capsys):
 
     model = load_model()
     model.geometry = Geometry(n_px=64)
+    model.probe = np.pad(model.probe, 16)  # (a model folder is whole: its probe on its own grid)
     save_model(model, tmp_path / "m64")
     folder, _ = tiny_scan
     code, out, err = run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy",
