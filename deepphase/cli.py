@@ -269,7 +269,6 @@ def _cmd_reconstruct(args) -> None:
     from .reconstruction.pipeline import (check_output_folder, read_checkpoint, reconstruct, with_source_divided_out,
                                           write_outputs)
 
-    started = time.time()
     check_output_folder(args.out, args.overwrite)
     partial = args.out / PARTIAL_FOLDER
     try:
@@ -301,8 +300,7 @@ def _cmd_reconstruct(args) -> None:
         raise DeepPhaseError(f"source-size: expected the source's standard deviation ≥ 0 in real-space pixels, "
                              f"got {args.source_size}")
     if args.libertem:
-        _reconstruct_with_libertem(args)
-        return _remove_stale_figures(args.out, started)
+        return _remove_stale_figures(args.out, _reconstruct_with_libertem(args))
     notes = []
     data = load_scan(args.data, args.dataset, scan_shape=args.scan_shape)
     try:
@@ -451,7 +449,8 @@ def _cmd_reconstruct(args) -> None:
             notes.append(f"what the DPC curl criterion saw: {args.out / 'rotation.png'}")
     finally:
         data.close()
-    _remove_stale_figures(args.out, started)
+    _remove_stale_figures(args.out, _figures_written(view is not None, rotation_figure is not None,
+                                                     scan_info.get("probe_check", {}).get("note")))
     for note in notes:
         print(f"deepphase reconstruct: note: {note}", file=sys.stderr)
     msg = (f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
@@ -470,10 +469,16 @@ PARTIAL_FOLDER = ".deepphase-partial"
 _FIGURES = ("calibration.png", "rotation.png", "probe_estimate.npy", "probe_check.png")
 
 
-def _remove_stale_figures(out: Path, started: float) -> None:
+def _figures_written(calibrated: bool, rotation: bool, probe_note) -> set:
+    """Which of ``_FIGURES`` a reconstruction wrote: the calibration's, what the DPC criterion saw, the probe's."""
+    return ({"calibration.png"} if calibrated else set()) | ({"rotation.png"} if rotation else set()) | (
+        {"probe_estimate.npy", "probe_check.png"} if probe_note else set())
+
+
+def _remove_stale_figures(out: Path, written: set) -> None:
     """After an --overwrite run: an earlier run's figures this one did not remake would contradict its metadata."""
-    for name in _FIGURES:
-        if (out / name).exists() and (out / name).stat().st_mtime < started:
+    for name in set(_FIGURES) - written:
+        if (out / name).exists():
             (out / name).unlink()
 
 
@@ -692,8 +697,9 @@ def _flipped_amplitudes(frames, kind: str):
     return FlippedView(AmplitudeView(frames, kind))
 
 
-def _reconstruct_with_libertem(args) -> None:
-    """``reconstruct --libertem``: the file opened by LiberTEM, predicted and stitched on its executor."""
+def _reconstruct_with_libertem(args) -> set:
+    """``reconstruct --libertem``: the file opened by LiberTEM, predicted and stitched on its executor; returns the
+    figures it wrote (:func:`_figures_written`)."""
     try:
         from .reconstruction.libertem_udf import LIBERTEM_EXTRA, reconstruct_file
         import libertem.api  # noqa: F401
@@ -765,6 +771,8 @@ def _reconstruct_with_libertem(args) -> None:
           f"{rec.timings['patterns_per_second']:.0f} patterns/s)"
           + (f"; calibrated {read['pattern_shape'][0]}×{read['pattern_shape'][1]} (see calibration.png)"
              if read["calibration"] else ""))
+    return _figures_written(read["calibration"] is not None, bool(read["rotation_png"]),
+                            (read.get("probe_check") or {}).get("note"))
 
 
 def _uncertainty_argument(text: str):
