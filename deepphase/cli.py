@@ -798,10 +798,15 @@ def _cmd_calibrate_uncertainty(args) -> None:
     from .models.registry import has_sigma_head
     from .reconstruction.uncertainty import fit_sigma_scale, save_sigma_scale
 
-    if args.model is None or not (Path(args.model) / "model.json").exists():
-        raise DeepPhaseError(f"model: expected a model folder with a model.json, got {args.model!r} (the packaged "
-                             "models are calibrated already)")
-    check_writable(Path(args.model) / "model.json", "model", folder=False)
+    folder = Path(args.model).parent if Path(args.model).name == "model.json" else Path(args.model)
+    if not (folder / "model.json").exists():
+        from .models.modelfile import packaged_models
+
+        why = (" (the packaged models are calibrated already)" if args.model in packaged_models()
+               else " (no such folder)" if not folder.exists() else "")
+        raise DeepPhaseError(f"model: expected a model folder with a model.json, got {args.model!r}{why}")
+    args.model = str(folder)
+    check_writable(folder / "model.json", "model", folder=False)
     model = load_model(args.model)
     method = args.method if args.method != "auto" else ("head" if has_sigma_head(model.network) else "dropout")
     result = fit_sigma_scale(model, n_scans=args.scans, side=args.side, samples=args.samples, seed=args.seed,

@@ -36,6 +36,10 @@ def test_a_training_resumes_only_from_a_sound_checkpoint_for_its_own_probe(train
     np.save(tmp_path / "conjugate.npy", np.conj(reference_probe()))
     refused([*more, "--probe", tmp_path / "conjugate.npy", "--out", tmp_path / "other"], capsys,
             "was started for another probe")
+    shutil.copytree(trained, tmp_path / "done")
+    refused(["train", *TINY, "--resume", "--out", tmp_path / "done"], capsys, "has trained 1 epochs already")
+    refused(["train", *TINY[:6], "--batch-size", 6, *TINY[8:], "--epochs", 2, "--resume", "--out", tmp_path / "done"],
+            capsys, "batch_size: 4 then, 6 now")
 
 
 def test_train_replaces_no_file_of_the_users_and_refuses_useless_probes(tmp_path, capsys):

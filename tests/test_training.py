@@ -335,7 +335,7 @@ def test_existing_model_is_not_overwritten_unasked(probe, tmp_path):
     with pytest.raises(OutputExistsError, match="--resume"):
         train(probe, tmp_path / "m", config, **quiet)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
-    with pytest.raises(DeepPhaseError, match="another configuration"):
+    with pytest.raises(DeepPhaseError, match="another configuration .batch_size: 4 then, 6 now"):
         train(probe, tmp_path / "m", TrainConfig(**{**config.__dict__, "batch_size": 6}), resume=True, **quiet)
 
 

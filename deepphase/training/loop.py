@@ -350,6 +350,9 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         network.load_state_dict(model_state)
         optimizer.load_state_dict(opt_state)
         start_epoch = epoch_done + 1
+        if start_epoch >= config.epochs:
+            raise DeepPhaseError(f"resume: {str(out_dir)!r} has trained {start_epoch} epochs already; give --epochs more "
+                                 "than that to train on")
         log(f"resuming {out_dir} after epoch {epoch_done + 1} of {config.epochs}")
 
     validation = stream.fixed_set(config.seed, config.val_size)
@@ -506,13 +509,13 @@ def _initialise_from(network: torch.nn.Module, config: TrainConfig, arch_config:
 
 
 def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
-    if {k: v for k, v in saved_config.items() if k not in ("epochs", "device")} != {
-        k: v for k, v in config.to_dict().items() if k not in ("epochs", "device")
-    }:
-        raise DeepPhaseError(
-            "resume: the checkpoint was made with another configuration "
-            f"({saved_config}); resume with the same arguments (only --epochs and --device may change)"
-        )
+    now = config.to_dict()
+    changed = sorted(k for k in set(saved_config) | set(now)
+                     if k not in ("epochs", "device") and saved_config.get(k) != now.get(k))
+    if changed:
+        said = "; ".join(f"{k}: {saved_config.get(k)!r} then, {now.get(k)!r} now" for k in changed)
+        raise DeepPhaseError(f"resume: the checkpoint was made with another configuration ({said}); resume with the "
+                             "same arguments (only --epochs and --device may change)")
 
 
 def _check_resume_probe(out_dir: Path, probe: np.ndarray) -> None:
