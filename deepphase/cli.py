@@ -84,6 +84,11 @@ def _probe_from_args(args) -> tuple:
         info = {"probe": {"source": "parameters", **params.__dict__}, "sampling": args.sampling,
                 "energy": args.energy, "semiangle_cutoff": args.semi_angle}
         return probe_from_parameters(params), info
+    ignored = [name for name, given in (("--defocus", args.defocus != 0.0), ("--cs", args.cs != 0.0),
+                                        ("--grid", args.grid != 32)) if given]
+    if ignored:
+        raise DeepPhaseError(f"probe: {', '.join(ignored)} build a probe from optics (with --energy, --semi-angle and "
+                             f"--sampling); with --probe {args.probe} they would do nothing")
     return load_probe(args.probe), {"probe": {"source": str(args.probe)}}
 
 
@@ -102,10 +107,16 @@ def _value_or_range(name: str, values, default=0.0):
 def _cmd_train(args) -> None:
     from .data.phase_objects import CORPUS_PRESETS, DEFAULT_LATTICE_SPACING_PX, CorpusConfig
     from .physics.geometry import Geometry
+    from .physics.scan import REFERENCE_STEP_PX
     from .training.loop import TrainConfig, train
 
     probe, info = _probe_from_args(args)
     dose = _value_or_range("dose", args.dose, default=None)
+    if args.sigma_weight != 1.0 and not args.sigma_head:
+        raise DeepPhaseError("sigma-weight: weighs the σ head's likelihood; it needs --sigma-head")
+    if args.neighbourhood_step != REFERENCE_STEP_PX and args.neighbourhood == 1:
+        raise DeepPhaseError("neighbourhood-step: the scan step of a 3×3 neighbourhood's patterns; it needs "
+                             "--neighbourhood 3")
     config = TrainConfig(arch=args.arch, epochs=args.epochs, steps_per_epoch=args.steps_per_epoch,
                          batch_size=args.batch_size, preset=args.preset, lr=args.lr, dose=dose,
                          corpus=CorpusConfig(mix=dict(CORPUS_PRESETS[args.corpus]),
@@ -871,6 +882,8 @@ def _cmd_evaluate(args) -> None:
                      else "pairwise stitching, plane removed")
             harness.register_method(name, f"model {path}, {about}")(harness.network_method(path, sigma_head=sigma_head))
             extra.append(name)
+    if args.sigma_scale is not None and not args.ensemble:
+        raise DeepPhaseError("sigma-scale: a factor on an ensemble's spread; it needs --ensemble NAME=FOLDER,FOLDER")
     for item in args.ensemble or []:
         name, sep, paths = item.partition("=")
         folders = [f for f in paths.split(",") if f]

@@ -54,6 +54,10 @@ def test_train_replaces_no_file_of_the_users_and_refuses_useless_probes(tmp_path
     refused(["train", *TINY, "--probe", tmp_path / "scan.npz", "--out", tmp_path / "npz"], capsys,
             "an .npz without a 'probe' array")
     assert not (tmp_path / "narrow").exists() and not (tmp_path / "npz").exists()
+    # options that would do nothing
+    refused(["train", *TINY, "--defocus", 50, "--out", tmp_path / "f"], capsys, "--defocus build a probe from optics")
+    refused(["train", *TINY, "--sigma-weight", 0.5, "--out", tmp_path / "f"], capsys, "it needs --sigma-head")
+    refused(["train", *TINY, "--neighbourhood-step", 1.2, "--out", tmp_path / "f"], capsys, "needs --neighbourhood 3")
 
 
 def test_demo_and_evaluate_refuse_before_the_work(tmp_path, capsys):
@@ -63,6 +67,7 @@ def test_demo_and_evaluate_refuse_before_the_work(tmp_path, capsys):
     assert (tmp_path / "d" / "truth.npy").read_text() == "mine"
     refused(["evaluate", "--methods", "idpc", "--specimens", "cameraman", "--doses", 1000, "--scan-shape", 24, 24,
              "--forward", "multislice", "--out", tmp_path / "e"], capsys, "no case to run")
+    refused(["evaluate", "--methods", "idpc", "--sigma-scale", 2, "--out", tmp_path / "e"], capsys, "needs --ensemble")
 
 
 def test_the_python_api_refuses_what_it_cannot_use(tmp_path):
