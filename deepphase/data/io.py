@@ -566,6 +566,13 @@ def check_dtype(frames) -> None:
         raise ShapeError(f"data: expected real numeric diffraction patterns, got dtype {dtype}")
 
 
+def sample_patterns(frames, sample: int) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``sample`` patterns spread evenly over the scan, read one at a time: (their indices, float64 block)."""
+    n = int(frames.shape[0])
+    idx = np.unique(np.linspace(0, n - 1, min(sample, n)).astype(int))
+    return idx, np.concatenate([np.asarray(frames[int(i) : int(i) + 1], dtype=np.float64) for i in idx])
+
+
 def infer_kind(frames, sample: int = 256) -> str:
     """Tell counts from amplitudes in data that does not say which.
 
@@ -575,8 +582,7 @@ def infer_kind(frames, sample: int = 256) -> str:
     by up to ~2e-7 of their value and are still counts.
     """
     check_dtype(frames)
-    idx = np.unique(np.linspace(0, len(frames) - 1, min(sample, len(frames))).astype(int))
-    block = np.concatenate([np.asarray(frames[int(i) : int(i) + 1], dtype=np.float64) for i in idx])
+    idx, block = sample_patterns(frames, sample)
     for i, frame in zip(idx, block):
         check_patterns(frame[None], int(i))
     if np.all(np.abs(block - np.round(block)) < 1e-6 * np.maximum(1.0, np.abs(block))):
@@ -598,8 +604,7 @@ def looks_like_amplitudes(frames, sample: int = 16) -> bool:
         check_dtype(frames)
     except ShapeError:
         return False
-    idx = np.unique(np.linspace(0, len(frames) - 1, min(sample, len(frames))).astype(int))
-    block = np.concatenate([np.asarray(frames[int(i) : int(i) + 1], dtype=np.float64) for i in idx])
+    _, block = sample_patterns(frames, sample)
     if not np.all(np.isfinite(block)) or block.min() < 0 or np.all(block == np.round(block)):
         return False
     squared = block**2

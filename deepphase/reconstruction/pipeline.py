@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data.io import check_dtype, check_patterns
+from ..data.io import check_dtype, check_patterns, sample_patterns
 from ..errors import OutputExistsError, ShapeError, ValueRangeError
 from ..io_utils import atomic_path, save_json, save_npy, save_png
 from ..models.modelfile import PhaseModel, check_compatible, load_model
@@ -605,9 +605,7 @@ def dose_note(model: PhaseModel, dose: float | None) -> str | None:
 
 def counts_note(amplitudes, samples: int = 16) -> str | None:
     """A line when the "amplitudes" are whole numbers above 1, as counts are and square roots of counts are not."""
-    n = int(amplitudes.shape[0])
-    index = np.unique(np.linspace(0, n - 1, min(n, samples)).round().astype(np.int64))
-    block = np.stack([np.asarray(amplitudes[i : i + 1], dtype=np.float64)[0] for i in index])
+    _, block = sample_patterns(amplitudes, samples)
     if not (np.all(np.isfinite(block)) and block.max() > 1 and np.all(block == np.round(block))):
         return None
     return ("the patterns are whole numbers, as counts are: reconstruct takes √counts, so read counts with "
