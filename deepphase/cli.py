@@ -10,11 +10,9 @@ import argparse
 import importlib.util
 import os
 import shlex
-import shutil
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 
 from . import __version__
@@ -199,9 +197,6 @@ def _positions_from_args(args, n_frames: int | None, scan_shape=None, default_fa
                        "fastest": fastest}
 
 
-_DEBLUR = {"auto": "auto", "on": True, "off": False}
-
-
 def _rotation(text: str):
     if text == "auto":
         return text
@@ -272,518 +267,49 @@ def _cmd_simulate(args) -> None:
 
 
 def _cmd_reconstruct(args) -> None:
-    from .data.io import AmplitudeView, infer_kind, load_scan, looks_like_amplitudes
-    from .evaluation.metrics import correlation
-    from .models.modelfile import check_compatible, load_model
-    from .physics.scan import check_spacing
-    from .physics.scan import raster_positions
-    from .reconstruction.pipeline import (check_output_folder, read_checkpoint, reconstruct, with_source_divided_out,
-                                          write_outputs)
+    from .reconstruction.from_file import reconstruct_file
 
-    check_output_folder(args.out, args.overwrite)
-    partial = args.out / PARTIAL_FOLDER
-    try:
-        record = read_checkpoint(partial)
-    except DeepPhaseError:
-        if not args.overwrite or not partial.is_dir():
-            raise
-        shutil.rmtree(partial)  # damaged progress, and a fresh start asked for
-        record = None
-    if args.resume and record is None:
-        raise DeepPhaseError(f"resume: {str(args.out)!r} holds no interrupted reconstruction to continue")
-    if record is not None and not args.resume:
-        if not args.overwrite:
-            raise DeepPhaseError(
-                f"out: {str(args.out)!r} holds an interrupted reconstruction ({record['done']:,} of {record['total']:,} "
-                "patterns done); pass --resume to continue it or --overwrite to start again")
-        shutil.rmtree(partial)
-    if args.ensemble and (args.workers is not None or args.scheduler is not None):
-        raise DeepPhaseError("ensemble: not available on a cluster (--workers/--scheduler) yet; run in one process")
-    if args.resume and (args.workers is not None or args.scheduler is not None):
-        raise DeepPhaseError("resume: a cluster reconstruction (--workers/--scheduler) cannot be resumed; run it again")
-    figure = args.out / "calibration.png"
-    for name in _FIGURES:
-        if (args.out / name).exists() and not args.overwrite:
-            raise DeepPhaseError(f"out: {str(args.out)!r} already holds {name}; choose another folder or pass --overwrite")
-    if args.gain is not None and not args.gain > 0:
-        raise DeepPhaseError(f"gain: expected a positive number of detector units per electron, got {args.gain}")
-    if not (np.isfinite(args.source_size) and args.source_size >= 0):  # refused before the work, not after it
-        raise DeepPhaseError(f"source-size: expected the source's standard deviation ≥ 0 in real-space pixels, "
-                             f"got {args.source_size}")
-    if args.libertem:
-        return _remove_stale_figures(args.out, _reconstruct_with_libertem(args))
-    notes = []
-    data = load_scan(args.data, args.dataset, scan_shape=args.scan_shape)
-    try:
-        n_frames = data.frames.shape[0]
-        truncated = data.info.get("truncated")
-        if truncated:
-            if data.scan_shape is not None:
-                args.scan_shape = list(data.scan_shape)
-            notes.append(f"{args.data} is truncated: {truncated.get('frames_in_file')} frames in the file; "
-                         + (f"kept the {data.scan_shape[0]} complete scan rows" if data.scan_shape else "kept them all"))
-        model = load_model(args.model)
-        n = model.geometry.n_px
-        pattern = tuple(data.frames.shape[1:])
-        calibrating = args.calibration == "on" or (
-            args.calibration == "auto" and pattern != (n, n) and min(pattern) >= n)
-        if not calibrating:
-            check_compatible(model, pattern)
-        if data.scan_shape is not None and args.scan_shape is not None and \
-                tuple(args.scan_shape) != tuple(data.scan_shape):
-            raise DeepPhaseError(f"scan-shape: {args.scan_shape[0]}×{args.scan_shape[1]} given, but {args.data} holds "
-                                 f"a {data.scan_shape[0]}×{data.scan_shape[1]} scan; drop --scan-shape (the data's own "
-                                 "shape is used) or reshape the data")
-        default_fastest = "col" if data.scan_shape is not None else "row"
-        positions, scan_info = _positions_from_args(args, n_frames, data.scan_shape, default_fastest)
-        if positions is None and data.positions is not None:
-            if args.step is not None or args.rotation not in (0.0, "auto") or args.fastest is not None:
-                raise DeepPhaseError(f"positions: {args.data} holds the scan's positions; --step, --rotation DEG and "
-                                     "--fastest would be ignored: drop them, or give --scan-shape and --step to use a "
-                                     "raster instead")
-            positions, scan_info = data.positions, {"positions": "from the data file"}
-        kind = data.kind if args.input == "auto" else args.input
-        view, calibration = None, None
-        shape = args.scan_shape or data.scan_shape
-        step_from_file = (calibrating and shape is not None and args.step is None
-                          and isinstance(data.info.get("scan_step_angstrom"), float))
-        if positions is None and not step_from_file:
-            if args.scan_shape is not None:
-                raise DeepPhaseError("step: --scan-shape needs the raster's step as well (--step S, in real-space "
-                                     "pixels of the model's grid)")
-            raise DeepPhaseError(
-                "positions: the data holds none; give --positions POS.npy or --scan-shape ROWS COLS --step S"
-                + (" (the scan shape is known from the data: --step S is enough)" if data.scan_shape else "")
-            )
-        if calibrating:
-            from .data.calibration import calibrate
-
-            if kind is None:  # detector patterns are intensities, unless they are plainly square roots of counts
-                kind = "amplitude" if looks_like_amplitudes(data.frames) else "counts"
-            coords = positions if positions is not None else (
-                raster_positions(tuple(shape), 1.0, 0.0 if args.rotation == "auto" else args.rotation,
-                                 args.fastest or default_fastest)
-                if shape is not None and shape[0] * shape[1] == n_frames else None)
-            energy = args.energy if args.energy is not None else data.info.get("energy_kev")
-            view, calibration = calibrate(
-                data.frames, model, coords, kind=kind, gain=args.gain or 1.0, mrad_per_px=args.mrad_per_px,
-                model_mrad_per_px=args.model_mrad_per_px, semi_angle=args.semi_angle, energy=energy,
-                detector_sampling=data.info.get("detector_sampling"))
-            pixel = calibration.get("real_space_sampling_angstrom")
-            if positions is None and args.step is None and shape is not None and pixel and \
-                    isinstance(data.info.get("scan_step_angstrom"), float):
-                args.step = data.info["scan_step_angstrom"] / pixel
-                positions, scan_info = _positions_from_args(args, n_frames, data.scan_shape, default_fastest)
-                scan_info["step_from"] = (f"the file's scan step {data.info['scan_step_angstrom']:.4g} Å / the "
-                                          f"calibrated pixel size {pixel:.4g} Å")
-        if positions is None:
-            raise DeepPhaseError(
-                f"step: the file's scan step ({data.info['scan_step_angstrom']:.4g} Å) cannot be turned into pixels "
-                "without the real-space pixel size; give --step S, or --energy KEV with --semi-angle MRAD or "
-                "--mrad-per-px X"
-            )
-        check_spacing(positions, model.geometry)  # before the rotation and probe checks read the patterns
-        if args.input == "counts" and looks_like_amplitudes(data.frames):
-            notes.append("the patterns look like amplitudes (not whole numbers, their squares are), yet --input counts "
-                         "reads them as counts; check it (--input amplitude, or leave --input to find it)")
-        if view is not None and coords is not None and coords is not positions:
-            view.use_coords(positions)  # the descan plane, fitted in scan indices, in position units
-        if kind is None:
-            kind = infer_kind(data.frames)
-        amplitudes = view if view is not None else AmplitudeView(data.frames, kind)
-        if args.flip_patterns:
-            view, amplitudes = _flipped(view, amplitudes)
-        rotation_figure = None  # what the DPC criterion saw, drawn once the image is written
-        if args.rotation == "auto":
-            positions, scan_info, rotation_figure = _find_rotation(args, amplitudes, view, scan_info, positions, model)
-            if scan_info["rotation_found"]["flip_patterns"]:
-                view, amplitudes = _flipped(view, amplitudes)
-            # (the cluster's workers and the --resume fingerprint read it there)
-            args.flip_patterns = args.flip_patterns or scan_info["rotation_found"]["flip_patterns"]
-        elif (raster := _raster_of(scan_info, positions)) is not None:
-            scan_info, rotation_figure = _check_rotation(amplitudes, scan_info, raster, model)
-        scan_info["patterns_flipped"] = args.flip_patterns
-        raster = _raster_of(scan_info, positions)  # (with the rotation found, after --rotation auto)
-        if args.probe_check and raster is not None:
-            scan_info = _check_probe(args, amplitudes, model, view, scan_info, raster, data.info)
-        if model.probe_aware:
-            model, scan_info = _tell_probe(model, scan_info)
-        sampling = args.pixel_size or (calibration or {}).get("real_space_sampling_angstrom")
-        if args.workers is not None or args.scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
-            rec = _reconstruct_on_cluster(args, positions, kind, view, model.info.get("told_coefficients_rad_per_px2"))
-        else:
-            if view is not None:
-                view.reset_counters()  # (the rotation and probe checks read some frames already)
-            try:
-                rec = reconstruct(amplitudes, positions, model, stitching=args.stitching,
-                                  batch_size=args.batch_size, device=args.device, sampling=args.pixel_size,
-                                  precision=args.precision, uncertainty_samples=_dropout_samples(args.uncertainty),
-                                  sigma_head=args.uncertainty == "head",
-                                  chunk_size=args.chunk_size, checkpoint=partial, resume=args.resume,
-                                  fingerprint=_data_fingerprint(args, kind, view), ensemble=_ensemble_members(args.ensemble, scan_info),
-                                  sigma_scale=args.sigma_scale, engine=args.engine, deblur=_DEBLUR[args.deblur])
-            except BaseException:  # an error, Ctrl-C or SIGTERM: keep the progress only if there is some
-                if read_checkpoint(partial) is None:
-                    shutil.rmtree(partial, ignore_errors=True)
-                raise
-        rec = with_source_divided_out(rec, args.source_size)
-        if args.source_size and (note := _source_division_note(model)):
-            notes.append(note)
-        extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-                 "data": str(args.data), "input": kind, "n_patterns": n_frames, "stitching": args.stitching,
-                 "model_path": str(args.model or "default (packaged)"), **scan_info,
-                 "data_info": data.info, "calibration": view.report() if view is not None else None}
-        if data.truth is not None:
-            r0, c0 = rec.origin_px
-            truth = data.truth[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]
-            if truth.shape == rec.phase.shape:
-                extra["correlation_with_truth"] = correlation(rec.phase, truth)
-        write_outputs(rec, args.out, extra, sampling=sampling, overwrite=args.overwrite)
-        shutil.rmtree(partial, ignore_errors=True)  # complete: the progress is no longer needed
-        if rec.processing.get("dose_note"):
-            notes.append(rec.processing["dose_note"])
-        if view is not None:
-            from .data.calibration import plot_calibration
-
-            plot_calibration(view, figure)
-            repairs = {k: v for k, v in view.counters.items() if v and k != "most_negative_count"}
-            if repairs:
-                notes.append("repaired: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in repairs.items()))
-        if scan_info.get("probe_check", {}).get("note"):
-            notes.append(_write_probe_estimate(args, scan_info["probe_check"], model))
-        if scan_info.get("probe_aware", {}).get("note"):
-            notes.append(scan_info["probe_aware"]["note"])
-        if rotation_figure is not None:
-            from .data.calibration import plot_scan_rotation
-
-            plot_scan_rotation(**rotation_figure, path=args.out / "rotation.png")
-            notes.append(f"what the DPC curl criterion saw: {args.out / 'rotation.png'}")
-    finally:
-        data.close()
-    _remove_stale_figures(args.out, _figures_written(view is not None, rotation_figure is not None,
-                                                     scan_info.get("probe_check", {}).get("note")))
-    for note in notes:
-        print(f"deepphase reconstruct: note: {note}", file=sys.stderr)
+    rec = reconstruct_file(
+        args.data, args.out, model=args.model, dataset=args.dataset, positions=args.positions,
+        scan_shape=args.scan_shape, step_px=args.step, rotation_deg=args.rotation, fastest=args.fastest,
+        kind=None if args.input == "auto" else args.input, calibration=args.calibration, gain=args.gain,
+        energy=args.energy, semi_angle=args.semi_angle, mrad_per_px=args.mrad_per_px,
+        model_mrad_per_px=args.model_mrad_per_px, probe_check=args.probe_check, flip_patterns=args.flip_patterns,
+        stitching=args.stitching, source_size_px=args.source_size, deblur=_DEBLUR[args.deblur],
+        sampling=args.pixel_size, batch_size=args.batch_size, precision=args.precision,
+        uncertainty=args.uncertainty or None, engine=args.engine, ensemble=args.ensemble or (),
+        sigma_scale=args.sigma_scale, device=args.device, chunk_size=args.chunk_size, resume=args.resume,
+        overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler, tile_size=args.tile_size,
+        libertem=args.libertem, progress=sys.stderr.isatty() if args.libertem else None, log=_say("reconstruct"),
+        command="deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    meta = rec.metadata
     msg = (f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
-           f"({n_frames} patterns, {rec.timings['patterns_per_second']:.0f} patterns/s, stitching {rec.timings['stitch_s']:.2f} s)")
-    if view is not None:
-        msg += (f"; calibrated {pattern[0]}×{pattern[1]} → {n}×{n}: disk r = {calibration['radius_px']:.2f} px, "
-                f"zoom {calibration['zoom']:.4f}, {calibration['masked_pixels']['count']} pixels masked "
-                f"(see calibration.png)")
-    if "correlation_with_truth" in extra:
-        msg += f"; correlation with the truth {extra['correlation_with_truth']:.3f}"
+           f"({meta['n_patterns']} patterns"
+           + (f" read by {meta['data_info']['reader']} as {meta['data_info']['libertem_dataset']}"
+              if args.libertem else "")
+           + f", {rec.timings['patterns_per_second']:.0f} patterns/s"
+           + (f", stitching {rec.timings['stitch_s']:.2f} s" if "stitch_s" in rec.timings else "") + ")")
+    calibration = meta["calibration"]
+    if calibration is not None:
+        shape = meta.get("pattern_shape") or meta["data_info"]["pattern_shape"]
+        msg += (f"; calibrated {shape[0]}×{shape[1]}" + (
+            f" → {calibration['grid_px']}×{calibration['grid_px']}: disk r = {calibration['radius_px']:.2f} px, "
+            f"zoom {calibration['zoom']:.4f}, {calibration['masked_pixels']['count']} pixels masked"
+            if "grid_px" in calibration else "") + " (see calibration.png)")
+    if "correlation_with_truth" in meta:
+        msg += f"; correlation with the truth {meta['correlation_with_truth']:.3f}"
     print(msg)
 
 
-PARTIAL_FOLDER = ".deepphase-partial"
-# What reconstruct writes beside the image when there is something to show.
-_FIGURES = ("calibration.png", "rotation.png", "probe_estimate.npy", "probe_check.png")
+def _say(command: str):
+    """What a command prints as the work proceeds (:func:`deepphase.reconstruction.from_file.reconstruct_file`'s
+    ``log``): on stderr, notes marked as such."""
+    def say(message: str, is_note: bool) -> None:
+        print(f"deepphase {command}: {'note: ' if is_note else ''}{message}", file=sys.stderr)
+    return say
 
 
-def _figures_written(calibrated: bool, rotation: bool, probe_note) -> set:
-    """Which of ``_FIGURES`` a reconstruction wrote: the calibration's, what the DPC criterion saw, the probe's."""
-    return ({"calibration.png"} if calibrated else set()) | ({"rotation.png"} if rotation else set()) | (
-        {"probe_estimate.npy", "probe_check.png"} if probe_note else set())
-
-
-def _remove_stale_figures(out: Path, written: set) -> None:
-    """After an --overwrite run: an earlier run's figures this one did not remake would contradict its metadata."""
-    for name in set(_FIGURES) - written:
-        if (out / name).exists():
-            (out / name).unlink()
-
-
-def _flipped(view, amplitudes):
-    """--flip-patterns: detector patterns mirrored as they are resampled, model-grid ones about k = 0."""
-    from .data.io import FlippedView
-
-    if view is not None:
-        view = view.flipped()
-        return view, view
-    return None, FlippedView(amplitudes)
-
-
-def _sense(amplitudes, model, raster: dict) -> dict:
-    """The scan's sense as the model's probe tells it, at ``raster``'s rotation and half a turn from it
-    (:func:`deepphase.data.aberrations.scan_sense`), or why it was not asked."""
-    from .data.aberrations import PROBE_CHECK_MIN_PX, scan_sense
-    from .errors import ShapeError, ValueRangeError
-
-    if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
-        return {"skipped": f"fewer than {PROBE_CHECK_MIN_PX} positions a side"}
-    try:
-        return scan_sense(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
-                          raster["rotation_deg"], raster["fastest"])
-    except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (the reconstruction names the frame), a coarse step
-        return {"skipped": str(exc)}
-
-
-def _find_rotation(args, amplitudes, view, scan_info: dict, positions, model):
-    """``--rotation auto``: the scan rotation from the patterns (DPC curl criterion), then the positions; and the
-    detector's handedness, unless --flip-patterns gave it (``amplitudes`` are then flipped already)."""
-    from .data.calibration import centre_of_mass_block, check_scan_rotation, find_scan_rotation, with_sense
-    from .physics.scan import raster_positions
-
-    raster = _raster_of(scan_info, positions)
-    if raster is None:
-        raise DeepPhaseError("rotation: 'auto' needs a raster (--scan-shape and --step, a file that holds the scan "
-                             "shape, or positions that form one), not positions off a regular grid")
-    scan_info = {**scan_info, **raster}  # (a raster read from positions: they are made again at the angle found)
-    shape, fastest = tuple(scan_info["scan_shape"]), scan_info["fastest"]
-    com, noise = centre_of_mass_block(amplitudes, shape, fastest)
-    found = find_scan_rotation(com, handedness="as recorded" if args.flip_patterns else "auto", noise=noise)
-    found = with_sense(found, _sense(_flipped(view, amplitudes)[1] if found["flip_patterns"] else amplitudes,
-                                     model, {**scan_info, "rotation_deg": found["rotation_deg"]}))
-    check_scan_rotation(found)
-    positions = raster_positions(shape, scan_info["step_px"], found["rotation_deg"], fastest)
-    if view is not None:
-        view.use_coords(positions)  # the descan plane, re-expressed in the rotated positions
-    _report_rotation(found, found["flip_patterns"])
-    figure = {"com": com, "noise": noise, "found": found}
-    return positions, {**scan_info, "rotation_deg": found["rotation_deg"], "rotation_found": found}, figure
-
-
-def _raster_of(scan_info: dict, positions) -> dict | None:
-    """The raster the scan was made on: from --scan-shape/--step (or the file's shape), or found in positions
-    read from a file (:func:`deepphase.physics.raster_from_positions`); None for positions that are not one."""
-    if "scan_shape" in scan_info:
-        return {key: scan_info[key] for key in ("scan_shape", "step_px", "rotation_deg", "fastest")}
-    if "raster_from_positions" not in scan_info:
-        from .physics.scan import raster_from_positions
-
-        scan_info["raster_from_positions"] = raster_from_positions(positions) if positions is not None else None
-    return scan_info["raster_from_positions"]
-
-
-def _check_rotation(amplitudes, scan_info: dict, raster: dict, model):
-    """The raster's rotation (the default 0° included) checked by the DPC curl criterion: a note when the data
-    clearly say otherwise (a mirrored detector, an angle more than 20° away, or half a turn, which the model's
-    probe is asked to confirm), which would make a poor image; then also what the criterion saw, for
-    rotation.png."""
-    from .data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, centre_of_mass_block, \
-        find_scan_rotation, on_the_given_axis, rotation_note, with_sense
-
-    if min(raster["scan_shape"]) < ROTATION_CHECK_MIN_PX:
-        return scan_info, None
-    com, noise = centre_of_mass_block(amplitudes, tuple(raster["scan_shape"]), raster["fastest"],
-                                      ROTATION_CHECK_BLOCK)
-    given = raster["rotation_deg"]
-    if not (np.all(np.isfinite(com)) and np.all(np.isfinite(noise))):
-        return scan_info, None  # NaN/Inf or empty patterns: the reconstruction names the frame
-    found = find_scan_rotation(com, given_deg=given, noise=noise)
-    if on_the_given_axis(found, given):  # which way round: the probe's say-so, where it has one, not the skew's
-        found = with_sense(found, _sense(amplitudes, model, {**raster, "rotation_deg": found["rotation_deg"]}))
-    note = rotation_note(found, given)
-    if note:
-        print(f"deepphase reconstruct: note: {note}", file=sys.stderr)
-    figure = {"com": com, "noise": noise, "found": found, "given_deg": given} if note else None
-    return {**scan_info, "rotation_check": {**found, "note": note}}, figure
-
-
-def _check_probe(args, amplitudes, model, view, scan_info: dict, raster: dict, data_info: dict):
-    """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
-    central positions of a raster: ``probe_check`` in the metadata (with a note when they clearly differ)."""
-    from .data.aberrations import PROBE_CHECK_MIN_PX, measure_probe_mismatch, probe_check_report
-    from .errors import ShapeError, ValueRangeError
-
-    if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
-        return scan_info
-    t0 = time.perf_counter()
-    try:
-        found = measure_probe_mismatch(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
-                                       raster["rotation_deg"], raster["fastest"])
-    except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (the reconstruction names the frame), too few frequencies
-        return {**scan_info, "probe_check": {"skipped": str(exc)}}
-    check = probe_check_report(found, model, view.info if view is not None else None, args.semi_angle,
-                               args.energy or data_info.get("energy_kev"),
-                               (scan_info.get("rotation_check") or {}).get("note"))
-    return {**scan_info, "probe_check": {**check, "wall_s": round(time.perf_counter() - t0, 3)}}
-
-
-def _tell_probe(model, scan_info: dict):
-    """A probe-aware model told the difference the probe check measured (:func:`told_to_probe_aware`), and
-    ``probe_aware`` for the metadata."""
-    from .data.aberrations import told_to_probe_aware
-
-    info = told_to_probe_aware(model, scan_info.get("probe_check"))
-    return model.told(info["told_coefficients_rad_per_px2"]), {**scan_info, "probe_aware": info}
-
-
-def _source_division_note(model) -> str | None:
-    """What to say when ``--source-size`` divides the source out of the image of a model trained with one."""
-    trained_with = (model.info.get("training") or {}).get("source_size_px")
-    if not trained_with:
-        return None
-    return (f"the model was trained on patterns with a finite source ({trained_with} px); dividing the source out of "
-            "its image as well over-sharpens it (RESULTS.md §38): drop --source-size")
-
-
-def _ensemble_members(paths, scan_info: dict) -> list:
-    """The ``--ensemble`` models, each probe-aware one told what the probe check measured, as the main model is."""
-    from .models.modelfile import load_model
-
-    members = [load_model(path) for path in paths or ()]
-    return [_tell_probe(m, scan_info)[0] if m.probe_aware else m for m in members]
-
-
-def _write_probe_estimate(args, check: dict, model) -> str:
-    """For a probe check with a note: ``probe_estimate.npy`` (the model's probe with the difference found) and
-    ``probe_check.png`` in the output folder; returns the note to print, with what to do about it (nothing but
-    look, for a probe-aware model that was told it)."""
-    from .data.aberrations import add_aberrations, plot_probe_mismatch, probe_difference
-    from .io_utils import save_npy
-    from .models.modelfile import load_model
-
-    estimate = args.out / "probe_estimate.npy"
-    save_npy(estimate, add_aberrations(model.probe, check["coefficients"]))
-    plot_probe_mismatch(check, args.out / "probe_check.png")
-    if model.probe_aware:
-        return (f"{probe_difference(check, check['model_mrad_per_px'], check['energy_kev'])} (see "
-                f"{args.out / 'probe_check.png'}); the probe-aware model was told this difference (trained for up to "
-                f"±{model.aberration_range:g} rad)")
-    like = shlex.quote(args.model) if args.model else "default"
-    aware = load_model("probe-aware")
-    other = (f"reconstruct with --model probe-aware, which is told the difference (RESULTS §37)"
-             if model.probe.shape == aware.probe.shape and np.allclose(model.probe, aware.probe) else
-             f"train one that is told the data's probe: 'deepphase train --like {like} --probe-aware 2 --out MODEL'")
-    return (f"{check['note']} (see {args.out / 'probe_check.png'}): {estimate} is the model's probe with that "
-            f"difference; 'deepphase train --like {like} --probe {estimate} --out MODEL' trains a model for it with "
-            f"the model's recipe (the default's: about 7 min on 2 CPU cores); or {other}")
-
-
-def _report_rotation(found: dict, flipped_by_search: bool) -> None:
-    """What --rotation auto found, on stderr; and, when the search flipped the patterns, a note saying why."""
-    print(f"deepphase reconstruct: scan rotation {found['rotation_deg']:.2f}° (DPC curl criterion on the central "
-          f"{found['block'][0]}×{found['block'][1]} positions; curl ratio {found['curl_ratio']:.3f})", file=sys.stderr)
-    if flipped_by_search:
-        print("deepphase reconstruct: note: the patterns are mirrored against the scan (a detector whose rows run "
-              "the other way, or the scan's rows and columns swapped: check --fastest) (curl ratio "
-              f"{found['curl_ratio_other']:.2f} as recorded); patterns flipped (--flip-patterns)", file=sys.stderr)
-
-
-def _data_fingerprint(args, kind: str, view) -> dict:
-    """What must not change between an interrupted reconstruction and its ``--resume``."""
-    import hashlib
-    import json
-
-    stat = Path(args.data).stat()
-    # The calibration as measured and as asked for (gain, angles, energy...): it shapes the network's input.
-    calibration = json.dumps(view.info, sort_keys=True, default=str) if view is not None else ""
-    return {"data": str(Path(args.data).resolve()), "data_bytes": stat.st_size, "data_mtime_ns": stat.st_mtime_ns,
-            "dataset": args.dataset, "input": kind, "calibrated": view is not None,
-            "patterns_flipped": args.flip_patterns,
-            "calibration_sha256": hashlib.sha256(calibration.encode()).hexdigest(), "batch_size": args.batch_size}
-
-
-def _reconstruct_on_cluster(args, positions, kind, view, told=None):
-    """``reconstruct --workers N`` / ``--scheduler ADDRESS``: the prediction spread over a dask cluster."""
-    import functools
-
-    from .reconstruction.distributed import open_client, reconstruct_distributed
-
-    transform = None
-    if view is not None:
-        from .data.calibration import CalibratedView
-
-        # The calibration measured here (with the flip, if any) travels to the workers; each applies it to the
-        # frames it reads.
-        transform = functools.partial(CalibratedView, info=view.info, arrays=view.arrays, coords=view.coords,
-                                      what=view.what)
-    elif args.flip_patterns:
-        transform = functools.partial(_flipped_amplitudes, kind=kind)
-    with open_client(args.workers, args.scheduler) as client:
-        return reconstruct_distributed(args.data, positions, args.model, client, args.tile_size, dataset=args.dataset,
-                                       scan_shape=args.scan_shape, kind=kind, transform=transform,
-                                       stitching=args.stitching, batch_size=args.batch_size,
-                                       device=args.device, sampling=args.pixel_size,
-                                       uncertainty_samples=_dropout_samples(args.uncertainty),
-                                       sigma_head=args.uncertainty == "head", precision=args.precision,
-                                       sigma_scale=args.sigma_scale, deblur=_DEBLUR[args.deblur], told=told)
-
-
-def _flipped_amplitudes(frames, kind: str):
-    """A cluster worker's view of model-grid frames with --flip-patterns (module level: it travels pickled)."""
-    from .data.io import AmplitudeView, FlippedView
-
-    return FlippedView(AmplitudeView(frames, kind))
-
-
-def _reconstruct_with_libertem(args) -> set:
-    """``reconstruct --libertem``: the file opened by LiberTEM, predicted and stitched on its executor; returns the
-    figures it wrote (:func:`_figures_written`)."""
-    try:
-        from .reconstruction.libertem_udf import LIBERTEM_EXTRA, reconstruct_file
-        import libertem.api  # noqa: F401
-    except ImportError as exc:
-        raise DeepPhaseError(f"libertem: --libertem needs LiberTEM ({exc}); install it with `{LIBERTEM_EXTRA}`") from exc
-    from .reconstruction.pipeline import with_source_divided_out, write_outputs
-
-    refused = [name for name, given in (
-        (f"--uncertainty {args.uncertainty}", args.uncertainty not in (0, "head")), ("--ensemble", bool(args.ensemble)),
-        ("--resume", args.resume),
-        ("--scheduler", args.scheduler is not None), ("--dataset", args.dataset is not None),
-        (f"--stitching {args.stitching}", args.stitching != "pairwise"),
-        (f"--device {args.device}", args.device != "auto")) if given]
-    if refused:
-        raise DeepPhaseError(f"libertem: {', '.join(refused)} not available with --libertem (LiberTEM's workers run "
-                             "the pairwise stitcher's reductions and choose the device); drop --libertem for them")
-    positions = None
-    if args.positions is not None:
-        positions, _ = _positions_from_args(args, None)
-    elif args.step is None:
-        raise DeepPhaseError("step: give the raster's --step S in pixels (the scan shape comes from the file, or "
-                             "--scan-shape ROWS COLS), or --positions POS.npy")
-    options = {k: v for k, v in (("gain", args.gain), ("mrad_per_px", args.mrad_per_px),
-                                 ("model_mrad_per_px", args.model_mrad_per_px), ("semi_angle", args.semi_angle),
-                                 ("energy", args.energy)) if v is not None}
-    args.out.mkdir(parents=True, exist_ok=True)
-    rec, read = reconstruct_file(
-        args.data, model=args.model, step_px=args.step if positions is None else None, positions=positions,
-        nav_shape=args.scan_shape, rotation_deg=args.rotation, fastest=args.fastest or "col",
-        kind=None if args.input == "auto" else args.input, calibration=args.calibration, calibration_options=options,
-        calibration_png=args.out / "calibration.png", rotation_png=args.out / "rotation.png",
-        batch_size=args.batch_size, engine=args.engine,
-        precision=args.precision, deblur=_DEBLUR[args.deblur], workers=args.workers, progress=sys.stderr.isatty(),
-        uncertainty="head" if args.uncertainty == "head" else None, probe_check=args.probe_check,
-        flip_patterns=True if args.flip_patterns else (None if args.rotation == "auto" else False))
-    scan = ({"positions_file": str(args.positions)} if positions is not None else
-            {"scan_shape": read["navigation_shape"] if (args.fastest or "col") == "col" else read["navigation_shape"][::-1],
-             "step_px": args.step, "rotation_deg": read["rotation_deg"], "fastest": args.fastest or "col",
-             **{k: read[k] for k in ("rotation_found", "rotation_check", "probe_check", "probe_aware") if k in read}})
-    extra = {"command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]), "data": str(args.data),
-             "input": read["input"], "n_patterns": rec.processing["patterns"], "stitching": "pairwise",
-             "model_path": str(args.model or "default (packaged)"), **scan,
-             "patterns_flipped": read["patterns_flipped"], "data_info": read, "calibration": read["calibration"]}
-    sampling = args.pixel_size or (read["calibration"] or {}).get("real_space_sampling_angstrom")
-    rec = with_source_divided_out(rec, args.source_size)
-    write_outputs(rec, args.out, extra, sampling=sampling, overwrite=args.overwrite)
-    if args.source_size:
-        from .models.modelfile import load_model
-
-        if note := _source_division_note(load_model(args.model or "default")):
-            print(f"deepphase reconstruct: note: {note}", file=sys.stderr)
-    if rec.processing.get("dose_note"):
-        print(f"deepphase reconstruct: note: {rec.processing['dose_note']}", file=sys.stderr)
-    if "rotation_found" in read:
-        _report_rotation(read["rotation_found"], read["patterns_flipped"] and not args.flip_patterns)
-    if (read.get("rotation_check") or {}).get("note"):
-        print(f"deepphase reconstruct: note: {read['rotation_check']['note']}", file=sys.stderr)
-    if read["rotation_png"]:
-        print(f"deepphase reconstruct: note: what the DPC curl criterion saw: {read['rotation_png']}", file=sys.stderr)
-    if (read.get("probe_check") or {}).get("note"):
-        from .models.modelfile import load_model
-
-        print(f"deepphase reconstruct: note: {_write_probe_estimate(args, read['probe_check'], load_model(args.model))}",
-              file=sys.stderr)
-    if (read.get("probe_aware") or {}).get("note"):
-        print(f"deepphase reconstruct: note: {read['probe_aware']['note']}", file=sys.stderr)
-    print(f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
-          f"({rec.processing['patterns']} patterns read by {read['reader']} as {read['libertem_dataset']}, "
-          f"{rec.timings['patterns_per_second']:.0f} patterns/s)"
-          + (f"; calibrated {read['pattern_shape'][0]}×{read['pattern_shape'][1]} (see calibration.png)"
-             if read["calibration"] else ""))
-    return _figures_written(read["calibration"] is not None, bool(read["rotation_png"]),
-                            (read.get("probe_check") or {}).get("note"))
+_DEBLUR = {"auto": "auto", "on": True, "off": False}
 
 
 def _uncertainty_argument(text: str):
@@ -797,10 +323,6 @@ def _uncertainty_argument(text: str):
     if samples < 2:  # one sample has no spread
         raise argparse.ArgumentTypeError(f"expected at least 2 dropout samples, or 'head', got {text!r}")
     return samples
-
-
-def _dropout_samples(value) -> int:
-    return 0 if value == "head" else int(value)
 
 
 def _cmd_calibrate_uncertainty(args) -> None:

@@ -27,3 +27,8 @@ class ModelMismatchError(DeepPhaseError):
 
 class OutputExistsError(DeepPhaseError):
     """An output would overwrite something the user wrote; refused unless asked."""
+
+
+class DeepPhaseNote(UserWarning):
+    """Something in the data or the options the user should check; the result was made (a rotation the data
+    contradict, a probe that differs from the model's, counts given as amplitudes)."""

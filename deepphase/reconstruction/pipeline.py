@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data.io import check_dtype, check_patterns, sample_patterns
-from ..errors import OutputExistsError, ShapeError, ValueRangeError
+from ..errors import DeepPhaseNote, OutputExistsError, ShapeError, ValueRangeError
 from ..io_utils import atomic_path, save_json, save_npy, save_png
 from ..models.modelfile import PhaseModel, check_compatible, load_model
 from ..physics.geometry import output_mask
@@ -59,6 +59,11 @@ class Reconstruction:
         uncertainty method and factor, source division, resumption.
     uncertainty : (rows, cols) float32 or None
         Per-pixel standard deviation (rad) on the grid of ``phase``, when asked for.
+    metadata : dict
+        From :func:`~deepphase.reconstruction.from_file.reconstruct_file`: what it found in and about the file
+        (scan, calibration, rotation and probe checks), as metadata.json holds it; empty otherwise.
+    notes : list of str
+        What the user should check (from :func:`~deepphase.reconstruction.from_file.reconstruct_file`).
     """
 
     phase: np.ndarray
@@ -68,6 +73,8 @@ class Reconstruction:
     model_info: dict = field(default_factory=dict)
     processing: dict = field(default_factory=dict)
     uncertainty: np.ndarray | None = None
+    metadata: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
 
     def region(self, image: np.ndarray) -> np.ndarray:
         """The part of ``image`` (on the object grid of the scan positions, e.g. the truth of a simulation) that
@@ -401,7 +408,7 @@ def reconstruct(
     n, chunk_size = int(shape[0]), int(chunk_size)
     dose_info = dose_settings(deblur, stitching, amplitudes, model)
     if (dose_info["dose_note"] or "").startswith("the patterns are whole numbers"):  # said at once, in a notebook too
-        warnings.warn(dose_info["dose_note"], stacklevel=2)
+        warnings.warn(dose_info["dose_note"], DeepPhaseNote, stacklevel=2)
     if engine == "onnx" and precision not in ("auto", "float32"):
         raise ValueRangeError(f"engine: 'onnx' runs in float32; precision {precision!r} needs another engine")
     neighbours = None

@@ -1,0 +1,797 @@
+"""From a 4D-STEM file to a phase image: everything ``deepphase reconstruct`` does, as one function.
+
+:func:`reconstruct_file` opens the file lazily, takes the scan positions from the caller or the file,
+calibrates detector patterns onto the model's grid, checks the scan rotation (or finds it) and the data's
+probe against the model's, reconstructs (in this process, resumably, or on a dask cluster, or on
+LiberTEM's executor) and, given an output folder, writes the image with its metadata and figures.
+:func:`~deepphase.reconstruction.pipeline.reconstruct` is the step in the middle, for arrays already on the
+model's grid.
+
+What the user should read (a rotation that the data contradict, a probe that differs, repaired pixels) goes
+to ``log`` as it is found, and into the result's ``notes`` and the metadata.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import DeepPhaseError, DeepPhaseNote, OutputExistsError, ValueRangeError
+
+logger = logging.getLogger("deepphase")
+
+# Where an interrupted reconstruction keeps its progress, inside the output folder.
+PARTIAL_FOLDER = ".deepphase-partial"
+# What reconstruct writes beside the image when there is something to show.
+FIGURES = ("calibration.png", "rotation.png", "probe_estimate.npy", "probe_check.png")
+INPUT_KINDS = ("counts", "amplitude")
+
+
+def reconstruct_file(
+    data: str | Path,
+    out: str | Path | None = None,
+    *,
+    model=None,
+    dataset: str | None = None,
+    positions=None,
+    scan_shape=None,
+    step_px: float | None = None,
+    rotation_deg: float | str = 0.0,
+    fastest: str | None = None,
+    kind: str | None = None,
+    calibration: str = "auto",
+    gain: float | None = None,
+    energy: float | None = None,
+    semi_angle: float | None = None,
+    mrad_per_px: float | None = None,
+    model_mrad_per_px: float | None = None,
+    probe_check: bool = True,
+    flip_patterns: bool = False,
+    stitching: str = "pairwise",
+    source_size_px: float = 0.0,
+    deblur: bool | str = "auto",
+    sampling: float | None = None,
+    batch_size: int = 512,
+    precision: str = "auto",
+    uncertainty: int | str | None = None,
+    engine: str = "auto",
+    ensemble=(),
+    sigma_scale: float | None = None,
+    device: str = "auto",
+    chunk_size: int = 16384,
+    resume: bool = False,
+    overwrite: bool = False,
+    workers: int | None = None,
+    scheduler: str | None = None,
+    tile_size: int = 4096,
+    libertem: bool = False,
+    progress: bool | None = None,
+    log: Callable[[str, bool], None] | None = None,
+    command: str | None = None,
+):
+    """Reconstruct the phase image of a 4D-STEM file, as ``deepphase reconstruct DATA --out OUT`` does.
+
+    Parameters
+    ----------
+    data : the file: .npy (N, k, k) or (R, C, k, k), .npz from ``deepphase simulate``, HDF5/EMD 1.0, zarr, and
+        with the ``files`` extra Merlin .mib, EMPAD .xml, Gatan .dm4/.dm3, .blo (:func:`~deepphase.data.io.load_scan`).
+    out : a folder for phase.npy/.tif/.emd/.png, metadata.json and the figures; None writes nothing (and
+        allows no ``resume``).
+    model : a packaged model's name, a model folder or a :class:`~deepphase.models.modelfile.PhaseModel`
+        (default: the packaged default).
+    dataset : the dataset (or EMD group) inside an HDF5 or zarr file.
+    positions : (N, 2) positions in real-space pixels, or a .npy file of them; else a raster from
+        ``scan_shape`` (or the file's) and ``step_px`` (or the file's scan step, once calibrated), or the
+        file's own positions.
+    rotation_deg : the raster's rotation (degrees counter-clockwise), checked against the data's DPC curl;
+        or ``"auto"``: found from the data, with the detector's handedness unless ``flip_patterns``.
+    fastest : the scan axis that varies fastest between frames (default "row" for (N, k, k) data, "col"
+        for (R, C, k, k) arrays).
+    kind : "counts" or "amplitude" (default: read from the file, or inferred from the patterns).
+    calibration : "auto" (calibrate patterns that are not the model's n×n grid), "on" or "off".
+    gain, energy, semi_angle, mrad_per_px, model_mrad_per_px : for the calibration
+        (:func:`~deepphase.data.calibration.calibrate`): detector units per electron, beam energy in keV
+        (default: the file's), the data's convergence semi-angle in mrad, a detector and a model pixel's
+        angular size in mrad.
+    probe_check : measure the data's probe against the model's on the central positions of a raster.
+    flip_patterns : mirror every pattern in k_row before the network (a detector whose rows run the other
+        way against the scan).
+    source_size_px : the source's standard deviation in real-space pixels, divided out of the image
+        (:func:`~deepphase.reconstruction.pipeline.with_source_divided_out`).
+    sampling : the real-space pixel size in Å (default: the calibration's, if it measures one).
+    uncertainty : a number (≥ 2) of Monte Carlo dropout samples, or "head" (the model's σ head); None: none.
+    ensemble : further models for the same probe (names or folders): the image is their mean.
+    resume : continue an interrupted run from its progress in ``out``.
+    overwrite : replace an earlier result in ``out`` (the earlier run's figures this one does not remake
+        are removed with it).
+    workers, scheduler, tile_size : predict on a dask cluster: ``workers`` local processes or the one at
+        ``scheduler``, ``tile_size`` patterns per task (:mod:`deepphase.reconstruction.distributed`).
+    libertem : open the file with LiberTEM and reconstruct on its executor
+        (:func:`deepphase.reconstruction.libertem_udf.reconstruct_file`; ``workers`` are its processes).
+    stitching, deblur, batch_size, precision, engine, sigma_scale, device, chunk_size, progress : as for
+        :func:`~deepphase.reconstruction.pipeline.reconstruct`.
+    log : called with ``(message, is_note)`` as the work proceeds; default: notes as :class:`DeepPhaseNote`
+        warnings, other messages to the ``deepphase`` logger.
+    command : the command line to record in the metadata (default: this call).
+
+    Returns
+    -------
+    Reconstruction
+        With ``metadata`` (what metadata.json holds beside the reconstruction's own record: the scan, the
+        calibration, the checks) and ``notes``.
+    """
+    log = log or _warn_or_log
+    if command is None:
+        command = f"deepphase.reconstruct_file({str(data)!r}" + (f", {str(out)!r}" if out is not None else "") + ")"
+    _check_arguments(kind=kind, calibration=calibration, gain=gain, source_size_px=source_size_px,
+                     uncertainty=uncertainty, step_px=step_px, rotation_deg=rotation_deg, fastest=fastest,
+                     ensemble=ensemble, workers=workers, scheduler=scheduler, resume=resume, out=out,
+                     libertem=libertem, stitching=stitching, device=device, dataset=dataset)
+    out = Path(out) if out is not None else None
+    if out is not None:
+        _claim_output_folder(out, overwrite, resume)
+    if libertem:
+        return _reconstruct_with_libertem(
+            data, out, model=model, positions=positions, scan_shape=scan_shape, step_px=step_px,
+            rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
+            calibration_options={k: v for k, v in (("gain", gain), ("mrad_per_px", mrad_per_px),
+                                                   ("model_mrad_per_px", model_mrad_per_px),
+                                                   ("semi_angle", semi_angle), ("energy", energy)) if v is not None},
+            probe_check=probe_check, flip_patterns=flip_patterns, source_size_px=source_size_px, deblur=deblur,
+            sampling=sampling, batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine,
+            workers=workers, overwrite=overwrite, progress=progress, log=log, command=command)
+    from ..data.io import load_scan
+
+    with load_scan(data, dataset, scan_shape=scan_shape) as scan:
+        return _reconstruct_scan(
+            scan, data, out, model=model, dataset=dataset, positions=positions, scan_shape=scan_shape,
+            step_px=step_px, rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
+            gain=gain, energy=energy, semi_angle=semi_angle, mrad_per_px=mrad_per_px,
+            model_mrad_per_px=model_mrad_per_px, probe_check=probe_check, flip_patterns=flip_patterns,
+            stitching=stitching, source_size_px=source_size_px, deblur=deblur, sampling=sampling,
+            batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine, ensemble=ensemble,
+            sigma_scale=sigma_scale, device=device, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
+            workers=workers, scheduler=scheduler, tile_size=tile_size, progress=progress, log=log,
+            command=command)
+
+
+def model_reference(model, for_workers: bool = False):
+    """What names ``model`` in the metadata, and for workers that load it themselves (``for_workers``): a name
+    or folder as given; for a loaded model, its folder."""
+    from ..models.modelfile import PhaseModel
+
+    if not isinstance(model, PhaseModel):
+        return model
+    if model.folder is None:
+        if for_workers:
+            raise DeepPhaseError("model: workers load the model themselves, and this one was made in memory; save "
+                                 "it (deepphase.models.modelfile.save_model) and pass its folder")
+        return f"{model.name} (in memory)"
+    return str(model.folder)
+
+
+def _warn_or_log(message: str, note: bool) -> None:
+    if note:
+        warnings.warn(message, DeepPhaseNote, stacklevel=4)
+    else:
+        logger.info(message)
+
+
+def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, step_px, rotation_deg, fastest,
+                     ensemble, workers, scheduler, resume, out, libertem, stitching, device, dataset) -> None:
+    """What can be refused before the file is opened (the CLI's argument types refuse most of it earlier)."""
+    if kind is not None and kind not in INPUT_KINDS:
+        raise ValueRangeError(f"input: expected 'counts', 'amplitude' or None (read or inferred), got {kind!r}")
+    if calibration not in ("auto", "on", "off"):
+        raise ValueRangeError(f"calibration: expected 'auto', 'on' or 'off', got {calibration!r}")
+    if gain is not None and not (np.isfinite(gain) and gain > 0):
+        raise ValueRangeError(f"gain: expected a positive number of detector units per electron, got {gain}")
+    if not (np.isfinite(source_size_px) and source_size_px >= 0):  # refused before the work, not after it
+        raise ValueRangeError(f"source-size: expected the source's standard deviation ≥ 0 in real-space pixels, "
+                              f"got {source_size_px}")
+    if uncertainty is not None and uncertainty != "head" and not (
+            isinstance(uncertainty, (int, np.integer)) and not isinstance(uncertainty, bool)):
+        raise ValueRangeError(f"uncertainty: expected a number of dropout samples (≥ 2), 'head' or None, "
+                              f"got {uncertainty!r}")
+    if step_px is not None and not (np.isfinite(step_px) and step_px > 0):
+        raise ValueRangeError(f"step: expected a positive raster step in real-space pixels, got {step_px}")
+    if rotation_deg != "auto" and not (isinstance(rotation_deg, (int, float, np.number))
+                                       and np.isfinite(rotation_deg)):
+        raise ValueRangeError(f"rotation: expected an angle in degrees or 'auto', got {rotation_deg!r}")
+    if fastest not in (None, "row", "col"):
+        raise ValueRangeError(f"fastest: expected 'row', 'col' or None, got {fastest!r}")
+    on_cluster = workers is not None or scheduler is not None
+    if ensemble and on_cluster:
+        raise DeepPhaseError("ensemble: not available on a cluster (--workers/--scheduler) yet; run in one process")
+    if resume and on_cluster:
+        raise DeepPhaseError("resume: a cluster reconstruction (--workers/--scheduler) cannot be resumed; run it again")
+    if resume and out is None:
+        raise ValueRangeError("resume: needs the output folder of the interrupted run")
+    if libertem:
+        refused = [name for name, given in (
+            (f"--uncertainty {uncertainty}", uncertainty not in (None, "head")), ("--ensemble", bool(ensemble)),
+            ("--resume", resume), ("--scheduler", scheduler is not None), ("--dataset", dataset is not None),
+            (f"--stitching {stitching}", stitching != "pairwise"), (f"--device {device}", device != "auto")) if given]
+        if refused:
+            raise DeepPhaseError(f"libertem: {', '.join(refused)} not available with --libertem (LiberTEM's workers "
+                                 "run the pairwise stitcher's reductions and choose the device); drop --libertem "
+                                 "for them")
+
+
+def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
+    """Refuse earlier results and interrupted progress in ``out`` unless asked (``overwrite``, ``resume``);
+    with ``overwrite``, damaged or unwanted progress is removed."""
+    from ..io_utils import check_writable
+    from .pipeline import check_output_folder, read_checkpoint
+
+    check_writable(out)
+    check_output_folder(out, overwrite)
+    partial = out / PARTIAL_FOLDER
+    try:
+        record = read_checkpoint(partial)
+    except DeepPhaseError:
+        if not overwrite or not partial.is_dir():
+            raise
+        shutil.rmtree(partial)  # damaged progress, and a fresh start asked for
+        record = None
+    if resume and record is None:
+        raise DeepPhaseError(f"resume: {str(out)!r} holds no interrupted reconstruction to continue")
+    if record is not None and not resume:
+        if not overwrite:
+            raise DeepPhaseError(
+                f"out: {str(out)!r} holds an interrupted reconstruction ({record['done']:,} of {record['total']:,} "
+                "patterns done); pass --resume to continue it or --overwrite to start again")
+        shutil.rmtree(partial)
+    for name in FIGURES:
+        if (out / name).exists() and not overwrite:
+            raise OutputExistsError(f"out: {str(out)!r} already holds {name}; choose another folder or pass "
+                                    "--overwrite")
+
+
+def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions, scan_shape, step_px,
+                      rotation_deg, fastest, kind, calibration, gain, energy, semi_angle, mrad_per_px,
+                      model_mrad_per_px, probe_check, flip_patterns, stitching, source_size_px, deblur, sampling,
+                      batch_size, precision, uncertainty, engine, ensemble, sigma_scale, device, chunk_size, resume,
+                      overwrite, workers, scheduler, tile_size, progress, log, command):
+    """:func:`reconstruct_file` for a file opened by :func:`~deepphase.data.io.load_scan`."""
+    from ..data.io import AmplitudeView, infer_kind, looks_like_amplitudes
+    from ..models.modelfile import PhaseModel, check_compatible, load_model
+    from ..physics.scan import check_spacing, raster_positions
+    from .pipeline import reconstruct, with_source_divided_out
+
+    notes = []
+
+    def note(text: str, is_note: bool = True) -> None:
+        if is_note:
+            notes.append(text)
+        log(text, is_note)
+
+    n_frames = scan.frames.shape[0]
+    truncated = scan.info.get("truncated")
+    if truncated:
+        if scan.scan_shape is not None:
+            scan_shape = list(scan.scan_shape)
+        note(f"{data} is truncated: {truncated.get('frames_in_file')} frames in the file; "
+             + (f"kept the {scan.scan_shape[0]} complete scan rows" if scan.scan_shape else "kept them all"))
+    model_given, model_name = model, model_reference(model)
+    model = model if isinstance(model, PhaseModel) else load_model(model)
+    n = model.geometry.n_px
+    pattern = tuple(scan.frames.shape[1:])
+    calibrating = calibration == "on" or (calibration == "auto" and pattern != (n, n) and min(pattern) >= n)
+    if not calibrating:
+        check_compatible(model, pattern)
+    if scan.scan_shape is not None and scan_shape is not None and tuple(scan_shape) != tuple(scan.scan_shape):
+        raise DeepPhaseError(f"scan-shape: {scan_shape[0]}×{scan_shape[1]} given, but {data} holds "
+                             f"a {scan.scan_shape[0]}×{scan.scan_shape[1]} scan; drop --scan-shape (the data's own "
+                             "shape is used) or reshape the data")
+    default_fastest = "col" if scan.scan_shape is not None else "row"
+    raster_asked = dict(positions=positions, scan_shape=scan_shape, step_px=step_px, rotation_deg=rotation_deg,
+                        fastest=fastest)
+    positions, scan_info = scan_positions(**raster_asked, n_frames=n_frames, file_scan_shape=scan.scan_shape,
+                                          default_fastest=default_fastest)
+    if positions is None and scan.positions is not None:
+        if step_px is not None or rotation_deg not in (0.0, "auto") or fastest is not None:
+            raise DeepPhaseError(f"positions: {data} holds the scan's positions; --step, --rotation DEG and "
+                                 "--fastest would be ignored: drop them, or give --scan-shape and --step to use a "
+                                 "raster instead")
+        positions, scan_info = scan.positions, {"positions": "from the data file"}
+    kind_asked = kind
+    view, calibrated = None, None
+    shape = scan_shape or scan.scan_shape
+    step_from_file = (calibrating and shape is not None and step_px is None
+                      and isinstance(scan.info.get("scan_step_angstrom"), float))
+    if positions is None and not step_from_file:
+        if scan_shape is not None:
+            raise DeepPhaseError("step: --scan-shape needs the raster's step as well (--step S, in real-space "
+                                 "pixels of the model's grid)")
+        raise DeepPhaseError(
+            "positions: the data holds none; give --positions POS.npy or --scan-shape ROWS COLS --step S"
+            + (" (the scan shape is known from the data: --step S is enough)" if scan.scan_shape else ""))
+    kind = scan.kind if kind is None else kind
+    coords = None
+    if calibrating:
+        from ..data.calibration import calibrate
+
+        if kind is None:  # detector patterns are intensities, unless they are plainly square roots of counts
+            kind = "amplitude" if looks_like_amplitudes(scan.frames) else "counts"
+        coords = positions if positions is not None else (
+            raster_positions(tuple(shape), 1.0, 0.0 if rotation_deg == "auto" else rotation_deg,
+                             fastest or default_fastest)
+            if shape is not None and shape[0] * shape[1] == n_frames else None)
+        view, calibrated = calibrate(
+            scan.frames, model, coords, kind=kind, gain=gain or 1.0, mrad_per_px=mrad_per_px,
+            model_mrad_per_px=model_mrad_per_px, semi_angle=semi_angle,
+            energy=energy if energy is not None else scan.info.get("energy_kev"),
+            detector_sampling=scan.info.get("detector_sampling"))
+        pixel = calibrated.get("real_space_sampling_angstrom")
+        if positions is None and step_px is None and shape is not None and pixel and \
+                isinstance(scan.info.get("scan_step_angstrom"), float):
+            step_px = scan.info["scan_step_angstrom"] / pixel
+            positions, scan_info = scan_positions(**{**raster_asked, "step_px": step_px}, n_frames=n_frames,
+                                                  file_scan_shape=scan.scan_shape, default_fastest=default_fastest)
+            scan_info["step_from"] = (f"the file's scan step {scan.info['scan_step_angstrom']:.4g} Å / the "
+                                      f"calibrated pixel size {pixel:.4g} Å")
+    if positions is None:
+        raise DeepPhaseError(
+            f"step: the file's scan step ({scan.info['scan_step_angstrom']:.4g} Å) cannot be turned into pixels "
+            "without the real-space pixel size; give --step S, or --energy KEV with --semi-angle MRAD or "
+            "--mrad-per-px X")
+    check_spacing(positions, model.geometry)  # before the rotation and probe checks read the patterns
+    if kind_asked == "counts" and looks_like_amplitudes(scan.frames):
+        note("the patterns look like amplitudes (not whole numbers, their squares are), yet --input counts "
+             "reads them as counts; check it (--input amplitude, or leave --input to find it)")
+    if view is not None and coords is not None and coords is not positions:
+        view.use_coords(positions)  # the descan plane, fitted in scan indices, in position units
+    if kind is None:
+        kind = infer_kind(scan.frames)
+    amplitudes = view if view is not None else AmplitudeView(scan.frames, kind)
+    if flip_patterns:
+        view, amplitudes = _flipped(view, amplitudes)
+    rotation_figure = None  # what the DPC criterion saw, drawn once the image is written
+    if rotation_deg == "auto":
+        positions, scan_info, rotation_figure = _find_rotation(amplitudes, view, scan_info, positions, model,
+                                                               flip_patterns, note)
+        if scan_info["rotation_found"]["flip_patterns"]:
+            view, amplitudes = _flipped(view, amplitudes)
+        flip_patterns = flip_patterns or scan_info["rotation_found"]["flip_patterns"]
+    elif (raster := _raster_of(scan_info, positions)) is not None:
+        scan_info, rotation_figure = _check_rotation(amplitudes, scan_info, raster, model)
+        if scan_info.get("rotation_check", {}).get("note"):
+            note(scan_info["rotation_check"]["note"])
+    scan_info["patterns_flipped"] = flip_patterns
+    raster = _raster_of(scan_info, positions)  # (with the rotation found, after rotation "auto")
+    if probe_check and raster is not None:
+        scan_info = _check_probe(amplitudes, model, view, scan_info, raster, semi_angle,
+                                 energy or scan.info.get("energy_kev"))
+    if model.probe_aware:
+        model, scan_info = _tell_probe(model, scan_info)
+    # (the network is given only the pixel size the user gave, to check against the model's; the files get the
+    # calibration's too)
+    sampling_written = sampling or (calibrated or {}).get("real_space_sampling_angstrom")
+    samples = 0 if uncertainty in (None, "head") else int(uncertainty)
+    partial = out / PARTIAL_FOLDER if out is not None else None
+    if workers is not None or scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
+        rec = _reconstruct_on_cluster(
+            data, positions, model_reference(model_given, for_workers=True), kind, view, flip_patterns,
+            workers=workers, scheduler=scheduler, tile_size=tile_size, dataset=dataset, scan_shape=scan_shape, stitching=stitching, batch_size=batch_size,
+            device=device, sampling=sampling, uncertainty_samples=samples, sigma_head=uncertainty == "head",
+            precision=precision, sigma_scale=sigma_scale, deblur=deblur,
+            told=model.info.get("told_coefficients_rad_per_px2"))
+    else:
+        if view is not None:
+            view.reset_counters()  # (the rotation and probe checks read some frames already)
+        try:
+            rec = reconstruct(amplitudes, positions, model, stitching=stitching, batch_size=batch_size,
+                              device=device, progress=progress, sampling=sampling, precision=precision,
+                              uncertainty_samples=samples, sigma_head=uncertainty == "head", chunk_size=chunk_size,
+                              checkpoint=partial, resume=resume,
+                              fingerprint=_data_fingerprint(data, dataset, kind, view, flip_patterns, batch_size),
+                              ensemble=[_tell_probe(m, scan_info)[0] if m.probe_aware else m
+                                        for m in map(load_model, ensemble or ())],
+                              sigma_scale=sigma_scale, engine=engine, deblur=deblur)
+        except BaseException:  # an error, Ctrl-C or SIGTERM: keep the progress only if there is some
+            from .pipeline import read_checkpoint
+
+            if partial is not None and read_checkpoint(partial) is None:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+    rec = with_source_divided_out(rec, source_size_px)
+    if source_size_px and (text := source_division_note(model)):
+        note(text)
+    if rec.processing.get("dose_note"):
+        note(rec.processing["dose_note"])
+    if view is not None:
+        repairs = {k: v for k, v in view.counters.items() if v and k != "most_negative_count"}
+        if repairs:
+            note("repaired: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in repairs.items()))
+    metadata = {"command": command, "data": str(data), "input": kind, "n_patterns": n_frames,
+                "pattern_shape": list(pattern), "stitching": stitching, "model_path": str(model_name or "default (packaged)"), **scan_info,
+                "data_info": scan.info, "calibration": view.report() if view is not None else None}
+    if scan.truth is not None:
+        truth = scan.truth[rec.origin_px[0]:, rec.origin_px[1]:][: rec.phase.shape[0], : rec.phase.shape[1]]
+        if truth.shape == rec.phase.shape:
+            metadata["correlation_with_truth"] = _pearson(rec.phase, truth)
+    written = set()
+    if out is not None:
+        written = _write_figures(out, view, rotation_figure, scan_info, model, model_name, note)
+    elif scan_info.get("probe_check", {}).get("note"):
+        note(probe_estimate_note(scan_info["probe_check"], model, model_name, None))
+    if scan_info.get("probe_aware", {}).get("note"):
+        note(scan_info["probe_aware"]["note"])
+    rec.metadata = {**metadata, "notes": notes}
+    rec.notes = notes
+    if out is not None:
+        _write(rec, out, sampling_written, overwrite, written)
+        shutil.rmtree(partial, ignore_errors=True)  # complete: the progress is no longer needed
+    return rec
+
+
+def _write(rec, out: Path, sampling, overwrite: bool, written: set) -> None:
+    """The image and its metadata, then the earlier run's figures this one did not remake removed."""
+    from .pipeline import write_outputs
+
+    write_outputs(rec, out, rec.metadata, sampling=sampling, overwrite=overwrite)
+    for name in set(FIGURES) - written:  # they would contradict the metadata just written
+        if (out / name).exists():
+            (out / name).unlink()
+
+
+def _write_figures(out: Path, view, rotation_figure, scan_info: dict, model, model_name, note) -> set:
+    """calibration.png, rotation.png and the probe estimate, where there is something to show; returns their
+    names."""
+    written = set()
+    out.mkdir(parents=True, exist_ok=True)
+    if view is not None:
+        from ..data.calibration import plot_calibration
+
+        plot_calibration(view, out / "calibration.png")
+        written.add("calibration.png")
+    if scan_info.get("probe_check", {}).get("note"):
+        note(probe_estimate_note(scan_info["probe_check"], model, model_name, out))
+        written |= {"probe_estimate.npy", "probe_check.png"}
+    if rotation_figure is not None:
+        from ..data.calibration import plot_scan_rotation
+
+        plot_scan_rotation(**rotation_figure, path=out / "rotation.png")
+        note(f"what the DPC curl criterion saw: {out / 'rotation.png'}")
+        written.add("rotation.png")
+    return written
+
+
+def _pearson(image: np.ndarray, truth: np.ndarray) -> float:
+    """Pearson correlation over the pixels finite in both (the evaluation layer's ``correlation``, which this
+    layer may not import)."""
+    finite = np.isfinite(image) & np.isfinite(truth)
+    a, b = image[finite] - image[finite].mean(), truth[finite] - truth[finite].mean()
+    denominator = np.sqrt((a * a).sum() * (b * b).sum())
+    return float((a * b).sum() / denominator) if denominator > 0 else 0.0
+
+
+def scan_positions(positions=None, scan_shape=None, step_px=None, rotation_deg=0.0, fastest=None, *,
+                   n_frames: int | None, file_scan_shape=None, default_fastest: str = "row"):
+    """The scan positions asked for: given (an array or a .npy file), or a raster from ``scan_shape`` (or the
+    file's) and ``step_px``; ``(None, {})`` when neither is known yet. Returns ``(positions, scan_info)``, the
+    latter for the metadata (a raster's shape, step, rotation and fastest axis)."""
+    from ..physics.scan import raster_positions, validate_positions
+
+    if positions is not None:
+        if scan_shape is not None or step_px is not None:
+            raise DeepPhaseError("positions: give either --positions or --scan-shape/--step, not both")
+        if rotation_deg not in (0.0, "auto") or fastest is not None:
+            raise DeepPhaseError("positions: --rotation DEG and --fastest describe a raster, and --positions gives "
+                                 "every position already; rotate the positions themselves (--rotation auto still "
+                                 "checks them)")
+        info = {"positions": "given"}
+        if isinstance(positions, (str, Path)):
+            positions, info = _read_positions(Path(positions)), {"positions_file": str(positions)}
+        return validate_positions(positions, n_frames if n_frames is not None else len(positions)), info
+    shape = scan_shape or file_scan_shape
+    if shape is None or step_px is None:
+        return None, {}
+    shape = tuple(shape)
+    if n_frames is not None and shape[0] * shape[1] != n_frames:
+        raise DeepPhaseError(
+            f"scan-shape: {shape[0]}×{shape[1]} = {shape[0] * shape[1]} positions do not match the {n_frames} patterns")
+    fastest = fastest or default_fastest
+    rotation = 0.0 if rotation_deg == "auto" else float(rotation_deg)  # 'auto': found later from the patterns
+    return raster_positions(shape, step_px, rotation, fastest), {
+        "scan_shape": list(shape), "step_px": step_px, "rotation_deg": rotation, "fastest": fastest}
+
+
+def _read_positions(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise DeepPhaseError(f"positions: file {str(path)!r} does not exist")
+    if path.suffix.lower() != ".npy":
+        raise DeepPhaseError(f"positions: expected an (N, 2) .npy file, got {str(path)!r} (a .npz from "
+                             "deepphase simulate is the data file itself: its positions are read with it)")
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        from ..data.io import npy_problem
+
+        raise DeepPhaseError(f"positions: could not read {str(path)!r} as .npy ({npy_problem(path, exc)})") from exc
+
+
+def _flipped(view, amplitudes):
+    """Patterns mirrored in k_row: detector patterns as they are resampled, model-grid ones about k = 0."""
+    from ..data.io import FlippedView
+
+    if view is not None:
+        view = view.flipped()
+        return view, view
+    return None, FlippedView(amplitudes)
+
+
+def _sense(amplitudes, model, raster: dict) -> dict:
+    """The scan's sense as the model's probe tells it, at ``raster``'s rotation and half a turn from it
+    (:func:`deepphase.data.aberrations.scan_sense`), or why it was not asked."""
+    from ..data.aberrations import PROBE_CHECK_MIN_PX, scan_sense
+    from ..errors import ShapeError
+
+    if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
+        return {"skipped": f"fewer than {PROBE_CHECK_MIN_PX} positions a side"}
+    try:
+        return scan_sense(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
+                          raster["rotation_deg"], raster["fastest"])
+    except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (the reconstruction names the frame), a coarse step
+        return {"skipped": str(exc)}
+
+
+def _find_rotation(amplitudes, view, scan_info: dict, positions, model, handedness_given: bool, log):
+    """Rotation "auto": the scan rotation from the patterns (DPC curl criterion), then the positions; and the
+    detector's handedness, unless ``handedness_given`` (``amplitudes`` are then flipped already)."""
+    from ..data.calibration import centre_of_mass_block, check_scan_rotation, find_scan_rotation, with_sense
+    from ..physics.scan import raster_positions
+
+    raster = _raster_of(scan_info, positions)
+    if raster is None:
+        raise DeepPhaseError("rotation: 'auto' needs a raster (--scan-shape and --step, a file that holds the scan "
+                             "shape, or positions that form one), not positions off a regular grid")
+    scan_info = {**scan_info, **raster}  # (a raster read from positions: they are made again at the angle found)
+    shape, fastest = tuple(scan_info["scan_shape"]), scan_info["fastest"]
+    com, noise = centre_of_mass_block(amplitudes, shape, fastest)
+    found = find_scan_rotation(com, handedness="as recorded" if handedness_given else "auto", noise=noise)
+    found = with_sense(found, _sense(_flipped(view, amplitudes)[1] if found["flip_patterns"] else amplitudes,
+                                     model, {**scan_info, "rotation_deg": found["rotation_deg"]}))
+    check_scan_rotation(found)
+    positions = raster_positions(shape, scan_info["step_px"], found["rotation_deg"], fastest)
+    if view is not None:
+        view.use_coords(positions)  # the descan plane, re-expressed in the rotated positions
+    report_rotation(found, found["flip_patterns"], log)
+    figure = {"com": com, "noise": noise, "found": found}
+    return positions, {**scan_info, "rotation_deg": found["rotation_deg"], "rotation_found": found}, figure
+
+
+def report_rotation(found: dict, flipped_by_search: bool, log) -> None:
+    """What rotation "auto" found; and, when the search flipped the patterns, a note saying why."""
+    log(f"scan rotation {found['rotation_deg']:.2f}° (DPC curl criterion on the central {found['block'][0]}×"
+        f"{found['block'][1]} positions; curl ratio {found['curl_ratio']:.3f})", False)
+    if flipped_by_search:
+        log("the patterns are mirrored against the scan (a detector whose rows run the other way, or the scan's "
+            "rows and columns swapped: check --fastest) (curl ratio "
+            f"{found['curl_ratio_other']:.2f} as recorded); patterns flipped (--flip-patterns)", True)
+
+
+def _raster_of(scan_info: dict, positions) -> dict | None:
+    """The raster the scan was made on: from the scan shape and step (given or the file's), or found in
+    positions (:func:`deepphase.physics.scan.raster_from_positions`); None for positions that are not one."""
+    if "scan_shape" in scan_info:
+        return {key: scan_info[key] for key in ("scan_shape", "step_px", "rotation_deg", "fastest")}
+    if "raster_from_positions" not in scan_info:
+        from ..physics.scan import raster_from_positions
+
+        scan_info["raster_from_positions"] = raster_from_positions(positions) if positions is not None else None
+    return scan_info["raster_from_positions"]
+
+
+def _check_rotation(amplitudes, scan_info: dict, raster: dict, model):
+    """The raster's rotation (the default 0° included) checked by the DPC curl criterion: a note when the data
+    clearly say otherwise (a mirrored detector, an angle more than 20° away, or half a turn, which the model's
+    probe is asked to confirm), which would make a poor image; then also what the criterion saw, for
+    rotation.png."""
+    from ..data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, centre_of_mass_block, \
+        find_scan_rotation, on_the_given_axis, rotation_note, with_sense
+
+    if min(raster["scan_shape"]) < ROTATION_CHECK_MIN_PX:
+        return scan_info, None
+    com, noise = centre_of_mass_block(amplitudes, tuple(raster["scan_shape"]), raster["fastest"],
+                                      ROTATION_CHECK_BLOCK)
+    given = raster["rotation_deg"]
+    if not (np.all(np.isfinite(com)) and np.all(np.isfinite(noise))):
+        return scan_info, None  # NaN/Inf or empty patterns: the reconstruction names the frame
+    found = find_scan_rotation(com, given_deg=given, noise=noise)
+    if on_the_given_axis(found, given):  # which way round: the probe's say-so, where it has one, not the skew's
+        found = with_sense(found, _sense(amplitudes, model, {**raster, "rotation_deg": found["rotation_deg"]}))
+    note = rotation_note(found, given)
+    figure = {"com": com, "noise": noise, "found": found, "given_deg": given} if note else None
+    return {**scan_info, "rotation_check": {**found, "note": note}}, figure
+
+
+def _check_probe(amplitudes, model, view, scan_info: dict, raster: dict, semi_angle, energy):
+    """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
+    central positions of a raster: ``probe_check`` in the metadata (with a note when they clearly differ)."""
+    from ..data.aberrations import PROBE_CHECK_MIN_PX, measure_probe_mismatch, probe_check_report
+    from ..errors import ShapeError
+
+    if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
+        return scan_info
+    t0 = time.perf_counter()
+    try:
+        found = measure_probe_mismatch(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
+                                       raster["rotation_deg"], raster["fastest"])
+    except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (the reconstruction names the frame), too few frequencies
+        return {**scan_info, "probe_check": {"skipped": str(exc)}}
+    check = probe_check_report(found, model, view.info if view is not None else None, semi_angle, energy,
+                               (scan_info.get("rotation_check") or {}).get("note"))
+    return {**scan_info, "probe_check": {**check, "wall_s": round(time.perf_counter() - t0, 3)}}
+
+
+def _tell_probe(model, scan_info: dict):
+    """A probe-aware model told the difference the probe check measured (:func:`told_to_probe_aware`), and
+    ``probe_aware`` for the metadata."""
+    from ..data.aberrations import told_to_probe_aware
+
+    info = told_to_probe_aware(model, scan_info.get("probe_check"))
+    return model.told(info["told_coefficients_rad_per_px2"]), {**scan_info, "probe_aware": info}
+
+
+def source_division_note(model) -> str | None:
+    """What to say when the source is divided out of the image of a model trained with one."""
+    trained_with = (model.info.get("training") or {}).get("source_size_px")
+    if not trained_with:
+        return None
+    return (f"the model was trained on patterns with a finite source ({trained_with} px); dividing the source out of "
+            "its image as well over-sharpens it (RESULTS.md §38): drop --source-size")
+
+
+def probe_estimate_note(check: dict, model, model_name, out: Path | None) -> str:
+    """For a probe check with a note: with an output folder, ``probe_estimate.npy`` (the model's probe with the
+    difference found) and ``probe_check.png`` written there; returns the note, with what to do about it
+    (nothing but look, for a probe-aware model that was told it)."""
+    import shlex
+
+    from ..data.aberrations import add_aberrations, plot_probe_mismatch, probe_difference
+    from ..io_utils import save_npy
+    from ..models.modelfile import load_model
+
+    figure = f" (see {out / 'probe_check.png'})" if out is not None else ""
+    if out is not None:
+        save_npy(out / "probe_estimate.npy", add_aberrations(model.probe, check["coefficients"]))
+        plot_probe_mismatch(check, out / "probe_check.png")
+    if model.probe_aware:
+        return (f"{probe_difference(check, check['model_mrad_per_px'], check['energy_kev'])}{figure}; the "
+                f"probe-aware model was told this difference (trained for up to ±{model.aberration_range:g} rad)")
+    like = shlex.quote(str(model_name)) if model_name else "default"
+    aware = load_model("probe-aware")
+    other = ("reconstruct with --model probe-aware, which is told the difference (RESULTS §37)"
+             if model.probe.shape == aware.probe.shape and np.allclose(model.probe, aware.probe) else
+             f"train one that is told the data's probe: 'deepphase train --like {like} --probe-aware 2 --out MODEL'")
+    if out is None:
+        return f"{check['note']}: {other}"
+    estimate = out / "probe_estimate.npy"
+    return (f"{check['note']}{figure}: {estimate} is the model's probe with that difference; 'deepphase train "
+            f"--like {like} --probe {estimate} --out MODEL' trains a model for it with the model's recipe (the "
+            f"default's: about 7 min on 2 CPU cores); or {other}")
+
+
+def _data_fingerprint(data, dataset, kind: str, view, flip_patterns: bool, batch_size: int) -> dict:
+    """What must not change between an interrupted reconstruction and its ``resume``."""
+    stat = Path(data).stat()
+    # The calibration as measured and as asked for (gain, angles, energy...): it shapes the network's input.
+    calibration = json.dumps(view.info, sort_keys=True, default=str) if view is not None else ""
+    return {"data": str(Path(data).resolve()), "data_bytes": stat.st_size, "data_mtime_ns": stat.st_mtime_ns,
+            "dataset": dataset, "input": kind, "calibrated": view is not None, "patterns_flipped": flip_patterns,
+            "calibration_sha256": hashlib.sha256(calibration.encode()).hexdigest(), "batch_size": batch_size}
+
+
+def _reconstruct_on_cluster(data, positions, model_name, kind, view, flip_patterns, *, workers, scheduler,
+                            tile_size, **options):
+    """The prediction spread over a dask cluster (:mod:`deepphase.reconstruction.distributed`)."""
+    from .distributed import open_client, reconstruct_distributed
+
+    transform = None
+    if view is not None:
+        from ..data.calibration import CalibratedView
+
+        # The calibration measured here (with the flip, if any) travels to the workers; each applies it to the
+        # frames it reads.
+        transform = functools.partial(CalibratedView, info=view.info, arrays=view.arrays, coords=view.coords,
+                                      what=view.what)
+    elif flip_patterns:
+        transform = functools.partial(_flipped_amplitudes, kind=kind)
+    with open_client(workers, scheduler) as client:
+        return reconstruct_distributed(data, positions, model_name, client, tile_size, kind=kind,
+                                       transform=transform, **options)
+
+
+def _flipped_amplitudes(frames, kind: str):
+    """A cluster worker's view of model-grid frames, flipped (module level: it travels pickled)."""
+    from ..data.io import AmplitudeView, FlippedView
+
+    return FlippedView(AmplitudeView(frames, kind))
+
+
+def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan_shape, step_px, rotation_deg,
+                               fastest, kind, calibration, calibration_options, probe_check, flip_patterns,
+                               source_size_px, deblur, sampling, batch_size, precision, uncertainty, engine, workers,
+                               overwrite, progress, log, command):
+    """The file opened by LiberTEM, predicted and stitched on its executor
+    (:func:`deepphase.reconstruction.libertem_udf.reconstruct_file`), then noted and written as above."""
+    try:
+        from .libertem_udf import LIBERTEM_EXTRA, reconstruct_file as reconstruct_with_libertem
+        import libertem.api  # noqa: F401
+    except ImportError as exc:
+        raise DeepPhaseError(f"libertem: --libertem needs LiberTEM ({exc}); install it with `{LIBERTEM_EXTRA}`") \
+            from exc
+    from ..models.modelfile import load_model
+    from .pipeline import with_source_divided_out
+
+    notes = []
+
+    def note(text: str, is_note: bool = True) -> None:
+        if is_note:
+            notes.append(text)
+        log(text, is_note)
+
+    model = model_reference(model, for_workers=True)
+    given_positions = None
+    if positions is not None:
+        given_positions, _ = scan_positions(positions, scan_shape, step_px, rotation_deg, fastest, n_frames=None)
+    elif step_px is None:
+        raise DeepPhaseError("step: give the raster's --step S in pixels (the scan shape comes from the file, or "
+                             "--scan-shape ROWS COLS), or --positions POS.npy")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    fastest = fastest or "col"
+    rec, read = reconstruct_with_libertem(
+        data, model=model, step_px=step_px if given_positions is None else None, positions=given_positions,
+        nav_shape=scan_shape, rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
+        calibration_options=calibration_options,
+        calibration_png=out / "calibration.png" if out is not None else None,
+        rotation_png=out / "rotation.png" if out is not None else None, batch_size=batch_size, engine=engine,
+        precision=precision, deblur=deblur, workers=workers, progress=bool(progress),
+        uncertainty="head" if uncertainty == "head" else None, probe_check=probe_check,
+        flip_patterns=True if flip_patterns else (None if rotation_deg == "auto" else False))
+    scan = ({"positions_file": str(positions)} if isinstance(positions, (str, Path)) else
+            {"positions": "given"} if given_positions is not None else
+            {"scan_shape": read["navigation_shape"] if fastest == "col" else read["navigation_shape"][::-1],
+             "step_px": step_px, "rotation_deg": read["rotation_deg"], "fastest": fastest,
+             **{k: read[k] for k in ("rotation_found", "rotation_check", "probe_check", "probe_aware") if k in read}})
+    phase_model = load_model(model)
+    rec = with_source_divided_out(rec, source_size_px)
+    if source_size_px and (text := source_division_note(phase_model)):
+        note(text)
+    if rec.processing.get("dose_note"):
+        note(rec.processing["dose_note"])
+    if "rotation_found" in read:
+        report_rotation(read["rotation_found"], read["patterns_flipped"] and not flip_patterns, note)
+    if (read.get("rotation_check") or {}).get("note"):
+        note(read["rotation_check"]["note"])
+    if read["rotation_png"]:
+        note(f"what the DPC curl criterion saw: {read['rotation_png']}")
+    if (read.get("probe_check") or {}).get("note"):
+        note(probe_estimate_note(read["probe_check"], phase_model, model, out))
+    if (read.get("probe_aware") or {}).get("note"):
+        note(read["probe_aware"]["note"])
+    rec.metadata = {"command": command, "data": str(data), "input": read["input"],
+                    "n_patterns": rec.processing["patterns"], "stitching": "pairwise",
+                    "model_path": str(model or "default (packaged)"), **scan,
+                    "patterns_flipped": read["patterns_flipped"], "data_info": read, "calibration": read["calibration"],
+                    "notes": notes}
+    rec.notes = notes
+    if out is not None:
+        written = ({"calibration.png"} if read["calibration"] is not None else set()) | (
+            {"rotation.png"} if read["rotation_png"] else set()) | (
+            {"probe_estimate.npy", "probe_check.png"} if (read.get("probe_check") or {}).get("note") else set())
+        _write(rec, out, sampling or (read["calibration"] or {}).get("real_space_sampling_angstrom"), overwrite,
+               written)
+    return rec
