@@ -1,5 +1,6 @@
 """The Python API as a notebook uses it: entry points, the result's record, files closed, plots left alone."""
 
+import json
 import subprocess
 import sys
 
@@ -79,3 +80,49 @@ def test_counts_given_where_amplitudes_belong_are_warned_about(probe):
         deepphase.reconstruct(counts, positions, progress=False)
     rec = deepphase.reconstruct(AmplitudeView(counts, "counts"), positions, progress=False)
     assert rec.processing["dose_note"] is None
+
+
+def test_reconstruct_file_makes_what_the_command_makes_and_tells_what_to_check(probe, tmp_path, capsys):
+    from deepphase.cli import main
+    from deepphase.errors import DeepPhaseNote
+
+    positions = deepphase.raster_positions((24, 24), 0.87, rotation_deg=30)
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=2)
+    np.save(tmp_path / "scan.npy", deepphase.simulate_scan(truth, probe, positions, seed=2, progress=False).amplitude)
+    raster = {"scan_shape": (24, 24), "step_px": 0.87}
+
+    with pytest.warns(DeepPhaseNote, match="rotated 30"):  # given 0°: the data say otherwise
+        told = deepphase.reconstruct_file(tmp_path / "scan.npy", **raster, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.npy"]  # no folder given: nothing written
+    assert told.notes and "rotated 30" in told.notes[0] and told.metadata["rotation_check"]["note"] == told.notes[0]
+
+    messages = []
+    rec = deepphase.reconstruct_file(tmp_path / "scan.npy", tmp_path / "api", **raster, rotation_deg=30,
+                                     progress=False, log=lambda text, is_note: messages.append((text, is_note)))
+    assert not rec.notes and not [m for m in messages if m[1]]
+    assert correlation(rec.phase, rec.region(truth)) > correlation(told.phase, told.region(truth)) + 0.2
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--scan-shape", "24", "24", "--step", "0.87",
+                 "--rotation", "30", "--out", str(tmp_path / "cli")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "api" / "phase.npy"), np.load(tmp_path / "cli" / "phase.npy"))
+    api, cli = (json.loads((tmp_path / name / "metadata.json").read_text()) for name in ("api", "cli"))
+    assert api["command"].startswith("deepphase.reconstruct_file(") and cli["command"].startswith("deepphase ")
+    for meta in (api, cli):
+        del meta["probe_check"]["wall_s"]
+    different = {key for key in api.keys() | cli.keys() if api.get(key) != cli.get(key)}
+    assert different <= {"command", "timings", "processing"}, different
+    assert api["scan_shape"] == [24, 24] and api["rotation_deg"] == 30 and api["notes"] == []
+
+
+def test_reconstruct_file_refuses_what_it_cannot_do_before_reading_the_file(tmp_path):
+    from deepphase.errors import DeepPhaseError
+
+    missing = tmp_path / "nothing-here.npy"
+    for options, match in (({"kind": "intensity"}, "input: expected 'counts', 'amplitude'"),
+                           ({"calibration": True}, "calibration: expected 'auto', 'on' or 'off'"),
+                           ({"step_px": -1.0}, "step: expected a positive"),
+                           ({"uncertainty": 2.5}, "uncertainty: expected a number of dropout samples"),
+                           ({"resume": True}, "resume: needs the output folder"),
+                           ({"fastest": "column"}, "fastest: expected 'row', 'col'")):
+        with pytest.raises(DeepPhaseError, match=match):
+            deepphase.reconstruct_file(missing, **options)
+    assert not list(tmp_path.iterdir())
