@@ -329,7 +329,7 @@ def _cmd_calibrate_uncertainty(args) -> None:
     from .io_utils import check_writable
     from .models.modelfile import load_model
     from .models.registry import has_sigma_head
-    from .reconstruction.uncertainty import fit_sigma_scale, save_sigma_scale
+    from .reconstruction.uncertainty import RECORD_KEYS, fit_sigma_scale, save_sigma_scale
 
     folder = Path(args.model).parent if Path(args.model).name == "model.json" else Path(args.model)
     if not (folder / "model.json").exists():
@@ -342,6 +342,11 @@ def _cmd_calibrate_uncertainty(args) -> None:
     check_writable(folder / "model.json", "model", folder=False)
     model = load_model(args.model)
     method = args.method if args.method != "auto" else ("head" if has_sigma_head(model.network) else "dropout")
+    earlier = model.info.get(RECORD_KEYS[method])
+    if earlier and not args.overwrite:  # (fitted on other scans or samples, perhaps on purpose)
+        raise DeepPhaseError(f"model: {args.model}/model.json already holds a fitted factor for "
+                             f"{'the σ head' if method == 'head' else 'Monte Carlo dropout'} "
+                             f"({earlier.get('sigma_scale', float('nan')):.3g}); pass --overwrite to fit it again")
     result = fit_sigma_scale(model, n_scans=args.scans, side=args.side, samples=args.samples, seed=args.seed,
                              method=method)
     save_sigma_scale(args.model, result)
@@ -373,7 +378,9 @@ def _cmd_export_onnx(args) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)\n"
           f"  input 'x': (batch, {c}, {n}, {n}) float32 {inputs}\n"
           f"  output 'y': (batch, {2 if sigma else 1}, {out}, {out}) {outputs}\n"
-          "  as reconstruct does, remove each phase patch's mean inside the illuminated mask before stitching")
+          "  as reconstruct does, remove each phase patch's mean inside the illuminated mask before stitching"
+          + ("\n  probe-aware: exported for the model's own probe (told no difference); reconstruct tells the network "
+             "the data's probe, which this file cannot be told" if model.probe_aware else ""))
 
 
 def _cmd_demo(args) -> None:
@@ -685,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whose σ to calibrate: Monte Carlo dropout's, or the σ head's (default auto: the head if "
                         "the model has one); stored under 'uncertainty' or 'uncertainty_head' in model.json")
     p.add_argument("--seed", type=int, default=20261125)
+    p.add_argument("--overwrite", action="store_true", help="replace a factor fitted before for the same method")
     p.set_defaults(func=_cmd_calibrate_uncertainty)
 
     p = sub.add_parser("export-onnx", help="write a model's network as an ONNX file, for ONNX Runtime or a pipeline "

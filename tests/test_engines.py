@@ -529,3 +529,14 @@ def test_cuda_graphs_equal_eager_on_a_gpu(tiny):
         assert float((run(x[:3]) - expected[:3]).abs().max()) < 1e-4
         with torch.autocast("cuda", dtype=torch.bfloat16):
             assert float((run(x).float() - expected).abs().max()) < 0.1
+
+
+def test_export_onnx_says_a_probe_aware_model_is_exported_for_its_own_probe(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from deepphase.cli import main
+
+    assert main(["export-onnx", "--model", "probe-aware", "--out", str(tmp_path / "aware.onnx")]) == 0
+    assert "exported for the model's own probe" in capsys.readouterr().out
+    assert main(["export-onnx", "--model", "default", "--out", str(tmp_path / "default.onnx")]) == 0
+    assert "probe-aware" not in capsys.readouterr().out

@@ -376,6 +376,14 @@ def test_bad_settings_and_data_are_refused_with_what_was_expected(counts, ctx):
         PhaseUDF(step_px=1.0, positions=np.zeros((4, 2)))
     with pytest.raises(ValueRangeError, match="kind: expected 'counts' or 'amplitude'"):
         PhaseUDF(step_px=1.0, kind="intensity")
+    for options, match in (({"fastest": "column"}, "fastest: expected 'row' or 'col'"),
+                           ({"engine": "tensorrt"}, "engine: expected 'auto' or one of eager"),
+                           ({"precision": "fp8"}, "precision: expected one of auto"),
+                           ({"step_px": -0.87}, "step_px: expected a positive raster step")):
+        with pytest.raises(ValueRangeError, match=match):  # when made, not when LiberTEM runs it
+            PhaseUDF(**{"step_px": 1.0, **options})
+    with pytest.raises(TypeError, match="stepp_px"):  # a misspelt keyword is not kept as a parameter
+        PhaseUDF(step_px=1.0, stepp_px=0.87)
     with pytest.raises(ValueRangeError, match="calibration: expected what calibrate_dataset returns"):
         PhaseUDF(step_px=1.0, calibration="calibration.json")
     ds = ctx.load("memory", data=frames.reshape(*NAV, 32, 32), sig_dims=2)

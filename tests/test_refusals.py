@@ -68,6 +68,20 @@ def test_demo_and_evaluate_refuse_before_the_work(tmp_path, capsys):
     refused(["evaluate", "--methods", "idpc", "--specimens", "cameraman", "--doses", 1000, "--scan-shape", 24, 24,
              "--forward", "multislice", "--out", tmp_path / "e"], capsys, "no case to run")
     refused(["evaluate", "--methods", "idpc", "--sigma-scale", 2, "--out", tmp_path / "e"], capsys, "needs --ensemble")
+    refused(["evaluate", "--methods", "idpc", "--forward", "phase-object", "--divide-source", "--out", tmp_path / "e"],
+            capsys, "no case has a finite source to divide out")
+
+
+def test_an_earlier_uncertainty_fit_is_replaced_only_when_asked(tmp_path, capsys):
+    import shutil
+
+    from deepphase.models.modelfile import packaged_model_path
+
+    shutil.copytree(packaged_model_path("default"), tmp_path / "mine")
+    before = (tmp_path / "mine" / "model.json").read_bytes()
+    refused(["calibrate-uncertainty", "--model", tmp_path / "mine"], capsys,
+            "already holds a fitted factor for the σ head")
+    assert (tmp_path / "mine" / "model.json").read_bytes() == before
 
 
 def test_the_python_api_refuses_what_it_cannot_use(tmp_path):

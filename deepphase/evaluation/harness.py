@@ -634,6 +634,10 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     if forward == ["multislice"] and not any(name not in BUILTIN_SPECIMENS for name in specimens):
         raise ValueRangeError(f"forward: multislice data are simulated for the material specimens only (hbn, "
                               f"mos2-vacancies, ...), and {', '.join(specimens)} are phase images: no case to run")
+    if divide_source and not source_size_px and "multislice" not in forward:
+        raise ValueRangeError("divide-source: no case has a finite source to divide out (the phase-object cases "
+                              "are simulated with a coherent probe unless --source-size PX is given, and no "
+                              "multislice case is run); give --source-size or drop --divide-source")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
         raise ValueRangeError(f"cache-dir: {str(cache_dir)!r} is a file; expected a folder for simulated multislice data")

@@ -209,7 +209,21 @@ class PhaseUDF(UDF):
     def __init__(self, model=None, step_px=None, positions=None, rotation_deg: float = 0.0, fastest: str = "col",
                  kind: str = "counts", calibration=None, flip_patterns: bool = False, reverse_rows: bool | None = None,
                  batch_size: int = 512, engine: str = "auto", precision: str = "auto", deblur="auto",
-                 remove_plane: bool = True, uncertainty=None, told=None, **kwargs):
+                 remove_plane: bool = True, uncertainty=None, told=None):
+        # (no **kwargs: LiberTEM makes the workers' copies from these names alone, and a misspelt one is refused)
+        from .engines import ENGINES
+        from .predict import PRECISIONS
+
+        if fastest not in ("row", "col"):
+            raise ValueRangeError(f"fastest: expected 'row' or 'col', got {fastest!r}")
+        if engine not in ("auto", *ENGINES):
+            raise ValueRangeError(f"engine: expected 'auto' or one of {', '.join(ENGINES)}, got {engine!r}")
+        if precision not in PRECISIONS:
+            raise ValueRangeError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if step_px is not None and not (np.isfinite(step_px) and step_px > 0):
+            raise ValueRangeError(f"step_px: expected a positive raster step in real-space pixels, got {step_px}")
+        if not np.isfinite(rotation_deg):
+            raise ValueRangeError(f"rotation_deg: expected an angle in degrees, got {rotation_deg}")
         if kind not in ("counts", "amplitude"):
             raise ValueRangeError(f"kind: expected 'counts' or 'amplitude', got {kind!r}")
         if int(batch_size) < 1:
@@ -230,7 +244,7 @@ class PhaseUDF(UDF):
                          flip_patterns=bool(flip_patterns), reverse_rows=bool(reverse_rows),
                          batch_size=int(batch_size), engine=engine, precision=precision, deblur=deblur,
                          remove_plane=bool(remove_plane), uncertainty=uncertainty,
-                         told=None if told is None else [float(c) for c in told], **kwargs)
+                         told=None if told is None else [float(c) for c in told])
 
     # ---------------------------------------------------------------- set-up, on the main node and the workers
     def _model(self):
