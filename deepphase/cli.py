@@ -145,12 +145,17 @@ def _cmd_train(args) -> None:
           f"{history[-1]['epoch']} epochs)")
 
 
-def _add_scan_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+def _add_scan_arguments(p: argparse.ArgumentParser, required: bool, auto_step: bool = False) -> None:
     g = p.add_argument_group("scan positions (top-left corner of each probe window, real-space pixels)")
     g.add_argument("--positions", type=Path, help="(N, 2) .npy of (row, col) positions")
     g.add_argument("--scan-shape", type=_count, nargs=2, metavar=("ROWS", "COLS"), help="raster shape")
-    g.add_argument("--step", type=_positive, help="raster step in real-space pixels of the model's grid (simulate: "
-                                                  "default 0.87, the reference scan's)")
+    if auto_step:
+        g.add_argument("--step", type=_step, metavar="S|auto",
+                       help="raster step in real-space pixels of the model's grid; 'auto': the step the model's "
+                            "probe fits best (the weak-phase transfer on the central 64×64 positions, ~5 s)")
+    else:
+        g.add_argument("--step", type=_positive, help="raster step in real-space pixels of the model's grid "
+                                                      "(default 0.87, the reference scan's)")
     g.add_argument("--rotation", type=_rotation, default=0.0, metavar="DEG|auto",
                    help="rotation of the scan axes against the detector's, degrees counter-clockwise (default 0); "
                         "'auto' (reconstruct) finds it from the data by the DPC curl criterion")
@@ -195,6 +200,11 @@ def _positions_from_args(args, n_frames: int | None, scan_shape=None, default_fa
     positions = raster_positions(shape, args.step, rotation, fastest)
     return positions, {"scan_shape": list(shape), "step_px": args.step, "rotation_deg": rotation,
                        "fastest": fastest}
+
+
+def _step(text: str):
+    """reconstruct's ``--step``: a positive number of pixels, or 'auto'."""
+    return text if text == "auto" else _number(minimum=0, above=True, what="a positive number of pixels or 'auto'")(text)
 
 
 def _rotation(text: str):
@@ -589,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset (or EMD group) path inside an HDF5 or zarr file")
     p.add_argument("--model", help="a packaged model's name (default, neighbourhood, probe-aware, seed-unet, ...) or a "
                                    "model folder (default: the packaged default)")
-    _add_scan_arguments(p, required=True)
+    _add_scan_arguments(p, required=True, auto_step=True)
     p.add_argument("--input", choices=["auto", "counts", "amplitude"], default="auto",
                    help="whether the data are counts or amplitudes sqrt(counts) (default: read or inferred; "
                         "detector patterns that need calibration are taken as counts)")

@@ -342,3 +342,55 @@ def test_the_cli_takes_the_scan_s_sense_from_the_probe(blurred_scans, tmp_path, 
         assert main([*common, "--rotation", "auto", "--out", str(tmp_path / f"auto{true:.0f}")]) == 0
         found = json.loads((tmp_path / f"auto{true:.0f}" / "metadata.json").read_text())["rotation_found"]
         assert abs((found["rotation_deg"] - true + 180.0) % 360.0 - 180.0) < 5.0, found
+
+
+@pytest.fixture(scope="module")
+def coarser_scan(probe, tmp_path_factory):
+    """Twisted hBN on a 40×40 raster at 1.1 px, rotated 20° (the row fastest), as amplitudes in a .npy."""
+    positions = raster_positions((40, 40), 1.1, 20.0, "row")
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=7)
+    scan = simulate_scan(truth, probe, positions, seed=7, progress=False)
+    path = tmp_path_factory.mktemp("step") / "scan.npy"
+    np.save(path, scan.amplitude)
+    return path, scan, truth
+
+
+def test_the_scan_step_is_found_from_the_patterns_and_a_wrong_one_noticed(probe, coarser_scan):
+    from deepphase.data.aberrations import check_scan_step, measure_scan_step, step_note
+
+    _, scan, _ = coarser_scan
+    found = measure_scan_step(scan.amplitude, (40, 40), probe, 20.0, "row")
+    assert found["decided"] and found["step_px"] == pytest.approx(1.1, rel=0.02)
+    grid = found["search"]
+    assert grid["steps_px"][int(np.argmax(grid["explained"]))] == pytest.approx(1.1, rel=0.15)  # one peak, there
+    wrong = check_scan_step(scan.amplitude, (40, 40), probe, 0.87, 20.0, "row")
+    assert wrong["searched"] and wrong["step_px"] == pytest.approx(1.1, rel=0.02)
+    assert wrong["explained"] > 1.1 * wrong["explained_given"]
+    assert re.search(r"fit a raster step of 1\.(09|10|11)\d* px better than the 0.87 px given", step_note(wrong))
+    assert step_note(check_scan_step(scan.amplitude, (40, 40), probe, 1.1, 20.0, "row")) is None
+
+
+def test_cli_finds_the_step_with_the_rotation_and_notes_a_step_given_wrongly(coarser_scan, tmp_path, capsys):
+    import deepphase
+    from deepphase.evaluation.metrics import correlation
+
+    path, _, truth = coarser_scan
+    raster = ["reconstruct", str(path), "--scan-shape", "40", "40"]
+    assert main([*raster, "--step", "auto", "--rotation", "auto", "--out", str(tmp_path / "auto")]) == 0
+    assert "scan step 1.0" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "auto" / "metadata.json").read_text())
+    assert meta["step_px"] == pytest.approx(1.1, rel=0.02) and meta["step_found"]["decided"]
+    assert meta["rotation_deg"] == pytest.approx(20.0, abs=2.0)
+    told = deepphase.reconstruct_file(path, scan_shape=(40, 40), step_px=1.1, rotation_deg=20.0, progress=False)
+    found = np.load(tmp_path / "auto" / "phase.npy")
+    r0, c0 = meta["origin_px"]
+    assert correlation(found, truth[r0 : r0 + found.shape[0], c0 : c0 + found.shape[1]]) > \
+        correlation(told.phase, told.region(truth)) - 0.02
+    assert main([*raster, "--step", "0.87", "--rotation", "20", "--out", str(tmp_path / "wrong")]) == 0
+    assert re.search(r"the scan step looks wrong: the patterns fit a raster step of 1\.(09|10|11)",
+                     capsys.readouterr().err)
+    assert json.loads((tmp_path / "wrong" / "metadata.json").read_text())["probe_check"]["step_note"]
+    assert main([*raster[:2], "--positions", str(tmp_path / "p.npy"), "--step", "auto", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert main([*raster, "--step", "fast", "--out", str(tmp_path / "x")]) == 2
+    assert "a positive number of pixels or 'auto'" in capsys.readouterr().err

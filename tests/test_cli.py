@@ -185,7 +185,7 @@ def test_an_overwrite_leaves_no_file_of_the_earlier_run_it_did_not_remake(tiny_s
 
 @pytest.mark.parametrize("options, expected", [
     (["--pixel-size", "-0.2"], "argument --pixel-size: expected a positive number, got '-0.2'"),
-    (["--step", "inf"], "argument --step: expected a positive number, got 'inf'"),
+    (["--step", "inf"], "argument --step: expected a positive number of pixels or 'auto', got 'inf'"),
     (["--rotation", "nan"], "argument --rotation: expected an angle in degrees or 'auto', got 'nan'"),
     (["--uncertainty", "0"], "at least 2 dropout samples"),
     (["--sigma-scale", "-2"], "argument --sigma-scale: expected a positive number"),

@@ -41,7 +41,8 @@ from ..physics.scan import raster_positions
 __all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe_mismatch", "measure_probe_mismatch",
            "probe_mismatch_from_block", "probe_check_report", "model_grid_optics", "defocus_angstrom", "probe_mismatch_note",
            "hold_back_for_geometry", "plot_probe_mismatch", "probe_difference", "edge_phase", "told_to_probe_aware",
-           "told_for_scan", "scan_sense", "sense_from_block", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX",
+           "told_for_scan", "scan_sense", "sense_from_block", "scan_step_from_block", "measure_scan_step",
+           "check_scan_step", "step_check_from_block", "step_note", "hold_back_for_step", "STEP_SEARCH_PX", "STEP_PROBE", "STEP_MISMATCH", "STEP_RATIO", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX",
            "MISMATCH_NOTE_RAD", "MIN_EXPLAINED", "SENSE_RATIO"]
 
 #: The check reads the central block of this many positions a side (about 1 s on a 2-core CPU).
@@ -180,26 +181,50 @@ def _central_counts(amplitudes, scan_shape, fastest: str, block: int) -> np.ndar
 
 def _spectrum(counts: np.ndarray, step_px, rotation_deg: float, fastest: str, n_frequencies: int,
               g_range: tuple[float, float]):
-    br, bc, n = counts.shape[0], counts.shape[1], counts.shape[-1]
+    transform = _scan_transform(counts)
+    order, g = _strongest(transform, step_px, rotation_deg, fastest, n_frequencies, g_range)
+    return transform[0].reshape(-1, *counts.shape[-2:])[order], g, transform[2]
+
+
+def _scan_transform(counts: np.ndarray):
+    """The patterns' Fourier transform over the scan positions (one of each ±ν pair), the scan frequencies ν
+    (cycles per step along the scan rows and columns) and the summed counts (the noise's spectrum)."""
+    br, bc = counts.shape[0], counts.shape[1]
     noise = counts.sum(axis=(0, 1))
     # (real counts: the half plane of scan frequencies with ν_col ≥ 0 holds one of each ±ν pair)
     spectrum = scipy.fft.rfft2((counts - counts.mean(axis=(0, 1))).astype(np.float32), axes=(0, 1), workers=-1)
     nu = np.stack(np.meshgrid(np.fft.fftfreq(br), np.fft.rfftfreq(bc), indexing="ij"), axis=-1)
-    # A scan frequency ν (cycles per step along the scan rows and columns) is the object frequency f with
-    # f·e_row = ν_row, f·e_col = ν_col; on the detector it sits at g = n·f.
-    steps = _scan_vectors(step_px, rotation_deg, fastest)
-    g = n * nu @ np.linalg.inv(steps).T
-    length = np.hypot(g[..., 0], g[..., 1])
+    return spectrum, nu, noise
+
+
+def _detector_offsets(nu: np.ndarray, n: int, step_px: float, rotation_deg: float, fastest: str) -> np.ndarray:
+    """Where scan frequencies ν sit on the detector: g = n·f (pixels), with f the object frequency that has
+    f·e_row = ν_row, f·e_col = ν_col for the raster's step vectors e."""
+    return n * nu @ np.linalg.inv(_scan_vectors(step_px, rotation_deg, fastest)).T
+
+
+def _strongest(transform, step_px, rotation_deg: float, fastest: str, n_frequencies: int,
+               g_range: tuple[float, float], factors: tuple[float, float] = (1.0, 1.0)):
+    """The flat indices of the ``n_frequencies`` strongest scan frequencies whose detector offset lies in
+    ``g_range`` and is not folded, and those offsets at ``step_px`` (one step or the rows' and the columns').
+    ``factors`` (low, high): only frequencies that qualify at every step ``step_px × f`` for f in that range (so
+    that a search over the step compares the same ones); their offset at ``step_px × f`` is the one returned / f."""
+    spectrum, nu, _ = transform
+    n = spectrum.shape[-1]
+    low, high = factors
+    offsets = _detector_offsets(nu, n, step_px, rotation_deg, fastest)
+    length = np.hypot(offsets[..., 0], offsets[..., 1])
     # One of each ±ν pair (G(−ν) is G(ν)'s conjugate): ν_col > 0, and on ν_col = 0 or ½ (both signs there) ν_row > 0.
     half = ((nu[..., 1] > 0) & (nu[..., 1] < 0.5)) | (((nu[..., 1] == 0) | (nu[..., 1] == 0.5)) & (nu[..., 0] > 0))
-    # A coarse step folds object frequencies g + K (K: the raster's reciprocal lattice, |K| ≥ n / the longer
-    # step) onto g; they add trotters of their own unless |g + K| ≥ g_range[1] for all of them.
-    unfolded = n / np.max(np.hypot(steps[:, 0], steps[:, 1])) - g_range[1]
-    keep = half & (length >= g_range[0]) & (length <= min(g_range[1], unfolded))
+    # A coarse step folds object frequencies g + K (K: the raster's reciprocal lattice, |K| ≥ n / the longer step)
+    # onto g; they add trotters of their own unless |g + K| ≥ g_range[1] for all of them.
+    steps = _scan_vectors(step_px, rotation_deg, fastest)
+    unfolded = n / (high * np.max(np.hypot(steps[:, 0], steps[:, 1]))) - g_range[1]
+    keep = half & (length / high >= g_range[0]) & (length / low <= min(g_range[1], unfolded))
     power = np.where(keep, np.sum(np.abs(spectrum) ** 2, axis=(2, 3)), -1.0)
     order = np.argsort(power.ravel())[::-1][: int(n_frequencies)]
     order = order[power.ravel()[order] > 0]
-    return spectrum.reshape(-1, n, n)[order], g.reshape(-1, 2)[order], noise
+    return order, offsets.reshape(-1, 2)[order]
 
 
 def _explained(coefficients, spectrum, ramps, far_field) -> float:
@@ -436,6 +461,182 @@ def scan_sense(amplitudes, scan_shape, probe: np.ndarray, step_px, rotation_deg:
     :func:`measure_probe_mismatch` reads them)."""
     return sense_from_block(_central_counts(amplitudes, scan_shape, fastest, block), probe, step_px, rotation_deg,
                             fastest)
+
+
+#: The raster steps (real-space pixels of the probe's grid) :func:`scan_step_from_block` searches: finer scans
+#: than a quarter pixel are not made, and from ~1.9 px on a 32-pixel grid with the reference probe's disk
+#: (radius 7.6 px) the scan folds every frequency the fit uses onto others.
+STEP_SEARCH_PX = (0.25, 2.0)
+#: :func:`scan_step_from_block` refines the step within this factor either side of the grid's peak.
+STEP_BRACKET = 1.12
+
+
+def scan_step_from_block(counts: np.ndarray, probe: np.ndarray, rotation_deg: float, fastest: str = "row",
+                         given_step_px: float | None = None) -> dict:
+    """The raster's step that the weak-phase transfer with the model's probe explains best.
+
+    The step turns a scan frequency into the detector offset ``g`` where its trotters lie; given wrongly, every
+    frequency's trotters are looked for at the wrong offset, and the fit explains less of the spectrum
+    (a fitted defocus makes up part of it: a 0.87 px raster given as 1.2 px looks like 0.3–0.5 rad of
+    defocus at the disk's edge). So the share explained, with the probe's defocus and astigmatism fitted at
+    every step, peaks at the true step: simulated twisted hBN and a photograph, 64² positions at 0.87 px,
+    0.909 and 0.864 there against 0.82–0.88 at ±10 % (RESULTS §40). A search over ``STEP_SEARCH_PX`` on a
+    logarithmic grid, then a bounded Brent search between the best point's neighbours.
+
+    Parameters
+    ----------
+    counts : (scan rows, scan cols, n, n) block of counts on the scan grid (:func:`scan_sense`'s).
+    probe : (n, n) complex, the model's probe.
+    rotation_deg, fastest : the raster's rotation and fastest axis (the rotation must be right: the check of a
+        given rotation, or ``rotation auto``, comes first).
+    given_step_px : the step as given, to compare with (optional).
+
+    Returns
+    -------
+    dict with ``step_px`` (the best), ``explained`` (the share at it), ``coefficients`` and ``edge_phase_rad``
+    (the probe mismatch fitted there), ``search`` (the grid's steps and shares), ``decided`` (the best explains
+    more than ``MIN_EXPLAINED``), and with ``given_step_px``: it, ``explained_given`` and ``edge_phase_given_rad``.
+    """
+    from scipy.optimize import minimize_scalar
+
+    counts, probe, radius = _checked_block(counts, probe)
+    g_range = (1.5, 2 * radius)
+    transform = _scan_transform(counts)  # (the step only moves where each frequency's trotters are looked for)
+    patterns = transform[0].reshape(-1, *counts.shape[-2:])
+
+    def fit_at(step: float, start=None, among=None) -> dict | None:
+        """The fit at ``step``: on its own strongest frequencies, or on those chosen for the range ``among``."""
+        base = step if among is None else among[0]
+        order, g = _strongest(transform, base, rotation_deg, fastest, N_FREQUENCIES, g_range,
+                              (1.0, 1.0) if among is None else (1.0, among[1] / among[0]))
+        g = g * base / step
+        return fit_probe_mismatch(patterns[order], g, probe, start=start) if len(g) >= 8 else None
+
+    grid = np.geomspace(*STEP_SEARCH_PX, 10)
+    fits = [fit_at(step) for step in grid]
+    scores = np.array([f["explained"] if f is not None else 0.0 for f in fits])
+    k = int(np.argmax(scores))
+    if fits[k] is None:
+        raise ShapeError(f"scan: {counts.shape[0]}×{counts.shape[1]} positions give too few usable frequencies at "
+                         f"any step from {STEP_SEARCH_PX[0]} to {STEP_SEARCH_PX[1]} px to find the step")
+    # Near the grid's peak (a parabola through it and its neighbours), on the same frequencies at every step: a
+    # set that changed with the step would move the peak (at 1,000 e/pattern by 9 %), and a narrow range keeps
+    # the set large (a coarse step folds the high frequencies).
+    step = float(grid[k])
+    if 0 < k < len(grid) - 1 and scores[k - 1] > 0 and scores[k + 1] > 0:
+        curvature = scores[k - 1] - 2 * scores[k] + scores[k + 1]
+        if curvature < 0:
+            step *= float(np.exp(0.5 * (scores[k - 1] - scores[k + 1]) / curvature * np.log(grid[1] / grid[0])))
+    start = fits[k]["coefficients"]
+    for _ in range(3):  # (again around the edge of a range the peak lay beyond)
+        bracket = (max(step / STEP_BRACKET, STEP_SEARCH_PX[0]), min(step * STEP_BRACKET, STEP_SEARCH_PX[1]))
+
+        def share(log_step: float) -> float:
+            fit = fit_at(float(np.exp(log_step)), start, bracket)
+            return fit["explained"] if fit is not None else 0.0
+
+        step = float(np.exp(minimize_scalar(lambda x: -share(x), bounds=np.log(bracket), method="bounded",
+                                            options={"xatol": 0.002}).x))
+        if bracket[0] * 1.01 < step < bracket[1] / 1.01 or step in (STEP_SEARCH_PX[0], STEP_SEARCH_PX[1]):
+            break
+    best = fit_at(step, start, bracket) or fits[k]
+    found = {"step_px": step, "explained": best["explained"], "coefficients": best["coefficients"],
+             "edge_phase_rad": edge_phase(best["coefficients"], radius),
+             "search": {"steps_px": [float(x) for x in grid], "explained": [float(x) for x in scores]},
+             "decided": bool(best["explained"] > MIN_EXPLAINED)}
+    if given_step_px is not None:  # both on the frequencies that qualify at both steps, where there are enough
+        both = (min(step, given_step_px), max(step, given_step_px))
+        at_best, at_given = fit_at(step, start, both), fit_at(float(given_step_px), None, both)
+        if at_best is None or at_given is None:
+            at_best, at_given = best, fit_at(float(given_step_px))
+        found.update({"given_step_px": float(given_step_px), "explained": at_best["explained"],
+                      "explained_given": at_given["explained"] if at_given is not None else 0.0,
+                      "edge_phase_given_rad": edge_phase(at_given["coefficients"], radius)
+                      if at_given is not None else None})
+    return found
+
+
+#: :func:`check_scan_step` first fits this share either side of the given step.
+STEP_PROBE = 0.05
+
+
+def step_check_from_block(counts: np.ndarray, probe: np.ndarray, step_px: float, rotation_deg: float,
+                          fastest: str = "row") -> dict:
+    """Whether a given raster step is the one the patterns fit best: the weak-phase fit at it and ``STEP_PROBE``
+    either side, on the same frequencies (three fits, ~0.8 s on the central 64² positions); only when a side
+    explains more of the spectrum, the whole search (:func:`scan_step_from_block`, ~5 s).
+
+    Returns ``given_step_px``, ``explained_near_given`` (the shares at the given step, ``STEP_PROBE`` below and
+    above it, on the same frequencies) and ``searched``; with ``searched``, also what
+    :func:`scan_step_from_block` returns.
+    """
+    counts, probe, radius = _checked_block(counts, probe)
+    transform = _scan_transform(counts)
+    factors = (1.0, 1 - STEP_PROBE, 1 + STEP_PROBE)
+    order, g = _strongest(transform, step_px, rotation_deg, fastest, N_FREQUENCIES, (1.5, 2 * radius),
+                          (factors[1], factors[2]))
+    if len(g) < 8:
+        raise ShapeError(f"scan: {len(g)} usable frequencies; too few to check the scan's step")
+    patterns = transform[0].reshape(-1, *counts.shape[-2:])[order]
+    shares = [fit_probe_mismatch(patterns, g / f, probe)["explained"] for f in factors]
+    checked = {"given_step_px": float(step_px), "explained_near_given": shares}
+    if max(shares[1:]) <= shares[0]:
+        return {**checked, "searched": False}
+    return {**checked, **scan_step_from_block(counts, probe, rotation_deg, fastest, given_step_px=step_px),
+            "searched": True}
+
+
+def check_scan_step(amplitudes, scan_shape, probe: np.ndarray, step_px: float, rotation_deg: float,
+                    fastest: str = "row", block: int = PROBE_CHECK_BLOCK) -> dict:
+    """:func:`step_check_from_block` on the central ``block × block`` positions of a raster (as
+    :func:`measure_probe_mismatch` reads them)."""
+    return step_check_from_block(_central_counts(amplitudes, scan_shape, fastest, block), probe, step_px,
+                                 rotation_deg, fastest)
+
+
+def measure_scan_step(amplitudes, scan_shape, probe: np.ndarray, rotation_deg: float, fastest: str = "row",
+                      given_step_px: float | None = None, block: int = PROBE_CHECK_BLOCK) -> dict:
+    """:func:`scan_step_from_block` on the central ``block × block`` positions of a raster (as
+    :func:`measure_probe_mismatch` reads them)."""
+    return scan_step_from_block(_central_counts(amplitudes, scan_shape, fastest, block), probe, rotation_deg,
+                                fastest, given_step_px)
+
+
+#: A probe check's difference is laid to a wrong scan step when the step that fits best (:func:`scan_step_from_block`)
+#: is more than this share from the given one and explains ``STEP_RATIO`` times its share of the spectrum or more.
+#: Simulated twisted hBN with 0.87, 0.5 and 1.3 px rasters given as 0.87 px: 1.00, 1.36 and 1.93 (RESULTS §40).
+STEP_MISMATCH = 0.03
+STEP_RATIO = 1.1
+
+
+def step_note(found: dict) -> str | None:
+    """What to say when :func:`scan_step_from_block` (with ``given_step_px``) finds the given step clearly wrong;
+    None when it does not."""
+    given, best = found.get("given_step_px"), found.get("step_px")
+    if given is None or best is None or not found["decided"] or abs(best / given - 1) <= STEP_MISMATCH \
+            or found["explained"] < STEP_RATIO * found["explained_given"]:
+        return None
+    at_given = found.get("edge_phase_given_rad")
+    return (f"the scan step looks wrong: the patterns fit a raster step of {best:.3f} px better than the {given:g} px "
+            f"given (the weak-phase transfer with the model's probe explains {found['explained']:.2f} of the scan's "
+            f"spectrum there against {found['explained_given']:.2f}); a wrong step shows up as a probe difference"
+            + (f" ({at_given:.2f} rad at the disk's edge at the given step, {found['edge_phase_rad']:.2f} at the one "
+               "found)" if at_given is not None else "")
+            + ": check --step, or give --step auto")
+
+
+def hold_back_for_step(check: dict, found: dict) -> dict:
+    """The probe check with ``step_check`` (what :func:`step_check_from_block` found) and, when the scan step looks
+    wrong (:func:`step_note`), ``step_note`` added and its own note held back (as :func:`hold_back_for_geometry`
+    does)."""
+    note = step_note(found)
+    if note is None:
+        return {**check, "step_check": found}
+    if not check.get("note"):
+        return {**check, "step_check": found, "step_note": note}
+    return {**check, "note": None, "step_check": found,
+            "step_note": note + " (the probe check's finding, which assumes the step, is held back)",
+            "held_back": check["note"] + " — held back: the scan step looks wrong, and this fit assumes it"}
 
 
 def hold_back_for_geometry(check: dict, rotation_note: str | None) -> dict:

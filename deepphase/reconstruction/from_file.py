@@ -92,6 +92,11 @@ def reconstruct_file(
     positions : (N, 2) positions in real-space pixels, or a .npy file of them; else a raster from
         ``scan_shape`` (or the file's) and ``step_px`` (or the file's scan step, once calibrated), or the
         file's own positions.
+    step_px : the raster's step in real-space pixels of the model's grid, or ``"auto"``: the step the
+        weak-phase transfer with the model's probe fits best on the central positions
+        (:func:`~deepphase.data.aberrations.measure_scan_step`, ~5 s; within 0.2–1 % on simulated hBN,
+        RESULTS §40). A given step is checked when the probe check finds a difference, which a wrong step
+        makes.
     rotation_deg : the raster's rotation (degrees counter-clockwise), checked against the data's DPC curl;
         or ``"auto"``: found from the data, with the detector's handedness unless ``flip_patterns``.
     fastest : the scan axis that varies fastest between frames (default "row" for (N, k, k) data, "col"
@@ -202,8 +207,9 @@ def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, st
             isinstance(uncertainty, (int, np.integer)) and not isinstance(uncertainty, bool)):
         raise ValueRangeError(f"uncertainty: expected a number of dropout samples (≥ 2), 'head' or None, "
                               f"got {uncertainty!r}")
-    if step_px is not None and not (np.isfinite(step_px) and step_px > 0):
-        raise ValueRangeError(f"step: expected a positive raster step in real-space pixels, got {step_px}")
+    if step_px is not None and step_px != "auto" and not (
+            isinstance(step_px, (int, float, np.number)) and np.isfinite(step_px) and step_px > 0):
+        raise ValueRangeError(f"step: expected a positive raster step in real-space pixels or 'auto', got {step_px!r}")
     if rotation_deg != "auto" and not (isinstance(rotation_deg, (int, float, np.number))
                                        and np.isfinite(rotation_deg)):
         raise ValueRangeError(f"rotation: expected an angle in degrees or 'auto', got {rotation_deg!r}")
@@ -220,7 +226,8 @@ def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, st
         refused = [name for name, given in (
             (f"--uncertainty {uncertainty}", uncertainty not in (None, "head")), ("--ensemble", bool(ensemble)),
             ("--resume", resume), ("--scheduler", scheduler is not None), ("--dataset", dataset is not None),
-            (f"--stitching {stitching}", stitching != "pairwise"), (f"--device {device}", device != "auto")) if given]
+            (f"--stitching {stitching}", stitching != "pairwise"), (f"--device {device}", device != "auto"),
+            ("--step auto", step_px == "auto")) if given]
         if refused:
             raise DeepPhaseError(f"libertem: {', '.join(refused)} not available with --libertem (LiberTEM's workers "
                                  "run the pairwise stitcher's reductions and choose the device); drop --libertem "
@@ -294,6 +301,14 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
                              f"a {scan.scan_shape[0]}×{scan.scan_shape[1]} scan; drop --scan-shape (the data's own "
                              "shape is used) or reshape the data")
     default_fastest = "col" if scan.scan_shape is not None else "row"
+    step_auto = step_px == "auto"  # found from the patterns, once they are amplitudes on the model's grid
+    if step_auto:
+        if positions is not None:
+            raise DeepPhaseError("step: 'auto' finds a raster's step; positions are given: drop --step auto")
+        if scan_shape is None and scan.scan_shape is None:
+            raise DeepPhaseError(f"step: 'auto' needs the raster's shape: {data} does not hold it, give "
+                                 "--scan-shape ROWS COLS")
+        step_px = None
     raster_asked = dict(positions=positions, scan_shape=scan_shape, step_px=step_px, rotation_deg=rotation_deg,
                         fastest=fastest)
     positions, scan_info = scan_positions(**raster_asked, n_frames=n_frames, file_scan_shape=scan.scan_shape,
@@ -309,7 +324,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     shape = scan_shape or scan.scan_shape
     step_from_file = (calibrating and shape is not None and step_px is None
                       and isinstance(scan.info.get("scan_step_angstrom"), float))
-    if positions is None and not step_from_file:
+    if positions is None and not step_from_file and not step_auto:
         if scan_shape is not None:
             raise DeepPhaseError("step: --scan-shape needs the raster's step as well (--step S, in real-space "
                                  "pixels of the model's grid)")
@@ -340,16 +355,17 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
                                                   file_scan_shape=scan.scan_shape, default_fastest=default_fastest)
             scan_info["step_from"] = (f"the file's scan step {scan.info['scan_step_angstrom']:.4g} Å / the "
                                       f"calibrated pixel size {pixel:.4g} Å")
-    if positions is None:
+    if positions is None and not step_auto:
         raise DeepPhaseError(
             f"step: the file's scan step ({scan.info['scan_step_angstrom']:.4g} Å) cannot be turned into pixels "
             "without the real-space pixel size; give --step S, or --energy KEV with --semi-angle MRAD or "
             "--mrad-per-px X")
-    check_spacing(positions, model.geometry)  # before the rotation and probe checks read the patterns
+    if positions is not None:
+        check_spacing(positions, model.geometry)  # before the rotation and probe checks read the patterns
     if kind_asked == "counts" and looks_like_amplitudes(scan.frames):
         note("the patterns look like amplitudes (not whole numbers, their squares are), yet --input counts "
              "reads them as counts; check it (--input amplitude, or leave --input to find it)")
-    if view is not None and coords is not None and coords is not positions:
+    if view is not None and coords is not None and positions is not None and coords is not positions:
         view.use_coords(positions)  # the descan plane, fitted in scan indices, in position units
     if kind is None:
         kind = infer_kind(scan.frames)
@@ -357,6 +373,11 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     if flip_patterns:
         view, amplitudes = _flipped(view, amplitudes)
     rotation_figure = None  # what the DPC criterion saw, drawn once the image is written
+    if step_auto:
+        scan_info = {"scan_shape": list(shape), "step_px": None, "fastest": fastest or default_fastest,
+                     "rotation_deg": 0.0 if rotation_deg == "auto" else float(rotation_deg)}
+        if rotation_deg != "auto":  # (with "auto", the step is found at the rotation found)
+            positions, scan_info = _find_step(amplitudes, view, scan_info, model, note)
     if rotation_deg == "auto":
         positions, scan_info, rotation_figure = _find_rotation(amplitudes, view, scan_info, positions, model,
                                                                flip_patterns, note)
@@ -425,6 +446,8 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         written = _write_figures(out, view, rotation_figure, scan_info, model, model_name, note)
     elif scan_info.get("probe_check", {}).get("note"):
         note(probe_estimate_note(scan_info["probe_check"], model, model_name, None))
+    if scan_info.get("probe_check", {}).get("step_note"):
+        note(scan_info["probe_check"]["step_note"])
     if scan_info.get("probe_aware", {}).get("note"):
         note(scan_info["probe_aware"]["note"])
     rec.metadata = {**metadata, "notes": notes}
@@ -546,7 +569,7 @@ def _sense(amplitudes, model, raster: dict) -> dict:
         return {"skipped": str(exc)}
 
 
-def _find_rotation(amplitudes, view, scan_info: dict, positions, model, handedness_given: bool, log):
+def _find_rotation(amplitudes, view, scan_info: dict, positions, model, handedness_given: bool, say):
     """Rotation "auto": the scan rotation from the patterns (DPC curl criterion), then the positions; and the
     detector's handedness, unless ``handedness_given`` (``amplitudes`` are then flipped already)."""
     from ..data.calibration import centre_of_mass_block, check_scan_rotation, find_scan_rotation, with_sense
@@ -560,15 +583,48 @@ def _find_rotation(amplitudes, view, scan_info: dict, positions, model, handedne
     shape, fastest = tuple(scan_info["scan_shape"]), scan_info["fastest"]
     com, noise = centre_of_mass_block(amplitudes, shape, fastest)
     found = find_scan_rotation(com, handedness="as recorded" if handedness_given else "auto", noise=noise)
-    found = with_sense(found, _sense(_flipped(view, amplitudes)[1] if found["flip_patterns"] else amplitudes,
-                                     model, {**scan_info, "rotation_deg": found["rotation_deg"]}))
+    oriented = _flipped(view, amplitudes)[1] if found["flip_patterns"] else amplitudes
+    if scan_info["step_px"] is None:  # step "auto": found at the rotation the curl found (either sense fits it)
+        _, scan_info = _find_step(oriented, None, {**scan_info, "rotation_deg": found["rotation_deg"]}, model, say)
+    found = with_sense(found, _sense(oriented, model, {**scan_info, "rotation_deg": found["rotation_deg"]}))
     check_scan_rotation(found)
     positions = raster_positions(shape, scan_info["step_px"], found["rotation_deg"], fastest)
     if view is not None:
         view.use_coords(positions)  # the descan plane, re-expressed in the rotated positions
-    report_rotation(found, found["flip_patterns"], log)
+    report_rotation(found, found["flip_patterns"], say)
     figure = {"com": com, "noise": noise, "found": found}
     return positions, {**scan_info, "rotation_deg": found["rotation_deg"], "rotation_found": found}, figure
+
+
+def _find_step(amplitudes, view, scan_info: dict, model, say):
+    """Step "auto": the raster's step that the weak-phase transfer with the model's probe fits best
+    (:func:`deepphase.data.aberrations.measure_scan_step`), at ``scan_info``'s rotation; then the positions."""
+    from ..data.aberrations import PROBE_CHECK_BLOCK, PROBE_CHECK_MIN_PX, measure_scan_step
+    from ..errors import ShapeError
+    from ..physics.scan import check_spacing, raster_positions
+
+    shape, fastest = tuple(scan_info["scan_shape"]), scan_info["fastest"]
+    if min(shape) < PROBE_CHECK_MIN_PX:
+        raise DeepPhaseError(f"step: 'auto' needs a raster of at least {PROBE_CHECK_MIN_PX}×{PROBE_CHECK_MIN_PX} "
+                             f"positions, got {shape[0]}×{shape[1]}; give --step S")
+    t0 = time.perf_counter()
+    try:
+        found = measure_scan_step(amplitudes, shape, model.probe, scan_info["rotation_deg"], fastest)
+    except (ValueRangeError, ShapeError) as exc:
+        raise DeepPhaseError(f"step: 'auto' could not find the step ({exc}); give --step S") from exc
+    if not found["decided"]:
+        raise DeepPhaseError(f"step: the patterns do not tell the scan's step (the best fit explains "
+                             f"{found['explained']:.3f} of the scan's spectrum, that of counting noise: a weak "
+                             "specimen or a low dose); give --step S")
+    found["wall_s"] = round(time.perf_counter() - t0, 3)
+    say(f"scan step {found['step_px']:.4f} px (the weak-phase transfer's best fit on the central "
+        f"{min(shape[0], PROBE_CHECK_BLOCK)}×{min(shape[1], PROBE_CHECK_BLOCK)} positions: it explains {found['explained']:.3f} of the scan's "
+        "spectrum)", False)
+    positions = raster_positions(shape, found["step_px"], scan_info["rotation_deg"], fastest)
+    check_spacing(positions, model.geometry)
+    if view is not None:
+        view.use_coords(positions)  # the descan plane, fitted in scan indices, in position units
+    return positions, {**scan_info, "step_px": found["step_px"], "step_found": found}
 
 
 def report_rotation(found: dict, flipped_by_search: bool, log) -> None:
@@ -619,7 +675,8 @@ def _check_rotation(amplitudes, scan_info: dict, raster: dict, model):
 def _check_probe(amplitudes, model, view, scan_info: dict, raster: dict, semi_angle, energy):
     """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
     central positions of a raster: ``probe_check`` in the metadata (with a note when they clearly differ)."""
-    from ..data.aberrations import PROBE_CHECK_MIN_PX, measure_probe_mismatch, probe_check_report
+    from ..data.aberrations import (PROBE_CHECK_MIN_PX, check_scan_step, hold_back_for_step,
+                                    measure_probe_mismatch, probe_check_report)
     from ..errors import ShapeError
 
     if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
@@ -632,6 +689,18 @@ def _check_probe(amplitudes, model, view, scan_info: dict, raster: dict, semi_an
         return {**scan_info, "probe_check": {"skipped": str(exc)}}
     check = probe_check_report(found, model, view.info if view is not None else None, semi_angle, energy,
                                (scan_info.get("rotation_check") or {}).get("note"))
+    steps = np.atleast_1d(np.asarray(raster["step_px"], dtype=np.float64))  # (positions' rasters: rows', columns')
+    if "step_found" in scan_info:
+        pass  # (found from the patterns already)
+    elif steps.max() > 1.01 * steps.min():
+        check = {**check, "step_check": {"skipped": "the raster's rows and columns have different steps"}}
+    else:  # a wrong step makes a poor image, and looks like a probe difference
+        try:
+            check = hold_back_for_step(check, check_scan_step(
+                amplitudes, tuple(raster["scan_shape"]), model.probe, float(steps.mean()), raster["rotation_deg"],
+                raster["fastest"]))
+        except (ValueRangeError, ShapeError) as exc:
+            check = {**check, "step_check": {"skipped": str(exc)}}
     return {**scan_info, "probe_check": {**check, "wall_s": round(time.perf_counter() - t0, 3)}}
 
 
