@@ -503,3 +503,21 @@ def test_a_live_plot_starts_from_an_empty_image_and_shows_the_scan(counts, ctx):
     result = ctx.run_udf(dataset=ds, udf=udf, plots=plots)
     assert plots[0].data.shape == result["phase"].data.shape and np.isfinite(plots[0].data).mean() > 0.9
     np.testing.assert_array_equal(plots[1].data, result["uncertainty"].data)
+
+
+def test_a_wrong_step_is_noted_as_the_pipeline_notes_it(ctx, tmp_path):
+    """A 1.1 px raster given as 0.87 px: LiberTEM's probe check runs the pipeline's step check on the same block."""
+    from deepphase.data.simulate import required_object_shape, simulate_scan
+    from deepphase.data.specimens import builtin_specimen
+    from deepphase.physics import reference_probe
+
+    positions = raster_positions((32, 32), 1.1, 0.0, "col")
+    truth = builtin_specimen("twisted-hbn", required_object_shape(positions, 32), seed=2)
+    counts = np.square(simulate_scan(truth, reference_probe(), positions, seed=2, progress=False).amplitude).round()
+    np.save(tmp_path / "scan.npy", counts.astype(np.float32).reshape(32, 32, 32, 32))
+    _, read = reconstruct_file(tmp_path / "scan.npy", step_px=STEP, engine="eager", ctx=ctx)
+    step = read["probe_check"]["step_check"]
+    assert step["searched"] and step["step_px"] == pytest.approx(1.1, rel=0.03)
+    assert "the scan step looks wrong" in read["probe_check"]["step_note"]
+    _, right = reconstruct_file(tmp_path / "scan.npy", step_px=1.1, engine="eager", ctx=ctx)
+    assert "step_note" not in right["probe_check"]

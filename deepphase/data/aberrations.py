@@ -39,11 +39,13 @@ from ..physics.probe import electron_wavelength
 from ..physics.scan import raster_positions
 
 __all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe_mismatch", "measure_probe_mismatch",
-           "probe_mismatch_from_block", "probe_check_report", "model_grid_optics", "defocus_angstrom", "probe_mismatch_note",
-           "hold_back_for_geometry", "plot_probe_mismatch", "probe_difference", "edge_phase", "told_to_probe_aware",
-           "told_for_scan", "scan_sense", "sense_from_block", "scan_step_from_block", "measure_scan_step",
-           "check_scan_step", "step_check_from_block", "step_note", "hold_back_for_step", "STEP_SEARCH_PX", "STEP_PROBE", "STEP_MISMATCH", "STEP_RATIO", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX",
-           "MISMATCH_NOTE_RAD", "MIN_EXPLAINED", "SENSE_RATIO"]
+           "probe_mismatch_from_block", "probe_check_report", "model_grid_optics", "defocus_angstrom",
+           "probe_mismatch_note", "hold_back_for_geometry", "plot_probe_mismatch", "probe_difference", "edge_phase",
+           "told_to_probe_aware", "told_for_scan", "scan_sense", "sense_from_block", "scan_step_from_block",
+           "measure_scan_step", "check_scan_step", "step_check_from_block", "probe_check_from_block",
+           "central_counts", "step_note", "hold_back_for_step", "STEP_SEARCH_PX", "STEP_PROBE", "STEP_MISMATCH",
+           "STEP_RATIO", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD", "MIN_EXPLAINED",
+           "SENSE_RATIO"]
 
 #: The check reads the central block of this many positions a side (about 1 s on a 2-core CPU).
 PROBE_CHECK_BLOCK = 64
@@ -162,11 +164,11 @@ def scan_spectrum(amplitudes, scan_shape, step_px, rotation_deg: float = 0.0, fa
     detector pixels (row, col); noise (n, n) the variance Poisson counting adds to each |G|² (the summed
     counts of each detector pixel).
     """
-    counts = _central_counts(amplitudes, scan_shape, fastest, block)
+    counts = central_counts(amplitudes, scan_shape, fastest, block)
     return _spectrum(counts, step_px, rotation_deg, fastest, n_frequencies, g_range)
 
 
-def _central_counts(amplitudes, scan_shape, fastest: str, block: int) -> np.ndarray:
+def central_counts(amplitudes, scan_shape, fastest: str, block: int = PROBE_CHECK_BLOCK) -> np.ndarray:
     """The squared amplitudes of the central ``block × block`` positions on the scan grid, (rows, cols, n, n)."""
     from .calibration import central_block_lines
 
@@ -305,7 +307,7 @@ def measure_probe_mismatch(amplitudes, scan_shape, probe: np.ndarray, step_px, r
     ``at_search_edge`` (the fit stopped at ±``A_MAX``: the probes differ by that or more), ``search`` (the
     coarse search over round defocus, for :func:`plot_probe_mismatch`).
     """
-    return probe_mismatch_from_block(_central_counts(amplitudes, scan_shape, fastest, block), probe, step_px,
+    return probe_mismatch_from_block(central_counts(amplitudes, scan_shape, fastest, block), probe, step_px,
                                      rotation_deg, fastest)
 
 
@@ -347,6 +349,28 @@ def probe_mismatch_from_block(counts: np.ndarray, probe: np.ndarray, step_px, ro
             "uncertainty_rad": scatter, "explained": whole["explained"], "noise_share": min(noise_share, 1.0),
             "disk_radius_px": radius, "block": list(counts.shape[:2]),
             "at_search_edge": bool(abs(whole["coefficients"][0] + whole["coefficients"][2]) / 2 >= 0.98 * A_MAX)}
+
+
+def probe_check_from_block(counts: np.ndarray, model, step_px, rotation_deg: float = 0.0, fastest: str = "row",
+                           calibration_info: dict | None = None, semi_angle: float | None = None,
+                           energy_kev: float | None = None, rotation_note: str | None = None,
+                           check_step: bool = True) -> dict:
+    """What ``reconstruct`` records as ``probe_check``, from a block of counts on the scan grid (read by the
+    pipeline, :func:`central_counts`, or by LiberTEM): the probe mismatch (:func:`probe_check_report`) and, with
+    ``check_step`` and one step for rows and columns, the step check (:func:`step_check_from_block`), which holds
+    the probe's note back when the step looks wrong (:func:`hold_back_for_step`)."""
+    found = probe_mismatch_from_block(counts, model.probe, step_px, rotation_deg, fastest)
+    check = probe_check_report(found, model, calibration_info, semi_angle, energy_kev, rotation_note)
+    if not check_step:
+        return check
+    steps = np.atleast_1d(np.asarray(step_px, dtype=np.float64))  # (a raster found in positions: rows', columns')
+    if steps.max() > 1.01 * steps.min():
+        return {**check, "step_check": {"skipped": "the raster's rows and columns have different steps"}}
+    try:
+        return hold_back_for_step(check, step_check_from_block(counts, model.probe, float(steps.mean()), rotation_deg,
+                                                               fastest))
+    except (ValueRangeError, ShapeError) as exc:
+        return {**check, "step_check": {"skipped": str(exc)}}
 
 
 def model_grid_optics(model, calibration_info: dict | None = None, semi_angle: float | None = None,
@@ -459,7 +483,7 @@ def scan_sense(amplitudes, scan_shape, probe: np.ndarray, step_px, rotation_deg:
                block: int = PROBE_CHECK_BLOCK) -> dict:
     """:func:`sense_from_block` on the central ``block × block`` positions of a raster (as
     :func:`measure_probe_mismatch` reads them)."""
-    return sense_from_block(_central_counts(amplitudes, scan_shape, fastest, block), probe, step_px, rotation_deg,
+    return sense_from_block(central_counts(amplitudes, scan_shape, fastest, block), probe, step_px, rotation_deg,
                             fastest)
 
 
@@ -590,7 +614,7 @@ def check_scan_step(amplitudes, scan_shape, probe: np.ndarray, step_px: float, r
                     fastest: str = "row", block: int = PROBE_CHECK_BLOCK) -> dict:
     """:func:`step_check_from_block` on the central ``block × block`` positions of a raster (as
     :func:`measure_probe_mismatch` reads them)."""
-    return step_check_from_block(_central_counts(amplitudes, scan_shape, fastest, block), probe, step_px,
+    return step_check_from_block(central_counts(amplitudes, scan_shape, fastest, block), probe, step_px,
                                  rotation_deg, fastest)
 
 
@@ -598,7 +622,7 @@ def measure_scan_step(amplitudes, scan_shape, probe: np.ndarray, rotation_deg: f
                       given_step_px: float | None = None, block: int = PROBE_CHECK_BLOCK) -> dict:
     """:func:`scan_step_from_block` on the central ``block × block`` positions of a raster (as
     :func:`measure_probe_mismatch` reads them)."""
-    return scan_step_from_block(_central_counts(amplitudes, scan_shape, fastest, block), probe, rotation_deg,
+    return scan_step_from_block(central_counts(amplitudes, scan_shape, fastest, block), probe, rotation_deg,
                                 fastest, given_step_px)
 
 

@@ -675,32 +675,19 @@ def _check_rotation(amplitudes, scan_info: dict, raster: dict, model):
 def _check_probe(amplitudes, model, view, scan_info: dict, raster: dict, semi_angle, energy):
     """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
     central positions of a raster: ``probe_check`` in the metadata (with a note when they clearly differ)."""
-    from ..data.aberrations import (PROBE_CHECK_MIN_PX, check_scan_step, hold_back_for_step,
-                                    measure_probe_mismatch, probe_check_report)
+    from ..data.aberrations import PROBE_CHECK_MIN_PX, central_counts, probe_check_from_block
     from ..errors import ShapeError
 
     if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
         return scan_info
     t0 = time.perf_counter()
     try:
-        found = measure_probe_mismatch(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
-                                       raster["rotation_deg"], raster["fastest"])
+        check = probe_check_from_block(
+            central_counts(amplitudes, tuple(raster["scan_shape"]), raster["fastest"]), model, raster["step_px"],
+            raster["rotation_deg"], raster["fastest"], view.info if view is not None else None, semi_angle, energy,
+            (scan_info.get("rotation_check") or {}).get("note"), check_step="step_found" not in scan_info)
     except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (the reconstruction names the frame), too few frequencies
         return {**scan_info, "probe_check": {"skipped": str(exc)}}
-    check = probe_check_report(found, model, view.info if view is not None else None, semi_angle, energy,
-                               (scan_info.get("rotation_check") or {}).get("note"))
-    steps = np.atleast_1d(np.asarray(raster["step_px"], dtype=np.float64))  # (positions' rasters: rows', columns')
-    if "step_found" in scan_info:
-        pass  # (found from the patterns already)
-    elif steps.max() > 1.01 * steps.min():
-        check = {**check, "step_check": {"skipped": "the raster's rows and columns have different steps"}}
-    else:  # a wrong step makes a poor image, and looks like a probe difference
-        try:
-            check = hold_back_for_step(check, check_scan_step(
-                amplitudes, tuple(raster["scan_shape"]), model.probe, float(steps.mean()), raster["rotation_deg"],
-                raster["fastest"]))
-        except (ValueRangeError, ShapeError) as exc:
-            check = {**check, "step_check": {"skipped": str(exc)}}
     return {**scan_info, "probe_check": {**check, "wall_s": round(time.perf_counter() - t0, 3)}}
 
 
@@ -849,6 +836,8 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
         note(f"what the DPC curl criterion saw: {read['rotation_png']}")
     if (read.get("probe_check") or {}).get("note"):
         note(probe_estimate_note(read["probe_check"], phase_model, model, out))
+    if (read.get("probe_check") or {}).get("step_note"):
+        note(read["probe_check"]["step_note"])
     if (read.get("probe_aware") or {}).get("note"):
         note(read["probe_aware"]["note"])
     rec.metadata = {"command": command, "data": str(data), "input": read["input"],

@@ -487,16 +487,16 @@ def check_probe(ctx, dataset, model, step_px, rotation_deg: float = 0.0, fastest
     """The data's probe against the model's on the central positions of a raster in a LiberTEM dataset: what
     ``deepphase reconstruct`` measures (:func:`deepphase.data.aberrations.measure_probe_mismatch`), with the
     frames read and prepared as :class:`PhaseUDF` prepares them. Returns
-    :func:`~deepphase.data.aberrations.probe_check_report` (its ``note`` None when the probes agree, or held back
-    when ``rotation_note``, the rotation check's, contradicts the geometry)."""
-    from ..data.aberrations import probe_check_report, probe_mismatch_from_block
+    :func:`~deepphase.data.aberrations.probe_check_from_block` (its ``note`` None when the probes agree, or held back
+    when ``rotation_note``, the rotation check's, contradicts the geometry, or when the step looks wrong)."""
+    from ..data.aberrations import probe_check_from_block
 
     phase_model = model if hasattr(model, "probe") else _load(model)
     counts = _central_counts(ctx, dataset, phase_model.geometry.n_px, step_px, rotation_deg, fastest, kind,
                              calibration, flip_patterns, reverse_rows)
-    found = probe_mismatch_from_block(counts, phase_model.probe, step_px, rotation_deg, fastest)
-    return probe_check_report(found, phase_model, calibration.info if calibration is not None else None, semi_angle,
-                              energy_kev, rotation_note)
+    return probe_check_from_block(counts, phase_model, step_px, rotation_deg, fastest,
+                                  calibration.info if calibration is not None else None, semi_angle, energy_kev,
+                                  rotation_note)
 
 
 def _central_counts(ctx, dataset, n_px: int, step_px, rotation_deg, fastest, kind, calibration, flip_patterns,
