@@ -126,3 +126,20 @@ def test_reconstruct_file_refuses_what_it_cannot_do_before_reading_the_file(tmp_
         with pytest.raises(DeepPhaseError, match=match):
             deepphase.reconstruct_file(missing, **options)
     assert not list(tmp_path.iterdir())
+
+
+def test_reconstruct_takes_the_uncertainty_as_reconstruct_file_and_the_command_do(probe):
+    from deepphase.errors import ValueRangeError
+
+    positions = deepphase.raster_positions((8, 8), 0.87)
+    scan = deepphase.simulate_scan(twisted_hbn(required_object_shape(positions, 32)), probe, positions, progress=False)
+    head = deepphase.reconstruct(scan.amplitude, positions, uncertainty="head", progress=False)
+    same = deepphase.reconstruct(scan.amplitude, positions, sigma_head=True, progress=False)
+    np.testing.assert_array_equal(head.uncertainty, same.uncertainty)
+    assert deepphase.reconstruct(scan.amplitude, positions, uncertainty=2, progress=False).processing[
+        "uncertainty"]["method"].startswith("Monte Carlo dropout")
+    for wrong, match in ((1, "at least 2|≥ 2"), ("dropout", "'head' or None"), (True, "'head' or None")):
+        with pytest.raises(ValueRangeError, match=match):
+            deepphase.reconstruct(scan.amplitude, positions, uncertainty=wrong, progress=False)
+    with pytest.raises(ValueRangeError, match="not both"):
+        deepphase.reconstruct(scan.amplitude, positions, uncertainty="head", uncertainty_samples=4, progress=False)

@@ -194,6 +194,8 @@ def _warn_or_log(message: str, note: bool) -> None:
 def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, step_px, rotation_deg, fastest,
                      ensemble, workers, scheduler, resume, out, libertem, stitching, device, dataset) -> None:
     """What can be refused before the file is opened (the CLI's argument types refuse most of it earlier)."""
+    from .pipeline import uncertainty_method
+
     if kind is not None and kind not in INPUT_KINDS:
         raise ValueRangeError(f"input: expected 'counts', 'amplitude' or None (read or inferred), got {kind!r}")
     if calibration not in ("auto", "on", "off"):
@@ -203,10 +205,7 @@ def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, st
     if not (np.isfinite(source_size_px) and source_size_px >= 0):  # refused before the work, not after it
         raise ValueRangeError(f"source-size: expected the source's standard deviation ≥ 0 in real-space pixels, "
                               f"got {source_size_px}")
-    if uncertainty is not None and uncertainty != "head" and not (
-            isinstance(uncertainty, (int, np.integer)) and not isinstance(uncertainty, bool)):
-        raise ValueRangeError(f"uncertainty: expected a number of dropout samples (≥ 2), 'head' or None, "
-                              f"got {uncertainty!r}")
+    uncertainty_method(uncertainty)
     if step_px is not None and step_px != "auto" and not (
             isinstance(step_px, (int, float, np.number)) and np.isfinite(step_px) and step_px > 0):
         raise ValueRangeError(f"step: expected a positive raster step in real-space pixels or 'auto', got {step_px!r}")
@@ -273,7 +272,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     from ..data.io import AmplitudeView, infer_kind, looks_like_amplitudes
     from ..models.modelfile import PhaseModel, check_compatible, load_model
     from ..physics.scan import check_spacing, raster_positions
-    from .pipeline import reconstruct, with_source_divided_out
+    from .pipeline import reconstruct, uncertainty_method, with_source_divided_out
 
     notes = []
 
@@ -398,13 +397,13 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     # (the network is given only the pixel size the user gave, to check against the model's; the files get the
     # calibration's too)
     sampling_written = sampling or (calibrated or {}).get("real_space_sampling_angstrom")
-    samples = 0 if uncertainty in (None, "head") else int(uncertainty)
+    samples, head = uncertainty_method(uncertainty)
     partial = out / PARTIAL_FOLDER if out is not None else None
     if workers is not None or scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
         rec = _reconstruct_on_cluster(
             data, positions, model_reference(model_given, for_workers=True), kind, view, flip_patterns,
             workers=workers, scheduler=scheduler, tile_size=tile_size, dataset=dataset, scan_shape=scan_shape, stitching=stitching, batch_size=batch_size,
-            device=device, sampling=sampling, uncertainty_samples=samples, sigma_head=uncertainty == "head",
+            device=device, sampling=sampling, uncertainty_samples=samples, sigma_head=head,
             precision=precision, sigma_scale=sigma_scale, deblur=deblur,
             told=model.info.get("told_coefficients_rad_per_px2"))
     else:
@@ -413,7 +412,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         try:
             rec = reconstruct(amplitudes, positions, model, stitching=stitching, batch_size=batch_size,
                               device=device, progress=progress, sampling=sampling, precision=precision,
-                              uncertainty_samples=samples, sigma_head=uncertainty == "head", chunk_size=chunk_size,
+                              uncertainty=uncertainty, chunk_size=chunk_size,
                               checkpoint=partial, resume=resume,
                               fingerprint=_data_fingerprint(data, dataset, kind, view, flip_patterns, batch_size),
                               ensemble=[_tell_probe(m, scan_info)[0] if m.probe_aware else m

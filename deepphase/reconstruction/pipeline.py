@@ -296,6 +296,7 @@ def reconstruct(
     engine: str = "auto",
     deblur: bool | str = "auto",
     sigma_head: bool = False,
+    uncertainty: int | str | None = None,
 ) -> Reconstruction:
     """Predict a phase patch for every pattern and stitch them into one image, chunk by chunk.
 
@@ -353,12 +354,19 @@ def reconstruct(
         ``stitching``), and multiplied by the factor fitted for the head (:func:`~deepphase.reconstruction.
         uncertainty.fit_sigma_scale` with ``method="head"``), or by ``sigma_scale``. Not combined with
         ``uncertainty_samples`` or ``ensemble``.
+    uncertainty : the same choice in one argument, as :func:`~deepphase.reconstruction.from_file.reconstruct_file`
+        and ``--uncertainty`` take it: a number of dropout samples (``uncertainty_samples``) or ``"head"``
+        (``sigma_head``).
 
     Raises
     ------
     InterruptedReconstruction
         On Ctrl-C (KeyboardInterrupt), after saving the progress to ``checkpoint`` if given.
     """
+    if uncertainty is not None:
+        if uncertainty_samples or sigma_head:
+            raise ValueRangeError("uncertainty: give it, or uncertainty_samples / sigma_head, not both")
+        uncertainty_samples, sigma_head = uncertainty_method(uncertainty)
     if sigma_scale is not None and not (np.isfinite(sigma_scale) and sigma_scale > 0):
         raise ValueRangeError(f"sigma_scale: expected a positive factor on the spread, got {sigma_scale!r}")
     if sampling is not None and not (np.isfinite(sampling) and sampling > 0):
@@ -543,6 +551,18 @@ def reconstruct(
                            **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
                            "uncertainty": uncertainty},
                           spread)
+
+
+def uncertainty_method(uncertainty) -> tuple[int, bool]:
+    """``uncertainty`` (a number of dropout samples, "head" or None) as (dropout samples, σ head)."""
+    if uncertainty is None:
+        return 0, False
+    if uncertainty == "head":
+        return 0, True
+    if isinstance(uncertainty, (int, np.integer)) and not isinstance(uncertainty, bool) and uncertainty >= 2:
+        return int(uncertainty), False
+    raise ValueRangeError(f"uncertainty: expected a number of dropout samples (≥ 2), 'head' or None, got "
+                          f"{uncertainty!r}")
 
 
 def with_source_divided_out(rec: Reconstruction, source_size_px: float, regularisation: float | None = None) -> Reconstruction:
