@@ -7,12 +7,14 @@ command exits with status 2 (no traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import shlex
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -831,7 +833,8 @@ def main(argv: list[str] | None = None) -> int:
 
             check_writable(args.out, folder=_WRITES[args.command])
             new_folder = None if args.out.exists() or not _WRITES[args.command] else args.out
-        args.func(args)
+        with _notes_as_lines(args.command):
+            args.func(args)
         new_folder = None
     except DeepPhaseError as exc:
         print(f"deepphase {args.command}: error: {exc}", file=sys.stderr)
@@ -850,6 +853,26 @@ def main(argv: list[str] | None = None) -> int:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+@contextlib.contextmanager
+def _notes_as_lines(command: str):
+    """The API's notes (:class:`~deepphase.errors.DeepPhaseNote` warnings) printed as the command's own note lines,
+    each time; other warnings as Python prints them."""
+    from .errors import DeepPhaseNote
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, DeepPhaseNote):
+            print(f"deepphase {command}: note: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DeepPhaseNote)
+        warnings.showwarning = show
+        yield
 
 
 def _terminate(signum, frame):

@@ -237,3 +237,26 @@ def test_phase_object_cases_can_be_simulated_with_a_finite_source():
     assert case.scan.parameters["source_size_px"] == 1.0 and case.scan.parameters["coherent_modes"] > 1
     assert np.array_equal(case.scan.truth, plain.scan.truth)  # the same specimen, other patterns
     assert not np.array_equal(case.scan.amplitude, plain.scan.amplitude)
+
+
+def test_a_model_for_another_probe_is_scored_with_a_note(tmp_path, capsys):
+    import json
+    import shutil
+
+    from deepphase.cli import main
+    from deepphase.models.modelfile import packaged_model_path
+    from deepphase.physics import reference_probe
+
+    shutil.copytree(packaged_model_path("default"), tmp_path / "other")
+    probe_file = json.loads((tmp_path / "other" / "model.json").read_text()).get("probe_file", "probe.npy")
+    np.save(tmp_path / "other" / probe_file, np.conj(reference_probe()))  # (the weights' probe, mislabelled)
+    args = ["evaluate", "--specimens", "cameraman", "--doses", "27882", "--scan-shape", "16", "16", "--forward",
+            "phase-object", "--methods", "other", "--model", f"other={tmp_path / 'other'}", "--out"]
+    assert main([*args, str(tmp_path / "report")]) == 0
+    err = capsys.readouterr().err
+    assert "deepphase evaluate: note: model 'other' was made for another probe" in err and "Warning" not in err
+    rows = json.loads((tmp_path / "report" / "results.json").read_text())["results"]
+    assert rows[0]["notes"]["probe"] == "another than the data's"
+    assert main(["evaluate", "--specimens", "cameraman", "--doses", "27882", "--scan-shape", "16", "16", "--forward",
+                 "phase-object", "--methods", "deepphase", "--out", str(tmp_path / "own")]) == 0
+    assert "another probe" not in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..data.simulate import SimulatedScan, required_object_shape, simulate_scan
-from ..errors import ValueRangeError
+from ..errors import DeepPhaseNote, ValueRangeError
 from ..io_utils import atomic_path, save_json, save_png
 from ..physics.forward import dose_per_area
 from ..physics.scan import REFERENCE_STEP_PX, raster_positions
@@ -134,11 +135,20 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
     (in the method's time).
     """
 
+    noted = []  # (the note on a model for another probe, once)
+
     def run(case: Case, probe: np.ndarray) -> MethodResult:
         from ..data.aberrations import told_for_scan
         from ..reconstruction.pipeline import reconstruct
 
         model = _model(model_path)
+        own_probe = model.probe.shape == probe.shape and np.allclose(model.probe, probe, rtol=0,
+                                                                      atol=1e-6 * np.abs(probe).max())
+        if not own_probe and not model.probe_aware and not noted:
+            noted.append(True)
+            warnings.warn(f"model {model.name!r} was made for another probe than the one the cases are simulated "
+                          "with (the reference probe): its scores measure it on data it was not made for",
+                          DeepPhaseNote, stacklevel=2)
         t0 = time.perf_counter()
         told = None
         if model.probe_aware:
@@ -159,7 +169,7 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
             h, w = min(rec.uncertainty.shape[0], sigma.shape[0] - r0), min(rec.uncertainty.shape[1], sigma.shape[1] - c0)
             sigma[r0 : r0 + h, c0 : c0 + w] = rec.uncertainty[:h, :w]
         notes = {"model": model.name, "arch": model.arch, "stitching": stitching,
-                 "deblurred": rec.processing["deblurred"]}
+                 "deblurred": rec.processing["deblurred"], **({} if own_probe else {"probe": "another than the data's"})}
         if told is not None:
             notes["told_edge_phase_rad"] = told["told_edge_phase_rad"]
         if rec.processing.get("uncertainty"):

@@ -13,6 +13,7 @@ to ``log`` as it is found, and into the result's ``notes`` and the metadata.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -182,6 +183,20 @@ def model_reference(model, for_workers: bool = False):
                                  "it (deepphase.models.modelfile.save_model) and pass its folder")
         return f"{model.name} (in memory)"
     return str(model.folder)
+
+
+@contextlib.contextmanager
+def _notes_to(note):
+    """The notes :func:`~deepphase.reconstruction.pipeline.reconstruct` warns of, as this function's own notes
+    (to ``log`` and the result's ``notes``); other warnings as they would be shown."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeepPhaseNote)
+        yield
+    for warning in caught:
+        if issubclass(warning.category, DeepPhaseNote):
+            note(str(warning.message))
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
 def _warn_or_log(message: str, note: bool) -> None:
@@ -410,14 +425,14 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         if view is not None:
             view.reset_counters()  # (the rotation and probe checks read some frames already)
         try:
-            rec = reconstruct(amplitudes, positions, model, stitching=stitching, batch_size=batch_size,
-                              device=device, progress=progress, sampling=sampling, precision=precision,
-                              uncertainty=uncertainty, chunk_size=chunk_size,
-                              checkpoint=partial, resume=resume,
-                              fingerprint=_data_fingerprint(data, dataset, kind, view, flip_patterns, batch_size),
-                              ensemble=[_tell_probe(m, scan_info)[0] if m.probe_aware else m
-                                        for m in map(load_model, ensemble or ())],
-                              sigma_scale=sigma_scale, engine=engine, deblur=deblur)
+            with _notes_to(note):
+                rec = reconstruct(amplitudes, positions, model, stitching=stitching, batch_size=batch_size,
+                                  device=device, progress=progress, sampling=sampling, precision=precision,
+                                  uncertainty=uncertainty, chunk_size=chunk_size, checkpoint=partial, resume=resume,
+                                  fingerprint=_data_fingerprint(data, dataset, kind, view, flip_patterns, batch_size),
+                                  ensemble=[_tell_probe(m, scan_info)[0] if m.probe_aware else m
+                                            for m in map(load_model, ensemble or ())],
+                                  sigma_scale=sigma_scale, engine=engine, deblur=deblur)
         except BaseException:  # an error, Ctrl-C or SIGTERM: keep the progress only if there is some
             from .pipeline import read_checkpoint
 
@@ -427,7 +442,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     rec = with_source_divided_out(rec, source_size_px)
     if source_size_px and (text := source_division_note(model)):
         note(text)
-    if rec.processing.get("dose_note"):
+    if rec.processing.get("dose_note") and rec.processing["dose_note"] not in notes:  # (or said already)
         note(rec.processing["dose_note"])
     if view is not None:
         repairs = {k: v for k, v in view.counters.items() if v and k != "most_negative_count"}
@@ -825,7 +840,7 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
     rec = with_source_divided_out(rec, source_size_px)
     if source_size_px and (text := source_division_note(phase_model)):
         note(text)
-    if rec.processing.get("dose_note"):
+    if rec.processing.get("dose_note") and rec.processing["dose_note"] not in notes:  # (or said already)
         note(rec.processing["dose_note"])
     if "rotation_found" in read:
         report_rotation(read["rotation_found"], read["patterns_flipped"] and not flip_patterns, note)
