@@ -394,3 +394,18 @@ def test_cli_finds_the_step_with_the_rotation_and_notes_a_step_given_wrongly(coa
                  str(tmp_path / "x")]) == 2
     assert main([*raster, "--step", "fast", "--out", str(tmp_path / "x")]) == 2
     assert "a positive number of pixels or 'auto'" in capsys.readouterr().err
+
+
+def test_step_auto_refuses_patterns_that_do_not_tell_the_step(probe, tmp_path, capsys):
+    """Vacuum (counting noise only): no clear peak over the steps searched, so no step is made up."""
+    from deepphase.data.aberrations import measure_scan_step
+
+    intensity = np.abs(far(probe)) ** 2
+    counts = np.random.default_rng(5).poisson(1000 * intensity / intensity.sum(), size=(24 * 24, 32, 32))
+    found = measure_scan_step(np.sqrt(counts), (24, 24), probe, 0.0, "row")
+    assert not found["decided"]
+    np.save(tmp_path / "vacuum.npy", counts.astype(np.float32))
+    assert main(["reconstruct", str(tmp_path / "vacuum.npy"), "--scan-shape", "24", "24", "--step", "auto",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "the patterns do not tell the scan's step" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

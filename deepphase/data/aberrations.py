@@ -493,6 +493,19 @@ def scan_sense(amplitudes, scan_shape, probe: np.ndarray, step_px, rotation_deg:
 STEP_SEARCH_PX = (0.25, 2.0)
 #: :func:`scan_step_from_block` refines the step within this factor either side of the grid's peak.
 STEP_BRACKET = 1.12
+#: ... and decides only when the grid's peak lies inside the range and the share explained falls by this fraction
+#: of it on one side at least: a monolayer simulated by multislice (hBN, 32² positions) explains 5–9 % of its spectrum
+#: at every step, most at the finest, with no peak at the true one (RESULTS §40).
+STEP_PEAK_DROP = 0.05
+
+
+def _clear_peak(scores: np.ndarray, k: int) -> bool:
+    """Whether the grid's shares explained have a peak at ``k`` inside the range that falls off on one side at least."""
+    usable = np.flatnonzero(scores > 0)
+    if k <= usable[0] or k >= usable[-1]:
+        return False
+    floor = (1 - STEP_PEAK_DROP) * scores[k]
+    return bool(scores[usable[0] : k].min() <= floor or scores[k + 1 : usable[-1] + 1].min() <= floor)
 
 
 def scan_step_from_block(counts: np.ndarray, probe: np.ndarray, rotation_deg: float, fastest: str = "row",
@@ -567,7 +580,7 @@ def scan_step_from_block(counts: np.ndarray, probe: np.ndarray, rotation_deg: fl
     found = {"step_px": step, "explained": best["explained"], "coefficients": best["coefficients"],
              "edge_phase_rad": edge_phase(best["coefficients"], radius),
              "search": {"steps_px": [float(x) for x in grid], "explained": [float(x) for x in scores]},
-             "decided": bool(best["explained"] > MIN_EXPLAINED)}
+             "decided": bool(best["explained"] > MIN_EXPLAINED and _clear_peak(scores, k))}
     if given_step_px is not None:  # both on the frequencies that qualify at both steps, where there are enough
         both = (min(step, given_step_px), max(step, given_step_px))
         at_best, at_given = fit_at(step, start, both), fit_at(float(given_step_px), None, both)
@@ -627,10 +640,11 @@ def measure_scan_step(amplitudes, scan_shape, probe: np.ndarray, rotation_deg: f
 
 
 #: A given scan step is noted as wrong when the step that fits best (:func:`scan_step_from_block`) is more than this
-#: share from it (the search's error was 3.1 % at most on 36 simulated scans) and explains ``STEP_RATIO`` times the
-#: given step's share of the spectrum or more: a 0.87 px raster given as 0.78 or 0.70 px, 1.02–1.05× and
-#: 1.09–1.18×; the ratio only guards against a search that found nothing better (RESULTS §40).
-STEP_MISMATCH = 0.05
+#: share from it (the search's error: 3.1 % at most on 36 phase-object scans, −3.4 to +0.9 % on multislice scans of 48²
+#: positions, +8.1 % on SrTiO₃ at 32²) and explains ``STEP_RATIO`` times the given step's share of the spectrum or
+#: more: a 0.87 px raster given as 0.78 or 0.70 px, 1.02–1.05× and 1.09–1.18×; the ratio only guards against a
+#: search that found nothing better (RESULTS §40).
+STEP_MISMATCH = 0.08
 STEP_RATIO = 1.01
 
 

@@ -627,9 +627,12 @@ def _find_step(amplitudes, view, scan_info: dict, model, say):
     except (ValueRangeError, ShapeError) as exc:
         raise DeepPhaseError(f"step: 'auto' could not find the step ({exc}); give --step S") from exc
     if not found["decided"]:
-        raise DeepPhaseError(f"step: the patterns do not tell the scan's step (the best fit explains "
-                             f"{found['explained']:.3f} of the scan's spectrum, that of counting noise: a weak "
-                             "specimen or a low dose); give --step S")
+        shares = [x for x in found["search"]["explained"] if x > 0]
+        raise DeepPhaseError(f"step: the patterns do not tell the scan's step (the weak-phase fit with the model's "
+                             f"probe explains {min(shares):.3f}–{max(shares):.3f} of the scan's spectrum from "
+                             f"{found['search']['steps_px'][0]:g} to {found['search']['steps_px'][-1]:g} px, without "
+                             "a clear peak: counting noise, a weak specimen, or one the weak-phase transfer does not "
+                             "describe); give --step S")
     found["wall_s"] = round(time.perf_counter() - t0, 3)
     say(f"scan step {found['step_px']:.4f} px (the weak-phase transfer's best fit on the central "
         f"{min(shape[0], PROBE_CHECK_BLOCK)}×{min(shape[1], PROBE_CHECK_BLOCK)} positions: it explains {found['explained']:.3f} of the scan's "
