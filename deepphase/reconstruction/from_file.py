@@ -135,9 +135,9 @@ def reconstruct_file(
         With ``metadata`` (what metadata.json holds beside the reconstruction's own record: the scan, the
         calibration, the checks) and ``notes``.
     """
-    log = log or _warn_or_log
     if command is None:
-        command = f"deepphase.reconstruct_file({str(data)!r}" + (f", {str(out)!r}" if out is not None else "") + ")"
+        command = _call_record(dict(locals()))
+    log = log or _warn_or_log
     _check_arguments(kind=kind, calibration=calibration, gain=gain, source_size_px=source_size_px,
                      uncertainty=uncertainty, step_px=step_px, rotation_deg=rotation_deg, fastest=fastest,
                      ensemble=ensemble, workers=workers, scheduler=scheduler, resume=resume, out=out,
@@ -168,6 +168,27 @@ def reconstruct_file(
             sigma_scale=sigma_scale, device=device, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
             workers=workers, scheduler=scheduler, tile_size=tile_size, progress=progress, log=log,
             command=command)
+
+
+def _call_record(arguments: dict) -> str:
+    """This call as the metadata records it: the file, the folder and the options not left at their defaults
+    (arrays and models by what they are, not their contents)."""
+    import inspect
+
+    def short(value) -> str:
+        if isinstance(value, np.ndarray):
+            return f"<array {'×'.join(map(str, value.shape))}>"
+        if hasattr(value, "network"):
+            return f"<model {value.name!r}>"
+        return repr(str(value) if isinstance(value, Path) else value)
+
+    defaults = inspect.signature(reconstruct_file).parameters
+    given = [f"{name}={short(value)}" for name, value in arguments.items()
+             if name not in ("data", "out", "log", "command") and not (
+                 isinstance(value, type(defaults[name].default)) and not isinstance(value, np.ndarray)
+                 and value == defaults[name].default)]
+    files = [short(arguments["data"])] + ([short(arguments["out"])] if arguments["out"] is not None else [])
+    return f"deepphase.reconstruct_file({', '.join(files + given)})"
 
 
 def model_reference(model, for_workers: bool = False):
