@@ -106,6 +106,8 @@ def test_reconstruct_file_makes_what_the_command_makes_and_tells_what_to_check(p
     np.testing.assert_array_equal(np.load(tmp_path / "api" / "phase.npy"), np.load(tmp_path / "cli" / "phase.npy"))
     api, cli = (json.loads((tmp_path / name / "metadata.json").read_text()) for name in ("api", "cli"))
     assert api["command"].startswith("deepphase.reconstruct_file(") and cli["command"].startswith("deepphase ")
+    assert "scan_shape=(24, 24), step_px=0.87, rotation_deg=30" in api["command"]  # the options given, no others
+    assert "log=" not in api["command"] and "engine=" not in api["command"]
     for meta in (api, cli):
         del meta["probe_check"]["wall_s"]
     different = {key for key in api.keys() | cli.keys() if api.get(key) != cli.get(key)}
