@@ -171,6 +171,7 @@ def test_cli_is_quiet_for_the_model_s_own_probe_and_skips_the_check_when_asked(p
                  "--out", str(tmp_path / "coarse")]) == 0
     assert "usable frequencies" in json.loads((tmp_path / "coarse" / "metadata.json").read_text())["probe_check"][
         "skipped"]
+    assert "note: the probe and step checks could not run" in capsys.readouterr().err  # (said, not only recorded)
 
 
 def test_train_like_takes_the_recorded_recipe_and_the_options_given_win(tmp_path, probe, capsys):

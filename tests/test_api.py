@@ -124,9 +124,15 @@ def test_reconstruct_file_refuses_what_it_cannot_do_before_reading_the_file(tmp_
                            ({"step_px": -1.0}, "step: expected a positive"),
                            ({"uncertainty": 2.5}, "uncertainty: expected a number of dropout samples"),
                            ({"resume": True}, "resume: needs the output folder"),
-                           ({"fastest": "column"}, "fastest: expected 'row', 'col'")):
+                           ({"fastest": "column"}, "fastest: expected 'row', 'col'"),
+                           ({"scan_shape": 32}, "scan_shape: expected \\(rows, cols\\)"),
+                           ({"scan_shape": "32 32"}, "scan_shape: expected \\(rows, cols\\)"),
+                           ({"gain": "2"}, "gain: expected a number"),
+                           ({"step_px": True}, "step: expected a positive raster step")):
         with pytest.raises(DeepPhaseError, match=match):
             deepphase.reconstruct_file(missing, **options)
+    with pytest.raises(DeepPhaseError, match="for arrays in memory use deepphase.reconstruct"):
+        deepphase.reconstruct_file(np.zeros((4, 32, 32)))
     assert not list(tmp_path.iterdir())
 
 

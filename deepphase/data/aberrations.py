@@ -488,9 +488,14 @@ def scan_sense(amplitudes, scan_shape, probe: np.ndarray, step_px, rotation_deg:
 
 
 #: The raster steps (real-space pixels of the probe's grid) :func:`scan_step_from_block` searches: finer scans
-#: than a quarter pixel are not made, and from ~1.9 px on a 32-pixel grid with the reference probe's disk
-#: (radius 7.6 px) the scan folds every frequency the fit uses onto others.
+#: than a quarter pixel are not made; the upper end is also held below n / (2 r + 4) (1.67 px on a 32-pixel grid with
+#: the reference probe's disk, r = 7.6 px), beyond which the scan folds the frequencies the fit uses onto others (as
+#: the probe check says). A coarser raster is out of reach: 2.0 px was found as 1.70, 2.5 px as 0.48 before this
+#: limit (RESULTS §40).
 STEP_SEARCH_PX = (0.25, 2.0)
+#: ... and a step found above this fraction of that limit is not trusted (the frequencies left are few and low, and
+#: pull it down: on 32² positions 1.4 px was found as 1.30, 2.0 as 1.55, 2.5 as 1.24).
+STEP_TRUSTED = 0.8
 #: :func:`scan_step_from_block` refines the step within this factor either side of the grid's peak.
 STEP_BRACKET = 1.12
 #: ... and decides only when the grid's peak lies inside the range and the share explained falls by this fraction
@@ -549,13 +554,14 @@ def scan_step_from_block(counts: np.ndarray, probe: np.ndarray, rotation_deg: fl
         g = g * base / step
         return fit_probe_mismatch(patterns[order], g, probe, start=start) if len(g) >= 8 else None
 
-    grid = np.geomspace(*STEP_SEARCH_PX, 10)
+    upper = min(STEP_SEARCH_PX[1], counts.shape[-1] / (2 * radius + 4))
+    grid = np.geomspace(STEP_SEARCH_PX[0], upper, 10)
     fits = [fit_at(step) for step in grid]
     scores = np.array([f["explained"] if f is not None else 0.0 for f in fits])
     k = int(np.argmax(scores))
     if fits[k] is None:
         raise ShapeError(f"scan: {counts.shape[0]}×{counts.shape[1]} positions give too few usable frequencies at "
-                         f"any step from {STEP_SEARCH_PX[0]} to {STEP_SEARCH_PX[1]} px to find the step")
+                         f"any step from {STEP_SEARCH_PX[0]} to {upper:.2f} px to find the step")
     # Near the grid's peak (a parabola through it and its neighbours), on the same frequencies at every step: a
     # set that changed with the step would move the peak (at 1,000 e/pattern by 9 %), and a narrow range keeps
     # the set large (a coarse step folds the high frequencies).
@@ -566,7 +572,7 @@ def scan_step_from_block(counts: np.ndarray, probe: np.ndarray, rotation_deg: fl
             step *= float(np.exp(0.5 * (scores[k - 1] - scores[k + 1]) / curvature * np.log(grid[1] / grid[0])))
     start = fits[k]["coefficients"]
     for _ in range(3):  # (again around the edge of a range the peak lay beyond)
-        bracket = (max(step / STEP_BRACKET, STEP_SEARCH_PX[0]), min(step * STEP_BRACKET, STEP_SEARCH_PX[1]))
+        bracket = (max(step / STEP_BRACKET, STEP_SEARCH_PX[0]), min(step * STEP_BRACKET, upper))
 
         def share(log_step: float) -> float:
             fit = fit_at(float(np.exp(log_step)), start, bracket)
@@ -574,13 +580,14 @@ def scan_step_from_block(counts: np.ndarray, probe: np.ndarray, rotation_deg: fl
 
         step = float(np.exp(minimize_scalar(lambda x: -share(x), bounds=np.log(bracket), method="bounded",
                                             options={"xatol": 0.002}).x))
-        if bracket[0] * 1.01 < step < bracket[1] / 1.01 or step in (STEP_SEARCH_PX[0], STEP_SEARCH_PX[1]):
+        if bracket[0] * 1.01 < step < bracket[1] / 1.01 or not STEP_SEARCH_PX[0] * 1.01 < step < upper / 1.01:
             break
     best = fit_at(step, start, bracket) or fits[k]
     found = {"step_px": step, "explained": best["explained"], "coefficients": best["coefficients"],
              "edge_phase_rad": edge_phase(best["coefficients"], radius),
              "search": {"steps_px": [float(x) for x in grid], "explained": [float(x) for x in scores]},
-             "decided": bool(best["explained"] > MIN_EXPLAINED and _clear_peak(scores, k))}
+             "decided": bool(best["explained"] > MIN_EXPLAINED and _clear_peak(scores, k)
+                             and step <= STEP_TRUSTED * counts.shape[-1] / (2 * radius + 4))}
     if given_step_px is not None:  # both on the frequencies that qualify at both steps, where there are enough
         both = (min(step, given_step_px), max(step, given_step_px))
         at_best, at_given = fit_at(step, start, both), fit_at(float(given_step_px), None, both)

@@ -96,8 +96,8 @@ def reconstruct_file(
     step_px : the raster's step in real-space pixels of the model's grid, or ``"auto"``: the step the
         weak-phase transfer with the model's probe fits best on the central positions
         (:func:`~deepphase.data.aberrations.measure_scan_step`, ~5 s; within 0.2–1 % on simulated hBN,
-        RESULTS §40). A given step is checked when the probe check finds a difference, which a wrong step
-        makes.
+        RESULTS §40; up to ~1.6 px on a 32-pixel grid with the reference probe, beyond which the scan folds the
+        frequencies the fit uses). A given step is checked on every raster with ``probe_check`` (~0.8 s).
     rotation_deg : the raster's rotation (degrees counter-clockwise), checked against the data's DPC curl;
         or ``"auto"``: found from the data, with the detector's handedness unless ``flip_patterns``.
     fastest : the scan axis that varies fastest between frames (default "row" for (N, k, k) data, "col"
@@ -138,6 +138,14 @@ def reconstruct_file(
     if command is None:
         command = _call_record(dict(locals()))
     log = log or _warn_or_log
+    if not isinstance(data, (str, Path)):
+        raise ValueRangeError(f"data: expected the path of a 4D-STEM file, got {type(data).__name__}; for arrays in "
+                              "memory use deepphase.reconstruct(amplitudes, positions)")
+    if scan_shape is not None and not (np.ndim(scan_shape) == 1 and len(scan_shape) == 2 and all(
+            isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > 0 for k in scan_shape)):
+        raise ValueRangeError(f"scan_shape: expected (rows, cols), two positive whole numbers, got {scan_shape!r}")
+    if isinstance(ensemble, (str, Path)):
+        ensemble = (ensemble,)  # one further model, named alone
     _check_arguments(kind=kind, calibration=calibration, gain=gain, source_size_px=source_size_px,
                      uncertainty=uncertainty, step_px=step_px, rotation_deg=rotation_deg, fastest=fastest,
                      ensemble=ensemble, workers=workers, scheduler=scheduler, resume=resume, out=out,
@@ -222,9 +230,20 @@ def _notes_to(note):
 
 def _warn_or_log(message: str, note: bool) -> None:
     if note:
-        warnings.warn(message, DeepPhaseNote, stacklevel=4)
+        warnings.warn(message, DeepPhaseNote, stacklevel=_caller_level())
     else:
         logger.info(message)
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside the package: the user's call."""
+    import sys
+
+    package = str(Path(__file__).resolve().parents[1])
+    frame, level = sys._getframe(1), 1  # (level 1: _warn_or_log, which calls warnings.warn)
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, step_px, rotation_deg, fastest,
@@ -232,6 +251,9 @@ def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, st
     """What can be refused before the file is opened (the CLI's argument types refuse most of it earlier)."""
     from .pipeline import uncertainty_method
 
+    for name, value in (("gain", gain), ("source_size_px", source_size_px)):
+        if value is not None and not _is_number(value):
+            raise ValueRangeError(f"{name}: expected a number, got {value!r}")
     if kind is not None and kind not in INPUT_KINDS:
         raise ValueRangeError(f"input: expected 'counts', 'amplitude' or None (read or inferred), got {kind!r}")
     if calibration not in ("auto", "on", "off"):
@@ -242,11 +264,9 @@ def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, st
         raise ValueRangeError(f"source-size: expected the source's standard deviation ≥ 0 in real-space pixels, "
                               f"got {source_size_px}")
     uncertainty_method(uncertainty)
-    if step_px is not None and step_px != "auto" and not (
-            isinstance(step_px, (int, float, np.number)) and np.isfinite(step_px) and step_px > 0):
+    if step_px is not None and step_px != "auto" and not (_is_number(step_px) and np.isfinite(step_px) and step_px > 0):
         raise ValueRangeError(f"step: expected a positive raster step in real-space pixels or 'auto', got {step_px!r}")
-    if rotation_deg != "auto" and not (isinstance(rotation_deg, (int, float, np.number))
-                                       and np.isfinite(rotation_deg)):
+    if rotation_deg != "auto" and not (_is_number(rotation_deg) and np.isfinite(rotation_deg)):
         raise ValueRangeError(f"rotation: expected an angle in degrees or 'auto', got {rotation_deg!r}")
     if fastest not in (None, "row", "col"):
         raise ValueRangeError(f"fastest: expected 'row', 'col' or None, got {fastest!r}")
@@ -261,12 +281,18 @@ def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, st
         refused = [name for name, given in (
             (f"--uncertainty {uncertainty}", uncertainty not in (None, "head")), ("--ensemble", bool(ensemble)),
             ("--resume", resume), ("--scheduler", scheduler is not None), ("--dataset", dataset is not None),
-            (f"--stitching {stitching}", stitching != "pairwise"), (f"--device {device}", device != "auto"),
-            ("--step auto", step_px == "auto")) if given]
+            (f"--stitching {stitching}", stitching != "pairwise"), (f"--device {device}", device != "auto")) if given]
+        if step_px == "auto":
+            raise DeepPhaseError("libertem: --step auto is not available with --libertem yet (LiberTEM's calibration "
+                                 "takes the step); find it without --libertem, or give --step S")
         if refused:
             raise DeepPhaseError(f"libertem: {', '.join(refused)} not available with --libertem (LiberTEM's workers "
                                  "run the pairwise stitcher's reductions and choose the device); drop --libertem "
                                  "for them")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
 
 
 def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
@@ -340,6 +366,9 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     if step_auto:
         if positions is not None:
             raise DeepPhaseError("step: 'auto' finds a raster's step; positions are given: drop --step auto")
+        if scan.positions is not None and scan_shape is None:
+            raise DeepPhaseError(f"step: 'auto' finds a raster's step, and {data} holds the scan's positions, which "
+                                 "are used as they are: drop --step auto")
         if scan_shape is None and scan.scan_shape is None:
             raise DeepPhaseError(f"step: 'auto' needs the raster's shape: {data} does not hold it, give "
                                  "--scan-shape ROWS COLS")
@@ -423,6 +452,9 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         scan_info, rotation_figure = _check_rotation(amplitudes, scan_info, raster, model)
         if scan_info.get("rotation_check", {}).get("note"):
             note(scan_info["rotation_check"]["note"])
+            if "step_found" in scan_info:
+                note(f"the step found ({scan_info['step_px']:.4f} px) assumes the rotation given, which the rotation "
+                     "check contradicts: set the rotation (or --rotation auto), then find the step again")
     scan_info["patterns_flipped"] = flip_patterns
     raster = _raster_of(scan_info, positions)  # (with the rotation found, after rotation "auto")
     if probe_check and raster is not None:
@@ -483,6 +515,8 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         note(probe_estimate_note(scan_info["probe_check"], model, model_name, None))
     if scan_info.get("probe_check", {}).get("step_note"):
         note(scan_info["probe_check"]["step_note"])
+    if "usable frequencies" in scan_info.get("probe_check", {}).get("skipped", ""):
+        note(f"the probe and step checks could not run: {scan_info['probe_check']['skipped']}")
     if scan_info.get("probe_aware", {}).get("note"):
         note(scan_info["probe_aware"]["note"])
     rec.metadata = {**metadata, "notes": notes}
@@ -520,7 +554,7 @@ def _write_figures(out: Path, view, rotation_figure, scan_info: dict, model, mod
         from ..data.calibration import plot_scan_rotation
 
         plot_scan_rotation(**rotation_figure, path=out / "rotation.png")
-        note(f"what the DPC curl criterion saw: {out / 'rotation.png'}")
+        note(f"what the DPC curl criterion saw: {out / 'rotation.png'}", False)
         written.add("rotation.png")
     return written
 
@@ -652,8 +686,8 @@ def _find_step(amplitudes, view, scan_info: dict, model, say):
         raise DeepPhaseError(f"step: the patterns do not tell the scan's step (the weak-phase fit with the model's "
                              f"probe explains {min(shares):.3f}–{max(shares):.3f} of the scan's spectrum from "
                              f"{found['search']['steps_px'][0]:g} to {found['search']['steps_px'][-1]:g} px, without "
-                             "a clear peak: counting noise, a weak specimen, or one the weak-phase transfer does not "
-                             "describe); give --step S")
+                             "a clear peak: counting noise, a weak specimen, one the weak-phase transfer does not "
+                             "describe, or a raster coarser than the steps searched); give --step S")
     found["wall_s"] = round(time.perf_counter() - t0, 3)
     say(f"scan step {found['step_px']:.4f} px (the weak-phase transfer's best fit on the central "
         f"{min(shape[0], PROBE_CHECK_BLOCK)}×{min(shape[1], PROBE_CHECK_BLOCK)} positions: it explains {found['explained']:.3f} of the scan's "
@@ -871,7 +905,7 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
     if (read.get("rotation_check") or {}).get("note"):
         note(read["rotation_check"]["note"])
     if read["rotation_png"]:
-        note(f"what the DPC curl criterion saw: {read['rotation_png']}")
+        note(f"what the DPC curl criterion saw: {read['rotation_png']}", False)
     if (read.get("probe_check") or {}).get("note"):
         note(probe_estimate_note(read["probe_check"], phase_model, model, out))
     if (read.get("probe_check") or {}).get("step_note"):
