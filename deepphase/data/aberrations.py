@@ -493,9 +493,10 @@ def scan_sense(amplitudes, scan_shape, probe: np.ndarray, step_px, rotation_deg:
 #: the probe check says). A coarser raster is out of reach: 2.0 px was found as 1.70, 2.5 px as 0.48 before this
 #: limit (RESULTS §40).
 STEP_SEARCH_PX = (0.25, 2.0)
-#: ... and a step found above this fraction of that limit is not trusted (the frequencies left are few and low, and
-#: pull it down: on 32² positions 1.4 px was found as 1.30, 2.0 as 1.55, 2.5 as 1.24).
-STEP_TRUSTED = 0.8
+#: ... and a step found above this fraction of that limit (1.42 px there) is not trusted: the frequencies left are
+#: few and low, and pull it down (on 32² positions 1.4 px was found as 1.30 and 2.0 as 1.55). A raster far beyond
+#: the limit can alias onto a step inside it (2.5 px found as 1.24): coarser than ~1.4 px, give the step.
+STEP_TRUSTED = 0.85
 #: :func:`scan_step_from_block` refines the step within this factor either side of the grid's peak.
 STEP_BRACKET = 1.12
 #: ... and decides only when the grid's peak lies inside the range and the share explained falls by this fraction
