@@ -166,44 +166,6 @@ def _add_scan_arguments(p: argparse.ArgumentParser, required: bool, auto_step: b
                         "(N, k, k) data; 'col' for (rows, cols, k, k) arrays)")
 
 
-def _positions_from_args(args, n_frames: int | None, scan_shape=None, default_fastest="row"):
-    from .physics.scan import raster_positions, validate_positions
-
-    if args.positions is not None:
-        if args.scan_shape is not None or args.step is not None:
-            raise DeepPhaseError("positions: give either --positions or --scan-shape/--step, not both")
-        if args.rotation not in (0.0, "auto") or args.fastest is not None:
-            raise DeepPhaseError("positions: --rotation DEG and --fastest describe a raster, and --positions gives every "
-                                 "position already; rotate the positions themselves (--rotation auto still checks them)")
-        if not args.positions.exists():
-            raise DeepPhaseError(f"positions: file {str(args.positions)!r} does not exist")
-        if args.positions.suffix.lower() != ".npy":
-            raise DeepPhaseError(f"positions: expected an (N, 2) .npy file, got {str(args.positions)!r} (a .npz from "
-                                 "deepphase simulate is the data file itself: its positions are read with it)")
-        try:
-            positions = np.load(args.positions, allow_pickle=False)
-        except Exception as exc:
-            from .data.io import npy_problem
-
-            raise DeepPhaseError(f"positions: could not read {str(args.positions)!r} as .npy "
-                                 f"({npy_problem(args.positions, exc)})") from exc
-        return validate_positions(positions, n_frames if n_frames is not None else len(positions)), {
-            "positions_file": str(args.positions)}
-    shape = args.scan_shape or scan_shape
-    if shape is None or args.step is None:
-        return None, {}
-    shape = tuple(shape)
-    if n_frames is not None and shape[0] * shape[1] != n_frames:
-        raise DeepPhaseError(
-            f"scan-shape: {shape[0]}×{shape[1]} = {shape[0] * shape[1]} positions do not match the {n_frames} patterns"
-        )
-    fastest = args.fastest or default_fastest
-    rotation = 0.0 if args.rotation == "auto" else args.rotation  # 'auto': found later from the patterns
-    positions = raster_positions(shape, args.step, rotation, fastest)
-    return positions, {"scan_shape": list(shape), "step_px": args.step, "rotation_deg": rotation,
-                       "fastest": fastest}
-
-
 def _step(text: str):
     """reconstruct's ``--step``: a positive number of pixels, or 'auto'."""
     return text if text == "auto" else _number(minimum=0, above=True, what="a positive number of pixels or 'auto'")(text)
@@ -245,7 +207,10 @@ def _cmd_simulate(args) -> None:
         args.step = REFERENCE_STEP_PX
     if args.rotation == "auto":
         raise DeepPhaseError("rotation: 'auto' is for reconstruct (it is found from the data); give an angle in degrees")
-    positions, scan_info = _positions_from_args(args, None)
+    from .reconstruction.from_file import scan_positions
+
+    positions, scan_info = scan_positions(args.positions, args.scan_shape, args.step, args.rotation, args.fastest,
+                                          n_frames=None)
     check_spacing(positions, Geometry(n_px=probe.shape[0]))
     dose = args.dose
     if args.dose_per_area is not None:

@@ -229,6 +229,15 @@ def _notes_to(note):
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
+def _noting(notes: list, log):
+    """``note(text, is_note=True)``: a note kept in ``notes`` and passed to ``log``; other messages only passed."""
+    def note(text: str, is_note: bool = True) -> None:
+        if is_note:
+            notes.append(text)
+        log(text, is_note)
+    return note
+
+
 def _warn_or_log(message: str, note: bool) -> None:
     if note:
         warnings.warn(message, DeepPhaseNote, stacklevel=_caller_level())
@@ -338,11 +347,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     from .pipeline import reconstruct, uncertainty_method, with_source_divided_out
 
     notes = []
-
-    def note(text: str, is_note: bool = True) -> None:
-        if is_note:
-            notes.append(text)
-        log(text, is_note)
+    note = _noting(notes, log)
 
     n_frames = scan.frames.shape[0]
     truncated = scan.info.get("truncated")
@@ -865,11 +870,7 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
     from .pipeline import with_source_divided_out
 
     notes = []
-
-    def note(text: str, is_note: bool = True) -> None:
-        if is_note:
-            notes.append(text)
-        log(text, is_note)
+    note = _noting(notes, log)
 
     model = model_reference(model, for_workers=True)
     given_positions = None
