@@ -275,6 +275,10 @@ def _cmd_reconstruct(args) -> None:
             if "grid_px" in calibration else "") + " (see calibration.png)")
     if "correlation_with_truth" in meta:
         msg += f"; correlation with the truth {meta['correlation_with_truth']:.3f}"
+        if "truth_mapped" in meta:
+            mapped = meta["truth_mapped"]
+            msg += (f" (the truth taken through the positions given: turned {mapped['rotation_deg']:.1f}°, scaled "
+                    f"{mapped['scale']:.3f}; {mapped['correlation_unmapped']:.3f} as simulated)")
     print(msg)
 
 

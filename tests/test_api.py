@@ -84,6 +84,7 @@ def test_counts_given_where_amplitudes_belong_are_warned_about(probe):
 
 def test_reconstruct_file_makes_what_the_command_makes_and_tells_what_to_check(probe, tmp_path, capsys):
     from deepphase.cli import main
+    from deepphase.reconstruction.from_file import in_api_words
     from deepphase.errors import DeepPhaseNote
 
     positions = deepphase.raster_positions((24, 24), 0.87, rotation_deg=30)
@@ -94,7 +95,10 @@ def test_reconstruct_file_makes_what_the_command_makes_and_tells_what_to_check(p
     with pytest.warns(DeepPhaseNote, match="rotated 30"):  # given 0°: the data say otherwise
         told = deepphase.reconstruct_file(tmp_path / "scan.npy", **raster, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scan.npy"]  # no folder given: nothing written
-    assert told.notes and "rotated 30" in told.notes[0] and told.metadata["rotation_check"]["note"] == told.notes[0]
+    assert told.notes and "rotated 30" in told.notes[0]
+    # (told in the call's words, recorded in the check's)
+    assert "rotation_deg='auto' uses what it finds" in told.notes[0] and "--" not in told.notes[0]
+    assert in_api_words(told.metadata["rotation_check"]["note"]) == told.notes[0]
 
     messages = []
     rec = deepphase.reconstruct_file(tmp_path / "scan.npy", tmp_path / "api", **raster, rotation_deg=30,
@@ -131,6 +135,10 @@ def test_reconstruct_file_refuses_what_it_cannot_do_before_reading_the_file(tmp_
                            ({"step_px": True}, "step: expected a positive raster step")):
         with pytest.raises(DeepPhaseError, match=match):
             deepphase.reconstruct_file(missing, **options)
+    with pytest.raises(DeepPhaseError) as refused:  # the command's words, in the call's
+        deepphase.reconstruct_file(missing, libertem=True, step_px="auto")
+    assert str(refused.value) == ("libertem: step_px='auto' is not available with libertem=True yet (LiberTEM's "
+                                  "calibration takes the step); find it without libertem=True, or give step_px=S")
     with pytest.raises(DeepPhaseError, match="for arrays in memory use deepphase.reconstruct"):
         deepphase.reconstruct_file(np.zeros((4, 32, 32)))
     assert not list(tmp_path.iterdir())

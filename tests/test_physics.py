@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepphase.errors import DeepPhaseError
+from deepphase.errors import DeepPhaseError, ShapeError
 from deepphase.physics import (Geometry, ProbeParameters, angular_sampling, diffraction_intensity, electron_wavelength,
                                far_field, flip_patterns, illuminated_mask, incident_counts, output_mask, poisson_counts,
                                probe_from_parameters, raster_positions, real_space_sampling, shift_probe)
@@ -145,3 +145,36 @@ def test_raster_positions_order_and_step():
     np.testing.assert_allclose(np.diff(rotated[:3], axis=0), [[0.5 * np.cos(np.pi / 6), 0.5 * np.sin(np.pi / 6)]] * 2)
     np.testing.assert_allclose(rotated[3] - rotated[0], [-0.5 * np.sin(np.pi / 6), 0.5 * np.cos(np.pi / 6)])
     assert rotated.min(axis=0) == pytest.approx([0, 0])
+
+
+def test_an_object_taken_into_a_scan_frame_is_the_affine_map_between_the_positions():
+    """Recorded positions R·s + t (a 15° turn, ×1.1, a shift) against the positions s a reconstruction was given:
+    the object sampled at the fitted map of each pixel, exactly for a linear object (bilinear interpolation
+    is exact on it), the map recovered, the windows' centres kept in register; the same positions give the
+    plain crop (NaN beyond the object); frames in another order leave a large residual."""
+    from deepphase.physics import object_in_scan_frame
+
+    rows, cols = np.mgrid[0:120, 0:120].astype(float)
+    obj = 0.3 * rows - 0.7 * cols + 2.0
+    given = raster_positions((6, 7), 1.5)
+    theta = np.radians(15.0)
+    turn = 1.1 * np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    shift = np.array([30.0, 25.0])
+    recorded = given @ turn.T + shift
+    n, origin, shape = 32, (1.0, 2.0), (20, 24)
+    image, info = object_in_scan_frame(obj, recorded, given, origin, shape, n)
+    np.testing.assert_allclose(info["matrix"], turn, atol=1e-9)
+    assert info["residual_px"] < 1e-9
+    centre = (n - 1) / 2
+    u = np.stack(np.mgrid[0:shape[0], 0:shape[1]], axis=-1) + np.array(origin)
+    x = (u - centre) @ turn.T + shift + centre  # a pixel at a window's centre lands on that window's centre
+    np.testing.assert_allclose(image, 0.3 * x[..., 0] - 0.7 * x[..., 1] + 2.0, atol=1e-9)
+
+    same, info = object_in_scan_frame(obj, given, given, (110, 3), (15, 5), n)
+    assert info["matrix"] == np.eye(2).tolist() and info["residual_px"] == 0.0
+    np.testing.assert_array_equal(same[:10], obj[110:, 3:8])
+    assert np.isnan(same[10:]).all()
+    shuffled = np.random.default_rng(0).permutation(recorded)
+    assert object_in_scan_frame(obj, shuffled, given, origin, shape, n)[1]["residual_px"] > 1.0
+    with pytest.raises(ShapeError, match="recorded"):
+        object_in_scan_frame(obj, recorded[:-1], given, origin, shape, n)

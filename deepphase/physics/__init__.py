@@ -15,8 +15,8 @@ _EXPORTS = {
     "geometry": ("Geometry", "bin_image", "crop_window", "illuminated_mask", "output_mask", "upsample_nearest"),
     "probe": ("ProbeParameters", "angular_sampling", "electron_wavelength", "load_probe", "probe_from_parameters",
               "real_space_sampling", "reciprocal_sampling", "reference_probe", "shift_probe"),
-    "scan": ("REFERENCE_STEP_PX", "flip_patterns", "raster_from_positions", "raster_positions",
-             "validate_positions"),
+    "scan": ("REFERENCE_STEP_PX", "flip_patterns", "object_in_scan_frame", "raster_from_positions",
+             "raster_positions", "validate_positions"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -161,6 +161,59 @@ def raster_from_positions(positions, tolerance_px: float = 1e-3) -> dict | None:
     return None
 
 
+def object_in_scan_frame(image: np.ndarray, image_positions, scan_positions, origin_px, shape, window_px: int
+                         ) -> tuple[np.ndarray, dict]:
+    """An object image resampled onto the pixels of a reconstruction made with other scan positions.
+
+    A reconstruction places each patch at the position it was given, so a wrong rotation, step or offset of
+    the scan gives the specimen turned, scaled or moved in the image, not lost: comparing that image pixel
+    by pixel with the object (a simulation's truth) says nothing of its quality. The least-squares affine map
+    from the positions given to the positions the patterns were recorded at (``image_positions``, the
+    object's frame) takes the object into the reconstruction's frame. It is fitted on the windows' centres,
+    so each patch's own content (which the detector records unturned) lines up at its centre.
+
+    Parameters
+    ----------
+    image : (H, W) object, e.g. the phase a scan was simulated from.
+    image_positions : (N, 2) positions the frames were recorded at, in ``image``'s pixels.
+    scan_positions : (N, 2) positions the reconstruction was made with, in the same frame order.
+    origin_px : (row, col) of the reconstruction's pixel (0, 0) in the frame of ``scan_positions``.
+    shape : (rows, cols) of the reconstruction.
+    window_px : width of a probe window (the pattern's n).
+
+    Returns
+    -------
+    ``(resampled, info)``: ``resampled`` has ``shape``, NaN where the map falls outside ``image``; ``info`` holds
+    ``matrix`` (2×2), ``offset_px`` and ``residual_px`` (rms distance of the recorded positions from the mapped
+    ones: large when the positions given are not a turned, scaled and shifted copy of the recorded ones, e.g.
+    frames in another order). Identical positions give the plain crop and the identity.
+    """
+    recorded = np.asarray(image_positions, dtype=np.float64)
+    given = np.asarray(scan_positions, dtype=np.float64)
+    if recorded.shape != given.shape or recorded.ndim != 2 or recorded.shape[1] != 2:
+        raise ShapeError(f"positions: the recorded ({recorded.shape}) and the given ({given.shape}) positions "
+                         "must both be (N, 2) for the same N frames")
+    image = np.asarray(image, dtype=np.float64)
+    rows, cols = int(shape[0]), int(shape[1])
+    r0, c0 = int(round(origin_px[0])), int(round(origin_px[1]))
+    if np.allclose(recorded, given, rtol=0.0, atol=1e-6):
+        crop = np.full((rows, cols), np.nan)
+        part = image[max(r0, 0):r0 + rows, max(c0, 0):c0 + cols]
+        crop[max(-r0, 0):max(-r0, 0) + part.shape[0], max(-c0, 0):max(-c0, 0) + part.shape[1]] = part
+        return crop, {"matrix": np.eye(2).tolist(), "offset_px": [0.0, 0.0], "residual_px": 0.0}
+    centre = (window_px - 1) / 2.0
+    design = np.column_stack([given + centre, np.ones(len(given))])
+    solution, *_ = np.linalg.lstsq(design, recorded + centre, rcond=None)
+    matrix, offset = solution[:2].T, solution[2]
+    residual = float(np.sqrt(np.mean(np.sum((design @ solution - recorded - centre) ** 2, axis=1))))
+    from scipy.ndimage import map_coordinates
+
+    grid = np.stack(np.meshgrid(np.arange(rows) + r0, np.arange(cols) + c0, indexing="ij")).reshape(2, -1)
+    where = matrix @ grid + offset[:, None]
+    resampled = map_coordinates(image, where, order=1, mode="constant", cval=np.nan).reshape(rows, cols)
+    return resampled, {"matrix": matrix.tolist(), "offset_px": offset.tolist(), "residual_px": residual}
+
+
 def flip_patterns(patterns: np.ndarray) -> np.ndarray:
     """Diffraction patterns mirrored in k_row (k_row → −k_row), for a detector of the other handedness.
 

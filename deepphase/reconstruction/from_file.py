@@ -128,7 +128,8 @@ def reconstruct_file(
         :func:`~deepphase.reconstruction.pipeline.reconstruct`.
     log : called with ``(message, is_note)`` as the work proceeds; default: notes as :class:`DeepPhaseNote`
         warnings, other messages to the ``deepphase`` logger.
-    command : the command line to record in the metadata (default: this call).
+    command : the command line to record in the metadata (default: this call, whose errors and notes then name
+        these keywords, not the command's options: :func:`in_api_words`).
 
     Returns
     -------
@@ -136,48 +137,94 @@ def reconstruct_file(
         With ``metadata`` (what metadata.json holds beside the reconstruction's own record: the scan, the
         calibration, the checks) and ``notes``.
     """
+    words = str if command is not None else in_api_words  # (a call from Python: keywords, not options)
     if command is None:
-        command = _call_record(dict(locals()))
-    log = log or _warn_or_log
-    if not isinstance(data, (str, Path)):
-        raise ValueRangeError(f"data: expected the path of a 4D-STEM file, got {type(data).__name__}; for arrays in "
-                              "memory use deepphase.reconstruct(amplitudes, positions)")
-    if scan_shape is not None and not (np.ndim(scan_shape) == 1 and len(scan_shape) == 2 and all(
-            isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > 0 for k in scan_shape)):
-        raise ValueRangeError(f"scan_shape: expected (rows, cols), two positive whole numbers, got {scan_shape!r}")
-    if isinstance(ensemble, (str, Path)):
-        ensemble = (ensemble,)  # one further model, named alone
-    _check_arguments(kind=kind, calibration=calibration, gain=gain, source_size_px=source_size_px,
-                     uncertainty=uncertainty, step_px=step_px, rotation_deg=rotation_deg, fastest=fastest,
-                     ensemble=ensemble, workers=workers, scheduler=scheduler, resume=resume, out=out,
-                     libertem=libertem, stitching=stitching, device=device, dataset=dataset)
-    out = Path(out) if out is not None else None
-    if out is not None:
-        _claim_output_folder(out, overwrite, resume)
-    if libertem:
-        return _reconstruct_with_libertem(
-            data, out, model=model, positions=positions, scan_shape=scan_shape, step_px=step_px,
-            rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
-            calibration_options={k: v for k, v in (("gain", gain), ("mrad_per_px", mrad_per_px),
-                                                   ("model_mrad_per_px", model_mrad_per_px),
-                                                   ("semi_angle", semi_angle), ("energy", energy)) if v is not None},
-            probe_check=probe_check, flip_patterns=flip_patterns, source_size_px=source_size_px, deblur=deblur,
-            sampling=sampling, batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine,
-            workers=workers, overwrite=overwrite, progress=progress, log=log, command=command)
-    from ..data.io import load_scan
+        command = _call_record({k: v for k, v in locals().items() if k != "words"})
+    try:
+        log = log or _warn_or_log
+        if not isinstance(data, (str, Path)):
+            raise ValueRangeError(f"data: expected the path of a 4D-STEM file, got {type(data).__name__}; for arrays in "
+                                  "memory use deepphase.reconstruct(amplitudes, positions)")
+        if scan_shape is not None and not (np.ndim(scan_shape) == 1 and len(scan_shape) == 2 and all(
+                isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > 0 for k in scan_shape)):
+            raise ValueRangeError(f"scan_shape: expected (rows, cols), two positive whole numbers, got {scan_shape!r}")
+        if isinstance(ensemble, (str, Path)):
+            ensemble = (ensemble,)  # one further model, named alone
+        _check_arguments(kind=kind, calibration=calibration, gain=gain, source_size_px=source_size_px,
+                         uncertainty=uncertainty, step_px=step_px, rotation_deg=rotation_deg, fastest=fastest,
+                         ensemble=ensemble, workers=workers, scheduler=scheduler, resume=resume, out=out,
+                         libertem=libertem, stitching=stitching, device=device, dataset=dataset)
+        out = Path(out) if out is not None else None
+        if out is not None:
+            _claim_output_folder(out, overwrite, resume)
+        if libertem:
+            return _reconstruct_with_libertem(
+                data, out, model=model, positions=positions, scan_shape=scan_shape, step_px=step_px,
+                rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
+                calibration_options={k: v for k, v in (("gain", gain), ("mrad_per_px", mrad_per_px),
+                                                       ("model_mrad_per_px", model_mrad_per_px),
+                                                       ("semi_angle", semi_angle), ("energy", energy)) if v is not None},
+                probe_check=probe_check, flip_patterns=flip_patterns, source_size_px=source_size_px, deblur=deblur,
+                sampling=sampling, batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine,
+                workers=workers, overwrite=overwrite, progress=progress, log=log, command=command, words=words)
+        from ..data.io import load_scan
 
-    with load_scan(data, dataset, scan_shape=scan_shape) as scan:
-        return _reconstruct_scan(
-            scan, data, out, model=model, dataset=dataset, positions=positions, scan_shape=scan_shape,
-            step_px=step_px, rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
-            gain=gain, energy=energy, semi_angle=semi_angle, mrad_per_px=mrad_per_px,
-            model_mrad_per_px=model_mrad_per_px, probe_check=probe_check, flip_patterns=flip_patterns,
-            stitching=stitching, source_size_px=source_size_px, deblur=deblur, sampling=sampling,
-            batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine, ensemble=ensemble,
-            sigma_scale=sigma_scale, device=device, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
-            workers=workers, scheduler=scheduler, tile_size=tile_size, progress=progress, log=log,
-            command=command)
+        with load_scan(data, dataset, scan_shape=scan_shape) as scan:
+            return _reconstruct_scan(
+                scan, data, out, model=model, dataset=dataset, positions=positions, scan_shape=scan_shape,
+                step_px=step_px, rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
+                gain=gain, energy=energy, semi_angle=semi_angle, mrad_per_px=mrad_per_px,
+                model_mrad_per_px=model_mrad_per_px, probe_check=probe_check, flip_patterns=flip_patterns,
+                stitching=stitching, source_size_px=source_size_px, deblur=deblur, sampling=sampling,
+                batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine, ensemble=ensemble,
+                sigma_scale=sigma_scale, device=device, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
+                workers=workers, scheduler=scheduler, tile_size=tile_size, progress=progress, log=log,
+                command=command, words=words)
+    except DeepPhaseError as exc:
+        exc.args = (words(str(exc)),)
+        raise
 
+
+#: ``deepphase reconstruct``'s options as :func:`reconstruct_file`'s keywords (True: a switch), for the messages
+#: that a call from Python gets (:func:`in_api_words`).
+KEYWORD_OF_OPTION = {
+    "dataset": "dataset", "model": "model", "input": "kind", "stitching": "stitching",
+    "source-size": "source_size_px", "deblur": "deblur", "pixel-size": "sampling", "batch-size": "batch_size",
+    "precision": "precision", "uncertainty": "uncertainty", "engine": "engine", "ensemble": "ensemble",
+    "sigma-scale": "sigma_scale", "device": "device", "out": "out", "overwrite": ("overwrite", True),
+    "chunk-size": "chunk_size", "resume": ("resume", True), "positions": "positions", "scan-shape": "scan_shape",
+    "step": "step_px", "rotation": "rotation_deg", "fastest": "fastest", "no-calibration": ("calibration", "off"),
+    "calibrate": ("calibration", "on"), "semi-angle": "semi_angle", "energy": "energy",
+    "mrad-per-px": "mrad_per_px", "model-mrad-per-px": "model_mrad_per_px", "gain": "gain",
+    "no-probe-check": ("probe_check", False), "flip-patterns": ("flip_patterns", True), "workers": "workers",
+    "scheduler": "scheduler", "tile-size": "tile_size", "libertem": ("libertem", True),
+}
+
+
+def in_api_words(message: str) -> str:
+    """A message written for ``deepphase reconstruct`` in :func:`reconstruct_file`'s terms: ``--step auto`` →
+    ``step_px='auto'``, ``--step S`` → ``step_px=S``, ``--scan-shape ROWS COLS`` → ``scan_shape=(ROWS, COLS)``,
+    ``--overwrite`` → ``overwrite=True``; options of other commands are left as they are."""
+    import re
+
+    def keyword(match) -> str:
+        option, value = match.group(1), match.group(2)
+        if option not in KEYWORD_OF_OPTION:
+            return match.group(0)
+        name = KEYWORD_OF_OPTION[option]
+        if isinstance(name, tuple):  # a switch: what follows is the sentence's, not the option's
+            return f"{name[0]}={name[1]!r}" + (f" {value}" if value else "")
+        if not value:
+            return name
+        if option == "scan-shape" and value.startswith("ROWS"):
+            return f"{name}=(ROWS, COLS)"
+        if value.isupper() or re.fullmatch(r"[-+]?[0-9.]+", value):  # a placeholder (S, DEG) or a number
+            return f"{name}={value}"
+        return f"{name}={value!r}"
+
+    message = re.sub(r"--scan-shape ROWS COLS", "--scan-shape ROWS", message).replace("the same command", "the same call")
+    return re.sub(r"(?<![\w-])--([a-z][a-z-]*)(?: ([A-Z][A-Z._]*|auto|counts|amplitude|row|col|head|[0-9][0-9.]*)\b)?",
+                  keyword, message)
 
 def _call_record(arguments: dict) -> str:
     """This call as the metadata records it: the file, the folder and the options not left at their defaults
@@ -229,9 +276,11 @@ def _notes_to(note):
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
-def _noting(notes: list, log):
-    """``note(text, is_note=True)``: a note kept in ``notes`` and passed to ``log``; other messages only passed."""
+def _noting(notes: list, log, words=str):
+    """``note(text, is_note=True)``: a note kept in ``notes`` and passed to ``log``, in ``words``
+    (:func:`in_api_words` for a call from Python); other messages only passed."""
     def note(text: str, is_note: bool = True) -> None:
+        text = words(text)
         if is_note:
             notes.append(text)
         log(text, is_note)
@@ -339,7 +388,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
                       rotation_deg, fastest, kind, calibration, gain, energy, semi_angle, mrad_per_px,
                       model_mrad_per_px, probe_check, flip_patterns, stitching, source_size_px, deblur, sampling,
                       batch_size, precision, uncertainty, engine, ensemble, sigma_scale, device, chunk_size, resume,
-                      overwrite, workers, scheduler, tile_size, progress, log, command):
+                      overwrite, workers, scheduler, tile_size, progress, log, command, words):
     """:func:`reconstruct_file` for a file opened by :func:`~deepphase.data.io.load_scan`."""
     from ..data.io import AmplitudeView, infer_kind, looks_like_amplitudes
     from ..models.modelfile import PhaseModel, check_compatible, load_model
@@ -347,7 +396,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     from .pipeline import reconstruct, uncertainty_method, with_source_divided_out
 
     notes = []
-    note = _noting(notes, log)
+    note = _noting(notes, log, words)
 
     n_frames = scan.frames.shape[0]
     truncated = scan.info.get("truncated")
@@ -511,9 +560,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
                 "pattern_shape": list(pattern), "stitching": stitching, "model_path": str(model_name or "default (packaged)"), **scan_info,
                 "data_info": scan.info, "calibration": view.report() if view is not None else None}
     if scan.truth is not None:
-        truth = scan.truth[rec.origin_px[0]:, rec.origin_px[1]:][: rec.phase.shape[0], : rec.phase.shape[1]]
-        if truth.shape == rec.phase.shape:
-            metadata["correlation_with_truth"] = _pearson(rec.phase, truth)
+        metadata.update(_compared_with_truth(rec, scan, positions, n))
     written = set()
     if out is not None:
         written = _write_figures(out, view, rotation_figure, scan_info, model, model_name, note)
@@ -563,6 +610,30 @@ def _write_figures(out: Path, view, rotation_figure, scan_info: dict, model, mod
         note(f"what the DPC curl criterion saw: {out / 'rotation.png'}", False)
         written.add("rotation.png")
     return written
+
+
+def _compared_with_truth(rec, scan, positions, n: int) -> dict:
+    """A simulation's truth against the image, in the image's frame: where the scan was reconstructed with other
+    positions than it was simulated at (a rotation or step given wrong), the truth is taken through the same
+    geometry first (:func:`~deepphase.physics.scan.object_in_scan_frame`), so the figure measures the image, not
+    where it lies; ``truth_mapped`` then says how."""
+    from ..physics.scan import object_in_scan_frame
+
+    recorded = scan.positions if scan.positions is not None and len(scan.positions) == len(positions) else positions
+    truth, mapping = object_in_scan_frame(scan.truth, recorded, positions, rec.origin_px, rec.phase.shape, n)
+    if not np.isfinite(truth).any():
+        return {}
+    compared = {"correlation_with_truth": _pearson(rec.phase, truth)}
+    if mapping["residual_px"] or mapping["matrix"] != np.eye(2).tolist():
+        turned = np.degrees(np.arctan2(mapping["matrix"][1][0], mapping["matrix"][0][0]))
+        scale = float(np.sqrt(abs(np.linalg.det(mapping["matrix"]))))
+        compared["truth_mapped"] = {
+            "why": "the positions given differ from those the file's truth was simulated at; the truth was "
+                   "mapped onto the image by the least-squares affine map between them",
+            "rotation_deg": float(turned), "scale": scale, "residual_px": mapping["residual_px"],
+            "correlation_unmapped": _pearson(rec.phase, object_in_scan_frame(
+                scan.truth, positions, positions, rec.origin_px, rec.phase.shape, n)[0])}
+    return compared
 
 
 def _pearson(image: np.ndarray, truth: np.ndarray) -> float:
@@ -729,7 +800,7 @@ def _raster_of(scan_info: dict, positions) -> dict | None:
 
 def _check_rotation(amplitudes, scan_info: dict, raster: dict, model):
     """The raster's rotation (the default 0° included) checked by the DPC curl criterion: a note when the data
-    clearly say otherwise (a mirrored detector, an angle more than 20° away, or half a turn, which the model's
+    clearly say otherwise (a mirrored detector, an angle more than 10° away, or half a turn, which the model's
     probe is asked to confirm), which would make a poor image; then also what the criterion saw, for
     rotation.png."""
     from ..data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, centre_of_mass_block, \
@@ -857,7 +928,7 @@ def _flipped_amplitudes(frames, kind: str):
 def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan_shape, step_px, rotation_deg,
                                fastest, kind, calibration, calibration_options, probe_check, flip_patterns,
                                source_size_px, deblur, sampling, batch_size, precision, uncertainty, engine, workers,
-                               overwrite, progress, log, command):
+                               overwrite, progress, log, command, words):
     """The file opened by LiberTEM, predicted and stitched on its executor
     (:func:`deepphase.reconstruction.libertem_udf.reconstruct_file`), then noted and written as above."""
     try:
@@ -870,7 +941,7 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
     from .pipeline import with_source_divided_out
 
     notes = []
-    note = _noting(notes, log)
+    note = _noting(notes, log, words)
 
     model = model_reference(model, for_workers=True)
     given_positions = None
