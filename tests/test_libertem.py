@@ -521,3 +521,37 @@ def test_a_wrong_step_is_noted_as_the_pipeline_notes_it(ctx, tmp_path):
     assert "the scan step looks wrong" in read["probe_check"]["step_note"]
     _, right = reconstruct_file(tmp_path / "scan.npy", step_px=1.1, engine="eager", ctx=ctx)
     assert "step_note" not in right["probe_check"]
+
+
+def test_the_step_is_found_as_the_pipeline_finds_it(ctx, tmp_path):
+    """Step "auto" on calibrated detector frames (48×48, the disk zoomed and off centre) of a raster at 1.1 px
+    turned 15°: with the rotation given and with it found, LiberTEM's reconstruct_file reads the same block
+    (the descan plane fitted in scan indices, then re-expressed at the step found) and finds the pipeline's step,
+    and makes its image."""
+    from deepphase.data.simulate import required_object_shape, simulate_scan
+    from deepphase.data.specimens import builtin_specimen
+    from deepphase.physics import reference_probe
+    from deepphase.reconstruction.from_file import reconstruct_file as pipeline_file
+
+    nav, step, zoom, size = (20, 20), 1.1, 1.4, 48
+    positions = raster_positions(nav, step, 15.0, "col")
+    truth = builtin_specimen("twisted-hbn", required_object_shape(positions, 32), seed=3)
+    frames = np.square(simulate_scan(truth, reference_probe(), positions, seed=1, progress=False).amplitude)
+    rows, cols = np.indices((size, size), dtype=np.float64)
+    detector = np.stack([ndimage.map_coordinates(p, [16 + (rows - 23.3) / zoom, 16 + (cols - 24.6) / zoom], order=1,
+                                                 mode="constant", cval=0.0).clip(0) for p in frames])
+    detector = np.random.default_rng(1).poisson(detector * (frames.sum() / detector.sum())).astype(np.uint16)
+    np.save(tmp_path / "detector.npy", detector.reshape(*nav, size, size))
+    for rotation in (15.0, "auto"):
+        rec, read = reconstruct_file(tmp_path / "detector.npy", step_px="auto", rotation_deg=rotation, engine="eager",
+                                     ctx=ctx)
+        expected = pipeline_file(tmp_path / "detector.npy", step_px="auto", rotation_deg=rotation, engine="eager",
+                                 progress=False, log=lambda *_: None)
+        assert read["step_px"] == pytest.approx(expected.metadata["step_px"], rel=1e-6), rotation
+        assert read["step_px"] == pytest.approx(step, rel=0.03)
+        assert read["rotation_deg"] == pytest.approx(expected.metadata["rotation_deg"], abs=1e-9)
+        assert "step_check" not in read["probe_check"]  # (a step just found is not checked again)
+        assert rec.origin_px == expected.origin_px
+        np.testing.assert_allclose(rec.phase, expected.phase, rtol=0, atol=1e-5)
+    with pytest.raises(ValueRangeError, match="positions are given"):
+        reconstruct_file(tmp_path / "detector.npy", step_px="auto", positions=positions, ctx=ctx)

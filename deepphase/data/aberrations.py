@@ -42,7 +42,7 @@ __all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe
            "probe_mismatch_from_block", "probe_check_report", "model_grid_optics", "defocus_angstrom",
            "probe_mismatch_note", "hold_back_for_geometry", "plot_probe_mismatch", "probe_difference", "edge_phase",
            "told_to_probe_aware", "told_for_scan", "scan_sense", "sense_from_block", "scan_step_from_block",
-           "measure_scan_step", "check_scan_step", "step_check_from_block", "probe_check_from_block",
+           "measure_scan_step", "find_scan_step", "check_scan_step", "step_check_from_block", "probe_check_from_block",
            "central_counts", "step_note", "hold_back_for_step", "STEP_SEARCH_PX", "STEP_PROBE", "STEP_MISMATCH",
            "STEP_RATIO", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD", "MIN_EXPLAINED",
            "SENSE_RATIO"]
@@ -645,6 +645,43 @@ def measure_scan_step(amplitudes, scan_shape, probe: np.ndarray, rotation_deg: f
     :func:`measure_probe_mismatch` reads them)."""
     return scan_step_from_block(central_counts(amplitudes, scan_shape, fastest, block), probe, rotation_deg,
                                 fastest, given_step_px)
+
+
+def check_step_raster(scan_shape) -> None:
+    """Refuse a raster too small for step "auto" (before its patterns are read)."""
+    if min(scan_shape) < PROBE_CHECK_MIN_PX:
+        raise ValueRangeError(f"step: 'auto' needs a raster of at least {PROBE_CHECK_MIN_PX}×{PROBE_CHECK_MIN_PX} "
+                              f"positions, got {scan_shape[0]}×{scan_shape[1]}; give --step S")
+
+
+def find_scan_step(counts: np.ndarray, probe: np.ndarray, rotation_deg: float, fastest: str = "row") -> dict:
+    """The step "auto" takes (:func:`scan_step_from_block` on a block of counts on the scan grid), or a
+    :class:`~deepphase.errors.ValueRangeError` saying why the patterns do not tell it: too few positions a side
+    (``PROBE_CHECK_MIN_PX``), too few usable frequencies, or no clear peak (``decided`` false). Read by the
+    pipeline (:func:`central_counts`) or by LiberTEM; ``wall_s`` added."""
+    import time
+
+    check_step_raster(counts.shape[:2])
+    t0 = time.perf_counter()
+    try:
+        found = scan_step_from_block(counts, probe, rotation_deg, fastest)
+    except (ValueRangeError, ShapeError) as exc:
+        raise ValueRangeError(f"step: 'auto' could not find the step ({exc}); give --step S") from exc
+    if not found["decided"]:
+        shares = [x for x in found["search"]["explained"] if x > 0]
+        raise ValueRangeError(f"step: the patterns do not tell the scan's step (the weak-phase fit with the model's "
+                              f"probe explains {min(shares):.3f}–{max(shares):.3f} of the scan's spectrum from "
+                              f"{found['search']['steps_px'][0]:g} to {found['search']['steps_px'][-1]:g} px, without "
+                              "a clear peak: counting noise, a weak specimen, one the weak-phase transfer does not "
+                              "describe, or a raster coarser than the steps searched); give --step S")
+    return {**found, "wall_s": round(time.perf_counter() - t0, 3)}
+
+
+def step_found_message(found: dict, block_shape) -> str:
+    """What step "auto" says it found."""
+    return (f"scan step {found['step_px']:.4f} px (the weak-phase transfer's best fit on the central "
+            f"{block_shape[0]}×{block_shape[1]} positions: it explains {found['explained']:.3f} of the scan's "
+            "spectrum)")
 
 
 #: A given scan step is noted as wrong when the step that fits best (:func:`scan_step_from_block`) is more than this

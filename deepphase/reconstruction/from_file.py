@@ -201,6 +201,11 @@ KEYWORD_OF_OPTION = {
 }
 
 
+#: The values of the command's choices, which a message may give after an option (``--input counts``).
+_CHOICES = ("auto", "counts", "amplitude", "row", "col", "head", "pairwise", "least-squares", "seed", "on", "off",
+            "float32", "bfloat16", "float16", "eager", "channels-last", "compile", "cuda-graphs", "onnx", "cpu", "cuda")
+
+
 def in_api_words(message: str) -> str:
     """A message written for ``deepphase reconstruct`` in :func:`reconstruct_file`'s terms: ``--step auto`` →
     ``step_px='auto'``, ``--step S`` → ``step_px=S``, ``--scan-shape ROWS COLS`` → ``scan_shape=(ROWS, COLS)``,
@@ -223,8 +228,10 @@ def in_api_words(message: str) -> str:
         return f"{name}={value!r}"
 
     message = re.sub(r"--scan-shape ROWS COLS", "--scan-shape ROWS", message).replace("the same command", "the same call")
-    return re.sub(r"(?<![\w-])--([a-z][a-z-]*)(?: ([A-Z][A-Z._]*|auto|counts|amplitude|row|col|head|[0-9][0-9.]*)\b)?",
+    choices = "|".join(sorted(_CHOICES, key=len, reverse=True))  # (cuda-graphs before cuda)
+    return re.sub(rf"(?<![\w-])--([a-z][a-z-]*)(?: ([A-Z][A-Z._]*|[0-9][0-9.]*|{choices})(?![\w-]))?",
                   keyword, message)
+
 
 def _call_record(arguments: dict) -> str:
     """This call as the metadata records it: the file, the folder and the options not left at their defaults
@@ -341,9 +348,6 @@ def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, st
             (f"--uncertainty {uncertainty}", uncertainty not in (None, "head")), ("--ensemble", bool(ensemble)),
             ("--resume", resume), ("--scheduler", scheduler is not None), ("--dataset", dataset is not None),
             (f"--stitching {stitching}", stitching != "pairwise"), (f"--device {device}", device != "auto")) if given]
-        if step_px == "auto":
-            raise DeepPhaseError("libertem: --step auto is not available with --libertem yet (LiberTEM's calibration "
-                                 "takes the step); find it without --libertem, or give --step S")
         if refused:
             raise DeepPhaseError(f"libertem: {', '.join(refused)} not available with --libertem (LiberTEM's workers "
                                  "run the pairwise stitcher's reductions and choose the device); drop --libertem "
@@ -508,8 +512,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         if scan_info.get("rotation_check", {}).get("note"):
             note(scan_info["rotation_check"]["note"])
             if "step_found" in scan_info:
-                note(f"the step found ({scan_info['step_px']:.4f} px) assumes the rotation given, which the rotation "
-                     "check contradicts: set the rotation (or --rotation auto), then find the step again")
+                note(_step_against_rotation(scan_info["step_px"]))
     scan_info["patterns_flipped"] = flip_patterns
     raster = _raster_of(scan_info, positions)  # (with the rotation found, after rotation "auto")
     if probe_check and raster is not None:
@@ -742,33 +745,22 @@ def _find_rotation(amplitudes, view, scan_info: dict, positions, model, handedne
     return positions, {**scan_info, "rotation_deg": found["rotation_deg"], "rotation_found": found}, figure
 
 
+def _step_against_rotation(step_px: float) -> str:
+    return (f"the step found ({step_px:.4f} px) assumes the rotation given, which the rotation check contradicts: "
+            "set the rotation (or --rotation auto), then find the step again")
+
+
 def _find_step(amplitudes, view, scan_info: dict, model, say):
     """Step "auto": the raster's step that the weak-phase transfer with the model's probe fits best
-    (:func:`deepphase.data.aberrations.measure_scan_step`), at ``scan_info``'s rotation; then the positions."""
-    from ..data.aberrations import PROBE_CHECK_BLOCK, PROBE_CHECK_MIN_PX, measure_scan_step
-    from ..errors import ShapeError
+    (:func:`deepphase.data.aberrations.find_scan_step`), at ``scan_info``'s rotation; then the positions."""
+    from ..data.aberrations import central_counts, check_step_raster, find_scan_step, step_found_message
     from ..physics.scan import check_spacing, raster_positions
 
     shape, fastest = tuple(scan_info["scan_shape"]), scan_info["fastest"]
-    if min(shape) < PROBE_CHECK_MIN_PX:
-        raise DeepPhaseError(f"step: 'auto' needs a raster of at least {PROBE_CHECK_MIN_PX}×{PROBE_CHECK_MIN_PX} "
-                             f"positions, got {shape[0]}×{shape[1]}; give --step S")
-    t0 = time.perf_counter()
-    try:
-        found = measure_scan_step(amplitudes, shape, model.probe, scan_info["rotation_deg"], fastest)
-    except (ValueRangeError, ShapeError) as exc:
-        raise DeepPhaseError(f"step: 'auto' could not find the step ({exc}); give --step S") from exc
-    if not found["decided"]:
-        shares = [x for x in found["search"]["explained"] if x > 0]
-        raise DeepPhaseError(f"step: the patterns do not tell the scan's step (the weak-phase fit with the model's "
-                             f"probe explains {min(shares):.3f}–{max(shares):.3f} of the scan's spectrum from "
-                             f"{found['search']['steps_px'][0]:g} to {found['search']['steps_px'][-1]:g} px, without "
-                             "a clear peak: counting noise, a weak specimen, one the weak-phase transfer does not "
-                             "describe, or a raster coarser than the steps searched); give --step S")
-    found["wall_s"] = round(time.perf_counter() - t0, 3)
-    say(f"scan step {found['step_px']:.4f} px (the weak-phase transfer's best fit on the central "
-        f"{min(shape[0], PROBE_CHECK_BLOCK)}×{min(shape[1], PROBE_CHECK_BLOCK)} positions: it explains {found['explained']:.3f} of the scan's "
-        "spectrum)", False)
+    check_step_raster(shape)
+    counts = central_counts(amplitudes, shape, fastest)
+    found = find_scan_step(counts, model.probe, scan_info["rotation_deg"], fastest)
+    say(step_found_message(found, counts.shape[:2]), False)
     positions = raster_positions(shape, found["step_px"], scan_info["rotation_deg"], fastest)
     check_spacing(positions, model.geometry)
     if view is not None:
@@ -965,8 +957,14 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
     scan = ({"positions_file": str(positions)} if isinstance(positions, (str, Path)) else
             {"positions": "given"} if given_positions is not None else
             {"scan_shape": read["navigation_shape"] if fastest == "col" else read["navigation_shape"][::-1],
-             "step_px": step_px, "rotation_deg": read["rotation_deg"], "fastest": fastest,
-             **{k: read[k] for k in ("rotation_found", "rotation_check", "probe_check", "probe_aware") if k in read}})
+             "step_px": read.get("step_px", step_px), "rotation_deg": read["rotation_deg"], "fastest": fastest,
+             **{k: read[k] for k in ("step_found", "rotation_found", "rotation_check", "probe_check", "probe_aware")
+                if k in read}})
+    if "step_found" in read:
+        from ..data.aberrations import PROBE_CHECK_BLOCK, step_found_message
+
+        note(step_found_message(read["step_found"], [min(k, PROBE_CHECK_BLOCK) for k in read["navigation_shape"]]),
+             False)
     phase_model = load_model(model)
     rec = with_source_divided_out(rec, source_size_px)
     if source_size_px and (text := source_division_note(phase_model)):
@@ -977,6 +975,8 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
         report_rotation(read["rotation_found"], read["patterns_flipped"] and not flip_patterns, note)
     if (read.get("rotation_check") or {}).get("note"):
         note(read["rotation_check"]["note"])
+        if "step_found" in read:
+            note(_step_against_rotation(read["step_px"]))
     if read["rotation_png"]:
         note(f"what the DPC curl criterion saw: {read['rotation_png']}", False)
     if (read.get("probe_check") or {}).get("note"):

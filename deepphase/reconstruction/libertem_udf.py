@@ -483,12 +483,13 @@ def _central_roi(nav, block: int):
 def check_probe(ctx, dataset, model, step_px, rotation_deg: float = 0.0, fastest: str = "col",
                 kind: str = "counts", calibration=None, flip_patterns: bool = False, reverse_rows: bool = False,
                 energy_kev: float | None = None, semi_angle: float | None = None,
-                rotation_note: str | None = None) -> dict:
+                rotation_note: str | None = None, check_step: bool = True) -> dict:
     """The data's probe against the model's on the central positions of a raster in a LiberTEM dataset: what
     ``deepphase reconstruct`` measures (:func:`deepphase.data.aberrations.measure_probe_mismatch`), with the
     frames read and prepared as :class:`PhaseUDF` prepares them. Returns
     :func:`~deepphase.data.aberrations.probe_check_from_block` (its ``note`` None when the probes agree, or held back
-    when ``rotation_note``, the rotation check's, contradicts the geometry, or when the step looks wrong)."""
+    when ``rotation_note``, the rotation check's, contradicts the geometry, or when the step looks wrong, which
+    ``check_step`` false skips: a step just found)."""
     from ..data.aberrations import probe_check_from_block
 
     phase_model = model if hasattr(model, "probe") else _load(model)
@@ -496,7 +497,7 @@ def check_probe(ctx, dataset, model, step_px, rotation_deg: float = 0.0, fastest
                              calibration, flip_patterns, reverse_rows)
     return probe_check_from_block(counts, phase_model, step_px, rotation_deg, fastest,
                                   calibration.info if calibration is not None else None, semi_angle, energy_kev,
-                                  rotation_note)
+                                  rotation_note, check_step)
 
 
 def _central_counts(ctx, dataset, n_px: int, step_px, rotation_deg, fastest, kind, calibration, flip_patterns,
@@ -782,7 +783,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     import libertem.api as lt
     from libertem.io.dataset.base import DataSetException
 
-    from ..data.aberrations import PROBE_CHECK_MIN_PX, told_to_probe_aware
+    from ..data.aberrations import PROBE_CHECK_MIN_PX, check_step_raster, find_scan_step, told_to_probe_aware
     from ..data.calibration import (ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, check_scan_rotation,
                                     on_the_given_axis, plot_scan_rotation, rotation_note, with_sense)
     from ..data.io import infer_kind
@@ -794,9 +795,11 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         from ..errors import InputFileError
 
         raise InputFileError(f"data: {str(path)!r} does not exist")
-    auto_rotation = rotation_deg == "auto"
+    auto_rotation, auto_step = rotation_deg == "auto", step_px == "auto"
     if auto_rotation and positions is not None:
         raise ValueRangeError("rotation: 'auto' needs a raster (step_px), not positions")
+    if auto_step and positions is not None:
+        raise ValueRangeError("step: 'auto' finds a raster's step; positions are given: drop --step auto")
     if nav_shape is not None and fastest == "row":
         nav_shape = tuple(nav_shape)[::-1]  # LiberTEM's last navigation axis is the one that varies fastest
     own = ctx is None
@@ -816,24 +819,50 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         frames = int(np.prod(nav))
         if kind is None:
             kind = infer_kind(_pick(ctx, dataset, _spread(frames, 16)))
-        view, found, check, figure = None, None, None, None
+        view, found, check, figure, step_found = None, None, None, None, None
         # Merlin frames: LiberTEM's rows run bottom-up against rosettasciio's (the pipeline's reader).
         reverse_rows = rows_reversed(dataset)
+        if auto_step:
+            if len(nav) != 2:
+                raise ShapeError(f"step: 'auto' needs a raster with a 2D navigation shape, the dataset has {nav}")
+            check_step_raster(nav)
+        # (with step "auto" the descan plane is fitted in scan indices, step 1, until the step is found)
+        coords_step = 1.0 if auto_step else step_px
         if calibration == "on" or (calibration == "auto" and sig != (n, n)):
-            view = calibrate_dataset(ctx, dataset, model, step_px, positions, 0.0 if auto_rotation else rotation_deg,
-                                     fastest, png=calibration_png, reverse_rows=reverse_rows, kind=kind,
-                                     **(calibration_options or {}))
+            view = calibrate_dataset(ctx, dataset, model, coords_step, positions,
+                                     0.0 if auto_rotation else rotation_deg, fastest, png=calibration_png,
+                                     reverse_rows=reverse_rows, kind=kind, **(calibration_options or {}))
+
+        def find_step(rotation: float, flipped: bool) -> float:
+            """Step "auto" at ``rotation``, then the descan plane in the positions at the step found."""
+            nonlocal step_found
+            counts = _central_counts(ctx, dataset, n, coords_step, rotation, fastest, kind, view, flipped,
+                                     reverse_rows)
+            step_found = find_scan_step(counts, phase_model.probe, rotation, fastest)
+            if view is not None:
+                view.use_coords(scan_positions(nav, step_found["step_px"], rotation, fastest)[
+                    _spread(frames, len(view))])
+            return step_found["step_px"]
+
         flip = bool(flip_patterns)
         if auto_rotation:  # the descan (if calibrated) is removed first, as the pipeline does
-            found, figure = _dpc_rotation(ctx, dataset, step_px, fastest, kind, view, 128,
+            found, figure = _dpc_rotation(ctx, dataset, coords_step, fastest, kind, view, 128,
                                           "auto" if flip_patterns is None else "as recorded", flip, reverse_rows)
+            if auto_step:  # found at the rotation the curl found (either sense fits it), in its coordinates
+                if view is not None:
+                    view.use_coords(scan_positions(nav, 1.0, found["rotation_deg"], fastest)[
+                        _spread(frames, len(view))])
+                step_px = find_step(found["rotation_deg"], found["flip_patterns"])
             found = with_sense(found, check_sense(ctx, dataset, phase_model, step_px, found["rotation_deg"], fastest,
                                                   kind, view, found["flip_patterns"], reverse_rows))
             check_scan_rotation(found)
             rotation_deg, flip = found["rotation_deg"], found["flip_patterns"]
             if view is not None:  # the descan plane, fitted at rotation 0, in the rotated positions
                 view.use_coords(scan_positions(nav, step_px, rotation_deg, fastest)[_spread(frames, len(view))])
-        elif positions is None and len(nav) == 2 and min(nav) >= ROTATION_CHECK_MIN_PX:  # a given rotation, checked
+        elif auto_step:  # at the rotation given, which the check below then checks
+            step_px = find_step(rotation_deg, flip)
+        if not auto_rotation and positions is None and len(nav) == 2 and min(nav) >= ROTATION_CHECK_MIN_PX:
+            # a given rotation, checked
             check, figure = _dpc_rotation(ctx, dataset, step_px, fastest, kind, view, ROTATION_CHECK_BLOCK, "auto",
                                           flip, reverse_rows, rotation_deg, given_deg=rotation_deg)
             if on_the_given_axis(figure["found"], rotation_deg):  # which way round: the probe's say-so, not the skew's
@@ -847,7 +876,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             try:
                 probe = check_probe(ctx, dataset, phase_model, step_px, rotation_deg, fastest, kind, view, flip,
                                     reverse_rows, (calibration_options or {}).get("energy"),
-                                    (calibration_options or {}).get("semi_angle"), (check or {}).get("note"))
+                                    (calibration_options or {}).get("semi_angle"), (check or {}).get("note"),
+                                    check_step=step_found is None)
             except (ValueRangeError, ShapeError) as exc:  # NaN/Inf in the block, too few frequencies: as the pipeline
                 probe = {"skipped": str(exc)}
         told = None
@@ -876,5 +906,6 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             "rotation_png": str(rotation_png) if rotation_png is not None and figure is not None else None,
             **({"rotation_found": found} if found is not None else {}),
             **({"probe_check": probe} if probe is not None else {}),
+            **({"step_px": step_px, "step_found": step_found} if step_found is not None else {}),
             **({"probe_aware": told} if told is not None else {})}
     return rec, read
