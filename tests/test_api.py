@@ -160,3 +160,24 @@ def test_reconstruct_takes_the_uncertainty_as_reconstruct_file_and_the_command_d
             deepphase.reconstruct(scan.amplitude, positions, uncertainty=wrong, progress=False)
     with pytest.raises(ValueRangeError, match="not both"):
         deepphase.reconstruct(scan.amplitude, positions, uncertainty="head", uncertainty_samples=4, progress=False)
+
+
+def test_the_commands_messages_are_put_in_the_calls_words():
+    """in_api_words: an option with a placeholder, a choice or a number becomes its keyword with that value, a
+    switch its keyword = True (or what it sets), ``--scan-shape ROWS COLS`` a tuple; other commands' options and
+    words after an option that are not its value are left alone."""
+    from deepphase.reconstruction.from_file import in_api_words
+
+    for said, meant in (
+            ("give --scan-shape ROWS COLS --step S", "give scan_shape=(ROWS, COLS) step_px=S"),
+            ("drop --step auto", "drop step_px='auto'"),
+            ("(--input amplitude, or leave --input to find it)", "(kind='amplitude', or leave kind to find it)"),
+            ("use --engine cuda-graphs or --device cuda", "use engine='cuda-graphs' or device='cuda'"),
+            ("pass --overwrite to start again", "pass overwrite=True to start again"),
+            ("run the same command with --resume", "run the same call with resume=True"),
+            ("--no-probe-check skips it, --no-calibration too", "probe_check=False skips it, calibration='off' too"),
+            ("give the angle (--rotation DEG) or --rotation 12.5", "give the angle (rotation_deg=DEG) or rotation_deg=12.5"),
+            ("--step in pixels", "step_px in pixels"),
+            ("deepphase train --probe-aware --dose MIN MAX", "deepphase train --probe-aware --dose MIN MAX"),
+            ("a--step", "a--step")):
+        assert in_api_words(said) == meant, said
