@@ -277,8 +277,11 @@ def _cmd_reconstruct(args) -> None:
         msg += f"; correlation with the truth {meta['correlation_with_truth']:.3f}"
         if "truth_mapped" in meta:
             mapped = meta["truth_mapped"]
-            msg += (f" (the truth taken through the positions given: turned {mapped['rotation_deg']:.1f}°, scaled "
-                    f"{mapped['scale']:.3f}; {mapped['correlation_unmapped']:.3f} as simulated)")
+            msg += (" (the truth taken through the positions given: " + ("mirrored, " if mapped["mirrored"] else "")
+                    + f"turned {mapped['rotation_deg']:.1f}°, scaled {mapped['scale']:.3f}; "
+                    f"{mapped['correlation_unmapped']:.3f} as simulated"
+                    + ("" if mapped["affine"] else f"; but they are no turned or scaled copy of the simulation's "
+                       f"(residual {mapped['residual_px']:.1f} px): neither figure means much") + ")")
     print(msg)
 
 

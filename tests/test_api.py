@@ -123,16 +123,16 @@ def test_reconstruct_file_refuses_what_it_cannot_do_before_reading_the_file(tmp_
     from deepphase.errors import DeepPhaseError
 
     missing = tmp_path / "nothing-here.npy"
-    for options, match in (({"kind": "intensity"}, "input: expected 'counts', 'amplitude'"),
+    for options, match in (({"kind": "intensity"}, "^kind: expected 'counts', 'amplitude'"),
                            ({"calibration": True}, "calibration: expected 'auto', 'on' or 'off'"),
-                           ({"step_px": -1.0}, "step: expected a positive"),
+                           ({"step_px": -1.0}, "^step_px: expected a positive"),
                            ({"uncertainty": 2.5}, "uncertainty: expected a number of dropout samples"),
                            ({"resume": True}, "resume: needs the output folder"),
                            ({"fastest": "column"}, "fastest: expected 'row', 'col'"),
                            ({"scan_shape": 32}, "scan_shape: expected \\(rows, cols\\)"),
                            ({"scan_shape": "32 32"}, "scan_shape: expected \\(rows, cols\\)"),
                            ({"gain": "2"}, "gain: expected a number"),
-                           ({"step_px": True}, "step: expected a positive raster step")):
+                           ({"step_px": True}, "^step_px: expected a positive raster step")):
         with pytest.raises(DeepPhaseError, match=match):
             deepphase.reconstruct_file(missing, **options)
     with pytest.raises(DeepPhaseError) as refused:  # the command's words, in the call's

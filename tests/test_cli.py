@@ -72,6 +72,11 @@ def test_the_truth_is_compared_through_the_positions_given(tmp_path, capsys):
     assert "the truth taken through the positions given: turned 12.0°" in out
     code, out, err = run(["reconstruct", data, "--out", tmp_path / "own"], capsys)  # the file's own positions
     assert code == 0 and "truth_mapped" not in json.loads((tmp_path / "own" / "metadata.json").read_text())
+    # Rows and columns swapped (the wrong --fastest): a mirror, which is said, not passed off as a turn.
+    code, out, err = run(["reconstruct", data, "--scan-shape", 24, 24, "--step", 0.87, "--rotation", 12, "--fastest",
+                          "col", "--out", tmp_path / "swapped"], capsys)
+    mapped = json.loads((tmp_path / "swapped" / "metadata.json").read_text())["truth_mapped"]
+    assert code == 0 and mapped["mirrored"] and mapped["affine"] and "mirrored, turned" in out
 
 
 @pytest.mark.parametrize("layout", ["npy-amplitude", "npy-counts", "hdf5-4d"])
@@ -454,3 +459,23 @@ def test_counts_and_amplitudes_are_told_apart_and_the_ambiguous_refused():
     assert infer_kind(amplitudes) == "amplitude"
     with pytest.raises(DeepPhaseError, match="cannot tell whether the patterns are counts or amplitudes"):
         infer_kind(amplitudes * 1.37)
+
+
+def test_counts_read_as_amplitudes_are_noted_in_the_commands_words(tiny_scan, tmp_path, capsys):
+    """Counts forced through --input amplitude: the note names the option to check (the arrays API's note names
+    AmplitudeView, which a command-line user never sees), and a call from Python is told its keyword."""
+    import warnings
+
+    import deepphase
+    from deepphase.errors import DeepPhaseNote
+
+    folder, _ = tiny_scan
+    args = ["reconstruct", folder / "counts.npy", "--positions", folder / "positions.npy", "--input", "amplitude"]
+    code, out, err = run([*args, "--out", tmp_path / "cli"], capsys)
+    assert code == 0 and "yet --input amplitude reads them as amplitudes" in err and "AmplitudeView" not in err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        deepphase.reconstruct_file(folder / "counts.npy", positions=folder / "positions.npy", kind="amplitude",
+                                   progress=False)
+    said = [str(w.message) for w in caught if issubclass(w.category, DeepPhaseNote)]
+    assert any("yet kind='amplitude' reads them" in text and "(kind='counts'," in text for text in said), said

@@ -203,14 +203,18 @@ KEYWORD_OF_OPTION = {
 
 #: The values of the command's choices, which a message may give after an option (``--input counts``).
 _CHOICES = ("auto", "counts", "amplitude", "row", "col", "head", "pairwise", "least-squares", "seed", "on", "off",
-            "float32", "bfloat16", "float16", "eager", "channels-last", "compile", "cuda-graphs", "onnx", "cpu", "cuda")
+            "float32", "bfloat16", "float16", "eager", "channels-last", "compile", "cuda-graphs", "onnx", "cpu", "cuda",
+            "mps", "xpu")
 
 
 def in_api_words(message: str) -> str:
     """A message written for ``deepphase reconstruct`` in :func:`reconstruct_file`'s terms: ``--step auto`` →
     ``step_px='auto'``, ``--step S`` → ``step_px=S``, ``--scan-shape ROWS COLS`` → ``scan_shape=(ROWS, COLS)``,
-    ``--overwrite`` → ``overwrite=True``; options of other commands are left as they are."""
+    ``--overwrite`` → ``overwrite=True``, a leading ``input:`` → ``kind:``; options of other commands, and command
+    lines quoted whole (```deepphase train ...```), are left as they are."""
     import re
+
+    from .. import _resources
 
     def keyword(match) -> str:
         option, value = match.group(1), match.group(2)
@@ -221,16 +225,32 @@ def in_api_words(message: str) -> str:
             return f"{name[0]}={name[1]!r}" + (f" {value}" if value else "")
         if not value:
             return name
-        if option == "scan-shape" and value.startswith("ROWS"):
-            return f"{name}=(ROWS, COLS)"
-        if value.isupper() or re.fullmatch(r"[-+]?[0-9.]+", value):  # a placeholder (S, DEG) or a number
+        if option == "scan-shape":
+            return f"{name}=({', '.join(value.split())})" if " " in value else f"{name} {value}"
+        if value.isupper() or re.fullmatch(r"-?[0-9][0-9.]*", value):  # a placeholder (S, DEG) or a number
             return f"{name}={value}"
         return f"{name}={value!r}"
 
-    message = re.sub(r"--scan-shape ROWS COLS", "--scan-shape ROWS", message).replace("the same command", "the same call")
-    choices = "|".join(sorted(_CHOICES, key=len, reverse=True))  # (cuda-graphs before cuda)
-    return re.sub(rf"(?<![\w-])--([a-z][a-z-]*)(?: ([A-Z][A-Z._]*|[0-9][0-9.]*|{choices})(?![\w-]))?",
-                  keyword, message)
+    models = sorted((p.name for p in (Path(_resources.__file__).parent / "models").iterdir() if p.is_dir()),
+                    key=len, reverse=True)
+    words = "|".join(sorted(_CHOICES, key=len, reverse=True) + models)  # (cuda-graphs before cuda)
+    value = rf"ROWS COLS|[0-9]+ [0-9]+|[A-Z][A-Z._]*|-?[0-9][0-9.]*|(?:cuda|xpu):[0-9]+|{words}"
+    option = re.compile(rf"(?<![\w-])--([a-z][a-z-]*)(?: ({value})(?![\w-]))?")
+
+    def reworded(text: str) -> str:
+        text = text.replace("the same command", "the same call")
+        return option.sub(keyword, text)
+
+    # (a command line quoted whole is one to type, in another command's options)
+    pieces, done = [], 0
+    for quoted in re.finditer(r"(['`\"])deepphase [^'`\"]*\1", message):
+        pieces += [reworded(message[done : quoted.start()]), quoted.group(0)]
+        done = quoted.end()
+    message = "".join(pieces + [reworded(message[done:])])
+    lead = re.match(r"([a-z][a-z-]*): ", message)
+    if lead and isinstance(KEYWORD_OF_OPTION.get(lead.group(1)), str):
+        message = KEYWORD_OF_OPTION[lead.group(1)] + message[lead.end(1):]
+    return message
 
 
 def _call_record(arguments: dict) -> str:
@@ -276,9 +296,12 @@ def _notes_to(note):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DeepPhaseNote)
         yield
+    from .pipeline import COUNTS_NOTE
+
     for warning in caught:
         if issubclass(warning.category, DeepPhaseNote):
-            note(str(warning.message))
+            if str(warning.message) != COUNTS_NOTE:  # (said in a file's terms by _note_dose)
+                note(str(warning.message))
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
@@ -553,8 +576,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     rec = with_source_divided_out(rec, source_size_px)
     if source_size_px and (text := source_division_note(model)):
         note(text)
-    if rec.processing.get("dose_note") and rec.processing["dose_note"] not in notes:  # (or said already)
-        note(rec.processing["dose_note"])
+    _note_dose(rec, notes, note)
     if view is not None:
         repairs = {k: v for k, v in view.counters.items() if v and k != "most_negative_count"}
         if repairs:
@@ -581,6 +603,19 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         _write(rec, out, sampling_written, overwrite, written)
         shutil.rmtree(partial, ignore_errors=True)  # complete: the progress is no longer needed
     return rec
+
+
+def _note_dose(rec, notes: list, note) -> None:
+    """The pipeline's note on the dose, unless said already; its note on counts read as amplitudes (written for
+    arrays) in a file's terms."""
+    from .pipeline import COUNTS_NOTE
+
+    said = rec.processing.get("dose_note")
+    if said == COUNTS_NOTE:
+        note("the patterns are whole numbers, as counts are, yet --input amplitude reads them as amplitudes "
+             "(√counts); check it (--input counts, or leave --input to find it)")
+    elif said and said not in notes:
+        note(said)
 
 
 def _write(rec, out: Path, sampling, overwrite: bool, written: set) -> None:
@@ -617,9 +652,11 @@ def _write_figures(out: Path, view, rotation_figure, scan_info: dict, model, mod
 
 def _compared_with_truth(rec, scan, positions, n: int) -> dict:
     """A simulation's truth against the image, in the image's frame: where the scan was reconstructed with other
-    positions than it was simulated at (a rotation or step given wrong), the truth is taken through the same
-    geometry first (:func:`~deepphase.physics.scan.object_in_scan_frame`), so the figure measures the image, not
-    where it lies; ``truth_mapped`` then says how."""
+    positions than it was simulated at (a rotation, step or frame order given wrong), the truth is taken through
+    the same geometry first (:func:`~deepphase.physics.scan.object_in_scan_frame`), so the figure measures the
+    image, not where it lies; ``truth_mapped`` then says how (a turn, a scale, a mirror, a shift) and how well an
+    affine map explains the positions given (``residual_px``: beyond ``TRUTH_MAP_RESIDUAL_PX`` they are no
+    affine copy of the simulation's, and neither figure means much)."""
     from ..physics.scan import object_in_scan_frame
 
     recorded = scan.positions if scan.positions is not None and len(scan.positions) == len(positions) else positions
@@ -627,16 +664,25 @@ def _compared_with_truth(rec, scan, positions, n: int) -> dict:
     if not np.isfinite(truth).any():
         return {}
     compared = {"correlation_with_truth": _pearson(rec.phase, truth)}
-    if mapping["residual_px"] or mapping["matrix"] != np.eye(2).tolist():
-        turned = np.degrees(np.arctan2(mapping["matrix"][1][0], mapping["matrix"][0][0]))
-        scale = float(np.sqrt(abs(np.linalg.det(mapping["matrix"]))))
-        compared["truth_mapped"] = {
-            "why": "the positions given differ from those the file's truth was simulated at; the truth was "
-                   "mapped onto the image by the least-squares affine map between them",
-            "rotation_deg": float(turned), "scale": scale, "residual_px": mapping["residual_px"],
-            "correlation_unmapped": _pearson(rec.phase, object_in_scan_frame(
-                scan.truth, positions, positions, rec.origin_px, rec.phase.shape, n)[0])}
+    matrix = np.asarray(mapping["matrix"])
+    if np.allclose(matrix, np.eye(2), atol=1e-9) and np.allclose(mapping["offset_px"], 0.0, atol=1e-9):
+        return compared
+    mirrored = bool(np.linalg.det(matrix) < 0)
+    proper = matrix @ np.diag([1.0, -1.0]) if mirrored else matrix  # (a mirror in the rows, then a turn)
+    compared["truth_mapped"] = {
+        "why": "the positions given differ from those the file's truth was simulated at; the truth was mapped "
+               "onto the image by the least-squares affine map between them",
+        "rotation_deg": float(np.degrees(np.arctan2(proper[1, 0], proper[0, 0]))), "mirrored": mirrored,
+        "scale": float(np.sqrt(abs(np.linalg.det(matrix)))), "offset_px": mapping["offset_px"],
+        "residual_px": mapping["residual_px"], "affine": mapping["residual_px"] <= TRUTH_MAP_RESIDUAL_PX,
+        "correlation_unmapped": _pearson(rec.phase, object_in_scan_frame(
+            scan.truth, positions, positions, rec.origin_px, rec.phase.shape, n)[0])}
     return compared
+
+
+#: The positions given are taken for a turned, scaled, mirrored or shifted copy of the simulation's when the affine
+#: map between them leaves at most this rms distance (pixels); frames in another order leave several pixels.
+TRUTH_MAP_RESIDUAL_PX = 0.5
 
 
 def _pearson(image: np.ndarray, truth: np.ndarray) -> float:
@@ -792,7 +838,7 @@ def _raster_of(scan_info: dict, positions) -> dict | None:
 
 def _check_rotation(amplitudes, scan_info: dict, raster: dict, model):
     """The raster's rotation (the default 0° included) checked by the DPC curl criterion: a note when the data
-    clearly say otherwise (a mirrored detector, an angle more than 10° away, or half a turn, which the model's
+    clearly say otherwise (a mirrored detector, an angle more than 12° away, or half a turn, which the model's
     probe is asked to confirm), which would make a poor image; then also what the criterion saw, for
     rotation.png."""
     from ..data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, centre_of_mass_block, \
@@ -937,6 +983,8 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
 
     model = model_reference(model, for_workers=True)
     given_positions = None
+    if positions is not None and step_px == "auto":
+        raise DeepPhaseError("step: 'auto' finds a raster's step; positions are given: drop --step auto")
     if positions is not None:
         given_positions, _ = scan_positions(positions, scan_shape, step_px, rotation_deg, fastest, n_frames=None)
     elif step_px is None:
@@ -969,8 +1017,7 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
     rec = with_source_divided_out(rec, source_size_px)
     if source_size_px and (text := source_division_note(phase_model)):
         note(text)
-    if rec.processing.get("dose_note") and rec.processing["dose_note"] not in notes:  # (or said already)
-        note(rec.processing["dose_note"])
+    _note_dose(rec, notes, note)
     if "rotation_found" in read:
         report_rotation(read["rotation_found"], read["patterns_flipped"] and not flip_patterns, note)
     if (read.get("rotation_check") or {}).get("note"):

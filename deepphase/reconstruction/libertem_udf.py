@@ -825,7 +825,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         if auto_step:
             if len(nav) != 2:
                 raise ShapeError(f"step: 'auto' needs a raster with a 2D navigation shape, the dataset has {nav}")
-            check_step_raster(nav)
+            check_step_raster(nav[::-1] if fastest == "row" else nav)  # (in the scan's rows × columns)
         # (with step "auto" the descan plane is fitted in scan indices, step 1, until the step is found)
         coords_step = 1.0 if auto_step else step_px
         if calibration == "on" or (calibration == "auto" and sig != (n, n)):

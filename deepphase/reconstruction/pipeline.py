@@ -635,8 +635,13 @@ def counts_note(amplitudes, samples: int = 16) -> str | None:
     _, block = sample_patterns(amplitudes, samples)
     if not (np.all(np.isfinite(block)) and block.max() > 1 and np.all(block == np.round(block))):
         return None
-    return ("the patterns are whole numbers, as counts are: reconstruct takes √counts, so read counts with "
-            "AmplitudeView(frames, 'counts') (the command line finds this itself)")
+    return COUNTS_NOTE
+
+
+#: What :func:`counts_note` says (for arrays; :func:`~deepphase.reconstruction.from_file.reconstruct_file` says it
+#: for a file's reader).
+COUNTS_NOTE = ("the patterns are whole numbers, as counts are: reconstruct takes √counts, so read counts with "
+               "AmplitudeView(frames, 'counts')")
 
 
 def make_accumulators(stitching: str, positions, mask, geometry, draws: int, folder: Path | None = None,
