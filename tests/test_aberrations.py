@@ -378,7 +378,9 @@ def test_cli_finds_the_step_with_the_rotation_and_notes_a_step_given_wrongly(coa
     path, _, truth = coarser_scan
     raster = ["reconstruct", str(path), "--scan-shape", "40", "40"]
     assert main([*raster, "--step", "auto", "--rotation", "auto", "--out", str(tmp_path / "auto")]) == 0
-    assert "scan step 1.0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "scan step 1.0" in err and "what the step search saw" in err
+    assert (tmp_path / "auto" / "step.png").stat().st_size > 10_000  # the share against the step, drawn
     meta = json.loads((tmp_path / "auto" / "metadata.json").read_text())
     assert meta["step_px"] == pytest.approx(1.1, rel=0.02) and meta["step_found"]["decided"]
     assert meta["rotation_deg"] == pytest.approx(20.0, abs=2.0)
@@ -391,6 +393,9 @@ def test_cli_finds_the_step_with_the_rotation_and_notes_a_step_given_wrongly(coa
     assert re.search(r"the scan step looks wrong: the patterns fit a raster step of 1\.(09|10|11)",
                      capsys.readouterr().err)
     assert json.loads((tmp_path / "wrong" / "metadata.json").read_text())["probe_check"]["step_note"]
+    assert (tmp_path / "wrong" / "step.png").exists()  # the search a wrong step set off, drawn too
+    assert main([*raster, "--step", "1.1", "--rotation", "20", "--out", str(tmp_path / "wrong"), "--overwrite"]) == 0
+    assert not (tmp_path / "wrong" / "step.png").exists()  # right: nothing searched, the old figure removed
     assert main([*raster[:2], "--positions", str(tmp_path / "p.npy"), "--step", "auto", "--out",
                  str(tmp_path / "x")]) == 2
     assert main([*raster, "--step", "fast", "--out", str(tmp_path / "x")]) == 2

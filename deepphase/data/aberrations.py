@@ -40,7 +40,7 @@ from ..physics.scan import raster_positions
 
 __all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe_mismatch", "measure_probe_mismatch",
            "probe_mismatch_from_block", "probe_check_report", "model_grid_optics", "defocus_angstrom",
-           "probe_mismatch_note", "hold_back_for_geometry", "plot_probe_mismatch", "probe_difference", "edge_phase",
+           "probe_mismatch_note", "hold_back_for_geometry", "plot_probe_mismatch", "plot_scan_step", "probe_difference", "edge_phase",
            "told_to_probe_aware", "told_for_scan", "scan_sense", "sense_from_block", "scan_step_from_block",
            "measure_scan_step", "find_scan_step", "check_scan_step", "step_check_from_block", "probe_check_from_block",
            "central_counts", "step_note", "hold_back_for_step", "STEP_SEARCH_PX", "STEP_PROBE", "STEP_MISMATCH",
@@ -796,13 +796,39 @@ def told_for_scan(model, amplitudes, positions) -> tuple:
     return model.told(info["told_coefficients_rad_per_px2"]), {**info, "probe_check": check}
 
 
+def plot_scan_step(found: dict, path) -> None:
+    """A PNG of what the step search saw (:func:`scan_step_from_block`'s result): the share of the scan's spectrum
+    the weak-phase fit explains against the raster step, the step found and, where there was one, the step given."""
+    from ..io_utils import new_figure, save_png
+
+    fig, axis = new_figure(1, 1, figsize=(7.0, 4.0))
+    search = found["search"]
+    steps, shares = np.asarray(search["steps_px"]), np.asarray(search["explained"])
+    usable = shares > 0
+    axis.plot(steps[usable], shares[usable], "o-", color="tab:blue", label="search grid (each with its own fit)")
+    axis.axvline(found["step_px"], color="k", lw=1,
+                 label=f"found: {found['step_px']:.4f} px (explains {found['explained']:.3f})")
+    if found.get("given_step_px") is not None:
+        axis.axvline(found["given_step_px"], color="tab:red", ls="--", lw=1,
+                     label=f"given: {found['given_step_px']:g} px (explains {found['explained_given']:.3f})")
+    axis.set_xscale("log")
+    ticks = [t for t in (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0) if steps.min() / 1.05 <= t <= steps.max() * 1.05]
+    axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    axis.minorticks_off()
+    axis.set_xlabel("raster step (real-space px of the model's grid)")
+    axis.set_ylabel("share of the scan's spectrum explained")
+    axis.set_title("the scan step: the weak-phase transfer with the model's probe fits best at the true step"
+                   + ("" if found.get("decided", True) else " (no clear peak: not decided)"), fontsize=9)
+    axis.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    save_png(fig, path, dpi=100)
+
+
 def plot_probe_mismatch(found: dict, path) -> None:
     """A PNG of what the probe check saw: the share of the scan's spectrum explained against a round defocus
     relative to the model's probe (the model's at 0, the fit marked), and the fitted Δχ over the bright-field
     disk."""
-    from ..io_utils import new_figure
-
-    from ..io_utils import save_png
+    from ..io_utils import new_figure, save_png
 
     radius2 = found["disk_radius_px"] ** 2
     fig, (left, right) = new_figure(1, 2, figsize=(10.0, 4.0), gridspec_kw={"width_ratios": [1.4, 1]})

@@ -33,7 +33,7 @@ logger = logging.getLogger("deepphase")
 # Where an interrupted reconstruction keeps its progress, inside the output folder.
 PARTIAL_FOLDER = ".deepphase-partial"
 # What reconstruct writes beside the image when there is something to show.
-FIGURES = ("calibration.png", "rotation.png", "probe_estimate.npy", "probe_check.png")
+FIGURES = ("calibration.png", "rotation.png", "probe_estimate.npy", "probe_check.png", "step.png")
 INPUT_KINDS = ("counts", "amplitude")
 
 
@@ -647,7 +647,20 @@ def _write_figures(out: Path, view, rotation_figure, scan_info: dict, model, mod
         plot_scan_rotation(**rotation_figure, path=out / "rotation.png")
         note(f"what the DPC curl criterion saw: {out / 'rotation.png'}", False)
         written.add("rotation.png")
-    return written
+    return written | _write_step_figure(out, scan_info, note)
+
+
+def _write_step_figure(out: Path, scan_info: dict, note) -> set:
+    """step.png, where the step was searched for: found (step "auto") or, for a given step, noted as wrong."""
+    check = scan_info.get("probe_check") or {}
+    searched = scan_info.get("step_found") or (check.get("step_check") if check.get("step_note") else None)
+    if not (searched and searched.get("search")):
+        return set()
+    from ..data.aberrations import plot_scan_step
+
+    plot_scan_step(searched, out / "step.png")
+    note(f"what the step search saw: {out / 'step.png'}", False)
+    return {"step.png"}
 
 
 def _compared_with_truth(rec, scan, positions, n: int) -> dict:
@@ -1041,7 +1054,8 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
     if out is not None:
         written = ({"calibration.png"} if read["calibration"] is not None else set()) | (
             {"rotation.png"} if read["rotation_png"] else set()) | (
-            {"probe_estimate.npy", "probe_check.png"} if (read.get("probe_check") or {}).get("note") else set())
+            {"probe_estimate.npy", "probe_check.png"} if (read.get("probe_check") or {}).get("note") else set()) | (
+            _write_step_figure(out, scan, note))
         _write(rec, out, sampling or (read["calibration"] or {}).get("real_space_sampling_angstrom"), overwrite,
                written)
     return rec
