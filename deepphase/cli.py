@@ -154,7 +154,7 @@ def _add_scan_arguments(p: argparse.ArgumentParser, required: bool, auto_step: b
     if auto_step:
         g.add_argument("--step", type=_step, metavar="S|auto",
                        help="raster step in real-space pixels of the model's grid; 'auto': the step the model's "
-                            "probe fits best (the weak-phase transfer on the central 64×64 positions, ~3 s; rasters up to ~1.4 px)")
+                            "probe fits best (the weak-phase transfer on the central 64×64 positions, ~2 s; rasters up to ~1.4 px)")
     else:
         g.add_argument("--step", type=_positive, help="raster step in real-space pixels of the model's grid "
                                                       "(default 0.87, the reference scan's)")

@@ -95,8 +95,8 @@ def reconstruct_file(
         file's own positions.
     step_px : the raster's step in real-space pixels of the model's grid, or ``"auto"``: the step the
         weak-phase transfer with the model's probe fits best on the central positions
-        (:func:`~deepphase.data.aberrations.measure_scan_step`, ~3 s; median 0.5 %, at most 3 % off on simulated
-        rasters of 0.5–1.3 px, 3.4 % on multislice ones, RESULTS §40; up to ~1.4 px on a 32-pixel grid with the
+        (:func:`~deepphase.data.aberrations.measure_scan_step`, ~2 s; median 0.5 %, at most 3.8 % off on simulated
+        rasters of 0.5–1.3 px, 3.6 % on multislice ones, RESULTS §40–41; up to ~1.4 px on a 32-pixel grid with the
         reference probe, beyond which the scan folds the frequencies the fit uses: give the step). A given step is
         checked on every raster with ``probe_check`` (~0.6 s).
     rotation_deg : the raster's rotation (degrees counter-clockwise), checked against the data's DPC curl;
