@@ -755,6 +755,10 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     kind : "counts" or "amplitude"; None: inferred from 16 frames (whole numbers are counts).
     rotation_deg : the raster's rotation, or "auto": found from the patterns (:func:`find_rotation`), with
         the detector's handedness unless ``flip_patterns`` is given.
+    step_px : the raster's step, or "auto": the step the weak-phase transfer with the model's probe fits best on
+        the central positions (:func:`deepphase.data.aberrations.find_scan_step`, as ``deepphase reconstruct``
+        finds it; at the rotation found, with ``rotation_deg="auto"``); ``step_px`` and ``step_found`` in what is
+        returned.
     flip_patterns : mirror the patterns in k_row (see :class:`PhaseUDF`). None: False, or what
         ``rotation_deg="auto"`` finds. (A Merlin .mib's rows are first put in rosettasciio's order, as
         ``deepphase reconstruct`` reads them without LiberTEM: PhaseUDF's ``reverse_rows``.)
@@ -767,8 +771,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         (:func:`check_probe`; ``probe_check`` in what is returned).
     workers : LiberTEM's local CPU workers (default: LiberTEM's default context, every core and GPU).
     ctx : a LiberTEM ``Context`` to use instead (left open).
-    model, step_px, positions, rotation_deg, fastest, batch_size, engine, precision, deblur, remove_plane,
-    uncertainty : as for :class:`PhaseUDF`.
+    model, positions, fastest, batch_size, engine, precision, deblur, remove_plane, uncertainty : as for
+        :class:`PhaseUDF`.
 
     Returns
     -------
