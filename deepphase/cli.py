@@ -833,11 +833,11 @@ def _notes_as_lines(command: str):
     each time; other warnings as Python prints them."""
     from .errors import DeepPhaseNote
 
-    shown = warnings.showwarning
+    shown, say = warnings.showwarning, _say(command)
 
     def show(message, category, filename, lineno, file=None, line=None):
         if issubclass(category, DeepPhaseNote):
-            print(f"deepphase {command}: note: {message}", file=sys.stderr)
+            say(str(message), True)
         else:
             shown(message, category, filename, lineno, file, line)
 

@@ -132,7 +132,8 @@ def test_reconstruct_file_refuses_what_it_cannot_do_before_reading_the_file(tmp_
                            ({"scan_shape": 32}, "scan_shape: expected \\(rows, cols\\)"),
                            ({"scan_shape": "32 32"}, "scan_shape: expected \\(rows, cols\\)"),
                            ({"gain": "2"}, "gain: expected a number"),
-                           ({"step_px": True}, "^step_px: expected a positive raster step")):
+                           ({"step_px": True}, "^step_px: expected a positive raster step"),
+                           ({"step_px": "auto", "positions": np.zeros((4, 2))}, "positions are given: drop step_px")):
         with pytest.raises(DeepPhaseError, match=match):
             deepphase.reconstruct_file(missing, **options)
     with pytest.raises(DeepPhaseError) as refused:  # the command's words, in the call's

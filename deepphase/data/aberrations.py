@@ -40,8 +40,8 @@ from ..physics.scan import raster_positions
 
 __all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe_mismatch", "measure_probe_mismatch",
            "probe_mismatch_from_block", "probe_check_report", "model_grid_optics", "defocus_angstrom",
-           "probe_mismatch_note", "hold_back_for_geometry", "plot_probe_mismatch", "plot_scan_step", "probe_difference", "edge_phase",
-           "told_to_probe_aware", "told_for_scan", "scan_sense", "sense_from_block", "scan_step_from_block",
+           "probe_mismatch_note", "hold_back_for_geometry", "plot_probe_mismatch", "plot_scan_step", "probe_difference",
+           "edge_phase", "told_to_probe_aware", "told_for_scan", "scan_sense", "sense_from_block", "scan_step_from_block",
            "measure_scan_step", "find_scan_step", "check_scan_step", "step_check_from_block", "probe_check_from_block",
            "central_counts", "step_note", "hold_back_for_step", "STEP_SEARCH_PX", "STEP_PROBE", "STEP_MISMATCH",
            "STEP_RATIO", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD", "MIN_EXPLAINED",
@@ -547,7 +547,9 @@ def scan_step_from_block(counts: np.ndarray, probe: np.ndarray, rotation_deg: fl
     -------
     dict with ``step_px`` (the best), ``explained`` (the share at it), ``coefficients`` and ``edge_phase_rad``
     (the probe mismatch fitted there), ``search`` (the grid's steps and shares), ``decided`` (the best explains
-    more than ``MIN_EXPLAINED``), and with ``given_step_px``: it, ``explained_given`` and ``edge_phase_given_rad``.
+    more than ``MIN_EXPLAINED``, the grid has a clear interior peak, ``STEP_PEAK_DROP``, and the step is at most
+    ``STEP_TRUSTED`` of the folding limit), and with ``given_step_px``: it, ``explained_given`` and
+    ``edge_phase_given_rad``.
     """
     from scipy.optimize import minimize_scalar
 
@@ -565,7 +567,8 @@ def scan_step_from_block(counts: np.ndarray, probe: np.ndarray, rotation_deg: fl
         g = g * base / step
         return fit_probe_mismatch(patterns[order], g, probe, start=start, tolerance=tolerance) if len(g) >= 8 else None
 
-    upper = min(STEP_SEARCH_PX[1], counts.shape[-1] / (2 * radius + 4))
+    folding = counts.shape[-1] / (2 * radius + 4)  # (the step beyond which the scan folds the frequencies used)
+    upper = min(STEP_SEARCH_PX[1], folding)
     grid = np.geomspace(STEP_SEARCH_PX[0], upper, 10)
     fits = [fit_at(step, tolerance=GRID_TOLERANCE, n_frequencies=GRID_FREQUENCIES) for step in grid]
     scores = np.array([f["explained"] if f is not None else 0.0 for f in fits])
@@ -598,7 +601,7 @@ def scan_step_from_block(counts: np.ndarray, probe: np.ndarray, rotation_deg: fl
              "edge_phase_rad": edge_phase(best["coefficients"], radius),
              "search": {"steps_px": [float(x) for x in grid], "explained": [float(x) for x in scores]},
              "decided": bool(best["explained"] > MIN_EXPLAINED and _clear_peak(scores, k)
-                             and step <= STEP_TRUSTED * counts.shape[-1] / (2 * radius + 4))}
+                             and step <= STEP_TRUSTED * folding)}
     if given_step_px is not None:  # both on the frequencies that qualify at both steps, where there are enough
         both = (min(step, given_step_px), max(step, given_step_px))
         at_best, at_given = fit_at(step, start, both), fit_at(float(given_step_px), None, both)

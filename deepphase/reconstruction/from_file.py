@@ -151,8 +151,8 @@ def reconstruct_file(
         if isinstance(ensemble, (str, Path)):
             ensemble = (ensemble,)  # one further model, named alone
         _check_arguments(kind=kind, calibration=calibration, gain=gain, source_size_px=source_size_px,
-                         uncertainty=uncertainty, step_px=step_px, rotation_deg=rotation_deg, fastest=fastest,
-                         ensemble=ensemble, workers=workers, scheduler=scheduler, resume=resume, out=out,
+                         uncertainty=uncertainty, positions=positions, step_px=step_px, rotation_deg=rotation_deg,
+                         fastest=fastest, ensemble=ensemble, workers=workers, scheduler=scheduler, resume=resume, out=out,
                          libertem=libertem, stitching=stitching, device=device, dataset=dataset)
         out = Path(out) if out is not None else None
         if out is not None:
@@ -335,8 +335,8 @@ def _caller_level() -> int:
     return level
 
 
-def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, step_px, rotation_deg, fastest,
-                     ensemble, workers, scheduler, resume, out, libertem, stitching, device, dataset) -> None:
+def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, positions, step_px, rotation_deg,
+                     fastest, ensemble, workers, scheduler, resume, out, libertem, stitching, device, dataset) -> None:
     """What can be refused before the file is opened (the CLI's argument types refuse most of it earlier)."""
     from .pipeline import uncertainty_method
 
@@ -355,6 +355,8 @@ def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, st
     uncertainty_method(uncertainty)
     if step_px is not None and step_px != "auto" and not (_is_number(step_px) and np.isfinite(step_px) and step_px > 0):
         raise ValueRangeError(f"step: expected a positive raster step in real-space pixels or 'auto', got {step_px!r}")
+    if step_px == "auto" and positions is not None:
+        raise DeepPhaseError("step: 'auto' finds a raster's step; positions are given: drop --step auto")
     if rotation_deg != "auto" and not (_is_number(rotation_deg) and np.isfinite(rotation_deg)):
         raise ValueRangeError(f"rotation: expected an angle in degrees or 'auto', got {rotation_deg!r}")
     if fastest not in (None, "row", "col"):
@@ -446,8 +448,6 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     default_fastest = "col" if scan.scan_shape is not None else "row"
     step_auto = step_px == "auto"  # found from the patterns, once they are amplitudes on the model's grid
     if step_auto:
-        if positions is not None:
-            raise DeepPhaseError("step: 'auto' finds a raster's step; positions are given: drop --step auto")
         if scan.positions is not None and scan_shape is None:
             raise DeepPhaseError(f"step: 'auto' finds a raster's step, and {data} holds the scan's positions, which "
                                  "are used as they are: drop --step auto")
@@ -996,8 +996,6 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
 
     model = model_reference(model, for_workers=True)
     given_positions = None
-    if positions is not None and step_px == "auto":
-        raise DeepPhaseError("step: 'auto' finds a raster's step; positions are given: drop --step auto")
     if positions is not None:
         given_positions, _ = scan_positions(positions, scan_shape, step_px, rotation_deg, fastest, n_frames=None)
     elif step_px is None:
