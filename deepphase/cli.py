@@ -21,6 +21,7 @@ from . import __version__
 import numpy as np
 
 from .errors import DeepPhaseError
+from .wording import speaking_to_the_command_line
 
 
 def _number(kind=float, minimum=None, above=False, what="a number"):
@@ -806,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
             check_writable(args.out, folder=_WRITES[args.command])
             new_folder = None if args.out.exists() or not _WRITES[args.command] else args.out
         with _notes_as_lines(args.command):
-            args.func(args)
+            with speaking_to_the_command_line():
+                args.func(args)
         new_folder = None
     except DeepPhaseError as exc:
         print(f"deepphase {args.command}: error: {exc}", file=sys.stderr)

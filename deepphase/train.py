@@ -16,6 +16,7 @@ import shlex
 import sys
 
 from .errors import DeepPhaseError
+from .wording import speaking_to_the_command_line
 
 # Set by `deepphase train --nproc N` for its processes: the command recorded in model.json.
 COMMAND_ENV = "DEEPPHASE_TRAIN_COMMAND"
@@ -105,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         (f"torchrun (world size {world}) " if world > 1 else "python ") + "-m deepphase.train "
         + " ".join(shlex.quote(a) for a in argv))
     try:
-        args.func(args)
+        with speaking_to_the_command_line():
+            args.func(args)
     except DeepPhaseError as exc:
         if rank == 0 or not getattr(exc, "reported_by_rank0", False):
             where = f" [rank {rank}/{world}]" if world > 1 and rank != 0 else ""

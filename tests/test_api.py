@@ -84,7 +84,7 @@ def test_counts_given_where_amplitudes_belong_are_warned_about(probe):
 
 def test_reconstruct_file_makes_what_the_command_makes_and_tells_what_to_check(probe, tmp_path, capsys):
     from deepphase.cli import main
-    from deepphase.reconstruction.from_file import in_api_words
+    from deepphase.wording import in_api_words
     from deepphase.errors import DeepPhaseNote
 
     positions = deepphase.raster_positions((24, 24), 0.87, rotation_deg=30)
@@ -167,7 +167,7 @@ def test_the_commands_messages_are_put_in_the_calls_words():
     """in_api_words: an option with a placeholder, a choice or a number becomes its keyword with that value, a
     switch its keyword = True (or what it sets), ``--scan-shape ROWS COLS`` a tuple; other commands' options and
     words after an option that are not its value are left alone."""
-    from deepphase.reconstruction.from_file import in_api_words
+    from deepphase.wording import in_api_words
 
     for said, meant in (
             ("give --scan-shape ROWS COLS --step S", "give scan_shape=(ROWS, COLS) step_px=S"),
@@ -182,3 +182,39 @@ def test_the_commands_messages_are_put_in_the_calls_words():
             ("deepphase train --probe-aware --dose MIN MAX", "deepphase train --probe-aware --dose MIN MAX"),
             ("a--step", "a--step")):
         assert in_api_words(said) == meant, said
+
+
+def test_every_entry_point_called_from_python_names_its_own_keywords_and_the_command_its_options(probe, tmp_path,
+                                                                                                capsys):
+    """The same message reaches Python in the called function's keywords (an outer entry point's words win over
+    an inner one's), and the command line in its options."""
+    from deepphase.cli import main
+    from deepphase.training.loop import TRAIN_KEYWORDS
+    from deepphase.wording import in_api_words
+
+    positions = deepphase.raster_positions((8, 8), 0.87)
+    scan = deepphase.simulate_scan(np.zeros(required_object_shape(positions, 32)), probe, positions, dose=1e4,
+                                   seed=0, progress=False)
+    rec = deepphase.reconstruct(scan.amplitude, positions, progress=False)
+    out = tmp_path / "out"
+    deepphase.write_outputs(rec, out, {})
+    with pytest.raises(deepphase.DeepPhaseError, match=r"out_dir: .* already holds .*pass overwrite=True$"):
+        deepphase.write_outputs(rec, out, {})
+    with pytest.raises(deepphase.DeepPhaseError, match=r"\(deepphase\.calibrate finds the bright-field disk"):
+        deepphase.reconstruct(np.ones((64, 48, 48), np.float32), positions, progress=False)
+    with pytest.raises(deepphase.DeepPhaseError, match=r"^amplitudes: frame 3 contains NaN"):
+        bad = scan.amplitude.copy()
+        bad[3, 0, 0] = np.nan
+        deepphase.reconstruct(bad, positions, progress=False)
+    with pytest.raises(deepphase.DeepPhaseError, match=r"^shape: expected \(rows, cols\)"):
+        deepphase.raster_positions(32, 0.87)
+    assert in_api_words("give --epochs more than that; lower --lr, or --overwrite", TRAIN_KEYWORDS | {
+        "overwrite": ("overwrite", True)}) == "give config.epochs more than that; lower config.lr, or overwrite=True"
+    np.save(tmp_path / "scan.npy", scan.amplitude.reshape(8, 8, 32, 32) ** 2)
+    # the command: its options, whoever raised the error inside it
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--out", str(out), "--step", "0.87", "--input",
+                 "counts"]) == 2
+    assert "already holds phase.npy, phase.tif, phase.emd, phase.png, metadata.json; choose another folder or pass " \
+           "--overwrite" in capsys.readouterr().err
+    with pytest.raises(deepphase.DeepPhaseError, match=r"pass overwrite=True"):  # reconstruct_file's, not reconstruct's
+        deepphase.reconstruct_file(tmp_path / "scan.npy", out, step_px=0.87)

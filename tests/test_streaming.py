@@ -5,7 +5,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from deepphase.errors import ShapeError, ValueRangeError
+from deepphase.errors import OutputExistsError, ShapeError, ValueRangeError
 from deepphase.physics import raster_positions
 from deepphase.physics.geometry import Geometry, output_mask
 from deepphase.reconstruction.pipeline import InterruptedReconstruction, read_checkpoint, reconstruct
@@ -133,7 +133,7 @@ class _StopAfter:
 def test_interrupted_reconstruction_resumes_to_the_same_image(scan, tmp_path, stitching):
     whole = reconstruct(scan.amplitude, scan.positions, stitching=stitching, progress=False)
     folder = tmp_path / "partial"
-    with pytest.raises(InterruptedReconstruction, match="interrupted after 200 of 576 patterns.*--resume"):
+    with pytest.raises(InterruptedReconstruction, match="interrupted after 200 of 576 patterns.*run the same call with resume=True"):
         reconstruct(_StopAfter(scan.amplitude, 2), scan.positions, stitching=stitching, chunk_size=100,
                     batch_size=100, checkpoint=folder, fingerprint={"data": "x"}, progress=False)
     assert read_checkpoint(folder)["done"] == 200
@@ -156,7 +156,7 @@ def test_resume_refuses_other_settings_or_no_checkpoint(scan, tmp_path):
     # damaged progress: said so, with the way out (a zip error or a JSON error went through before)
     state = folder / "state.npz"
     state.write_bytes(state.read_bytes()[:100])
-    with pytest.raises(ValueRangeError, match="saved state .* is damaged.*--overwrite"):
+    with pytest.raises(ValueRangeError, match="saved state .* is damaged.*overwrite=True"):
         reconstruct(scan.amplitude, scan.positions, chunk_size=100, checkpoint=folder, resume=True,
                     fingerprint={"data": "x"}, progress=False)
     (folder / "progress.json").write_text('{"done": 1')
@@ -248,12 +248,31 @@ def test_an_interrupt_during_a_dropout_draw_leaves_a_checkpoint_that_resumes(sca
     np.testing.assert_allclose(resumed.uncertainty, whole.uncertainty, atol=1e-5)
 
 
+def test_a_fresh_run_refuses_an_interrupted_runs_progress_unless_asked(scan, tmp_path):
+    """Progress in the checkpoint is not replaced unasked: a fresh run into it is refused (in the call's words),
+    ``overwrite=True`` starts again, and a file where the folder should be is named."""
+    folder = tmp_path / "partial"
+    with pytest.raises(InterruptedReconstruction):
+        reconstruct(_StopAfter(scan.amplitude, 1), scan.positions, chunk_size=100, batch_size=100, checkpoint=folder,
+                    progress=False)
+    with pytest.raises(OutputExistsError, match=r"checkpoint: .* holds an interrupted reconstruction \(100 of 576 "
+                                                r"patterns done\); pass resume=True to continue it or overwrite=True"):
+        reconstruct(scan.amplitude, scan.positions, checkpoint=folder, progress=False)
+    assert read_checkpoint(folder)["done"] == 100
+    fresh = reconstruct(scan.amplitude, scan.positions, checkpoint=folder, overwrite=True, progress=False)
+    assert np.isfinite(fresh.phase).any() and read_checkpoint(folder)["done"] == 576
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(OutputExistsError, match="checkpoint: .* is a file; expected a folder"):
+        reconstruct(scan.amplitude, scan.positions, checkpoint=tmp_path / "file", progress=False)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_an_interrupt_before_anything_was_saved_says_so_and_leaves_no_stale_patches(scan, tmp_path):
     folder = tmp_path / "partial"
     with pytest.raises(InterruptedReconstruction) as caught:
         reconstruct(_StopAfter(scan.amplitude, 0), scan.positions, stitching="least-squares", chunk_size=100,
                     batch_size=100, checkpoint=folder, progress=False)
-    assert "--resume" not in str(caught.value)
+    assert "resume" not in str(caught.value)
     # A later, different run into the same folder starts afresh instead of reopening the old patch file.
     other = reconstruct(scan.amplitude[:400], scan.positions[:400], stitching="least-squares", chunk_size=100,
                         checkpoint=folder, progress=False)

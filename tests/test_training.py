@@ -332,7 +332,7 @@ def test_existing_model_is_not_overwritten_unasked(probe, tmp_path):
     quiet = dict(progress=False, log=lambda *_: None)
     train(probe, tmp_path / "m", config, **quiet)
     before = (tmp_path / "m" / "model.safetensors").read_bytes()
-    with pytest.raises(OutputExistsError, match="--resume"):
+    with pytest.raises(OutputExistsError, match="pass resume=True to continue it or overwrite=True to replace it"):
         train(probe, tmp_path / "m", config, **quiet)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
     with pytest.raises(DeepPhaseError, match="another configuration .batch_size: 4 then, 6 now"):

@@ -37,6 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from ..errors import ShapeError, ValueRangeError
+from ..wording import in_callers_words
 from ..physics.probe import angular_sampling, electron_wavelength
 
 __all__ = [
@@ -862,6 +863,7 @@ class CalibratedView:
         return {**self.info, "repairs": dict(self.counters)}
 
 
+@in_callers_words(data="frames", calibrate=None)
 def calibrate(
     frames,
     model,

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DeepPhaseError, InputFileError, ShapeError, ValueRangeError
+from ..wording import in_callers_words
 
 INPUT_KINDS = ("auto", "counts", "amplitude")
 
@@ -137,6 +138,7 @@ def _require(module: str, what: str):
         ) from exc
 
 
+@in_callers_words(data="path")
 def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[int, int] | None = None) -> ScanData:
     """Open a 4D-STEM file lazily.
 

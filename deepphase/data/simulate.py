@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ShapeError, ValueRangeError
+from ..wording import in_callers_words
 from ..physics.forward import diffraction_amplitude, far_field, incident_counts, poisson_counts
 from ..physics.instrument import check_width, coherent_modes, detector_blur
 from ..physics.probe import validate_probe
@@ -47,6 +48,7 @@ def focal_spread_per_px2(probe: np.ndarray, focal_spread_rad: float) -> float:
     return float(focal_spread_rad) / model_disk(probe)["radius"] ** 2
 
 
+@in_callers_words()
 def simulate_scan(
     phase: np.ndarray,
     probe: np.ndarray,

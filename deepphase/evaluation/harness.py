@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..data.simulate import SimulatedScan, required_object_shape, simulate_scan
 from ..errors import DeepPhaseNote, ValueRangeError
+from ..wording import in_callers_words
 from ..io_utils import atomic_path, save_json, save_png
 from ..physics.forward import dose_per_area
 from ..physics.scan import REFERENCE_STEP_PX, raster_positions
@@ -612,6 +613,7 @@ def _versions() -> dict:
     return out
 
 
+@in_callers_words(out="out_dir", **{"divide-source": ("divide_source", True), "cache-dir": "cache_dir"})
 def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None, specimens=None, doses=None,
              scan_shape=None, seed: int = 0, overwrite: bool = False, progress: bool | None = None,
              forward=None, cache_dir=None, repeats: int = 1, divide_source: bool = False,

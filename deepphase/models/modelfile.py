@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import InputFileError, ModelMismatchError, ValueRangeError
+from ..wording import in_callers_words
 from ..io_utils import atomic_path, save_json, save_npy
 from ..physics.geometry import Geometry
 from ..runtime import resolve_device
@@ -166,6 +167,7 @@ def _model_folder(path) -> Path:
     return Path(path)
 
 
+@in_callers_words(model="path")
 def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
     """Load a model folder, or a packaged model by name (``None``: the packaged default).
 
@@ -272,7 +274,7 @@ def check_compatible(model: PhaseModel, pattern_shape: tuple[int, int], sampling
     if tuple(pattern_shape) != (n, n):
         raise ModelMismatchError(
             f"model: made for {n}×{n} diffraction patterns, but the data has "
-            f"{pattern_shape[0]}×{pattern_shape[1]}; resample the data (reconstruct --calibrate finds the "
+            f"{pattern_shape[0]}×{pattern_shape[1]}; resample the data (--calibrate finds the "
             "bright-field disk and resamples detector patterns onto the model's grid) or train a model for this grid"
         )
     model_sampling = model.info.get("sampling")

@@ -10,11 +10,13 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ShapeError, ValueRangeError
+from ..wording import in_callers_words
 
 # The reference experiment: 256×256 positions, this step in pixels, the row varying fastest.
 REFERENCE_STEP_PX = 0.86995916
 
 
+@in_callers_words(**{"scan-shape": "shape", "step": "step"})
 def raster_positions(
     shape: tuple[int, int],
     step: float | tuple[float, float],
@@ -39,14 +41,21 @@ def raster_positions(
         Smallest row and column coordinate of the scan: the positions are shifted so that their minimum
         lies here (the first frame's position only for an unrotated scan).
     """
-    if len(tuple(shape)) != 2 or any(float(s) != int(s) for s in shape):
-        raise ShapeError(f"scan shape: expected two positive integers, got {shape}")
+    if not (np.ndim(shape) == 1 and len(shape) == 2 and all(
+            isinstance(s, (int, float, np.integer, np.floating)) and not isinstance(s, bool) and s >= 1
+            and float(s) == int(s) for s in shape)):
+        raise ShapeError(f"shape: expected (rows, cols), two positive whole numbers, got {shape!r}")
     rows, cols = (int(s) for s in shape)
-    if rows < 1 or cols < 1:
-        raise ShapeError(f"scan shape: expected two positive integers, got {shape}")
-    step_r, step_c = (float(step), float(step)) if np.isscalar(step) else (float(step[0]), float(step[1]))
-    if not (step_r > 0 and step_c > 0):
-        raise ValueRangeError(f"step: expected a positive step in pixels, got {step}")
+    try:
+        step_r, step_c = (float(step), float(step)) if np.ndim(step) == 0 else (float(step[0]), float(step[1]))
+        assert np.ndim(step) in (0, 1) and np.size(step) in (1, 2)
+    except (TypeError, ValueError, IndexError, AssertionError):
+        raise ValueRangeError(f"step: expected a step in pixels, or (row step, column step), got {step!r}") from None
+    if not (np.isfinite(step_r) and np.isfinite(step_c) and step_r > 0 and step_c > 0):
+        raise ValueRangeError(f"step: expected a positive step in pixels, got {step!r}")
+    if not isinstance(rotation_deg, (int, float, np.integer, np.floating)) or not np.isfinite(rotation_deg):
+        raise ValueRangeError(f"rotation_deg: expected an angle in degrees, got {rotation_deg!r} (a rotation found from "
+                              "the data: deepphase.reconstruct_file(..., rotation_deg='auto'))")
     if fastest not in ("row", "col"):
         raise ValueRangeError(f"fastest: expected 'row' or 'col', got {fastest!r}")
     if fastest == "row":

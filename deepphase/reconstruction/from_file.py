@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import DeepPhaseError, DeepPhaseNote, OutputExistsError, ValueRangeError
+from ..wording import from_python, in_api_words, in_callers_words
 
 logger = logging.getLogger("deepphase")
 
@@ -37,6 +38,7 @@ FIGURES = ("calibration.png", "rotation.png", "probe_estimate.npy", "probe_check
 INPUT_KINDS = ("counts", "amplitude")
 
 
+@in_callers_words()
 def reconstruct_file(
     data: str | Path,
     out: str | Path | None = None,
@@ -137,120 +139,48 @@ def reconstruct_file(
         With ``metadata`` (what metadata.json holds beside the reconstruction's own record: the scan, the
         calibration, the checks) and ``notes``.
     """
-    words = str if command is not None else in_api_words  # (a call from Python: keywords, not options)
+    words = in_api_words if from_python() else str  # (a call from Python: keywords, not options)
     if command is None:
         command = _call_record({k: v for k, v in locals().items() if k != "words"})
-    try:
-        log = log or _warn_or_log
-        if not isinstance(data, (str, Path)):
-            raise ValueRangeError(f"data: expected the path of a 4D-STEM file, got {type(data).__name__}; for arrays in "
-                                  "memory use deepphase.reconstruct(amplitudes, positions)")
-        if scan_shape is not None and not (np.ndim(scan_shape) == 1 and len(scan_shape) == 2 and all(
-                isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > 0 for k in scan_shape)):
-            raise ValueRangeError(f"scan_shape: expected (rows, cols), two positive whole numbers, got {scan_shape!r}")
-        if isinstance(ensemble, (str, Path)):
-            ensemble = (ensemble,)  # one further model, named alone
-        _check_arguments(kind=kind, calibration=calibration, gain=gain, source_size_px=source_size_px,
-                         uncertainty=uncertainty, positions=positions, step_px=step_px, rotation_deg=rotation_deg,
-                         fastest=fastest, ensemble=ensemble, workers=workers, scheduler=scheduler, resume=resume, out=out,
-                         libertem=libertem, stitching=stitching, device=device, dataset=dataset)
-        out = Path(out) if out is not None else None
-        if out is not None:
-            _claim_output_folder(out, overwrite, resume)
-        if libertem:
-            return _reconstruct_with_libertem(
-                data, out, model=model, positions=positions, scan_shape=scan_shape, step_px=step_px,
-                rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
-                calibration_options={k: v for k, v in (("gain", gain), ("mrad_per_px", mrad_per_px),
-                                                       ("model_mrad_per_px", model_mrad_per_px),
-                                                       ("semi_angle", semi_angle), ("energy", energy)) if v is not None},
-                probe_check=probe_check, flip_patterns=flip_patterns, source_size_px=source_size_px, deblur=deblur,
-                sampling=sampling, batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine,
-                workers=workers, overwrite=overwrite, progress=progress, log=log, command=command, words=words)
-        from ..data.io import load_scan
+    log = log or _warn_or_log
+    if not isinstance(data, (str, Path)):
+        raise ValueRangeError(f"data: expected the path of a 4D-STEM file, got {type(data).__name__}; for arrays in "
+                              "memory use deepphase.reconstruct(amplitudes, positions)")
+    if scan_shape is not None and not (np.ndim(scan_shape) == 1 and len(scan_shape) == 2 and all(
+            isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > 0 for k in scan_shape)):
+        raise ValueRangeError(f"scan_shape: expected (rows, cols), two positive whole numbers, got {scan_shape!r}")
+    if isinstance(ensemble, (str, Path)):
+        ensemble = (ensemble,)  # one further model, named alone
+    _check_arguments(kind=kind, calibration=calibration, gain=gain, source_size_px=source_size_px,
+                     uncertainty=uncertainty, positions=positions, step_px=step_px, rotation_deg=rotation_deg,
+                     fastest=fastest, ensemble=ensemble, workers=workers, scheduler=scheduler, resume=resume, out=out,
+                     libertem=libertem, stitching=stitching, device=device, dataset=dataset)
+    out = Path(out) if out is not None else None
+    if out is not None:
+        _claim_output_folder(out, overwrite, resume)
+    if libertem:
+        return _reconstruct_with_libertem(
+            data, out, model=model, positions=positions, scan_shape=scan_shape, step_px=step_px,
+            rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
+            calibration_options={k: v for k, v in (("gain", gain), ("mrad_per_px", mrad_per_px),
+                                                   ("model_mrad_per_px", model_mrad_per_px),
+                                                   ("semi_angle", semi_angle), ("energy", energy)) if v is not None},
+            probe_check=probe_check, flip_patterns=flip_patterns, source_size_px=source_size_px, deblur=deblur,
+            sampling=sampling, batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine,
+            workers=workers, overwrite=overwrite, progress=progress, log=log, command=command, words=words)
+    from ..data.io import load_scan
 
-        with load_scan(data, dataset, scan_shape=scan_shape) as scan:
-            return _reconstruct_scan(
-                scan, data, out, model=model, dataset=dataset, positions=positions, scan_shape=scan_shape,
-                step_px=step_px, rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
-                gain=gain, energy=energy, semi_angle=semi_angle, mrad_per_px=mrad_per_px,
-                model_mrad_per_px=model_mrad_per_px, probe_check=probe_check, flip_patterns=flip_patterns,
-                stitching=stitching, source_size_px=source_size_px, deblur=deblur, sampling=sampling,
-                batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine, ensemble=ensemble,
-                sigma_scale=sigma_scale, device=device, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
-                workers=workers, scheduler=scheduler, tile_size=tile_size, progress=progress, log=log,
-                command=command, words=words)
-    except DeepPhaseError as exc:
-        exc.args = (words(str(exc)),)
-        raise
-
-
-#: ``deepphase reconstruct``'s options as :func:`reconstruct_file`'s keywords (True: a switch), for the messages
-#: that a call from Python gets (:func:`in_api_words`).
-KEYWORD_OF_OPTION = {
-    "dataset": "dataset", "model": "model", "input": "kind", "stitching": "stitching",
-    "source-size": "source_size_px", "deblur": "deblur", "pixel-size": "sampling", "batch-size": "batch_size",
-    "precision": "precision", "uncertainty": "uncertainty", "engine": "engine", "ensemble": "ensemble",
-    "sigma-scale": "sigma_scale", "device": "device", "out": "out", "overwrite": ("overwrite", True),
-    "chunk-size": "chunk_size", "resume": ("resume", True), "positions": "positions", "scan-shape": "scan_shape",
-    "step": "step_px", "rotation": "rotation_deg", "fastest": "fastest", "no-calibration": ("calibration", "off"),
-    "calibrate": ("calibration", "on"), "semi-angle": "semi_angle", "energy": "energy",
-    "mrad-per-px": "mrad_per_px", "model-mrad-per-px": "model_mrad_per_px", "gain": "gain",
-    "no-probe-check": ("probe_check", False), "flip-patterns": ("flip_patterns", True), "workers": "workers",
-    "scheduler": "scheduler", "tile-size": "tile_size", "libertem": ("libertem", True),
-}
-
-
-#: The values of the command's choices, which a message may give after an option (``--input counts``).
-_CHOICES = ("auto", "counts", "amplitude", "row", "col", "head", "pairwise", "least-squares", "seed", "on", "off",
-            "float32", "bfloat16", "float16", "eager", "channels-last", "compile", "cuda-graphs", "onnx", "cpu", "cuda",
-            "mps", "xpu")
-
-
-def in_api_words(message: str) -> str:
-    """A message written for ``deepphase reconstruct`` in :func:`reconstruct_file`'s terms: ``--step auto`` →
-    ``step_px='auto'``, ``--step S`` → ``step_px=S``, ``--scan-shape ROWS COLS`` → ``scan_shape=(ROWS, COLS)``,
-    ``--overwrite`` → ``overwrite=True``, a leading ``input:`` → ``kind:``; options of other commands, and command
-    lines quoted whole (```deepphase train ...```), are left as they are."""
-    import re
-
-    from .. import _resources
-
-    def keyword(match) -> str:
-        option, value = match.group(1), match.group(2)
-        if option not in KEYWORD_OF_OPTION:
-            return match.group(0)
-        name = KEYWORD_OF_OPTION[option]
-        if isinstance(name, tuple):  # a switch: what follows is the sentence's, not the option's
-            return f"{name[0]}={name[1]!r}" + (f" {value}" if value else "")
-        if not value:
-            return name
-        if option == "scan-shape":
-            return f"{name}=({', '.join(value.split())})" if " " in value else f"{name} {value}"
-        if value.isupper() or re.fullmatch(r"-?[0-9][0-9.]*", value):  # a placeholder (S, DEG) or a number
-            return f"{name}={value}"
-        return f"{name}={value!r}"
-
-    models = sorted((p.name for p in (Path(_resources.__file__).parent / "models").iterdir() if p.is_dir()),
-                    key=len, reverse=True)
-    words = "|".join(sorted(_CHOICES, key=len, reverse=True) + models)  # (cuda-graphs before cuda)
-    value = rf"ROWS COLS|[0-9]+ [0-9]+|[A-Z][A-Z._]*|-?[0-9][0-9.]*|(?:cuda|xpu):[0-9]+|{words}"
-    option = re.compile(rf"(?<![\w-])--([a-z][a-z-]*)(?: ({value})(?![\w-]))?")
-
-    def reworded(text: str) -> str:
-        text = text.replace("the same command", "the same call")
-        return option.sub(keyword, text)
-
-    # (a command line quoted whole is one to type, in another command's options)
-    pieces, done = [], 0
-    for quoted in re.finditer(r"(['`\"])deepphase [^'`\"]*\1", message):
-        pieces += [reworded(message[done : quoted.start()]), quoted.group(0)]
-        done = quoted.end()
-    message = "".join(pieces + [reworded(message[done:])])
-    lead = re.match(r"([a-z][a-z-]*): ", message)
-    if lead and isinstance(KEYWORD_OF_OPTION.get(lead.group(1)), str):
-        message = KEYWORD_OF_OPTION[lead.group(1)] + message[lead.end(1):]
-    return message
+    with load_scan(data, dataset, scan_shape=scan_shape) as scan:
+        return _reconstruct_scan(
+            scan, data, out, model=model, dataset=dataset, positions=positions, scan_shape=scan_shape,
+            step_px=step_px, rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
+            gain=gain, energy=energy, semi_angle=semi_angle, mrad_per_px=mrad_per_px,
+            model_mrad_per_px=model_mrad_per_px, probe_check=probe_check, flip_patterns=flip_patterns,
+            stitching=stitching, source_size_px=source_size_px, deblur=deblur, sampling=sampling,
+            batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine, ensemble=ensemble,
+            sigma_scale=sigma_scale, device=device, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
+            workers=workers, scheduler=scheduler, tile_size=tile_size, progress=progress, log=log,
+            command=command, words=words)
 
 
 def _call_record(arguments: dict) -> str:

@@ -25,6 +25,7 @@ from ..models.modelfile import PhaseModel, check_compatible, load_model
 from ..physics.geometry import output_mask
 from ..physics.scan import check_spacing, validate_positions
 from ..runtime import resolve_device
+from ..wording import in_callers_words
 from .deblur import deblur_blend, deconvolve_source, electrons_per_pattern, resolve_deblur, source_regularisation
 from .predict import check_sigma_head, precision_used, predict_patches
 from .stitching import METHODS, PairwiseStitcher, stitch
@@ -219,6 +220,25 @@ def read_checkpoint(folder: str | Path) -> dict | None:
     return record
 
 
+def _claim_checkpoint(folder: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a checkpoint that is a file, or one holding an unfinished run's progress unless it is resumed or
+    ``overwrite`` is asked (a fresh run then replaces it)."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"checkpoint: {str(folder)!r} is a file; expected a folder for the progress of the run")
+    if resume:
+        return
+    try:
+        record = read_checkpoint(folder)
+    except ValueRangeError:  # damaged progress: not worth keeping, yet not removed unasked
+        if overwrite:
+            return
+        raise
+    if record is not None and record["done"] < record["total"] and not overwrite:  # (a finished run's: replaced)
+        raise OutputExistsError(
+            f"checkpoint: {str(folder)!r} holds an interrupted reconstruction ({record['done']:,} of "
+            f"{record['total']:,} patterns done); pass --resume to continue it or --overwrite to start again")
+
+
 def _save_checkpoint(folder: Path, fingerprint: dict, done: int, total: int, accumulators) -> None:
     arrays = {}
     for k, acc in enumerate(accumulators):
@@ -275,6 +295,7 @@ def _load_checkpoint(folder: Path, fingerprint: dict, accumulators) -> int:
     return done
 
 
+@in_callers_words(data="amplitudes", calibrate="deepphase.calibrate")
 def reconstruct(
     amplitudes,
     positions,
@@ -290,6 +311,7 @@ def reconstruct(
     chunk_size: int = 16384,
     checkpoint: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     fingerprint: dict | None = None,
     sigma_scale: float | None = None,
     ensemble=(),
@@ -336,6 +358,8 @@ def reconstruct(
     checkpoint : a folder for the progress of an interrupted run (written at most every
         ``CHECKPOINT_EVERY_S`` seconds, on Ctrl-C/SIGTERM and after the last chunk).
     resume : continue from the progress in ``checkpoint`` (which must exist and match ``fingerprint``).
+    overwrite : start afresh in a ``checkpoint`` that holds an interrupted run's progress (refused otherwise, so
+        that it is not lost unasked).
     fingerprint : what identifies the run for ``resume`` (the data file, settings); the pipeline adds the
         model, the positions and its own settings.
     sigma_scale : factor applied to the spread (default: for dropout, the one fitted for the model and
@@ -377,6 +401,8 @@ def reconstruct(
         raise ValueRangeError(f"chunk_size: expected a positive number of patterns, got {chunk_size}")
     if resume and checkpoint is None:
         raise ValueRangeError("resume: needs the checkpoint folder of the interrupted run")
+    if checkpoint is not None:
+        _claim_checkpoint(Path(checkpoint), resume, overwrite)
     if stitching not in METHODS:
         raise ValueRangeError(f"stitching: expected one of {', '.join(repr(m) for m in METHODS)}, got {stitching!r}")
     if uncertainty_samples and len(ensemble):
@@ -754,6 +780,7 @@ def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
     return out_dir
 
 
+@in_callers_words(out="out_dir")
 def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict, sampling: float | None = None,
                   overwrite: bool = False) -> dict:
     """Write phase.npy, phase.tif, phase.emd, phase.png, uncertainty.npy (if ``rec`` has one) and metadata.json;

@@ -111,8 +111,8 @@ def check_sigma_head(model: PhaseModel) -> None:
     """Refuse σ-head uncertainty from a model without the head, saying what to do instead."""
     if not has_sigma_head(model.network):
         raise ValueRangeError(f"uncertainty: 'head' needs a model trained with a σ head (deepphase train --sigma-head); "
-                              f"model {model.name!r} has none: use Monte Carlo dropout instead (reconstruct --uncertainty N; "
-                              "calibrate-uncertainty --method dropout)")
+                              f"model {model.name!r} has none: use Monte Carlo dropout instead (--uncertainty N, its "
+                              "factor fitted by 'deepphase calibrate-uncertainty --method dropout')")
 
 
 def precision_used(precision: str, device) -> str:

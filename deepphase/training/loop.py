@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from ..data.phase_objects import CorpusConfig
 from ..data.stream import Batch, TrainingStream
 from ..errors import DeepPhaseError, InputFileError, OutputExistsError
+from ..wording import in_callers_words
 from ..io_utils import atomic_path
 from ..models import create_model
 from ..models.registry import deployed
@@ -221,6 +222,20 @@ def _unpack_checkpoint(meta: dict, tensors: dict):
     return int(meta["epoch"]), json.loads(meta["history"]), json.loads(meta["config"]), model_state, opt_state
 
 
+#: ``deepphase train``'s options as :func:`train`'s keywords and :class:`TrainConfig`'s fields, for its messages.
+TRAIN_KEYWORDS = {
+    "out": "out_dir", "probe": "probe", **{option: f"config.{field}" for option, field in (
+        ("arch", "arch"), ("epochs", "epochs"), ("steps-per-epoch", "steps_per_epoch"), ("batch-size", "batch_size"),
+        ("preset", "preset"), ("lr", "lr"), ("dose", "dose"), ("corpus", "corpus"), ("seed", "seed"),
+        ("val-size", "val_size"), ("device", "device"), ("loss", "loss"), ("neighbourhood-step", "neighbourhood_step_px"),
+        ("sigma-weight", "sigma_weight"), ("init-from", "init_from"), ("defocus-spread", "defocus_spread"),
+        ("source-size", "source_size_px"), ("focal-spread", "focal_spread_rad"))},
+    "half": ("config.half", True), "sigma-head": ("config.sigma_head", "shared"),
+    "probe-aware": "config.aberration_range", "neighbourhood": "config.neighbourhood",
+}
+
+
+@in_callers_words(**TRAIN_KEYWORDS)
 def train(
     probe: np.ndarray,
     out_dir: str | Path,
