@@ -48,7 +48,7 @@ def quality_against_error(amplitudes, truth, shape, errors) -> None:
     def score(error, patterns):
         rotated = raster_positions(shape, STEP, 0.0, "col") @ _rotation(error).T
         shift = rotated.min(axis=0)
-        rec = reconstruct(patterns, rotated - shift, progress=False)
+        rec = reconstruct(patterns, rotated - shift, progress=False, checks=False)
         rows, cols = np.indices(rec.phase.shape, dtype=np.float64)
         # image pixel x is object pixel R(−error)·(x − 16 + shift) + 16 (the window's centre follows its corner)
         x = np.stack([rows + rec.origin_px[0] - 16 + shift[0], cols + rec.origin_px[1] - 16 + shift[1]], -1)

@@ -38,8 +38,9 @@ _CHOICES = ("auto", "counts", "amplitude", "row", "col", "head", "pairwise", "le
             "float32", "bfloat16", "float16", "eager", "channels-last", "compile", "cuda-graphs", "onnx", "cpu", "cuda",
             "mps", "xpu")
 
-#: Who the messages are for: None until an entry point or the command says.
-_AUDIENCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("deepphase_audience", default=None)
+#: Who the messages are for: None until an entry point or the command says; "command line", or the keywords of the
+#: entry point called from Python.
+_AUDIENCE: contextvars.ContextVar[str | dict | None] = contextvars.ContextVar("deepphase_audience", default=None)
 
 
 @contextlib.contextmanager
@@ -55,6 +56,28 @@ def speaking_to_the_command_line():
 def from_python() -> bool:
     """Whether the messages made now reach a caller in Python (not the command line)."""
     return _AUDIENCE.get() != "command line"
+
+
+def in_callers_terms(message: str) -> str:
+    """``message`` as the caller reads it: as written on the command line, else in the keywords of the entry point
+    called from Python (:func:`in_api_words`)."""
+    audience = _AUDIENCE.get()
+    return message if audience == "command line" else in_api_words(message, audience)
+
+
+def note_to_caller(message: str) -> None:
+    """Warn of ``message`` (a :class:`~deepphase.errors.DeepPhaseNote`) in the caller's terms, pointed at the
+    first frame outside the package: the user's call."""
+    import sys
+    import warnings
+
+    from .errors import DeepPhaseNote
+
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 2  # (level 2: this function's caller)
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(in_callers_terms(message), DeepPhaseNote, stacklevel=level)
 
 
 def in_api_words(message: str, keywords: dict | None = None) -> str:
@@ -115,7 +138,7 @@ def in_callers_words(**own):
         def entry(*args, **kwargs):
             if _AUDIENCE.get() is not None:  # the command, or an outer entry point, words the messages
                 return function(*args, **kwargs)
-            token = _AUDIENCE.set("python")
+            token = _AUDIENCE.set(keywords)
             try:
                 return function(*args, **kwargs)
             except (DeepPhaseError, KeyboardInterrupt) as exc:
@@ -125,7 +148,6 @@ def in_callers_words(**own):
             finally:
                 _AUDIENCE.reset(token)
 
-        entry.keywords = keywords  # (for the notes an entry point words itself)
         return entry
 
     return decorate

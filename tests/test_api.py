@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import warnings
 
 import h5py
 import numpy as np
@@ -218,3 +219,32 @@ def test_every_entry_point_called_from_python_names_its_own_keywords_and_the_com
            "--overwrite" in capsys.readouterr().err
     with pytest.raises(deepphase.DeepPhaseError, match=r"pass overwrite=True"):  # reconstruct_file's, not reconstruct's
         deepphase.reconstruct_file(tmp_path / "scan.npy", out, step_px=0.87)
+
+
+def test_reconstruct_checks_the_positions_it_is_given_and_says_what_is_wrong_with_them(probe, tmp_path):
+    """Positions in (col, row) order, turned or in Å gave a poor image without a word; the checks that
+    reconstruct_file runs on a file now run on arrays: a note each (a DeepPhaseNote warning, kept in ``notes``,
+    the findings in ``metadata``, written by write_outputs), none for the right positions."""
+    positions = deepphase.raster_positions((24, 24), 0.87)
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=1)
+    scan = deepphase.simulate_scan(truth, probe, positions, dose=1e4, seed=1, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", deepphase.DeepPhaseNote)  # the right positions: not a word
+        right = deepphase.reconstruct(scan.amplitude, positions, progress=False)
+    assert right.notes == [] and right.metadata["scan_checks"]["rotation_check"]["note"] is None
+    assert "skipped" not in right.metadata["scan_checks"]["probe_check"]["step_check"]  # (the step checked too)
+    for wrong, said in ((positions[:, ::-1], "rotated 90.*mirrored.*check the positions: their rotation"),
+                        (deepphase.raster_positions((24, 24), 0.87, rotation_deg=180), "half a turn away"),
+                        (positions * 0.2, r"a raster of 0\.174 px steps, finer than scans are made.*check the "
+                                          r"positions' scale"),
+                        (positions * 0.5, r"fit a raster step of 0\.8.* px better than the 0\.435 px given.*check the "
+                                          r"positions' scale")):
+        with pytest.warns(deepphase.DeepPhaseNote, match=said):
+            rec = deepphase.reconstruct(scan.amplitude, wrong, progress=False)
+        assert len(rec.notes) == 1 and "--" not in rec.notes[0], rec.notes
+    written = deepphase.write_outputs(rec, tmp_path / "out")
+    assert written["notes"] == rec.notes and "probe_check" in written["scan_checks"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", deepphase.DeepPhaseNote)
+        unchecked = deepphase.reconstruct(scan.amplitude, positions * 0.2, progress=False, checks=False)
+    assert unchecked.metadata == {} and unchecked.notes == []

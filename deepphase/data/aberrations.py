@@ -43,7 +43,7 @@ __all__ = ["add_aberrations", "scan_spectrum", "weak_phase_transfer", "fit_probe
            "probe_mismatch_note", "hold_back_for_geometry", "plot_probe_mismatch", "plot_scan_step", "probe_difference",
            "edge_phase", "told_to_probe_aware", "told_for_scan", "scan_sense", "sense_from_block", "scan_step_from_block",
            "measure_scan_step", "find_scan_step", "check_scan_step", "step_check_from_block", "probe_check_from_block",
-           "central_counts", "step_note", "hold_back_for_step", "STEP_SEARCH_PX", "STEP_PROBE", "STEP_MISMATCH",
+           "central_counts", "step_note", "STEP_REMEDY", "POSITIONS_STEP_REMEDY", "hold_back_for_step", "STEP_SEARCH_PX", "STEP_PROBE", "STEP_MISMATCH",
            "STEP_RATIO", "PROBE_CHECK_BLOCK", "PROBE_CHECK_MIN_PX", "MISMATCH_NOTE_RAD", "MIN_EXPLAINED",
            "SENSE_RATIO"]
 
@@ -356,21 +356,26 @@ def probe_mismatch_from_block(counts: np.ndarray, probe: np.ndarray, step_px, ro
 def probe_check_from_block(counts: np.ndarray, model, step_px, rotation_deg: float = 0.0, fastest: str = "row",
                            calibration_info: dict | None = None, semi_angle: float | None = None,
                            energy_kev: float | None = None, rotation_note: str | None = None,
-                           check_step: bool = True) -> dict:
+                           check_step: bool = True, step_remedy: str | None = None) -> dict:
     """What ``reconstruct`` records as ``probe_check``, from a block of counts on the scan grid (read by the
     pipeline, :func:`central_counts`, or by LiberTEM): the probe mismatch (:func:`probe_check_report`) and, with
-    ``check_step`` and one step for rows and columns, the step check (:func:`step_check_from_block`), which holds
-    the probe's note back when the step looks wrong (:func:`hold_back_for_step`)."""
+    ``check_step``, one step for rows and columns and no ``rotation_note``, the step check
+    (:func:`step_check_from_block`), which holds
+    the probe's note back when the step looks wrong (:func:`hold_back_for_step`; ``step_remedy``: how its note ends,
+    :data:`STEP_REMEDY` by default)."""
     found = probe_mismatch_from_block(counts, model.probe, step_px, rotation_deg, fastest)
     check = probe_check_report(found, model, calibration_info, semi_angle, energy_kev, rotation_note)
     if not check_step:
         return check
+    if rotation_note:  # (a wrong geometry moves the step's fit too: half a turn read 0.87 px as 0.69)
+        return {**check, "step_check": {"skipped": "the rotation check contradicts the scan's geometry, which the "
+                                                   "step's fit assumes"}}
     steps = np.atleast_1d(np.asarray(step_px, dtype=np.float64))  # (a raster found in positions: rows', columns')
     if steps.max() > 1.01 * steps.min():
         return {**check, "step_check": {"skipped": "the raster's rows and columns have different steps"}}
     try:
         return hold_back_for_step(check, step_check_from_block(counts, model.probe, float(steps.mean()), rotation_deg,
-                                                               fastest))
+                                                               fastest), step_remedy or STEP_REMEDY)
     except (ValueRangeError, ShapeError) as exc:
         return {**check, "step_check": {"skipped": str(exc)}}
 
@@ -706,9 +711,16 @@ STEP_MISMATCH = 0.08
 STEP_RATIO = 1.01
 
 
-def step_note(found: dict) -> str | None:
-    """What to say when :func:`scan_step_from_block` (with ``given_step_px``) finds the given step clearly wrong;
-    None when it does not."""
+#: How :func:`step_note` ends for a raster given by its step; and for one read from positions given, which have no
+#: step to set (a user's positions in Å on a 0.2 Å grid form a raster of 0.17 px that fits worse than 0.87 px).
+STEP_REMEDY = ": check --step, or give --step auto"
+POSITIONS_STEP_REMEDY = (": check the positions' scale (real-space pixels of the model's grid; positions in Å divided "
+                         "by the pixel size)")
+
+
+def step_note(found: dict, remedy: str = STEP_REMEDY) -> str | None:
+    """What to say when :func:`scan_step_from_block` (with ``given_step_px``) finds the given step clearly wrong
+    (ending in ``remedy``); None when it does not."""
     given, best = found.get("given_step_px"), found.get("step_px")
     if given is None or best is None or not found["decided"] or abs(best / given - 1) <= STEP_MISMATCH \
             or found["explained"] < STEP_RATIO * found["explained_given"]:
@@ -719,14 +731,14 @@ def step_note(found: dict) -> str | None:
             f"spectrum there against {found['explained_given']:.2f}); a wrong step shows up as a probe difference"
             + (f" ({at_given:.2f} rad at the disk's edge at the given step, {found['edge_phase_rad']:.2f} at the one "
                "found)" if at_given is not None else "")
-            + ": check --step, or give --step auto")
+            + remedy)
 
 
-def hold_back_for_step(check: dict, found: dict) -> dict:
+def hold_back_for_step(check: dict, found: dict, remedy: str = STEP_REMEDY) -> dict:
     """The probe check with ``step_check`` (what :func:`step_check_from_block` found) and, when the scan step looks
     wrong (:func:`step_note`), ``step_note`` added and its own note held back (as :func:`hold_back_for_geometry`
     does)."""
-    note = step_note(found)
+    note = step_note(found, remedy)
     if note is None:
         return {**check, "step_check": found}
     if not check.get("note"):

@@ -1205,7 +1205,12 @@ ROTATION_NOTE_DEG = 12.0
 ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX = 64, 16
 
 
-def rotation_note(found: dict, rotation_deg: float) -> str | None:
+#: How :func:`rotation_note` ends: the remedy where the rotation can be found ("auto"); positions given to
+#: :func:`~deepphase.reconstruction.pipeline.reconstruct` have their own.
+ROTATION_REMEDY = "; --rotation auto uses what it finds"
+
+
+def rotation_note(found: dict, rotation_deg: float, remedy: str = ROTATION_REMEDY) -> str | None:
     """A note for a given rotation that the DPC criterion clearly contradicts, else None.
 
     ``found`` is :func:`find_scan_rotation`'s result with ``given_deg=rotation_deg``. Said only when the
@@ -1233,8 +1238,7 @@ def rotation_note(found: dict, rotation_deg: float) -> str | None:
            + told if turned and not found["flip_patterns"]
            else f"curl ratio {found['curl_ratio']:.2f} against {found['curl_ratio_given']:.2f}")
     return (f"the DPC curl criterion finds the scan rotated {found['rotation_deg']:.1f}° against the detector"
-            f"{what}, not {given:g}° as given ({why}), which costs image quality; --rotation auto uses what it "
-            "finds")
+            f"{what}, not {given:g}° as given ({why}), which costs image quality{remedy}")
 
 
 

@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -27,7 +26,8 @@ from typing import Callable
 import numpy as np
 
 from ..errors import DeepPhaseError, DeepPhaseNote, OutputExistsError, ValueRangeError
-from ..wording import from_python, in_api_words, in_callers_words
+from ..wording import in_callers_terms, in_callers_words, note_to_caller
+from .checks import check_probe, check_rotation, fine_step_note, raster_of, sense
 
 logger = logging.getLogger("deepphase")
 
@@ -130,8 +130,8 @@ def reconstruct_file(
         :func:`~deepphase.reconstruction.pipeline.reconstruct`.
     log : called with ``(message, is_note)`` as the work proceeds; default: notes as :class:`DeepPhaseNote`
         warnings, other messages to the ``deepphase`` logger.
-    command : the command line to record in the metadata (default: this call, whose errors and notes then name
-        these keywords, not the command's options: :func:`in_api_words`).
+    command : the command line to record in the metadata (default: this call). Called from Python, errors and notes
+        name these keywords, not the command's options (:mod:`deepphase.wording`).
 
     Returns
     -------
@@ -139,7 +139,7 @@ def reconstruct_file(
         With ``metadata`` (what metadata.json holds beside the reconstruction's own record: the scan, the
         calibration, the checks) and ``notes``.
     """
-    words = in_api_words if from_python() else str  # (a call from Python: keywords, not options)
+    words = in_callers_terms  # (a call from Python: keywords, not options)
     if command is None:
         command = _call_record({k: v for k, v in locals().items() if k != "words"})
     log = log or _warn_or_log
@@ -249,20 +249,9 @@ def _noting(notes: list, log, words=str):
 
 def _warn_or_log(message: str, note: bool) -> None:
     if note:
-        warnings.warn(message, DeepPhaseNote, stacklevel=_caller_level())
+        note_to_caller(message)
     else:
         logger.info(message)
-
-
-def _caller_level() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside the package: the user's call."""
-    import sys
-
-    package = str(Path(__file__).resolve().parents[1])
-    frame, level = sys._getframe(1), 1  # (level 1: _warn_or_log, which calls warnings.warn)
-    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, positions, step_px, rotation_deg,
@@ -460,16 +449,18 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         if scan_info["rotation_found"]["flip_patterns"]:
             view, amplitudes = _flipped(view, amplitudes)
         flip_patterns = flip_patterns or scan_info["rotation_found"]["flip_patterns"]
-    elif (raster := _raster_of(scan_info, positions)) is not None:
-        scan_info, rotation_figure = _check_rotation(amplitudes, scan_info, raster, model)
+    elif (raster := raster_of(scan_info, positions)) is not None:
+        scan_info, rotation_figure = check_rotation(amplitudes, scan_info, raster, model)
         if scan_info.get("rotation_check", {}).get("note"):
             note(scan_info["rotation_check"]["note"])
             if "step_found" in scan_info:
                 note(_step_against_rotation(scan_info["step_px"]))
     scan_info["patterns_flipped"] = flip_patterns
-    raster = _raster_of(scan_info, positions)  # (with the rotation found, after rotation "auto")
+    raster = raster_of(scan_info, positions)  # (with the rotation found, after rotation "auto")
+    if "scan_shape" not in scan_info and (text := fine_step_note(raster)):  # (positions given: in Å?)
+        note(text)
     if probe_check and raster is not None:
-        scan_info = _check_probe(amplitudes, model, view, scan_info, raster, semi_angle,
+        scan_info = check_probe(amplitudes, model, view, scan_info, raster, semi_angle,
                                  energy or scan.info.get("energy_kev"))
     if model.probe_aware:
         model, scan_info = _tell_probe(model, scan_info)
@@ -496,7 +487,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
                                   fingerprint=_data_fingerprint(data, dataset, kind, view, flip_patterns, batch_size),
                                   ensemble=[_tell_probe(m, scan_info)[0] if m.probe_aware else m
                                             for m in map(load_model, ensemble or ())],
-                                  sigma_scale=sigma_scale, engine=engine, deblur=deblur)
+                                  sigma_scale=sigma_scale, engine=engine, deblur=deblur, checks=False)
         except BaseException:  # an error, Ctrl-C or SIGTERM: keep the progress only if there is some
             from .pipeline import read_checkpoint
 
@@ -692,28 +683,13 @@ def _flipped(view, amplitudes):
     return None, FlippedView(amplitudes)
 
 
-def _sense(amplitudes, model, raster: dict) -> dict:
-    """The scan's sense as the model's probe tells it, at ``raster``'s rotation and half a turn from it
-    (:func:`deepphase.data.aberrations.scan_sense`), or why it was not asked."""
-    from ..data.aberrations import PROBE_CHECK_MIN_PX, scan_sense
-    from ..errors import ShapeError
-
-    if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
-        return {"skipped": f"fewer than {PROBE_CHECK_MIN_PX} positions a side"}
-    try:
-        return scan_sense(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
-                          raster["rotation_deg"], raster["fastest"])
-    except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (the reconstruction names the frame), a coarse step
-        return {"skipped": str(exc)}
-
-
 def _find_rotation(amplitudes, view, scan_info: dict, positions, model, handedness_given: bool, say):
     """Rotation "auto": the scan rotation from the patterns (DPC curl criterion), then the positions; and the
     detector's handedness, unless ``handedness_given`` (``amplitudes`` are then flipped already)."""
     from ..data.calibration import centre_of_mass_block, check_scan_rotation, find_scan_rotation, with_sense
     from ..physics.scan import raster_positions
 
-    raster = _raster_of(scan_info, positions)
+    raster = raster_of(scan_info, positions)
     if raster is None:
         raise DeepPhaseError("rotation: 'auto' needs a raster (--scan-shape and --step, a file that holds the scan "
                              "shape, or positions that form one), not positions off a regular grid")
@@ -724,7 +700,7 @@ def _find_rotation(amplitudes, view, scan_info: dict, positions, model, handedne
     oriented = _flipped(view, amplitudes)[1] if found["flip_patterns"] else amplitudes
     if scan_info["step_px"] is None:  # step "auto": found at the rotation the curl found (either sense fits it)
         _, scan_info = _find_step(oriented, None, {**scan_info, "rotation_deg": found["rotation_deg"]}, model, say)
-    found = with_sense(found, _sense(oriented, model, {**scan_info, "rotation_deg": found["rotation_deg"]}))
+    found = with_sense(found, sense(oriented, model, {**scan_info, "rotation_deg": found["rotation_deg"]}))
     check_scan_rotation(found)
     positions = raster_positions(shape, scan_info["step_px"], found["rotation_deg"], fastest)
     if view is not None:
@@ -765,60 +741,6 @@ def report_rotation(found: dict, flipped_by_search: bool, log) -> None:
         log("the patterns are mirrored against the scan (a detector whose rows run the other way, or the scan's "
             "rows and columns swapped: check --fastest) (curl ratio "
             f"{found['curl_ratio_other']:.2f} as recorded); patterns flipped (--flip-patterns)", True)
-
-
-def _raster_of(scan_info: dict, positions) -> dict | None:
-    """The raster the scan was made on: from the scan shape and step (given or the file's), or found in
-    positions (:func:`deepphase.physics.scan.raster_from_positions`); None for positions that are not one."""
-    if "scan_shape" in scan_info:
-        return {key: scan_info[key] for key in ("scan_shape", "step_px", "rotation_deg", "fastest")}
-    if "raster_from_positions" not in scan_info:
-        from ..physics.scan import raster_from_positions
-
-        scan_info["raster_from_positions"] = raster_from_positions(positions) if positions is not None else None
-    return scan_info["raster_from_positions"]
-
-
-def _check_rotation(amplitudes, scan_info: dict, raster: dict, model):
-    """The raster's rotation (the default 0° included) checked by the DPC curl criterion: a note when the data
-    clearly say otherwise (a mirrored detector, an angle more than 12° away, or half a turn, which the model's
-    probe is asked to confirm), which would make a poor image; then also what the criterion saw, for
-    rotation.png."""
-    from ..data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, centre_of_mass_block, \
-        find_scan_rotation, on_the_given_axis, rotation_note, with_sense
-
-    if min(raster["scan_shape"]) < ROTATION_CHECK_MIN_PX:
-        return scan_info, None
-    com, noise = centre_of_mass_block(amplitudes, tuple(raster["scan_shape"]), raster["fastest"],
-                                      ROTATION_CHECK_BLOCK)
-    given = raster["rotation_deg"]
-    if not (np.all(np.isfinite(com)) and np.all(np.isfinite(noise))):
-        return scan_info, None  # NaN/Inf or empty patterns: the reconstruction names the frame
-    found = find_scan_rotation(com, given_deg=given, noise=noise)
-    if on_the_given_axis(found, given):  # which way round: the probe's say-so, where it has one, not the skew's
-        found = with_sense(found, _sense(amplitudes, model, {**raster, "rotation_deg": found["rotation_deg"]}))
-    note = rotation_note(found, given)
-    figure = {"com": com, "noise": noise, "found": found, "given_deg": given} if note else None
-    return {**scan_info, "rotation_check": {**found, "note": note}}, figure
-
-
-def _check_probe(amplitudes, model, view, scan_info: dict, raster: dict, semi_angle, energy):
-    """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
-    central positions of a raster: ``probe_check`` in the metadata (with a note when they clearly differ)."""
-    from ..data.aberrations import PROBE_CHECK_MIN_PX, central_counts, probe_check_from_block
-    from ..errors import ShapeError
-
-    if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
-        return scan_info
-    t0 = time.perf_counter()
-    try:
-        check = probe_check_from_block(
-            central_counts(amplitudes, tuple(raster["scan_shape"]), raster["fastest"]), model, raster["step_px"],
-            raster["rotation_deg"], raster["fastest"], view.info if view is not None else None, semi_angle, energy,
-            (scan_info.get("rotation_check") or {}).get("note"), check_step="step_found" not in scan_info)
-    except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (the reconstruction names the frame), too few frequencies
-        return {**scan_info, "probe_check": {"skipped": str(exc)}}
-    return {**scan_info, "probe_check": {**check, "wall_s": round(time.perf_counter() - t0, 3)}}
 
 
 def _tell_probe(model, scan_info: dict):

@@ -8,7 +8,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,13 +18,13 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data.io import check_dtype, check_patterns, sample_patterns
-from ..errors import DeepPhaseNote, OutputExistsError, ShapeError, ValueRangeError
+from ..errors import OutputExistsError, ShapeError, ValueRangeError
 from ..io_utils import atomic_path, save_json, save_npy, save_png
 from ..models.modelfile import PhaseModel, check_compatible, load_model
 from ..physics.geometry import output_mask
 from ..physics.scan import check_spacing, validate_positions
 from ..runtime import resolve_device
-from ..wording import in_callers_words
+from ..wording import in_callers_terms, in_callers_words, note_to_caller
 from .deblur import deblur_blend, deconvolve_source, electrons_per_pattern, resolve_deblur, source_regularisation
 from .predict import check_sigma_head, precision_used, predict_patches
 from .stitching import METHODS, PairwiseStitcher, stitch
@@ -295,7 +294,7 @@ def _load_checkpoint(folder: Path, fingerprint: dict, accumulators) -> int:
     return done
 
 
-@in_callers_words(data="amplitudes", calibrate="deepphase.calibrate")
+@in_callers_words(data="amplitudes", calibrate="deepphase.calibrate", **{"flip-patterns": "amplitudes[:, ::-1]"})
 def reconstruct(
     amplitudes,
     positions,
@@ -319,6 +318,7 @@ def reconstruct(
     deblur: bool | str = "auto",
     sigma_head: bool = False,
     uncertainty: int | str | None = None,
+    checks: bool = True,
 ) -> Reconstruction:
     """Predict a phase patch for every pattern and stitch them into one image, chunk by chunk.
 
@@ -347,7 +347,9 @@ def reconstruct(
         otherwise) and amplifies the noise at the finest scale: ``"auto"`` (default) deblurs unless the
         patterns are counts below 10⁴ electrons per pattern; True or False force it. The seed's
         stitching is never deblurred (it reproduces the seed's method).
-    sampling : real-space pixel size of the data in Å, if known (checked against the model's).
+    sampling : real-space pixel size of the data in Å, if known: checked against the model's where the model
+        records one (the packaged models do not: they are made for a probe sampled in pixels), recorded in
+        ``processing`` and used by :func:`write_outputs` for the files' scale.
     precision : network arithmetic: "auto" (bfloat16 on a GPU, float32 on a CPU), "float32", "bfloat16"
         or "float16".
     uncertainty_samples : if > 1, also estimate a per-pixel standard deviation by Monte Carlo dropout:
@@ -381,6 +383,11 @@ def reconstruct(
     uncertainty : the same choice in one argument, as :func:`~deepphase.reconstruction.from_file.reconstruct_file`
         and ``--uncertainty`` take it: a number of dropout samples (``uncertainty_samples``) or ``"head"``
         (``sigma_head``).
+    checks : before the network runs, check the scan against the model on positions that form a raster of at
+        least 16 × 16 (:func:`~deepphase.reconstruction.checks.check_scan`, ~1–2 s): its rotation and handedness,
+        the data's probe and the step. What they find is in the result's ``metadata``, and a clear disagreement (the
+        positions in (col, row) order, turned, mirrored or in Å) is a note (a :class:`DeepPhaseNote` warning, kept
+        in ``notes``). :func:`~deepphase.reconstruction.from_file.reconstruct_file` runs them itself.
 
     Raises
     ------
@@ -441,8 +448,18 @@ def reconstruct(
     check_spacing(positions, model.geometry)
     n, chunk_size = int(shape[0]), int(chunk_size)
     dose_info = dose_settings(deblur, stitching, amplitudes, model)
+    notes = []
     if (dose_info["dose_note"] or "").startswith("the patterns are whole numbers"):  # said at once, in a notebook too
-        warnings.warn(dose_info["dose_note"], DeepPhaseNote, stacklevel=2)
+        notes.append(dose_info["dose_note"])
+        note_to_caller(dose_info["dose_note"])
+    scan_checks = {}
+    if checks:
+        from .checks import check_scan
+
+        scan_checks = check_scan(amplitudes, positions, model)
+        for text in scan_checks.pop("notes"):
+            notes.append(in_callers_terms(text))
+            note_to_caller(text)
     if engine == "onnx" and precision not in ("auto", "float32"):
         raise ValueRangeError(f"engine: 'onnx' runs in float32; precision {precision!r} needs another engine")
     neighbours = None
@@ -564,7 +581,7 @@ def reconstruct(
     timings = {"engine_setup_s": round(t_engine, 3), "setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
                "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
                "patterns_per_second": round((n - resumed_from) * draws / max(t_predict, 1e-9), 1)}
-    return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
+    rec = Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
                           model.record(),
                           {"stitching": stitching, "plane_removed": remove_plane,
                            **dose_info,
@@ -575,8 +592,10 @@ def reconstruct(
                            "chunk_size": chunk_size, "resumed_from_pattern": resumed_from or None,
                            "patches_reduced_on": str(dev) if on_device else "cpu",
                            **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
-                           "uncertainty": uncertainty},
+                           "uncertainty": uncertainty, "pixel_size_angstrom": sampling},
                           spread)
+    rec.metadata, rec.notes = ({"scan_checks": scan_checks, "notes": notes} if checks else {}), notes
+    return rec
 
 
 def uncertainty_method(uncertainty) -> tuple[int, bool]:
@@ -781,20 +800,41 @@ def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
 
 
 @in_callers_words(out="out_dir")
-def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict, sampling: float | None = None,
-                  overwrite: bool = False) -> dict:
+def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict | None = None,
+                  sampling: float | None = None, overwrite: bool = False) -> dict:
     """Write phase.npy, phase.tif, phase.emd, phase.png, uncertainty.npy (if ``rec`` has one) and metadata.json;
     each file appears complete or not at all.
 
     The files are made in a temporary folder inside ``out_dir`` and moved into place, metadata.json
-    last, so an interrupted run never leaves a half-written set that looks finished. ``metadata`` is added to
-    metadata.json last (its keys win; a ``"title"`` titles the PNG); ``sampling`` is the pixel size in Å (the
+    last, so an interrupted run never leaves a half-written set that looks finished. ``metadata`` (default: the
+    result's own, ``rec.metadata``: what its checks found) is added to metadata.json last (its keys win; a
+    ``"title"`` titles the PNG); ``sampling`` is the pixel size in Å (default: the one ``rec`` was made with; the
     TIFF's, the EMD's and the scale bar's). Earlier results in ``out_dir`` are refused unless ``overwrite``;
     with it, an earlier run's output this one does not make (an uncertainty map) is removed. Returns the
     metadata written.
     """
+    if not isinstance(rec, Reconstruction):
+        raise ValueRangeError(f"rec: expected the Reconstruction that reconstruct returns, got {type(rec).__name__}")
+    metadata = rec.metadata if metadata is None else metadata
+    sampling = rec.processing.get("pixel_size_angstrom") if sampling is None else sampling
+    if not isinstance(metadata, dict):
+        raise ValueRangeError(f"metadata: expected a dict of what to record beside the image, got "
+                              f"{type(metadata).__name__}")
+    if sampling is not None and not (isinstance(sampling, (int, float, np.integer, np.floating))
+                                     and not isinstance(sampling, bool) and np.isfinite(sampling) and sampling > 0):
+        raise ValueRangeError(f"sampling: expected a positive pixel size in Å, got {sampling!r}")
     out_dir = check_output_folder(out_dir, overwrite)
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_outputs(rec, out_dir, metadata, sampling)
+    except BaseException:
+        if made and not any(out_dir.iterdir()):  # (a folder this call made, left as it found it: absent)
+            out_dir.rmdir()
+        raise
+
+
+def _write_outputs(rec: Reconstruction, out_dir: Path, metadata: dict, sampling: float | None) -> dict:
     staging = Path(tempfile.mkdtemp(prefix=".deepphase-", dir=out_dir))
     try:
         save_npy(staging / "phase.npy", rec.phase)

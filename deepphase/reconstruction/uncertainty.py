@@ -103,7 +103,7 @@ def fit_sigma_scale(model: PhaseModel | str | Path | None = None, n_scans: int =
         obj = random_phase_objects(1, max(shape), gen, corpus)[0].numpy().astype(np.float64)[: shape[0], : shape[1]]
         scan = simulate_scan(obj, model.probe, positions, dose=float(dose), seed=int(seed) + k, progress=False)
         rec = reconstruct(scan.amplitude, positions, model, uncertainty_samples=0 if head else int(samples),
-                          sigma_head=head, sigma_scale=1.0, progress=False)
+                          sigma_head=head, sigma_scale=1.0, progress=False, checks=False)
         r0, c0 = rec.origin_px
         truth = obj[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]
         err = rec.phase - truth

@@ -1,0 +1,128 @@
+"""The checks of a raster scan against the model, before the network runs.
+
+A scan the model was not made for gives a poor image without an error, so each is measured on the central
+positions and said as a note when the data clearly disagree: the scan rotation and the detector's handedness
+(the DPC curl criterion, :mod:`deepphase.data.calibration`, with the model's probe telling half a turn), the
+data's probe and the scan step (the weak-phase transfer with the model's probe, :mod:`deepphase.data.aberrations`).
+:func:`~deepphase.reconstruction.from_file.reconstruct_file` runs them on a file's scan, :func:`check_scan` on
+arrays (for :func:`~deepphase.reconstruction.pipeline.reconstruct`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..data.aberrations import POSITIONS_STEP_REMEDY
+from ..errors import ShapeError, ValueRangeError
+
+#: How a rotation note ends for positions given as arrays, which have no rotation to set or find.
+POSITIONS_ROTATION_REMEDY = ("; check the positions: their rotation (raster_positions(..., rotation_deg=)), which scan "
+                             "axis runs fastest (fastest=) and their (row, col) order")
+
+
+def raster_of(scan_info: dict, positions) -> dict | None:
+    """The raster the scan was made on: from the scan shape and step (given or the file's), or found in
+    positions (:func:`deepphase.physics.scan.raster_from_positions`); None for positions that are not one."""
+    if "scan_shape" in scan_info:
+        return {key: scan_info[key] for key in ("scan_shape", "step_px", "rotation_deg", "fastest")}
+    if "raster_from_positions" not in scan_info:
+        from ..physics.scan import raster_from_positions
+
+        scan_info["raster_from_positions"] = raster_from_positions(positions) if positions is not None else None
+    return scan_info["raster_from_positions"]
+
+
+def sense(amplitudes, model, raster: dict) -> dict:
+    """The scan's sense as the model's probe tells it, at ``raster``'s rotation and half a turn from it
+    (:func:`deepphase.data.aberrations.scan_sense`), or why it was not asked."""
+    from ..data.aberrations import PROBE_CHECK_MIN_PX, scan_sense
+
+    if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
+        return {"skipped": f"fewer than {PROBE_CHECK_MIN_PX} positions a side"}
+    try:
+        return scan_sense(amplitudes, tuple(raster["scan_shape"]), model.probe, raster["step_px"],
+                          raster["rotation_deg"], raster["fastest"])
+    except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (the reconstruction names the frame), a coarse step
+        return {"skipped": str(exc)}
+
+
+def check_rotation(amplitudes, scan_info: dict, raster: dict, model, remedy: str | None = None):
+    """The raster's rotation (the default 0° included) checked by the DPC curl criterion: a note (ending in
+    ``remedy``, default :data:`~deepphase.data.calibration.ROTATION_REMEDY`) when the data clearly say otherwise
+    (a mirrored detector, an angle more than 12° away, or half a turn, which the model's probe is asked to
+    confirm), which would make a poor image; then also what the criterion saw, for rotation.png."""
+    from ..data.calibration import ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, ROTATION_REMEDY, \
+        centre_of_mass_block, find_scan_rotation, on_the_given_axis, rotation_note, with_sense
+
+    if min(raster["scan_shape"]) < ROTATION_CHECK_MIN_PX:
+        return scan_info, None
+    com, noise = centre_of_mass_block(amplitudes, tuple(raster["scan_shape"]), raster["fastest"],
+                                      ROTATION_CHECK_BLOCK)
+    given = raster["rotation_deg"]
+    if not (np.all(np.isfinite(com)) and np.all(np.isfinite(noise))):
+        return scan_info, None  # NaN/Inf or empty patterns: the reconstruction names the frame
+    found = find_scan_rotation(com, given_deg=given, noise=noise)
+    if on_the_given_axis(found, given):  # which way round: the probe's say-so, where it has one, not the skew's
+        found = with_sense(found, sense(amplitudes, model, {**raster, "rotation_deg": found["rotation_deg"]}))
+    note = rotation_note(found, given, remedy or ROTATION_REMEDY)
+    figure = {"com": com, "noise": noise, "found": found, "given_deg": given} if note else None
+    return {**scan_info, "rotation_check": {**found, "note": note}}, figure
+
+
+def check_probe(amplitudes, model, view, scan_info: dict, raster: dict, semi_angle=None, energy=None):
+    """The data's probe against the model's (defocus and astigmatism, :mod:`deepphase.data.aberrations`), on the
+    central positions of a raster: ``probe_check`` in the metadata (with a note when they clearly differ), and
+    the step checked unless it was found (a raster read from positions is told to check their scale)."""
+    from ..data.aberrations import PROBE_CHECK_MIN_PX, central_counts, probe_check_from_block
+
+    if min(raster["scan_shape"]) < PROBE_CHECK_MIN_PX:
+        return scan_info
+    t0 = time.perf_counter()
+    try:
+        check = probe_check_from_block(
+            central_counts(amplitudes, tuple(raster["scan_shape"]), raster["fastest"]), model, raster["step_px"],
+            raster["rotation_deg"], raster["fastest"], view.info if view is not None else None, semi_angle, energy,
+            (scan_info.get("rotation_check") or {}).get("note"), check_step="step_found" not in scan_info,
+            step_remedy=None if "scan_shape" in scan_info else POSITIONS_STEP_REMEDY)
+    except (ValueRangeError, ShapeError) as exc:  # NaN/Inf (the reconstruction names the frame), too few frequencies
+        return {**scan_info, "probe_check": {"skipped": str(exc)}}
+    return {**scan_info, "probe_check": {**check, "wall_s": round(time.perf_counter() - t0, 3)}}
+
+
+def fine_step_note(raster: dict | None) -> str | None:
+    """A note for positions that form a raster finer than scans are made (a quarter pixel, the step search's lower
+    end, :data:`~deepphase.data.aberrations.STEP_SEARCH_PX`): positions in Å on a 0.2 Å grid form one of 0.17 px,
+    on which the probe and step checks find too few frequencies to say so themselves."""
+    from ..data.aberrations import STEP_SEARCH_PX
+
+    if raster is None or min(np.atleast_1d(raster["step_px"])) >= STEP_SEARCH_PX[0]:
+        return None
+    step = min(np.atleast_1d(raster["step_px"]))
+    return (f"the positions form a raster of {step:.3g} px steps, finer than scans are made ({STEP_SEARCH_PX[0]:g} px "
+            "or more of the model's real-space grid; the reference scan's: 0.87 px)" + POSITIONS_STEP_REMEDY)
+
+
+def check_scan(amplitudes, positions, model) -> dict:
+    """The rotation, probe and step checks of (N, n, n) amplitudes at ``positions``, as
+    :func:`~deepphase.reconstruction.pipeline.reconstruct` runs them: on positions that form a raster of at least
+    16 × 16 (:func:`raster_of`), else none.
+
+    Returns
+    -------
+    dict
+        ``raster_from_positions`` (None: not a raster), ``rotation_check`` and ``probe_check`` where they ran (as
+        metadata.json records them), ``notes`` (what the user should check) and ``wall_s``.
+    """
+    t0 = time.perf_counter()
+    info: dict = {}
+    raster = raster_of(info, positions)
+    notes = []
+    if raster is not None:
+        info, _ = check_rotation(amplitudes, info, raster, model, POSITIONS_ROTATION_REMEDY)
+        info = check_probe(amplitudes, model, None, info, raster)
+        notes = [text for text in (fine_step_note(raster), (info.get("rotation_check") or {}).get("note"),
+                                   (info.get("probe_check") or {}).get("note"),
+                                   (info.get("probe_check") or {}).get("step_note")) if text]
+    return {**info, "notes": notes, "wall_s": round(time.perf_counter() - t0, 3)}
