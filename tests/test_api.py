@@ -248,3 +248,42 @@ def test_reconstruct_checks_the_positions_it_is_given_and_says_what_is_wrong_wit
         warnings.simplefilter("error", deepphase.DeepPhaseNote)
         unchecked = deepphase.reconstruct(scan.amplitude, positions * 0.2, progress=False, checks=False)
     assert unchecked.metadata == {} and unchecked.notes == []
+
+
+def test_common_slips_from_python_are_named_not_raised_as_python_errors(probe, tmp_path, monkeypatch):
+    """What a notebook user gets wrong (audit of session 33): each a DeepPhaseError naming the argument and what
+    was expected, or done as meant (one name where a list was expected)."""
+    from deepphase.evaluation.harness import evaluate
+    from deepphase.physics.probe import electron_wavelength
+    from deepphase.training.loop import train
+
+    slips = [
+        (lambda: electron_wavelength(300_000), r"energy: expected the beam energy in keV .*in eV\? 300000 eV is 300 keV"),
+        (lambda: AmplitudeView(np.ones((2, 4, 4)), "count"), "kind: expected 'counts' or 'amplitude', got 'count'"),
+        (lambda: deepphase.load_model(object()), "path: expected a packaged model's name"),
+        (lambda: deepphase.simulate_scan(np.zeros((40, 40)), probe, np.zeros((1, 2)), seed=None),
+         "seed: expected a whole number"),
+        (lambda: evaluate(methods="mine", out_dir=tmp_path / "e"), r"methods: unknown mine;.*register_method"),
+        (lambda: train(probe, tmp_path / "m", {"epochs": 1}), "config: expected a TrainConfig, got dict"),
+        (lambda: deepphase.raster_positions((4, 4), 0.87, rotation_deg="auto"), "rotation_deg: expected an angle"),
+    ]
+    h5 = tmp_path / "frames.h5"
+    with h5py.File(h5, "w") as f:
+        f["frames"] = np.ones((4, 8, 8), np.float32)
+    slips.append((lambda: deepphase.load_scan(h5, scan_shape=(2, 2)), r"scan_shape: \.h5 files give their own"))
+    for call, said in slips:
+        with pytest.raises(deepphase.DeepPhaseError, match=said):
+            call()
+    (tmp_path / "seed").mkdir()  # a folder of the user's, named as a packaged model
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(deepphase.DeepPhaseError, match="has no model.json.*hides the packaged model 'seed'"):
+        deepphase.load_model("seed")
+    positions = deepphase.raster_positions((6, 6), 0.87)
+    scan = deepphase.simulate_scan(np.zeros(required_object_shape(positions, 32)), probe, positions, dose=1e4,
+                                   progress=False)
+    rec = deepphase.reconstruct(scan.amplitude, positions, ensemble="default", progress=False)  # one member, named
+    assert rec.processing["ensemble"] == ["default", "default"]
+    for metadata, sampling, said in (([1], None, "metadata: expected a dict"), (None, -1.0, "sampling: expected a positive")):
+        with pytest.raises(deepphase.DeepPhaseError, match=said):
+            deepphase.write_outputs(rec, tmp_path / "never", metadata, sampling=sampling)
+    assert not (tmp_path / "never").exists()

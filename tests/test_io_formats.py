@@ -174,7 +174,7 @@ def test_mib_without_hdr_takes_the_scan_shape(frames4d, tmp_path):
     data = load_scan(path, scan_shape=(4, 5))
     assert data.scan_shape == (4, 5)
     assert np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
-    with pytest.raises(DeepPhaseError, match="scan-shape: 3×5 = 15 positions do not match the 20 frames"):
+    with pytest.raises(DeepPhaseError, match="scan_shape: 3×5 = 15 positions do not match the 20 frames"):
         load_scan(path, scan_shape=(3, 5))
 
 

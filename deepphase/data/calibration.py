@@ -690,6 +690,12 @@ def _negative_limit(disk: dict) -> float:
     return -0.05 * abs(disk["level"] - disk["background"]) - 1e-9
 
 
+#: The angles given for the calibration, in mrad, as microscopes have them with room (a convergence semi-angle, a
+#: detector or model pixel's size): a value outside is taken for a unit mistake (0.025 for 25 mrad, in radians)
+#: rather than made into a pixel size 10³× off.
+MRAD_RANGE = {"semi_angle": (0.5, 300.0), "mrad_per_px": (1e-3, 100.0), "model_mrad_per_px": (1e-3, 100.0)}
+
+
 def _zoom(disk, mdisk, optics, mrad_per_px, model_mrad_per_px, semi_angle, energy, detector_sampling):
     """Model pixels per detector pixel, where that came from, the data's and the model grid's mrad per pixel.
 
@@ -701,6 +707,10 @@ def _zoom(disk, mdisk, optics, mrad_per_px, model_mrad_per_px, semi_angle, energ
                         ("semi_angle", semi_angle)):
         if value is not None and not (np.isfinite(value) and value > 0):
             raise ValueRangeError(f"{name.replace('_', '-')}: expected a positive number, got {value!r}")
+        lo, hi = MRAD_RANGE[name]
+        if value is not None and not lo <= value <= hi:
+            raise ValueRangeError(f"{name.replace('_', '-')}: expected milliradians ({lo:g}–{hi:g}), got {value:g}"
+                                  + (f" (in radians? {value:g} rad is {value * 1e3:g} mrad)" if value < lo else ""))
     # The model's grid is known exactly from its energy and sampling; its disk measured on 32 pixels is
     # off by the pixel lattice (up to ±4 % between semi-angles), so that comes only where nothing better does.
     model_mrad, model_source = None, None

@@ -165,6 +165,11 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
     if not path.exists():
         raise InputFileError(f"data: file {str(path)!r} does not exist")
     suffix = path.suffix.lower()
+    if scan_shape is not None and suffix not in DETECTOR_SUFFIXES:  # (it was dropped without a word)
+        raise ValueRangeError(
+            f"scan_shape: {suffix} files give their own scan shape (a 4-D array) or none ((N, k, k) frames, whose scan "
+            "shape goes to raster_positions, or to reconstruct_file's scan_shape); it is for detector files that do "
+            f"not record it ({', '.join(DETECTOR_SUFFIXES)})")
     if dataset is not None and suffix not in HDF5_SUFFIXES + ZARR_SUFFIXES:
         raise InputFileError(f"dataset: {str(path)!r} is not an HDF5 or zarr file; --dataset names an array inside one")
     if suffix == ".npy":
@@ -632,6 +637,8 @@ class AmplitudeView:
     """Frames seen as diffraction amplitudes: sqrt of counts, or the amplitudes themselves."""
 
     def __init__(self, frames, kind: str):
+        if kind not in ("counts", "amplitude"):
+            raise ValueRangeError(f"kind: expected 'counts' or 'amplitude', got {kind!r} (infer_kind tells them apart)")
         self.frames, self.kind = frames, kind
         self.shape = tuple(frames.shape)
 

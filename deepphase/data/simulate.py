@@ -103,7 +103,10 @@ def simulate_scan(
     dose = probe_counts if dose is None else float(dose)
     if not dose > 0:
         raise ValueRangeError(f"dose: expected a positive number of electrons per pattern, got {dose}")
-    gen = torch.Generator().manual_seed(seed)
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueRangeError(f"seed: expected a whole number ≥ 0 (the noise's seed, for a scan made again the same), "
+                              f"got {seed!r}")
+    gen = torch.Generator().manual_seed(int(seed))
     obj = torch.as_tensor(phase)
     modes_k = torch.fft.fft2(modes)
     k = torch.fft.fftfreq(n, dtype=torch.float64)

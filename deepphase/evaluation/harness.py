@@ -370,7 +370,9 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
     """
     unknown = [m for m in methods if m not in _METHODS]
     if unknown:
-        raise ValueRangeError(f"methods: unknown {', '.join(unknown)}; expected some of {', '.join(_METHODS)}")
+        raise ValueRangeError(f"methods: unknown {', '.join(unknown)}; expected some of {', '.join(_METHODS)} (your own "
+                              "model: register_method(NAME, DESCRIPTION)(network_method(FOLDER)) first, as --model "
+                              "NAME=FOLDER does)")
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueRangeError(f"repeats: expected a whole number ≥ 1 of simulated realisations per case, got {repeats!r}")
     rows, images = [], {}
@@ -636,10 +638,13 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
 
     check_report_folder(out_dir, overwrite)  # before, not after, the work
     config = resolve_preset(preset)
-    methods = list(methods or available_methods())
-    specimens = list(specimens or config["specimens"])
-    forward = list(forward or config["forward"])
-    doses = [float(d) for d in (doses or config["doses"])]
+    def listed(value) -> list | None:  # one name or number given alone: a list of one, not its letters
+        return [value] if isinstance(value, (str, int, float)) else value
+
+    methods = list(listed(methods) or available_methods())
+    specimens = list(listed(specimens) or config["specimens"])
+    forward = list(listed(forward) or config["forward"])
+    doses = [float(d) for d in (listed(doses) or config["doses"])]
     if any(not d > 0 for d in doses):
         raise ValueRangeError(f"doses: expected positive electrons per pattern, got {doses}")
     scan_shape = tuple(scan_shape or config["scan_shape"])

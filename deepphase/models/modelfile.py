@@ -176,6 +176,9 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
     path : a model folder, its model.json, a packaged model's name (see :func:`packaged_models`), or None.
     device : where the network is put: "cpu" (default), "cuda[:N]" or "auto" (a GPU if there is one).
     """
+    if path is not None and not isinstance(path, (str, Path)):
+        raise InputFileError(f"model: expected a packaged model's name ({', '.join(packaged_models())}), a model "
+                             f"folder or None, got {type(path).__name__}")
     folder = _model_folder(path)
     if folder.is_file() and folder.name in ("model.json", "model.safetensors"):
         folder = folder.parent
@@ -186,8 +189,10 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
         )
     meta_path = folder / "model.json"
     if not meta_path.exists():
+        hidden = (f"; it hides the packaged model {path!r}: name that one by its folder, "
+                  f"{str(packaged_model_path(path))!r}" if isinstance(path, str) and path in packaged_models() else "")
         raise InputFileError(
-            f"model: {str(folder)!r} has no model.json (not a deepphase model folder, or an unfinished one)"
+            f"model: {str(folder)!r} has no model.json (not a deepphase model folder, or an unfinished one){hidden}"
         )
     try:
         meta = json.loads(meta_path.read_text())

@@ -30,10 +30,22 @@ _E = 1.602176634e-19  # C
 _C = 299792458.0  # m / s
 
 
+#: Beam energies (keV) an electron microscope uses, with room: a value outside is taken for a unit mistake (300,000
+#: is 300 keV given in eV) rather than silently turned into a pixel size 10⁴× off.
+ENERGY_RANGE_KEV = (1.0, 5000.0)
+
+
 def electron_wavelength(energy_kev: float) -> float:
     """Relativistic electron wavelength in Å for an accelerating voltage given in keV."""
-    if not energy_kev > 0:
-        raise ValueRangeError(f"energy: expected a positive energy in keV, got {energy_kev!r}")
+    lo, hi = ENERGY_RANGE_KEV
+    try:
+        value = float(energy_kev) if not isinstance(energy_kev, (str, bytes, bool)) else np.nan
+    except (TypeError, ValueError):
+        value = np.nan
+    if not lo <= value <= hi:
+        hint = f" (in eV? {value:g} eV is {value / 1e3:g} keV)" if value > hi else ""
+        raise ValueRangeError(f"energy: expected the beam energy in keV ({lo:g}–{hi:g}), got {energy_kev!r}{hint}")
+    energy_kev = value
     v = energy_kev * 1e3
     p = np.sqrt(2 * _M0 * _E * v * (1 + _E * v / (2 * _M0 * _C**2)))
     return float(_H / p * 1e10)

@@ -118,7 +118,7 @@ def reconstruct_file(
         (:func:`~deepphase.reconstruction.pipeline.with_source_divided_out`).
     sampling : the real-space pixel size in Å (default: the calibration's, if it measures one).
     uncertainty : a number (≥ 2) of Monte Carlo dropout samples, or "head" (the model's σ head); None: none.
-    ensemble : further models for the same probe (names or folders): the image is their mean.
+    ensemble : further models for the same probe (names, folders or loaded models): the image is their mean.
     resume : continue an interrupted run from its progress in ``out``.
     overwrite : replace an earlier result in ``out`` (the earlier run's figures this one does not remake
         are removed with it).
@@ -149,7 +149,7 @@ def reconstruct_file(
     if scan_shape is not None and not (np.ndim(scan_shape) == 1 and len(scan_shape) == 2 and all(
             isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > 0 for k in scan_shape)):
         raise ValueRangeError(f"scan_shape: expected (rows, cols), two positive whole numbers, got {scan_shape!r}")
-    if isinstance(ensemble, (str, Path)):
+    if isinstance(ensemble, (str, Path)) or hasattr(ensemble, "network"):
         ensemble = (ensemble,)  # one further model, named alone
     _check_arguments(kind=kind, calibration=calibration, gain=gain, source_size_px=source_size_px,
                      uncertainty=uncertainty, positions=positions, step_px=step_px, rotation_deg=rotation_deg,
@@ -168,9 +168,10 @@ def reconstruct_file(
             probe_check=probe_check, flip_patterns=flip_patterns, source_size_px=source_size_px, deblur=deblur,
             sampling=sampling, batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine,
             workers=workers, overwrite=overwrite, progress=progress, log=log, command=command, words=words)
-    from ..data.io import load_scan
+    from ..data.io import DETECTOR_SUFFIXES, load_scan
 
-    with load_scan(data, dataset, scan_shape=scan_shape) as scan:
+    with load_scan(data, dataset, scan_shape=scan_shape if Path(data).suffix.lower() in DETECTOR_SUFFIXES else None) \
+            as scan:
         return _reconstruct_scan(
             scan, data, out, model=model, dataset=dataset, positions=positions, scan_shape=scan_shape,
             step_px=step_px, rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
@@ -268,9 +269,9 @@ def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, po
         raise ValueRangeError(f"calibration: expected 'auto', 'on' or 'off', got {calibration!r}")
     if gain is not None and not (np.isfinite(gain) and gain > 0):
         raise ValueRangeError(f"gain: expected a positive number of detector units per electron, got {gain}")
-    if not (np.isfinite(source_size_px) and source_size_px >= 0):  # refused before the work, not after it
-        raise ValueRangeError(f"source-size: expected the source's standard deviation ≥ 0 in real-space pixels, "
-                              f"got {source_size_px}")
+    if source_size_px is None or not (np.isfinite(source_size_px) and source_size_px >= 0):  # (before the work)
+        raise ValueRangeError(f"source-size: expected the source's standard deviation ≥ 0 in real-space pixels "
+                              f"(0: none), got {source_size_px}")
     uncertainty_method(uncertainty)
     if step_px is not None and step_px != "auto" and not (_is_number(step_px) and np.isfinite(step_px) and step_px > 0):
         raise ValueRangeError(f"step: expected a positive raster step in real-space pixels or 'auto', got {step_px!r}")
@@ -486,7 +487,8 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
                                   uncertainty=uncertainty, chunk_size=chunk_size, checkpoint=partial, resume=resume,
                                   fingerprint=_data_fingerprint(data, dataset, kind, view, flip_patterns, batch_size),
                                   ensemble=[_tell_probe(m, scan_info)[0] if m.probe_aware else m
-                                            for m in map(load_model, ensemble or ())],
+                                            for m in (m if isinstance(m, PhaseModel) else load_model(m)
+                                                      for m in ensemble or ())],
                                   sigma_scale=sigma_scale, engine=engine, deblur=deblur, checks=False)
         except BaseException:  # an error, Ctrl-C or SIGTERM: keep the progress only if there is some
             from .pipeline import read_checkpoint

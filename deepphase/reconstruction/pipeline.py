@@ -421,6 +421,8 @@ def reconstruct(
         model = load_model(model)
     if sigma_head:
         check_sigma_head(model)
+    if isinstance(ensemble, (str, Path, PhaseModel)):
+        ensemble = (ensemble,)  # one further model, named alone (not its name's letters)
     members = [m if isinstance(m, PhaseModel) else load_model(m) for m in ensemble]
     if isinstance(amplitudes, (list, tuple)):
         amplitudes = np.asarray(amplitudes)

@@ -40,7 +40,7 @@ from ..models.registry import deployed
 from ..models.modelfile import PhaseModel, save_model
 from ..physics.forward import incident_counts
 from ..physics.geometry import Geometry, output_mask
-from ..physics.probe import validate_probe
+from ..physics.probe import load_probe, validate_probe
 from ..physics.scan import REFERENCE_STEP_PX
 from ..runtime import resolve_device
 from .loss import LOSSES, laplace_nll, masked_l1
@@ -253,7 +253,7 @@ def train(
 
     Parameters
     ----------
-    probe : complex (n, n) array
+    probe : complex (n, n) array, an .npy file of one, or "reference"
     out_dir : folder for ``model.json``, ``model.safetensors``, ``probe.npy`` and the checkpoint.
     config : TrainConfig
     resume : continue from ``out_dir``'s checkpoint (same configuration required).
@@ -267,6 +267,13 @@ def train(
     -------
     The trained model and the per-epoch history (train and validation loss, time).
     """
+    if isinstance(probe, (str, Path)):  # an .npy file, or "reference", as --probe takes it
+        probe = load_probe(probe)
+    if not isinstance(config, TrainConfig):
+        raise DeepPhaseError(f"config: expected a TrainConfig, got {type(config).__name__} (TrainConfig(**settings) "
+                             "makes one)")
+    if not isinstance(geometry, Geometry):
+        raise DeepPhaseError(f"geometry: expected a Geometry, got {type(geometry).__name__}")
     probe = validate_probe(np.asarray(probe))
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / CHECKPOINT
@@ -554,6 +561,8 @@ def check_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
     """Refuse to resume without a checkpoint, or to replace a model unasked."""
     out_dir = Path(out_dir)
     checkpoint_path = out_dir / CHECKPOINT
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"out: {str(out_dir)!r} is a file; expected a folder for the model")
     if resume and not checkpoint_path.exists():
         raise InputFileError(f"resume: no checkpoint at {str(checkpoint_path)!r} to resume from")
     if not resume and not overwrite and ((out_dir / "model.json").exists() or checkpoint_path.exists()):
