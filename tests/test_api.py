@@ -248,6 +248,8 @@ def test_reconstruct_checks_the_positions_it_is_given_and_says_what_is_wrong_wit
         warnings.simplefilter("error", deepphase.DeepPhaseNote)
         unchecked = deepphase.reconstruct(scan.amplitude, positions * 0.2, progress=False, checks=False)
     assert unchecked.metadata == {} and unchecked.notes == []
+    with pytest.warns(deepphase.DeepPhaseNote, match=r"look like amplitudes.*AmplitudeView\(frames, 'amplitude'\)"):
+        deepphase.reconstruct(AmplitudeView(scan.amplitude[:64], "counts"), positions[:64], progress=False)
 
 
 def test_common_slips_from_python_are_named_not_raised_as_python_errors(probe, tmp_path, monkeypatch):

@@ -60,6 +60,17 @@ def test_frc_of_independent_white_noise_is_within_its_spread():
     assert abs(frc[4:].mean()) < 0.02
 
 
+def test_a_shared_fourier_mode_correlates_in_the_ring_of_its_frequency():
+    """A mode at k = (7, 7) pixels, |k| = 9.9, shared by two noise images peaks in ring round(|k|) = 10 (rings
+    binned by floor put it in 9, half a ring's bias on every resolution)."""
+    rng = np.random.default_rng(3)
+    y, x = np.mgrid[0:128, 0:128]
+    mode = 0.5 * np.cos(2 * np.pi * (7 * y + 7 * x) / 128)
+    a, b = rng.normal(size=(2, 128, 128)) + mode
+    _, frc = metrics.fourier_ring_correlation(a, b)
+    assert int(np.argmax(frc)) + 1 == 10 and frc[9] > 0.9
+
+
 @pytest.mark.parametrize("cutoff_px", [4.0, 8.0])
 def test_frc_resolution_of_an_ideal_low_pass_is_its_cutoff(cutoff_px):
     rng = np.random.default_rng(1)

@@ -24,11 +24,13 @@ def test_parseval_with_our_fft_convention(rng):
     np.testing.assert_allclose(psi_k.abs().square().sum((-2, -1)), n * n * psi.abs().square().sum((-2, -1)), rtol=1e-10)
 
 
-def test_zero_frequency_is_at_the_centre():
-    wave = torch.ones(32, 32, dtype=torch.complex128)
+@pytest.mark.parametrize("n", [32, 33])
+def test_zero_frequency_is_at_the_centre(n):
+    """At pixel n // 2 (DESIGN.md), on odd grids too, which fftshift and ifftshift put in different places."""
+    wave = torch.ones(n, n, dtype=torch.complex128)
     pattern = far_field(wave).abs()
-    assert np.unravel_index(int(pattern.argmax()), pattern.shape) == (16, 16)
-    assert pattern.sum() == pytest.approx(pattern[16, 16])
+    assert np.unravel_index(int(pattern.argmax()), pattern.shape) == (n // 2, n // 2)
+    assert pattern.sum() == pytest.approx(pattern[n // 2, n // 2])
 
 
 def test_constant_phase_leaves_the_pattern_unchanged(probe, rng):
@@ -80,6 +82,16 @@ def test_mean_counts_match_the_dose_within_poisson_error(probe):
     # The spread of the totals is the Poisson spread of the dose (sum of Poisson variables).
     assert totals.var().item() == pytest.approx(dose, rel=0.25)
     assert torch.all(counts == counts.round())
+
+
+def test_a_noise_free_scan_is_scaled_to_the_dose_asked(probe):
+    """simulate_scan(noise=False): the expected counts of the dose asked, not the probe's own scale."""
+    from deepphase.data.simulate import simulate_scan
+
+    positions = np.array([[0.0, 0.0], [1.5, 2.25]])
+    scan = simulate_scan(np.random.default_rng(0).uniform(0, 1, (36, 36)), probe, positions, dose=1000.0, noise=False,
+                         progress=False)
+    np.testing.assert_allclose((scan.amplitude.astype(np.float64) ** 2).sum((-2, -1)), 1000.0, rtol=1e-4)
 
 
 def test_reference_probe_scale_is_the_seed_dose(probe):

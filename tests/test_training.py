@@ -171,6 +171,9 @@ def test_loss_ignores_a_constant_offset(probe):
     target = torch.rand(4, 1, 32, 32)
     assert masked_l1(target + 0.7, target, mask).item() == pytest.approx(0.0, abs=1e-6)
     assert masked_l1(target * 2, target, mask).item() > 0.01
+    # ... and nothing outside the mask: the mean removed is the mask's, not the patch's.
+    outside = target + torch.where(mask.bool(), 0.0, 5.0) * torch.rand(4, 1, 32, 32)
+    assert masked_l1(outside, target, mask).item() == pytest.approx(0.0, abs=1e-6)
     # The seed's absolute loss sees the offset, 0.7 rad everywhere in the mask.
     assert masked_l1(target + 0.7, target, mask, offset_free=False).item() == pytest.approx(0.7, abs=1e-6)
 
@@ -433,3 +436,18 @@ def test_packaged_models_load_and_record_how_they_were_made():
     assert load_model("seed").info["training"]["preset"] == "seed"
     assert load_model("probe-aware").probe_aware and load_model("probe-aware").aberration_range == 2.0
     assert total < 25e6  # the package stays small (23.6 MB with probe-aware: six models)
+
+
+def test_train_from_python_defaults_to_what_the_command_trains():
+    """TrainConfig() and ``deepphase train`` with no options make the same model (they differed: the seed's U-Net
+    with batches of 16 against unet-small with 32); the corpus is compared by what it draws."""
+    import dataclasses
+
+    from deepphase.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--out", "x"])
+    config = TrainConfig()
+    differ = [f.name for f in dataclasses.fields(TrainConfig)
+              if f.name != "corpus" and hasattr(args, f.name) and getattr(args, f.name) != getattr(config, f.name)]
+    assert differ == []
+    assert args.corpus == "mix" and config.corpus.phase_range == args.phase_range

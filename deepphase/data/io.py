@@ -138,6 +138,12 @@ def _require(module: str, what: str):
         ) from exc
 
 
+def scan_shape_to_read(path: str | Path, scan_shape) -> tuple[int, int] | None:
+    """What :func:`load_scan` takes as ``scan_shape`` for ``path``: the one given for a detector file that may not
+    record it, else None (a raster of (N, k, k) frames is the caller's, made from the positions)."""
+    return tuple(scan_shape) if scan_shape is not None and Path(path).suffix.lower() in DETECTOR_SUFFIXES else None
+
+
 @in_callers_words(data="path")
 def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[int, int] | None = None) -> ScanData:
     """Open a 4D-STEM file lazily.
@@ -167,7 +173,7 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
     suffix = path.suffix.lower()
     if scan_shape is not None and suffix not in DETECTOR_SUFFIXES:  # (it was dropped without a word)
         raise ValueRangeError(
-            f"scan_shape: {suffix} files give their own scan shape (a 4-D array) or none ((N, k, k) frames, whose scan "
+            f"scan-shape: {suffix} files give their own scan shape (a 4-D array) or none ((N, k, k) frames, whose scan "
             "shape goes to raster_positions, or to reconstruct_file's scan_shape); it is for detector files that do "
             f"not record it ({', '.join(DETECTOR_SUFFIXES)})")
     if dataset is not None and suffix not in HDF5_SUFFIXES + ZARR_SUFFIXES:

@@ -107,7 +107,7 @@ def fine_step_note(raster: dict | None) -> str | None:
 def check_scan(amplitudes, positions, model) -> dict:
     """The rotation, probe and step checks of (N, n, n) amplitudes at ``positions``, as
     :func:`~deepphase.reconstruction.pipeline.reconstruct` runs them: on positions that form a raster of at least
-    16 × 16 (:func:`raster_of`), else none.
+    16 × 16 (:func:`raster_of`), else none; and amplitudes read as counts by an ``AmplitudeView``.
 
     Returns
     -------
@@ -115,14 +115,20 @@ def check_scan(amplitudes, positions, model) -> dict:
         ``raster_from_positions`` (None: not a raster), ``rotation_check`` and ``probe_check`` where they ran (as
         metadata.json records them), ``notes`` (what the user should check) and ``wall_s``.
     """
+    from ..data.io import looks_like_amplitudes
+
     t0 = time.perf_counter()
     info: dict = {}
     raster = raster_of(info, positions)
     notes = []
+    if getattr(amplitudes, "kind", None) == "counts" and looks_like_amplitudes(amplitudes.frames):
+        notes.append("the patterns look like amplitudes (not whole numbers, their squares are), yet "
+                     "AmplitudeView(frames, 'counts') reads them as counts (its square roots go to the network); "
+                     "check it: AmplitudeView(frames, 'amplitude'), or infer_kind(frames)")
     if raster is not None:
         info, _ = check_rotation(amplitudes, info, raster, model, POSITIONS_ROTATION_REMEDY)
         info = check_probe(amplitudes, model, None, info, raster)
-        notes = [text for text in (fine_step_note(raster), (info.get("rotation_check") or {}).get("note"),
+        notes += [text for text in (fine_step_note(raster), (info.get("rotation_check") or {}).get("note"),
                                    (info.get("probe_check") or {}).get("note"),
                                    (info.get("probe_check") or {}).get("step_note")) if text]
     return {**info, "notes": notes, "wall_s": round(time.perf_counter() - t0, 3)}

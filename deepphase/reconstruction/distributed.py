@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.io import AmplitudeView, check_patterns, infer_kind, load_scan
+from ..data.io import AmplitudeView, check_patterns, infer_kind, load_scan, scan_shape_to_read
 from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..models.modelfile import check_compatible, load_model
 from ..physics.scan import validate_positions
@@ -109,7 +109,7 @@ def _worker_device(device: str):
 
 
 def _open(path, dataset, scan_shape):
-    return load_scan(path, dataset, **({"scan_shape": tuple(scan_shape)} if scan_shape is not None else {}))
+    return load_scan(path, dataset, scan_shape_to_read(path, scan_shape))
 
 
 def predict_tile(path: str, start: int, stop: int, model_path: str | None, dataset: str | None = None,

@@ -168,10 +168,9 @@ def reconstruct_file(
             probe_check=probe_check, flip_patterns=flip_patterns, source_size_px=source_size_px, deblur=deblur,
             sampling=sampling, batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine,
             workers=workers, overwrite=overwrite, progress=progress, log=log, command=command, words=words)
-    from ..data.io import DETECTOR_SUFFIXES, load_scan
+    from ..data.io import load_scan, scan_shape_to_read
 
-    with load_scan(data, dataset, scan_shape=scan_shape if Path(data).suffix.lower() in DETECTOR_SUFFIXES else None) \
-            as scan:
+    with load_scan(data, dataset, scan_shape_to_read(data, scan_shape)) as scan:
         return _reconstruct_scan(
             scan, data, out, model=model, dataset=dataset, positions=positions, scan_shape=scan_shape,
             step_px=step_px, rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,

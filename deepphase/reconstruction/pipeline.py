@@ -294,7 +294,8 @@ def _load_checkpoint(folder: Path, fingerprint: dict, accumulators) -> int:
     return done
 
 
-@in_callers_words(data="amplitudes", calibrate="deepphase.calibrate", **{"flip-patterns": "amplitudes[:, ::-1]"})
+@in_callers_words(data="amplitudes", calibrate="deepphase.calibrate", step="the positions' step",
+                  **{"flip-patterns": "amplitudes[:, ::-1]"})
 def reconstruct(
     amplitudes,
     positions,

@@ -67,10 +67,10 @@ OPTIMIZERS = {
 
 @dataclass
 class TrainConfig:
-    arch: str = "seed-unet"
+    arch: str = "unet-small"  # (the defaults are ``deepphase train``'s: a test holds them together)
     epochs: int = 10
     steps_per_epoch: int = 500
-    batch_size: int = 16
+    batch_size: int = 32
     preset: str = "default"
     lr: float | None = None  # None: the preset's
     dose: float | tuple[float, float] | None = None  # None: the probe's own scale (27,882 e for the reference)
