@@ -799,15 +799,15 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _terminate)
     new_folder = None  # an --out folder this run makes: removed again if the run fails and leaves it empty
     try:
-        if getattr(args, "like", None):
-            args = _like_arguments(parser, args, argv)
-        if args.command in _WRITES:  # an unwritable output is found before the work, not after it
-            from .io_utils import check_writable
+        with speaking_to_the_command_line():
+            if getattr(args, "like", None):
+                args = _like_arguments(parser, args, argv)
+            if args.command in _WRITES:  # an unwritable output is found before the work, not after it
+                from .io_utils import check_writable
 
-            check_writable(args.out, folder=_WRITES[args.command])
-            new_folder = None if args.out.exists() or not _WRITES[args.command] else args.out
-        with _notes_as_lines(args.command):
-            with speaking_to_the_command_line():
+                check_writable(args.out, folder=_WRITES[args.command])
+                new_folder = None if args.out.exists() or not _WRITES[args.command] else args.out
+            with _notes_as_lines(args.command):
                 args.func(args)
         new_folder = None
     except DeepPhaseError as exc:

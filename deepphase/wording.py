@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 import re
 from pathlib import Path
 
@@ -36,7 +37,7 @@ KEYWORD_OF_OPTION = {
 #: The values of the command's choices, which a message may give after an option (``--input counts``).
 _CHOICES = ("auto", "counts", "amplitude", "row", "col", "head", "pairwise", "least-squares", "seed", "on", "off",
             "float32", "bfloat16", "float16", "eager", "channels-last", "compile", "cuda-graphs", "onnx", "cpu", "cuda",
-            "mps", "xpu")
+            "mps", "xpu", "compact", "compact-rep", "unet-small", "seed-unet")
 
 #: Who the messages are for: None until an entry point or the command says; "command line", or the keywords of the
 #: entry point called from Python.
@@ -73,7 +74,7 @@ def note_to_caller(message: str) -> None:
 
     from .errors import DeepPhaseNote
 
-    package = str(Path(__file__).resolve().parent)
+    package = str(Path(__file__).resolve().parent) + os.sep  # (not a user's deepphase_runs/ beside it)
     frame, level = sys._getframe(1), 2  # (level 2: this function's caller)
     while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(package):
         frame, level = frame.f_back, level + 1
@@ -115,9 +116,11 @@ def in_api_words(message: str, keywords: dict | None = None) -> str:
         text = text.replace("the same command", "the same call")
         return option.sub(keyword, text)
 
-    # (a command line quoted whole is one to type, in another command's options)
+    # Left whole: a command line quoted whole (one to type, in another command's options; in backticks, whose
+    # paths may hold quotes) and a quoted path (a folder may be named "--out").
+    kept = r"`[^`]*`|(['\"])deepphase [^'\"]*\1|'[^'\s]*[/\\][^']*'|\"[^\"\s]*[/\\][^\"]*\""
     pieces, done = [], 0
-    for quoted in re.finditer(r"(['`\"])deepphase [^'`\"]*\1", message):
+    for quoted in re.finditer(kept, message):
         pieces += [reworded(message[done : quoted.start()]), quoted.group(0)]
         done = quoted.end()
     message = "".join(pieces + [reworded(message[done:])])

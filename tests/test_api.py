@@ -181,6 +181,9 @@ def test_the_commands_messages_are_put_in_the_calls_words():
             ("give the angle (--rotation DEG) or --rotation 12.5", "give the angle (rotation_deg=DEG) or rotation_deg=12.5"),
             ("--step in pixels", "step_px in pixels"),
             ("deepphase train --probe-aware --dose MIN MAX", "deepphase train --probe-aware --dose MIN MAX"),
+            ("`deepphase train --like '/tmp/my m' --out MODEL` or --step auto",
+             "`deepphase train --like '/tmp/my m' --out MODEL` or step_px='auto'"),
+            ("saved in '/tmp/a --resume b/--out': --resume", "saved in '/tmp/a --resume b/--out': resume=True"),
             ("a--step", "a--step")):
         assert in_api_words(said) == meant, said
 
@@ -217,6 +220,8 @@ def test_every_entry_point_called_from_python_names_its_own_keywords_and_the_com
                  "counts"]) == 2
     assert "already holds phase.npy, phase.tif, phase.emd, phase.png, metadata.json; choose another folder or pass " \
            "--overwrite" in capsys.readouterr().err
+    assert main(["train", "--like", str(tmp_path / "none"), "--out", str(tmp_path / "m")]) == 2  # (before the work)
+    assert "error: model: " in capsys.readouterr().err
     with pytest.raises(deepphase.DeepPhaseError, match=r"pass overwrite=True"):  # reconstruct_file's, not reconstruct's
         deepphase.reconstruct_file(tmp_path / "scan.npy", out, step_px=0.87)
 
@@ -233,14 +238,19 @@ def test_reconstruct_checks_the_positions_it_is_given_and_says_what_is_wrong_wit
         right = deepphase.reconstruct(scan.amplitude, positions, progress=False)
     assert right.notes == [] and right.metadata["scan_checks"]["rotation_check"]["note"] is None
     assert "skipped" not in right.metadata["scan_checks"]["probe_check"]["step_check"]  # (the step checked too)
-    for wrong, said in ((positions[:, ::-1], "rotated 90.*mirrored.*check the positions: their rotation"),
-                        (deepphase.raster_positions((24, 24), 0.87, rotation_deg=180), "half a turn away"),
-                        (positions * 0.2, r"a raster of 0\.174 px steps, finer than scans are made.*check the "
-                                          r"positions' scale"),
-                        (positions * 0.5, r"fit a raster step of 0\.8.* px better than the 0\.435 px given.*check the "
-                                          r"positions' scale")):
+    from deepphase.physics import flip_patterns
+
+    for amplitudes, wrong, said in (
+            (scan.amplitude, positions[:, ::-1], "rotated 90.*mirrored.*check the positions: their rotation"),
+            (scan.amplitude, deepphase.raster_positions((24, 24), 0.87, rotation_deg=180), "half a turn away"),
+            (scan.amplitude, positions * 0.2, r"a raster of 0\.174 px steps, finer than scans are made.*check the "
+                                              r"positions' scale"),
+            (scan.amplitude, positions * 0.5, r"fit a raster step of 0\.8.* px better than the 0\.435 px given.*check "
+                                              r"the positions' scale"),
+            (flip_patterns(scan.amplitude), positions, r"mirrored .*\(deepphase\.physics\.flip_patterns\(amplitudes\); "
+                                                        r"or the scan's rows and columns swapped: check fastest first")):
         with pytest.warns(deepphase.DeepPhaseNote, match=said):
-            rec = deepphase.reconstruct(scan.amplitude, wrong, progress=False)
+            rec = deepphase.reconstruct(amplitudes, wrong, progress=False)
         assert len(rec.notes) == 1 and "--" not in rec.notes[0], rec.notes
     written = deepphase.write_outputs(rec, tmp_path / "out")
     assert written["notes"] == rec.notes and "probe_check" in written["scan_checks"]

@@ -245,6 +245,9 @@ def test_the_packaged_probe_aware_model_told_keeps_a_defocused_crystal_the_defau
         scores = []
         for model in (load_model("default"), aware, told):
             rec = reconstruct(amplitudes, positions, model, progress=False)
+            # the probe check notes the difference, with the way to tell the model; a model told it is not noted
+            assert len(rec.notes) == (edge > 0 and model is not told), rec.notes
+            assert model is not aware or edge == 0 or "told_for_scan(model, amplitudes, positions)" in rec.notes[0]
             r0, c0 = rec.origin_px
             scores.append(correlation(rec.phase, truth[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]))
         default, untold, told_score = scores

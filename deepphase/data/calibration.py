@@ -1239,8 +1239,7 @@ def rotation_note(found: dict, rotation_deg: float, remedy: str = ROTATION_REMED
     if not found["flip_patterns"] and same_axis and not turned:
         return None
     what = (" with the patterns mirrored against the given setting (--flip-patterns; or the scan's rows and columns "
-            "swapped: check --fastest first, since a mirrored frame is all rotation auto can make of that)"
-            if found["flip_patterns"] else "")
+            "swapped: check --fastest first)" if found["flip_patterns"] else "")
     sense = found.get("sense") or {}
     told = (f"the probe's fit explains {max(sense['explained']):.2f} of the scan's spectrum there against "
             f"{min(sense['explained']):.2f} as given" if sense.get("decided")

@@ -586,6 +586,7 @@ def sample_patterns(frames, sample: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, np.concatenate([np.asarray(frames[int(i) : int(i) + 1], dtype=np.float64) for i in idx])
 
 
+@in_callers_words()
 def infer_kind(frames, sample: int = 256) -> str:
     """Tell counts from amplitudes in data that does not say which.
 

@@ -371,8 +371,8 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
     unknown = [m for m in methods if m not in _METHODS]
     if unknown:
         raise ValueRangeError(f"methods: unknown {', '.join(unknown)}; expected some of {', '.join(_METHODS)} (your own "
-                              "model: register_method(NAME, DESCRIPTION)(network_method(FOLDER)) first, as --model "
-                              "NAME=FOLDER does)")
+                              "model: register_method(NAME, DESCRIPTION)(network_method(FOLDER)) first, as "
+                              "`deepphase evaluate --model NAME=FOLDER` does)")
     if not (isinstance(repeats, int) and repeats >= 1):
         raise ValueRangeError(f"repeats: expected a whole number ≥ 1 of simulated realisations per case, got {repeats!r}")
     rows, images = [], {}

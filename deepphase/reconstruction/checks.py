@@ -104,6 +104,17 @@ def fine_step_note(raster: dict | None) -> str | None:
             "or more of the model's real-space grid; the reference scan's: 0.87 px)" + POSITIONS_STEP_REMEDY)
 
 
+def _probe_note(check: dict, model) -> str | None:
+    """The probe check's note for a call with arrays: none for a probe-aware model told the data's probe (the
+    user said what the network should assume), the way to tell it for one not told."""
+    if not check.get("note") or not model.probe_aware:
+        return check.get("note")
+    if model.info.get("told_coefficients_rad_per_px2") is not None:
+        return None
+    return (check["note"] + "; this probe-aware model can be told the difference: "
+            "deepphase.data.aberrations.told_for_scan(model, amplitudes, positions)")
+
+
 def check_scan(amplitudes, positions, model) -> dict:
     """The rotation, probe and step checks of (N, n, n) amplitudes at ``positions``, as
     :func:`~deepphase.reconstruction.pipeline.reconstruct` runs them: on positions that form a raster of at least
@@ -129,6 +140,6 @@ def check_scan(amplitudes, positions, model) -> dict:
         info, _ = check_rotation(amplitudes, info, raster, model, POSITIONS_ROTATION_REMEDY)
         info = check_probe(amplitudes, model, None, info, raster)
         notes += [text for text in (fine_step_note(raster), (info.get("rotation_check") or {}).get("note"),
-                                   (info.get("probe_check") or {}).get("note"),
-                                   (info.get("probe_check") or {}).get("step_note")) if text]
+                                    _probe_note(info.get("probe_check") or {}, model),
+                                    (info.get("probe_check") or {}).get("step_note")) if text]
     return {**info, "notes": notes, "wall_s": round(time.perf_counter() - t0, 3)}

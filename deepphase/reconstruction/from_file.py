@@ -783,12 +783,13 @@ def probe_estimate_note(check: dict, model, model_name, out: Path | None) -> str
     aware = load_model("probe-aware")
     other = ("reconstruct with --model probe-aware, which is told the difference (RESULTS §37)"
              if model.probe.shape == aware.probe.shape and np.allclose(model.probe, aware.probe) else
-             f"train one that is told the data's probe: 'deepphase train --like {like} --probe-aware 2 --out MODEL'")
+             f"train one that is told the data's probe: `deepphase train --like {like} --probe-aware 2 --out MODEL`")
     if out is None:
         return f"{check['note']}: {other}"
     estimate = out / "probe_estimate.npy"
-    return (f"{check['note']}{figure}: {estimate} is the model's probe with that difference; 'deepphase train "
-            f"--like {like} --probe {estimate} --out MODEL' trains a model for it with the model's recipe (the "
+    return (f"{check['note']}{figure}: {estimate} is the model's probe with that difference; `deepphase train "
+            f"--like {like} --probe {shlex.quote(str(estimate))} --out MODEL` trains a model for it with the model's "
+            f"recipe (the "
             f"default's: about 7 min on 2 CPU cores); or {other}")
 
 

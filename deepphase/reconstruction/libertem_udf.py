@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import DeepPhaseError, ShapeError, ValueRangeError
+from ..wording import in_callers_words
 
 if TYPE_CHECKING:
     from .pipeline import Reconstruction
@@ -737,6 +738,8 @@ def _libertem_path(path, nav_shape):
     return path
 
 
+@in_callers_words(data="path", **{"scan-shape": "nav_shape", "input": "kind", "no-calibration": ("calibration", "off"),
+                                   "calibrate": ("calibration", "on")})
 def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shape=None, rotation_deg=0.0,
                      fastest: str = "col", kind: str | None = None, calibration: str = "auto",
                      calibration_options: dict | None = None, calibration_png=None, batch_size: int = 512,

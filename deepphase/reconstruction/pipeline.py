@@ -60,8 +60,9 @@ class Reconstruction:
     uncertainty : (rows, cols) float32 or None
         Per-pixel standard deviation (rad) on the grid of ``phase``, when asked for.
     metadata : dict
-        From :func:`~deepphase.reconstruction.from_file.reconstruct_file`: what it found in and about the file
-        (scan, calibration, rotation and probe checks), as metadata.json holds it; empty otherwise.
+        What the checks found, as metadata.json holds it: from :func:`reconstruct` (``checks``), ``scan_checks``
+        and ``notes``; from :func:`~deepphase.reconstruction.from_file.reconstruct_file`, what it found in and about
+        the file (scan, calibration, rotation and probe checks). Empty without checks.
     notes : list of str
         What the user should check (from :func:`~deepphase.reconstruction.from_file.reconstruct_file`).
     """
@@ -190,7 +191,7 @@ class InterruptedReconstruction(KeyboardInterrupt):
 
     def __init__(self, done: int, total: int, checkpoint: Path | None):
         self.done, self.total, self.checkpoint = done, total, checkpoint
-        where = (f"; the progress is saved in {checkpoint}: run the same command with --resume to continue"
+        where = (f"; the progress is saved in {str(checkpoint)!r}: run the same command with --resume to continue"
                  if checkpoint is not None else "")
         super().__init__(f"interrupted after {done:,} of {total:,} patterns{where}")
 
@@ -295,7 +296,7 @@ def _load_checkpoint(folder: Path, fingerprint: dict, accumulators) -> int:
 
 
 @in_callers_words(data="amplitudes", calibrate="deepphase.calibrate", step="the positions' step",
-                  **{"flip-patterns": "amplitudes[:, ::-1]"})
+                  **{"flip-patterns": "deepphase.physics.flip_patterns(amplitudes)"})
 def reconstruct(
     amplitudes,
     positions,
@@ -447,6 +448,8 @@ def reconstruct(
         if m.geometry != model.geometry or not np.array_equal(m.probe, model.probe):
             raise ValueRangeError(f"ensemble: model {str(m.folder or m.name)!r} was made for another probe or "
                                   f"geometry than {str(model.folder or model.name)!r}; an ensemble needs the same ones")
+    if engine == "onnx" and precision not in ("auto", "float32"):
+        raise ValueRangeError(f"engine: 'onnx' runs in float32; precision {precision!r} needs another engine")
     positions = validate_positions(positions, shape[0])
     check_spacing(positions, model.geometry)
     n, chunk_size = int(shape[0]), int(chunk_size)
@@ -456,15 +459,14 @@ def reconstruct(
         notes.append(dose_info["dose_note"])
         note_to_caller(dose_info["dose_note"])
     scan_checks = {}
-    if checks:
+    if checks:  # (after the arguments are checked: a call refused says nothing else)
         from .checks import check_scan
 
-        scan_checks = check_scan(amplitudes, positions, model)
+        with np.errstate(all="ignore"):  # (NaN/Inf frames: the prediction names the frame)
+            scan_checks = check_scan(amplitudes, positions, model)
         for text in scan_checks.pop("notes"):
             notes.append(in_callers_terms(text))
             note_to_caller(text)
-    if engine == "onnx" and precision not in ("auto", "float32"):
-        raise ValueRangeError(f"engine: 'onnx' runs in float32; precision {precision!r} needs another engine")
     neighbours = None
     if model.in_channels > 1:  # a neighbourhood model: each position's 3×3 frames, found once per scan
         from .neighbourhood import neighbour_indices

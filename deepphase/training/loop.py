@@ -145,8 +145,8 @@ class TrainConfig:
             config["linear_path"] = config["linear_gate"] = True
         if self.aberration_range:
             if self.arch not in LINEAR_PATH_ARCHS:
-                raise DeepPhaseError(f"aberration_range: a probe-aware network is a compact one (--arch "
-                                     f"{' or '.join(LINEAR_PATH_ARCHS)}), got --arch {self.arch}")
+                raise DeepPhaseError(f"aberration_range: a probe-aware network is a compact one ("
+                                     f"{' or '.join('--arch ' + a for a in LINEAR_PATH_ARCHS)}), got --arch {self.arch}")
             config["aberration_input"] = True
         return config
 
@@ -232,6 +232,7 @@ TRAIN_KEYWORDS = {
         ("source-size", "source_size_px"), ("focal-spread", "focal_spread_rad"))},
     "half": ("config.half", True), "sigma-head": ("config.sigma_head", "shared"),
     "probe-aware": "config.aberration_range", "neighbourhood": "config.neighbourhood",
+    "sampling": None, "semi-angle": None, "energy": None,  # (the command's probe from optics: options, left so)
 }
 
 
@@ -520,8 +521,8 @@ def _initialise_from(network: torch.nn.Module, config: TrainConfig, arch_config:
     if source.arch != config.arch or source.arch_config != {k: v for k, v in arch_config.items() if k not in added}:
         raise DeepPhaseError(
             f"init_from: {config.init_from!r} is a {source.arch} network with {source.arch_config}; this training "
-            f"builds a {config.arch} network with {arch_config} (train with the same --arch and options, e.g. "
-            f"--like {config.init_from})")
+            f"builds a {config.arch} network with {arch_config} (train with the same --arch and options: "
+            f"`deepphase train --like {shlex.quote(str(config.init_from))}` takes them)")
     missing, unexpected = network.load_state_dict(source.network.state_dict(), strict=False)
     new = tuple(prefix for k in added for prefix in _ZERO_START_LAYERS[k])
     if unexpected or any(not k.startswith(new) for k in missing):
