@@ -15,7 +15,6 @@ from deepphase.data.simulate import required_object_shape, simulate_scan
 from deepphase.data.specimens import twisted_hbn
 from deepphase.physics import (ProbeParameters, electron_wavelength, probe_from_parameters, raster_from_positions,
                                raster_positions)
-from deepphase.physics.forward import far_field
 
 STEP = 0.87
 

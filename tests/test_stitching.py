@@ -20,7 +20,6 @@ from deepphase.reconstruction.stitching import (
     canvas_shape,
     patch_origins,
     stitch,
-    stitch_least_squares,
     stitch_seed,
 )
 
