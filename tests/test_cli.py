@@ -204,6 +204,18 @@ def test_an_overwrite_leaves_no_file_of_the_earlier_run_it_did_not_remake(tiny_s
     assert not (tmp_path / "rec" / "uncertainty.npy").exists() and not (tmp_path / "rec" / "rotation.png").exists()
     assert json.loads((tmp_path / "rec" / "metadata.json").read_text()).get("uncertainty_file") is None
     assert (tmp_path / "rec" / "notes.txt").read_text() == "mine"  # not ours: kept
+    # From Python: write_outputs refuses an earlier run's figure unasked, and removes it with overwrite=True
+    import deepphase
+
+    rec = deepphase.reconstruct(np.load(folder / "amplitude.npy"), np.load(folder / "positions.npy"), progress=False)
+    for name in ("rec", "figure-only"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "probe_check.png").write_bytes(b"an earlier run's figure")
+    with pytest.raises(deepphase.DeepPhaseError, match=r"already holds probe_check\.png; .*overwrite=True"):
+        deepphase.write_outputs(rec, tmp_path / "figure-only")
+    written = deepphase.write_outputs(rec, tmp_path / "rec", overwrite=True)
+    assert not (tmp_path / "rec" / "probe_check.png").exists() and "figures" not in written
+    assert (tmp_path / "rec" / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("options, expected", [

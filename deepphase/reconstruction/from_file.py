@@ -33,8 +33,6 @@ logger = logging.getLogger("deepphase")
 
 # Where an interrupted reconstruction keeps its progress, inside the output folder.
 PARTIAL_FOLDER = ".deepphase-partial"
-# What reconstruct writes beside the image when there is something to show.
-FIGURES = ("calibration.png", "rotation.png", "probe_estimate.npy", "probe_check.png", "step.png")
 INPUT_KINDS = ("counts", "amplitude")
 
 
@@ -306,7 +304,7 @@ def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
     """Refuse earlier results and interrupted progress in ``out`` unless asked (``overwrite``, ``resume``);
     with ``overwrite``, damaged or unwanted progress is removed."""
     from ..io_utils import check_writable
-    from .pipeline import check_output_folder, read_checkpoint
+    from .pipeline import FIGURES, check_output_folder, read_checkpoint
 
     check_writable(out)
     check_output_folder(out, overwrite)
@@ -326,7 +324,7 @@ def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
                 f"out: {str(out)!r} holds an interrupted reconstruction ({record['done']:,} of {record['total']:,} "
                 "patterns done); pass --resume to continue it or --overwrite to start again")
         shutil.rmtree(partial)
-    for name in FIGURES:
+    for name in FIGURES:  # (before the work, not after it)
         if (out / name).exists() and not overwrite:
             raise OutputExistsError(f"out: {str(out)!r} already holds {name}; choose another folder or pass "
                                     "--overwrite")
@@ -541,13 +539,11 @@ def _note_dose(rec, notes: list, note) -> None:
 
 
 def _write(rec, out: Path, sampling, overwrite: bool, written: set) -> None:
-    """The image and its metadata, then the earlier run's figures this one did not remake removed."""
+    """The image and its metadata, naming the figures written (an earlier run's others are removed)."""
     from .pipeline import write_outputs
 
+    rec.metadata = {**rec.metadata, "figures": sorted(written)}
     write_outputs(rec, out, rec.metadata, sampling=sampling, overwrite=overwrite)
-    for name in set(FIGURES) - written:  # they would contradict the metadata just written
-        if (out / name).exists():
-            (out / name).unlink()
 
 
 def _write_figures(out: Path, view, rotation_figure, scan_info: dict, model, model_name, note) -> set:

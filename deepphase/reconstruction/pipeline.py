@@ -33,6 +33,9 @@ from .stitching import METHODS, PairwiseStitcher, stitch
 # seed's stitching is kept as the seed had it.
 DEBLURRED_STITCHERS = ("pairwise", "least-squares")
 OUTPUT_FILES = ("phase.npy", "phase.tif", "phase.emd", "phase.png", "uncertainty.npy", "metadata.json")
+#: What :func:`~deepphase.reconstruction.from_file.reconstruct_file` writes beside them when there is something to
+#: show; metadata.json's ``figures`` names those a run made, and :func:`write_outputs` removes an earlier run's others.
+FIGURES = ("calibration.png", "rotation.png", "probe_estimate.npy", "probe_check.png", "step.png")
 
 
 @dataclass
@@ -815,8 +818,8 @@ def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict | Non
     result's own, ``rec.metadata``: what its checks found) is added to metadata.json last (its keys win; a
     ``"title"`` titles the PNG); ``sampling`` is the pixel size in Å (default: the one ``rec`` was made with; the
     TIFF's, the EMD's and the scale bar's). Earlier results in ``out_dir`` are refused unless ``overwrite``;
-    with it, an earlier run's output this one does not make (an uncertainty map) is removed. Returns the
-    metadata written.
+    with it, an earlier run's output this one does not make (an uncertainty map; a figure of
+    :data:`FIGURES` that ``metadata["figures"]`` does not name) is removed. Returns the metadata written.
     """
     if not isinstance(rec, Reconstruction):
         raise ValueRangeError(f"rec: expected the Reconstruction that reconstruct returns, got {type(rec).__name__}")
@@ -829,17 +832,22 @@ def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict | Non
                                      and not isinstance(sampling, bool) and np.isfinite(sampling) and sampling > 0):
         raise ValueRangeError(f"sampling: expected a positive pixel size in Å, got {sampling!r}")
     out_dir = check_output_folder(out_dir, overwrite)
+    figures = set(metadata.get("figures") or ())  # (made by this run, beside the image)
+    stale = [name for name in FIGURES if name not in figures and (out_dir / name).exists()]
+    if stale and not overwrite:  # an earlier run's, which would contradict this run's metadata
+        raise OutputExistsError(f"out: {str(out_dir)!r} already holds {', '.join(stale)}; choose another folder or "
+                                "pass --overwrite")
     made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return _write_outputs(rec, out_dir, metadata, sampling)
+        return _write_outputs(rec, out_dir, metadata, sampling, stale)
     except BaseException:
         if made and not any(out_dir.iterdir()):  # (a folder this call made, left as it found it: absent)
             out_dir.rmdir()
         raise
 
 
-def _write_outputs(rec: Reconstruction, out_dir: Path, metadata: dict, sampling: float | None) -> dict:
+def _write_outputs(rec: Reconstruction, out_dir: Path, metadata: dict, sampling: float | None, stale) -> dict:
     staging = Path(tempfile.mkdtemp(prefix=".deepphase-", dir=out_dir))
     try:
         save_npy(staging / "phase.npy", rec.phase)
@@ -870,6 +878,8 @@ def _write_outputs(rec: Reconstruction, out_dir: Path, metadata: dict, sampling:
                 os.replace(staging / name, out_dir / name)
             elif (out_dir / name).exists():  # (overwrite) an earlier run's file this one does not make
                 os.remove(out_dir / name)
+        for name in stale:  # (overwrite) an earlier run's figure, after the metadata that no longer names it
+            os.remove(out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return meta
