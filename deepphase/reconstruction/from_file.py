@@ -137,9 +137,8 @@ def reconstruct_file(
         With ``metadata`` (what metadata.json holds beside the reconstruction's own record: the scan, the
         calibration, the checks) and ``notes``.
     """
-    words = in_callers_terms  # (a call from Python: keywords, not options)
     if command is None:
-        command = _call_record({k: v for k, v in locals().items() if k != "words"})
+        command = _call_record(dict(locals()))
     log = log or _warn_or_log
     if not isinstance(data, (str, Path)):
         raise ValueRangeError(f"data: expected the path of a 4D-STEM file, got {type(data).__name__}; for arrays in "
@@ -165,7 +164,7 @@ def reconstruct_file(
                                                    ("semi_angle", semi_angle), ("energy", energy)) if v is not None},
             probe_check=probe_check, flip_patterns=flip_patterns, source_size_px=source_size_px, deblur=deblur,
             sampling=sampling, batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine,
-            workers=workers, overwrite=overwrite, progress=progress, log=log, command=command, words=words)
+            workers=workers, overwrite=overwrite, progress=progress, log=log, command=command)
     from ..data.io import load_scan, scan_shape_to_read
 
     with load_scan(data, dataset, scan_shape_to_read(data, scan_shape)) as scan:
@@ -178,7 +177,7 @@ def reconstruct_file(
             batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine, ensemble=ensemble,
             sigma_scale=sigma_scale, device=device, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
             workers=workers, scheduler=scheduler, tile_size=tile_size, progress=progress, log=log,
-            command=command, words=words)
+            command=command)
 
 
 def _call_record(arguments: dict) -> str:
@@ -234,11 +233,11 @@ def _notes_to(note):
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
 
-def _noting(notes: list, log, words=str):
-    """``note(text, is_note=True)``: a note kept in ``notes`` and passed to ``log``, in ``words``
-    (:func:`in_api_words` for a call from Python); other messages only passed."""
+def _noting(notes: list, log):
+    """``note(text, is_note=True)``: a note kept in ``notes`` and passed to ``log``, in the caller's words
+    (:func:`~deepphase.wording.in_callers_terms`); other messages only passed."""
     def note(text: str, is_note: bool = True) -> None:
-        text = words(text)
+        text = in_callers_terms(text)
         if is_note:
             notes.append(text)
         log(text, is_note)
@@ -334,7 +333,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
                       rotation_deg, fastest, kind, calibration, gain, energy, semi_angle, mrad_per_px,
                       model_mrad_per_px, probe_check, flip_patterns, stitching, source_size_px, deblur, sampling,
                       batch_size, precision, uncertainty, engine, ensemble, sigma_scale, device, chunk_size, resume,
-                      overwrite, workers, scheduler, tile_size, progress, log, command, words):
+                      overwrite, workers, scheduler, tile_size, progress, log, command):
     """:func:`reconstruct_file` for a file opened by :func:`~deepphase.data.io.load_scan`."""
     from ..data.io import AmplitudeView, infer_kind, looks_like_amplitudes
     from ..models.modelfile import PhaseModel, check_compatible, load_model
@@ -342,7 +341,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     from .pipeline import reconstruct, uncertainty_method, with_source_divided_out
 
     notes = []
-    note = _noting(notes, log, words)
+    note = _noting(notes, log)
 
     n_frames = scan.frames.shape[0]
     truncated = scan.info.get("truncated")
@@ -829,7 +828,7 @@ def _flipped_amplitudes(frames, kind: str):
 def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan_shape, step_px, rotation_deg,
                                fastest, kind, calibration, calibration_options, probe_check, flip_patterns,
                                source_size_px, deblur, sampling, batch_size, precision, uncertainty, engine, workers,
-                               overwrite, progress, log, command, words):
+                               overwrite, progress, log, command):
     """The file opened by LiberTEM, predicted and stitched on its executor
     (:func:`deepphase.reconstruction.libertem_udf.reconstruct_file`), then noted and written as above."""
     try:
@@ -842,7 +841,7 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
     from .pipeline import with_source_divided_out
 
     notes = []
-    note = _noting(notes, log, words)
+    note = _noting(notes, log)
 
     model = model_reference(model, for_workers=True)
     given_positions = None

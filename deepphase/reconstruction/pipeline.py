@@ -67,7 +67,7 @@ class Reconstruction:
         and ``notes``; from :func:`~deepphase.reconstruction.from_file.reconstruct_file`, what it found in and about
         the file (scan, calibration, rotation and probe checks). Empty without checks.
     notes : list of str
-        What the user should check (from :func:`~deepphase.reconstruction.from_file.reconstruct_file`).
+        What the user should check (the checks' notes, as warned).
     """
 
     phase: np.ndarray
@@ -590,18 +590,18 @@ def reconstruct(
                "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
                "patterns_per_second": round((n - resumed_from) * draws / max(t_predict, 1e-9), 1)}
     rec = Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
-                          model.record(),
-                          {"stitching": stitching, "plane_removed": remove_plane,
-                           **dose_info,
-                           "removed_slope_rad_per_px": list(slopes), "precision": precision_used(precision, dev),
-                           "device": str(dev),
-                           "engine": engine if requested == engine else f"{engine} ({requested})", "input": (f"{model.in_channels} patterns: the 3×3 neighbourhood"
-                                                       if neighbours is not None else "one pattern"),
-                           "chunk_size": chunk_size, "resumed_from_pattern": resumed_from or None,
-                           "patches_reduced_on": str(dev) if on_device else "cpu",
-                           **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
-                           "uncertainty": uncertainty, "pixel_size_angstrom": sampling},
-                          spread)
+                         model.record(),
+                         {"stitching": stitching, "plane_removed": remove_plane,
+                          **dose_info,
+                          "removed_slope_rad_per_px": list(slopes), "precision": precision_used(precision, dev),
+                          "device": str(dev),
+                          "engine": engine if requested == engine else f"{engine} ({requested})", "input": (f"{model.in_channels} patterns: the 3×3 neighbourhood"
+                                                      if neighbours is not None else "one pattern"),
+                          "chunk_size": chunk_size, "resumed_from_pattern": resumed_from or None,
+                          "patches_reduced_on": str(dev) if on_device else "cpu",
+                          **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
+                          "uncertainty": uncertainty, "pixel_size_angstrom": sampling},
+                         spread)
     rec.metadata, rec.notes = ({"scan_checks": scan_checks, "notes": notes} if checks else {}), notes
     return rec
 
