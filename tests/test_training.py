@@ -451,3 +451,25 @@ def test_train_from_python_defaults_to_what_the_command_trains():
               if f.name != "corpus" and hasattr(args, f.name) and getattr(args, f.name) != getattr(config, f.name)]
     assert differ == []
     assert args.corpus == "mix" and config.corpus.phase_range == args.phase_range
+
+
+@pytest.mark.parametrize("name", ["default", "probe-aware", "neighbourhood", "seed-unet"])
+def test_trainconfig_like_a_model_is_the_recipe_the_command_takes_with_like(name, tmp_path, monkeypatch):
+    """TrainConfig.like(NAME) is what ``deepphase train --like NAME`` trains (the Python way to the recipe the probe
+    check's note points to); changes go on top."""
+    from deepphase import cli
+    from deepphase.training import loop
+
+    class Taken(Exception):
+        pass
+
+    def taken(probe, out, config, *args, **kwargs):
+        raise Taken(config)
+
+    monkeypatch.setattr(loop, "train", taken)
+    with pytest.raises(Taken) as caught:
+        cli.main(["train", "--like", name, "--out", str(tmp_path / "m")])
+    assert TrainConfig.like(name).to_dict() == caught.value.args[0].to_dict()
+    assert TrainConfig.like(name, epochs=2).epochs == 2
+    with pytest.raises(DeepPhaseError, match="changes: epoch are not TrainConfig fields"):
+        TrainConfig.like(name, epoch=2)

@@ -22,6 +22,7 @@ import os
 import shlex
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -133,6 +134,36 @@ class TrainConfig:
             elif isinstance(getattr(self, name), tuple):
                 d[name] = list(getattr(self, name))
         return d
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "TrainConfig":
+        """The inverse of :meth:`to_dict` (what a model.json's ``training`` records; its other entries, such as the
+        optimiser's settings and the history, are left out)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kept = {k: v for k, v in record.items() if k in fields}
+        if isinstance(kept.get("corpus"), dict):
+            kept["corpus"] = CorpusConfig.from_dict(kept["corpus"])
+        for name in ("dose", "source_size_px", "focal_spread_rad"):  # (a range: JSON's list, the config's tuple)
+            if isinstance(kept.get(name), list):
+                kept[name] = tuple(kept[name])
+        return cls(**kept)
+
+    @classmethod
+    def like(cls, model="default", **changes) -> "TrainConfig":
+        """The recipe ``model`` (a packaged model's name, a folder or a loaded model) was trained with, as
+        ``deepphase train --like MODEL`` takes it (not what it started from, ``init_from``, nor how its file was
+        stored, ``half``), with ``changes`` (fields) on top: ``TrainConfig.like("default", epochs=2)``."""
+        from ..models.modelfile import PhaseModel, load_model
+
+        loaded = model if isinstance(model, PhaseModel) else load_model(model)
+        record = (loaded.info or {}).get("training")
+        if not isinstance(record, dict):
+            raise DeepPhaseError(f"model: {loaded.name!r} records no training recipe to start from")
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise DeepPhaseError(f"changes: {', '.join(unknown)} are not TrainConfig fields")
+        recipe = {k: v for k, v in record.items() if k not in ("init_from", "half")}
+        return dataclasses.replace(cls.from_dict(recipe), **changes)
 
     def arch_config(self, geometry: Geometry) -> dict:
         """The architecture's configuration (``in_channels`` only for a neighbourhood, ``sigma_head`` only with it)."""
