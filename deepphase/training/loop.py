@@ -150,9 +150,10 @@ class TrainConfig:
 
     @classmethod
     def like(cls, model="default", **changes) -> "TrainConfig":
-        """The recipe ``model`` (a packaged model's name, a folder or a loaded model) was trained with, as
-        ``deepphase train --like MODEL`` takes it (not what it started from, ``init_from``, nor how its file was
-        stored, ``half``), with ``changes`` (fields) on top: ``TrainConfig.like("default", epochs=2)``."""
+        """The recipe ``model`` (a packaged model's name, a folder or a loaded model) records, as ``deepphase train
+        --like MODEL`` takes it from the command line such a model records (not what it started from,
+        ``init_from``), with ``changes`` (fields) on top: ``TrainConfig.like("default", epochs=2)``. Unlike the
+        command it also reads models trained from Python, which record no command line."""
         from ..models.modelfile import PhaseModel, load_model
 
         loaded = model if isinstance(model, PhaseModel) else load_model(model)
@@ -162,7 +163,7 @@ class TrainConfig:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise DeepPhaseError(f"changes: {', '.join(unknown)} are not TrainConfig fields")
-        recipe = {k: v for k, v in record.items() if k not in ("init_from", "half")}
+        recipe = {k: v for k, v in record.items() if k != "init_from"}
         return dataclasses.replace(cls.from_dict(recipe), **changes)
 
     def arch_config(self, geometry: Geometry) -> dict:
