@@ -54,11 +54,6 @@ def speaking_to_the_command_line():
         _AUDIENCE.reset(token)
 
 
-def from_python() -> bool:
-    """Whether the messages made now reach a caller in Python (not the command line)."""
-    return _AUDIENCE.get() != "command line"
-
-
 def in_callers_terms(message: str) -> str:
     """``message`` as the caller reads it: as written on the command line, else in the keywords of the entry point
     called from Python (:func:`in_api_words`)."""
@@ -87,8 +82,6 @@ def in_api_words(message: str, keywords: dict | None = None) -> str:
     ``overwrite=True``, "the same command" → "the same call", a leading ``input:`` → ``kind:``. ``keywords``:
     option → keyword (default :data:`KEYWORD_OF_OPTION`); other options, and command lines quoted whole, are
     left as they are."""
-    from . import _resources
-
     keywords = KEYWORD_OF_OPTION if keywords is None else keywords
 
     def keyword(match) -> str:
@@ -106,15 +99,9 @@ def in_api_words(message: str, keywords: dict | None = None) -> str:
             return f"{name}={value}"
         return f"{name}={value!r}"
 
-    models = sorted((p.name for p in (Path(_resources.__file__).parent / "models").iterdir() if p.is_dir()),
-                    key=len, reverse=True)
-    words = "|".join(sorted(_CHOICES, key=len, reverse=True) + models)  # (cuda-graphs before cuda)
-    value = rf"ROWS COLS|[0-9]+ [0-9]+|[A-Z][A-Z._]*|-?[0-9][0-9.]*|(?:cuda|xpu):[0-9]+|{words}"
-    option = re.compile(rf"(?<![\w-])--([a-z][a-z-]*)(?: ({value})(?![\w-]))?")
-
     def reworded(text: str) -> str:
         text = text.replace("the same command", "the same call")
-        return option.sub(keyword, text)
+        return _option_pattern().sub(keyword, text)
 
     # Left whole: a command line quoted whole (one to type, in another command's options; in backticks, whose
     # paths may hold quotes) and a quoted path (a folder may be named "--out").
@@ -128,6 +115,18 @@ def in_api_words(message: str, keywords: dict | None = None) -> str:
     if lead and isinstance(keywords.get(lead.group(1)), str):
         message = keywords[lead.group(1)] + message[lead.end(1):]
     return message
+
+
+@functools.lru_cache(maxsize=1)
+def _option_pattern() -> re.Pattern:
+    """An option and the value after it, if it is one (a placeholder, a number, a choice, a packaged model)."""
+    from . import _resources
+
+    models = sorted((p.name for p in (Path(_resources.__file__).parent / "models").iterdir() if p.is_dir()),
+                    key=len, reverse=True)
+    words = "|".join(sorted(_CHOICES, key=len, reverse=True) + models)  # (cuda-graphs before cuda)
+    value = rf"ROWS COLS|[0-9]+ [0-9]+|[A-Z][A-Z._]*|-?[0-9][0-9.]*|(?:cuda|xpu):[0-9]+|{words}"
+    return re.compile(rf"(?<![\w-])--([a-z][a-z-]*)(?: ({value})(?![\w-]))?")
 
 
 def in_callers_words(**own):
