@@ -763,19 +763,57 @@ def _without(tokens: list[str], options: dict) -> list[str]:
     return out
 
 
+def recipe_options(config, who: str = "config") -> list[str]:
+    """The ``deepphase train`` options that train ``config``'s recipe (a TrainConfig), without those a recorded
+    command's ``--like`` leaves out (the probe, folders, device): how ``train --like`` takes over the recipe of a
+    model trained from Python."""
+    from .data.phase_objects import CORPUS_PRESETS
+    from .physics.scan import REFERENCE_STEP_PX
+
+    def values(option, value):
+        return [option, *(str(float(v)) for v in np.atleast_1d(value))]
+
+    corpus = [name for name, mix in CORPUS_PRESETS.items() if mix == config.corpus.mix]
+    if not corpus:
+        raise DeepPhaseError(f"{who} trained on a corpus mix {config.corpus.mix} that no --corpus name gives "
+                             f"({', '.join(CORPUS_PRESETS)}); train it from Python with TrainConfig.like")
+    options = ["--arch", config.arch, "--epochs", str(config.epochs), "--steps-per-epoch", str(config.steps_per_epoch),
+               "--batch-size", str(config.batch_size), "--preset", config.preset, "--loss", config.loss,
+               "--corpus", corpus[0], *values("--phase-range", config.corpus.phase_range),
+               "--phase-scale", config.corpus.phase_scale,
+               *values("--lattice-spacing", config.corpus.lattice_spacing),
+               "--lattice-spacing-scale", config.corpus.lattice_spacing_scale,
+               "--seed", str(config.seed), "--val-size", str(config.val_size)]
+    optional = [("--lr", config.lr, config.lr is not None), ("--dose", config.dose, config.dose is not None),
+                ("--defocus-spread", config.defocus_spread, config.defocus_spread),
+                ("--probe-aware", config.aberration_range, config.aberration_range),
+                ("--source-size", config.source_size_px, np.any(config.source_size_px)),
+                ("--focal-spread", config.focal_spread_rad, np.any(config.focal_spread_rad))]
+    options += [token for option, value, given in optional if given for token in values(option, value)]
+    if config.neighbourhood != 1 or config.neighbourhood_step_px != REFERENCE_STEP_PX:
+        options += ["--neighbourhood", str(config.neighbourhood), *values("--neighbourhood-step",
+                                                                           config.neighbourhood_step_px)]
+    if config.sigma_head:
+        options += ["--sigma-head", "shared" if config.sigma_head is True else config.sigma_head, *values("--sigma-weight", config.sigma_weight)]
+    return options + (["--half"] if config.half else [])
+
+
 def _like_arguments(parser: argparse.ArgumentParser, args, argv: list[str]):
     """``train --like MODEL``: the model's recorded training options, then the command's own (the last wins)."""
     from .models.modelfile import load_model
+    from .training.loop import TrainConfig
 
     model = load_model(args.like)
-    recorded = ((getattr(model, "info", None) or {}).get("training") or {}).get("command")
-    if not recorded:
-        raise DeepPhaseError(f"like: model {args.like!r} records no training command to take the recipe from")
-    tokens = shlex.split(recorded)
-    if tokens[:2] != ["deepphase", "train"]:
-        raise DeepPhaseError(f"like: model {args.like!r} records {recorded!r}, not a 'deepphase train' command")
+    record = (getattr(model, "info", None) or {}).get("training")
+    if not isinstance(record, dict):
+        raise DeepPhaseError(f"like: model {args.like!r} records no training recipe to start from")
+    tokens = shlex.split(record.get("command") or "")
+    if tokens[:2] == ["deepphase", "train"]:
+        recipe = _without(tokens[2:], _NOT_LIKE)
+    else:  # trained from Python (its command is the script's): the options that train its recorded recipe
+        recipe = recipe_options(TrainConfig.like(model), f"like: model {args.like!r}")
     own = argv[argv.index("train") + 1 :]
-    expanded = ["train"] + _without(tokens[2:], _NOT_LIKE) + _without(own, {"--like": 1})
+    expanded = ["train"] + recipe + _without(own, {"--like": 1})
     new = parser.parse_args(expanded)
     new.command_line = "deepphase " + " ".join(shlex.quote(a) for a in expanded)
     print(f"deepphase train: the recipe of {args.like!r}: {new.command_line}", file=sys.stderr)

@@ -476,3 +476,57 @@ def test_trainconfig_like_a_model_is_the_recipe_the_command_takes_with_like(name
     assert TrainConfig.like(name, epochs=2).epochs == 2
     with pytest.raises(DeepPhaseError, match="changes: epoch are not TrainConfig fields"):
         TrainConfig.like(name, epoch=2)
+
+
+@pytest.mark.parametrize("name", ["default", "probe-aware", "neighbourhood", "seed-unet", "seed", "unet-small"])
+def test_recipe_options_train_the_recipe_they_were_made_from(name, tmp_path, monkeypatch):
+    """``recipe_options`` (how ``train --like`` reads a model trained from Python) inverts the command's parsing:
+    the options made from each packaged model's recipe train exactly that recipe, ``half`` included."""
+    from deepphase import cli
+    from deepphase.training import loop
+
+    class Taken(Exception):
+        pass
+
+    def taken(probe, out, config, *args, **kwargs):
+        raise Taken(config)
+
+    monkeypatch.setattr(loop, "train", taken)
+    recipe = TrainConfig.like(name)
+    with pytest.raises(Taken) as caught:
+        cli.main(["train", *cli.recipe_options(recipe), "--out", str(tmp_path / "m")])
+    assert caught.value.args[0].to_dict() == recipe.to_dict()
+
+
+def test_train_like_reads_the_recipe_of_a_model_trained_from_python(tmp_path, monkeypatch, capsys):
+    """A model trained from Python records its script as the command, not 'deepphase train': ``--like`` then takes
+    the recorded recipe (it refused such models before), and options given still win."""
+    import json
+    import shutil
+
+    from deepphase import cli
+    from deepphase.training import loop
+
+    folder = tmp_path / "from-python"
+    shutil.copytree(load_model("default").folder, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["training"]["command"] = "python my_training.py"
+    meta["training"]["lr"] = 5e-4
+    (folder / "model.json").write_text(json.dumps(meta))
+
+    class Taken(Exception):
+        pass
+
+    def taken(probe, out, config, *args, **kwargs):
+        raise Taken(config)
+
+    monkeypatch.setattr(loop, "train", taken)
+    with pytest.raises(Taken) as caught:
+        cli.main(["train", "--like", str(folder), "--epochs", "3", "--out", str(tmp_path / "m")])
+    config = caught.value.args[0]
+    assert config.lr == 5e-4 and config.epochs == 3 and config.arch == "compact" and config.sigma_head == "detached"
+    assert "--lr 0.0005" in capsys.readouterr().err
+    meta["training"]["corpus"]["mix"] = {"natural": 0.5, "lattice": 0.5}
+    (folder / "model.json").write_text(json.dumps(meta))
+    assert cli.main(["train", "--like", str(folder), "--out", str(tmp_path / "m")]) == 2
+    assert "no --corpus name gives" in capsys.readouterr().err

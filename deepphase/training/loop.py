@@ -152,8 +152,9 @@ class TrainConfig:
     def like(cls, model="default", **changes) -> "TrainConfig":
         """The recipe ``model`` (a packaged model's name, a folder or a loaded model) records, as ``deepphase train
         --like MODEL`` takes it from the command line such a model records (not what it started from,
-        ``init_from``), with ``changes`` (fields) on top: ``TrainConfig.like("default", epochs=2)``. Unlike the
-        command it also reads models trained from Python, which record no command line."""
+        ``init_from``), with ``changes`` (fields) on top: ``TrainConfig.like("default", epochs=2)``. It reads the
+        model's record, the command its command line (the two differ only in ``half``, which a model stored in float16
+        after training records and its command may not say); for a model trained from Python both read the record."""
         from ..models.modelfile import PhaseModel, load_model
 
         loaded = model if isinstance(model, PhaseModel) else load_model(model)
