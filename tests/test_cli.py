@@ -416,12 +416,37 @@ def test_phase_is_also_written_as_tiff_and_emd_with_the_pixel_size(tiny_scan, tm
         assert x_resolution[0] / x_resolution[1] == pytest.approx(1 / 0.2, rel=1e-4)
         assert tif.imagej_metadata["unit"] == "Angstrom"
     with h5py.File(out / "phase.emd", "r") as f:
-        group = f["data/phase"]
-        assert group.attrs["emd_group_type"] == 1
+        group = f["deepphase/phase"]
+        assert f.attrs["emd_group_type"] == "file" and group.attrs["emd_group_type"] == "array"
         np.testing.assert_array_equal(group["data"][()], phase)
-        assert group["dim1"].attrs["units"] == "Å"
-        assert group["dim1"][0] == pytest.approx(0.2 * meta["origin_px"][0])
-        assert group["dim2"][1] - group["dim2"][0] == pytest.approx(0.2)
+        assert group["dim0"].attrs["units"] == "A" and group["dim0"].attrs["name"] == "row"
+        assert group["dim0"][0] == pytest.approx(0.2 * meta["origin_px"][0])
+        assert group["dim1"][1] - group["dim1"][0] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("shape", [(24, 40)])
+def test_phase_emd_opens_the_right_way_round_in_hyperspy_and_py4dstem(shape, tmp_path):
+    """rosettasciio (HyperSpy's reader) transposes an EMD array whose dimensions are numbered from 1 (the NCEM
+    layout): phase.emd opened there was the image mirrored about its diagonal, a twist of the other sense.
+    Now both readers give phase.npy's values, rows as rows, with the pixel size and origin on each axis."""
+    from deepphase.reconstruction.pipeline import write_emd
+
+    phase = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    sigma = np.abs(phase) + 0.1
+    write_emd(tmp_path / "phase.emd", phase, 0.2, (15.0, 3.0), sigma)
+    rsciio_emd = pytest.importorskip("rsciio.emd")
+    signals = rsciio_emd.file_reader(str(tmp_path / "phase.emd"))
+    read = {s["metadata"]["General"]["title"]: s for s in signals}
+    for name, image in (("phase", phase), ("uncertainty", sigma)):
+        np.testing.assert_array_equal(read[name]["data"], image)
+        rows, cols = read[name]["axes"]
+        assert (rows["name"], rows["size"], cols["name"], cols["size"]) == ("row", shape[0], "col", shape[1])
+        assert rows["offset"] == pytest.approx(3.0) and cols["offset"] == pytest.approx(0.6)
+        assert rows["scale"] == pytest.approx(0.2) and cols["scale"] == pytest.approx(0.2)
+    emdfile = pytest.importorskip("emdfile")
+    array = emdfile.read(str(tmp_path / "phase.emd"), emdpath="deepphase/phase")
+    np.testing.assert_array_equal(array.data, phase)
+    assert array.dims[0][:2] == pytest.approx([3.0, 3.2]) and array.dim_units[0] == "A"
 
 
 def test_the_blend_is_deblurred_unless_asked_not_to(tiny_scan, tmp_path, capsys):

@@ -243,6 +243,25 @@ def test_emd_1_0_from_py4dstem(frames4d, tmp_path):
         data.close()
 
 
+def test_emd_1_0_from_emdfile_numbers_its_dimensions_from_0(frames4d, tmp_path):
+    """py4DSTEM from 0.14 writes through emdfile, whose dimension vectors are dim0..dim3: the scan steps are dim0's
+    and dim1's, the detector's sampling dim3's (read from dim1..dim4 they were shifted by one axis)."""
+    emdfile = pytest.importorskip("emdfile")
+    steps, units = (0.5, 0.6, 0.02, 0.03), ("A", "A", "A^-1", "A^-1")
+    cube = emdfile.Array(data=frames4d, name="datacube", dims=[np.arange(n) * d for n, d in zip(frames4d.shape, steps)],
+                         dim_units=list(units), dim_names=["Rx", "Ry", "Qx", "Qy"])
+    root = emdfile.Root(name="experiment")
+    root.tree(cube)
+    emdfile.save(str(tmp_path / "cube.h5"), root, mode="o")
+    data = load_scan(tmp_path / "cube.h5")
+    try:
+        assert data.scan_shape == (4, 5) and np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
+        assert data.info["scan_step_angstrom"] == pytest.approx([0.5, 0.6])
+        assert data.info["detector_sampling"] == {"value": pytest.approx(0.03), "units": "A^-1"}
+    finally:
+        data.close()
+
+
 def test_missing_reader_package_names_the_extra(frames4d, tmp_path, monkeypatch):
     path = write_mib(tmp_path / "scan.mib", frames4d.reshape(20, 64, 64), frames_per_trigger=5)
     monkeypatch.setitem(sys.modules, "rsciio", None)  # import rsciio now raises ImportError

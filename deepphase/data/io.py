@@ -1,8 +1,8 @@
 """Reading 4D-STEM data for reconstruction.
 
 Formats: .npy (memory-mapped), the .npz of ``deepphase simulate``, HDF5 (any 3-D/4-D dataset, and
-EMD 1.0 files as py4DSTEM writes them: a group with ``emd_group_type`` 1 holding ``data`` and
-``dim1..dimN``), and, with the ``files`` extra (``pip install deepphase[files]``), detector files
+EMD 1.0 files as py4DSTEM writes them: a group with ``emd_group_type`` 1 or ``"array"`` holding ``data`` and
+``dim1..dimN``, or ``dim0..dimN-1`` as emdfile numbers them), and, with the ``files`` extra (``pip install deepphase[files]``), detector files
 through rosettasciio — Quantum Detectors Merlin ``.mib`` (+ ``.hdr``), EMPAD ``.xml`` (+ ``.raw``),
 Gatan ``.dm4``/``.dm3``, NanoMegas ``.blo`` — and zarr arrays or groups.
 
@@ -319,13 +319,15 @@ def _attr_text(value) -> str:
 
 
 def _load_emd_group(handle, group: str, path: Path) -> ScanData:
-    """An EMD 1.0 data group: ``data`` (scan_row, scan_col, k_row, k_col) with ``dim1..dim4`` vectors."""
+    """An EMD 1.0 data group: ``data`` (scan_row, scan_col, k_row, k_col) with ``dim1..dim4`` vectors (py4DSTEM
+    before 0.14), or ``dim0..dim3`` (emdfile, py4DSTEM from 0.14)."""
     g = handle[group]
     ds = g["data"]
     if not _is_real_number(ds.dtype):
         raise ShapeError(f"data: EMD group {group!r} has dtype {ds.dtype}; expected real numbers")
     dims = []
-    for i in range(1, ds.ndim + 1):
+    first = 0 if "dim0" in g else 1
+    for i in range(first, first + ds.ndim):
         dim = g.get(f"dim{i}")
         if dim is None:
             dims.append(None)

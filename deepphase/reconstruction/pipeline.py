@@ -860,7 +860,7 @@ def _write_outputs(rec: Reconstruction, out_dir: Path, metadata: dict, sampling:
             "package_version": __version__,
             "phase_file": "phase.npy",
             "other_formats": {"phase.tif": "32-bit float TIFF (ImageJ), pixel size in Å if known",
-                              "phase.emd": "EMD 1.0 (HDF5) with dimension vectors in Å or pixels"},
+                              "phase.emd": "EMD 1.0 (HDF5, emdfile's layout) with dimension vectors in Å or pixels"},
             "phase_units": "rad (arbitrary constant offset)",
             **({"uncertainty_file": "uncertainty.npy", "uncertainty_units": "rad (one standard deviation)"}
                if rec.uncertainty is not None else {}),
@@ -897,31 +897,38 @@ def write_tiff(path: Path, phase: np.ndarray, sampling: float | None = None) -> 
 
 
 def write_emd(path: Path, phase: np.ndarray, sampling: float | None, origin_px, uncertainty=None) -> None:
-    """EMD 1.0 (HDF5): ``/data/phase`` with ``data`` (rad) and ``dim1``/``dim2`` in Å or pixels.
+    """EMD 1.0 (HDF5) as emdfile (py4DSTEM's) writes an Array: ``/deepphase/phase`` holding ``data`` (rad) and
+    ``dim0``/``dim1`` (row, col) in Å (``"A"``, py4DSTEM's spelling) or pixels; ``/deepphase/uncertainty`` alike.
 
-    The dimension vectors start at the object pixel of ``phase[0, 0]`` (``origin_px``), so positions in
-    the file are in the frame of the scan positions. Readable by py4DSTEM/emdfile, HyperSpy and h5py.
+    The dimension vectors are (start, start + step), emdfile's form of a linear axis, and start at the object pixel
+    of ``phase[0, 0]`` (``origin_px``), so positions in the file are in the frame of the scan positions. Numbered
+    from 0, as emdfile numbers them: rosettasciio (HyperSpy) reads such a file the right way round, where it
+    transposes one numbered from 1 (the NCEM layout, written in Fortran order). Readable by emdfile/py4DSTEM,
+    rosettasciio/HyperSpy and h5py.
     """
+    import uuid
+
     import h5py
 
     from .. import __version__
-    step, unit = (sampling, "Å") if sampling else (1.0, "pixels")
+    step, unit = (float(sampling), "A") if sampling else (1.0, "pixels")
     with atomic_path(path, ".emd") as tmp, h5py.File(tmp, "w") as f:
-        f.attrs.update({"version_major": 1, "version_minor": 0})
-        group = f.create_group("data").create_group("phase")
-        group.attrs["emd_group_type"] = 1
-        data = group.create_dataset("data", data=np.asarray(phase, dtype=np.float32))
-        data.attrs.update({"units": "rad", "note": "arbitrary constant offset"})
-        for axis, (name, start) in enumerate((("row", origin_px[0]), ("col", origin_px[1])), start=1):
-            dim = group.create_dataset(f"dim{axis}", data=(start + np.arange(phase.shape[axis - 1])) * step)
-            dim.attrs.update({"name": name, "units": unit})
-        if uncertainty is not None:
-            sigma = f["data"].create_group("uncertainty")
-            sigma.attrs["emd_group_type"] = 1
-            sigma.create_dataset("data", data=np.asarray(uncertainty, dtype=np.float32)).attrs["units"] = "rad"
-            sigma["dim1"], sigma["dim2"] = group["dim1"], group["dim2"]
-        f.create_group("microscope")
-        f.create_group("comments").attrs["software"] = f"deepphase {__version__}"
+        f.attrs.update({"emd_group_type": "file", "version_major": 1, "version_minor": 0, "UUID": str(uuid.uuid4()),
+                        "authoring_program": f"deepphase {__version__}", "authoring_user": ""})
+        root = f.create_group("deepphase")
+        root.attrs.update({"emd_group_type": "root", "python_class": "Root"})
+        for name, image in (("phase", phase), ("uncertainty", uncertainty)):
+            if image is None:
+                continue
+            group = root.create_group(name)
+            group.attrs.update({"emd_group_type": "array", "python_class": "Array"})
+            data = group.create_dataset("data", data=np.asarray(image, dtype=np.float32))
+            data.attrs["units"] = "rad"
+            if name == "phase":
+                data.attrs["note"] = "arbitrary constant offset"
+            for axis, (label, start) in enumerate((("row", origin_px[0]), ("col", origin_px[1]))):
+                dim = group.create_dataset(f"dim{axis}", data=np.array([start, start + 1.0]) * step)
+                dim.attrs.update({"name": label, "units": unit})
 
 
 def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, title: str | None = None,
