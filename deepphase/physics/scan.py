@@ -219,7 +219,9 @@ def object_in_scan_frame(image: np.ndarray, image_positions, scan_positions, ori
 
     grid = np.stack(np.meshgrid(np.arange(rows) + r0, np.arange(cols) + c0, indexing="ij")).reshape(2, -1)
     where = matrix @ grid + offset[:, None]
-    resampled = map_coordinates(image, where, order=1, mode="constant", cval=np.nan).reshape(rows, cols)
+    # Cubic: within 0.003 of a quintic spline's correlation on the scans of RESULTS §43, where linear interpolation's
+    # blur moved it by up to 0.015 (a smoothed truth flatters a smooth reconstruction, and wrongs a sharp one).
+    resampled = map_coordinates(image, where, order=3, mode="constant", cval=np.nan).reshape(rows, cols)
     return resampled, {"matrix": matrix.tolist(), "offset_px": offset.tolist(), "residual_px": residual}
 
 
