@@ -45,3 +45,21 @@ def cache_dir() -> Path | None:
         return Path(chosen).expanduser()
     base = os.environ.get("XDG_CACHE_HOME", "").strip()
     return (Path(base).expanduser() if base else Path.home() / ".cache") / "deepphase"
+
+
+#: The packages whose versions a result records (those installed): what computed it, and what read and wrote it.
+RECORDED_PACKAGES = ("deepphase", "torch", "numpy", "scipy", "onnxruntime", "h5py", "rosettasciio", "libertem",
+                     "abtem", "ase", "py4DSTEM")
+
+
+def package_versions() -> dict:
+    """``{package: version}`` of :data:`RECORDED_PACKAGES` that are installed, for a result's metadata."""
+    import importlib.metadata as md
+
+    out = {}
+    for dist in RECORDED_PACKAGES:
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out

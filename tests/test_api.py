@@ -118,6 +118,13 @@ def test_reconstruct_file_makes_what_the_command_makes_and_tells_what_to_check(p
     different = {key for key in api.keys() | cli.keys() if api.get(key) != cli.get(key)}
     assert different <= {"command", "timings", "processing"}, different
     assert api["scan_shape"] == [24, 24] and api["rotation_deg"] == 30 and api["notes"] == []
+    # the run's time includes its checks (it was the network's and the stitcher's alone), and says what computed it
+    import torch
+
+    timings = api["timings"]
+    assert timings["checks_s"] > 0
+    assert timings["total_s"] >= timings["checks_s"] + timings["predict_s"] + timings["stitch_s"]
+    assert api["versions"]["torch"] == torch.__version__ and api["versions"]["deepphase"] == deepphase.__version__
 
 
 def test_reconstruct_file_refuses_what_it_cannot_do_before_reading_the_file(tmp_path):

@@ -26,6 +26,7 @@ from ..wording import in_callers_words
 from ..io_utils import atomic_path, save_json, save_png
 from ..physics.forward import dose_per_area
 from ..physics.scan import REFERENCE_STEP_PX, raster_positions
+from ..runtime import package_versions
 from . import metrics
 
 SEED_DOSE = 27881.8  # electrons per pattern of the original training (the reference probe's own scale)
@@ -603,18 +604,6 @@ def default_cache_dir() -> Path | None:
     return None if folder is None else folder / "multislice"
 
 
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {}
-    for dist in ("deepphase", "torch", "numpy", "scipy", "abtem", "ase", "py4DSTEM"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
-
 @in_callers_words(out="out_dir", **{"divide-source": ("divide_source", True), "cache-dir": "cache_dir"})
 def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None, specimens=None, doses=None,
              scan_shape=None, seed: int = 0, overwrite: bool = False, progress: bool | None = None,
@@ -667,7 +656,7 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
                 "forward_models": forward, "source_size_angstrom": SOURCE_SIZE,
                 "source_divided_out": divide_source, "phase_object_source_size_px": source_size_px,
                 "doses_e_per_pattern": doses, "scan_shape": list(scan_shape), "step_px": REFERENCE_STEP_PX,
-                "probe": "reference", "noise": "Poisson", "seed": seed, "repeats": repeats, "versions": _versions(),
+                "probe": "reference", "noise": "Poisson", "seed": seed, "repeats": repeats, "versions": package_versions(),
                 "machine": f"{platform.machine()}, {platform.system()}, {__import__('os').cpu_count()} CPUs",
                 "wall_s": round(time.perf_counter() - t0, 1)}
     write_report(rows, images, out_dir, settings, overwrite=overwrite)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -340,6 +341,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     from ..physics.scan import check_spacing, raster_positions
     from .pipeline import reconstruct, uncertainty_method, with_source_divided_out
 
+    t_start = time.perf_counter()
     notes = []
     note = _noting(notes, log)
 
@@ -435,6 +437,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     if flip_patterns:
         view, amplitudes = _flipped(view, amplitudes)
     rotation_figure = None  # what the DPC criterion saw, drawn once the image is written
+    t_checks = time.perf_counter()
     if step_auto:
         scan_info = {"scan_shape": list(shape), "step_px": None, "fastest": fastest or default_fastest,
                      "rotation_deg": 0.0 if rotation_deg == "auto" else float(rotation_deg)}
@@ -461,6 +464,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
                                  energy or scan.info.get("energy_kev"))
     if model.probe_aware:
         model, scan_info = _tell_probe(model, scan_info)
+    t_checks = time.perf_counter() - t_checks
     # (the network is given only the pixel size the user gave, to check against the model's; the files get the
     # calibration's too)
     sampling_written = sampling or (calibrated or {}).get("real_space_sampling_angstrom")
@@ -518,6 +522,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         note(scan_info["probe_aware"]["note"])
     rec.metadata = {**metadata, "notes": notes}
     rec.notes = notes
+    rec.timings = {**rec.timings, "checks_s": round(t_checks, 3), "total_s": round(time.perf_counter() - t_start, 3)}
     if out is not None:
         _write(rec, out, sampling_written, overwrite, written)
         shutil.rmtree(partial, ignore_errors=True)  # complete: the progress is no longer needed

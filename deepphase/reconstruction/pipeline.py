@@ -23,7 +23,7 @@ from ..io_utils import atomic_path, save_json, save_npy, save_png
 from ..models.modelfile import PhaseModel, check_compatible, load_model
 from ..physics.geometry import output_mask
 from ..physics.scan import check_spacing, validate_positions
-from ..runtime import resolve_device
+from ..runtime import package_versions, resolve_device
 from ..wording import in_callers_terms, in_callers_words, note_to_caller
 from .deblur import deblur_blend, deconvolve_source, electrons_per_pattern, resolve_deblur, source_regularisation
 from .predict import check_sigma_head, precision_used, predict_patches
@@ -53,8 +53,12 @@ class Reconstruction:
         The same image on the object grid from pixel (0, 0), as large as the stitcher's canvas (NaN where no
         probe reached).
     timings : dict
-        Seconds: ``engine_setup_s``, ``setup_s``, ``predict_s``, ``stitch_s`` and ``total_s`` (of this call,
-        from its start; loading the model before it is not included), and ``patterns_per_second``.
+        Seconds: ``checks_s`` (the scan checks), ``engine_setup_s``, ``setup_s``, ``predict_s``, ``stitch_s`` and
+        ``total_s`` (of this call, from its start: a model it loads and the checks included, a model loaded
+        before it not), and ``patterns_per_second``. From
+        :func:`~deepphase.reconstruction.from_file.reconstruct_file`: ``checks_s`` its rotation, step and probe
+        checks, ``total_s`` the whole run once the file is open (calibration, checks, reconstruction; the
+        outputs' writing excluded).
     model_info : dict
         Which model made it (:meth:`~deepphase.models.modelfile.PhaseModel.record`).
     processing : dict
@@ -399,6 +403,7 @@ def reconstruct(
     InterruptedReconstruction
         On Ctrl-C (KeyboardInterrupt), after saving the progress to ``checkpoint`` if given.
     """
+    t_call = time.perf_counter()
     if uncertainty is not None:
         if uncertainty_samples or sigma_head:
             raise ValueRangeError("uncertainty: give it, or uncertainty_samples / sigma_head, not both")
@@ -462,6 +467,7 @@ def reconstruct(
         notes.append(dose_info["dose_note"])
         note_to_caller(dose_info["dose_note"])
     scan_checks = {}
+    t_checks = time.perf_counter()
     if checks:  # (after the arguments are checked: a call refused says nothing else)
         from .checks import check_scan
 
@@ -470,6 +476,7 @@ def reconstruct(
         for text in scan_checks.pop("notes"):
             notes.append(in_callers_terms(text))
             note_to_caller(text)
+    t_checks = time.perf_counter() - t_checks
     neighbours = None
     if model.in_channels > 1:  # a neighbourhood model: each position's 3×3 frames, found once per scan
         from .neighbourhood import neighbour_indices
@@ -586,8 +593,9 @@ def reconstruct(
                                                               dose_info["deblurred"], dose_info["electrons_per_pattern"],
                                                               sigma_head)
     t2 = time.perf_counter()
-    timings = {"engine_setup_s": round(t_engine, 3), "setup_s": round(t_setup, 3), "predict_s": round(t_predict, 3),
-               "stitch_s": round(t_reduce + t2 - t1, 3), "total_s": round(t2 - t0, 3),
+    timings = {"checks_s": round(t_checks, 3), "engine_setup_s": round(t_engine, 3), "setup_s": round(t_setup, 3),
+               "predict_s": round(t_predict, 3), "stitch_s": round(t_reduce + t2 - t1, 3),
+               "total_s": round(t2 - t_call, 3),
                "patterns_per_second": round((n - resumed_from) * draws / max(t_predict, 1e-9), 1)}
     rec = Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
                          model.record(),
@@ -858,6 +866,7 @@ def _write_outputs(rec: Reconstruction, out_dir: Path, metadata: dict, sampling:
             save_npy(staging / "uncertainty.npy", rec.uncertainty)
         meta = {
             "package_version": __version__,
+            "versions": package_versions(),
             "phase_file": "phase.npy",
             "other_formats": {"phase.tif": "32-bit float TIFF (ImageJ), pixel size in Å if known",
                               "phase.emd": "EMD 1.0 (HDF5, emdfile's layout) with dimension vectors in Å or pixels"},
