@@ -943,6 +943,8 @@ def write_emd(path: Path, phase: np.ndarray, sampling: float | None, origin_px, 
 def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, title: str | None = None,
                truth: np.ndarray | None = None) -> None:
     """A PNG of the phase with a colour bar (rad) and a scale bar (Å if the sampling is known, else pixels)."""
+    from matplotlib import patheffects
+
     from ..io_utils import new_figure
 
     panels = [("reconstruction", phase)] + ([("truth", truth)] if truth is not None else [])
@@ -956,8 +958,12 @@ def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, tit
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="phase (rad, mean removed)")
         length_px, unit = _scale_bar(image.shape[1], sampling)
         r, c = image.shape[0] * 0.92, image.shape[1] * 0.05
-        ax.plot([c, c + length_px], [r, r], color="white", lw=3)
-        ax.text(c + length_px / 2, r - image.shape[0] * 0.03, unit, color="white", ha="center", va="bottom", fontsize=9)
+        # outlined in black: readable on the white of NaN corners (a turned scan's) as on the colour map
+        outline = [patheffects.withStroke(linewidth=2.5, foreground="black")]
+        ax.plot([c, c + length_px], [r, r], color="white", lw=3, solid_capstyle="butt",
+                path_effects=[patheffects.withStroke(linewidth=5, foreground="black")])
+        ax.text(c + length_px / 2, r - image.shape[0] * 0.03, unit, color="white", ha="center", va="bottom", fontsize=9,
+                path_effects=outline)
     if title and len(panels) > 1:
         fig.suptitle(title)
     fig.tight_layout()
