@@ -54,7 +54,8 @@ def _add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--semi-angle", type=_positive, help="convergence semi-angle in mrad")
     g.add_argument("--defocus", type=_finite, default=0.0, help="defocus in Å, positive = underfocus (default 0)")
     g.add_argument("--cs", type=_finite, default=0.0, help="spherical aberration C30 in Å (default 0)")
-    g.add_argument("--sampling", type=_positive, help="real-space pixel size in Å (with --energy)")
+    g.add_argument("--sampling", type=_positive, help="real-space pixel size in Å (with --energy; for simulate also "
+                                                        "with a probe file: the pixel size its .npz records)")
     g.add_argument("--grid", type=_count, default=32, help="probe and pattern grid in pixels (default 32)")
 
 
@@ -73,7 +74,9 @@ class _ArchitectureNames:
         return iter(list_models())
 
 
-def _probe_from_args(args) -> tuple:
+def _probe_from_args(args, sampling_alone: bool = False) -> tuple:
+    """The probe the options give and what to record of it; ``sampling_alone``: ``--sampling`` may come without
+    optics (simulate: the pixel size its file records), else it is refused there as doing nothing."""
     from .physics.probe import ProbeParameters, load_probe, probe_from_parameters
 
     if args.energy is not None or args.semi_angle is not None:
@@ -87,6 +90,9 @@ def _probe_from_args(args) -> tuple:
         return probe_from_parameters(params), info
     ignored = [name for name, given in (("--defocus", args.defocus != 0.0), ("--cs", args.cs != 0.0),
                                         ("--grid", args.grid != 32)) if given]
+    if args.sampling is not None and not sampling_alone and not ignored:
+        raise DeepPhaseError(f"probe: --sampling is the pixel size of a probe built from optics (with --energy and "
+                             f"--semi-angle); with --probe {args.probe} it would do nothing")
     if ignored:
         raise DeepPhaseError(f"probe: {', '.join(ignored)} build a probe from optics (with --energy, --semi-angle and "
                              f"--sampling); with --probe {args.probe} they would do nothing")
@@ -199,7 +205,7 @@ def _cmd_simulate(args) -> None:
         raise DeepPhaseError(f"out: expected a file name ending in .npz, got {str(out)!r}")
     if out.exists() and not args.overwrite:
         raise DeepPhaseError(f"out: {str(out)!r} exists; choose another name or pass --overwrite")
-    probe, probe_info = _probe_from_args(args)
+    probe, probe_info = _probe_from_args(args, sampling_alone=True)
     if args.positions is None and args.scan_shape is None:
         args.scan_shape = [64, 64]
     if args.positions is None and args.step is None:
@@ -234,6 +240,10 @@ def _cmd_simulate(args) -> None:
     scan = simulate_scan(truth, probe, positions, dose=dose, seed=args.seed, noise=not args.no_noise,
                          source_size_px=args.source_size, detector_psf_px=args.detector_psf,
                          focal_spread_rad=args.focal_spread)
+    if args.sampling is not None and "sampling" not in probe_info:  # a probe file's pixel size: the files' scale
+        probe_info = {**probe_info, "sampling": args.sampling}
+    if args.dose_per_area is not None:
+        probe_info = {**probe_info, "dose_per_area_electrons_per_angstrom2": args.dose_per_area}
     parameters = {"object": source, "dose_electrons_per_pattern": scan.dose, "noise": not args.no_noise,
                   **{k: v for k, v in scan.parameters.items() if k in ("source_size_px", "detector_psf_px", "focal_spread_rad", "coherent_modes")},
                   "seed": args.seed, **scan_info, **probe_info,
@@ -614,7 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="divide out the blur of blending sub-pixel patches (atomic contrast 10–25 %% stronger, "
                         "more noise at the finest scale): auto (default) unless the patterns are counts below "
                         "10,000 electrons per pattern; never with --stitching seed")
-    p.add_argument("--pixel-size", type=_positive, help="real-space pixel size in Å (for the scale bar and checks)")
+    p.add_argument("--pixel-size", type=_positive, help="real-space pixel size in Å (for the scale bar and checks; default: the "
+                        "calibration's, or the one a 'deepphase simulate' file records; a given one that differs "
+                        "from them by more than 5 %% is noted)")
     p.add_argument("--batch-size", type=_count, default=512, help="patterns per forward pass (default 512)")
     p.add_argument("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="network arithmetic (default auto: bfloat16 on a GPU, float32 on a CPU)")

@@ -56,6 +56,22 @@ def test_simulate_then_reconstruct_round_trip(tmp_path, capsys):
     assert not [p for p in (tmp_path / "rec").iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
+def test_the_pixel_size_a_simulation_records_reaches_the_outputs_and_a_different_one_given_is_noted(tmp_path, capsys):
+    """``simulate --sampling`` with a probe file was dropped without a word and the outputs were in pixels; now
+    the .npz records it, reconstruct writes the files at it, and a --pixel-size that differs is noted. train refuses
+    a --sampling that would do nothing."""
+    data = tmp_path / "scan.npz"
+    assert run(["simulate", "--scan-shape", 10, 10, "--sampling", 0.2, "--out", data], capsys)[0] == 0
+    code, _, err = run(["reconstruct", data, "--out", tmp_path / "own"], capsys)
+    assert code == 0 and "pixel size" not in err, err
+    assert json.loads((tmp_path / "own" / "metadata.json").read_text())["pixel_size_angstrom"] == 0.2
+    code, _, err = run(["reconstruct", data, "--pixel-size", 0.5, "--out", tmp_path / "given"], capsys)
+    assert code == 0 and "the pixel size given (0.5 Å) is not the file's (0.2 Å)" in err
+    assert json.loads((tmp_path / "given" / "metadata.json").read_text())["pixel_size_angstrom"] == 0.5
+    code, _, err = run(["train", "--sampling", 0.2, "--out", tmp_path / "model"], capsys)
+    assert code == 2 and "--sampling is the pixel size of a probe built from optics" in err
+
+
 def test_the_truth_is_compared_through_the_positions_given(tmp_path, capsys):
     """A scan simulated 12° turned, reconstructed as an unturned raster: the image is the specimen turned, so
     the truth is taken through the same geometry before the correlation (high), and the metadata say how

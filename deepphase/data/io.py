@@ -19,6 +19,7 @@ EMPAD .raw, .blo), whose complete scan rows are kept (``info["truncated"]`` says
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,7 +194,8 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
                     frames, shape = _frames_from_array(archive[key], f"{path}:{key}")
                     positions = archive["positions"] if "positions" in archive.files else None
                     truth = archive["truth"] if "truth" in archive.files else None
-                    return ScanData(frames, shape, kind, positions, truth, _basic_info("npz", frames, shape))
+                    return ScanData(frames, shape, kind, positions, truth,
+                                    _basic_info("npz", frames, shape, pixel_size_angstrom=_npz_sampling(archive)))
         except DeepPhaseError:
             raise
         except Exception as exc:
@@ -211,6 +213,18 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
         f"data: unknown file type {suffix!r} of {str(path)!r}; expected .npy, .npz, .h5/.hdf5/.emd, .zarr, "
         ".mib, .xml (EMPAD), .dm4/.dm3 or .blo"
     )
+
+
+def _npz_sampling(archive) -> float | None:
+    """The real-space pixel size (Å) a ``deepphase simulate`` .npz records in its ``parameters`` (given with
+    ``--sampling``), or None."""
+    if "parameters" not in archive.files:
+        return None
+    try:
+        value = json.loads(str(archive["parameters"])).get("sampling")
+    except (ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) and np.isfinite(value) and value > 0 else None
 
 
 def _basic_info(fmt: str, frames, scan_shape, **extra) -> dict:

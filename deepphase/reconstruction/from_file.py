@@ -330,6 +330,10 @@ def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
                                     "--overwrite")
 
 
+#: A pixel size given beside one the data measure or record is noted when they differ by more than this share.
+PIXEL_SIZE_TOLERANCE = 0.05
+
+
 def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions, scan_shape, step_px,
                       rotation_deg, fastest, kind, calibration, gain, energy, semi_angle, mrad_per_px,
                       model_mrad_per_px, probe_check, flip_patterns, stitching, source_size_px, deblur, sampling,
@@ -467,7 +471,12 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     t_checks = time.perf_counter() - t_checks
     # (the network is given only the pixel size the user gave, to check against the model's; the files get the
     # calibration's too)
-    sampling_written = sampling or (calibrated or {}).get("real_space_sampling_angstrom")
+    measured = (calibrated or {}).get("real_space_sampling_angstrom") or scan.info.get("pixel_size_angstrom")
+    if sampling and measured and abs(sampling / measured - 1) > PIXEL_SIZE_TOLERANCE:
+        note(f"the pixel size given ({sampling:.4g} Å) is not the "
+             + ("calibration's" if calibrated else "file's") + f" ({measured:.4g} Å); the outputs are written at the "
+             "given one: check --pixel-size, or leave it out to use the " + ("calibration's" if calibrated else "file's"))
+    sampling_written = sampling or measured
     samples, head = uncertainty_method(uncertainty)
     partial = out / PARTIAL_FOLDER if out is not None else None
     if workers is not None or scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
