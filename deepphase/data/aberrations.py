@@ -830,12 +830,17 @@ def plot_scan_step(found: dict, path) -> None:
     search = found["search"]
     steps, shares = np.asarray(search["steps_px"]), np.asarray(search["explained"])
     usable = shares > 0
-    axis.plot(steps[usable], shares[usable], "o-", color="tab:blue", label="search grid (each with its own fit)")
-    axis.axvline(found["step_px"], color="k", lw=1,
-                 label=f"found: {found['step_px']:.4f} px (explains {found['explained']:.3f})")
-    if found.get("given_step_px") is not None:
-        axis.axvline(found["given_step_px"], color="tab:red", ls="--", lw=1,
-                     label=f"given: {found['given_step_px']:g} px (explains {found['explained_given']:.3f})")
+    # The grid's shares are each on that step's own strongest frequencies; the found and the given step are
+    # compared on one set both use, so their shares are on another scale than the curve's: said apart.
+    axis.plot(steps[usable], shares[usable], "o-", color="tab:blue",
+              label=f"search grid: each step's fit on its own {GRID_FREQUENCIES} strongest frequencies")
+    given = found.get("given_step_px")
+    axis.axvline(found["step_px"], color="k", lw=1, label=f"found: {found['step_px']:.4f} px"
+                 + ("" if given is not None else f" (explains {found['explained']:.3f} of its frequencies)"))
+    if given is not None:
+        axis.axvline(given, color="tab:red", ls="--", lw=1,
+                     label=f"given: {given:g} px; on the frequencies both use, the found step explains "
+                           f"{found['explained']:.3f}, the given {found['explained_given']:.3f}")
     axis.set_xscale("log")
     ticks = [t for t in (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0) if steps.min() / 1.05 <= t <= steps.max() * 1.05]
     axis.set_xticks(ticks, [f"{t:g}" for t in ticks])
