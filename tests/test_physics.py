@@ -53,22 +53,41 @@ def test_phase_ramp_shifts_the_pattern(probe, shift):
     np.testing.assert_allclose(tilted, np.roll(flat, shift, axis=(0, 1)), rtol=1e-8, atol=1e-8 * flat.max())
 
 
-def test_flipped_patterns_are_the_far_field_of_the_mirrored_exit_wave(probe, rng):
+@pytest.mark.parametrize("n", [32, 31])
+def test_flipped_patterns_are_the_far_field_of_the_mirrored_exit_wave(n, probe, rng):
     """|F(ψ)|(−k_row, k_col) = |F(ψ mirrored in rows)|(k): the mirror about the zero frequency at n//2 is the
-    far field of the exit wave mirrored about its own centre n//2 (row i → (n − i) mod n)."""
-    n = 32
+    far field of the exit wave mirrored in rows (row i → (n − i) mod n; a shift does not change |F|). On an odd
+    grid too, where the old flip moved the centre row by one."""
+    illumination = probe if n == 32 else rng.normal(size=(n, n)) + 1j * rng.normal(size=(n, n))
     phase = rng.normal(size=(3, n, n))
-    exit_wave = probe * np.exp(1j * phase)
+    exit_wave = illumination * np.exp(1j * phase)
     mirrored = np.roll(exit_wave[:, ::-1, :], 1, axis=1)
     amplitude = far_field(torch.as_tensor(exit_wave)).abs().numpy()
     expected = far_field(torch.as_tensor(mirrored)).abs().numpy()
     np.testing.assert_allclose(flip_patterns(amplitude), expected, rtol=1e-9, atol=1e-9 * expected.max())
     assert not np.allclose(amplitude, expected, atol=1e-3 * expected.max())  # the probe and phase are not symmetric
     np.testing.assert_array_equal(flip_patterns(flip_patterns(amplitude)), amplitude)
+    c = n // 2
     centre = np.zeros((n, n))
-    centre[16, 16], centre[16 + 3, 16 - 2] = 1.0, 2.0
+    centre[c, c], centre[c + 3, c - 2] = 1.0, 2.0
     flipped = flip_patterns(centre)
-    assert flipped[16, 16] == 1.0 and flipped[16 - 3, 16 - 2] == 2.0
+    assert flipped[c, c] == 1.0 and flipped[c - 3, c - 2] == 2.0
+
+
+def test_physics_helpers_refuse_what_has_no_meaning_with_a_named_error():
+    """Zero or missing values gave ZeroDivisionError, numpy's reduction errors or a silent (0, 0) array."""
+    from deepphase.physics import bin_image, dose_per_area, real_space_sampling, shift_probe, upsample_nearest
+    from deepphase.physics.scan import validate_positions
+
+    for call, match in ((lambda: validate_positions(np.zeros((0, 2)), 0), "no scan positions"),
+                        (lambda: dose_per_area(1000.0, 0.0), "step"), (lambda: dose_per_area(0.0, 1.0), "dose"),
+                        (lambda: angular_sampling(0, 0.2, 300.0), "n_px"),
+                        (lambda: real_space_sampling(32, 0.0, 300.0), "mrad_per_px"),
+                        (lambda: bin_image(np.ones((8, 8)), 0), "factor"),
+                        (lambda: upsample_nearest(np.ones((8, 8)), 0), "factor"),
+                        (lambda: shift_probe(np.ones((8, 8), complex), 0.5), "shift")):
+        with pytest.raises(DeepPhaseError, match=match):
+            call()
 
 
 def test_mean_counts_match_the_dose_within_poisson_error(probe):

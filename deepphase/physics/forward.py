@@ -84,4 +84,8 @@ def dose_per_pattern(dose_per_area: float, step: float) -> float:
 
 def dose_per_area(dose_per_pattern_: float, step: float) -> float:
     """Dose in e/Å² of a raster with ``step`` Å and ``dose_per_pattern_`` electrons per pattern."""
+    if not dose_per_pattern_ > 0 or not step > 0:
+        raise ValueRangeError(
+            f"dose_per_pattern and step: expected positive numbers, got {dose_per_pattern_!r} electrons and {step!r} Å"
+        )
     return dose_per_pattern_ / (step * step)

@@ -58,8 +58,14 @@ def crop_window(array, geometry: Geometry):
     return array[..., s : s + c, s : s + c]
 
 
+def _check_factor(factor) -> None:
+    if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
+        raise ValueRangeError(f"factor: expected a positive whole number, got {factor!r}")
+
+
 def upsample_nearest(array, factor: int):
     """Nearest-neighbour upsampling of the last two axes by an integer factor (NumPy or torch)."""
+    _check_factor(factor)
     if factor == 1:
         return array
     return array.repeat_interleave(factor, -2).repeat_interleave(factor, -1) if hasattr(
@@ -97,6 +103,7 @@ def output_mask(probe: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 def bin_image(image: np.ndarray, factor: int) -> np.ndarray:
     """Mean over ``factor × factor`` blocks (the inverse of nearest upsampling); trims ragged edges."""
+    _check_factor(factor)
     if factor == 1:
         return image
     r, c = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor

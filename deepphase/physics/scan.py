@@ -79,6 +79,8 @@ def validate_positions(positions, n_frames: int) -> np.ndarray:
         raise ShapeError(f"positions: expected an array of shape (N, 2) with (row, col), got shape {positions.shape}")
     if not np.issubdtype(positions.dtype, np.number):
         raise ShapeError(f"positions: expected numbers, got dtype {positions.dtype}")
+    if positions.shape[0] == 0:
+        raise ShapeError("positions: no scan positions (an empty (0, 2) array)")
     if positions.shape[0] != n_frames:
         raise ShapeError(
             f"positions: {positions.shape[0]} positions do not match the {n_frames} diffraction patterns"
@@ -232,8 +234,8 @@ def flip_patterns(patterns: np.ndarray) -> np.ndarray:
     not: a detector read with its rows in the opposite sense to the scan's (a camera mounted or a reader
     storing rows the other way) records |F(ψ)|(−k_row, k_col), the pattern of the mirrored exit wave, and
     every patch comes out mirrored about its own probe position. Flipping the patterns undoes it. The mirror
-    is about the zero frequency at index n//2 (DESIGN.md): row i goes to row (n − i) mod n, so a centred
-    pattern stays centred. :func:`deepphase.data.calibration.find_scan_rotation` tells which handedness a
+    is about the zero frequency at index n//2 (DESIGN.md): row i goes to row (2·(n//2) − i) mod n ((n − i) mod n
+    for even n, n − 1 − i for odd), so a centred pattern stays centred. :func:`deepphase.data.calibration.find_scan_rotation` tells which handedness a
     scan has.
 
     Parameters
@@ -248,4 +250,5 @@ def flip_patterns(patterns: np.ndarray) -> np.ndarray:
     patterns = np.asarray(patterns)
     if patterns.ndim < 2:
         raise ShapeError(f"patterns: expected an array (..., n, n), got shape {patterns.shape}")
-    return np.roll(patterns[..., ::-1, :], 1, axis=-2)
+    n = patterns.shape[-2]
+    return np.roll(patterns[..., ::-1, :], 2 * (n // 2) - (n - 1), axis=-2)
