@@ -7,6 +7,7 @@ from scipy import ndimage
 from deepphase.errors import ShapeError, ValueRangeError
 from deepphase.evaluation import metrics
 from deepphase.evaluation.baselines import center_of_mass, idpc_phase, integrate_gradient
+from deepphase.evaluation.harness import markdown_table
 from deepphase.physics import raster_positions, reference_probe
 from deepphase.data.simulate import required_object_shape, simulate_scan
 
@@ -28,6 +29,9 @@ def test_identical_images_score_perfectly(smooth_image):
     assert figures["ssim"] == pytest.approx(1.0)
     assert figures["shift_px"] == pytest.approx([0.0, 0.0], abs=0.05)
     assert figures["frc_resolution_0.5"] == pytest.approx(2.0)  # Nyquist: the FRC never drops
+    assert figures["frc_at_sampling_limit_0.5"] and figures["frc_at_sampling_limit_1/7"]  # a bound, said so
+    table = markdown_table([{"specimen": "s", "method": "m", **figures}])
+    assert "≤ 2.00 px" in table
 
 
 def test_offset_and_scale_are_recovered(smooth_image):
@@ -79,6 +83,8 @@ def test_frc_resolution_of_an_ideal_low_pass_is_its_cutoff(cutoff_px):
     low_pass = np.fft.ifft2(np.fft.fft2(truth) * (k < 1 / cutoff_px)).real
     freq, frc = metrics.fourier_ring_correlation(low_pass, truth)
     assert metrics.frc_resolution(freq, frc, 0.5) == pytest.approx(cutoff_px, rel=0.08)
+    figures = metrics.evaluate(low_pass, truth)
+    assert not figures["frc_at_sampling_limit_0.5"] and "≤" not in markdown_table([{"method": "m", **figures}])
     # With a pixel size the resolution comes out in Å.
     freq_a, frc_a = metrics.fourier_ring_correlation(low_pass, truth, pixel_size=0.2)
     assert metrics.frc_resolution(freq_a, frc_a, 0.5) == pytest.approx(0.2 * cutoff_px, rel=0.08)

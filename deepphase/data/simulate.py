@@ -23,6 +23,8 @@ from ..physics.scan import validate_positions
 
 @dataclass
 class SimulatedScan:
+    """A simulated scan (:func:`simulate_scan`): what a detector would record, and the truth it was made from."""
+
     amplitude: np.ndarray  # (N, n, n) float32, sqrt(counts)
     positions: np.ndarray  # (N, 2)
     truth: np.ndarray  # phase image (radians) on the object grid
@@ -79,6 +81,14 @@ def simulate_scan(
         the phase it adds at the bright-field disk's edge in rad (0: none); through the same modes.
     detector_psf_px : standard deviation of the detector's Gaussian point spread, detector pixels (0: none);
         applied to the expected counts before the Poisson noise, as a counting detector does.
+    batch_size : patterns simulated at a time (default 1024).
+    progress : a progress bar (tqdm): None (default) shows one where the output is a terminal.
+
+    Returns
+    -------
+    SimulatedScan
+        ``amplitude`` (N, n, n) float32 √counts, ``positions`` (N, 2) float64 as given, ``truth`` a float64 copy
+        of ``phase``, ``dose`` (electrons per pattern) and ``parameters`` (what else was simulated).
     """
     if np.iscomplexobj(phase):
         raise ShapeError("phase: expected a real phase image in rad (the object is exp(i·phase)); got complex values")
@@ -89,9 +99,7 @@ def simulate_scan(
         raise ValueRangeError("phase: contains NaN or Inf")
     probe = validate_probe(np.asarray(probe))
     n = probe.shape[-1]
-    positions = validate_positions(positions, len(positions))
-    if len(positions) == 0:
-        raise ShapeError("positions: no scan positions")
+    positions = validate_positions(positions, len(positions))  # (refuses none, too)
     modes = torch.as_tensor(coherent_modes(probe, source_size_px, focal_spread_per_px2(probe, focal_spread_rad)))
     check_width("detector_psf_px", detector_psf_px)  # before the work, not after the first batch
     need = required_object_shape(positions, n)

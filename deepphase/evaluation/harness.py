@@ -497,7 +497,9 @@ def markdown_table(rows) -> str:
         for col, fmt in columns:
             value = row.get(col)
             unit = f" {row['resolution_unit']}" if col.startswith("frc_") and row.get("resolution_unit") else ""
-            cells.append("–" if value is None else fmt.format(value) + unit)  # (Å for atoms, pixels otherwise)
+            # (an FRC that never drops below its threshold gives the sampling limit: a bound, shown as one)
+            bound = "≤ " if col.startswith("frc_") and row.get(col.replace("resolution", "at_sampling_limit")) else ""
+            cells.append("–" if value is None else bound + fmt.format(value) + unit)  # (Å for atoms, pixels otherwise)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -614,6 +616,9 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     Parameters
     ----------
     preset : "fast" (a 2-core CPU, under 10 minutes) or "full" (a GPU).
+    out_dir : the report's folder (results.json, the tables and figures).
+    overwrite : replace a report already in ``out_dir`` (refused otherwise, before any work).
+    progress : progress bars (tqdm): None (default) shows them where the output is a terminal.
     methods, specimens, doses, scan_shape, forward : override the preset's (doses in electrons per pattern).
     cache_dir : folder for simulated multislice data (default :func:`default_cache_dir`).
     seed, repeats : every case is simulated with seeds ``seed`` … ``seed + repeats - 1`` (specimen and

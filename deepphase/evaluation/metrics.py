@@ -309,7 +309,9 @@ def evaluate(reconstruction, truth, pixel_size: float | None = None, upsample: i
     Keys: ``correlation``; ``correlation_aligned`` and ``shift_px`` (row, col) from :func:`align`;
     ``fitted_rmse`` (rad) and ``scale`` from :func:`fitted_rmse`; ``offset_rmse`` (rad);
     ``frc_resolution_0.5`` and ``frc_resolution_1/7`` (in ``resolution_unit``: Å with
-    ``pixel_size``, else px) of the images as given (not aligned); ``ssim``.
+    ``pixel_size``, else px) of the images as given (not aligned), with ``frc_at_sampling_limit_0.5`` and
+    ``..._1/7`` True where the FRC never drops below the threshold (the figure is then the finest the sampling
+    can show, a bound, not a measurement); ``ssim``.
     """
     shift = align(reconstruction, truth, upsample)
     rmse, scale = fitted_rmse(reconstruction, truth)
@@ -323,6 +325,8 @@ def evaluate(reconstruction, truth, pixel_size: float | None = None, upsample: i
         "offset_rmse": offset_rmse(reconstruction, truth),
         "frc_resolution_0.5": frc_resolution(freq, frc, 0.5),
         "frc_resolution_1/7": frc_resolution(freq, frc, 1 / 7),
+        "frc_at_sampling_limit_0.5": bool(np.all(frc >= 0.5)),
+        "frc_at_sampling_limit_1/7": bool(np.all(frc >= 1 / 7)),
         "resolution_unit": "Å" if pixel_size is not None else "px",
         "ssim": ssim(reconstruction, truth),
     }

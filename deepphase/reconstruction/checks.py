@@ -135,7 +135,7 @@ def check_scan(amplitudes, positions, model) -> dict:
     if getattr(amplitudes, "kind", None) == "counts" and looks_like_amplitudes(amplitudes.frames):
         notes.append("the patterns look like amplitudes (not whole numbers, their squares are), yet "
                      "AmplitudeView(frames, 'counts') reads them as counts (its square roots go to the network); "
-                     "check it: AmplitudeView(frames, 'amplitude'), or infer_kind(frames)")
+                     "check it: pass the amplitudes as they are, or deepphase.data.io.infer_kind(frames)")
     if raster is not None:
         info, _ = check_rotation(amplitudes, info, raster, model, POSITIONS_ROTATION_REMEDY)
         info = check_probe(amplitudes, model, None, info, raster)

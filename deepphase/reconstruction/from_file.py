@@ -94,6 +94,8 @@ def reconstruct_file(
     positions : (N, 2) positions in real-space pixels, or a .npy file of them; else a raster from
         ``scan_shape`` (or the file's) and ``step_px`` (or the file's scan step, once calibrated), or the
         file's own positions.
+    scan_shape : (rows, cols) of the raster, for (N, k, k) data that do not record it (a detector file or an
+        (R, C, k, k) array records its own; one given that differs is refused).
     step_px : the raster's step in real-space pixels of the model's grid, or ``"auto"``: the step the
         weak-phase transfer with the model's probe fits best on the central positions
         (:func:`~deepphase.data.aberrations.measure_scan_step`, ~2 s; median 0.5 %, at most 3.8 % off on simulated
@@ -115,7 +117,8 @@ def reconstruct_file(
         way against the scan).
     source_size_px : the source's standard deviation in real-space pixels, divided out of the image
         (:func:`~deepphase.reconstruction.pipeline.with_source_divided_out`).
-    sampling : the real-space pixel size in Å (default: the calibration's, if it measures one).
+    sampling : the real-space pixel size in Å (default: the calibration's, if it measures one, or the one a
+        ``deepphase simulate`` file records; a given one differing from those by more than 5 % is noted).
     uncertainty : a number (≥ 2) of Monte Carlo dropout samples, or "head" (the model's σ head); None: none.
     ensemble : further models for the same probe (names, folders or loaded models): the image is their mean.
     resume : continue an interrupted run from its progress in ``out``.

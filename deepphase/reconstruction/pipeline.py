@@ -344,7 +344,11 @@ def reconstruct(
         view of a detector file).
     positions : (N, 2) array
         Top-left corners of the probe windows in real-space pixels (row, col).
-    model : PhaseModel, a model folder, or None for the packaged default.
+    model : PhaseModel, a packaged model's name (``"default"``, ``"neighbourhood"``, ...), a model folder, or None
+        for the packaged default.
+    batch_size : patterns per forward pass (default 512).
+    device : "auto" (default: the first CUDA GPU if there is one, else the CPU), "cpu" or "cuda[:N]".
+    progress : a progress bar (tqdm) over the patterns: None (default) shows one where the output is a terminal.
     stitching : "pairwise" (default, fast, streams), "least-squares" (exact canvas least squares) or "seed"
         (the original iterative method); see :mod:`deepphase.reconstruction.stitching`.
     remove_plane : subtract the best-fit plane from the stitched image (default). Overlaps between
@@ -361,7 +365,8 @@ def reconstruct(
         ``processing`` and used by :func:`write_outputs` for the files' scale.
     precision : network arithmetic: "auto" (bfloat16 on a GPU, float32 on a CPU), "float32", "bfloat16"
         or "float16".
-    uncertainty_samples : if > 1, also estimate a per-pixel standard deviation by Monte Carlo dropout:
+    uncertainty_samples : 0 (default) or at least 2 (1 is refused): also estimate a per-pixel standard deviation
+        by Monte Carlo dropout:
         that many extra predictions of each chunk with the dropout layers active, each stitched like the
         main one; the spread of the stitched images (each with its mean removed, the offset being
         arbitrary) is the uncertainty. The data are read once; the network runs that many extra times.
@@ -379,8 +384,9 @@ def reconstruct(
         predicted by each, the image is the mean of all the members' stitched images (``model``
         included) and the uncertainty their spread. Not combined with ``uncertainty_samples``.
     engine : how the network runs (:mod:`deepphase.reconstruction.engines`): "auto" (default: on a CPU
-        channels-last, ~1.3× eager, or ONNX Runtime, ~2.1×, for scans of ≥ 16,384 patterns when it is
-        installed; eager on a GPU), "eager", "channels-last", "compile", "cuda-graphs" (CUDA only) or "onnx"
+        channels-last, ~1.3× eager, or ONNX Runtime, ~2.1×, when it is installed and the scan has ≥ 16,384
+        patterns or the model's export is already cached, :func:`~deepphase.reconstruction.engines.resolve_engine`;
+        eager on a GPU), "eager", "channels-last", "compile", "cuda-graphs" (CUDA only) or "onnx"
         (CPU, float32). Every
         engine computes the same function to ~1e-6 rad. Monte Carlo dropout samples always run eagerly.
     sigma_head : the uncertainty from the model's σ head (a model trained with ``deepphase train
@@ -701,8 +707,9 @@ def counts_note(amplitudes, samples: int = 16) -> str | None:
 
 #: What :func:`counts_note` says (for arrays; :func:`~deepphase.reconstruction.from_file.reconstruct_file` says it
 #: for a file's reader).
-COUNTS_NOTE = ("the patterns are whole numbers, as counts are: reconstruct takes √counts, so read counts with "
-               "AmplitudeView(frames, 'counts')")
+COUNTS_NOTE = ("the patterns are whole numbers, as counts are: reconstruct takes √counts, so pass np.sqrt(counts) "
+               "(or deepphase.data.io.AmplitudeView(counts, 'counts'), which takes the roots a batch at a time, for "
+               "data larger than memory)")
 
 
 def make_accumulators(stitching: str, positions, mask, geometry, draws: int, folder: Path | None = None,
