@@ -530,3 +530,13 @@ def test_train_like_reads_the_recipe_of_a_model_trained_from_python(tmp_path, mo
     (folder / "model.json").write_text(json.dumps(meta))
     assert cli.main(["train", "--like", str(folder), "--out", str(tmp_path / "m")]) == 2
     assert "no --corpus name gives" in capsys.readouterr().err
+
+
+def test_a_recipe_with_values_that_have_no_meaning_is_refused_when_it_is_made():
+    """TrainConfig took any loss, architecture, preset, σ head, device or dose and failed later (or not at all:
+    an unknown loss trained the absolute one)."""
+    for field_name, value in (("loss", "l2"), ("arch", "resnet"), ("preset", "adam"), ("sigma_head", "both"),
+                              ("device", "mps"), ("dose", -5.0), ("dose", "1000")):
+        with pytest.raises(DeepPhaseError, match=f"^{field_name}: expected"):
+            TrainConfig(**{field_name: value})
+    assert TrainConfig(arch="compact-rep", sigma_head=True, device="cuda:1", dose=1000).dose == 1000

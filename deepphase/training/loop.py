@@ -59,6 +59,9 @@ LINEAR_PATH_ARCHS = ("compact", "compact-rep")
 # How the processes of a distributed run get their samples (see _rank_batches).
 RANK_DATA = ("shared", "per-rank")
 
+#: The phase's loss: L1 in the mask after each patch's mean is removed (ours), or on the absolute phase (the seed's).
+LOSSES = ("offset-free", "absolute")
+
 # Presets: the seed's optimiser, and ours (measured better; see benchmarks/RESULTS.md).
 OPTIMIZERS = {
     "seed": {"optimizer": "sgd", "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 0},
@@ -68,6 +71,18 @@ OPTIMIZERS = {
 
 @dataclass
 class TrainConfig:
+    """A training recipe: what :func:`train` makes and how, as ``deepphase train``'s options say it (the defaults
+    are the command's; :meth:`like` takes a model's recorded recipe). Recorded in the model's model.json.
+
+    ``arch`` (a registered architecture, :func:`deepphase.models.list_models`); ``epochs`` of ``steps_per_epoch``
+    batches of ``batch_size`` freshly simulated patterns; ``preset`` ("default": AdamW with cosine decay, "seed":
+    the paper's SGD) and ``lr`` (None: the preset's); ``dose`` in electrons per pattern, or a range (lo, hi) each
+    pattern draws from (None: the probe's own scale); ``corpus`` (:class:`~deepphase.data.phase_objects.
+    CorpusConfig`); ``seed``; ``val_size`` fixed validation patterns; ``device``; ``half`` (float16 weights);
+    ``loss`` ("offset-free" or the seed's "absolute"); and the options in the comments below (neighbourhood, σ
+    head, fine-tuning, probe-aware, partial coherence). Values with no meaning are refused when it is made.
+    """
+
     arch: str = "unet-small"  # (the defaults are ``deepphase train``'s: a test holds them together)
     epochs: int = 10
     steps_per_epoch: int = 500
@@ -104,6 +119,20 @@ class TrainConfig:
             raise DeepPhaseError(f"lr: expected a positive learning rate, got {self.lr!r}")
         if isinstance(self.dose, (tuple, list)) and (len(self.dose) != 2 or not 0 < self.dose[0] <= self.dose[1]):
             raise DeepPhaseError(f"dose: expected a range (LO, HI) with 0 < LO ≤ HI electrons per pattern, got {self.dose!r}")
+        if self.dose is not None and not isinstance(self.dose, (tuple, list)) and not (
+                isinstance(self.dose, (int, float, np.integer, np.floating)) and np.isfinite(self.dose) and self.dose > 0):
+            raise DeepPhaseError(f"dose: expected a positive number of electrons per pattern, got {self.dose!r}")
+        from ..models.registry import list_models
+
+        choices = {"arch": list_models(), "preset": list(OPTIMIZERS), "loss": list(LOSSES),
+                   "sigma_head": [None, True, "shared", "detached"]}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise DeepPhaseError(f"{name}: expected one of {', '.join(repr(a) for a in allowed)}, "
+                                     f"got {getattr(self, name)!r}")
+        if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
+                                                    or self.device.startswith("cuda:")):
+            raise DeepPhaseError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
     def optimizer_settings(self) -> dict:
         if self.preset not in OPTIMIZERS:
