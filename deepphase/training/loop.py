@@ -59,9 +59,6 @@ LINEAR_PATH_ARCHS = ("compact", "compact-rep")
 # How the processes of a distributed run get their samples (see _rank_batches).
 RANK_DATA = ("shared", "per-rank")
 
-#: The phase's loss: L1 in the mask after each patch's mean is removed (ours), or on the absolute phase (the seed's).
-LOSSES = ("offset-free", "absolute")
-
 # Presets: the seed's optimiser, and ours (measured better; see benchmarks/RESULTS.md).
 OPTIMIZERS = {
     "seed": {"optimizer": "sgd", "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 0},
