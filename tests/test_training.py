@@ -453,11 +453,8 @@ def test_train_from_python_defaults_to_what_the_command_trains():
     assert args.corpus == "mix" and config.corpus.phase_range == args.phase_range
 
 
-@pytest.mark.parametrize("name", ["default", "probe-aware", "neighbourhood", "seed-unet"])
-def test_trainconfig_like_a_model_is_the_recipe_the_command_takes_with_like(name, tmp_path, monkeypatch):
-    """TrainConfig.like(NAME) is what ``deepphase train --like NAME`` trains (the Python way to the recipe the probe
-    check's note points to); changes go on top. (The packaged seed-unet records half-size weights, stored so after
-    training, which its command line does not say: the record is what like() reads.)"""
+def config_trained_by(argv: list, monkeypatch) -> TrainConfig:
+    """The TrainConfig ``deepphase ARGV`` would train with (the training itself not run)."""
     from deepphase import cli
     from deepphase.training import loop
 
@@ -469,8 +466,17 @@ def test_trainconfig_like_a_model_is_the_recipe_the_command_takes_with_like(name
 
     monkeypatch.setattr(loop, "train", taken)
     with pytest.raises(Taken) as caught:
-        cli.main(["train", "--like", name, "--out", str(tmp_path / "m")])
-    like, command = TrainConfig.like(name).to_dict(), caught.value.args[0].to_dict()
+        cli.main(argv)
+    return caught.value.args[0]
+
+
+@pytest.mark.parametrize("name", ["default", "probe-aware", "neighbourhood", "seed-unet"])
+def test_trainconfig_like_a_model_is_the_recipe_the_command_takes_with_like(name, tmp_path, monkeypatch):
+    """TrainConfig.like(NAME) is what ``deepphase train --like NAME`` trains (the Python way to the recipe the probe
+    check's note points to); changes go on top. (The packaged seed-unet records half-size weights, stored so after
+    training, which its command line does not say: the record is what like() reads.)"""
+    like, command = TrainConfig.like(name).to_dict(), config_trained_by(
+        ["train", "--like", name, "--out", str(tmp_path / "m")], monkeypatch).to_dict()
     assert like.pop("half") == load_model(name).info["training"].get("half", False)
     assert like == {k: v for k, v in command.items() if k != "half"}
     assert TrainConfig.like(name, epochs=2).epochs == 2
@@ -482,20 +488,11 @@ def test_trainconfig_like_a_model_is_the_recipe_the_command_takes_with_like(name
 def test_recipe_options_train_the_recipe_they_were_made_from(name, tmp_path, monkeypatch):
     """``recipe_options`` (how ``train --like`` reads a model trained from Python) inverts the command's parsing:
     the options made from each packaged model's recipe train exactly that recipe, ``half`` included."""
-    from deepphase import cli
-    from deepphase.training import loop
+    from deepphase.cli import recipe_options
 
-    class Taken(Exception):
-        pass
-
-    def taken(probe, out, config, *args, **kwargs):
-        raise Taken(config)
-
-    monkeypatch.setattr(loop, "train", taken)
     recipe = TrainConfig.like(name)
-    with pytest.raises(Taken) as caught:
-        cli.main(["train", *cli.recipe_options(recipe), "--out", str(tmp_path / "m")])
-    assert caught.value.args[0].to_dict() == recipe.to_dict()
+    trained = config_trained_by(["train", *recipe_options(recipe), "--out", str(tmp_path / "m")], monkeypatch)
+    assert trained.to_dict() == recipe.to_dict()
 
 
 def test_train_like_reads_the_recipe_of_a_model_trained_from_python(tmp_path, monkeypatch, capsys):
@@ -505,7 +502,6 @@ def test_train_like_reads_the_recipe_of_a_model_trained_from_python(tmp_path, mo
     import shutil
 
     from deepphase import cli
-    from deepphase.training import loop
 
     folder = tmp_path / "from-python"
     shutil.copytree(load_model("default").folder, folder)
@@ -514,16 +510,8 @@ def test_train_like_reads_the_recipe_of_a_model_trained_from_python(tmp_path, mo
     meta["training"]["lr"] = 5e-4
     (folder / "model.json").write_text(json.dumps(meta))
 
-    class Taken(Exception):
-        pass
-
-    def taken(probe, out, config, *args, **kwargs):
-        raise Taken(config)
-
-    monkeypatch.setattr(loop, "train", taken)
-    with pytest.raises(Taken) as caught:
-        cli.main(["train", "--like", str(folder), "--epochs", "3", "--out", str(tmp_path / "m")])
-    config = caught.value.args[0]
+    config = config_trained_by(["train", "--like", str(folder), "--epochs", "3", "--out", str(tmp_path / "m")],
+                               monkeypatch)
     assert config.lr == 5e-4 and config.epochs == 3 and config.arch == "compact" and config.sigma_head == "detached"
     assert "--lr 0.0005" in capsys.readouterr().err
     meta["training"]["corpus"]["mix"] = {"natural": 0.5, "lattice": 0.5}

@@ -60,6 +60,7 @@ def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hb
     corr = correlation(rec.phase, truth_crop)
     rmse, scale = fitted_rmse(rec.phase, truth_crop)
     meta = write_outputs(rec, out_dir, {
+        **rec.metadata,  # what the scan checks found (the demo's geometry is right: no notes)
         "command": "demo", "specimen": specimen, "scan_shape": list(scan_shape), "step_px": REFERENCE_STEP_PX,
         "dose_electrons_per_pattern": scan.dose, "stitching": stitching,
         "correlation_with_truth": corr, "fitted_rmse_rad": rmse, "fitted_scale": scale,
