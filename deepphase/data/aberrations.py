@@ -125,13 +125,20 @@ def _ramps(g: np.ndarray, n: int) -> np.ndarray:
     return np.exp(2j * np.pi * np.einsum("kc,cij->kij", np.asarray(g, dtype=np.float64), r) / n)
 
 
-def _transfer(far_field: np.ndarray, ramps: np.ndarray, dtype=np.complex64) -> np.ndarray:
-    """T in FFT order from the far field and the ramps in FFT order."""
+def _ramp_pairs(ramps: np.ndarray, dtype=np.complex64) -> np.ndarray:
+    """The ramps and their conjugates, (2, K, n, n): made once per fit, not at every evaluation."""
+    return np.stack([ramps, np.conj(ramps)]).astype(dtype)
+
+
+def _transfer(far_field: np.ndarray, ramps: np.ndarray, dtype=np.complex64, pairs: np.ndarray | None = None
+              ) -> np.ndarray:
+    """T in FFT order from the far field and the ramps in FFT order (``pairs``: :func:`_ramp_pairs` of them)."""
     far_field = far_field.astype(dtype)
     probe = scipy.fft.ifft2(far_field)
-    # (the two shifted far fields in one batched FFT, on every core)
-    shifted = scipy.fft.fft2(probe[None, None] * np.stack([ramps, np.conj(ramps)]).astype(dtype), workers=-1)
-    return np.conj(far_field)[None] * shifted[0] - far_field[None] * np.conj(shifted[1])
+    pairs = _ramp_pairs(ramps, dtype) if pairs is None else pairs
+    # (the two shifted far fields in one batched FFT, on every core, in the product's own buffer)
+    shifted = scipy.fft.fft2(probe * pairs, workers=-1, overwrite_x=True)
+    return np.conj(far_field) * shifted[0] - far_field * np.conj(shifted[1])
 
 
 def _scan_vectors(step_px, rotation_deg: float, fastest: str) -> np.ndarray:
@@ -229,11 +236,11 @@ def _strongest(transform, step_px, rotation_deg: float, fastest: str, n_frequenc
     return order, offsets.reshape(-1, 2)[order]
 
 
-def _explained(coefficients, spectrum, ramps, far_field) -> float:
+def _explained(coefficients, spectrum, ramps, far_field, pairs: np.ndarray | None = None) -> float:
     """Share of the spectrum's power that the weak-phase transfer with ``Δχ`` explains (one free complex
-    factor per frequency: the specimen's). Every array in FFT order."""
+    factor per frequency: the specimen's). Every array in FFT order; ``pairs``: :func:`_ramp_pairs` of ``ramps``."""
     n = far_field.shape[-1]
-    transfer = _transfer(far_field * np.exp(1j * _unshift(_delta_chi(coefficients, n))), ramps)
+    transfer = _transfer(far_field * np.exp(1j * _unshift(_delta_chi(coefficients, n))), ramps, pairs=pairs)
     projection = np.abs(np.sum(spectrum * np.conj(transfer), axis=(1, 2), dtype=np.complex128)) ** 2
     norm = np.sum(np.abs(transfer) ** 2, axis=(1, 2), dtype=np.float64) + 1e-300
     return float(np.sum(projection / norm) / np.sum(np.abs(spectrum) ** 2, dtype=np.float64))
@@ -255,18 +262,20 @@ def fit_probe_mismatch(spectrum: np.ndarray, g: np.ndarray, probe: np.ndarray, s
     far_field = _unshift(_far_field(np.asarray(probe, dtype=np.complex128)))
     ramps = _unshift(_ramps(g, far_field.shape[-1])).astype(np.complex64)
     spectrum = _unshift(spectrum).astype(np.complex64)
+    pairs = _ramp_pairs(ramps)
     search = None
     if start is None:
         grid = np.linspace(-A_MAX, A_MAX, 61)
         few = slice(0, N_COARSE)  # (the spectrum is sorted by power)
-        scores = [_explained((a, 0.0, a), spectrum[few], ramps[few], far_field) for a in grid]
+        few_pairs = np.ascontiguousarray(pairs[:, few])
+        scores = [_explained((a, 0.0, a), spectrum[few], ramps[few], far_field, few_pairs) for a in grid]
         a0 = float(grid[int(np.argmax(scores))])
         start, size = np.array([a0, 0.0, a0]), 0.005
         search = {"defocus_rad_per_px2": [float(a) for a in grid], "explained": scores}
     else:
         start, size = np.asarray(start, dtype=np.float64), 0.002
     simplex = np.vstack([start, start + [size, 0, 0], start + [0, size, 0], start + [0, 0, size]])
-    result = minimize(lambda c: -_explained(c, spectrum, ramps, far_field), start, method="Nelder-Mead",
+    result = minimize(lambda c: -_explained(c, spectrum, ramps, far_field, pairs), start, method="Nelder-Mead",
                       options={"initial_simplex": simplex, "xatol": tolerance, "fatol": 1e-4 * tolerance,
                                "maxiter": 400})
     return {"coefficients": [float(c) for c in result.x], "explained": float(-result.fun), "search": search}
