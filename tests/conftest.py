@@ -38,3 +38,12 @@ def probe():
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+def unchecked_reconstruct(*args, **kwargs):
+    """``reconstruct`` without the scan checks, for tests of the network, the stitching and the streaming: the
+    checks have tests of their own (test_api, test_aberrations, test_calibration) and add 1–3 s to every call on a
+    raster of 16² or more (47 s over the suites that use this)."""
+    from deepphase.reconstruction.pipeline import reconstruct
+
+    return reconstruct(*args, **{"checks": False, **kwargs})

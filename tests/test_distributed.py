@@ -171,7 +171,7 @@ def client():
 def test_distributed_reconstruction_equals_the_single_process_one(scan_file, client):
     from deepphase.data.io import AmplitudeView, load_scan
     from deepphase.reconstruction.distributed import reconstruct_distributed
-    from deepphase.reconstruction.pipeline import reconstruct
+    from .conftest import unchecked_reconstruct as reconstruct
 
     path, positions = scan_file
     reference = reconstruct(AmplitudeView(load_scan(path).frames, "counts"), positions, progress=False)
@@ -188,7 +188,7 @@ def test_distributed_uncertainty_and_whole_patch_stitching_equal_the_single_proc
     give the same uncertainty map; the least-squares stitcher gets whole patches back."""
     from deepphase.data.io import AmplitudeView, load_scan
     from deepphase.reconstruction.distributed import reconstruct_distributed
-    from deepphase.reconstruction.pipeline import reconstruct
+    from .conftest import unchecked_reconstruct as reconstruct
 
     path, positions = scan_file
     view = AmplitudeView(load_scan(path).frames, "counts")
@@ -287,7 +287,7 @@ def test_distributed_neighbourhood_model_equals_the_single_process_one(scan_file
     """Each task gets its rows of the neighbour indices and reads their halo of frames."""
     from deepphase.data.io import AmplitudeView, load_scan
     from deepphase.reconstruction.distributed import reconstruct_distributed
-    from deepphase.reconstruction.pipeline import reconstruct
+    from .conftest import unchecked_reconstruct as reconstruct
 
     path, positions = scan_file
     reference = reconstruct(AmplitudeView(load_scan(path).frames, "counts"), positions, "neighbourhood", progress=False)
@@ -302,7 +302,7 @@ def test_distributed_sigma_head_map_equals_the_single_process_one(scan_file, cli
     from deepphase.models.modelfile import PhaseModel, save_model
     from deepphase.physics import reference_probe
     from deepphase.reconstruction.distributed import reconstruct_distributed
-    from deepphase.reconstruction.pipeline import reconstruct
+    from .conftest import unchecked_reconstruct as reconstruct
 
     torch.manual_seed(0)
     net = create_model("compact", sigma_head="shared").eval()  # untrained: any two-channel function will do

@@ -393,7 +393,7 @@ def test_reconstruct_with_channels_last_equals_eager():
     from deepphase.data.simulate import simulate_scan
     from deepphase.data.specimens import twisted_hbn
     from deepphase.physics import raster_positions, reference_probe
-    from deepphase.reconstruction.pipeline import reconstruct
+    from .conftest import unchecked_reconstruct as reconstruct
 
     scan = simulate_scan(twisted_hbn((40, 40)), reference_probe(), raster_positions((8, 8), 0.87), seed=0)
     eager = reconstruct(scan.amplitude, scan.positions, engine="eager", progress=False)
@@ -408,7 +408,7 @@ def test_auto_exports_for_a_large_scan_and_falls_back_to_channels_last_quietly_w
     from deepphase.data.specimens import twisted_hbn
     from deepphase.physics import raster_positions, reference_probe
     from deepphase.reconstruction import engines
-    from deepphase.reconstruction.pipeline import reconstruct
+    from .conftest import unchecked_reconstruct as reconstruct
 
     monkeypatch.setenv("DEEPPHASE_CACHE_DIR", "off")
     monkeypatch.setattr(engines, "ONNX_AUTO_MIN_PATTERNS", 64)  # this 8×8 scan counts as large

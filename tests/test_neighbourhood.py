@@ -279,7 +279,7 @@ def test_training_refuses_a_neighbourhood_for_an_architecture_without_channels(p
 
 def test_reconstruct_streams_a_neighbourhood_model_in_chunks(probe, tiny_models):
     """Chunks read their halo of frames: any chunk size gives the image of one chunk."""
-    from deepphase.reconstruction.pipeline import reconstruct
+    from .conftest import unchecked_reconstruct as reconstruct
 
     amplitudes, pos = _scan(probe, (9, 11))
     whole = reconstruct(amplitudes, pos, str(tiny_models[3]), chunk_size=10_000, progress=False)
@@ -293,7 +293,7 @@ def test_packaged_neighbourhood_model_reconstructs_a_raster_at_its_step(probe):
     from deepphase.data.specimens import twisted_hbn
     from deepphase.evaluation.metrics import correlation
     from deepphase.models.modelfile import load_model
-    from deepphase.reconstruction.pipeline import reconstruct
+    from .conftest import unchecked_reconstruct as reconstruct
 
     model = load_model("neighbourhood")
     assert model.in_channels == 9 and model.neighbourhood["step_px"] == pytest.approx(REFERENCE_STEP_PX)

@@ -7,7 +7,8 @@ from scipy import ndimage
 from deepphase.data.specimens import twisted_hbn
 from deepphase.evaluation.metrics import correlation
 from deepphase.physics import raster_positions
-from deepphase.reconstruction.pipeline import reconstruct
+
+from .conftest import unchecked_reconstruct as reconstruct
 
 
 def independent_scan(probe, truth, positions, seed=0):

@@ -8,8 +8,10 @@ import pytest
 from deepphase.errors import OutputExistsError, ShapeError, ValueRangeError
 from deepphase.physics import raster_positions
 from deepphase.physics.geometry import Geometry, output_mask
-from deepphase.reconstruction.pipeline import InterruptedReconstruction, read_checkpoint, reconstruct
+from deepphase.reconstruction.pipeline import InterruptedReconstruction, read_checkpoint
 from deepphase.reconstruction.stitching import PairwiseStitcher, PatchReducer, stitch_pairwise
+
+from .conftest import unchecked_reconstruct as reconstruct
 
 
 @pytest.fixture(scope="module")

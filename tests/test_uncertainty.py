@@ -11,8 +11,9 @@ from deepphase.data.specimens import twisted_hbn
 from deepphase.errors import ValueRangeError
 from deepphase.models.modelfile import load_model, packaged_model_path
 from deepphase.physics import raster_positions
-from deepphase.reconstruction.pipeline import reconstruct
 from deepphase.reconstruction.uncertainty import fit_sigma_scale, save_sigma_scale, sigma_scale_at
+
+from .conftest import unchecked_reconstruct as reconstruct
 
 
 @pytest.fixture(scope="module")
