@@ -250,8 +250,11 @@ def _cmd_simulate(args) -> None:
                   "command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     save_npz(out, amplitude=scan.amplitude, positions=scan.positions, truth=scan.truth.astype(np.float32),
              probe=probe, parameters=np.array(json.dumps(parameters, default=str)))
+    origin = "" if dose is not None else (
+        " (no --dose given: the probe's own scale, n²·Σ|P|²" + ("" if np.isclose(scan.dose, 27_882, rtol=1e-3) else
+                                                                 "; the reference experiment's is 27,882") + ")")
     print(f"wrote {out}: {len(scan.amplitude)} patterns of {probe.shape[0]}×{probe.shape[1]}, "
-          f"{scan.dose:.0f} electrons per pattern")
+          f"{scan.dose:.0f} electrons per pattern{origin}")
 
 
 def _cmd_reconstruct(args) -> None:
