@@ -951,6 +951,7 @@ def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, tit
                truth: np.ndarray | None = None) -> None:
     """A PNG of the phase with a colour bar (rad) and a scale bar (Å if the sampling is known, else pixels)."""
     from matplotlib import patheffects
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     from ..io_utils import new_figure
 
@@ -962,7 +963,9 @@ def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, tit
         ax.set_title(label if title is None or len(panels) > 1 else title)
         ax.set_xticks([])
         ax.set_yticks([])
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="phase (rad, mean removed)")
+        # (a colour bar the image's own height, also for a wide scan, whose image is shorter than its axes box)
+        fig.colorbar(im, cax=make_axes_locatable(ax).append_axes("right", size="5%", pad=0.08),
+                     label="phase (rad, mean removed)")
         length_px, unit = _scale_bar(image.shape[1], sampling)
         r, c = image.shape[0] * 0.92, image.shape[1] * 0.05
         # outlined in black: readable on the white of NaN corners (a turned scan's) as on the colour map
