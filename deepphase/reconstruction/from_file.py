@@ -474,11 +474,12 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     t_checks = time.perf_counter() - t_checks
     # (the network is given only the pixel size the user gave, to check against the model's; the files get the
     # calibration's too)
-    measured = (calibrated or {}).get("real_space_sampling_angstrom") or scan.info.get("pixel_size_angstrom")
+    measured, whose = (calibrated or {}).get("real_space_sampling_angstrom"), "calibration's"
+    if not measured:
+        measured, whose = scan.info.get("pixel_size_angstrom"), "file's"
     if sampling and measured and abs(sampling / measured - 1) > PIXEL_SIZE_TOLERANCE:
-        note(f"the pixel size given ({sampling:.4g} Å) is not the "
-             + ("calibration's" if calibrated else "file's") + f" ({measured:.4g} Å); the outputs are written at the "
-             "given one: check --pixel-size, or leave it out to use the " + ("calibration's" if calibrated else "file's"))
+        note(f"the pixel size given ({sampling:.4g} Å) is not the {whose} ({measured:.4g} Å); the outputs are written "
+             f"at the given one: check --pixel-size, or leave it out to use the {whose}")
     sampling_written = sampling or measured
     samples, head = uncertainty_method(uncertainty)
     partial = out / PARTIAL_FOLDER if out is not None else None
