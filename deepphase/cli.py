@@ -54,8 +54,9 @@ def _add_probe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--semi-angle", type=_positive, help="convergence semi-angle in mrad")
     g.add_argument("--defocus", type=_finite, default=0.0, help="defocus in Å, positive = underfocus (default 0)")
     g.add_argument("--cs", type=_finite, default=0.0, help="spherical aberration C30 in Å (default 0)")
-    g.add_argument("--sampling", type=_positive, help="real-space pixel size in Å (with --energy; for simulate also "
-                                                        "with a probe file: the pixel size its .npz records)")
+    g.add_argument("--sampling", type=_positive, help="real-space pixel size in Å (with --energy; with a probe "
+                                                        "file, that probe's: train's model and simulate's .npz "
+                                                        "record it)")
     g.add_argument("--grid", type=_count, default=32, help="probe and pattern grid in pixels (default 32)")
 
 
@@ -74,9 +75,9 @@ class _ArchitectureNames:
         return iter(list_models())
 
 
-def _probe_from_args(args, sampling_alone: bool = False) -> tuple:
-    """The probe the options give and what to record of it; ``sampling_alone``: ``--sampling`` may come without
-    optics (simulate: the pixel size its file records), else it is refused there as doing nothing."""
+def _probe_from_args(args) -> tuple:
+    """The probe the options give and what to record of it (with a probe file, ``--sampling`` is its pixel size:
+    a model records it, and is then refused on data of another; a simulated scan's file records it)."""
     from .physics.probe import ProbeParameters, load_probe, probe_from_parameters
 
     if args.energy is not None or args.semi_angle is not None:
@@ -90,13 +91,11 @@ def _probe_from_args(args, sampling_alone: bool = False) -> tuple:
         return probe_from_parameters(params), info
     ignored = [name for name, given in (("--defocus", args.defocus != 0.0), ("--cs", args.cs != 0.0),
                                         ("--grid", args.grid != 32)) if given]
-    if args.sampling is not None and not sampling_alone and not ignored:
-        raise DeepPhaseError(f"probe: --sampling is the pixel size of a probe built from optics (with --energy and "
-                             f"--semi-angle); with --probe {args.probe} it would do nothing")
     if ignored:
         raise DeepPhaseError(f"probe: {', '.join(ignored)} build a probe from optics (with --energy, --semi-angle and "
                              f"--sampling); with --probe {args.probe} they would do nothing")
-    return load_probe(args.probe), {"probe": {"source": str(args.probe)}}
+    return load_probe(args.probe), {"probe": {"source": str(args.probe)},
+                                    **({"sampling": args.sampling} if args.sampling is not None else {})}
 
 
 def _value_or_range(name: str, values, default=0.0):
@@ -205,7 +204,7 @@ def _cmd_simulate(args) -> None:
         raise DeepPhaseError(f"out: expected a file name ending in .npz, got {str(out)!r}")
     if out.exists() and not args.overwrite:
         raise DeepPhaseError(f"out: {str(out)!r} exists; choose another name or pass --overwrite")
-    probe, probe_info = _probe_from_args(args, sampling_alone=True)
+    probe, probe_info = _probe_from_args(args)
     if args.positions is None and args.scan_shape is None:
         args.scan_shape = [64, 64]
     if args.positions is None and args.step is None:
@@ -240,8 +239,6 @@ def _cmd_simulate(args) -> None:
     scan = simulate_scan(truth, probe, positions, dose=dose, seed=args.seed, noise=not args.no_noise,
                          source_size_px=args.source_size, detector_psf_px=args.detector_psf,
                          focal_spread_rad=args.focal_spread)
-    if args.sampling is not None and "sampling" not in probe_info:  # a probe file's pixel size: the files' scale
-        probe_info = {**probe_info, "sampling": args.sampling}
     if args.dose_per_area is not None:
         probe_info = {**probe_info, "dose_per_area_electrons_per_angstrom2": args.dose_per_area}
     parameters = {"object": source, "dose_electrons_per_pattern": scan.dose, "noise": not args.no_noise,
@@ -846,6 +843,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a malformed option (one line already printed)
         return exc.code if isinstance(exc.code, int) else 2
+    except KeyboardInterrupt:  # (Ctrl-C while the parser imports torch to check --arch)
+        print("deepphase: interrupted before any work", file=sys.stderr)
+        return 130
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         # A batch system's kill is a SIGTERM: handled like Ctrl-C, so a reconstruction saves its progress.
@@ -872,7 +872,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deepphase {args.command}: error: {str(exc.filename)!r}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"deepphase {args.command}: {exc or 'interrupted'}; completed outputs are intact", file=sys.stderr)
+        said = str(exc) or "interrupted"  # (an exception is truthy even when its message is empty)
+        if args.command == "train" and (Path(args.out) / "checkpoint.safetensors").exists():
+            said += (f"; the last finished epoch's checkpoint is in {args.out}: the same command with --resume "
+                     "continues from it")
+        print(f"deepphase {args.command}: {said}; completed outputs are intact", file=sys.stderr)
         return 130
     finally:
         if new_folder is not None and new_folder.is_dir() and not any(new_folder.iterdir()):

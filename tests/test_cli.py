@@ -56,10 +56,12 @@ def test_simulate_then_reconstruct_round_trip(tmp_path, capsys):
     assert not [p for p in (tmp_path / "rec").iterdir() if p.name.startswith(".")]  # no staging left behind
 
 
-def test_the_pixel_size_a_simulation_records_reaches_the_outputs_and_a_different_one_given_is_noted(tmp_path, capsys):
+def test_the_pixel_size_a_simulation_records_reaches_the_outputs_and_a_different_one_given_is_noted(tmp_path, capsys,
+                                                                                                    monkeypatch):
     """``simulate --sampling`` with a probe file was dropped without a word and the outputs were in pixels; now
-    the .npz records it, reconstruct writes the files at it, and a --pixel-size that differs is noted. train refuses
-    a --sampling that would do nothing."""
+    the .npz records it, reconstruct writes the files at it, and a --pixel-size that differs is noted. ``train
+    --sampling`` with a probe file records it in the model, which then refuses a scan recorded at another (the file's
+    pixel size was never compared with the model's)."""
     data = tmp_path / "scan.npz"
     assert run(["simulate", "--scan-shape", 10, 10, "--sampling", 0.2, "--out", data], capsys)[0] == 0
     code, _, err = run(["reconstruct", data, "--out", tmp_path / "own"], capsys)
@@ -68,8 +70,26 @@ def test_the_pixel_size_a_simulation_records_reaches_the_outputs_and_a_different
     code, _, err = run(["reconstruct", data, "--pixel-size", 0.5, "--out", tmp_path / "given"], capsys)
     assert code == 0 and "the pixel size given (0.5 Å) is not the file's (0.2 Å)" in err
     assert json.loads((tmp_path / "given" / "metadata.json").read_text())["pixel_size_angstrom"] == 0.5
-    code, _, err = run(["train", "--sampling", 0.2, "--out", tmp_path / "model"], capsys)
-    assert code == 2 and "--sampling is the pixel size of a probe built from optics" in err
+    # a model for a probe file with its pixel size records it, and refuses a scan recorded at another
+    import shutil
+
+    from deepphase.models.modelfile import load_model
+    from deepphase.training import loop
+
+    recorded = {}
+
+    def trained(probe, out, config, *args, probe_info=None, **kwargs):
+        recorded.update(probe_info)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", trained)
+    run(["train", "--probe", "reference", "--sampling", 0.25, "--out", tmp_path / "model"], capsys)
+    assert recorded["sampling"] == 0.25
+    shutil.copytree(load_model("default").folder, tmp_path / "at-0.25")
+    record = json.loads((tmp_path / "at-0.25" / "model.json").read_text())
+    (tmp_path / "at-0.25" / "model.json").write_text(json.dumps({**record, "sampling": 0.25}))
+    code, _, err = run(["reconstruct", data, "--model", tmp_path / "at-0.25", "--out", tmp_path / "other"], capsys)
+    assert code == 2 and "made for a real-space sampling of 0.25 Å/pixel, but the data has 0.2 Å/pixel" in err
 
 
 def test_the_truth_is_compared_through_the_positions_given(tmp_path, capsys):

@@ -364,8 +364,8 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     n = model.geometry.n_px
     pattern = tuple(scan.frames.shape[1:])
     calibrating = calibration == "on" or (calibration == "auto" and pattern != (n, n) and min(pattern) >= n)
-    if not calibrating:
-        check_compatible(model, pattern)
+    if not calibrating:  # (with the pixel size a simulation's file records, unless one is given: checked later)
+        check_compatible(model, pattern, None if sampling else scan.info.get("pixel_size_angstrom"))
     if scan.scan_shape is not None and scan_shape is not None and tuple(scan_shape) != tuple(scan.scan_shape):
         raise DeepPhaseError(f"scan-shape: {scan_shape[0]}×{scan_shape[1]} given, but {data} holds "
                              f"a {scan.scan_shape[0]}×{scan.scan_shape[1]} scan; drop --scan-shape (the data's own "
