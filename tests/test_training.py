@@ -528,3 +528,28 @@ def test_a_recipe_with_values_that_have_no_meaning_is_refused_when_it_is_made():
         with pytest.raises(DeepPhaseError, match=f"^{field_name}: expected"):
             TrainConfig(**{field_name: value})
     assert TrainConfig(arch="compact-rep", sigma_head=True, device="cuda:1", dose=1000).dose == 1000
+
+
+def test_training_into_a_folder_again_leaves_no_record_or_export_of_the_old_weights(tmp_path, probe, monkeypatch):
+    """A model folder trained again with overwrite: its model.json (an old record beside new weights, had the run
+    been cut short) and model.onnx (exported from the old weights) go as the new training starts; the probe is saved
+    before the first checkpoint, so a resume is always checked against it."""
+    import dataclasses
+
+    from deepphase.training import loop
+
+    config = TrainConfig(arch="compact", epochs=1, steps_per_epoch=2, batch_size=4, val_size=8)
+    loop.train(probe, tmp_path / "m", config, progress=False)
+    (tmp_path / "m" / "model.onnx").write_bytes(b"an export of the first weights")
+    seen = {}
+
+    def cut_short(*args, **kwargs):  # the first epoch's end: what is in the folder before its model is saved
+        seen.update({name: (tmp_path / "m" / name).exists() for name in ("model.json", "model.onnx", "probe.npy")})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "save_checkpoint", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(probe, tmp_path / "m", dataclasses.replace(config, seed=1), overwrite=True, progress=False)
+    assert seen == {"model.json": False, "model.onnx": False, "probe.npy": True}
+    with pytest.raises(DeepPhaseError):
+        load_model(tmp_path / "m")  # not a model until the new one is whole

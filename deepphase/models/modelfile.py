@@ -132,11 +132,18 @@ def _as_half(tensor: torch.Tensor) -> torch.Tensor:
 def save_model(model: PhaseModel, folder: str | Path, half: bool = False) -> Path:
     """Write a model folder atomically (file by file, ``model.json`` last).
 
+    ``model.json`` marks a complete model: an earlier one is removed before the new weights are written, so that a
+    write cut short leaves a folder that does not load (and says so), never new weights described by an old
+    record. An earlier ``model.onnx``, exported from the weights being replaced, is removed with it.
+
     ``half`` stores the weights in float16 (half the file size), except tensors with values beyond
     float16's range (batch normalisation statistics, typically), which stay as they are.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in ("model.json", "model.onnx"):
+        if (folder / stale).is_file():
+            (folder / stale).unlink()
     state = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
     if half:
         state = {k: _as_half(v) for k, v in state.items()}

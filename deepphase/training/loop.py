@@ -35,7 +35,7 @@ from ..data.phase_objects import CorpusConfig
 from ..data.stream import Batch, TrainingStream
 from ..errors import DeepPhaseError, InputFileError, OutputExistsError
 from ..wording import in_callers_words
-from ..io_utils import atomic_path
+from ..io_utils import atomic_path, save_npy
 from ..models import create_model
 from ..models.registry import deployed
 from ..models.modelfile import PhaseModel, save_model
@@ -436,7 +436,14 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
             raise DeepPhaseError(f"resume: {str(out_dir)!r} has trained {start_epoch} epochs already; give --epochs more "
                                  "than that to train on")
         log(f"resuming {out_dir} after epoch {epoch_done + 1} of {config.epochs}")
-
+    elif rank == 0:
+        # A new training: an earlier model in the folder (--overwrite) stops being one now, not at the first
+        # epoch's end, and the probe is saved before any checkpoint, so that a resume is always checked against it.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("model.json", "model.onnx"):
+            if (out_dir / stale).is_file():
+                (out_dir / stale).unlink()
+        save_npy(out_dir / "probe.npy", np.asarray(probe, dtype=np.complex128))
     validation = stream.fixed_set(config.seed, config.val_size)
     total_steps = config.epochs * config.steps_per_epoch
     model = PhaseModel(network, config.arch, arch_config, probe, geometry)
@@ -601,7 +608,7 @@ def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
 
 
 def _check_resume_probe(out_dir: Path, probe: np.ndarray) -> None:
-    """A training resumes for the probe it was started with (its probe.npy, written with the first epoch)."""
+    """A training resumes for the probe it was started with (its probe.npy, written before the first epoch)."""
     saved = out_dir / "probe.npy"
     if saved.exists() and not np.allclose(np.load(saved, allow_pickle=False), probe, rtol=1e-6, atol=1e-9):
         raise DeepPhaseError(f"resume: the training in {str(out_dir)!r} was started for another probe (its probe.npy); "
