@@ -794,16 +794,20 @@ def probe_estimate_note(check: dict, model, model_name, out: Path | None) -> str
                 f"probe-aware model was told this difference (trained for up to ±{model.aberration_range:g} rad)")
     like = shlex.quote(str(model_name)) if model_name else "default"
     aware = load_model("probe-aware")
+    # (a model of the user's own: train --like takes its recipe, not its probe, which is given again)
+    own_probe = (f" --probe {shlex.quote(str(Path(model.folder) / 'probe.npy'))}"
+                 if model_name and model.folder is not None and (Path(model.folder) / "probe.npy").is_file() else "")
     other = ("reconstruct with --model probe-aware, which is told the difference (RESULTS §37)"
              if model.probe.shape == aware.probe.shape and np.allclose(model.probe, aware.probe) else
-             f"train one that is told the data's probe: `deepphase train --like {like} --probe-aware 2 --out MODEL`")
+             f"train one that is told the data's probe: `deepphase train --like {like}{own_probe} --probe-aware 2 "
+             "--out MODEL`")
     if out is None:
         return f"{check['note']}: {other}"
     estimate = out / "probe_estimate.npy"
+    cost = " (the default's: about 7 min on 2 CPU cores)" if like == "default" else ""
     return (f"{check['note']}{figure}: {estimate} is the model's probe with that difference; `deepphase train "
             f"--like {like} --probe {shlex.quote(str(estimate))} --out MODEL` trains a model for it with the model's "
-            f"recipe (the "
-            f"default's: about 7 min on 2 CPU cores); or {other}")
+            f"recipe{cost}; or {other}")
 
 
 def _data_fingerprint(data, dataset, kind: str, view, flip_patterns: bool, batch_size: int) -> dict:
