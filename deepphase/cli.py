@@ -118,14 +118,6 @@ def _cmd_train(args) -> None:
 
     probe, info = _probe_from_args(args)
     dose = _value_or_range("dose", args.dose, default=None)
-    if dose is None:
-        from .physics.forward import incident_counts
-
-        own = incident_counts(probe)
-        if not np.isclose(own, 27_882, rtol=1e-3):  # (an optics probe is normalised: n² electrons)
-            print(f"deepphase train: no --dose given: training at the probe's own scale, n²·Σ|P|² = {own:,.0f} electrons "
-                  "per pattern (the reference experiment's: 27,882); give --dose E, or a range LO HI, for your data's",
-                  file=sys.stderr)
     if args.sigma_weight != 1.0 and not args.sigma_head:
         raise DeepPhaseError("sigma-weight: weighs the σ head's likelihood; it needs --sigma-head")
     if args.neighbourhood_step != REFERENCE_STEP_PX and args.neighbourhood == 1:

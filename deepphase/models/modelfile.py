@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from ..errors import InputFileError, ModelMismatchError, ValueRangeError
-from ..wording import in_callers_words
+from ..wording import in_callers_words, note_to_caller
 from ..io_utils import atomic_path, save_json, save_npy
 from ..physics.geometry import Geometry
 from ..runtime import resolve_device
@@ -154,6 +154,27 @@ def save_model(model: PhaseModel, folder: str | Path, half: bool = False) -> Pat
     return folder
 
 
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) and value > 0
+
+
+def _check_record_values(info: dict, meta_path: Path) -> None:
+    """The record's values that reconstruction computes with, checked when the model loads (a model.json edited by
+    hand gave a traceback halfway through a reconstruction)."""
+    dose = info.get("dose")
+    if dose is not None and not (_positive_number(dose) or (
+            isinstance(dose, list) and len(dose) == 2 and all(_positive_number(d) for d in dose))):
+        raise InputFileError(f"model: {str(meta_path)!r} has dose {dose!r}; expected electrons per pattern (a positive "
+                             "number or a range [LO, HI]) or null")
+    if info.get("sampling") is not None and not _positive_number(info["sampling"]):
+        raise InputFileError(f"model: {str(meta_path)!r} has sampling {info['sampling']!r}; expected a pixel size in Å "
+                             "(a positive number) or null")
+    scale = (info.get("uncertainty") or {}).get("sigma_scale") if isinstance(info.get("uncertainty"), dict) else None
+    if scale is not None and not _positive_number(scale):
+        raise InputFileError(f"model: {str(meta_path)!r} has uncertainty.sigma_scale {scale!r}; expected a positive "
+                             "factor (deepphase calibrate-uncertainty --overwrite fits it again)")
+
+
 def packaged_model_path(name: str = DEFAULT_MODEL) -> Path:
     """Folder of a model shipped inside the package."""
     return Path(str(resources.files("deepphase._resources").joinpath("models", name)))
@@ -244,10 +265,15 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
         raise InputFileError(f"model: {str(folder / probe_file)!r} is not a readable .npy "
                              f"probe ({exc})") from exc
     info = {k: v for k, v in meta.items() if k not in ("format", "arch", "arch_config", "geometry", "probe_file")}
+    _check_record_values(info, meta_path)
     if probe.shape != (geometry.n_px, geometry.n_px) or not np.all(np.isfinite(probe)) or not np.any(probe):
         raise InputFileError(f"model: the probe in {str(folder)!r} (shape {probe.shape}) is not a finite "
                              f"{geometry.n_px}×{geometry.n_px} probe; the folder is damaged")
     network.to(resolve_device(device)).eval()
+    if isinstance(path, str) and path in packaged_models() and folder.resolve() != packaged_model_path(path).resolve():
+        note_to_caller(f"model: {path!r} is the folder {str(folder.resolve())!r} here, which hides the packaged model "
+                       f"of that name ({str(packaged_model_path(path))!r}): rename the folder, or name it by a path "
+                       f"(./{path}) to mean it")
     return PhaseModel(network, meta["arch"], meta.get("arch_config", {}), probe, geometry, info, folder=folder)
 
 
