@@ -150,7 +150,7 @@ def _cmd_train(args) -> None:
     if int(os.environ.get("RANK", "0")) != 0:  # a torchrun process other than rank 0: rank 0 reports
         return
     print(f"model written to {args.out} (validation loss {history[-1]['val_loss']:.4f} rad after "
-          f"{history[-1]['epoch']} epochs)")
+          f"{history[-1]['epoch']} epochs); use it with: deepphase reconstruct DATA --model {shlex.quote(str(args.out))}")
 
 
 def _add_scan_arguments(p: argparse.ArgumentParser, required: bool, auto_step: bool = False) -> None:
@@ -356,6 +356,8 @@ def _cmd_export_onnx(args) -> None:
     from .models.registry import has_sigma_head
     from .reconstruction.engines import export_onnx
 
+    if args.out.suffix != ".onnx":
+        raise DeepPhaseError(f"out: expected a file name ending in .onnx, got {str(args.out)!r}")
     if args.out.exists() and not args.overwrite:
         raise DeepPhaseError(f"out: {str(args.out)!r} exists; choose another name or pass --overwrite")
     missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]

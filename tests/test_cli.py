@@ -376,6 +376,8 @@ def test_export_onnx_without_onnxruntime_says_what_to_install(tmp_path, capsys, 
     code, _, err = run(["export-onnx", "--out", tmp_path / "m.onnx"], capsys)
     assert code == 2 and "needs onnxruntime, which is not installed: pip install 'deepphase[onnx]'" in err
     assert not (tmp_path / "m.onnx").exists()
+    code, _, err = run(["export-onnx", "--out", tmp_path / "m.txt"], capsys)  # (it wrote ONNX under any name)
+    assert code == 2 and "expected a file name ending in .onnx" in err and not (tmp_path / "m.txt").exists()
 
 
 def test_train_refuses_incomplete_optics(tmp_path, capsys):

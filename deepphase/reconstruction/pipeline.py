@@ -787,6 +787,10 @@ def finish(accumulators, positions, mask, model: PhaseModel, stitching: str, rem
                   "sigma_scale": float(sigma_scale),
                   "note": "σ = sigma_scale × the spread of the samples"
                           + (f" (factor {scale_source})" if scale_source else " (not calibrated)")}
+    if not scale_source and not members:  # (the raw spread is far too small: it covered 7 % for 68 % on a test)
+        note_to_caller(f"the uncertainty is not calibrated: model {model.name!r} has no fitted factor for "
+                       f"{'its σ head' if sigma_head else 'Monte Carlo dropout'}, and the raw spread is usually far too "
+                       "small; `deepphase calibrate-uncertainty --model FOLDER` fits one")
     return full, slopes, phase, origin, spread, record
 
 

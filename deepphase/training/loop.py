@@ -43,7 +43,7 @@ from ..physics.forward import incident_counts
 from ..physics.geometry import Geometry, output_mask
 from ..physics.probe import load_probe, validate_probe
 from ..physics.scan import REFERENCE_STEP_PX
-from ..runtime import resolve_device
+from ..runtime import package_versions, resolve_device
 from .loss import LOSSES, laplace_nll, masked_l1
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -440,6 +440,10 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
             raise DeepPhaseError(f"resume: {str(out_dir)!r} has trained {start_epoch} epochs already; give --epochs more "
                                  "than that to train on")
         log(f"resuming {out_dir} after epoch {epoch_done + 1} of {config.epochs}")
+        if saved_config.get("epochs") not in (None, config.epochs) and settings["schedule"] != "constant":
+            log(f"epochs: {saved_config['epochs']} when it started, {config.epochs} now: the learning rate's schedule "
+                f"is stretched over {config.epochs} epochs from here (its rate jumps), so the result is not what "
+                f"{config.epochs} epochs from the start would give")
     elif rank == 0:
         # A new training: an earlier model in the folder (--overwrite) stops being one now, not at the first
         # epoch's end, and the probe is saved before any checkpoint, so that a resume is always checked against it.
@@ -526,7 +530,8 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
             **(probe_info or {}),
             "training": {**config.to_dict(), "dose": dose, "optimizer_settings": settings,
                          "epochs_done": epoch + 1, "steps": (epoch + 1) * config.steps_per_epoch,
-                         "history": history, "command": command or " ".join(shlex.quote(a) for a in sys.argv)},
+                         "history": history, "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+                         "versions": package_versions()},
             "validation_loss": val,
             "dose": dose,
             "phase_range": list(config.corpus.phase_range),
