@@ -247,9 +247,11 @@ def _cmd_simulate(args) -> None:
                   "command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     save_npz(out, amplitude=scan.amplitude, positions=scan.positions, truth=scan.truth.astype(np.float32),
              probe=probe, parameters=np.array(json.dumps(parameters, default=str)))
+    from .physics.forward import REFERENCE_DOSE
+
     origin = "" if dose is not None else (
-        " (no --dose given: the probe's own scale, n²·Σ|P|²" + ("" if np.isclose(scan.dose, 27_882, rtol=1e-3) else
-                                                                 "; the reference experiment's is 27,882") + ")")
+        " (no --dose given: the probe's own scale, n²·Σ|P|²" + ("" if np.isclose(scan.dose, REFERENCE_DOSE, rtol=1e-3)
+                                                                 else "; the reference experiment's is 27,882") + ")")
     print(f"wrote {out}: {len(scan.amplitude)} patterns of {probe.shape[0]}×{probe.shape[1]}, "
           f"{scan.dose:.0f} electrons per pattern{origin}")
 
@@ -808,7 +810,8 @@ def recipe_options(config, who: str = "config") -> list[str]:
         options += ["--neighbourhood", str(config.neighbourhood), *values("--neighbourhood-step",
                                                                            config.neighbourhood_step_px)]
     if config.sigma_head:
-        options += ["--sigma-head", "shared" if config.sigma_head is True else config.sigma_head, *values("--sigma-weight", config.sigma_weight)]
+        head = "shared" if config.sigma_head is True else config.sigma_head
+        options += ["--sigma-head", head, *values("--sigma-weight", config.sigma_weight)]
     return options + (["--half"] if config.half else [])
 
 
@@ -875,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         said = str(exc) or "interrupted"  # (an exception is truthy even when its message is empty)
-        if args.command == "train" and (Path(args.out) / "checkpoint.safetensors").exists():
+        if args.command == "train" and (Path(args.out) / _training_checkpoint()).exists():
             said += (f"; the last finished epoch's checkpoint is in {args.out}: the same command with --resume "
                      "continues from it")
         print(f"deepphase {args.command}: {said}; completed outputs are intact", file=sys.stderr)
@@ -886,6 +889,12 @@ def main(argv: list[str] | None = None) -> int:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _training_checkpoint() -> str:
+    from .training.loop import CHECKPOINT
+
+    return CHECKPOINT
 
 
 @contextlib.contextmanager

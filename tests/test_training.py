@@ -1,6 +1,7 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -553,3 +554,20 @@ def test_training_into_a_folder_again_leaves_no_record_or_export_of_the_old_weig
     assert seen == {"model.json": False, "model.onnx": False, "probe.npy": True}
     with pytest.raises(DeepPhaseError):
         load_model(tmp_path / "m")  # not a model until the new one is whole
+
+
+def test_ctrl_c_in_training_says_what_was_interrupted_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    """The message was empty (``exc or 'interrupted'`` with an exception object, always true)."""
+    from deepphase import cli
+    from deepphase.training import loop
+
+    def interrupted(probe, out, *args, **kwargs):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / loop.CHECKPOINT).write_bytes(b"an epoch")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train", interrupted)
+    assert cli.main(["train", "--out", str(tmp_path / "m")]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("deepphase train: interrupted; the last finished epoch's checkpoint is in")
+    assert "the same command with --resume continues from it" in err

@@ -24,12 +24,12 @@ from ..data.simulate import SimulatedScan, required_object_shape, simulate_scan
 from ..errors import DeepPhaseNote, ValueRangeError
 from ..wording import in_callers_words
 from ..io_utils import atomic_path, save_json, save_png
-from ..physics.forward import dose_per_area
+from ..physics.forward import REFERENCE_DOSE, dose_per_area
 from ..physics.scan import REFERENCE_STEP_PX, raster_positions
 from ..runtime import package_versions
 from . import metrics
 
-SEED_DOSE = 27881.8  # electrons per pattern of the original training (the reference probe's own scale)
+SEED_DOSE = REFERENCE_DOSE  # electrons per pattern of the original training (the reference probe's own scale)
 
 
 @dataclass

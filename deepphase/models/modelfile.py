@@ -129,6 +129,14 @@ def _as_half(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.half() if tensor.abs().max().item() <= _FLOAT16_MAX else tensor
 
 
+def unmake_model(folder: Path) -> None:
+    """Remove a model folder's ``model.json`` (what makes it a model) and ``model.onnx`` (an export of its weights):
+    before its weights are replaced, neither may stay to describe weights it was not made from."""
+    for stale in ("model.json", "model.onnx"):
+        if (folder / stale).is_file():
+            (folder / stale).unlink()
+
+
 def save_model(model: PhaseModel, folder: str | Path, half: bool = False) -> Path:
     """Write a model folder atomically (file by file, ``model.json`` last).
 
@@ -141,9 +149,7 @@ def save_model(model: PhaseModel, folder: str | Path, half: bool = False) -> Pat
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    for stale in ("model.json", "model.onnx"):
-        if (folder / stale).is_file():
-            (folder / stale).unlink()
+    unmake_model(folder)
     state = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
     if half:
         state = {k: _as_half(v) for k, v in state.items()}

@@ -46,6 +46,9 @@ def incident_counts(probe: np.ndarray | torch.Tensor) -> float:
 
 
 #: The largest dose simulated: beyond ~1e25 float32 Poisson draws came out wrong, and no detector gets near.
+#: Electrons per pattern of the reference experiment: the reference probe's own scale, n²·Σ|P|² (an optics probe,
+#: normalised to Σ|P|² = 1, has n²).
+REFERENCE_DOSE = 27_881.8
 MAX_DOSE = 1e12
 
 

@@ -38,8 +38,8 @@ from ..wording import in_callers_words
 from ..io_utils import atomic_path, save_npy
 from ..models import create_model
 from ..models.registry import deployed
-from ..models.modelfile import PhaseModel, save_model
-from ..physics.forward import incident_counts
+from ..models.modelfile import PhaseModel, save_model, unmake_model
+from ..physics.forward import REFERENCE_DOSE, incident_counts
 from ..physics.geometry import Geometry, output_mask
 from ..physics.probe import load_probe, validate_probe
 from ..physics.scan import REFERENCE_STEP_PX
@@ -411,7 +411,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
                             aberration_range=config.aberration_range, source_size_px=config.source_size_px,
                             focal_spread_rad=config.focal_spread_rad)
     arch_config = config.arch_config(geometry)
-    if config.dose is None and rank == 0 and not resume and not np.isclose(incident_counts(probe), 27_882, rtol=1e-3):
+    if config.dose is None and rank == 0 and not resume and not np.isclose(incident_counts(probe), REFERENCE_DOSE, rtol=1e-3):
         log(f"no dose given: training at the probe's own scale, n²·Σ|P|² = {incident_counts(probe):,.0f} electrons per "
             "pattern (an optics probe is normalised; the reference experiment's: 27,882); give a dose, or a range "
             "(--dose LO HI), for your data's")
@@ -448,9 +448,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         # A new training: an earlier model in the folder (--overwrite) stops being one now, not at the first
         # epoch's end, and the probe is saved before any checkpoint, so that a resume is always checked against it.
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in ("model.json", "model.onnx"):
-            if (out_dir / stale).is_file():
-                (out_dir / stale).unlink()
+        unmake_model(out_dir)
         save_npy(out_dir / "probe.npy", np.asarray(probe, dtype=np.complex128))
     validation = stream.fixed_set(config.seed, config.val_size)
     total_steps = config.epochs * config.steps_per_epoch
