@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..io_utils import save_json, save_npy
+from ..physics.geometry import check_positive
 from ..physics.probe import ProbeParameters, probe_from_parameters
 from ..physics.scan import validate_positions
 from .simulate import SimulatedScan, required_object_shape
@@ -284,15 +285,9 @@ def material_specimen(name: str, shape, seed: int = 0, sampling: float = DEFAULT
     """
     _check_name(name)
     shape = _pair(shape, "shape", integer=True)
-    _check_positive(sampling=sampling, energy=energy)
+    check_positive(sampling=sampling, energy=energy)
     atoms = material_atoms(name, (shape[0] * sampling, shape[1] * sampling), seed)
     return projected_phase(atoms, shape, sampling, energy)
-
-
-def _check_positive(**values) -> None:
-    for key, value in values.items():
-        if not (isinstance(value, (int, float, np.floating, np.integer)) and np.isfinite(value) and value > 0):
-            raise ValueRangeError(f"{key}: expected a positive number, got {value!r}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -531,11 +526,11 @@ def multislice_scan(name: str, positions, n_px: int = 32, sampling: float = DEFA
     """
     abtem, _ = _require_sim()
     _check_name(name)
-    _check_positive(sampling=sampling, energy=energy, batch_size=batch_size)
+    check_positive(sampling=sampling, energy=energy, batch_size=batch_size)
     if not (isinstance(n_px, (int, np.integer)) and n_px >= 8):
         raise ShapeError(f"n_px: expected a whole number of detector pixels of at least 8, got {n_px!r}")
     if probe is None:
-        _check_positive(semiangle=semiangle)
+        check_positive(semiangle=semiangle)
         if not (np.isfinite(defocus)):
             raise ValueRangeError(f"defocus: expected a finite number of Å, got {defocus!r}")
     else:
@@ -543,7 +538,7 @@ def multislice_scan(name: str, positions, n_px: int = 32, sampling: float = DEFA
     if not (np.isfinite(source_size) and source_size >= 0):
         raise ValueRangeError(f"source_size: expected a standard deviation >= 0 Å, got {source_size!r}")
     dose = REFERENCE_DOSE if dose is None else dose
-    _check_positive(dose=dose)
+    check_positive(dose=dose)
     if probe is None:
         # The same check, and message, as the model's probe: the aperture must fit the detector grid.
         probe_from_parameters(ProbeParameters(energy, semiangle, defocus, 0.0, int(n_px), sampling))

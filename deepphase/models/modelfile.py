@@ -23,7 +23,7 @@ from .. import __version__
 from ..errors import InputFileError, ModelMismatchError, ValueRangeError
 from ..wording import in_callers_words, note_to_caller
 from ..io_utils import atomic_path, save_json, save_npy
-from ..physics.geometry import Geometry
+from ..physics.geometry import Geometry, is_positive_number
 from ..runtime import resolve_device
 from .registry import create_model
 
@@ -160,23 +160,19 @@ def save_model(model: PhaseModel, folder: str | Path, half: bool = False) -> Pat
     return folder
 
 
-def _positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value) and value > 0
-
-
 def _check_record_values(info: dict, meta_path: Path) -> None:
     """The record's values that reconstruction computes with, checked when the model loads (a model.json edited by
     hand gave a traceback halfway through a reconstruction)."""
     dose = info.get("dose")
-    if dose is not None and not (_positive_number(dose) or (
-            isinstance(dose, list) and len(dose) == 2 and all(_positive_number(d) for d in dose))):
+    if dose is not None and not (is_positive_number(dose) or (
+            isinstance(dose, list) and len(dose) == 2 and all(is_positive_number(d) for d in dose))):
         raise InputFileError(f"model: {str(meta_path)!r} has dose {dose!r}; expected electrons per pattern (a positive "
                              "number or a range [LO, HI]) or null")
-    if info.get("sampling") is not None and not _positive_number(info["sampling"]):
+    if info.get("sampling") is not None and not is_positive_number(info["sampling"]):
         raise InputFileError(f"model: {str(meta_path)!r} has sampling {info['sampling']!r}; expected a pixel size in Å "
                              "(a positive number) or null")
     scale = (info.get("uncertainty") or {}).get("sigma_scale") if isinstance(info.get("uncertainty"), dict) else None
-    if scale is not None and not _positive_number(scale):
+    if scale is not None and not is_positive_number(scale):
         raise InputFileError(f"model: {str(meta_path)!r} has uncertainty.sigma_scale {scale!r}; expected a positive "
                              "factor (deepphase calibrate-uncertainty --overwrite fits it again)")
 

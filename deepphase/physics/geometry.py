@@ -58,6 +58,20 @@ def crop_window(array, geometry: Geometry):
     return array[..., s : s + c, s : s + c]
 
 
+def is_positive_number(value) -> bool:
+    """A finite real number above zero (a bool is not one)."""
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and bool(np.isfinite(value)) and value > 0)
+
+
+def check_positive(**values) -> None:
+    """Refuse, naming it, any value that is not a positive number; each given as the value or (value, unit)."""
+    for name, given in values.items():
+        value, unit = given if isinstance(given, tuple) else (given, None)
+        if not is_positive_number(value):
+            raise ValueRangeError(f"{name}: expected a positive number{f' of {unit}' if unit else ''}, got {value!r}")
+
+
 def _check_factor(factor) -> None:
     if isinstance(factor, bool) or not isinstance(factor, (int, np.integer)) or factor < 1:
         raise ValueRangeError(f"factor: expected a positive whole number, got {factor!r}")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputFileError, ShapeError, ValueRangeError
+from .geometry import check_positive
 
 REFERENCE_PROBE = "reference"
 
@@ -51,13 +52,6 @@ def electron_wavelength(energy_kev: float) -> float:
     return float(_H / p * 1e10)
 
 
-def _check_positive(**values) -> None:
-    for name, (value, unit) in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-                or not (np.isfinite(value) and value > 0):
-            raise ValueRangeError(f"{name}: expected a positive number of {unit}, got {value!r}")
-
-
 def reciprocal_sampling(n_px: int, sampling: float) -> float:
     """Reciprocal-space pixel size ``1 / (n · dx)`` in 1/Å of an ``n``-pixel grid of ``dx`` Å."""
     return 1.0 / (n_px * sampling)
@@ -65,13 +59,13 @@ def reciprocal_sampling(n_px: int, sampling: float) -> float:
 
 def angular_sampling(n_px: int, sampling: float, energy_kev: float) -> float:
     """Scattering angle per detector pixel in mrad for real-space sampling ``dx`` Å on ``n`` pixels."""
-    _check_positive(n_px=(n_px, "pixels"), sampling=(sampling, "Å"))
+    check_positive(n_px=(n_px, "pixels"), sampling=(sampling, "Å"))
     return 1e3 * electron_wavelength(energy_kev) * reciprocal_sampling(n_px, sampling)
 
 
 def real_space_sampling(n_px: int, mrad_per_px: float, energy_kev: float) -> float:
     """Real-space pixel size in Å that gives ``mrad_per_px`` on an ``n``-pixel detector grid."""
-    _check_positive(n_px=(n_px, "pixels"), mrad_per_px=(mrad_per_px, "mrad"))
+    check_positive(n_px=(n_px, "pixels"), mrad_per_px=(mrad_per_px, "mrad"))
     return electron_wavelength(energy_kev) / (n_px * mrad_per_px * 1e-3)
 
 
