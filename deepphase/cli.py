@@ -92,8 +92,8 @@ def _probe_from_args(args) -> tuple:
     ignored = [name for name, given in (("--defocus", args.defocus != 0.0), ("--cs", args.cs != 0.0),
                                         ("--grid", args.grid != 32)) if given]
     if ignored:
-        raise DeepPhaseError(f"probe: {', '.join(ignored)} build a probe from optics (with --energy, --semi-angle and "
-                             f"--sampling); with --probe {args.probe} they would do nothing")
+        raise DeepPhaseError(f"probe: {', '.join(ignored)} {'build' if len(ignored) > 1 else 'builds'} a probe from optics (with --energy, --semi-angle and "
+                             f"--sampling); with --probe {args.probe} {'they' if len(ignored) > 1 else 'it'} would do nothing")
     return load_probe(args.probe), {"probe": {"source": str(args.probe)},
                                     **({"sampling": args.sampling} if args.sampling is not None else {})}
 

@@ -61,6 +61,14 @@ def in_callers_terms(message: str) -> str:
     return message if audience == "command line" else in_api_words(message, audience)
 
 
+def in_fields_of(message: str, fields: dict) -> str:
+    """A settings object's refusal (written in the command's options) as its maker reads it: as written when the
+    command or an entry point made it (an entry point rewords on the way out, in its own keywords), else in
+    ``fields`` (option → field: ``TrainConfig(batch_size=1)`` reads ``batch_size:``, ``deepphase train
+    --batch-size 1`` reads ``batch-size:``)."""
+    return message if _AUDIENCE.get() is not None else in_api_words(message, fields)
+
+
 def note_to_caller(message: str) -> None:
     """Warn of ``message`` (a :class:`~deepphase.errors.DeepPhaseNote`) in the caller's terms, pointed at the
     first frame outside the package: the user's call."""

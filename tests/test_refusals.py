@@ -39,7 +39,7 @@ def test_a_training_resumes_only_from_a_sound_checkpoint_for_its_own_probe(train
     shutil.copytree(trained, tmp_path / "done")
     refused(["train", *TINY, "--resume", "--out", tmp_path / "done"], capsys, "has trained 1 epochs already")
     refused(["train", *TINY[:6], "--batch-size", 6, *TINY[8:], "--epochs", 2, "--resume", "--out", tmp_path / "done"],
-            capsys, "batch_size: 4 then, 6 now")
+            capsys, "--batch-size: 4 then, 6 now")
 
 
 def test_train_replaces_no_file_of_the_users_and_refuses_useless_probes(tmp_path, capsys):
@@ -55,9 +55,32 @@ def test_train_replaces_no_file_of_the_users_and_refuses_useless_probes(tmp_path
             "an .npz without a 'probe' array")
     assert not (tmp_path / "narrow").exists() and not (tmp_path / "npz").exists()
     # options that would do nothing
-    refused(["train", *TINY, "--defocus", 50, "--out", tmp_path / "f"], capsys, "--defocus build a probe from optics")
+    refused(["train", *TINY, "--defocus", 50, "--out", tmp_path / "f"], capsys, "--defocus builds a probe from optics")
     refused(["train", *TINY, "--sigma-weight", 0.5, "--out", tmp_path / "f"], capsys, "it needs --sigma-head")
     refused(["train", *TINY, "--neighbourhood-step", 1.2, "--out", tmp_path / "f"], capsys, "needs --neighbourhood 3")
+
+
+def test_train_refusals_name_its_options_and_python_callers_fields(tmp_path, capsys):
+    from deepphase.data.phase_objects import CorpusConfig
+    from deepphase.training.loop import TrainConfig, train
+
+    for argv, expected in ((["--batch-size", 1], "batch-size: expected at least 2"),
+                           (["--init-from", tmp_path / "none"], "init-from: '"),
+                           (["--phase-range", 2, 1], "phase-range: expected 0 < MIN ≤ MAX"),
+                           (["--lattice-spacing", 0.5, 2], "lattice-spacing: expected 1 ≤ MIN"),
+                           (["--energy", 300, "--semi-angle", 20, "--sampling", 0.2, "--grid", 12],
+                            "grid: the networks halve the pattern grid three times, so it must be a multiple of 8")):
+        err = refused(["train", *TINY, *argv, "--out", tmp_path / "t"], capsys, expected)
+        assert "_" not in err.split(":")[2], err  # (no Python field named)
+        assert not (tmp_path / "t").exists()
+    with pytest.raises(DeepPhaseError, match="^batch_size: expected a positive whole number"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(DeepPhaseError, match="^phase_range: expected"):
+        CorpusConfig(phase_range=(2.0, 1.0))
+    with pytest.raises(DeepPhaseError, match="^config.batch_size: expected at least 2"):
+        train(reference_probe(), tmp_path / "t", TrainConfig(batch_size=1), progress=False)
+    with pytest.raises(DeepPhaseError, match="^config.init_from: '"):
+        train(reference_probe(), tmp_path / "t", TrainConfig(init_from=str(tmp_path / "none")), progress=False)
 
 
 def test_demo_and_evaluate_refuse_before_the_work(tmp_path, capsys):

@@ -66,6 +66,9 @@ def test_model_output_shapes(arch):
     wide = create_model(arch, n_px=32, out_px=16).eval()
     with torch.no_grad():
         assert wide(torch.rand(2, 1, 32, 32)).shape == (2, 1, 16, 16)
+        assert create_model(arch, n_px=40).eval()(torch.rand(2, 1, 40, 40)).shape == (2, 1, 32, 32)
+    with pytest.raises(DeepPhaseError, match="multiple of 8 pixels, got 12"):  # (its skips would not fit)
+        create_model(arch, n_px=12)
 
 
 def test_unknown_architecture_is_refused():
@@ -331,6 +334,24 @@ def test_resuming_a_checkpoint_from_before_the_linear_parts_is_refused_with_a_re
         train(probe, tmp_path / "m", config, resume=True, progress=False, log=lambda *_: None)
 
 
+def test_a_training_stopped_before_its_first_checkpoint_leaves_its_folder_as_it_was(probe, tmp_path, monkeypatch):
+    from deepphase.training import loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "masked_l1", interrupted)
+    config = TrainConfig(arch="compact", epochs=1, steps_per_epoch=2, batch_size=4, val_size=8, device="cpu")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "notes.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt):
+        train(probe, tmp_path / "m", config, progress=False, log=lambda *_: None)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["notes.txt"]  # no probe.npy to refuse a rerun
+    monkeypatch.undo()
+    train(probe, tmp_path / "m", config, progress=False, log=lambda *_: None)
+    assert (tmp_path / "m" / "probe.npy").exists() and (tmp_path / "m" / "model.json").exists()
+
+
 def test_existing_model_is_not_overwritten_unasked(probe, tmp_path):
     config = TrainConfig(arch="unet-small", epochs=1, steps_per_epoch=2, batch_size=4, val_size=8, device="cpu")
     quiet = dict(progress=False, log=lambda *_: None)
@@ -339,7 +360,7 @@ def test_existing_model_is_not_overwritten_unasked(probe, tmp_path):
     with pytest.raises(OutputExistsError, match="pass resume=True to continue it or overwrite=True to replace it"):
         train(probe, tmp_path / "m", config, **quiet)
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
-    with pytest.raises(DeepPhaseError, match="another configuration .batch_size: 4 then, 6 now"):
+    with pytest.raises(DeepPhaseError, match="another configuration .config.batch_size: 4 then, 6 now"):
         train(probe, tmp_path / "m", TrainConfig(**{**config.__dict__, "batch_size": 6}), resume=True, **quiet)
 
 

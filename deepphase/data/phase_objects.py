@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ValueRangeError
+from ..wording import in_fields_of
 
 # How a value is drawn from its range (CorpusConfig.phase_scale, .lattice_spacing_scale).
 DRAW_SCALES = ("uniform", "log-uniform")
@@ -55,6 +56,13 @@ _BANK_PX = 256
 _bank_cache: dict[str, torch.Tensor] = {}
 
 
+#: ``deepphase train``'s corpus options and the :class:`CorpusConfig` fields they set (its refusals name the
+#: options on the command line, the fields from Python).
+CORPUS_FIELDS = {"phase-range": "phase_range", "phase-scale": "phase_scale", "lattice-spacing": "lattice_spacing",
+                 "lattice-spacing-scale": "lattice_spacing_scale"}
+OPTION_OF_CORPUS_FIELD = {f: o for o, f in CORPUS_FIELDS.items()}
+
+
 @dataclass(frozen=True)
 class CorpusConfig:
     """What the training objects are made of; stored in model files."""
@@ -73,13 +81,16 @@ class CorpusConfig:
     def __post_init__(self):
         for name in ("phase_scale", "lattice_spacing_scale"):
             if getattr(self, name) not in DRAW_SCALES:
-                raise ValueRangeError(f"{name}: expected one of {', '.join(DRAW_SCALES)}, got {getattr(self, name)!r}")
+                raise ValueRangeError(in_fields_of(f"{OPTION_OF_CORPUS_FIELD[name]}: expected one of "
+                                                   f"{', '.join(DRAW_SCALES)}, got {getattr(self, name)!r}", CORPUS_FIELDS))
         lo, hi = self.phase_range
         if not 0 < lo <= hi:
-            raise ValueRangeError(f"phase_range: expected 0 < MIN ≤ MAX radians, got {lo}, {hi}")
+            raise ValueRangeError(in_fields_of(f"phase-range: expected 0 < MIN ≤ MAX radians, got {lo}, {hi}",
+                                               CORPUS_FIELDS))
         lo, hi = self.lattice_spacing
         if not 1.0 <= lo <= hi:
-            raise ValueRangeError(f"lattice_spacing: expected 1 ≤ MIN ≤ MAX object pixels, got {lo}, {hi}")
+            raise ValueRangeError(in_fields_of(f"lattice-spacing: expected 1 ≤ MIN ≤ MAX object pixels, got {lo}, {hi}",
+                                               CORPUS_FIELDS))
 
     @classmethod
     def from_dict(cls, d: dict) -> "CorpusConfig":

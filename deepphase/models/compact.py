@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .registry import SIGMA_HEADS, register_model
+from .registry import GRID_MULTIPLE, SIGMA_HEADS, register_model
 from .unet import normalise_amplitude
 
 
@@ -113,8 +113,8 @@ class CompactPhaseNet(nn.Module):
                  in_channels: int = 1, sigma_head: bool = False, linear_path: bool = False,
                  linear_gate: bool = False, aberration_input: bool = False):
         super().__init__()
-        if n_px % 8:
-            raise ValueError(f"n_px: the compact network needs a multiple of 8 pixels, got {n_px}")
+        if n_px % GRID_MULTIPLE:
+            raise ValueError(f"n_px: the compact network needs a multiple of {GRID_MULTIPLE} pixels, got {n_px}")
         if int(in_channels) < 1:
             raise ValueError(f"in_channels: expected a positive number of input patterns, got {in_channels}")
         if linear_gate and not linear_path:

@@ -18,6 +18,10 @@ from ..errors import DeepPhaseError
 
 _REGISTRY: dict[str, Callable[..., torch.nn.Module]] = {}
 
+#: Every architecture halves its input three times (the U-Nets' poolings, the compact network's strides), so its
+#: n×n pattern grid is a multiple of this.
+GRID_MULTIPLE = 8
+
 
 def register_model(name: str):
     """Decorator: make an architecture constructor available as ``name``."""

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .registry import register_model
+from .registry import GRID_MULTIPLE, register_model
 
 
 class ResidualBlock(nn.Module):
@@ -48,6 +48,8 @@ class ResUNet(nn.Module):
     def __init__(self, stem: int = 16, channels=(32, 64, 128, 256), head: int = 32, dropout: float = 0.2,
                  n_px: int = 32, out_px: int = 32, in_channels: int = 1, sigma_head: bool = False):
         super().__init__()
+        if n_px % GRID_MULTIPLE:  # (else the skips and the upsampled maps differ in size)
+            raise ValueError(f"n_px: the U-Net needs a multiple of {GRID_MULTIPLE} pixels, got {n_px}")
         self.out_px = out_px
         self.in_channels = int(in_channels)
         # A second output channel: the log error scale (see compact.py); only the shared form here.

@@ -22,6 +22,7 @@ import os
 import shlex
 import sys
 import time
+import contextlib
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,13 +32,13 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..data.phase_objects import CorpusConfig
+from ..data.phase_objects import CORPUS_FIELDS, CorpusConfig
 from ..data.stream import Batch, TrainingStream
 from ..errors import DeepPhaseError, InputFileError, OutputExistsError
-from ..wording import in_callers_words
+from ..wording import in_callers_words, in_fields_of
 from ..io_utils import atomic_path, save_npy
 from ..models import create_model
-from ..models.registry import deployed
+from ..models.registry import GRID_MULTIPLE, deployed
 from ..models.modelfile import PhaseModel, save_model, unmake_model
 from ..physics.forward import REFERENCE_DOSE, incident_counts
 from ..physics.geometry import Geometry, output_mask
@@ -64,6 +65,19 @@ OPTIMIZERS = {
     "seed": {"optimizer": "sgd", "lr": 1e-4, "weight_decay": 0.0, "schedule": "constant", "warmup_steps": 0},
     "default": {"optimizer": "adamw", "lr": 2e-3, "weight_decay": 1e-4, "schedule": "cosine", "warmup_steps": 200},
 }
+
+
+#: ``deepphase train``'s options and the :class:`TrainConfig` fields they set: its refusals name the options on the
+#: command line, the fields from Python.
+TRAIN_FIELDS = {
+    "arch": "arch", "epochs": "epochs", "steps-per-epoch": "steps_per_epoch", "batch-size": "batch_size",
+    "preset": "preset", "lr": "lr", "dose": "dose", "corpus": "corpus", "seed": "seed", "val-size": "val_size",
+    "device": "device", "loss": "loss", "neighbourhood": "neighbourhood", "neighbourhood-step": "neighbourhood_step_px",
+    "sigma-head": "sigma_head", "sigma-weight": "sigma_weight", "init-from": "init_from",
+    "defocus-spread": "defocus_spread", "probe-aware": "aberration_range", "source-size": "source_size_px",
+    "focal-spread": "focal_spread_rad",
+}
+OPTION_OF_FIELD = {field: option for option, field in TRAIN_FIELDS.items()}
 
 
 @dataclass
@@ -108,28 +122,31 @@ class TrainConfig:
     focal_spread_rad: float | tuple[float, float] = 0.0  # rad at the disk's edge: an incoherent spread of focus, likewise
 
     def __post_init__(self):
+        def refuse(message: str):  # (written in the command's options)
+            return DeepPhaseError(in_fields_of(message, TRAIN_FIELDS))
+
         for name in ("epochs", "steps_per_epoch", "batch_size", "val_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise DeepPhaseError(f"{name}: expected a positive whole number, got {value!r}")
+                raise refuse(f"{OPTION_OF_FIELD[name]}: expected a positive whole number, got {value!r}")
         if self.lr is not None and not (np.isfinite(self.lr) and self.lr > 0):
-            raise DeepPhaseError(f"lr: expected a positive learning rate, got {self.lr!r}")
+            raise refuse(f"lr: expected a positive learning rate, got {self.lr!r}")
         if isinstance(self.dose, (tuple, list)) and (len(self.dose) != 2 or not 0 < self.dose[0] <= self.dose[1]):
-            raise DeepPhaseError(f"dose: expected a range (LO, HI) with 0 < LO ≤ HI electrons per pattern, got {self.dose!r}")
+            raise refuse(f"dose: expected a range (LO, HI) with 0 < LO ≤ HI electrons per pattern, got {self.dose!r}")
         if self.dose is not None and not isinstance(self.dose, (tuple, list)) and not (
                 isinstance(self.dose, (int, float, np.integer, np.floating)) and np.isfinite(self.dose) and self.dose > 0):
-            raise DeepPhaseError(f"dose: expected a positive number of electrons per pattern, got {self.dose!r}")
+            raise refuse(f"dose: expected a positive number of electrons per pattern, got {self.dose!r}")
         from ..models.registry import list_models
 
         choices = {"arch": list_models(), "preset": list(OPTIMIZERS), "loss": list(LOSSES),
                    "sigma_head": [None, True, "shared", "detached"]}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise DeepPhaseError(f"{name}: expected one of {', '.join(repr(a) for a in allowed)}, "
-                                     f"got {getattr(self, name)!r}")
+                raise refuse(f"{OPTION_OF_FIELD[name]}: expected one of {', '.join(repr(a) for a in allowed)}, "
+                             f"got {getattr(self, name)!r}")
         if not isinstance(self.device, str) or not (self.device in ("auto", "cpu", "cuda")
                                                     or self.device.startswith("cuda:")):
-            raise DeepPhaseError(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+            raise refuse(f"device: expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
     def optimizer_settings(self) -> dict:
         if self.preset not in OPTIMIZERS:
@@ -204,7 +221,7 @@ class TrainConfig:
             config["linear_path"] = config["linear_gate"] = True
         if self.aberration_range:
             if self.arch not in LINEAR_PATH_ARCHS:
-                raise DeepPhaseError(f"aberration_range: a probe-aware network is a compact one ("
+                raise DeepPhaseError(f"probe-aware: a probe-aware network is a compact one ("
                                      f"{' or '.join('--arch ' + a for a in LINEAR_PATH_ARCHS)}), got --arch {self.arch}")
             config["aberration_input"] = True
         return config
@@ -281,16 +298,13 @@ def _unpack_checkpoint(meta: dict, tensors: dict):
     return int(meta["epoch"]), json.loads(meta["history"]), json.loads(meta["config"]), model_state, opt_state
 
 
-#: ``deepphase train``'s options as :func:`train`'s keywords and :class:`TrainConfig`'s fields, for its messages.
+#: ``deepphase train``'s options as :func:`train`'s keywords and :class:`TrainConfig`'s fields, for its messages
+#: (written in the options, which the command's users read).
 TRAIN_KEYWORDS = {
-    "out": "out_dir", "probe": "probe", **{option: f"config.{field}" for option, field in (
-        ("arch", "arch"), ("epochs", "epochs"), ("steps-per-epoch", "steps_per_epoch"), ("batch-size", "batch_size"),
-        ("preset", "preset"), ("lr", "lr"), ("dose", "dose"), ("corpus", "corpus"), ("seed", "seed"),
-        ("val-size", "val_size"), ("device", "device"), ("loss", "loss"), ("neighbourhood-step", "neighbourhood_step_px"),
-        ("sigma-weight", "sigma_weight"), ("init-from", "init_from"), ("defocus-spread", "defocus_spread"),
-        ("source-size", "source_size_px"), ("focal-spread", "focal_spread_rad"))},
+    "out": "out_dir", "probe": "probe", "grid": "geometry.n_px",
+    **{option: f"config.{field}" for option, field in TRAIN_FIELDS.items() if option != "sigma-head"},
+    **{option: f"config.corpus.{field}" for option, field in CORPUS_FIELDS.items()},
     "half": ("config.half", True), "sigma-head": ("config.sigma_head", "shared"),
-    "probe-aware": "config.aberration_range", "neighbourhood": "config.neighbourhood",
     "sampling": None, "semi-angle": None, "energy": None,  # (the command's probe from optics: options, left so)
 }
 
@@ -348,6 +362,9 @@ def train(
             log, progress = (lambda *_: None), False
     if probe.shape[-1] != geometry.n_px:
         raise DeepPhaseError(f"probe: expected a {geometry.n_px}×{geometry.n_px} probe for this geometry, got {probe.shape}")
+    if geometry.n_px % GRID_MULTIPLE:
+        raise DeepPhaseError(f"grid: the networks halve the pattern grid three times, so it must be a multiple of "
+                             f"{GRID_MULTIPLE} pixels; this probe's is {geometry.n_px}×{geometry.n_px}")
     device = resolve_device(config.device)
     if world > 1 and device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
@@ -361,9 +378,9 @@ def train(
         raise DeepPhaseError(f"loss: expected one of {', '.join(LOSSES)}, got {config.loss!r}")
     offset_free = config.loss == "offset-free"
     if config.sigma_head and not config.sigma_weight > 0:
-        raise DeepPhaseError(f"sigma_weight: expected a positive weight for the σ head's likelihood, got {config.sigma_weight}")
+        raise DeepPhaseError(f"sigma-weight: expected a positive weight for the σ head's likelihood, got {config.sigma_weight}")
     if config.batch_size < 2:
-        raise DeepPhaseError(f"batch_size: expected at least 2 (batch normalisation), got {config.batch_size}")
+        raise DeepPhaseError(f"batch-size: expected at least 2 (batch normalisation), got {config.batch_size}")
     if world == 1:
         return _train(probe, out_dir, config, geometry, resume, probe_info, command, progress, log, device,
                       settings, dose, offset_free)
@@ -421,7 +438,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         _initialise_from(network, config, arch_config, log)
     optimizer = _make_optimizer(network.parameters(), settings)
     history: list[dict] = []
-    start_epoch = 0
+    start_epoch, new_probe = 0, None
     if resume:
         epoch_done, history, saved_config, model_state, opt_state = (
             _read_checkpoint(checkpoint_path) if checkpoint is None else _checkpoint_from_bytes(checkpoint))
@@ -449,7 +466,8 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         # epoch's end, and the probe is saved before any checkpoint, so that a resume is always checked against it.
         out_dir.mkdir(parents=True, exist_ok=True)
         unmake_model(out_dir)
-        save_npy(out_dir / "probe.npy", np.asarray(probe, dtype=np.complex128))
+        new_probe = out_dir / "probe.npy"
+        save_npy(new_probe, np.asarray(probe, dtype=np.complex128))
     validation = stream.fixed_set(config.seed, config.val_size)
     total_steps = config.epochs * config.steps_per_epoch
     model = PhaseModel(network, config.arch, arch_config, probe, geometry)
@@ -473,85 +491,86 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
             ddp_options = {"forward_sync_buffers" if newer else "broadcast_buffers": False}
         step_network = DistributedDataParallel(network, device_ids=[device.index] if sync_bn else None,
                                                **ddp_options)
-    for epoch in range(start_epoch, config.epochs):
-        # Dropout differs between processes (rank 0 keeps the single-process seed).
-        torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * rank)
-        network.train()
-        t0 = time.perf_counter()
-        running, losses, nlls = None, [], []
-        if world == 1:
-            batches = stream.epoch(config.seed, epoch, config.steps_per_epoch, config.batch_size)
-        else:
-            batches = _rank_batches(stream, config, epoch, rank, world, rank_data)
-        bar = tqdm(batches, total=config.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
-                   disable=None if progress is None else not progress, leave=False)
-        for i, batch in enumerate(bar):
-            for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(settings, epoch * config.steps_per_epoch + i, total_steps)
-            output = predict_batch(step_network, batch)
-            loss = masked_l1(output[:, :1], batch.target, mask, offset_free)
-            if config.sigma_head:
-                # The phase learns from the L1 term alone (the NLL sees it detached), so it is trained as
-                # without the head; the head learns the error scale of the offset-free residual. The
-                # logged loss stays the L1, comparable with runs without the head.
-                nll = laplace_nll(output[:, :1], output[:, 1:2], batch.target, mask, detach_phase=True)
-                nll_value = nll if world == 1 else _mean_over_ranks(nll)
-                if not torch.isfinite(nll_value):
-                    raise DeepPhaseError(f"training diverged: the σ head's likelihood became {nll_value.item()} at "
-                                         f"epoch {epoch + 1}, step {i + 1}; lower --lr")
-                nlls.append(nll_value.item())
-            # The logged loss is the mean over the processes, i.e. over the global batch; every rank
-            # sees the same value, so all stop together if it is not finite.
-            value = loss if world == 1 else _mean_over_ranks(loss)
-            if not torch.isfinite(value):
-                raise DeepPhaseError(f"training diverged: the loss became {value.item()} at epoch {epoch + 1}, step {i + 1}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            (loss + config.sigma_weight * nll if config.sigma_head else loss).backward()  # DDP averages the gradients: the gradient of the global batch's mean loss
-            optimizer.step()
-            losses.append(value.item())
-            running = value.item() if running is None else 0.98 * running + 0.02 * value.item()
-            bar.set_postfix(loss=f"{running:.4f}")
-        bar.close()
-        if world > 1 and not sync_bn:
-            # Per-process BN: each rank's last step moved its own running statistics; validate and save
-            # rank 0's everywhere.
-            for buffer in network.buffers():
-                dist.broadcast(buffer, src=0)
-        val = evaluate_loss(network, validation, mask) if world == 1 else _evaluate_loss_ranks(
-            network, validation, mask, rank, world)
-        elapsed = time.perf_counter() - t0
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val,
-                        **({"train_nll": float(np.mean(nlls))} if nlls else {}),
-                        "seconds": round(elapsed, 2),
-                        "samples_per_second": round(config.steps_per_epoch * config.batch_size / elapsed, 1)})
-        model.info = {
-            **(probe_info or {}),
-            "training": {**config.to_dict(), "dose": dose, "optimizer_settings": settings,
-                         "epochs_done": epoch + 1, "steps": (epoch + 1) * config.steps_per_epoch,
-                         "history": history, "command": command or " ".join(shlex.quote(a) for a in sys.argv),
-                         "versions": package_versions()},
-            "validation_loss": val,
-            "dose": dose,
-            "phase_range": list(config.corpus.phase_range),
-        }
-        if config.neighbourhood > 1:  # what reconstruction needs to gather the same neighbourhood from a scan
-            model.info["neighbourhood"] = {"size": config.neighbourhood, "step_px": config.neighbourhood_step_px,
-                                           "channels": "row-major (dr, dc) in steps, centre = channel "
-                                                       f"{config.neighbourhood ** 2 // 2}",
-                                           "edges": "replicate (nearest existing position)"}
-        if world > 1:
-            model.info["training"]["distributed"] = {
-                "processes": world, "batch_per_process": config.batch_size // world, "rank_data": rank_data,
-                "sync_batchnorm": sync_bn, "backend": dist.get_backend()}
-        if rank == 0:  # the others wait at the barrier below
-            save_checkpoint(checkpoint_path, network, optimizer, epoch, history, config)
-            # A training form (compact-rep) is stored as the plain network it equals; the checkpoint keeps it.
-            plain, arch = deployed(network, config.arch)
-            save_model(PhaseModel(plain, arch, arch_config, probe, geometry, model.info), out_dir, half=config.half)
-        if world > 1:
-            dist.barrier()
-        log(f"epoch {epoch + 1}/{config.epochs}: train loss {np.mean(losses):.4f} rad, validation loss {val:.4f} rad, "
-            f"{history[-1]['samples_per_second']:.0f} samples/s; saved {out_dir}")
+    with _probe_kept_by_first_checkpoint(new_probe, checkpoint_path):
+        for epoch in range(start_epoch, config.epochs):
+            # Dropout differs between processes (rank 0 keeps the single-process seed).
+            torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * rank)
+            network.train()
+            t0 = time.perf_counter()
+            running, losses, nlls = None, [], []
+            if world == 1:
+                batches = stream.epoch(config.seed, epoch, config.steps_per_epoch, config.batch_size)
+            else:
+                batches = _rank_batches(stream, config, epoch, rank, world, rank_data)
+            bar = tqdm(batches, total=config.steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}",
+                       disable=None if progress is None else not progress, leave=False)
+            for i, batch in enumerate(bar):
+                for group in optimizer.param_groups:
+                    group["lr"] = _learning_rate(settings, epoch * config.steps_per_epoch + i, total_steps)
+                output = predict_batch(step_network, batch)
+                loss = masked_l1(output[:, :1], batch.target, mask, offset_free)
+                if config.sigma_head:
+                    # The phase learns from the L1 term alone (the NLL sees it detached), so it is trained as
+                    # without the head; the head learns the error scale of the offset-free residual. The
+                    # logged loss stays the L1, comparable with runs without the head.
+                    nll = laplace_nll(output[:, :1], output[:, 1:2], batch.target, mask, detach_phase=True)
+                    nll_value = nll if world == 1 else _mean_over_ranks(nll)
+                    if not torch.isfinite(nll_value):
+                        raise DeepPhaseError(f"training diverged: the σ head's likelihood became {nll_value.item()} at "
+                                             f"epoch {epoch + 1}, step {i + 1}; lower --lr")
+                    nlls.append(nll_value.item())
+                # The logged loss is the mean over the processes, i.e. over the global batch; every rank
+                # sees the same value, so all stop together if it is not finite.
+                value = loss if world == 1 else _mean_over_ranks(loss)
+                if not torch.isfinite(value):
+                    raise DeepPhaseError(f"training diverged: the loss became {value.item()} at epoch {epoch + 1}, step {i + 1}; lower --lr")
+                optimizer.zero_grad(set_to_none=True)
+                (loss + config.sigma_weight * nll if config.sigma_head else loss).backward()  # DDP averages the gradients: the gradient of the global batch's mean loss
+                optimizer.step()
+                losses.append(value.item())
+                running = value.item() if running is None else 0.98 * running + 0.02 * value.item()
+                bar.set_postfix(loss=f"{running:.4f}")
+            bar.close()
+            if world > 1 and not sync_bn:
+                # Per-process BN: each rank's last step moved its own running statistics; validate and save
+                # rank 0's everywhere.
+                for buffer in network.buffers():
+                    dist.broadcast(buffer, src=0)
+            val = evaluate_loss(network, validation, mask) if world == 1 else _evaluate_loss_ranks(
+                network, validation, mask, rank, world)
+            elapsed = time.perf_counter() - t0
+            history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val,
+                            **({"train_nll": float(np.mean(nlls))} if nlls else {}),
+                            "seconds": round(elapsed, 2),
+                            "samples_per_second": round(config.steps_per_epoch * config.batch_size / elapsed, 1)})
+            model.info = {
+                **(probe_info or {}),
+                "training": {**config.to_dict(), "dose": dose, "optimizer_settings": settings,
+                             "epochs_done": epoch + 1, "steps": (epoch + 1) * config.steps_per_epoch,
+                             "history": history, "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+                             "versions": package_versions()},
+                "validation_loss": val,
+                "dose": dose,
+                "phase_range": list(config.corpus.phase_range),
+            }
+            if config.neighbourhood > 1:  # what reconstruction needs to gather the same neighbourhood from a scan
+                model.info["neighbourhood"] = {"size": config.neighbourhood, "step_px": config.neighbourhood_step_px,
+                                               "channels": "row-major (dr, dc) in steps, centre = channel "
+                                                           f"{config.neighbourhood ** 2 // 2}",
+                                               "edges": "replicate (nearest existing position)"}
+            if world > 1:
+                model.info["training"]["distributed"] = {
+                    "processes": world, "batch_per_process": config.batch_size // world, "rank_data": rank_data,
+                    "sync_batchnorm": sync_bn, "backend": dist.get_backend()}
+            if rank == 0:  # the others wait at the barrier below
+                save_checkpoint(checkpoint_path, network, optimizer, epoch, history, config)
+                # A training form (compact-rep) is stored as the plain network it equals; the checkpoint keeps it.
+                plain, arch = deployed(network, config.arch)
+                save_model(PhaseModel(plain, arch, arch_config, probe, geometry, model.info), out_dir, half=config.half)
+            if world > 1:
+                dist.barrier()
+            log(f"epoch {epoch + 1}/{config.epochs}: train loss {np.mean(losses):.4f} rad, validation loss {val:.4f} rad, "
+                f"{history[-1]['samples_per_second']:.0f} samples/s; saved {out_dir}")
     if sync_bn:  # hand back plain BatchNorm layers (same state) for use outside the process group
         plain = create_model(config.arch, **arch_config).to(device)
         plain.load_state_dict(network.state_dict())
@@ -561,6 +580,19 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
     if deployed_network is not network:  # hand back what the model folder holds
         model = PhaseModel(deployed_network.eval(), arch, arch_config, probe, geometry, model.info)
     return model, history
+
+
+@contextlib.contextmanager
+def _probe_kept_by_first_checkpoint(probe_file: Path | None, checkpoint_path: Path):
+    """A new training's probe.npy goes again if the training stops (an error, Ctrl-C) before its first checkpoint:
+    with nothing to resume, the folder is left as it was found and the same command runs again without
+    --overwrite."""
+    try:
+        yield
+    except BaseException:
+        if probe_file is not None and not checkpoint_path.exists():
+            probe_file.unlink(missing_ok=True)
+        raise
 
 
 def distributed_context() -> tuple[int, int, int]:
@@ -589,17 +621,21 @@ def _initialise_from(network: torch.nn.Module, config: TrainConfig, arch_config:
     zero."""
     from ..models.modelfile import load_model
 
-    source = load_model(config.init_from)
+    try:
+        source = load_model(config.init_from)
+    except DeepPhaseError as exc:  # (its message speaks of a --model)
+        said = str(exc)
+        raise type(exc)(f"init-from: {said.removeprefix('model: ')}") from exc
     added = [k for k in _ZERO_START_LAYERS if arch_config.get(k) and not source.arch_config.get(k)]
     if source.arch != config.arch or source.arch_config != {k: v for k, v in arch_config.items() if k not in added}:
         raise DeepPhaseError(
-            f"init_from: {config.init_from!r} is a {source.arch} network with {source.arch_config}; this training "
+            f"init-from: {config.init_from!r} is a {source.arch} network with {source.arch_config}; this training "
             f"builds a {config.arch} network with {arch_config} (train with the same --arch and options: "
             f"`deepphase train --like {shlex.quote(str(config.init_from))}` takes them)")
     missing, unexpected = network.load_state_dict(source.network.state_dict(), strict=False)
     new = tuple(prefix for k in added for prefix in _ZERO_START_LAYERS[k])
     if unexpected or any(not k.startswith(new) for k in missing):
-        raise DeepPhaseError(f"init_from: the weights of {config.init_from!r} do not fit ({missing or unexpected})")
+        raise DeepPhaseError(f"init-from: the weights of {config.init_from!r} do not fit ({missing or unexpected})")
     log(f"starting from the weights of {config.init_from}"
         + (f" ({', '.join(added)}: new layers from zero)" if added else ""))
 
@@ -609,7 +645,8 @@ def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
     changed = sorted(k for k in set(saved_config) | set(now)
                      if k not in ("epochs", "device") and saved_config.get(k) != now.get(k))
     if changed:
-        said = "; ".join(f"{k}: {saved_config.get(k)!r} then, {now.get(k)!r} now" for k in changed)
+        named = {k: f"--{OPTION_OF_FIELD[k]}" for k in changed if k in OPTION_OF_FIELD and k != "sigma_head"}  # (a switch)
+        said = "; ".join(f"{named.get(k, k)}: {saved_config.get(k)!r} then, {now.get(k)!r} now" for k in changed)
         raise DeepPhaseError(f"resume: the checkpoint was made with another configuration ({said}); resume with the "
                              "same arguments (only --epochs and --device may change)")
 
@@ -626,8 +663,8 @@ def check_batch_split(batch_size: int, world: int) -> None:
     """The global batch must split evenly between the processes."""
     if world > 1 and batch_size % world:
         raise DeepPhaseError(
-            f"batch_size: the global batch of {batch_size} does not split evenly between {world} processes; "
-            f"use a multiple of {world} (each process trains on batch_size / {world} patterns)"
+            f"batch-size: the global batch of {batch_size} does not split evenly between {world} processes; "
+            f"use a multiple of {world} (each process trains on an equal share of it)"
         )
 
 
