@@ -138,8 +138,7 @@ def _cmd_train(args) -> None:
                          source_size_px=_value_or_range("source-size", args.source_size),
                          focal_spread_rad=_value_or_range("focal-spread", args.focal_spread))
     geometry = Geometry(n_px=probe.shape[0])
-    command = "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    command = getattr(args, "command_line", None) or command  # set by deepphase.train (torchrun processes)
+    command = _command_line(args)
     if args.nproc != 1:  # several processes on this machine: torchrun starts them (deepphase/train.py)
         from .train import launch
 
@@ -149,8 +148,10 @@ def _cmd_train(args) -> None:
                            probe_info=info, command=command, rank_data=args.rank_data)
     if int(os.environ.get("RANK", "0")) != 0:  # a torchrun process other than rank 0: rank 0 reports
         return
-    print(f"model written to {args.out} (validation loss {history[-1]['val_loss']:.4f} rad after "
-          f"{history[-1]['epoch']} epochs); use it with: deepphase reconstruct DATA --model {shlex.quote(str(args.out))}")
+    epochs = history[-1]["epoch"]
+    print(f"model written to {args.out} (validation loss {history[-1]['val_loss']:.4f} rad, a flat phase's "
+          f"{model.info['validation_loss_flat_phase']:.4f}, after {epochs} epoch{'s' * (epochs != 1)}); use it with: "
+          f"deepphase reconstruct DATA --model {shlex.quote(str(args.out))}")
 
 
 def _add_scan_arguments(p: argparse.ArgumentParser, required: bool, auto_step: bool = False) -> None:
@@ -244,7 +245,7 @@ def _cmd_simulate(args) -> None:
     parameters = {"object": source, "dose_electrons_per_pattern": scan.dose, "noise": not args.no_noise,
                   **{k: v for k, v in scan.parameters.items() if k in ("source_size_px", "detector_psf_px", "focal_spread_rad", "coherent_modes")},
                   "seed": args.seed, **scan_info, **probe_info,
-                  "command": "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+                  "command": _command_line(args)}
     save_npz(out, amplitude=scan.amplitude, positions=scan.positions, truth=scan.truth.astype(np.float32),
              probe=probe, parameters=np.array(json.dumps(parameters, default=str)))
     from .physics.forward import REFERENCE_DOSE
@@ -271,7 +272,7 @@ def _cmd_reconstruct(args) -> None:
         sigma_scale=args.sigma_scale, device=args.device, chunk_size=args.chunk_size, resume=args.resume,
         overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler, tile_size=args.tile_size,
         libertem=args.libertem, progress=sys.stderr.isatty() if args.libertem else None, log=_say("reconstruct"),
-        command="deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        command=_command_line(args))
     meta = rec.metadata
     msg = (f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
            f"({meta['n_patterns']} patterns"
@@ -385,7 +386,7 @@ def _cmd_export_onnx(args) -> None:
 def _cmd_demo(args) -> None:
     from .evaluation.demo import run_demo
 
-    meta = run_demo(args.out, specimen=args.specimen, stitching=args.stitching)
+    meta = run_demo(args.out, specimen=args.specimen, stitching=args.stitching, command=_command_line(args))
     print(f"demo: {meta['specimen']}, {meta['scan_shape'][0]}×{meta['scan_shape'][1]} positions, "
           f"{meta['dose_electrons_per_pattern']:.0f} electrons per pattern, {meta['total_s']:.1f} s")
     print(f"correlation with the truth: {meta['correlation_with_truth']:.3f}")
@@ -841,11 +842,18 @@ def _like_arguments(parser: argparse.ArgumentParser, args, argv: list[str]):
 _WRITES = {"train": True, "reconstruct": True, "demo": True, "evaluate": True, "simulate": False, "export-onnx": False}
 
 
+def _command_line(args) -> str:
+    """The command as the user gave it, for the records: main's arguments (``main(argv)`` from Python or a test is
+    not ``sys.argv``), or what ``--like`` or a torchrun process (deepphase.train) set."""
+    return getattr(args, "command_line", None) or "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
+        args.command_line = "deepphase " + " ".join(shlex.quote(a) for a in argv)
     except SystemExit as exc:  # --help, --version, or a malformed option (one line already printed)
         return exc.code if isinstance(exc.code, int) else 2
     except KeyboardInterrupt:  # (Ctrl-C while the parser imports torch to check --arch)

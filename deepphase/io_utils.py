@@ -36,6 +36,16 @@ def atomic_path(path: str | Path, suffix: str = ""):
         raise
 
 
+def remove_leftover_temporaries(folder: str | Path, names) -> None:
+    """Remove the temporary files :func:`atomic_path` left beside ``names`` in ``folder`` when its process was killed
+    outright (``kill -9``, a batch system's hard limit), where it could not clean up."""
+    import glob
+
+    for name in names:
+        for leftover in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
 def check_writable(path: str | Path, what: str = "out", folder: bool = True) -> Path:
     """Refuse an output path that cannot be written, before any work is spent on it.
 

@@ -105,6 +105,9 @@ def test_reconstruct_file_makes_what_the_command_makes_and_tells_what_to_check(p
     rec = deepphase.reconstruct_file(tmp_path / "scan.npy", tmp_path / "api", **raster, rotation_deg=30,
                                      progress=False, log=lambda text, is_note: messages.append((text, is_note)))
     assert not rec.notes and not [m for m in messages if m[1]]
+    as_array = deepphase.reconstruct_file(tmp_path / "scan.npy", scan_shape=np.array([24, 24]), step_px=0.87,
+                                          rotation_deg=30, progress=False)  # (a ValueError on its truth value)
+    np.testing.assert_array_equal(as_array.phase, rec.phase)
     assert correlation(rec.phase, rec.region(truth)) > correlation(told.phase, told.region(truth)) + 0.2
     assert main(["reconstruct", str(tmp_path / "scan.npy"), "--scan-shape", "24", "24", "--step", "0.87",
                  "--rotation", "30", "--out", str(tmp_path / "cli")]) == 0

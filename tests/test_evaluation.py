@@ -277,3 +277,19 @@ def test_a_model_for_another_probe_is_scored_with_a_note(tmp_path, capsys):
     assert main(["evaluate", "--specimens", "cameraman", "--doses", "27882", "--scan-shape", "16", "16", "--forward",
                  "phase-object", "--methods", "deepphase", "--out", str(tmp_path / "own")]) == 0
     assert "another probe" not in capsys.readouterr().err
+
+
+def test_the_demo_reconstructs_its_specimen_records_its_command_and_writes_its_marker_last(tmp_path):
+    import json
+
+    from deepphase.evaluation.demo import run_demo
+
+    out = tmp_path / "demo"
+    meta = run_demo(out, scan_shape=(12, 12), progress=False, command="deepphase demo --out demo")
+    assert meta["demo"] is True and meta["command"] == "deepphase demo --out demo"
+    assert meta["correlation_with_truth"] > 0.8  # (0.976 on the full 64×64 demo)
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert {"truth.npy", "comparison.png", "phase.npy"} <= set(written)
+    assert written["metadata.json"] == max(written.values())  # the finished set's marker, last
+    (out / "metadata.json").write_text(json.dumps({**meta, "demo": None, "command": "demo"}))  # an older demo's
+    assert run_demo(out, scan_shape=(12, 12), progress=False)["demo"] is True  # replaced without asking

@@ -5,6 +5,7 @@ otherwise in the documented binary layouts (Merlin .mib + .hdr, EMPAD .raw + .xm
 """
 
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -260,6 +261,76 @@ def test_emd_1_0_from_emdfile_numbers_its_dimensions_from_0(frames4d, tmp_path):
         assert data.info["detector_sampling"] == {"value": pytest.approx(0.03), "units": "A^-1"}
     finally:
         data.close()
+
+
+def test_emd_written_by_hyperspy_is_read_with_its_detector_axes_last(frames4d, tmp_path):
+    """rosettasciio's EMD writer (HyperSpy's ``s.save("x.emd")``) stores a (4, 5, 64, 64) scan as (64, 64, 5, 4),
+    dim1..dim4 = kx, ky, x, y: read as py4DSTEM's C order it was a 64×64 scan of 5×4 "patterns"."""
+    from rsciio.emd import file_writer
+
+    data4d = frames4d[:, :, :, :48]  # (a non-square detector: the axes cannot be swapped back by accident)
+    axes = [dict(size=s, index_in_array=i, name=n, scale=sc, offset=0.0, units=u, navigate=i < 2)
+            for i, (s, n, sc, u) in enumerate(zip(data4d.shape, ("y", "x", "ky", "kx"), (0.05, 0.05, 1.6, 1.6),
+                                                  ("nm", "nm", "mrad", "mrad")))]
+    metadata = {"General": {"title": "scan"}, "Signal": {"signal_type": "electron_diffraction"}}
+    file_writer(str(tmp_path / "scan.emd"), {"data": data4d, "axes": axes, "metadata": metadata,
+                                             "original_metadata": {}, "attributes": {"_lazy": False}})
+    with h5py.File(tmp_path / "scan.emd") as f:  # (the layout this test is about)
+        assert f["signals/scan/data"].shape == (48, 64, 5, 4)
+    data = load_scan(tmp_path / "scan.emd")
+    try:
+        assert data.scan_shape == (4, 5) and data.frames.shape == (20, 64, 48)
+        assert np.array_equal(read_all(data), data4d.reshape(20, 64, 48))
+        assert np.array_equal(np.asarray(data.frames[3:12]), data4d.reshape(20, 64, 48)[3:12])  # across scan rows
+        assert data.info["scan_step_angstrom"] == pytest.approx(0.5)
+        assert data.info["detector_sampling"]["value"] == pytest.approx(1.6)
+    finally:
+        data.close()
+    from deepphase.data.calibration import detector_mrad_per_px
+
+    assert detector_mrad_per_px(1.6, "[m_r_a_d]", None) == pytest.approx(1.6)  # (as py4DSTEM and rsciio write it)
+
+
+def test_hyperspy_hspy_is_read_with_its_calibration_and_beam_energy(frames4d, tmp_path):
+    from rsciio.hspy import file_writer
+
+    axes = [dict(size=s, index_in_array=i, name=n, scale=sc, offset=0.0, units=u, navigate=i < 2)
+            for i, (s, n, sc, u) in enumerate(zip(frames4d.shape, ("y", "x", "ky", "kx"), (0.05, 0.05, 1.6, 1.6),
+                                                  ("nm", "nm", "mrad", "mrad")))]
+    metadata = {"General": {"title": "scan"}, "Signal": {"signal_type": "electron_diffraction"},
+                "Acquisition_instrument": {"TEM": {"beam_energy": 200.0}}}
+    file_writer(str(tmp_path / "scan.hspy"), {"data": frames4d, "axes": axes, "metadata": metadata,
+                                              "original_metadata": {}, "tmp_parameters": {}, "models": {},
+                                              "learning_results": {}, "attributes": {"_lazy": False},
+                                              "package_info": {"name": "hyperspy", "version": "2.3.0"}})
+    data = load_scan(tmp_path / "scan.hspy")
+    try:
+        assert data.scan_shape == (4, 5) and np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
+        assert data.info["scan_step_angstrom"] == pytest.approx(0.5) and data.info["energy_kev"] == pytest.approx(200)
+        assert data.info["detector_sampling"] == {"value": pytest.approx(1.6), "units": "mrad"}
+    finally:
+        data.close()
+
+
+def test_a_file_named_as_another_format_is_named_for_what_it_is(frames4d, tmp_path):
+    from deepphase.errors import InputFileError
+
+    np.save(tmp_path / "one.npy", frames4d)
+    np.savez(tmp_path / "two.npz", amplitude=frames4d)
+    for source, name, expected in (("one.npy", "one.npz", "is an .npy file (one array), not an .npz archive"),
+                                   ("one.npy", "one.h5", "is an .npy file, not HDF5"),
+                                   ("two.npz", "two.npy", "is an .npz archive (several arrays), not an .npy file")):
+        (tmp_path / name).write_bytes((tmp_path / source).read_bytes())
+        with pytest.raises(InputFileError, match=re.escape(expected)):
+            load_scan(tmp_path / name)
+
+
+def test_a_fortran_order_npy_stays_memory_mapped(frames4d, tmp_path):
+    np.save(tmp_path / "f.npy", np.asfortranarray(frames4d))
+    data = load_scan(tmp_path / "f.npy")
+    assert not isinstance(data.frames, np.ndarray)  # (a reshape of the memory map would copy the whole file)
+    assert np.array_equal(np.asarray(data.frames[3:12]), frames4d.reshape(20, 64, 64)[3:12])
+    assert np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
 
 
 def test_missing_reader_package_names_the_extra(frames4d, tmp_path, monkeypatch):

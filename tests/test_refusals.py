@@ -42,6 +42,25 @@ def test_a_training_resumes_only_from_a_sound_checkpoint_for_its_own_probe(train
             capsys, "--batch-size: 4 then, 6 now")
 
 
+def test_a_resume_needs_only_resume_and_keeps_what_started_the_training(trained, tmp_path, capsys):
+    import json
+
+    tuned = tmp_path / "tuned"
+    assert main(["train", *map(str, TINY), "--init-from", str(trained), "--out", str(tuned)]) == 0
+    assert "a flat phase's" in capsys.readouterr().out  # (the figure the validation loss is read against)
+    (tuned / ".model.safetensors.x1y2.tmp").write_bytes(b"left by a kill -9")
+    refused(["train", *TINY, "--resume", "--overwrite", "--out", tuned], capsys, "give one of them")
+    more = ["train", *TINY[:2], "--epochs", "2", *TINY[4:], "--resume", "--out", str(tuned)]
+    assert main(more) == 0  # without repeating --init-from
+    record = json.loads((tuned / "model.json").read_text())
+    training = record["training"]
+    assert training["init_from"] == str(trained) and training["epochs_done"] == 2
+    assert len(training["commands"]) == 2 and "--init-from" in training["commands"][0]
+    assert training["command"] == training["commands"][1] and "--resume" in training["command"]
+    assert record["validation_loss"] > 0 and record["validation_loss_flat_phase"] > 0
+    assert not list(tuned.glob(".*.tmp"))
+
+
 def test_train_replaces_no_file_of_the_users_and_refuses_useless_probes(tmp_path, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "model.safetensors").write_text("mine")

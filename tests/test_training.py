@@ -340,7 +340,7 @@ def test_a_training_stopped_before_its_first_checkpoint_leaves_its_folder_as_it_
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "masked_l1", interrupted)
+    monkeypatch.setattr(loop, "predict_batch", interrupted)  # (the first training step)
     config = TrainConfig(arch="compact", epochs=1, steps_per_epoch=2, batch_size=4, val_size=8, device="cpu")
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "notes.txt").write_text("mine")

@@ -441,7 +441,8 @@ def resample_patterns(batch: np.ndarray, centers: np.ndarray, n_out: int, center
 
 def detector_mrad_per_px(value: float, units: str, energy_kev: float | None) -> float | None:
     """A detector pixel size in mrad from a calibration in mrad, rad, 1/Å or 1/nm (these need the energy)."""
-    u = str(units or "").strip().replace("Å", "A").replace("^-1", "-1").lower()
+    # (py4DSTEM and rosettasciio's EMD write "[m_r_a_d]", "[n_m^-1]")
+    u = str(units or "").strip().strip("[]").replace("_", "").replace("Å", "A").replace("^-1", "-1").lower()
     if u in ("mrad",):
         return float(value)
     if u in ("rad",):

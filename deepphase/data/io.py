@@ -80,10 +80,16 @@ class ScanData:
         self.close()
 
 
-def _frames_from_array(array, source: str):
+def _frames_from_array(array, source: str, reversed_axes: bool = False):
+    """``array`` as (N, k_row, k_col) frames and its scan shape (None for frames). ``reversed_axes``: a 4-D array
+    stored (k_col, k_row, scan_col, scan_row), as HyperSpy writes EMD files (rosettasciio's NCEM layout)."""
+    if array.ndim == 4 and reversed_axes:
+        return _Flat4D(array, reversed_axes=True), (array.shape[3], array.shape[2])
     if array.ndim == 4:
         r, c = array.shape[:2]
-        return array.reshape(r * c, *array.shape[2:]) if isinstance(array, np.ndarray) else _Flat4D(array), (r, c)
+        if isinstance(array, np.ndarray) and array.flags.c_contiguous:  # (a view: a memory map stays one)
+            return array.reshape(r * c, *array.shape[2:]), (r, c)
+        return _Flat4D(array), (r, c)  # (reshaping a Fortran-order memory map would copy all of it)
     if array.ndim == 3:
         return array, None
     raise ShapeError(
@@ -92,12 +98,17 @@ def _frames_from_array(array, source: str):
 
 
 class _Flat4D:
-    """A (R, C, k, k) h5py dataset seen as (R·C, k, k) frames, read a slice at a time."""
+    """A (R, C, k, k) array (an h5py or zarr dataset, a memory map) seen as (R·C, k, k) frames, read a few scan
+    rows at a time; ``reversed_axes``: one stored (k_col, k_row, C, R) (slow to read: a scan row is spread over the
+    whole file)."""
 
-    def __init__(self, dataset):
+    def __init__(self, dataset, reversed_axes: bool = False):
         self.dataset = dataset
-        r, c = dataset.shape[:2]
-        self.shape = (r * c, *dataset.shape[2:])
+        self.reversed_axes = reversed_axes
+        r, c = dataset.shape[:1:-1] if reversed_axes else dataset.shape[:2]
+        k = dataset.shape[1::-1] if reversed_axes else dataset.shape[2:]
+        self.scan_shape = (r, c)
+        self.shape = (r * c, *k)
         self.dtype = dataset.dtype
 
     def __len__(self):
@@ -109,8 +120,12 @@ class _Flat4D:
         start, stop, _ = index.indices(self.shape[0])
         if stop <= start:
             return np.zeros((0, *self.shape[1:]), dtype=self.dtype)
-        cols = self.dataset.shape[1]
-        rows = np.asarray(self.dataset[start // cols : (stop - 1) // cols + 1])  # numpy also from dask or zarr
+        cols = self.scan_shape[1]
+        first, last = start // cols, (stop - 1) // cols + 1
+        if self.reversed_axes:
+            rows = np.asarray(self.dataset[:, :, :, first:last]).transpose(3, 2, 1, 0)
+        else:
+            rows = np.asarray(self.dataset[first:last])  # numpy also from dask or zarr
         flat = rows.reshape(-1, *self.shape[1:])
         offset = start - (start // cols) * cols
         return flat[offset : offset + stop - start]
@@ -120,7 +135,7 @@ FILES_EXTRA = "pip install deepphase[files]"
 DETECTOR_SUFFIXES = {".mib": "Merlin .mib", ".xml": "EMPAD", ".dm4": "Gatan DigitalMicrograph",
                      ".dm3": "Gatan DigitalMicrograph", ".blo": "blockfile"}
 _FORMAT_NAMES = {".mib": "mib", ".xml": "empad", ".dm4": "dm4", ".dm3": "dm3", ".blo": "blockfile"}
-HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".emd")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".emd", ".hspy")
 ZARR_SUFFIXES = (".zarr", ".zspy")
 
 # Length units to Å, for scan steps read from files.
@@ -152,7 +167,7 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
     Parameters
     ----------
     path : str or Path
-        ``.npy``; the ``.npz`` written by ``deepphase simulate``; HDF5 (``.h5``/``.hdf5``/``.hdf``/``.emd``,
+        ``.npy``; the ``.npz`` written by ``deepphase simulate``; HDF5 (``.h5``/``.hdf5``/``.hdf``/``.emd``, HyperSpy's ``.hspy``,
         EMD 1.0 groups recognised); zarr (``.zarr``/``.zspy`` folder); and with ``deepphase[files]``:
         ``.mib``, EMPAD ``.xml``, ``.dm4``/``.dm3``, ``.blo``.
     dataset : str, optional
@@ -184,11 +199,18 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
             array = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:
             raise InputFileError(f"data: could not read {str(path)!r} as .npy ({npy_problem(path, exc)})") from exc
+        if not isinstance(array, np.ndarray):  # numpy opens an .npz archive whatever its name
+            array.close()
+            raise InputFileError(f"data: {str(path)!r} is an .npz archive (several arrays), not an .npy file; "
+                                 "name it .npz")
         frames, shape = _frames_from_array(array, str(path))
         return ScanData(frames, shape, None, info=_basic_info("npy", frames, shape))
     if suffix == ".npz":
         try:
             archive = np.load(path, allow_pickle=False)
+            if isinstance(archive, np.ndarray):  # numpy reads an .npy file whatever its name
+                raise InputFileError(f"data: {str(path)!r} is an .npy file (one array), not an .npz archive; "
+                                     "name it .npy")
             for key, kind in (("amplitude", "amplitude"), ("counts", "counts")):
                 if key in archive.files:
                     frames, shape = _frames_from_array(archive[key], f"{path}:{key}")
@@ -210,7 +232,7 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
     if suffix in DETECTOR_SUFFIXES:
         return _load_detector(path, suffix, scan_shape)
     raise InputFileError(
-        f"data: unknown file type {suffix!r} of {str(path)!r}; expected .npy, .npz, .h5/.hdf5/.emd, .zarr, "
+        f"data: unknown file type {suffix!r} of {str(path)!r}; expected .npy, .npz, .h5/.hdf5/.emd/.hspy, .zarr/.zspy, "
         ".mib, .xml (EMPAD), .dm4/.dm3 or .blo"
     )
 
@@ -271,6 +293,9 @@ def _load_hdf5(path: Path, dataset: str | None) -> ScanData:
     try:
         handle = h5py.File(path, "r")
     except OSError as exc:
+        with open(path, "rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                raise InputFileError(f"data: {str(path)!r} is an .npy file, not HDF5; name it .npy") from None
         raise InputFileError(f"data: could not open {str(path)!r} as HDF5 ({exc}; truncated or not HDF5?)") from exc
     try:
         emd = _emd_groups(handle)
@@ -298,8 +323,9 @@ def _load_hdf5(path: Path, dataset: str | None) -> ScanData:
         if not _is_real_number(ds.dtype):
             raise ShapeError(f"data: dataset {dataset!r} has dtype {ds.dtype}; expected real numbers")
         frames, scan_shape = _frames_from_array(ds, f"{path}:{dataset}")
-        return ScanData(frames, scan_shape, None, info=_basic_info("hdf5", frames, scan_shape, dataset=dataset),
-                        _handle=handle)
+        info = _basic_info("hdf5", frames, scan_shape, dataset=dataset)
+        info.update(_hyperspy_calibrations(handle[ds.parent.name], ds.ndim))
+        return ScanData(frames, scan_shape, None, info=info, _handle=handle)
     except BaseException:
         handle.close()
         raise
@@ -350,10 +376,51 @@ def _load_emd_group(handle, group: str, path: Path) -> ScanData:
         step = float(values[1] - values[0]) if values.size >= 2 else None
         dims.append({"name": _attr_text(dim.attrs.get("name")), "units": _attr_text(dim.attrs.get("units")),
                      "step": step})
-    frames, scan_shape = _frames_from_array(ds, f"{path}:{group}/data")
-    info = _basic_info("emd", frames, scan_shape, group=group)
+    # HyperSpy (rosettasciio's NCEM layout) stores the axes reversed, detector first; its dims say so by their units.
+    reversed_axes = ds.ndim == 4 and all(_is_angle(d) for d in dims[:2]) and all(_is_length(d) for d in dims[2:])
+    if reversed_axes:
+        dims = dims[::-1]
+    frames, scan_shape = _frames_from_array(ds, f"{path}:{group}/data", reversed_axes)
+    info = _basic_info("emd", frames, scan_shape, group=group, **({"stored": "detector axes first, reversed "
+                                                                             "(HyperSpy's EMD)"} if reversed_axes else {}))
     info.update(_calibrations([d for d in dims[:-2]], [d for d in dims[-2:]]))
     return ScanData(frames, scan_shape, None, info=info, _handle=handle)
+
+
+def _hyperspy_calibrations(group, ndim: int) -> dict:
+    """What a HyperSpy signal group (.hspy, .zspy: ``data`` beside ``axis-0`` … groups, navigation axes first)
+    says of the scan step, the detector sampling and the beam energy; {} for any other group."""
+    try:
+        axes = [dict(group[f"axis-{i}"].attrs) for i in range(ndim)]
+    except (KeyError, TypeError, AttributeError):
+        return {}
+    if [bool(a.get("navigate")) for a in axes] != [True] * (ndim - 2) + [False, False]:
+        return {}  # (not the layout HyperSpy writes a 4D-STEM signal in)
+    described = [{"units": _attr_text(a.get("units")), "step": float(a["scale"]) if "scale" in a else None}
+                 for a in axes]
+    out = _calibrations(described[:-2], described[-2:])
+    try:
+        energy = float(group["metadata/Acquisition_instrument/TEM"].attrs["beam_energy"])
+        if np.isfinite(energy) and energy > 0:
+            out["energy_kev"] = energy
+    except (KeyError, TypeError, ValueError, AttributeError):
+        pass
+    return out
+
+
+def _unit_text(axis) -> str:
+    """An axis's units as plain lower-case text: py4DSTEM's "[n_m]" → "nm", "[n_m^-1]" → "nm^-1"."""
+    return str((axis or {}).get("units") or "").strip().strip("[]").replace("_", "").lower()
+
+
+def _is_length(axis) -> bool:
+    return _unit_text(axis) in _LENGTH_TO_ANGSTROM
+
+
+def _is_angle(axis) -> bool:
+    """An axis in scattering angle or reciprocal length (a detector axis)."""
+    units = _unit_text(axis)
+    return "rad" in units or "-1" in units or units.startswith("1/")
 
 
 def _calibrations(nav: list, sig: list) -> dict:
@@ -363,7 +430,7 @@ def _calibrations(nav: list, sig: list) -> dict:
     for axis in nav:
         if not axis or axis.get("step") is None:
             continue
-        factor = _LENGTH_TO_ANGSTROM.get(str(axis.get("units", "")).strip().strip("[]").replace("_", "").lower())
+        factor = _LENGTH_TO_ANGSTROM.get(_unit_text(axis))
         if factor is not None:
             steps.append(float(abs(axis["step"]) * factor))
     if steps:
@@ -405,7 +472,10 @@ def _load_zarr(path: Path, dataset: str | None) -> ScanData:
     if not _is_real_number(root.dtype):
         raise ShapeError(f"data: zarr array {dataset or str(path)!r} has dtype {root.dtype}; expected real numbers")
     frames, scan_shape = _frames_from_array(root, f"{path}:{dataset or ''}")
-    return ScanData(frames, scan_shape, None, info=_basic_info("zarr", frames, scan_shape, dataset=dataset))
+    info = _basic_info("zarr", frames, scan_shape, dataset=dataset)
+    if dataset and "/" in dataset:
+        info.update(_hyperspy_calibrations(zarr.open(str(path), mode="r")[dataset.rsplit("/", 1)[0]], root.ndim))
+    return ScanData(frames, scan_shape, None, info=info)
 
 
 # ----- detector files through rosettasciio -----------------------------------------------------------------

@@ -26,11 +26,11 @@ DEMO_FILES = ("truth.npy", "comparison.png")
 
 def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hbn", scan_shape=DEMO_SCAN,
              dose: float | None = None, model=None, seed: int = 0, progress: bool | None = None,
-             stitching: str = "pairwise") -> dict:
+             stitching: str = "pairwise", command: str | None = None) -> dict:
     """Simulate ``specimen`` at the seed's step and dose, reconstruct it, and write the outputs.
 
-    Returns the metadata, which holds the correlation with the truth. A folder that holds anything
-    but an earlier demo's outputs is refused.
+    Returns the metadata, which holds the correlation with the truth (``command``: the command line to record, as
+    ``deepphase demo`` gives it). A folder that holds anything but an earlier demo's outputs is refused.
     """
     out_dir = Path(out_dir)
     meta_path = out_dir / "metadata.json"
@@ -38,7 +38,8 @@ def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hb
     if meta_path.exists():
         try:
             record = json.loads(meta_path.read_text())
-            overwrite = isinstance(record, dict) and record.get("command") == "demo"
+            # ("command": "demo" marked a demo's folder before the record held the command line)
+            overwrite = isinstance(record, dict) and (record.get("demo") is True or record.get("command") == "demo")
         except (json.JSONDecodeError, UnicodeDecodeError):
             overwrite = False
         if not overwrite:
@@ -59,15 +60,17 @@ def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hb
     truth_crop = truth[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]
     corr = correlation(rec.phase, truth_crop)
     rmse, scale = fitted_rmse(rec.phase, truth_crop)
+    # The demo's own files first: metadata.json, written last, marks a finished set.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_npy(out_dir / "truth.npy", truth_crop.astype(np.float32))
+    plot_phase(rec.phase, out_dir / "comparison.png", truth=truth_crop,
+               title=f"{specimen}: {np.prod(scan_shape)} patterns, {scan.dose:.0f} e/pattern, correlation {corr:.3f}")
     meta = write_outputs(rec, out_dir, {
         **rec.metadata,  # what the scan checks found (the demo's geometry is right: no notes)
-        "command": "demo", "specimen": specimen, "scan_shape": list(scan_shape), "step_px": REFERENCE_STEP_PX,
+        "demo": True, "command": command or f"deepphase.evaluation.demo.run_demo({str(out_dir)!r})", "specimen": specimen, "scan_shape": list(scan_shape), "step_px": REFERENCE_STEP_PX,
         "dose_electrons_per_pattern": scan.dose, "stitching": stitching,
         "correlation_with_truth": corr, "fitted_rmse_rad": rmse, "fitted_scale": scale,
         "simulate_s": round(t1 - t0, 3), "total_s": round(time.perf_counter() - t0, 3),
         "title": f"demo: {specimen}, correlation {corr:.3f}",
     }, overwrite=overwrite)
-    save_npy(out_dir / "truth.npy", truth_crop.astype(np.float32))
-    plot_phase(rec.phase, out_dir / "comparison.png", truth=truth_crop,
-               title=f"{specimen}: {np.prod(scan_shape)} patterns, {scan.dose:.0f} e/pattern, correlation {corr:.3f}")
     return meta

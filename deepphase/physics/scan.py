@@ -19,7 +19,7 @@ REFERENCE_STEP_PX = 0.86995916
 @in_callers_words(**{"scan-shape": "shape", "step": "step"})
 def raster_positions(
     shape: tuple[int, int],
-    step: float | tuple[float, float],
+    step_px: float | tuple[float, float],
     rotation_deg: float = 0.0,
     fastest: str = "row",
     origin: tuple[float, float] = (0.0, 0.0),
@@ -30,7 +30,7 @@ def raster_positions(
     ----------
     shape : (int, int)
         Number of scan rows and scan columns.
-    step : float or (float, float)
+    step_px : float or (float, float)
         Step between positions in real-space pixels (row step, column step).
     rotation_deg : float
         Rotation of the scan axes against the real-space grid, counter-clockwise, in degrees.
@@ -47,12 +47,12 @@ def raster_positions(
         raise ShapeError(f"shape: expected (rows, cols), two positive whole numbers, got {shape!r}")
     rows, cols = (int(s) for s in shape)
     try:
-        step_r, step_c = (float(step), float(step)) if np.ndim(step) == 0 else (float(step[0]), float(step[1]))
-        assert np.ndim(step) in (0, 1) and np.size(step) in (1, 2)
+        step_r, step_c = (float(step_px), float(step_px)) if np.ndim(step_px) == 0 else (float(step_px[0]), float(step_px[1]))
+        assert np.ndim(step_px) in (0, 1) and np.size(step_px) in (1, 2)
     except (TypeError, ValueError, IndexError, AssertionError):
-        raise ValueRangeError(f"step: expected a step in pixels, or (row step, column step), got {step!r}") from None
+        raise ValueRangeError(f"step_px: expected a step in pixels, or (row step, column step), got {step_px!r}") from None
     if not (np.isfinite(step_r) and np.isfinite(step_c) and step_r > 0 and step_c > 0):
-        raise ValueRangeError(f"step: expected a positive step in pixels, got {step!r}")
+        raise ValueRangeError(f"step_px: expected a positive step in pixels, got {step_px!r}")
     if not isinstance(rotation_deg, (int, float, np.integer, np.floating)) or not np.isfinite(rotation_deg):
         raise ValueRangeError(f"rotation_deg: expected an angle in degrees, got {rotation_deg!r} (a rotation found from "
                               "the data: deepphase.reconstruct_file(..., rotation_deg='auto'))")

@@ -150,6 +150,8 @@ def reconstruct_file(
     if scan_shape is not None and not (np.ndim(scan_shape) == 1 and len(scan_shape) == 2 and all(
             isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > 0 for k in scan_shape)):
         raise ValueRangeError(f"scan_shape: expected (rows, cols), two positive whole numbers, got {scan_shape!r}")
+    if scan_shape is not None:
+        scan_shape = (int(scan_shape[0]), int(scan_shape[1]))  # (an array's truth value is ambiguous further on)
     if isinstance(ensemble, (str, Path)) or hasattr(ensemble, "network"):
         ensemble = (ensemble,)  # one further model, named alone
     _check_arguments(kind=kind, calibration=calibration, gain=gain, source_size_px=source_size_px,

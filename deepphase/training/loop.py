@@ -36,7 +36,7 @@ from ..data.phase_objects import CORPUS_FIELDS, CorpusConfig
 from ..data.stream import Batch, TrainingStream
 from ..errors import DeepPhaseError, InputFileError, OutputExistsError
 from ..wording import in_callers_words, in_fields_of
-from ..io_utils import atomic_path, save_npy
+from ..io_utils import atomic_path, remove_leftover_temporaries, save_npy
 from ..models import create_model
 from ..models.registry import GRID_MULTIPLE, deployed
 from ..models.modelfile import PhaseModel, save_model, unmake_model
@@ -437,12 +437,19 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
     if config.init_from is not None and not resume:
         _initialise_from(network, config, arch_config, log)
     optimizer = _make_optimizer(network.parameters(), settings)
+    validation = stream.fixed_set(config.seed, config.val_size)
+    flat_loss = flat_phase_loss(validation, mask)  # what a network that learned nothing scores
     history: list[dict] = []
-    start_epoch, new_probe = 0, None
+    start_epoch, new_probe, earlier_commands = 0, None, []
+    if rank == 0:
+        remove_leftover_temporaries(out_dir, (*MODEL_FILES, CHECKPOINT, "model.onnx"))
     if resume:
         epoch_done, history, saved_config, model_state, opt_state = (
             _read_checkpoint(checkpoint_path) if checkpoint is None else _checkpoint_from_bytes(checkpoint))
         _check_resume_config(saved_config, config)
+        # The weights come from the checkpoint; the record keeps the model the training started from.
+        config = dataclasses.replace(config, init_from=saved_config.get("init_from"))
+        earlier_commands = _commands_so_far(out_dir)
         if world == 1:
             _check_resume_probe(out_dir, probe)
         for part, what in (("linear_path", "linear path"), ("linear_gate", "linear path's gate")):
@@ -468,8 +475,8 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         unmake_model(out_dir)
         new_probe = out_dir / "probe.npy"
         save_npy(new_probe, np.asarray(probe, dtype=np.complex128))
-    validation = stream.fixed_set(config.seed, config.val_size)
     total_steps = config.epochs * config.steps_per_epoch
+    this_command = command or " ".join(shlex.quote(a) for a in sys.argv)
     model = PhaseModel(network, config.arch, arch_config, probe, geometry)
     step_network, sync_bn = network, False
     if world > 1:
@@ -547,9 +554,10 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
                 **(probe_info or {}),
                 "training": {**config.to_dict(), "dose": dose, "optimizer_settings": settings,
                              "epochs_done": epoch + 1, "steps": (epoch + 1) * config.steps_per_epoch,
-                             "history": history, "command": command or " ".join(shlex.quote(a) for a in sys.argv),
+                             "history": history, "command": this_command,
+                             **({"commands": [*earlier_commands, this_command]} if earlier_commands else {}),
                              "versions": package_versions()},
-                "validation_loss": val,
+                "validation_loss": val, "validation_loss_flat_phase": flat_loss,
                 "dose": dose,
                 "phase_range": list(config.corpus.phase_range),
             }
@@ -569,8 +577,8 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
                 save_model(PhaseModel(plain, arch, arch_config, probe, geometry, model.info), out_dir, half=config.half)
             if world > 1:
                 dist.barrier()
-            log(f"epoch {epoch + 1}/{config.epochs}: train loss {np.mean(losses):.4f} rad, validation loss {val:.4f} rad, "
-                f"{history[-1]['samples_per_second']:.0f} samples/s; saved {out_dir}")
+            log(f"epoch {epoch + 1}/{config.epochs}: train loss {np.mean(losses):.4f} rad, validation loss {val:.4f} rad "
+                f"(a flat phase: {flat_loss:.4f}), {history[-1]['samples_per_second']:.0f} samples/s; saved {out_dir}")
     if sync_bn:  # hand back plain BatchNorm layers (same state) for use outside the process group
         plain = create_model(config.arch, **arch_config).to(device)
         plain.load_state_dict(network.state_dict())
@@ -643,7 +651,7 @@ def _initialise_from(network: torch.nn.Module, config: TrainConfig, arch_config:
 def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
     now = config.to_dict()
     changed = sorted(k for k in set(saved_config) | set(now)
-                     if k not in ("epochs", "device") and saved_config.get(k) != now.get(k))
+                     if k not in ("epochs", "device", "init_from") and saved_config.get(k) != now.get(k))
     if changed:
         named = {k: f"--{OPTION_OF_FIELD[k]}" for k in changed if k in OPTION_OF_FIELD and k != "sigma_head"}  # (a switch)
         said = "; ".join(f"{named.get(k, k)}: {saved_config.get(k)!r} then, {now.get(k)!r} now" for k in changed)
@@ -674,6 +682,9 @@ def check_out_dir(out_dir: str | Path, resume: bool, overwrite: bool) -> None:
     checkpoint_path = out_dir / CHECKPOINT
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"out: {str(out_dir)!r} is a file; expected a folder for the model")
+    if resume and overwrite:
+        raise DeepPhaseError(f"resume: --resume continues the training in {str(out_dir)!r} and --overwrite replaces it "
+                             "with a new one; give one of them")
     if resume and not checkpoint_path.exists():
         raise InputFileError(f"resume: no checkpoint at {str(checkpoint_path)!r} to resume from")
     if not resume and not overwrite and ((out_dir / "model.json").exists() or checkpoint_path.exists()):
@@ -748,6 +759,24 @@ def predict_batch(network, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
+def flat_phase_loss(batches, mask) -> float:
+    """The validation loss (rad) of a network that outputs a flat phase: the spread of the targets themselves, the
+    figure a validation loss is read against."""
+    total = sum(masked_l1(torch.zeros_like(b.target), b.target, mask).item() * len(b.amplitude) for b in batches)
+    return total / sum(len(b.amplitude) for b in batches)
+
+
+def _commands_so_far(out_dir: Path) -> list[str]:
+    """The commands that started and resumed the training in ``out_dir``, as its model.json records them (none if
+    it records none: a checkpoint without a model, or a model from before the record)."""
+    try:
+        record = json.loads((out_dir / "model.json").read_text())["training"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    commands = record.get("commands") or [record.get("command")]
+    return [c for c in commands if isinstance(c, str)]
+
+
 def evaluate_loss(network, batches, mask) -> float:
     """Mean masked L1 (rad) of ``network``'s phase (channel 0) over a fixed list of batches, in eval mode."""
     was_training = network.training
