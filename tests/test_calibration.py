@@ -291,6 +291,55 @@ def test_a_given_rotation_far_from_the_datas_gets_a_note(probe, tmp_path, capsys
         assert ("half a turn away" in err) == (rotation == "215")
 
 
+def test_frames_in_another_order_than_the_raster_get_a_note_and_hold_back_the_others(probe, tmp_path, capsys):
+    """A 24×32 scan whose frames run along the columns, read with the default row-fastest order: a shuffle of the
+    scan (correlation 0.09 with the truth), no rotation fits it, so the rotation note said nothing, and the step
+    check's advice (--step auto) made it worse. Read as recorded: no note."""
+    import json
+
+    from deepphase.cli import main
+
+    positions = raster_positions((24, 32), 0.87, fastest="col")
+    amplitude = simulate_scan(twisted_hbn(required_object_shape(positions, 32), seed=4), probe, positions,
+                              seed=0).amplitude
+    np.save(tmp_path / "scan.npy", amplitude)
+    for fastest, noted in (("row", True), ("col", False)):
+        capsys.readouterr()
+        assert main(["reconstruct", str(tmp_path / "scan.npy"), "--scan-shape", "24", "32", "--step", "0.87",
+                     "--fastest", fastest, "--out", str(tmp_path / fastest)]) == 0
+        err = capsys.readouterr().err
+        assert ("do not fit the raster as given" in err and "--fastest" in err) == noted, err
+        metadata = json.loads((tmp_path / fastest / "metadata.json").read_text())
+        assert (metadata["rotation_check"]["note"] is not None) == noted
+        assert metadata["notes"] == ([metadata["rotation_check"]["note"]] if noted else [])  # (no step advice)
+
+
+def test_a_hot_pixel_in_patterns_on_the_models_grid_is_named_and_calibrate_masks_it(probe, tmp_path, capsys):
+    import json
+
+    from deepphase.cli import main
+    from deepphase.evaluation.metrics import correlation
+
+    positions = raster_positions((24, 24), 0.87)
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=4)
+    counts = np.square(simulate_scan(truth, probe, positions, seed=0).amplitude).round().astype(np.float32)
+    np.save(tmp_path / "clean.npy", counts)
+    counts[:, 12, 20] = 60000.0
+    np.save(tmp_path / "hot.npy", counts)
+    scores = {}
+    for name, extra in (("clean", []), ("hot", []), ("hot-calibrated", ["--calibrate"])):
+        capsys.readouterr()
+        assert main(["reconstruct", str(tmp_path / f"{name.split('-')[0]}.npy"), "--scan-shape", "24", "24",
+                     "--step", "0.87", *extra, "--out", str(tmp_path / name)]) == 0
+        assert ("1 detector pixel of the patterns looks hot or dead (at (12, 20)" in capsys.readouterr().err) == (
+            name == "hot")
+        metadata = json.loads((tmp_path / name / "metadata.json").read_text())
+        phase = np.load(tmp_path / name / "phase.npy")
+        r0, c0 = metadata["origin_px"]
+        scores[name] = correlation(phase, truth[r0 : r0 + phase.shape[0], c0 : c0 + phase.shape[1]])
+    assert scores["hot"] < 0.5 < 0.9 < min(scores["clean"], scores["hot-calibrated"]), scores
+
+
 def test_scan_rotation_at_low_dose_is_found_once_the_counting_noise_is_taken_off(probe):
     """At 300 e/pattern counting noise adds curl at every angle: as a ratio to the median the least curl is
     ~0.6, above the 0.25 of a clear minimum. Its Poisson floor (centre_of_mass_noise) taken off, the minimum is

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import DeepPhaseError, DeepPhaseNote, OutputExistsError, ValueRangeError
 from ..wording import in_callers_terms, in_callers_words, note_to_caller
-from .checks import check_probe, check_rotation, fine_step_note, raster_of, sense
+from .checks import bad_pixel_note, check_probe, check_rotation, fine_step_note, raster_of, sense
 
 logger = logging.getLogger("deepphase")
 
@@ -443,6 +443,8 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     if kind is None:
         kind = infer_kind(scan.frames)
     amplitudes = view if view is not None else AmplitudeView(scan.frames, kind)
+    if view is None and (text := bad_pixel_note(scan.frames, kind)):  # (a calibration masks them)
+        note(text)
     if flip_patterns:
         view, amplitudes = _flipped(view, amplitudes)
     rotation_figure = None  # what the DPC criterion saw, drawn once the image is written
