@@ -658,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="'auto' (a GPU if there is one), 'cpu' or 'cuda'")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    p.add_argument("--chunk-size", type=_count, default=16384, metavar="P",
+    p.add_argument("--chunk-size", type=_count, metavar="P",
                    help="patterns read and predicted at a time (default 16384); memory is bounded by it")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted reconstruction from its progress in OUT/.deepphase-partial")

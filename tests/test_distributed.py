@@ -235,6 +235,11 @@ def test_cli_reconstruct_with_workers(scan_file, tmp_path):
                                    rtol=0, atol=1e-5, err_msg=name)
     meta = json.loads((tmp_path / "two" / "metadata.json").read_text())
     assert meta["processing"]["distributed"]["workers"] == 2 and meta["processing"]["distributed"]["tiles"] == 3
+    from deepphase.cli import main
+
+    for ignored in (["--engine", "onnx"], ["--chunk-size", "100"]):  # (the workers ran eagerly whatever was asked)
+        assert main(["reconstruct", str(path), *common, *workers, *ignored, "--out", str(tmp_path / "x")]) == 2
+        assert not (tmp_path / "x").exists()
 
 
 def test_dask_workers_tell_a_probe_aware_model_what_the_client_measured(tmp_path):

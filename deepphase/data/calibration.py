@@ -39,6 +39,7 @@ from scipy import ndimage
 from ..errors import ShapeError, ValueRangeError
 from ..wording import in_callers_words
 from ..physics.probe import angular_sampling, electron_wavelength
+from .io import spread_indices
 
 __all__ = [
     "find_disk",
@@ -473,12 +474,6 @@ def _model_optics(model) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def _sample_indices(n: int, max_frames: int) -> np.ndarray:
-    if n <= max_frames:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, max_frames).round().astype(int))
-
-
 def _read(frames, indices: np.ndarray, batch_size: int):
     """Yield (indices, float64 batch) for the given frame indices, reading runs as slices."""
     indices = np.asarray(indices)
@@ -577,7 +572,7 @@ def measure_calibration(
         coords = np.asarray(coords, dtype=np.float64)
         if coords.shape != (n_frames, 2):
             raise ShapeError(f"coords: expected ({n_frames}, 2) scan coordinates, got shape {coords.shape}")
-    sample = _sample_indices(n_frames, max_frames)
+    sample = spread_indices(n_frames, max_frames)
 
     # Pass 1: mean pattern (non-finite values ignored), all-zero patterns.
     total = np.zeros((h, w))

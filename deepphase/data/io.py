@@ -665,10 +665,16 @@ def check_dtype(frames) -> None:
         raise ShapeError(f"data: expected real numeric diffraction patterns, got dtype {dtype}")
 
 
+def spread_indices(n: int, count: int) -> np.ndarray:
+    """Up to ``count`` frame indices spread evenly over ``n`` frames, first and last included: the one rule of every
+    sample of a scan (the calibration's, the checks'), so that LiberTEM's reading measures the same frames as the
+    pipeline's."""
+    return np.unique(np.linspace(0, n - 1, min(int(count), int(n))).round().astype(np.int64))
+
+
 def sample_patterns(frames, sample: int) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``sample`` patterns spread evenly over the scan, read one at a time: (their indices, float64 block)."""
-    n = int(frames.shape[0])
-    idx = np.unique(np.linspace(0, n - 1, min(sample, n)).astype(int))
+    idx = spread_indices(int(frames.shape[0]), sample)
     return idx, np.concatenate([np.asarray(frames[int(i) : int(i) + 1], dtype=np.float64) for i in idx])
 
 

@@ -69,7 +69,7 @@ def reconstruct_file(
     ensemble=(),
     sigma_scale: float | None = None,
     device: str = "auto",
-    chunk_size: int = 16384,
+    chunk_size: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
     workers: int | None = None,
@@ -157,7 +157,8 @@ def reconstruct_file(
     _check_arguments(kind=kind, calibration=calibration, gain=gain, source_size_px=source_size_px,
                      uncertainty=uncertainty, positions=positions, step_px=step_px, rotation_deg=rotation_deg,
                      fastest=fastest, ensemble=ensemble, workers=workers, scheduler=scheduler, resume=resume, out=out,
-                     libertem=libertem, stitching=stitching, device=device, dataset=dataset)
+                     libertem=libertem, stitching=stitching, device=device, dataset=dataset, engine=engine,
+                     chunk_size=chunk_size)
     out = Path(out) if out is not None else None
     if out is not None:
         _claim_output_folder(out, overwrite, resume)
@@ -257,7 +258,7 @@ def _warn_or_log(message: str, note: bool) -> None:
         logger.info(message)
 
 
-def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, positions, step_px, rotation_deg,
+def _check_arguments(*, engine, chunk_size, kind, calibration, gain, source_size_px, uncertainty, positions, step_px, rotation_deg,
                      fastest, ensemble, workers, scheduler, resume, out, libertem, stitching, device, dataset) -> None:
     """What can be refused before the file is opened (the CLI's argument types refuse most of it earlier)."""
     from .pipeline import uncertainty_method
@@ -288,6 +289,13 @@ def _check_arguments(*, kind, calibration, gain, source_size_px, uncertainty, po
         raise DeepPhaseError("ensemble: not available on a cluster (--workers/--scheduler) yet; run in one process")
     if resume and on_cluster:
         raise DeepPhaseError("resume: a cluster reconstruction (--workers/--scheduler) cannot be resumed; run it again")
+    if on_cluster and (engine not in ("auto", "eager") or chunk_size is not None):
+        given = [name for name, said in ((f"--engine {engine}", engine not in ("auto", "eager")),
+                                         ("--chunk-size", chunk_size is not None)) if said]
+        raise DeepPhaseError(f"{'engine' if engine not in ('auto', 'eager') else 'chunk-size'}: {' and '.join(given)} "
+                             "would do nothing on a cluster (--workers/--scheduler), whose workers run the network "
+                             "eagerly a tile at a time (--tile-size): drop them, or drop --workers to run in one "
+                             "process with them")
     if resume and out is None:
         raise ValueRangeError("resume: needs the output folder of the interrupted run")
     if libertem:
@@ -348,7 +356,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     from ..data.io import AmplitudeView, infer_kind, looks_like_amplitudes
     from ..models.modelfile import PhaseModel, check_compatible, load_model
     from ..physics.scan import check_spacing, raster_positions
-    from .pipeline import reconstruct, uncertainty_method, with_source_divided_out
+    from .pipeline import CHUNK_SIZE, reconstruct, uncertainty_method, with_source_divided_out
 
     t_start = time.perf_counter()
     notes = []
@@ -492,7 +500,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             data, positions, model_reference(model_given, for_workers=True), kind, view, flip_patterns,
             workers=workers, scheduler=scheduler, tile_size=tile_size, dataset=dataset, scan_shape=scan_shape, stitching=stitching, batch_size=batch_size,
             device=device, sampling=sampling, uncertainty_samples=samples, sigma_head=head,
-            precision=precision, sigma_scale=sigma_scale, deblur=deblur,
+            precision=precision, sigma_scale=sigma_scale, deblur=deblur, progress=progress,
             told=model.info.get("told_coefficients_rad_per_px2"))
     else:
         if view is not None:
@@ -501,7 +509,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             with _notes_to(note):
                 rec = reconstruct(amplitudes, positions, model, stitching=stitching, batch_size=batch_size,
                                   device=device, progress=progress, sampling=sampling, precision=precision,
-                                  uncertainty=uncertainty, chunk_size=chunk_size, checkpoint=partial, resume=resume,
+                                  uncertainty=uncertainty, chunk_size=chunk_size or CHUNK_SIZE, checkpoint=partial, resume=resume,
                                   fingerprint=_data_fingerprint(data, dataset, kind, view, flip_patterns, batch_size),
                                   ensemble=[_tell_probe(m, scan_info)[0] if m.probe_aware else m
                                             for m in (m if isinstance(m, PhaseModel) else load_model(m)

@@ -680,8 +680,11 @@ def to_reconstruction(udf: PhaseUDF, result) -> "Reconstruction":
 
 
 def _spread(n: int, count: int) -> np.ndarray:
-    """Up to ``count`` frame indices spread evenly over ``n`` frames."""
-    return np.unique(np.linspace(0, n - 1, min(int(count), n)).astype(np.int64))
+    """Up to ``count`` frame indices spread evenly over ``n`` frames: the pipeline's sample (the same frames
+    calibrated, the same numbers)."""
+    from ..data.io import spread_indices
+
+    return spread_indices(n, count)
 
 
 def _pick(ctx, dataset, indices: np.ndarray) -> np.ndarray:

@@ -302,6 +302,10 @@ def _load_checkpoint(folder: Path, fingerprint: dict, accumulators) -> int:
     return done
 
 
+#: Patterns read and predicted at a time by default: memory stays bounded by it.
+CHUNK_SIZE = 16384
+
+
 @in_callers_words(data="amplitudes", calibrate="deepphase.calibrate", step="the positions' step",
                   **{"flip-patterns": "deepphase.physics.flip_patterns(amplitudes)"})
 def reconstruct(
@@ -316,7 +320,7 @@ def reconstruct(
     sampling: float | None = None,
     precision: str = "auto",
     uncertainty_samples: int = 0,
-    chunk_size: int = 16384,
+    chunk_size: int = CHUNK_SIZE,
     checkpoint: str | Path | None = None,
     resume: bool = False,
     overwrite: bool = False,
