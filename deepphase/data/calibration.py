@@ -39,7 +39,7 @@ from scipy import ndimage
 from ..errors import ShapeError, ValueRangeError
 from ..wording import in_callers_words
 from ..physics.probe import angular_sampling, electron_wavelength
-from .io import spread_indices
+from .io import spread_indices, unit_text
 
 __all__ = [
     "find_disk",
@@ -442,8 +442,7 @@ def resample_patterns(batch: np.ndarray, centers: np.ndarray, n_out: int, center
 
 def detector_mrad_per_px(value: float, units: str, energy_kev: float | None) -> float | None:
     """A detector pixel size in mrad from a calibration in mrad, rad, 1/Å or 1/nm (these need the energy)."""
-    # (py4DSTEM and rosettasciio's EMD write "[m_r_a_d]", "[n_m^-1]")
-    u = str(units or "").strip().strip("[]").replace("_", "").replace("Å", "A").replace("^-1", "-1").lower()
+    u = unit_text(units).replace("å", "a").replace("^-1", "-1")
     if u in ("mrad",):
         return float(value)
     if u in ("rad",):

@@ -84,7 +84,8 @@ def _frames_from_array(array, source: str, reversed_axes: bool = False):
     """``array`` as (N, k_row, k_col) frames and its scan shape (None for frames). ``reversed_axes``: a 4-D array
     stored (k_col, k_row, scan_col, scan_row), as HyperSpy writes EMD files (rosettasciio's NCEM layout)."""
     if array.ndim == 4 and reversed_axes:
-        return _Flat4D(array, reversed_axes=True), (array.shape[3], array.shape[2])
+        frames = _Flat4D(array, reversed_axes=True)
+        return frames, frames.scan_shape
     if array.ndim == 4:
         r, c = array.shape[:2]
         if isinstance(array, np.ndarray) and array.flags.c_contiguous:  # (a view: a memory map stays one)
@@ -167,7 +168,8 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
     Parameters
     ----------
     path : str or Path
-        ``.npy``; the ``.npz`` written by ``deepphase simulate``; HDF5 (``.h5``/``.hdf5``/``.hdf``/``.emd``, HyperSpy's ``.hspy``,
+        ``.npy``; the ``.npz`` written by ``deepphase simulate``; HDF5 (``.h5``/``.hdf5``/``.hdf``/``.emd``,
+        HyperSpy's ``.hspy``,
         EMD 1.0 groups recognised); zarr (``.zarr``/``.zspy`` folder); and with ``deepphase[files]``:
         ``.mib``, EMPAD ``.xml``, ``.dm4``/``.dm3``, ``.blo``.
     dataset : str, optional
@@ -408,9 +410,13 @@ def _hyperspy_calibrations(group, ndim: int) -> dict:
     return out
 
 
+def unit_text(units) -> str:
+    """Units as plain lower-case text: py4DSTEM's and rosettasciio's EMD "[n_m]" → "nm", "[m_r_a_d]" → "mrad"."""
+    return str(units or "").strip().strip("[]").replace("_", "").lower()
+
+
 def _unit_text(axis) -> str:
-    """An axis's units as plain lower-case text: py4DSTEM's "[n_m]" → "nm", "[n_m^-1]" → "nm^-1"."""
-    return str((axis or {}).get("units") or "").strip().strip("[]").replace("_", "").lower()
+    return unit_text((axis or {}).get("units"))
 
 
 def _is_length(axis) -> bool:
@@ -448,7 +454,7 @@ def _calibrations(nav: list, sig: list) -> dict:
 def _load_zarr(path: Path, dataset: str | None) -> ScanData:
     zarr = _require("zarr", "zarr")
     try:
-        root = zarr.open(str(path), mode="r")
+        top = root = zarr.open(str(path), mode="r")
     except Exception as exc:
         raise InputFileError(f"data: could not open {str(path)!r} as zarr ({exc})") from exc
     if dataset is not None:
@@ -474,7 +480,7 @@ def _load_zarr(path: Path, dataset: str | None) -> ScanData:
     frames, scan_shape = _frames_from_array(root, f"{path}:{dataset or ''}")
     info = _basic_info("zarr", frames, scan_shape, dataset=dataset)
     if dataset and "/" in dataset:
-        info.update(_hyperspy_calibrations(zarr.open(str(path), mode="r")[dataset.rsplit("/", 1)[0]], root.ndim))
+        info.update(_hyperspy_calibrations(top[dataset.rsplit("/", 1)[0]], root.ndim))
     return ScanData(frames, scan_shape, None, info=info)
 
 

@@ -258,8 +258,9 @@ def _warn_or_log(message: str, note: bool) -> None:
         logger.info(message)
 
 
-def _check_arguments(*, engine, chunk_size, kind, calibration, gain, source_size_px, uncertainty, positions, step_px, rotation_deg,
-                     fastest, ensemble, workers, scheduler, resume, out, libertem, stitching, device, dataset) -> None:
+def _check_arguments(*, engine, chunk_size, kind, calibration, gain, source_size_px, uncertainty, positions, step_px,
+                     rotation_deg, fastest, ensemble, workers, scheduler, resume, out, libertem, stitching, device,
+                     dataset) -> None:
     """What can be refused before the file is opened (the CLI's argument types refuse most of it earlier)."""
     from .pipeline import uncertainty_method
 
@@ -289,10 +290,10 @@ def _check_arguments(*, engine, chunk_size, kind, calibration, gain, source_size
         raise DeepPhaseError("ensemble: not available on a cluster (--workers/--scheduler) yet; run in one process")
     if resume and on_cluster:
         raise DeepPhaseError("resume: a cluster reconstruction (--workers/--scheduler) cannot be resumed; run it again")
-    if on_cluster and (engine not in ("auto", "eager") or chunk_size is not None):
-        given = [name for name, said in ((f"--engine {engine}", engine not in ("auto", "eager")),
-                                         ("--chunk-size", chunk_size is not None)) if said]
-        raise DeepPhaseError(f"{'engine' if engine not in ('auto', 'eager') else 'chunk-size'}: {' and '.join(given)} "
+    eager_only = [name for name, said in ((f"--engine {engine}", engine not in ("auto", "eager")),
+                                          ("--chunk-size", chunk_size is not None)) if said]
+    if on_cluster and eager_only:
+        raise DeepPhaseError(f"{eager_only[0].split()[0][2:]}: {' and '.join(eager_only)} "
                              "would do nothing on a cluster (--workers/--scheduler), whose workers run the network "
                              "eagerly a tile at a time (--tile-size): drop them, or drop --workers to run in one "
                              "process with them")
@@ -509,7 +510,8 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             with _notes_to(note):
                 rec = reconstruct(amplitudes, positions, model, stitching=stitching, batch_size=batch_size,
                                   device=device, progress=progress, sampling=sampling, precision=precision,
-                                  uncertainty=uncertainty, chunk_size=chunk_size or CHUNK_SIZE, checkpoint=partial, resume=resume,
+                                  uncertainty=uncertainty, chunk_size=chunk_size or CHUNK_SIZE, checkpoint=partial,
+                                  resume=resume,
                                   fingerprint=_data_fingerprint(data, dataset, kind, view, flip_patterns, batch_size),
                                   ensemble=[_tell_probe(m, scan_info)[0] if m.probe_aware else m
                                             for m in (m if isinstance(m, PhaseModel) else load_model(m)

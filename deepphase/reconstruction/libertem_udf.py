@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..data.io import spread_indices  # (the pipeline's sample: the same frames calibrated, the same numbers)
 from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..wording import in_callers_words
 
@@ -679,14 +680,6 @@ def to_reconstruction(udf: PhaseUDF, result) -> "Reconstruction":
                           sigma)
 
 
-def _spread(n: int, count: int) -> np.ndarray:
-    """Up to ``count`` frame indices spread evenly over ``n`` frames: the pipeline's sample (the same frames
-    calibrated, the same numbers)."""
-    from ..data.io import spread_indices
-
-    return spread_indices(n, count)
-
-
 def _pick(ctx, dataset, indices: np.ndarray) -> np.ndarray:
     """Frames ``indices`` (in frame order) of a LiberTEM dataset, (len(indices), *sig) in its dtype."""
     from libertem.udf.raw import PickUDF
@@ -714,7 +707,7 @@ def calibrate_dataset(ctx, dataset, model=None, step_px=None, positions=None, ro
     from ..models.modelfile import load_model
 
     all_positions = scan_positions(tuple(dataset.shape.nav), step_px, rotation_deg, fastest, positions)
-    pick = _spread(len(all_positions), max_frames)
+    pick = spread_indices(len(all_positions), max_frames)
     frames = _pick(ctx, dataset, pick)
     if reverse_rows is None:
         reverse_rows = rows_reversed(dataset)
@@ -828,7 +821,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         n = phase_model.geometry.n_px
         frames = int(np.prod(nav))
         if kind is None:
-            kind = infer_kind(_pick(ctx, dataset, _spread(frames, 16)))
+            kind = infer_kind(_pick(ctx, dataset, spread_indices(frames, 16)))
         view, found, check, figure, step_found = None, None, None, None, None
         # Merlin frames: LiberTEM's rows run bottom-up against rosettasciio's (the pipeline's reader).
         reverse_rows = rows_reversed(dataset)
@@ -851,7 +844,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             step_found = find_scan_step(counts, phase_model.probe, rotation, fastest)
             if view is not None:
                 view.use_coords(scan_positions(nav, step_found["step_px"], rotation, fastest)[
-                    _spread(frames, len(view))])
+                    spread_indices(frames, len(view))])
             return step_found["step_px"]
 
         flip = bool(flip_patterns)
@@ -861,14 +854,14 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             if auto_step:  # found at the rotation the curl found (either sense fits it), in its coordinates
                 if view is not None:
                     view.use_coords(scan_positions(nav, 1.0, found["rotation_deg"], fastest)[
-                        _spread(frames, len(view))])
+                        spread_indices(frames, len(view))])
                 step_px = find_step(found["rotation_deg"], found["flip_patterns"])
             found = with_sense(found, check_sense(ctx, dataset, phase_model, step_px, found["rotation_deg"], fastest,
                                                   kind, view, found["flip_patterns"], reverse_rows))
             check_scan_rotation(found)
             rotation_deg, flip = found["rotation_deg"], found["flip_patterns"]
             if view is not None:  # the descan plane, fitted at rotation 0, in the rotated positions
-                view.use_coords(scan_positions(nav, step_px, rotation_deg, fastest)[_spread(frames, len(view))])
+                view.use_coords(scan_positions(nav, step_px, rotation_deg, fastest)[spread_indices(frames, len(view))])
         elif auto_step:  # at the rotation given, which the check below then checks
             step_px = find_step(rotation_deg, flip)
         if not auto_rotation and positions is None and len(nav) == 2 and min(nav) >= ROTATION_CHECK_MIN_PX:
