@@ -179,6 +179,22 @@ def test_mib_without_hdr_takes_the_scan_shape(frames4d, tmp_path):
         load_scan(path, scan_shape=(3, 5))
 
 
+def test_mib_scan_shape_is_compared_with_its_hdr(frames4d, tmp_path, capsys):
+    """A scan shape that differs from the one the .hdr records is refused, not read as a file cut short
+    (6×5 of a complete 4×5 acquisition) nor with every frame misplaced (5×4)."""
+    path = write_mib(tmp_path / "scan.mib", frames4d.reshape(20, 64, 64), frames_per_trigger=5)
+    assert load_scan(path, scan_shape=(4, 5)).scan_shape == (4, 5)
+    for wrong in ((6, 5), (5, 4)):
+        with pytest.raises(DeepPhaseError, match=rf"scan_shape: {wrong[0]}×{wrong[1]} differs from the 4×5 scan "
+                                                 r"that '.*scan.hdr' records; leave scan_shape out"):
+            load_scan(path, scan_shape=wrong)
+    assert main(["reconstruct", str(path), "--scan-shape", "6", "5", "--step", "1", "--out",
+                 str(tmp_path / "out")]) != 0
+    err = capsys.readouterr().err
+    assert "error: scan-shape: 6×5 differs from the 4×5 scan" in err and "leave --scan-shape out" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_quad_mib_512(tmp_path):
     """A Merlin quad (2×2 chips, 512×512 pixels, 768-byte headers) is read like a single chip."""
     rng = np.random.default_rng(6)

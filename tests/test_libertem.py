@@ -346,6 +346,11 @@ def test_a_merlin_file_is_read_with_its_rows_as_the_pipeline_reads_them(counts, 
         udf = PhaseUDF(step_px=STEP, calibration=calibration, engine="eager")
         rec = to_reconstruction(udf, inline.run_udf(dataset=ds, udf=udf))
     np.testing.assert_allclose(rec.phase, np.load(tmp_path / "at-zero" / "phase.npy"), rtol=0, atol=1e-4)
+    # A scan shape other than the .hdr's is refused before LiberTEM opens the file, as the pipeline refuses it.
+    capsys.readouterr()
+    assert main(["reconstruct", str(cases["detector.mib"]), "--scan-shape", str(NAV[1]), str(NAV[0]), "--step",
+                 str(STEP), "--libertem", "--workers", "1", "--out", str(tmp_path / "transposed")]) == 2
+    assert f"scan-shape: {NAV[1]}×{NAV[0]} differs from the {NAV[0]}×{NAV[1]} scan" in capsys.readouterr().err
     # Without its .hdr LiberTEM needs the scan shape: one line that says so (it raised a ValueError through).
     (tmp_path / "detector.hdr").unlink()
     capsys.readouterr()

@@ -596,6 +596,7 @@ def _read_mib(path: Path, scan_shape):
     truncated = None
     if scan_shape is not None:
         rows, cols = (int(v) for v in scan_shape)
+        check_mib_scan_shape(path, (rows, cols))
         if rows * cols < n_in_file:
             raise ShapeError(
                 f"scan-shape: {rows}×{cols} = {rows * cols} positions do not match the {n_in_file} frames in "
@@ -615,6 +616,32 @@ def _read_mib(path: Path, scan_shape):
             if cols:
                 truncated["rows_kept"] = int(data.shape[0])
     return signal, truncated
+
+
+def check_mib_scan_shape(path, scan_shape) -> None:
+    """Refuse a scan shape (rows, cols) given for a Merlin .mib whose .hdr records another: else a shape larger
+    than the acquisition is taken for a file cut short, and a transposed one puts every frame in the wrong place.
+    A .hdr records a scan only with more than one frame per trigger (one row per trigger) and a frame count."""
+    path = Path(path)
+    hdr_path = next((p for p in (path.with_suffix(".hdr"), path.with_suffix(".HDR")) if p.is_file()), None)
+    if path.suffix.lower() != ".mib" or hdr_path is None:
+        return
+    from rsciio.quantumdetector._api import parse_hdr_file
+
+    try:
+        hdr = parse_hdr_file(str(hdr_path))
+        per_row = int(hdr.get("Frames per Trigger (Number)", 0) or 0)
+        frames = int(hdr.get("Frames in Acquisition (Number)", 0) or 0)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return  # a .hdr we cannot read records nothing we could compare
+    if per_row <= 1 or frames <= 0 or frames % per_row:
+        return
+    rows, cols = (int(v) for v in scan_shape)
+    if (rows, cols) != (frames // per_row, per_row):
+        raise ShapeError(
+            f"scan-shape: {rows}×{cols} differs from the {frames // per_row}×{per_row} scan that {str(hdr_path)!r} "
+            "records; leave --scan-shape out to use the recorded one"
+        )
 
 
 def _read_empad(path: Path):

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..data.io import spread_indices  # (the pipeline's sample: the same frames calibrated, the same numbers)
+from ..data.io import check_mib_scan_shape, spread_indices  # (the pipeline's sample: the same frames calibrated, the same numbers)
 from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..wording import in_callers_words
 
@@ -803,6 +803,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         raise ValueRangeError("rotation: 'auto' needs a raster (step_px), not positions")
     if auto_step and positions is not None:
         raise ValueRangeError("step: 'auto' finds a raster's step; positions are given: drop --step auto")
+    if nav_shape is not None:
+        check_mib_scan_shape(path, nav_shape)
     if nav_shape is not None and fastest == "row":
         nav_shape = tuple(nav_shape)[::-1]  # LiberTEM's last navigation axis is the one that varies fastest
     own = ctx is None
