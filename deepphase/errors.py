@@ -21,6 +21,10 @@ class ValueRangeError(DeepPhaseError):
     """An array holds NaN, Inf, negative or otherwise impossible values."""
 
 
+class PatternValueError(ValueRangeError):
+    """A diffraction pattern holds NaN, Inf or negative values (a frame named)."""
+
+
 class ModelMismatchError(DeepPhaseError):
     """A model was made for another grid, probe sampling or geometry than the data."""
 

@@ -340,6 +340,67 @@ def test_a_hot_pixel_in_patterns_on_the_models_grid_is_named_and_calibrate_masks
     assert scores["hot"] < 0.5 < 0.9 < min(scores["clean"], scores["hot-calibrated"]), scores
 
 
+def test_a_scan_stored_detector_axes_first_is_named(probe, tmp_path, capsys):
+    """(ky, kx, rows, cols) read as (rows, cols, ky, kx) gives noise: its "patterns" are scan images, whose totals
+    vary far more than their mean. Noted then, not for the scan stored right, nor for one with a third of its
+    frames dark (a blanked beam's flyback)."""
+    from deepphase.cli import main
+    from deepphase.reconstruction.checks import detector_axes_first_note
+
+    positions = raster_positions((32, 32), 0.87, fastest="col")  # (a C-ordered 4-D array's frame order)
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=4)
+    counts = np.square(simulate_scan(truth, probe, positions, seed=0).amplitude).round().astype(np.float32)
+    scan = counts.reshape(32, 32, 32, 32)
+    np.save(tmp_path / "right.npy", scan)
+    np.save(tmp_path / "detector-first.npy", np.ascontiguousarray(np.transpose(scan, (2, 3, 0, 1))))
+    for name in ("right", "detector-first"):
+        capsys.readouterr()
+        assert main(["reconstruct", str(tmp_path / f"{name}.npy"), "--step", "0.87", "--out", str(tmp_path / name)]) == 0
+        err = capsys.readouterr().err
+        assert ("is the array stored detector axes first, (ky, kx, rows, cols)?" in err) == (name == "detector-first")
+        assert name == "detector-first" or "note:" not in err, err
+    # Arrays from Python: the note ends with the transpose of the patterns to pass.
+    from deepphase.models.modelfile import load_model
+    from deepphase.reconstruction.checks import check_scan
+
+    swapped = np.sqrt(np.transpose(scan, (2, 3, 0, 1)).reshape(-1, 32, 32))
+    notes = check_scan(swapped, positions, load_model())["notes"]
+    assert any("Pass the patterns as np.transpose(a, (2, 3, 0, 1)).reshape(-1, ky, kx)" in n for n in notes), notes
+    assert not any("scan images" in n for n in check_scan(np.sqrt(counts), positions, load_model())["notes"])
+    dark = counts.copy()
+    dark[::3] = 0.0
+    assert detector_axes_first_note(dark[:256]) is None
+    assert detector_axes_first_note(np.transpose(scan, (2, 3, 0, 1)).reshape(-1, 32, 32)[:256]) is not None
+
+
+def test_checks_on_patterns_read_as_the_other_kind_are_held_back(probe, tmp_path, capsys):
+    """Counts at 1,000 e/pattern forced through --input amplitude curl as frames in another order do (curl ratio
+    0.35 at the right rotation): the rotation check's note is wrong, kept in the metadata and not said; the note on
+    the kind is the one said. Read as counts, the same scan has no note."""
+    import json
+
+    from deepphase.cli import main
+
+    positions = raster_positions((32, 32), 0.87, fastest="col")  # (a C-ordered 4-D array's frame order)
+    truth = twisted_hbn(required_object_shape(positions, 32), seed=4)
+    amplitude = simulate_scan(truth, probe, positions, seed=0, dose=1000).amplitude
+    np.save(tmp_path / "counts.npy", np.square(amplitude).round().astype(np.float32).reshape(32, 32, 32, 32))
+    for name, extra in (("as-amplitudes", ["--input", "amplitude"]), ("as-counts", [])):
+        capsys.readouterr()
+        assert main(["reconstruct", str(tmp_path / "counts.npy"), "--step", "0.87", *extra,
+                     "--out", str(tmp_path / name)]) == 0
+        err = capsys.readouterr().err
+        metadata = json.loads((tmp_path / name / "metadata.json").read_text())
+        if name == "as-counts":
+            assert metadata["notes"] == [] and "note:" not in err, err
+            continue
+        assert metadata["notes"] == [err.split("note: ")[1].strip()], err
+        assert "yet --input amplitude reads them as amplitudes" in metadata["notes"][0]
+        held = metadata["rotation_check"]["held_back"]
+        assert metadata["rotation_check"]["note"] is None and "do not fit the raster" in held["note"], held
+        assert not (tmp_path / name / "rotation.png").exists()
+
+
 def test_scan_rotation_at_low_dose_is_found_once_the_counting_noise_is_taken_off(probe):
     """At 300 e/pattern counting noise adds curl at every angle: as a ratio to the median the least curl is
     ~0.6, above the 0.25 of a clear minimum. Its Poisson floor (centre_of_mass_noise) taken off, the minimum is

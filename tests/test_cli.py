@@ -168,8 +168,11 @@ def bad_inputs(folder, tmp_path):
     return {
         "missing file": (["reconstruct", tmp_path / "nope.npy", *pos], "does not exist"),
         "unreadable file": (["reconstruct", tmp_path / "garbage.npy", *pos], "could not read"),
-        "NaN values": (["reconstruct", tmp_path / "nan.npy", *pos], "frame 7"),
-        "negative values": (["reconstruct", tmp_path / "neg.npy", *pos], "frame 5"),
+        "NaN values": (["reconstruct", tmp_path / "nan.npy", *pos],
+                       "frame 7 contains NaN or Inf values; --calibrate repairs them"),
+        "negative values": (["reconstruct", tmp_path / "neg.npy", *pos],
+                            "frame 5 has negative values (min -1); expected counts or amplitudes ≥ 0; --calibrate "
+                            "repairs them"),
         "complex dtype": (["reconstruct", tmp_path / "complex.npy", *pos], "dtype"),
         "wrong pattern size": (["reconstruct", tmp_path / "wrongshape.npy", *pos], "16×16"),
         "2-D data": (["reconstruct", tmp_path / "flat.npy", *pos], "shape"),

@@ -360,6 +360,26 @@ def test_a_merlin_file_is_read_with_its_rows_as_the_pipeline_reads_them(counts, 
     assert "LiberTEM could not open" in err and "--scan-shape" in err and "Traceback" not in err
 
 
+def test_a_hot_pixel_is_named_as_the_pipeline_names_it(counts, tmp_path, capsys):
+    """On patterns read as they are (the model's grid, not calibrated) --libertem names a hot pixel as the pipeline
+    does, in the same (row, col) of a Merlin file whose rows LiberTEM reads the other way round."""
+    pytest.importorskip("rsciio")
+    from deepphase.cli import main
+
+    from .test_io_formats import write_mib
+
+    frames = counts[0].astype(np.uint16)
+    frames[:, 12, 20] = 60000
+    path = write_mib(tmp_path / "hot.mib", frames, frames_per_trigger=NAV[1])
+    for how, extra in (("pipeline", []), ("libertem", ["--libertem", "--workers", "1"])):
+        capsys.readouterr()
+        assert main(["reconstruct", str(path), "--step", str(STEP), "--engine", "eager", *extra,
+                     "--out", str(tmp_path / how)]) == 0
+        assert "1 detector pixel of the patterns looks hot or dead (at (12, 20)" in capsys.readouterr().err, how
+        assert any("hot or dead" in text for text in
+                   json.loads((tmp_path / how / "metadata.json").read_text())["notes"]), how
+
+
 def test_dask_workers_in_other_processes_make_the_same_image(counts, tmp_path):
     frames, positions = counts
     path = tmp_path / "scan.npy"

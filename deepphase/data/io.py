@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import DeepPhaseError, InputFileError, ShapeError, ValueRangeError
+from ..errors import DeepPhaseError, InputFileError, PatternValueError, ShapeError, ValueRangeError
 from ..wording import in_callers_words
 
 INPUT_KINDS = ("auto", "counts", "amplitude")
@@ -721,7 +721,11 @@ def infer_kind(frames, sample: int = 256) -> str:
     by up to ~2e-7 of their value and are still counts.
     """
     check_dtype(frames)
-    idx, block = sample_patterns(frames, sample)
+    return kind_of_sample(*sample_patterns(frames, sample))
+
+
+def kind_of_sample(idx: np.ndarray, block: np.ndarray) -> str:
+    """:func:`infer_kind` of patterns already read (:func:`sample_patterns`'s indices and block)."""
     for i, frame in zip(idx, block):
         check_patterns(frame[None], int(i))
     if np.all(np.abs(block - np.round(block)) < 1e-6 * np.maximum(1.0, np.abs(block))):
@@ -755,11 +759,11 @@ def check_patterns(batch: np.ndarray, first_index: int, what: str = "data") -> N
     finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
     if not finite.all():
         frame = first_index + int(np.argmin(finite))
-        raise ValueRangeError(f"{what}: frame {frame} contains NaN or Inf values")
+        raise PatternValueError(f"{what}: frame {frame} contains NaN or Inf values")
     negative = (batch < 0).reshape(len(batch), -1).any(axis=1)
     if negative.any():
         frame = first_index + int(np.argmax(negative))
-        raise ValueRangeError(
+        raise PatternValueError(
             f"{what}: frame {frame} has negative values (min {batch[frame - first_index].min():.3g}); "
             "expected counts or amplitudes ≥ 0"
         )

@@ -48,15 +48,47 @@ def sense(amplitudes, model, raster: dict) -> dict:
         return {"skipped": str(exc)}
 
 
-def bad_pixel_note(frames, kind: str) -> str | None:
-    """A note naming hot or dead pixels in patterns read as they are (on the model's grid, so not calibrated, which
-    masks them): :func:`~deepphase.data.calibration.bad_pixel_mask` on the mean of up to 256 patterns. On 30 clean
-    simulated 32×32 scans (three probes, two specimens, 30 to 10⁶ e/pattern) it flagged nothing; it found a hot
-    pixel in all 30 and a dead one in 24 (not at 30 e/pattern), RESULTS §44."""
-    from ..data.calibration import bad_pixel_mask
-    from ..data.io import sample_patterns
+#: How many patterns, spread over the scan, the checks of the patterns themselves read (:func:`bad_pixel_note`,
+#: :func:`detector_axes_first_note`, and the kind when the data do not say it).
+PATTERN_SAMPLE = 256
 
-    _, block = sample_patterns(frames, 256)
+
+#: How the detector-axes-first note ends for a file, and for arrays.
+AXES_FIRST_FILE_REMEDY = "Save it as (rows, cols, ky, kx): np.save(path, np.transpose(a, (2, 3, 0, 1)))"
+AXES_FIRST_ARRAYS_REMEDY = "Pass the patterns as np.transpose(a, (2, 3, 0, 1)).reshape(-1, ky, kx)"
+
+
+def detector_axes_first_note(block: np.ndarray, remedy: str = AXES_FIRST_FILE_REMEDY) -> str | None:
+    """A note for "patterns" that are scan images: a 4-D array stored detector axes first, (ky, kx, rows, cols),
+    read as (rows, cols, ky, kx). In 4D-STEM the beam's current is steady, so the patterns' totals hardly vary,
+    while their mean has the bright-field disc's contrast; read the other way round, each of the two is the other's
+    (the totals of one layout are the mean pattern of the other), so the totals vary far more than the mean.
+    ``block``: patterns spread over the scan (:data:`PATTERN_SAMPLE`), counts or amplitudes.
+
+    The simulated scans of RESULTS §45: totals' spread 0.006 against the mean's 1.9–4.2 read right, the reverse
+    read detector axes first; the note asks for a spread of the totals above 0.5 and 3× the mean's."""
+    if len(block) < 64 or not np.all(np.isfinite(block)):
+        return None  # (too few to tell; NaN/Inf: the reconstruction names the frame)
+    totals, mean = block.sum(axis=(1, 2)), block.mean(axis=0)
+    if totals.mean() <= 0 or mean.mean() <= 0:
+        return None
+    spread_totals, spread_mean = totals.std() / totals.mean(), mean.std() / mean.mean()
+    if spread_totals <= 0.5 or spread_totals <= 3 * spread_mean:
+        return None
+    return (f"the patterns look like scan images: their totals vary by {spread_totals:.2g} (standard deviation over "
+            f"mean) from pattern to pattern, their mean by only {spread_mean:.2g} across its pixels, the other way "
+            "round from diffraction patterns under a steady beam; is the array stored detector axes first, (ky, kx, "
+            "rows, cols)? " + remedy)
+
+
+def bad_pixel_note(block: np.ndarray, kind: str) -> str | None:
+    """A note naming hot or dead pixels in patterns read as they are (on the model's grid, so not calibrated, which
+    masks them): :func:`~deepphase.data.calibration.bad_pixel_mask` on the mean of ``block``, patterns spread over
+    the scan (:data:`PATTERN_SAMPLE`). On 30 clean simulated 32×32 scans (three probes, two specimens, 30 to 10⁶
+    e/pattern) it flagged nothing; it found a hot pixel in all 30 and a dead one in 24 (not at 30 e/pattern),
+    RESULTS §44."""
+    from ..data.calibration import bad_pixel_mask
+
     counts = block if kind == "counts" else np.square(block)
     if not np.all(np.isfinite(counts)):
         return None  # (the reconstruction names the frame)
@@ -146,14 +178,16 @@ def check_scan(amplitudes, positions, model) -> dict:
     -------
     dict
         ``raster_from_positions`` (None: not a raster), ``rotation_check`` and ``probe_check`` where they ran (as
-        metadata.json records them), ``notes`` (what the user should check) and ``wall_s``.
+        metadata.json records them), ``notes`` (what the user should check: also patterns that look like scan
+        images, :func:`detector_axes_first_note`) and ``wall_s``.
     """
-    from ..data.io import looks_like_amplitudes
+    from ..data.io import looks_like_amplitudes, sample_patterns
 
     t0 = time.perf_counter()
     info: dict = {}
     raster = raster_of(info, positions)
-    notes = []
+    _, block = sample_patterns(getattr(amplitudes, "frames", amplitudes), PATTERN_SAMPLE)
+    notes = [text] if (text := detector_axes_first_note(block, AXES_FIRST_ARRAYS_REMEDY)) else []
     if getattr(amplitudes, "kind", None) == "counts" and looks_like_amplitudes(amplitudes.frames):
         notes.append("the patterns look like amplitudes (not whole numbers, their squares are), yet "
                      "AmplitudeView(frames, 'counts') reads them as counts (its square roots go to the network); "

@@ -26,9 +26,10 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import DeepPhaseError, DeepPhaseNote, OutputExistsError, ValueRangeError
+from ..errors import DeepPhaseError, DeepPhaseNote, OutputExistsError, PatternValueError, ValueRangeError
 from ..wording import in_callers_terms, in_callers_words, note_to_caller
-from .checks import bad_pixel_note, check_probe, check_rotation, fine_step_note, raster_of, sense
+from .checks import PATTERN_SAMPLE, bad_pixel_note, check_probe, check_rotation, detector_axes_first_note, \
+    fine_step_note, raster_of, sense
 
 logger = logging.getLogger("deepphase")
 
@@ -174,7 +175,7 @@ def reconstruct_file(
             workers=workers, overwrite=overwrite, progress=progress, log=log, command=command)
     from ..data.io import load_scan, scan_shape_to_read
 
-    with load_scan(data, dataset, scan_shape_to_read(data, scan_shape)) as scan:
+    with load_scan(data, dataset, scan_shape_to_read(data, scan_shape)) as scan, _calibration_repairs(calibration):
         return _reconstruct_scan(
             scan, data, out, model=model, dataset=dataset, positions=positions, scan_shape=scan_shape,
             step_px=step_px, rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
@@ -185,6 +186,19 @@ def reconstruct_file(
             sigma_scale=sigma_scale, device=device, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
             workers=workers, scheduler=scheduler, tile_size=tile_size, progress=progress, log=log,
             command=command)
+
+
+@contextlib.contextmanager
+def _calibration_repairs(calibration: str):
+    """A frame refused for NaN, Inf or negative values, where the calibration did not read it, is told that it
+    repairs them (patterns on the model's grid are read as they are; a dark-subtracted scan has negative counts)."""
+    try:
+        yield
+    except PatternValueError as exc:
+        if calibration == "on":
+            raise
+        raise PatternValueError(f"{exc}; --calibrate repairs them (NaN and Inf replaced by the local median, "
+                                "negative values clipped to 0) and masks hot pixels") from exc
 
 
 def _call_record(arguments: dict) -> str:
@@ -354,10 +368,10 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
                       batch_size, precision, uncertainty, engine, ensemble, sigma_scale, device, chunk_size, resume,
                       overwrite, workers, scheduler, tile_size, progress, log, command):
     """:func:`reconstruct_file` for a file opened by :func:`~deepphase.data.io.load_scan`."""
-    from ..data.io import AmplitudeView, infer_kind, looks_like_amplitudes
+    from ..data.io import AmplitudeView, check_dtype, kind_of_sample, looks_like_amplitudes, sample_patterns
     from ..models.modelfile import PhaseModel, check_compatible, load_model
     from ..physics.scan import check_spacing, raster_positions
-    from .pipeline import CHUNK_SIZE, reconstruct, uncertainty_method, with_source_divided_out
+    from .pipeline import CHUNK_SIZE, counts_note, reconstruct, uncertainty_method, with_source_divided_out
 
     t_start = time.perf_counter()
     notes = []
@@ -413,6 +427,10 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         raise DeepPhaseError(
             "positions: the data holds none; give --positions POS.npy or --scan-shape ROWS COLS --step S"
             + (" (the scan shape is known from the data: --step S is enough)" if scan.scan_shape else ""))
+    check_dtype(scan.frames)
+    sample = sample_patterns(scan.frames, PATTERN_SAMPLE)  # (read once for the checks of the patterns themselves)
+    if text := detector_axes_first_note(sample[1]):
+        note(text)
     kind = scan.kind if kind is None else kind
     coords = None
     if calibrating:
@@ -444,15 +462,19 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             "--mrad-per-px X")
     if positions is not None:
         check_spacing(positions, model.geometry)  # before the rotation and probe checks read the patterns
+    kind_doubt = None  # patterns read as the other kind: the rotation and probe checks then measure the wrong thing
     if kind_asked == "counts" and looks_like_amplitudes(scan.frames):
-        note("the patterns look like amplitudes (not whole numbers, their squares are), yet --input counts "
-             "reads them as counts; check it (--input amplitude, or leave --input to find it)")
+        kind_doubt = AMPLITUDES_READ_AS_COUNTS
+    elif kind_asked == "amplitude" and counts_note(sample[1]):
+        kind_doubt = COUNTS_READ_AS_AMPLITUDES
+    if kind_doubt:
+        note(kind_doubt)
     if view is not None and coords is not None and positions is not None and coords is not positions:
         view.use_coords(positions)  # the descan plane, fitted in scan indices, in position units
     if kind is None:
-        kind = infer_kind(scan.frames)
+        kind = kind_of_sample(*sample)
     amplitudes = view if view is not None else AmplitudeView(scan.frames, kind)
-    if view is None and (text := bad_pixel_note(scan.frames, kind)):  # (a calibration masks them)
+    if view is None and (text := bad_pixel_note(sample[1], kind)):  # (a calibration masks them)
         note(text)
     if flip_patterns:
         view, amplitudes = _flipped(view, amplitudes)
@@ -471,6 +493,8 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         flip_patterns = flip_patterns or scan_info["rotation_found"]["flip_patterns"]
     elif (raster := raster_of(scan_info, positions)) is not None:
         scan_info, rotation_figure = check_rotation(amplitudes, scan_info, raster, model)
+        if kind_doubt:
+            scan_info, rotation_figure = _held_back(scan_info, "rotation_check"), None
         if scan_info.get("rotation_check", {}).get("note"):
             note(scan_info["rotation_check"]["note"])
             if "step_found" in scan_info:
@@ -482,6 +506,8 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     if probe_check and raster is not None:
         scan_info = check_probe(amplitudes, model, view, scan_info, raster, semi_angle,
                                  energy or scan.info.get("energy_kev"))
+        if kind_doubt:
+            scan_info = _held_back(scan_info, "probe_check")
     if model.probe_aware:
         model, scan_info = _tell_probe(model, scan_info)
     t_checks = time.perf_counter() - t_checks
@@ -556,6 +582,24 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     return rec
 
 
+#: The notes on patterns read as the other kind than they look (--input given).
+AMPLITUDES_READ_AS_COUNTS = ("the patterns look like amplitudes (not whole numbers, their squares are), yet --input "
+                             "counts reads them as counts; check it (--input amplitude, or leave --input to find it)")
+COUNTS_READ_AS_AMPLITUDES = ("the patterns are whole numbers, as counts are, yet --input amplitude reads them as "
+                             "amplitudes (√counts); check it (--input counts, or leave --input to find it)")
+
+
+def _held_back(scan_info: dict, check: str) -> dict:
+    """``check``'s notes kept in the metadata, not said: measured on patterns read as the other kind, they are
+    wrong (counts read as amplitudes: a scan "rotated 90°", or frames "in another order", RESULTS §45)."""
+    found = scan_info.get(check) or {}
+    held = {key: found[key] for key in ("note", "step_note") if found.get(key)}
+    if not held:
+        return scan_info
+    return {**scan_info, check: {**found, **dict.fromkeys(held), "held_back": {
+        **held, "why": "measured on patterns read as the other kind (counts or amplitudes) than they look"}}}
+
+
 def _note_dose(rec, notes: list, note) -> None:
     """The pipeline's note on the dose, unless said already; its note on counts read as amplitudes (written for
     arrays) in a file's terms."""
@@ -563,8 +607,8 @@ def _note_dose(rec, notes: list, note) -> None:
 
     said = rec.processing.get("dose_note")
     if said == COUNTS_NOTE:
-        note("the patterns are whole numbers, as counts are, yet --input amplitude reads them as amplitudes "
-             "(√counts); check it (--input counts, or leave --input to find it)")
+        if COUNTS_READ_AS_AMPLITUDES not in notes:
+            note(COUNTS_READ_AS_AMPLITUDES)
     elif said and said not in notes:
         note(said)
 
@@ -909,6 +953,8 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
 
         note(step_found_message(read["step_found"], [min(k, PROBE_CHECK_BLOCK) for k in read["navigation_shape"]]),
              False)
+    for text in read["pattern_notes"]:
+        note(text)
     phase_model = load_model(model)
     rec = with_source_divided_out(rec, source_size_px)
     if source_size_px and (text := source_division_note(phase_model)):

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..data.io import check_mib_scan_shape, spread_indices  # (the pipeline's sample: the same frames calibrated, the same numbers)
+from ..data.io import check_mib_scan_shape, spread_indices  # (the pipeline's sample: the same frames, the same numbers)
 from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..wording import in_callers_words
 
@@ -791,6 +791,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
                                     on_the_given_axis, plot_scan_rotation, rotation_note, with_sense)
     from ..data.io import infer_kind
     from ..models.modelfile import load_model
+    from .checks import PATTERN_SAMPLE, bad_pixel_note, detector_axes_first_note
 
     if calibration not in ("auto", "on", "off"):
         raise ValueRangeError(f"calibration: expected 'auto', 'on' or 'off', got {calibration!r}")
@@ -822,8 +823,12 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         phase_model = load_model(model)
         n = phase_model.geometry.n_px
         frames = int(np.prod(nav))
+        # The pipeline's checks of the patterns themselves, on the same sample (read once, in one pass).
+        sample = _pick(ctx, dataset, spread_indices(frames, PATTERN_SAMPLE))
         if kind is None:
-            kind = infer_kind(_pick(ctx, dataset, spread_indices(frames, 16)))
+            kind = infer_kind(sample)
+        sample = sample.astype(np.float64)
+        pattern_notes = [text for text in (detector_axes_first_note(sample),) if text]
         view, found, check, figure, step_found = None, None, None, None, None
         # Merlin frames: LiberTEM's rows run bottom-up against rosettasciio's (the pipeline's reader).
         reverse_rows = rows_reversed(dataset)
@@ -837,6 +842,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             view = calibrate_dataset(ctx, dataset, model, coords_step, positions,
                                      0.0 if auto_rotation else rotation_deg, fastest, png=calibration_png,
                                      reverse_rows=reverse_rows, kind=kind, **(calibration_options or {}))
+        elif text := bad_pixel_note(sample[:, ::-1] if reverse_rows else sample, kind):  # (a calibration masks them)
+            pattern_notes.append(text)
 
         def find_step(rotation: float, flipped: bool) -> float:
             """Step "auto" at ``rotation``, then the descan plane in the positions at the step found."""
@@ -907,7 +914,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     read = {"reader": f"LiberTEM {libertem.__version__}", "libertem_dataset": type(dataset).__name__,
             "navigation_shape": list(nav), "pattern_shape": list(sig), "input": kind,
             "calibration": None if view is None else view.info, "rotation_deg": rotation_deg,
-            "patterns_flipped": flip, "rows_reversed": reverse_rows, **({"rotation_check": check} if check else {}),
+            "patterns_flipped": flip, "rows_reversed": reverse_rows, "pattern_notes": pattern_notes,
+            **({"rotation_check": check} if check else {}),
             "rotation_png": str(rotation_png) if rotation_png is not None and figure is not None else None,
             **({"rotation_found": found} if found is not None else {}),
             **({"probe_check": probe} if probe is not None else {}),
