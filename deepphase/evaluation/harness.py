@@ -335,7 +335,8 @@ FIGURES = {
     "offset_rmse": "RMSE (rad) with the mean difference removed: a phase of the wrong size or sign counts",
     "scale": "the least-squares fit truth ≈ scale · reconstruction + offset (1: the right size; noise in the "
              "reconstruction pulls it below 1, by about the correlation²)",
-    "fitted_rmse": "(results.json only) RMSE after that fit: std(truth)·√(1 − correlation²), blind to scale and sign",
+    "fitted_rmse": "(results.json only) RMSE after that fit: std(truth)·√(1 − correlation²), blind to scale and "
+                   "sign",
     "ssim": "structural similarity after the offset alone is removed, over the truth's range",
     "frc_resolution": "where the Fourier ring correlation with the truth first drops below 0.5 or 1/7 (Å for atomic "
                       "specimens, px otherwise; '≤' a sampling-limit bound). It measures agreement, not "
