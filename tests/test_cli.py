@@ -255,6 +255,21 @@ def test_an_overwrite_leaves_no_file_of_the_earlier_run_it_did_not_remake(tiny_s
     written = deepphase.write_outputs(rec, tmp_path / "rec", overwrite=True)
     assert not (tmp_path / "rec" / "probe_check.png").exists() and "figures" not in written
     assert (tmp_path / "rec" / "notes.txt").read_text() == "mine"
+    # Interrupted among its moves, an overwrite leaves no metadata.json that would call a mixed set complete.
+    import os
+
+    from deepphase.reconstruction import pipeline
+
+    def interrupted(source, target):
+        if str(target) == str(tmp_path / "rec" / "phase.tif"):  # (its move into place, not its staged write)
+            raise KeyboardInterrupt
+        os.rename(source, target)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline.os, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            deepphase.write_outputs(rec, tmp_path / "rec", overwrite=True)
+    assert (tmp_path / "rec" / "phase.npy").exists() and not (tmp_path / "rec" / "metadata.json").exists()
 
 
 @pytest.mark.parametrize("options, expected", [

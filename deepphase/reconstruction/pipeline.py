@@ -897,6 +897,9 @@ def _write_outputs(rec: Reconstruction, out_dir: Path, metadata: dict, sampling:
             **metadata,
         }
         save_json(staging / "metadata.json", meta)
+        # An earlier run's metadata.json goes first: else an interruption among the moves below leaves this run's
+        # image beside a record of the other that says it is complete (the failure audit, 6 of 6 tries).
+        (out_dir / "metadata.json").unlink(missing_ok=True)
         for name in OUTPUT_FILES:  # metadata.json last: a folder with it is complete
             if (staging / name).exists():
                 os.replace(staging / name, out_dir / name)
