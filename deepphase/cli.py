@@ -250,9 +250,9 @@ def _cmd_simulate(args) -> None:
              probe=probe, parameters=np.array(json.dumps(parameters, default=str)))
     from .physics.forward import REFERENCE_DOSE
 
-    origin = "" if dose is not None else (
-        " (no --dose given: the probe's own scale, n²·Σ|P|²" + ("" if np.isclose(scan.dose, REFERENCE_DOSE, rtol=1e-3)
-                                                                 else "; the reference experiment's is 27,882") + ")")
+    reference = "" if np.isclose(scan.dose, REFERENCE_DOSE, rtol=1e-3) else (
+        f"; the reference experiment's is {REFERENCE_DOSE:,.0f}")
+    origin = "" if dose is not None else f" (no --dose given: the probe's own scale, n²·Σ|P|²{reference})"
     print(f"wrote {out}: {len(scan.amplitude)} patterns of {probe.shape[0]}×{probe.shape[1]}, "
           f"{scan.dose:.0f} electrons per pattern{origin}")
 

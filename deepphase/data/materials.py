@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..io_utils import save_json, save_npy
+from ..physics.forward import REFERENCE_DOSE  # (re-exported: the dose multislice_scan takes by default)
 from ..physics.geometry import check_positive
 from ..physics.probe import ProbeParameters, probe_from_parameters
 from ..physics.scan import validate_positions
@@ -42,7 +43,6 @@ from .simulate import SimulatedScan, required_object_shape
 MATERIAL_SPECIMENS = ("hbn", "twisted-hbn-bilayer", "graphene-vacancies", "mos2-vacancies", "au-on-carbon", "srtio3")
 DEFAULT_ENERGY = 300.0  # keV
 DEFAULT_SAMPLING = 0.2  # Å per real-space pixel (see the module docstring)
-REFERENCE_DOSE = 27881.8  # electrons per pattern: the reference probe's own scale (the seed's training dose)
 
 # Structures (Å). Lattice constants from the usual experimental values.
 HBN_A, GRAPHENE_A, MOS2_A, MOS2_THICKNESS, SRTIO3_A = 2.504, 2.46, 3.18, 3.19, 3.905

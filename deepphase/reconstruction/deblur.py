@@ -26,6 +26,7 @@ import numpy as np
 from scipy.ndimage import distance_transform_edt
 
 from ..errors import ShapeError, ValueRangeError
+from ..physics.forward import REFERENCE_DOSE
 from ..physics.geometry import Geometry
 
 # Bins per object pixel for the sample offsets ``s`` (the canvas rounds positions to 1/upsample, so
@@ -193,7 +194,6 @@ def resolve_deblur(setting, dose: float | None) -> tuple[bool, str]:
 # and 0.03 at 1,000 on 48×48 phase-object scans of twisted hBN, and 0.1 at 300 and 0.3 at 30 e/pattern on the
 # harness's multislice hBN and MoS₂; a smaller λ sharpens the network's noise more than the lattice.
 SOURCE_REGULARISATION = 0.01
-_REFERENCE_DOSE = 27881.8
 _UNKNOWN_DOSE_REGULARISATION = 0.03
 
 
@@ -201,7 +201,7 @@ def source_regularisation(electrons_per_pattern: float | None) -> float:
     """The Wiener λ of :func:`deconvolve_source` for data of this dose (None: unknown)."""
     if electrons_per_pattern is None:
         return _UNKNOWN_DOSE_REGULARISATION
-    return SOURCE_REGULARISATION * max(1.0, float(np.sqrt(_REFERENCE_DOSE / max(electrons_per_pattern, 1e-9))))
+    return SOURCE_REGULARISATION * max(1.0, float(np.sqrt(REFERENCE_DOSE / max(electrons_per_pattern, 1e-9))))
 
 
 def deconvolve_source(image: np.ndarray, source_size_px: float, electrons_per_pattern: float | None = None,

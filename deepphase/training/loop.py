@@ -430,7 +430,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
     arch_config = config.arch_config(geometry)
     if config.dose is None and rank == 0 and not resume and not np.isclose(incident_counts(probe), REFERENCE_DOSE, rtol=1e-3):
         log(f"no dose given: training at the probe's own scale, n²·Σ|P|² = {incident_counts(probe):,.0f} electrons per "
-            "pattern (an optics probe is normalised; the reference experiment's: 27,882); give a dose, or a range "
+            f"pattern (an optics probe is normalised; the reference experiment's: {REFERENCE_DOSE:,.0f}); give a dose, or a range "
             "(--dose LO HI), for your data's")
     torch.manual_seed(config.seed)  # the initial weights are part of what the seed fixes
     network = create_model(config.arch, **arch_config).to(device)
