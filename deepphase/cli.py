@@ -138,7 +138,7 @@ def _cmd_train(args) -> None:
                          source_size_px=_value_or_range("source-size", args.source_size),
                          focal_spread_rad=_value_or_range("focal-spread", args.focal_spread))
     geometry = Geometry(n_px=probe.shape[0])
-    command = _command_line(args)
+    command = args.command_line
     if args.nproc != 1:  # several processes on this machine: torchrun starts them (deepphase/train.py)
         from .train import launch
 
@@ -245,7 +245,7 @@ def _cmd_simulate(args) -> None:
     parameters = {"object": source, "dose_electrons_per_pattern": scan.dose, "noise": not args.no_noise,
                   **{k: v for k, v in scan.parameters.items() if k in ("source_size_px", "detector_psf_px", "focal_spread_rad", "coherent_modes")},
                   "seed": args.seed, **scan_info, **probe_info,
-                  "command": _command_line(args)}
+                  "command": args.command_line}
     save_npz(out, amplitude=scan.amplitude, positions=scan.positions, truth=scan.truth.astype(np.float32),
              probe=probe, parameters=np.array(json.dumps(parameters, default=str)))
     from .physics.forward import REFERENCE_DOSE
@@ -272,7 +272,7 @@ def _cmd_reconstruct(args) -> None:
         sigma_scale=args.sigma_scale, device=args.device, chunk_size=args.chunk_size, resume=args.resume,
         overwrite=args.overwrite, workers=args.workers, scheduler=args.scheduler, tile_size=args.tile_size,
         libertem=args.libertem, progress=sys.stderr.isatty() if args.libertem else None, log=_say("reconstruct"),
-        command=_command_line(args))
+        command=args.command_line)
     meta = rec.metadata
     msg = (f"phase image {rec.phase.shape[0]}×{rec.phase.shape[1]} written to {args.out}/phase.npy "
            f"({meta['n_patterns']} patterns"
@@ -386,7 +386,7 @@ def _cmd_export_onnx(args) -> None:
 def _cmd_demo(args) -> None:
     from .evaluation.demo import run_demo
 
-    meta = run_demo(args.out, specimen=args.specimen, stitching=args.stitching, command=_command_line(args))
+    meta = run_demo(args.out, specimen=args.specimen, stitching=args.stitching, command=args.command_line)
     print(f"demo: {meta['specimen']}, {meta['scan_shape'][0]}×{meta['scan_shape'][1]} positions, "
           f"{meta['dose_electrons_per_pattern']:.0f} electrons per pattern, {meta['total_s']:.1f} s")
     print(f"correlation with the truth: {meta['correlation_with_truth']:.3f}")
@@ -842,17 +842,13 @@ def _like_arguments(parser: argparse.ArgumentParser, args, argv: list[str]):
 _WRITES = {"train": True, "reconstruct": True, "demo": True, "evaluate": True, "simulate": False, "export-onnx": False}
 
 
-def _command_line(args) -> str:
-    """The command as the user gave it, for the records: main's arguments (``main(argv)`` from Python or a test is
-    not ``sys.argv``), or what ``--like`` or a torchrun process (deepphase.train) set."""
-    return getattr(args, "command_line", None) or "deepphase " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
+        # The command as the user gave it, for the records (main(argv) from Python or a test is not sys.argv; --like
+        # and a torchrun process, deepphase.train, set their own).
         args.command_line = "deepphase " + " ".join(shlex.quote(a) for a in argv)
     except SystemExit as exc:  # --help, --version, or a malformed option (one line already printed)
         return exc.code if isinstance(exc.code, int) else 2
