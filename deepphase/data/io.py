@@ -618,13 +618,20 @@ def _read_mib(path: Path, scan_shape):
     return signal, truncated
 
 
+def merlin_header(path) -> Path | None:
+    """The .hdr beside a Merlin .mib (what records its scan), or None (not a .mib, or no .hdr)."""
+    path = Path(path)
+    if path.suffix.lower() != ".mib":
+        return None
+    return next((p for p in (path.with_suffix(".hdr"), path.with_suffix(".HDR")) if p.is_file()), None)
+
+
 def check_mib_scan_shape(path, scan_shape) -> None:
     """Refuse a scan shape (rows, cols) given for a Merlin .mib whose .hdr records another: else a shape larger
     than the acquisition is taken for a file cut short, and a transposed one puts every frame in the wrong place.
     A .hdr records a scan only with more than one frame per trigger (one row per trigger) and a frame count."""
-    path = Path(path)
-    hdr_path = next((p for p in (path.with_suffix(".hdr"), path.with_suffix(".HDR")) if p.is_file()), None)
-    if path.suffix.lower() != ".mib" or hdr_path is None:
+    hdr_path = merlin_header(path)
+    if hdr_path is None:
         return
     from rsciio.quantumdetector._api import parse_hdr_file
 

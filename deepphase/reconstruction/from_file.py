@@ -437,7 +437,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         from ..data.calibration import calibrate
 
         if kind is None:  # detector patterns are intensities, unless they are plainly square roots of counts
-            kind = "amplitude" if looks_like_amplitudes(scan.frames) else "counts"
+            kind = "amplitude" if looks_like_amplitudes(sample[1]) else "counts"
         coords = positions if positions is not None else (
             raster_positions(tuple(shape), 1.0, 0.0 if rotation_deg == "auto" else rotation_deg,
                              fastest or default_fastest)
@@ -463,7 +463,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     if positions is not None:
         check_spacing(positions, model.geometry)  # before the rotation and probe checks read the patterns
     kind_doubt = None  # patterns read as the other kind: the rotation and probe checks then measure the wrong thing
-    if kind_asked == "counts" and looks_like_amplitudes(scan.frames):
+    if kind_asked == "counts" and looks_like_amplitudes(sample[1]):
         kind_doubt = AMPLITUDES_READ_AS_COUNTS
     elif kind_asked == "amplitude" and counts_note(sample[1]):
         kind_doubt = COUNTS_READ_AS_AMPLITUDES

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..data.io import check_mib_scan_shape, spread_indices  # (the pipeline's sample: the same frames, the same numbers)
+from ..data.io import check_mib_scan_shape, merlin_header, spread_indices  # (the pipeline's rules and sample)
 from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..wording import in_callers_words
 
@@ -726,12 +726,8 @@ def rows_reversed(dataset) -> bool:
 def _libertem_path(path, nav_shape):
     """The path LiberTEM opens: a Merlin scan's shape is in its .hdr, which LiberTEM reads only when given the
     .hdr itself, so a .mib with its .hdr beside it (as the pipeline's reader takes it) opens as the .hdr."""
-    path = Path(path)
-    if nav_shape is None and path.suffix.lower() == ".mib":
-        for hdr in (path.with_suffix(".hdr"), path.with_suffix(".HDR")):
-            if hdr.exists():
-                return hdr
-    return path
+    hdr = merlin_header(path) if nav_shape is None else None
+    return Path(path) if hdr is None else hdr
 
 
 @in_callers_words(data="path", **{"scan-shape": "nav_shape", "input": "kind", "no-calibration": ("calibration", "off"),
