@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib.util
 import os
 import shlex
@@ -878,13 +879,22 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.filename is None:  # not a file the user named or must fix: a defect, shown in full
             raise
-        print(f"deepphase {args.command}: error: {str(exc.filename)!r}: {exc.strerror or exc}", file=sys.stderr)
+        said = f"{str(exc.filename)!r}: {exc.strerror or exc}"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            resume = args.command in ("reconstruct", "train") and (
+                _saved_progress(args.out) if args.command == "reconstruct"
+                else (Path(args.out) / _training_checkpoint()).exists())
+            said += (f"; free some space and run the same command again{' with --resume' if resume else ''} "
+                     "(completed outputs are intact)")
+        print(f"deepphase {args.command}: error: {said}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         said = str(exc) or "interrupted"  # (an exception is truthy even when its message is empty)
         if args.command == "train" and (Path(args.out) / _training_checkpoint()).exists():
             said += (f"; the last finished epoch's checkpoint is in {args.out}: the same command with --resume "
                      "continues from it")
+        elif args.command == "reconstruct" and "--resume" not in said and _saved_progress(args.out):
+            said += (f"; the progress is saved in {args.out}: the same command with --resume continues from it")
         print(f"deepphase {args.command}: {said}; completed outputs are intact", file=sys.stderr)
         return 130
     finally:
@@ -893,6 +903,19 @@ def main(argv: list[str] | None = None) -> int:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _saved_progress(out: Path) -> bool:
+    """Whether ``out`` holds a reconstruction's progress (said by the pipeline when the prediction is interrupted; not
+    when the stitching, the figures or the writing are, after every pattern's prediction was saved)."""
+    from .errors import DeepPhaseError
+    from .reconstruction.from_file import PARTIAL_FOLDER
+    from .reconstruction.pipeline import read_checkpoint
+
+    try:
+        return read_checkpoint(Path(out) / PARTIAL_FOLDER) is not None
+    except DeepPhaseError:
+        return False
 
 
 def _training_checkpoint() -> str:

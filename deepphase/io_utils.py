@@ -30,9 +30,11 @@ def atomic_path(path: str | Path, suffix: str = ""):
         # does): give what was written the permissions a plain open() would have.
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # (a write's error, a full disk's: names no file)
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 

@@ -272,6 +272,63 @@ def test_an_overwrite_leaves_no_file_of_the_earlier_run_it_did_not_remake(tiny_s
     assert (tmp_path / "rec" / "phase.npy").exists() and not (tmp_path / "rec" / "metadata.json").exists()
 
 
+def test_a_run_interrupted_while_writing_resumes_from_its_saved_prediction(tiny_scan, tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the prediction, among the moves into place, leaves phase.npy without metadata.json beside the
+    saved progress: the interrupt said nothing of --resume, and --resume was refused for the run's own phase.npy
+    (or calibration.png), so only --overwrite, redoing the prediction, got the image (the failure audit, s36)."""
+    import os
+
+    from deepphase.reconstruction import pipeline
+
+    code, _, _ = reconstruct_tiny(tiny_scan, tmp_path / "whole", capsys)
+    assert code == 0
+
+    def interrupted(source, target):
+        if str(target) == str(tmp_path / "rec" / "phase.tif"):
+            raise KeyboardInterrupt
+        os.rename(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.os, "replace", interrupted)
+        code, _, err = reconstruct_tiny(tiny_scan, tmp_path / "rec", capsys)
+    assert code == 130 and "the same command with --resume continues from it" in err, err
+    assert (tmp_path / "rec" / "phase.npy").exists() and not (tmp_path / "rec" / "metadata.json").exists()
+    (tmp_path / "rec" / "calibration.png").write_bytes(b"a figure the interrupted run wrote")
+    code, _, err = reconstruct_tiny(tiny_scan, tmp_path / "rec", capsys)
+    assert code == 2 and "(all 144 patterns predicted, the image not yet written); pass --resume" in err, err
+    code, _, err = reconstruct_tiny(tiny_scan, tmp_path / "rec", capsys, "--resume")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "rec" / "phase.npy"), np.load(tmp_path / "whole" / "phase.npy"))
+    assert json.loads((tmp_path / "rec" / "metadata.json").read_text())["shape"] == list(
+        np.load(tmp_path / "whole" / "phase.npy").shape)
+    assert not (tmp_path / "rec" / "calibration.png").exists()  # not this run's figure: removed with its record
+    assert not (tmp_path / "rec" / ".deepphase-partial").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_what_to_do(tiny_scan, tmp_path, capsys, monkeypatch):
+    """A write's ENOSPC names no file: it was a traceback (reconstruct, simulate; train's SafetensorError). Now the
+    file, the reason and what to do, with --resume where progress is saved; no temporary file is left."""
+    import errno
+
+    from deepphase import io_utils
+    from deepphase.models import modelfile
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io_utils.np, "save", full)
+    code, _, err = reconstruct_tiny(tiny_scan, tmp_path / "rec", capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "phase.npy': No space left on device; free some space and run the same command again with --resume" in err
+    assert not [p for p in (tmp_path / "rec").rglob("*") if p.suffix == ".tmp" or p.name.startswith(".deepphase-")
+                and p.name != ".deepphase-partial"]
+    monkeypatch.undo()
+    monkeypatch.setattr(modelfile, "safetensors_bytes", lambda *a, **k: full())
+    with pytest.raises(OSError, match="model.safetensors"):
+        modelfile.save_model(modelfile.load_model("default"), tmp_path / "model")
+    assert not list((tmp_path / "model").glob(".*.tmp"))
+
+
 @pytest.mark.parametrize("options, expected", [
     (["--pixel-size", "-0.2"], "argument --pixel-size: expected a positive number, got '-0.2'"),
     (["--step", "inf"], "argument --step: expected a positive number of pixels or 'auto', got 'inf'"),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 
 from .. import __version__
 from ..errors import InputFileError, ModelMismatchError, ValueRangeError
@@ -153,8 +153,8 @@ def save_model(model: PhaseModel, folder: str | Path, half: bool = False) -> Pat
     state = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
     if half:
         state = {k: _as_half(v) for k, v in state.items()}
-    with atomic_path(folder / "model.safetensors", ".safetensors") as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "arch": model.arch})
+    with atomic_path(folder / "model.safetensors", ".safetensors") as tmp:  # (by Python: a full disk names the file)
+        tmp.write_bytes(safetensors_bytes(state, metadata={"format": FORMAT, "arch": model.arch}))
     save_npy(folder / "probe.npy", np.asarray(model.probe, dtype=np.complex128))
     save_json(folder / "model.json", model.describe())
     return folder

@@ -162,7 +162,7 @@ def reconstruct_file(
                      chunk_size=chunk_size)
     out = Path(out) if out is not None else None
     if out is not None:
-        _claim_output_folder(out, overwrite, resume)
+        overwrite = _claim_output_folder(out, overwrite, resume)
     if libertem:
         return _reconstruct_with_libertem(
             data, out, model=model, positions=positions, scan_shape=scan_shape, step_px=step_px,
@@ -328,14 +328,15 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
 
 
-def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
+def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> bool:
     """Refuse earlier results and interrupted progress in ``out`` unless asked (``overwrite``, ``resume``);
-    with ``overwrite``, damaged or unwanted progress is removed."""
+    with ``overwrite``, damaged or unwanted progress is removed. Returns whether this run may replace what ``out``
+    holds: asked to, or resuming a run that was (only a run allowed to write into ``out`` leaves progress there, and
+    one interrupted after its prediction has written some of its figures or image already)."""
     from ..io_utils import check_writable
     from .pipeline import FIGURES, check_output_folder, read_checkpoint
 
     check_writable(out)
-    check_output_folder(out, overwrite)
     partial = out / PARTIAL_FOLDER
     try:
         record = read_checkpoint(partial)
@@ -346,16 +347,22 @@ def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> None:
         record = None
     if resume and record is None:
         raise DeepPhaseError(f"resume: {str(out)!r} holds no interrupted reconstruction to continue")
-    if record is not None and not resume:
+    if resume:
+        return True
+    if record is not None:  # (said before the files the interrupted run wrote, which --resume replaces)
         if not overwrite:
-            raise DeepPhaseError(
-                f"out: {str(out)!r} holds an interrupted reconstruction ({record['done']:,} of {record['total']:,} "
-                "patterns done); pass --resume to continue it or --overwrite to start again")
+            done = (f"all {record['total']:,} patterns predicted, the image not yet written"
+                    if record["done"] >= record["total"] else
+                    f"{record['done']:,} of {record['total']:,} patterns done")
+            raise DeepPhaseError(f"out: {str(out)!r} holds an interrupted reconstruction ({done}); pass --resume to "
+                                 "continue it or --overwrite to start again")
         shutil.rmtree(partial)
+    check_output_folder(out, overwrite)
     for name in FIGURES:  # (before the work, not after it)
         if (out / name).exists() and not overwrite:
             raise OutputExistsError(f"out: {str(out)!r} already holds {name}; choose another folder or pass "
                                     "--overwrite")
+    return overwrite
 
 
 #: A pixel size given beside one the data measure or record is noted when they differ by more than this share.

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from ..data.phase_objects import CORPUS_FIELDS, CorpusConfig
@@ -270,8 +270,8 @@ def save_checkpoint(path: Path, network, optimizer, epoch: int, history: list, c
     tensors.update(opt_tensors)
     meta = {"epoch": str(epoch), "history": json.dumps(history), "optimizer": json.dumps(opt_other),
             "config": json.dumps(config.to_dict())}
-    with atomic_path(path, ".safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    with atomic_path(path, ".safetensors") as tmp:  # (written by Python: a full disk is an OSError naming the file)
+        tmp.write_bytes(safetensors_bytes(tensors, metadata=meta))
 
 
 def _read_checkpoint(path: Path):
