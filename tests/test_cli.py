@@ -329,6 +329,38 @@ def test_a_full_disk_is_one_line_naming_the_file_and_what_to_do(tiny_scan, tmp_p
     assert not list((tmp_path / "model").glob(".*.tmp"))
 
 
+def test_a_file_rewritten_while_it_is_read_writes_no_image(tiny_scan, tmp_path, capsys, monkeypatch):
+    """An HDF5 file truncated mid-run was read without an error: rc 0 and an image correlating 0.46 with the true
+    one (the failure audit, s36). The file's size and time are compared at the end of the prediction."""
+    import os
+
+    import h5py
+
+    from deepphase.reconstruction import pipeline
+
+    folder, _ = tiny_scan
+    data = tmp_path / "scan.h5"
+    with h5py.File(data, "w") as f:
+        f["frames"] = np.load(folder / "amplitude.npy")
+    predicted = pipeline.reconstruct
+
+    def rewritten_meanwhile(*args, **kwargs):
+        rec = predicted(*args, **kwargs)
+        with open(data, "r+b") as f:  # (an acquisition still writing: the file grows)
+            f.seek(0, os.SEEK_END)
+            f.write(b"\0" * 4096)
+        return rec
+
+    monkeypatch.setattr(pipeline, "reconstruct", rewritten_meanwhile)
+    args = ["reconstruct", data, "--dataset", "frames", "--positions", folder / "positions.npy", "--out"]
+    code, _, err = run([*args, tmp_path / "rec"], capsys)
+    size = os.path.getsize(data)
+    assert code == 2 and f"changed while it was read ({size - 4096:,} bytes when the run began, {size:,} now)" in err
+    assert not (tmp_path / "rec").exists()  # no image, no progress (on a file no longer there)
+    monkeypatch.undo()
+    assert run([*args, tmp_path / "rec"], capsys)[0] == 0
+
+
 @pytest.mark.parametrize("options, expected", [
     (["--pixel-size", "-0.2"], "argument --pixel-size: expected a positive number, got '-0.2'"),
     (["--step", "inf"], "argument --step: expected a positive number of pixels or 'auto', got 'inf'"),

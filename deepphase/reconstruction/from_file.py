@@ -26,7 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import DeepPhaseError, DeepPhaseNote, OutputExistsError, PatternValueError, ValueRangeError
+from ..errors import DeepPhaseError, DeepPhaseNote, InputFileError, OutputExistsError, PatternValueError, \
+    ValueRangeError
 from ..wording import in_callers_terms, in_callers_words, note_to_caller
 from .checks import PATTERN_SAMPLE, bad_pixel_note, check_probe, check_rotation, detector_axes_first_note, \
     fine_step_note, raster_of, sense
@@ -381,6 +382,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     from .pipeline import CHUNK_SIZE, counts_note, reconstruct, uncertainty_method, with_source_divided_out
 
     t_start = time.perf_counter()
+    read_from = _file_state(data)
     notes = []
     note = _noting(notes, log)
 
@@ -556,6 +558,13 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             if partial is not None and read_checkpoint(partial) is None:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
+    if _file_state(data) != read_from:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)  # (progress on a file that is no longer there)
+        raise InputFileError(
+            f"data: {str(data)!r} changed while it was read ({_file_change(read_from, _file_state(data))}); the image "
+            "would mix patterns from before and after, or a truncated file's missing ones: nothing was written. "
+            "Run again once the file is complete and no longer written to")
     rec = with_source_divided_out(rec, source_size_px)
     if source_size_px and (text := source_division_note(model)):
         note(text)
@@ -873,6 +882,25 @@ def probe_estimate_note(check: dict, model, model_name, out: Path | None) -> str
     return (f"{check['note']}{figure}: {estimate} is the model's probe with that difference; `deepphase train "
             f"--like {like} --probe {shlex.quote(str(estimate))} --out MODEL` trains a model for it with the model's "
             f"recipe{cost}; or {other}")
+
+
+def _file_state(data) -> tuple[int, int] | None:
+    """The size and modification time of the file the patterns are read from: a run compares them at its end, as an
+    HDF5 file truncated or rewritten mid-run is read without an error (a silent image of partly missing patterns,
+    the failure audit, s36)."""
+    try:
+        stat = Path(data).stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _file_change(before: tuple[int, int], after: tuple[int, int] | None) -> str:
+    if after is None:
+        return "removed since the run began"
+    if before[0] != after[0]:
+        return f"{before[0]:,} bytes when the run began, {after[0]:,} now"
+    return "modified since the run began"
 
 
 def _data_fingerprint(data, dataset, kind: str, view, flip_patterns: bool, batch_size: int) -> dict:
