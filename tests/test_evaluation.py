@@ -184,6 +184,17 @@ def test_evaluate_writes_a_report_with_every_method_and_metric(tmp_path, capsys)
     # A second run does not overwrite the report unasked.
     assert main(args) == 2
     assert "already holds results.json" in capsys.readouterr().err
+    # Interrupted among its figures, an --overwrite leaves no earlier results.json describing them.
+    from deepphase.evaluation import harness
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(harness, "_dose_series", interrupted)
+        assert main([*args, "--doses", "1000", "--overwrite"]) == 130
+    assert (out / "montage.png").exists() and not (out / "results.json").exists()
+    assert not (out / "results.md").exists()
 
 
 def test_uncertainty_coverage_of_a_calibrated_gaussian_error():
@@ -320,3 +331,32 @@ def test_the_demo_reconstructs_its_specimen_records_its_command_and_writes_its_m
     assert written["metadata.json"] == max(written.values())  # the finished set's marker, last
     (out / "metadata.json").write_text(json.dumps({**meta, "demo": None, "command": "demo"}))  # an older demo's
     assert run_demo(out, scan_shape=(12, 12), progress=False)["demo"] is True  # replaced without asking
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+
+
+def test_an_interrupted_demo_leaves_no_record_of_another_specimen_and_does_not_block_the_next(tmp_path, monkeypatch):
+    """Ctrl-C after the demo's truth.npy left the earlier demo's metadata.json (another specimen) calling the new
+    truth.npy its own; and a demo interrupted in an empty folder left files the next demo refused as the user's
+    (the failure audit, s36)."""
+    from deepphase.evaluation import demo
+
+    out = tmp_path / "demo"
+    demo.run_demo(out, specimen="twisted-hbn", scan_shape=(12, 12), progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(demo, "write_outputs", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            demo.run_demo(out, specimen="cameraman", scan_shape=(12, 12), progress=False)
+        with pytest.raises(KeyboardInterrupt):
+            demo.run_demo(tmp_path / "empty", scan_shape=(12, 12), progress=False)
+    assert (out / "truth.npy").exists() and not (out / "metadata.json").exists()
+    for folder in (out, tmp_path / "empty"):
+        assert demo.run_demo(folder, specimen="cameraman", scan_shape=(12, 12), progress=False)["specimen"] == "cameraman"
+        assert not (folder / demo.UNFINISHED_MARK).exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "truth.npy").write_bytes(b"the user's")
+    with pytest.raises(demo.OutputExistsError, match="holds truth.npy, which the demo would replace"):
+        demo.run_demo(tmp_path / "mine", scan_shape=(12, 12), progress=False)

@@ -22,6 +22,9 @@ DEMO_SCAN = (64, 64)
 
 # What the demo writes besides write_outputs' files.
 DEMO_FILES = ("truth.npy", "comparison.png")
+# Marks a folder a demo is writing into, from before its first file until its metadata.json: an interrupted demo's
+# files are then known as a demo's, which the next demo replaces (not refused as the user's).
+UNFINISHED_MARK = ".deepphase-demo-unfinished"
 
 
 def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hbn", scan_shape=DEMO_SCAN,
@@ -34,8 +37,8 @@ def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hb
     """
     out_dir = Path(out_dir)
     meta_path = out_dir / "metadata.json"
-    overwrite = False
-    if meta_path.exists():
+    overwrite = (out_dir / UNFINISHED_MARK).exists()
+    if meta_path.exists() and not overwrite:
         try:
             record = json.loads(meta_path.read_text())
             # ("command": "demo" marked a demo's folder before the record held the command line)
@@ -60,8 +63,11 @@ def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hb
     truth_crop = truth[r0 : r0 + rec.phase.shape[0], c0 : c0 + rec.phase.shape[1]]
     corr = correlation(rec.phase, truth_crop)
     rmse, scale = fitted_rmse(rec.phase, truth_crop)
-    # The demo's own files first: metadata.json, written last, marks a finished set.
+    # The demo's own files first: metadata.json, written last, marks a finished set. An earlier demo's goes before
+    # them, else an interruption leaves it describing this demo's truth.npy (the failure audit, s36).
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / UNFINISHED_MARK).touch()
+    meta_path.unlink(missing_ok=True)
     save_npy(out_dir / "truth.npy", truth_crop.astype(np.float32))
     plot_phase(rec.phase, out_dir / "comparison.png", truth=truth_crop,
                title=f"{specimen}: {np.prod(scan_shape)} patterns, {scan.dose:.0f} e/pattern, correlation {corr:.3f}")
@@ -73,4 +79,5 @@ def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hb
         "simulate_s": round(t1 - t0, 3), "total_s": round(time.perf_counter() - t0, 3),
         "title": f"demo: {specimen}, correlation {corr:.3f}",
     }, overwrite=overwrite)
+    (out_dir / UNFINISHED_MARK).unlink()
     return meta

@@ -615,6 +615,8 @@ def write_report(rows, images, out_dir, settings: dict, overwrite: bool = False)
     """results.json, results.md, montage.png and dose_series.png in ``out_dir``."""
     out_dir = check_report_folder(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "results.md"):  # an earlier report's record goes before the new figures, else an
+        (out_dir / name).unlink(missing_ok=True)  # interruption leaves it describing them (the failure audit, s36)
     specimens = list(dict.fromkeys(r["specimen"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     doses = sorted({r["dose_e_per_pattern"] for r in rows})
