@@ -552,7 +552,7 @@ def test_a_recipe_with_values_that_have_no_meaning_is_refused_when_it_is_made():
     assert TrainConfig(arch="compact-rep", sigma_head=True, device="cuda:1", dose=1000).dose == 1000
 
 
-def test_training_into_a_folder_again_leaves_no_record_or_export_of_the_old_weights(tmp_path, probe, monkeypatch):
+def test_training_into_a_folder_again_leaves_no_record_export_or_checkpoint_of_the_old_weights(tmp_path, probe, monkeypatch):
     """A model folder trained again with overwrite: its model.json (an old record beside new weights, had the run
     been cut short) and model.onnx (exported from the old weights) go as the new training starts; the probe is saved
     before the first checkpoint, so a resume is always checked against it."""
@@ -566,13 +566,16 @@ def test_training_into_a_folder_again_leaves_no_record_or_export_of_the_old_weig
     seen = {}
 
     def cut_short(*args, **kwargs):  # the first epoch's end: what is in the folder before its model is saved
-        seen.update({name: (tmp_path / "m" / name).exists() for name in ("model.json", "model.onnx", "probe.npy")})
+        seen.update({name: (tmp_path / "m" / name).exists()
+                     for name in ("model.json", "model.onnx", "probe.npy", loop.CHECKPOINT)})
         raise KeyboardInterrupt
 
+    assert (tmp_path / "m" / loop.CHECKPOINT).exists()
     monkeypatch.setattr(loop, "save_checkpoint", cut_short)
     with pytest.raises(KeyboardInterrupt):
         loop.train(probe, tmp_path / "m", dataclasses.replace(config, seed=1), overwrite=True, progress=False)
-    assert seen == {"model.json": False, "model.onnx": False, "probe.npy": True}
+    # (the old checkpoint too: --resume, as the interrupt suggests, continued the training being replaced)
+    assert seen == {"model.json": False, "model.onnx": False, "probe.npy": True, loop.CHECKPOINT: False}
     with pytest.raises(DeepPhaseError):
         load_model(tmp_path / "m")  # not a model until the new one is whole
 

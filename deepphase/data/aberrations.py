@@ -243,7 +243,8 @@ def _explained(coefficients, spectrum, ramps, far_field, pairs: np.ndarray | Non
     transfer = _transfer(far_field * np.exp(1j * _unshift(_delta_chi(coefficients, n))), ramps, pairs=pairs)
     projection = np.abs(np.sum(spectrum * np.conj(transfer), axis=(1, 2), dtype=np.complex128)) ** 2
     norm = np.sum(np.abs(transfer) ** 2, axis=(1, 2), dtype=np.float64) + 1e-300
-    return float(np.sum(projection / norm) / np.sum(np.abs(spectrum) ** 2, dtype=np.float64))
+    total = np.sum(np.abs(spectrum) ** 2, dtype=np.float64)
+    return float(np.sum(projection / norm) / total) if total > 0 else 0.0  # (no contrast at all: nothing explained)
 
 
 #: The coarse search uses the strongest few frequencies only (it needs the peak, not its position to 1e-4).

@@ -473,6 +473,9 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
         # epoch's end, and the probe is saved before any checkpoint, so that a resume is always checked against it.
         out_dir.mkdir(parents=True, exist_ok=True)
         unmake_model(out_dir)
+        # The earlier training's checkpoint too: interrupted in its first epoch, --resume (which the interrupt
+        # suggests) would otherwise continue the training this one replaces (the failure audit, s36).
+        (out_dir / CHECKPOINT).unlink(missing_ok=True)
         new_probe = out_dir / "probe.npy"
         save_npy(new_probe, np.asarray(probe, dtype=np.complex128))
     total_steps = config.epochs * config.steps_per_epoch
