@@ -48,6 +48,67 @@ def remove_leftover_temporaries(folder: str | Path, names) -> None:
             leftover.unlink(missing_ok=True)
 
 
+#: Held in a folder while a run writes into it (:func:`folder_lock`).
+LOCK_FILE = ".deepphase-lock"
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str = "out"):
+    """Hold ``folder``'s :data:`LOCK_FILE` while a run writes into it: a second run into the same folder is refused
+    (two runs shared its progress and both "succeeded", the failure audit, s36). A lock left by a process of this
+    machine that is gone (``kill -9``) is taken over. A folder made here and left empty is removed again."""
+    import socket
+    import time
+
+    from .errors import OutputExistsError
+
+    folder = Path(folder)
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    host = socket.gethostname()
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if holder is not None and holder[1] == host and not _process_alive(holder[0]):
+                lock.unlink(missing_ok=True)  # (its process is gone: the lock is stale)
+                continue
+            said = (f"process {holder[0]} on {holder[1]}, since {time.ctime(lock.stat().st_mtime)}"
+                    if holder is not None else "a lock of an unknown kind")
+            raise OutputExistsError(f"{what}: another deepphase run is writing into {str(folder)!r} ({said}); wait "
+                                    f"for it to finish or choose another folder (if no run is going, remove "
+                                    f"{str(lock)!r})") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {host}\n")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _lock_holder(lock: Path) -> tuple[int, str] | None:
+    try:
+        pid, host = lock.read_text().split()
+        return int(pid), host
+    except (OSError, ValueError):  # (being written this instant, or not ours)
+        return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # (another user's process)
+        return True
+    return True
+
+
 def check_writable(path: str | Path, what: str = "out", folder: bool = True) -> Path:
     """Refuse an output path that cannot be written, before any work is spent on it.
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 
 from .errors import DeepPhaseError
@@ -74,6 +75,7 @@ def launch(args: argparse.Namespace, command: str) -> None:
         raise DeepPhaseError(f"nproc: {nproc} processes need {nproc} GPUs (one each), but {torch.cuda.device_count()} "
                              "are visible; use fewer processes, or --device cpu")
     check_out_dir(args.out, args.resume, args.overwrite)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -82,6 +84,11 @@ def launch(args: argparse.Namespace, command: str) -> None:
     os.environ[COMMAND_ENV] = command
     try:
         run(parse_args(torchrun_args))
+    except SignalException as exc:
+        # torchrun's own handlers take Ctrl-C and SIGTERM while it runs (and stop the processes): said as the command
+        # says an interrupt, with the --resume its checkpoint allows, not as torchrun's traceback.
+        raise KeyboardInterrupt("interrupted" if exc.sigval == signal.SIGINT else
+                                f"terminated ({exc.sigval.name})") from None
     except ChildFailedError as exc:
         codes = sorted({f.exitcode for f in exc.failures.values()})
         raise DeepPhaseError(

@@ -1,6 +1,7 @@
 """The command line end to end on tiny data, and its answers to bad input."""
 
 import json
+import os
 
 import h5py
 import numpy as np
@@ -359,6 +360,31 @@ def test_a_file_rewritten_while_it_is_read_writes_no_image(tiny_scan, tmp_path, 
     assert not (tmp_path / "rec").exists()  # no image, no progress (on a file no longer there)
     monkeypatch.undo()
     assert run([*args, tmp_path / "rec"], capsys)[0] == 0
+
+
+def test_a_folder_being_written_is_refused_and_a_killed_runs_leftovers_are_cleaned(tiny_scan, tmp_path, capsys):
+    """Two runs into one folder both "succeeded" sharing its progress; a run killed outright (kill -9) left its
+    lock, staging folder and temporary files, which no later run removed (the failure audit, s36)."""
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "rec"
+    out.mkdir()
+    (out / ".deepphase-lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # (a live process's)
+    code, _, err = reconstruct_tiny(tiny_scan, out, capsys)
+    assert code == 2 and f"another deepphase run is writing into {str(out)!r} (process {os.getpid()} on" in err, err
+    assert not (out / "phase.npy").exists()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".deepphase-lock").write_text(f"{gone.stdout.strip()} {socket.gethostname()}\n")  # (a killed run's)
+    (out / ".deepphase-k1ll3d").mkdir()
+    (out / ".deepphase-k1ll3d" / "phase.npy").write_bytes(b"staged")
+    (out / ".phase.png.x1y2z3.png.tmp").write_bytes(b"half a figure")
+    (out / "notes.txt").write_text("mine")
+    code, _, err = reconstruct_tiny(tiny_scan, out, capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert (out / "notes.txt").read_text() == "mine" and (out / "metadata.json").exists()
 
 
 @pytest.mark.parametrize("options, expected", [

@@ -134,6 +134,30 @@ def test_cli_nproc_launches_torchrun_and_checks_the_split(tmp_path):
     assert done.stdout.count("model written to") == 1  # rank 0 reports, once
 
 
+@pytest.mark.parametrize("sigval, said", [("SIGINT", "interrupted"), ("SIGTERM", "terminated (SIGTERM)")])
+def test_an_interrupted_nproc_training_says_so_and_how_to_resume(sigval, said, tmp_path, monkeypatch, capsys):
+    """torchrun's handlers take Ctrl-C and SIGTERM while it runs and raise their SignalException: it was a
+    traceback with exit status 1 and no word of --resume (the failure audit, s36)."""
+    import signal
+
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from deepphase import cli
+    from deepphase.training.loop import CHECKPOINT
+
+    def stopped(config):
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / CHECKPOINT).write_bytes(b"an epoch")  # (rank 0's, after its first epoch)
+        raise SignalException(f"Process 1 got signal: {sigval}", sigval=getattr(signal, sigval))
+
+    monkeypatch.setattr(torch.distributed.run, "run", stopped)
+    assert cli.main(["train", "--nproc", "2", "--device", "cpu", "--out", str(tmp_path / "m")]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"deepphase train: {said}; the last finished epoch's checkpoint is in"), err
+    assert "the same command with --resume continues from it" in err and "Traceback" not in err
+
+
 def test_uneven_split_is_refused_before_any_process_group(probe, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")

@@ -162,31 +162,37 @@ def reconstruct_file(
                      libertem=libertem, stitching=stitching, device=device, dataset=dataset, engine=engine,
                      chunk_size=chunk_size)
     out = Path(out) if out is not None else None
-    if out is not None:
-        overwrite = _claim_output_folder(out, overwrite, resume)
-    if libertem:
-        return _reconstruct_with_libertem(
-            data, out, model=model, positions=positions, scan_shape=scan_shape, step_px=step_px,
-            rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
-            calibration_options={k: v for k, v in (("gain", gain), ("mrad_per_px", mrad_per_px),
-                                                   ("model_mrad_per_px", model_mrad_per_px),
-                                                   ("semi_angle", semi_angle), ("energy", energy)) if v is not None},
-            probe_check=probe_check, flip_patterns=flip_patterns, source_size_px=source_size_px, deblur=deblur,
-            sampling=sampling, batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine,
-            workers=workers, overwrite=overwrite, progress=progress, log=log, command=command)
-    from ..data.io import load_scan, scan_shape_to_read
+    with contextlib.ExitStack() as held:
+        if out is not None:
+            from ..io_utils import check_writable, folder_lock
 
-    with load_scan(data, dataset, scan_shape_to_read(data, scan_shape)) as scan, _calibration_repairs(calibration):
-        return _reconstruct_scan(
-            scan, data, out, model=model, dataset=dataset, positions=positions, scan_shape=scan_shape,
-            step_px=step_px, rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
-            gain=gain, energy=energy, semi_angle=semi_angle, mrad_per_px=mrad_per_px,
-            model_mrad_per_px=model_mrad_per_px, probe_check=probe_check, flip_patterns=flip_patterns,
-            stitching=stitching, source_size_px=source_size_px, deblur=deblur, sampling=sampling,
-            batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine, ensemble=ensemble,
-            sigma_scale=sigma_scale, device=device, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
-            workers=workers, scheduler=scheduler, tile_size=tile_size, progress=progress, log=log,
-            command=command)
+            check_writable(out)
+            held.enter_context(folder_lock(out))
+            _remove_leftovers(out)
+            overwrite = _claim_output_folder(out, overwrite, resume)
+        if libertem:
+            return _reconstruct_with_libertem(
+                data, out, model=model, positions=positions, scan_shape=scan_shape, step_px=step_px,
+                rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
+                calibration_options={k: v for k, v in (("gain", gain), ("mrad_per_px", mrad_per_px),
+                                                       ("model_mrad_per_px", model_mrad_per_px),
+                                                       ("semi_angle", semi_angle), ("energy", energy)) if v is not None},
+                probe_check=probe_check, flip_patterns=flip_patterns, source_size_px=source_size_px, deblur=deblur,
+                sampling=sampling, batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine,
+                workers=workers, overwrite=overwrite, progress=progress, log=log, command=command)
+        from ..data.io import load_scan, scan_shape_to_read
+
+        with load_scan(data, dataset, scan_shape_to_read(data, scan_shape)) as scan, _calibration_repairs(calibration):
+            return _reconstruct_scan(
+                scan, data, out, model=model, dataset=dataset, positions=positions, scan_shape=scan_shape,
+                step_px=step_px, rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
+                gain=gain, energy=energy, semi_angle=semi_angle, mrad_per_px=mrad_per_px,
+                model_mrad_per_px=model_mrad_per_px, probe_check=probe_check, flip_patterns=flip_patterns,
+                stitching=stitching, source_size_px=source_size_px, deblur=deblur, sampling=sampling,
+                batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine, ensemble=ensemble,
+                sigma_scale=sigma_scale, device=device, chunk_size=chunk_size, resume=resume, overwrite=overwrite,
+                workers=workers, scheduler=scheduler, tile_size=tile_size, progress=progress, log=log,
+                command=command)
 
 
 @contextlib.contextmanager
@@ -329,15 +335,27 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
 
 
+def _remove_leftovers(out: Path) -> None:
+    """What a run killed outright (``kill -9``, a batch system's hard limit) left in ``out``, where it could not clean
+    up: its staging folders and temporary files (the caller holds the folder's lock: no other run's)."""
+    from ..io_utils import LOCK_FILE, remove_leftover_temporaries
+    from .pipeline import FIGURES, OUTPUT_FILES
+
+    for staging in out.glob(".deepphase-*"):
+        if staging.name not in (PARTIAL_FOLDER, LOCK_FILE) and staging.is_dir():
+            shutil.rmtree(staging, ignore_errors=True)
+    remove_leftover_temporaries(out, (*OUTPUT_FILES, *FIGURES))
+    if (out / PARTIAL_FOLDER).is_dir():
+        remove_leftover_temporaries(out / PARTIAL_FOLDER, ("progress.json", "state.npz"))
+
+
 def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> bool:
     """Refuse earlier results and interrupted progress in ``out`` unless asked (``overwrite``, ``resume``);
     with ``overwrite``, damaged or unwanted progress is removed. Returns whether this run may replace what ``out``
     holds: asked to, or resuming a run that was (only a run allowed to write into ``out`` leaves progress there, and
     one interrupted after its prediction has written some of its figures or image already)."""
-    from ..io_utils import check_writable
     from .pipeline import FIGURES, check_output_folder, read_checkpoint
 
-    check_writable(out)
     partial = out / PARTIAL_FOLDER
     try:
         record = read_checkpoint(partial)
