@@ -192,6 +192,16 @@ def client():
         yield c
 
 
+def test_local_workers_leave_ctrl_c_to_the_client(client):
+    """A terminal's Ctrl-C reaches every process of its group: each worker printed a KeyboardInterrupt traceback
+    beside the command's one line (the failure audit, s36). They ignore it; this process's handler is as it was."""
+    import signal
+
+    ignored = client.run(lambda: signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+    assert len(ignored) == 2 and all(ignored.values())
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_distributed_reconstruction_equals_the_single_process_one(scan_file, client):
     from deepphase.data.io import AmplitudeView, load_scan
     from deepphase.reconstruction.distributed import reconstruct_distributed

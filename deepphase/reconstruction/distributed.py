@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import signal
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -76,9 +78,27 @@ def open_client(workers: int | None = None, scheduler: str | None = None, **clus
     # set it the same way in the dask configuration of other clusters.
     import dask
 
-    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
-            distributed.LocalCluster(**options) as cluster, distributed.Client(cluster) as client:
-        yield client
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        with _deaf_to_ctrl_c():
+            cluster = distributed.LocalCluster(**options)
+        with cluster, distributed.Client(cluster) as client:
+            yield client
+
+
+@contextlib.contextmanager
+def _deaf_to_ctrl_c():
+    """Start the local workers with Ctrl-C ignored: a terminal sends it to every process of its group, and each
+    worker printed its own KeyboardInterrupt traceback beside the command's one line (the failure audit, s36). An
+    ignored signal stays ignored in a spawned process, and Python then installs no handler of its own; the client
+    still takes Ctrl-C and closes the cluster. (A Ctrl-C in the second or two the workers take to start is lost.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @functools.lru_cache(maxsize=4)
