@@ -249,6 +249,24 @@ def test_a_worker_error_names_the_pattern_of_the_whole_scan(scan_file, client, t
         reconstruct_distributed(broken, positions, None, client, tile_size=40, kind="counts")
 
 
+@pytest.mark.parametrize("lost", ["killed", "cancelled"])
+def test_a_tile_whose_workers_were_lost_is_said_in_one_line(lost):
+    """Every worker killed: dask's FutureCancelledError came out as a traceback (the failure audit, s36)."""
+    from concurrent.futures import CancelledError
+
+    from distributed.scheduler import KilledWorker
+
+    from deepphase.reconstruction.distributed import _tile_result
+
+    class Lost:
+        def result(self):
+            raise KilledWorker("predict_tile-1", None, 3) if lost == "killed" else CancelledError("predict_tile-1")
+
+    said = "were killed, each time" if lost == "killed" else "the cluster lost it"
+    with pytest.raises(DeepPhaseError, match=rf"^workers: patterns 1,000…1,099 were not predicted: .*{said}"):
+        _tile_result(Lost(), 1000, 100, 5000)
+
+
 def test_cli_reconstruct_with_workers(scan_file, tmp_path):
     """Also with the patterns mirrored in k_row and --flip-patterns: each worker flips what it reads."""
     from deepphase.physics import flip_patterns

@@ -85,6 +85,23 @@ def open_client(workers: int | None = None, scheduler: str | None = None, **clus
             yield client
 
 
+def _tile_result(future, start: int, tile_size: int, n: int):
+    """A tile's reductions; a worker's own error is re-raised here as it was, the loss of the workers that ran it is
+    said in one line (it was dask's traceback: FutureCancelledError when every worker was killed, the audit, s36)."""
+    from concurrent.futures import CancelledError  # (distributed's FutureCancelledError is one)
+
+    from distributed.scheduler import KilledWorker
+
+    try:
+        return future.result()
+    except (CancelledError, KilledWorker) as exc:
+        why = ("the workers that took it were killed, each time (out of memory, or a crash in the reading or the "
+               "network)" if isinstance(exc, KilledWorker) else "the cluster lost it (every worker gone?)")
+        raise DeepPhaseError(f"workers: patterns {start:,}…{min(start + tile_size, n) - 1:,} were not predicted: "
+                             f"{why}; run again, with fewer --workers or a smaller --tile-size if memory is short, or "
+                             "in one process (without --workers) to see the error") from exc
+
+
 @contextlib.contextmanager
 def _deaf_to_ctrl_c():
     """Start the local workers with Ctrl-C ignored: a terminal sends it to every process of its group, and each
@@ -298,7 +315,7 @@ def reconstruct_distributed(
                   disable=None if progress is None else not progress) as bar:
             for future in as_completed(futures):
                 start = first[future.key]
-                for k, (acc, part) in enumerate(zip(accumulators, future.result())):  # re-raises a worker's error here
+                for k, (acc, part) in enumerate(zip(accumulators, _tile_result(future, start, tile_size, n))):
                     if sigma_head and k == draws and reducer is None:  # σ patches: the σ stitcher reduces them
                         part = acc.reduce(part, start, remove_mean=False)
                     acc.add_reductions(part, start)
