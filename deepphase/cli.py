@@ -279,7 +279,7 @@ def _cmd_reconstruct(args) -> None:
            f"({meta['n_patterns']} patterns"
            + (f" read by {meta['data_info']['reader']} as {meta['data_info']['libertem_dataset']}"
               if args.libertem else "")
-           + f", {rec.timings['patterns_per_second']:.0f} patterns/s"
+           + _speed(rec)
            + (f", stitching {rec.timings['stitch_s']:.2f} s" if "stitch_s" in rec.timings else "") + ")")
     calibration = meta["calibration"]
     if calibration is not None:
@@ -903,6 +903,17 @@ def main(argv: list[str] | None = None) -> int:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _speed(rec) -> str:
+    """The prediction's speed; on a resume, of the patterns this run predicted (none, where the interrupted run had
+    predicted them all: "0 patterns/s" read as a stall)."""
+    resumed_from = rec.processing.get("resumed_from_pattern")
+    if resumed_from is None:
+        return f", {rec.timings['patterns_per_second']:.0f} patterns/s"
+    if resumed_from >= rec.metadata["n_patterns"]:
+        return ", all predicted before the interruption"
+    return f", resumed from pattern {resumed_from:,} at {rec.timings['patterns_per_second']:.0f} patterns/s"
 
 
 def _saved_progress(out: Path) -> bool:
