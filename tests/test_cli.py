@@ -322,7 +322,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_what_to_do(tiny_scan, tmp_p
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "phase.npy': No space left on device; free some space and run the same command again with --resume" in err
     assert not [p for p in (tmp_path / "rec").rglob("*") if p.suffix == ".tmp" or p.name.startswith(".deepphase-")
-                and p.name != ".deepphase-partial"]
+                and p.name not in (".deepphase-partial", ".deepphase-unfinished")]
     monkeypatch.undo()
     monkeypatch.setattr(modelfile, "safetensors_bytes", lambda *a, **k: full())
     with pytest.raises(OSError, match="model.safetensors"):
@@ -385,6 +385,14 @@ def test_a_folder_being_written_is_refused_and_a_killed_runs_leftovers_are_clean
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
     assert (out / "notes.txt").read_text() == "mine" and (out / "metadata.json").exists()
+    # A run interrupted with no progress to resume (--libertem writes calibration.png before its prediction) marks
+    # the folder unfinished: its files do not block the next run, as figures of unknown origin do.
+    (out / "metadata.json").unlink()
+    (out / "calibration.png").write_bytes(b"an interrupted run's")
+    assert reconstruct_tiny(tiny_scan, out, capsys)[0] == 2
+    (out / ".deepphase-unfinished").touch()
+    code, _, err = reconstruct_tiny(tiny_scan, out, capsys)
+    assert code == 0 and not (out / "calibration.png").exists() and not (out / ".deepphase-unfinished").exists(), err
 
 
 @pytest.mark.parametrize("options, expected", [
