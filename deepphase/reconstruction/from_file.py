@@ -175,9 +175,9 @@ def reconstruct_file(
             return _reconstruct_with_libertem(
                 data, out, model=model, positions=positions, scan_shape=scan_shape, step_px=step_px,
                 rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
-                calibration_options={k: v for k, v in (("gain", gain), ("mrad_per_px", mrad_per_px),
-                                                       ("model_mrad_per_px", model_mrad_per_px),
-                                                       ("semi_angle", semi_angle), ("energy", energy)) if v is not None},
+                calibration_options={k: v for k, v in (
+                    ("gain", gain), ("mrad_per_px", mrad_per_px), ("model_mrad_per_px", model_mrad_per_px),
+                    ("semi_angle", semi_angle), ("energy", energy)) if v is not None},
                 probe_check=probe_check, flip_patterns=flip_patterns, source_size_px=source_size_px, deblur=deblur,
                 sampling=sampling, batch_size=batch_size, precision=precision, uncertainty=uncertainty, engine=engine,
                 workers=workers, overwrite=overwrite, progress=progress, log=log, command=command)
