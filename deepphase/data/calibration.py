@@ -1265,9 +1265,8 @@ def rotation_note(found: dict, rotation_deg: float, remedy: str = ROTATION_REMED
         return None
     given = float(rotation_deg)
     same_axis = _axis_difference(found["rotation_deg"], given) <= ROTATION_NOTE_DEG
-    turned = same_axis and abs((found["rotation_deg"] - given + 180.0) % 360.0 - 180.0) > 90.0
-    if not sense_is_clear(found):  # an axis (or a mirror) is told, which way along it is not
-        turned = False
+    sense_told = sense_is_clear(found)  # (else an axis, or a mirror, is told; which way along it is not)
+    turned = sense_told and same_axis and abs((found["rotation_deg"] - given + 180.0) % 360.0 - 180.0) > 90.0
     if not found["flip_patterns"] and same_axis and not turned:
         return None
     what = (" with the patterns mirrored against the given setting (--flip-patterns; or the scan's rows and columns "
@@ -1280,7 +1279,7 @@ def rotation_note(found: dict, rotation_deg: float, remedy: str = ROTATION_REMED
            + told if turned and not found["flip_patterns"]
            else f"curl ratio {found['curl_ratio']:.2f} against {found['curl_ratio_given']:.2f}")
     angle = f"{found['rotation_deg']:.1f}°"
-    if not sense_is_clear(found):
+    if not sense_told:
         other = found["rotation_deg"] - 180.0 if found["rotation_deg"] > 0 else found["rotation_deg"] + 180.0
         angle += f" or {other:.1f}° (which of the two, these data cannot tell)"
     return (f"the DPC curl criterion finds the scan rotated {angle} against the detector"

@@ -547,11 +547,9 @@ def _montage(images, specimens, dose, methods, path: Path) -> None:
             image = images[(spec, dose, name)]
             title = name
             if name != "truth":  # every method at the truth's scale and offset, the scale said (a wrong one shows)
-                valid = np.isfinite(image) & np.isfinite(truth)
-                a = np.stack([image[valid], np.ones(valid.sum())], 1)
-                coef, *_ = np.linalg.lstsq(a, truth[valid], rcond=None)
-                image = image * coef[0] + coef[1]
-                title = f"{name}\n×{coef[0]:.2f} fitted"
+                scale, offset = metrics.fitted_scale(image, truth)
+                image = image * scale + offset
+                title = f"{name}\n×{scale:.2f} fitted"
             ax = axes[2 * i, j]
             ax.imshow(image, cmap="magma", vmin=np.nanpercentile(truth, 1), vmax=np.nanpercentile(truth, 99))
             ax.set_title(f"{spec}\n{title}" if j == 0 else title, fontsize=8)

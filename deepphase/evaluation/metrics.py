@@ -30,15 +30,22 @@ def correlation(reconstruction: np.ndarray, truth: np.ndarray) -> float:
     return float((a * b).sum() / denom) if denom > 0 else 0.0
 
 
+def fitted_scale(reconstruction: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """The least-squares fit ``truth ≈ scale · reconstruction + offset`` over the pixels finite in both; returns
+    (scale, offset)."""
+    a, b = _common(reconstruction, truth)
+    (scale, offset), *_ = np.linalg.lstsq(np.stack([a, np.ones_like(a)], axis=1), b, rcond=None)
+    return float(scale), float(offset)
+
+
 def fitted_rmse(reconstruction: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """RMSE (rad) after the least-squares fit ``truth ≈ scale · reconstruction + offset``; returns (rmse, scale).
 
     The scale tells whether the phase comes out at the right size (1 is right).
     """
+    scale, offset = fitted_scale(reconstruction, truth)
     a, b = _common(reconstruction, truth)
-    design = np.stack([a, np.ones_like(a)], axis=1)
-    (scale, offset), *_ = np.linalg.lstsq(design, b, rcond=None)
-    return float(np.sqrt(np.mean((scale * a + offset - b) ** 2))), float(scale)
+    return float(np.sqrt(np.mean((scale * a + offset - b) ** 2))), scale
 
 
 def offset_rmse(reconstruction: np.ndarray, truth: np.ndarray) -> float:

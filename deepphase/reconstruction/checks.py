@@ -188,7 +188,7 @@ def check_scan(amplitudes, positions, model) -> dict:
     raster = raster_of(info, positions)
     _, block = sample_patterns(getattr(amplitudes, "frames", amplitudes), PATTERN_SAMPLE)
     notes = [text] if (text := detector_axes_first_note(block, AXES_FIRST_ARRAYS_REMEDY)) else []
-    if getattr(amplitudes, "kind", None) == "counts" and looks_like_amplitudes(amplitudes.frames):
+    if getattr(amplitudes, "kind", None) == "counts" and looks_like_amplitudes(block):  # (the same frames' sample)
         notes.append("the patterns look like amplitudes (not whole numbers, their squares are), yet "
                      "AmplitudeView(frames, 'counts') reads them as counts (its square roots go to the network); "
                      "check it: pass the amplitudes as they are, or deepphase.data.io.infer_kind(frames)")
