@@ -109,6 +109,26 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+#: Marks a folder from a run's claim until its set is complete: what a run interrupted there (or killed) wrote, the
+#: next run may replace (it was allowed to write it, and its record never came).
+UNFINISHED_MARK = ".deepphase-unfinished"
+
+
+@contextmanager
+def unfinished_mark(folder: Path, names):
+    """Hold ``folder``'s :data:`UNFINISHED_MARK` through the block; left behind if the block fails after writing any of
+    ``names`` (the files, or folders, of the set)."""
+    mark = Path(folder) / UNFINISHED_MARK
+    mark.touch()
+    try:
+        yield
+    except BaseException:
+        if not any((Path(folder) / name).exists() for name in names):
+            mark.unlink(missing_ok=True)  # (nothing written: nothing to replace)
+        raise
+    mark.unlink(missing_ok=True)
+
+
 def check_writable(path: str | Path, what: str = "out", folder: bool = True) -> Path:
     """Refuse an output path that cannot be written, before any work is spent on it.
 

@@ -355,7 +355,7 @@ def test_an_interrupted_demo_leaves_no_record_of_another_specimen_and_does_not_b
     assert (out / "truth.npy").exists() and not (out / "metadata.json").exists()
     for folder in (out, tmp_path / "empty"):
         assert demo.run_demo(folder, specimen="cameraman", scan_shape=(12, 12), progress=False)["specimen"] == "cameraman"
-        assert not (folder / demo.UNFINISHED_MARK).exists()
+        assert not (folder / ".deepphase-unfinished").exists()
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "truth.npy").write_bytes(b"the user's")
     with pytest.raises(demo.OutputExistsError, match="holds truth.npy, which the demo would replace"):

@@ -11,7 +11,7 @@ import numpy as np
 from ..data.simulate import required_object_shape, simulate_scan
 from ..data.specimens import builtin_specimen
 from ..errors import OutputExistsError
-from ..io_utils import save_npy
+from ..io_utils import UNFINISHED_MARK, save_npy, unfinished_mark
 from ..models.modelfile import load_model
 from ..physics.scan import REFERENCE_STEP_PX, raster_positions
 from ..reconstruction.pipeline import OUTPUT_FILES, plot_phase, reconstruct, write_outputs
@@ -22,9 +22,6 @@ DEMO_SCAN = (64, 64)
 
 # What the demo writes besides write_outputs' files.
 DEMO_FILES = ("truth.npy", "comparison.png")
-# Marks a folder a demo is writing into, from before its first file until its metadata.json: an interrupted demo's
-# files are then known as a demo's, which the next demo replaces (not refused as the user's).
-UNFINISHED_MARK = ".deepphase-demo-unfinished"
 
 
 def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hbn", scan_shape=DEMO_SCAN,
@@ -66,18 +63,20 @@ def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hb
     # The demo's own files first: metadata.json, written last, marks a finished set. An earlier demo's goes before
     # them, else an interruption leaves it describing this demo's truth.npy (the failure audit, s36).
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / UNFINISHED_MARK).touch()
-    meta_path.unlink(missing_ok=True)
-    save_npy(out_dir / "truth.npy", truth_crop.astype(np.float32))
-    plot_phase(rec.phase, out_dir / "comparison.png", truth=truth_crop,
-               title=f"{specimen}: {np.prod(scan_shape)} patterns, {scan.dose:.0f} e/pattern, correlation {corr:.3f}")
-    meta = write_outputs(rec, out_dir, {
-        **rec.metadata,  # what the scan checks found (the demo's geometry is right: no notes)
-        "demo": True, "command": command or f"deepphase.evaluation.demo.run_demo({str(out_dir)!r})", "specimen": specimen, "scan_shape": list(scan_shape), "step_px": REFERENCE_STEP_PX,
-        "dose_electrons_per_pattern": scan.dose, "stitching": stitching,
-        "correlation_with_truth": corr, "fitted_rmse_rad": rmse, "fitted_scale": scale,
-        "simulate_s": round(t1 - t0, 3), "total_s": round(time.perf_counter() - t0, 3),
-        "title": f"demo: {specimen}, correlation {corr:.3f}",
-    }, overwrite=overwrite)
-    (out_dir / UNFINISHED_MARK).unlink()
+    # (an interrupted demo's files are then known as a demo's, which the next demo replaces, not the user's)
+    with unfinished_mark(out_dir, (*OUTPUT_FILES, *DEMO_FILES)):
+        meta_path.unlink(missing_ok=True)
+        save_npy(out_dir / "truth.npy", truth_crop.astype(np.float32))
+        plot_phase(rec.phase, out_dir / "comparison.png", truth=truth_crop,
+                   title=f"{specimen}: {np.prod(scan_shape)} patterns, {scan.dose:.0f} e/pattern, "
+                         f"correlation {corr:.3f}")
+        meta = write_outputs(rec, out_dir, {
+            **rec.metadata,  # what the scan checks found (the demo's geometry is right: no notes)
+            "demo": True, "command": command or f"deepphase.evaluation.demo.run_demo({str(out_dir)!r})",
+            "specimen": specimen, "scan_shape": list(scan_shape), "step_px": REFERENCE_STEP_PX,
+            "dose_electrons_per_pattern": scan.dose, "stitching": stitching,
+            "correlation_with_truth": corr, "fitted_rmse_rad": rmse, "fitted_scale": scale,
+            "simulate_s": round(t1 - t0, 3), "total_s": round(time.perf_counter() - t0, 3),
+            "title": f"demo: {specimen}, correlation {corr:.3f}",
+        }, overwrite=overwrite)
     return meta

@@ -164,13 +164,14 @@ def reconstruct_file(
     out = Path(out) if out is not None else None
     with contextlib.ExitStack() as held:
         if out is not None:
-            from ..io_utils import check_writable, folder_lock
+            from ..io_utils import check_writable, folder_lock, unfinished_mark
+            from .pipeline import FIGURES, OUTPUT_FILES
 
             check_writable(out)
             held.enter_context(folder_lock(out))
             _remove_leftovers(out)
             overwrite = _claim_output_folder(out, overwrite, resume)
-            held.enter_context(_unfinished_mark(out))
+            held.enter_context(unfinished_mark(out, (*OUTPUT_FILES, *FIGURES, PARTIAL_FOLDER)))
         if libertem:
             return _reconstruct_with_libertem(
                 data, out, model=model, positions=positions, scan_shape=scan_shape, step_px=step_px,
@@ -336,26 +337,6 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
 
 
-#: Marks an output folder from the claim until its metadata.json: what a run interrupted there (or killed) wrote
-#: (calibration.png before a --libertem prediction, the figures before the image) the next run may replace.
-UNFINISHED_MARK = ".deepphase-unfinished"
-
-
-@contextlib.contextmanager
-def _unfinished_mark(out: Path):
-    from .pipeline import FIGURES, OUTPUT_FILES
-
-    mark = out / UNFINISHED_MARK
-    mark.touch()
-    try:
-        yield
-    except BaseException:
-        if not any((out / name).exists() for name in (*OUTPUT_FILES, *FIGURES, PARTIAL_FOLDER)):
-            mark.unlink(missing_ok=True)  # (nothing written: nothing to replace)
-        raise
-    mark.unlink(missing_ok=True)
-
-
 def _remove_leftovers(out: Path) -> None:
     """What a run killed outright (``kill -9``, a batch system's hard limit) left in ``out``, where it could not clean
     up: its staging folders and temporary files (the caller holds the folder's lock: no other run's)."""
@@ -375,7 +356,8 @@ def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> bool:
     with ``overwrite``, damaged or unwanted progress is removed. Returns whether this run may replace what ``out``
     holds: asked to, resuming a run that was (only a run allowed to write into ``out`` leaves progress there, and one
     interrupted after its prediction has written some of its figures or image already), or after a run interrupted
-    without progress to resume (its :data:`UNFINISHED_MARK` is there: a --libertem run's calibration.png)."""
+    without progress to resume (its ``UNFINISHED_MARK`` is there: a --libertem run's calibration.png)."""
+    from ..io_utils import UNFINISHED_MARK
     from .pipeline import FIGURES, check_output_folder, read_checkpoint
 
     partial = out / PARTIAL_FOLDER
@@ -399,7 +381,7 @@ def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> bool:
                                  "continue it or --overwrite to start again")
         shutil.rmtree(partial)
     # (an interrupted run's files: it was allowed to write them, and their metadata.json never came)
-    overwrite = overwrite or (out / UNFINISHED_MARK).exists()
+    overwrite = overwrite or (out / UNFINISHED_MARK).exists()  # (io_utils.unfinished_mark)
     check_output_folder(out, overwrite)
     for name in FIGURES:  # (before the work, not after it)
         if (out / name).exists() and not overwrite:
