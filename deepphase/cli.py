@@ -881,19 +881,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         said = f"{str(exc.filename)!r}: {exc.strerror or exc}"
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            resume = args.command in ("reconstruct", "train") and (
-                _saved_progress(args.out) if args.command == "reconstruct"
-                else (Path(args.out) / _training_checkpoint()).exists())
-            said += (f"; free some space and run the same command again{' with --resume' if resume else ''} "
-                     "(completed outputs are intact)")
+            said += (f"; free some space and run the same command again{' with --resume' if _resumable(args) else ''}"
+                     " (completed outputs are intact)")
         print(f"deepphase {args.command}: error: {said}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         said = str(exc) or "interrupted"  # (an exception is truthy even when its message is empty)
-        if args.command == "train" and (Path(args.out) / _training_checkpoint()).exists():
+        if args.command == "train" and _resumable(args):
             said += (f"; the last finished epoch's checkpoint is in {args.out}: the same command with --resume "
                      "continues from it")
-        elif args.command == "reconstruct" and "--resume" not in said and _saved_progress(args.out):
+        elif args.command == "reconstruct" and not _said_by_the_pipeline(exc) and _resumable(args):
             said += (f"; the progress is saved in {args.out}: the same command with --resume continues from it")
         print(f"deepphase {args.command}: {said}; completed outputs are intact", file=sys.stderr)
         return 130
@@ -916,17 +913,30 @@ def _speed(rec) -> str:
     return f", resumed from pattern {resumed_from:,} at {rec.timings['patterns_per_second']:.0f} patterns/s"
 
 
-def _saved_progress(out: Path) -> bool:
-    """Whether ``out`` holds a reconstruction's progress (said by the pipeline when the prediction is interrupted; not
-    when the stitching, the figures or the writing are, after every pattern's prediction was saved)."""
+def _resumable(args) -> bool:
+    """Whether the command's --out holds what its --resume continues from: a training's last checkpoint, or a
+    reconstruction's progress (said by the pipeline when the prediction is interrupted; not when the stitching, the
+    figures or the writing are, after every pattern's prediction was saved)."""
     from .errors import DeepPhaseError
+
+    if args.command == "train":
+        return (Path(args.out) / _training_checkpoint()).exists()
+    # (not imported here: a Ctrl-C while torch was being imported must not wait for it again; the hint is left out)
+    pipeline = sys.modules.get("deepphase.reconstruction.pipeline")
+    if args.command != "reconstruct" or pipeline is None:
+        return False
     from .reconstruction.from_file import PARTIAL_FOLDER
-    from .reconstruction.pipeline import read_checkpoint
 
     try:
-        return read_checkpoint(Path(out) / PARTIAL_FOLDER) is not None
+        return pipeline.read_checkpoint(Path(args.out) / PARTIAL_FOLDER) is not None
     except DeepPhaseError:
         return False
+
+
+def _said_by_the_pipeline(exc: KeyboardInterrupt) -> bool:
+    """An interrupt of the prediction, whose message says already whether and where the progress is saved."""
+    pipeline = sys.modules.get("deepphase.reconstruction.pipeline")
+    return pipeline is not None and isinstance(exc, pipeline.InterruptedReconstruction)
 
 
 def _training_checkpoint() -> str:

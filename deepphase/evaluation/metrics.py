@@ -33,7 +33,10 @@ def correlation(reconstruction: np.ndarray, truth: np.ndarray) -> float:
 def fitted_scale(reconstruction: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     """The least-squares fit ``truth ≈ scale · reconstruction + offset`` over the pixels finite in both; returns
     (scale, offset)."""
-    a, b = _common(reconstruction, truth)
+    return _fit(*_common(reconstruction, truth))
+
+
+def _fit(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     (scale, offset), *_ = np.linalg.lstsq(np.stack([a, np.ones_like(a)], axis=1), b, rcond=None)
     return float(scale), float(offset)
 
@@ -43,8 +46,8 @@ def fitted_rmse(reconstruction: np.ndarray, truth: np.ndarray) -> tuple[float, f
 
     The scale tells whether the phase comes out at the right size (1 is right).
     """
-    scale, offset = fitted_scale(reconstruction, truth)
     a, b = _common(reconstruction, truth)
+    scale, offset = _fit(a, b)
     return float(np.sqrt(np.mean((scale * a + offset - b) ** 2))), scale
 
 

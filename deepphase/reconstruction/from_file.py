@@ -582,11 +582,11 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             if partial is not None and read_checkpoint(partial) is None:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
-    if _file_state(data) != read_from:
+    if (read_to := _file_state(data)) != read_from:
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)  # (progress on a file that is no longer there)
         raise InputFileError(
-            f"data: {str(data)!r} changed while it was read ({_file_change(read_from, _file_state(data))}); the image "
+            f"data: {str(data)!r} changed while it was read ({_file_change(read_from, read_to)}); the image "
             "would mix patterns from before and after, or a truncated file's missing ones: nothing was written. "
             "Run again once the file is complete and no longer written to")
     rec = with_source_divided_out(rec, source_size_px)
@@ -929,10 +929,10 @@ def _file_change(before: tuple[int, int], after: tuple[int, int] | None) -> str:
 
 def _data_fingerprint(data, dataset, kind: str, view, flip_patterns: bool, batch_size: int) -> dict:
     """What must not change between an interrupted reconstruction and its ``resume``."""
-    stat = Path(data).stat()
+    size, mtime_ns = _file_state(data)
     # The calibration as measured and as asked for (gain, angles, energy...): it shapes the network's input.
     calibration = json.dumps(view.info, sort_keys=True, default=str) if view is not None else ""
-    return {"data": str(Path(data).resolve()), "data_bytes": stat.st_size, "data_mtime_ns": stat.st_mtime_ns,
+    return {"data": str(Path(data).resolve()), "data_bytes": size, "data_mtime_ns": mtime_ns,
             "dataset": dataset, "input": kind, "calibrated": view is not None, "patterns_flipped": flip_patterns,
             "calibration_sha256": hashlib.sha256(calibration.encode()).hexdigest(), "batch_size": batch_size}
 
