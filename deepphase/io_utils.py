@@ -50,6 +50,9 @@ def remove_leftover_temporaries(folder: str | Path, names) -> None:
 
 #: Held in a folder while a run writes into it (:func:`folder_lock`).
 LOCK_FILE = ".deepphase-lock"
+#: Set by a process that holds a folder's lock for the processes it starts (``deepphase train --nproc``'s ranks):
+#: the folder, resolved.
+LOCK_HELD_FOR_US = "DEEPPHASE_FOLDER_LOCK_HELD"
 
 
 @contextmanager
@@ -63,6 +66,9 @@ def folder_lock(folder: str | Path, what: str = "out"):
     from .errors import OutputExistsError
 
     folder = Path(folder)
+    if os.environ.get(LOCK_HELD_FOR_US) == str(folder.resolve()):
+        yield  # (the process that started this one holds it)
+        return
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE

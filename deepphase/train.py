@@ -15,8 +15,11 @@ import os
 import shlex
 import signal
 import sys
+from contextlib import ExitStack
+from pathlib import Path
 
 from .errors import DeepPhaseError
+from .io_utils import LOCK_HELD_FOR_US, folder_lock
 from .wording import speaking_to_the_command_line
 
 # Set by `deepphase train --nproc N` for its processes: the command recorded in model.json.
@@ -80,9 +83,13 @@ def launch(args: argparse.Namespace, command: str) -> None:
     from torch.distributed.run import parse_args, run
 
     torchrun_args = ["--standalone", "--nproc-per-node", str(nproc), "-m", "deepphase.train", *train_argv(args)]
-    previous = os.environ.get(COMMAND_ENV)
-    os.environ[COMMAND_ENV] = command
+    held = ExitStack()
+    previous = {name: os.environ.get(name) for name in (COMMAND_ENV, LOCK_HELD_FOR_US)}
     try:
+        # This process holds the folder for the whole training: a Ctrl-C stops the ranks before it lets go.
+        held.enter_context(folder_lock(args.out))
+        os.environ[LOCK_HELD_FOR_US] = str(Path(args.out).resolve())
+        os.environ[COMMAND_ENV] = command
         run(parse_args(torchrun_args))
     except SignalException as exc:
         # torchrun's own handlers take Ctrl-C and SIGTERM while it runs (and stop the processes): said as the command
@@ -96,10 +103,12 @@ def launch(args: argparse.Namespace, command: str) -> None:
             f"{', '.join(map(str, codes))}); their messages are above"
         ) from None
     finally:
-        if previous is None:
-            os.environ.pop(COMMAND_ENV, None)
-        else:
-            os.environ[COMMAND_ENV] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        held.close()
 
 
 def main(argv: list[str] | None = None) -> int:

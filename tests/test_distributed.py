@@ -144,10 +144,12 @@ def test_an_interrupted_nproc_training_says_so_and_how_to_resume(sigval, said, t
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
     from deepphase import cli
+    from deepphase.io_utils import LOCK_HELD_FOR_US
     from deepphase.training.loop import CHECKPOINT
 
     def stopped(config):
-        (tmp_path / "m").mkdir()
+        # The launcher holds the folder (made by its lock) for the processes it starts.
+        assert os.environ[LOCK_HELD_FOR_US] == str((tmp_path / "m").resolve())
         (tmp_path / "m" / CHECKPOINT).write_bytes(b"an epoch")  # (rank 0's, after its first epoch)
         raise SignalException(f"Process 1 got signal: {sigval}", sigval=getattr(signal, sigval))
 
@@ -156,6 +158,7 @@ def test_an_interrupted_nproc_training_says_so_and_how_to_resume(sigval, said, t
     err = capsys.readouterr().err
     assert err.startswith(f"deepphase train: {said}; the last finished epoch's checkpoint is in"), err
     assert "the same command with --resume continues from it" in err and "Traceback" not in err
+    assert [p.name for p in (tmp_path / "m").iterdir()] == [CHECKPOINT] and LOCK_HELD_FOR_US not in os.environ
 
 
 def test_uneven_split_is_refused_before_any_process_group(probe, tmp_path, monkeypatch):

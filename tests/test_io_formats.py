@@ -7,6 +7,7 @@ otherwise in the documented binary layouts (Merlin .mib + .hdr, EMPAD .raw + .xm
 import json
 import re
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -385,6 +386,38 @@ def test_truncated_raw_detector_files_keep_complete_rows(frames4d, tmp_path):
     truncate(blo, 2 * (6 + 64 * 64))
     data = load_scan(blo)
     assert data.scan_shape == (3, 5) and np.array_equal(read_all(data), flat[:15].astype(np.uint8))
+
+
+CUT_SHORT_WHILE_READ = """
+import sys
+from pathlib import Path
+from deepphase.data.io import load_scan
+from deepphase.errors import InputFileError
+scan, data_file = load_scan(sys.argv[1]), Path(sys.argv[2])
+with open(data_file, "r+b") as f:
+    f.truncate(data_file.stat().st_size // 2)
+try:
+    scan.frames[len(scan.frames) - 2 : len(scan.frames)]
+except InputFileError as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["npy-frames", "npy-4d", "empad", "blo"])
+def test_a_file_cut_short_while_it_is_read_is_an_error_not_a_crash(fmt, frames4d, tmp_path):
+    """A file cut short after it was opened (a copy still running, a full disk): the reading names it. A memory map
+    would die of SIGBUS instead (the failure audit, s36), taking the process and every unsaved result with it."""
+    if fmt.startswith("npy"):
+        path = data_file = tmp_path / "scan.npy"
+        np.save(path, frames4d.reshape(20, 64, 64) if fmt == "npy-frames" else frames4d)
+    elif fmt == "empad":
+        path, data_file = write_empad(tmp_path, np.ones((4, 5, 128, 128), np.float32)), tmp_path / "scan_x5_y4.raw"
+    else:
+        path = data_file = write_blockfile(tmp_path / "scan.blo", frames4d)
+    result = subprocess.run([sys.executable, "-c", CUT_SHORT_WHILE_READ, str(path), str(data_file)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]  # (-7: SIGBUS)
+    assert f"refused: data: {str(data_file)!r} ended at byte" in result.stdout and "cut short" in result.stdout
 
 
 def test_truncated_files_of_other_formats_are_refused(frames4d, tmp_path):

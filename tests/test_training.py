@@ -595,3 +595,21 @@ def test_ctrl_c_in_training_says_what_was_interrupted_and_how_to_resume(tmp_path
     err = capsys.readouterr().err
     assert err.startswith("deepphase train: interrupted; the last finished epoch's checkpoint is in")
     assert "the same command with --resume continues from it" in err
+
+
+def test_a_model_folder_another_training_writes_into_is_refused(tmp_path, capsys):
+    """Two trainings into one folder took turns writing one checkpoint (no lock, the s37 note); with --nproc the
+    launcher holds the folder for its processes, which must not refuse it (test_distributed trains so)."""
+    import socket
+
+    from deepphase import cli
+
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / ".deepphase-lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # (a live process's)
+    small = ["--arch", "unet-small", "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "4", "--val-size", "4"]
+    for extra in ([], ["--nproc", "2"]):
+        assert cli.main(["train", *small, *extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"another deepphase run is writing into {str(out)!r} (process {os.getpid()} on" in err, err
+        assert [p.name for p in out.iterdir()] == [".deepphase-lock"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +133,66 @@ class _Flat4D:
         return flat[offset : offset + stop - start]
 
 
+class RecordFile:
+    """An array stored in a file as fixed-size records from ``offset`` on, read by file reads a slice of its first
+    axis at a time: its ``shape`` is (n, ..., k_row, k_col) and each record's ``"data"`` field is one (k_row, k_col)
+    frame (other fields, a detector's per-frame header or footer, are skipped).
+
+    Not a memory map: a file cut short while it is read then gives an error that names it, where a memory map's
+    page fault kills the process (SIGBUS). The file stays open, as a memory map keeps it: one removed mid-run is
+    still read whole."""
+
+    def __init__(self, path, offset: int, record: np.dtype, shape: tuple[int, ...]):
+        self.path, self.offset, self.record = str(path), int(offset), np.dtype(record)
+        self.shape = tuple(int(v) for v in shape)
+        self.ndim = len(self.shape)
+        self.dtype = self.record["data"].base
+        self._records_per_item = int(np.prod(self.shape[1:-2], dtype=np.int64))
+        self._what = "patterns" if self.ndim == 3 else "scan rows"
+        self._handle = open(self.path, "rb")  # noqa: SIM115 (closed with the object)
+        self._lock = threading.Lock()  # (the prediction's reader thread and the checks' sample share the handle)
+
+    def __del__(self):
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            handle.close()
+
+    def __getstate__(self):  # (a dask worker opens the file anew)
+        return {k: v for k, v in self.__dict__.items() if k not in ("_handle", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._handle, self._lock = open(self.path, "rb"), threading.Lock()  # noqa: SIM115
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, (int, np.integer)):
+            item = int(index) + (self.shape[0] if index < 0 else 0)
+            if not 0 <= item < self.shape[0]:
+                raise IndexError(f"index {index} is out of range for {self.shape[0]} items")
+            return self[item : item + 1][0]
+        if not isinstance(index, slice):
+            raise TypeError("only slices and integers are supported")
+        start, stop, step = index.indices(self.shape[0])
+        if step < 0:
+            raise TypeError("only forward slices are supported")
+        count = max(0, stop - start)
+        records = np.empty(count * self._records_per_item, dtype=self.record)
+        if count:
+            first = self.offset + start * self._records_per_item * self.record.itemsize
+            with self._lock:
+                self._handle.seek(first)
+                got = self._handle.readinto(records.view(np.uint8))
+            if got != records.nbytes:
+                raise InputFileError(
+                    f"data: {self.path!r} ended at byte {first + got} while {self._what} {start}–{stop - 1} were read (to "
+                    f"byte {first + records.nbytes}): it was cut short or rewritten while deepphase read it; run "
+                    "again once the file is complete")
+        return records["data"].reshape(count, *self.shape[1:])[::step]
+
+
 FILES_EXTRA = "pip install deepphase[files]"
 DETECTOR_SUFFIXES = {".mib": "Merlin .mib", ".xml": "EMPAD", ".dm4": "Gatan DigitalMicrograph",
                      ".dm3": "Gatan DigitalMicrograph", ".blo": "blockfile"}
@@ -205,6 +266,11 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
             array.close()
             raise InputFileError(f"data: {str(path)!r} is an .npz archive (several arrays), not an .npy file; "
                                  "name it .npz")
+        if array.ndim in (3, 4) and array.flags.c_contiguous and isinstance(array, np.memmap):
+            # numpy read the header; the frames are read by file reads (a memory map of a file cut short mid-run
+            # kills the process with SIGBUS, the failure audit, s36)
+            array = RecordFile(path, array.offset, np.dtype([("data", array.dtype, array.shape[-2:])]),
+                               array.shape)
         frames, shape = _frames_from_array(array, str(path))
         return ScanData(frames, shape, None, info=_basic_info("npy", frames, shape))
     if suffix == ".npz":
@@ -662,15 +728,11 @@ def _read_empad(path: Path):
     if data.ndim != 4:
         return signal, None
     rows, cols, h, w = data.shape
-    frame_bytes = 128 * 130 * 4  # float32 frames of 130 rows × 128 columns
-    n_in_file = os.path.getsize(raw) // frame_bytes
-    kept, truncated = _rows_kept(n_in_file, (rows, cols), path)
-    if truncated:
-        # The documented layout: float32 frames of 130 rows × 128 columns, the last two rows metadata.
-        mm = np.memmap(raw, dtype=np.dtype([("data", "<f4", (128, 128)), ("footer", "<f4", (2, 128))]), mode="r",
-                       shape=(kept, cols))
-        signal = {**signal, "data": mm["data"]}
-    return signal, truncated
+    # The documented layout: float32 frames of h + 2 rows × w columns, the last two rows metadata.
+    record = np.dtype([("data", "<f4", (h, w)), ("footer", "<f4", (2, w))])
+    kept, truncated = _rows_kept(os.path.getsize(raw) // record.itemsize, (rows, cols), path)
+    # (read by file reads rather than rosettasciio's memory map, which a file cut short mid-run turns into SIGBUS)
+    return {**signal, "data": RecordFile(raw, 0, record, (kept, cols, h, w))}, truncated
 
 
 def _empad_raw_name(signal, path: Path) -> str:
@@ -693,10 +755,8 @@ def _read_blockfile(path: Path):
     n_in_file = max(0, os.path.getsize(path) - offset) // record.itemsize
     kept, truncated = _rows_kept(n_in_file, (rows, cols), path)
     signal = file_reader(str(path), lazy=True)[0]
-    if truncated:
-        mm = np.memmap(path, dtype=record, mode="r", offset=offset, shape=(kept, cols))
-        signal = {**signal, "data": mm["data"]}
-    return signal, truncated
+    # (read by file reads rather than rosettasciio's memory map, which a file cut short mid-run turns into SIGBUS)
+    return {**signal, "data": RecordFile(path, offset, record, (kept, cols, size, size))}, truncated
 
 
 def check_dtype(frames) -> None:

@@ -36,7 +36,7 @@ from ..data.phase_objects import CORPUS_FIELDS, CorpusConfig
 from ..data.stream import Batch, TrainingStream
 from ..errors import DeepPhaseError, InputFileError, OutputExistsError
 from ..wording import in_callers_words, in_fields_of
-from ..io_utils import atomic_path, remove_leftover_temporaries, save_npy
+from ..io_utils import atomic_path, folder_lock, remove_leftover_temporaries, save_npy
 from ..models import create_model
 from ..models.registry import GRID_MULTIPLE, deployed
 from ..models.modelfile import PhaseModel, save_model, unmake_model
@@ -382,13 +382,16 @@ def train(
     if config.batch_size < 2:
         raise DeepPhaseError(f"batch-size: expected at least 2 (batch normalisation), got {config.batch_size}")
     if world == 1:
-        return _train(probe, out_dir, config, geometry, resume, probe_info, command, progress, log, device,
-                      settings, dose, offset_free)
+        with folder_lock(out_dir):  # (two trainings into one folder would take turns writing one checkpoint)
+            check_out_dir(out_dir, resume, overwrite)  # (again: a run that held the lock may have written a model)
+            return _train(probe, out_dir, config, geometry, resume, probe_info, command, progress, log, device,
+                          settings, dose, offset_free)
     import torch.distributed as dist
 
     own_group = not dist.is_initialized()
     if own_group:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    held = contextlib.ExitStack()
     try:
         # Rank 0 alone checks the folder and reads the checkpoint, and sends the verdict and the bytes to
         # the others: every rank stops with the same error (none waits for a partner that quit), and
@@ -396,6 +399,7 @@ def train(
         message = [None]
         if rank == 0:
             try:
+                held.enter_context(folder_lock(out_dir))  # rank 0 alone writes into the folder
                 check_out_dir(out_dir, resume, overwrite)
                 blob = checkpoint_path.read_bytes() if resume else None
                 if blob is not None:
@@ -413,6 +417,7 @@ def train(
         return _train(probe, out_dir, config, geometry, resume, probe_info, command, progress, log, device,
                       settings, dose, offset_free, world=world, rank=rank, rank_data=rank_data, checkpoint=payload)
     finally:
+        held.close()
         if own_group:
             dist.destroy_process_group()
 
