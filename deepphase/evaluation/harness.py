@@ -339,8 +339,13 @@ FIGURES = {
                    "sign",
     "ssim": "structural similarity after the offset alone is removed, over the truth's range",
     "frc_resolution": "where the Fourier ring correlation with the truth first drops below 0.5 or 1/7 (Å for atomic "
-                      "specimens, px otherwise; '≤' a sampling-limit bound). It measures agreement, not "
-                      "sharpness: a blurred truth still correlates in every ring it has",
+                      "specimens, px otherwise; '≤' a sampling-limit bound), searched from the first ring holding "
+                      "1 % of the truth's power (below a lattice's first reflection there is little but slow "
+                      "drifts). It measures agreement, not sharpness: a blurred truth still correlates in every "
+                      "ring it has",
+    "transfer_resolution": "where the transfer (each ring's gain Re ΣA·B*/Σ|B|² relative to the rings' "
+                           "power-weighted mean: 1 for a uniformly scaled image) first drops below 0.5: what the "
+                           "FRC cannot see, blur (a truth blurred by a Gaussian of σ = 1 px reads 3.5–4.4 px)",
 }
 
 
@@ -512,7 +517,8 @@ _TABLE_COLUMNS = [("specimen", "{}"), ("dose_e_per_pattern", "{:,.0f}"), ("dose_
                   ("method", "{}"), ("seed", "{}"), ("correlation", "{:.3f}"), ("correlation_aligned", "{:.3f}"),
                   ("shift_px", "{0[0]:+.2f}, {0[1]:+.2f}"), ("offset_rmse", "{:.3f}"), ("scale", "{:.2f}"),
                   ("ssim", "{:.3f}"),
-                  ("frc_resolution_0.5", "{:.2f}"), ("frc_resolution_1/7", "{:.2f}"), ("seconds", "{:.2f}"),
+                  ("frc_resolution_0.5", "{:.2f}"), ("frc_resolution_1/7", "{:.2f}"),
+                  ("transfer_resolution_0.5", "{:.2f}"), ("seconds", "{:.2f}"),
                   ("within_1sigma", "{:.2f}"), ("within_2sigma", "{:.2f}"), ("mean_sigma", "{:.3f}"),
                   ("within_1sigma_raw", "{:.2f}"), ("within_2sigma_raw", "{:.2f}")]
 
@@ -527,9 +533,10 @@ def markdown_table(rows) -> str:
         cells = []
         for col, fmt in columns:
             value = row.get(col)
-            unit = f" {row['resolution_unit']}" if col.startswith("frc_") and row.get("resolution_unit") else ""
-            # (an FRC that never drops below its threshold gives the sampling limit: a bound, shown as one)
-            bound = "≤ " if col.startswith("frc_") and row.get(col.replace("resolution", "at_sampling_limit")) else ""
+            resolution = "_resolution_" in col
+            unit = f" {row['resolution_unit']}" if resolution and row.get("resolution_unit") else ""
+            # (a curve that never drops below its threshold gives the sampling limit: a bound, shown as one)
+            bound = "≤ " if resolution and row.get(col.replace("resolution", "at_sampling_limit")) else ""
             cells.append("–" if value is None else bound + fmt.format(value) + unit)  # (Å for atoms, pixels otherwise)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
