@@ -196,7 +196,7 @@ def _cmd_simulate(args) -> None:
 
     from .data.simulate import required_object_shape, simulate_scan
     from .data.specimens import builtin_specimen, load_phase_image
-    from .io_utils import save_npz
+    from .io_utils import remove_leftover_temporaries, save_npz
     from .physics.forward import dose_per_pattern
     from .physics.geometry import Geometry
     from .physics.scan import check_spacing
@@ -247,6 +247,7 @@ def _cmd_simulate(args) -> None:
                   **{k: v for k, v in scan.parameters.items() if k in ("source_size_px", "detector_psf_px", "focal_spread_rad", "coherent_modes")},
                   "seed": args.seed, **scan_info, **probe_info,
                   "command": args.command_line}
+    remove_leftover_temporaries(out.parent, [out.name])  # (a simulate killed outright left its half-written file)
     save_npz(out, amplitude=scan.amplitude, positions=scan.positions, truth=scan.truth.astype(np.float32),
              probe=probe, parameters=np.array(json.dumps(parameters, default=str)))
     from .physics.forward import REFERENCE_DOSE

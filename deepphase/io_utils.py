@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,8 @@ def atomic_path(path: str | Path, suffix: str = ""):
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    # (the writer's host and pid in the name: a later cleanup removes only the temporaries of processes gone)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -38,13 +40,21 @@ def atomic_path(path: str | Path, suffix: str = ""):
         raise
 
 
+_HOST = socket.gethostname().replace("/", "_")
+
+
 def remove_leftover_temporaries(folder: str | Path, names) -> None:
     """Remove the temporary files :func:`atomic_path` left beside ``names`` in ``folder`` when its process was killed
-    outright (``kill -9``, a batch system's hard limit), where it could not clean up."""
+    outright (``kill -9``, a batch system's hard limit), where it could not clean up. A temporary of a process still
+    running on this machine, or of another machine's, is left alone: it may be a concurrent writer's."""
     import glob
+    import re
 
     for name in names:
         for leftover in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
+            writer = re.match(rf"\.{re.escape(name)}\.(.+)-(\d+)-[^-]+\.tmp$", leftover.name)
+            if writer and (writer[1] != _HOST or _process_alive(int(writer[2]))):
+                continue
             leftover.unlink(missing_ok=True)
 
 
@@ -60,7 +70,6 @@ def folder_lock(folder: str | Path, what: str = "out"):
     """Hold ``folder``'s :data:`LOCK_FILE` while a run writes into it: a second run into the same folder is refused
     (two runs shared its progress and both "succeeded", the failure audit, s36). A lock left by a process of this
     machine that is gone (``kill -9``) is taken over. A folder made here and left empty is removed again."""
-    import socket
     import time
 
     from .errors import OutputExistsError

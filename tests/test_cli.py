@@ -695,3 +695,22 @@ def test_counts_read_as_amplitudes_are_noted_in_the_commands_words(tiny_scan, tm
                                    progress=False)
     said = [str(w.message) for w in caught if issubclass(w.category, DeepPhaseNote)]
     assert any("yet kind='amplitude' reads them" in text and "(kind='counts'," in text for text in said), said
+
+
+def test_simulate_removes_a_killed_simulates_temporary_but_not_a_running_ones(tmp_path, capsys):
+    """A simulate killed outright left its half-written `.s.npz.*.tmp` for good (the failure audit, s36); a cleanup
+    must not remove the temporary of a simulate still writing the same file (another process, another host)."""
+    import subprocess
+    import sys
+
+    from deepphase import io_utils
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f".s.npz.{io_utils._HOST}-{gone.stdout.strip()}-k1ll3d.tmp"
+    running = tmp_path / f".s.npz.{io_utils._HOST}-{os.getpid()}-runn1ng.tmp"
+    elsewhere = tmp_path / f".s.npz.another-host-{gone.stdout.strip()}-3lsewh.tmp"
+    for path in (killed, running, elsewhere):
+        path.write_bytes(b"half a scan")
+    assert run(["simulate", "--scan-shape", 10, 10, "--out", tmp_path / "s.npz"], capsys)[0] == 0
+    assert not killed.exists() and running.exists() and elsewhere.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.npz", running.name, elsewhere.name])
