@@ -376,3 +376,15 @@ def test_distributed_sigma_head_map_equals_the_single_process_one(scan_file, cli
     assert rec.uncertainty.shape == rec.phase.shape and np.nanmin(rec.uncertainty) > 0
     np.testing.assert_allclose(rec.uncertainty, reference.uncertainty, rtol=1e-5)
     assert rec.processing["uncertainty"]["method"] == "σ head"
+
+
+def test_local_workers_do_not_log_the_tiles_a_ctrl_c_cancels():
+    """Each busy local worker logged a WARNING that its tile "ended with CancelledError" beside the command's one line
+    after a Ctrl-C (the failure audit, s36: two such lines for --workers 2)."""
+    import logging
+
+    from deepphase.reconstruction.distributed import open_client
+
+    with open_client(workers=1, dashboard_address=None) as client:
+        levels = client.run(lambda: logging.getLogger("distributed.worker.state_machine").level)
+    assert list(levels.values()) == [logging.ERROR]

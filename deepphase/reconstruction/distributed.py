@@ -82,6 +82,11 @@ def open_client(workers: int | None = None, scheduler: str | None = None, **clus
         with _deaf_to_ctrl_c():
             cluster = distributed.LocalCluster(**options)
         with cluster, distributed.Client(cluster) as client:
+            # (register_plugin since distributed 2023.9; register_worker_plugin before it)
+            register = getattr(client, "register_plugin", None) or client.register_worker_plugin
+            from ._quiet_workers import QuietCancellations
+
+            register(QuietCancellations(), name="deepphase-quiet-cancellations")
             yield client
 
 
