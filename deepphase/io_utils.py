@@ -43,17 +43,18 @@ def atomic_path(path: str | Path, suffix: str = ""):
 _HOST = socket.gethostname().replace("/", "_")
 
 
-def remove_leftover_temporaries(folder: str | Path, names) -> None:
+def remove_leftover_temporaries(folder: str | Path, names, locked: bool = False) -> None:
     """Remove the temporary files :func:`atomic_path` left beside ``names`` in ``folder`` when its process was killed
     outright (``kill -9``, a batch system's hard limit), where it could not clean up. A temporary of a process still
-    running on this machine, or of another machine's, is left alone: it may be a concurrent writer's."""
+    running on this machine, or of another machine's, is left alone (it may be a concurrent writer's) unless the
+    caller holds the folder's lock (``locked``: no other writer there; a job resumed on another node)."""
     import glob
     import re
 
     for name in names:
         for leftover in Path(folder).glob(f".{glob.escape(name)}.*.tmp"):
             writer = re.match(rf"\.{re.escape(name)}\.(.+)-(\d+)-[^-]+\.tmp$", leftover.name)
-            if writer and (writer[1] != _HOST or _process_alive(int(writer[2]))):
+            if not locked and writer and (writer[1] != _HOST or _process_alive(int(writer[2]))):
                 continue
             leftover.unlink(missing_ok=True)
 

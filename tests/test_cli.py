@@ -380,6 +380,7 @@ def test_a_folder_being_written_is_refused_and_a_killed_runs_leftovers_are_clean
     (out / ".deepphase-k1ll3d").mkdir()
     (out / ".deepphase-k1ll3d" / "phase.npy").write_bytes(b"staged")
     (out / ".phase.png.x1y2z3.png.tmp").write_bytes(b"half a figure")
+    (out / ".phase.npy.another-node-4242-a1b2c3.tmp").write_bytes(b"a job killed on another node")
     (out / "notes.txt").write_text("mine")
     code, _, err = reconstruct_tiny(tiny_scan, out, capsys)
     assert code == 0, err

@@ -159,6 +159,14 @@ def test_the_transfer_is_blind_to_the_size_and_unbiased_by_noise(smooth_image):
     _, transfer, _ = metrics.ring_transfer(noisy, white)
     assert abs(frc[4:].mean() - 1 / np.sqrt(2)) < 0.03  # (the FRC falls with the noise)
     assert abs(transfer[4:].mean() - 1) < 0.03 and np.abs(transfer[4:] - 1).max() < 0.5
+    inverted = metrics.evaluate(-smooth_image, smooth_image)
+    assert inverted["transfer_resolution_0.5"] > 10 and not inverted["transfer_at_sampling_limit_0.5"]
+    # Nothing to transfer (a flat image): "–" in the table as in results.json, not "nan px".
+    flat = metrics.evaluate(np.zeros_like(smooth_image), smooth_image)
+    assert np.isnan(flat["transfer_resolution_0.5"])
+    head, _, row = markdown_table([{"method": "m", **flat}]).splitlines()
+    cells = dict(zip(head.strip("| ").split(" | "), row.strip("| ").split(" | ")))
+    assert cells["transfer_resolution_0.5"] == "–"
 
 
 def test_nan_pixels_are_left_out(smooth_image):

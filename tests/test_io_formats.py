@@ -350,6 +350,24 @@ def test_a_fortran_order_npy_stays_memory_mapped(frames4d, tmp_path):
     assert np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
 
 
+def test_a_4d_npy_is_read_frame_by_frame(frames4d, tmp_path):
+    """Read through the scan-row view, one frame cost a whole scan row (calibration's 2,048 spread frames: the whole
+    file, many times over), and integer indices and slices with a step were refused or wrong (review, s38)."""
+    np.save(tmp_path / "s.npy", frames4d)
+    flat = frames4d.reshape(20, 64, 64)
+    with load_scan(tmp_path / "s.npy") as data:
+        frames = data.frames
+        assert data.scan_shape == (4, 5) and frames.shape == (20, 64, 64)
+        assert np.array_equal(frames[7], flat[7]) and np.array_equal(frames[-1], flat[-1])
+        assert np.array_equal(frames[3:12:4], flat[3:12:4]) and np.array_equal(frames[18:40], flat[18:])
+    with pytest.raises(ValueError, match="closed"):
+        frames[0:1]  # (closed with the scan)
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f["data"] = np.asfortranarray(frames4d)
+    with load_scan(tmp_path / "s.h5") as data, pytest.raises(TypeError, match="consecutive"):
+        data.frames[0:4:2]  # (was: the step ignored, 4 frames returned)
+
+
 def test_missing_reader_package_names_the_extra(frames4d, tmp_path, monkeypatch):
     path = write_mib(tmp_path / "scan.mib", frames4d.reshape(20, 64, 64), frames_per_trigger=5)
     monkeypatch.setitem(sys.modules, "rsciio", None)  # import rsciio now raises ImportError

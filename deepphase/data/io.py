@@ -73,6 +73,8 @@ class ScanData:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if isinstance(self.frames, RecordFile):
+            self.frames.close()
 
     def __enter__(self) -> "ScanData":
         return self
@@ -89,6 +91,8 @@ def _frames_from_array(array, source: str, reversed_axes: bool = False):
         return frames, frames.scan_shape
     if array.ndim == 4:
         r, c = array.shape[:2]
+        if isinstance(array, RecordFile):  # (frame by frame: _Flat4D would read a whole scan row for one frame)
+            return array.as_frames(), (r, c)
         if isinstance(array, np.ndarray) and array.flags.c_contiguous:  # (a view: a memory map stays one)
             return array.reshape(r * c, *array.shape[2:]), (r, c)
         return _Flat4D(array), (r, c)  # (reshaping a Fortran-order memory map would copy all of it)
@@ -117,8 +121,8 @@ class _Flat4D:
         return self.shape[0]
 
     def __getitem__(self, index):
-        if not isinstance(index, slice):
-            raise TypeError("only slices are supported")
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("only slices of consecutive frames are supported")
         start, stop, _ = index.indices(self.shape[0])
         if stop <= start:
             return np.zeros((0, *self.shape[1:]), dtype=self.dtype)
@@ -152,10 +156,17 @@ class RecordFile:
         self._handle = open(self.path, "rb")  # noqa: SIM115 (closed with the object)
         self._lock = threading.Lock()  # (the prediction's reader thread and the checks' sample share the handle)
 
-    def __del__(self):
+    def as_frames(self) -> "RecordFile":
+        """The same file seen as (n·…, k_row, k_col) frames, one record each."""
+        return RecordFile(self.path, self.offset, self.record, (int(np.prod(self.shape[:-2])), *self.shape[-2:]))
+
+    def close(self) -> None:
         handle = getattr(self, "_handle", None)
         if handle is not None:
             handle.close()
+
+    def __del__(self):
+        self.close()
 
     def __getstate__(self):  # (a dask worker opens the file anew)
         return {k: v for k, v in self.__dict__.items() if k not in ("_handle", "_lock")}

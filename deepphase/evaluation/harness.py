@@ -537,7 +537,8 @@ def markdown_table(rows) -> str:
             unit = f" {row['resolution_unit']}" if resolution and row.get("resolution_unit") else ""
             # (a curve that never drops below its threshold gives the sampling limit: a bound, shown as one)
             bound = "≤ " if resolution and row.get(col.replace("resolution", "at_sampling_limit")) else ""
-            cells.append("–" if value is None else bound + fmt.format(value) + unit)  # (Å for atoms, pixels otherwise)
+            missing = value is None or (isinstance(value, float) and not np.isfinite(value))  # (as results.json says)
+            cells.append("–" if missing else bound + fmt.format(value) + unit)  # (Å for atoms, pixels otherwise)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -294,11 +294,12 @@ def ring_transfer(reconstruction, truth, pixel_size: float | None = None) -> tup
     spatial_frequency : (N//2,) array
     transfer : (N//2,) array
         The gain ``Re Σ A·B* / Σ|B|²`` of each ring (A the reconstruction's transform, B the truth's), divided by
-        the power-weighted gain of the judged rings (from the first holding :data:`FIRST_JUDGED_POWER` of the
-        truth's power on), so that a uniformly scaled reconstruction has transfer 1 everywhere (``scale`` reports
-        the size). A blur lowers the high rings (a Gaussian of σ px: ``exp(−2π²σ²f²)`` relative to the rings'
-        mean); noise does not bias it, unlike the FRC, which a blur without noise leaves at 1. NaN where the truth
-        has no power, or where the reconstruction does not correlate with it at all.
+        the size of the power-weighted gain of the judged rings (from the first holding :data:`FIRST_JUDGED_POWER` of
+        the truth's power on), so that a uniformly scaled reconstruction has transfer 1 everywhere, −1 inverted
+        (``scale`` reports the size). A blur lowers the high rings (a Gaussian of σ px: ``exp(−2π²σ²f²)`` relative
+        to the rings' mean, so the low rings of a blurred image rise above 1); noise does not bias it, unlike the
+        FRC, which a blur without noise leaves at 1. NaN where the truth has no power, or where the reconstruction
+        does not correlate with it at all.
     truth_power : (N//2,) array
         The share of the truth's (windowed) power in each ring.
     """
@@ -309,8 +310,8 @@ def ring_transfer(reconstruction, truth, pixel_size: float | None = None) -> tup
     mean_gain = cross[first:].sum() / power[first:].sum() if total > 0 else 0.0
     transfer = np.full(len(cross), np.nan)
     held = power > 1e-12 * max(float(power.max()), np.finfo(float).tiny)
-    if mean_gain != 0:
-        transfer[held] = cross[held] / power[held] / mean_gain
+    if mean_gain != 0:  # (by its size: an inverted contrast transfers −1, not 1)
+        transfer[held] = cross[held] / power[held] / abs(mean_gain)
     return _ring_frequencies(n, pixel_size), transfer, share
 
 

@@ -346,9 +346,9 @@ def _remove_leftovers(out: Path) -> None:
     for staging in out.glob(".deepphase-*"):
         if staging.name not in (PARTIAL_FOLDER, LOCK_FILE) and staging.is_dir():
             shutil.rmtree(staging, ignore_errors=True)
-    remove_leftover_temporaries(out, (*OUTPUT_FILES, *FIGURES))
+    remove_leftover_temporaries(out, (*OUTPUT_FILES, *FIGURES), locked=True)
     if (out / PARTIAL_FOLDER).is_dir():
-        remove_leftover_temporaries(out / PARTIAL_FOLDER, ("progress.json", "state.npz"))
+        remove_leftover_temporaries(out / PARTIAL_FOLDER, ("progress.json", "state.npz"), locked=True)
 
 
 def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> bool:

@@ -399,8 +399,12 @@ def train(
         message = [None]
         if rank == 0:
             try:
-                held.enter_context(folder_lock(out_dir))  # rank 0 alone writes into the folder
-                check_out_dir(out_dir, resume, overwrite)
+                check_out_dir(out_dir, resume, overwrite)  # (first: the lock makes the folder)
+                try:
+                    held.enter_context(folder_lock(out_dir))  # rank 0 alone writes into the folder
+                except OSError as exc:  # (said to every rank, like the refusals: none waits for rank 0)
+                    raise DeepPhaseError(f"out: cannot write into {str(out_dir)!r} ({exc.strerror or exc})") from exc
+                check_out_dir(out_dir, resume, overwrite)  # (again: a run that held the lock may have written a model)
                 blob = checkpoint_path.read_bytes() if resume else None
                 if blob is not None:
                     _check_resume_config(_checkpoint_from_bytes(blob, checkpoint_path)[2], config)
@@ -447,7 +451,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
     history: list[dict] = []
     start_epoch, new_probe, earlier_commands = 0, None, []
     if rank == 0:
-        remove_leftover_temporaries(out_dir, (*MODEL_FILES, CHECKPOINT, "model.onnx"))
+        remove_leftover_temporaries(out_dir, (*MODEL_FILES, CHECKPOINT, "model.onnx"), locked=True)
     if resume:
         epoch_done, history, saved_config, model_state, opt_state = (
             _read_checkpoint(checkpoint_path) if checkpoint is None else _checkpoint_from_bytes(checkpoint))
