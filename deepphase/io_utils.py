@@ -82,7 +82,7 @@ def folder_lock(folder: str | Path, what: str = "out"):
     made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
-    host = socket.gethostname()
+    host = _HOST
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

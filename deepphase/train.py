@@ -15,7 +15,6 @@ import os
 import shlex
 import signal
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 from .errors import DeepPhaseError
@@ -83,32 +82,29 @@ def launch(args: argparse.Namespace, command: str) -> None:
     from torch.distributed.run import parse_args, run
 
     torchrun_args = ["--standalone", "--nproc-per-node", str(nproc), "-m", "deepphase.train", *train_argv(args)]
-    held = ExitStack()
     previous = {name: os.environ.get(name) for name in (COMMAND_ENV, LOCK_HELD_FOR_US)}
-    try:
-        # This process holds the folder for the whole training: a Ctrl-C stops the ranks before it lets go.
-        held.enter_context(folder_lock(args.out))
+    with folder_lock(args.out):  # (this process holds the folder for its ranks: a Ctrl-C stops them before it lets go)
         os.environ[LOCK_HELD_FOR_US] = str(Path(args.out).resolve())
         os.environ[COMMAND_ENV] = command
-        run(parse_args(torchrun_args))
-    except SignalException as exc:
-        # torchrun's own handlers take Ctrl-C and SIGTERM while it runs (and stop the processes): said as the command
-        # says an interrupt, with the --resume its checkpoint allows, not as torchrun's traceback.
-        raise KeyboardInterrupt("interrupted" if exc.sigval == signal.SIGINT else
-                                f"terminated ({exc.sigval.name})") from None
-    except ChildFailedError as exc:
-        codes = sorted({f.exitcode for f in exc.failures.values()})
-        raise DeepPhaseError(
-            f"nproc: {len(exc.failures)} of the {nproc} training processes failed (exit status "
-            f"{', '.join(map(str, codes))}); their messages are above"
-        ) from None
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        held.close()
+        try:
+            run(parse_args(torchrun_args))
+        except SignalException as exc:
+            # torchrun's own handlers take Ctrl-C and SIGTERM while it runs (and stop the processes): said as the
+            # command says an interrupt, with the --resume its checkpoint allows, not as torchrun's traceback.
+            raise KeyboardInterrupt("interrupted" if exc.sigval == signal.SIGINT else
+                                    f"terminated ({exc.sigval.name})") from None
+        except ChildFailedError as exc:
+            codes = sorted({f.exitcode for f in exc.failures.values()})
+            raise DeepPhaseError(
+                f"nproc: {len(exc.failures)} of the {nproc} training processes failed (exit status "
+                f"{', '.join(map(str, codes))}); their messages are above"
+            ) from None
+        finally:
+            for name, value in previous.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def main(argv: list[str] | None = None) -> int:
