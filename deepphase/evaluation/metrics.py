@@ -232,12 +232,16 @@ def fourier_ring_correlation(a, b, pixel_size: float | None = None) -> tuple[np.
     The ring-0 (zero-frequency) term is left out: it is not measured by a phase reconstruction.
     """
     n, cross, px, py = _ring_sums(a, b)
+    return _ring_frequencies(n, pixel_size), _frc(cross, px, py)
+
+
+def _frc(cross, px, py) -> np.ndarray:
     denom = np.sqrt(px * py)
     scale = max(float(denom.max()), np.finfo(float).tiny)
     ok = denom > 1e-12 * scale
     frc = np.zeros(len(cross))
     frc[ok] = cross[ok] / denom[ok]
-    return _ring_frequencies(n, pixel_size), frc
+    return frc
 
 
 def _ring_sums(a, b) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
@@ -304,15 +308,23 @@ def ring_transfer(reconstruction, truth, pixel_size: float | None = None) -> tup
         The share of the truth's (windowed) power in each ring.
     """
     n, cross, _, power = _ring_sums(reconstruction, truth)
+    share = _power_share(power)
+    return _ring_frequencies(n, pixel_size), _transfer(cross, power, first_judged_ring(share)), share
+
+
+def _power_share(power) -> np.ndarray:
     total = power.sum()
-    share = power / total if total > 0 else np.zeros_like(power)
-    first = first_judged_ring(share)
-    mean_gain = cross[first:].sum() / power[first:].sum() if total > 0 else 0.0
+    return power / total if total > 0 else np.zeros_like(power)
+
+
+def _transfer(cross, power, first: int) -> np.ndarray:
     transfer = np.full(len(cross), np.nan)
+    judged = power[first:].sum()
+    mean_gain = cross[first:].sum() / judged if judged > 0 else 0.0
     held = power > 1e-12 * max(float(power.max()), np.finfo(float).tiny)
     if mean_gain != 0:  # (by its size: an inverted contrast transfers −1, not 1)
         transfer[held] = cross[held] / power[held] / abs(mean_gain)
-    return _ring_frequencies(n, pixel_size), transfer, share
+    return transfer
 
 
 def first_judged_ring(truth_power) -> int:
@@ -415,9 +427,10 @@ def evaluate(reconstruction, truth, pixel_size: float | None = None, upsample: i
     """
     shift = align(reconstruction, truth, upsample)
     rmse, scale = fitted_rmse(reconstruction, truth)
-    freq, frc = fourier_ring_correlation(reconstruction, truth, pixel_size)
-    _, transfer, truth_power = ring_transfer(reconstruction, truth, pixel_size)
-    first = first_judged_ring(truth_power)
+    n, cross, power_rec, power_truth = _ring_sums(reconstruction, truth)  # (one transform pair for both curves)
+    freq, frc = _ring_frequencies(n, pixel_size), _frc(cross, power_rec, power_truth)
+    first = first_judged_ring(_power_share(power_truth))
+    transfer = _transfer(cross, power_truth, first)
     searched = np.isfinite(transfer) & (np.arange(len(transfer)) >= first)  # (NaN: a ring the truth lacks)
     if searched.any():
         transfer_resolution = frc_resolution(freq[searched], transfer[searched], 0.5)
