@@ -421,21 +421,30 @@ except InputFileError as exc:
 """
 
 
-@pytest.mark.parametrize("fmt", ["npy-frames", "npy-4d", "empad", "blo"])
+@pytest.mark.parametrize("fmt", ["npy-frames", "npy-4d", "npy-fortran", "empad", "blo", "mib", "dm4"])
 def test_a_file_cut_short_while_it_is_read_is_an_error_not_a_crash(fmt, frames4d, tmp_path):
     """A file cut short after it was opened (a copy still running, a full disk): the reading names it. A memory map
     would die of SIGBUS instead (the failure audit, s36), taking the process and every unsaved result with it."""
+    said = "ended at byte"  # (read by file reads)
     if fmt.startswith("npy"):
         path = data_file = tmp_path / "scan.npy"
-        np.save(path, frames4d.reshape(20, 64, 64) if fmt == "npy-frames" else frames4d)
+        np.save(path, {"npy-frames": frames4d.reshape(20, 64, 64), "npy-4d": frames4d,
+                       "npy-fortran": np.asfortranarray(frames4d)}[fmt])
+        said = "bytes, " if fmt == "npy-fortran" else said  # (still a memory map, guarded by the file's size)
     elif fmt == "empad":
         path, data_file = write_empad(tmp_path, np.ones((4, 5, 128, 128), np.float32)), tmp_path / "scan_x5_y4.raw"
+    elif fmt == "mib":
+        path = data_file = write_mib(tmp_path / "scan.mib", frames4d.reshape(20, 64, 64), frames_per_trigger=5)
+    elif fmt == "dm4":
+        path = data_file = write_dm4(tmp_path / "scan.dm4", frames4d)
+        said = "bytes, "
     else:
         path = data_file = write_blockfile(tmp_path / "scan.blo", frames4d)
     result = subprocess.run([sys.executable, "-c", CUT_SHORT_WHILE_READ, str(path), str(data_file)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]  # (-7: SIGBUS)
-    assert f"refused: data: {str(data_file)!r} ended at byte" in result.stdout and "cut short" in result.stdout
+    assert f"refused: data: {str(data_file)!r}" in result.stdout and said in result.stdout, result.stdout
+    assert "cut short" in result.stdout
 
 
 def test_truncated_files_of_other_formats_are_refused(frames4d, tmp_path):

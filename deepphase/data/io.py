@@ -1,16 +1,17 @@
 """Reading 4D-STEM data for reconstruction.
 
-Formats: .npy (memory-mapped), the .npz of ``deepphase simulate``, HDF5 (any 3-D/4-D dataset, and
+Formats: .npy, the .npz of ``deepphase simulate``, HDF5 (any 3-D/4-D dataset, and
 EMD 1.0 files as py4DSTEM writes them: a group with ``emd_group_type`` 1 or ``"array"`` holding ``data`` and
 ``dim1..dimN``, or ``dim0..dimN-1`` as emdfile numbers them), and, with the ``files`` extra (``pip install deepphase[files]``), detector files
 through rosettasciio — Quantum Detectors Merlin ``.mib`` (+ ``.hdr``), EMPAD ``.xml`` (+ ``.raw``),
 Gatan ``.dm4``/``.dm3``, NanoMegas ``.blo`` — and zarr arrays or groups.
 
 Data arrive as (N, k_row, k_col) frames with positions beside them, or as a
-(scan_row, scan_col, k_row, k_col) array. Nothing is loaded whole that need not be: .npy is
-memory-mapped, HDF5 and zarr datasets are read a batch at a time, and detector files are opened
-lazily (dask arrays over memory maps). What a file says about itself (scan shape, dtype, scan step,
-detector sampling, beam energy) goes into :attr:`ScanData.info`.
+(scan_row, scan_col, k_row, k_col) array. Nothing is loaded whole that need not be: .npy, .mib, EMPAD
+.raw and .blo frames are read by file reads a batch at a time (:class:`RecordFile`), as are HDF5 and zarr
+datasets; a Fortran-order .npy and DM4/DM3 files go through memory maps, guarded against a file that shrinks
+(:class:`SizeGuarded`). What a file says about itself (scan shape, dtype, scan step, detector sampling, beam
+energy) goes into :attr:`ScanData.info`.
 
 A file cut short is refused with a message saying so, except for the raw detector formats (.mib,
 EMPAD .raw, .blo), whose complete scan rows are kept (``info["truncated"]`` says what was dropped).
@@ -73,7 +74,7 @@ class ScanData:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
-        if isinstance(self.frames, RecordFile):
+        if isinstance(self.frames, (RecordFile, SizeGuarded)):
             self.frames.close()
 
     def __enter__(self) -> "ScanData":
@@ -140,14 +141,16 @@ class _Flat4D:
 class RecordFile:
     """An array stored in a file as fixed-size records from ``offset`` on, read by file reads a slice of its first
     axis at a time: its ``shape`` is (n, ..., k_row, k_col) and each record's ``"data"`` field is one (k_row, k_col)
-    frame (other fields, a detector's per-frame header or footer, are skipped).
+    frame (other fields, a detector's per-frame header or footer, are skipped). ``flip_rows``: each frame is
+    returned upside down (k_row reversed), as rosettasciio returns a Merlin .mib's.
 
     Not a memory map: a file cut short while it is read then gives an error that names it, where a memory map's
     page fault kills the process (SIGBUS). The file stays open, as a memory map keeps it: one removed mid-run is
     still read whole."""
 
-    def __init__(self, path, offset: int, record: np.dtype, shape: tuple[int, ...]):
+    def __init__(self, path, offset: int, record: np.dtype, shape: tuple[int, ...], flip_rows: bool = False):
         self.path, self.offset, self.record = str(path), int(offset), np.dtype(record)
+        self.flip_rows = bool(flip_rows)
         self.shape = tuple(int(v) for v in shape)
         self.ndim = len(self.shape)
         self.dtype = self.record["data"].base
@@ -158,7 +161,8 @@ class RecordFile:
 
     def as_frames(self) -> "RecordFile":
         """The same file seen as (n·…, k_row, k_col) frames, one record each."""
-        return RecordFile(self.path, self.offset, self.record, (int(np.prod(self.shape[:-2])), *self.shape[-2:]))
+        return RecordFile(self.path, self.offset, self.record, (int(np.prod(self.shape[:-2])), *self.shape[-2:]),
+                          self.flip_rows)
 
     def close(self) -> None:
         handle = getattr(self, "_handle", None)
@@ -201,7 +205,41 @@ class RecordFile:
                     f"data: {self.path!r} ended at byte {first + got} while {self._what} {start}–{stop - 1} were read (to "
                     f"byte {first + records.nbytes}): it was cut short or rewritten while deepphase read it; run "
                     "again once the file is complete")
-        return records["data"].reshape(count, *self.shape[1:])[::step]
+        frames = records["data"].reshape(count, *self.shape[1:])[::step]
+        return np.ascontiguousarray(frames[..., ::-1, :]) if self.flip_rows else frames
+
+
+class SizeGuarded:
+    """Frames read through a memory map (a Fortran-order .npy, rosettasciio's DM4/DM3 reader), refused once the
+    file has shrunk since it was opened: touching the map beyond a file's new end kills the process with SIGBUS,
+    so each read first compares the file's size (of the open file, even if its name now points elsewhere) with
+    the size it had. A file cut short between that check and the read itself still crashes; formats read by
+    file reads (:class:`RecordFile`) have no such window."""
+
+    def __init__(self, frames, path):
+        self.frames, self.path = frames, str(path)
+        self.shape, self.dtype, self.ndim = tuple(frames.shape), frames.dtype, len(frames.shape)
+        self._handle = open(self.path, "rb")  # noqa: SIM115 (closed with the object)
+        self._size = os.fstat(self._handle.fileno()).st_size
+
+    def close(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            handle.close()
+
+    def __del__(self):
+        self.close()
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        size = os.fstat(self._handle.fileno()).st_size
+        if size < self._size:
+            raise InputFileError(
+                f"data: {self.path!r} is now {size} bytes, {self._size} when deepphase opened it: it was cut short "
+                "or rewritten while deepphase read it; run again once the file is complete")
+        return np.asarray(self.frames[index])
 
 
 FILES_EXTRA = "pip install deepphase[files]"
@@ -283,6 +321,8 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
             array = RecordFile(path, array.offset, np.dtype([("data", array.dtype, array.shape[-2:])]),
                                array.shape)
         frames, shape = _frames_from_array(array, str(path))
+        if isinstance(array, np.memmap):  # (a Fortran-order array: its frames are spread over the whole file)
+            frames = SizeGuarded(frames, path)
         return ScanData(frames, shape, None, info=_basic_info("npy", frames, shape))
     if suffix == ".npz":
         try:
@@ -596,6 +636,8 @@ def _load_detector(path: Path, suffix: str, scan_shape) -> ScanData:
     if not _is_real_number(data.dtype):
         raise ShapeError(f"data: {str(path)!r} has dtype {data.dtype}; expected real numbers")
     frames, shape = _frames_from_array(data, str(path))
+    if suffix in (".dm4", ".dm3"):  # (rosettasciio reads them through memory maps)
+        frames = SizeGuarded(frames, path)
     info = _basic_info(_FORMAT_NAMES[suffix], frames, shape)
     info.update(_calibrations(
         [{"units": a.get("units"), "step": a.get("scale") if a.get("units") else None} for a in axes if a["navigate"]],
@@ -692,7 +734,11 @@ def _read_mib(path: Path, scan_shape):
                          "partial_frame_bytes": int(partial)}
             if cols:
                 truncated["rows_kept"] = int(data.shape[0])
-    return signal, truncated
+    # The layout rosettasciio maps (a header, then the big-endian frame), read by file reads instead: a memory map
+    # of a file cut short mid-run kills the process with SIGBUS (the failure audit, s36).
+    record = np.dtype([("header", "u1", prop.head_size),
+                       ("data", np.dtype(prop.dtype).newbyteorder(">"), prop.merlin_size)])
+    return {**signal, "data": RecordFile(path, prop.offset, record, signal["data"].shape, flip_rows=True)}, truncated
 
 
 def merlin_header(path) -> Path | None:
