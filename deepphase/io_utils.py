@@ -70,7 +70,9 @@ LOCK_HELD_FOR_US = "DEEPPHASE_FOLDER_LOCK_HELD"
 def folder_lock(folder: str | Path, what: str = "out"):
     """Hold ``folder``'s :data:`LOCK_FILE` while a run writes into it: a second run into the same folder is refused
     (two runs shared its progress and both "succeeded", the failure audit, s36). A lock left by a process of this
-    machine that is gone (``kill -9``) is taken over. A folder made here and left empty is removed again."""
+    machine that is gone (``kill -9``) is taken over, also when its process number now belongs to another process
+    (the lock records the process's start, where the system tells it). A folder made here and left empty is
+    removed again."""
     import time
 
     from .errors import OutputExistsError
@@ -89,7 +91,7 @@ def folder_lock(folder: str | Path, what: str = "out"):
             break
         except FileExistsError:
             holder = _lock_holder(lock)
-            if holder is not None and holder[1] == host and not _process_alive(holder[0]):
+            if holder is not None and holder[1] == host and not _process_alive(holder[0], holder[2]):
                 lock.unlink(missing_ok=True)  # (its process is gone: the lock is stale)
                 continue
             said = (f"process {holder[0]} on {holder[1]}, since {time.ctime(lock.stat().st_mtime)}"
@@ -98,7 +100,7 @@ def folder_lock(folder: str | Path, what: str = "out"):
                                     f"for it to finish or choose another folder (if no run is going, remove "
                                     f"{str(lock)!r})") from None
     with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {host}\n")
+        f.write(f"{os.getpid()} {host} {_process_start(os.getpid()) or ''}".rstrip() + "\n")
     try:
         yield
     finally:
@@ -107,21 +109,39 @@ def folder_lock(folder: str | Path, what: str = "out"):
             folder.rmdir()
 
 
-def _lock_holder(lock: Path) -> tuple[int, str] | None:
+def _lock_holder(lock: Path) -> tuple[int, str, str | None] | None:
+    """The pid, host and process start (None if not recorded) a lock file names."""
     try:
-        pid, host = lock.read_text().split()
-        return int(pid), host
+        pid, host, *start = lock.read_text().split()
+        if len(start) > 1:
+            return None
+        return int(pid), host, (start[0] if start else None)
     except (OSError, ValueError):  # (being written this instant, or not ours)
         return None
 
 
-def _process_alive(pid: int) -> bool:
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started, in the kernel's clock ticks since boot (Linux), or None where it cannot be
+    read: with the pid it names one process, where a pid alone is reused once its process is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :].split()[19]  # (field 22; the name before ")" may hold spaces)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _process_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process ``pid`` of this machine runs, and, if ``start`` is given (:func:`_process_start`), is the
+    process that started then."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # (another user's process)
-        return True
+        pass
+    if start is not None:
+        now = _process_start(pid)
+        return now is None or now == start
     return True
 
 

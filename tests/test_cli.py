@@ -362,6 +362,25 @@ def test_a_file_rewritten_while_it_is_read_writes_no_image(tiny_scan, tmp_path, 
     assert run([*args, tmp_path / "rec"], capsys)[0] == 0
 
 
+def test_a_lock_whose_process_number_now_names_another_process_is_stale(tmp_path):
+    """A run killed outright left its lock; its pid, reused by a later process (a container restarted with the
+    same pids), made the lock look held for ever. The lock records when its process started."""
+    from deepphase.errors import OutputExistsError
+    from deepphase.io_utils import _HOST, LOCK_FILE, _process_start, folder_lock
+
+    start = _process_start(os.getpid())
+    if start is None:
+        pytest.skip("no /proc: a process's start cannot be read here")
+    lock = tmp_path / LOCK_FILE
+    lock.write_text(f"{os.getpid()} {_HOST} {start}\n")  # (this very process: held)
+    with pytest.raises(OutputExistsError, match="another deepphase run"), folder_lock(tmp_path):
+        pass
+    lock.write_text(f"{os.getpid()} {_HOST} {int(start) - 1}\n")  # (the pid's earlier owner: gone)
+    with folder_lock(tmp_path):
+        assert lock.read_text().split() == [str(os.getpid()), _HOST, start]
+    assert not lock.exists()
+
+
 def test_a_folder_being_written_is_refused_and_a_killed_runs_leftovers_are_cleaned(tiny_scan, tmp_path, capsys):
     """Two runs into one folder both "succeeded" sharing its progress; a run killed outright (kill -9) left its
     lock, staging folder and temporary files, which no later run removed (the failure audit, s36)."""
