@@ -378,7 +378,7 @@ def test_distributed_sigma_head_map_equals_the_single_process_one(scan_file, cli
     assert rec.processing["uncertainty"]["method"] == "σ head"
 
 
-def test_local_workers_do_not_log_the_tiles_a_ctrl_c_cancels():
+def test_local_workers_do_not_log_the_tiles_a_ctrl_c_cancels_and_restarted_ones_ignore_it():
     """Each busy local worker logged a WARNING that its tile "ended with CancelledError" beside the command's one line
     after a Ctrl-C (the failure audit, s36: two such lines for --workers 2)."""
     import logging
@@ -387,4 +387,9 @@ def test_local_workers_do_not_log_the_tiles_a_ctrl_c_cancels():
 
     with open_client(workers=1, dashboard_address=None) as client:
         levels = client.run(lambda: logging.getLogger("distributed.worker.state_machine").level)
-    assert list(levels.values()) == [logging.ERROR]
+        assert list(levels.values()) == [logging.ERROR]
+        # A worker dask restarts is started by this process, which takes Ctrl-C again: it ignores it all the same.
+        client.restart()
+        ignored = client.run(lambda: __import__("signal").getsignal(2) == __import__("signal").SIG_IGN)
+        levels = client.run(lambda: logging.getLogger("distributed.worker.state_machine").level)
+    assert list(ignored.values()) == [True] and list(levels.values()) == [logging.ERROR]
