@@ -39,6 +39,27 @@ def test_disk_centre_and_radius_to_a_tenth_of_a_pixel(shape, center, radius, rng
         assert disk["radius"] == pytest.approx(radius, abs=0.1)
 
 
+def test_the_disk_of_a_mean_pattern_of_a_few_counts_per_pixel_is_found(rng):
+    """A 256×256 detector, a disk of radius 60 px, 3 counts per disk pixel in the sampled mean (a 24×24 scan at
+    ~60 e/pattern) and 0.3 around it: the first guess was a fragment of the disk (a 3×3 median's maximum is noise
+    there), and the disk refused as "not a disk" or its radius 17 % short (the calibration audit, s39)."""
+    center, radius = (125.78, 127.57), 60.0
+    expected = ndimage.gaussian_filter(disk_image((256, 256), center, radius, 1.0, 0.0), 0.8)
+    for _ in range(6):
+        mean = rng.poisson(expected * 3.0 + 0.3) / 576  # (the summed counts of 576 patterns, as their mean)
+        disk = find_disk(mean)
+        assert np.allclose(disk["center"], center, atol=0.6), disk
+        assert disk["radius"] == pytest.approx(radius, abs=1.0)  # (measured: 60.1–60.5)
+
+
+def test_a_disk_not_found_for_want_of_counts_says_so(rng):
+    """At a count per pixel the refusal said only "no bright-field disk found", when what was missing were counts."""
+    frames = rng.poisson(0.0004, size=(300, 128, 128)).astype(float)
+    with pytest.raises(DeepPhaseError, match=r"no bright-field disk found .* 300 patterns read hold only 1\.0 counts "
+                                             "per pixel .* too few to find a disk by"):
+        measure_calibration(frames, load_model())
+
+
 def test_model_disk_of_the_reference_probe():
     disk = model_disk(reference_probe())
     assert 7.3 < disk["radius"] < 8.3  # the half-level contour of the reference probe's aperture

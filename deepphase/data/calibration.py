@@ -61,6 +61,9 @@ __all__ = [
 MAX_SAMPLE = 2048
 #: The view converts at most this many detector pixels at once (memory stays about 0.1-0.3 GB).
 VIEW_CHUNK_PIXELS = 2**24
+#: Below this many summed counts per pixel in the brightest 1 % of the sampled mean, a disk not found is said to be
+#: a matter of counts (a disk is found from ~2 counts per pixel on a 256×256 detector, the calibration audit, s39).
+LOW_COUNTS_FOR_A_DISK = 20.0
 #: Patterns with more than this fraction of non-finite pixels are refused rather than repaired.
 MAX_NONFINITE_FRACTION = 0.01
 #: More than this fraction of all-zero patterns among the sampled ones is refused.
@@ -91,7 +94,9 @@ def find_disk(pattern: np.ndarray, what: str = "data") -> dict:
     Notes
     -----
     A first guess comes from the largest connected region above half-way between background and
-    the (median-filtered) maximum. Then, a few times, a weight ``w`` is 1 inside the disk, 0 outside
+    the maximum of the pattern smoothed over a few pixels (a Gaussian of σ = :func:`_guess_sigma`: at a
+    few counts per pixel a 3×3 median's maximum was noise, about the disk's own level, and the guess a
+    fragment of the disk, the calibration audit, s39). Then, until it settles, a weight ``w`` is 1 inside the disk, 0 outside
     it and ``(p - bg) / (level - bg)`` in a band of ±max(3, 0.1·r) pixels around the edge: the radius
     is ``sqrt(Σw / π)`` and the centre the centroid of ``w``. For a uniform disk whose edge is blurred
     symmetrically (detector point spread, resampling) both are exact — the radius is that of the
@@ -109,7 +114,7 @@ def find_disk(pattern: np.ndarray, what: str = "data") -> dict:
         raise ShapeError(f"{what}: expected a 2-D pattern, got shape {p.shape}")
     if not np.isfinite(p).all():
         raise ValueRangeError(f"{what}: the pattern used to find the bright-field disk has NaN or Inf values")
-    smooth = ndimage.median_filter(p, size=3, mode="nearest")
+    smooth = ndimage.gaussian_filter(p, _guess_sigma(p.shape), mode="nearest")
     lo, hi = float(np.percentile(smooth, 5)), float(smooth.max())
     spread = float(np.percentile(p, 99.9) - np.percentile(p, 0.1))
     if not hi - lo > 1e-9 * max(abs(hi), 1e-30) or spread <= 0:
@@ -124,7 +129,7 @@ def find_disk(pattern: np.ndarray, what: str = "data") -> dict:
     radius = float(np.sqrt(region.sum() / np.pi))
     rr, cc = np.indices(p.shape, dtype=np.float64)
     level = bg = 0.0
-    for _ in range(4):
+    for _ in range(FIND_DISK_PASSES):  # (each pass moves the edge by up to its band: a poor guess needs several)
         d = np.hypot(rr - center[0], cc - center[1])
         ring = (d > 1.3 * radius) & (d < 1.8 * radius)
         bg = _trimmed_mean(p[ring]) if ring.sum() >= 16 else lo
@@ -139,10 +144,24 @@ def find_disk(pattern: np.ndarray, what: str = "data") -> dict:
         total = weight.sum()
         if total <= 0:
             break
+        moved = abs(np.sqrt(total / np.pi) - radius)
         radius = float(np.sqrt(total / np.pi))
-        center = np.array([(weight * rr).sum(), (weight * cc).sum()]) / total
+        new_center = np.array([(weight * rr).sum(), (weight * cc).sum()]) / total
+        moved, center = max(moved, float(np.abs(new_center - center).max())), new_center
+        if moved < 1e-3:
+            break
     _check_disk(p, center, radius, level, bg, what)
     return {"center": [float(center[0]), float(center[1])], "radius": radius, "level": level, "background": bg}
+
+
+#: At most this many refinements of the disk's edge (it settles in 2–4 from a good first guess).
+FIND_DISK_PASSES = 30
+
+
+def _guess_sigma(shape) -> float:
+    """Smoothing (px) of the pattern for the disk's first guess and for the check that it is a disk: 1 px on the
+    model's 32×32 grid, 2 px on a 256×256 detector."""
+    return max(1.0, min(shape) / 128)
 
 
 def _trimmed_mean(values: np.ndarray, cut: float = 10.0) -> float:
@@ -170,11 +189,15 @@ def _check_disk(p, center, radius, level, bg, what):
             f"{what}: the bright-field disk ({found}) is cut by the detector edge; expected the whole disk "
             "on the detector"
         )
-    # Is the bright region a disk? Compare it with the fitted circle.
+    # Is the bright region a disk? Compare it with the fitted circle, on the pattern smoothed as for the first
+    # guess (at a few counts per pixel single pixels inside the disk are dark by chance: a visible disk was
+    # refused, the calibration audit, s39), leaving out the smoothed edge.
+    sigma = _guess_sigma(p.shape)
     rr, cc = np.indices(p.shape)
     d = np.hypot(rr - center[0], cc - center[1])
-    bright = p > (level + bg) / 2
-    inner, ring = d < max(radius - 1.5, 0.5), (d > radius + 1.5) & (d < 2.5 * radius)
+    bright = ndimage.gaussian_filter(p, sigma, mode="nearest") > (level + bg) / 2
+    edge = 1.5 + 2 * sigma
+    inner, ring = d < max(radius - edge, 0.5), (d > radius + edge) & (d < max(2.5 * radius, radius + edge + 2))
     frac_in = bright[inner].mean() if inner.any() else 1.0
     frac_out = bright[ring].mean() if ring.any() else 0.0
     if frac_in < 0.8 or frac_out > 0.2:
@@ -603,7 +626,17 @@ def measure_calibration(
             "few (if the data are in detector units rather than electrons, give the gain: --gain G)"
         )
     clean = fill_pixels(mean[None].copy(), mask)[0]
-    disk = find_disk(clean, what=f"{what} (mean pattern)")
+    try:
+        disk = find_disk(clean, what=f"{what} (mean pattern)")
+    except ValueRangeError as exc:
+        n_used = len(sample) - int(zero.sum())
+        summed = float(np.percentile(clean, 99)) * n_used
+        if summed < LOW_COUNTS_FOR_A_DISK:  # (what is missing may be counts, not a disk)
+            raise ValueRangeError(
+                f"{exc}; the {n_used} patterns read hold only {summed:.1f} counts per pixel in their brightest 1 % "
+                "(summed): too few to find a disk by (a --gain larger than the detector's units per electron makes "
+                "the counts too few as well)") from exc
+        raise
     if clean.min() < _negative_limit(disk):
         raise ValueRangeError(
             f"{what}: the mean pattern has negative counts down to {clean.min():.3g} (disk level {disk['level']:.3g}); "
