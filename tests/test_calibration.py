@@ -98,6 +98,28 @@ def test_bad_pixels_are_found_but_not_the_disk_edge(rng):
     assert sorted(map(tuple, np.argwhere(mask))) == [(12, 100), (61, 71), (70, 66)]
 
 
+@pytest.mark.parametrize("width", [1, 2, 3])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_dead_line_across_the_disk_is_masked_but_not_the_disk_edge(width, axis, rng):
+    """A dead line 2–3 pixels wide is its own 3×3 median: it went unmasked into every pattern and split the disk
+    (centre 1.5 px off, radius 4 % short, the calibration audit, s39)."""
+    for radius in (26.4, 3.0):  # (a small disk: its edge must stay unmasked too)
+        image = rng.poisson(disk_image((128, 128), (60.3, 70.8), radius) * 30) / 30
+        dead = np.zeros(image.shape, bool)
+        if axis == 0:
+            dead[59 : 59 + width, :] = True
+        else:
+            dead[:, 70 : 70 + width] = True
+        image[dead] = 0
+        mask = bad_pixel_mask(image)
+        lit = dead & (disk_image((128, 128), (60.3, 70.8), radius, 1.0, 0.0) > 0.9)  # (dead where light falls)
+        # (a lit pixel beside the line may look hot against a 3×3 median the line drags down: masked, and filled)
+        beside = ndimage.binary_dilation(dead, np.ones((3, 3), bool))
+        assert not (mask & ~beside).any(), (radius, np.argwhere(mask & ~beside)[:5])
+        if radius > 10:  # (across a disk of 6 px, a line's pixels see too few lit ones across them to be told dead)
+            assert mask[lit].all(), np.argwhere(lit & ~mask)[:5]
+
+
 @pytest.mark.parametrize("zoom", [0.3, 0.77, 1.0, 1.6])
 def test_resampling_conserves_the_counts_and_centres_the_disk(zoom):
     center = (60.37, 66.81)

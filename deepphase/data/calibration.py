@@ -224,7 +224,8 @@ def model_disk(probe: np.ndarray) -> dict:
 
 def bad_pixel_mask(mean_pattern: np.ndarray, n_patterns: int = 1, n_sigma: float = 8.0, hot_factor: float = 2.0,
                    dead_fraction: float = 0.1) -> np.ndarray:
-    """Hot and dead pixels: outliers of the mean pattern against its 3×3 median filter.
+    """Hot and dead pixels: outliers of the mean pattern against its 3×3 median filter, and dead lines up to 3
+    pixels wide against the median across them.
 
     With ``m`` the 3×3 median and σ the noise of a pixel's mean — the robust (MAD) spread of ``mean - m``
     over the detector and the counting noise ``sqrt(max(mean, m) / n_patterns)``, added in quadrature —
@@ -262,7 +263,14 @@ def bad_pixel_mask(mean_pattern: np.ndarray, n_patterns: int = 1, n_sigma: float
     sigma = np.sqrt(sigma**2 + np.maximum(np.maximum(q, med), 0) / max(int(n_patterns), 1))
     hot = q > hot_factor * np.maximum(med, 0) + n_sigma * sigma
     dead = (q < dead_fraction * med) & (-res > n_sigma * sigma)
-    return bad | hot | dead
+    # A dead line 2–3 pixels wide (a chip's edge, a gap) is its own 3×3 median: it is compared with the median of
+    # the 7 pixels across it (along the row for a column, along the column for a row), which a pixel outside a
+    # convex disk never has a majority of bright pixels in.
+    across = np.maximum(ndimage.median_filter(q, size=(1, 7), mode="nearest"),
+                        ndimage.median_filter(q, size=(7, 1), mode="nearest"))
+    line_sigma = np.sqrt(sigma**2 + np.maximum(across, 0) / max(int(n_patterns), 1))
+    dead_line = (q < dead_fraction * across) & (across - q > n_sigma * line_sigma)
+    return bad | hot | dead | dead_line
 
 
 def _neighbours(mask: np.ndarray, radius: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
