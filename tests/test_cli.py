@@ -734,3 +734,22 @@ def test_simulate_removes_a_killed_simulates_temporary_but_not_a_running_ones(tm
     assert run(["simulate", "--scan-shape", 10, 10, "--out", tmp_path / "s.npz"], capsys)[0] == 0
     assert not killed.exists() and running.exists() and elsewhere.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.npz", running.name, elsewhere.name])
+
+
+def test_a_gain_on_patterns_of_the_models_grid_is_taken_off(tiny_scan, tmp_path, capsys):
+    """--gain was dropped without a word on patterns already on the model's 32×32 grid (only the calibration took
+    it off): the dose, and what it decides (deblurring, the dose notes), were the gain's times too many (the docs
+    audit, s39). They are now calibrated; with --no-calibration the gain is refused."""
+    folder, _ = tiny_scan
+    counts = np.load(folder / "counts.npy")
+    np.save(tmp_path / "adu.npy", 5.0 * counts)
+    common = ["--positions", folder / "positions.npy", "--no-probe-check"]
+    assert run(["reconstruct", folder / "counts.npy", *common, "--out", tmp_path / "electrons"], capsys)[0] == 0
+    code, _, err = run(["reconstruct", tmp_path / "adu.npy", *common, "--gain", 5, "--out", tmp_path / "adu"], capsys)
+    assert code == 0 and "--gain 5: the patterns are on the model's 32×32 grid already" in err, err
+    dose = [json.loads((tmp_path / name / "metadata.json").read_text())["processing"]["electrons_per_pattern"]
+            for name in ("electrons", "adu")]
+    assert dose[1] == pytest.approx(dose[0], rel=1e-3) and dose[0] == pytest.approx(counts.sum((1, 2)).mean(), rel=1e-3)
+    code, _, err = run(["reconstruct", tmp_path / "adu.npy", *common, "--gain", 5, "--no-calibration", "--out",
+                        tmp_path / "off"], capsys)
+    assert code == 2 and "gain: 5 detector units per electron are taken off by the calibration" in err, err

@@ -648,3 +648,16 @@ def test_scan_step_from_the_file_with_energy_and_semi_angle(detector_scan, tmp_p
     assert corr > 0.8
     code, out, err = run(["reconstruct", write_dm4(tmp_path / "nostep.dm4", data4d), "--out", tmp_path / "r2"], capsys)
     assert code == 2 and "--step S is enough" in err
+
+
+def test_amplitudes_are_told_from_gain_corrected_counts(rng):
+    """Roots of whole counts are amplitudes; gain-corrected counts (floats) and counts carrying float32's rounding
+    are not: any float above ~30 was taken for a root (a tolerance of 1e-3 of its square, the calibration audit,
+    s39), and a calibrated file of such counts was reconstructed from their squares."""
+    from deepphase.data.io import looks_like_amplitudes
+
+    counts = rng.poisson(rng.uniform(0, 300, (16, 32, 32)))
+    assert looks_like_amplitudes(np.sqrt(counts)) and looks_like_amplitudes(np.sqrt(counts).astype(np.float32))
+    assert not looks_like_amplitudes(counts) and not looks_like_amplitudes(counts.astype(np.float32))
+    assert not looks_like_amplitudes(rng.uniform(100, 200, (16, 32, 32)))  # (counts / a gain)
+    assert not looks_like_amplitudes(np.sqrt(counts).astype(np.float32) ** 2)  # (counts with float32's rounding)

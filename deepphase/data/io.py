@@ -872,10 +872,24 @@ def looks_like_amplitudes(frames, sample: int = 16) -> bool:
     except ShapeError:
         return False
     _, block = sample_patterns(frames, sample)
-    if not np.all(np.isfinite(block)) or block.min() < 0 or np.all(block == np.round(block)):
+    if not np.all(np.isfinite(block)) or block.min() < 0:
         return False
-    squared = block**2
-    return bool(np.all(np.abs(squared - np.round(squared)) < 1e-3 * np.maximum(1, squared)))
+    values = np.asarray(block, dtype=np.float64)
+    if np.all(np.abs(values - np.round(values)) <= ROOT_TOLERANCE * np.maximum(1, values)):
+        return False  # (whole numbers, to float32's rounding: counts)
+    squared = values**2
+    # To float32's precision: roots of whole counts stored in float32 square to within ~1e-7 of them. Only squares
+    # small enough for that to tell whole from not are judged (a tolerance of 1e-3 of the square took any float above
+    # ~30 for a root, gain-corrected counts too: the calibration audit, s39).
+    tolerance = ROOT_TOLERANCE * np.maximum(1, squared)
+    telling = tolerance < 0.05
+    if telling.sum() < 16:
+        return False  # (too few values small enough to judge: not plainly roots)
+    return bool(np.all(np.abs(squared - np.round(squared))[telling] <= tolerance[telling]))
+
+
+#: How close to whole the squares of amplitudes must be (relative): float32's rounding, with room.
+ROOT_TOLERANCE = 1e-6
 
 
 def check_patterns(batch: np.ndarray, first_index: int, what: str = "data") -> None:

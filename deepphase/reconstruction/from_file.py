@@ -296,6 +296,9 @@ def _check_arguments(*, engine, chunk_size, kind, calibration, gain, source_size
         raise ValueRangeError(f"calibration: expected 'auto', 'on' or 'off', got {calibration!r}")
     if gain is not None and not (np.isfinite(gain) and gain > 0):
         raise ValueRangeError(f"gain: expected a positive number of detector units per electron, got {gain}")
+    if gain is not None and gain != 1.0 and calibration == "off":  # (it was dropped without a word)
+        raise DeepPhaseError(f"gain: {gain:g} detector units per electron are taken off by the calibration, and "
+                             "--no-calibration reads the patterns as they are: drop one of them")
     if source_size_px is None or not (np.isfinite(source_size_px) and source_size_px >= 0):  # (before the work)
         raise ValueRangeError(f"source-size: expected the source's standard deviation ≥ 0 in real-space pixels "
                               f"(0: none), got {source_size_px}")
@@ -421,7 +424,12 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     model = model if isinstance(model, PhaseModel) else load_model(model)
     n = model.geometry.n_px
     pattern = tuple(scan.frames.shape[1:])
-    calibrating = calibration == "on" or (calibration == "auto" and pattern != (n, n) and min(pattern) >= n)
+    in_units = gain is not None and gain != 1.0  # (the calibration is what turns detector units into electrons)
+    calibrating = calibration == "on" or (calibration == "auto" and min(pattern) >= n
+                                          and (pattern != (n, n) or in_units))
+    if calibrating and calibration == "auto" and pattern == (n, n):
+        note(f"--gain {gain:g}: the patterns are on the model's {n}×{n} grid already, and are calibrated all the same "
+             "(as with --calibrate), which turns detector units into electrons")
     if not calibrating:  # (with the pixel size a simulation's file records, unless one is given: checked later)
         check_compatible(model, pattern, None if sampling else scan.info.get("pixel_size_angstrom"))
     if scan.scan_shape is not None and scan_shape is not None and tuple(scan_shape) != tuple(scan.scan_shape):

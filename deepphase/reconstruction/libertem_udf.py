@@ -834,7 +834,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             check_step_raster(nav[::-1] if fastest == "row" else nav)  # (in the scan's rows × columns)
         # (with step "auto" the descan plane is fitted in scan indices, step 1, until the step is found)
         coords_step = 1.0 if auto_step else step_px
-        if calibration == "on" or (calibration == "auto" and sig != (n, n)):
+        in_units = (calibration_options or {}).get("gain", 1.0) != 1.0  # (the calibration takes the gain off)
+        if calibration == "on" or (calibration == "auto" and (sig != (n, n) or in_units)):
             view = calibrate_dataset(ctx, dataset, model, coords_step, positions,
                                      0.0 if auto_rotation else rotation_deg, fastest, png=calibration_png,
                                      reverse_rows=reverse_rows, kind=kind, **(calibration_options or {}))
