@@ -368,7 +368,7 @@ def _cmd_export_onnx(args) -> None:
     missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
     if missing:  # onnx for torch's exporter, onnxruntime for the check before writing
         raise DeepPhaseError(f"export-onnx needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
-                             "not installed: pip install 'deepphase[onnx]'")
+                             "not installed: pip install -e '.[onnx]' (in deepphase's source folder)")
     model = load_model(args.model)
     path = export_onnx(model, args.out, overwrite=args.overwrite)
     n, c, out = model.geometry.n_px, model.in_channels, model.geometry.output_px
@@ -586,8 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(bright-field disk, descan, angular sampling, hot/dead pixels; "
                                    "OUT/calibration.png shows it).")
     p.add_argument("data", type=Path,
-                   help=".npy (N,k,k) or (R,C,k,k), .npz from 'deepphase simulate', HDF5/EMD 1.0 (py4DSTEM), zarr; "
-                        "with 'pip install deepphase[files]': Merlin .mib, EMPAD .xml, Gatan .dm4/.dm3, .blo")
+                   help=".npy (N,k,k) or (R,C,k,k), .npz from 'deepphase simulate', HDF5/EMD 1.0 (py4DSTEM); with the "
+                        "'files' extra (pip install -e \".[files]\"): zarr, Merlin .mib, EMPAD .xml, Gatan "
+                        ".dm4/.dm3, .blo")
     p.add_argument("--dataset", help="dataset (or EMD group) path inside an HDF5 or zarr file")
     p.add_argument("--model", help="a packaged model's name (default, neighbourhood, probe-aware, seed-unet, ...) or a "
                                    "model folder (default: the packaged default)")
@@ -650,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "compilation), cuda-graphs (CUDA only: the network replayed as one CUDA graph per batch size; "
                         "unmeasured), onnx (ONNX Runtime, CPU: ~2.1×; a model without an export is exported at the "
                         "first run, ~1 s, and the export kept in ~/.cache/deepphase or $DEEPPHASE_CACHE_DIR; "
-                        "pip install deepphase[onnx])")
+                        "the 'onnx' extra)")
     p.add_argument("--ensemble", nargs="+", metavar="FOLDER",
                    help="further models for the same probe: the image is the mean of all, and uncertainty.npy their "
                         "per-pixel spread (instead of --uncertainty)")
@@ -672,14 +673,14 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--scheduler", metavar="ADDRESS",
                        help="predict on a running dask cluster, e.g. tcp://host:8786 (dask-jobqueue, dask scheduler); "
                             "its workers must see the data file and the model folder")
-    g.add_argument("--tile-size", type=_count, default=4096, metavar="P", help="patterns per task (default 4096)")
+    g.add_argument("--tile-size", type=_count, metavar="P", help="patterns per task (default 4096)")
     g.add_argument("--libertem", action="store_true",
                    help="open DATA with LiberTEM instead (every format it reads: K2IS, Frms6, TVIPS, SEQ, MRC, Merlin, "
                         "raw, ...; --scan-shape where the file does not say) and reconstruct on LiberTEM's workers "
                         "(--workers N: N local processes; default all cores). Frames in LiberTEM's order: --fastest "
                         "defaults to col. Pairwise stitching; --uncertainty head and --rotation auto, but no dropout "
                         "samples, --ensemble or --resume. "
-                        "pip install deepphase[libertem]")
+                        "Needs the 'libertem' extra.")
     p.set_defaults(func=_cmd_reconstruct)
 
     p = sub.add_parser("calibrate-uncertainty", help="fit the factor that makes a model's --uncertainty cover 68 %% "

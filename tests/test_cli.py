@@ -535,7 +535,7 @@ def test_export_onnx_without_onnxruntime_says_what_to_install(tmp_path, capsys, 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else
                         real_find_spec(name, *a))
     code, _, err = run(["export-onnx", "--out", tmp_path / "m.onnx"], capsys)
-    assert code == 2 and "needs onnxruntime, which is not installed: pip install 'deepphase[onnx]'" in err
+    assert code == 2 and "needs onnxruntime, which is not installed: pip install -e '.[onnx]' (in deepphase's source folder)" in err
     assert not (tmp_path / "m.onnx").exists()
     code, _, err = run(["export-onnx", "--out", tmp_path / "m.txt"], capsys)  # (it wrote ONNX under any name)
     assert code == 2 and "expected a file name ending in .onnx" in err and not (tmp_path / "m.txt").exists()
@@ -753,3 +753,15 @@ def test_a_gain_on_patterns_of_the_models_grid_is_taken_off(tiny_scan, tmp_path,
     code, _, err = run(["reconstruct", tmp_path / "adu.npy", *common, "--gain", 5, "--no-calibration", "--out",
                         tmp_path / "off"], capsys)
     assert code == 2 and "gain: 5 detector units per electron are taken off by the calibration" in err, err
+
+
+@pytest.mark.parametrize("options, said", [
+    (["--tile-size", 100], "tile-size: the patterns per task of a cluster (--workers/--scheduler)"),
+    (["--sigma-scale", 2], "sigma-scale: a factor on the uncertainty, and none is asked for"),
+])
+def test_options_that_would_do_nothing_are_refused(options, said, tiny_scan, tmp_path, capsys):
+    """--tile-size without a cluster and --sigma-scale without an uncertainty were accepted and dropped without a
+    word, where other options that would do nothing are refused (the docs audit, s39)."""
+    code, _, err = reconstruct_tiny(tiny_scan, tmp_path / "rec", capsys, *options)
+    assert code == 2 and said in err, err
+    assert not (tmp_path / "rec").exists()

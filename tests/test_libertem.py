@@ -441,7 +441,7 @@ def test_without_libertem_the_module_imports_and_the_udf_says_what_to_install():
             "from deepphase.reconstruction.libertem_udf import PhaseUDF\n"
             "try:\n    PhaseUDF(step_px=1.0)\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.startswith("DeepPhaseError PhaseUDF needs LiberTEM") and "pip install deepphase[libertem]" in out
+    assert out.startswith("DeepPhaseError PhaseUDF needs LiberTEM") and "pip install -e \".[libertem]\" (in deepphase's source folder)" in out
 
 
 def test_cli_reconstruct_with_libertem_writes_the_pipelines_image_and_says_what_read_it(counts, tmp_path, capsys):

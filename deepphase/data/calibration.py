@@ -259,18 +259,25 @@ def bad_pixel_mask(mean_pattern: np.ndarray, n_patterns: int = 1, n_sigma: float
     med = ndimage.median_filter(q, size=3, mode="nearest")
     res = q - med
     sigma = 1.4826 * float(np.median(np.abs(res - np.median(res))))
-    sigma = max(sigma, 1e-3 * float(np.percentile(np.abs(med), 99.9)), 1e-12)
+    spread = sigma = max(sigma, 1e-3 * float(np.percentile(np.abs(med), 99.9)), 1e-12)
     sigma = np.sqrt(sigma**2 + np.maximum(np.maximum(q, med), 0) / max(int(n_patterns), 1))
     hot = q > hot_factor * np.maximum(med, 0) + n_sigma * sigma
     dead = (q < dead_fraction * med) & (-res > n_sigma * sigma)
     # A dead line 2–3 pixels wide (a chip's edge, a gap) is its own 3×3 median: it is compared with the median of
-    # the 7 pixels across it (along the row for a column, along the column for a row), which a pixel outside a
-    # convex disk never has a majority of bright pixels in.
-    across = np.maximum(ndimage.median_filter(q, size=(1, 7), mode="nearest"),
-                        ndimage.median_filter(q, size=(7, 1), mode="nearest"))
-    line_sigma = np.sqrt(sigma**2 + np.maximum(across, 0) / max(int(n_patterns), 1))
-    dead_line = (q < dead_fraction * across) & (across - q > n_sigma * line_sigma)
-    return bad | hot | dead | dead_line
+    # the 7 pixels across it (along the row for a column, along the column for a row), and kept only where such
+    # pixels run along the line for DEAD_LINE_RUN pixels (a dark speckle beside the disk's edge is no line).
+    dead_lines = np.zeros_like(bad)
+    for across_shape, along in (((1, 7), (DEAD_LINE_RUN, 1)), ((7, 1), (1, DEAD_LINE_RUN))):
+        across = ndimage.median_filter(q, size=across_shape, mode="nearest")
+        line_sigma = np.sqrt(spread**2 + np.maximum(across, 0) / max(int(n_patterns), 1))
+        low = (q < dead_fraction * across) & (across - q > n_sigma * line_sigma)
+        gaps_closed = ndimage.binary_closing(low, structure=np.ones(tuple(min(v, 3) for v in along), bool))
+        dead_lines |= ndimage.binary_opening(gaps_closed, structure=np.ones(along, bool)) & low
+    return bad | hot | dead | dead_lines
+
+
+#: A dead line is masked where at least this many pixels in a row along it are dark against those across it.
+DEAD_LINE_RUN = 5
 
 
 def _neighbours(mask: np.ndarray, radius: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

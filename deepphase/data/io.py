@@ -2,7 +2,7 @@
 
 Formats: .npy, the .npz of ``deepphase simulate``, HDF5 (any 3-D/4-D dataset, and
 EMD 1.0 files as py4DSTEM writes them: a group with ``emd_group_type`` 1 or ``"array"`` holding ``data`` and
-``dim1..dimN``, or ``dim0..dimN-1`` as emdfile numbers them), and, with the ``files`` extra (``pip install deepphase[files]``), detector files
+``dim1..dimN``, or ``dim0..dimN-1`` as emdfile numbers them), and, with the ``files`` extra (``pip install -e ".[files]"``), detector files
 through rosettasciio — Quantum Detectors Merlin ``.mib`` (+ ``.hdr``), EMPAD ``.xml`` (+ ``.raw``),
 Gatan ``.dm4``/``.dm3``, NanoMegas ``.blo`` — and zarr arrays or groups.
 
@@ -242,7 +242,7 @@ class SizeGuarded:
         return np.asarray(self.frames[index])
 
 
-FILES_EXTRA = "pip install deepphase[files]"
+FILES_EXTRA = 'pip install -e ".[files]" (in deepphase\'s source folder)'
 DETECTOR_SUFFIXES = {".mib": "Merlin .mib", ".xml": "EMPAD", ".dm4": "Gatan DigitalMicrograph",
                      ".dm3": "Gatan DigitalMicrograph", ".blo": "blockfile"}
 _FORMAT_NAMES = {".mib": "mib", ".xml": "empad", ".dm4": "dm4", ".dm3": "dm3", ".blo": "blockfile"}
@@ -280,7 +280,7 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
     path : str or Path
         ``.npy``; the ``.npz`` written by ``deepphase simulate``; HDF5 (``.h5``/``.hdf5``/``.hdf``/``.emd``,
         HyperSpy's ``.hspy``,
-        EMD 1.0 groups recognised); zarr (``.zarr``/``.zspy`` folder); and with ``deepphase[files]``:
+        EMD 1.0 groups recognised); zarr (``.zarr``/``.zspy`` folder); and with the ``files`` extra:
         ``.mib``, EMPAD ``.xml``, ``.dm4``/``.dm3``, ``.blo``.
     dataset : str, optional
         Path of the dataset (or EMD group) inside an HDF5 or zarr file, when it holds several.

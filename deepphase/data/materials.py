@@ -4,7 +4,7 @@ Everything physical comes from abTEM and ase: the structures from ase's builders
 potentials from ``abtem.Potential`` (Lobato parametrization, infinite projection), the interaction
 constant from ``abtem.core.energy.energy2sigma`` and the 4D-STEM data from abTEM's multislice. abTEM
 and ase are imported inside the functions, so this module imports without them; calling a function
-without them raises :class:`MissingDependencyError` with the install hint ``pip install deepphase[sim]``.
+without them raises :class:`MissingDependencyError` with the install hint ``pip install -e ".[sim]"``.
 
 Calibration (an assumption, not a measurement): the reference probe's bright-field disk has a radius
 of 8.1 px on its 32-px detector grid. At 300 keV (λ = 0.01969 Å) with a 25 mrad semi-angle that is
@@ -72,7 +72,7 @@ def _require_sim():
     except ImportError as exc:
         raise MissingDependencyError(
             f"abtem/ase: atomic specimens and multislice need the optional packages abTEM and ase, which are "
-            f"missing ({exc}); install them with: pip install deepphase[sim]"
+            f"missing ({exc}); install them with: pip install -e \".[sim]\" in deepphase's source folder"
         ) from exc
     return abtem, ase
 

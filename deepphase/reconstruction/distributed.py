@@ -40,7 +40,7 @@ from ..physics.geometry import output_mask
 from .pipeline import Reconstruction, dose_settings, finish, make_accumulators, reconstruct
 from .stitching import METHODS
 
-DASK_EXTRA = "pip install deepphase[distributed]"
+DASK_EXTRA = 'pip install -e ".[distributed]" (in deepphase\'s source folder)'
 
 
 def _require_distributed():

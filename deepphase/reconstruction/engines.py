@@ -21,7 +21,7 @@ difference). Which one is fastest depends on the machine: see benchmarks/RESULTS
   into that many slices, run at once by one single-threaded session from as many Python threads (the
   session releases the GIL). On two cores that is 1.05-1.29x faster end to end than one session with
   two intra-op threads, and the same numbers (benchmarks/RESULTS.md, section 34). CPU only; needs
-  ``pip install deepphase[onnx]``. An export takes ~1 s (5-7 s where only the torch.export-based exporter
+  ``pip install -e ".[onnx]"``. An export takes ~1 s (5-7 s where only the torch.export-based exporter
   works), so it is kept in the cache folder
   (:func:`deepphase.runtime.cache_dir`) under a digest of the network's weights, its code and the torch
   version, and the next run on the same network starts in a fraction of a second. A model folder's own
@@ -467,7 +467,7 @@ def _onnx(network: torch.nn.Module, threads: int | None, folder_exports=()) -> N
         import onnxruntime as ort
     except ImportError as exc:
         raise DeepPhaseError(
-            "engine: 'onnx' needs onnxruntime, onnx and onnxscript (pip install 'deepphase[onnx]'), "
+            "engine: 'onnx' needs onnxruntime, onnx and onnxscript (pip install -e '.[onnx]' in deepphase's source folder), "
             "which are not installed; use the 'eager' engine"
         ) from exc
     net = copy.deepcopy(network).cpu().eval()

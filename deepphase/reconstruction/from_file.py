@@ -37,6 +37,8 @@ logger = logging.getLogger("deepphase")
 # Where an interrupted reconstruction keeps its progress, inside the output folder.
 PARTIAL_FOLDER = ".deepphase-partial"
 INPUT_KINDS = ("counts", "amplitude")
+#: Patterns per task on a cluster, unless ``tile_size`` says otherwise.
+TILE_SIZE = 4096
 
 
 @in_callers_words()
@@ -76,7 +78,7 @@ def reconstruct_file(
     overwrite: bool = False,
     workers: int | None = None,
     scheduler: str | None = None,
-    tile_size: int = 4096,
+    tile_size: int | None = None,
     libertem: bool = False,
     progress: bool | None = None,
     log: Callable[[str, bool], None] | None = None,
@@ -127,7 +129,7 @@ def reconstruct_file(
     overwrite : replace an earlier result in ``out`` (the earlier run's figures this one does not remake
         are removed with it).
     workers, scheduler, tile_size : predict on a dask cluster: ``workers`` local processes or the one at
-        ``scheduler``, ``tile_size`` patterns per task (:mod:`deepphase.reconstruction.distributed`).
+        ``scheduler``, ``tile_size`` patterns per task (default 4096; :mod:`deepphase.reconstruction.distributed`).
     libertem : open the file with LiberTEM and reconstruct on its executor
         (:func:`deepphase.reconstruction.libertem_udf.reconstruct_file`; ``workers`` are its processes).
     stitching, deblur, batch_size, precision, engine, sigma_scale, device, chunk_size, progress : as for
@@ -160,7 +162,8 @@ def reconstruct_file(
                      uncertainty=uncertainty, positions=positions, step_px=step_px, rotation_deg=rotation_deg,
                      fastest=fastest, ensemble=ensemble, workers=workers, scheduler=scheduler, resume=resume, out=out,
                      libertem=libertem, stitching=stitching, device=device, dataset=dataset, engine=engine,
-                     chunk_size=chunk_size)
+                     chunk_size=chunk_size, tile_size=tile_size, sigma_scale=sigma_scale)
+    tile_size = TILE_SIZE if tile_size is None else tile_size
     out = Path(out) if out is not None else None
     with contextlib.ExitStack() as held:
         if out is not None:
@@ -283,7 +286,7 @@ def _warn_or_log(message: str, note: bool) -> None:
 
 def _check_arguments(*, engine, chunk_size, kind, calibration, gain, source_size_px, uncertainty, positions, step_px,
                      rotation_deg, fastest, ensemble, workers, scheduler, resume, out, libertem, stitching, device,
-                     dataset) -> None:
+                     dataset, tile_size=None, sigma_scale=None) -> None:
     """What can be refused before the file is opened (the CLI's argument types refuse most of it earlier)."""
     from .pipeline import uncertainty_method
 
@@ -325,6 +328,13 @@ def _check_arguments(*, engine, chunk_size, kind, calibration, gain, source_size
                              "process with them")
     if resume and out is None:
         raise ValueRangeError("resume: needs the output folder of the interrupted run")
+    # (options that would do nothing are refused, as the others are: they were accepted and dropped, the docs audit)
+    if tile_size is not None and not on_cluster:
+        raise DeepPhaseError("tile-size: the patterns per task of a cluster (--workers/--scheduler); in one process "
+                             "drop it (--chunk-size sets how many patterns are read at once)")
+    if sigma_scale is not None and not uncertainty and not ensemble:
+        raise DeepPhaseError("sigma-scale: a factor on the uncertainty, and none is asked for: add --uncertainty "
+                             "head (or N, or --ensemble), or drop it")
     if libertem:
         refused = [name for name, given in (
             (f"--uncertainty {uncertainty}", uncertainty not in (None, "head")), ("--ensemble", bool(ensemble)),

@@ -54,7 +54,7 @@ from ..wording import in_callers_words
 if TYPE_CHECKING:
     from .pipeline import Reconstruction
 
-LIBERTEM_EXTRA = "pip install deepphase[libertem]"
+LIBERTEM_EXTRA = 'pip install -e ".[libertem]" (in deepphase\'s source folder)'
 
 try:
     from libertem.udf.base import UDF
