@@ -126,7 +126,7 @@ def test_onnx_without_onnxruntime_says_what_to_install(tiny, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_ort)
-    with pytest.raises(DeepPhaseError, match=r"pip install 'deepphase\[onnx\]'"):
+    with pytest.raises(DeepPhaseError, match=r"pip install -e '\.\[onnx\]' in deepphase's source folder"):
         prepare_network(tiny, "onnx")
 
 

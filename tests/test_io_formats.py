@@ -371,7 +371,7 @@ def test_a_4d_npy_is_read_frame_by_frame(frames4d, tmp_path):
 def test_missing_reader_package_names_the_extra(frames4d, tmp_path, monkeypatch):
     path = write_mib(tmp_path / "scan.mib", frames4d.reshape(20, 64, 64), frames_per_trigger=5)
     monkeypatch.setitem(sys.modules, "rsciio", None)  # import rsciio now raises ImportError
-    with pytest.raises(DeepPhaseError, match=r"pip install deepphase\[files\]"):
+    with pytest.raises(DeepPhaseError, match=r"pip install -e \"\.\[files\]\" \(in deepphase's source folder\)"):
         load_scan(path)
 
 

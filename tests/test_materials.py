@@ -14,7 +14,7 @@ from deepphase.physics.scan import raster_positions
 
 def test_missing_abtem_is_a_user_error_with_the_install_hint(monkeypatch):
     monkeypatch.setitem(sys.modules, "abtem", None)  # makes `import abtem` raise ImportError
-    with pytest.raises(materials.MissingDependencyError, match=r"pip install deepphase\[sim\]"):
+    with pytest.raises(materials.MissingDependencyError, match=r"pip install -e \"\.\[sim\]\" in deepphase's source folder"):
         materials.material_specimen("hbn", (40, 40))
 
 

@@ -74,7 +74,7 @@ class ScanData:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
-        if isinstance(self.frames, (RecordFile, SizeGuarded)):
+        if isinstance(self.frames, _HeldFile):
             self.frames.close()
 
     def __enter__(self) -> "ScanData":
@@ -138,7 +138,22 @@ class _Flat4D:
         return flat[offset : offset + stop - start]
 
 
-class RecordFile:
+class _HeldFile:
+    """Frames read from a file this object holds open (``_handle``) until :meth:`close`."""
+
+    def close(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            handle.close()
+
+    def __del__(self):
+        self.close()
+
+    def __len__(self):
+        return self.shape[0]
+
+
+class RecordFile(_HeldFile):
     """An array stored in a file as fixed-size records from ``offset`` on, read by file reads a slice of its first
     axis at a time: its ``shape`` is (n, ..., k_row, k_col) and each record's ``"data"`` field is one (k_row, k_col)
     frame (other fields, a detector's per-frame header or footer, are skipped). ``flip_rows``: each frame is
@@ -164,23 +179,12 @@ class RecordFile:
         return RecordFile(self.path, self.offset, self.record, (int(np.prod(self.shape[:-2])), *self.shape[-2:]),
                           self.flip_rows)
 
-    def close(self) -> None:
-        handle = getattr(self, "_handle", None)
-        if handle is not None:
-            handle.close()
-
-    def __del__(self):
-        self.close()
-
     def __getstate__(self):  # (a dask worker opens the file anew)
         return {k: v for k, v in self.__dict__.items() if k not in ("_handle", "_lock")}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._handle, self._lock = open(self.path, "rb"), threading.Lock()  # noqa: SIM115
-
-    def __len__(self):
-        return self.shape[0]
 
     def __getitem__(self, index):
         if isinstance(index, (int, np.integer)):
@@ -209,7 +213,7 @@ class RecordFile:
         return np.ascontiguousarray(frames[..., ::-1, :]) if self.flip_rows else frames
 
 
-class SizeGuarded:
+class SizeGuarded(_HeldFile):
     """Frames read through a memory map (a Fortran-order .npy, rosettasciio's DM4/DM3 reader), refused once the
     file has shrunk since it was opened: touching the map beyond a file's new end kills the process with SIGBUS,
     so each read first compares the file's size (of the open file, even if its name now points elsewhere) with
@@ -221,17 +225,6 @@ class SizeGuarded:
         self.shape, self.dtype, self.ndim = tuple(frames.shape), frames.dtype, len(frames.shape)
         self._handle = open(self.path, "rb")  # noqa: SIM115 (closed with the object)
         self._size = os.fstat(self._handle.fileno()).st_size
-
-    def close(self) -> None:
-        handle = getattr(self, "_handle", None)
-        if handle is not None:
-            handle.close()
-
-    def __del__(self):
-        self.close()
-
-    def __len__(self):
-        return self.shape[0]
 
     def __getitem__(self, index):
         size = os.fstat(self._handle.fileno()).st_size
