@@ -327,6 +327,7 @@ def test_the_probe_tells_which_way_round_a_scan_runs_where_the_specimen_s_contra
     assert not sense["decided"] and sense["explained"][0] == pytest.approx(sense["explained"][1], rel=0.05)
 
 
+@pytest.mark.slow  # (17–25 s on 2 cores: the default run stays under 10 minutes; -m slow runs it)
 def test_the_cli_takes_the_scan_s_sense_from_the_probe(blurred_scans, tmp_path, capsys):
     for true, amplitude in blurred_scans.items():
         np.save(tmp_path / f"scan{true:.0f}.npy", amplitude)

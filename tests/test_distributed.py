@@ -297,6 +297,7 @@ def test_cli_reconstruct_with_workers(scan_file, tmp_path):
         assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # (17–25 s on 2 cores: the default run stays under 10 minutes; -m slow runs it)
 def test_dask_workers_tell_a_probe_aware_model_what_the_client_measured(tmp_path):
     from deepphase.physics import reference_probe
 

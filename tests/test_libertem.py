@@ -256,6 +256,7 @@ def test_a_given_rotation_is_checked_as_the_pipeline_checks_it(ctx, tmp_path, ca
         assert check[key] == pytest.approx(expected[key], rel=1e-6), key
 
 
+@pytest.mark.slow  # (17–25 s on 2 cores: the default run stays under 10 minutes; -m slow runs it)
 def test_the_probe_is_checked_as_the_pipeline_checks_it(tmp_path, capsys):
     """A defocused probe on a rotated raster with the row fastest: reconstruct_file's probe check reads the same
     block (LiberTEM's navigation axes swapped back) and finds the pipeline's numbers; the CLI writes the estimate."""
@@ -546,6 +547,7 @@ def test_a_wrong_step_is_noted_as_the_pipeline_notes_it(ctx, tmp_path):
     assert "step_note" not in right["probe_check"]
 
 
+@pytest.mark.slow  # (17–25 s on 2 cores: the default run stays under 10 minutes; -m slow runs it)
 def test_the_step_is_found_as_the_pipeline_finds_it(ctx, tmp_path):
     """Step "auto" on calibrated detector frames (48×48, the disk zoomed and off centre) of a raster at 1.1 px
     turned 15°: with the rotation given and with it found, LiberTEM's reconstruct_file reads the same block

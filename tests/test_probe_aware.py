@@ -222,6 +222,7 @@ def test_a_fit_of_counting_noise_tells_a_probe_aware_model_nothing(probe, aware_
     assert told["told_coefficients_rad_per_px2"] == [0.15, 0.0, 0.15] and "beyond the ±1.5 rad" in told["note"]
 
 
+@pytest.mark.slow  # (17–25 s on 2 cores: the default run stays under 10 minutes; -m slow runs it)
 def test_the_packaged_probe_aware_model_told_keeps_a_defocused_crystal_the_default_loses(probe):
     """The shipped model on a 24×24 twisted-hBN scan (27,882 e/pattern): with the probe defocused by 1.6 rad at the
     disk's edge the default scores about 0.70, untold about 0.85, told what the probe check finds about 0.96
