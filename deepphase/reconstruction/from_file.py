@@ -30,7 +30,7 @@ from ..errors import DeepPhaseError, DeepPhaseNote, InputFileError, OutputExists
     ValueRangeError
 from ..wording import in_callers_terms, in_callers_words, note_to_caller
 from .checks import PATTERN_SAMPLE, bad_pixel_note, check_probe, check_rotation, detector_axes_first_note, \
-    fine_step_note, raster_of, sense
+    disk_offset_note, fine_step_note, raster_of, sense
 
 logger = logging.getLogger("deepphase")
 
@@ -528,6 +528,8 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         kind = kind_of_sample(*sample)
     amplitudes = view if view is not None else AmplitudeView(scan.frames, kind)
     if view is None and (text := bad_pixel_note(sample[1], kind)):  # (a calibration masks them)
+        note(text)
+    if view is None and (text := disk_offset_note(sample[1], kind, model.probe)):  # (a calibration moves it)
         note(text)
     if flip_patterns:
         view, amplitudes = _flipped(view, amplitudes)
