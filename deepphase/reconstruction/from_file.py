@@ -529,7 +529,8 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     amplitudes = view if view is not None else AmplitudeView(scan.frames, kind)
     if view is None and (text := bad_pixel_note(sample[1], kind)):  # (a calibration masks them)
         note(text)
-    if view is None and (text := disk_offset_note(sample[1], kind, model.probe)):  # (a calibration moves it)
+    if view is None and not kind_doubt and (text := disk_offset_note(sample[1], kind, model.probe)):
+        # (a calibration moves it; patterns read as the other kind show another disk)
         note(text)
     if flip_patterns:
         view, amplitudes = _flipped(view, amplitudes)
