@@ -81,6 +81,12 @@ def detector_axes_first_note(block: np.ndarray, remedy: str = AXES_FIRST_FILE_RE
             "rows, cols)? " + remedy)
 
 
+def _finite_counts(block: np.ndarray, kind: str) -> np.ndarray | None:
+    """The sampled patterns as counts, or None where any is not finite."""
+    counts = block if kind == "counts" else np.square(block)
+    return counts if np.all(np.isfinite(counts)) else None
+
+
 def bad_pixel_note(block: np.ndarray, kind: str) -> str | None:
     """A note naming hot or dead pixels in patterns read as they are (on the model's grid, so not calibrated, which
     masks them): :func:`~deepphase.data.calibration.bad_pixel_mask` on the mean of ``block``, patterns spread over
@@ -89,8 +95,8 @@ def bad_pixel_note(block: np.ndarray, kind: str) -> str | None:
     RESULTS §44."""
     from ..data.calibration import bad_pixel_mask
 
-    counts = block if kind == "counts" else np.square(block)
-    if not np.all(np.isfinite(counts)):
+    counts = _finite_counts(block, kind)
+    if counts is None:
         return None  # (the reconstruction names the frame)
     bad = np.argwhere(bad_pixel_mask(counts.mean(0), len(counts)))
     if not len(bad):
@@ -114,8 +120,8 @@ def disk_offset_note(block: np.ndarray, kind: str, probe: np.ndarray) -> str | N
     across cost the image 0.99 → 0.83 in correlation without a word (the calibration audit, s39)."""
     from ..data.calibration import find_disk, model_disk
 
-    counts = block if kind == "counts" else np.square(block)
-    if not np.all(np.isfinite(counts)):
+    counts = _finite_counts(block, kind)
+    if counts is None:
         return None
     try:
         disk = find_disk(counts.mean(0))
