@@ -155,20 +155,26 @@ def _cmd_train(args) -> None:
           f"deepphase reconstruct DATA --model {shlex.quote(str(args.out))}")
 
 
-def _add_scan_arguments(p: argparse.ArgumentParser, required: bool, auto_step: bool = False) -> None:
+def _add_scan_arguments(p: argparse.ArgumentParser, simulating: bool) -> None:
+    """The scan options simulate and reconstruct share; only reconstruct can find the step and rotation."""
     g = p.add_argument_group("scan positions (top-left corner of each probe window, real-space pixels)")
     g.add_argument("--positions", type=Path, help="(N, 2) .npy of (row, col) positions")
-    g.add_argument("--scan-shape", type=_count, nargs=2, metavar=("ROWS", "COLS"), help="raster shape")
-    if auto_step:
+    g.add_argument("--scan-shape", type=_count, nargs=2, metavar=("ROWS", "COLS"),
+                   help="raster shape (default 64 64)" if simulating else
+                   "raster shape, where the file does not say it (needed for (N, k, k) data)")
+    if not simulating:
         g.add_argument("--step", type=_step, metavar="S|auto",
                        help="raster step in real-space pixels of the model's grid; 'auto': the step the model's "
                             "probe fits best (the weak-phase transfer on the central 64×64 positions, ~2 s; rasters up to ~1.4 px)")
     else:
         g.add_argument("--step", type=_positive, help="raster step in real-space pixels of the model's grid "
                                                       "(default 0.87, the reference scan's)")
-    g.add_argument("--rotation", type=_rotation, default=0.0, metavar="DEG|auto",
-                   help="rotation of the scan axes against the detector's, degrees counter-clockwise (default 0); "
-                        "'auto' (reconstruct) finds it from the data by the DPC curl criterion")
+    angle = "rotation of the scan axes against the detector's, degrees counter-clockwise (default 0)"
+    if simulating:
+        g.add_argument("--rotation", type=_rotation(auto=False), default=0.0, metavar="DEG", help=angle)
+    else:
+        g.add_argument("--rotation", type=_rotation(auto=True), default=0.0, metavar="DEG|auto",
+                       help=angle + "; 'auto' finds it from the data by the DPC curl criterion")
     g.add_argument("--fastest", choices=["row", "col"],
                    help="scan axis that varies fastest between frames (default: 'row', the convention of the paper's data, for "
                         "(N, k, k) data; 'col' for (rows, cols, k, k) arrays)")
@@ -179,16 +185,21 @@ def _step(text: str):
     return text if text == "auto" else _number(minimum=0, above=True, what="a positive number of pixels or 'auto'")(text)
 
 
-def _rotation(text: str):
-    if text == "auto":
-        return text
-    try:
-        angle = float(text)
-    except ValueError:
-        angle = float("nan")
-    if not np.isfinite(angle):
-        raise argparse.ArgumentTypeError(f"expected an angle in degrees or 'auto', got {text!r}")
-    return angle
+def _rotation(auto: bool):
+    """``--rotation``: an angle in degrees, or (reconstruct) 'auto'."""
+    expected = "an angle in degrees or 'auto'" if auto else "an angle in degrees"
+
+    def parse(text: str):
+        if auto and text == "auto":
+            return text
+        try:
+            angle = float(text)
+        except ValueError:
+            angle = float("nan")
+        if not np.isfinite(angle):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return angle
+    return parse
 
 
 def _cmd_simulate(args) -> None:
@@ -213,8 +224,6 @@ def _cmd_simulate(args) -> None:
         from .physics.scan import REFERENCE_STEP_PX
 
         args.step = REFERENCE_STEP_PX
-    if args.rotation == "auto":
-        raise DeepPhaseError("rotation: 'auto' is for reconstruct (it is found from the data); give an angle in degrees")
     from .reconstruction.from_file import scan_positions
 
     positions, scan_info = scan_positions(args.positions, args.scan_shape, args.step, args.rotation, args.fastest,
@@ -557,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="phase of the brightest pixel (rad): scales an image file to 0..MAX (default 1), or a .npy "
                         "(default: its radians as they are)")
     _add_probe_arguments(p)
-    _add_scan_arguments(p, required=False)
+    _add_scan_arguments(p, simulating=True)
     p.add_argument("--dose", type=_positive, help="electrons per pattern (default: the probe's own scale, 27,882 for "
                                               "the reference probe)")
     p.add_argument("--dose-per-area", type=_positive, help="dose in e/Å² (needs --sampling and --step)")
@@ -575,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a counting detector's Gaussian point spread, standard deviation in detector pixels "
                         "(default 0: none)")
     p.add_argument("--out", required=True, type=Path, help="output .npz")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_simulate)
 
     p = sub.add_parser("reconstruct", help="reconstruct a phase image from a 4D-STEM scan",
@@ -592,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="dataset (or EMD group) path inside an HDF5 or zarr file")
     p.add_argument("--model", help="a packaged model's name (default, neighbourhood, probe-aware, seed-unet, ...) or a "
                                    "model folder (default: the packaged default)")
-    _add_scan_arguments(p, required=True, auto_step=True)
+    _add_scan_arguments(p, simulating=False)
     p.add_argument("--input", choices=["auto", "counts", "amplitude"], default="auto",
                    help="whether the data are counts or amplitudes sqrt(counts) (default: read or inferred; "
                         "detector patterns that need calibration are taken as counts)")
@@ -696,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["auto", "dropout", "head"], default="auto",
                    help="whose σ to calibrate: Monte Carlo dropout's, or the σ head's (default auto: the head if "
                         "the model has one); stored under 'uncertainty' or 'uncertainty_head' in model.json")
-    p.add_argument("--seed", type=int, default=20261125)
+    p.add_argument("--seed", type=int, default=20261125,
+                   help="random seed of the simulated scans and their noise (default 20261125)")
     p.add_argument("--overwrite", action="store_true", help="replace a factor fitted before for the same method")
     p.set_defaults(func=_cmd_calibrate_uncertainty)
 
@@ -714,7 +724,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Simulate a built-in specimen at the paper's step and dose, reconstruct it with "
                                    "the packaged model and print the correlation with the truth.")
     p.add_argument("--out", type=Path, default=Path("deepphase-demo"), help="output folder (default deepphase-demo)")
-    p.add_argument("--specimen", default="twisted-hbn", choices=BUILTIN_SPECIMENS)
+    p.add_argument("--specimen", default="twisted-hbn", choices=BUILTIN_SPECIMENS,
+                   help="built-in specimen (default twisted-hbn: the reference experiment's bilayer, as simulated)")
     p.add_argument("--stitching", choices=["pairwise", "least-squares", "seed"], default="pairwise",
                    help="pairwise (default, fast), least-squares (exact canvas least squares) or seed (the original)")
     p.set_defaults(func=_cmd_demo)

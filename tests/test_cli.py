@@ -488,6 +488,21 @@ def test_every_command_has_help(capsys):
         assert "usage: deepphase " + command in capsys.readouterr().out
 
 
+def test_every_option_says_what_it_does_and_offers_only_what_its_command_takes(capsys):
+    import argparse
+
+    from deepphase.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [f"{name} {a.option_strings[-1]}" for name, sub in commands.items() for a in sub._actions
+              if a.option_strings and not a.help]
+    assert silent == []
+    simulate = {a.dest: a for a in commands["simulate"]._actions}
+    assert "auto" not in simulate["rotation"].help and "default 64 64" in simulate["scan_shape"].help
+    assert main(["simulate", "--rotation", "auto", "--out", "x.npz"]) == 2
+    assert "--rotation: expected an angle in degrees, got 'auto'" in capsys.readouterr().err
+
+
 def test_the_parser_is_built_without_torch_and_train_still_lists_and_checks_architectures(capsys, monkeypatch):
     import subprocess
     import sys

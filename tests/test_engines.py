@@ -445,7 +445,7 @@ def test_auto_engine_picks_by_device_size_and_what_is_installed(monkeypatch):
 
 
 def test_cuda_graphs_on_a_cpu_is_refused(tiny):
-    with pytest.raises(DeepPhaseError, match=r"engine: 'cuda-graphs' needs a CUDA device .* device 'cpu'"):
+    with pytest.raises(DeepPhaseError, match=r"engine: 'cuda-graphs' needs a CUDA device .* runs on 'cpu' here"):
         prepare_network(tiny, "cuda-graphs", "cpu")
 
 

@@ -364,6 +364,18 @@ def test_existing_model_is_not_overwritten_unasked(probe, tmp_path):
         train(probe, tmp_path / "m", TrainConfig(**{**config.__dict__, "batch_size": 6}), resume=True, **quiet)
 
 
+def test_a_resume_refused_names_only_what_the_user_changed_in_their_words():
+    from deepphase.training.loop import _check_resume_config
+
+    saved = TrainConfig(batch_size=4, sigma_head="shared").to_dict()
+    with pytest.raises(DeepPhaseError) as told:  # the σ head dropped (its weight went with it) and a dose given
+        _check_resume_config(json.loads(json.dumps(saved)), TrainConfig(batch_size=4, dose=1000.0))
+    said = str(told.value)
+    assert "(--dose: not given then, 1000.0 now; the σ head: shared then, none now)" in said
+    assert "sigma" not in said and "None" not in said
+    _check_resume_config(json.loads(json.dumps(saved)), TrainConfig(batch_size=4, sigma_head="shared", epochs=30))
+
+
 @pytest.mark.parametrize("damage, expected", [
     (lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:5000]),
      "not a readable safetensors file"),

@@ -238,8 +238,8 @@ class _GraphRunner:
 def _cuda_graphs(network: torch.nn.Module, device: torch.device, channels_last: bool = False) -> Network:
     if device.type != "cuda":
         raise DeepPhaseError(
-            f"engine: 'cuda-graphs' needs a CUDA device (it captures CUDA graphs), but device {str(device)!r} "
-            "was asked for; use 'eager', 'channels-last' or 'compile'"
+            f"engine: 'cuda-graphs' needs a CUDA device (it captures CUDA graphs), but the network runs on "
+            f"{str(device)!r} here; use 'eager', 'channels-last' or 'compile' there"
         )
     return _GraphRunner(network, device, channels_last)
 

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from ..data.phase_objects import CORPUS_FIELDS, CorpusConfig
+from ..data.phase_objects import CORPUS_FIELDS, OPTION_OF_CORPUS_FIELD, CorpusConfig
 from ..data.stream import Batch, TrainingStream
 from ..errors import DeepPhaseError, InputFileError, OutputExistsError
 from ..wording import in_callers_words, in_fields_of
@@ -660,13 +660,32 @@ def _initialise_from(network: torch.nn.Module, config: TrainConfig, arch_config:
         + (f" ({', '.join(added)}: new layers from zero)" if added else ""))
 
 
+def _as_given(value) -> str:
+    return "not given" if value is None else repr(value)
+
+
 def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
-    now = config.to_dict()
-    changed = sorted(k for k in set(saved_config) | set(now)
-                     if k not in ("epochs", "device", "init_from") and saved_config.get(k) != now.get(k))
-    if changed:
-        named = {k: f"--{OPTION_OF_FIELD[k]}" for k in changed if k in OPTION_OF_FIELD and k != "sigma_head"}  # (a switch)
-        said = "; ".join(f"{named.get(k, k)}: {saved_config.get(k)!r} then, {now.get(k)!r} now" for k in changed)
+    # A key to_dict leaves out holds its default; comparing with the defaults filled in keeps a setting that
+    # follows another (the σ head's weight) from showing up as changed when only that other one was.
+    defaults = TrainConfig().to_dict() | asdict(TrainConfig()) | {"corpus": CorpusConfig().to_dict()}
+    then, now = defaults | saved_config, defaults | config.to_dict()
+    then["corpus"], now["corpus"] = (defaults["corpus"] | saved_config.get("corpus", {}),
+                                     defaults["corpus"] | now["corpus"])
+    said = []
+    for k in sorted(set(then) | set(now)):
+        if k in ("epochs", "device", "init_from") or then.get(k) == now.get(k):
+            continue
+        if k == "corpus":
+            said += [f"--{OPTION_OF_CORPUS_FIELD.get(f, f)}: {_as_given(then[k].get(f))} then, "
+                     f"{_as_given(now[k].get(f))} now" for f in sorted(set(then[k]) | set(now[k]))
+                     if then[k].get(f) != now[k].get(f)]
+        elif k == "sigma_head":  # (a switch, named in words: its option would read as a keyword=value in Python)
+            said.append(f"the σ head: {then.get(k) or 'none'} then, {now.get(k) or 'none'} now")
+        else:
+            said.append(f"{'--' + OPTION_OF_FIELD[k] if k in OPTION_OF_FIELD else k}: {_as_given(then.get(k))} then, "
+                        f"{_as_given(now.get(k))} now")
+    if said:
+        said = "; ".join(said)
         raise DeepPhaseError(f"resume: the checkpoint was made with another configuration ({said}); resume with the "
                              "same arguments (only --epochs and --device may change)")
 
