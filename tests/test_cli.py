@@ -238,7 +238,13 @@ def test_an_overwrite_leaves_no_file_of_the_earlier_run_it_did_not_remake(tiny_s
     (tmp_path / "rec" / "notes.txt").write_text("mine")
     args = ["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy", "--out", tmp_path / "rec"]
     assert run([*args, "--uncertainty", "head"], capsys)[0] == 0
-    (tmp_path / "rec" / "rotation.png").write_bytes(b"an earlier run's figure")
+
+    def made_by_the_earlier_run(name):
+        (tmp_path / "rec" / name).write_bytes(b"an earlier run's figure")
+        meta = json.loads((tmp_path / "rec" / "metadata.json").read_text())
+        (tmp_path / "rec" / "metadata.json").write_text(json.dumps({**meta, "figures": [name]}))
+
+    made_by_the_earlier_run("rotation.png")
     assert (tmp_path / "rec" / "uncertainty.npy").exists()
     assert run([*args, "--overwrite"], capsys)[0] == 0
     assert not (tmp_path / "rec" / "uncertainty.npy").exists() and not (tmp_path / "rec" / "rotation.png").exists()
@@ -248,11 +254,16 @@ def test_an_overwrite_leaves_no_file_of_the_earlier_run_it_did_not_remake(tiny_s
     import deepphase
 
     rec = deepphase.reconstruct(np.load(folder / "amplitude.npy"), np.load(folder / "positions.npy"), progress=False)
-    for name in ("rec", "figure-only"):
-        (tmp_path / name).mkdir(exist_ok=True)
-        (tmp_path / name / "probe_check.png").write_bytes(b"an earlier run's figure")
+    made_by_the_earlier_run("probe_check.png")
+    (tmp_path / "figure-only").mkdir()
+    (tmp_path / "figure-only" / "probe_check.png").write_bytes(b"a user's figure")
     with pytest.raises(deepphase.DeepPhaseError, match=r"already holds probe_check\.png; .*overwrite=True"):
         deepphase.write_outputs(rec, tmp_path / "figure-only")
+    # A file of an output's name that no run made (no metadata.json names it) stays, even with overwrite=True.
+    with pytest.raises(deepphase.DeepPhaseError, match=r"holds probe_check\.png, which no earlier reconstruction "
+                                                       r"there wrote .* move it or choose another folder"):
+        deepphase.write_outputs(rec, tmp_path / "figure-only", overwrite=True)
+    assert (tmp_path / "figure-only" / "probe_check.png").read_bytes() == b"a user's figure"
     written = deepphase.write_outputs(rec, tmp_path / "rec", overwrite=True)
     assert not (tmp_path / "rec" / "probe_check.png").exists() and "figures" not in written
     assert (tmp_path / "rec" / "notes.txt").read_text() == "mine"
@@ -271,6 +282,24 @@ def test_an_overwrite_leaves_no_file_of_the_earlier_run_it_did_not_remake(tiny_s
         with pytest.raises(KeyboardInterrupt):
             deepphase.write_outputs(rec, tmp_path / "rec", overwrite=True)
     assert (tmp_path / "rec" / "phase.npy").exists() and not (tmp_path / "rec" / "metadata.json").exists()
+
+
+def test_overwrite_never_replaces_a_file_no_run_made_the_scan_or_positions_read_included(tiny_scan, tmp_path,
+                                                                                          capsys):
+    """--overwrite replaced a scan saved as phase.npy in --out with the image, and removed the positions file named
+    uncertainty.npy that the run had just read (the outputs audit, s40)."""
+    folder, _ = tiny_scan
+    for name, data, positions in (("phase.npy", "phase.npy", "positions.npy"),
+                                  ("uncertainty.npy", "scan.npy", "uncertainty.npy")):
+        out = tmp_path / name
+        out.mkdir()
+        np.save(out / data, np.load(folder / "amplitude.npy"))
+        np.save(out / positions, np.load(folder / "positions.npy"))
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        code, _, err = run(["reconstruct", out / data, "--positions", out / positions, "--out", out, "--overwrite"],
+                           capsys)
+        assert code == 2 and f"holds {name}, which no earlier reconstruction there wrote" in err, err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_a_run_interrupted_while_writing_resumes_from_its_saved_prediction(tiny_scan, tmp_path, capsys, monkeypatch):
@@ -782,17 +811,55 @@ def test_options_that_would_do_nothing_are_refused(options, said, tiny_scan, tmp
     assert not (tmp_path / "rec").exists()
 
 
-def test_a_disk_off_the_models_on_its_grid_is_noted(tiny_scan, tmp_path, capsys):
-    """Patterns on the model's 32×32 grid are read as they are: a disk 2 px down and 3 px across cost the image
-    0.99 → 0.83 without a word (the calibration audit, s39). It is noted; the scan as simulated is not."""
+def test_a_disk_off_the_models_on_its_grid_is_calibrated_and_one_of_another_size_is_noted(tiny_scan, tmp_path,
+                                                                                          capsys):
+    """Patterns on the model's 32×32 grid were read as they are: a disk 2 px down and 3 px across cost the image
+    0.99 → 0.83 without a word (the calibration audit, s39). Under the default they are calibrated now, with a note
+    (--no-calibration reads them as they are, noted); a disk of another size is noted (zooming it would change
+    what the scan step in pixels means); the scan as simulated is neither."""
     from scipy import ndimage
 
     folder, _ = tiny_scan
     counts = np.load(folder / "counts.npy")
     np.save(tmp_path / "moved.npy", np.round(ndimage.shift(counts, (0, 2, 3), order=1).clip(0)))
+    np.save(tmp_path / "wider.npy", np.round(ndimage.zoom(counts, (1, 1.1, 1.1), order=1)[:, 1:33, 1:33].clip(0)))
     said = "the patterns' bright-field disk is centred at"
     common = ["--positions", folder / "positions.npy", "--no-probe-check"]
-    for data, noted in ((folder / "counts.npy", False), (tmp_path / "moved.npy", True)):
-        code, _, err = run(["reconstruct", data, *common, "--out", tmp_path / data.stem], capsys)
-        assert code == 0 and (said in err) == noted, err
-    assert "with a radius of 7.6" in err and "--calibrate moves and scales them onto the model's disk" in err
+    images = {}
+    for data, *options in ((folder / "counts.npy",), (tmp_path / "moved.npy",),
+                           (tmp_path / "moved.npy", "--no-calibration"), (tmp_path / "wider.npy",)):
+        out = tmp_path / f"{data.stem}{len(options)}"
+        code, _, err = run(["reconstruct", data, *common, *options, "--out", out], capsys)
+        assert code == 0, err
+        images[out.name] = np.load(out / "phase.npy").ravel()
+        calibrated = json.loads((out / "metadata.json").read_text())["calibration"] is not None
+        if out.name == "counts0":
+            assert said not in err and not calibrated
+        elif out.name == "moved0":
+            assert "(17.67, 19.00) with a radius of 7.60 px" in err and calibrated
+            assert "the patterns are calibrated onto the model's disk (as with --calibrate" in err
+        else:
+            assert "--calibrate moves and scales them onto the model's disk" in err and not calibrated, err
+    assert "with a radius of 8.3" in err
+    similar = {name: np.corrcoef(images["counts0"], image)[0, 1] for name, image in images.items()}
+    assert similar["moved0"] > 0.95 and similar["moved1"] < 0.6, similar  # (0.972 and 0.323 when written)
+
+
+def test_a_saturated_detector_is_noted_and_a_hot_pixel_or_plain_counts_are_not(tiny_scan, tmp_path, capsys):
+    """Counts clipped at 63 (a 6-bit counter; the disk's mean is ~150) cost the image 0.99 → 0.51 and passed
+    unnoticed (the calibration audit, s39)."""
+    folder, _ = tiny_scan
+    counts = np.load(folder / "counts.npy")
+    hot = counts.copy()
+    hot[:, 12, 20] = 60000  # one stuck pixel: the bad-pixel note's
+    said = "bright pixels read exactly their highest value, 63 counts: is the detector saturated?"
+    for name, data, noted in (("clipped", np.minimum(counts, 63), True), ("plain", counts, False), ("hot", hot, False)):
+        np.save(tmp_path / f"{name}.npy", data)
+        code, _, err = run(["reconstruct", tmp_path / f"{name}.npy", "--positions", folder / "positions.npy",
+                            "--no-probe-check", "--out", tmp_path / f"out-{name}"], capsys)
+        assert code == 0 and ("is the detector saturated?" in err) == noted, (name, err)
+    assert "hot or dead" in err
+    np.save(tmp_path / "clipped-amplitude.npy", np.sqrt(np.minimum(counts, 63)).astype(np.float32))
+    code, _, err = run(["reconstruct", tmp_path / "clipped-amplitude.npy", "--positions", folder / "positions.npy",
+                        "--no-probe-check", "--out", tmp_path / "out-clipped-amplitude"], capsys)
+    assert code == 0 and said in err, err  # (the square roots of counts: told in counts)

@@ -381,6 +381,35 @@ def test_a_hot_pixel_is_named_as_the_pipeline_names_it(counts, tmp_path, capsys)
                    json.loads((tmp_path / how / "metadata.json").read_text())["notes"]), how
 
 
+def test_a_disk_off_the_models_and_a_dark_level_are_noted_and_calibrated_as_the_pipeline_does(counts, ctx, tmp_path,
+                                                                                                capsys):
+    """Model-grid patterns whose disk sits 2 px down and 3 px across, with a dark level of 15 counts left in: the
+    pipeline calibrates them and says so, and notes the dark level; --libertem did neither (the s39 note)."""
+    from deepphase.cli import main
+
+    frames, _ = counts
+    moved = ndimage.shift(frames, (0, 2, 3), order=0, mode="constant") + 15  # (whole pixels: the shift is exact)
+    np.save(tmp_path / "scan.npy", moved.reshape(*NAV, 32, 32))
+    assert main(["reconstruct", str(tmp_path / "scan.npy"), "--step", str(STEP), "--engine", "eager",
+                 "--no-probe-check", "--out", str(tmp_path / "pipeline")]) == 0
+    said = capsys.readouterr().err
+    rec, read = reconstruct_file(tmp_path / "scan.npy", step_px=STEP, engine="eager", probe_check=False, ctx=ctx)
+    for how, notes, calibration in (
+            ("pipeline", said, json.loads((tmp_path / "pipeline" / "metadata.json").read_text())["calibration"]),
+            ("libertem", " ".join(read["pattern_notes"]), read["calibration"])):
+        assert "the patterns are calibrated onto the model's disk" in notes, how
+        assert "a detector's dark level not subtracted?" in notes, how
+        assert calibration["center_px"] == pytest.approx([17.7, 19.0], abs=0.1), how
+    _assert_same_image(rec.phase, np.load(tmp_path / "pipeline" / "phase.npy"), atol=1e-4)
+
+
+def test_a_saturated_detector_is_noted_as_the_pipeline_notes_it(counts, ctx, tmp_path):
+    frames, _ = counts
+    np.save(tmp_path / "clipped.npy", np.minimum(frames, 63).reshape(*NAV, 32, 32))
+    _, read = reconstruct_file(tmp_path / "clipped.npy", step_px=STEP, engine="eager", probe_check=False, ctx=ctx)
+    assert any("63 counts: is the detector saturated?" in text for text in read["pattern_notes"]), read["pattern_notes"]
+
+
 def test_dask_workers_in_other_processes_make_the_same_image(counts, tmp_path):
     frames, positions = counts
     path = tmp_path / "scan.npy"

@@ -87,6 +87,34 @@ def _finite_counts(block: np.ndarray, kind: str) -> np.ndarray | None:
     return counts if np.all(np.isfinite(counts)) else None
 
 
+#: Patterns whose bright pixels (over half the highest value) read that highest value this often, over at least
+#: :data:`SATURATED_MIN_PIXELS` detector pixels, are noted as clipped: on a 12×12 simulated scan (disk mean 149
+#: counts) clipping at 150 left 32 % of them there and the image as it was (correlation 0.995 with the unclipped
+#: one's); at 100, 90 % and 0.72; at 63, 94 % and 0.51 (s40). Poisson counts reach their maximum at one pixel or two.
+SATURATED_SHARE = 0.5
+SATURATED_MIN_PIXELS = 8
+
+
+def saturation_note(block: np.ndarray, kind: str) -> str | None:
+    """A note when the detector looks saturated: most bright pixels of ``block`` (patterns spread over the scan, as
+    read) hold exactly the same highest value, at many detector pixels (one stuck pixel is a hot pixel's matter).
+    Counts under 8 at the top are left alone: a 1- or 2-bit counter's patterns are all at their top."""
+    counts = _finite_counts(block, kind)
+    if counts is None or not counts.size:
+        return None
+    top = float(counts.max())
+    if top < 8:
+        return None
+    at_top, bright = counts == top, counts > top / 2
+    share = at_top.sum() / max(int(bright.sum()), 1)
+    if share < SATURATED_SHARE or int(at_top.any(axis=0).sum()) < SATURATED_MIN_PIXELS:
+        return None
+    return (f"{share:.0%} of the patterns' bright pixels read exactly their highest value, {top:g} counts: is the "
+            "detector saturated? Counts clipped flatten the disk's contrast, which the network reads as the "
+            "specimen's (simulated, clipped at two thirds of the disk's mean count: correlation 0.72; at 0.43 of it: "
+            "0.51); record with fewer electrons per pattern or a deeper counter")
+
+
 def bad_pixel_note(block: np.ndarray, kind: str) -> str | None:
     """A note naming hot or dead pixels in patterns read as they are (on the model's grid, so not calibrated, which
     masks them): :func:`~deepphase.data.calibration.bad_pixel_mask` on the mean of ``block``, patterns spread over
@@ -112,12 +140,16 @@ def bad_pixel_note(block: np.ndarray, kind: str) -> str | None:
 #: is noted: it is read as it is unless calibrated.
 DISK_OFFSET_NOTE_PX = 0.5
 DISK_RADIUS_NOTE = 0.04
+#: ... and one this far off (px), of the model's size, is calibrated under "auto": shifted 0.5/0.7/1.0/1.5 px, a 12×12
+#: scan's image read as it was correlated 0.973/0.955/0.925/0.844 with the unshifted one's, calibrated 0.963/0.965/
+#: 0.972/0.963 (s40). (A pattern mirrored about the zero frequency moves the reference probe's disk 0.64 px.)
+DISK_OFFSET_CALIBRATE_PX = 1.0
 
 
-def disk_offset_note(block: np.ndarray, kind: str, probe: np.ndarray) -> str | None:
-    """A note when the bright-field disk of patterns on the model's grid (the mean of ``block``, patterns spread over
-    the scan) is off the model's, or of another size: they are read as they are, and a disk 2 px down and 3 px
-    across cost the image 0.99 → 0.83 in correlation without a word (the calibration audit, s39)."""
+def disk_offset(block: np.ndarray, kind: str, probe: np.ndarray) -> tuple[dict, dict] | None:
+    """The bright-field disk of patterns on the model's grid (the mean of ``block``, patterns spread over the
+    scan) and the model's, where they differ: a centre more than :data:`DISK_OFFSET_NOTE_PX` off, or a radius
+    more than :data:`DISK_RADIUS_NOTE` (a fraction) off. None where they agree, or where no disk is found."""
     from ..data.calibration import find_disk, model_disk
 
     counts = _finite_counts(block, kind)
@@ -132,11 +164,40 @@ def disk_offset_note(block: np.ndarray, kind: str, probe: np.ndarray) -> str | N
     scale = disk["radius"] / model["radius"]
     if np.abs(offset).max() <= DISK_OFFSET_NOTE_PX and abs(scale - 1) <= DISK_RADIUS_NOTE:
         return None
-    return (f"the patterns' bright-field disk is centred at ({disk['center'][0]:.2f}, {disk['center'][1]:.2f}) with a "
-            f"radius of {disk['radius']:.2f} px, the model's at ({model['center'][0]:.2f}, {model['center'][1]:.2f}) "
-            f"with {model['radius']:.2f} px, and patterns on the model's grid are read as they are (a disk 2 px down "
-            "and 3 px across cost a simulated scan 0.99 → 0.83 in correlation); --calibrate moves and scales them "
-            "onto the model's disk")
+    return disk, model
+
+
+def off_disk_calibration(block: np.ndarray, kind: str, probe: np.ndarray, calibration: str,
+                         flipped: bool = False) -> tuple[bool, str | None]:
+    """Whether patterns on the model's grid, read as they are under ``calibration`` ("auto" or "off"), are to be
+    calibrated for their disk, and the note that says what was found and done (``flipped``: the patterns are to be
+    mirrored, and are measured so). Under "auto" a disk :data:`DISK_OFFSET_CALIBRATE_PX` or more off the model's
+    centre but of its size is calibrated (the calibration moves it there, and rescales it by at most
+    :data:`DISK_RADIUS_NOTE`, which leaves what a pixel of the scan step means as it was); a disk of another
+    size is noted only: zooming it changes the real-space pixel, which the step given in pixels assumes."""
+    from ..physics.scan import flip_patterns
+
+    off = disk_offset(flip_patterns(block) if flipped else block, kind, probe)
+    if off is None:
+        return False, None
+    disk, model = off
+    calibrating = (calibration == "auto" and abs(disk["radius"] / model["radius"] - 1) <= DISK_RADIUS_NOTE
+                   and np.abs(np.subtract(disk["center"], model["center"])).max() >= DISK_OFFSET_CALIBRATE_PX)
+    return calibrating, _disk_offset_note(disk, model, calibrating)
+
+
+def _disk_offset_note(disk: dict, model: dict, calibrating: bool) -> str:
+    """Patterns on the model's grid read as they are with a disk 2 px down and 3 px across cost a simulated scan
+    0.99 → 0.83 in correlation without a word (the calibration audit, s39)."""
+    found = (f"the patterns' bright-field disk is centred at ({disk['center'][0]:.2f}, {disk['center'][1]:.2f}) with "
+             f"a radius of {disk['radius']:.2f} px, the model's at ({model['center'][0]:.2f}, "
+             f"{model['center'][1]:.2f}) with {model['radius']:.2f} px")
+    if calibrating:
+        return (found + "; the patterns are calibrated onto the model's disk (as with --calibrate; read as they are, "
+                "a disk 2 px down and 3 px across cost a simulated scan 0.99 → 0.83 in correlation; "
+                "--no-calibration reads them so)")
+    return (found + ", and patterns on the model's grid are read as they are (a disk 2 px down and 3 px across cost "
+            "a simulated scan 0.99 → 0.83 in correlation); --calibrate moves and scales them onto the model's disk")
 
 
 def check_rotation(amplitudes, scan_info: dict, raster: dict, model, remedy: str | None = None):

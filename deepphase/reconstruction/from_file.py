@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -30,7 +31,7 @@ from ..errors import DeepPhaseError, DeepPhaseNote, InputFileError, OutputExists
     ValueRangeError
 from ..wording import in_callers_terms, in_callers_words, note_to_caller
 from .checks import PATTERN_SAMPLE, bad_pixel_note, check_probe, check_rotation, detector_axes_first_note, \
-    disk_offset_note, fine_step_note, raster_of, sense
+    fine_step_note, off_disk_calibration, raster_of, saturation_note, sense
 
 logger = logging.getLogger("deepphase")
 
@@ -371,9 +372,10 @@ def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> bool:
     interrupted after its prediction has written some of its figures or image already), or after a run interrupted
     without progress to resume (its ``UNFINISHED_MARK`` is there: a --libertem run's calibration.png)."""
     from ..io_utils import UNFINISHED_MARK
-    from .pipeline import FIGURES, check_output_folder, read_checkpoint
+    from .pipeline import FIGURES, OUTPUT_FILES, check_output_folder, earlier_outputs, read_checkpoint
 
     partial = out / PARTIAL_FOLDER
+    interrupted = (out / UNFINISHED_MARK).exists() or partial.is_dir()
     try:
         record = read_checkpoint(partial)
     except DeepPhaseError:
@@ -383,6 +385,13 @@ def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> bool:
         record = None
     if resume and record is None:
         raise DeepPhaseError(f"resume: {str(out)!r} holds no interrupted reconstruction to continue")
+    if interrupted and (resume or overwrite or record is None):
+        # Output files an interrupted run wrote (those no complete run's metadata.json names: a file of another's
+        # under those names was refused before it began) go now, so that only files no run made stay unclaimed.
+        kept = earlier_outputs(out)
+        for name in (*OUTPUT_FILES, *FIGURES):
+            if name not in kept and (out / name).is_file():
+                os.remove(out / name)
     if resume:
         return True
     if record is not None:  # (said before the files the interrupted run wrote, which --resume replaces)
@@ -396,10 +405,10 @@ def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> bool:
     # (an interrupted run's files: it was allowed to write them, and their metadata.json never came)
     overwrite = overwrite or (out / UNFINISHED_MARK).exists()  # (io_utils.unfinished_mark)
     check_output_folder(out, overwrite)
-    for name in FIGURES:  # (before the work, not after it)
-        if (out / name).exists() and not overwrite:
-            raise OutputExistsError(f"out: {str(out)!r} already holds {name}; choose another folder or pass "
-                                    "--overwrite")
+    figures = [name for name in FIGURES if (out / name).exists()]  # (before the work, not after it)
+    if figures and not overwrite:
+        raise OutputExistsError(f"out: {str(out)!r} already holds {', '.join(figures)}; choose another folder or pass "
+                                "--overwrite")
     return overwrite
 
 
@@ -466,7 +475,29 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
                                  "--fastest would be ignored: drop them, or give --scan-shape and --step to use a "
                                  "raster instead")
         positions, scan_info = scan.positions, {"positions": "from the data file"}
-    kind_asked = kind
+    check_dtype(scan.frames)
+    sample = sample_patterns(scan.frames, PATTERN_SAMPLE)  # (read once for the checks of the patterns themselves)
+    if text := detector_axes_first_note(sample[1]):
+        note(text)
+    if text := saturation_note(sample[1], kind or scan.kind or (
+            "amplitude" if looks_like_amplitudes(sample[1]) else "counts")):
+        note(text)
+    kind_doubt = None  # patterns read as the other kind: the rotation and probe checks then measure the wrong thing
+    if kind == "counts" and looks_like_amplitudes(sample[1]):
+        kind_doubt = AMPLITUDES_READ_AS_COUNTS
+    elif kind == "amplitude" and counts_note(sample[1]):
+        kind_doubt = COUNTS_READ_AS_AMPLITUDES
+    if not calibrating and not kind_doubt:  # (patterns read as the other kind show another disk)
+        try:
+            read_as = kind or scan.kind or kind_of_sample(*sample)
+        except DeepPhaseError:
+            read_as = None  # (neither kind: the reconstruction says so)
+        moved, text = (off_disk_calibration(sample[1], read_as, model.probe, calibration, bool(flip_patterns))
+                       if read_as else (False, None))
+        if moved:  # model-grid patterns whose disk is off the model's
+            calibrating, kind = True, read_as
+        if text:
+            note(text)
     view, calibrated = None, None
     shape = scan_shape or scan.scan_shape
     step_from_file = (calibrating and shape is not None and step_px is None
@@ -478,10 +509,6 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         raise DeepPhaseError(
             "positions: the data holds none; give --positions POS.npy or --scan-shape ROWS COLS --step S"
             + (" (the scan shape is known from the data: --step S is enough)" if scan.scan_shape else ""))
-    check_dtype(scan.frames)
-    sample = sample_patterns(scan.frames, PATTERN_SAMPLE)  # (read once for the checks of the patterns themselves)
-    if text := detector_axes_first_note(sample[1]):
-        note(text)
     kind = scan.kind if kind is None else kind
     coords = None
     if calibrating:
@@ -515,11 +542,6 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             "--mrad-per-px X")
     if positions is not None:
         check_spacing(positions, model.geometry)  # before the rotation and probe checks read the patterns
-    kind_doubt = None  # patterns read as the other kind: the rotation and probe checks then measure the wrong thing
-    if kind_asked == "counts" and looks_like_amplitudes(sample[1]):
-        kind_doubt = AMPLITUDES_READ_AS_COUNTS
-    elif kind_asked == "amplitude" and counts_note(sample[1]):
-        kind_doubt = COUNTS_READ_AS_AMPLITUDES
     if kind_doubt:
         note(kind_doubt)
     if view is not None and coords is not None and positions is not None and coords is not positions:
@@ -528,9 +550,6 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         kind = kind_of_sample(*sample)
     amplitudes = view if view is not None else AmplitudeView(scan.frames, kind)
     if view is None and (text := bad_pixel_note(sample[1], kind)):  # (a calibration masks them)
-        note(text)
-    if view is None and not kind_doubt and (text := disk_offset_note(sample[1], kind, model.probe)):
-        # (a calibration moves it; patterns read as the other kind show another disk)
         note(text)
     if flip_patterns:
         view, amplitudes = _flipped(view, amplitudes)

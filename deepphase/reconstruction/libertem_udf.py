@@ -783,11 +783,11 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     from libertem.io.dataset.base import DataSetException
 
     from ..data.aberrations import PROBE_CHECK_MIN_PX, check_step_raster, find_scan_step, told_to_probe_aware
-    from ..data.calibration import (ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, check_scan_rotation,
+    from ..data.calibration import (ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, check_scan_rotation, dark_level_note,
                                     on_the_given_axis, plot_scan_rotation, rotation_note, with_sense)
     from ..data.io import infer_kind
     from ..models.modelfile import load_model
-    from .checks import PATTERN_SAMPLE, bad_pixel_note, detector_axes_first_note
+    from .checks import PATTERN_SAMPLE, bad_pixel_note, detector_axes_first_note, off_disk_calibration, saturation_note
 
     if calibration not in ("auto", "on", "off"):
         raise ValueRangeError(f"calibration: expected 'auto', 'on' or 'off', got {calibration!r}")
@@ -824,7 +824,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         if kind is None:
             kind = infer_kind(sample)
         sample = sample.astype(np.float64)
-        pattern_notes = [text for text in (detector_axes_first_note(sample),) if text]
+        pattern_notes = [text for text in (detector_axes_first_note(sample), saturation_note(sample, kind)) if text]
         view, found, check, figure, step_found = None, None, None, None, None
         # Merlin frames: LiberTEM's rows run bottom-up against rosettasciio's (the pipeline's reader).
         reverse_rows = rows_reversed(dataset)
@@ -835,10 +835,16 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         # (with step "auto" the descan plane is fitted in scan indices, step 1, until the step is found)
         coords_step = 1.0 if auto_step else step_px
         in_units = (calibration_options or {}).get("gain", 1.0) != 1.0  # (the calibration takes the gain off)
-        if calibration == "on" or (calibration == "auto" and (sig != (n, n) or in_units)):
+        calibrating = calibration == "on" or (calibration == "auto" and (sig != (n, n) or in_units))
+        if not calibrating:  # as the pipeline: a disk only off the model's centre is calibrated under "auto"
+            calibrating, text = off_disk_calibration(sample[:, ::-1] if reverse_rows else sample, kind,
+                                                     phase_model.probe, calibration, bool(flip_patterns))
+            pattern_notes += [text] if text else []
+        if calibrating:
             view = calibrate_dataset(ctx, dataset, model, coords_step, positions,
                                      0.0 if auto_rotation else rotation_deg, fastest, png=calibration_png,
                                      reverse_rows=reverse_rows, kind=kind, **(calibration_options or {}))
+            pattern_notes += [text] if (text := dark_level_note(view.info)) else []
         elif text := bad_pixel_note(sample[:, ::-1] if reverse_rows else sample, kind):  # (a calibration masks them)
             pattern_notes.append(text)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -817,8 +818,26 @@ def _weights_digest(model: PhaseModel) -> str:
     return digest.hexdigest()
 
 
-def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Refuse to overwrite earlier results unless asked; returns the folder (created if needed)."""
+def earlier_outputs(out_dir: str | Path) -> set[str]:
+    """The files of :data:`OUTPUT_FILES` and :data:`FIGURES` that an earlier run's metadata.json in ``out_dir`` names
+    as its own (none where there is no such record)."""
+    try:
+        meta = json.loads((Path(out_dir) / "metadata.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(meta, dict) or meta.get("phase_file") != "phase.npy":
+        return set()
+    names = {"metadata.json", "phase.npy", "phase.tif", "phase.emd", "phase.png"}  # (every run writes these)
+    names |= {"uncertainty.npy"} if meta.get("uncertainty_file") else set()
+    names |= set(meta.get("figures") or ()) & set(FIGURES)
+    return names & {*OUTPUT_FILES, *FIGURES}
+
+
+def check_output_folder(out_dir: str | Path, overwrite: bool = False, own: frozenset = frozenset()) -> Path:
+    """Refuse to overwrite earlier results unless asked, and files of deepphase's output names that no earlier
+    run made (named in no metadata.json there; ``own``: this run's, made already) even then: --overwrite once
+    replaced a scan saved as phase.npy in --out, and removed a positions file named uncertainty.npy that the run
+    had read (the outputs audit, s40). Returns the folder (created if needed)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"out: {str(out_dir)!r} exists and is not a folder")
@@ -827,6 +846,16 @@ def check_output_folder(out_dir: str | Path, overwrite: bool = False) -> Path:
         raise OutputExistsError(
             f"out: {str(out_dir)!r} already holds {', '.join(existing)}; choose another folder or pass --overwrite"
         )
+    if overwrite:
+        claimed = earlier_outputs(out_dir) | set(own)
+        foreign = [name for name in (*OUTPUT_FILES, *FIGURES) if (out_dir / name).exists() and name not in claimed]
+        if foreign:
+            these = "they are" if len(foreign) > 1 else "it is"
+            raise OutputExistsError(
+                f"out: {str(out_dir)!r} holds {', '.join(foreign)}, which no earlier reconstruction there wrote (no "
+                f"metadata.json there names {'them' if len(foreign) > 1 else 'it'}), and {these} not replaced even "
+                "with --overwrite, which replaces a run's own outputs only; move "
+                f"{'them' if len(foreign) > 1 else 'it'} or choose another folder")
     return out_dir
 
 
@@ -854,8 +883,8 @@ def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict | Non
     if sampling is not None and not (isinstance(sampling, (int, float, np.integer, np.floating))
                                      and not isinstance(sampling, bool) and np.isfinite(sampling) and sampling > 0):
         raise ValueRangeError(f"sampling: expected a positive pixel size in Å, got {sampling!r}")
-    out_dir = check_output_folder(out_dir, overwrite)
     figures = set(metadata.get("figures") or ())  # (made by this run, beside the image)
+    out_dir = check_output_folder(out_dir, overwrite, frozenset(figures))
     stale = [name for name in FIGURES if name not in figures and (out_dir / name).exists()]
     if stale and not overwrite:  # an earlier run's, which would contradict this run's metadata
         raise OutputExistsError(f"out: {str(out_dir)!r} already holds {', '.join(stale)}; choose another folder or "
