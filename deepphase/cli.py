@@ -158,7 +158,7 @@ def _cmd_train(args) -> None:
 def _add_scan_arguments(p: argparse.ArgumentParser, simulating: bool) -> None:
     """The scan options simulate and reconstruct share; only reconstruct can find the step and rotation."""
     g = p.add_argument_group("scan positions (top-left corner of each probe window, real-space pixels)")
-    g.add_argument("--positions", type=Path, help="(N, 2) .npy of (row, col) positions")
+    g.add_argument("--positions", type=_path, help="(N, 2) .npy of (row, col) positions")
     g.add_argument("--scan-shape", type=_count, nargs=2, metavar=("ROWS", "COLS"),
                    help="raster shape (default 64 64)" if simulating else
                    "raster shape, where the file does not say it (needed for (N, k, k) data)")
@@ -178,6 +178,14 @@ def _add_scan_arguments(p: argparse.ArgumentParser, simulating: bool) -> None:
     g.add_argument("--fastest", choices=["row", "col"],
                    help="scan axis that varies fastest between frames (default: 'row', the convention of the paper's data, for "
                         "(N, k, k) data; 'col' for (rows, cols, k, k) arrays)")
+
+
+def _path(text: str) -> Path:
+    """A path option: an empty one would be Path("."), the current folder, written into without a word (train
+    --out '' did: the training audit, s40)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty one")
+    return Path(text)
 
 
 def _step(text: str):
@@ -335,10 +343,7 @@ def _uncertainty_argument(text: str):
 
 
 def _cmd_calibrate_uncertainty(args) -> None:
-    from .io_utils import check_writable
-    from .models.modelfile import load_model
-    from .models.registry import has_sigma_head
-    from .reconstruction.uncertainty import RECORD_KEYS, fit_sigma_scale, save_sigma_scale
+    from .io_utils import check_writable, folder_lock
 
     folder = Path(args.model).parent if Path(args.model).name == "model.json" else Path(args.model)
     if not (folder / "model.json").exists():
@@ -349,6 +354,17 @@ def _cmd_calibrate_uncertainty(args) -> None:
         raise DeepPhaseError(f"model: expected a model folder with a model.json, got {args.model!r}{why}")
     args.model = str(folder)
     check_writable(folder / "model.json", "model", folder=False)
+    # Held while fitting: a training going on in the folder rewrites model.json after each epoch, and the factor,
+    # fitted on the weights of one epoch, was lost with the next (the training audit, s40).
+    with folder_lock(folder, "model"):
+        _calibrate_uncertainty(args)
+
+
+def _calibrate_uncertainty(args) -> None:
+    from .models.modelfile import load_model
+    from .models.registry import has_sigma_head
+    from .reconstruction.uncertainty import RECORD_KEYS, fit_sigma_scale, save_sigma_scale
+
     model = load_model(args.model)
     method = args.method if args.method != "auto" else ("head" if has_sigma_head(model.network) else "dropout")
     earlier = model.info.get(RECORD_KEYS[method])
@@ -366,6 +382,7 @@ def _cmd_calibrate_uncertainty(args) -> None:
 
 
 def _cmd_export_onnx(args) -> None:
+    from .io_utils import folder_lock
     from .models.modelfile import load_model
     from .models.registry import has_sigma_head
     from .reconstruction.engines import export_onnx
@@ -378,8 +395,12 @@ def _cmd_export_onnx(args) -> None:
     if missing:  # onnx for torch's exporter, onnxruntime for the check before writing
         raise DeepPhaseError(f"export-onnx needs {' and '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
                              "not installed: pip install -e '.[onnx]' (in deepphase's source folder)")
-    model = load_model(args.model)
-    path = export_onnx(model, args.out, overwrite=args.overwrite)
+    folder = args.out.parent
+    # Into a model's folder, held as a training holds it: a training going on there removes model.onnx when it saves
+    # the next epoch's weights (the export was reported written, then gone: the training audit, s40).
+    with folder_lock(folder, "out") if (folder / "model.json").exists() else contextlib.nullcontext():
+        model = load_model(args.model)
+        path = export_onnx(model, args.out, overwrite=args.overwrite)
     n, c, out = model.geometry.n_px, model.in_channels, model.geometry.output_px
     sigma = has_sigma_head(model.network)
     inputs = ("diffraction amplitudes (√counts)" if c == 1 else
@@ -463,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a network for a probe on simulated data",
                        description="Train a network on an endless stream of simulated patterns and write a model folder.")
     _add_probe_arguments(p)
-    p.add_argument("--out", required=True, type=Path, help="model folder to write")
+    p.add_argument("--out", required=True, type=_path, help="model folder to write")
     p.add_argument("--like", metavar="MODEL",
                    help="train with the recipe a model records (a packaged name such as 'default', or a model folder): "
                         "its training options, then the ones given here, which win; the probe is this command's "
@@ -558,7 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Simulate noisy diffraction amplitudes of a phase image scanned by a probe; "
                                    "writes an .npz with amplitude, positions, truth, probe and parameters.")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--object", type=Path, help="phase image: .npy in rad, or an image file scaled to --phase-max")
+    src.add_argument("--object", type=_path, help="phase image: .npy in rad, or an image file scaled to --phase-max")
     from .data.specimens import BUILTIN_SPECIMENS
 
     src.add_argument("--specimen", default="twisted-hbn", choices=BUILTIN_SPECIMENS, help="built-in specimen")
@@ -583,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector-psf", type=_non_negative, default=0.0, metavar="PX",
                    help="a counting detector's Gaussian point spread, standard deviation in detector pixels "
                         "(default 0: none)")
-    p.add_argument("--out", required=True, type=Path, help="output .npz")
+    p.add_argument("--out", required=True, type=_path, help="output .npz")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_simulate)
 
@@ -594,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Detector patterns that are not the model's n×n grid are calibrated first "
                                    "(bright-field disk, descan, angular sampling, hot/dead pixels; "
                                    "OUT/calibration.png shows it).")
-    p.add_argument("data", type=Path,
+    p.add_argument("data", type=_path,
                    help=".npy (N,k,k) or (R,C,k,k), .npz from 'deepphase simulate', HDF5/EMD 1.0 (py4DSTEM); with the "
                         "'files' extra (pip install -e \".[files]\"): zarr, Merlin .mib, EMPAD .xml, Gatan "
                         ".dm4/.dm3, .blo")
@@ -668,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiply the uncertainty by K (default: the factor fitted for the model by "
                         "'deepphase calibrate-uncertainty', else 1)")
     p.add_argument("--device", default="auto", help="'auto' (a GPU if there is one), 'cpu' or 'cuda'")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True, type=_path, help="output folder")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--chunk-size", type=_count, metavar="P",
                    help="patterns read and predicted at a time (default 16384); memory is bounded by it")
@@ -716,14 +737,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "against the weights before writing it. Written into a model folder as model.onnx, "
                                    "it is what reconstruct's onnx engine uses for that model.")
     p.add_argument("--model", default="default", help="packaged model name or model folder (default: default)")
-    p.add_argument("--out", required=True, type=Path, help="the .onnx file to write")
+    p.add_argument("--out", required=True, type=_path, help="the .onnx file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.set_defaults(func=_cmd_export_onnx)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in specimen with the packaged model",
                        description="Simulate a built-in specimen at the paper's step and dose, reconstruct it with "
                                    "the packaged model and print the correlation with the truth.")
-    p.add_argument("--out", type=Path, default=Path("deepphase-demo"), help="output folder (default deepphase-demo)")
+    p.add_argument("--out", type=_path, default=Path("deepphase-demo"), help="output folder (default deepphase-demo)")
     p.add_argument("--specimen", default="twisted-hbn", choices=BUILTIN_SPECIMENS,
                    help="built-in specimen (default twisted-hbn: the reference experiment's bilayer, as simulated)")
     p.add_argument("--stitching", choices=["pairwise", "least-squares", "seed"], default="pairwise",
@@ -743,7 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forward", nargs="+", choices=["phase-object", "multislice"],
                    help="forward models of the simulated data (default: the preset's; multislice needs the sim "
                         "extra and applies to material specimens)")
-    p.add_argument("--cache-dir", type=Path, help="folder for simulated multislice data (default: multislice/ in ~/.cache/deepphase, or in "
+    p.add_argument("--cache-dir", type=_path, help="folder for simulated multislice data (default: multislice/ in ~/.cache/deepphase, or in "
                         "$DEEPPHASE_CACHE_DIR; 'off' there keeps nothing)")
     p.add_argument("--model", action="append", metavar="NAME=FOLDER",
                    help="also evaluate the model in FOLDER under NAME (repeatable), e.g. mine=my-model/")
@@ -765,7 +786,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--divide-source", action="store_true",
                    help="divide each case's finite source out of every method's image before scoring it, as "
                         "'reconstruct --source-size' does (default: score the images as made)")
-    p.add_argument("--out", type=Path, default=Path("deepphase-evaluation"), help="report folder")
+    p.add_argument("--out", type=_path, default=Path("deepphase-evaluation"), help="report folder")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.set_defaults(func=_cmd_evaluate)
     return parser
@@ -780,13 +801,20 @@ _NOT_LIKE = {"--out": 1, "--like": 1, "--probe": 1, "--energy": 1, "--semi-angle
              "--init-from": 1}
 
 
-def _without(tokens: list[str], options: dict) -> list[str]:
+def _without(tokens: list[str], options: dict, known: list[str] = ()) -> list[str]:
+    """``tokens`` without ``options`` and their values; an option may be written as argparse takes it, shortened to
+    a prefix of one of the ``known`` option strings (a recorded ``--ov`` is ``--overwrite``: --like once took it
+    over and replaced a model unasked, the training audit, s40)."""
+    def full(name: str) -> str:
+        matches = [option for option in known if option.startswith(name)] if name.startswith("--") else []
+        return name if name in known or len(matches) != 1 else matches[0]
+
     out, skip = [], 0
     for token in tokens:
         if skip:
             skip -= 1
             continue
-        name = token.split("=", 1)[0]
+        name = full(token.split("=", 1)[0])
         if name in options:
             skip = options[name] if "=" not in token else 0
             continue
@@ -840,12 +868,14 @@ def _like_arguments(parser: argparse.ArgumentParser, args, argv: list[str]):
     if not isinstance(record, dict):
         raise DeepPhaseError(f"like: model {args.like!r} records no training recipe to start from")
     tokens = shlex.split(record.get("command") or "")
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    known = [option for option in commands["train"]._option_string_actions if option.startswith("--")]
     if tokens[:2] == ["deepphase", "train"]:
-        recipe = _without(tokens[2:], _NOT_LIKE)
+        recipe = _without(tokens[2:], _NOT_LIKE, known)
     else:  # trained from Python (its command is the script's): the options that train its recorded recipe
         recipe = recipe_options(TrainConfig.like(model), f"like: model {args.like!r}")
     own = argv[argv.index("train") + 1 :]
-    expanded = ["train"] + recipe + _without(own, {"--like": 1})
+    expanded = ["train"] + recipe + _without(own, {"--like": 1}, known)
     new = parser.parse_args(expanded)
     new.command_line = "deepphase " + " ".join(shlex.quote(a) for a in expanded)
     print(f"deepphase train: the recipe of {args.like!r}: {new.command_line}", file=sys.stderr)

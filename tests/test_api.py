@@ -303,8 +303,8 @@ def test_common_slips_from_python_are_named_not_raised_as_python_errors(probe, t
     positions = deepphase.raster_positions((6, 6), 0.87)
     scan = deepphase.simulate_scan(np.zeros(required_object_shape(positions, 32)), probe, positions, dose=1e4,
                                    progress=False)
-    rec = deepphase.reconstruct(scan.amplitude, positions, ensemble="default", progress=False)  # one member, named
-    assert rec.processing["ensemble"] == ["default", "default"]
+    rec = deepphase.reconstruct(scan.amplitude, positions, ensemble="unet-small", progress=False)  # one, named
+    assert rec.processing["ensemble"] == ["default", "unet-small"]
     for metadata, sampling, said in (([1], None, "metadata: expected a dict"), (None, -1.0, "sampling: expected a positive")):
         with pytest.raises(deepphase.DeepPhaseError, match=said):
             deepphase.write_outputs(rec, tmp_path / "never", metadata, sampling=sampling)

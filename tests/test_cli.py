@@ -863,3 +863,62 @@ def test_a_saturated_detector_is_noted_and_a_hot_pixel_or_plain_counts_are_not(t
     code, _, err = run(["reconstruct", tmp_path / "clipped-amplitude.npy", "--positions", folder / "positions.npy",
                         "--no-probe-check", "--out", tmp_path / "out-clipped-amplitude"], capsys)
     assert code == 0 and said in err, err  # (the square roots of counts: told in counts)
+
+
+def test_like_leaves_out_a_recorded_commands_own_options_written_short(tmp_path, capsys):
+    """argparse takes any unambiguous prefix: a model trained with `--ov` recorded it, and `train --like` took it
+    over and replaced a model in its --out without --overwrite (the training audit, s40)."""
+    from deepphase.cli import _NOT_LIKE, _without, build_parser
+
+    train = next(a for a in build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices[
+        "train"]
+    known = [option for option in train._option_string_actions if option.startswith("--")]
+    recorded = ["--arch", "compact", "--ov", "--ou", "m", "--resu", "--ener", "300", "--semi=20", "--epochs", "3",
+                "--s", "1"]  # (--s: ambiguous, as argparse found it: left as it is)
+    assert _without(recorded, _NOT_LIKE, known) == ["--arch", "compact", "--epochs", "3", "--s", "1"]
+    # Through the command: a model whose record says --ov, and a folder holding a model of the user's.
+    from deepphase.models.modelfile import load_model, save_model
+
+    model = load_model("default")
+    model.info["training"] = {"command": f"deepphase train --arch compact --ov --ou {tmp_path / 'x'}"}
+    save_model(model, tmp_path / "recorded")
+    save_model(model, tmp_path / "precious")
+    before = (tmp_path / "precious" / "model.safetensors").read_bytes()
+    assert main(["train", "--like", str(tmp_path / "recorded"), "--out", str(tmp_path / "precious")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "precious" / "model.safetensors").read_bytes() == before
+
+
+def test_a_factor_or_an_export_into_a_model_folder_a_training_holds_is_refused(tmp_path, capsys):
+    """A training rewrites model.json and removes model.onnx as it saves each epoch: calibrate-uncertainty and
+    export-onnx into its folder reported success, and their results were gone an epoch later (the training audit,
+    s40). They take the folder's lock, as a second training does."""
+    from deepphase.io_utils import folder_lock
+    from deepphase.models.modelfile import load_model, save_model
+
+    save_model(load_model("default"), tmp_path / "m")
+    before = (tmp_path / "m" / "model.json").read_bytes()
+    with folder_lock(tmp_path / "m"):  # (a training's)
+        for command in (["calibrate-uncertainty", "--model", tmp_path / "m", "--scans", 1, "--side", 8],
+                        ["export-onnx", "--out", tmp_path / "m" / "model.onnx"]):
+            code, _, err = run(command, capsys)
+            assert code == 2 and "another deepphase run is writing into" in err, err
+    assert (tmp_path / "m" / "model.json").read_bytes() == before and not (tmp_path / "m" / "model.onnx").exists()
+
+
+def test_a_scan_shape_a_file_with_positions_would_ignore_is_refused(tmp_path, capsys):
+    """--scan-shape was dropped without a word for a file holding its positions, where --step, --rotation and
+    --fastest are refused (the outputs audit, s40)."""
+    assert run(["simulate", "--scan-shape", "4", "4", "--out", tmp_path / "s.npz"], capsys)[0] == 0
+    code, _, err = run(["reconstruct", tmp_path / "s.npz", "--scan-shape", "2", "8", "--out", tmp_path / "r"], capsys)
+    assert code == 2 and "holds the scan's positions; --scan-shape, --step" in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, capsys, monkeypatch):
+    """`train --out ''` trained into the current folder (Path('') is '.'): the training audit, s40."""
+    monkeypatch.chdir(tmp_path)
+    for command in (["train", "--out", ""], ["reconstruct", "", "--out", "r"], ["simulate", "--out", ""]):
+        code, _, err = run(command, capsys)
+        assert code == 2 and "expected a path, got an empty one" in err, (command, err)
+    assert list(tmp_path.iterdir()) == []

@@ -364,6 +364,54 @@ def test_existing_model_is_not_overwritten_unasked(probe, tmp_path):
         train(probe, tmp_path / "m", TrainConfig(**{**config.__dict__, "batch_size": 6}), resume=True, **quiet)
 
 
+def test_a_resume_for_another_probe_is_refused_with_or_without_the_folders_probe_npy(probe, tmp_path):
+    """A probe of another grid gave a traceback (np.allclose on two shapes), and with probe.npy removed any probe
+    was taken (the training audit, s40): the checkpoint records the probe's digest."""
+    from deepphase.physics.probe import ProbeParameters, probe_from_parameters
+
+    config = TrainConfig(arch="unet-small", epochs=1, steps_per_epoch=1, batch_size=4, val_size=4, device="cpu")
+    quiet = dict(progress=False, log=lambda *_: None)
+    train(probe, tmp_path / "m", config, **quiet)
+    more = TrainConfig(**{**config.__dict__, "epochs": 2})
+    other = np.asarray(probe) * np.exp(0.3j)  # (the same grid, another probe)
+    wider = probe_from_parameters(ProbeParameters(300.0, 20.0, n_px=48))
+    with pytest.raises(DeepPhaseError, match=r"started for another probe \(its probe.npy, 32×32; this one is 48×48\)"):
+        train(wider, tmp_path / "m", more, Geometry(n_px=48), resume=True, **quiet)
+    (tmp_path / "m" / "probe.npy").unlink()
+    with pytest.raises(DeepPhaseError, match=r"started for another probe \(as its checkpoint records it"):
+        train(other, tmp_path / "m", more, resume=True, **quiet)
+    train(probe, tmp_path / "m", more, resume=True, **quiet)  # the probe it was started with
+
+
+def test_samples_per_second_count_the_training_steps_not_the_validation(probe, tmp_path, monkeypatch):
+    """Identical training reported 368 and 134 samples/s for --val-size 8 and 512 (the training audit, s40)."""
+    import time
+
+    from deepphase.training import loop
+
+    def slow_validation(*args, **kwargs):
+        time.sleep(1.0)
+        return 0.1
+
+    monkeypatch.setattr(loop, "evaluate_loss", slow_validation)
+    config = TrainConfig(arch="unet-small", epochs=1, steps_per_epoch=2, batch_size=4, val_size=4, device="cpu")
+    _, history = train(probe, tmp_path / "m", config, progress=False, log=lambda *_: None)
+    training_seconds = 2 * 4 / history[0]["samples_per_second"]
+    assert training_seconds < history[0]["seconds"] - 0.9, history  # the epoch's seconds hold the validation
+
+
+def test_a_compact_rep_models_weights_start_a_compact_training_and_the_refusal_says_so(probe, tmp_path):
+    """A compact-rep model is stored as the plain compact network it equals: `--like M --init-from M` was refused
+    with advice to run that same command (the training audit, s40)."""
+    quiet = dict(progress=False, log=lambda *_: None)
+    tiny = dict(epochs=1, steps_per_epoch=1, batch_size=4, val_size=4, device="cpu")
+    train(probe, tmp_path / "rep", TrainConfig(arch="compact-rep", **tiny), **quiet)
+    with pytest.raises(DeepPhaseError, match=r"holds the plain compact network a compact-rep training is stored as"):
+        train(probe, tmp_path / "again", TrainConfig(arch="compact-rep", init_from=str(tmp_path / "rep"), **tiny),
+              **quiet)
+    train(probe, tmp_path / "plain", TrainConfig(arch="compact", init_from=str(tmp_path / "rep"), **tiny), **quiet)
+
+
 def test_a_resume_refused_names_only_what_the_user_changed_in_their_words():
     from deepphase.training.loop import _check_resume_config
 

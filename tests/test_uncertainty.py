@@ -59,11 +59,15 @@ def test_the_factor_follows_a_smooth_curve_in_log_dose():
         assert sigma_scale_at(Model, d)[0] == pytest.approx(100 * d**-0.3, rel=0.25)
 
 
-def test_ensemble_of_identical_models_has_zero_spread_and_the_same_image(scan):
-    single = reconstruct(scan.amplitude, scan.positions, progress=False)
-    twice = reconstruct(scan.amplitude, scan.positions, ensemble=["default"], progress=False)
-    assert np.nanmax(twice.uncertainty) < 1e-6
-    np.testing.assert_allclose(twice.phase - twice.phase.mean(), single.phase - single.phase.mean(), atol=1e-5)
+def test_an_ensemble_of_the_same_weights_is_refused(scan, tmp_path):
+    """Its σ map was 0 everywhere, with no word (the outputs audit, s40): a copy of the model spreads nothing."""
+    from deepphase.models.modelfile import load_model, save_model
+
+    save_model(load_model("default"), tmp_path / "copy")
+    for ensemble, said in ((["default"], "'default' has the same weights as 'default'"),
+                           (["unet-small", str(tmp_path / "copy")], "'copy' has the same weights as 'default'")):
+        with pytest.raises(ValueRangeError, match=said):
+            reconstruct(scan.amplitude, scan.positions, ensemble=ensemble, progress=False)
 
 
 def test_ensemble_of_two_models_is_their_mean_with_their_spread(scan):

@@ -470,8 +470,9 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     positions, scan_info = scan_positions(**raster_asked, n_frames=n_frames, file_scan_shape=scan.scan_shape,
                                           default_fastest=default_fastest)
     if positions is None and scan.positions is not None:
-        if step_px is not None or rotation_deg not in (0.0, "auto") or fastest is not None:
-            raise DeepPhaseError(f"positions: {data} holds the scan's positions; --step, --rotation DEG and "
+        if (step_px is not None or rotation_deg not in (0.0, "auto") or fastest is not None
+                or (scan_shape is not None and scan.scan_shape is None)):
+            raise DeepPhaseError(f"positions: {data} holds the scan's positions; --scan-shape, --step, --rotation DEG and "
                                  "--fastest would be ignored: drop them, or give --scan-shape and --step to use a "
                                  "raster instead")
         positions, scan_info = scan.positions, {"positions": "from the data file"}

@@ -467,6 +467,15 @@ def reconstruct(
         if m.geometry != model.geometry or not np.array_equal(m.probe, model.probe):
             raise ValueRangeError(f"ensemble: model {str(m.folder or m.name)!r} was made for another probe or "
                                   f"geometry than {str(model.folder or model.name)!r}; an ensemble needs the same ones")
+    if members:  # (a member with the model's own weights spreads nothing: its σ map came out 0 everywhere)
+        seen = {}
+        for m in [model, *members]:
+            first = seen.setdefault(_weights_digest(m), m)
+            if first is not m:
+                raise ValueRangeError(
+                    f"ensemble: model {m.name!r} has the same weights as {first.name!r} (the model itself, or a copy), "
+                    "and an ensemble's spread comes from networks trained apart (another --seed); drop it or give "
+                    "another model")
     if engine == "onnx" and precision not in ("auto", "float32"):
         raise ValueRangeError(f"engine: 'onnx' runs in float32; precision {precision!r} needs another engine")
     positions = validate_positions(positions, shape[0])

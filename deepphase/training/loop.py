@@ -263,13 +263,23 @@ def _unflatten_optimizer(tensors: dict, other: dict) -> dict:
     return {"state": state, "param_groups": other["param_groups"]}
 
 
-def save_checkpoint(path: Path, network, optimizer, epoch: int, history: list, config: TrainConfig) -> None:
-    """Weights, optimiser state and progress in one safetensors file, written atomically."""
+def probe_digest(probe: np.ndarray) -> str:
+    """The probe a training is for, as the checkpoint records it: its shape and complex128 values, hashed."""
+    import hashlib
+
+    values = np.ascontiguousarray(probe, dtype=np.complex128)
+    return f"{values.shape[0]}x{values.shape[1]}:" + hashlib.sha256(values.tobytes()).hexdigest()
+
+
+def save_checkpoint(path: Path, network, optimizer, epoch: int, history: list, config: TrainConfig,
+                    probe: np.ndarray | None = None) -> None:
+    """Weights, optimiser state and progress in one safetensors file, written atomically; with ``probe``, its
+    :func:`probe_digest`, which a resumption checks where the folder's probe.npy is gone."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
     opt_tensors, opt_other = _flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
     meta = {"epoch": str(epoch), "history": json.dumps(history), "optimizer": json.dumps(opt_other),
-            "config": json.dumps(config.to_dict())}
+            "config": json.dumps(config.to_dict()), **({"probe": probe_digest(probe)} if probe is not None else {})}
     with atomic_path(path, ".safetensors") as tmp:  # (written by Python: a full disk is an OSError naming the file)
         tmp.write_bytes(safetensors_bytes(tensors, metadata=meta))
 
@@ -295,7 +305,8 @@ def _unpack_checkpoint(meta: dict, tensors: dict):
     model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     opt_state = _unflatten_optimizer({k: v for k, v in tensors.items() if k.startswith("optim.")},
                                      json.loads(meta["optimizer"]))
-    return int(meta["epoch"]), json.loads(meta["history"]), json.loads(meta["config"]), model_state, opt_state
+    return (int(meta["epoch"]), json.loads(meta["history"]), json.loads(meta["config"]), model_state, opt_state,
+            meta.get("probe"))
 
 
 #: ``deepphase train``'s options as :func:`train`'s keywords and :class:`TrainConfig`'s fields, for its messages
@@ -407,8 +418,9 @@ def train(
                 check_out_dir(out_dir, resume, overwrite)  # (again: a run that held the lock may have written a model)
                 blob = checkpoint_path.read_bytes() if resume else None
                 if blob is not None:
-                    _check_resume_config(_checkpoint_from_bytes(blob, checkpoint_path)[2], config)
-                    _check_resume_probe(out_dir, probe)
+                    saved = _checkpoint_from_bytes(blob, checkpoint_path)
+                    _check_resume_config(saved[2], config)
+                    _check_resume_probe(out_dir, probe, saved[5])
                 message = [("ok", blob)]
             except DeepPhaseError as exc:
                 message = [("error", exc)]
@@ -453,14 +465,14 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
     if rank == 0:
         remove_leftover_temporaries(out_dir, (*MODEL_FILES, CHECKPOINT, "model.onnx"), locked=True)
     if resume:
-        epoch_done, history, saved_config, model_state, opt_state = (
+        epoch_done, history, saved_config, model_state, opt_state, saved_probe = (
             _read_checkpoint(checkpoint_path) if checkpoint is None else _checkpoint_from_bytes(checkpoint))
         _check_resume_config(saved_config, config)
         # The weights come from the checkpoint; the record keeps the model the training started from.
         config = dataclasses.replace(config, init_from=saved_config.get("init_from"))
         earlier_commands = _commands_so_far(out_dir)
         if world == 1:
-            _check_resume_probe(out_dir, probe)
+            _check_resume_probe(out_dir, probe, saved_probe)
         for part, what in (("linear_path", "linear path"), ("linear_gate", "linear path's gate")):
             if getattr(network, part, None) is not None and f"{part}.weight" not in model_state:
                 raise DeepPhaseError(f"{checkpoint_path}: this checkpoint was written before the compact network had "
@@ -550,6 +562,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
                 running = value.item() if running is None else 0.98 * running + 0.02 * value.item()
                 bar.set_postfix(loss=f"{running:.4f}")
             bar.close()
+            trained = time.perf_counter() - t0  # (the speed is the training steps': --val-size changed it 3×)
             if world > 1 and not sync_bn:
                 # Per-process BN: each rank's last step moved its own running statistics; validate and save
                 # rank 0's everywhere.
@@ -561,7 +574,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
             history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val,
                             **({"train_nll": float(np.mean(nlls))} if nlls else {}),
                             "seconds": round(elapsed, 2),
-                            "samples_per_second": round(config.steps_per_epoch * config.batch_size / elapsed, 1)})
+                            "samples_per_second": round(config.steps_per_epoch * config.batch_size / trained, 1)})
             model.info = {
                 **(probe_info or {}),
                 "training": {**config.to_dict(), "dose": dose, "optimizer_settings": settings,
@@ -583,7 +596,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
                     "processes": world, "batch_per_process": config.batch_size // world, "rank_data": rank_data,
                     "sync_batchnorm": sync_bn, "backend": dist.get_backend()}
             if rank == 0:  # the others wait at the barrier below
-                save_checkpoint(checkpoint_path, network, optimizer, epoch, history, config)
+                save_checkpoint(checkpoint_path, network, optimizer, epoch, history, config, probe)
                 # A training form (compact-rep) is stored as the plain network it equals; the checkpoint keeps it.
                 plain, arch = deployed(network, config.arch)
                 save_model(PhaseModel(plain, arch, arch_config, probe, geometry, model.info), out_dir, half=config.half)
@@ -647,7 +660,13 @@ def _initialise_from(network: torch.nn.Module, config: TrainConfig, arch_config:
         said = str(exc)
         raise type(exc)(f"init-from: {said.removeprefix('model: ')}") from exc
     added = [k for k in _ZERO_START_LAYERS if arch_config.get(k) and not source.arch_config.get(k)]
-    if source.arch != config.arch or source.arch_config != {k: v for k, v in arch_config.items() if k not in added}:
+    same_options = source.arch_config == {k: v for k, v in arch_config.items() if k not in added}
+    if same_options and getattr(network, "deploy_arch", config.arch) == source.arch != config.arch:  # (compact-rep)
+        raise DeepPhaseError(
+            f"init-from: {config.init_from!r} holds the plain {source.arch} network a {config.arch} training is "
+            f"stored as (its branches fused), whose weights a {config.arch} network cannot start from; train with "
+            f"--arch {source.arch} to fine-tune it")
+    if source.arch != config.arch or not same_options:
         raise DeepPhaseError(
             f"init-from: {config.init_from!r} is a {source.arch} network with {source.arch_config}; this training "
             f"builds a {config.arch} network with {arch_config} (train with the same --arch and options: "
@@ -690,12 +709,23 @@ def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
                              "same arguments (only --epochs and --device may change)")
 
 
-def _check_resume_probe(out_dir: Path, probe: np.ndarray) -> None:
-    """A training resumes for the probe it was started with (its probe.npy, written before the first epoch)."""
+def _check_resume_probe(out_dir: Path, probe: np.ndarray, digest: str | None = None) -> None:
+    """A training resumes for the probe it was started with: its probe.npy (written before the first epoch), or
+    where that is gone the checkpoint's :func:`probe_digest` (a resumption took any probe then, and a probe of
+    another grid gave a traceback: the training audit, s40)."""
     saved = out_dir / "probe.npy"
-    if saved.exists() and not np.allclose(np.load(saved, allow_pickle=False), probe, rtol=1e-6, atol=1e-9):
-        raise DeepPhaseError(f"resume: the training in {str(out_dir)!r} was started for another probe (its probe.npy); "
-                             "resume with the same --probe or optics, or train anew with --overwrite")
+    if saved.exists():
+        first = np.load(saved, allow_pickle=False)
+        same = first.shape == probe.shape and np.allclose(first, probe, rtol=1e-6, atol=1e-9)
+        whose = f"its probe.npy, {first.shape[0]}×{first.shape[1]}" if first.ndim == 2 else "its probe.npy"
+    elif digest is not None:
+        same, whose = probe_digest(probe) == digest, "as its checkpoint records it"
+    else:
+        return  # (a checkpoint from before the digest, its probe.npy removed: nothing to compare)
+    if not same:
+        raise DeepPhaseError(f"resume: the training in {str(out_dir)!r} was started for another probe ({whose}; "
+                             f"this one is {probe.shape[0]}×{probe.shape[1]}); resume with the same --probe or optics, "
+                             "or train anew with --overwrite")
 
 
 def check_batch_split(batch_size: int, world: int) -> None:
