@@ -14,7 +14,7 @@ from ..errors import OutputExistsError
 from ..io_utils import UNFINISHED_MARK, save_npy, unfinished_mark
 from ..models.modelfile import load_model
 from ..physics.scan import REFERENCE_STEP_PX, raster_positions
-from ..reconstruction.pipeline import OUTPUT_FILES, plot_phase, reconstruct, write_outputs
+from ..reconstruction.pipeline import FIGURES, OUTPUT_FILES, plot_phase, reconstruct, write_outputs
 from .metrics import correlation, fitted_rmse
 
 DEMO_SCAN = (64, 64)
@@ -44,7 +44,7 @@ def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hb
             overwrite = False
         if not overwrite:
             raise OutputExistsError(f"out: {str(out_dir)!r} holds results that are not a demo's; choose another folder")
-    mine = [name for name in (*OUTPUT_FILES, *DEMO_FILES) if (out_dir / name).exists()]
+    mine = [name for name in (*OUTPUT_FILES, *FIGURES, *DEMO_FILES) if (out_dir / name).exists()]
     if mine and not overwrite:  # a demo's own names, but no demo's metadata beside them: the user's files
         raise OutputExistsError(f"out: {str(out_dir)!r} holds {', '.join(mine)}, which the demo would replace; choose "
                                 "another folder")
@@ -78,5 +78,5 @@ def run_demo(out_dir: str | Path = "deepphase-demo", specimen: str = "twisted-hb
             "correlation_with_truth": corr, "fitted_rmse_rad": rmse, "fitted_scale": scale,
             "simulate_s": round(t1 - t0, 3), "total_s": round(time.perf_counter() - t0, 3),
             "title": f"demo: {specimen}, correlation {corr:.3f}",
-        }, overwrite=overwrite)
+        }, overwrite=overwrite, replacing=mine)  # (an earlier demo's: its record went first, above)
     return meta

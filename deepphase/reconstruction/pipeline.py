@@ -870,7 +870,7 @@ def check_output_folder(out_dir: str | Path, overwrite: bool = False, own: froze
 
 @in_callers_words(out="out_dir")
 def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict | None = None,
-                  sampling: float | None = None, overwrite: bool = False) -> dict:
+                  sampling: float | None = None, overwrite: bool = False, *, replacing=()) -> dict:
     """Write phase.npy, phase.tif, phase.emd, phase.png, uncertainty.npy (if ``rec`` has one) and metadata.json;
     each file appears complete or not at all.
 
@@ -880,7 +880,9 @@ def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict | Non
     ``"title"`` titles the PNG); ``sampling`` is the pixel size in Å (default: the one ``rec`` was made with; the
     TIFF's, the EMD's and the scale bar's). Earlier results in ``out_dir`` are refused unless ``overwrite``;
     with it, an earlier run's output this one does not make (an uncertainty map; a figure of
-    :data:`FIGURES` that ``metadata["figures"]`` does not name) is removed. Returns the metadata written.
+    :data:`FIGURES` that ``metadata["figures"]`` does not name) is removed. A file of those names that no earlier
+    run's metadata.json there names is not replaced even so, unless named in ``replacing`` (the caller knows it as
+    its own: an earlier run of its whose record it removed). Returns the metadata written.
     """
     if not isinstance(rec, Reconstruction):
         raise ValueRangeError(f"rec: expected the Reconstruction that reconstruct returns, got {type(rec).__name__}")
@@ -893,7 +895,7 @@ def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict | Non
                                      and not isinstance(sampling, bool) and np.isfinite(sampling) and sampling > 0):
         raise ValueRangeError(f"sampling: expected a positive pixel size in Å, got {sampling!r}")
     figures = set(metadata.get("figures") or ())  # (made by this run, beside the image)
-    out_dir = check_output_folder(out_dir, overwrite, frozenset(figures))
+    out_dir = check_output_folder(out_dir, overwrite, frozenset(figures) | frozenset(replacing))
     stale = [name for name in FIGURES if name not in figures and (out_dir / name).exists()]
     if stale and not overwrite:  # an earlier run's, which would contradict this run's metadata
         raise OutputExistsError(f"out: {str(out_dir)!r} already holds {', '.join(stale)}; choose another folder or "
