@@ -463,7 +463,7 @@ def _cmd_evaluate(args) -> None:
                                    doses=args.doses, scan_shape=args.scan_shape, seed=args.seed,
                                    overwrite=args.overwrite, forward=args.forward, cache_dir=args.cache_dir,
                                    repeats=args.repeats, divide_source=args.divide_source,
-                                   source_size_px=args.source_size)
+                                   source_size_px=args.source_size, command=args.command_line)
     print(table)
     print("\n" + harness.summary_table(harness.summarise(rows)))
     print(f"report: {args.out}/results.md, results.json, montage.png, dose_series.png")

@@ -280,6 +280,30 @@ def test_headline_detector_scan_reconstructs_as_well_as_the_model_geometry(tmp_p
     assert calibrated > reference - 0.02
 
 
+def test_the_rotation_figure_marks_what_the_run_used_beside_what_it_found(tmp_path, monkeypatch):
+    """A given 0° that the check disputes (the patterns look mirrored): the figure said "patterns flipped (chosen)"
+    and gave the found angle's curl ratio, while the run used 0°, unflipped (the outputs audit, s40)."""
+    from deepphase import io_utils
+    from deepphase.data.calibration import find_scan_rotation, plot_scan_rotation
+
+    rng = np.random.default_rng(2)
+    rr, cc = np.mgrid[0:40, 0:40].astype(float)
+    phase = sum(np.exp(-((rr - r) ** 2 + (cc - c) ** 2) / 3.0) for r, c in rng.uniform(0, 40, size=(60, 2)))
+    com = np.stack(np.gradient(phase), axis=-1) * [-1, 1]  # mirrored patterns
+    drawn = []
+    monkeypatch.setattr(io_utils, "save_png", lambda fig, path, **_: drawn.append(fig))
+    for given in (0.0, None):  # a given angle checked; then "auto", which uses what it finds
+        found = find_scan_rotation(com, given_deg=given)
+        plot_scan_rotation(com, None, found, tmp_path / "rotation.png", given_deg=given)
+        left = drawn[-1].axes[0]
+        labels = [text.get_text() for text in left.get_legend().get_texts()]
+        if given is not None:
+            assert "as recorded (used)" in labels and "patterns flipped (found)" in labels, labels
+            assert "at the 0° used" in left.get_title() and "(chosen)" not in " ".join(labels)
+        else:
+            assert "patterns flipped (found, used)" in labels and "as recorded" in labels, labels
+
+
 def test_scan_rotation_of_an_analytic_gradient_field_is_found():
     """CoM = ∇φ (atoms raise the phase) on the scan grid, written in detector axes rotated by θ0."""
     from deepphase.data.calibration import find_scan_rotation

@@ -67,7 +67,10 @@ def test_the_pixel_size_a_simulation_records_reaches_the_outputs_and_a_different
     assert run(["simulate", "--scan-shape", 10, 10, "--sampling", 0.2, "--out", data], capsys)[0] == 0
     code, _, err = run(["reconstruct", data, "--out", tmp_path / "own"], capsys)
     assert code == 0 and "pixel size" not in err, err
-    assert json.loads((tmp_path / "own" / "metadata.json").read_text())["pixel_size_angstrom"] == 0.2
+    meta = json.loads((tmp_path / "own" / "metadata.json").read_text())
+    assert meta["pixel_size_angstrom"] == meta["processing"]["pixel_size_angstrom"] == 0.2  # (processing said null)
+    assert meta["processing"]["pixel_size_from"] == "file's"
+    assert meta["data_file"]["path"] == str(data.resolve()) and meta["data_file"]["bytes"] == data.stat().st_size
     code, _, err = run(["reconstruct", data, "--pixel-size", 0.5, "--out", tmp_path / "given"], capsys)
     assert code == 0 and "the pixel size given (0.5 Å) is not the file's (0.2 Å)" in err
     assert json.loads((tmp_path / "given" / "metadata.json").read_text())["pixel_size_angstrom"] == 0.5
@@ -922,3 +925,15 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(tmp_path, cap
         code, _, err = run(command, capsys)
         assert code == 2 and "expected a path, got an empty one" in err, (command, err)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("options, said", [
+    (["--mrad-per-px", "1.5"], "mrad-per-px: the patterns are on the model's 32×32 grid and read as they are"),
+    (["--deblur", "on", "--stitching", "seed"], "deblur: the 'seed' stitching is never deblurred"),
+])
+def test_settings_model_grid_patterns_or_the_seeds_stitching_would_not_use_are_refused(options, said, tiny_scan,
+                                                                                       tmp_path, capsys):
+    """Both were taken without a word; the image was the same (the outputs audit, s40)."""
+    code, _, err = reconstruct_tiny(tiny_scan, tmp_path / "rec", capsys, *options)
+    assert code == 2 and said in err, err
+    assert not (tmp_path / "rec").exists()

@@ -240,6 +240,7 @@ def test_evaluate_writes_a_report_with_every_method_and_metric(tmp_path, capsys)
     import json
 
     report = json.loads((out / "results.json").read_text())
+    assert report["settings"]["command"] == "deepphase " + " ".join(args)  # (was not recorded: outputs audit, s40)
     rows = report["results"]
     assert {(r["method"], r["dose_e_per_pattern"]) for r in rows} == {
         (m, d) for m in ("deepphase", "idpc") for d in (3000.0, 27882.0)}

@@ -1461,13 +1461,21 @@ def plot_scan_rotation(com: np.ndarray, noise: np.ndarray | None, found: dict, p
     com = np.asarray(com, dtype=np.float64) - np.mean(com, axis=(0, 1))
     noise = np.zeros(com.shape[:2]) if noise is None else np.asarray(noise, dtype=np.float64)
     angles = np.arange(0.0, 180.0, 0.5)
+    # What the run used: the handedness found (rotation "auto"), or, with a given angle that the check disputes,
+    # the patterns as given (``com`` is of the patterns as the run read them): the figure once said "chosen" of
+    # the handedness found, which the run had not used (the outputs audit, s40).
+    used_flip = found["flip_patterns"] if given_deg is None else False
+    at_given = None
     fig, (left, right) = new_figure(1, 2, figsize=(10.0, 4.0), gridspec_kw={"width_ratios": [1.4, 1]})
     for flip, label, color in ((False, "as recorded", "tab:blue"), (True, "patterns flipped", "tab:orange")):
         costs = _curl(com * ([-1.0, 1.0] if flip else 1.0), angles)
         floor = _floor(noise, costs)
-        chosen = flip == found["flip_patterns"]
-        left.plot(angles, (costs - floor) / (np.median(costs) - floor), color=color, lw=2.0 if chosen else 1.0,
-                  label=label + (" (chosen)" if chosen else ""))
+        what = [w for w, holds in (("found", flip == found["flip_patterns"]), ("used", flip == used_flip)) if holds]
+        left.plot(angles, (costs - floor) / (np.median(costs) - floor), color=color,
+                  lw=2.0 if flip == used_flip else 1.0, label=label + (f" ({', '.join(what)})" if what else ""))
+        if given_deg is not None and flip == used_flip:
+            at_given = float((_curl(com * ([-1.0, 1.0] if flip else 1.0), [float(given_deg) % 180.0])[0] - floor)
+                             / (np.median(costs) - floor))
     left.axvline(found["rotation_deg"] % 180.0, color="k", lw=1, label=f"found {found['rotation_deg']:.2f}°")
     for angle in found.get("quarters", []):
         left.axvline(angle % 180.0, color="k", lw=0.5, ls=":")
@@ -1479,7 +1487,9 @@ def plot_scan_rotation(com: np.ndarray, noise: np.ndarray | None, found: dict, p
     left.set_xlim(-3, 183)  # (a given 0° stays visible)
     left.legend(fontsize=8, loc="best")
     left.set_title(f"DPC curl criterion on {com.shape[0]}×{com.shape[1]} positions: curl ratio "
-                   f"{found['curl_ratio']:.3f}" + ("" if rotation_is_clear(found) else " (not clear)"), fontsize=9)
+                   f"{found['curl_ratio']:.3f} found" + ("" if rotation_is_clear(found) else " (not clear)")
+                   + (f", {at_given:.3f} at the {float(given_deg):g}° used" if at_given is not None else ""),
+                   fontsize=9)
     field = com * ([-1.0, 1.0] if found["flip_patterns"] else 1.0)
     along_rows, along_cols = _scan_axes_field(field, [found["rotation_deg"]])
     divergence = np.gradient(along_rows[0], axis=0) + np.gradient(along_cols[0], axis=1)

@@ -652,7 +652,7 @@ def default_cache_dir() -> Path | None:
 def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None, specimens=None, doses=None,
              scan_shape=None, seed: int = 0, overwrite: bool = False, progress: bool | None = None,
              forward=None, cache_dir=None, repeats: int = 1, divide_source: bool = False,
-             source_size_px: float = 0.0) -> tuple[list, str]:
+             source_size_px: float = 0.0, command: str | None = None) -> tuple[list, str]:
     """Run the harness and write the report; returns (rows, markdown table).
 
     Parameters
@@ -667,6 +667,7 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
         noise). One scan per case decides a comparison at low dose by its particular noise; several
         give the summary's standard errors and paired differences (:func:`summarise`).
     source_size_px : simulate the phase-object cases with a finite source of this σ (real-space pixels).
+    command : the command line that asked for the report, recorded in results.json (``deepphase evaluate`` gives it).
     divide_source : divide each case's finite source out of every method's image (:func:`run_evaluation`).
     """
     from ..data.specimens import BUILTIN_SPECIMENS
@@ -699,7 +700,8 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     rows, images = run_evaluation(methods, specimens, doses, probe, scan_shape, seed=seed, progress=progress,
                                   forward=forward, cache_dir=cache_dir, repeats=repeats, divide_source=divide_source,
                                   source_size_px=source_size_px)
-    settings = {"preset": preset, "methods": {m: _METHODS[m][1] for m in methods}, "specimens": specimens,
+    settings = {"command": command or "deepphase.evaluation.harness.evaluate(...) from Python",
+                "preset": preset, "methods": {m: _METHODS[m][1] for m in methods}, "specimens": specimens,
                 "forward_models": forward,
                 **({"source_size_angstrom": SOURCE_SIZE} if "multislice" in forward else {}),
                 "source_divided_out": divide_source, "phase_object_source_size_px": source_size_px,

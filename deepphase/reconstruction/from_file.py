@@ -412,6 +412,31 @@ def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> bool:
     return overwrite
 
 
+def _check_uncalibrated(n: int, **angular) -> None:
+    """Angular samplings given for patterns read as they are (on the model's grid, not calibrated) would do nothing:
+    they were taken without a word and not recorded (the outputs audit, s40)."""
+    given = [name.replace("_", "-") for name, value in angular.items() if value is not None]
+    if given:
+        raise DeepPhaseError(f"{given[0]}: the patterns are on the model's {n}×{n} grid and read as they are, which "
+                             f"{' and '.join('--' + g for g in given)} would not change; add --calibrate to resample "
+                             f"the patterns to {'it' if len(given) == 1 else 'them'}, or drop "
+                             f"{'it' if len(given) == 1 else 'them'}")
+
+
+def _data_record(data) -> dict:
+    """The data as given and the file it named: where (absolute), its size and when it was last written, which
+    tell a later reader whether the file beside the image is still the one it was made from."""
+    import datetime
+
+    record = {"data": str(data)}
+    try:
+        stat = Path(data).stat()
+    except (OSError, TypeError, ValueError):
+        return record
+    when = datetime.datetime.fromtimestamp(stat.st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+    return {**record, "data_file": {"path": str(Path(data).resolve()), "bytes": stat.st_size, "modified": when}}
+
+
 #: A pixel size given beside one the data measure or record is noted when they differ by more than this share.
 PIXEL_SIZE_TOLERANCE = 0.05
 
@@ -499,6 +524,8 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             calibrating, kind = True, read_as
         if text:
             note(text)
+    if not calibrating:
+        _check_uncalibrated(n, mrad_per_px=mrad_per_px, model_mrad_per_px=model_mrad_per_px)
     view, calibrated = None, None
     shape = scan_shape or scan.scan_shape
     step_from_file = (calibrating and shape is not None and step_px is None
@@ -633,6 +660,10 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             "would mix patterns from before and after, or a truncated file's missing ones: nothing was written. "
             "Run again once the file is complete and no longer written to")
     rec = with_source_divided_out(rec, source_size_px)
+    # The image's pixel size as written (given, else the calibration's or the file's): processing held only a given
+    # one, null beside the file's 0.2 Å at the top of metadata.json (the outputs audit, s40).
+    rec.processing = {**rec.processing, "pixel_size_angstrom": sampling_written,
+                      "pixel_size_from": "given" if sampling else whose if measured else None}
     if source_size_px and (text := source_division_note(model)):
         note(text)
     _note_dose(rec, notes, note)
@@ -640,7 +671,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         repairs = {k: v for k, v in view.counters.items() if v and k != "most_negative_count"}
         if repairs:
             note("repaired: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in repairs.items()))
-    metadata = {"command": command, "data": str(data), "input": kind, "n_patterns": n_frames,
+    metadata = {"command": command, **_data_record(data), "input": kind, "n_patterns": n_frames,
                 "pattern_shape": list(pattern), "stitching": stitching, "model_path": str(model_name or "default (packaged)"), **scan_info,
                 "data_info": scan.info, "calibration": view.report() if view is not None else None}
     if scan.truth is not None:
@@ -1076,7 +1107,7 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
         note(read["probe_check"]["step_note"])
     if (read.get("probe_aware") or {}).get("note"):
         note(read["probe_aware"]["note"])
-    rec.metadata = {"command": command, "data": str(data), "input": read["input"],
+    rec.metadata = {"command": command, **_data_record(data), "input": read["input"],
                     "n_patterns": rec.processing["patterns"], "stitching": "pairwise",
                     "model_path": str(model or "default (packaged)"), **scan,
                     "patterns_flipped": read["patterns_flipped"], "data_info": read, "calibration": read["calibration"],

@@ -788,6 +788,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
     from ..data.io import infer_kind
     from ..models.modelfile import load_model
     from .checks import PATTERN_SAMPLE, bad_pixel_note, detector_axes_first_note, off_disk_calibration, saturation_note
+    from .from_file import _check_uncalibrated
 
     if calibration not in ("auto", "on", "off"):
         raise ValueRangeError(f"calibration: expected 'auto', 'on' or 'off', got {calibration!r}")
@@ -840,6 +841,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             calibrating, text = off_disk_calibration(sample[:, ::-1] if reverse_rows else sample, kind,
                                                      phase_model.probe, calibration, bool(flip_patterns))
             pattern_notes += [text] if text else []
+        if not calibrating:
+            _check_uncalibrated(n, **{k: (calibration_options or {}).get(k) for k in ("mrad_per_px", "model_mrad_per_px")})
         if calibrating:
             view = calibrate_dataset(ctx, dataset, model, coords_step, positions,
                                      0.0 if auto_rotation else rotation_deg, fastest, png=calibration_png,

@@ -691,6 +691,9 @@ def dose_settings(deblur, stitching: str, amplitudes, model: PhaseModel) -> dict
                               "patterns")
     if stitching in DEBLURRED_STITCHERS:
         on, why = resolve_deblur(deblur, dose)
+    elif deblur is True:  # (asked for and not done, said only in metadata.json: the outputs audit, s40)
+        raise ValueRangeError(f"deblur: the {stitching!r} stitching is never deblurred (it reproduces the seed's "
+                              "method); drop --deblur, or stitch with 'pairwise' or 'least-squares'")
     else:
         on, why = False, f"never for the {stitching!r} stitching"
     return {"electrons_per_pattern": None if dose is None else round(dose, 1), "deblurred": on,

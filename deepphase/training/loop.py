@@ -692,7 +692,7 @@ def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
                                      defaults["corpus"] | now["corpus"])
     said = []
     for k in sorted(set(then) | set(now)):
-        if k in ("epochs", "device", "init_from") or then.get(k) == now.get(k):
+        if k in ("epochs", "device", "init_from", "half") or then.get(k) == now.get(k):  # (half: the file's only)
             continue
         if k == "corpus":
             said += [f"--{OPTION_OF_CORPUS_FIELD.get(f, f)}: {_as_given(then[k].get(f))} then, "
@@ -706,7 +706,7 @@ def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
     if said:
         said = "; ".join(said)
         raise DeepPhaseError(f"resume: the checkpoint was made with another configuration ({said}); resume with the "
-                             "same arguments (only --epochs and --device may change)")
+                             "same arguments (only --epochs, --device and --half may change)")
 
 
 def _check_resume_probe(out_dir: Path, probe: np.ndarray, digest: str | None = None) -> None:
