@@ -117,6 +117,12 @@ def _cmd_train(args) -> None:
     from .physics.scan import REFERENCE_STEP_PX
     from .training.loop import TrainConfig, train
 
+    if args.out.suffix.lower() in (".safetensors", ".pt", ".pth", ".ckpt", ".json", ".onnx", ".npy"):
+        raise DeepPhaseError(f"out: the model folder to write (model.safetensors, model.json and probe.npy go into "
+                             f"it), got {str(args.out)!r}, a file's name; name a folder")
+    if args.rank_data != "shared" and args.nproc == 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        raise DeepPhaseError("rank-data: how several processes share the batches, and this training runs in one; "
+                             "add --nproc N (or start it with torchrun), or drop it")
     probe, info = _probe_from_args(args)
     dose = _value_or_range("dose", args.dose, default=None)
     if args.sigma_weight != 1.0 and not args.sigma_head:

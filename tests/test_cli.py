@@ -937,3 +937,15 @@ def test_settings_model_grid_patterns_or_the_seeds_stitching_would_not_use_are_r
     code, _, err = reconstruct_tiny(tiny_scan, tmp_path / "rec", capsys, *options)
     assert code == 2 and said in err, err
     assert not (tmp_path / "rec").exists()
+
+
+@pytest.mark.parametrize("options, said", [
+    (["--out", "m.safetensors"], "out: the model folder to write"),  # (made a folder of that name)
+    (["--out", "m", "--rank-data", "per-rank"], "rank-data: how several processes share the batches"),  # (ignored)
+])
+def test_train_options_that_would_mislead_are_refused_before_any_work(options, said, tmp_path, capsys, monkeypatch):
+    """The training audit, s40: both were taken without a word."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["train", *options], capsys)
+    assert code == 2 and said in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -426,6 +426,20 @@ def test_a_resume_refused_names_only_what_the_user_changed_in_their_words():
                                                                     half=True))
 
 
+def _edited_weights(folder, edit):
+    from safetensors.torch import save_file
+
+    weights = load_file(str(folder / "model.safetensors"))
+    edit(weights[sorted(k for k in weights if k.endswith("weight"))[0]])
+    save_file(weights, str(folder / "model.safetensors"))
+
+
+def _edited_record(folder, **arch_config):
+    record = json.loads((folder / "model.json").read_text())
+    record["arch_config"].update(arch_config)
+    (folder / "model.json").write_text(json.dumps(record))
+
+
 @pytest.mark.parametrize("damage, expected", [
     (lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:5000]),
      "not a readable safetensors file"),
@@ -434,6 +448,10 @@ def test_a_resume_refused_names_only_what_the_user_changed_in_their_words():
         json.dumps({k: v for k, v in json.loads((m / "model.json").read_text()).items() if k != "geometry"})),
      "has geometry None"),
     (lambda m: (m / "probe.npy").write_bytes(b"\x93NUMPY garbage"), "not a readable .npy probe"),
+    # (both loaded, and reconstruct failed later, blaming the patches or showing PyTorch's error: training audit, s40)
+    (lambda m: _edited_weights(m, lambda w: w.fill_(float("nan"))), "hold NaN or Inf .*a training that diverged"),
+    (lambda m: _edited_record(m, out_px=-3), "does not describe a network we build|does not run on its own"),
+    (lambda m: _edited_record(m, out_px=16), r"gives \(1, 16, 16\) per pattern, where its geometry asks for"),
 ])
 def test_a_damaged_model_folder_is_refused_with_what_is_wrong(damage, expected, tmp_path):
     import shutil

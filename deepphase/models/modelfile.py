@@ -246,7 +246,7 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
     try:
         network = create_model(meta["arch"], **meta.get("arch_config", {}))
         geometry = Geometry(**meta["geometry"])
-    except TypeError as exc:  # an entry the architecture or the geometry does not take
+    except (TypeError, ValueError, RuntimeError) as exc:  # an entry, or a value, the architecture does not take
         raise InputFileError(f"model: {str(meta_path)!r} does not describe a network we build ({exc})") from exc
     try:
         weights = load_file(str(folder / "model.safetensors"))
@@ -261,6 +261,7 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
         raise InputFileError(f"model: weights in {str(folder)!r} do not fit architecture {meta['arch']!r} "
                              f"({missing}; {unexpected})") from exc
     _check_neighbourhood(meta, meta_path)
+    _check_runs(network, state, geometry, int(meta.get("arch_config", {}).get("in_channels", 1)), folder)
     try:
         probe = np.load(folder / probe_file, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -277,6 +278,27 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
                        f"of that name ({str(packaged_model_path(path))!r}): rename the folder, or name it by a path "
                        f"(./{path}) to mean it")
     return PhaseModel(network, meta["arch"], meta.get("arch_config", {}), probe, geometry, info, folder=folder)
+
+
+def _check_runs(network, state: dict, geometry: Geometry, channels: int, folder: Path) -> None:
+    """Weights that are numbers, and a network that maps the model's patterns to its output grid: a diverged
+    training's NaN weights loaded, and reconstruct then blamed the patches; an edited ``out_px`` loaded, and
+    reconstruct showed PyTorch's error (the training audit, s40)."""
+    bad = [name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise InputFileError(f"model: the weights in {str(folder)!r} hold NaN or Inf ({bad[0]}"
+                             f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}): a training that "
+                             "diverged? Train it again (a lower --lr)")
+    n, out = geometry.n_px, geometry.output_px
+    try:
+        with torch.inference_mode():
+            shape = tuple(network.eval()(torch.zeros(1, channels, n, n)).shape)
+    except RuntimeError as exc:
+        raise InputFileError(f"model: the network in {str(folder)!r} does not run on its own {n}×{n} patterns "
+                             f"({str(exc).splitlines()[0]}); the model.json was edited or is damaged") from exc
+    if shape[0] != 1 or shape[1] not in (1, 2) or shape[2:] != (out, out):
+        raise InputFileError(f"model: the network in {str(folder)!r} gives {shape[1:]} per pattern, where its geometry "
+                             f"asks for (1 or 2, {out}, {out}); the model.json was edited or is damaged")
 
 
 def _state_difference(expected: dict, given: dict) -> tuple[str, str]:
