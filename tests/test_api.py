@@ -309,3 +309,17 @@ def test_common_slips_from_python_are_named_not_raised_as_python_errors(probe, t
         with pytest.raises(deepphase.DeepPhaseError, match=said):
             deepphase.write_outputs(rec, tmp_path / "never", metadata, sampling=sampling)
     assert not (tmp_path / "never").exists()
+
+
+def test_every_public_function_documents_its_parameters_and_what_it_returns_numpy_style():
+    """deepphase.reconstruct had no Returns section, write_outputs no Parameters (the outputs audit, s40)."""
+    import inspect
+
+    import deepphase
+
+    functions = {name: getattr(deepphase, name) for name in deepphase.__all__
+                 if inspect.isfunction(getattr(deepphase, name))}
+    assert {"reconstruct", "reconstruct_file", "write_outputs", "load_model", "simulate_scan"} <= set(functions)
+    lacking = {name: [part for part in ("Parameters\n----------", "Returns\n-------")
+                      if part not in inspect.getdoc(function)] for name, function in functions.items()}
+    assert {name: parts for name, parts in lacking.items() if parts} == {}

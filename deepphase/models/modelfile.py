@@ -205,6 +205,13 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
     ----------
     path : a model folder, its model.json, a packaged model's name (see :func:`packaged_models`), or None.
     device : where the network is put: "cpu" (default), "cuda[:N]" or "auto" (a GPU if there is one).
+
+    Returns
+    -------
+    PhaseModel
+        The network (in eval mode, on ``device``), its architecture and geometry, the probe it was trained for,
+        and its record (``info``: training, dose, fitted uncertainty factors). Safetensors and JSON only: loading
+        runs no code from the folder.
     """
     if path is not None and not isinstance(path, (str, Path)):
         raise InputFileError(f"model: expected a packaged model's name ({', '.join(packaged_models())}), a model "

@@ -40,6 +40,11 @@ def raster_positions(
     origin : (float, float)
         Smallest row and column coordinate of the scan: the positions are shifted so that their minimum
         lies here (the first frame's position only for an unrotated scan).
+
+    Returns
+    -------
+    positions : (rows·cols, 2) float64
+        The top-left corner of each frame's probe window, (row, col) in real-space pixels, in frame order.
     """
     if not (np.ndim(shape) == 1 and len(shape) == 2 and all(
             isinstance(s, (int, float, np.integer, np.floating)) and not isinstance(s, bool) and s >= 1

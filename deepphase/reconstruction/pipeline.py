@@ -409,6 +409,13 @@ def reconstruct(
         positions in (col, row) order, turned, mirrored or in Å) is a note (a :class:`DeepPhaseNote` warning, kept
         in ``notes``). :func:`~deepphase.reconstruction.from_file.reconstruct_file` runs them itself.
 
+    Returns
+    -------
+    Reconstruction
+        The stitched image (``phase``, NaN where no probe reached; ``origin_px`` places it on the positions' grid)
+        with what made it (``model_info``, ``processing``, ``timings``), the uncertainty map if asked for, and what
+        the checks found (``metadata``, ``notes``). :func:`write_outputs` writes it.
+
     Raises
     ------
     InterruptedReconstruction
@@ -878,14 +885,31 @@ def write_outputs(rec: Reconstruction, out_dir: str | Path, metadata: dict | Non
     each file appears complete or not at all.
 
     The files are made in a temporary folder inside ``out_dir`` and moved into place, metadata.json
-    last, so an interrupted run never leaves a half-written set that looks finished. ``metadata`` (default: the
-    result's own, ``rec.metadata``: what its checks found) is added to metadata.json last (its keys win; a
-    ``"title"`` titles the PNG); ``sampling`` is the pixel size in Å (default: the one ``rec`` was made with; the
-    TIFF's, the EMD's and the scale bar's). Earlier results in ``out_dir`` are refused unless ``overwrite``;
-    with it, an earlier run's output this one does not make (an uncertainty map; a figure of
-    :data:`FIGURES` that ``metadata["figures"]`` does not name) is removed. A file of those names that no earlier
-    run's metadata.json there names is not replaced even so, unless named in ``replacing`` (the caller knows it as
-    its own: an earlier run of its whose record it removed). Returns the metadata written.
+    last, so an interrupted run never leaves a half-written set that looks finished.
+
+    Parameters
+    ----------
+    rec : Reconstruction
+        What :func:`reconstruct` (or :func:`~deepphase.reconstruction.from_file.reconstruct_file`) returned.
+    out_dir : str or Path
+        The folder to write into (made if missing).
+    metadata : dict, optional
+        Added to metadata.json last (its keys win; a ``"title"`` titles the PNG). Default: the result's own,
+        ``rec.metadata`` (what its checks found).
+    sampling : float, optional
+        The pixel size in Å: the TIFF's, the EMD's and the scale bar's. Default: the one ``rec`` was made with.
+    overwrite : bool
+        Replace earlier results in ``out_dir`` (refused otherwise); an earlier run's output this one does not make
+        (an uncertainty map; a figure of :data:`FIGURES` that ``metadata["figures"]`` does not name) is removed. A
+        file of those names that no earlier run's metadata.json there names is not replaced even so.
+    replacing : iterable of str
+        Names of such files the caller knows as its own (an earlier run of its whose record it removed), which
+        ``overwrite`` may replace.
+
+    Returns
+    -------
+    dict
+        The metadata written to metadata.json.
     """
     if not isinstance(rec, Reconstruction):
         raise ValueRangeError(f"rec: expected the Reconstruction that reconstruct returns, got {type(rec).__name__}")
