@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -323,3 +324,27 @@ def test_every_public_function_documents_its_parameters_and_what_it_returns_nump
     lacking = {name: [part for part in ("Parameters\n----------", "Returns\n-------")
                       if part not in inspect.getdoc(function)] for name, function in functions.items()}
     assert {name: parts for name, parts in lacking.items() if parts} == {}
+
+
+def test_the_figures_show_the_uncertainty_map_and_the_montage_has_its_scales(tmp_path, monkeypatch, probe):
+    """uncertainty.npy had no figure, and the montage's difference panels had no colour bar to read them in rad
+    (the outputs audit, s40)."""
+    import deepphase
+    from deepphase.evaluation import harness
+    from deepphase.reconstruction import pipeline
+
+    drawn = {}
+    monkeypatch.setattr(pipeline, "save_png", lambda fig, path, **_: drawn.setdefault(Path(path).name, fig))
+    monkeypatch.setattr(harness, "save_png", lambda fig, path, **_: drawn.setdefault(Path(path).name, fig))
+    positions = deepphase.raster_positions((6, 6), 0.87)
+    scan = deepphase.simulate_scan(np.zeros(required_object_shape(positions, 32)), probe, positions, dose=1e4,
+                                   progress=False)
+    rec = deepphase.reconstruct(scan.amplitude, positions, uncertainty="head", progress=False)
+    deepphase.write_outputs(rec, tmp_path / "rec")
+    labels = [ax.get_ylabel() for ax in drawn["phase.png"].axes]
+    assert "σ (rad, one standard deviation)" in labels and "phase (rad, mean removed)" in labels
+    truth = np.random.default_rng(0).normal(size=(8, 8))
+    images = {("flat", 1e4, "truth"): truth, ("flat", 1e4, "a"): truth + 0.1, ("flat", 1e4, "b"): 2 * truth}
+    harness._montage(images, ["flat"], 1e4, ["a", "b"], tmp_path / "montage.png")
+    labels = [ax.get_ylabel() for ax in drawn["montage.png"].axes]
+    assert labels.count("phase (rad)") == 1 and labels.count("difference (rad)") == 1

@@ -547,8 +547,9 @@ def _montage(images, specimens, dose, methods, path: Path) -> None:
     from ..io_utils import new_figure
 
     cols = ["truth"] + list(methods)
-    fig, axes = new_figure(2 * len(specimens), len(cols), figsize=(2.2 * len(cols), 4.4 * len(specimens)),
+    fig, axes = new_figure(2 * len(specimens), len(cols), figsize=(2.4 * len(cols) + 0.8, 4.4 * len(specimens)),
                              squeeze=False)
+    fig.set_layout_engine("constrained")  # (room for the rows' colour bars and the titles)
     for i, spec in enumerate(specimens):
         truth = images[(spec, dose, "truth")]
         for j, name in enumerate(cols):
@@ -559,7 +560,7 @@ def _montage(images, specimens, dose, methods, path: Path) -> None:
                 image = image * scale + offset
                 title = f"{name}\n×{scale:.2f} fitted"
             ax = axes[2 * i, j]
-            ax.imshow(image, cmap="magma", vmin=np.nanpercentile(truth, 1), vmax=np.nanpercentile(truth, 99))
+            shown = ax.imshow(image, cmap="magma", vmin=np.nanpercentile(truth, 1), vmax=np.nanpercentile(truth, 99))
             ax.set_title(f"{spec}\n{title}" if j == 0 else title, fontsize=8)
             ax.axis("off")
             diff = axes[2 * i + 1, j]
@@ -569,10 +570,14 @@ def _montage(images, specimens, dose, methods, path: Path) -> None:
                           va="center", fontsize=8, transform=diff.transAxes)
                 continue
             span = np.nanpercentile(np.abs(truth - np.nanmean(truth)), 99)
-            diff.imshow(image - truth, cmap="RdBu_r", vmin=-span, vmax=span)
+            differences = diff.imshow(image - truth, cmap="RdBu_r", vmin=-span, vmax=span)
             diff.axis("off")
+        # One scale per row (every panel of a row shares it): the differences could not be read in rad without
+        # (the outputs audit, s40).
+        fig.colorbar(shown, ax=list(axes[2 * i]), fraction=0.025, pad=0.01, label="phase (rad)")
+        if len(cols) > 1:
+            fig.colorbar(differences, ax=list(axes[2 * i + 1]), fraction=0.025, pad=0.01, label="difference (rad)")
     fig.suptitle(f"{dose:,.0f} electrons per pattern", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.985))  # keep the title clear of the first row's titles
     save_png(fig, path, dpi=110)
 
 

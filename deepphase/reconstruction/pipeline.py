@@ -943,7 +943,8 @@ def _write_outputs(rec: Reconstruction, out_dir: Path, metadata: dict, sampling:
         save_npy(staging / "phase.npy", rec.phase)
         write_tiff(staging / "phase.tif", rec.phase, sampling)
         write_emd(staging / "phase.emd", rec.phase, sampling, rec.origin_px, rec.uncertainty)
-        plot_phase(rec.phase, staging / "phase.png", sampling=sampling, title=metadata.get("title"))
+        plot_phase(rec.phase, staging / "phase.png", sampling=sampling, title=metadata.get("title"),
+                   uncertainty=rec.uncertainty)
         if rec.uncertainty is not None:
             save_npy(staging / "uncertainty.npy", rec.uncertainty)
         meta = {
@@ -1026,24 +1027,27 @@ def write_emd(path: Path, phase: np.ndarray, sampling: float | None, origin_px, 
 
 
 def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, title: str | None = None,
-               truth: np.ndarray | None = None) -> None:
-    """A PNG of the phase with a colour bar (rad) and a scale bar (Å if the sampling is known, else pixels)."""
+               truth: np.ndarray | None = None, uncertainty: np.ndarray | None = None) -> None:
+    """A PNG of the phase with a colour bar (rad) and a scale bar (Å if the sampling is known, else pixels); beside
+    it the truth and the uncertainty map (σ, rad), where given (uncertainty.npy had no figure: outputs audit, s40)."""
     from matplotlib import patheffects
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     from ..io_utils import new_figure
 
-    panels = [("reconstruction", phase)] + ([("truth", truth)] if truth is not None else [])
+    panels = ([("reconstruction", phase, "magma", "phase (rad, mean removed)")]
+              + ([("truth", truth, "magma", "phase (rad, mean removed)")] if truth is not None else [])
+              + ([("uncertainty", uncertainty, "viridis", "σ (rad, one standard deviation)")]
+                 if uncertainty is not None else []))
     fig, axes = new_figure(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
-    for ax, (label, image) in zip(axes[0], panels):
-        shown = image - np.nanmean(image)
-        im = ax.imshow(shown, cmap="magma", interpolation="nearest")
+    for ax, (label, image, cmap, unit_label) in zip(axes[0], panels):
+        shown = image if label == "uncertainty" else image - np.nanmean(image)
+        im = ax.imshow(shown, cmap=cmap, interpolation="nearest")
         ax.set_title(label if title is None or len(panels) > 1 else title)
         ax.set_xticks([])
         ax.set_yticks([])
         # (a colour bar the image's own height, also for a wide scan, whose image is shorter than its axes box)
-        fig.colorbar(im, cax=make_axes_locatable(ax).append_axes("right", size="5%", pad=0.08),
-                     label="phase (rad, mean removed)")
+        fig.colorbar(im, cax=make_axes_locatable(ax).append_axes("right", size="5%", pad=0.08), label=unit_label)
         length_px, unit = _scale_bar(image.shape[1], sampling)
         r, c = image.shape[0] * 0.92, image.shape[1] * 0.05
         # outlined in black: readable on the white of NaN corners (a turned scan's) as on the colour map
