@@ -98,6 +98,24 @@ def test_bad_pixels_are_found_but_not_the_disk_edge(rng):
     assert sorted(map(tuple, np.argwhere(mask))) == [(12, 100), (61, 71), (70, 66)]
 
 
+def test_a_small_hard_edged_disks_pixels_are_not_hot_but_a_hot_pair_or_block_is(probe):
+    """An 80 keV, 20 mrad probe at 0.2 Å has a disk of radius 3 px whose edge pixels stand out of their 3×3
+    median (the dark field's): 8 were masked and noted as hot (the training audit, s40)."""
+    from deepphase.physics.probe import ProbeParameters, probe_from_parameters
+
+    small = probe_from_parameters(ProbeParameters(80.0, 20.0, n_px=32, sampling=0.2))
+    positions = raster_positions((8, 8), 0.87)
+    counts = np.square(simulate_scan(np.zeros((40, 40)), small, positions, dose=1e4, seed=0,
+                                     progress=False).amplitude.astype(np.float64))
+    mean = counts.mean(0)
+    assert not bad_pixel_mask(mean, len(counts)).any()
+    spoiled = mean.copy()
+    spoiled[4, 20:22] = 5 * mean.max()  # two hot pixels side by side
+    spoiled[25:27, 6:8] = 5 * mean.max()  # a 2×2 block (a hot pixel binned up, as EMPAD's quarters are)
+    assert sorted(map(tuple, np.argwhere(bad_pixel_mask(spoiled, len(counts))))) == [
+        (4, 20), (4, 21), (25, 6), (25, 7), (26, 6), (26, 7)]
+
+
 @pytest.mark.parametrize("width", [1, 2, 3])
 @pytest.mark.parametrize("axis", [0, 1])
 def test_a_dead_line_across_the_disk_is_masked_but_not_the_disk_edge(width, axis, rng):

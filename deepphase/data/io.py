@@ -329,7 +329,7 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
                     positions = archive["positions"] if "positions" in archive.files else None
                     truth = archive["truth"] if "truth" in archive.files else None
                     return ScanData(frames, shape, kind, positions, truth,
-                                    _basic_info("npz", frames, shape, pixel_size_angstrom=_npz_sampling(archive)))
+                                    _basic_info("npz", frames, shape, **_npz_recorded(archive)))
         except DeepPhaseError:
             raise
         except Exception as exc:
@@ -349,16 +349,23 @@ def load_scan(path: str | Path, dataset: str | None = None, scan_shape: tuple[in
     )
 
 
-def _npz_sampling(archive) -> float | None:
-    """The real-space pixel size (Å) a ``deepphase simulate`` .npz records in its ``parameters`` (given with
-    ``--sampling``), or None."""
+def _npz_recorded(archive) -> dict:
+    """What a ``deepphase simulate`` .npz records in its ``parameters`` of the optics: the real-space pixel size
+    (``pixel_size_angstrom``, given with ``--sampling``) and the beam energy (``energy_kev``, a probe from optics),
+    each where it is a positive number."""
     if "parameters" not in archive.files:
-        return None
+        return {"pixel_size_angstrom": None}
     try:
-        value = json.loads(str(archive["parameters"])).get("sampling")
+        parameters = json.loads(str(archive["parameters"]))
     except (ValueError, AttributeError):
-        return None
-    return float(value) if isinstance(value, (int, float)) and np.isfinite(value) and value > 0 else None
+        return {"pixel_size_angstrom": None}
+
+    def positive(value):
+        return float(value) if isinstance(value, (int, float)) and np.isfinite(value) and value > 0 else None
+
+    energy = positive(parameters.get("energy")) if isinstance(parameters, dict) else None
+    return {"pixel_size_angstrom": positive(parameters.get("sampling")) if isinstance(parameters, dict) else None,
+            **({"energy_kev": energy} if energy else {})}
 
 
 def _basic_info(fmt: str, frames, scan_shape, **extra) -> dict:

@@ -31,7 +31,7 @@ from ..errors import DeepPhaseError, DeepPhaseNote, InputFileError, OutputExists
     ValueRangeError
 from ..wording import in_callers_terms, in_callers_words, note_to_caller
 from .checks import PATTERN_SAMPLE, bad_pixel_note, check_probe, check_rotation, detector_axes_first_note, \
-    fine_step_note, off_disk_calibration, raster_of, saturation_note, sense
+    energy_note, fine_step_note, off_disk_calibration, raster_of, saturation_note, sense
 
 logger = logging.getLogger("deepphase")
 
@@ -476,6 +476,8 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
              "(as with --calibrate), which turns detector units into electrons")
     if not calibrating:  # (with the pixel size a simulation's file records, unless one is given: checked later)
         check_compatible(model, pattern, None if sampling else scan.info.get("pixel_size_angstrom"))
+    if text := energy_note(energy if energy is not None else scan.info.get("energy_kev"), model):
+        note(text)
     if scan.scan_shape is not None and scan_shape is not None and tuple(scan_shape) != tuple(scan.scan_shape):
         raise DeepPhaseError(f"scan-shape: {scan_shape[0]}×{scan_shape[1]} given, but {data} holds "
                              f"a {scan.scan_shape[0]}×{scan.scan_shape[1]} scan; drop --scan-shape (the data's own "
