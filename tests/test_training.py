@@ -421,6 +421,9 @@ def test_a_resume_refused_names_only_what_the_user_changed_in_their_words():
     said = str(told.value)
     assert "(--dose: not given then, 1000.0 now; the σ head: shared then, none now)" in said
     assert "sigma" not in said and "None" not in said
+    with pytest.raises(DeepPhaseError, match="init-from: a resumed training continues from its checkpoint's weights"):
+        _check_resume_config(json.loads(json.dumps(saved)), TrainConfig(batch_size=4, sigma_head="shared",
+                                                                        init_from="default"))  # (it was dropped)
     # --epochs, and --half (it stores the weights in float16, and the checkpoint keeps them whole), may change
     _check_resume_config(json.loads(json.dumps(saved)), TrainConfig(batch_size=4, sigma_head="shared", epochs=30,
                                                                     half=True))

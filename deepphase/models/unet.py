@@ -54,7 +54,8 @@ class ResUNet(nn.Module):
         self.in_channels = int(in_channels)
         # A second output channel: the log error scale (see compact.py); only the shared form here.
         if sigma_head not in (False, None, True, "shared"):
-            raise ValueError(f"sigma_head: the U-Nets take False or 'shared', got {sigma_head!r}")
+            raise ValueError(f"the U-Nets have a shared σ head only (--sigma-head, or sigma_head='shared' from "
+                             f"Python), not {sigma_head!r}; a detached one is the compact networks'")
         self.sigma_head = "shared" if sigma_head else None
         self.stem = nn.Conv2d(self.in_channels, stem, 3, padding=1)
         self.encoder = nn.ModuleList()

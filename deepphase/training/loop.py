@@ -486,7 +486,8 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
                                  "than that to train on")
         log(f"resuming {out_dir} after epoch {epoch_done + 1} of {config.epochs}")
         if saved_config.get("epochs") not in (None, config.epochs) and settings["schedule"] != "constant":
-            log(f"epochs: {saved_config['epochs']} when it started, {config.epochs} now: the learning rate's schedule "
+            log(f"epochs: {saved_config['epochs']} in the run that saved the checkpoint, {config.epochs} now: the "
+                "learning rate's schedule "
                 f"is stretched over {config.epochs} epochs from here (its rate jumps), so the result is not what "
                 f"{config.epochs} epochs from the start would give")
     elif rank == 0:
@@ -690,6 +691,9 @@ def _check_resume_config(saved_config: dict, config: TrainConfig) -> None:
     then, now = defaults | saved_config, defaults | config.to_dict()
     then["corpus"], now["corpus"] = (defaults["corpus"] | saved_config.get("corpus", {}),
                                      defaults["corpus"] | now["corpus"])
+    if now.get("init_from") is not None and now["init_from"] != then.get("init_from"):  # (taken, and dropped)
+        raise DeepPhaseError(f"init-from: a resumed training continues from its checkpoint's weights, not from "
+                             f"{now['init_from']!r}; drop --init-from (or train anew with --overwrite)")
     said = []
     for k in sorted(set(then) | set(now)):
         if k in ("epochs", "device", "init_from", "half") or then.get(k) == now.get(k):  # (half: the file's only)
