@@ -348,3 +348,28 @@ def test_the_figures_show_the_uncertainty_map_and_the_montage_has_its_scales(tmp
     harness._montage(images, ["flat"], 1e4, ["a", "b"], tmp_path / "montage.png")
     labels = [ax.get_ylabel() for ax in drawn["montage.png"].axes]
     assert labels.count("phase (rad)") == 1 and labels.count("difference (rad)") == 1
+
+
+def test_counts_in_a_detectors_units_read_as_amplitudes_are_noted(probe, tmp_path, capsys):
+    """Counts × 1.7 as float32 passed as amplitudes gave 0.927 against 0.978, with no word from Python and only a
+    disk note from the command (the outputs audit, s40). Square roots of counts are no multiples of one step."""
+    from deepphase.cli import main
+
+    positions = deepphase.raster_positions((8, 8), 0.87)
+    scan = deepphase.simulate_scan(twisted_hbn(required_object_shape(positions, 32), seed=1), probe, positions,
+                                   seed=1, progress=False)
+    gained = (np.square(scan.amplitude.astype(np.float64)).round() * 1.7).astype(np.float32)
+    said = "the patterns are whole multiples of 1.7, as counts in a detector's units are"
+    for data, noted in ((gained, True), (scan.amplitude, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            deepphase.reconstruct(data, positions, progress=False)
+        assert any(said in str(w.message) for w in caught) == noted
+    np.save(tmp_path / "gained.npy", gained.reshape(8, 8, 32, 32))
+    common = ["reconstruct", str(tmp_path / "gained.npy"), "--step", "0.87", "--no-probe-check"]
+    assert main([*common, "--input", "amplitude", "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert err.count(said) == 1 and "--input counts --gain 1.7?" in err
+    assert main([*common, "--out", str(tmp_path / "b")]) == 2
+    assert "(they are whole multiples of 1.7, as counts in a detector's units are: --input counts --gain 1.7?)" in \
+        capsys.readouterr().err

@@ -848,6 +848,23 @@ def infer_kind(frames, sample: int = 256) -> str:
     return kind_of_sample(*sample_patterns(frames, sample))
 
 
+def count_quantum(block: np.ndarray) -> float | None:
+    """The step of which every value of ``block`` is a whole multiple, where they are counts: 1 for whole numbers,
+    a detector's gain for counts in its units (float32's precision allowed); None for anything else (square roots
+    of counts are no multiples of their smallest value, √2 of 1)."""
+    if not (np.all(np.isfinite(block)) and block.max() > 1):
+        return None
+    if np.all(block == np.round(block)):
+        return 1.0
+    positive = block[block > 0].astype(np.float64)
+    step = float(positive.min())
+    multiples = positive / step
+    # (at least 5 levels: a few values are multiples of anything; float32 keeps ~7 digits of each)
+    if multiples.max() < 5 or not np.allclose(multiples, np.round(multiples), rtol=0, atol=1e-5 * multiples.max()):
+        return None
+    return step
+
+
 def kind_of_sample(idx: np.ndarray, block: np.ndarray) -> str:
     """:func:`infer_kind` of patterns already read (:func:`sample_patterns`'s indices and block)."""
     for i, frame in zip(idx, block):
@@ -857,9 +874,12 @@ def kind_of_sample(idx: np.ndarray, block: np.ndarray) -> str:
     squared = block**2
     if np.all(np.abs(squared - np.round(squared)) < 1e-3 * np.maximum(1, squared)):
         return "amplitude"
+    step = count_quantum(block)
     raise ValueRangeError(
         "data: cannot tell whether the patterns are counts or amplitudes (values are neither integers nor square "
         "roots of integers); pass --input counts or --input amplitude"
+        + (f" (they are whole multiples of {step:.4g}, as counts in a detector's units are: --input counts --gain "
+           f"{step:.4g}?)" if step else "")
     )
 
 

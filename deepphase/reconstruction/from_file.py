@@ -261,8 +261,9 @@ def _notes_to(note):
 
     for warning in caught:
         if issubclass(warning.category, DeepPhaseNote):
-            if str(warning.message) != COUNTS_NOTE:  # (said in a file's terms by _note_dose)
-                note(str(warning.message))
+            said = str(warning.message)
+            if said != COUNTS_NOTE and not said.startswith("the patterns are whole multiples of"):
+                note(said)  # (those two are said in a file's terms by _note_dose)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
 
@@ -447,10 +448,10 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
                       batch_size, precision, uncertainty, engine, ensemble, sigma_scale, device, chunk_size, resume,
                       overwrite, workers, scheduler, tile_size, progress, log, command):
     """:func:`reconstruct_file` for a file opened by :func:`~deepphase.data.io.load_scan`."""
-    from ..data.io import AmplitudeView, check_dtype, kind_of_sample, looks_like_amplitudes, sample_patterns
+    from ..data.io import AmplitudeView, check_dtype, count_quantum, kind_of_sample, looks_like_amplitudes, sample_patterns
     from ..models.modelfile import PhaseModel, check_compatible, load_model
     from ..physics.scan import check_spacing, raster_positions
-    from .pipeline import CHUNK_SIZE, counts_note, reconstruct, uncertainty_method, with_source_divided_out
+    from .pipeline import CHUNK_SIZE, reconstruct, uncertainty_method, with_source_divided_out
 
     t_start = time.perf_counter()
     read_from = _file_state(data)
@@ -513,8 +514,10 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     kind_doubt = None  # patterns read as the other kind: the rotation and probe checks then measure the wrong thing
     if kind == "counts" and looks_like_amplitudes(sample[1]):
         kind_doubt = AMPLITUDES_READ_AS_COUNTS
-    elif kind == "amplitude" and counts_note(sample[1]):
-        kind_doubt = COUNTS_READ_AS_AMPLITUDES
+    elif kind == "amplitude" and (step := count_quantum(sample[1])):
+        kind_doubt = COUNTS_READ_AS_AMPLITUDES if step == 1.0 else (
+            f"the patterns are whole multiples of {step:.4g}, as counts in a detector's units are, yet --input "
+            f"amplitude reads them as amplitudes (√counts); check it (--input counts --gain {step:.4g}?)")
     if not calibrating and not kind_doubt:  # (patterns read as the other kind show another disk)
         try:
             read_as = kind or scan.kind or kind_of_sample(*sample)
@@ -725,6 +728,9 @@ def _note_dose(rec, notes: list, note) -> None:
     if said == COUNTS_NOTE:
         if COUNTS_READ_AS_AMPLITUDES not in notes:
             note(COUNTS_READ_AS_AMPLITUDES)
+    elif (said or "").startswith("the patterns are whole multiples of"):  # (in the file's terms: the --input note)
+        if not any(text.startswith("the patterns are whole multiples of") for text in notes):
+            note(said)
     elif said and said not in notes:
         note(said)
 

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..data.io import check_dtype, check_patterns, sample_patterns
+from ..data.io import check_dtype, check_patterns, count_quantum, sample_patterns
 from ..errors import OutputExistsError, ShapeError, ValueRangeError
 from ..io_utils import atomic_path, save_json, save_npy, save_png
 from ..models.modelfile import PhaseModel, check_compatible, load_model
@@ -490,7 +490,8 @@ def reconstruct(
     n, chunk_size = int(shape[0]), int(chunk_size)
     dose_info = dose_settings(deblur, stitching, amplitudes, model)
     notes = []
-    if (dose_info["dose_note"] or "").startswith("the patterns are whole numbers"):  # said at once, in a notebook too
+    if (dose_info["dose_note"] or "").startswith(("the patterns are whole numbers", "the patterns are whole multiples")):
+        # (said at once, in a notebook too)
         notes.append(dose_info["dose_note"])
         note_to_caller(dose_info["dose_note"])
     scan_checks = {}
@@ -722,11 +723,18 @@ def dose_note(model: PhaseModel, dose: float | None) -> str | None:
 
 
 def counts_note(amplitudes, samples: int = 16) -> str | None:
-    """A line when the "amplitudes" are whole numbers above 1, as counts are and square roots of counts are not."""
+    """A line when the "amplitudes" are counts: whole numbers above 1 (as square roots of counts are not), or whole
+    multiples of one step, counts in a detector's units (×1.7 read as amplitudes gave 0.927 against 0.978, without
+    a word: the outputs audit, s40)."""
     _, block = sample_patterns(amplitudes, samples)
-    if not (np.all(np.isfinite(block)) and block.max() > 1 and np.all(block == np.round(block))):
+    step = count_quantum(block)
+    if step is None:
         return None
-    return COUNTS_NOTE
+    if step == 1.0:
+        return COUNTS_NOTE
+    return (f"the patterns are whole multiples of {step:.4g}, as counts in a detector's units are (a gain of {step:.4g} "
+            f"per electron?): reconstruct takes √counts, so pass np.sqrt(data / {step:.4g}) (or read the file with "
+            f"--input counts --gain {step:.4g})")
 
 
 #: What :func:`counts_note` says (for arrays; :func:`~deepphase.reconstruction.from_file.reconstruct_file` says it
