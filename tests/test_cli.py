@@ -493,9 +493,13 @@ def test_model_for_another_grid_is_refused(tiny_scan, tmp_path, capsys):
     from deepphase.models.modelfile import load_model, save_model
     from deepphase.physics import Geometry
 
+    from deepphase.models import create_model
+
     model = load_model()
     model.geometry = Geometry(n_px=64)
-    model.probe = np.pad(model.probe, 16)  # (a model folder is whole: its probe on its own grid)
+    model.probe = np.pad(model.probe, 16)  # (a model folder is whole: its probe and network on its own grid)
+    model.arch_config = {**model.arch_config, "n_px": 64}
+    model.network = create_model(model.arch, **model.arch_config)
     save_model(model, tmp_path / "m64")
     folder, _ = tiny_scan
     code, out, err = run(["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy",

@@ -430,11 +430,24 @@ def test_a_resume_refused_names_only_what_the_user_changed_in_their_words():
 
 
 def _edited_weights(folder, edit):
+    """The weights edited and saved with their record's digest, as a training saves what it has."""
+    import hashlib
+
     from safetensors.torch import save_file
 
     weights = load_file(str(folder / "model.safetensors"))
     edit(weights[sorted(k for k in weights if k.endswith("weight"))[0]])
     save_file(weights, str(folder / "model.safetensors"))
+    record = json.loads((folder / "model.json").read_text())
+    record["weights_sha256"] = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    (folder / "model.json").write_text(json.dumps(record))
+
+
+def _flipped_bit(path):
+    """One bit of a weight flipped (the file loads: it was taken without a word, the training audit, s40)."""
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x10
+    path.write_bytes(bytes(blob))
 
 
 def _edited_record(folder, **arch_config):
@@ -455,6 +468,7 @@ def _edited_record(folder, **arch_config):
     (lambda m: _edited_weights(m, lambda w: w.fill_(float("nan"))), "hold NaN or Inf .*a training that diverged"),
     (lambda m: _edited_record(m, out_px=-3), "does not describe a network we build|does not run on its own"),
     (lambda m: _edited_record(m, out_px=16), r"gives \(1, 16, 16\) per pattern, where its geometry asks for"),
+    (lambda m: _flipped_bit(m / "model.safetensors"), "is not the weights file its model.json was written with"),
 ])
 def test_a_damaged_model_folder_is_refused_with_what_is_wrong(damage, expected, tmp_path):
     import shutil
