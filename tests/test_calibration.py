@@ -653,3 +653,15 @@ def test_a_clear_axis_of_unsure_sense_still_notes_a_wrong_axis_naming_both_sense
     assert "mirrored" in rotation_note({**found, "flip_patterns": True}, 0.0)
     assert rotation_note({**found, "quarters": [-0.5, 40.0]}, 20.0) is None  # quarters disagree: no clear axis
     assert rotation_note({**found, "curl_ratio": 0.4}, 20.0) is None  # no clear minimum
+
+
+@pytest.mark.parametrize("units, value", [("1/Å", 0.05), ("Å⁻¹", 0.05), ("A^-1", 0.05), ("1 / angstrom", 0.05),
+                                          ("nm⁻¹", 0.5), ("[n_m^-1]", 0.5), ("mrad/px", 0.984374), ("µrad", 984.374)])
+def test_a_detector_calibration_is_read_in_the_units_files_spell_it(units, value):
+    """'Å⁻¹', 'nm⁻¹' and 'mrad/px' were not recognised: the file's calibration was dropped without a word and the
+    disk radii set the scale (the physics audit, s40). 0.05 Å⁻¹ at 300 keV is 0.98437 mrad (λ = 0.019687 Å)."""
+    from deepphase.data.calibration import detector_mrad_per_px
+    from deepphase.data.io import _is_angle, _is_length
+
+    assert _is_angle({"units": units}) and not _is_length({"units": units})
+    assert detector_mrad_per_px(value, units, 300.0) == pytest.approx(0.984374, rel=1e-5)

@@ -493,17 +493,19 @@ def resample_patterns(batch: np.ndarray, centers: np.ndarray, n_out: int, center
 
 def detector_mrad_per_px(value: float, units: str, energy_kev: float | None) -> float | None:
     """A detector pixel size in mrad from a calibration in mrad, rad, 1/Å or 1/nm (these need the energy)."""
-    u = unit_text(units).replace("å", "a").replace("^-1", "-1")
+    u = unit_text(units).replace("angstrom", "a").replace("å", "a").replace("μ", "µ")
     if u in ("mrad",):
         return float(value)
     if u in ("rad",):
         return 1e3 * float(value)
+    if u in ("µrad", "urad"):
+        return 1e-3 * float(value)
     if energy_kev is None:
         return None
     lam = electron_wavelength(energy_kev)
-    if u in ("1/a", "a-1", "1 / a"):
+    if u in ("1/a", "a-1"):
         return 1e3 * lam * float(value)
-    if u in ("1/nm", "nm-1", "1 / nm"):
+    if u in ("1/nm", "nm-1"):
         return 1e3 * lam * float(value) / 10.0
     return None
 

@@ -528,8 +528,14 @@ def _hyperspy_calibrations(group, ndim: int) -> dict:
 
 
 def unit_text(units) -> str:
-    """Units as plain lower-case text: py4DSTEM's and rosettasciio's EMD "[n_m]" → "nm", "[m_r_a_d]" → "mrad"."""
-    return str(units or "").strip().strip("[]").replace("_", "").lower()
+    """Units as plain lower-case text: py4DSTEM's and rosettasciio's EMD "[n_m]" → "nm", "[m_r_a_d]" → "mrad";
+    "Å⁻¹", "1 / nm" and "A^-1" as "å-1", "1/nm" and "a-1"; a per-pixel suffix ("mrad/px") dropped (such units
+    were not recognised, and the file's detector calibration dropped without a word: the physics audit, s40)."""
+    text = str(units or "").strip().strip("[]").replace("_", "").lower()
+    text = text.replace("⁻¹", "-1").replace("⁻", "-").replace("¹", "1").replace("^", "").replace(" ", "")
+    for suffix in ("/pixel", "/pix", "/px", "perpixel"):
+        text = text.removesuffix(suffix)
+    return text
 
 
 def _unit_text(axis) -> str:
