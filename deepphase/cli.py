@@ -76,6 +76,10 @@ class _ArchitectureNames:
         return iter(list_models())
 
 
+#: A --cs below this (Å) is noted: too small to matter, so likely meant in mm or µm (the physics audit, s40).
+CS_NOTE_ANGSTROM = 100.0
+
+
 def _probe_from_args(args) -> tuple:
     """The probe the options give and what to record of it (with a probe file, ``--sampling`` is its pixel size:
     a model records it, and is then refused on data of another; a simulated scan's file records it)."""
@@ -86,6 +90,12 @@ def _probe_from_args(args) -> tuple:
                                         ("--sampling", args.sampling)) if v is None]
         if missing:
             raise DeepPhaseError(f"probe: building a probe from optics needs {', '.join(missing)} as well")
+        if 0 < abs(args.cs) < CS_NOTE_ANGSTROM:  # (taken as Å, which the help says; a value in mm or µm is likely)
+            from .wording import note_to_caller
+
+            note_to_caller(f"cs: {args.cs:g} Å is a spherical aberration too small to matter (an uncorrected lens has "
+                           f"~1 mm = 10⁷ Å, a corrected one ~1 µm = 10⁴ Å); --cs takes Å: {args.cs:g} mm is --cs "
+                           f"{args.cs * 1e7:g}")
         params = ProbeParameters(args.energy, args.semi_angle, args.defocus, args.cs, args.grid, args.sampling)
         info = {"probe": {"source": "parameters", **params.__dict__}, "sampling": args.sampling,
                 "energy": args.energy, "semiangle_cutoff": args.semi_angle}

@@ -971,3 +971,11 @@ def test_data_recorded_at_another_beam_energy_than_the_models_probe_is_noted(tmp
         assert code == 0 and ("the data were recorded at 80 keV, and the model's probe was made for 300 keV"
                               in err) == (kev == 80), err
         assert "hot or dead" not in err
+
+
+def test_a_spherical_aberration_too_small_to_matter_is_noted_as_a_likely_unit_slip(tmp_path, capsys):
+    """--cs takes Å: 1.2 (meant as mm) was taken as 1.2 Å without a word (the physics audit, s40)."""
+    common = ["simulate", "--energy", 300, "--semi-angle", 20, "--sampling", 0.2, "--scan-shape", 4, 4]
+    for cs, noted in ((1.2, True), (1.2e7, False), (0, False)):
+        code, _, err = run([*common, "--cs", cs, "--out", tmp_path / f"cs{cs}.npz"], capsys)
+        assert code == 0 and ("1.2 mm is --cs 1.2e+07" in err) == noted, err
