@@ -373,3 +373,23 @@ def test_counts_in_a_detectors_units_read_as_amplitudes_are_noted(probe, tmp_pat
     assert main([*common, "--out", str(tmp_path / "b")]) == 2
     assert "(they are whole multiples of 1.7, as counts in a detector's units are: --input counts --gain 1.7?)" in \
         capsys.readouterr().err
+
+
+def test_count_quantum_finds_a_gain_and_nothing_in_amplitudes_or_resampled_counts(probe, tmp_path, capsys):
+    """Resampled (calibrated) patterns, whose smallest value is tiny, were taken for multiples of it: a false note on
+    every calibrated run (the claims audit, s40)."""
+    from deepphase.cli import main
+    from deepphase.data.io import count_quantum
+
+    rng = np.random.default_rng(0)
+    for mean in (5, 150, 3000):
+        counts = rng.poisson(mean, (16, 32, 32)).astype(np.float64)
+        assert count_quantum(counts) == 1.0
+        assert count_quantum((counts * 1.7).astype(np.float32)) == pytest.approx(1.7, rel=1e-6)
+        assert count_quantum(np.sqrt(counts).astype(np.float32)) is None
+        assert count_quantum((counts * 1.7 + rng.normal(0, 0.01, counts.shape)).astype(np.float32)) is None
+    assert main(["simulate", "--scan-shape", "8", "8", "--out", str(tmp_path / "s.npz")]) == 0
+    capsys.readouterr()
+    assert main(["reconstruct", str(tmp_path / "s.npz"), "--calibrate", "--no-probe-check",
+                 "--out", str(tmp_path / "r")]) == 0
+    assert "whole multiples" not in capsys.readouterr().err
