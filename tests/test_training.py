@@ -554,7 +554,9 @@ def test_packaged_models_load_and_record_how_they_were_made():
     assert load_model("seed-unet").arch == "seed-unet" and load_model("seed-unet").info["training"]["preset"] == "default"
     assert load_model("seed").info["training"]["preset"] == "seed"
     assert load_model("probe-aware").probe_aware and load_model("probe-aware").aberration_range == 2.0
-    assert total < 25e6  # the package stays small (23.6 MB with probe-aware: six models)
+    # Issue 6: under 20 MB (19.8 MB, six models, unet-small and probe-aware in float16 since session 40: 23.6 MB before,
+    # the limit raised to 25 MB without a word when probe-aware came)
+    assert total < 20e6
 
 
 def test_train_from_python_defaults_to_what_the_command_trains():
