@@ -154,8 +154,8 @@ def save_model(model: PhaseModel, folder: str | Path, half: bool = False) -> Pat
     state = {k: v.detach().cpu().contiguous() for k, v in model.network.state_dict().items()}
     if half:
         state = {k: _as_half(v) for k, v in state.items()}
-    blob = safetensors_bytes(state, metadata={"format": FORMAT, "arch": model.arch})
     with atomic_path(folder / "model.safetensors", ".safetensors") as tmp:  # (by Python: a full disk names the file)
+        blob = safetensors_bytes(state, metadata={"format": FORMAT, "arch": model.arch})
         tmp.write_bytes(blob)
     save_npy(folder / "probe.npy", np.asarray(model.probe, dtype=np.complex128))
     save_json(folder / "model.json", {**model.describe(), WEIGHTS_DIGEST: hashlib.sha256(blob).hexdigest()})

@@ -218,6 +218,17 @@ def _disk_offset_note(disk: dict, model: dict, calibrating: bool) -> str:
             "a simulated scan 0.99 → 0.83 in correlation); --calibrate moves and scales them onto the model's disk")
 
 
+def check_uncalibrated(n: int, **angular) -> None:
+    """Angular samplings given for patterns read as they are (on the model's grid, not calibrated) would do nothing:
+    they were taken without a word and not recorded (the outputs audit, s40)."""
+    given = [name.replace("_", "-") for name, value in angular.items() if value is not None]
+    if given:
+        raise DeepPhaseError(f"{given[0]}: the patterns are on the model's {n}×{n} grid and read as they are, which "
+                             f"{' and '.join('--' + g for g in given)} would not change; add --calibrate to resample "
+                             f"the patterns to {'it' if len(given) == 1 else 'them'}, or drop "
+                             f"{'it' if len(given) == 1 else 'them'}")
+
+
 def check_rotation(amplitudes, scan_info: dict, raster: dict, model, remedy: str | None = None):
     """The raster's rotation (the default 0° included) checked by the DPC curl criterion: a note (ending in
     ``remedy``, default :data:`~deepphase.data.calibration.ROTATION_REMEDY`) when the data clearly say otherwise

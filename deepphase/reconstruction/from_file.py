@@ -31,7 +31,7 @@ from ..errors import DeepPhaseError, DeepPhaseNote, InputFileError, OutputExists
     ValueRangeError
 from ..wording import in_callers_terms, in_callers_words, note_to_caller
 from .checks import PATTERN_SAMPLE, bad_pixel_note, check_probe, check_rotation, detector_axes_first_note, \
-    energy_note, fine_step_note, off_disk_calibration, raster_of, saturation_note, sense
+    check_uncalibrated, energy_note, fine_step_note, off_disk_calibration, raster_of, saturation_note, sense
 
 logger = logging.getLogger("deepphase")
 
@@ -257,12 +257,12 @@ def _notes_to(note):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", DeepPhaseNote)
         yield
-    from .pipeline import COUNTS_NOTE
+    from .pipeline import COUNTS_NOTE, GAIN_NOTE_START
 
     for warning in caught:
         if issubclass(warning.category, DeepPhaseNote):
             said = str(warning.message)
-            if said != COUNTS_NOTE and not said.startswith("the patterns are whole multiples of"):
+            if said != COUNTS_NOTE and not said.startswith(GAIN_NOTE_START):
                 note(said)  # (those two are said in a file's terms by _note_dose)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
@@ -413,17 +413,6 @@ def _claim_output_folder(out: Path, overwrite: bool, resume: bool) -> bool:
     return overwrite
 
 
-def _check_uncalibrated(n: int, **angular) -> None:
-    """Angular samplings given for patterns read as they are (on the model's grid, not calibrated) would do nothing:
-    they were taken without a word and not recorded (the outputs audit, s40)."""
-    given = [name.replace("_", "-") for name, value in angular.items() if value is not None]
-    if given:
-        raise DeepPhaseError(f"{given[0]}: the patterns are on the model's {n}×{n} grid and read as they are, which "
-                             f"{' and '.join('--' + g for g in given)} would not change; add --calibrate to resample "
-                             f"the patterns to {'it' if len(given) == 1 else 'them'}, or drop "
-                             f"{'it' if len(given) == 1 else 'them'}")
-
-
 def _data_record(data) -> dict:
     """The data as given and the file it named: where (absolute), its size and when it was last written, which
     tell a later reader whether the file beside the image is still the one it was made from."""
@@ -451,7 +440,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     from ..data.io import AmplitudeView, check_dtype, count_quantum, kind_of_sample, looks_like_amplitudes, sample_patterns
     from ..models.modelfile import PhaseModel, check_compatible, load_model
     from ..physics.scan import check_spacing, raster_positions
-    from .pipeline import CHUNK_SIZE, reconstruct, uncertainty_method, with_source_divided_out
+    from .pipeline import CHUNK_SIZE, GAIN_NOTE_START, reconstruct, uncertainty_method, with_source_divided_out
 
     t_start = time.perf_counter()
     read_from = _file_state(data)
@@ -516,7 +505,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         kind_doubt = AMPLITUDES_READ_AS_COUNTS
     elif kind == "amplitude" and (step := count_quantum(sample[1])):
         kind_doubt = COUNTS_READ_AS_AMPLITUDES if step == 1.0 else (
-            f"the patterns are whole multiples of {step:.4g}, as counts in a detector's units are, yet --input "
+            f"{GAIN_NOTE_START} {step:.4g}, as counts in a detector's units are, yet --input "
             f"amplitude reads them as amplitudes (√counts); check it (--input counts --gain {step:.4g}?)")
     if not calibrating and not kind_doubt:  # (patterns read as the other kind show another disk)
         try:
@@ -530,7 +519,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
         if text:
             note(text)
     if not calibrating:
-        _check_uncalibrated(n, mrad_per_px=mrad_per_px, model_mrad_per_px=model_mrad_per_px)
+        check_uncalibrated(n, mrad_per_px=mrad_per_px, model_mrad_per_px=model_mrad_per_px)
     view, calibrated = None, None
     shape = scan_shape or scan.scan_shape
     step_from_file = (calibrating and shape is not None and step_px is None
@@ -722,14 +711,14 @@ def _held_back(scan_info: dict, check: str) -> dict:
 def _note_dose(rec, notes: list, note) -> None:
     """The pipeline's note on the dose, unless said already; its note on counts read as amplitudes (written for
     arrays) in a file's terms."""
-    from .pipeline import COUNTS_NOTE
+    from .pipeline import COUNTS_NOTE, GAIN_NOTE_START
 
     said = rec.processing.get("dose_note")
     if said == COUNTS_NOTE:
         if COUNTS_READ_AS_AMPLITUDES not in notes:
             note(COUNTS_READ_AS_AMPLITUDES)
-    elif (said or "").startswith("the patterns are whole multiples of"):  # (in the file's terms: the --input note)
-        if not any(text.startswith("the patterns are whole multiples of") for text in notes):
+    elif (said or "").startswith(GAIN_NOTE_START):  # (in the file's terms: the --input note)
+        if not any(text.startswith(GAIN_NOTE_START) for text in notes):
             note(said)
     elif said and said not in notes:
         note(said)

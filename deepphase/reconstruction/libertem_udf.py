@@ -787,8 +787,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
                                     on_the_given_axis, plot_scan_rotation, rotation_note, with_sense)
     from ..data.io import infer_kind
     from ..models.modelfile import load_model
-    from .checks import PATTERN_SAMPLE, bad_pixel_note, detector_axes_first_note, off_disk_calibration, saturation_note
-    from .from_file import _check_uncalibrated
+    from .checks import PATTERN_SAMPLE, bad_pixel_note, check_uncalibrated, detector_axes_first_note, \
+        off_disk_calibration, saturation_note
 
     if calibration not in ("auto", "on", "off"):
         raise ValueRangeError(f"calibration: expected 'auto', 'on' or 'off', got {calibration!r}")
@@ -842,7 +842,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
                                                      phase_model.probe, calibration, bool(flip_patterns))
             pattern_notes += [text] if text else []
         if not calibrating:
-            _check_uncalibrated(n, **{k: (calibration_options or {}).get(k) for k in ("mrad_per_px", "model_mrad_per_px")})
+            check_uncalibrated(n, **{k: (calibration_options or {}).get(k) for k in ("mrad_per_px", "model_mrad_per_px")})
         if calibrating:
             view = calibrate_dataset(ctx, dataset, model, coords_step, positions,
                                      0.0 if auto_rotation else rotation_deg, fastest, png=calibration_png,

@@ -490,7 +490,7 @@ def reconstruct(
     n, chunk_size = int(shape[0]), int(chunk_size)
     dose_info = dose_settings(deblur, stitching, amplitudes, model)
     notes = []
-    if (dose_info["dose_note"] or "").startswith(("the patterns are whole numbers", "the patterns are whole multiples")):
+    if (dose_info["dose_note"] or "").startswith(("the patterns are whole numbers", GAIN_NOTE_START)):
         # (said at once, in a notebook too)
         notes.append(dose_info["dose_note"])
         note_to_caller(dose_info["dose_note"])
@@ -732,11 +732,13 @@ def counts_note(amplitudes, samples: int = 16) -> str | None:
         return None
     if step == 1.0:
         return COUNTS_NOTE
-    return (f"the patterns are whole multiples of {step:.4g}, as counts in a detector's units are (a gain of {step:.4g} "
+    return (f"{GAIN_NOTE_START} {step:.4g}, as counts in a detector's units are (a gain of {step:.4g} "
             f"per electron?): reconstruct takes √counts, so pass np.sqrt(data / {step:.4g}) (or read the file with "
             f"--input counts --gain {step:.4g})")
 
 
+#: How :func:`counts_note` begins for counts in a detector's units (the file's path says it in its own terms).
+GAIN_NOTE_START = "the patterns are whole multiples of"
 #: What :func:`counts_note` says (for arrays; :func:`~deepphase.reconstruction.from_file.reconstruct_file` says it
 #: for a file's reader).
 COUNTS_NOTE = ("the patterns are whole numbers, as counts are: reconstruct takes √counts, so pass np.sqrt(counts) "
