@@ -270,6 +270,7 @@ def test_a_tile_whose_workers_were_lost_is_said_in_one_line(lost):
         _tile_result(Lost(), 1000, 100, 5000)
 
 
+@pytest.mark.slow  # (18–22 s on 2 cores; a sibling in the default run covers its parts, s40: the run stayed under 10 minutes)
 def test_cli_reconstruct_with_workers(scan_file, tmp_path):
     """Also with the patterns mirrored in k_row and --flip-patterns: each worker flips what it reads."""
     from deepphase.physics import flip_patterns

@@ -285,6 +285,7 @@ def test_the_probe_is_checked_as_the_pipeline_checks_it(tmp_path, capsys):
                                np.load(tmp_path / "pipeline" / "probe_estimate.npy"), atol=1e-5)
 
 
+@pytest.mark.slow  # (18–22 s on 2 cores; a sibling in the default run covers its parts, s40: the run stayed under 10 minutes)
 def test_a_probe_aware_model_is_told_what_the_pipeline_tells_it(tmp_path, capsys):
     from deepphase.cli import main
     from deepphase.physics import reference_probe
@@ -309,6 +310,7 @@ def test_a_probe_aware_model_is_told_what_the_pipeline_tells_it(tmp_path, capsys
     assert np.abs(np.load(tmp_path / "untold" / "phase.npy") - np.load(tmp_path / "pipeline" / "phase.npy")).max() > 1e-2
 
 
+@pytest.mark.slow  # (18–22 s on 2 cores; a sibling in the default run covers its parts, s40: the run stayed under 10 minutes)
 def test_a_merlin_file_is_read_with_its_rows_as_the_pipeline_reads_them(counts, tmp_path, capsys):
     """LiberTEM reads a Merlin .mib's rows bottom-up against rosettasciio, the pipeline's reader: --libertem
     reverses them, so both make the same image (calibrated 64×64 frames with --rotation auto, and 32×32 frames
