@@ -393,3 +393,16 @@ def test_count_quantum_finds_a_gain_and_nothing_in_amplitudes_or_resampled_count
     assert main(["reconstruct", str(tmp_path / "s.npz"), "--calibrate", "--no-probe-check",
                  "--out", str(tmp_path / "r")]) == 0
     assert "whole multiples" not in capsys.readouterr().err
+
+
+def test_what_python_writes_records_what_was_reconstructed(probe, tmp_path):
+    """metadata.json written from Python held no word of the patterns or positions (the outputs audit, s40)."""
+    import hashlib
+
+    positions = deepphase.raster_positions((5, 6), 0.87)
+    scan = deepphase.simulate_scan(np.zeros(required_object_shape(positions, 32)), probe, positions, dose=1e4,
+                                   progress=False)
+    rec = deepphase.reconstruct(scan.amplitude, positions, progress=False)
+    written = deepphase.write_outputs(rec, tmp_path / "rec")["processing"]
+    assert written["patterns"] == 30 and written["pattern_shape"] == [32, 32]
+    assert written["positions_sha256"] == hashlib.sha256(np.ascontiguousarray(positions).tobytes()).hexdigest()

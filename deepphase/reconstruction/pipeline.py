@@ -633,6 +633,9 @@ def reconstruct(
                           "device": str(dev),
                           "engine": engine if requested == engine else f"{engine} ({requested})", "input": (f"{model.in_channels} patterns: the 3×3 neighbourhood"
                                                       if neighbours is not None else "one pattern"),
+                          # (what was reconstructed: from Python, metadata.json said nothing of it, the outputs audit)
+                          "patterns": n, "pattern_shape": list(shape[1:]),
+                          "positions_sha256": fingerprint["positions_sha256"],
                           "chunk_size": chunk_size, "resumed_from_pattern": resumed_from or None,
                           "patches_reduced_on": str(dev) if on_device else "cpu",
                           **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
