@@ -353,19 +353,17 @@ def _npz_recorded(archive) -> dict:
     """What a ``deepphase simulate`` .npz records in its ``parameters`` of the optics: the real-space pixel size
     (``pixel_size_angstrom``, given with ``--sampling``) and the beam energy (``energy_kev``, a probe from optics),
     each where it is a positive number."""
-    if "parameters" not in archive.files:
-        return {"pixel_size_angstrom": None}
     try:
-        parameters = json.loads(str(archive["parameters"]))
+        parameters = json.loads(str(archive["parameters"])) if "parameters" in archive.files else {}
     except (ValueError, AttributeError):
-        return {"pixel_size_angstrom": None}
+        parameters = {}
+    parameters = parameters if isinstance(parameters, dict) else {}
 
     def positive(value):
         return float(value) if isinstance(value, (int, float)) and np.isfinite(value) and value > 0 else None
 
-    energy = positive(parameters.get("energy")) if isinstance(parameters, dict) else None
-    return {"pixel_size_angstrom": positive(parameters.get("sampling")) if isinstance(parameters, dict) else None,
-            **({"energy_kev": energy} if energy else {})}
+    energy = positive(parameters.get("energy"))
+    return {"pixel_size_angstrom": positive(parameters.get("sampling")), **({"energy_kev": energy} if energy else {})}
 
 
 def _basic_info(fmt: str, frames, scan_shape, **extra) -> dict:

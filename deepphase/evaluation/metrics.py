@@ -171,13 +171,8 @@ def _shifted(image: np.ndarray, shift) -> np.ndarray:
 
     valid = np.isfinite(image)
     if np.allclose(shift, np.round(shift), rtol=0, atol=1e-9):  # whole pixels: exact, no margin (a zero shift
-        moved = np.full(image.shape, np.nan)                    # kept one ring fewer than the plain correlation's)
-        dr, dc = (int(round(float(v))) for v in shift)
-        rows, cols = image.shape
-        if abs(dr) < rows and abs(dc) < cols:
-            moved[max(dr, 0) : rows + min(dr, 0), max(dc, 0) : cols + min(dc, 0)] = \
-                image[max(-dr, 0) : rows + min(-dr, 0), max(-dc, 0) : cols + min(-dc, 0)]
-        return moved
+        # kept one ring fewer than the plain correlation's)
+        return ndimage.shift(image, np.round(shift), order=0, mode="constant", cval=np.nan)
     filled = np.where(valid, image, image[valid].mean() if valid.any() else 0.0)
     moved = ndimage.shift(filled, shift, order=3, mode="nearest")
     # A pixel is kept if the interpolation read only finite pixels inside the image: shift the

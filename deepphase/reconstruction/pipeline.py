@@ -474,10 +474,11 @@ def reconstruct(
         if m.geometry != model.geometry or not np.array_equal(m.probe, model.probe):
             raise ValueRangeError(f"ensemble: model {str(m.folder or m.name)!r} was made for another probe or "
                                   f"geometry than {str(model.folder or model.name)!r}; an ensemble needs the same ones")
+    digests = [_weights_digest(m) for m in [model, *members]]  # (the ensemble's check and the resume's fingerprint)
     if members:  # (a member with the model's own weights spreads nothing: its σ map came out 0 everywhere)
         seen = {}
-        for m in [model, *members]:
-            first = seen.setdefault(_weights_digest(m), m)
+        for m, digest in zip([model, *members], digests):
+            first = seen.setdefault(digest, m)
             if first is not m:
                 raise ValueRangeError(
                     f"ensemble: model {m.name!r} has the same weights as {first.name!r} (the model itself, or a copy), "
@@ -547,10 +548,10 @@ def reconstruct(
     on_device = reduce_on_device(dev, stitching)
     fingerprint = {**(fingerprint or {}), "n_patterns": n, "pattern_shape": list(shape[1:]),
                    "positions_sha256": hashlib.sha256(np.ascontiguousarray(positions).tobytes()).hexdigest(),
-                   "model": model.name, "model_arch": model.arch, "model_sha256": _weights_digest(model),
+                   "model": model.name, "model_arch": model.arch, "model_sha256": digests[0],
                    "stitching": stitching, "uncertainty_samples": draws - 1, "chunk_size": chunk_size,
                    "precision": precision, "device": str(dev),
-                   "ensemble_sha256": [_weights_digest(m) for m in members],
+                   "ensemble_sha256": digests[1:],
                    **({"uncertainty": "σ head"} if sigma_head else {})}
     # (the engine is left out: every engine computes the same function, so a run may resume with another)
     done = resumed_from = _load_checkpoint(folder, fingerprint, accumulators) if resume else 0
