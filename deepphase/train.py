@@ -11,6 +11,8 @@ HOST:PORT ...`` (see README, "Scaling up").
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import shlex
 import signal
@@ -82,10 +84,13 @@ def launch(args: argparse.Namespace, command: str) -> None:
     from torch.distributed.run import parse_args, run
 
     torchrun_args = ["--standalone", "--nproc-per-node", str(nproc), "-m", "deepphase.train", *train_argv(args)]
-    previous = {name: os.environ.get(name) for name in (COMMAND_ENV, LOCK_HELD_FOR_US)}
-    with folder_lock(args.out):  # (this process holds the folder for its ranks: a Ctrl-C stops them before it lets go)
+    previous = {name: os.environ.get(name) for name in (COMMAND_ENV, LOCK_HELD_FOR_US, "OMP_NUM_THREADS")}
+    with folder_lock(args.out), _torchrun_warnings_quiet():  # (this process holds the folder for its ranks: a Ctrl-C stops them before it lets go)
         os.environ[LOCK_HELD_FOR_US] = str(Path(args.out).resolve())
         os.environ[COMMAND_ENV] = command
+        # torchrun gives every process one thread when this is unset (and warns so): the machine's cores
+        # shared out instead, so that --nproc 2 on a 16-core machine does not idle 14 of them.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         try:
             run(parse_args(torchrun_args))
         except SignalException as exc:
@@ -107,6 +112,26 @@ def launch(args: argparse.Namespace, command: str) -> None:
                     os.environ[name] = value
 
 
+@contextlib.contextmanager
+def _torchrun_warnings_quiet():
+    """torchrun's agent logs its own handling of a Ctrl-C (a death signal, closing signals to each process) as
+    warnings above deepphase's one line that says what happened and how to resume; quiet at WARNING level
+    unless the user asked torchrun for its logs (its LOGLEVEL)."""
+    if "LOGLEVEL" in os.environ:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name.startswith("torch.distributed")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.level, logging.ERROR))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse ``deepphase train`` arguments and train (in each process that torchrun started)."""
     from .cli import build_parser
@@ -126,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deepphase train{where}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        if rank == 0:
+        if rank == 0 and COMMAND_ENV not in os.environ:  # (under `deepphase train --nproc`, the launcher says it)
             print("deepphase train: interrupted; the last checkpoint is intact", file=sys.stderr)
         return 130
     return 0

@@ -115,6 +115,9 @@ def test_two_processes_train_what_one_process_trains_and_resume_with_one(tmp_pat
     c, d = _weights(one[2]), _weights(tmp_path / "two")
     for key in c:
         torch.testing.assert_close(d[key], c[key], rtol=1e-5, atol=1e-6, msg=key)
+    # The record keeps how each epoch was trained (the run-wide entry was dropped on this resume: s40's audit).
+    history = json.loads((tmp_path / "two" / "model.json").read_text())["training"]["history"]
+    assert [(h["processes"], h.get("rank_data")) for h in history] == [(2, "shared"), (1, None)]
 
 
 def test_cli_nproc_launches_torchrun_and_checks_the_split(tmp_path):
@@ -159,6 +162,26 @@ def test_an_interrupted_nproc_training_says_so_and_how_to_resume(sigval, said, t
     assert err.startswith(f"deepphase train: {said}; the last finished epoch's checkpoint is in"), err
     assert "the same command with --resume continues from it" in err and "Traceback" not in err
     assert [p.name for p in (tmp_path / "m").iterdir()] == [CHECKPOINT] and LOCK_HELD_FOR_US not in os.environ
+
+
+@pytest.mark.parametrize("launched", [True, False])
+def test_an_interrupted_rank_0_speaks_only_without_the_launcher(launched, monkeypatch, capsys):
+    """Under `deepphase train --nproc` the launcher says the interrupt and how to resume; rank 0 said it too
+    (two lines for one Ctrl-C: s40's audit). Started by torchrun directly, rank 0's line is the only one."""
+    from deepphase import cli, train as train_entry
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_train", interrupted)
+    monkeypatch.setenv("RANK", "0")
+    if launched:
+        monkeypatch.setenv(train_entry.COMMAND_ENV, "deepphase train --nproc 2")
+    else:
+        monkeypatch.delenv(train_entry.COMMAND_ENV, raising=False)
+    assert train_entry.main(["--device", "cpu", "--out", "m"]) == 130
+    err = capsys.readouterr().err
+    assert ("interrupted" in err) is not launched, err
 
 
 def test_uneven_split_is_refused_before_any_process_group(probe, tmp_path, monkeypatch):

@@ -575,7 +575,10 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
             history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val,
                             **({"train_nll": float(np.mean(nlls))} if nlls else {}),
                             "seconds": round(elapsed, 2),
-                            "samples_per_second": round(config.steps_per_epoch * config.batch_size / trained, 1)})
+                            "samples_per_second": round(config.steps_per_epoch * config.batch_size / trained, 1),
+                            # (per epoch: a run resumed with another number of processes keeps the earlier
+                            # epochs' record, which the run-wide "distributed" entry below cannot)
+                            "processes": world, **({"rank_data": rank_data} if world > 1 else {})})
             model.info = {
                 **(probe_info or {}),
                 "training": {**config.to_dict(), "dose": dose, "optimizer_settings": settings,
