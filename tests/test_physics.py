@@ -41,6 +41,16 @@ def test_constant_phase_leaves_the_pattern_unchanged(probe, rng):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
 
 
+def test_an_integer_phase_is_radians_and_a_complex_one_is_refused(probe):
+    """A whole-radian phase image (int64) gave torch.polar's "Expected both inputs to be Half, Float or Double"
+    (s40's physics audit): a phase of 3 rad everywhere is the flat phase's pattern."""
+    p = as_complex_tensor(probe)
+    whole = diffraction_intensity(p, torch.full((32, 32), 3, dtype=torch.int64))
+    torch.testing.assert_close(whole, diffraction_intensity(p, torch.zeros(32, 32)))
+    with pytest.raises(DeepPhaseError, match="expected real radians"):
+        diffraction_intensity(p, torch.zeros(32, 32, dtype=torch.complex64))
+
+
 @pytest.mark.parametrize("shift", [(3, -2), (-5, 7), (0, 4)])
 def test_phase_ramp_shifts_the_pattern(probe, shift):
     n = 32

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ValueRangeError
+from ..errors import DeepPhaseError, ValueRangeError
 
 _AXES = (-2, -1)
 
@@ -24,6 +24,12 @@ def as_complex_tensor(probe: np.ndarray | torch.Tensor, device=None) -> torch.Te
 
 def exit_wave(probe: torch.Tensor, phase: torch.Tensor, amplitude: torch.Tensor | None = None) -> torch.Tensor:
     """Exit wave ``P · A · exp(i φ)`` of a thin object; ``phase`` is (..., n, n) in radians."""
+    if phase.is_complex():
+        raise DeepPhaseError(f"phase: expected real radians, got a {phase.dtype} tensor (the exit wave is made here)")
+    if not phase.is_floating_point():  # (an integer phase image: torch.polar takes floats only)
+        phase = phase.to(torch.float32)
+    if amplitude is not None and not amplitude.is_floating_point():
+        amplitude = amplitude.to(phase.dtype)
     transmission = torch.polar(torch.ones_like(phase) if amplitude is None else amplitude, phase)
     return probe * transmission
 
