@@ -290,6 +290,10 @@ SCANS = {
     "one scan column": lambda: raster_positions((40, 1), STEP),
     "rows too far apart to overlap": lambda: raster_positions((6, 30), (5.0, STEP)),
     "two positions": lambda: np.array([[0.0, 0.0], [0.0, 0.5]]),
+    # Two positions along the fast axis: the steps (0, 1) and (1, −1) are one diagonal of the Laplacian
+    # (SciPy's "offset array contains duplicate values" before: the evaluation audit, s41)
+    "two wide, row fastest": lambda: raster_positions((2, 20), STEP),
+    "two wide, column fastest": lambda: raster_positions((20, 2), STEP, fastest="col"),
 }
 
 
@@ -328,7 +332,7 @@ def test_lattice_solver_is_used_for_a_connected_raster_only():
 
 
 @pytest.mark.parametrize("scan", ["reference raster, row fastest", "column fastest", "unequal steps", "rotated 17°",
-                                  "rows too far apart to overlap"])
+                                  "rows too far apart to overlap", "two wide, row fastest", "two wide, column fastest"])
 def test_raster_fast_paths_give_the_general_paths_image(scan, monkeypatch):
     from deepphase.reconstruction.stitching import PairwiseStitcher
 

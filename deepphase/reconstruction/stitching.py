@@ -566,13 +566,18 @@ class _LatticeSolver:
         self.delta = steps[:, 0] * fast + steps[:, 1]
         # Banded: one diagonal at ±δ_t per step (DIA holds entry (k − offset, k) in column k), so the
         # matrix is assembled step by step from the pairs, without a sort.
-        data = np.zeros((2 * n_steps + 1, n))
+        # Two steps can share an offset δ: with 2 positions along the fast axis, (0, 1) and (1, −1) are both
+        # δ = 1 (their pairs are different entries of one diagonal); SciPy refuses repeated offsets, so
+        # each distinct δ gets one diagonal.
+        offsets, diagonal = np.unique(self.delta, return_inverse=True)
+        n_diagonals = len(offsets)
+        data = np.zeros((2 * n_diagonals + 1, n))
         for t, d in enumerate(self.delta):
             at, w = first[bounds[t] : bounds[t + 1]], weight[bounds[t] : bounds[t + 1]]
-            data[n_steps + 1 + t, at + d] = -w  # entry (k, k + δ)
-            data[n_steps - 1 - t, at] = -w  # entry (k + δ, k)
-        data[n_steps] = -data.sum(axis=0)  # symmetric: a row's sum is its column's
-        self.laplacian = sp.dia_matrix((data, np.concatenate([-self.delta[::-1], [0], self.delta])), shape=(n, n))
+            data[n_diagonals + 1 + diagonal[t], at + d] -= w  # entry (k, k + δ)
+            data[n_diagonals - 1 - diagonal[t], at] -= w  # entry (k + δ, k)
+        data[n_diagonals] = -data.sum(axis=0)  # symmetric: a row's sum is its column's
+        self.laplacian = sp.dia_matrix((data, np.concatenate([-offsets[::-1], [0], offsets])), shape=(n, n))
         mean_weight = np.array([weight[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])]) / (
             (slow - np.abs(steps[:, 0])) * (fast - np.abs(steps[:, 1])))
         theta_s, theta_f = np.pi * np.arange(slow) / slow, np.pi * np.arange(fast) / fast
