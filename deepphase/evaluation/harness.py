@@ -331,7 +331,9 @@ COMPARED_REGION = ("the scanned area (the span of the probe's centres) less a ma
 FIGURES = {
     "correlation": "Pearson correlation with the truth, as reconstructed (no shift, scale or offset fitted)",
     "correlation_aligned": "the same after the shift, at most MAX_SHIFT_PX = 2 px a side, that best registers it "
-                           "(shift_px: row, col)",
+                           "(shift_px: row, col; a Fourier shift, which smooths nothing); being the best of many "
+                           "shifts it is biased up where the correlation is poor (noise unrelated to the truth: "
+                           "+0.04, against 0 plain)",
     "offset_rmse": "RMSE (rad) with the mean difference removed: a phase of the wrong size or sign counts",
     "scale": "the least-squares fit truth ≈ scale · reconstruction + offset (1: the right size; noise in the "
              "reconstruction pulls it below 1, by about the correlation²)",

@@ -166,7 +166,12 @@ def align(reconstruction, truth, upsample: int = 20, max_shift_px: float = MAX_S
 
 
 def _shifted(image: np.ndarray, shift) -> np.ndarray:
-    """``image`` moved by ``shift`` (cubic spline); NaN where the result depends on missing data."""
+    """``image`` moved by ``shift`` (a Fourier shift); NaN where the result depends on missing data.
+
+    A cubic spline at a sub-pixel shift is a low-pass filter: at half a pixel it keeps 57 % of white noise's
+    variance, so "aligned" scored truth plus noise up to 0.08 above the plain correlation with nothing
+    misaligned (the evaluation audit, s41). A Fourier shift passes every frequency; with the image mirrored
+    at its edges first (so that the shift does not wrap one edge onto the other) it keeps 94 %."""
     from scipy import ndimage
 
     valid = np.isfinite(image)
@@ -174,10 +179,15 @@ def _shifted(image: np.ndarray, shift) -> np.ndarray:
         # kept one ring fewer than the plain correlation's)
         return ndimage.shift(image, np.round(shift), order=0, mode="constant", cval=np.nan)
     filled = np.where(valid, image, image[valid].mean() if valid.any() else 0.0)
-    moved = ndimage.shift(filled, shift, order=3, mode="nearest")
+    # Odd sizes: an even grid's Nyquist frequency, moved by half a pixel, is imaginary and its real part lost.
+    pad = int(np.ceil(np.abs(shift).max())) + 8
+    widths = [(pad, pad + (n + 1) % 2) for n in filled.shape]
+    padded = np.pad(filled, widths, mode="symmetric")
+    moved = np.fft.ifftn(ndimage.fourier_shift(np.fft.fftn(padded), shift)).real
+    moved = moved[pad:pad + filled.shape[0], pad:pad + filled.shape[1]]
     # A pixel is kept if the interpolation read only finite pixels inside the image: shift the
     # validity mask with linear interpolation and zeros outside, and keep what stays fully valid,
-    # then drop one more pixel of margin for the cubic spline's wider support.
+    # then drop one more pixel of margin (the shift's ringing is largest beside missing data).
     support = ndimage.shift(valid.astype(np.float64), shift, order=1, mode="constant", cval=0.0)
     keep = ndimage.binary_erosion(support > 1 - 1e-6, iterations=1, border_value=0)
     return np.where(keep, moved, np.nan)

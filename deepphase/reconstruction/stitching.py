@@ -561,7 +561,7 @@ class _LatticeSolver:
     """
 
     def __init__(self, slow, fast, steps, bounds, first, weight):
-        n, n_steps = slow * fast, len(steps)
+        n = slow * fast
         self.shape, self.first, self.bounds = (slow, fast), first, bounds
         self.delta = steps[:, 0] * fast + steps[:, 1]
         # Banded: one diagonal at ±δ_t per step (DIA holds entry (k − offset, k) in column k), so the
