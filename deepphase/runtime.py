@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -53,7 +54,8 @@ RECORDED_PACKAGES = ("deepphase", "torch", "numpy", "scipy", "onnxruntime", "h5p
 
 
 def package_versions() -> dict:
-    """``{package: version}`` of :data:`RECORDED_PACKAGES` that are installed, for a result's metadata."""
+    """``{package: version}`` of :data:`RECORDED_PACKAGES` that are installed, for a result's metadata, and
+    ``deepphase_git_revision`` where deepphase runs from a git checkout (:func:`source_revision`)."""
     import importlib.metadata as md
 
     out = {}
@@ -62,4 +64,27 @@ def package_versions() -> dict:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
             pass
+    revision = source_revision()
+    if revision is not None:
+        out["deepphase_git_revision"] = revision
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def source_revision() -> str | None:
+    """The git commit of the deepphase source in use, ``-dirty`` if its tracked files differ from it, where deepphase
+    runs from a git checkout (``pip install -e``); None otherwise (an installed wheel: its version says it).
+
+    The version alone (0.1.0 for every commit of a checkout) cannot say which code made a result (the
+    evaluation audit, s41)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None

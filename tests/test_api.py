@@ -129,6 +129,12 @@ def test_reconstruct_file_makes_what_the_command_makes_and_tells_what_to_check(p
     assert timings["checks_s"] > 0
     assert timings["total_s"] >= timings["checks_s"] + timings["predict_s"] + timings["stitch_s"]
     assert api["versions"]["torch"] == torch.__version__ and api["versions"]["deepphase"] == deepphase.__version__
+    # From a git checkout, which commit (the version is 0.1.0 for all of them: the evaluation audit, s41)
+    root = Path(deepphase.__file__).resolve().parent.parent
+    if (root / ".git").exists():
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        revision = api["versions"]["deepphase_git_revision"]
+        assert head.startswith(revision.removesuffix("-dirty")) and len(revision.removesuffix("-dirty")) >= 12
 
 
 def test_reconstruct_file_refuses_what_it_cannot_do_before_reading_the_file(tmp_path):

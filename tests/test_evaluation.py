@@ -8,6 +8,7 @@ from deepphase.errors import ShapeError, ValueRangeError
 from deepphase.evaluation import metrics
 from deepphase.evaluation.baselines import center_of_mass, idpc_phase, integrate_gradient
 from deepphase.evaluation.harness import markdown_table
+from deepphase.models.modelfile import packaged_model_path
 from deepphase.physics import raster_positions, reference_probe
 from deepphase.data.simulate import required_object_shape, simulate_scan
 
@@ -262,6 +263,9 @@ def test_evaluate_writes_a_report_with_every_method_and_metric(tmp_path, capsys)
         (m, d) for m in ("deepphase", "idpc") for d in (3000.0, 27882.0)}
     for row in rows:
         assert -1 <= row["correlation"] <= 1 and row["seconds"] > 0 and row["fitted_rmse"] >= 0
+    # Which weights made the network's figures (a folder retrained in place gave others under the same record):
+    default = json.loads((packaged_model_path("default") / "model.json").read_text())
+    assert {r["notes"]["weights_sha256"] for r in rows if r["method"] == "deepphase"} == {default["weights_sha256"]}
     by = {(r["method"], r["dose_e_per_pattern"]): r for r in rows}
     # The packaged default's σ head is scored in every run: a coverage within ±1σ below that within ±2σ.
     cover = [by[("deepphase", d)]["within_1sigma"] for d in (3000.0, 27882.0)]
@@ -285,6 +289,26 @@ def test_evaluate_writes_a_report_with_every_method_and_metric(tmp_path, capsys)
         assert main([*args, "--doses", "1000", "--overwrite"]) == 130
     assert (out / "montage.png").exists() and not (out / "results.json").exists()
     assert not (out / "results.md").exists()
+
+
+def test_evaluate_takes_numpy_doses_and_refuses_a_negative_seed(tmp_path, monkeypatch):
+    """A notebook's np.logspace(...) or np.int64 dose: "truth value of an array is ambiguous" and "not iterable"
+    before; seed=-1 NumPy's own error (the evaluation audit, s41)."""
+    from deepphase.evaluation import harness
+
+    asked = []
+    monkeypatch.setattr(harness, "run_evaluation", lambda methods, specimens, doses, *a, **k: asked.append(doses)
+                        or ([], {}))
+    monkeypatch.setattr(harness, "write_report", lambda *a, **k: None)
+    for doses, expected in ((np.array([300, 3000]), [300.0, 3000.0]), (np.int64(300), [300.0]),
+                            (np.float32(30), [30.0])):
+        harness.evaluate(out_dir=tmp_path / "r", methods=["idpc"], specimens=["twisted-hbn"], doses=doses)
+        assert asked[-1] == expected and all(type(d) is float for d in asked[-1])
+    for seed in (-1, 1.5, True):
+        with pytest.raises(ValueRangeError, match="seed: expected a whole number ≥ 0"):
+            harness.evaluate(out_dir=tmp_path / "r", methods=["idpc"], specimens=["twisted-hbn"], seed=seed)
+    with pytest.raises(ValueRangeError, match="doses: expected numbers"):
+        harness.evaluate(out_dir=tmp_path / "r", methods=["idpc"], doses=["many"])
 
 
 def test_uncertainty_coverage_of_a_calibrated_gaussian_error():

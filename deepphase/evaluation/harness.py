@@ -170,7 +170,7 @@ def network_method(model_path=None, stitching: str = "pairwise", remove_plane: b
             r0, c0 = rec.origin_px
             h, w = min(rec.uncertainty.shape[0], sigma.shape[0] - r0), min(rec.uncertainty.shape[1], sigma.shape[1] - c0)
             sigma[r0 : r0 + h, c0 : c0 + w] = rec.uncertainty[:h, :w]
-        notes = {"model": model.name, "arch": model.arch, "stitching": stitching,
+        notes = {"model": model.name, "arch": model.arch, "weights_sha256": model.weights_sha256, "stitching": stitching,
                  "deblurred": rec.processing["deblurred"], **({} if own_probe else {"probe": "another than the data's"})}
         if told is not None:
             notes["told_edge_phase_rad"] = told["told_edge_phase_rad"]
@@ -410,7 +410,7 @@ def run_evaluation(methods, specimens, doses, probe, scan_shape=(48, 48), step_p
         raise ValueRangeError(f"methods: unknown {', '.join(unknown)}; expected some of {', '.join(_METHODS)} (your own "
                               "model: register_method(NAME, DESCRIPTION)(network_method(FOLDER)) first, as "
                               "`deepphase evaluate --model NAME=FOLDER` does)")
-    if not (isinstance(repeats, int) and repeats >= 1):
+    if isinstance(repeats, bool) or not (isinstance(repeats, (int, np.integer)) and repeats >= 1):
         raise ValueRangeError(f"repeats: expected a whole number ≥ 1 of simulated realisations per case, got {repeats!r}")
     rows, images = [], {}
     total = len(specimens) * len(doses) * repeats
@@ -682,15 +682,28 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
 
     check_report_folder(out_dir, overwrite)  # before, not after, the work
     config = resolve_preset(preset)
-    def listed(value) -> list | None:  # one name or number given alone: a list of one, not its letters
-        return [value] if isinstance(value, (str, int, float)) else value
+    def listed(value, default) -> list:
+        """One name or number given alone is a list of one (not its letters); NumPy's scalars and arrays
+        (np.logspace) are lists too; None or an empty list is the preset's."""
+        if value is None:
+            return list(default)
+        if isinstance(value, (str, int, float, np.generic)):
+            return [value.item() if isinstance(value, np.generic) else value]
+        value = np.asarray(value).ravel().tolist() if isinstance(value, np.ndarray) else list(value)
+        return value or list(default)
 
-    methods = list(listed(methods) or available_methods())
-    specimens = list(listed(specimens) or config["specimens"])
-    forward = list(listed(forward) or config["forward"])
-    doses = [float(d) for d in (listed(doses) or config["doses"])]
+    methods = listed(methods, available_methods())
+    specimens = listed(specimens, config["specimens"])
+    forward = listed(forward, config["forward"])
+    try:
+        doses = [float(d) for d in listed(doses, config["doses"])]
+    except (TypeError, ValueError):
+        raise ValueRangeError(f"doses: expected numbers of electrons per pattern, got {doses!r}") from None
     if any(not d > 0 for d in doses):
         raise ValueRangeError(f"doses: expected positive electrons per pattern, got {doses}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueRangeError(f"seed: expected a whole number ≥ 0, got {seed!r}")
+    seed, repeats = int(seed), int(repeats) if isinstance(repeats, np.integer) else repeats
     scan_shape = tuple(scan_shape or config["scan_shape"])
     if forward == ["multislice"] and not any(name not in BUILTIN_SPECIMENS for name in specimens):
         raise ValueRangeError(f"forward: multislice data are simulated for the material specimens only (hbn, "

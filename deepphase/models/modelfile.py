@@ -43,6 +43,7 @@ class PhaseModel:
     geometry: Geometry
     info: dict = field(default_factory=dict)  # training dose, corpus, command, history, sampling ...
     folder: Path | None = None  # where it was loaded from (its optional model.onnx is found there)
+    weights_sha256: str | None = None  # of the weights file it was loaded from: which weights made a result
 
     @property
     def name(self) -> str:
@@ -53,7 +54,7 @@ class PhaseModel:
     def record(self) -> dict:
         """Which model this is, for a result's metadata: name, architecture, folder, training dose."""
         return {"name": self.name, "arch": self.arch, "folder": None if self.folder is None else str(self.folder),
-                "dose": self.info.get("dose")}
+                "dose": self.info.get("dose"), **({WEIGHTS_DIGEST: self.weights_sha256} if self.weights_sha256 else {})}
 
     @property
     def in_channels(self) -> int:
@@ -100,7 +101,7 @@ class PhaseModel:
         edge = a * model_disk(self.probe)["radius"] ** 2  # what the network is trained on: rad at the disk's edge
         network.aberration.copy_(torch.as_tensor(edge, dtype=network.aberration.dtype))
         return PhaseModel(network, self.arch, self.arch_config, self.probe, self.geometry,
-                          {**self.info, "told_coefficients_rad_per_px2": a.tolist()}, self.folder)
+                          {**self.info, "told_coefficients_rad_per_px2": a.tolist()}, self.folder, self.weights_sha256)
 
     def describe(self) -> dict:
         """The model.json content."""
@@ -275,8 +276,8 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
         missing, unexpected = _state_difference(network.state_dict(), state)
         raise InputFileError(f"model: weights in {str(folder)!r} do not fit architecture {meta['arch']!r} "
                              f"({missing}; {unexpected})") from exc
-    recorded = meta.get(WEIGHTS_DIGEST)  # (after the fit, which names a foreign file's fault more exactly)
-    if recorded is not None and recorded != hashlib.sha256(blob).hexdigest():
+    recorded, digest = meta.get(WEIGHTS_DIGEST), hashlib.sha256(blob).hexdigest()
+    if recorded is not None and recorded != digest:  # (after the fit, which names a foreign file's fault more exactly)
         raise InputFileError(f"model: {str(folder / 'model.safetensors')!r} is not the weights file its model.json "
                              "was written with (its SHA-256 differs: changed or damaged since); copy or train the "
                              "model again")
@@ -298,7 +299,8 @@ def load_model(path: str | Path | None = None, device="cpu") -> PhaseModel:
         note_to_caller(f"model: {path!r} is the folder {str(folder.resolve())!r} here, which hides the packaged model "
                        f"of that name ({str(packaged_model_path(path))!r}): rename the folder, or name it by a path "
                        f"(./{path}) to mean it")
-    return PhaseModel(network, meta["arch"], meta.get("arch_config", {}), probe, geometry, info, folder=folder)
+    return PhaseModel(network, meta["arch"], meta.get("arch_config", {}), probe, geometry, info, folder=folder,
+                      weights_sha256=digest)
 
 
 def _check_runs(network, state: dict, geometry: Geometry, channels: int, folder: Path) -> None:
