@@ -254,6 +254,13 @@ def test_calibration_refuses_or_repairs_bad_data(rng):
         calibrate(frames - 20, model)
     with pytest.raises(DeepPhaseError, match="gain"):
         calibrate(frames, model, gain=0)
+    # From a notebook (the evaluation audit, s41): a list of patterns is an array (was "got shape ()"), complex
+    # patterns are refused (their imaginary part was dropped with a NumPy warning), a misspelt option is named.
+    assert calibrate(list(frames), model)[1]["radius_px"] == calibrate(frames, model)[1]["radius_px"]
+    with pytest.raises(DeepPhaseError, match="expected real numeric diffraction patterns, got dtype complex64"):
+        calibrate(frames.astype(np.complex64), model)
+    with pytest.raises(DeepPhaseError, match="unknown option gian; expected some of png, kind, gain"):
+        calibrate(frames, model, gian=2)
 
 
 def test_headline_detector_scan_reconstructs_as_well_as_the_model_geometry(tmp_path):

@@ -104,6 +104,16 @@ def test_a_sub_pixel_shift_does_not_smooth_a_noisy_reconstruction_into_a_better_
     assert abs(moved_score - plain) < 0.025, (moved_score, plain)
 
 
+@pytest.mark.parametrize("metric", ["correlation", "correlation_aligned", "offset_rmse", "fitted_rmse", "ssim",
+                                    "evaluate", "align"])
+def test_a_complex_image_is_refused_not_scored_by_its_real_part(metric, smooth_image):
+    """exp(iφ) passed for φ scored −0.957 (cos φ against φ) with a NumPy warning only (the evaluation audit, s41)."""
+    for args, name in (((np.exp(1j * smooth_image), smooth_image), "reconstruction"),
+                       ((smooth_image, smooth_image.astype(np.complex128)), "truth")):
+        with pytest.raises(ShapeError, match=f"^{name}: expected a real phase image in rad"):
+            getattr(metrics, metric)(*args)
+
+
 def test_frc_of_independent_white_noise_is_within_its_spread():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(2, 128, 128))

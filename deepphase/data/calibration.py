@@ -39,7 +39,7 @@ from scipy import ndimage
 from ..errors import ShapeError, ValueRangeError
 from ..wording import in_callers_words
 from ..physics.probe import angular_sampling, electron_wavelength
-from .io import spread_indices, unit_text
+from .io import check_dtype, spread_indices, unit_text
 
 __all__ = [
     "find_disk",
@@ -1012,6 +1012,23 @@ def calibrate(
     info : dict
         Everything found and used (see :func:`measure_calibration`).
     """
+    import inspect
+
+    known = [name for name, p in inspect.signature(measure_calibration).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueRangeError(f"calibrate: unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)}; expected "
+                              f"some of png, {', '.join(known)}")
+    if not hasattr(frames, "shape") or not hasattr(frames, "__getitem__"):
+        # (a list of patterns: "got shape ()" before, the evaluation audit, s41)
+        try:
+            frames = np.asarray(frames)
+        except ValueError as exc:
+            raise ShapeError(f"data: expected patterns of shape (N, k_row, k_col), got a {type(frames).__name__} "
+                             f"that is not one array ({exc})") from None
+    if hasattr(frames, "dtype"):
+        check_dtype(frames)  # (complex frames lost their imaginary part with a NumPy warning: the audit, s41)
     if not hasattr(model, "geometry"):
         from ..models.modelfile import load_model
 

@@ -12,8 +12,7 @@ from ..errors import ShapeError, ValueRangeError
 
 
 def _common(reconstruction: np.ndarray, truth: np.ndarray):
-    reconstruction = np.asarray(reconstruction, dtype=np.float64)
-    truth = np.asarray(truth, dtype=np.float64)
+    reconstruction, truth = _real(reconstruction, truth)
     if reconstruction.shape != truth.shape:
         raise ShapeError(f"truth: shape {truth.shape} differs from the reconstruction's {reconstruction.shape}")
     valid = np.isfinite(reconstruction) & np.isfinite(truth)
@@ -23,7 +22,8 @@ def _common(reconstruction: np.ndarray, truth: np.ndarray):
 
 
 def correlation(reconstruction: np.ndarray, truth: np.ndarray) -> float:
-    """Pearson correlation coefficient over the pixels finite in both images."""
+    """Pearson correlation coefficient over the pixels finite in both images; 0 where either is flat (nothing
+    in it follows the other)."""
     a, b = _common(reconstruction, truth)
     a, b = a - a.mean(), b - b.mean()
     denom = np.sqrt((a * a).sum() * (b * b).sum())
@@ -63,10 +63,19 @@ def offset_rmse(reconstruction: np.ndarray, truth: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
+def _real(reconstruction, truth) -> tuple[np.ndarray, np.ndarray]:
+    """Both as float64 arrays; complex values refused (a transmission function was scored by its real part, cos φ,
+    with a NumPy warning only: the evaluation audit, s41)."""
+    for name, image in (("reconstruction", reconstruction), ("truth", truth)):
+        if np.iscomplexobj(image):
+            raise ShapeError(f"{name}: expected a real phase image in rad, got complex values (a transmission "
+                             "function exp(iφ)? np.angle gives its phase)")
+    return np.asarray(reconstruction, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+
+
 def _pair(reconstruction, truth) -> tuple[np.ndarray, np.ndarray]:
     """Both images as float64 2-D arrays of one shape (NaN kept)."""
-    a = np.asarray(reconstruction, dtype=np.float64)
-    b = np.asarray(truth, dtype=np.float64)
+    a, b = _real(reconstruction, truth)
     if a.ndim != 2:
         raise ShapeError(f"reconstruction: expected a 2-D image, got shape {a.shape}")
     if a.shape != b.shape:
