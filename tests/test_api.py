@@ -391,6 +391,8 @@ def test_count_quantum_finds_a_gain_and_nothing_in_amplitudes_or_resampled_count
     for mean in (5, 150, 3000):
         counts = rng.poisson(mean, (16, 32, 32)).astype(np.float64)
         assert count_quantum(counts) == 1.0
+        # counts with float32 rounding are counts ("a gain of 1 per electron?" before: the evaluation audit, s41)
+        assert count_quantum((counts * 1.00001).astype(np.float32)) == 1.0
         assert count_quantum((counts * 1.7).astype(np.float32)) == pytest.approx(1.7, rel=1e-6)
         assert count_quantum(np.sqrt(counts).astype(np.float32)) is None
         assert count_quantum((counts * 1.7 + rng.normal(0, 0.01, counts.shape)).astype(np.float32)) is None

@@ -96,7 +96,8 @@ def test_physics_helpers_refuse_what_has_no_meaning_with_a_named_error():
                         (lambda: bin_image(np.ones((8, 8)), 0), "factor"),
                         (lambda: upsample_nearest(np.ones((8, 8)), 0), "factor"),
                         (lambda: shift_probe(np.ones((8, 8), complex), 0.5), "shift"),
-                        (lambda: raster_positions((4, 4), step_px=0.0), "^step_px: expected a positive step in pixels")):
+                        (lambda: raster_positions((4, 4), step_px=0.0), "^step_px: expected a positive step in pixels"),
+                        (lambda: raster_positions((4, 4), step_px="0.87"), "^step_px: expected a step in pixels")):
         with pytest.raises(DeepPhaseError, match=match):
             call()
 

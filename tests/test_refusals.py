@@ -141,6 +141,21 @@ def test_the_python_api_refuses_what_it_cannot_use(tmp_path):
         simulate_scan(phase, reference_probe(), positions, dose=10 * MAX_DOSE, progress=False)
     with pytest.raises(DeepPhaseError, match="kind: expected 'counts' or 'amplitude', got 'amplitudes'"):
         calibrate(np.ones((4, 64, 64)), "default", kind="amplitudes")
+    from deepphase import reconstruct
+
+    amplitudes = simulate_scan(phase, reference_probe(), positions, progress=False).amplitude
+    import warnings
+
+    for value, said in ((np.inf, "frame 3 contains NaN or Inf values"), (-1.0, "frame 3 has negative values")):
+        bad = amplitudes.copy()
+        bad[3, 5, 5] = value
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # (NumPy's "invalid value in subtract" came first)
+            with pytest.raises(DeepPhaseError, match=said):
+                reconstruct(bad, positions, progress=False)
+    for size in (2.5, 0, True):  # (2.5: "'float' object cannot be interpreted as an integer" from range())
+        with pytest.raises(DeepPhaseError, match="^batch_size: expected a positive whole number"):
+            reconstruct(amplitudes, positions, batch_size=size, progress=False, checks=False)
     for bad in ({"steps_per_epoch": 0}, {"val_size": 0}, {"lr": -1.0}, {"dose": (1000.0, 10.0)}):
         with pytest.raises(DeepPhaseError, match=next(iter(bad))):
             TrainConfig(**bad)

@@ -54,6 +54,8 @@ def raster_positions(
     try:
         step_r, step_c = (float(step_px), float(step_px)) if np.ndim(step_px) == 0 else (float(step_px[0]), float(step_px[1]))
         assert np.ndim(step_px) in (0, 1) and np.size(step_px) in (1, 2)
+        # (a string converts, but is no number: the API takes numbers, as the command line's parser makes them)
+        assert not any(isinstance(s, (str, bytes)) for s in np.atleast_1d(np.asarray(step_px, dtype=object)))
     except (TypeError, ValueError, IndexError, AssertionError):
         raise ValueRangeError(f"step_px: expected a step in pixels, or (row step, column step), got {step_px!r}") from None
     if not (np.isfinite(step_r) and np.isfinite(step_c) and step_r > 0 and step_c > 0):

@@ -186,8 +186,9 @@ def predict_patches(
     n = model.geometry.n_px
     if len(getattr(amplitudes, "shape", ())) != 3 or tuple(amplitudes.shape[1:]) != (n, n):
         raise ShapeError(f"amplitudes: expected shape (N, {n}, {n}), got {getattr(amplitudes, 'shape', None)}")
-    if int(batch_size) < 1:
-        raise ValueRangeError(f"batch_size: expected a positive number of patterns, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueRangeError(f"batch_size: expected a positive whole number of patterns, got {batch_size!r}")
+    batch_size = int(batch_size)
     total = amplitudes.shape[0]
     stop = total if stop is None else int(stop)
     start = int(start)
