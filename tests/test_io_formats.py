@@ -169,6 +169,8 @@ def test_mib_with_hdr(frames4d, tmp_path):
     assert np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
     assert data.info["format"] == "mib" and data.info["dtype"] == ">u2"
     assert np.array_equal(np.asarray(data.frames[7:9]), frames4d.reshape(20, 64, 64)[7:9])
+    # What a notebook shows (was "frames=<deepphase.data.io.RecordFile object at 0x…>": the evaluation audit, s41)
+    assert repr(data) == "ScanData(frames (20, 64, 64) >u2, scan_shape=(4, 5), kind='counts', format='mib')"
 
 
 def test_mib_without_hdr_takes_the_scan_shape(frames4d, tmp_path):

@@ -63,6 +63,13 @@ class ScanData:
     info: dict = field(default_factory=dict)
     _handle: object = None  # an open h5py file, kept alive while frames are read
 
+    def __repr__(self) -> str:
+        # (the dataclass's showed "frames=<deepphase.data.io.RecordFile object at 0x…>" and every array whole)
+        frames = f"{tuple(getattr(self.frames, 'shape', ()))} {getattr(self.frames, 'dtype', '?')}"
+        extras = [name for name in ("positions", "truth") if getattr(self, name) is not None]
+        return (f"ScanData(frames {frames}, scan_shape={self.scan_shape}, kind={self.kind!r}, "
+                f"format={self.info.get('format')!r}{''.join(f', with {name}' for name in extras)})")
+
     @property
     def fastest(self) -> str | None:
         """The scan axis that varies fastest between ``frames``: "col" when the scan shape is known, else None
