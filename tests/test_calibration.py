@@ -39,6 +39,32 @@ def test_disk_centre_and_radius_to_a_tenth_of_a_pixel(shape, center, radius, rng
         assert disk["radius"] == pytest.approx(radius, abs=0.1)
 
 
+@pytest.mark.parametrize("g, area_off", [(1.5, 0.06), (2.2, -0.03)])
+def test_bragg_discs_beside_the_disk_leave_its_radius_and_are_said(g, area_off, rng):
+    """Six 30 % Bragg discs of the disk's size at g radii from it (a crystal's mean pattern; s40's t9_bragg.py): over
+    the edge (g = 1.5) they added to the area's weight, in the ring around it (2.2) they raised its background, and the
+    area's radius came out +6.5 % and −3.8 % (r = 20 px). The median over angles of each sector's own step is the
+    bright-field disk's edge: within 1 %, and said."""
+    from deepphase.data.calibration import disk_edge_note
+
+    center, radius = (63.4, 64.2), 20.0
+    image = disk_image((128, 128), center, radius, level=100.0, background=0.0)
+    for k in range(6):
+        angle = 0.1 + k * np.pi / 3
+        image += 0.3 * disk_image((128, 128), (center[0] + g * radius * np.sin(angle),
+                                               center[1] + g * radius * np.cos(angle)), radius, level=100.0,
+                                  background=0.0)
+    pattern = rng.poisson(ndimage.gaussian_filter(image, 1.0) * 1.5) / 1.5
+    disk = find_disk(pattern)
+    assert disk["radius_from"] == "edge" and disk["radius"] == pytest.approx(radius, rel=0.01), disk
+    assert disk["radius_area"] / radius - 1 == pytest.approx(area_off, abs=0.015)  # what the area alone gave
+    info = {"radius_px": disk["radius"], "radius_from": "edge", "radius_from_area_px": disk["radius_area"]}
+    assert "Bragg discs" in disk_edge_note(info)
+    # A clean disk keeps the area's radius (and no note)
+    clean = find_disk(rng.poisson(ndimage.gaussian_filter(disk_image((128, 128), center, radius), 1.0) * 1.5) / 1.5)
+    assert clean["radius_from"] == "area" and disk_edge_note({**info, "radius_from": "area"}) is None
+
+
 def test_the_disk_of_a_mean_pattern_of_a_few_counts_per_pixel_is_found(rng):
     """A 256×256 detector, a disk of radius 60 px, 3 counts per disk pixel in the sampled mean (a 24×24 scan at
     ~60 e/pattern) and 0.3 around it: the first guess was a fragment of the disk (a 3×3 median's maximum is noise

@@ -534,7 +534,7 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     kind = scan.kind if kind is None else kind
     coords = None
     if calibrating:
-        from ..data.calibration import calibrate, dark_level_note
+        from ..data.calibration import calibrate, dark_level_note, disk_edge_note
 
         if kind is None:  # detector patterns are intensities, unless they are plainly square roots of counts
             kind = "amplitude" if looks_like_amplitudes(sample[1]) else "counts"
@@ -547,8 +547,9 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             model_mrad_per_px=model_mrad_per_px, semi_angle=semi_angle,
             energy=energy if energy is not None else scan.info.get("energy_kev"),
             detector_sampling=scan.info.get("detector_sampling"))
-        if text := dark_level_note(calibrated):
-            note(text)
+        for text in (dark_level_note(calibrated), disk_edge_note(calibrated)):
+            if text:
+                note(text)
         pixel = calibrated.get("real_space_sampling_angstrom")
         if positions is None and step_px is None and shape is not None and pixel and \
                 isinstance(scan.info.get("scan_step_angstrom"), float):

@@ -784,7 +784,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
 
     from ..data.aberrations import PROBE_CHECK_MIN_PX, check_step_raster, find_scan_step, told_to_probe_aware
     from ..data.calibration import (ROTATION_CHECK_BLOCK, ROTATION_CHECK_MIN_PX, check_scan_rotation, dark_level_note,
-                                    on_the_given_axis, plot_scan_rotation, rotation_note, with_sense)
+                                    disk_edge_note, on_the_given_axis, plot_scan_rotation, rotation_note, with_sense)
     from ..data.io import infer_kind
     from ..models.modelfile import load_model
     from .checks import PATTERN_SAMPLE, bad_pixel_note, check_uncalibrated, detector_axes_first_note, \
@@ -847,7 +847,7 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             view = calibrate_dataset(ctx, dataset, model, coords_step, positions,
                                      0.0 if auto_rotation else rotation_deg, fastest, png=calibration_png,
                                      reverse_rows=reverse_rows, kind=kind, **(calibration_options or {}))
-            pattern_notes += [text] if (text := dark_level_note(view.info)) else []
+            pattern_notes += [text for text in (dark_level_note(view.info), disk_edge_note(view.info)) if text]
         elif text := bad_pixel_note(sample[:, ::-1] if reverse_rows else sample, kind):  # (a calibration masks them)
             pattern_notes.append(text)
 
