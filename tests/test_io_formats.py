@@ -251,6 +251,32 @@ def test_zarr_group_and_array(frames4d, tmp_path):
     assert data.scan_shape is None and np.array_equal(read_all(data), frames4d.reshape(20, 64, 64))
 
 
+def test_a_zarr_store_rewritten_or_missing_a_chunk_is_seen_to_have_changed(frames4d, tmp_path):
+    """Only the store's folder was compared (its size and time stay when a chunk file is rewritten or removed): an
+    image 0.165 rad off was written from a store changed mid-run, and a resume would take one changed between the
+    interruption and it (the scale audit, s41)."""
+    import os
+    import shutil
+
+    import zarr
+
+    from deepphase.reconstruction.from_file import _file_state
+
+    store = tmp_path / "flat.zarr"
+    flat = zarr.open_array(str(store), mode="w", shape=(20, 64, 64), dtype="f4", chunks=(5, 64, 64))
+    flat[:] = frames4d.reshape(20, 64, 64)
+    first = _file_state(store)
+    folder_time = os.stat(store).st_mtime_ns
+    chunk = max((p for p in store.rglob("*") if p.is_file() and p.name != "zarr.json"), key=lambda p: str(p))
+    stamp = os.stat(chunk).st_mtime_ns
+    flat[15:20] = 1.0  # a chunk rewritten (not zeros: zarr removes an empty chunk's file)
+    os.utime(chunk, ns=(stamp + 10**9, stamp + 10**9))  # (a second later, whatever the clock's resolution)
+    assert os.stat(store).st_mtime_ns == folder_time and _file_state(store) != first
+    second = _file_state(store)
+    shutil.move(str(chunk), str(tmp_path / "away"))  # a chunk missing (read as zeros by zarr)
+    assert _file_state(store) != second
+
+
 def test_emd_1_0_from_py4dstem(frames4d, tmp_path):
     data = load_scan(write_emd(tmp_path / "scan.emd", frames4d))
     try:

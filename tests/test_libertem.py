@@ -611,3 +611,35 @@ def test_the_step_is_found_as_the_pipeline_finds_it(ctx, tmp_path):
         np.testing.assert_allclose(rec.phase, expected.phase, rtol=0, atol=1e-5)
     with pytest.raises(ValueRangeError, match="positions are given"):
         reconstruct_file(tmp_path / "detector.npy", step_px="auto", positions=positions, ctx=ctx)
+
+
+def test_a_file_changed_while_libertem_reads_it_writes_no_image(tmp_path, capsys, monkeypatch):
+    """The pipeline compared the file's size and time at its end; --libertem did not, and wrote an image 0.165 rad off
+    from a file whose frames were zeroed while it ran (the scale audit, s41)."""
+    from deepphase.cli import main
+    from deepphase.data.simulate import required_object_shape, simulate_scan
+    from deepphase.data.specimens import builtin_specimen
+    from deepphase.physics import reference_probe
+    from deepphase.reconstruction import libertem_udf
+
+    positions = raster_positions((12, 12), STEP, 0.0, "row")
+    truth = builtin_specimen("twisted-hbn", required_object_shape(positions, 32), seed=2)
+    counts = np.square(simulate_scan(truth, reference_probe(), positions, seed=0, progress=False).amplitude).round()
+    data = tmp_path / "scan.npy"
+    np.save(data, counts.astype(np.float32))
+    original = libertem_udf.reconstruct_file
+
+    def rewritten_meanwhile(*args, **kwargs):
+        result = original(*args, **kwargs)
+        frames = np.load(data, mmap_mode="r+")
+        frames[20:40] = 0  # (the same size: the time says it)
+        frames.flush()
+        del frames
+        return result
+
+    monkeypatch.setattr(libertem_udf, "reconstruct_file", rewritten_meanwhile)
+    args = ["reconstruct", str(data), "--scan-shape", "12", "12", "--step", str(STEP), "--fastest", "row",
+            "--libertem", "--workers", "1", "--out", str(tmp_path / "rec")]
+    assert main(args) == 2
+    assert "changed while it was read (modified since the run began)" in capsys.readouterr().err
+    assert not (tmp_path / "rec" / "phase.npy").exists()

@@ -647,13 +647,9 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             if partial is not None and read_checkpoint(partial) is None:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
-    if (read_to := _file_state(data)) != read_from:
-        if partial is not None:
-            shutil.rmtree(partial, ignore_errors=True)  # (progress on a file that is no longer there)
-        raise InputFileError(
-            f"data: {str(data)!r} changed while it was read ({_file_change(read_from, read_to)}); the image "
-            "would mix patterns from before and after, or a truncated file's missing ones: nothing was written. "
-            "Run again once the file is complete and no longer written to")
+    if _file_state(data) != read_from and partial is not None:
+        shutil.rmtree(partial, ignore_errors=True)  # (progress on a file that is no longer there)
+    _check_unchanged(data, read_from)
     rec = with_source_divided_out(rec, source_size_px)
     # The image's pixel size as written (given, else the calibration's or the file's): processing held only a given
     # one, null beside the file's 0.2 Å at the top of metadata.json (the outputs audit, s40).
@@ -988,7 +984,30 @@ def _file_state(data) -> tuple[int, int] | None:
         stat = Path(data).stat()
     except FileNotFoundError:
         return None
-    return stat.st_size, stat.st_mtime_ns
+    if not Path(data).is_dir():
+        return stat.st_size, stat.st_mtime_ns
+    # A zarr store is a folder of chunk files: its own size and time stay as they were when a chunk is rewritten or
+    # removed (an image 0.165 rad off was written: the scale audit, s41). Its files' total size, and the newest time
+    # of any file or folder in it (a file added or removed changes its folder's), say it instead.
+    size, newest = 0, stat.st_mtime_ns
+    for folder, _, files in os.walk(data):
+        try:
+            newest = max(newest, os.stat(folder).st_mtime_ns)
+            for name in files:
+                entry = os.stat(os.path.join(folder, name))
+                size, newest = size + entry.st_size, max(newest, entry.st_mtime_ns)
+        except FileNotFoundError:  # (removed while walked: changed, which the next state shows)
+            continue
+    return size, newest
+
+
+def _check_unchanged(data, read_from: tuple[int, int] | None) -> None:
+    """Refuse the image of a file that changed while it was read (``read_from``: its :func:`_file_state` then)."""
+    if (read_to := _file_state(data)) != read_from:
+        raise InputFileError(
+            f"data: {str(data)!r} changed while it was read ({_file_change(read_from, read_to)}); the image "
+            "would mix patterns from before and after, or a truncated file's missing ones: nothing was written. "
+            "Run again once the file is complete and no longer written to")
 
 
 def _file_change(before: tuple[int, int], after: tuple[int, int] | None) -> str:
@@ -1064,6 +1083,7 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     fastest = fastest or "col"
+    read_from = _file_state(data)
     rec, read = reconstruct_with_libertem(
         data, model=model, step_px=step_px if given_positions is None else None, positions=given_positions,
         nav_shape=scan_shape, rotation_deg=rotation_deg, fastest=fastest, kind=kind, calibration=calibration,
@@ -1073,6 +1093,7 @@ def _reconstruct_with_libertem(data, out: Path | None, *, model, positions, scan
         precision=precision, deblur=deblur, workers=workers, progress=bool(progress),
         uncertainty="head" if uncertainty == "head" else None, probe_check=probe_check,
         flip_patterns=True if flip_patterns else (None if rotation_deg == "auto" else False))
+    _check_unchanged(data, read_from)  # (LiberTEM's reading was not checked: the scale audit, s41)
     scan = ({"positions_file": str(positions)} if isinstance(positions, (str, Path)) else
             {"positions": "given"} if given_positions is not None else
             {"scan_shape": read["navigation_shape"] if fastest == "col" else read["navigation_shape"][::-1],
