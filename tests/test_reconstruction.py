@@ -66,3 +66,23 @@ def test_deblurring_restores_atomic_contrast(scan):
     # ... and does not cost correlation at the seed's dose.
     assert corr_sharp > corr_box
     assert reconstruct(amplitudes[:200], positions[:200], stitching="seed", progress=False).processing["deblurred"] is False
+
+
+@pytest.mark.parametrize("uncertainty", [None, 2])
+def test_patterns_zero_everywhere_are_counted_and_said(scan, uncertainty, capsys):
+    """Frames never written (a pre-allocated HDF5 dataset, a zarr store missing chunk files) read as zeros, and the
+    image came out 0.22-0.36 rad off with no note (the scale audit, s41). Counted once, whatever the draws, across
+    chunks, and the progress bar counts whole predictions (it showed "2236.0/2304")."""
+    from deepphase.errors import DeepPhaseNote
+
+    amplitudes, positions, _ = scan
+    holed = amplitudes.copy()
+    holed[300:340] = 0
+    holed[1500] = 0
+    with pytest.warns(DeepPhaseNote, match=r"^41 of the 1,600 patterns read are zero everywhere \(frames 300, 301, "):
+        rec = reconstruct(holed, positions, progress=True, chunk_size=512, uncertainty=uncertainty)
+    assert rec.processing["empty_patterns"] == {"count": 41, "first": [*range(300, 340), 1500]}
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    draws = 1 if uncertainty is None else 3
+    assert any(f"{1600 * draws}/{1600 * draws}" in line for line in bar) and not any(".0/" in line for line in bar)
+    assert "empty_patterns" not in reconstruct(amplitudes[:64], positions[:64], progress=False).processing

@@ -555,11 +555,14 @@ def reconstruct(
                    **({"uncertainty": "σ head"} if sigma_head else {})}
     # (the engine is left out: every engine computes the same function, so a run may resume with another)
     done = resumed_from = _load_checkpoint(folder, fingerprint, accumulators) if resume else 0
+    empty: list[int] = []  # positions whose own pattern is zero everywhere (read by this run)
     t_setup = time.perf_counter() - t0
     t_predict = t_reduce = 0.0
     last_save = time.perf_counter()
     try:
-        with tqdm(total=n, initial=done, desc="reconstructing", unit="pattern", leave=False,
+        # (with several draws, the bar counts predictions, whole ones: it showed "2236.0/2304", the scale audit)
+        with tqdm(total=n * len(plan), initial=done * len(plan), unit="pattern", leave=False,
+                  desc="reconstructing" + (f" ({len(plan)} predictions each)" if len(plan) > 1 else ""),
                   disable=None if progress is None else not progress) as bar:
             for start in range(done, n, chunk_size):
                 stop = min(start + chunk_size, n)
@@ -573,6 +576,7 @@ def reconstruct(
                     check_patterns(rows, lo)
                 chunk_neighbours = None if neighbours is None else neighbours[start:stop] - lo
                 reduced, sigmas = [], None
+                chunk_empty: list[int] = []
                 for k, ((network, sample), acc) in enumerate(zip(plan, accumulators)):
                     t = time.perf_counter()
                     patches = predict_patches(network, rows, batch_size=batch_size, device=dev, progress=False,
@@ -581,7 +585,7 @@ def reconstruct(
                                               runner=runners.get(id(network)) if sample is None else None,
                                               mc_dropout_seed=None if sample is None else sample * 1_000_003 + start,
                                               sigma=sigma_head and k == 0, on_device=on_device,
-                                              on_batch=lambda m: bar.update(m if len(plan) == 1 else m / len(plan)))  # within a chunk
+                                              on_batch=bar.update, empty=chunk_empty if k == 0 else None)
                     if sigma_head and k == 0:  # the σ patches of the same pass: the last accumulator's
                         patches, sigmas = patches
                     if on_device and dev.type == "cuda":  # asynchronous kernels: wait, so the timings split honestly
@@ -600,7 +604,8 @@ def reconstruct(
                     for acc, part in zip(accumulators, reduced):
                         acc.add_reductions(part, start)
                     done = stop
-                bar.n = done  # (whole patterns, whatever the draws' fractions added up to)
+                    empty += [lo + i for i in chunk_empty]
+                bar.n = done * len(plan)
                 bar.refresh()
                 if folder is not None and time.perf_counter() - last_save > CHECKPOINT_EVERY_S and done < n:
                     with _signals_deferred():
@@ -616,6 +621,9 @@ def reconstruct(
     if folder is not None:
         with _signals_deferred():
             _save_checkpoint(folder, fingerprint, done, n, accumulators)
+    if empty:
+        notes.append(in_callers_terms(text := empty_patterns_note(empty, n - resumed_from)))
+        note_to_caller(text)
     t1 = time.perf_counter()
     full, slopes, phase, origin, spread, uncertainty = finish(accumulators, positions, mask, model, stitching,
                                                               remove_plane, members, sigma_scale,
@@ -638,12 +646,23 @@ def reconstruct(
                           "patterns": n, "pattern_shape": list(shape[1:]),
                           "positions_sha256": fingerprint["positions_sha256"],
                           "chunk_size": chunk_size, "resumed_from_pattern": resumed_from or None,
+                          **({"empty_patterns": {"count": len(empty), "first": empty[:100]}} if empty else {}),
                           "patches_reduced_on": str(dev) if on_device else "cpu",
                           **({"ensemble": [model.name] + [m.name for m in members]} if members else {}),
                           "uncertainty": uncertainty, "pixel_size_angstrom": sampling},
                          spread)
     rec.metadata, rec.notes = ({"scan_checks": scan_checks, "notes": notes} if checks else {}), notes
     return rec
+
+
+def empty_patterns_note(empty: list[int], read: int) -> str:
+    """A note on the positions whose pattern is zero everywhere (``empty``, frame numbers) among ``read`` patterns."""
+    shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+    return (f"{len(empty):,} of the {read:,} patterns read are zero everywhere (frame{'s' * (len(empty) > 1)} "
+            f"{shown}): frames never written (an acquisition stopped or still writing into a pre-allocated file, "
+            "chunks missing from a zarr store) or dropped by the detector? The network has nothing to predict there, "
+            "and the image is wrong around those positions (metadata.json lists the first 100 under "
+            "processing.empty_patterns)")
 
 
 def uncertainty_method(uncertainty) -> tuple[int, bool]:

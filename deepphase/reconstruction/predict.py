@@ -38,19 +38,25 @@ _GAP = 64
 
 
 def _read_batch(amplitudes, start: int, stop: int, pin: bool, neighbours: np.ndarray | None = None,
-                base: int = 0) -> torch.Tensor:
+                base: int = 0, empty: list | None = None) -> torch.Tensor:
     """Patterns of positions ``start .. stop-1``: (B, 1, n, n), or (B, C, n, n) gathered by ``neighbours``.
 
-    Row ``i`` of ``neighbours`` belongs to position ``base + i``.
+    Row ``i`` of ``neighbours`` belongs to position ``base + i``. ``empty``: a list the positions (numbered as
+    ``start``) whose own pattern is zero everywhere are added to.
     """
     # A view of part of a scan (the pipeline's chunk) says where it starts, so errors name the scan's frame.
     first = getattr(amplitudes, "first_frame", 0)
     if neighbours is None:
         batch = np.asarray(amplitudes[start:stop], dtype=np.float32)
         check_patterns(batch, first + start)
+        own = batch
         x = torch.from_numpy(np.array(batch, copy=True))[:, None]  # a copy: memory-mapped input is read-only
     else:
-        x = torch.from_numpy(_gather(amplitudes, neighbours[start - base : stop - base], first))
+        gathered = _gather(amplitudes, neighbours[start - base : stop - base], first)
+        own = gathered[:, gathered.shape[1] // 2]  # (the centre channel: the position's own pattern)
+        x = torch.from_numpy(gathered)
+    if empty is not None:
+        empty.extend((start + np.flatnonzero(~own.reshape(len(own), -1).any(axis=1))).tolist())
     return x.pin_memory() if pin else x
 
 
@@ -148,6 +154,7 @@ def predict_patches(
     sigma: bool = False,
     on_device: bool = False,
     on_batch=None,
+    empty: list | None = None,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Phase patches (stop - start, out, out) float32, each with its mean inside the illuminated mask removed.
 
@@ -182,6 +189,9 @@ def predict_patches(
         patches then never cross to the host, and :meth:`~deepphase.reconstruction.stitching.PairwiseStitcher.reduce`
         reduces them there (the pipeline does this on CUDA).
     on_batch : called with the number of patterns after each forward pass (a caller's own progress bar).
+    empty : a list to which the positions (numbered as ``start``) whose own pattern is zero everywhere are added:
+        a frame never written (a pre-allocated HDF5 dataset, a zarr store missing a chunk file, a dropped frame)
+        gives the network nothing to predict from.
     """
     n = model.geometry.n_px
     if len(getattr(amplitudes, "shape", ())) != 3 or tuple(amplitudes.shape[1:]) != (n, n):
@@ -223,7 +233,7 @@ def predict_patches(
     pin = device.type == "cuda"
 
     def read(first: int):
-        return reader.submit(_read_batch, amplitudes, first, min(first + batch_size, stop), pin, index, base)
+        return reader.submit(_read_batch, amplitudes, first, min(first + batch_size, stop), pin, index, base, empty)
 
     with tqdm(total=count, desc="predicting", unit="pattern", disable=None if progress is None else not progress,
               leave=False) as bar, ThreadPoolExecutor(max_workers=1) as reader:
