@@ -514,12 +514,24 @@ def test_cli_libertem_refuses_what_it_cannot_do_and_a_missing_file(tmp_path, cap
                  str(tmp_path / "o")]) == 2
     assert "missing.k2is' does not exist" in capsys.readouterr().err
     np.save(tmp_path / "scan.npy", np.ones((4, 32, 32), dtype=np.float32))
+    # (the scale audit, s41: --chunk-size did nothing; a scan shape short of the file's frames dropped the rest, one
+    # beyond them ended in LiberTEM's AssertionError, a cut .npy in five worker logs and "give --scan-shape")
+    with open(tmp_path / "cut.npy", "wb") as f:
+        f.write((tmp_path / "scan.npy").read_bytes()[:-100])
     for extra, said in ((["--uncertainty", "4"], "--uncertainty 4 not available with --libertem"),
                         (["--stitching", "seed"], "--stitching seed not available"),
+                        (["--chunk-size", "5"], "--chunk-size not available with --libertem"),
+                        (["--scan-shape", "1", "3"], "scan-shape: 1×3 = 3 positions do not match the 4 patterns"),
+                        (["--scan-shape", "2", "3", "--fastest", "row"],
+                         "scan-shape: 2×3 = 6 positions do not match the 4 patterns"),
+                        (["--scan-shape", "2", "2", "--data", "cut.npy"], "the file is truncated: it holds"),
                         ([], "needs a 2D navigation shape")):
-        assert main(["reconstruct", str(tmp_path / "scan.npy"), "--step", "1", "--libertem", "--workers", "1",
+        data = tmp_path / ("cut.npy" if "--data" in extra else "scan.npy")
+        extra = [e for e in extra if e not in ("--data", "cut.npy")]
+        assert main(["reconstruct", str(data), "--step", "1", "--libertem", "--workers", "1",
                      "--out", str(tmp_path / "o"), *extra]) == 2
-        assert said in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err, err
 
 
 def test_in_libertem_live_the_acquisitions_image_is_the_pipelines(counts):

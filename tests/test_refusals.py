@@ -153,6 +153,11 @@ def test_the_python_api_refuses_what_it_cannot_use(tmp_path):
             warnings.simplefilter("error", RuntimeWarning)  # (NumPy's "invalid value in subtract" came first)
             with pytest.raises(DeepPhaseError, match=said):
                 reconstruct(bad, positions, progress=False)
+    from deepphase import reconstruct_file
+
+    for size in (0, 2.5):  # (0 became the default 16,384: the scale audit, s41)
+        with pytest.raises(DeepPhaseError, match="^chunk_size: expected a positive whole number"):
+            reconstruct_file(tmp_path / "scan.npy", chunk_size=size)
     for size in (2.5, 0, True):  # (2.5: "'float' object cannot be interpreted as an integer" from range())
         with pytest.raises(DeepPhaseError, match="^batch_size: expected a positive whole number"):
             reconstruct(amplitudes, positions, batch_size=size, progress=False, checks=False)

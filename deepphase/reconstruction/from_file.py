@@ -316,7 +316,21 @@ def _check_arguments(*, engine, chunk_size, kind, calibration, gain, source_size
         raise ValueRangeError(f"rotation: expected an angle in degrees or 'auto', got {rotation_deg!r}")
     if fastest not in (None, "row", "col"):
         raise ValueRangeError(f"fastest: expected 'row', 'col' or None, got {fastest!r}")
-    on_cluster = workers is not None or scheduler is not None
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer))
+                                   or chunk_size < 1):  # (0 became the default: the scale audit, s41)
+        raise ValueRangeError(f"chunk-size: expected a positive whole number of patterns, got {chunk_size!r}")
+    if libertem:
+        refused = [name for name, given in (
+            (f"--uncertainty {uncertainty}", uncertainty not in (None, "head")), ("--ensemble", bool(ensemble)),
+            ("--resume", resume), ("--scheduler", scheduler is not None), ("--dataset", dataset is not None),
+            (f"--stitching {stitching}", stitching != "pairwise"), (f"--device {device}", device != "auto"),
+            ("--chunk-size", chunk_size is not None), ("--tile-size", tile_size is not None)) if given]
+        if refused:  # (--chunk-size was accepted and did nothing: the scale audit, s41)
+            raise DeepPhaseError(f"libertem: {', '.join(refused)} not available with --libertem (LiberTEM's workers "
+                                 "read the file a partition at a time, run the pairwise stitcher's reductions and "
+                                 "choose the device); drop --libertem for them")
+    # (--workers with --libertem sizes LiberTEM's own executor: no dask cluster of deepphase's)
+    on_cluster = (workers is not None or scheduler is not None) and not libertem
     if ensemble and on_cluster:
         raise DeepPhaseError("ensemble: not available on a cluster (--workers/--scheduler) yet; run in one process")
     if resume and on_cluster:
@@ -337,15 +351,6 @@ def _check_arguments(*, engine, chunk_size, kind, calibration, gain, source_size
     if sigma_scale is not None and not uncertainty and not ensemble:
         raise DeepPhaseError("sigma-scale: a factor on the uncertainty, and none is asked for: add --uncertainty "
                              "head (or N, or --ensemble), or drop it")
-    if libertem:
-        refused = [name for name, given in (
-            (f"--uncertainty {uncertainty}", uncertainty not in (None, "head")), ("--ensemble", bool(ensemble)),
-            ("--resume", resume), ("--scheduler", scheduler is not None), ("--dataset", dataset is not None),
-            (f"--stitching {stitching}", stitching != "pairwise"), (f"--device {device}", device != "auto")) if given]
-        if refused:
-            raise DeepPhaseError(f"libertem: {', '.join(refused)} not available with --libertem (LiberTEM's workers "
-                                 "run the pairwise stitcher's reductions and choose the device); drop --libertem "
-                                 "for them")
 
 
 def _is_number(value) -> bool:

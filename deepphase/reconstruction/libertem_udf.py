@@ -723,6 +723,18 @@ def rows_reversed(dataset) -> bool:
     return type(dataset).__name__ == "MIBDataSet"
 
 
+def _check_npy(path: Path) -> None:
+    """Refuse an .npy file NumPy would not read (cut short, not .npy, pickled objects) in its own words."""
+    from ..data.io import npy_problem
+    from ..errors import InputFileError
+
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as exc:
+        raise InputFileError(f"data: could not read {str(path)!r} as .npy ({npy_problem(path, exc)})") from None
+    del array
+
+
 def _libertem_path(path, nav_shape):
     """The path LiberTEM opens: a Merlin scan's shape is in its .hdr, which LiberTEM reads only when given the
     .hdr itself, so a .mib with its .hdr beside it (as the pipeline's reader takes it) opens as the .hdr."""
@@ -803,6 +815,8 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
         raise ValueRangeError("step: 'auto' finds a raster's step; positions are given: drop --step auto")
     if nav_shape is not None:
         check_mib_scan_shape(path, nav_shape)
+    if Path(path).suffix.lower() == ".npy":  # (LiberTEM's readers each failed on a cut file, in five worker logs, and
+        _check_npy(Path(path))                # then "give --scan-shape": the scale audit, s41)
     if nav_shape is not None and fastest == "row":
         nav_shape = tuple(nav_shape)[::-1]  # LiberTEM's last navigation axis is the one that varies fastest
     own = ctx is None
@@ -817,6 +831,14 @@ def reconstruct_file(path, *, model=None, step_px=None, positions=None, nav_shap
             raise DeepPhaseError(f"data: LiberTEM could not open {str(path)!r} ({exc}); for a file that does not "
                                  "record the scan's shape give it (--scan-shape), or check the path") from exc
         nav, sig = tuple(dataset.shape.nav), tuple(dataset.shape.sig)
+        in_file = getattr(getattr(dataset, "meta", None), "image_count", None)
+        if nav_shape is not None and in_file is not None and int(np.prod(nav)) != int(in_file):
+            # LiberTEM reads a navigation shape other than the file's frames: the first ones only (frames dropped
+            # without a word), or past the end (an AssertionError in its tiling) (the scale audit, s41). As the
+            # pipeline: refused.
+            rows, cols = nav[::-1] if fastest == "row" else nav
+            raise ShapeError(f"scan-shape: {rows}×{cols} = {rows * cols} positions do not match the {int(in_file)} "
+                             f"patterns in {str(path)!r}")
         phase_model = load_model(model)
         n = phase_model.geometry.n_px
         frames = int(np.prod(nav))
