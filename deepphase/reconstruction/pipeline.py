@@ -275,6 +275,23 @@ def _signals_deferred():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+#: What a resume's fingerprint entries are, in the command's words.
+_RESUME_WORDS = {
+    "chunk_size": "--chunk-size", "batch_size": "--batch-size", "stitching": "--stitching", "precision": "--precision",
+    "device": "--device", "input": "--input", "dataset": "--dataset", "uncertainty_samples": "--uncertainty",
+    "uncertainty": "--uncertainty", "patterns_flipped": "--flip-patterns", "ensemble_sha256": "--ensemble",
+    "model": "--model", "model_arch": "--model", "model_sha256": "--model (its weights)",
+    "data": "the data file's path", "data_bytes": "the data file (its size since)",
+    "data_mtime_ns": "the data file (modified since)", "calibrated": "the calibration",
+    "calibration_sha256": "the calibration (as measured, or --gain, --semi-angle, --energy, ...)",
+    "n_patterns": "the number of patterns", "pattern_shape": "the patterns' shape",
+    "positions_sha256": "the scan positions (--positions, --scan-shape, --step, --rotation, --fastest)",
+}
+#: Those whose values are what to give again.
+_RESUME_VALUES = {"chunk_size", "batch_size", "stitching", "precision", "device", "input", "dataset",
+                  "uncertainty_samples", "n_patterns"}
+
+
 def _load_checkpoint(folder: Path, fingerprint: dict, accumulators) -> int:
     record = read_checkpoint(folder)
     if record is None:
@@ -282,9 +299,17 @@ def _load_checkpoint(folder: Path, fingerprint: dict, accumulators) -> int:
     if record.get("format") != CHECKPOINT_FORMAT or record.get("fingerprint") != fingerprint:
         theirs = record.get("fingerprint") or {}
         changed = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
+        said = []
+        for key in changed:  # in the options' words, with the value to give where it is one (the scale audit, s41)
+            words = _RESUME_WORDS.get(key, key)
+            if key in _RESUME_VALUES and key in theirs:
+                words = f"{words} {theirs[key]} then, {fingerprint.get(key)} now"
+            if words not in said:
+                said.append(words)
         raise ValueRangeError(
             f"resume: the interrupted reconstruction in {folder} was made with other settings or data "
-            f"(different: {', '.join(changed) or 'format'}); run it with the same ones, or pass --overwrite to start again"
+            f"({'; '.join(said) or 'an earlier version of its record'}); run it with the same ones, or pass --overwrite "
+            "to start again"
         )
     _, state = _checkpoint_files(folder)
     try:
