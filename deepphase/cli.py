@@ -397,6 +397,40 @@ def _calibrate_uncertainty(args) -> None:
           f"{100 * result['within_2sigma_scaled']:.1f} % within ±2σ); stored in {args.model}/model.json")
 
 
+def _cmd_models(args) -> None:
+    import json
+
+    from .models.modelfile import load_model, packaged_models, summarise
+
+    names = args.model or packaged_models()
+    rows = [summarise(load_model(name)) for name in names]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str, ensure_ascii=False))
+        return
+
+    def doses(d):
+        if d is None:
+            return "?"
+        return f"{d[0]:,.0f}–{d[1]:,.0f}" if isinstance(d, list) else f"{d:,.0f}"
+
+    def corpus(mix):
+        return ", ".join(f"{k} {v:.0%}" for k, v in mix.items()) if isinstance(mix, dict) else (mix or "?")
+
+    # (no validation loss: each model's is on its own corpus and doses, and side by side it would read as a ranking)
+    table = [("model", "arch", "parameters", "input", "doses (e/pattern)", "trained on", "uncertainty", "MB")]
+    for r in rows:
+        table.append((r["name"], r["arch"], f"{r['parameters']:,}", r["input"], doses(r["dose_e_per_pattern"]),
+                      corpus(r["corpus"]), ", ".join(r["uncertainty"]) or "none",
+                      "?" if r["weights_mb"] is None else f"{r['weights_mb']:.1f}"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    print(f"\nall for the {rows[0]['grid_px']}×{rows[0]['grid_px']} grid of the reference probe; use one with: "
+          "deepphase reconstruct DATA --model NAME (the default: 'default'); --json for everything recorded"
+          if all(r["grid_px"] == rows[0]["grid_px"] for r in rows) and not args.model else
+          "\nuse one with: deepphase reconstruct DATA --model NAME_OR_FOLDER; --json for everything recorded")
+
+
 def _cmd_export_onnx(args) -> None:
     from .io_utils import folder_lock
     from .models.modelfile import load_model
@@ -756,6 +790,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=_path, help="the .onnx file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.set_defaults(func=_cmd_export_onnx)
+
+    p = sub.add_parser("models", help="the packaged models (or model folders): what each is and was trained for",
+                       description="A table of the packaged models, or of the models named: architecture, "
+                                   "parameters, input, the doses and corpus they were trained on, the uncertainty they "
+                                   "offer, validation loss and size.")
+    p.add_argument("model", nargs="*", help="packaged model names or model folders (default: every packaged model)")
+    p.add_argument("--json", action="store_true", help="print everything recorded, as JSON")
+    p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("demo", help="the whole pipeline on a built-in specimen with the packaged model",
                        description="Simulate a built-in specimen at the paper's step and dose, reconstruct it with "

@@ -157,8 +157,8 @@ def test_reconstruct_file_refuses_what_it_cannot_do_before_reading_the_file(tmp_
     with pytest.raises(DeepPhaseError) as refused:  # the command's words, in the call's
         deepphase.reconstruct_file(missing, libertem=True, engine="eager", stitching="least-squares")
     assert str(refused.value) == ("libertem: stitching='least-squares' not available with libertem=True (LiberTEM's "
-                                  "workers run the pairwise stitcher's reductions and choose the device); drop "
-                                  "libertem=True for them")
+                                  "workers read the file a partition at a time, run the pairwise stitcher's "
+                                  "reductions and choose the device); drop libertem=True for them")
     with pytest.raises(DeepPhaseError, match="for arrays in memory use deepphase.reconstruct"):
         deepphase.reconstruct_file(np.zeros((4, 32, 32)))
     assert not list(tmp_path.iterdir())

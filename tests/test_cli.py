@@ -979,3 +979,26 @@ def test_a_spherical_aberration_too_small_to_matter_is_noted_as_a_likely_unit_sl
     for cs, noted in ((1.2, True), (1.2e7, False), (0, False)):
         code, _, err = run([*common, "--cs", cs, "--out", tmp_path / f"cs{cs}.npz"], capsys)
         assert code == 0 and ("1.2 mm is --cs 1.2e+07" in err) == noted, err
+
+
+def test_models_lists_the_packaged_models_and_a_folder(tmp_path, capsys):
+    import json
+    import shutil
+
+    from deepphase.models.modelfile import load_model, packaged_model_path, packaged_models
+
+    code, out, _ = run(["models"], capsys)
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:3] == ["model", "arch", "parameters"]
+    listed = {line.split()[0]: line for line in lines[1:] if line.strip() and not line.startswith("all for")}
+    assert set(listed) == set(packaged_models())
+    default = load_model("default")
+    assert f"{sum(p.numel() for p in default.network.parameters()):,}" in listed["default"]
+    assert "10–1,000,000" in listed["default"] and "σ head" in listed["default"]
+    assert "3×3 neighbourhood" in listed["neighbourhood"] and "probe-aware" in listed["probe-aware"]
+    shutil.copytree(packaged_model_path("seed"), tmp_path / "mine")
+    code, out, _ = run(["models", tmp_path / "mine", "--json"], capsys)
+    (record,) = json.loads(out)
+    assert code == 0 and record["name"] == "mine" and record["arch"] == "seed-unet"
+    assert record["weights_sha256"] == json.loads((tmp_path / "mine" / "model.json").read_text())["weights_sha256"]
+    assert record["dose_e_per_pattern"] == pytest.approx(27881.8) and record["corpus"] == {"natural": 1.0}

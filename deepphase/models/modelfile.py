@@ -196,6 +196,46 @@ def packaged_models() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "model.json").exists())
 
 
+def summarise(model: PhaseModel) -> dict:
+    """What a model is and was made for, in one JSON-ready dict: name, folder, architecture, parameters, input,
+    the doses and probe it was trained for, the uncertainty it offers, its validation loss and the weights' size and
+    SHA-256 (``deepphase models`` prints it for each packaged model).
+
+    Parameters
+    ----------
+    model : PhaseModel
+
+    Returns
+    -------
+    dict
+    """
+    from .registry import has_sigma_head
+
+    info, training = model.info, model.info.get("training", {})
+    dose = info.get("dose")
+    uncertainty = []
+    if has_sigma_head(model.network):
+        uncertainty.append("σ head")
+    if (info.get("uncertainty") or {}).get("method") == "dropout" or any(
+            isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in model.network.modules()):
+        uncertainty.append("dropout")
+    weights = model.folder / "model.safetensors" if model.folder is not None else None
+    return {
+        "name": model.name, "folder": None if model.folder is None else str(model.folder), "arch": model.arch,
+        "parameters": int(sum(p.numel() for p in model.network.parameters())),
+        "input": (f"3×3 neighbourhood at a step of {model.neighbourhood['step_px']:.3g} px" if model.neighbourhood
+                  else "one pattern") + (", told the data's probe (probe-aware)" if model.probe_aware else ""),
+        "grid_px": model.geometry.n_px,
+        "dose_e_per_pattern": dose if dose is None or np.isscalar(dose) else [min(dose), max(dose)],
+        "probe": info.get("probe"), "corpus": (training.get("corpus") or {}).get("mix"),
+        "epochs": training.get("epochs_done"), "samples": (training.get("steps") or 0) * (training.get("batch_size") or 0),
+        # (on the model's own validation set: its corpus and doses; not comparable between models)
+        "validation_loss_rad": info.get("validation_loss"), "uncertainty": uncertainty,
+        "weights_mb": None if weights is None or not weights.exists() else round(weights.stat().st_size / 1e6, 2),
+        WEIGHTS_DIGEST: model.weights_sha256,
+    }
+
+
 def _model_folder(path) -> Path:
     """A model folder from a path, a packaged model's name, or None (the packaged default)."""
     if path is None:
