@@ -397,6 +397,64 @@ def _calibrate_uncertainty(args) -> None:
           f"{100 * result['within_2sigma_scaled']:.1f} % within ±2σ); stored in {args.model}/model.json")
 
 
+def _cmd_inspect(args) -> None:
+    import json
+
+    from .data.inspection import inspect_scan, plot_inspection
+
+    if args.figure is not None and args.figure.exists() and not args.overwrite:
+        raise DeepPhaseError(f"figure: {str(args.figure)!r} exists; choose another name or pass --overwrite")
+    summary, arrays = inspect_scan(args.data, dataset=args.dataset, scan_shape=args.scan_shape, fastest=args.fastest,
+                                   kind=None if args.input == "auto" else args.input, gain=args.gain or 1.0,
+                                   model=args.model, virtual_image=args.figure is not None)
+    if args.figure is not None:
+        plot_inspection(summary, arrays, args.figure)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str, ensure_ascii=False))
+        return
+    s, v = summary, summary["values"]
+    where = f", dataset {s['dataset']}" if s.get("dataset") else ""
+    scan = (f"scan {s['scan_shape'][0]}×{s['scan_shape'][1]} ({s['scan_shape_from']}, the {s['fastest']} varying "
+            "fastest)" if s["scan_shape"] else "no scan shape (give --scan-shape ROWS COLS to reconstruct a raster)")
+    print(f"{s['file']} ({s['format']}{where}): {s['patterns']:,} patterns of {s['pattern_shape'][0]}×"
+          f"{s['pattern_shape'][1]} {s['dtype']}; {scan}")
+    recorded = s["recorded"]
+    if recorded:
+        words = {"scan_step_angstrom": "scan step {} Å", "energy_kev": "beam {} keV", "pixel_size_angstrom": "pixel {} Å",
+                 "truncated": "truncated: {}"}
+        said = [words[k].format(f"{val:.4g}" if isinstance(val, float) else val) for k, val in recorded.items()
+                if k in words]
+        if "detector_sampling" in recorded:
+            said.append(f"detector {recorded['detector_sampling']['value']:.4g} {recorded['detector_sampling']['units']}"
+                        " per pixel")
+        print("recorded: " + ", ".join(said))
+    print(f"values: {v['kind']}; {v['electrons_per_pattern']:,.1f} electrons per pattern on average (of "
+          f"{v['sample']} patterns{'' if v['gain_units_per_electron'] == 1 else ', gain ' + str(v['gain_units_per_electron'])})"
+          f", largest pixel {v['largest_pixel']:.4g}"
+          + (f"; {v['patterns_zero_everywhere_in_sample']} zero everywhere" if v["patterns_zero_everywhere_in_sample"]
+             else ""))
+    disk = s["disk"]
+    if disk["found"]:
+        print(f"bright-field disk: centre ({disk['center_px'][0]:.2f}, {disk['center_px'][1]:.2f}) px, radius "
+              f"{disk['radius_px']:.2f} px (from its {disk['radius_from']}), {disk['level_counts']:.4g} counts per pixel "
+              f"inside, {disk['background_counts']:.3g} around; {s['masked_pixels']} detector pixels look hot or dead")
+        m = s["model"]
+        if m["on_its_grid"]:
+            how = ("used as they are" if m["disk_offset_px"] < 1 else "calibrated (the disk is "
+                   f"{m['disk_offset_px']:.1f} px off the model's)")
+            print(f"model {m['name']!r}: the patterns are on its {m['grid_px']}×{m['grid_px']} grid, disk "
+                  f"{m['disk_offset_px']:.2f} px from its own; reconstruct: {how}")
+        else:
+            print(f"model {m['name']!r}: reconstruct calibrates the patterns onto its {m['grid_px']}×{m['grid_px']} "
+                  f"grid, zoom {m['zoom']:.4g} ({m['zoom_from']})")
+    else:
+        print(f"bright-field disk: not found ({disk['why']})")
+    for text in s["notes"]:
+        print(f"note: {text}")
+    if args.figure is not None:
+        print(f"figure: {args.figure}")
+
+
 def _cmd_models(args) -> None:
     import json
 
@@ -790,6 +848,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=_path, help="the .onnx file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     p.set_defaults(func=_cmd_export_onnx)
+
+    p = sub.add_parser("inspect", help="what a 4D-STEM file holds and how reconstruct would read it",
+                       description="Reads a sample of the patterns: the file's shape, dtype and records (scan step, "
+                                   "energy, detector sampling), the counts, the bright-field disk, bad pixels, and "
+                                   "whether reconstruct would calibrate the patterns onto the model's grid. With "
+                                   "--figure, also the mean pattern and a virtual bright-field image (all patterns "
+                                   "read once).")
+    p.add_argument("data", type=_path, help="the file (as reconstruct takes it)")
+    p.add_argument("--dataset", help="the array inside an HDF5 or zarr file")
+    p.add_argument("--scan-shape", type=_count, nargs=2, metavar=("ROWS", "COLS"),
+                   help="the raster's shape, where the file does not say it")
+    p.add_argument("--fastest", choices=["row", "col"],
+                   help="scan axis that varies fastest between frames (as reconstruct: 'row' for (N, k, k) data, "
+                        "'col' for a file that records its scan)")
+    p.add_argument("--input", default="auto", choices=["auto", "counts", "amplitude"],
+                   help="what the values are (default: the file's word, else told from the values)")
+    p.add_argument("--gain", type=_positive, help="detector units per electron (default 1)")
+    p.add_argument("--model", default="default", help="packaged model name or model folder whose grid the patterns "
+                                                      "are compared with (default: default)")
+    p.add_argument("--figure", type=_path, metavar="PNG", help="write the mean pattern with the disk found and a "
+                                                              "virtual bright-field image here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing figure")
+    p.add_argument("--json", action="store_true", help="print everything found, as JSON")
+    p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("models", help="the packaged models (or model folders): what each is and was trained for",
                        description="A table of the packaged models, or of the models named: architecture, "

@@ -1002,3 +1002,32 @@ def test_models_lists_the_packaged_models_and_a_folder(tmp_path, capsys):
     assert code == 0 and record["name"] == "mine" and record["arch"] == "seed-unet"
     assert record["weights_sha256"] == json.loads((tmp_path / "mine" / "model.json").read_text())["weights_sha256"]
     assert record["dose_e_per_pattern"] == pytest.approx(27881.8) and record["corpus"] == {"natural": 1.0}
+
+
+def test_inspect_says_what_a_file_holds_and_draws_its_virtual_image_the_right_way_round(tiny_scan, tmp_path, capsys):
+    import json
+
+    folder, scan = tiny_scan
+    counts = np.round(scan.amplitude.astype(np.float64) ** 2)  # 12×12 positions, the row varying fastest
+    counts = np.broadcast_to(counts.mean(axis=0), counts.shape)  # one pattern, brighter frame by frame: the image's
+    scale = 1 + np.arange(len(counts)) / len(counts)           # gradient shows the order
+    np.save(tmp_path / "frames.npy", np.round(counts * scale[:, None, None]).astype(np.float32))  # (counts)
+    code, out, _ = run(["inspect", tmp_path / "frames.npy", "--scan-shape", "12", "12", "--json"], capsys)
+    summary = json.loads(out)
+    assert code == 0 and summary["patterns"] == 144 and summary["scan_shape"] == [12, 12]
+    assert summary["fastest"] == "row" and summary["values"]["kind"] == "counts"
+    assert summary["disk"]["radius_px"] == pytest.approx(7.6, abs=0.1) and summary["model"]["on_its_grid"]
+    from deepphase.data.inspection import inspect_scan
+
+    _, arrays = inspect_scan(tmp_path / "frames.npy", scan_shape=(12, 12), progress=False)
+    image = arrays["virtual_bright_field"]
+    # Frame k is position (k % 12, k // 12) (rows fastest): brightness grows down a column, then across the columns.
+    assert image.shape == (12, 12) and np.all(np.diff(image[:, 0]) > 0) and np.all(np.diff(image[0]) > 0)
+    assert image[11, 0] < image[0, 1]
+    code, out, _ = run(["inspect", tmp_path / "frames.npy", "--scan-shape", "12", "12", "--figure",
+                        tmp_path / "look.png"], capsys)
+    assert code == 0 and "reconstruct: used as they are" in out and (tmp_path / "look.png").stat().st_size > 10_000
+    assert run(["inspect", tmp_path / "frames.npy", "--scan-shape", "12", "12", "--figure", tmp_path / "look.png"],
+               capsys)[0] == 2  # (not replaced unasked)
+    code, _, err = run(["inspect", tmp_path / "frames.npy", "--scan-shape", "10", "12"], capsys)
+    assert code == 2 and "10×12 = 120 positions do not match the 144 patterns" in err
