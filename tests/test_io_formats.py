@@ -336,6 +336,34 @@ def test_emd_written_by_hyperspy_is_read_with_its_detector_axes_last(frames4d, t
     assert detector_mrad_per_px(1.6, "[m_r_a_d]", None) == pytest.approx(1.6)  # (as py4DSTEM and rsciio write it)
 
 
+@pytest.mark.parametrize("stack", [False, True])
+def test_emd_written_by_hyperspy_without_calibrated_axes_is_read_the_right_way_round(stack, frames4d, tmp_path):
+    """Only units that said "detector first" reversed rosettasciio's EMD; a scan with uncalibrated axes (units "[]")
+    was read as stored: a square scan on its own detector's size gave an image correlating −0.03 with the right one,
+    written with exit status 0, and a stack of frames (k, k, N) was "64 patterns of 64×20" (the formats audit,
+    s41). The layout says it, as rosettasciio reads it: every group but py4DSTEM's is stored reversed."""
+    from rsciio.emd import file_writer
+
+    data = frames4d.reshape(20, 64, 64)[:, :, :48] if stack else frames4d[:, :, :, :48]
+    names = ("frame", "ky", "kx") if stack else ("y", "x", "ky", "kx")
+    axes = [dict(size=n, index_in_array=i, name=name, scale=1.0, offset=0.0, units="", navigate=i < data.ndim - 2)
+            for i, (n, name) in enumerate(zip(data.shape, names))]
+    file_writer(str(tmp_path / "scan.emd"), {"data": data, "axes": axes, "original_metadata": {},
+                                             "metadata": {"General": {"title": "scan"}, "Signal": {}},
+                                             "attributes": {"_lazy": False}})
+    with h5py.File(tmp_path / "scan.emd") as f:  # (stored reversed, its units empty)
+        assert f["signals/scan/data"].shape == data.shape[::-1]
+        assert {f[f"signals/scan/dim{i}"].attrs["units"] for i in range(1, data.ndim + 1)} == {"[]"}
+    loaded = load_scan(tmp_path / "scan.emd")
+    try:
+        assert loaded.scan_shape == (None if stack else (4, 5)) and loaded.frames.shape == (20, 64, 48)
+        assert np.array_equal(read_all(loaded), data.reshape(20, 64, 48))
+        assert np.array_equal(np.asarray(loaded.frames[3:12]), data.reshape(20, 64, 48)[3:12])
+        assert "detector_sampling" not in loaded.info  # ("[]" is no unit)
+    finally:
+        loaded.close()
+
+
 def test_hyperspy_hspy_is_read_with_its_calibration_and_beam_energy(frames4d, tmp_path):
     from rsciio.hspy import file_writer
 

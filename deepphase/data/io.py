@@ -111,6 +111,24 @@ def _frames_from_array(array, source: str, reversed_axes: bool = False):
     )
 
 
+class _ReversedFrames:
+    """A stack of frames stored (k_col, k_row, N), as HyperSpy writes one to EMD, seen as (N, k_row, k_col)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.shape = tuple(dataset.shape[::-1])
+        self.dtype = dataset.dtype
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("only slices of consecutive frames are supported")
+        start, stop, _ = index.indices(self.shape[0])
+        return np.ascontiguousarray(np.asarray(self.dataset[:, :, start:stop]).transpose(2, 1, 0))
+
+
 class _Flat4D:
     """A (R, C, k, k) array (an h5py or zarr dataset, a memory map) seen as (R·C, k, k) frames, read a few scan
     rows at a time; ``reversed_axes``: one stored (k_col, k_row, C, R) (slow to read: a scan row is spread over the
@@ -500,11 +518,20 @@ def _load_emd_group(handle, group: str, path: Path) -> ScanData:
         step = float(values[1] - values[0]) if values.size >= 2 else None
         dims.append({"name": _attr_text(dim.attrs.get("name")), "units": _attr_text(dim.attrs.get("units")),
                      "step": step})
-    # HyperSpy (rosettasciio's NCEM layout) stores the axes reversed, detector first; its dims say so by their units.
-    reversed_axes = ds.ndim == 4 and all(_is_angle(d) for d in dims[:2]) and all(_is_length(d) for d in dims[2:])
+    # HyperSpy (rosettasciio's NCEM layout) and NCEM store the axes reversed, detector first: every data group but
+    # py4DSTEM's (dim0, or under 4DSTEM_experiment), as rosettasciio reads them. The units were the only sign taken,
+    # and a scan without calibrated axes (units "[]") was read the wrong way round: an image correlating −0.03
+    # with the right one, written with exit status 0 (the formats audit, s41). Units that say otherwise win.
+    stored_reversed = "dim0" not in g and not group.strip("/").startswith("4DSTEM_experiment")
+    detector_first = all(_is_angle(d) for d in dims[:2]) and all(_is_length(d) for d in dims[-2:])
+    scan_first = all(_is_length(d) for d in dims[:-2]) and all(_is_angle(d) for d in dims[-2:])
+    reversed_axes = ds.ndim in (3, 4) and (detector_first or (stored_reversed and not scan_first))
     if reversed_axes:
         dims = dims[::-1]
-    frames, scan_shape = _frames_from_array(ds, f"{path}:{group}/data", reversed_axes)
+    if reversed_axes and ds.ndim == 3:
+        frames, scan_shape = _ReversedFrames(ds), None
+    else:
+        frames, scan_shape = _frames_from_array(ds, f"{path}:{group}/data", reversed_axes)
     info = _basic_info("emd", frames, scan_shape, group=group, **({"stored": "detector axes first, reversed "
                                                                              "(HyperSpy's EMD)"} if reversed_axes else {}))
     info.update(_calibrations([d for d in dims[:-2]], [d for d in dims[-2:]]))
@@ -569,8 +596,8 @@ def _calibrations(nav: list, sig: list) -> dict:
             steps.append(float(abs(axis["step"]) * factor))
     if steps:
         out["scan_step_angstrom"] = steps[0] if len(steps) == 1 or np.isclose(steps[0], steps[-1], rtol=1e-3) else steps
-    det = [a for a in sig if a and a.get("step") is not None and str(a.get("units") or "").strip().lower()
-           not in ("", "pixels", "pixel", "px", "<undefined>")]
+    det = [a for a in sig if a and a.get("step") is not None and str(a.get("units") or "").strip().strip("[]").lower()
+           not in ("", "pixels", "pixel", "px", "<undefined>")]  # (NCEM's "[]": no units)
     if det:
         out["detector_sampling"] = {"value": abs(float(det[-1]["step"])), "units": str(det[-1]["units"])}
     return out
