@@ -1031,3 +1031,16 @@ def test_inspect_says_what_a_file_holds_and_draws_its_virtual_image_the_right_wa
                capsys)[0] == 2  # (not replaced unasked)
     code, _, err = run(["inspect", tmp_path / "frames.npy", "--scan-shape", "10", "12"], capsys)
     assert code == 2 and "10×12 = 120 positions do not match the 144 patterns" in err
+
+
+def test_a_files_step_without_the_pixel_size_asks_only_for_what_is_missing(tmp_path, capsys):
+    """The file records its scan step in Å and its detector sampling in Å⁻¹, not the energy: "--energy KEV with
+    --semi-angle MRAD or --mrad-per-px X" asked for what the file holds (the formats audit, s41)."""
+    from .test_io_formats import write_emd
+
+    rows, cols = np.indices((64, 64))
+    disk = 100.0 * (np.hypot(rows - 31.5, cols - 32.2) < 14)
+    frames = np.random.default_rng(0).poisson(np.broadcast_to(disk, (4, 5, 64, 64))).astype(np.uint16)
+    path = write_emd(tmp_path / "scan.emd", frames)
+    code, _, err = run(["reconstruct", path, "--out", tmp_path / "r"], capsys)
+    assert code == 2 and err.rstrip().endswith("give --step S, or --energy KEV (the detector's sampling is known)")

@@ -666,8 +666,13 @@ def _load_detector(path: Path, suffix: str, scan_shape) -> ScanData:
     except DeepPhaseError:
         raise
     except Exception as exc:
-        raise InputFileError(f"data: could not read {str(path)!r} as a {what} file ({type(exc).__name__}: {exc}; "
-                             "truncated or not this format?)") from exc
+        hint = "truncated or not this format?"
+        if suffix == ".xml" and isinstance(exc, AttributeError):  # (rosettasciio reads an indented EMPAD .xml's
+            hint = ("rosettasciio's EMPAD reader takes the .xml as the EMPAD software writes it, without "  # blank
+                    "indentation: was it reformatted?")                                                     # text)
+        article = "an" if what[:1].upper() in "AEIOU" else "a"
+        raise InputFileError(f"data: could not read {str(path)!r} as {article} {what} file ({type(exc).__name__}: "
+                             f"{exc}; {hint})") from exc
     finally:
         rsciio_log.setLevel(level)
     data, axes = _navigation_first(signal["data"], signal["axes"])

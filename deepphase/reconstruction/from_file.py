@@ -564,10 +564,16 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             scan_info["step_from"] = (f"the file's scan step {scan.info['scan_step_angstrom']:.4g} Å / the "
                                       f"calibrated pixel size {pixel:.4g} Å")
     if positions is None and not step_auto:
+        # What is missing for the pixel size (λ / (n · mrad per pixel)), in the user's terms: the file may hold the
+        # detector's sampling, and asking for it again misled (the formats audit, s41)
+        known_energy = energy if energy is not None else scan.info.get("energy_kev")
+        sampled = scan.info.get("detector_sampling") or mrad_per_px or semi_angle
+        missing = ("--energy KEV (the detector's sampling is known)" if sampled and known_energy is None else
+                   "--semi-angle MRAD or --mrad-per-px X" if known_energy is not None else
+                   "--energy KEV with --semi-angle MRAD or --mrad-per-px X")
         raise DeepPhaseError(
             f"step: the file's scan step ({scan.info['scan_step_angstrom']:.4g} Å) cannot be turned into pixels "
-            "without the real-space pixel size; give --step S, or --energy KEV with --semi-angle MRAD or "
-            "--mrad-per-px X")
+            f"without the real-space pixel size; give --step S, or {missing}")
     if positions is not None:
         check_spacing(positions, model.geometry)  # before the rotation and probe checks read the patterns
     if kind_doubt:
