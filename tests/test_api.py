@@ -414,3 +414,23 @@ def test_what_python_writes_records_what_was_reconstructed(probe, tmp_path):
     written = deepphase.write_outputs(rec, tmp_path / "rec")["processing"]
     assert written["patterns"] == 30 and written["pattern_shape"] == [32, 32]
     assert written["positions_sha256"] == hashlib.sha256(np.ascontiguousarray(positions).tobytes()).hexdigest()
+
+
+def test_the_phase_figure_shares_one_colour_range_and_says_what_sigma_is():
+    """The demo's reconstruction and truth each had their own colour range (cameraman: −0.50…0.75 against −0.45…0.50
+    rad: equal colours were different phases), one edge pixel of σ flattened the rest of its map, and the σ panel
+    did not say whether it was a σ head, dropout or an ensemble's spread (the figures audit, s41)."""
+    from deepphase.reconstruction.pipeline import colour_ranges, uncertainty_source
+
+    rng = np.random.default_rng(0)
+    phase, truth = rng.normal(0, 0.3, (40, 40)), rng.normal(0, 0.1, (40, 40))
+    sigma = np.full((40, 40), 0.03)
+    sigma[0, 0] = 0.3  # an edge pixel
+    shared, sigma_range = colour_ranges([phase, truth], sigma)
+    assert shared["vmin"] == pytest.approx(np.percentile(np.r_[phase.ravel(), truth.ravel()], 0.5))
+    assert shared["vmax"] > 3 * truth.std()  # (the truth's own range would be a third as wide)
+    assert sigma_range == {"vmin": 0.0, "vmax": pytest.approx(0.03)}
+    assert uncertainty_source({"method": "σ head", "sigma_scale": 1.1734, "note": "... (factor fitted)"}) == \
+        "σ head × 1.17"
+    assert uncertainty_source({"method": "ensemble", "samples": 2, "sigma_scale": 1.0, "note": "... (not calibrated)"}) \
+        == "spread of 2 models × 1, not calibrated"

@@ -1002,7 +1002,7 @@ def _write_outputs(rec: Reconstruction, out_dir: Path, metadata: dict, sampling:
         write_tiff(staging / "phase.tif", rec.phase, sampling)
         write_emd(staging / "phase.emd", rec.phase, sampling, rec.origin_px, rec.uncertainty)
         plot_phase(rec.phase, staging / "phase.png", sampling=sampling, title=metadata.get("title"),
-                   uncertainty=rec.uncertainty)
+                   uncertainty=rec.uncertainty, uncertainty_source=uncertainty_source(rec.processing.get("uncertainty")))
         if rec.uncertainty is not None:
             save_npy(staging / "uncertainty.npy", rec.uncertainty)
         meta = {
@@ -1084,28 +1084,46 @@ def write_emd(path: Path, phase: np.ndarray, sampling: float | None, origin_px, 
                 dim.attrs.update({"name": label, "units": unit})
 
 
+def uncertainty_source(record: dict | None) -> str | None:
+    """What a σ map is, in a few words for its figure (from ``processing["uncertainty"]``)."""
+    if not record:
+        return None
+    factor = record.get("sigma_scale", 1.0)
+    calibrated = "not calibrated" not in record.get("note", "")
+    how = {"σ head": "σ head", "ensemble": f"spread of {record.get('samples')} models",
+           "Monte Carlo dropout": f"{record.get('samples')} dropout samples"}.get(record.get("method"), record.get("method"))
+    return f"{how} × {factor:.3g}" + ("" if calibrated else ", not calibrated")
+
+
 def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, title: str | None = None,
-               truth: np.ndarray | None = None, uncertainty: np.ndarray | None = None) -> None:
+               truth: np.ndarray | None = None, uncertainty: np.ndarray | None = None,
+               uncertainty_source: str | None = None) -> None:
     """A PNG of the phase with a colour bar (rad) and a scale bar (Å if the sampling is known, else pixels); beside
-    it the truth and the uncertainty map (σ, rad), where given (uncertainty.npy had no figure: outputs audit, s40)."""
+    it the truth and the uncertainty map (σ, rad), where given (uncertainty.npy had no figure: outputs audit, s40).
+
+    The reconstruction and the truth share one colour range (each had its own: equal colours were different phases,
+    the figures audit, s41), from the 0.5th to the 99.5th percentile, so that a few edge pixels do not flatten the
+    rest; σ runs from 0 to its 99th percentile, titled with ``uncertainty_source`` (what it is)."""
     from matplotlib import patheffects
     from mpl_toolkits.axes_grid1 import make_axes_locatable
 
     from ..io_utils import new_figure
 
-    panels = ([("reconstruction", phase, "magma", "phase (rad, mean removed)")]
-              + ([("truth", truth, "magma", "phase (rad, mean removed)")] if truth is not None else [])
-              + ([("uncertainty", uncertainty, "viridis", "σ (rad, one standard deviation)")]
-                 if uncertainty is not None else []))
+    centred = [image - np.nanmean(image) for image in (phase, truth) if image is not None]
+    phase_range, sigma_range = colour_ranges(centred, uncertainty)
+    panels = ([("reconstruction", centred[0], "magma", "phase (rad, mean removed)", phase_range)]
+              + ([("truth", centred[1], "magma", "phase (rad, mean removed)", phase_range)] if truth is not None else [])
+              + ([("uncertainty" + (f" ({uncertainty_source})" if uncertainty_source else ""), uncertainty, "viridis",
+                   "σ (rad, one standard deviation)", sigma_range)] if uncertainty is not None else []))
     fig, axes = new_figure(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
-    for ax, (label, image, cmap, unit_label) in zip(axes[0], panels):
-        shown = image if label == "uncertainty" else image - np.nanmean(image)
-        im = ax.imshow(shown, cmap=cmap, interpolation="nearest")
-        ax.set_title(label if title is None or len(panels) > 1 else title)
+    for ax, (label, image, cmap, unit_label, limits) in zip(axes[0], panels):
+        im = ax.imshow(image, cmap=cmap, interpolation="nearest", **limits)
+        ax.set_title(label if title is None or len(panels) > 1 else title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
         # (a colour bar the image's own height, also for a wide scan, whose image is shorter than its axes box)
-        fig.colorbar(im, cax=make_axes_locatable(ax).append_axes("right", size="5%", pad=0.08), label=unit_label)
+        fig.colorbar(im, cax=make_axes_locatable(ax).append_axes("right", size="5%", pad=0.08), label=unit_label,
+                     extend=_extend(image, limits))
         length_px, unit = _scale_bar(image.shape[1], sampling)
         r, c = image.shape[0] * 0.92, image.shape[1] * 0.05
         # outlined in black: readable on the white of NaN corners (a turned scan's) as on the colour map
@@ -1118,6 +1136,27 @@ def plot_phase(phase: np.ndarray, path: Path, sampling: float | None = None, tit
         fig.suptitle(title)
     fig.tight_layout()
     save_png(fig, path, dpi=110)
+
+
+def colour_ranges(phases: list, uncertainty: np.ndarray | None) -> tuple[dict, dict]:
+    """``vmin``/``vmax`` shared by the (mean-removed) phase images: their 0.5th to 99.5th percentile together; and of
+    σ: 0 to its 99th percentile ({} without one)."""
+    values = np.concatenate([image[np.isfinite(image)] for image in phases])
+    lo, hi = np.percentile(values, [0.5, 99.5]) if values.size else (0.0, 1.0)
+    phase_range = {"vmin": float(lo), "vmax": float(hi if hi > lo else lo + 1e-6)}
+    sigma_range = {}
+    if uncertainty is not None and np.isfinite(uncertainty).any():
+        top = float(np.nanpercentile(uncertainty, 99))
+        sigma_range = {"vmin": 0.0, "vmax": top if top > 0 else float(np.nanmax(uncertainty)) or 1e-6}
+    return phase_range, sigma_range
+
+
+def _extend(image: np.ndarray, limits: dict) -> str:
+    """A colour bar's arrows: which ends of the colour range some pixels lie beyond."""
+    finite = image[np.isfinite(image)]
+    below = bool(limits) and finite.size and finite.min() < limits["vmin"]
+    above = bool(limits) and finite.size and finite.max() > limits["vmax"]
+    return {(True, True): "both", (True, False): "min", (False, True): "max"}.get((bool(below), bool(above)), "neither")
 
 
 def _scale_bar(width_px: int, sampling: float | None) -> tuple[float, str]:
