@@ -19,7 +19,9 @@ the shape of ``T`` across the detector is set by the probe alone. So the model's
 ``exp(iΔχ(q))``, with ``Δχ = a_rr q_r² + 2 a_rc q_r q_c + a_cc q_c²`` (``q`` in detector pixels from the
 grid centre ``n // 2``), is fitted by maximising the share of ``G`` that ``T`` explains, summed over the
 strongest frequencies. ``Δχ`` is the defocus and astigmatism of the data's probe relative to the
-model's. The specimen need not be known, nor weak for the fit to hold: on the simulated twisted bilayer
+model's, as the phase *added* to the far field: with :mod:`deepphase.physics.probe`'s aberration function
+(far field ``A·exp(−iχ)``, abTEM's and Kirkland's sign) the data's ``χ`` is the model's **minus** ``Δχ``, so an
+underfocus (Δf > 0, χ < 0) adds a positive ``Δχ``. The figure says "phase added" for that reason. The specimen need not be known, nor weak for the fit to hold: on the simulated twisted bilayer
 (0.56 rad peak to peak) the coefficients come out within 0.0006 rad/px² of those put in, at 1,000
 e/pattern as without noise (RESULTS §36).
 
@@ -879,10 +881,10 @@ def plot_probe_mismatch(found: dict, path) -> None:
     left.axvline(0.0, color="tab:red", ls="--", lw=1, label="the model's probe")
     left.axvline(found["defocus_rad_per_px2"] * radius2, color="k", lw=1,
                  label=f"fitted: defocus {found['defocus_rad_per_px2'] * radius2:+.2f} rad")
-    left.set_xlabel("defocus against the model's probe: Δχ at the disk's edge (rad)")
+    left.set_xlabel("defocus against the model's probe: phase added at the disk's edge (rad; + = underfocus)")
     left.set_ylabel("share of the scan's spectrum explained")
     left.legend(fontsize=8, loc="best")
-    left.set_title(f"probe check on {found['block'][0]}×{found['block'][1]} positions: largest |Δχ| on the edge "
+    left.set_title(f"probe check on {found['block'][0]}×{found['block'][1]} positions: largest phase added on the edge "
                    f"{found['edge_phase_rad']:.2f} ± {found['uncertainty_rad']:.2f} rad", fontsize=9)
     n = 2 * int(np.ceil(found["disk_radius_px"])) + 3
     delta = _delta_chi(found["coefficients"], n)
@@ -891,8 +893,10 @@ def plot_probe_mismatch(found: dict, path) -> None:
                          vmin=-max(np.nanmax(np.abs(delta[qr**2 + qc**2 <= radius2])), 0.1),
                          vmax=max(np.nanmax(np.abs(delta[qr**2 + qc**2 <= radius2])), 0.1),
                          extent=(qc.min() - 0.5, qc.max() + 0.5, qr.max() + 0.5, qr.min() - 0.5))
-    fig.colorbar(image, ax=right, label="Δχ (rad)")
-    right.set_title("Δχ: the data's probe phase less the model's", fontsize=9)
+    fig.colorbar(image, ax=right, label="phase added to the far field (rad)")
+    # (labelled Δχ before, with the sign opposite to physics.probe's χ: an underfocus showed as +1.05 rad, the
+    # figures audit, s41)
+    right.set_title("the data's probe far-field phase less the model's (= −Δχ in χ's sign)", fontsize=9)
     right.set_xlabel("k_col (detector px)")
     right.set_ylabel("k_row (detector px)")
     fig.tight_layout()
