@@ -82,6 +82,11 @@ def test_patterns_zero_everywhere_are_counted_and_said(scan, uncertainty, capsys
     with pytest.warns(DeepPhaseNote, match=r"^41 of the 1,600 patterns read are zero everywhere \(frames 300, 301, "):
         rec = reconstruct(holed, positions, progress=True, chunk_size=512, uncertainty=uncertainty)
     assert rec.processing["empty_patterns"] == {"count": 41, "first": [*range(300, 340), 1500]}
+    # positions per second, whatever the draws (predictions were counted: the figures audit, s41)
+    draws_ = 1 if uncertainty is None else 3
+    assert rec.timings["patterns_per_second"] == pytest.approx(1600 / rec.timings["predict_s"], rel=0.02)
+    assert rec.timings.get("predictions_per_second", rec.timings["patterns_per_second"]) == pytest.approx(
+        draws_ * rec.timings["patterns_per_second"], rel=1e-3)
     bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
     draws = 1 if uncertainty is None else 3
     assert any(f"{1600 * draws}/{1600 * draws}" in line for line in bar) and not any(".0/" in line for line in bar)

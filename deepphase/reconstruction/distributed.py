@@ -349,7 +349,8 @@ def reconstruct_distributed(
     t2 = time.perf_counter()
     n_workers = len(client.nthreads())
     timings = {"predict_s": round(t1 - t0, 3), "stitch_s": round(t2 - t1, 3),
-               "patterns_per_second": round(n * draws / max(t1 - t0, 1e-9), 1)}
+               "patterns_per_second": round(n / max(t1 - t0, 1e-9), 1),
+               **({"predictions_per_second": round(n * draws / max(t1 - t0, 1e-9), 1)} if draws > 1 else {})}
     return Reconstruction(phase.astype(np.float32), origin, full.astype(np.float32), timings,
                           model.record(),
                           {"stitching": stitching, "plane_removed": remove_plane,
