@@ -144,6 +144,11 @@ def test_frc_resolution_of_an_ideal_low_pass_is_its_cutoff(cutoff_px):
     assert metrics.frc_resolution(freq, frc, 0.5) == pytest.approx(cutoff_px, rel=0.08)
     figures = metrics.evaluate(low_pass, truth)
     assert not figures["frc_at_sampling_limit_0.5"] and "≤" not in markdown_table([{"method": "m", **figures}])
+    assert not figures["frc_below_from_first_0.5"] and "≥" not in markdown_table([{"method": "m", **figures}])
+    # Noise unrelated to the truth is below 0.5 from the first ring judged: that ring's "resolution" is a bound, said
+    # so ("13.00 px", the field of view, read as a resolution: the figures audit, s41)
+    unrelated = metrics.evaluate(rng.normal(size=(128, 128)), truth)
+    assert unrelated["frc_below_from_first_0.5"] and "| ≥ " in markdown_table([{"method": "m", **unrelated}])
     # With a pixel size the resolution comes out in Å.
     freq_a, frc_a = metrics.fourier_ring_correlation(low_pass, truth, pixel_size=0.2)
     assert metrics.frc_resolution(freq_a, frc_a, 0.5) == pytest.approx(0.2 * cutoff_px, rel=0.08)

@@ -341,7 +341,8 @@ FIGURES = {
                    "sign",
     "ssim": "structural similarity after the offset alone is removed, over the truth's range",
     "frc_resolution": "where the Fourier ring correlation with the truth first drops below 0.5 or 1/7 (Å for atomic "
-                      "specimens, px otherwise; '≤' a sampling-limit bound), searched from the first ring holding "
+                      "specimens, px otherwise; '≤' a sampling-limit bound, '≥' below it from the first ring judged), "
+                      "searched from the first ring holding "
                       "1 % of the truth's power (below a lattice's first reflection there is little but slow "
                       "drifts). It measures agreement, not sharpness: a blurred truth still correlates in every "
                       "ring it has",
@@ -539,6 +540,8 @@ def markdown_table(rows) -> str:
             unit = f" {row['resolution_unit']}" if resolution and row.get("resolution_unit") else ""
             # (a curve that never drops below its threshold gives the sampling limit: a bound, shown as one)
             bound = "≤ " if resolution and row.get(col.replace("resolution", "at_sampling_limit")) else ""
+            # (below the threshold from the first ring judged: no resolution better than that ring's)
+            bound = "≥ " if resolution and row.get(col.replace("resolution", "below_from_first")) else bound
             missing = value is None or (isinstance(value, float) and not np.isfinite(value))  # (as results.json says)
             cells.append("–" if missing else bound + fmt.format(value) + unit)  # (Å for atoms, pixels otherwise)
         lines.append("| " + " | ".join(cells) + " |")

@@ -457,8 +457,9 @@ def evaluate(reconstruction, truth, pixel_size: float | None = None, upsample: i
     if searched.any():
         transfer_resolution = frc_resolution(freq[searched], transfer[searched], 0.5)
         transfer_bound = bool(np.all(transfer[searched] >= 0.5) and searched[-1])
+        transfer_none = bool(not transfer[searched][0] >= 0.5)
     else:  # (no correlation with the truth at all: no transfer to speak of)
-        transfer_resolution, transfer_bound = float("nan"), False
+        transfer_resolution, transfer_bound, transfer_none = float("nan"), False, False
     return {
         "correlation": correlation(reconstruction, truth),
         "correlation_aligned": _correlation_shifted(reconstruction, truth, shift),
@@ -470,9 +471,14 @@ def evaluate(reconstruction, truth, pixel_size: float | None = None, upsample: i
         "frc_resolution_1/7": frc_resolution(freq, frc, 1 / 7, first),
         "frc_at_sampling_limit_0.5": bool(np.all(frc[first:] >= 0.5)),
         "frc_at_sampling_limit_1/7": bool(np.all(frc[first:] >= 1 / 7)),
+        # Below the threshold from the first ring judged: the "resolution" is that ring's, a lower bound ("13.00 px",
+        # the field of view, read as a resolution: the figures audit, s41)
+        "frc_below_from_first_0.5": bool(not frc[first] >= 0.5),
+        "frc_below_from_first_1/7": bool(not frc[first] >= 1 / 7),
         "first_judged_ring": first + 1,  # (ring number: 1 is the lowest frequency)
         "transfer_resolution_0.5": transfer_resolution,
         "transfer_at_sampling_limit_0.5": transfer_bound,
+        "transfer_below_from_first_0.5": transfer_none,
         "resolution_unit": "Å" if pixel_size is not None else "px",
         "ssim": ssim(reconstruction, truth),
     }
