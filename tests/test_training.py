@@ -400,6 +400,21 @@ def test_samples_per_second_count_the_training_steps_not_the_validation(probe, t
     assert training_seconds < history[0]["seconds"] - 0.9, history  # the epoch's seconds hold the validation
 
 
+@pytest.mark.parametrize("validation", [0.05, 0.5])
+def test_a_training_no_better_than_a_flat_phase_says_so(validation, probe, tmp_path, monkeypatch):
+    """One epoch of 5 steps: validation 0.0906 rad against a flat phase's 0.0816, said nothing, and reconstruct then
+    gave a correlation of −0.02 (the figures audit, s41)."""
+    from deepphase.training import loop
+
+    monkeypatch.setattr(loop, "evaluate_loss", lambda *args, **kwargs: validation)
+    monkeypatch.setattr(loop, "flat_phase_loss", lambda *args, **kwargs: 0.1)
+    said = []
+    config = TrainConfig(arch="unet-small", epochs=1, steps_per_epoch=1, batch_size=4, val_size=4, device="cpu")
+    train(probe, tmp_path / "m", config, progress=False, log=said.append)
+    notes = [line for line in said if "no better than a flat phase's (0.1000)" in line]
+    assert len(notes) == (validation >= 0.1), said
+
+
 def test_a_compact_rep_models_weights_start_a_compact_training_and_the_refusal_says_so(probe, tmp_path):
     """A compact-rep model is stored as the plain compact network it equals: `--like M --init-from M` was refused
     with advice to run that same command (the training audit, s40)."""

@@ -529,7 +529,7 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
             torch.manual_seed(config.seed * 7919 + epoch + 1_000_003 * rank)
             network.train()
             t0 = time.perf_counter()
-            running, losses, nlls = None, [], []
+            losses, nlls = [], []
             if world == 1:
                 batches = stream.epoch(config.seed, epoch, config.steps_per_epoch, config.batch_size)
             else:
@@ -560,8 +560,9 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
                 (loss + config.sigma_weight * nll if config.sigma_head else loss).backward()  # DDP averages the gradients: the gradient of the global batch's mean loss
                 optimizer.step()
                 losses.append(value.item())
-                running = value.item() if running is None else 0.98 * running + 0.02 * value.item()
-                bar.set_postfix(loss=f"{running:.4f}")
+                # the epoch's mean so far: what the epoch's line reports (a smoothed value disagreed with it, 0.368
+                # against 0.469: the figures audit, s41)
+                bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
             bar.close()
             trained = time.perf_counter() - t0  # (the speed is the training steps': --val-size changed it 3×)
             if world > 1 and not sync_bn:
@@ -608,6 +609,10 @@ def _train(probe, out_dir, config, geometry, resume, probe_info, command, progre
                 dist.barrier()
             log(f"epoch {epoch + 1}/{config.epochs}: train loss {np.mean(losses):.4f} rad, validation loss {val:.4f} rad "
                 f"(a flat phase: {flat_loss:.4f}), {history[-1]['samples_per_second']:.0f} samples/s; saved {out_dir}")
+    if history and not history[-1]["val_loss"] < flat_loss:  # (said of nothing: reconstruct then gave −0.02, the
+        log(f"note: the validation loss, {history[-1]['val_loss']:.4f} rad, is no better than a flat phase's "  # figures
+            f"({flat_loss:.4f}): the network has not learnt to see the phase yet; train longer (--epochs, "  # audit)
+            "--steps-per-epoch; --resume continues this training) before reconstructing with it")
     if sync_bn:  # hand back plain BatchNorm layers (same state) for use outside the process group
         plain = create_model(config.arch, **arch_config).to(device)
         plain.load_state_dict(network.state_dict())
