@@ -320,7 +320,7 @@ def _cmd_reconstruct(args) -> None:
         shape = meta.get("pattern_shape") or meta["data_info"]["pattern_shape"]
         msg += (f"; calibrated {shape[0]}×{shape[1]}" + (
             f" → {calibration['grid_px']}×{calibration['grid_px']}: disk r = {calibration['radius_px']:.2f} px, "
-            f"zoom {calibration['zoom']:.4f}, {calibration['masked_pixels']['count']} pixels masked"
+            f"zoom {calibration['zoom']:.4f}, {calibration['masked_pixels']['count']} pixel{'s' * (calibration['masked_pixels']['count'] != 1)} masked"
             if "grid_px" in calibration else "") + " (see calibration.png)")
     if "correlation_with_truth" in meta:
         msg += f"; correlation with the truth {meta['correlation_with_truth']:.3f}"

@@ -1127,9 +1127,17 @@ def plot_calibration(view: CalibratedView, path: str | Path) -> None:
     if len(rows):
         ax.plot(cols, rows, "x", color="tab:red", ms=4, label=f"{len(rows)} masked")
         ax.legend(loc="lower right", fontsize=7)
-    ax.set_title(f"mean pattern: r = {rad:.2f} px\ncentre ({r0:.2f}, {c0:.2f})", fontsize=9)
+    # (labelled: the panels had no axes, colour bars or word of √counts; the centre no word of (row, col): the
+    # figures audit, s41)
+    ax.set_title(f"mean pattern (√counts): r = {rad:.2f} px\ncentre (row, col) ({r0:.2f}, {c0:.2f})", fontsize=9)
+    fig.colorbar(ax.images[0], ax=ax, fraction=0.046, pad=0.04, label="√counts")
+    ax.set_xlabel("detector col (px)")
+    ax.set_ylabel("detector row (px)")
     ax = axes[0, 1]
     ax.imshow(np.sqrt(np.clip(view._mean_resampled, 0, None)), cmap="gray", interpolation="nearest")
+    fig.colorbar(ax.images[0], ax=ax, fraction=0.046, pad=0.04, label="√counts")
+    ax.set_xlabel("model grid col (px)")
+    ax.set_ylabel("model grid row (px)")
     (mr, mc), mrad_ = info["model_disk"]["center_px"], info["model_disk"]["radius_px"]
     ax.plot(mc + mrad_ * np.cos(t), mr + mrad_ * np.sin(t), color="tab:cyan", lw=1)
     ax.set_title(f"on the model grid ({info['grid_px']}²): zoom {info['zoom']:.4f}", fontsize=9)
@@ -1145,10 +1153,7 @@ def plot_calibration(view: CalibratedView, path: str | Path) -> None:
             ax.set_title(f"disk {label} shift (px)\nplane: {a[1]:+.3g}·row {a[2]:+.3g}·col", fontsize=9)
             ax.set_xlabel("scan col (px)")
             ax.set_ylabel("scan row (px)")
-            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04)
-    for a in axes[0, :2]:
-        a.set_xticks([])
-        a.set_yticks([])
+            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.04, label=f"disk {label} shift (px)")
     fig.tight_layout()
     save_png(fig, path, dpi=100)
 
