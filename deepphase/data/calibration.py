@@ -1579,11 +1579,11 @@ def plot_scan_rotation(com: np.ndarray, noise: np.ndarray | None, found: dict, p
             at_given = float((_curl(com * ([-1.0, 1.0] if flip else 1.0), [float(given_deg) % 180.0])[0] - floor)
                              / (np.median(costs) - floor))
     left.axvline(found["rotation_deg"] % 180.0, color="k", lw=1, label=f"found {found['rotation_deg']:.2f}°")
-    for angle in found.get("quarters", []):
-        left.axvline(angle % 180.0, color="k", lw=0.5, ls=":")
+    for k, angle in enumerate(found.get("quarters", [])):  # (unlabelled before: the figures audit, s41)
+        left.axvline(angle % 180.0, color="k", lw=0.5, ls=":", label="each quarter of the scan" if k == 0 else None)
     if given_deg is not None:
         left.axvline(float(given_deg) % 180.0, color="tab:red", lw=1, ls="--", label=f"given {float(given_deg):g}°")
-    left.axhline(CURL_RATIO_MAX, color="0.6", lw=0.8, ls="--")
+    left.axhline(CURL_RATIO_MAX, color="0.6", lw=0.8, ls="--", label=f"clear below {CURL_RATIO_MAX:g}")
     left.set_xlabel("scan rotation modulo 180° (°)")
     left.set_ylabel("curl ratio (noise floor taken off)")
     left.set_xlim(-3, 183)  # (a given 0° stays visible)
