@@ -415,3 +415,15 @@ def test_step_auto_refuses_patterns_that_do_not_tell_the_step(probe, tmp_path, c
                  "--out", str(tmp_path / "out")]) == 2
     assert "the patterns do not tell the scan's step" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_step_note_names_a_probe_difference_only_where_it_is_one():
+    """"a wrong step shows up as a probe difference (0.06 rad …)" read as a finding below the probe note's own
+    threshold (the figures audit, s41)."""
+    from deepphase.data.aberrations import MISMATCH_NOTE_RAD, step_note
+
+    found = {"given_step_px": 0.87, "step_px": 1.005, "decided": True, "explained": 0.79, "explained_given": 0.73,
+             "edge_phase_rad": 0.04}
+    for at_given, said in ((0.06, False), (MISMATCH_NOTE_RAD + 0.1, True)):
+        text = step_note({**found, "edge_phase_given_rad": at_given})
+        assert text.startswith("the scan step looks wrong") and ("probe difference" in text) is said

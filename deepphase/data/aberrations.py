@@ -738,11 +738,14 @@ def step_note(found: dict, remedy: str = STEP_REMEDY) -> str | None:
             or found["explained"] < STEP_RATIO * found["explained_given"]:
         return None
     at_given = found.get("edge_phase_given_rad")
+    # (the probe difference only where it is one worth a note: "0.06 rad" beside a wrong step read as a finding, the
+    # figures audit, s41)
+    shows = at_given is not None and at_given >= MISMATCH_NOTE_RAD
     return (f"the scan step looks wrong: the patterns fit a raster step of {best:.3f} px better than the {given:g} px "
             f"given (the weak-phase transfer with the model's probe explains {found['explained']:.2f} of the scan's "
-            f"spectrum there against {found['explained_given']:.2f}); a wrong step shows up as a probe difference"
-            + (f" ({at_given:.2f} rad at the disk's edge at the given step, {found['edge_phase_rad']:.2f} at the one "
-               "found)" if at_given is not None else "")
+            f"spectrum there against {found['explained_given']:.2f})"
+            + (f"; a wrong step shows up as a probe difference ({at_given:.2f} rad at the disk's edge at the given "
+               f"step, {found['edge_phase_rad']:.2f} at the one found)" if shows else "")
             + remedy)
 
 

@@ -679,12 +679,12 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     if scan.truth is not None:
         metadata.update(_compared_with_truth(rec, scan, positions, n))
     written = set()
+    if scan_info.get("probe_check", {}).get("step_note"):  # (before the figure that shows it: the figures audit)
+        note(scan_info["probe_check"]["step_note"])
     if out is not None:
         written = _write_figures(out, view, rotation_figure, scan_info, model, model_name, note)
     elif scan_info.get("probe_check", {}).get("note"):
         note(probe_estimate_note(scan_info["probe_check"], model, model_name, None))
-    if scan_info.get("probe_check", {}).get("step_note"):
-        note(scan_info["probe_check"]["step_note"])
     if "usable frequencies" in scan_info.get("probe_check", {}).get("skipped", ""):
         note(f"the probe and step checks could not run: {scan_info['probe_check']['skipped']}")
     if scan_info.get("probe_aware", {}).get("note"):
