@@ -841,14 +841,15 @@ def plot_scan_step(found: dict, path) -> None:
     the weak-phase fit explains against the raster step, the step found and, where there was one, the step given."""
     from ..io_utils import new_figure, save_png
 
-    fig, axis = new_figure(1, 1, figsize=(7.0, 4.0))
+    fig, axis = new_figure(1, 1, figsize=(7.0, 4.8))
     search = found["search"]
     steps, shares = np.asarray(search["steps_px"]), np.asarray(search["explained"])
     usable = shares > 0
     # The grid's shares are each on that step's own strongest frequencies; the found and the given step are
     # compared on one set both use, so their shares are on another scale than the curve's: said apart.
     axis.plot(steps[usable], shares[usable], "o-", color="tab:blue",
-              label=f"search grid: each step's fit on its own {GRID_FREQUENCIES} strongest frequencies")
+              label=f"coarse search grid: each step's fit on its own {GRID_FREQUENCIES} strongest frequencies "
+                    "(the step found is refined between its points)")
     given = found.get("given_step_px")
     axis.axvline(found["step_px"], color="k", lw=1, label=f"found: {found['step_px']:.4f} px"
                  + ("" if given is not None else f" (explains {found['explained']:.3f} of its frequencies)"))
@@ -862,10 +863,12 @@ def plot_scan_step(found: dict, path) -> None:
     axis.minorticks_off()
     axis.set_xlabel("raster step (real-space px of the model's grid)")
     axis.set_ylabel("share of the scan's spectrum explained")
-    axis.set_title("the scan step: the weak-phase transfer with the model's probe fits best at the true step"
-                   + ("" if found.get("decided", True) else " (no clear peak: not decided)"), fontsize=9)
-    axis.legend(fontsize=8, loc="best")
-    fig.tight_layout()
+    axis.set_title("the scan step: coarse search, then refined" + ("" if found.get("decided", True) else
+                                                                       " (no clear peak: not decided)")
+                   + "\n(the weak-phase transfer with the model's probe fits best at the true step)", fontsize=9)
+    # below the axes: over them it hid points (the figures audit, s41)
+    axis.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+    fig.set_layout_engine("constrained")
     save_png(fig, path, dpi=100)
 
 
