@@ -112,6 +112,16 @@ def test_demo_and_evaluate_refuse_before_the_work(tmp_path, capsys):
     refused(["evaluate", "--methods", "idpc", "--sigma-scale", 2, "--out", tmp_path / "e"], capsys, "needs --ensemble")
     refused(["evaluate", "--methods", "idpc", "--forward", "phase-object", "--divide-source", "--out", tmp_path / "e"],
             capsys, "no case has a finite source to divide out")
+    # (after the first method had run, in Python's words: the figures audit, s41)
+    from deepphase.evaluation import harness
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation ran")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(harness, "run_evaluation", no_work)
+        refused(["evaluate", "--methods", "deepphase", "--specimens", "cameraman", "--scan-shape", 12, 12, "--out",
+                 tmp_path / "e"], capsys, "scan-shape: the scanned area every method covers is only 2×2 pixels")
 
 
 def test_an_earlier_uncertainty_fit_is_replaced_only_when_asked(tmp_path, capsys):

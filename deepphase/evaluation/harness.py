@@ -374,7 +374,7 @@ def _evaluation_region(phases: list[np.ndarray], n_px: int, positions: np.ndarra
     rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
     if len(rows) < 8 or len(cols) < 8:
         raise ValueRangeError(
-            f"scan_shape: the scanned area every method covers is only {len(rows)}×{len(cols)} pixels after the "
+            f"scan-shape: the scanned area every method covers is only {len(rows)}×{len(cols)} pixels after the "
             f"edge margin of {max(1, n_px // 8)}; expected at least 8×8 (a larger scan: 20×20 or more at the "
             "reference step)"
         )
@@ -642,7 +642,7 @@ def write_report(rows, images, out_dir, settings: dict, overwrite: bool = False)
     table = markdown_table(rows)
     summary = summarise(rows)
     with atomic_path(out_dir / "results.md") as tmp:
-        Path(tmp).write_text(f"# deepphase evaluate\n\n```\n{json.dumps(settings, indent=1)}\n```\n\n{table}\n\n"
+        Path(tmp).write_text(f"# deepphase evaluate\n\n```\n{json.dumps(settings, indent=1, ensure_ascii=False)}\n```\n\n{table}\n\n"
                              f"## Correlation over the cases\n\n{summary_table(summary)}\n")
     save_json(out_dir / "results.json", {"settings": settings, "summary": summary, "results": rows})
     return out_dir
@@ -719,6 +719,14 @@ def evaluate(preset: str = "fast", out_dir="deepphase-evaluation", methods=None,
     if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
         raise ValueRangeError(f"cache-dir: {str(cache_dir)!r} is a file; expected a folder for simulated multislice data")
     probe = reference_probe()
+    # A scan too small to compare on is refused before any work (it was found after the first method had run, and
+    # said as "scan_shape" on the progress bar's line: the figures audit, s41)
+    from ..data.simulate import required_object_shape
+    from ..physics.scan import raster_positions
+
+    check_positions = raster_positions(scan_shape, REFERENCE_STEP_PX)
+    _evaluation_region([np.zeros(required_object_shape(check_positions, probe.shape[-1]))], probe.shape[-1],
+                       check_positions)
     t0 = time.perf_counter()
     rows, images = run_evaluation(methods, specimens, doses, probe, scan_shape, seed=seed, progress=progress,
                                   forward=forward, cache_dir=cache_dir, repeats=repeats, divide_source=divide_source,
