@@ -315,6 +315,10 @@ def _cmd_reconstruct(args) -> None:
               if args.libertem else "")
            + _speed(rec)
            + (f", stitching {rec.timings['stitch_s']:.2f} s" if "stitch_s" in rec.timings else "") + ")")
+    if rec.uncertainty is not None:  # (not said: the figures audit, s41)
+        from .reconstruction.pipeline import uncertainty_source
+
+        msg += f"; σ in uncertainty.npy ({uncertainty_source(rec.processing.get('uncertainty'))})"
     calibration = meta["calibration"]
     if calibration is not None:
         shape = meta.get("pattern_shape") or meta["data_info"]["pattern_shape"]
