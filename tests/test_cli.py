@@ -1045,3 +1045,20 @@ def test_a_files_step_without_the_pixel_size_asks_only_for_what_is_missing(tmp_p
     path = write_emd(tmp_path / "scan.emd", frames)
     code, _, err = run(["reconstruct", path, "--out", tmp_path / "r"], capsys)
     assert code == 2 and err.rstrip().endswith("give --step S, or --energy KEV (the detector's sampling is known)")
+
+
+def test_patterns_on_the_models_grid_get_a_pixel_size_from_the_energy_and_semi_angle(tiny_scan, tmp_path, capsys):
+    """--energy 300 --semi-angle 25 on the model's grid left the outputs in px, although --energy's help promises the
+    pixel size (the figures audit, s41): λ / (n · semi-angle / the disk's radius)."""
+    from deepphase.data.calibration import model_disk
+    from deepphase.physics import reference_probe
+    from deepphase.physics.probe import electron_wavelength
+
+    folder, _ = tiny_scan
+    args = ["reconstruct", folder / "amplitude.npy", "--positions", folder / "positions.npy", "--energy", "300",
+            "--semi-angle", "25", "--out", tmp_path / "r"]
+    assert run(args, capsys)[0] == 0
+    processing = json.loads((tmp_path / "r" / "metadata.json").read_text())["processing"]
+    expected = electron_wavelength(300) / (32 * 25e-3 / model_disk(reference_probe())["radius"])
+    assert processing["pixel_size_angstrom"] == pytest.approx(expected, rel=1e-6)
+    assert processing["pixel_size_from"] == "energy and semi-angle"

@@ -625,6 +625,17 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     measured, whose = (calibrated or {}).get("real_space_sampling_angstrom"), "calibration's"
     if not measured:
         measured, whose = scan.info.get("pixel_size_angstrom"), "file's"
+    beam = energy if energy is not None else scan.info.get("energy_kev")
+    if not measured and calibrated is None and beam and (semi_angle or model_mrad_per_px):
+        # Patterns on the model's grid, read as they are: the model grid's angular sampling is the one given, or the
+        # semi-angle over the model's disk radius (its disk is the data's, else a note said so), and the pixel size
+        # λ / (n · sampling). Given --energy and --semi-angle, the outputs stayed in px (the figures audit, s41).
+        from ..data.calibration import model_disk
+        from ..physics.probe import electron_wavelength
+
+        per_px = model_mrad_per_px or semi_angle / model_disk(model.probe)["radius"]
+        measured = electron_wavelength(beam) / (model.geometry.n_px * per_px * 1e-3)
+        whose = "energy and " + ("model grid's mrad per pixel" if model_mrad_per_px else "semi-angle")
     if sampling and measured and abs(sampling / measured - 1) > PIXEL_SIZE_TOLERANCE:
         note(f"the pixel size given ({sampling:.4g} Å) is not the {whose} ({measured:.4g} Å); the outputs are written "
              f"at the given one: check --pixel-size, or leave it out to use the {whose}")
