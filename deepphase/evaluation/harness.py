@@ -455,8 +455,8 @@ def _evaluate_cases(methods, specimens, doses, probe, scan_shape, step_px, seed,
                          "compared_px": int(region.sum()),
                          "seconds": round(res.seconds, 3),
                          **{k: v for k, v in figures.items()}, **({"notes": res.notes} if res.notes else {})})
-            images[(case.label, case.dose, name)] = phase
-        images[(case.label, case.dose, "truth")] = truth
+            images.setdefault((case.label, case.dose, name), phase)  # (the first seed's: the montage says so)
+        images.setdefault((case.label, case.dose, "truth"), truth)
     return rows, images
 
 
@@ -548,7 +548,7 @@ def markdown_table(rows) -> str:
     return "\n".join(lines)
 
 
-def _montage(images, specimens, dose, methods, path: Path) -> None:
+def _montage(images, specimens, dose, methods, path: Path, seed_shown: str | None = None) -> None:
     from ..io_utils import new_figure
 
     cols = ["truth"] + list(methods)
@@ -582,7 +582,7 @@ def _montage(images, specimens, dose, methods, path: Path) -> None:
         fig.colorbar(shown, ax=list(axes[2 * i]), fraction=0.025, pad=0.01, label="phase (rad)")
         if len(cols) > 1:
             fig.colorbar(differences, ax=list(axes[2 * i + 1]), fraction=0.025, pad=0.01, label="difference (rad)")
-    fig.suptitle(f"{dose:,.0f} electrons per pattern", fontsize=10)
+    fig.suptitle(f"{dose:,.0f} electrons per pattern" + (f" ({seed_shown})" if seed_shown else ""), fontsize=10)
     save_png(fig, path, dpi=110)
 
 
@@ -599,8 +599,11 @@ def _dose_series(rows, specimens, methods, path: Path) -> None:
             for name in methods:
                 mine = [r for r in rows if r["specimen"] == spec and r["method"] == name]
                 doses = sorted({r["dose_e_per_pattern"] for r in mine})  # a point per dose: the mean over seeds
-                ax.plot(doses, [np.mean([r[key] for r in mine if r["dose_e_per_pattern"] == d]) for d in doses],
-                        marker="o", label=name)
+                values = [[r[key] for r in mine if r["dose_e_per_pattern"] == d] for d in doses]
+                # ± the standard error over the seeds, where there are several (a bare mean before: figures audit)
+                errors = [np.std(v, ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0 for v in values]
+                ax.errorbar(doses, [np.mean(v) for v in values], yerr=errors if any(errors) else None, marker="o",
+                            capsize=2, label=name)
             ax.set_xscale("log")
             ax.set_xlabel("electrons per pattern")
             ax.set_ylabel(label)
@@ -608,6 +611,9 @@ def _dose_series(rows, specimens, methods, path: Path) -> None:
                 ax.set_title(spec)
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
+    seeds = len({r.get("seed", 0) for r in rows})
+    if seeds > 1:
+        fig.suptitle(f"mean ± standard error over {seeds} seeds", fontsize=10)
     fig.tight_layout()
     save_png(fig, path, dpi=110)
 
@@ -637,7 +643,9 @@ def write_report(rows, images, out_dir, settings: dict, overwrite: bool = False)
     methods = list(dict.fromkeys(r["method"] for r in rows))
     doses = sorted({r["dose_e_per_pattern"] for r in rows})
     montage_dose = min(doses, key=lambda d: abs(np.log(d / SEED_DOSE)))
-    _montage(images, specimens, montage_dose, methods, out_dir / "montage.png")
+    seeds = sorted({r.get("seed", 0) for r in rows})
+    _montage(images, specimens, montage_dose, methods, out_dir / "montage.png",
+             seed_shown=f"seed {seeds[0]} of {len(seeds)}" if len(seeds) > 1 else None)
     _dose_series(rows, specimens, methods, out_dir / "dose_series.png")
     table = markdown_table(rows)
     summary = summarise(rows)
