@@ -1006,7 +1006,10 @@ def _write_outputs(rec: Reconstruction, out_dir: Path, metadata: dict, sampling:
         save_npy(staging / "phase.npy", rec.phase)
         write_tiff(staging / "phase.tif", rec.phase, sampling)
         write_emd(staging / "phase.emd", rec.phase, sampling, rec.origin_px, rec.uncertainty)
-        plot_phase(rec.phase, staging / "phase.png", sampling=sampling, title=metadata.get("title"),
+        # (titled "reconstruction" alone before: which data, which model, the figures audit, s41)
+        title = metadata.get("title") or (f"{Path(str(metadata['data'])).name}, model {rec.model_info.get('name')!r}"
+                                          if metadata.get("data") else None)
+        plot_phase(rec.phase, staging / "phase.png", sampling=sampling, title=title,
                    uncertainty=rec.uncertainty, uncertainty_source=uncertainty_source(rec.processing.get("uncertainty")))
         if rec.uncertainty is not None:
             save_npy(staging / "uncertainty.npy", rec.uncertainty)
