@@ -496,7 +496,7 @@ def _cmd_models(args) -> None:
 def _cmd_export_onnx(args) -> None:
     from .io_utils import folder_lock
     from .models.modelfile import load_model
-    from .models.registry import has_sigma_head
+    from .models.registry import LOG_SCALE_RANGE, has_sigma_head
     from .reconstruction.engines import export_onnx
 
     if args.out.suffix != ".onnx":
@@ -518,11 +518,17 @@ def _cmd_export_onnx(args) -> None:
     inputs = ("diffraction amplitudes (√counts)" if c == 1 else
               "diffraction amplitudes (√counts) of each position's 3×3 neighbourhood, in the order of "
               "deepphase.data.stream.neighbourhood_offsets (channel 4: the position itself)")
-    outputs = "phase (rad), then the σ head's log error scale" if sigma else "phase (rad)"
+    # (how to get σ and the mask from the file: not said, the figures audit, s41)
+    lo, hi = LOG_SCALE_RANGE
+    outputs = (f"phase (rad), then the σ head's log Laplace scale b: σ = √2·exp(clip(y[:, 1], {lo:g}, {hi:g})) rad, times "
+               "the model's fitted factor (model.json: uncertainty_head.sigma_scale)" if sigma else "phase (rad)")
+    g = model.geometry
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)\n"
           f"  input 'x': (batch, {c}, {n}, {n}) float32 {inputs}\n"
           f"  output 'y': (batch, {2 if sigma else 1}, {out}, {out}) {outputs}\n"
-          "  as reconstruct does, remove each phase patch's mean inside the illuminated mask before stitching"
+          "  as reconstruct does, remove each phase patch's mean inside the illuminated mask before stitching "
+          f"(deepphase.physics.geometry.output_mask(probe, geometry): |P|² > {g.mask_threshold:g}·max|P|², the central "
+          f"{g.crop_px}×{g.crop_px} pixels upsampled {g.upsample}×)"
           + ("\n  probe-aware: exported for the model's own probe (told no difference); reconstruct tells the network "
              "the data's probe, which this file cannot be told" if model.probe_aware else ""))
 

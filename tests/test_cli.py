@@ -573,6 +573,12 @@ def test_export_onnx_writes_the_networks_function_and_never_replaces_a_file_unas
         expected = load_model().network(torch.from_numpy(x)).numpy()
     got = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"]).run(["y"], {"x": x})[0]
     assert got.shape == expected.shape and float(np.abs(got - expected).max()) < 1e-4
+    # How to get σ from the second channel, as said (it was not: the figures audit, s41)
+    from deepphase.models.registry import sigma_from_log_scale
+
+    assert "σ = √2·exp(clip(y[:, 1], -9.2, 2)) rad" in stdout
+    np.testing.assert_allclose(np.sqrt(2) * np.exp(np.clip(got[:, 1], -9.2, 2)),
+                               sigma_from_log_scale(torch.from_numpy(got[:, 1])).numpy(), rtol=1e-6)
     out.write_bytes(b"the user's file")
     code, _, err = run(["export-onnx", "--out", out], capsys)
     assert code == 2 and "exists; choose another name or pass --overwrite" in err

@@ -701,7 +701,7 @@ def find_scan_step(counts: np.ndarray, probe: np.ndarray, rotation_deg: float, f
         shares = [x for x in found["search"]["explained"] if x > 0]
         raise ValueRangeError(f"step: the patterns do not tell the scan's step (the weak-phase fit with the model's "
                               f"probe explains {min(shares):.3f}–{max(shares):.3f} of the scan's spectrum from "
-                              f"{found['search']['steps_px'][0]:g} to {found['search']['steps_px'][-1]:g} px, without "
+                              f"{found['search']['steps_px'][0]:g} to {found['search']['steps_px'][-1]:.2f} px, without "
                               "a clear peak: counting noise, a weak specimen, one the weak-phase transfer does not "
                               "describe, or a raster coarser than the steps searched); give --step S")
     return {**found, "wall_s": round(time.perf_counter() - t0, 3)}
