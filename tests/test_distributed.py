@@ -275,6 +275,21 @@ def test_a_worker_error_names_the_pattern_of_the_whole_scan(scan_file, client, t
         reconstruct_distributed(broken, positions, None, client, tile_size=40, kind="counts")
 
 
+def test_patterns_zero_everywhere_are_counted_on_a_cluster_too(scan_file, client, tmp_path):
+    """As in one process (the scale audit, s41): frames never written read as zeros, counted across the tiles."""
+    from deepphase.errors import DeepPhaseNote
+    from deepphase.reconstruction.distributed import reconstruct_distributed
+
+    path, positions = scan_file
+    data = np.load(path)
+    data[[3, 50, 51, 143]] = 0
+    holed = tmp_path / "holed.npy"
+    np.save(holed, data)
+    with pytest.warns(DeepPhaseNote, match=r"^4 of the 144 patterns read are zero everywhere \(frames 3, 50, 51, 143\)"):
+        rec = reconstruct_distributed(holed, positions, None, client, tile_size=40, kind="counts")
+    assert rec.processing["empty_patterns"] == {"count": 4, "first": [3, 50, 51, 143]}
+
+
 @pytest.mark.parametrize("lost", ["killed", "cancelled"])
 def test_a_tile_whose_workers_were_lost_is_said_in_one_line(lost):
     """Every worker killed: dask's FutureCancelledError came out as a traceback (the failure audit, s36)."""

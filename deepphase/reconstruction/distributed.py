@@ -179,7 +179,9 @@ def predict_tile(path: str, start: int, stop: int, model_path: str | None, datas
     opened file's frames instead of the plain counts/amplitude view (e.g. a detector calibration).
     ``neighbours``: for a neighbourhood model, the tile's rows of the scan's (N, 9) neighbour indices; the
     worker then also reads the halo of frames they point to.
-    ``sigma_head``: one more item at the end, the σ head's patches of the first draw's forward pass (or
+    The last item is always ``{"empty": [...]}``: the patterns of the tile that are zero everywhere (frames never
+    written), as the single-process pipeline counts them.
+    ``sigma_head``: one more item before it, the σ head's patches of the first draw's forward pass (or
     their reductions).
     ``told``: what a probe-aware model is told (:meth:`~deepphase.models.modelfile.PhaseModel.told`).
     """
@@ -194,6 +196,8 @@ def predict_tile(path: str, start: int, stop: int, model_path: str | None, datas
     finally:
         data.close()
     check_patterns(tile, lo)  # names the pattern by its index in the whole scan
+    own = tile[start - lo : stop - lo]
+    empty = (start + np.flatnonzero(~own.reshape(len(own), -1).any(axis=1))).tolist()
     out, sigmas = [], None
     dev = _worker_device(device)
     for k in range(int(draws)):
@@ -209,7 +213,7 @@ def predict_tile(path: str, start: int, stop: int, model_path: str | None, datas
         out.append(reducer.reduce(patches, origins) if reducer is not None else patches)
     if sigmas is not None:
         out.append(reducer.reduce(sigmas, origins, remove_mean=False) if reducer is not None else sigmas)
-    return out
+    return [*out, {"empty": empty}]
 
 
 def reconstruct_distributed(
@@ -323,6 +327,7 @@ def reconstruct_distributed(
                              pure=False)
                for s in starts]
     first = {f.key: s for s, f in zip(starts, futures)}
+    empty: list[int] = []
     from distributed import as_completed
     from tqdm.auto import tqdm
 
@@ -331,7 +336,9 @@ def reconstruct_distributed(
                   disable=None if progress is None else not progress) as bar:
             for future in as_completed(futures):
                 start = first[future.key]
-                for k, (acc, part) in enumerate(zip(accumulators, _tile_result(future, start, tile_size, n))):
+                *parts, found = _tile_result(future, start, tile_size, n)
+                empty += found["empty"]
+                for k, (acc, part) in enumerate(zip(accumulators, parts)):
                     if sigma_head and k == draws and reducer is None:  # σ patches: the σ stitcher reduces them
                         part = acc.reduce(part, start, remove_mean=False)
                     acc.add_reductions(part, start)
@@ -340,6 +347,12 @@ def reconstruct_distributed(
     finally:
         client.cancel([f for f in futures if not f.done()])
     t1 = time.perf_counter()
+    empty.sort()
+    if empty:  # (as the pipeline: said, and the first 100 in processing)
+        from ..wording import note_to_caller
+        from .pipeline import empty_patterns_note
+
+        note_to_caller(empty_patterns_note(empty, n))
 
     full, slopes, phase, origin, spread, uncertainty = finish(accumulators, positions, mask, model, stitching,
                                                               remove_plane, sigma_scale=sigma_scale,
@@ -358,6 +371,7 @@ def reconstruct_distributed(
                            "removed_slope_rad_per_px": list(slopes), "precision": precision,
                            "device": f"{device} (on each worker)",
                            "uncertainty": uncertainty,
+                           **({"empty_patterns": {"count": len(empty), "first": empty[:100]}} if empty else {}),
                            "distributed": {"workers": n_workers, "tiles": len(futures), "tile_size": tile_size,
                                            "returned": "reductions" if reducer is not None else "patches"}},
                           spread)

@@ -643,12 +643,13 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
     samples, head = uncertainty_method(uncertainty)
     partial = out / PARTIAL_FOLDER if out is not None else None
     if workers is not None or scheduler is not None:  # dask.distributed (see _reconstruct_on_cluster)
-        rec = _reconstruct_on_cluster(
-            data, positions, model_reference(model_given, for_workers=True), kind, view, flip_patterns,
-            workers=workers, scheduler=scheduler, tile_size=tile_size, dataset=dataset, scan_shape=scan_shape, stitching=stitching, batch_size=batch_size,
-            device=device, sampling=sampling, uncertainty_samples=samples, sigma_head=head,
-            precision=precision, sigma_scale=sigma_scale, deblur=deblur, progress=progress,
-            told=model.info.get("told_coefficients_rad_per_px2"))
+        with _notes_to(note):
+            rec = _reconstruct_on_cluster(
+                data, positions, model_reference(model_given, for_workers=True), kind, view, flip_patterns,
+                workers=workers, scheduler=scheduler, tile_size=tile_size, dataset=dataset, scan_shape=scan_shape,
+                stitching=stitching, batch_size=batch_size, device=device, sampling=sampling,
+                uncertainty_samples=samples, sigma_head=head, precision=precision, sigma_scale=sigma_scale,
+                deblur=deblur, progress=progress, told=model.info.get("told_coefficients_rad_per_px2"))
     else:
         if view is not None:
             view.reset_counters()  # (the rotation and probe checks read some frames already)
