@@ -364,6 +364,26 @@ def test_emd_written_by_hyperspy_without_calibrated_axes_is_read_the_right_way_r
         loaded.close()
 
 
+def test_an_emd_group_stored_scan_first_with_detector_units_is_read_as_stored(frames4d, tmp_path):
+    """Not py4DSTEM's, so stored reversed by the layout rule, but its detector axes in mrad say they come last: read
+    as stored (backwards before: the review, s41)."""
+    data = frames4d[:, :, :, :48]
+    with h5py.File(tmp_path / "scan.emd", "w") as f:
+        f.attrs["version_major"], f.attrs["version_minor"] = 0, 2
+        g = f.create_group("data/scan")
+        g.attrs["emd_group_type"] = 1
+        g["data"] = data
+        for i, (n, units) in enumerate(zip(data.shape, ("pixel", "pixel", "mrad", "mrad"))):
+            d = g.create_dataset(f"dim{i + 1}", data=np.arange(n) * 1.0)
+            d.attrs["name"], d.attrs["units"] = f"axis {i}", units
+    loaded = load_scan(tmp_path / "scan.emd")
+    try:
+        assert loaded.scan_shape == (4, 5) and loaded.frames.shape == (20, 64, 48)
+        assert np.array_equal(read_all(loaded), data.reshape(20, 64, 48))
+    finally:
+        loaded.close()
+
+
 def test_hyperspy_hspy_is_read_with_its_calibration_and_beam_energy(frames4d, tmp_path):
     from rsciio.hspy import file_writer
 

@@ -523,9 +523,11 @@ def _load_emd_group(handle, group: str, path: Path) -> ScanData:
     # and a scan without calibrated axes (units "[]") was read the wrong way round: an image correlating −0.03
     # with the right one, written with exit status 0 (the formats audit, s41). Units that say otherwise win.
     stored_reversed = "dim0" not in g and not group.strip("/").startswith("4DSTEM_experiment")
-    detector_first = all(_is_angle(d) for d in dims[:2]) and all(_is_length(d) for d in dims[-2:])
-    scan_first = all(_is_length(d) for d in dims[:-2]) and all(_is_angle(d) for d in dims[-2:])
-    reversed_axes = ds.ndim in (3, 4) and (detector_first or (stored_reversed and not scan_first))
+    # Detector units (angles, reciprocal lengths) on two axes say which two are the detector's, whatever the scan's
+    # say (uncalibrated scan axes in "pixel" beside a detector in mrad: read backwards otherwise, the review, s41).
+    detector_first = all(_is_angle(d) for d in dims[:2]) and not any(_is_angle(d) for d in dims[2:])
+    detector_last = all(_is_angle(d) for d in dims[-2:]) and not any(_is_angle(d) for d in dims[:-2])
+    reversed_axes = ds.ndim in (3, 4) and (detector_first or (stored_reversed and not detector_last))
     if reversed_axes:
         dims = dims[::-1]
     if reversed_axes and ds.ndim == 3:
