@@ -1065,6 +1065,10 @@ def test_patterns_on_the_models_grid_get_a_pixel_size_from_the_energy_and_semi_a
             "--semi-angle", "25", "--out", tmp_path / "r"]
     assert run(args, capsys)[0] == 0
     processing = json.loads((tmp_path / "r" / "metadata.json").read_text())["processing"]
-    expected = electron_wavelength(300) / (32 * 25e-3 / model_disk(reference_probe())["radius"])
+    from deepphase.data.calibration import find_disk
+
+    radius = find_disk((np.load(folder / "amplitude.npy").astype(np.float64) ** 2).mean(axis=0))["radius"]  # the data's
+    assert radius == pytest.approx(model_disk(reference_probe())["radius"], rel=0.01)
+    expected = electron_wavelength(300) / (32 * 25e-3 / radius)
     assert processing["pixel_size_angstrom"] == pytest.approx(expected, rel=1e-6)
     assert processing["pixel_size_from"] == "energy and semi-angle"
