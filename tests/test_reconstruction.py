@@ -91,3 +91,16 @@ def test_patterns_zero_everywhere_are_counted_and_said(scan, uncertainty, capsys
     draws = 1 if uncertainty is None else 3
     assert any(f"{1600 * draws}/{1600 * draws}" in line for line in bar) and not any(".0/" in line for line in bar)
     assert "empty_patterns" not in reconstruct(amplitudes[:64], positions[:64], progress=False).processing
+
+
+def test_patterns_empty_by_counting_noise_alone_are_not_called_unwritten():
+    """At 5 e/pattern ~440 of 65,536 patterns hold no electron by chance (exp(−5)); they were said to be frames never
+    written (the review, s41)."""
+    from deepphase.reconstruction.pipeline import more_empty_than_chance
+
+    rng = np.random.default_rng(0)
+    chance = int((rng.poisson(5.0, 65536) == 0).sum())
+    assert 350 < chance < 550 and not more_empty_than_chance(chance, 65536, 5.0)
+    assert more_empty_than_chance(chance + 300, 65536, 5.0)  # a block never written, beside them
+    assert more_empty_than_chance(1, 65536, 27882.0) and more_empty_than_chance(1, 100, None)
+    assert not more_empty_than_chance(0, 100, None)

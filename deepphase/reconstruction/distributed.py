@@ -37,7 +37,8 @@ from ..errors import DeepPhaseError, ShapeError, ValueRangeError
 from ..models.modelfile import check_compatible, load_model
 from ..physics.scan import validate_positions
 from ..physics.geometry import output_mask
-from .pipeline import Reconstruction, dose_settings, finish, make_accumulators, reconstruct
+from .pipeline import (Reconstruction, dose_settings, empty_patterns_note, finish, make_accumulators,
+                       more_empty_than_chance, reconstruct)
 from .stitching import METHODS
 
 DASK_EXTRA = 'pip install -e ".[distributed]" (in deepphase\'s source folder)'
@@ -348,9 +349,8 @@ def reconstruct_distributed(
         client.cancel([f for f in futures if not f.done()])
     t1 = time.perf_counter()
     empty.sort()
-    if empty:  # (as the pipeline: said, and the first 100 in processing)
+    if empty and more_empty_than_chance(len(empty), n, dose_info["electrons_per_pattern"]):  # (as the pipeline)
         from ..wording import note_to_caller
-        from .pipeline import empty_patterns_note
 
         note_to_caller(empty_patterns_note(empty, n))
 
