@@ -692,7 +692,7 @@ def more_empty_than_chance(count: int, read: int, dose: float | None) -> bool:
     if dose is None or not np.isfinite(dose):
         return count > 0
     expected = read * float(np.exp(-dose))
-    return count > expected + 5 * np.sqrt(expected) + 1
+    return count > expected + 5 * np.sqrt(expected) + 0.5
 
 
 def empty_patterns_note(empty: list[int], read: int) -> str:
