@@ -72,19 +72,25 @@ def package_versions() -> dict:
 
 @functools.lru_cache(maxsize=1)
 def source_revision() -> str | None:
-    """The git commit of the deepphase source in use, ``-dirty`` if its tracked files differ from it, where deepphase
+    """The git commit of the deepphase source in use, ``-dirty`` if the package's tracked files differ from it, where deepphase
     runs from a git checkout (``pip install -e``); None otherwise (an installed wheel: its version says it).
 
     The version alone (0.1.0 for every commit of a checkout) cannot say which code made a result (the
     evaluation audit, s41)."""
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
-    if not (root / ".git").exists():
+    package = Path(__file__).resolve().parent
+    if not (package.parent / ".git").exists():
         return None
+    # The commit's hash (describe would give a tag's name once there are tags), and "-dirty" for the package's own
+    # files only (a changed RESULTS.md is no other code); --no-optional-locks: reading never writes .git/index (the
+    # review, s41).
+    git = ["git", "--no-optional-locks", "-C", str(package.parent)]
     try:
-        done = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=12"],
-                              capture_output=True, text=True, timeout=10)
+        head = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10)
+        changed = subprocess.run([*git, "diff", "--quiet", "HEAD", "--", str(package)], capture_output=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() or None if done.returncode == 0 else None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    return head.stdout.strip() + ("-dirty" if changed.returncode == 1 else "")

@@ -677,9 +677,10 @@ def _reconstruct_scan(scan, data, out: Path | None, *, model, dataset, positions
             if partial is not None and read_checkpoint(partial) is None:
                 shutil.rmtree(partial, ignore_errors=True)
             raise
-    if _file_state(data) != read_from and partial is not None:
+    read_to = _file_state(data)  # (once: a zarr store's state walks its chunk files)
+    if read_to != read_from and partial is not None:
         shutil.rmtree(partial, ignore_errors=True)  # (progress on a file that is no longer there)
-    _check_unchanged(data, read_from)
+    _check_unchanged(data, read_from, read_to)
     rec = with_source_divided_out(rec, source_size_px)
     # The image's pixel size as written (given, else the calibration's or the file's): processing held only a given
     # one, null beside the file's 0.2 Å at the top of metadata.json (the outputs audit, s40).
@@ -1031,9 +1032,12 @@ def _file_state(data) -> tuple[int, int] | None:
     return size, newest
 
 
-def _check_unchanged(data, read_from: tuple[int, int] | None) -> None:
-    """Refuse the image of a file that changed while it was read (``read_from``: its :func:`_file_state` then)."""
-    if (read_to := _file_state(data)) != read_from:
+def _check_unchanged(data, read_from: tuple[int, int] | None, read_to="now") -> None:
+    """Refuse the image of a file that changed while it was read (``read_from``: its :func:`_file_state` then;
+    ``read_to``: its state at the end, if already taken)."""
+    if read_to == "now":
+        read_to = _file_state(data)
+    if read_to != read_from:
         raise InputFileError(
             f"data: {str(data)!r} changed while it was read ({_file_change(read_from, read_to)}); the image "
             "would mix patterns from before and after, or a truncated file's missing ones: nothing was written. "

@@ -282,7 +282,7 @@ _RESUME_WORDS = {
     "device": "--device", "input": "--input", "dataset": "--dataset", "uncertainty_samples": "--uncertainty",
     "uncertainty": "--uncertainty", "patterns_flipped": "--flip-patterns", "ensemble_sha256": "--ensemble",
     "model": "--model", "model_arch": "--model", "model_sha256": "--model (its weights)",
-    "data": "the data file's path", "data_bytes": "the data file (its size since)",
+    "data": "the data file's path", "data_bytes": "the data file (its size changed since)",
     "data_mtime_ns": "the data file (modified since)", "calibrated": "the calibration",
     "calibration_sha256": "the calibration (as measured, or --gain, --semi-angle, --energy, ...)",
     "n_patterns": "the number of patterns", "pattern_shape": "the patterns' shape",
@@ -304,7 +304,9 @@ def _load_checkpoint(folder: Path, fingerprint: dict, accumulators) -> int:
         for key in changed:  # in the options' words, with the value to give where it is one (the scale audit, s41)
             words = _RESUME_WORDS.get(key, key)
             if key in _RESUME_VALUES and key in theirs:
-                words = f"{words} {theirs[key]} then, {fingerprint.get(key)} now"
+                then, now = (("none" if v in (None, 0) and key in ("dataset", "uncertainty_samples") else v)
+                             for v in (theirs[key], fingerprint.get(key)))
+                words = f"{words} {then} then, {now} now"
             if words not in said:
                 said.append(words)
         raise ValueRangeError(
