@@ -444,10 +444,9 @@ def _cmd_inspect(args) -> None:
               f"inside, {disk['background_counts']:.3g} around; {s['masked_pixels']} detector pixels look hot or dead")
         m = s["model"]
         if m["on_its_grid"]:
-            how = ("used as they are" if m["disk_offset_px"] < 1 else "calibrated (the disk is "
-                   f"{m['disk_offset_px']:.1f} px off the model's)")
-            print(f"model {m['name']!r}: the patterns are on its {m['grid_px']}×{m['grid_px']} grid, disk "
-                  f"{m['disk_offset_px']:.2f} px from its own; reconstruct: {how}")
+            print(f"model {m['name']!r}: the patterns are on its {m['grid_px']}×{m['grid_px']} grid, disk centre "
+                  f"{m['disk_offset_px']:.2f} px from its own (along the axis further off); reconstruct: "
+                  f"{m['reconstruct']}")
         else:
             print(f"model {m['name']!r}: reconstruct calibrates the patterns onto its {m['grid_px']}×{m['grid_px']} "
                   f"grid, zoom {m['zoom']:.4g} ({m['zoom_from']})")
@@ -889,7 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="the packaged models (or model folders): what each is and was trained for",
                        description="A table of the packaged models, or of the models named: architecture, "
                                    "parameters, input, the doses and corpus they were trained on, the uncertainty they "
-                                   "offer, validation loss and size.")
+                                   "offer and size (--json: everything recorded, the validation loss on each model's "
+                                   "own corpus and doses too).")
     p.add_argument("model", nargs="*", help="packaged model names or model folders (default: every packaged model)")
     p.add_argument("--json", action="store_true", help="print everything recorded, as JSON")
     p.set_defaults(func=_cmd_models)

@@ -1038,6 +1038,13 @@ def test_inspect_says_what_a_file_holds_and_draws_its_virtual_image_the_right_wa
                capsys)[0] == 2  # (not replaced unasked)
     code, _, err = run(["inspect", tmp_path / "frames.npy", "--scan-shape", "10", "12"], capsys)
     assert code == 2 and "10×12 = 120 positions do not match the 144 patterns" in err
+    # Told as reconstruct decides: a disk 2 px off the model's is calibrated; a 4-D file's own scan is not overruled
+    shifted = np.roll(np.round(counts), 2, axis=1).reshape(12, 12, 32, 32)
+    np.save(tmp_path / "off.npy", shifted.astype(np.float32))
+    code, out, _ = run(["inspect", tmp_path / "off.npy"], capsys)
+    assert code == 0 and "reconstruct: calibrated: the disk is off the model's" in out
+    code, _, err = run(["inspect", tmp_path / "off.npy", "--scan-shape", "6", "24"], capsys)
+    assert code == 2 and "6×24 given, but the file's scan is 12×12" in err
 
 
 def test_a_files_step_without_the_pixel_size_asks_only_for_what_is_missing(tmp_path, capsys):

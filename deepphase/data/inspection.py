@@ -76,6 +76,9 @@ def inspect_scan(path, *, dataset: str | None = None, scan_shape=None, fastest: 
         frames = scan.frames
         n, height, width = (int(s) for s in frames.shape)
         shape, whence = scan.scan_shape, "the file's"
+        if shape is not None and scan_shape is not None and tuple(int(v) for v in scan_shape) != tuple(shape):
+            raise ShapeError(f"scan-shape: {scan_shape[0]}×{scan_shape[1]} given, but the file's scan is "
+                             f"{shape[0]}×{shape[1]}; leave --scan-shape out")
         if shape is None and scan_shape is not None:
             shape, whence = tuple(int(s) for s in scan_shape), "given"
             if shape[0] * shape[1] != n:
@@ -103,9 +106,17 @@ def inspect_scan(path, *, dataset: str | None = None, scan_shape=None, fastest: 
                                                what=f"data ({Path(path).name})")
         except DeepPhaseError as exc:  # no disk to find: said, and the rest still shown
             summary["disk"], info, arrays = {"found": False, "why": str(exc)}, None, None
+        model_grid = (height, width) == (model.geometry.n_px,) * 2
+        decision = None
+        if model_grid:  # what reconstruct decides, by its own rule (the review, s41: a distance here, another rule)
+            from ..reconstruction.checks import off_disk_calibration
+
+            moved, text = off_disk_calibration(block, kind, model.probe, "auto")
+            decision = ("calibrated: --gain converts the counts" if gain != 1 else
+                        "calibrated: the disk is off the model's" if moved else "used as they are")
+            notes += [text] if text and not moved else []
         if info is not None:
-            model_grid = (height, width) == (model.geometry.n_px,) * 2
-            off = float(np.hypot(*np.subtract(info["center_px"], info["model_disk"]["center_px"]))) if model_grid \
+            off = float(np.abs(np.subtract(info["center_px"], info["model_disk"]["center_px"])).max()) if model_grid \
                 else None
             summary["disk"] = {"found": True, "center_px": info["center_px"], "radius_px": info["radius_px"],
                                "radius_from": info["radius_from"], "level_counts": info["disk_level_counts"],
@@ -114,6 +125,7 @@ def inspect_scan(path, *, dataset: str | None = None, scan_shape=None, fastest: 
             summary["model"] = {"name": model.name, "grid_px": model.geometry.n_px,
                                 "disk_radius_px": info["model_disk"]["radius_px"], "zoom": info["zoom"],
                                 "zoom_from": info["zoom_source"], "on_its_grid": model_grid,
+                                "reconstruct": decision or "calibrated onto its grid",
                                 **({"disk_offset_px": off} if off is not None else {})}
             notes += [text for text in (dark_level_note(info), disk_edge_note(info)) if text]
         summary["notes"] = notes

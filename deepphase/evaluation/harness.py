@@ -645,7 +645,7 @@ def write_report(rows, images, out_dir, settings: dict, overwrite: bool = False)
     montage_dose = min(doses, key=lambda d: abs(np.log(d / SEED_DOSE)))
     seeds = sorted({r.get("seed", 0) for r in rows})
     _montage(images, specimens, montage_dose, methods, out_dir / "montage.png",
-             seed_shown=f"seed {seeds[0]} of {len(seeds)}" if len(seeds) > 1 else None)
+             seed_shown=f"seed {seeds[0]}, the first of {len(seeds)}" if len(seeds) > 1 else None)
     _dose_series(rows, specimens, methods, out_dir / "dose_series.png")
     table = markdown_table(rows)
     summary = summarise(rows)

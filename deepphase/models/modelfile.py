@@ -216,8 +216,7 @@ def summarise(model: PhaseModel) -> dict:
     uncertainty = []
     if has_sigma_head(model.network):
         uncertainty.append("σ head")
-    if (info.get("uncertainty") or {}).get("method") == "dropout" or any(
-            isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in model.network.modules()):
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) for m in model.network.modules()):
         uncertainty.append("dropout")
     weights = model.folder / "model.safetensors" if model.folder is not None else None
     return {
