@@ -111,7 +111,22 @@ def _frames_from_array(array, source: str, reversed_axes: bool = False):
     )
 
 
-class _ReversedFrames:
+class _FramesBySlice:
+    """Frames read a slice of consecutive ones at a time (``shape``: (N, k_row, k_col))."""
+
+    shape: tuple
+
+    def __len__(self):
+        return self.shape[0]
+
+    def _bounds(self, index) -> tuple[int, int]:
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("only slices of consecutive frames are supported")
+        start, stop, _ = index.indices(self.shape[0])
+        return start, stop
+
+
+class _ReversedFrames(_FramesBySlice):
     """A stack of frames stored (k_col, k_row, N), as HyperSpy writes one to EMD, seen as (N, k_row, k_col)."""
 
     def __init__(self, dataset):
@@ -119,17 +134,12 @@ class _ReversedFrames:
         self.shape = tuple(dataset.shape[::-1])
         self.dtype = dataset.dtype
 
-    def __len__(self):
-        return self.shape[0]
-
     def __getitem__(self, index):
-        if not isinstance(index, slice) or index.step not in (None, 1):
-            raise TypeError("only slices of consecutive frames are supported")
-        start, stop, _ = index.indices(self.shape[0])
+        start, stop = self._bounds(index)
         return np.ascontiguousarray(np.asarray(self.dataset[:, :, start:stop]).transpose(2, 1, 0))
 
 
-class _Flat4D:
+class _Flat4D(_FramesBySlice):
     """A (R, C, k, k) array (an h5py or zarr dataset, a memory map) seen as (R·C, k, k) frames, read a few scan
     rows at a time; ``reversed_axes``: one stored (k_col, k_row, C, R) (slow to read: a scan row is spread over the
     whole file)."""
@@ -143,13 +153,8 @@ class _Flat4D:
         self.shape = (r * c, *k)
         self.dtype = dataset.dtype
 
-    def __len__(self):
-        return self.shape[0]
-
     def __getitem__(self, index):
-        if not isinstance(index, slice) or index.step not in (None, 1):
-            raise TypeError("only slices of consecutive frames are supported")
-        start, stop, _ = index.indices(self.shape[0])
+        start, stop = self._bounds(index)
         if stop <= start:
             return np.zeros((0, *self.shape[1:]), dtype=self.dtype)
         cols = self.scan_shape[1]
