@@ -430,7 +430,8 @@ def test_the_phase_figure_shares_one_colour_range_and_says_what_sigma_is():
     assert shared["vmin"] == pytest.approx(np.percentile(np.r_[phase.ravel(), truth.ravel()], 0.5))
     assert shared["vmax"] > 3 * truth.std()  # (the truth's own range would be a third as wide)
     assert sigma_range == {"vmin": 0.0, "vmax": pytest.approx(0.03)}
-    assert uncertainty_source({"method": "σ head", "sigma_scale": 1.1734, "note": "... (factor fitted)"}) == \
-        "σ head × 1.17"
+    assert uncertainty_source({"method": "σ head", "sigma_scale": 1.1734, "calibrated": True}) == "σ head × 1.17"
+    assert uncertainty_source({"method": "σ head", "sigma_scale": 1.0, "calibrated": False}) == \
+        "σ head × 1, not calibrated"
     assert uncertainty_source({"method": "ensemble", "samples": 2, "sigma_scale": 1.0, "note": "... (not calibrated)"}) \
         == "spread of 2 models × 1, not calibrated"

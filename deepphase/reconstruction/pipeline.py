@@ -876,14 +876,14 @@ def finish(accumulators, positions, mask, model: PhaseModel, stitching: str, rem
         scale_source = scale_source if sigma_scale != 1.0 else None
     spread *= np.float32(sigma_scale)
     if sigma_head:
-        record = {"method": "σ head", "samples": 0, "sigma_scale": float(sigma_scale),
+        record = {"method": "σ head", "samples": 0, "sigma_scale": float(sigma_scale), "calibrated": bool(scale_source),
                   "note": "σ = sigma_scale × the blend of the network's predicted σ = √2·b (Laplace scale b) "
                           "patches, from the phase's own forward pass"
                           + (f" (factor {scale_source})" if scale_source else " (not calibrated)")}
     else:
         record = {"method": "ensemble" if members else "Monte Carlo dropout",
                   "samples": len(members) + 1 if members else len(accumulators) - 1,
-                  "sigma_scale": float(sigma_scale),
+                  "sigma_scale": float(sigma_scale), "calibrated": bool(scale_source),
                   "note": "σ = sigma_scale × the spread of the samples"
                           + (f" (factor {scale_source})" if scale_source else " (not calibrated)")}
     if not scale_source and not members:  # (the raw spread is far too small: it covered 7 % for 68 % on a test)
@@ -1109,7 +1109,7 @@ def uncertainty_source(record: dict | None) -> str | None:
     if not record:
         return None
     factor = record.get("sigma_scale", 1.0)
-    calibrated = "not calibrated" not in record.get("note", "")
+    calibrated = record.get("calibrated", "not calibrated" not in record.get("note", ""))  # (older records: the note)
     how = {"σ head": "σ head", "ensemble": f"spread of {record.get('samples')} models",
            "Monte Carlo dropout": f"{record.get('samples')} dropout samples"}.get(record.get("method"), record.get("method"))
     return f"{how} × {factor:.3g}" + ("" if calibrated else ", not calibrated")
